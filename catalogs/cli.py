@@ -1,0 +1,135 @@
+"""`subjectdiff catalog build|query|stats|select`: the catalog from the command line.
+
+Every failure a user can cause (a missing catalog, bad SQL, a write statement) prints one line on
+stderr and exits non-zero; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from typing import Any
+
+from catalogs.catalog import CatalogError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("catalog", help="build and query the DuckDB catalog of a shard folder")
+    csub = p.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
+
+    b = csub.add_parser("build", help="create or refresh DIR/catalog.duckdb from the shards' sidecars")
+    b.add_argument("dir")
+    b.set_defaults(func=_guard(_build))
+
+    q = csub.add_parser("query", help="run one read-only SQL statement and print the result")
+    q.add_argument("dir")
+    q.add_argument("sql")
+    q.add_argument("--format", choices=["table", "csv", "json", "jsonl"], default="table")
+    q.add_argument("--max-rows", type=int, default=40, help="rows shown in table format (default 40)")
+    q.set_defaults(func=_guard(_query))
+
+    s = csub.add_parser("stats", help="counts, labels, score/area distributions, failures")
+    s.add_argument("dir")
+    s.add_argument("--top", type=int, default=20, help="labels to list (default 20)")
+    s.add_argument("--format", choices=["text", "json"], default="text")
+    s.set_defaults(func=_guard(_stats))
+
+    sel = csub.add_parser("select", help="write the keys and shards matching a predicate to Parquet")
+    sel.add_argument("dir")
+    sel.add_argument("--where", required=True, help="SQL predicate over `samples` (subqueries may use `objects`)")
+    sel.add_argument("--out", required=True, help="output .parquet file")
+    sel.set_defaults(func=_guard(_select))
+
+
+def _guard(fn):
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return fn(args)
+        except CatalogError as e:
+            print(f"subjectdiff catalog: error: {e}", file=sys.stderr)
+            return 2
+
+    return run
+
+
+def _build(args: argparse.Namespace) -> int:
+    from catalogs.catalog import build
+
+    print(build(args.dir).summary())
+    return 0
+
+
+def _query(args: argparse.Namespace) -> int:
+    from catalogs.catalog import query
+
+    table = query(args.dir, args.sql)
+    sys.stdout.write(format_table(table, args.format, max_rows=args.max_rows))
+    return 0
+
+
+def format_table(table, fmt: str, *, max_rows: int = 40) -> str:
+    """Render an Arrow table as an aligned text table, CSV, a JSON array, or JSON lines."""
+    if fmt == "csv":
+        import pyarrow.csv as pacsv
+
+        buf = io.BytesIO()
+        pacsv.write_csv(table, buf)
+        return buf.getvalue().decode("utf-8")
+    rows = table.to_pylist()
+    if fmt == "json":
+        return json.dumps(rows, default=str, ensure_ascii=False) + "\n"
+    if fmt == "jsonl":
+        return "".join(json.dumps(r, default=str, ensure_ascii=False) + "\n" for r in rows)
+    names = table.column_names
+    shown = rows[:max_rows]
+    cells = [[_cell(r[n]) for n in names] for r in shown]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    out = [line(names), line(["-" * w for w in widths])] + [line(c) for c in cells]
+    more = f" (showing {len(shown)})" if len(rows) > len(shown) else ""
+    out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''}{more})")
+    return "\n".join(out) + "\n"
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return "NULL"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    s = str(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from catalogs.catalog import stats
+
+    st = stats(args.dir, top_labels=args.top)
+    if args.format == "json":
+        print(json.dumps(st, default=str, indent=2))
+        return 0
+    print(f"shards {st['shards']}   samples {st['samples']}   failed {st['failed']}   objects {st['objects']}"
+          f"   distinct labels {st['n_labels']}")
+    print("\nobjects per sample:  " + "  ".join(f"{n}:{c}" for n, c in st["objects_per_sample"]))
+    print(f"\ntop {args.top} labels:")
+    for label, n in st["labels"]:
+        print(f"  {label:<24} {n}")
+    for name in ("score", "area"):
+        q = st[name]["quantiles"]
+        print(f"\n{name}: " + "  ".join(f"{k} {_cell(v)}" for k, v in q.items()))
+        peak = max((b["count"] for b in st[name]["histogram"]), default=0) or 1
+        for b in st[name]["histogram"]:
+            print(f"  [{b['lo']:.1f}, {b['hi']:.1f})  {'#' * round(30 * b['count'] / peak):<30} {b['count']}")
+    print("\nfailures by reason:" + ("" if st["failures_by_reason"] else " none"))
+    for stage, reason, n in st["failures_by_reason"]:
+        print(f"  {stage:<8} {reason:<50} {n}")
+    return 0
+
+
+def _select(args: argparse.Namespace) -> int:
+    from catalogs.catalog import select
+
+    n = select(args.dir, args.where, args.out)
+    print(f"selected {n} sample(s) -> {args.out}")
+    return 0

@@ -1,0 +1,222 @@
+"""Shard reader: decoded records from webdataset shards, split over DDP ranks and DataLoader workers.
+
+    reader = RecordReader("out/")                       # every complete shard of a datagen output folder
+    reader = RecordReader(["a.tar", "b.tar"])           # explicit shards (paths or fsspec URLs)
+    reader = RecordReader("out/{00000..00009}.tar")     # a brace pattern
+    reader = RecordReader(selection="sel.parquet")      # the keys of a `catalog select`
+    for rec in reader: rec.image (H, W, 3) uint8, rec.masks (N, H, W) bool, rec.boxes (N, 4) xyxy in [0, 1]
+
+RecordReader is a webdataset pipeline, hence a torch IterableDataset: hand it to a DataLoader as is.
+Each (rank, worker) pair reads a disjoint part: whole shards when there are at least as many shards as
+readers, otherwise every reader scans the shards and keeps every k-th sample.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+from functools import partial
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+import numpy as np
+import pyarrow.parquet as pq
+import webdataset as wds
+from PIL import Image
+from webdataset.utils import pytorch_worker_info
+
+from catalogs import masks as mask_codec
+from catalogs.schema import IMAGE_EXTENSIONS, ObjectAnn
+from catalogs.writer import complete_shards, shard_files
+
+
+@dataclass
+class DecodedRecord:
+    """One record, decoded.
+
+    image: (H, W, 3) uint8 RGB, or None when the reader was told not to decode images.
+    masks: (N, H, W) bool, one per object (overlaps preserved), or None when not decoded.
+    boxes: (N, 4) float32 xyxy normalized to [0, 1]. scores, mask_scores: (N,) float32.
+    tokens: per object, CLIP token positions (start token at 0). spans: [start, end) into caption.
+    """
+
+    key: str
+    caption: str
+    width: int
+    height: int
+    source: str
+    image: np.ndarray | None
+    masks: np.ndarray | None
+    boxes: np.ndarray
+    labels: list[str]
+    phrases: list[str]
+    spans: list[list[int]]
+    tokens: list[list[int]]
+    scores: np.ndarray
+    mask_scores: np.ndarray
+    objects: list[ObjectAnn] = field(repr=False, default_factory=list)
+    image_bytes: bytes | None = field(repr=False, default=None)
+    image_ext: str = "jpg"
+    shard: str = ""
+    meta: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+def load_selection(path: str | os.PathLike) -> dict[str, set[str]]:
+    """Read a selection Parquet (`catalog select` output): {shard path: {keys}}."""
+    table = pq.read_table(path, columns=["key", "path"])
+    out: dict[str, set[str]] = {}
+    for key, shard_path in zip(table.column("key").to_pylist(), table.column("path").to_pylist()):
+        out.setdefault(shard_path, set()).add(key)
+    return out
+
+
+def resolve_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Shard URLs from a folder (its complete shards), a brace pattern, one path, or a list of these."""
+    if isinstance(spec, (str, os.PathLike)):
+        s = os.fspath(spec)
+        if os.path.isdir(s):
+            names = complete_shards(s)
+            if not names:
+                raise FileNotFoundError(f"no complete shards (NAME.tar with NAME_stats.json) in {s}")
+            return [str(shard_files(s, n)["tar"]) for n in names]
+        return list(braceexpand.braceexpand(s))
+    out: list[str] = []
+    for item in spec:
+        out.extend(resolve_shards(item))
+    return out
+
+
+def decode_record(sample: dict[str, Any], *, decode_image: bool = True, decode_masks: bool = True) -> DecodedRecord:
+    """A raw webdataset sample ({"__key__", "json", "jpg"|...: bytes}) -> DecodedRecord."""
+    meta = json.loads(sample["json"])
+    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if ext is None:
+        raise ValueError(f"{sample['__key__']}: no image member ({', '.join(IMAGE_EXTENSIONS)}) in the sample")
+    raw = sample[ext]
+    h, w = meta["height"], meta["width"]
+    image = None
+    if decode_image:
+        with Image.open(io.BytesIO(raw)) as im:
+            image = np.asarray(im.convert("RGB"))
+        if image.shape[:2] != (h, w):
+            raise ValueError(f"{meta['key']}: image is {image.shape[1]}x{image.shape[0]}, record says {w}x{h}")
+    objects = [ObjectAnn.from_json(o) for o in meta["objects"]]
+    n = len(objects)
+    return DecodedRecord(
+        key=meta["key"],
+        caption=meta["caption"],
+        width=w,
+        height=h,
+        source=meta["source"],
+        image=image,
+        masks=mask_codec.decode_many([o.mask for o in objects], h, w) if decode_masks else None,
+        boxes=np.asarray([o.box for o in objects], dtype=np.float32).reshape(n, 4),
+        labels=[o.label for o in objects],
+        phrases=[o.phrase for o in objects],
+        spans=[list(o.span) for o in objects],
+        tokens=[list(o.tokens) for o in objects],
+        scores=np.asarray([o.score for o in objects], dtype=np.float32),
+        mask_scores=np.asarray([o.mask_score for o in objects], dtype=np.float32),
+        objects=objects,
+        image_bytes=raw,
+        image_ext=ext,
+        shard=os.path.basename(sample.get("__url__", "")),
+        meta=meta,
+    )
+
+
+class RecordReader(wds.DataPipeline):
+    """Decoded records from shards; see the module docstring.
+
+    split: "auto" (shards when there are enough, else samples), "shard", or "sample".
+    rank/world_size: default from torch.distributed or RANK/WORLD_SIZE; workers from the DataLoader.
+    keys: keep only these keys (in addition to a selection's).
+    shuffle_seed: when set, shard order is permuted with (seed, epoch); call set_epoch(e) each epoch.
+    on_error: "raise" or "warn" (skip a broken sample or shard with a warning).
+    """
+
+    def __init__(
+        self,
+        shards: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
+        *,
+        selection: str | os.PathLike | None = None,
+        keys: Iterable[str] | None = None,
+        split: str = "auto",
+        rank: int | None = None,
+        world_size: int | None = None,
+        decode_image: bool = True,
+        decode_masks: bool = True,
+        shuffle_seed: int | None = None,
+        on_error: str = "raise",
+    ):
+        if split not in ("auto", "shard", "sample"):
+            raise ValueError(f"split must be 'auto', 'shard' or 'sample', got {split!r}")
+        if on_error not in ("raise", "warn"):
+            raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+        urls = resolve_shards(shards) if shards is not None else []
+        wanted: set[str] | None = set(keys) if keys is not None else None
+        if selection is not None:
+            sel = load_selection(selection)
+            if shards is None:
+                urls = sorted(sel)
+            else:
+                urls = [u for u in urls if u in sel or os.path.abspath(u) in sel]
+            sel_keys = set().union(*sel.values()) if sel else set()
+            wanted = sel_keys if wanted is None else wanted & sel_keys
+        if shards is None and selection is None:
+            raise ValueError("RecordReader needs shards, a selection, or both")
+        self.urls = urls
+        self.wanted = wanted
+        self.split = split
+        self._rank, self._world = rank, world_size
+        self.shuffle_seed = shuffle_seed
+        self.epoch = 0
+        handler = wds.reraise_exception if on_error == "raise" else wds.warn_and_continue
+        super().__init__(
+            self._shard_stage,
+            wds.tarfile_to_samples(handler=handler),
+            self._sample_stage,
+            wds.map(partial(decode_record, decode_image=decode_image, decode_masks=decode_masks), handler=handler),
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def reader_index(self) -> tuple[int, int]:
+        """(this reader's index, number of readers) over all ranks and DataLoader workers."""
+        rank, world, worker, n_workers = pytorch_worker_info()
+        rank = self._rank if self._rank is not None else rank
+        world = self._world if self._world is not None else world
+        return rank * n_workers + worker, world * n_workers
+
+    def _by_shard(self) -> bool:
+        _, n = self.reader_index()
+        return self.split == "shard" or (self.split == "auto" and len(self.urls) >= n)
+
+    def _shard_stage(self) -> Iterator[dict[str, str]]:
+        urls = list(self.urls)
+        if self.shuffle_seed is not None:
+            random.Random(self.shuffle_seed * 1_000_003 + self.epoch).shuffle(urls)
+        if self._by_shard():
+            i, n = self.reader_index()
+            urls = urls[i::n]
+        for u in urls:
+            yield {"url": u}
+
+    def _sample_stage(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        by_shard = self._by_shard()
+        i, n = self.reader_index()
+        seen = 0
+        for s in samples:
+            if self.wanted is not None and s["__key__"] not in self.wanted:
+                continue
+            if not by_shard:
+                seen += 1
+                if (seen - 1) % n != i:
+                    continue
+            yield s

@@ -1,0 +1,229 @@
+"""The record contract: what one webdataset sample of subjectdiff holds.
+
+A record describes one source image: the image bytes in their original encoding, and a JSON member with
+the caption and one entry per grounded object (noun, character span, CLIP token positions, box, mask).
+docs/records.md is the prose version of this module; bump SCHEMA_VERSION when either changes.
+
+Coordinate conventions:
+    box: [x0, y0, x1, y1], xyxy, normalized to [0, 1] by image width and height.
+    span: [start, end) character offsets into the caption.
+    tokens: positions in open_clip's tokenization of the caption, start-of-text token at 0.
+    mask: COCO RLE {"size": [h, w], "counts": str}, one per object (overlaps survive).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from catalogs import masks as mask_codec
+
+SCHEMA_VERSION = 1
+
+# Image encodings passed through as-is, keyed by the webdataset member extension.
+IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+_EXT_ALIASES = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
+
+# Failure stages: where a sample dropped out of the pipeline.
+FAILURE_STAGES = ("read", "decode", "caption", "nouns", "ground", "segment", "filter", "write")
+
+_KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class RecordError(ValueError):
+    """A record breaks the contract; the message names the key and the field."""
+
+
+def make_key(source: str, length: int = 20) -> str:
+    """A stable webdataset key for a source (path, URL, or `shard.tar#member`).
+
+    Hex of SHA-1 over the source string: the same source always gives the same key, keys never hold
+    the dots webdataset splits member names on, and 80 bits keep collisions negligible at 1e9 images.
+    """
+    if not source:
+        raise RecordError("cannot derive a key from an empty source")
+    return hashlib.sha1(source.encode("utf-8")).hexdigest()[:length]
+
+
+def image_extension(name_or_format: str) -> str:
+    """Normalize 'JPEG', '.jpeg', 'photo.JPG' ... to the member extension ('jpg', 'png', 'webp')."""
+    ext = name_or_format.rsplit(".", 1)[-1].lower()
+    if ext not in _EXT_ALIASES:
+        raise RecordError(f"unsupported image encoding {name_or_format!r}; expected one of {IMAGE_EXTENSIONS}")
+    return _EXT_ALIASES[ext]
+
+
+@dataclass
+class ObjectAnn:
+    """One grounded object instance.
+
+    label: lemmatized noun ("dog"); phrase: the words as they stand in the caption ("dogs").
+    span: [start, end) character offsets of `phrase` in the caption.
+    tokens: CLIP BPE positions of the phrase (start token at 0); several when a word splits.
+    box: [x0, y0, x1, y1] normalized xyxy. score: detection confidence.
+    mask: COCO RLE dict {"size": [h, w], "counts": str}. mask_score: SAM's predicted IoU.
+    Quality fields (filled by `compute_quality`, never by hand):
+        area: box area / image area; aspect: box width / height in pixels;
+        mask_area: mask pixels / image pixels; mask_fill: mask pixels inside the box / box pixels;
+        containment: the largest fraction of this box covered by any other box of the record.
+    """
+
+    label: str
+    phrase: str
+    span: list[int]
+    tokens: list[int]
+    box: list[float]
+    score: float
+    mask: dict[str, Any]
+    mask_score: float
+    area: float = float("nan")
+    aspect: float = float("nan")
+    mask_area: float = float("nan")
+    mask_fill: float = float("nan")
+    containment: float = float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ObjectAnn:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class Record:
+    """One source image and its grounded objects. `image` holds the encoded bytes (never re-encoded)."""
+
+    key: str
+    image: bytes
+    image_ext: str
+    caption: str
+    width: int
+    height: int
+    source: str
+    objects: list[ObjectAnn] = field(default_factory=list)
+    alt_text: str | None = None  # the source's own caption, when it had one
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (model ids, ...)
+
+    def meta_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "key": self.key,
+            "caption": self.caption,
+            "alt_text": self.alt_text,
+            "width": self.width,
+            "height": self.height,
+            "source": self.source,
+            "objects": [o.to_json() for o in self.objects],
+            "extra": self.extra,
+        }
+
+
+@dataclass
+class Failure:
+    """A sample that dropped out: recorded as data so a run can account for every input."""
+
+    key: str
+    source: str
+    stage: str
+    reason: str
+
+    def __post_init__(self) -> None:
+        if self.stage not in FAILURE_STAGES:
+            raise RecordError(f"failure stage {self.stage!r} is not one of {FAILURE_STAGES}")
+
+
+def box_pixels_xyxy(box: list[float], width: int, height: int) -> tuple[int, int, int, int]:
+    """Normalized xyxy -> integer pixel xyxy, clamped to the image (x1, y1 exclusive)."""
+    x0 = int(math.floor(box[0] * width))
+    y0 = int(math.floor(box[1] * height))
+    x1 = int(math.ceil(box[2] * width))
+    y1 = int(math.ceil(box[3] * height))
+    return max(0, x0), max(0, y0), min(width, max(x1, x0 + 1)), min(height, max(y1, y0 + 1))
+
+
+def _intersection(a: list[float], b: list[float]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(0.0, w) * max(0.0, h)
+
+
+def compute_quality(objects: list[ObjectAnn], width: int, height: int) -> None:
+    """Fill the quality fields of every object in place (see ObjectAnn); they are derived, not supplied."""
+    areas = [(o.box[2] - o.box[0]) * (o.box[3] - o.box[1]) for o in objects]
+    for i, o in enumerate(objects):
+        bw_px = (o.box[2] - o.box[0]) * width
+        bh_px = (o.box[3] - o.box[1]) * height
+        o.area = float(areas[i])
+        o.aspect = float(bw_px / bh_px) if bh_px > 0 else float("inf")
+        m = mask_codec.decode(o.mask)
+        x0, y0, x1, y1 = box_pixels_xyxy(o.box, width, height)
+        o.mask_area = float(m.sum() / m.size)
+        box_px = (x1 - x0) * (y1 - y0)
+        o.mask_fill = float(m[y0:y1, x0:x1].sum() / box_px) if box_px else 0.0
+        o.containment = max(
+            (_intersection(o.box, p.box) / areas[i] for j, p in enumerate(objects) if j != i and areas[i] > 0),
+            default=0.0,
+        )
+        o.containment = float(o.containment)
+
+
+def validate(record: Record) -> None:
+    """Raise RecordError with an actionable message if the record breaks the contract."""
+    k = record.key
+    if not _KEY_RE.match(k or ""):
+        raise RecordError(f"key {k!r}: keys are [A-Za-z0-9_-]+ (webdataset splits member names on dots)")
+    if record.image_ext not in IMAGE_EXTENSIONS:
+        raise RecordError(f"{k}: image_ext {record.image_ext!r} is not one of {IMAGE_EXTENSIONS}")
+    if not record.image:
+        raise RecordError(f"{k}: empty image bytes")
+    if record.width <= 0 or record.height <= 0:
+        raise RecordError(f"{k}: width and height must be positive, got {record.width}x{record.height}")
+    for i, o in enumerate(record.objects):
+        where = f"{k}: objects[{i}] ({o.label!r})"
+        if len(o.box) != 4 or not all(0.0 <= v <= 1.0 for v in o.box):
+            raise RecordError(f"{where}: box {o.box} must be 4 numbers in [0, 1] (normalized xyxy)")
+        if not (o.box[0] <= o.box[2] and o.box[1] <= o.box[3]):
+            raise RecordError(f"{where}: box {o.box} must satisfy x0 <= x1 and y0 <= y1")
+        s, e = o.span
+        if not (0 <= s < e <= len(record.caption)):
+            raise RecordError(f"{where}: span {o.span} is outside the caption (length {len(record.caption)})")
+        if record.caption[s:e] != o.phrase:
+            raise RecordError(f"{where}: caption[{s}:{e}] is {record.caption[s:e]!r}, not the phrase {o.phrase!r}")
+        if not o.tokens or any(t < 1 for t in o.tokens):
+            raise RecordError(f"{where}: tokens {o.tokens} must be non-empty positions >= 1 (0 is the start token)")
+        size = o.mask.get("size") if isinstance(o.mask, dict) else None
+        if size != [record.height, record.width] or not isinstance(o.mask.get("counts"), str):
+            raise RecordError(
+                f"{where}: mask must be COCO RLE {{'size': [{record.height}, {record.width}], 'counts': str}}, "
+                f"got size {size}"
+            )
+
+
+def object_from_arrays(
+    *,
+    label: str,
+    phrase: str,
+    span: list[int],
+    tokens: list[int],
+    box: list[float] | np.ndarray,
+    score: float,
+    mask: np.ndarray,
+    mask_score: float,
+) -> ObjectAnn:
+    """Build an ObjectAnn from a boolean (H, W) mask array (encoded here to RLE)."""
+    return ObjectAnn(
+        label=label,
+        phrase=phrase,
+        span=[int(span[0]), int(span[1])],
+        tokens=[int(t) for t in tokens],
+        box=[float(v) for v in box],
+        score=float(score),
+        mask=mask_codec.encode(mask),
+        mask_score=float(mask_score),
+    )

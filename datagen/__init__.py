@@ -1,0 +1,1 @@
+"""datagen app (see README)."""

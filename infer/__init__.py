@@ -1,0 +1,1 @@
+"""infer app (see README)."""

@@ -1,0 +1,3 @@
+from subjectdiff.cli import main
+
+raise SystemExit(main())
