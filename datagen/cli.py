@@ -1,0 +1,110 @@
+"""`subjectdiff datagen run` and `subjectdiff demo`. Heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("datagen", help="build catalogued Subject-Diffusion records from images (Ray)")
+    dsub = p.add_subparsers(dest="datagen_command", metavar="ACTION", required=True)
+    r = dsub.add_parser("run", help="run or resume the pipeline from SRC into DIR",
+                        description="Rerunning the same command resumes: complete shards are kept, the rest redone.")
+    r.add_argument("--input", required=True, metavar="SRC",
+                   help="image folder, webdataset shards (.tar / brace pattern / fsspec URL), img2dataset "
+                        "folder, or a .parquet/.csv list of image paths")
+    r.add_argument("--output", required=True, metavar="DIR")
+    r.add_argument("--preset", default="default", choices=["default", "tiny"])
+    r.add_argument("--config", metavar="FILE", help="TOML overrides: [caption] [nouns] [ground] [segment] "
+                                                    "[filters] [pipeline] [pipeline.pools.STAGE]")
+    r.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: start one locally)")
+    r.add_argument("--batch-size", type=int, metavar="N", help="items per block and per model batch")
+    r.add_argument("--shard-size", type=int, metavar="N", help="samples per output shard")
+    r.set_defaults(func=_run)
+
+    w = dsub.add_parser("weights", help="download a preset's checkpoints into the cache ($SUBJECTDIFF_CACHE)")
+    w.add_argument("--preset", default="default", choices=["default", "tiny"])
+    w.add_argument("--config", metavar="FILE")
+    w.set_defaults(func=_weights)
+
+    d = sub.add_parser("demo", help="the whole pipeline offline on the bundled sample images (tiny models)")
+    d.add_argument("--output", default="demo_out", metavar="DIR")
+    d.add_argument("--input", default=str(SAMPLE_IMAGES), metavar="SRC", help=argparse.SUPPRESS)
+    d.set_defaults(func=_demo)
+
+
+def _config(args: argparse.Namespace):
+    from datagen.pipeline import load_config
+
+    cfg = load_config(args.preset, args.config)
+    if args.batch_size:
+        cfg.pipeline.batch_size = args.batch_size
+        for stage in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment):
+            stage.batch_size = args.batch_size
+    if args.shard_size:
+        cfg.pipeline.shard_size = args.shard_size
+    return cfg
+
+
+def _run(args: argparse.Namespace) -> int:
+    from datagen.pipeline import run
+    from datagen.sources import SourceError
+
+    try:
+        cfg = _config(args)
+        summary = run(args.input, args.output, cfg, ray_address=args.ray_address, command=["subjectdiff", *sys.argv[1:]])
+    except (SourceError, ValueError, FileNotFoundError) as e:
+        print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
+        return 2
+    print(summary.line())
+    if summary.incomplete:
+        print(f"subjectdiff datagen: {len(summary.incomplete)} shard(s) incomplete after retries "
+              f"({', '.join(summary.incomplete[:5])}); rerun the same command to resume", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _weights(args: argparse.Namespace) -> int:
+    from datagen import weights
+    from datagen.pipeline import load_config
+
+    st = load_config(args.preset, args.config).stages
+    try:
+        for spec in (st.caption.model, st.ground.config_file, st.ground.checkpoint, st.segment.checkpoint):
+            if weights.is_hub_id(spec):
+                from huggingface_hub import snapshot_download
+
+                path = snapshot_download(spec, cache_dir=weights.cache_dir() / "hf")
+            else:
+                path = weights.resolve(spec, download=True)
+            print(f"{spec} -> {path}")
+    except Exception as e:  # network and hub errors vary; one line says which checkpoint failed
+        print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from catalogs import catalog
+    from catalogs.cli import format_table
+    from datagen.pipeline import preset, run
+
+    cfg = preset("tiny")
+    cfg.pipeline.shard_size = 4
+    print(f"demo: tiny random models (offline) on {len(list(Path(args.input).glob('*.jpg')))} sample images "
+          f"-> {args.output}", flush=True)
+    summary = run(args.input, args.output, cfg, command=["subjectdiff", "demo", "--output", args.output])
+    print(summary.line())
+    sql = ("SELECT s.key, o.label, round(o.score, 3) AS score, round(o.area, 3) AS area, s.caption "
+           "FROM objects o JOIN samples s USING (key) ORDER BY o.score DESC LIMIT 10")
+    print(f"\n$ subjectdiff catalog query {args.output} \"{sql}\"")
+    print(format_table(catalog.query(args.output, sql), "table"))
+    out = Path(args.output).resolve()
+    print(f"shards, sidecars, stats:  {out}/*.tar, *.parquet, *_stats.json")
+    print(f"catalog (DuckDB):         {out}/catalog.duckdb   (subjectdiff catalog stats {args.output})")
+    print(f"run manifest:             {out}/manifest.json")
+    return 0 if not summary.incomplete else 1

@@ -1,0 +1,509 @@
+"""`subjectdiff datagen run`: source images -> catalogued Subject-Diffusion records, on Ray Data.
+
+    plan (driver)     list SRC once into OUT/_plan.parquet: one row per image, shard_size rows per shard
+    read + decode     CPU tasks: bytes of each unit, decoded once (undecodable -> a 'decode' failure)
+    caption           actor pool (BLIP)           \
+    nouns             actor pool (spaCy)           | each model stage loads its model once per actor,
+    ground            actor pool (GroundingDINO)   | with its own pool size and (fractional) GPUs
+    filter            CPU tasks (image filters)    |
+    segment           actor pool (SAM)            /
+    write             one writer actor on the driver's node: streams each record into its shard's tar,
+                      commits the shard when its last sample arrives, refreshes the catalog
+
+Everything streams: blocks flow through the stages as they are ready, and no stage holds a whole shard.
+Order is preserved, so a shard's records are written in plan order and a rerun writes the same bytes.
+
+Resume: rerunning the same command reuses the plan, skips complete shards and redoes the others (a
+shard is complete only when all its files are committed, see catalogs/writer.py). Within one run, shards
+left incomplete by a lost worker are retried up to `max_attempts` times before the run gives up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import platform
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from catalogs import catalog
+from catalogs.schema import Failure
+from catalogs.writer import TMP_SUFFIX, ShardWriter, is_complete, shard_files
+from datagen import config as stage_config
+from datagen import sources
+
+STAGES = ("caption", "nouns", "ground", "filter", "segment")
+_MODEL_STAGES = ("caption", "nouns", "ground", "segment")
+
+
+@dataclass
+class PoolConfig:
+    """Ray resources of one stage. concurrency: actors in the pool; num_gpus may be fractional (0.25:
+    four actors share a GPU); on a cluster without GPUs it is set to 0 with a warning."""
+
+    concurrency: int = 1
+    num_gpus: float = 0.0
+    num_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1 or self.num_gpus < 0 or self.num_cpus < 0:
+            raise ValueError(f"pool: concurrency >= 1, num_gpus >= 0, num_cpus >= 0 (got {self})")
+
+
+@dataclass
+class PipelineConfig:
+    shard_size: int = 1000
+    batch_size: int = 8  # items per block sent to a stage (each stage may split it further)
+    read_num_cpus: float = 1.0
+    writer_num_cpus: float = 1.0
+    catalog_refresh_s: float = 30.0  # a running job's catalog is at most this stale
+    max_attempts: int = 3
+    pools: dict[str, PoolConfig] = field(default_factory=lambda: {s: PoolConfig() for s in _MODEL_STAGES})
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1 or self.batch_size < 1 or self.max_attempts < 1:
+            raise ValueError("pipeline: shard_size, batch_size and max_attempts must be >= 1")
+        self.pools = {k: v if isinstance(v, PoolConfig) else PoolConfig(**v) for k, v in self.pools.items()}
+        unknown = set(self.pools) - set(_MODEL_STAGES)
+        if unknown:
+            raise ValueError(f"pipeline.pools: unknown stage(s) {sorted(unknown)}; stages are {_MODEL_STAGES}")
+        for s in _MODEL_STAGES:
+            self.pools.setdefault(s, PoolConfig())
+
+
+@dataclass
+class RunConfig:
+    stages: stage_config.DatagenConfig
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    @property
+    def name(self) -> str:
+        return self.stages.name
+
+
+def preset(name: str) -> RunConfig:
+    """`default`: the paper's models on GPUs (fractional GPUs so the four stages share one);
+    `tiny`: tiny random models on CPU, small shards, light actors (tests and the offline demo)."""
+    if name == "default":
+        pools = {"caption": PoolConfig(1, 0.25), "nouns": PoolConfig(1, 0.0), "ground": PoolConfig(1, 0.25),
+                 "segment": PoolConfig(1, 0.5)}
+        return RunConfig(stage_config.default(), PipelineConfig(pools=pools))
+    if name == "tiny":
+        pools = {s: PoolConfig(1, 0.0, 0.25) for s in _MODEL_STAGES}
+        return RunConfig(stage_config.tiny(), PipelineConfig(shard_size=100, batch_size=4, read_num_cpus=0.25,
+                                                              writer_num_cpus=0.25, catalog_refresh_s=5.0,
+                                                              pools=pools))
+    raise ValueError(f"unknown preset {name!r}; presets: default, tiny")
+
+
+def _merge(obj: Any, updates: dict[str, Any], where: str) -> Any:
+    """Apply a nested dict of overrides to a dataclass, type-checked by the dataclasses' own checks."""
+    names = {f.name for f in fields(obj)}
+    kwargs = {}
+    for k, v in updates.items():
+        if k not in names:
+            raise ValueError(f"{where}: unknown setting {k!r}; known: {sorted(names)}")
+        cur = getattr(obj, k)
+        if is_dataclass(cur) and isinstance(v, dict):
+            kwargs[k] = _merge(cur, v, f"{where}.{k}")
+        elif k == "pools" and isinstance(v, dict):
+            pools = dict(cur)
+            for stage, pv in v.items():
+                pools[stage] = _merge(pools.get(stage, PoolConfig()), pv, f"{where}.pools.{stage}")
+            kwargs[k] = pools
+        else:
+            kwargs[k] = tuple(v) if isinstance(cur, tuple) else v
+    return type(obj)(**{**{f.name: getattr(obj, f.name) for f in fields(obj)}, **kwargs})
+
+
+def load_config(preset_name: str = "default", config_file: str | None = None) -> RunConfig:
+    """A preset, with a TOML file's `[caption]`, `[nouns]`, `[ground]`, `[segment]`, `[filters]` and
+    `[pipeline]` (with `[pipeline.pools.STAGE]`) tables laid over it."""
+    cfg = preset(preset_name)
+    if config_file:
+        with open(config_file, "rb") as f:
+            data = tomllib.load(f)
+        pipe = data.pop("pipeline", {})
+        cfg = RunConfig(_merge(cfg.stages, data, "config"), _merge(cfg.pipeline, pipe, "pipeline"))
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def _pack(shards: list[str], items: list[dict]) -> dict[str, np.ndarray]:
+    # Items carry ragged images and nested lists: one pickled column moves them between stages intact.
+    return {"shard": np.asarray(shards, dtype=object),
+            "item": np.asarray([pickle.dumps(i, protocol=5) for i in items], dtype=object)}
+
+
+def _unpack(batch: dict[str, np.ndarray]) -> tuple[list[str], list[dict]]:
+    return list(batch["shard"]), [pickle.loads(b) for b in batch["item"]]
+
+
+def read_and_decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Plan rows -> decoded items (a read or decode problem becomes the item's failure)."""
+    from datagen.stages.common import decode_item, fail
+
+    items, shards = [], []
+    for i in range(len(batch["key"])):
+        source, key = str(batch["source"][i]), str(batch["key"][i])
+        alt = batch["alt_text"][i]
+        alt = None if alt is None or (isinstance(alt, float) and np.isnan(alt)) else str(alt)
+        err = batch["error"][i]
+        if isinstance(err, str) and err:
+            item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read", err)
+        else:
+            try:
+                data = sources.read_unit(str(batch["path"][i]), int(batch["offset"][i]), int(batch["size"][i]))
+                item = decode_item(source, data, alt_text=alt, key=key)
+            except OSError as e:
+                item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read",
+                            f"unreadable input: {type(e).__name__}")
+        items.append(item)
+        shards.append(str(batch["shard"][i]))
+    return _pack(shards, items)
+
+
+def build_stage(name: str, cfg: stage_config.DatagenConfig):
+    """The stage object for NAME, loading its model (once)."""
+    from datagen import stages
+
+    if name == "caption":
+        return stages.Captioner(cfg.caption)
+    if name == "nouns":
+        return stages.NounExtractor(cfg.nouns)
+    if name == "ground":
+        return stages.Grounder(cfg.ground)
+    if name == "filter":
+        return stages.ImageFilter(cfg.filters)
+    if name == "segment":
+        return stages.Segmenter(cfg.segment)
+    raise ValueError(f"unknown stage {name!r}")
+
+
+class StageActor:
+    """Hosts one stage in a Ray actor: the model loads in __init__, each call maps one block."""
+
+    def __init__(self, name: str, cfg: stage_config.DatagenConfig, factory=None):
+        self.name = name
+        self.stage = (factory or build_stage)(name, cfg)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        shards, items = _unpack(batch)
+        out = self.stage(items)
+        if len(out) != len(items):  # a stage must account for every item it was given
+            raise RuntimeError(f"stage {self.name} returned {len(out)} items for {len(items)}")
+        if self.name == "segment":  # the images are not needed past here; the bytes travel on
+            for it in out:
+                it.pop("image", None)
+        return _pack(shards, out)
+
+
+class ShardWriterActor:
+    """The last stage: streams items into their shards' writers and commits each complete shard."""
+
+    def __init__(self, out: str, expected: dict[str, int], refresh_s: float, extra: dict[str, Any]):
+        self.out = Path(out)
+        self.expected = expected
+        self.refresh_s = refresh_s
+        self.extra = extra
+        self.open: dict[str, ShardWriter] = {}
+        self.last_refresh = time.monotonic()
+
+    def _writer(self, shard: str) -> ShardWriter:
+        if shard not in self.open:
+            self.open[shard] = ShardWriter(self.out, shard, extra_stats=self.extra)
+        return self.open[shard]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from datagen.assemble import to_record
+
+        shards, items = _unpack(batch)
+        ok, stage, completed = [], [], []
+        for shard, item in zip(shards, items):
+            w = self._writer(shard)
+            if item["key"] in w._keys:  # a retried block delivered twice: write once
+                ok.append(True), stage.append("duplicate"), completed.append("")
+                continue
+            rec = to_record(item)
+            if isinstance(rec, Failure):
+                w.fail(rec)
+                ok.append(False), stage.append(rec.stage)
+            else:
+                try:
+                    w.write(rec)
+                    ok.append(True), stage.append("")
+                except ValueError as e:  # a record that breaks the contract is a failure, not a crash
+                    w.fail(Failure(rec.key, rec.source, "write", f"invalid record: {str(e).split(': ', 1)[-1]}"))
+                    ok.append(False), stage.append("write")
+            done = w.stats.n_ok + w.stats.n_failed >= self.expected[shard]
+            completed.append(shard if done else "")
+            if done:
+                self.open.pop(shard).close()
+                if time.monotonic() - self.last_refresh > self.refresh_s:
+                    self._refresh()
+        return {"ok": np.asarray(ok), "stage": np.asarray(stage, dtype=object),
+                "completed": np.asarray(completed, dtype=object)}
+
+    def _refresh(self) -> None:
+        try:
+            catalog.build(self.out, timeout=5.0)
+        except catalog.CatalogError:
+            pass  # someone holds the catalog; the next shard or the driver's final build refreshes it
+        self.last_refresh = time.monotonic()
+
+    def __del__(self) -> None:
+        for w in self.open.values():  # incomplete shards: nothing may stay under a final name
+            try:
+                w.abort()
+            except Exception:
+                pass
+
+
+# ---------------------------------------------------------------------------------------------- run
+
+@dataclass
+class RunSummary:
+    shards: int
+    samples: int
+    ok: int
+    failed: int
+    seconds: float
+    skipped_shards: int
+    incomplete: list[str]
+
+    def line(self) -> str:
+        rate = (self.ok + self.failed) / self.seconds if self.seconds else 0.0
+        return (f"datagen: {self.ok} records, {self.failed} failures in {self.shards} shard(s) "
+                f"({self.skipped_shards} already complete), {self.seconds:.1f} s, {rate:.2f} images/s")
+
+
+class Progress:
+    """Samples done / failed / rate / ETA on stderr, at most every `every` seconds."""
+
+    def __init__(self, total: int, every: float = 5.0, stream=sys.stderr):
+        self.total, self.every, self.stream = total, every, stream
+        self.ok = self.failed = 0
+        self.t0 = time.monotonic()
+        self.last = 0.0
+
+    def update(self, ok: int, failed: int, force: bool = False) -> None:
+        self.ok += ok
+        self.failed += failed
+        now = time.monotonic()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        done = self.ok + self.failed
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
+        print(f"[datagen] {done}/{self.total} samples ({self.ok} ok, {self.failed} failed) "
+              f"{rate:.2f} img/s, ETA {eta_s}", file=self.stream, flush=True)
+
+
+def _plan(src: str, out: Path, shard_size: int) -> dict[str, int]:
+    """Reuse OUT's plan when it was made for the same input and shard size; otherwise make it."""
+    plan, meta_path = out / "_plan.parquet", out / "_plan.json"
+    want = {"input": src, "shard_size": shard_size}
+    if plan.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if {k: meta.get(k) for k in want} != want:
+            raise sources.SourceError(
+                f"{out} holds a run of input {meta.get('input')!r} with shard_size {meta.get('shard_size')}; "
+                "use another --output (or the same input and settings to resume)"
+            )
+        return meta["shards"]
+    counts = sources.write_plan(src, plan, shard_size)
+    meta_path.write_text(json.dumps({**want, "shards": counts, "created": time.time()}))
+    return counts
+
+
+def _clean_partial(out: Path, shards: list[str]) -> None:
+    for s in shards:
+        for p in shard_files(out, s).values():
+            p.with_name(p.name + TMP_SUFFIX).unlink(missing_ok=True)
+            p.unlink(missing_ok=True)  # a shard that is not complete is redone whole
+
+
+def _init_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        if address:
+            ray.init(address=address)
+        else:  # a local Ray on this machine, quiet: the pipeline reports its own progress
+            ray.init(include_dashboard=False, log_to_driver=False)
+
+
+def _resolve_gpus(cfg: PipelineConfig) -> None:
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return
+    for name, pool in cfg.pools.items():
+        if pool.num_gpus > 0:
+            print(f"[datagen] no GPU in the Ray cluster: stage {name} runs on CPU", file=sys.stderr)
+            pool.num_gpus = 0.0
+
+
+def _build_dataset(out: Path, todo: list[str], counts: dict[str, int], cfg: RunConfig, extra: dict[str, Any],
+                   factory=None):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # shards are written in plan order: reruns are identical
+    p = cfg.pipeline
+    wanted = set(todo)
+    ds = ray.data.read_parquet(str(out / "_plan.parquet"))
+    ds = ds.filter(lambda row: row["shard"] in wanted)
+    ds = ds.map_batches(read_and_decode, batch_size=p.batch_size, num_cpus=p.read_num_cpus)
+    for name in STAGES:
+        if name == "filter":
+            ds = ds.map_batches(StageActor, fn_constructor_args=(name, cfg.stages, factory),
+                                batch_size=p.batch_size, concurrency=1, num_cpus=p.read_num_cpus)
+            continue
+        pool = p.pools[name]
+        ds = ds.map_batches(StageActor, fn_constructor_args=(name, cfg.stages, factory), batch_size=p.batch_size,
+                            concurrency=pool.concurrency, num_gpus=pool.num_gpus, num_cpus=pool.num_cpus,
+                            max_restarts=-1, max_task_retries=-1)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ds.map_batches(ShardWriterActor, fn_constructor_args=(str(out), {s: counts[s] for s in todo},
+                                                                 p.catalog_refresh_s, extra),
+                          batch_size=p.batch_size, concurrency=1, num_cpus=p.writer_num_cpus,
+                          scheduling_strategy=here)
+
+
+def run(src: str, out: str | os.PathLike, cfg: RunConfig, *, ray_address: str | None = None,
+        command: list[str] | None = None, progress_every: float = 5.0, stage_factory=None) -> RunSummary:
+    """Run (or resume) the pipeline from SRC into OUT; see the module docstring.
+
+    stage_factory(name, stage_config) -> stage replaces `build_stage` (tests inject slow or failing stages).
+    """
+    t0 = time.time()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = src if "://" in src else os.path.abspath(src) if os.path.exists(src) or "{" not in src else src
+    counts = _plan(src, out, cfg.pipeline.shard_size)
+    total = sum(counts.values())
+    done_before = [s for s in counts if is_complete(out, s)]
+    manifest = Manifest(out, src, cfg, command or sys.argv)
+    _init_ray(ray_address)
+    _resolve_gpus(cfg.pipeline)
+    prog = Progress(total - sum(counts[s] for s in done_before), every=progress_every)
+    ok = failed = 0
+    todo: list[str] = []
+    for _attempt in range(cfg.pipeline.max_attempts):
+        todo = [s for s in counts if not is_complete(out, s)]
+        if not todo:
+            break
+        _clean_partial(out, todo)
+        ds = _build_dataset(out, todo, counts, cfg, {"run_start": t0}, stage_factory)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            real = batch["stage"] != "duplicate"
+            n_ok, n_failed = int((batch["ok"] & real).sum()), int((~batch["ok"]).sum())
+            ok, failed = ok + n_ok, failed + n_failed
+            prog.update(n_ok, n_failed)
+    prog.update(0, 0, force=True)
+    incomplete = [s for s in counts if not is_complete(out, s)]
+    print(catalog.build(out).summary(), file=sys.stderr)
+    summary = RunSummary(len(counts), total, ok, failed, time.time() - t0, len(done_before), incomplete)
+    manifest.finish(summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- manifest
+
+def _versions() -> dict[str, str]:
+    names = ["subjectdiff", "torch", "torchvision", "transformers", "groundingdino-py", "segment-anything",
+             "open_clip_torch", "spacy", "ray", "webdataset", "duckdb", "pyarrow", "numpy", "pillow"]
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _revision() -> str | None:
+    here = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if rev.returncode != 0:
+        return None
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _models(cfg: stage_config.DatagenConfig) -> dict[str, Any]:
+    from datagen import weights
+
+    def fingerprint(spec: str) -> dict[str, Any]:
+        try:
+            return weights.manifest_entry(spec)
+        except weights.WeightsError as e:  # not downloaded yet: the spec is its identity
+            return {"spec": spec, "note": str(e)}
+
+    return {
+        "caption": {"kind": cfg.caption.kind, **fingerprint(cfg.caption.model)},
+        "nouns": {"spacy_model": cfg.nouns.spacy_model, "mode": cfg.nouns.mode},
+        "ground": {"config": fingerprint(cfg.ground.config_file), "checkpoint": fingerprint(cfg.ground.checkpoint)},
+        "segment": {"model_type": cfg.segment.model_type, **fingerprint(cfg.segment.checkpoint)},
+    }
+
+
+class Manifest:
+    """OUT/manifest.json: what produced OUT. Each run (first or resumed) appends itself to `runs`."""
+
+    def __init__(self, out: Path, src: str, cfg: RunConfig, command: list[str]):
+        self.path = out / "manifest.json"
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        s = cfg.stages
+        self.data = {
+            "input": src,
+            "output": str(out.resolve()),
+            "preset": cfg.name,
+            "config": {"stages": asdict(s), "pipeline": asdict(cfg.pipeline)},
+            "models": _models(s),
+            "thresholds": {"box_threshold": s.ground.box_threshold, "text_threshold": s.ground.text_threshold,
+                           "nms_iou": s.ground.nms_iou, "detections": [s.filters.min_detections,
+                                                                       s.filters.max_detections]},
+            "versions": _versions(),
+            "code_revision": _revision(),
+            "runs": old.get("runs", []),
+        }
+        self.run = {"command": command, "start": time.time(), "end": None, "status": "running",
+                    "host": platform.node()}
+        self.data["runs"].append(self.run)
+        self._write()
+
+    def finish(self, summary: RunSummary) -> None:
+        self.run.update(end=time.time(), status="complete" if not summary.incomplete else "incomplete",
+                        records=summary.ok, failures=summary.failed, seconds=summary.seconds)
+        st = catalog.query(self.path.parent, "SELECT (SELECT count(*) FROM samples) AS samples, "
+                                             "(SELECT count(*) FROM failures) AS failures, "
+                                             "(SELECT count(*) FROM objects) AS objects, "
+                                             "(SELECT count(*) FROM shards) AS shards").to_pylist()[0]
+        self.data["counts"] = st
+        self.data["start"] = self.data["runs"][0]["start"]
+        self.data["end"] = self.run["end"]
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str))
+        os.replace(tmp, self.path)
+

@@ -1,0 +1,211 @@
+"""`subjectdiff datagen run` end to end on Ray with the tiny preset: accounting, inputs, resume, faults."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from catalogs import catalog
+from catalogs.reader import RecordReader
+from datagen.pipeline import preset, run
+from datagen.sources import SourceError, detect
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "datagen" / "sample_images"
+
+
+def tiny_cfg(shard_size: int = 3, batch_size: int = 8):
+    cfg = preset("tiny")
+    cfg.pipeline.shard_size = shard_size
+    cfg.pipeline.batch_size = batch_size
+    for stage in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment):
+        stage.batch_size = batch_size
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory) -> Path:
+    """The bundled photos (one in a subfolder, one as PNG) plus deliberately broken files."""
+    d = tmp_path_factory.mktemp("photos")
+    (d / "sub").mkdir()
+    for i, p in enumerate(sorted(SAMPLES.glob("*.jpg"))):
+        if i == 0:
+            Image.open(p).save(d / "sub" / (p.stem + ".png"))
+        else:
+            (d / p.name).write_bytes(p.read_bytes())
+    good = (SAMPLES / "astronaut.jpg").read_bytes()
+    (d / "truncated.jpg").write_bytes(good[: len(good) // 3])
+    (d / "not_an_image.jpg").write_text("this is a text file, not a JPEG\n")
+    (d / "empty.png").write_bytes(b"")
+    (d / "notes.txt").write_text("not an image extension: ignored, not an input\n")
+    return d
+
+
+def records(out: Path) -> dict[str, tuple[dict, bytes]]:
+    return {r.key: (r.meta, r.image_bytes) for r in RecordReader(out, decode_image=False, decode_masks=False)}
+
+
+def tables(out: Path) -> dict[str, list]:
+    return {
+        "samples": catalog.query(out, "SELECT * FROM samples ORDER BY key").to_pylist(),
+        "objects": catalog.query(out, "SELECT * FROM objects ORDER BY key, index").to_pylist(),
+        "failures": catalog.query(out, "SELECT * FROM failures ORDER BY key").to_pylist(),
+        "shards": catalog.query(out, "SELECT name, n_ok, n_failed, n_objects FROM shards ORDER BY name").to_pylist(),
+    }
+
+
+def accounted(out: Path) -> list[str]:
+    rows = catalog.query(out, "SELECT source FROM samples UNION ALL SELECT source FROM failures").column("source")
+    return sorted(rows.to_pylist())
+
+
+@pytest.fixture(scope="module")
+def reference_run(photo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run_bs8")
+    summary = run(str(photo_dir), out, tiny_cfg(batch_size=8), progress_every=0.5)
+    return out, summary
+
+
+def test_every_input_is_accounted_for_exactly_once(photo_dir, reference_run):
+    out, summary = reference_run
+    inputs = sorted(str(p) for p in photo_dir.rglob("*") if p.suffix in (".jpg", ".png"))
+    assert accounted(out) == inputs  # each image once, in samples or in failures; notes.txt is no input
+    assert summary.incomplete == [] and summary.ok + summary.failed == len(inputs)
+    fails = {Path(f["source"]).name: (f["stage"], f["reason"]) for f in tables(out)["failures"]}
+    assert fails["truncated.jpg"][0] == "decode"
+    assert fails["not_an_image.jpg"][0] == "decode"
+    assert fails["empty.png"] == ("decode", "empty image bytes")
+    # The photos made records with real nouns, boxes and masks.
+    objs = catalog.query(out, "SELECT label, x0, y0, x1, y1 FROM objects").to_pylist()
+    assert objs and all(0 <= o["x0"] <= o["x1"] <= 1 and 0 <= o["y0"] <= o["y1"] <= 1 for o in objs)
+    for key, (meta, image) in records(out).items():
+        assert meta["objects"] and all(o["mask"]["size"] == [meta["height"], meta["width"]] for o in meta["objects"])
+        assert Path(meta["source"]).read_bytes() == image  # the bytes are passed through, never re-encoded
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["preset"] == "tiny" and manifest["runs"][-1]["status"] == "complete"
+    assert manifest["counts"]["samples"] == summary.ok and manifest["versions"]["torch"]
+    assert manifest["models"]["segment"]["sha256"]
+
+
+def test_batch_size_does_not_change_records(photo_dir, reference_run, tmp_path):
+    out8, _ = reference_run
+    run(str(photo_dir), tmp_path, tiny_cfg(batch_size=1))
+    assert records(tmp_path) == records(out8)
+    assert tables(tmp_path) == tables(out8)
+
+
+def test_rerun_of_a_complete_output_changes_nothing(photo_dir, reference_run):
+    out, _ = reference_run
+    before = tables(out)
+    again = run(str(photo_dir), out, tiny_cfg(batch_size=8))
+    assert again.skipped_shards == again.shards and again.ok == again.failed == 0
+    assert tables(out) == before
+    with pytest.raises(SourceError, match="another --output"):
+        run(str(photo_dir), out, tiny_cfg(shard_size=2))
+
+
+def test_killed_driver_then_same_command_gives_the_uninterrupted_result(photo_dir, reference_run, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", str(photo_dir), "--output", str(out),
+           "--preset", "tiny", "--shard-size", "3", "--batch-size", "8"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("*_stats.json")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.stderr.read().decode()[-2000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    done = sorted(p.name for p in out.glob("*_stats.json"))
+    assert 1 <= len(done) < 4
+    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # a killed driver can leave a local Ray behind
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ref, _ = reference_run
+    assert records(out) == records(ref)
+    assert tables(out) == tables(ref)
+    runs = json.loads((out / "manifest.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["running", "complete"]  # the killed run never finished
+
+
+def _img2dataset_shard(path: Path, photos: list[Path], *, bad_member: bool) -> list[str]:
+    """A tar as img2dataset writes it (KEY.jpg, KEY.txt, KEY.json), its Parquet and _stats.json."""
+    urls = []
+    with tarfile.open(path, "w") as tf:
+        def add(name: str, data: bytes) -> None:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+
+        for i, p in enumerate(photos):
+            key = f"{path.stem}{i:04d}"
+            url = f"https://example.com/img/{p.name}?shard={path.stem}"
+            urls.append(url)
+            add(f"{key}.jpg", p.read_bytes())
+            add(f"{key}.txt", f"alt text of {p.stem}".encode())
+            add(f"{key}.json", json.dumps({"url": url, "key": key, "status": "success"}).encode())
+        if bad_member:
+            url = "https://example.com/img/broken.jpg"
+            urls.append(url)
+            add(f"{path.stem}9999.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
+            add(f"{path.stem}9999.json", json.dumps({"url": url}).encode())
+    pq.write_table(pa.table({"url": urls, "key": [f"{path.stem}{i:04d}" for i in range(len(urls))]}),
+                   path.with_suffix(".parquet"))
+    path.with_name(path.stem + "_stats.json").write_text(json.dumps({"count": len(urls), "successes": len(urls)}))
+    return urls
+
+
+def test_img2dataset_input(tmp_path):
+    src = tmp_path / "img2dataset"
+    src.mkdir()
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    urls = _img2dataset_shard(src / "00000.tar", photos[:3], bad_member=True)
+    urls += _img2dataset_shard(src / "00001.tar", photos[3:], bad_member=False)
+    assert detect(str(src)) == "shards"
+    out = tmp_path / "out"
+    summary = run(str(src), out, tiny_cfg(shard_size=4))
+    assert accounted(out) == sorted(urls) and summary.incomplete == []
+    alt = catalog.query(out, "SELECT source, alt_text FROM samples").to_pylist()
+    assert all(a["alt_text"] == f"alt text of {Path(a['source'].split('?')[0]).stem}" for a in alt)
+    fails = catalog.query(out, "SELECT source, stage FROM failures").to_pylist()
+    assert fails == [{"source": "https://example.com/img/broken.jpg", "stage": "decode"}]
+    # The same shards through a brace pattern, and a Parquet list of paths, are inputs too.
+    assert detect(str(src / "{00000..00001}.tar")) == "shards"
+    lst = tmp_path / "list.parquet"
+    pq.write_table(pa.table({"path": [str(p) for p in photos[:2]], "caption": ["x", None]}), lst)
+    summary = run(str(lst), tmp_path / "out_list", tiny_cfg())
+    assert summary.ok + summary.failed == 2
+
+
+def test_truncated_tar_is_accounted_for(tmp_path):
+    src = tmp_path / "shards"
+    src.mkdir()
+    _img2dataset_shard(src / "00000.tar", sorted(SAMPLES.glob("*.jpg"))[:2], bad_member=False)
+    data = (src / "00000.tar").read_bytes()
+    (src / "00000.tar").write_bytes(data[: len(data) - 20000])  # the last image is cut short
+    out = tmp_path / "out"
+    summary = run(str(src), out, tiny_cfg())
+    assert summary.incomplete == []
+    n = catalog.query(out, "SELECT (SELECT count(*) FROM samples) + (SELECT count(*) FROM failures) AS n")
+    assert n.column("n")[0].as_py() == 2
+    stages = catalog.query(out, "SELECT stage FROM failures").column("stage").to_pylist()
+    assert stages and set(stages) <= {"read", "decode"}
+
+
+def test_bad_input_is_one_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", str(tmp_path / "nope"),
+                           "--output", str(tmp_path / "o"), "--preset", "tiny"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not a folder" in proc.stderr
