@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench-catalog clean
+.PHONY: install system-deps demo test bench-catalog clean
 
 install: $(STAMP)
 
@@ -21,10 +21,16 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, torchvision.ops, groundingdino, segment_anything, open_clip, duckdb, ray, spacy"
 	touch $(STAMP)
 
+# Debian's Chromium renders the catalog report in its browser test (skipped, with the reason, without it).
+system-deps:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || \
+	  echo "chromium not installed: the report's browser test will be skipped"; }
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/subjectdiff demo --output $(DEMO_OUT)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench-catalog: $(STAMP)

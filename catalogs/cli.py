@@ -1,4 +1,4 @@
-"""`subjectdiff catalog build|query|stats|select`: the catalog from the command line.
+"""`subjectdiff catalog build|query|stats|select|report`: the catalog from the command line.
 
 Every failure a user can cause (a missing catalog, bad SQL, a write statement) prints one line on
 stderr and exits non-zero; no traceback.
@@ -41,6 +41,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     sel.add_argument("--where", required=True, help="SQL predicate over `samples` (subqueries may use `objects`)")
     sel.add_argument("--out", required=True, help="output .parquet file")
     sel.set_defaults(func=_guard(_select))
+
+    r = csub.add_parser("report", help="write a self-contained HTML report: sampled records, plots, failures, manifest")
+    r.add_argument("dir")
+    r.add_argument("--where", help="SQL predicate over `samples` narrowing the records and plots (as in select)")
+    r.add_argument("--sample", type=int, default=24, help="records shown (default 24)")
+    r.add_argument("--seed", type=int, default=0, help="which records are sampled (default 0)")
+    r.add_argument("--out", required=True, help="output .html file")
+    r.set_defaults(func=_guard(_report))
 
 
 def _guard(fn):
@@ -132,4 +140,12 @@ def _select(args: argparse.Namespace) -> int:
 
     n = select(args.dir, args.where, args.out)
     print(f"selected {n} sample(s) -> {args.out}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from catalogs.report import build_report
+
+    out = build_report(args.dir, args.out, where=args.where, sample=args.sample, seed=args.seed)
+    print(f"report -> {out}")
     return 0

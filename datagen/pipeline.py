@@ -202,9 +202,6 @@ class StageActor:
         out = self.stage(items)
         if len(out) != len(items):  # a stage must account for every item it was given
             raise RuntimeError(f"stage {self.name} returned {len(out)} items for {len(items)}")
-        if self.name == "segment":  # the images are not needed past here; the bytes travel on
-            for it in out:
-                it.pop("image", None)
         return _pack(shards, out)
 
 
@@ -295,13 +292,16 @@ class Progress:
         self.ok = self.failed = 0
         self.t0 = time.monotonic()
         self.last = 0.0
+        self.shown = -1
 
     def update(self, ok: int, failed: int, force: bool = False) -> None:
         self.ok += ok
         self.failed += failed
         now = time.monotonic()
-        if not force and now - self.last < self.every:
+        done = self.ok + self.failed
+        if (not force and now - self.last < self.every) or (force and done == self.shown):
             return
+        self.shown = done
         self.last = now
         done = self.ok + self.failed
         rate = done / max(now - self.t0, 1e-9)
@@ -335,14 +335,25 @@ def _clean_partial(out: Path, shards: list[str]) -> None:
             p.unlink(missing_ok=True)  # a shard that is not complete is redone whole
 
 
-def _init_ray(address: str | None) -> None:
+def _cpu_slots(cfg: PipelineConfig) -> float:
+    """Logical CPUs the pipeline reserves at once: actor pools, the writer, a read task and Ray Data's own
+    file-listing task (which takes a whole CPU)."""
+    pools = sum(p.concurrency * p.num_cpus for p in cfg.pools.values())
+    return pools + cfg.read_num_cpus * 2 + cfg.writer_num_cpus + 1.0
+
+
+def _init_ray(address: str | None, cfg: PipelineConfig) -> None:
     import ray
 
     if not ray.is_initialized():
         if address:
             ray.init(address=address)
-        else:  # a local Ray on this machine, quiet: the pipeline reports its own progress
-            ray.init(include_dashboard=False, log_to_driver=False)
+        else:
+            # A local Ray, quiet (the pipeline reports its own progress). Ray's CPUs are scheduling slots,
+            # not cores: on a small machine, offer enough slots for every stage to hold its actor, or
+            # Ray Data would wait forever for a slot that an actor keeps.
+            slots = max(os.cpu_count() or 1, int(_cpu_slots(cfg) + 0.999))
+            ray.init(num_cpus=slots, include_dashboard=False, log_to_driver=False)
 
 
 def _resolve_gpus(cfg: PipelineConfig) -> None:
@@ -359,10 +370,12 @@ def _resolve_gpus(cfg: PipelineConfig) -> None:
 def _build_dataset(out: Path, todo: list[str], counts: dict[str, int], cfg: RunConfig, extra: dict[str, Any],
                    factory=None):
     import ray
+    from ray.data import ActorPoolStrategy
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards are written in plan order: reruns are identical
+    ctx.enable_progress_bars = False  # our own progress line replaces Ray Data's per-operator bars
     p = cfg.pipeline
     wanted = set(todo)
     ds = ray.data.read_parquet(str(out / "_plan.parquet"))
@@ -371,16 +384,17 @@ def _build_dataset(out: Path, todo: list[str], counts: dict[str, int], cfg: RunC
     for name in STAGES:
         if name == "filter":
             ds = ds.map_batches(StageActor, fn_constructor_args=(name, cfg.stages, factory),
-                                batch_size=p.batch_size, concurrency=1, num_cpus=p.read_num_cpus)
+                                batch_size=p.batch_size, compute=ActorPoolStrategy(size=1),
+                                num_cpus=p.read_num_cpus)
             continue
         pool = p.pools[name]
         ds = ds.map_batches(StageActor, fn_constructor_args=(name, cfg.stages, factory), batch_size=p.batch_size,
-                            concurrency=pool.concurrency, num_gpus=pool.num_gpus, num_cpus=pool.num_cpus,
+                            compute=ActorPoolStrategy(size=pool.concurrency), num_gpus=pool.num_gpus, num_cpus=pool.num_cpus,
                             max_restarts=-1, max_task_retries=-1)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return ds.map_batches(ShardWriterActor, fn_constructor_args=(str(out), {s: counts[s] for s in todo},
                                                                  p.catalog_refresh_s, extra),
-                          batch_size=p.batch_size, concurrency=1, num_cpus=p.writer_num_cpus,
+                          batch_size=p.batch_size, compute=ActorPoolStrategy(size=1), num_cpus=p.writer_num_cpus,
                           scheduling_strategy=here)
 
 
@@ -398,7 +412,7 @@ def run(src: str, out: str | os.PathLike, cfg: RunConfig, *, ray_address: str | 
     total = sum(counts.values())
     done_before = [s for s in counts if is_complete(out, s)]
     manifest = Manifest(out, src, cfg, command or sys.argv)
-    _init_ray(ray_address)
+    _init_ray(ray_address, cfg.pipeline)
     _resolve_gpus(cfg.pipeline)
     prog = Progress(total - sum(counts[s] for s in done_before), every=progress_every)
     ok = failed = 0
