@@ -371,15 +371,16 @@ def _build_dataset(out: Path, todo: list[str], counts: dict[str, int], cfg: RunC
                    factory=None):
     import ray
     from ray.data import ActorPoolStrategy
+    from ray.data.expressions import col
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards are written in plan order: reruns are identical
     ctx.enable_progress_bars = False  # our own progress line replaces Ray Data's per-operator bars
     p = cfg.pipeline
-    wanted = set(todo)
     ds = ray.data.read_parquet(str(out / "_plan.parquet"))
-    ds = ds.filter(lambda row: row["shard"] in wanted)
+    if len(todo) < len(counts):  # a resumed run: only the shards still to do
+        ds = ds.filter(expr=col("shard").is_in(todo))
     ds = ds.map_batches(read_and_decode, batch_size=p.batch_size, num_cpus=p.read_num_cpus)
     for name in STAGES:
         if name == "filter":

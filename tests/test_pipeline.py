@@ -67,6 +67,23 @@ def tables(out: Path) -> dict[str, list]:
     }
 
 
+def assert_close(a, b, path="", atol=1e-5):
+    """Equal structure, strings, ints and bytes; floats within atol. Batched and one-at-a-time model calls
+    differ in the last bits of float32 (a batch of 8 takes other matmul kernels than a batch of 1)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, abs=atol, nan_ok=True), f"{path}: {a} != {b}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_close(a[k], b[k], f"{path}.{k}", atol)
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: lengths {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{path}[{i}]", atol)
+    else:
+        assert a == b, f"{path}: {str(a)[:80]} != {str(b)[:80]}"
+
+
 def accounted(out: Path) -> list[str]:
     rows = catalog.query(out, "SELECT source FROM samples UNION ALL SELECT source FROM failures").column("source")
     return sorted(rows.to_pylist())
@@ -103,8 +120,8 @@ def test_every_input_is_accounted_for_exactly_once(photo_dir, reference_run):
 def test_batch_size_does_not_change_records(photo_dir, reference_run, tmp_path):
     out8, _ = reference_run
     run(str(photo_dir), tmp_path, tiny_cfg(batch_size=1))
-    assert records(tmp_path) == records(out8)
-    assert tables(tmp_path) == tables(out8)
+    assert_close(records(tmp_path), records(out8))  # same keys, captions, nouns, tokens, masks; boxes to 1e-5
+    assert_close(tables(tmp_path), tables(out8))
 
 
 def test_rerun_of_a_complete_output_changes_nothing(photo_dir, reference_run):
@@ -130,12 +147,11 @@ def test_killed_driver_then_same_command_gives_the_uninterrupted_result(photo_di
     proc.wait()
     done = sorted(p.name for p in out.glob("*_stats.json"))
     assert 1 <= len(done) < 4
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # a killed driver can leave a local Ray behind
     resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref, _ = reference_run
-    assert records(out) == records(ref)
-    assert tables(out) == tables(ref)
+    assert_close(records(out), records(ref))
+    assert_close(tables(out), tables(ref))
     runs = json.loads((out / "manifest.json").read_text())["runs"]
     assert [r["status"] for r in runs] == ["running", "complete"]  # the killed run never finished
 
@@ -167,41 +183,44 @@ def _img2dataset_shard(path: Path, photos: list[Path], *, bad_member: bool) -> l
     return urls
 
 
-def test_img2dataset_input(tmp_path):
+def test_img2dataset_input_with_a_bad_member_and_a_truncated_tar(tmp_path):
     src = tmp_path / "img2dataset"
     src.mkdir()
     photos = sorted(SAMPLES.glob("*.jpg"))
     urls = _img2dataset_shard(src / "00000.tar", photos[:3], bad_member=True)
-    urls += _img2dataset_shard(src / "00001.tar", photos[3:], bad_member=False)
+    cut = _img2dataset_shard(src / "00001.tar", photos[3:5], bad_member=False)
+    data = (src / "00001.tar").read_bytes()
+    (src / "00001.tar").write_bytes(data[: len(data) - 20000])  # the last image of this tar is cut short
     assert detect(str(src)) == "shards"
     out = tmp_path / "out"
     summary = run(str(src), out, tiny_cfg(shard_size=4))
-    assert accounted(out) == sorted(urls) and summary.incomplete == []
-    alt = catalog.query(out, "SELECT source, alt_text FROM samples").to_pylist()
-    assert all(a["alt_text"] == f"alt text of {Path(a['source'].split('?')[0]).stem}" for a in alt)
-    fails = catalog.query(out, "SELECT source, stage FROM failures").to_pylist()
-    assert fails == [{"source": "https://example.com/img/broken.jpg", "stage": "decode"}]
-    # The same shards through a brace pattern, and a Parquet list of paths, are inputs too.
-    assert detect(str(src / "{00000..00001}.tar")) == "shards"
-    lst = tmp_path / "list.parquet"
-    pq.write_table(pa.table({"path": [str(p) for p in photos[:2]], "caption": ["x", None]}), lst)
-    summary = run(str(lst), tmp_path / "out_list", tiny_cfg())
-    assert summary.ok + summary.failed == 2
-
-
-def test_truncated_tar_is_accounted_for(tmp_path):
-    src = tmp_path / "shards"
-    src.mkdir()
-    _img2dataset_shard(src / "00000.tar", sorted(SAMPLES.glob("*.jpg"))[:2], bad_member=False)
-    data = (src / "00000.tar").read_bytes()
-    (src / "00000.tar").write_bytes(data[: len(data) - 20000])  # the last image is cut short
-    out = tmp_path / "out"
-    summary = run(str(src), out, tiny_cfg())
     assert summary.incomplete == []
-    n = catalog.query(out, "SELECT (SELECT count(*) FROM samples) + (SELECT count(*) FROM failures) AS n")
-    assert n.column("n")[0].as_py() == 2
-    stages = catalog.query(out, "SELECT stage FROM failures").column("stage").to_pylist()
-    assert stages and set(stages) <= {"read", "decode"}
+    assert accounted(out) == sorted(urls + cut)  # the cut image too: as a read/decode failure
+    alt = catalog.query(out, "SELECT source, alt_text FROM samples").to_pylist()
+    assert alt and all(a["alt_text"] == f"alt text of {Path(a['source'].split('?')[0]).stem}" for a in alt)
+    fails = {f["source"]: f["stage"] for f in catalog.query(out, "SELECT source, stage FROM failures").to_pylist()}
+    assert fails["https://example.com/img/broken.jpg"] == "decode"
+    assert fails[cut[-1]] in ("read", "decode")
+
+
+def test_list_and_brace_inputs_plan_every_unit(tmp_path):
+    from datagen.sources import read_unit, write_plan
+
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    lst = tmp_path / "list.csv"
+    lst.write_text("path,caption\n" + "".join(f"{p},caption {i}\n" for i, p in enumerate(photos[:3]))
+                   + f"{photos[0]},a duplicate is planned once\n")
+    counts = write_plan(str(lst), tmp_path / "plan.parquet", shard_size=2)
+    plan = pq.read_table(tmp_path / "plan.parquet").to_pylist()
+    assert counts == {"00000": 2, "00001": 1} and [r["source"] for r in plan] == [str(p) for p in photos[:3]]
+    assert [r["alt_text"] for r in plan] == ["caption 0", "caption 1", "caption 2"]
+    assert read_unit(plan[1]["path"], plan[1]["offset"], plan[1]["size"]) == photos[1].read_bytes()
+    urls = _img2dataset_shard(tmp_path / "00000.tar", photos[:2], bad_member=False)
+    urls += _img2dataset_shard(tmp_path / "00001.tar", photos[2:3], bad_member=False)
+    counts = write_plan(str(tmp_path / "{00000..00001}.tar"), tmp_path / "plan2.parquet", shard_size=10)
+    plan = pq.read_table(tmp_path / "plan2.parquet").to_pylist()
+    assert counts == {"00000": 3} and [r["source"] for r in plan] == urls
+    assert read_unit(plan[2]["path"], plan[2]["offset"], plan[2]["size"]) == photos[2].read_bytes()
 
 
 def test_bad_input_is_one_clear_error(tmp_path):
