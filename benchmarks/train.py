@@ -1,0 +1,168 @@
+"""Training throughput: data-loader samples/s and train-step samples/s, ours vs the reference code's way.
+
+    python benchmarks/train.py                         # tiny preset on this machine's CPU
+    python benchmarks/train.py --preset sd2-base --batch-size 8 --precision bf16   # SD 2 size, needs a GPU
+
+"ours": frozen VAE / image encoder under no_grad (bf16 weights on GPU), trainable model under autocast,
+optionally gradient checkpointing. "reference": the way the paper's public code runs the same step: the image
+encoder under autograd (its parameters require grad, a graph is built and kept through backward), fp16 casts of
+the frozen parts and fp16 autocast, no gradient checkpointing. Random weights (no download); records are the
+hand-made photo shards of tests/records.py. Appends a section to benchmarks/results/train.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.records import write_photo_shards  # noqa: E402
+from train.config import load_config  # noqa: E402
+from train.data import BatchStream, TrainSamples, make_reader  # noqa: E402
+
+
+def loader_rate(cfg, subject_size: int, batches: int) -> float:
+    reader = make_reader(cfg.data, None, 0, 1, cfg.run.seed)
+    stream = iter(BatchStream(TrainSamples(reader, cfg, subject_size), cfg.data.batch_size, cfg.data.num_workers))
+    next(stream)  # start-up (workers, imports) is not throughput
+    t0, n = time.perf_counter(), 0
+    for _ in range(batches):
+        n += len(next(stream)["key"])
+    return n / (time.perf_counter() - t0)
+
+
+class Variant:
+    """One way of running the step (ours or the reference's), built once, timed in alternating rounds."""
+
+    def __init__(self, args, reference: bool, shards: Path, device: torch.device):
+        from subjectdiff.model import build
+        from train.trainer import frozen_dtype
+
+        on_gpu = device.type == "cuda"
+        sets = [f"data.shards=['{shards}']", f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
+                f"run.precision={'fp16' if reference and on_gpu else args.precision}",
+                f"run.gradient_checkpointing={str(args.checkpointing and not reference).lower()}",
+                *([] if args.weights else ["model.base=none", "model.image_encoder_weights=none"])]
+        self.cfg, self.device, self.reference = load_config(args.preset, sets), device, reference
+        self.parts = build(self.cfg.model)
+        self.parts.to(device, torch.float16 if reference and on_gpu else frozen_dtype(self.cfg, device))
+        if reference:
+            self.parts.image_encoder.requires_grad_(True)  # the reference builds the encoder's graph
+        if self.cfg.run.gradient_checkpointing:
+            self.parts.model.enable_gradient_checkpointing()
+        self.size = self.cfg.data.subject_size or self.parts.image_encoder.image_size
+        reader = make_reader(self.cfg.data, None, 0, 1, 0)
+        self.batch = next(iter(BatchStream(TrainSamples(reader, self.cfg, self.size), args.batch_size, 0)))
+        params = [p for p in self.parts.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=1e-6)
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.cfg.run.precision]
+        self.autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
+        self.gen = torch.Generator(device).manual_seed(0)
+        self.rates: list[float] = []
+        self.peak: float | None = None
+
+    def one_step(self) -> None:
+        from train.step import training_step
+
+        loss, _ = training_step(self.parts.model, self.parts, self.batch, self.cfg.loss, self.gen, self.device,
+                                self.autocast(), reference=self.reference)
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def measure(self, steps: int) -> None:
+        cuda = self.device.type == "cuda"
+        self.one_step()  # warm-up
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.one_step()
+        if cuda:
+            torch.cuda.synchronize()
+            self.peak = max(self.peak or 0.0, torch.cuda.max_memory_allocated() / 2**30)
+        self.rates.append(steps * len(self.batch["key"]) / (time.perf_counter() - t0))
+
+    def result(self) -> dict:
+        return {"step_samples_per_s": statistics.median(self.rates), "peak_gib": self.peak,
+                "precision": self.cfg.run.precision, "checkpointing": self.cfg.run.gradient_checkpointing}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="tiny", choices=["tiny", "sd2-base"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--precision", default=None, help="fp32 / bf16 / fp16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in 'ours'")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--weights", action="store_true",
+                   help="load the preset's real weights (model.base, open_clip) instead of random init")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
+    p.add_argument("--loader-batches", type=int, default=20)
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = default)")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.md"))
+    args = p.parse_args()
+    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
+                          (args.device if args.device != "auto" else "cpu"))
+    if args.preset == "sd2-base" and device.type != "cuda":
+        print("sd2-base needs a GPU (a CPU step takes minutes); use --preset tiny here", file=sys.stderr)
+        return 2
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_photo_shards(Path(tmp), n_shards=4, per_shard=10)
+        variants = [Variant(args, False, Path(tmp), device), Variant(args, True, Path(tmp), device)]
+        for _ in range(args.rounds):  # alternate, so that load changes on a shared machine hit both alike
+            for v in variants:
+                v.measure(args.steps)
+        ours, ref = (v.result() for v in variants)
+        ours["loader_samples_per_s"] = loader_rate(variants[0].cfg, variants[0].size, args.loader_batches)
+    report(args, device, ours, ref)
+    return 0
+
+
+def report(args, device, ours: dict, ref: dict) -> None:
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    peak = lambda r: "" if r["peak_gib"] is None else f" | {r['peak_gib']:.1f}"  # noqa: E731
+    lines = [
+        f"\n## {args.preset}, batch {args.batch_size}, {device.type} ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n",
+        f"Command: `python benchmarks/train.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {machine}; torch {torch.__version__}; load average at the end "
+        f"{os.getloadavg()[0]:.1f} (shared machine: CPU numbers are noisy)\n",
+        "| variant | precision | grad. checkpointing | train step samples/s (median of rounds)" + (" | peak GiB" if device.type == "cuda" else "") + " |",
+        "|---|---|---|---:" + ("|---:" if device.type == "cuda" else "") + "|",
+        f"| ours (frozen encoders under no_grad) | {ours['precision']} | {ours['checkpointing']} | {ours['step_samples_per_s']:.2f}{peak(ours)} |",
+        f"| reference (image encoder under autograd, fp16 casts on GPU) | {ref['precision']} | {ref['checkpointing']} | {ref['step_samples_per_s']:.2f}{peak(ref)} |",
+        "",
+        f"Data loader ({args.workers} workers, resolution of the preset): {ours['loader_samples_per_s']:.1f} samples/s "
+        f"vs. the step's {ours['step_samples_per_s']:.2f} samples/s.",
+    ]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        out.write_text("# Training throughput (benchmarks/train.py)\n")
+    with open(out, "a") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,307 @@
+"""Generation with a trained Subject-Diffusion model: a prompt, subject photos and where to put them -> images.
+
+    pipe = Pipeline.load("runs/a/export", device="cuda", sam="sam_vit_h_4b8939.pth")
+    images = pipe.generate("a dog on the beach", [Subject("dog.jpg", "dog", box=(0.2, 0.3, 0.7, 0.9))],
+                           num_images=4, seed=0)
+
+Guidance (three branches, the reference code's order, cf. InstructPix2Pix): with e(text, subjects) the UNet's
+noise prediction, "null" text = the empty prompt, null subjects = the grounding net's learned null features
+(subject_mask 0) and no location (location channel 0),
+
+    e_u = e(null, null)         e_s = e(null, subjects + location)         e_f = e(prompt + subject words, subjects + location)
+    eps = e_u + subject_guidance * (e_s - e_u) + guidance * (e_f - e_s)                       (order "subject-first")
+
+`order="text-first"` swaps the middle branch for the plain prompt without subjects, e_t = e(prompt, null):
+    eps = e_u + guidance * (e_t - e_u) + subject_guidance * (e_f - e_t).
+
+Conventions: layout boxes are xyxy normalized to [0, 1] in the generated image; the location channel is 1 on the
+latent cells whose centres lie in any box (the trainer's `box_union_map`). Seeds are per image: image i starts
+from `torch.randn` of a CPU generator seeded with seeds[i], so an image does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from infer.subjects import Prepared, Subject, SubjectCutter
+from subjectdiff.model import Parts, load_pretrained, subject_prompt, tokenize
+
+log = logging.getLogger(__name__)
+ORDERS = ("subject-first", "text-first")
+WEIGHTS = ("auto", "ema", "raw")
+# Settings Stable Diffusion's own scheduler configs carry (PLMS = PNDM without Runge-Kutta warm-up steps).
+SCHEDULER_DEFAULTS = {"PNDMScheduler": {"skip_prk_steps": True, "set_alpha_to_one": False},
+                      "DDIMScheduler": {"set_alpha_to_one": False}}
+
+
+@dataclass
+class SamplingConfig:
+    """steps: denoising steps. guidance: text scale s_T; subject_guidance: subject/location scale s_S (reference
+    code: 7 and 1.5, 50 PNDM steps). scheduler: a diffusers scheduler class name, built from the model's noise
+    schedule (reference code: PNDMScheduler). eta: DDIM-style stochasticity, where the scheduler takes it.
+    order: which single-condition branch sits in the middle (module docstring). resolution: image side in pixels
+    (None: the UNet's native size). batch_size: images per UNet call (x3 branches)."""
+
+    steps: int = 50
+    guidance: float = 7.0
+    subject_guidance: float = 1.5
+    scheduler: str = "PNDMScheduler"
+    eta: float = 0.0
+    order: str = "subject-first"
+    resolution: int | None = None
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"sampling order must be one of {ORDERS}, got {self.order!r}")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        if self.resolution is not None and self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE's stride), got {self.resolution}")
+
+    def make_scheduler(self, base_config: dict[str, Any]):
+        import diffusers
+
+        cls = getattr(diffusers, self.scheduler, None)
+        if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
+            raise ValueError(f"unknown diffusers scheduler {self.scheduler!r} (e.g. PNDMScheduler, DDIMScheduler, "
+                             "DPMSolverMultistepScheduler, EulerDiscreteScheduler)")
+        return cls.from_config({**dict(base_config), **SCHEDULER_DEFAULTS.get(self.scheduler, {})})
+
+
+@dataclass
+class Generated:
+    """One generated image and everything needed to reproduce it (outputs.py writes it as PNG + JSON)."""
+
+    image: Image.Image
+    prompt: str
+    full_prompt: str
+    subjects: list[dict[str, Any]]
+    boxes: list[list[float]]
+    seed: int
+    sampling: dict[str, Any]
+    model: dict[str, Any]
+    cutouts: list[np.ndarray] = field(default_factory=list, repr=False)
+
+
+def default_layout(n: int) -> list[tuple[float, float, float, float]]:
+    """Boxes (xyxy normalized) for n subjects given none: one subject centred; two side by side as in the
+    reference code ([50, 100, 200, 400] and [300, 100, 500, 400] of 512); more in equal columns."""
+    if n == 1:
+        return [(0.25, 0.2, 0.75, 0.8)]
+    if n == 2:
+        return [tuple(v / 512 for v in b) for b in ((50, 100, 200, 400), (300, 100, 500, 400))]
+    w = 1.0 / n
+    return [(i * w + 0.05 * w, 0.2, (i + 1) * w - 0.05 * w, 0.8) for i in range(n)]
+
+
+def location_map(boxes: torch.Tensor, present: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """boxes: (B, N, 4) xyxy normalized; present: (B, N) bool -> (B, 1, h, w) float, 1 on the cells whose centres
+    lie in a present box (the location channel, as train.step.box_union_map builds it for training)."""
+    ys = (torch.arange(h, device=boxes.device) + 0.5) / h
+    xs = (torch.arange(w, device=boxes.device) + 0.5) / w
+    b = boxes[..., None, None]
+    inside = (xs >= b[:, :, 0]) & (xs <= b[:, :, 2]) & (ys[:, None] >= b[:, :, 1]) & (ys[:, None] <= b[:, :, 3])
+    return (inside & present[..., None, None].bool()).any(1, keepdim=True).float()
+
+
+def resolve_model(path: str | os.PathLike, weights: str = "auto") -> tuple[Path, str]:
+    """A run folder, a trainer checkpoint (step-N/) or an export -> (folder with config.json, which weights).
+
+    A run folder gives its `export/` (EMA weights, written at the end of training; returned as "export") or, with
+    weights="raw" or without an export, its newest checkpoint. In a checkpoint, "auto" takes ema.safetensors when
+    present. An export folder holds one set of weights ("raw")."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{p}: no such model folder (an export, a trainer checkpoint or a run folder)")
+    if not (p / "config.json").is_file():
+        steps = sorted((c for c in (p / "checkpoints").glob("step-*") if c.name[5:].isdigit()),
+                       key=lambda c: int(c.name[5:])) if (p / "checkpoints").is_dir() else []
+        if (p / "export" / "config.json").is_file() and weights != "raw":
+            return p / "export", "export"
+        if not steps:
+            raise FileNotFoundError(f"{p}: no config.json, export/ or checkpoints/step-*/: not a model")
+        p = steps[-1]
+    has_ema = (p / "ema.safetensors").is_file()
+    if weights == "ema" and not has_ema:
+        raise FileNotFoundError(f"{p}: weights='ema' but there is no ema.safetensors (an export holds one set)")
+    return p, "ema" if has_ema and weights != "raw" else "raw"
+
+
+def load_parts(path: str | os.PathLike, weights: str = "auto", **overrides: Any) -> tuple[Parts, dict[str, Any]]:
+    """Parts from an export / checkpoint / run folder (see resolve_model), and a description for the outputs."""
+    from safetensors.torch import load_file
+
+    folder, which = resolve_model(path, weights)
+    parts = load_pretrained(folder, **overrides)
+    if which == "ema":
+        ema = load_file(str(folder / "ema.safetensors"))
+        unknown = set(ema) - set(parts.model.state_dict())
+        if unknown:
+            raise ValueError(f"{folder}/ema.safetensors: weights the model does not have: {sorted(unknown)[:5]}")
+        parts.model.load_state_dict(ema, strict=False)
+    return parts, {"id": str(folder), "weights": which, "base": parts.config.base,
+                   "image_encoder": parts.config.image_encoder}
+
+
+@dataclass
+class Condition:
+    """The conditioning of one prompt with its subjects, batch 1 (N = model.max_subjects slots).
+    text_full: (1, L, D) prompt + subject words; text_plain: (1, L, D) the prompt alone; tokens: (1, N, T, Dv);
+    boxes: (1, N, 4) xyxy normalized; present: (1, N) bool."""
+
+    prompt: str
+    full_prompt: str
+    prepared: list[Prepared]
+    boxes: torch.Tensor
+    present: torch.Tensor
+    text_full: torch.Tensor
+    text_plain: torch.Tensor
+    tokens: torch.Tensor
+
+
+class Pipeline:
+    """Subject-Diffusion sampling around built `Parts` (frozen parts and model in eval mode, no gradients)."""
+
+    def __init__(self, parts: Parts, model_info: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+                 dtype: torch.dtype | None = None, sam=None):
+        self.device = torch.device(device)
+        self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
+        self.parts = parts.to(self.device, frozen_dtype=self.dtype)
+        self.model = parts.model.to(dtype=self.dtype).eval().requires_grad_(False)
+        self.model.store.arm(None)  # plain SDPA in the capture layers (a trainer may have left them armed)
+        self.model_info = model_info or {"id": "<in-memory>", "weights": "raw", "base": parts.config.base}
+        enc = parts.image_encoder
+        self.cutter = SubjectCutter(sam, size=enc.image_size, device=str(self.device))
+        self.vae_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+        self.native = parts.model.unet.config.sample_size * self.vae_factor
+        self._null_text = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, weights: str = "auto", device: str = "cpu", dtype=None, sam=None,
+             **overrides: Any) -> "Pipeline":
+        """From an export, a trainer checkpoint (raw or EMA weights) or a run folder (`resolve_model`)."""
+        parts, info = load_parts(path, weights, **overrides)
+        return cls(parts, info, device, dtype, sam)
+
+    # -- conditioning ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, subjects: list[Subject]) -> Condition:
+        """Cut the subjects out, encode them and the prompt (with ", the {label} is sks" per subject)."""
+        cfg, n = self.model.config, self.model.config.max_subjects
+        if len(subjects) > n:
+            raise ValueError(f"{len(subjects)} subjects given; this model has {n} subject slots")
+        prepared = [self.cutter(s) for s in subjects]
+        layout = default_layout(len(subjects)) if subjects else []
+        boxes = torch.zeros(1, n, 4)
+        for j, s in enumerate(subjects):
+            boxes[0, j] = torch.tensor(s.box if s.box is not None else layout[j])
+        sp = subject_prompt(prompt, [s.label for s in subjects], cfg.placeholder)
+        ph = torch.full((1, n), -1, dtype=torch.long)
+        ph[0, : len(subjects)] = torch.tensor(sp.placeholder_pos, dtype=torch.long)
+        if (ph[0, : len(subjects)] < 0).any():
+            log.warning("prompt too long: some subject words fell past CLIP's 77 tokens; those subjects are dropped")
+        enc = self.parts.image_encoder
+        images = torch.full((n, 3, enc.image_size, enc.image_size), 1.0)
+        for j, p in enumerate(prepared):
+            images[j] = torch.from_numpy(p.cutout.copy()).permute(2, 0, 1).float() / 255
+        cls, tokens = enc(images.to(self.device, self.dtype))
+        ids = torch.tensor([tokenize(sp.prompt)], device=self.device)
+        text_full = self.model.encode_text(ids, ph.to(self.device), cls[None].to(self.dtype))
+        text_plain = self.model.encode_text(torch.tensor([tokenize(prompt)], device=self.device))
+        return Condition(prompt, sp.prompt, prepared, boxes.to(self.device), (ph >= 0).to(self.device), text_full,
+                         text_plain, tokens[None].to(self.dtype))
+
+    def null_text(self) -> torch.Tensor:
+        """(1, L, D): the empty prompt, the text condition dropped in training."""
+        if self._null_text is None:
+            ids = torch.tensor([tokenize("")], device=self.device)
+            with torch.no_grad():
+                self._null_text = self.model.encode_text(ids)
+        return self._null_text
+
+    def branches(self, c: Condition, b: int, h: int, w: int, order: str) -> dict[str, torch.Tensor]:
+        """UNet inputs of the three branches [full, middle, unconditional], each repeated b times: (3b, ...)."""
+        rep = lambda x: x.expand(b, *x.shape[1:])  # noqa: E731
+        loc = rep(location_map(c.boxes, c.present, h, w)).to(self.dtype)
+        tokens, boxes, present = rep(c.tokens), rep(c.boxes).to(self.dtype), rep(c.present).to(self.dtype)
+        null_t, none = rep(self.null_text()), torch.zeros_like(present)
+        if order == "subject-first":  # middle: subjects + location, no text
+            mid = (null_t, present, loc)
+        else:  # middle: the plain prompt, no subjects, no location
+            mid = (rep(c.text_plain), none, torch.zeros_like(loc))
+        return {
+            "text": torch.cat([rep(c.text_full), mid[0], null_t]),
+            "subject_tokens": torch.cat([tokens] * 3), "boxes": torch.cat([boxes] * 3),
+            "subject_mask": torch.cat([present, mid[1], none]),
+            "location": torch.cat([loc, mid[2], torch.zeros_like(loc)]),
+        }
+
+    # -- sampling -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(self, c: Condition, seeds: list[int], s: SamplingConfig) -> list[Image.Image]:
+        """Images for one condition, one per seed (one UNet batch of 3 x len(seeds))."""
+        res = s.resolution or self.native
+        h = w = res // self.vae_factor
+        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        x = torch.cat([torch.randn((1, 4, h, w), generator=g) for g in gens]).to(self.device)
+        sched = s.make_scheduler(self.parts.scheduler.config)
+        sched.set_timesteps(s.steps, device=self.device)
+        x = x * sched.init_noise_sigma
+        extra = {k: v for k, v in (("eta", s.eta), ("generator", gens)) if k in inspect.signature(sched.step).parameters}
+        cond = self.branches(c, len(seeds), h, w, s.order)
+        for t in sched.timesteps:
+            x_in = sched.scale_model_input(x, t).to(self.dtype)
+            eps = self.model.denoise(torch.cat([x_in] * 3), t.expand(3 * len(seeds)), **cond).float()
+            x = sched.step(guide(eps, s), t, x, **extra).prev_sample
+        return self.decode(x)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> list[Image.Image]:
+        """(B, 4, h, w) scaled latents -> B RGB images."""
+        vae = self.parts.vae
+        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+        arr = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(a) for a in arr]
+
+    def generate(self, prompt: str, subjects: list[Subject] | None = None, num_images: int = 1,
+                 seed: int | list[int] = 0, sampling: SamplingConfig | None = None) -> list[Generated]:
+        """num_images images of `prompt` with `subjects`; seed: the first seed (images get seed, seed + 1, ...) or
+        one seed per image. Batches of sampling.batch_size images."""
+        s = sampling or SamplingConfig()
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(num_images)]
+        if len(seeds) != num_images:
+            raise ValueError(f"{len(seeds)} seeds for {num_images} images: give one seed, or one per image")
+        c = self.encode_prompt(prompt, list(subjects or []))
+        images = []
+        for i in range(0, num_images, s.batch_size):
+            images += self.sample(c, seeds[i: i + s.batch_size], s)
+        return [self.describe(c, im, sd, s) for im, sd in zip(images, seeds)]
+
+    def describe(self, c: Condition, image: Image.Image, seed: int, s: SamplingConfig) -> Generated:
+        subjects = [{"source": p.subject.source(), "label": p.subject.label, "box": [round(v, 6) for v in c.boxes[0, j].tolist()],
+                     "box_given": p.subject.box is not None, "segmentation": p.method,
+                     "region": p.subject.region, "point": p.subject.point, "present": bool(c.present[0, j])}
+                    for j, p in enumerate(c.prepared)]
+        sampling = {**asdict(s), "resolution": s.resolution or self.native, "dtype": str(self.dtype)}
+        return Generated(image, c.prompt, c.full_prompt, subjects, [d["box"] for d in subjects], int(seed),
+                         sampling, dict(self.model_info), [p.cutout for p in c.prepared])
+
+
+def guide(eps: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
+    """eps: (3B, 4, h, w) = [full, middle, unconditional] -> (B, 4, h, w), the three-branch guidance (module docstring)."""
+    full, mid, uncond = eps.chunk(3)
+    if s.order == "subject-first":
+        return uncond + s.subject_guidance * (mid - uncond) + s.guidance * (full - mid)
+    return uncond + s.guidance * (mid - uncond) + s.subject_guidance * (full - mid)

@@ -1,0 +1,240 @@
+"""Subject cut-outs for inference: the subject's mask applied on a white background, padded to a square and
+resized, the convention of training (train/data.py `cut_out`, without its augmentation).
+
+The mask comes from the user, or from SAM prompted with a box or a point in the source image, or (neither) from
+SAM's most salient object: a point at the image centre, the multimask output whose pixels lie closest to the
+centre (the reference code's `find_main_entity`), holes filled.
+
+Coordinates: every box and point a user gives here is normalized to [0, 1] in the SOURCE image (xyxy for boxes,
+xy for points); they cross to SAM's pixel coordinates in `xyxy_norm_to_pixels` / `xy_norm_to_pixels`.
+(The layout boxes, where subjects go in the generated image, are another thing: see infer.pipeline.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+WHITE = (255, 255, 255)
+# segment-anything's encoder sizes (build_sam.py); "auto" reads them off the checkpoint.
+SAM_ARCHS = ("vit_h", "vit_l", "vit_b")
+
+
+def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
+    """A path, PIL image or array -> (H, W, 3) uint8 RGB."""
+    if isinstance(image, (str, os.PathLike)):
+        image = Image.open(image)
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, -1)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise ValueError(f"subject image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+    return np.ascontiguousarray(image[..., :3])
+
+
+def load_mask(mask: str | os.PathLike | Image.Image | np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A path, PIL image or array (nonzero = subject) -> (H, W) bool, resized (nearest) to `shape` (H, W)."""
+    if isinstance(mask, (str, os.PathLike)):
+        mask = Image.open(mask)
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.convert("L"))
+    mask = np.asarray(mask)
+    if mask.ndim == 3:
+        mask = mask.max(-1)
+    if mask.shape != tuple(shape):
+        mask = np.asarray(Image.fromarray((mask > 0).astype(np.uint8) * 255).resize(shape[::-1], Image.NEAREST))
+    return mask > 0
+
+
+def xyxy_norm_to_pixels(box, width: int, height: int) -> np.ndarray:
+    """(4,) xyxy normalized to [0, 1] -> (4,) xyxy float pixels of a width x height image."""
+    return np.asarray(box, np.float64) * [width, height, width, height]
+
+
+def xy_norm_to_pixels(point, width: int, height: int) -> np.ndarray:
+    """(2,) xy normalized to [0, 1] -> (2,) xy float pixels."""
+    return np.asarray(point, np.float64) * [width, height]
+
+
+def cut_out(image: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+    """image (H, W, 3) uint8, mask (H, W) bool -> (size, size, 3) uint8: the mask's bounding box, pixels outside the
+    mask white, padded white to a centred square, resized bicubic (train/data.py's cut_out, no augmentation)."""
+    if not mask.any():
+        raise ValueError("the subject mask is empty")
+    ys, xs = np.nonzero(mask)
+    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    sub = np.where(mask[y0:y1, x0:x1, None], image[y0:y1, x0:x1], np.array(WHITE, np.uint8))
+    side = max(x1 - x0, y1 - y0)
+    square = Image.new("RGB", (side, side), WHITE)
+    square.paste(Image.fromarray(sub), ((side - (x1 - x0)) // 2, (side - (y1 - y0)) // 2))
+    return np.asarray(square.resize((size, size), Image.BICUBIC), np.uint8)
+
+
+def main_entity(masks: np.ndarray, min_area: float = 0.01) -> int:
+    """masks: (K, H, W) bool -> index of the mask whose pixels lie closest (mean squared distance) to the image
+    centre, among those covering at least min_area of the image (the reference code's salient-object rule)."""
+    k, h, w = masks.shape
+    best, best_d = 0, np.inf
+    for i in range(k):
+        ys, xs = np.nonzero(masks[i])
+        if len(ys) < min_area * h * w:
+            continue
+        d = ((ys + 0.5 - h / 2) ** 2).mean() + ((xs + 0.5 - w / 2) ** 2).mean()
+        if d < best_d:
+            best, best_d = i, d
+    return best
+
+
+def fill_holes(mask: np.ndarray) -> np.ndarray:
+    """(H, W) bool -> the mask with its enclosed holes filled (the reference code's `fill_cavity`). scipy when
+    installed (it comes with scikit-image); else `fill_holes_pil`."""
+    try:
+        from scipy.ndimage import binary_fill_holes
+    except ImportError:
+        return fill_holes_pil(mask)
+    return binary_fill_holes(mask)
+
+
+def fill_holes_pil(mask: np.ndarray) -> np.ndarray:
+    """fill_holes without scipy: flood the background (4-connected) from a one-pixel frame around the mask; what
+    it does not reach is object or hole."""
+    from PIL import ImageDraw
+
+    outside = Image.fromarray(np.pad(~mask, 1, constant_values=True).astype(np.uint8) * 255).copy()
+    ImageDraw.floodfill(outside, (0, 0), 128)
+    return np.asarray(outside)[1:-1, 1:-1] != 128
+
+
+def load_sam(checkpoint: str | os.PathLike, model_type: str = "auto"):
+    """An official SAM state-dict checkpoint (sam_vit_h_4b8939.pth, ...) -> eval Sam. model_type "auto" reads the
+    encoder size off the checkpoint (so small test checkpoints load too)."""
+    import torch
+    from segment_anything import sam_model_registry
+    from segment_anything.build_sam import _build_sam
+
+    if model_type != "auto":
+        if model_type not in SAM_ARCHS:
+            raise ValueError(f"SAM model type must be one of {SAM_ARCHS} or 'auto', got {model_type!r}")
+        return sam_model_registry[model_type](checkpoint=str(checkpoint)).eval().requires_grad_(False)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    dim = state["image_encoder.patch_embed.proj.weight"].shape[0]
+    depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
+    head_dim = state["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
+    # global-attention blocks have 127 relative positions (2 * 64 - 1 at 1024 px), windowed ones 27
+    glob = [i for i in range(depth) if state[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 127]
+    sam = _build_sam(encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=dim // head_dim,
+                     encoder_global_attn_indexes=glob, checkpoint=None)
+    sam.load_state_dict(state)
+    return sam.eval().requires_grad_(False)
+
+
+@dataclass
+class Subject:
+    """One subject to draw.
+
+    image: a path, PIL image or (H, W, 3) uint8 array (the source photo).
+    label: the class word of the prompt clause ", the {label} is sks" ("dog", "teapot").
+    box: where to draw it, xyxy normalized to [0, 1] in the GENERATED image; None = the default layout.
+    mask: the subject's mask in the source image (path or array, nonzero = subject); None = segment with SAM.
+    region: SAM box prompt, xyxy normalized in the source image. point: SAM point prompt, xy normalized.
+        Neither: SAM's most salient object (a point at the centre, see `main_entity`).
+    """
+
+    image: str | os.PathLike | Image.Image | np.ndarray
+    label: str = "object"
+    box: tuple[float, float, float, float] | None = None
+    mask: str | os.PathLike | np.ndarray | None = None
+    region: tuple[float, float, float, float] | None = None
+    point: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("box", "region"):
+            b = getattr(self, name)
+            if b is not None:
+                b = tuple(float(v) for v in b)
+                if len(b) != 4 or not (0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1):
+                    raise ValueError(f"subject {name} {b} must be xyxy normalized: 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1")
+                setattr(self, name, b)
+        if self.point is not None and not all(0 <= float(v) <= 1 for v in self.point):
+            raise ValueError(f"subject point {self.point} must be xy normalized to [0, 1]")
+
+    def source(self) -> str:
+        return str(self.image) if isinstance(self.image, (str, os.PathLike)) else f"<{type(self.image).__name__}>"
+
+
+@dataclass
+class Prepared:
+    """A subject ready for the model. cutout: (E, E, 3) uint8 RGB on white; method: how it was segmented
+    ("mask", "sam-box", "sam-point", "sam-salient", or "none" = the whole image, no segmenter given)."""
+
+    subject: Subject
+    cutout: np.ndarray
+    method: str
+
+
+class SubjectCutter:
+    """Cuts subjects out of their photos. sam: an official SAM checkpoint path (or a built Sam module), or None
+    (then subjects need a mask, or are used whole). size: side E of the cut-outs (the image encoder's input)."""
+
+    def __init__(self, sam=None, size: int = 224, model_type: str = "auto", device: str = "cpu"):
+        self.size = size
+        self.predictor = None
+        self.cache: dict[tuple, Prepared] = {}  # SAM results of subjects given as files (DreamBench reuses them)
+        if sam is not None:
+            from segment_anything import SamPredictor
+
+            model = load_sam(sam, model_type) if isinstance(sam, (str, os.PathLike)) else sam
+            self.predictor = SamPredictor(model.to(device))
+
+    def __call__(self, subject: Subject) -> Prepared:
+        key = None
+        if isinstance(subject.image, (str, os.PathLike)) and subject.mask is None:
+            key = (str(subject.image), subject.region, subject.point)
+            if key in self.cache:
+                return Prepared(subject, self.cache[key].cutout, self.cache[key].method)
+        prepared = self.prepare(subject)
+        if key is not None:
+            self.cache[key] = prepared
+        return prepared
+
+    def prepare(self, subject: Subject) -> Prepared:
+        image = load_image(subject.image)
+        h, w = image.shape[:2]
+        if subject.mask is not None:
+            mask, method = load_mask(subject.mask, (h, w)), "mask"
+        elif self.predictor is not None:
+            mask, method = self.segment(image, subject)
+        else:
+            log.warning("%s: no mask and no SAM checkpoint: using the whole image as the subject", subject.source())
+            mask, method = np.ones((h, w), bool), "none"
+        if not mask.any():
+            log.warning("%s: empty subject mask (%s); using the whole image", subject.source(), method)
+            mask = np.ones((h, w), bool)
+        return Prepared(subject, cut_out(image, mask, self.size), method)
+
+    def segment(self, image: np.ndarray, subject: Subject) -> tuple[np.ndarray, str]:
+        """SAM from the subject's region (box), point, or the salient-object rule -> ((H, W) bool, method)."""
+        h, w = image.shape[:2]
+        self.predictor.set_image(image)
+        if subject.region is not None:
+            masks, _, _ = self.predictor.predict(box=xyxy_norm_to_pixels(subject.region, w, h), multimask_output=False)
+            return masks[0], "sam-box"
+        point = subject.point if subject.point is not None else (0.5, 0.5)
+        masks, scores, _ = self.predictor.predict(point_coords=xy_norm_to_pixels(point, w, h)[None],
+                                                  point_labels=np.array([1]), multimask_output=True)
+        if subject.point is not None:
+            return masks[int(np.argmax(scores))], "sam-point"
+        return fill_holes(masks[main_entity(masks)]), "sam-salient"
+
+
+def save_cutout(prepared: Prepared, path: str | os.PathLike) -> Path:
+    Image.fromarray(prepared.cutout).save(path)
+    return Path(path)

@@ -1,0 +1,28 @@
+"""Subject-Diffusion: the model's one home (imported by train/ and infer/; imports neither).
+
+Public API:
+    ModelConfig, tiny(), sd2_base()          configuration and presets (model.config)
+    build(cfg) -> Parts                      build every part (weights from cfg, or seeded random init)
+    load_pretrained(dir, **overrides)        rebuild from an export written by Parts/SubjectDiffusion.save_pretrained
+    SubjectDiffusion                         encode_text(...), denoise(...), null_subjects(...), forward(...)
+    subject_prompt, tokenize                 prompts with placeholders, token ids (model.prompts)
+    localization_loss, token_weights         the cross-attention localization loss (model.attention)
+"""
+
+from subjectdiff.model.attention import localization_loss, token_weights
+from subjectdiff.model.config import PRESETS, TRAINABLE_GROUPS, ModelConfig, sd2_base, tiny
+from subjectdiff.model.prompts import SubjectPrompt, subject_prompt, tokenize
+from subjectdiff.model.subject_diffusion import (
+    Parts,
+    SubjectDiffusion,
+    SubjectImageEncoder,
+    build,
+    load_pretrained,
+    read_export_config,
+)
+
+__all__ = [
+    "ModelConfig", "PRESETS", "TRAINABLE_GROUPS", "tiny", "sd2_base", "build", "load_pretrained",
+    "read_export_config", "Parts", "SubjectDiffusion", "SubjectImageEncoder", "SubjectPrompt", "subject_prompt",
+    "tokenize", "localization_loss", "token_weights",
+]

@@ -1,0 +1,199 @@
+"""subjectdiff.model: tiny seeded models built from configs, no downloads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from subjectdiff.model import (
+    TRAINABLE_GROUPS,
+    ModelConfig,
+    build,
+    load_pretrained,
+    localization_loss,
+    subject_prompt,
+    tiny,
+    token_weights,
+    tokenize,
+)
+from subjectdiff.model import builders
+from catalogs.tokens import clip_token_positions
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny models run several times faster on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return build(tiny())
+
+
+def conditions(parts, b=2, seed=0):
+    """Random but valid conditions for a batch of b, two subjects each."""
+    g = torch.Generator().manual_seed(seed)
+    enc = parts.image_encoder
+    sp = subject_prompt("an astronaut holding a hippopotamus", ["astronaut", "hippopotamus"])
+    n = parts.config.max_subjects
+    with torch.no_grad():
+        cls, tokens = enc(torch.rand(b * n, 3, enc.image_size, enc.image_size, generator=g))
+    return dict(
+        latents=torch.randn(b, 4, 8, 8, generator=g),
+        timesteps=torch.tensor([10, 700][:b]),
+        input_ids=torch.tensor([tokenize(sp.prompt)] * b),
+        placeholder_pos=torch.tensor([sp.placeholder_pos] * b),
+        subject_cls=cls.view(b, n, -1), subject_tokens=tokens.view(b, n, *tokens.shape[1:]),
+        boxes=torch.tensor([[[0.1, 0.1, 0.6, 0.9], [0.5, 0.2, 1.0, 0.7]]] * b),
+        subject_mask=torch.ones(b, n),
+        location=(torch.rand(b, 1, 8, 8, generator=g) > 0.5).float(),
+    )
+
+
+def test_init_output_equals_base_unet(parts):
+    """Zero-init location channel and tanh gates: with subjects, boxes and a location map, the widened UNet
+    computes what the base UNet computes on the same latents and text (capture path on and off)."""
+    base = builders.base_unet(parts.config).eval()
+    model = parts.model.eval()
+    c = conditions(parts)
+    with torch.no_grad():
+        text = model.encode_text(c["input_ids"], c["placeholder_pos"], c["subject_cls"])
+        ref = base(c["latents"], c["timesteps"], encoder_hidden_states=text).sample
+        model.store.arm(None)
+        out = model.denoise(c["latents"], c["timesteps"], text, c["subject_tokens"], c["boxes"],
+                            c["subject_mask"], c["location"])
+        tw = token_weights(torch.tensor([[[2, -1], [5, 6]]] * 2), 77)
+        out_capture, maps = model(**c, loc_token_weights=tw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_capture, ref, atol=1e-5, rtol=1e-5)
+    assert len(maps) == len(model.captured_layers) and maps[0].shape[:2] == (2, 2)
+
+
+def test_trainable_groups_select_parameters(parts):
+    model = parts.model
+    names = model.trainable_names()
+    assert any(".attn2.to_k." in n for n in names) and not any(".attn1." in n for n in names)
+    assert any(".fuser." in n for n in names) and "unet.conv_in.weight" in names
+    assert any(n.startswith("unet.position_net.") for n in names) and any(n.startswith("text_mlp.") for n in names)
+    assert not any(".attn2.to_q." in n or ".resnets." in n for n in names)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(names)
+    assert not any(p.requires_grad for p in parts.vae.parameters())
+    assert not any(p.requires_grad for p in parts.image_encoder.parameters())
+    with pytest.raises(ValueError, match="unknown trainable group"):
+        ModelConfig(**{**tiny().to_dict(), "trainable": ["everything"]})
+    assert set(TRAINABLE_GROUPS) >= set(tiny().trainable)
+
+
+def test_localization_loss_lower_inside_mask():
+    masks = torch.zeros(1, 2, 8, 8)
+    masks[0, 0, :4, :4] = 1
+    masks[0, 1, 4:, 2:6] = 1
+    inside = masks.flatten(2) / masks.flatten(2).sum(-1, keepdim=True)  # attention mass on the object
+    outside = (1 - masks.flatten(2)) / (1 - masks.flatten(2)).sum(-1, keepdim=True)
+    present = torch.ones(1, 2, dtype=torch.bool)
+    lo, hi = localization_loss([inside], masks, present), localization_loss([outside], masks, present)
+    assert lo < hi
+    # Multi-resolution layers: a 4x4 map against 8x8 masks is resized to the layer.
+    small = torch.nn.functional.avg_pool2d(masks, 2).flatten(2)
+    assert localization_loss([small], masks, present) < localization_loss([1 - small], masks, present)
+    # Absent subjects do not count.
+    only_first = torch.tensor([[True, False]])
+    alone = localization_loss([inside[:, :1]], masks[:, :1], present[:, :1]).item()
+    assert localization_loss([inside], masks, only_first).item() == pytest.approx(alone)
+
+
+def test_localization_gradient_moves_attention_into_mask(parts):
+    """End to end: one gradient step on the localization loss alone lowers it (K/V of captured layers)."""
+    model = parts.model
+    c = conditions(parts, seed=1)
+    masks = torch.zeros(2, 2, 8, 8)
+    masks[:, 0, :, :4] = 1
+    masks[:, 1, :, 4:] = 1
+    tw = token_weights(torch.tensor([[[2, 3], [5, 6]]] * 2), 77)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    losses = []
+    for _ in range(3):
+        _, maps = model(**c, loc_token_weights=tw)
+        loss = localization_loss(maps, masks, torch.ones(2, 2), normalize=True)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in before:
+                p.copy_(before[n])
+    assert losses[-1] < losses[0]
+
+
+def test_prompt_placeholders_use_token_positions():
+    caption = "galaxies and a hippopotamus shaped nebula"
+    sp = subject_prompt(caption, ["hippopotamus", "galaxy"], "sks")
+    assert sp.prompt == caption + ", the hippopotamus is sks, the galaxy is sks"
+    ids = tokenize(sp.prompt)
+    sks = tokenize("sks")[1]
+    assert [ids[p] for p in sp.placeholder_pos] == [sks, sks]
+    hippo = clip_token_positions(caption, [15, 27])
+    assert len(hippo) > 1  # the BPE splits it: several positions, not one per word
+    assert [ids[p] for p in hippo] == [ids[p] for p in sp.label_pos[0]]
+    long = subject_prompt("word " * 80, ["cat"], "sks")
+    assert long.placeholder_pos == [-1]  # fell past the 77-token context
+    with pytest.raises(ValueError, match="one CLIP BPE token"):
+        build(ModelConfig(**{**tiny().to_dict(), "placeholder": "hippopotamus"}))
+
+
+def test_placeholder_embedding_replaced_by_subject(parts):
+    model = parts.model
+    c = conditions(parts)
+    first = int(c["placeholder_pos"][0, 0])
+    with torch.no_grad():
+        a = model.encode_text(c["input_ids"], c["placeholder_pos"], c["subject_cls"])
+        b = model.encode_text(c["input_ids"], c["placeholder_pos"], c["subject_cls"].flip(1))
+        plain = model.encode_text(c["input_ids"], torch.full_like(c["placeholder_pos"], -1), c["subject_cls"])
+    # causal text encoder: positions before the first placeholder are untouched, the placeholder changes
+    torch.testing.assert_close(a[:, :first], b[:, :first])
+    assert not torch.allclose(a[:, first], b[:, first])
+    assert not torch.allclose(a[:, first], plain[:, first])
+
+
+def test_export_round_trip(parts, tmp_path):
+    model = parts.model
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.unet.position_net.parameters():
+            p.add_(0.01)
+        model.unet.down_blocks[0].attentions[0].transformer_blocks[0].fuser.alpha_attn.fill_(0.3)
+    parts.save_pretrained(tmp_path / "export")
+    loaded = load_pretrained(tmp_path / "export")
+    c = conditions(parts)
+    with torch.no_grad():
+        a, _ = model(**c)
+        b, _ = loaded.model(**c)
+        enc_a = parts.encode_images(torch.zeros(1, 3, 64, 64))
+        enc_b = loaded.encode_images(torch.zeros(1, 3, 64, 64))
+    model.load_state_dict(saved)  # the module-scoped fixture stays at its initialization
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(enc_a, enc_b)
+    assert loaded.config == parts.config
+    assert not torch.allclose(a, model(**c)[0])
+
+
+def test_build_from_a_diffusers_folder(parts, tmp_path):
+    """Real checkpoints go through the same path: a diffusers SD folder (here the tiny parts saved as one)."""
+    cfg = parts.config
+    builders.base_unet(cfg).save_pretrained(tmp_path / "sd" / "unet")
+    builders.vae(cfg).save_pretrained(tmp_path / "sd" / "vae")
+    builders.text_encoder(cfg).save_pretrained(tmp_path / "sd" / "text_encoder")
+    builders.noise_scheduler(cfg).save_pretrained(tmp_path / "sd" / "scheduler")
+    loaded = build(ModelConfig(**{**cfg.to_dict(), "base": str(tmp_path / "sd"), "seed": 7}))
+    c = {**conditions(parts), "placeholder_pos": torch.full((2, 2), -1)}  # other seed: other text MLP
+    with torch.no_grad():
+        a, _ = parts.model(**c)
+        b, _ = loaded.model(**c)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # same base weights, zero-init additions
+    assert loaded.scheduler.config.prediction_type == "epsilon"

@@ -1,0 +1,306 @@
+"""The training loop: plain PyTorch DDP (NCCL on GPU, gloo on CPU), launched by torchrun or as one process.
+
+Ranks come from RANK / LOCAL_RANK / WORLD_SIZE (torchrun sets them). Each rank seeds its step generator with
+seed + rank, so noise, timesteps and CFG dropout differ per rank. The frozen VAE and image encoder sit outside
+DDP; only the SubjectDiffusion module (its trainable parameters) is wrapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from subjectdiff.model import Parts, build
+from train import checkpoint
+from train.config import TrainConfig
+from train.data import BatchStream, TrainSamples, make_reader, resolve_selection
+from train.step import training_step
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+    return Dist(rank, local, world, dev)
+
+
+def gather(obj: Any, d: Dist) -> list[Any]:
+    if d.world == 1:
+        return [obj]
+    out: list[Any] = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (fp32, on the training device)."""
+
+    def __init__(self, named: dict[str, torch.nn.Parameter], decay: float):
+        self.decay, self.params = decay, named
+        self.shadow = {k: p.detach().float().clone() for k, p in named.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for k, p in self.params.items():
+            self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
+
+
+class Logger:
+    """Console + JSONL (+ TensorBoard when installed) on rank 0."""
+
+    def __init__(self, out_dir: Path, main: bool):
+        self.main, self.tb = main, None
+        if not main:
+            return
+        self.file = open(out_dir / "log.jsonl", "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        except ImportError:
+            pass
+
+    def close(self) -> None:
+        if self.main:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if not self.main:
+            return
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        print(f"step {step:>7d} " + " ".join(f"{k}={v:.4g}" for k, v in values.items()), flush=True)
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig):
+    o = cfg.optim
+    opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    warm = max(o.warmup_steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    return opt, sched
+
+
+def frozen_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    if cfg.run.frozen_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[cfg.run.frozen_dtype]
+
+
+def make_stream(cfg: TrainConfig, parts: Parts, d: Dist, out_dir: Path) -> BatchStream:
+    selection = resolve_selection(cfg.data, str(out_dir), d.rank)
+    if d.world > 1:
+        dist.barrier()  # rank 0 wrote the selection
+    reader = make_reader(cfg.data, selection, d.rank, d.world, cfg.run.seed)
+    size = cfg.data.subject_size or parts.image_encoder.image_size
+    return BatchStream(TrainSamples(reader, cfg, size), cfg.data.batch_size, cfg.data.num_workers)
+
+
+def param_digest(model: torch.nn.Module) -> str:
+    h = hashlib.sha1()
+    for n in model.trainable_names():
+        h.update(model.get_parameter(n).detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Trainer:
+    """Holds the run's state; `train()` is the loop (resume, step, log, save, validate)."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+        self.cfg, self.d = cfg, setup_distributed(cfg.run.device)
+        self.out = Path(cfg.run.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        random.seed(cfg.run.seed + self.d.rank)
+        np.random.seed(cfg.run.seed + self.d.rank)
+        torch.manual_seed(cfg.run.seed + self.d.rank)
+        self.gen = torch.Generator(self.d.device).manual_seed(cfg.run.seed + self.d.rank)
+        self.parts = build(cfg.model).to(self.d.device, frozen_dtype(cfg, self.d.device))
+        self.model = self.parts.model
+        if cfg.run.gradient_checkpointing:
+            self.model.enable_gradient_checkpointing()
+        self.named = {n: self.model.get_parameter(n) for n in self.model.trainable_names()}
+        self.ddp = self._wrap()
+        self.opt, self.sched = make_optimizer(list(self.named.values()), cfg)
+        self.scaler = torch.amp.GradScaler(self.d.device.type, enabled=cfg.run.precision == "fp16")
+        self.ema = EMA(self.named, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.step, self.val_batch = 0, None
+        self.stream = make_stream(cfg, self.parts, self.d, self.out)
+        self.logger = Logger(self.out, self.d.main)
+        if resume:
+            self.restore(checkpoint.resolve(self.out, resume))
+
+    def _wrap(self) -> torch.nn.Module:
+        if self.d.world == 1:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.d.device.index] if self.d.device.type == "cuda" else None
+        return DDP(self.model, device_ids=ids)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        p = self.cfg.run.precision
+        if p == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.d.device.type, dtype=DTYPES[p])
+
+    def train(self) -> dict[str, float]:
+        cfg, batches, logs = self.cfg, iter(self.stream), {}
+        while self.step < cfg.run.max_steps:
+            t0 = time.perf_counter()
+            logs = self.train_step(batches)
+            self.step += 1
+            logs.update(lr=self.sched.get_last_lr()[0], samples_per_s=logs.pop("samples") / (time.perf_counter() - t0))
+            if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
+                self.logger.log(self.step, logs)
+            if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.run.max_steps:
+                self.save()
+            if cfg.run.val_every and self.step % cfg.run.val_every == 0:
+                self.validate()
+        self.finish()
+        return logs
+
+    def train_step(self, batches) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches; gradients sync only on the last (no_sync)."""
+        accum, totals, samples = self.cfg.optim.grad_accum, {}, 0
+        for micro in range(accum):
+            batch = next(batches)
+            self.trace(batch)
+            if self.val_batch is None:
+                self.val_batch = {k: v[: self.cfg.run.val_samples] for k, v in batch.items()}
+            sync = micro == accum - 1 or self.d.world == 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                loss, terms = training_step(self.ddp, self.parts, batch, self.cfg.loss, self.gen, self.d.device,
+                                            self.autocast())
+                self.scaler.scale(loss / accum).backward()
+            samples += len(batch["key"])
+            totals = {k: totals.get(k, 0.0) + v / accum for k, v in terms.items()}
+        self.scaler.unscale_(self.opt)
+        if self.cfg.optim.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(list(self.named.values()), self.cfg.optim.grad_clip)
+            totals["grad_norm"] = float(norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        if self.ema is not None:
+            self.ema.update()
+        return {**totals, "samples": samples * self.d.world}
+
+    def trace(self, batch: dict[str, Any]) -> None:
+        if self.cfg.run.trace:
+            with open(self.out / f"trace-rank{self.d.rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.step, "keys": list(batch["key"])}) + "\n")
+
+    def save(self) -> None:
+        data = gather(self.stream.state(), self.d)
+        rngs = gather(checkpoint.rng_state(self.gen), self.d)
+        if self.d.main:
+            state = {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                     "scaler": self.scaler.state_dict(), "data": data, "rng": rngs, "world": self.d.world,
+                     "config": self.cfg.to_dict()}
+            path = checkpoint.save(self.out, self.step, self.parts, self.ema.shadow if self.ema else None, state,
+                                   self.cfg.run.keep_last)
+            print(f"saved {path}", flush=True)
+        if self.d.world > 1:
+            dist.barrier()
+
+    def restore(self, path: Path) -> None:
+        state, ema = checkpoint.load(path, self.model, self.d.device)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and ema is not None:
+            self.ema.shadow = {k: ema[k].float() for k in self.ema.shadow}
+        self.step = state["step"]
+        if state["world"] == self.d.world:
+            self.stream.epoch, self.stream.batches = state["data"][self.d.rank].values()
+            checkpoint.set_rng_state(state["rng"][self.d.rank], self.gen)
+        elif self.d.main:
+            print(f"warning: {path} was written by {state['world']} ranks, this run has {self.d.world}: the data "
+                  "restarts at the saved epoch of rank 0 and RNG streams are fresh", file=sys.stderr)
+            self.stream.epoch = state["data"][0]["epoch"]
+        if self.d.main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def validate(self) -> None:
+        if self.d.main:
+            from train.validate import validation_grid
+
+            with self.ema_weights():
+                path = validation_grid(self, self.out / "samples" / f"step-{self.step:07d}.png")
+            print(f"wrote {path}", flush=True)
+        if self.d.world > 1:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """Temporarily swap the EMA weights in (validation and export)."""
+        if self.ema is None:
+            yield
+            return
+        saved = {k: p.detach().clone() for k, p in self.named.items()}
+        with torch.no_grad():
+            for k, p in self.named.items():
+                p.copy_(self.ema.shadow[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.named.items():
+                    p.copy_(saved[k])
+
+    def finish(self) -> None:
+        if self.cfg.run.trace:
+            with open(self.out / f"digest-rank{self.d.rank}.json", "w") as f:
+                json.dump({"step": self.step, "digest": param_digest(self.model)}, f)
+        if self.d.main:
+            with self.ema_weights():
+                self.parts.save_pretrained(self.out / "export")
+        self.logger.close()
+        if self.d.world > 1:
+            dist.barrier()
+
+
+def run(cfg: TrainConfig, resume: str | None = None) -> dict[str, float]:
+    trainer = Trainer(cfg, resume)
+    try:
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
