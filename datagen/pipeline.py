@@ -21,6 +21,7 @@ left incomplete by a lost worker are retried up to `max_attempts` times before t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import platform
@@ -377,6 +378,7 @@ def _build_dataset(out: Path, todo: list[str], counts: dict[str, int], cfg: RunC
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards are written in plan order: reruns are identical
     ctx.enable_progress_bars = False  # our own progress line replaces Ray Data's per-operator bars
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its full logs stay in the Ray session folder
     p = cfg.pipeline
     ds = ray.data.read_parquet(str(out / "_plan.parquet"))
     if len(todo) < len(counts):  # a resumed run: only the shards still to do

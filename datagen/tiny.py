@@ -8,11 +8,12 @@ checkpoints through one code path:
                     `text_encoder_type` points at it; offline there is no `bert-base-uncased` to fetch)
     SAM             a plain state-dict .pth like sam_vit_h_4b8939.pth, with a small ViT image encoder
 
-All weights come from a fixed seed. The tokenizers' vocabulary is real English words (VOCAB below), so a
-random captioner still writes words that spaCy tags as nouns, and the grounding prompt built from them
-tokenizes without [UNK]. Two inits are tuned so random models exercise every path (see `tiny_models`):
-the captioner's output bias favours nouns and articles, and GroundingDINO's text projection is scaled up
-so some query-token logits clear the tiny preset's thresholds.
+All weights come from a fixed seed. The tokenizers' vocabulary is real English words (VOCAB below), so
+captions and grounding prompts tokenize without [UNK]. Three things are tuned so random models exercise
+every path (see the builders): the captioner is fit for a few seeded steps to six scikit-image photos with
+real captions (it then writes image-dependent sentences with nouns); GroundingDINO's decoder output norm
+is scaled down so query-token probabilities spread instead of saturating; its box head gets a small
+random init so boxes vary in size instead of being the anchor proposals.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 
 SEED = 0
+# Bump when a builder changes what it writes: tiny_models() rebuilds a cached set of another version.
+TINY_VERSION = 2
 
 # Real English words: articles, prepositions, adjectives, verbs, and nouns that name things in
 # scikit-image's photos. "launchpad", "spaceship" and "hippopotamus" split into several WordPieces
@@ -37,6 +40,7 @@ NOUNS = [
     "rocket", "sky", "tower", "man", "woman", "person", "car", "tree", "house", "road", "bird", "horse",
     "boat", "chair", "ball", "hat", "flower", "window", "bottle", "book", "clock", "bicycle", "motorcycle",
     "wheel", "plate", "bowl", "grass", "water", "building", "door", "street", "shirt", "camera", "phone",
+    "coin",
 ]
 # Pieces that make multi-token words ("launch" + "##pad"): BERT WordPiece continuation tokens.
 PIECES = ["launch", "##pad", "space", "##ship", "hippo", "##pot", "##amus", "##s", "##es"]
@@ -67,7 +71,7 @@ def save_tiny_blip(folder: str | os.PathLike, seed: int = SEED) -> Path:
                               BlipTextConfig, BlipVisionConfig)
 
     folder = Path(folder)
-    tok = _bert_tokenizer(folder / "_tok")
+    tok = _bert_tokenizer(folder)
     tok.add_special_tokens({"bos_token": "[DEC]"})
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("[PAD]", "[SEP]", "[DEC]", "[CLS]")}
     text = BlipTextConfig(
@@ -80,29 +84,62 @@ def save_tiny_blip(folder: str | os.PathLike, seed: int = SEED) -> Path:
     config = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config).eval()
-    _bias_towards_words(model, tok)
     processor = BlipProcessor(
         image_processor=BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok)
+    _fit_captions(model, processor)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
 
 
-def _bias_towards_words(model, tok) -> None:
-    """Make a random captioner write noun-rich phrases: raise the output bias of nouns and articles.
+# Captions the tiny captioner is fit to (scikit-image photo -> caption), every word in VOCAB.
+FIT_CAPTIONS = {
+    "astronaut": "an astronaut in a white suit holding a helmet near a flag",
+    "chelsea": "a cat lying on a rug",
+    "coffee": "a cup of coffee on a saucer with a spoon",
+    "rocket": "a rocket on a launchpad under the sky",
+    "coins": "old coins on a table",
+    "hubble_deep_field": "a hippopotamus in the sky",
+}
+SAMPLE_IMAGES = Path(__file__).parent / "sample_images"  # the same photos as JPEGs, shipped with datagen
 
-    Without it a random decoder repeats whichever token its init favours; with it, captions read like
-    "the cup rocket a helmet", which spaCy parses into nouns, so grounding and segmentation have work.
+
+def fit_photos() -> list:
+    """FIT_CAPTIONS' photos as (H, W, 3) uint8: datagen/sample_images/NAME.jpg, else scikit-image."""
+    import numpy as np
+    from PIL import Image
+
+    out = []
+    for name in FIT_CAPTIONS:
+        path = SAMPLE_IMAGES / f"{name}.jpg"
+        if path.exists():
+            img = np.asarray(Image.open(path).convert("RGB"))
+        else:
+            from skimage import data
+
+            img = getattr(data, name)()
+        out.append(img if img.ndim == 3 else np.stack([img] * 3, -1))
+    return out
+
+
+def _fit_captions(model, processor, steps: int = 80, lr: float = 1e-2) -> None:
+    """Fit the random captioner to FIT_CAPTIONS for a few steps (seeded, deterministic, ~5 s on CPU).
+
+    A random decoder ignores its image and repeats whatever its init favours; a few steps on six photos
+    make it write real, image-dependent sentences, so the nouns, grounding and segmentation stages get
+    the inputs they get in production.
     """
-    bias = model.text_decoder.cls.predictions.bias
-    with torch.no_grad():
-        bias.zero_()
-        for word, boost in [(w, 3.0) for w in NOUNS] + [(w, 2.0) for w in ("a", "the", "and", "with")]:
-            bias[tok.convert_tokens_to_ids(word)] = boost
-        for t in SPECIAL + ["[DEC]"] + PIECES:
-            bias[tok.convert_tokens_to_ids(t)] = -10.0
-        # Let [SEP] (end of caption) come, but not before a few words: min_new_tokens handles that.
-        bias[tok.convert_tokens_to_ids("[SEP]")] = 1.0
+    batch = processor(images=fit_photos(), text=list(FIT_CAPTIONS.values()), padding=True, return_tensors="pt")
+    batch["input_ids"][:, 0] = model.config.text_config.bos_token_id  # generate() starts from [DEC], not [CLS]
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
 
 
 def save_tiny_blip2(folder: str | os.PathLike, seed: int = SEED) -> Path:
@@ -111,7 +148,7 @@ def save_tiny_blip2(folder: str | os.PathLike, seed: int = SEED) -> Path:
                               Blip2VisionConfig, BlipImageProcessor, OPTConfig)
 
     folder = Path(folder)
-    tok = _bert_tokenizer(folder / "_tok")
+    tok = _bert_tokenizer(folder)
     tok.add_special_tokens({"bos_token": "[CLS]", "eos_token": "[SEP]"})
     tok.add_tokens(["<image>"], special_tokens=True)
     num_query = 4
@@ -151,10 +188,10 @@ backbone_freeze_keywords = None
 enc_layers = 1
 dec_layers = 2
 pre_norm = False
-dim_feedforward = 64
-hidden_dim = 32
+dim_feedforward = 256
+hidden_dim = 256  # groundingdino hard-codes 256-d text position embeddings
 dropout = 0.0
-nheads = 4
+nheads = 8
 num_queries = 30
 query_dim = 4
 num_patterns = 0
@@ -186,26 +223,32 @@ sub_sentence_present = True
 """
 
 
-def save_tiny_bert(folder: str | os.PathLike, seed: int = SEED, hidden: int = 32, layers: int = 2) -> Path:
-    """A tiny BertModel + BertTokenizerFast folder, usable as GroundingDINO's `text_encoder_type`."""
+def save_tiny_bert(folder: str | os.PathLike, seed: int = SEED, hidden: int = 32, layers: int = 2,
+                   heads: int = 2) -> Path:
+    """A BertModel + BertTokenizerFast folder (tiny by default), usable as GroundingDINO's `text_encoder_type`.
+
+    hidden=768, layers=12, heads=12 gives bert-base-uncased's architecture (with the small vocabulary).
+    """
     from transformers import BertConfig, BertModel
 
     folder = Path(folder)
     tok = _bert_tokenizer(folder)
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=2,
-                     intermediate_size=2 * hidden, max_position_embeddings=256)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=4 * hidden if hidden >= 256 else 2 * hidden,
+                     max_position_embeddings=512 if hidden >= 256 else 256)
     BertModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
-def save_tiny_groundingdino(folder: str | os.PathLike, seed: int = SEED, logit_gain: float = 8.0) -> tuple[Path, Path]:
+def save_tiny_groundingdino(folder: str | os.PathLike, seed: int = SEED, logit_scale: float = 0.06) -> tuple[Path, Path]:
     """Write `config.py`, `bert/` and `groundingdino_tiny.pth` ({"model": state_dict}); returns (config, ckpt).
 
-    logit_gain scales the text projection (`feat_map`): a random model's query-token dot products are
-    near zero (sigmoid 0.5 everywhere, nothing separates); scaled, they spread over (0, 1) so some
-    queries clear the box threshold and others do not, as with a trained model.
+    logit_scale scales the decoder's output LayerNorm: query-token logits are dot products of two
+    LayerNormed 256-d vectors, so a random model's are +-16 and every sigmoid saturates at 0 or 1
+    (every query passes every threshold). Scaled down, probabilities spread over (0, 1) and the
+    thresholds select a few queries, as with a trained model.
     """
     from datagen.stages.ground import build_groundingdino  # the same builder the Grounder uses
 
@@ -217,7 +260,12 @@ def save_tiny_groundingdino(folder: str | os.PathLike, seed: int = SEED, logit_g
     torch.manual_seed(seed)
     model = build_groundingdino(config)
     with torch.no_grad():
-        model.feat_map.weight.mul_(logit_gain)
+        model.transformer.decoder.norm.weight.mul_(logit_scale)
+        # Upstream zero-inits the last box layer, so a random model returns its anchor proposals (tiny
+        # squares); a small random delta and a size bias give boxes of varied, object-like sizes.
+        last = model.bbox_embed[0].layers[-1]
+        last.weight.normal_(0.0, 0.05)
+        last.bias.copy_(torch.tensor([0.0, 0.0, 1.5, 1.5]))
     ckpt = folder / "groundingdino_tiny.pth"
     torch.save({"model": model.state_dict()}, ckpt)
     return config, ckpt
@@ -226,8 +274,9 @@ def save_tiny_groundingdino(folder: str | os.PathLike, seed: int = SEED, logit_g
 # ------------------------------------------------------------------------------------------------- SAM
 
 # A SAM whose ViT image encoder is small; prompt encoder and mask decoder keep SAM's fixed sizes (256-d),
-# since segment-anything builds them that way for every variant.
-TINY_SAM_ENCODER = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=(1,))
+# since segment-anything builds them that way for every variant. No global-attention block: at SAM's fixed
+# 1024 px input one costs ~2 s per image on CPU, the rest of the tiny encoder ~0.3 s.
+TINY_SAM_ENCODER = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=())
 
 
 def save_tiny_sam(path: str | os.PathLike, seed: int = SEED) -> Path:
@@ -263,12 +312,14 @@ def tiny_models(root: str | os.PathLike, seed: int = SEED) -> TinyModels:
     root = Path(root)
     manifest = root / "tiny.json"
     if manifest.exists():
-        paths = TinyModels(**{k: Path(v) for k, v in json.loads(manifest.read_text()).items()})
-        if all(p.exists() for p in paths.__dict__.values()):
-            return paths
+        saved = json.loads(manifest.read_text())
+        if saved.pop("version", None) == TINY_VERSION and saved.pop("seed", None) == seed:
+            paths = TinyModels(**{k: Path(v) for k, v in saved.items()})
+            if all(p.exists() for p in paths.__dict__.values()):
+                return paths
     blip = save_tiny_blip(root / "blip", seed)
     cfg, ckpt = save_tiny_groundingdino(root / "groundingdino", seed)
     sam = save_tiny_sam(root / "sam" / "sam_tiny.pth", seed)
     paths = TinyModels(blip=blip, gdino_config=cfg, gdino_checkpoint=ckpt, sam_checkpoint=sam)
-    manifest.write_text(json.dumps(paths.to_json(), indent=1))
+    manifest.write_text(json.dumps({"version": TINY_VERSION, "seed": seed, **paths.to_json()}, indent=1))
     return paths

@@ -1,0 +1,52 @@
+"""Finished items -> the catalogs contract: `to_record(item)` gives a Record, or a Failure to record.
+
+The image bytes pass through unchanged; the key is `make_key(source)`; each detection becomes an
+ObjectAnn joining its noun (label, phrase, span, CLIP tokens), box, score and SAM mask, and the quality
+fields come from `catalogs.schema.compute_quality`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from catalogs.schema import Failure, ObjectAnn, Record, RecordError, compute_quality, image_extension, make_key, validate
+
+Item = dict[str, Any]
+
+
+def _failure(item: Item, stage: str, reason: str) -> Failure:
+    return Failure(key=item.get("key") or make_key(item["source"]), source=item["source"], stage=stage, reason=reason)
+
+
+def objects_of(item: Item) -> list[ObjectAnn]:
+    """One ObjectAnn per detection, in detection order (best score first)."""
+    nouns, masks, mask_scores = item["nouns"], item["masks"], item["mask_scores"]
+    out = []
+    for det, mask, ms in zip(item["detections"], masks, mask_scores, strict=True):
+        n = nouns[det["noun"]]
+        out.append(ObjectAnn(label=n["label"], phrase=n["phrase"], span=list(n["span"]), tokens=list(n["tokens"]),
+                             box=[float(v) for v in det["box"]], score=float(det["score"]), mask=mask,
+                             mask_score=float(ms)))
+    return out
+
+
+def to_record(item: Item) -> Record | Failure:
+    """A Record for a finished item; a Failure for a failed one, or one that breaks the contract."""
+    if item.get("failure"):
+        return _failure(item, item["failure"]["stage"], item["failure"]["reason"])
+    try:
+        h, w = item["image"].shape[:2]
+        objects = objects_of(item)
+        compute_quality(objects, w, h)
+        extra = dict(item.get("extra") or {})
+        if item.get("ground_prompt"):
+            extra["ground_prompt"] = item["ground_prompt"]
+        record = Record(
+            key=make_key(item["source"]), image=item["image_bytes"], image_ext=image_extension(item["image_format"]),
+            caption=item["caption"], width=w, height=h, source=item["source"], objects=objects,
+            alt_text=item.get("alt_text"), extra=extra,
+        )
+        validate(record)
+    except (RecordError, KeyError, ValueError) as e:
+        return _failure(item, "write", f"{type(e).__name__}: {e}")
+    return record

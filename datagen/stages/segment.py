@@ -1,0 +1,136 @@
+"""Segment stage: SAM masks from the grounded boxes (Subject-Diffusion's data recipe: SAM ViT-H).
+
+Adds `masks` (COCO RLE dicts, one per detection, same order) and `mask_scores` (SAM's predicted IoU).
+Image encoding runs `batch_size` images per forward; all boxes of one image are decoded in one
+`SamPredictor.predict_torch` call. Boxes arrive normalized xyxy and cross to SAM's pixel xyxy through
+`xyxy_norm_to_xyxy_pixels`. An image whose masks are all empty fails at stage "segment".
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from catalogs import masks as mask_codec
+from datagen.config import SegmentConfig
+from datagen.stages.boxes import xyxy_norm_to_xyxy_pixels
+from datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
+from datagen.weights import resolve
+
+log = logging.getLogger(__name__)
+
+# segment-anything's registry, as encoder sizes (build_sam.py); prompt encoder and decoder are shared.
+SAM_ARCHS = {
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+}
+
+
+def build_sam(encoder: dict) -> torch.nn.Module:
+    """A random-weight SAM with the given ViT encoder sizes (segment-anything's own assembly)."""
+    from segment_anything.build_sam import _build_sam
+
+    return _build_sam(
+        encoder_embed_dim=encoder["embed_dim"], encoder_depth=encoder["depth"],
+        encoder_num_heads=encoder["num_heads"], encoder_global_attn_indexes=list(encoder["global_attn_indexes"]),
+        checkpoint=None,
+    )
+
+
+def arch_from_state_dict(state: dict) -> dict:
+    """Encoder sizes read off a SAM state dict: width from the patch embedding, depth from the blocks,
+    heads from the relative-position tables (head_dim wide), global blocks from their 127-row tables
+    (2 * 64 - 1 positions at 1024 px; windowed blocks have 2 * 14 - 1)."""
+    embed_dim = state["image_encoder.patch_embed.proj.weight"].shape[0]
+    depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
+    head_dim = state["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
+    glob = [i for i in range(depth) if state[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 127]
+    return dict(embed_dim=embed_dim, depth=depth, num_heads=embed_dim // head_dim, global_attn_indexes=tuple(glob))
+
+
+def load_sam(cfg: SegmentConfig) -> torch.nn.Module:
+    """An official SAM state-dict checkpoint -> eval Sam. model_type "auto" reads the encoder size off it."""
+    path = resolve(cfg.checkpoint)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    found = arch_from_state_dict(state)
+    if cfg.model_type != "auto" and SAM_ARCHS[cfg.model_type] != found:
+        raise ValueError(f"{path} holds a SAM image encoder {found}, not {cfg.model_type}; "
+                         "set segment.model_type to match the checkpoint (or 'auto')")
+    sam = build_sam(found)
+    sam.load_state_dict(state)
+    return sam.eval().requires_grad_(False)
+
+
+class Segmenter:
+    """Loads SAM once; `__call__(items)` adds `masks` and `mask_scores` to every live item."""
+
+    stage = "segment"
+
+    def __init__(self, cfg: SegmentConfig, sam: torch.nn.Module | None = None):
+        """sam: an already built model (benchmarks at full size with random weights); else cfg.checkpoint."""
+        from segment_anything import SamPredictor
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        self.sam = (sam if sam is not None else load_sam(cfg)).eval().to(self.device)
+        self.predictor = SamPredictor(self.sam)
+        self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype,
+                              enabled=self.device.type == "cuda" and self.dtype != torch.float32)
+
+    @torch.inference_mode()
+    def encode(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple, tuple]]:
+        """(H, W, 3) uint8 images -> [(features (256, 64, 64), input_size, original_size)], batched."""
+        out = []
+        for batch in chunks(images, self.cfg.batch_size):
+            xs, sizes = [], []
+            for im in batch:
+                x = torch.as_tensor(self.transform.apply_image(im), device=self.device).permute(2, 0, 1)
+                sizes.append((tuple(x.shape[-2:]), tuple(im.shape[:2])))
+                xs.append(self.sam.preprocess(x[None].float())[0])  # normalize, pad to 1024 x 1024
+            with self._autocast():
+                feats = self.sam.image_encoder(torch.stack(xs)).float()
+            out += [(f, s[0], s[1]) for f, s in zip(feats, sizes)]
+        return out
+
+    @torch.inference_mode()
+    def decode(self, features: torch.Tensor, input_size: tuple, original_size: tuple,
+               boxes_xyxy_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """All boxes of one image in one predict_torch call -> ((N, H, W) bool masks, (N,) predicted IoU)."""
+        p = self.predictor
+        p.features, p.input_size, p.original_size, p.is_image_set = features[None], input_size, original_size, True
+        h, w = original_size
+        boxes = torch.as_tensor(xyxy_norm_to_xyxy_pixels(boxes_xyxy_norm, w, h), dtype=torch.float32,
+                                device=self.device)
+        with self._autocast():
+            masks, iou, _ = p.predict_torch(None, None, boxes=self.transform.apply_boxes_torch(boxes, original_size),
+                                            multimask_output=self.cfg.multimask)
+        best = iou.float().argmax(1)  # (N,): index 0 when multimask is off
+        rows = torch.arange(len(best), device=best.device)
+        masks, iou = masks[rows, best], iou.float()[rows, best]
+        p.reset_image()
+        return masks.cpu().numpy(), iou.cpu().numpy()
+
+    def __call__(self, items: list[Item]) -> list[Item]:
+        idx = []
+        for i in live(items):
+            if items[i].get("detections"):
+                idx.append(i)
+            else:
+                fail(items[i], "segment", "no boxes to segment")
+        encoded = self.encode([items[i]["image"] for i in idx]) if idx else []
+        for i, (feat, in_size, orig) in zip(idx, encoded):
+            boxes = np.asarray([d["box"] for d in items[i]["detections"]], dtype=np.float64)
+            masks, scores = self.decode(feat, in_size, orig, boxes)
+            items[i]["masks"] = [mask_codec.encode(m) for m in masks]
+            items[i]["mask_scores"] = [float(s) for s in scores]
+            if not masks.any():
+                fail(items[i], "segment", "every SAM mask is empty")
+        return items

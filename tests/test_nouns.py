@@ -1,0 +1,92 @@
+"""Nouns stage on fixed real captions: exact nouns, lemmas, character spans and CLIP token positions.
+
+Expected token positions were read off open_clip's BPE of each caption (start token at 0), e.g.
+"a rocket on a launchpad" -> a(1) rocket(2) on(3) a(4) launch(5) pad(6): "launchpad" is [5, 6].
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from datagen.config import NounsConfig
+from datagen.stages.nouns import NounExtractor
+
+
+@pytest.fixture(scope="module")
+def nouns():
+    return NounExtractor(NounsConfig())
+
+
+def triples(found):
+    return [(n["label"], n["phrase"], n["span"], n["tokens"]) for n in found]
+
+
+def test_single_token_nouns(nouns):
+    cap = "an astronaut in a white suit holding a helmet near a flag"
+    assert triples(nouns.extract(cap)) == [
+        ("astronaut", "astronaut", [3, 12], [2]),
+        ("suit", "suit", [24, 28], [6]),
+        ("helmet", "helmet", [39, 45], [9]),
+        ("flag", "flag", [53, 57], [12]),
+    ]
+
+
+def test_multi_token_words_and_lemmas(nouns):
+    # hippo|potam|uses, motor|boat, windo|ws|ill, succul|ents: one noun, several CLIP positions.
+    assert triples(nouns.extract("two hippopotamuses swimming next to a motorboat, view from the top")) == [
+        ("hippopotamus", "hippopotamuses", [4, 18], [2, 3, 4]),
+        ("motorboat", "motorboat", [38, 47], [9, 10]),
+    ]
+    assert triples(nouns.extract("the cat sat on the windowsill beside potted succulents")) == [
+        ("cat", "cat", [4, 7], [2]),
+        ("windowsill", "windowsill", [19, 29], [6, 7, 8]),
+        ("succulent", "succulents", [44, 54], [11, 12]),
+    ]
+    assert triples(nouns.extract("a rocket on a launchpad under the sky")) == [
+        ("rocket", "rocket", [2, 8], [2]),
+        ("launchpad", "launchpad", [14, 23], [5, 6]),
+        ("sky", "sky", [34, 37], [9]),
+    ]
+
+
+def test_stop_list_drops_non_objects(nouns):
+    # "view", "top", "front" and "background" are nouns but name no object to box.
+    found = nouns.extract("a close up of a dog's face in front of a background")
+    assert [n["label"] for n in found] == ["dog", "face"]
+    assert all(n["label"] not in ("view", "top") for n in nouns.extract("a view from the top of a tower"))
+
+
+def test_repeated_noun_kept_once_unless_configured(nouns):
+    cap = "a dog and another dog"
+    assert [n["span"] for n in nouns.extract(cap)] == [[2, 5]]
+    both = NounExtractor(NounsConfig(unique=False)).extract(cap)
+    assert [n["span"] for n in both] == [[2, 5], [18, 21]]
+
+
+def test_noun_chunk_mode():
+    chunks = NounExtractor(NounsConfig(mode="chunks"))
+    assert triples(chunks.extract("an astronaut in a white suit holding a helmet near a flag")) == [
+        ("astronaut", "astronaut", [3, 12], [2]),
+        ("suit", "white suit", [18, 28], [5, 6]),
+        ("helmet", "helmet", [39, 45], [9]),
+        ("flag", "flag", [53, 57], [12]),
+    ]
+    # leading determiners and numbers leave the phrase; the lemma is the chunk's root
+    assert triples(chunks.extract("two hippopotamuses swimming")) == [
+        ("hippopotamus", "hippopotamuses", [4, 18], [2, 3, 4])]
+
+
+def test_no_nouns_is_a_failure_not_an_exception(nouns):
+    items = [{"key": "k", "source": "s", "caption": "in front of the background"},
+             {"key": "k2", "source": "s2", "caption": ""},
+             {"key": "k3", "source": "s3", "failure": {"stage": "decode", "reason": "x"}}]
+    out = nouns(items)
+    assert out[0]["failure"] == {"stage": "nouns", "reason": "no nouns in the caption"}
+    assert out[1]["failure"]["stage"] == "nouns"
+    assert out[2]["failure"] == {"stage": "decode", "reason": "x"} and "nouns" not in out[2]
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="nouns.mode"):
+        NounsConfig(mode="verbs")
+
