@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps demo test bench-catalog clean
+.PHONY: install system-deps demo test bench bench-catalog clean
 
 install: $(STAMP)
 
@@ -35,6 +35,13 @@ test: $(STAMP) system-deps
 
 bench-catalog: $(STAMP)
 	$(PY) benchmarks/catalog.py
+
+# The CPU benchmarks recorded in BENCHMARKS.md (each script's --help shows its GPU / full-size options).
+bench: bench-catalog
+	$(PY) benchmarks/stages.py --size tiny
+	$(PY) benchmarks/datagen.py --images 48 --batch-size 8
+	$(PY) benchmarks/train.py --threads 1 --steps 15
+	$(PY) benchmarks/infer.py --threads 1 --repeats 3
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

@@ -16,6 +16,7 @@ import argparse
 import os
 import platform
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +24,8 @@ from pathlib import Path
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+# This file is named after the package it measures: keep `import datagen` pointing at the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
 class MemorySampler(threading.Thread):
