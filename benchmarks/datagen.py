@@ -115,15 +115,19 @@ def main() -> None:
     mem.join()
     rows.append(("one image at a time (reference way), 1 process", t, mem.summary()))
 
-    mem = MemorySampler()
-    mem.start()
-    t0 = time.perf_counter()
-    summary = run(str(root / "inputs"), root / "pipeline", cfg, progress_every=30)
-    t = time.perf_counter() - t0
-    mem.stop.set()
-    mem.join()
-    rows.append((f"Ray pipeline, batch {args.batch_size} (incl. Ray start and model loads)", t, mem.summary()))
-    assert summary.ok + summary.failed == args.images
+    for fuse in (False, True):
+        cfg.pipeline.fuse = fuse
+        mem = MemorySampler()
+        mem.start()
+        t0 = time.perf_counter()
+        summary = run(str(root / "inputs"), root / f"pipeline_fuse{int(fuse)}", cfg, progress_every=30)
+        t = time.perf_counter() - t0
+        mem.stop.set()
+        mem.join()
+        kind = "all model stages in one actor (fuse)" if fuse else "one actor pool per stage"
+        rows.append((f"Ray pipeline, {kind}, batch {args.batch_size} (incl. Ray start, model loads)", t,
+                     mem.summary()))
+        assert summary.ok + summary.failed == args.images
 
     import torch
 

@@ -68,6 +68,10 @@ class PipelineConfig:
     writer_num_cpus: float = 1.0
     catalog_refresh_s: float = 30.0  # a running job's catalog is at most this stale
     max_attempts: int = 3
+    # fuse: one actor pool runs all five model stages in turn (one process and one model load per actor,
+    # no hand-over between stages); its size is the largest stage pool's, its GPU share their sum (at
+    # most 1). For machines with few cores, or one GPU per node where the stages would share it anyway.
+    fuse: bool = False
     pools: dict[str, PoolConfig] = field(default_factory=lambda: {s: PoolConfig() for s in _MODEL_STAGES})
 
     def __post_init__(self) -> None:
@@ -188,6 +192,11 @@ def build_stage(name: str, cfg: stage_config.DatagenConfig):
         return stages.ImageFilter(cfg.filters)
     if name == "segment":
         return stages.Segmenter(cfg.segment)
+    if name == "fused":
+        from datagen.stages.chain import build_stages, run_stages
+
+        chain = build_stages(cfg)
+        return lambda items: run_stages(chain, items)
     raise ValueError(f"unknown stage {name!r}")
 
 
@@ -384,7 +393,13 @@ def _build_dataset(out: Path, todo: list[str], counts: dict[str, int], cfg: RunC
     if len(todo) < len(counts):  # a resumed run: only the shards still to do
         ds = ds.filter(expr=col("shard").is_in(todo))
     ds = ds.map_batches(read_and_decode, batch_size=p.batch_size, num_cpus=p.read_num_cpus)
-    for name in STAGES:
+    if p.fuse:
+        pools = [p.pools[n] for n in _MODEL_STAGES]
+        ds = ds.map_batches(StageActor, fn_constructor_args=("fused", cfg.stages, factory), batch_size=p.batch_size,
+                            compute=ActorPoolStrategy(size=max(x.concurrency for x in pools)),
+                            num_gpus=min(1.0, sum(x.num_gpus for x in pools)),
+                            num_cpus=max(x.num_cpus for x in pools), max_restarts=-1, max_task_retries=-1)
+    for name in STAGES if not p.fuse else ():
         if name == "filter":
             ds = ds.map_batches(StageActor, fn_constructor_args=(name, cfg.stages, factory),
                                 batch_size=p.batch_size, compute=ActorPoolStrategy(size=1),

@@ -124,6 +124,13 @@ def test_batch_size_does_not_change_records(photo_dir, reference_run, tmp_path):
     assert_close(tables(tmp_path), tables(out8))
 
 
+def test_fused_stages_give_the_same_records(photo_dir, reference_run, tmp_path):
+    cfg = tiny_cfg(batch_size=8)
+    cfg.pipeline.fuse = True  # one actor runs every model stage
+    run(str(photo_dir), tmp_path, cfg)
+    assert_close(records(tmp_path), records(reference_run[0]))
+
+
 def test_rerun_of_a_complete_output_changes_nothing(photo_dir, reference_run):
     out, _ = reference_run
     before = tables(out)
