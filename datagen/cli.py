@@ -104,7 +104,11 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\n$ subjectdiff catalog query {args.output} \"{sql}\"")
     print(format_table(catalog.query(args.output, sql), "table"))
     out = Path(args.output).resolve()
+    from catalogs.report import build_report
+
+    report = build_report(out, out / "report.html")
     print(f"shards, sidecars, stats:  {out}/*.tar, *.parquet, *_stats.json")
+    print(f"visual report:            {report}   (open it in a browser)")
     print(f"catalog (DuckDB):         {out}/catalog.duckdb   (subjectdiff catalog stats {args.output})")
     print(f"run manifest:             {out}/manifest.json")
     return 0 if not summary.incomplete else 1
