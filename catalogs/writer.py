@@ -160,6 +160,10 @@ class ShardWriter:
         else:
             self.abort()
 
+    def __contains__(self, key: str) -> bool:
+        """Whether KEY was already written (or failed) to this shard."""
+        return key in self._keys
+
     def _claim(self, key: str) -> None:
         if self._closed:
             raise RuntimeError(f"shard {self.name} is already closed")

@@ -232,26 +232,18 @@ class ShardWriterActor:
         return self.open[shard]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from datagen.assemble import to_record
-
         shards, items = _unpack(batch)
         ok, stage, completed = [], [], []
         for shard, item in zip(shards, items):
             w = self._writer(shard)
-            if item["key"] in w._keys:  # a retried block delivered twice: write once
-                ok.append(True), stage.append("duplicate"), completed.append("")
+            if item["key"] in w:  # a retried block delivered twice: write once
+                ok.append(True)
+                stage.append("duplicate")
+                completed.append("")
                 continue
-            rec = to_record(item)
-            if isinstance(rec, Failure):
-                w.fail(rec)
-                ok.append(False), stage.append(rec.stage)
-            else:
-                try:
-                    w.write(rec)
-                    ok.append(True), stage.append("")
-                except ValueError as e:  # a record that breaks the contract is a failure, not a crash
-                    w.fail(Failure(rec.key, rec.source, "write", f"invalid record: {str(e).split(': ', 1)[-1]}"))
-                    ok.append(False), stage.append("write")
+            written, failed_stage = self._write(w, item)
+            ok.append(written)
+            stage.append(failed_stage)
             done = w.stats.n_ok + w.stats.n_failed >= self.expected[shard]
             completed.append(shard if done else "")
             if done:
@@ -260,6 +252,22 @@ class ShardWriterActor:
                     self._refresh()
         return {"ok": np.asarray(ok), "stage": np.asarray(stage, dtype=object),
                 "completed": np.asarray(completed, dtype=object)}
+
+    @staticmethod
+    def _write(w: ShardWriter, item: dict) -> tuple[bool, str]:
+        """Append one item to its shard: (written as a record, failure stage or "")."""
+        from datagen.assemble import to_record
+
+        rec = to_record(item)
+        if isinstance(rec, Failure):
+            w.fail(rec)
+            return False, rec.stage
+        try:
+            w.write(rec)
+            return True, ""
+        except ValueError as e:  # a record that breaks the contract is a failure, not a crash
+            w.fail(Failure(rec.key, rec.source, "write", f"invalid record: {str(e).split(': ', 1)[-1]}"))
+            return False, "write"
 
     def _refresh(self) -> None:
         try:
@@ -425,7 +433,8 @@ def run(src: str, out: str | os.PathLike, cfg: RunConfig, *, ray_address: str | 
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    src = src if "://" in src else os.path.abspath(src) if os.path.exists(src) or "{" not in src else src
+    if "://" not in src and (os.path.exists(src) or "{" not in src):
+        src = os.path.abspath(src)  # local paths are recorded absolute; URLs and brace patterns as given
     counts = _plan(src, out, cfg.pipeline.shard_size)
     total = sum(counts.values())
     done_before = [s for s in counts if is_complete(out, s)]
@@ -481,19 +490,18 @@ def _revision() -> str | None:
 
 
 def _models(cfg: stage_config.DatagenConfig) -> dict[str, Any]:
+    """Each stage's model, with its checkpoints' paths and hashes as `weights.run_manifest` resolves them."""
     from datagen import weights
 
-    def fingerprint(spec: str) -> dict[str, Any]:
-        try:
-            return weights.manifest_entry(spec)
-        except weights.WeightsError as e:  # not downloaded yet: the spec is its identity
-            return {"spec": spec, "note": str(e)}
-
+    ck = weights.run_manifest(cfg)["checkpoints"]
+    ground = {"config": ck["ground.config_file"], "checkpoint": ck["ground.checkpoint"]}
+    if "ground.text_encoder" in ck:
+        ground["text_encoder"] = ck["ground.text_encoder"]
     return {
-        "caption": {"kind": cfg.caption.kind, **fingerprint(cfg.caption.model)},
+        "caption": {"kind": cfg.caption.kind, **ck["caption.model"]},
         "nouns": {"spacy_model": cfg.nouns.spacy_model, "mode": cfg.nouns.mode},
-        "ground": {"config": fingerprint(cfg.ground.config_file), "checkpoint": fingerprint(cfg.ground.checkpoint)},
-        "segment": {"model_type": cfg.segment.model_type, **fingerprint(cfg.segment.checkpoint)},
+        "ground": ground,
+        "segment": {"model_type": cfg.segment.model_type, **ck["segment.checkpoint"]},
     }
 
 
