@@ -1,6 +1,10 @@
 """End-to-end datagen throughput: the Ray pipeline against a one-image-at-a-time loop over the same stages.
 
     python benchmarks/datagen.py [--preset tiny] [--images 48] [--batch-size 8] [--out /tmp/dg_bench]
+    python benchmarks/datagen.py --preset full-random --images 256 --batch-size 16    # on a GPU machine
+
+`full-random` runs the default preset's architectures (BLIP-large, GroundingDINO SwinT-OGC, SAM ViT-H)
+with random weights, built once into the cache: the real models' cost, without their checkpoints.
 
 The baseline is how the reference implementation runs: one image at a time through caption, nouns,
 grounding, filter and segmentation, in one process, then written. Both use the same models, configs and
@@ -16,6 +20,7 @@ import argparse
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -28,14 +33,29 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
+def gpu_used_bytes() -> int | None:
+    """Memory in use on every GPU, all processes (Ray's actors run outside this one), via nvidia-smi."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+        return sum(int(v) for v in out.split()) * 2**20
+    except (subprocess.SubprocessError, ValueError):
+        return None
+
+
 class MemorySampler(threading.Thread):
     def __init__(self, every: float = 0.5):
         super().__init__(daemon=True)
-        self.every, self.samples, self.stop = every, [], threading.Event()
+        self.every, self.samples, self.gpu, self.stop = every, [], [], threading.Event()
 
     def run(self) -> None:
         me = psutil.Process()
         while not self.stop.is_set():
+            gpu = gpu_used_bytes()
+            if gpu is not None:
+                self.gpu.append(gpu)
             total = 0
             procs = [me, *me.children(recursive=True)]
             try:  # Ray's workers are children of its raylet, not of this process: count them too
@@ -54,7 +74,8 @@ class MemorySampler(threading.Thread):
         s = self.samples or [0]
         q = max(1, len(s) // 4)
         gib = 2**30
-        return {"peak": max(s) / gib, "q2_peak": max(s[q : 2 * q] or s) / gib, "q4_peak": max(s[-q:]) / gib}
+        return {"peak": max(s) / gib, "q2_peak": max(s[q : 2 * q] or s) / gib, "q4_peak": max(s[-q:]) / gib,
+                "gpu_peak": max(self.gpu) / gib if self.gpu else None}
 
 
 def make_inputs(d: Path, n: int) -> list[Path]:
@@ -90,7 +111,7 @@ def one_at_a_time(paths: list[Path], out: Path, cfg) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny", choices=["tiny", "default"])
+    ap.add_argument("--preset", default="tiny", choices=["tiny", "default", "full-random"])
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="/tmp/subjectdiff_datagen_bench")
@@ -135,12 +156,14 @@ def main() -> None:
           f"({platform.machine()}, {os.cpu_count()} cores, "
           f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
           f"{time.strftime('%Y-%m-%d')})\n")
-    print("| run | seconds | images/s | speed-up | peak RSS GiB | 2nd-quarter peak | last-quarter peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | seconds | images/s | speed-up | peak RSS GiB | 2nd-quarter peak | last-quarter peak "
+          "| peak GPU GiB (all processes) |")
+    print("|---|---|---|---|---|---|---|---|")
     base = rows[0][1]
     for name, t, m in rows:
+        gpu = "-" if m["gpu_peak"] is None else f"{m['gpu_peak']:.1f}"
         print(f"| {name} | {t:.1f} | {args.images / t:.2f} | {base / t:.2f}x | {m['peak']:.2f} | "
-              f"{m['q2_peak']:.2f} | {m['q4_peak']:.2f} |")
+              f"{m['q2_peak']:.2f} | {m['q4_peak']:.2f} | {gpu} |")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
     python benchmarks/stages.py --size tiny                 # tiny preset models (datagen/tiny.py)
     python benchmarks/stages.py --size full --images 2      # real architectures, random weights:
                                                             # BLIP-large, GroundingDINO SwinT-OGC + BERT-base, SAM ViT-H
+    python benchmarks/stages.py --size full --images 16 --device cuda --dtype bfloat16   # on a GPU
+
+At full size the models are `datagen.config.full_random()`'s: built once into the cache (about 5.5 GB),
+then loaded by the stages from the official checkpoint formats, the way real checkpoints load.
 
 Each stage gets fixed inputs (scikit-image photos; fixed captions, nouns and boxes), so a stage's speed
 does not depend on what a random upstream model wrote. "batched" is one call with every image
@@ -61,39 +65,6 @@ def items_for(n: int) -> list[dict]:
     return out
 
 
-def full_size_stages(cfg: config.DatagenConfig, root: Path, device: str):
-    """Real architectures with random weights, built from configs (no downloads)."""
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
-                              BlipTextConfig, BlipVisionConfig)
-
-    from datagen.stages.caption import Captioner
-    from datagen.stages.ground import Grounder, build_groundingdino
-    from datagen.stages.segment import SAM_ARCHS, Segmenter, build_sam
-    from datagen.tiny import _bert_tokenizer, save_tiny_bert
-    from datagen.weights import resolve
-
-    torch.manual_seed(0)
-    tok = _bert_tokenizer(root / "blip_tok")
-    tok.add_special_tokens({"bos_token": "[DEC]"})
-    # Salesforce/blip-image-captioning-large: ViT-L/16 at 384 px, BERT-base decoder, 30524-token vocabulary.
-    text = BlipTextConfig(vocab_size=30524, bos_token_id=tok.bos_token_id, sep_token_id=tok.sep_token_id,
-                          eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, encoder_hidden_size=1024)
-    vision = BlipVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=384, patch_size=16)
-    blip = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
-    blip.text_decoder.cls.predictions.bias.data[len(tok):] = -1e4  # decode only ids the tokenizer has
-    proc = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 384, "width": 384}), tokenizer=tok)
-    cap = Captioner(cfg.caption, model=blip, processor=proc)
-
-    bert = save_tiny_bert(root / "bert_base", hidden=768, layers=12, heads=12)
-    official = resolve("pkg://groundingdino/config/GroundingDINO_SwinT_OGC.py").read_text()
-    gcfg = root / "GroundingDINO_SwinT_OGC_localbert.py"
-    gcfg.write_text(official.replace('text_encoder_type = "bert-base-uncased"', f"text_encoder_type = {str(bert)!r}"))
-    gd = Grounder(replace(cfg.ground, config_file=str(gcfg)), model=build_groundingdino(gcfg))
-    seg = Segmenter(cfg.segment, sam=build_sam(SAM_ARCHS["vit_h"]))
-    return cap, gd, seg
-
-
 def time_stage(stage, make_inputs, n: int, batch_attr_owner, repeats: int) -> tuple[float, float]:
     """(images/s batched, images/s one at a time), after one warm-up call on one image.
 
@@ -124,7 +95,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=3, help="alternating timed runs per mode; the best counts")
     ap.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None,
-                    help="dtype of all three model stages (default: the preset's: caption auto, others float32)")
+                    help="dtype of all three model stages (default: the preset's: caption auto, others float32); "
+                         "ground and segment autocast on CUDA only, and the table says what each ran in")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "stages.md"))
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -132,19 +104,17 @@ def main(argv=None) -> None:
     from datagen.stages.ground import Grounder
     from datagen.stages.nouns import NounExtractor
     from datagen.stages.segment import Segmenter
-    from datagen.weights import cache_dir
 
     n = args.images
     t0 = time.perf_counter()
-    cfg = config.tiny() if args.size == "tiny" else config.default()
+    # full: the real architectures with random weights, saved in the official formats and loaded by the
+    # stages as real checkpoints are (datagen.tiny.full_random_models; built into the cache once)
+    cfg = config.tiny() if args.size == "tiny" else config.full_random()
     cfg.ground = replace(cfg.ground, resize="square")
     for c in (cfg.caption, cfg.ground, cfg.segment):
         c.device = args.device
         c.dtype = args.dtype or c.dtype
-    if args.size == "tiny":
-        cap, gd, seg = Captioner(cfg.caption), Grounder(cfg.ground), Segmenter(cfg.segment)
-    else:
-        cap, gd, seg = full_size_stages(cfg, cache_dir() / "bench-full", args.device)
+    cap, gd, seg = Captioner(cfg.caption), Grounder(cfg.ground), Segmenter(cfg.segment)
     # fixed-length captions so batched and single generate the same number of tokens
     cap.cfg.min_new_tokens = cap.cfg.max_new_tokens = 20
     nouns = NounExtractor(cfg.nouns)
@@ -174,8 +144,10 @@ def main(argv=None) -> None:
         print(f"{name:8s} batched {b:8.3g} img/s   single {s:8.3g} img/s   x{b / s:.2f}", flush=True)
 
     device = gd.device
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    dtype = {k: str(getattr(v, "dtype", "")).replace("torch.", "") for k, v in (("caption", cap), ("ground", gd), ("segment", seg))}
+    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+                else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})")
+    # what each stage runs in, not what was asked: ground and segment autocast on CUDA only (fp32 on CPU)
+    dtype = {k: str(v.dtype).replace("torch.", "") for k, v in (("caption", cap), ("ground", gd), ("segment", seg))}
     lines = [
         f"\n## datagen stages, size={args.size}, {n} images, {dev_name}\n",
         f"- command: `python benchmarks/stages.py --size {args.size} --images {n} --device {args.device} "
@@ -184,7 +156,7 @@ def main(argv=None) -> None:
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
         f"load average at the end {os.getloadavg()[0]:.1f} (the CPU is shared); "
         f"torch threads {torch.get_num_threads()}; model build {build_s:.0f} s",
-        f"- dtypes: {dtype}; captions fixed at 20 new tokens, num_beams={cap.cfg.num_beams}; "
+        f"- dtypes run in: {dtype}; captions fixed at 20 new tokens, num_beams={cap.cfg.num_beams}; "
         f"GroundingDINO {gd.cfg.short_side}px square; SAM {len(BOXES)} boxes/image",
         "",
         "| stage | batched img/s | one-at-a-time img/s | batched s/img | speed-up |",

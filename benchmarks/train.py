@@ -5,9 +5,12 @@
 
 "ours": frozen VAE / image encoder under no_grad (bf16 weights on GPU), trainable model under autocast,
 optionally gradient checkpointing. "reference": the way the paper's public code runs the same step: the image
-encoder under autograd (its parameters require grad, a graph is built and kept through backward), fp16 casts of
-the frozen parts and fp16 autocast, no gradient checkpointing. Random weights (no download); records are the
-hand-made photo shards of tests/records.py. Appends a section to benchmarks/results/train.md.
+encoder under autograd (its parameters require grad, a graph is built and kept through backward, its gradients
+zeroed each step), fp16 casts of the frozen parts and fp16 autocast, no gradient checkpointing. Random weights
+(no download); records are the hand-made photo shards of tests/records.py, enough of them that the data-loader
+measurement (the preset's DataLoader workers) stays within one epoch. On a GPU each variant is built, timed and
+freed in turn, so that its peak memory is its own; on a CPU both live at once and their rounds alternate.
+Appends a section to benchmarks/results/train.md.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
+import math
 import os
 import platform
 import statistics
@@ -33,14 +38,25 @@ from train.config import load_config  # noqa: E402
 from train.data import BatchStream, TrainSamples, make_reader  # noqa: E402
 
 
+def records_needed(args) -> int:
+    """Records for one epoch of the loader measurement: its batches plus the warm-up one, in whole rounds over
+    the workers (the balanced reader gives each worker the same number of full batches)."""
+    workers = max(args.workers, 1)
+    return workers * args.batch_size * math.ceil((args.loader_batches + 1) / workers)
+
+
 def loader_rate(cfg, subject_size: int, batches: int) -> float:
     reader = make_reader(cfg.data, None, 0, 1, cfg.run.seed)
-    stream = iter(BatchStream(TrainSamples(reader, cfg, subject_size), cfg.data.batch_size, cfg.data.num_workers))
-    next(stream)  # start-up (workers, imports) is not throughput
+    stream = BatchStream(TrainSamples(reader, cfg, subject_size), cfg.data.batch_size, cfg.data.num_workers)
+    it = iter(stream)
+    next(it)  # start-up (workers, imports) is not throughput
     t0, n = time.perf_counter(), 0
     for _ in range(batches):
-        n += len(next(stream)["key"])
-    return n / (time.perf_counter() - t0)
+        n += len(next(it)["key"])
+    rate = n / (time.perf_counter() - t0)
+    if stream.epoch != 0:
+        raise RuntimeError("the data-loader measurement crossed an epoch restart (DataLoader start-up timed)")
+    return rate
 
 
 class Variant:
@@ -81,6 +97,8 @@ class Variant:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.reference:  # the encoder's gradients are no optimizer's: without this they pile up across steps
+            self.parts.image_encoder.zero_grad(set_to_none=True)
 
     def measure(self, steps: int) -> None:
         cuda = self.device.type == "cuda"
@@ -98,7 +116,31 @@ class Variant:
 
     def result(self) -> dict:
         return {"step_samples_per_s": statistics.median(self.rates), "peak_gib": self.peak,
-                "precision": self.cfg.run.precision, "checkpointing": self.cfg.run.gradient_checkpointing}
+                "precision": self.cfg.run.precision, "checkpointing": self.cfg.run.gradient_checkpointing,
+                "cfg": self.cfg, "subject_size": self.size}
+
+
+def measure_variants(args, shards: Path, device: torch.device) -> list[dict]:
+    """Results of (ours, reference). On a GPU one variant at a time (built, timed, freed): peak memory must not
+    count the other's weights and optimizer state. On a CPU both at once, rounds alternating, so that load
+    changes on a shared machine hit both alike."""
+    if device.type != "cuda":
+        variants = [Variant(args, reference, shards, device) for reference in (False, True)]
+        for _ in range(args.rounds):
+            for v in variants:
+                v.measure(args.steps)
+        return [v.result() for v in variants]
+    results = []
+    for reference in (False, True):
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        v = Variant(args, reference, shards, device)
+        for _ in range(args.rounds):
+            v.measure(args.steps)
+        results.append(v.result())
+        del v  # free it before the next one is built
+    return results
 
 
 def main() -> int:
@@ -108,7 +150,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--precision", default=None, help="fp32 / bf16 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in 'ours'")
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the preset's)")
     p.add_argument("--weights", action="store_true",
                    help="load the preset's real weights (model.base, open_clip) instead of random init")
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
@@ -123,16 +165,14 @@ def main() -> int:
         print("sd2-base needs a GPU (a CPU step takes minutes); use --preset tiny here", file=sys.stderr)
         return 2
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    if args.workers is None:
+        args.workers = load_config(args.preset).data.num_workers
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        write_photo_shards(Path(tmp), n_shards=4, per_shard=10)
-        variants = [Variant(args, False, Path(tmp), device), Variant(args, True, Path(tmp), device)]
-        for _ in range(args.rounds):  # alternate, so that load changes on a shared machine hit both alike
-            for v in variants:
-                v.measure(args.steps)
-        ours, ref = (v.result() for v in variants)
-        ours["loader_samples_per_s"] = loader_rate(variants[0].cfg, variants[0].size, args.loader_batches)
+        write_photo_shards(Path(tmp), n_shards=4, per_shard=math.ceil(records_needed(args) / 4))
+        ours, ref = measure_variants(args, Path(tmp), device)
+        ours["loader_samples_per_s"] = loader_rate(ours["cfg"], ours["subject_size"], args.loader_batches)
     report(args, device, ours, ref)
     return 0
 

@@ -8,7 +8,8 @@
 
 RecordReader is a webdataset pipeline, hence a torch IterableDataset: hand it to a DataLoader as is.
 Each (rank, worker) pair reads a disjoint part: whole shards when there are at least as many shards as
-readers, otherwise every reader scans the shards and keeps every k-th sample.
+readers, otherwise every reader scans the shards and keeps every k-th sample. split="balanced" (training) gives
+every reader exactly as many records: see RecordReader.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import io
 import json
 import os
 import random
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import partial
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,29 @@ def load_selection(path: str | os.PathLike) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for key, shard_path in zip(table.column("key").to_pylist(), table.column("path").to_pylist()):
         out.setdefault(shard_path, set()).add(key)
+    return out
+
+
+def shard_counts(urls: Iterable[str], selection: Mapping[str, set[str]] | None,
+                 wanted: set[str] | None) -> dict[str, int]:
+    """How many records each shard gives a reader with this selection / key filter: counted from the selection,
+    else from the shard's sidecars beside its tar (NAME_stats.json; NAME.parquet when a key filter applies)."""
+    out = {}
+    for u in urls:
+        if selection is not None:
+            keys = selection.get(u) or selection.get(os.path.abspath(u)) or set()
+            out[u] = len(keys if wanted is None else keys & wanted)
+            continue
+        stem = u[: -len(".tar")] if u.endswith(".tar") else u
+        sidecar = f"{stem}_stats.json" if wanted is None else f"{stem}.parquet"
+        if not os.path.isfile(sidecar):
+            raise FileNotFoundError(f"{u}: a balanced split needs each shard's record count, from {sidecar} (written "
+                                    "with the shard), which is missing; read a selection instead, or split='auto'")
+        if wanted is None:
+            out[u] = int(json.loads(Path(sidecar).read_text())["successes"])
+        else:
+            t = pq.read_table(sidecar, columns=["key", "status"]).to_pydict()
+            out[u] = sum(st == "ok" and k in wanted for k, st in zip(t["key"], t["status"]))
     return out
 
 
@@ -133,20 +157,29 @@ def decode_record(sample: dict[str, Any], *, decode_image: bool = True, decode_m
 class RecordReader(wds.DataPipeline):
     """Decoded records from shards; see the module docstring.
 
-    split: "auto" (shards when there are enough, else samples), "shard", or "sample".
+    split: "auto" (shards when there are enough, else samples), "shard", "sample", or "balanced".
     rank/world_size: default from torch.distributed or RANK/WORLD_SIZE; workers from the DataLoader.
+    selection: a `catalog select` Parquet, or its content as {shard path: keys} (as load_selection returns it).
     keys: keep only these keys (in addition to a selection's).
     shuffle_seed: when set, shard order is permuted with (seed, epoch); call set_epoch(e) each epoch.
     on_error: "raise" or "warn" (skip a broken sample or shard with a warning).
+
+    split="balanced": the epoch's records, in shard order, are cut into one contiguous range per reader, all of
+    the same length (`quota`, a multiple of `multiple`); the remainder, at most readers x multiple records at the
+    end of the epoch's order, is dropped. Every rank and worker then yields the same number of full batches per
+    epoch, so no rank runs ahead into the next epoch, and a position within the epoch is just the number of
+    records each reader has yielded: set_epoch(e, skip=...) resumes there, opening no shard that lies wholly
+    before it and decoding nothing before it. Shard record counts come from the selection or the sidecars.
     """
 
     def __init__(
         self,
         shards: str | os.PathLike | Iterable[str | os.PathLike] | None = None,
         *,
-        selection: str | os.PathLike | None = None,
+        selection: str | os.PathLike | Mapping[str, Iterable[str]] | None = None,
         keys: Iterable[str] | None = None,
         split: str = "auto",
+        multiple: int = 1,
         rank: int | None = None,
         world_size: int | None = None,
         decode_image: bool = True,
@@ -154,14 +187,20 @@ class RecordReader(wds.DataPipeline):
         shuffle_seed: int | None = None,
         on_error: str = "raise",
     ):
-        if split not in ("auto", "shard", "sample"):
-            raise ValueError(f"split must be 'auto', 'shard' or 'sample', got {split!r}")
+        if split not in ("auto", "shard", "sample", "balanced"):
+            raise ValueError(f"split must be 'auto', 'shard', 'sample' or 'balanced', got {split!r}")
         if on_error not in ("raise", "warn"):
             raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+        if multiple < 1:
+            raise ValueError(f"multiple must be >= 1, got {multiple}")
         urls = resolve_shards(shards) if shards is not None else []
         wanted: set[str] | None = set(keys) if keys is not None else None
+        sel = None
         if selection is not None:
-            sel = load_selection(selection)
+            if isinstance(selection, Mapping):
+                sel = {path: set(ks) for path, ks in selection.items()}
+            else:
+                sel = load_selection(selection)
             if shards is None:
                 urls = sorted(sel)
             else:
@@ -175,7 +214,10 @@ class RecordReader(wds.DataPipeline):
         self.split = split
         self._rank, self._world = rank, world_size
         self.shuffle_seed = shuffle_seed
-        self.epoch = 0
+        self.multiple = multiple
+        self.counts = shard_counts(urls, sel, wanted) if split == "balanced" else None
+        self.epoch, self.skip, self.first_worker = 0, (), 0
+        self.on_error = on_error
         handler = wds.reraise_exception if on_error == "raise" else wds.warn_and_continue
         super().__init__(
             self._shard_stage,
@@ -184,24 +226,69 @@ class RecordReader(wds.DataPipeline):
             wds.map(partial(decode_record, decode_image=decode_image, decode_masks=decode_masks), handler=handler),
         )
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: Sequence[int] = (), first_worker: int = 0) -> None:
+        """Read epoch `epoch` (its shard order). Balanced split only: worker part w of this rank starts after
+        its first skip[w] records; DataLoader worker k reads part (k + first_worker) % workers, so that a
+        DataLoader started mid-epoch (it always asks worker 0 first) takes up the round robin where it stopped."""
+        if (any(skip) or first_worker) and self.split != "balanced":
+            raise ValueError("set_epoch(skip=, first_worker=) needs split='balanced'")
+        self.epoch, self.skip, self.first_worker = epoch, tuple(skip), first_worker
+
+    def worker_part(self) -> tuple[int, int]:
+        """(the worker part this process reads, DataLoader workers per rank); one part outside a DataLoader."""
+        _, _, worker, n_workers = pytorch_worker_info()
+        return (worker + self.first_worker) % n_workers, n_workers
 
     def reader_index(self) -> tuple[int, int]:
         """(this reader's index, number of readers) over all ranks and DataLoader workers."""
-        rank, world, worker, n_workers = pytorch_worker_info()
+        rank, world, _, _ = pytorch_worker_info()
         rank = self._rank if self._rank is not None else rank
         world = self._world if self._world is not None else world
-        return rank * n_workers + worker, world * n_workers
+        part, n_workers = self.worker_part()
+        return rank * n_workers + part, world * n_workers
+
+    def epoch_size(self) -> int:
+        """Records per epoch over all readers, before a balanced split drops its remainder."""
+        if self.counts is None:
+            raise ValueError("epoch_size() needs split='balanced' (the shards' record counts)")
+        return sum(self.counts.values())
+
+    def quota(self, readers: int) -> int:
+        """Records each of `readers` readers yields per epoch in a balanced split."""
+        return self.epoch_size() // readers // self.multiple * self.multiple
+
+    def _epoch_urls(self) -> list[str]:
+        urls = list(self.urls)
+        if self.shuffle_seed is not None:
+            random.Random(self.shuffle_seed * 1_000_003 + self.epoch).shuffle(urls)
+        return urls
+
+    def _balanced_windows(self) -> dict[str, tuple[int, int]]:
+        """This reader's part of the epoch, past its skip: {shard: [first, stop) of its records}, in read order."""
+        i, n = self.reader_index()
+        q = self.quota(n)
+        part, n_workers = self.worker_part()
+        if self.skip and len(self.skip) != n_workers:
+            raise ValueError(f"set_epoch(skip={list(self.skip)}) is for {len(self.skip)} workers, this DataLoader "
+                             f"has {n_workers}")
+        lo, hi = i * q + min(self.skip[part] if self.skip else 0, q), (i + 1) * q
+        windows, pos = {}, 0
+        for u in self._epoch_urls():
+            c = self.counts[u]
+            if pos < hi and pos + c > lo:
+                windows[u] = (max(lo - pos, 0), min(hi - pos, c))
+            pos += c
+        return windows
 
     def _by_shard(self) -> bool:
         _, n = self.reader_index()
         return self.split == "shard" or (self.split == "auto" and len(self.urls) >= n)
 
     def _shard_stage(self) -> Iterator[dict[str, str]]:
-        urls = list(self.urls)
-        if self.shuffle_seed is not None:
-            random.Random(self.shuffle_seed * 1_000_003 + self.epoch).shuffle(urls)
+        if self.split == "balanced":
+            yield from ({"url": u} for u in self._balanced_windows())
+            return
+        urls = self._epoch_urls()
         if self._by_shard():
             i, n = self.reader_index()
             urls = urls[i::n]
@@ -209,6 +296,9 @@ class RecordReader(wds.DataPipeline):
             yield {"url": u}
 
     def _sample_stage(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        if self.split == "balanced":
+            yield from self._balanced_samples(samples)
+            return
         by_shard = self._by_shard()
         i, n = self.reader_index()
         seen = 0
@@ -220,3 +310,23 @@ class RecordReader(wds.DataPipeline):
                 if (seen - 1) % n != i:
                     continue
             yield s
+
+    def _balanced_samples(self, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The raw samples inside this reader's windows (before decoding: skipped records cost tar reading only)."""
+        windows = self._balanced_windows()
+        left = sum(stop - first for first, stop in windows.values())
+        index: dict[str, int] = {}
+        for s in samples:
+            if self.wanted is not None and s["__key__"] not in self.wanted:
+                continue
+            u = s["__url__"]
+            k = index[u] = index.get(u, -1) + 1
+            first, stop = windows[u]
+            if first <= k < stop:
+                left -= 1
+                yield s
+                if left == 0:
+                    return  # the rest of the last shard belongs to the next reader
+        if left and self.on_error == "raise":
+            raise ValueError(f"reader {self.reader_index()}: its shards ran out {left} records short of their "
+                             "counts (selection or _stats.json): a shard holds fewer records than catalogued")

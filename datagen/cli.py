@@ -18,17 +18,23 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image folder, webdataset shards (.tar / brace pattern / fsspec URL), img2dataset "
                         "folder, or a .parquet/.csv list of image paths")
     r.add_argument("--output", required=True, metavar="DIR")
-    r.add_argument("--preset", default="default", choices=["default", "tiny"])
+    r.add_argument("--preset", default="default", choices=["default", "tiny", "full-random"],
+                   help="default: the paper's checkpoints; tiny: tiny random models (offline); full-random: the "
+                        "default architectures with random weights, built into the cache (speed tests, one node)")
     r.add_argument("--config", metavar="FILE", help="TOML overrides: [caption] [nouns] [ground] [segment] "
                                                     "[filters] [pipeline] [pipeline.pools.STAGE]")
     r.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: start one locally)")
     r.add_argument("--batch-size", type=int, metavar="N", help="items per block and per model batch")
     r.add_argument("--shard-size", type=int, metavar="N", help="samples per output shard")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="settings over the preset and --config, e.g. ground.box_threshold=0.3 "
+                        "pipeline.pools.segment.concurrency=4 (values are TOML literals)")
     r.set_defaults(func=_run)
 
     w = dsub.add_parser("weights", help="download a preset's checkpoints into the cache ($SUBJECTDIFF_CACHE)")
-    w.add_argument("--preset", default="default", choices=["default", "tiny"])
+    w.add_argument("--preset", default="default", choices=["default", "tiny", "full-random"])
     w.add_argument("--config", metavar="FILE")
+    w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for `datagen run`")
     w.set_defaults(func=_weights)
 
     d = sub.add_parser("demo", help="the whole pipeline offline on the bundled sample images (tiny models)")
@@ -40,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace):
     from datagen.pipeline import load_config
 
-    cfg = load_config(args.preset, args.config)
+    cfg = load_config(args.preset, args.config, getattr(args, "overrides", ()))
     if args.batch_size:
         cfg.pipeline.batch_size = args.batch_size
         for stage in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment):
@@ -72,7 +78,11 @@ def _weights(args: argparse.Namespace) -> int:
     from datagen import weights
     from datagen.pipeline import load_config
 
-    st = load_config(args.preset, args.config).stages
+    try:
+        st = load_config(args.preset, args.config, args.overrides).stages
+    except (ValueError, FileNotFoundError) as e:
+        print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
+        return 2
     try:
         for spec in (st.caption.model, st.ground.config_file, st.ground.checkpoint, st.segment.checkpoint):
             if weights.is_hub_id(spec):
@@ -82,6 +92,10 @@ def _weights(args: argparse.Namespace) -> int:
             else:
                 path = weights.resolve(spec, download=True)
             print(f"{spec} -> {path}")
+        from datagen.stages.ground import text_encoder_spec  # named in the config file fetched above
+
+        te = text_encoder_spec(st.ground)
+        print(f"{te} -> {weights.resolve_text_encoder(te, download=True)}")
     except Exception as e:  # network and hub errors vary; one line says which checkpoint failed
         print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
         return 2

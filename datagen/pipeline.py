@@ -1,7 +1,9 @@
 """`subjectdiff datagen run`: source images -> catalogued Subject-Diffusion records, on Ray Data.
 
     plan (driver)     list SRC once into OUT/_plan.parquet: one row per image, shard_size rows per shard
-    read + decode     CPU tasks: bytes of each unit, decoded once (undecodable -> a 'decode' failure)
+                      (tar shards are listed by Ray tasks; duplicates removed on disk)
+    read + decode     CPU tasks: bytes of each unit, decoded once (undecodable -> a 'decode' failure);
+                      images too small or too elongated fail the size/aspect filter here, before any model
     caption           actor pool (BLIP)           \
     nouns             actor pool (spaCy)           | each model stage loads its model once per actor,
     ground            actor pool (GroundingDINO)   | with its own pool size and (fractional) GPUs
@@ -20,6 +22,7 @@ left incomplete by a lost worker are retried up to `max_attempts` times before t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,7 +32,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,9 @@ from catalogs.schema import Failure
 from catalogs.writer import TMP_SUFFIX, ShardWriter, is_complete, shard_files
 from datagen import config as stage_config
 from datagen import sources
+from subjectdiff.overrides import apply, merge_dicts, parse_override
+
+log = logging.getLogger(__name__)
 
 STAGES = ("caption", "nouns", "ground", "filter", "segment")
 _MODEL_STAGES = ("caption", "nouns", "ground", "segment")
@@ -97,49 +103,36 @@ class RunConfig:
 
 def preset(name: str) -> RunConfig:
     """`default`: the paper's models on GPUs (fractional GPUs so the four stages share one);
-    `tiny`: tiny random models on CPU, small shards, light actors (tests and the offline demo)."""
-    if name == "default":
+    `tiny`: tiny random models on CPU, small shards, light actors (tests and the offline demo);
+    `full-random`: `default`'s pipeline with its architectures at random weights (benchmarks; the models
+    are written to this machine's cache, so run it on one node)."""
+    if name in ("default", "full-random"):
         pools = {"caption": PoolConfig(1, 0.25), "nouns": PoolConfig(1, 0.0), "ground": PoolConfig(1, 0.25),
                  "segment": PoolConfig(1, 0.5)}
-        return RunConfig(stage_config.default(), PipelineConfig(pools=pools))
+        stages = stage_config.default() if name == "default" else stage_config.full_random()
+        return RunConfig(stages, PipelineConfig(pools=pools))
     if name == "tiny":
         pools = {s: PoolConfig(1, 0.0, 0.25) for s in _MODEL_STAGES}
         return RunConfig(stage_config.tiny(), PipelineConfig(shard_size=100, batch_size=4, read_num_cpus=0.25,
                                                               writer_num_cpus=0.25, catalog_refresh_s=5.0,
                                                               pools=pools))
-    raise ValueError(f"unknown preset {name!r}; presets: default, tiny")
+    raise ValueError(f"unknown preset {name!r}; presets: default, tiny, full-random")
 
 
-def _merge(obj: Any, updates: dict[str, Any], where: str) -> Any:
-    """Apply a nested dict of overrides to a dataclass, type-checked by the dataclasses' own checks."""
-    names = {f.name for f in fields(obj)}
-    kwargs = {}
-    for k, v in updates.items():
-        if k not in names:
-            raise ValueError(f"{where}: unknown setting {k!r}; known: {sorted(names)}")
-        cur = getattr(obj, k)
-        if is_dataclass(cur) and isinstance(v, dict):
-            kwargs[k] = _merge(cur, v, f"{where}.{k}")
-        elif k == "pools" and isinstance(v, dict):
-            pools = dict(cur)
-            for stage, pv in v.items():
-                pools[stage] = _merge(pools.get(stage, PoolConfig()), pv, f"{where}.pools.{stage}")
-            kwargs[k] = pools
-        else:
-            kwargs[k] = tuple(v) if isinstance(cur, tuple) else v
-    return type(obj)(**{**{f.name: getattr(obj, f.name) for f in fields(obj)}, **kwargs})
-
-
-def load_config(preset_name: str = "default", config_file: str | None = None) -> RunConfig:
+def load_config(preset_name: str = "default", config_file: str | None = None,
+                overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """A preset, with a TOML file's `[caption]`, `[nouns]`, `[ground]`, `[segment]`, `[filters]` and
-    `[pipeline]` (with `[pipeline.pools.STAGE]`) tables laid over it."""
+    `[pipeline]` (with `[pipeline.pools.STAGE]`) tables laid over it, then `key=value` overrides in order
+    (`ground.box_threshold=0.3`, `pipeline.pools.segment.num_gpus=1`): subjectdiff.overrides, as for training."""
     cfg = preset(preset_name)
+    values: dict[str, Any] = {}
     if config_file:
         with open(config_file, "rb") as f:
-            data = tomllib.load(f)
-        pipe = data.pop("pipeline", {})
-        cfg = RunConfig(_merge(cfg.stages, data, "config"), _merge(cfg.pipeline, pipe, "pipeline"))
-    return cfg
+            values = tomllib.load(f)
+    for o in overrides:
+        values = merge_dicts(values, parse_override(o))
+    pipe = values.pop("pipeline", {})
+    return RunConfig(apply(cfg.stages, values), apply(cfg.pipeline, pipe, "pipeline."))
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -154,9 +147,12 @@ def _unpack(batch: dict[str, np.ndarray]) -> tuple[list[str], list[dict]]:
     return list(batch["shard"]), [pickle.loads(b) for b in batch["item"]]
 
 
-def read_and_decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Plan rows -> decoded items (a read or decode problem becomes the item's failure)."""
-    from datagen.stages.common import decode_item, fail
+def read_and_decode(batch: dict[str, np.ndarray], filters: stage_config.FilterConfig | None = None
+                    ) -> dict[str, np.ndarray]:
+    """Plan rows -> decoded items (a read or decode problem becomes the item's failure). With FILTERS, an
+    image too small or too elongated fails its size/aspect filter here, before any model sees it."""
+    from datagen.stages.common import decode_item, fail, failed
+    from datagen.stages.filters import prefilter
 
     items, shards = [], []
     for i in range(len(batch["key"])):
@@ -173,6 +169,8 @@ def read_and_decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             except OSError as e:
                 item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read",
                             f"unreadable input: {type(e).__name__}")
+        if filters is not None and not failed(item):
+            item = prefilter(item, filters)
         items.append(item)
         shards.append(str(batch["shard"][i]))
     return _pack(shards, items)
@@ -209,10 +207,58 @@ class StageActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         shards, items = _unpack(batch)
-        out = self.stage(items)
+        return _pack(shards, self.map(items))
+
+    def map(self, items: list[dict]) -> list[dict]:
+        """The stage over a block. An exception the stage does not turn into failures itself (a GPU out of
+        memory on one huge image, a model bug on odd input) does not stop the run: the block is redone one
+        item at a time, and each item that still raises becomes a failure of this stage with its error."""
+        try:
+            out = self.stage(items)
+        except Exception as e:  # noqa: BLE001 - any stage error is recorded per sample below
+            if len(items) == 1:
+                return [self._failed(items[0], e)]
+            log.warning("stage %s raised on a block of %d (%s); redoing it one item at a time",
+                        self.name, len(items), _reason(e))
+            out = []
+            for item in items:
+                try:
+                    out.extend(self.stage([item]))
+                except Exception as e1:  # noqa: BLE001
+                    out.append(self._failed(item, e1))
         if len(out) != len(items):  # a stage must account for every item it was given
             raise RuntimeError(f"stage {self.name} returned {len(out)} items for {len(items)}")
-        return _pack(shards, out)
+        return out
+
+    def _failed(self, item: dict, e: Exception) -> dict:
+        from datagen.stages.common import fail
+
+        if self.name == "fused":  # the item records which of the chained stages it reached
+            stage = next((s for s in ("segment", "ground", "nouns", "caption") if _reached(item, s)), "caption")
+        else:
+            stage = self.name
+        return fail(item, stage, f"error: {_reason(e)}")
+
+
+def _reason(e: BaseException) -> str:
+    """One line for a failure or a manifest: the innermost cause (Ray wraps a stage's error in its own)."""
+    seen = {id(e)}
+    while (inner := getattr(e, "cause", None) or e.__cause__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        e = inner
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _reached(item: dict, stage: str) -> bool:
+    """Whether ITEM got as far as STAGE in a fused chain (its inputs are there)."""
+    need = {"caption": "image", "nouns": "caption", "ground": "nouns", "segment": "detections"}[stage]
+    return item.get(need) is not None
+
+
+def filter_block(batch: dict[str, np.ndarray], cfg: stage_config.DatagenConfig, factory=None) -> dict[str, np.ndarray]:
+    """The image filter over one block, as a Ray task (it holds no model)."""
+    return StageActor("filter", cfg, factory)(batch)
 
 
 class ShardWriterActor:
@@ -224,6 +270,7 @@ class ShardWriterActor:
         self.refresh_s = refresh_s
         self.extra = extra
         self.open: dict[str, ShardWriter] = {}
+        self.closed: set[str] = set()
         self.last_refresh = time.monotonic()
 
     def _writer(self, shard: str) -> ShardWriter:
@@ -235,12 +282,12 @@ class ShardWriterActor:
         shards, items = _unpack(batch)
         ok, stage, completed = [], [], []
         for shard, item in zip(shards, items):
-            w = self._writer(shard)
-            if item["key"] in w:  # a retried block delivered twice: write once
+            if shard in self.closed or item["key"] in self._writer(shard):  # a retried block delivered twice
                 ok.append(True)
                 stage.append("duplicate")
                 completed.append("")
                 continue
+            w = self.open[shard]
             written, failed_stage = self._write(w, item)
             ok.append(written)
             stage.append(failed_stage)
@@ -248,10 +295,11 @@ class ShardWriterActor:
             completed.append(shard if done else "")
             if done:
                 self.open.pop(shard).close()
+                self.closed.add(shard)
                 if time.monotonic() - self.last_refresh > self.refresh_s:
                     self._refresh()
-        return {"ok": np.asarray(ok), "stage": np.asarray(stage, dtype=object),
-                "completed": np.asarray(completed, dtype=object)}
+        return {"shard": np.asarray(shards, dtype=object), "ok": np.asarray(ok),
+                "stage": np.asarray(stage, dtype=object), "completed": np.asarray(completed, dtype=object)}
 
     @staticmethod
     def _write(w: ShardWriter, item: dict) -> tuple[bool, str]:
@@ -329,21 +377,57 @@ class Progress:
               f"{rate:.2f} img/s, ETA {eta_s}", file=self.stream, flush=True)
 
 
-def _plan(src: str, out: Path, shard_size: int) -> dict[str, int]:
-    """Reuse OUT's plan when it was made for the same input and shard size; otherwise make it."""
+# Stage settings that change how fast records are made, not what they hold: a resume may change them.
+_OPERATIONAL = ("device", "batch_size")
+
+
+def stages_fingerprint(cfg: stage_config.DatagenConfig) -> str:
+    """A hash of every stage setting that shapes the records (models, thresholds, filters, dtypes)."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in sorted(x.items()) if k not in _OPERATIONAL}
+        return list(x) if isinstance(x, tuple) else x
+
+    blob = json.dumps(strip({k: v for k, v in cfg.to_json().items() if k != "name"}), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _plan(src: str, out: Path, shard_size: int, fingerprint: str, map_urls=None) -> dict[str, int]:
+    """Reuse OUT's plan when it was made for the same input, shard size and stage settings; else make it."""
     plan, meta_path = out / "_plan.parquet", out / "_plan.json"
-    want = {"input": src, "shard_size": shard_size}
+    want = {"input": src, "shard_size": shard_size, "stages": fingerprint}
     if plan.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if {k: meta.get(k) for k in want} != want:
+        if meta.get("input") != src or meta.get("shard_size") != shard_size:
             raise sources.SourceError(
                 f"{out} holds a run of input {meta.get('input')!r} with shard_size {meta.get('shard_size')}; "
                 "use another --output (or the same input and settings to resume)"
             )
+        if meta.get("stages", fingerprint) != fingerprint:
+            raise sources.SourceError(
+                f"{out} holds records made with other stage settings (models, thresholds or filters; "
+                f"fingerprint {meta['stages']}, now {fingerprint}): resuming would mix them. Use another "
+                "--output, or the config of that run (its manifest.json has it)"
+            )
         return meta["shards"]
-    counts = sources.write_plan(src, plan, shard_size)
+    counts = sources.write_plan(src, plan, shard_size, map_urls=map_urls)
     meta_path.write_text(json.dumps({**want, "shards": counts, "created": time.time()}))
     return counts
+
+
+def _ray_map(fn, urls):
+    """sources.write_plan's map_urls on Ray: FN over URLS as tasks, a bounded number in flight, in order."""
+    import ray
+
+    task = ray.remote(num_cpus=0.5, max_retries=3)(fn)
+    window = max(4, int(ray.cluster_resources().get("CPU", 2)) * 2)
+    pending = []
+    for url in urls:
+        pending.append(task.remote(url))
+        if len(pending) >= window:
+            yield ray.get(pending.pop(0))
+    for ref in pending:
+        yield ray.get(ref)
 
 
 def _clean_partial(out: Path, shards: list[str]) -> None:
@@ -360,7 +444,8 @@ def _cpu_slots(cfg: PipelineConfig) -> float:
     return pools + cfg.read_num_cpus * 2 + cfg.writer_num_cpus + 1.0
 
 
-def _init_ray(address: str | None, cfg: PipelineConfig) -> None:
+def _init_ray(address: str | None, cfg: PipelineConfig) -> bool:
+    """Connect to ADDRESS, or start a local Ray; True when this call started a local one."""
     import ray
 
     if not ray.is_initialized():
@@ -372,17 +457,28 @@ def _init_ray(address: str | None, cfg: PipelineConfig) -> None:
             # Ray Data would wait forever for a slot that an actor keeps.
             slots = max(os.cpu_count() or 1, int(_cpu_slots(cfg) + 0.999))
             ray.init(num_cpus=slots, include_dashboard=False, log_to_driver=False)
+            return True
+    return False
 
 
-def _resolve_gpus(cfg: PipelineConfig) -> None:
+def _resolve_gpus(cfg: PipelineConfig, local: bool) -> None:
+    """A Ray started here that has no GPU never will: its GPU stages run on CPU. On a cluster, GPU nodes
+    may not exist yet (an autoscaler starts them when the GPU actors ask): the requests stay."""
     import ray
 
     if ray.cluster_resources().get("GPU", 0) > 0:
         return
-    for name, pool in cfg.pools.items():
-        if pool.num_gpus > 0:
-            print(f"[datagen] no GPU in the Ray cluster: stage {name} runs on CPU", file=sys.stderr)
-            pool.num_gpus = 0.0
+    wanted = [name for name, pool in cfg.pools.items() if pool.num_gpus > 0]
+    if not wanted:
+        return
+    if not local:
+        print(f"[datagen] no GPU node in the Ray cluster yet: stages {', '.join(wanted)} wait for the "
+              "autoscaler to add one (set their pipeline.pools.STAGE.num_gpus = 0 to run them on CPU)",
+              file=sys.stderr)
+        return
+    for name in wanted:
+        print(f"[datagen] no GPU on this machine: stage {name} runs on CPU", file=sys.stderr)
+        cfg.pools[name].num_gpus = 0.0
 
 
 def _build_dataset(out: Path, todo: list[str], counts: dict[str, int], cfg: RunConfig, extra: dict[str, Any],
@@ -390,7 +486,6 @@ def _build_dataset(out: Path, todo: list[str], counts: dict[str, int], cfg: RunC
     import ray
     from ray.data import ActorPoolStrategy
     from ray.data.expressions import col
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # shards are written in plan order: reruns are identical
@@ -400,28 +495,28 @@ def _build_dataset(out: Path, todo: list[str], counts: dict[str, int], cfg: RunC
     ds = ray.data.read_parquet(str(out / "_plan.parquet"))
     if len(todo) < len(counts):  # a resumed run: only the shards still to do
         ds = ds.filter(expr=col("shard").is_in(todo))
-    ds = ds.map_batches(read_and_decode, batch_size=p.batch_size, num_cpus=p.read_num_cpus)
+    ds = ds.map_batches(read_and_decode, fn_kwargs={"filters": cfg.stages.filters}, batch_size=p.batch_size,
+                        num_cpus=p.read_num_cpus)
     if p.fuse:
         pools = [p.pools[n] for n in _MODEL_STAGES]
         ds = ds.map_batches(StageActor, fn_constructor_args=("fused", cfg.stages, factory), batch_size=p.batch_size,
                             compute=ActorPoolStrategy(size=max(x.concurrency for x in pools)),
                             num_gpus=min(1.0, sum(x.num_gpus for x in pools)),
-                            num_cpus=max(x.num_cpus for x in pools), max_restarts=-1, max_task_retries=-1)
+                            num_cpus=max(x.num_cpus for x in pools))
     for name in STAGES if not p.fuse else ():
-        if name == "filter":
-            ds = ds.map_batches(StageActor, fn_constructor_args=(name, cfg.stages, factory),
-                                batch_size=p.batch_size, compute=ActorPoolStrategy(size=1),
-                                num_cpus=p.read_num_cpus)
+        if name == "filter":  # no model: plain tasks, as many as there are free CPUs
+            ds = ds.map_batches(filter_block, fn_kwargs={"cfg": cfg.stages, "factory": factory},
+                                batch_size=p.batch_size, num_cpus=p.read_num_cpus)
             continue
         pool = p.pools[name]
         ds = ds.map_batches(StageActor, fn_constructor_args=(name, cfg.stages, factory), batch_size=p.batch_size,
-                            compute=ActorPoolStrategy(size=pool.concurrency), num_gpus=pool.num_gpus, num_cpus=pool.num_cpus,
-                            max_restarts=-1, max_task_retries=-1)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+                            compute=ActorPoolStrategy(size=pool.concurrency), num_gpus=pool.num_gpus,
+                            num_cpus=pool.num_cpus)
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}  # the label every Ray node carries
     return ds.map_batches(ShardWriterActor, fn_constructor_args=(str(out), {s: counts[s] for s in todo},
                                                                  p.catalog_refresh_s, extra),
                           batch_size=p.batch_size, compute=ActorPoolStrategy(size=1), num_cpus=p.writer_num_cpus,
-                          scheduling_strategy=here)
+                          label_selector=here)
 
 
 def run(src: str, out: str | os.PathLike, cfg: RunConfig, *, ray_address: str | None = None,
@@ -433,32 +528,41 @@ def run(src: str, out: str | os.PathLike, cfg: RunConfig, *, ray_address: str | 
     t0 = time.time()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if "://" not in src and (os.path.exists(src) or "{" not in src):
-        src = os.path.abspath(src)  # local paths are recorded absolute; URLs and brace patterns as given
-    counts = _plan(src, out, cfg.pipeline.shard_size)
+    if "://" not in src:
+        src = os.path.abspath(src)  # local paths (brace patterns too) are recorded absolute: any worker opens them
+    local = _init_ray(ray_address, cfg.pipeline)
+    counts = _plan(src, out, cfg.pipeline.shard_size, stages_fingerprint(cfg.stages), map_urls=_ray_map)
     total = sum(counts.values())
     done_before = [s for s in counts if is_complete(out, s)]
     manifest = Manifest(out, src, cfg, command or sys.argv)
-    _init_ray(ray_address, cfg.pipeline)
-    _resolve_gpus(cfg.pipeline)
-    prog = Progress(total - sum(counts[s] for s in done_before), every=progress_every)
-    ok = failed = 0
-    todo: list[str] = []
-    for _attempt in range(cfg.pipeline.max_attempts):
-        todo = [s for s in counts if not is_complete(out, s)]
-        if not todo:
-            break
-        _clean_partial(out, todo)
-        ds = _build_dataset(out, todo, counts, cfg, {"run_start": t0}, stage_factory)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            real = batch["stage"] != "duplicate"
-            n_ok, n_failed = int((batch["ok"] & real).sum()), int((~batch["ok"]).sum())
-            ok, failed = ok + n_ok, failed + n_failed
-            prog.update(n_ok, n_failed)
-    prog.update(0, 0, force=True)
-    incomplete = [s for s in counts if not is_complete(out, s)]
-    print(catalog.build(out).summary(), file=sys.stderr)
-    summary = RunSummary(len(counts), total, ok, failed, time.time() - t0, len(done_before), incomplete)
+    try:
+        _resolve_gpus(cfg.pipeline, local or not ray_address)
+        prog = Progress(total - sum(counts[s] for s in done_before), every=progress_every)
+        per_shard: dict[str, list[int]] = {}  # shard -> [ok, failed] written by this run
+        todo: list[str] = []
+        for _attempt in range(cfg.pipeline.max_attempts):
+            todo = [s for s in counts if not is_complete(out, s)]
+            if not todo:
+                break
+            _clean_partial(out, todo)
+            for s in todo:  # redone whole: what an earlier attempt wrote to it is gone
+                prog.update(-per_shard.get(s, [0, 0])[0], -per_shard.get(s, [0, 0])[1])
+                per_shard[s] = [0, 0]
+            ds = _build_dataset(out, todo, counts, cfg, {"run_start": t0}, stage_factory)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                real = batch["stage"] != "duplicate"
+                for shard, is_ok, is_real in zip(batch["shard"], batch["ok"], real):
+                    per_shard[shard][0 if is_ok else 1] += int(bool(is_real))
+                n_ok, n_failed = int((batch["ok"] & real).sum()), int((~batch["ok"]).sum())
+                prog.update(n_ok, n_failed)
+        prog.update(0, 0, force=True)
+        incomplete = [s for s in counts if not is_complete(out, s)]
+        print(catalog.build(out).summary(), file=sys.stderr)
+        ok, failed = sum(v[0] for v in per_shard.values()), sum(v[1] for v in per_shard.values())
+        summary = RunSummary(len(counts), total, ok, failed, time.time() - t0, len(done_before), incomplete)
+    except BaseException as e:
+        manifest.abort(e)
+        raise
     manifest.finish(summary)
     return summary
 
@@ -478,14 +582,17 @@ def _versions() -> dict[str, str]:
 
 
 def _revision() -> str | None:
+    """The git commit of this code (+dirty), or $SUBJECTDIFF_REVISION where the checkout has no .git
+    (cluster nodes get the code without it: docs/cluster.md passes the revision in the job's env)."""
+    env = os.environ.get("SUBJECTDIFF_REVISION")
     here = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.TimeoutExpired):
-        return None
+        return env
     if rev.returncode != 0:
-        return None
+        return env
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
@@ -499,10 +606,22 @@ def _models(cfg: stage_config.DatagenConfig) -> dict[str, Any]:
         ground["text_encoder"] = ck["ground.text_encoder"]
     return {
         "caption": {"kind": cfg.caption.kind, **ck["caption.model"]},
-        "nouns": {"spacy_model": cfg.nouns.spacy_model, "mode": cfg.nouns.mode},
+        "nouns": {"spacy_model": cfg.nouns.spacy_model, "mode": cfg.nouns.mode, **_spacy_version(cfg.nouns)},
         "ground": ground,
         "segment": {"model_type": cfg.segment.model_type, **ck["segment.checkpoint"]},
     }
+
+
+def _spacy_version(cfg: stage_config.NounsConfig) -> dict[str, str]:
+    """The spaCy pipeline "auto" picks (the first installed), with its version, without loading it."""
+    from datagen.stages.nouns import SPACY_MODELS
+
+    for name in SPACY_MODELS if cfg.spacy_model == "auto" else (cfg.spacy_model,):
+        try:
+            return {"spacy_pipeline": name, "spacy_pipeline_version": metadata.version(name.replace("_", "-"))}
+        except metadata.PackageNotFoundError:
+            continue
+    return {}
 
 
 class Manifest:
@@ -540,6 +659,12 @@ class Manifest:
         self.data["counts"] = st
         self.data["start"] = self.data["runs"][0]["start"]
         self.data["end"] = self.run["end"]
+        self._write()
+
+    def abort(self, e: BaseException) -> None:
+        """The run stopped on an error (or was interrupted): say so, and why, instead of 'running'."""
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        self.run.update(end=time.time(), status=status, error=_reason(e) if isinstance(e, Exception) else status)
         self._write()
 
     def _write(self) -> None:

@@ -1,39 +1,63 @@
 """Inputs of a datagen run: list them once into a plan, then read any unit of the plan on demand.
 
 SRC may be:
-    - a folder of images, searched recursively (files with an image extension; other files are ignored);
-    - webdataset shards: one .tar, a brace pattern like `data/{00000..00099}.tar`, local or any fsspec URL;
-    - an img2dataset output folder (its tars with jpg/txt/json, beside its Parquet and `_stats.json`):
-      a folder holding .tar files is read as shards, and each sample's `txt` becomes the record's alt_text
-      and its `json` "url" the record's source;
-    - a Parquet or CSV list of image paths or URLs (column `path`, `url`, `image_path`, `filepath` or
-      `image`; an optional `caption`, `text` or `alt_text` column becomes alt_text).
+    - a folder of images, local or an fsspec URL (`s3://bucket/photos/`, `memory://imgs/`), searched
+      recursively (files with an image extension; other files are ignored). A local folder is walked in
+      sorted order, files before subfolders; a URL folder is listed with `fs.find`, in sorted path order;
+    - webdataset shards: one .tar, a brace pattern like `data/{00000..00099}.tar`, local or any fsspec URL
+      (`file://`, `s3://`, ...), or a folder (local or URL) holding .tar files (a local folder's top-level
+      tars; a URL folder's tars at any depth). Members are grouped into samples by key, as webdataset
+      groups them; a sample's image member (jpg, jpeg, png, webp, bmp, gif, tif or tiff) is the unit, its
+      `txt` becomes the record's alt_text and its `json` "url" the record's source. A sample with no image
+      member is planned as a failed unit ("no image member in sample (members: txt, json)");
+    - an img2dataset output folder (its tars with jpg/txt/json, beside its Parquet and `_stats.json`): read
+      as shards, and each row of a tar's `NNNNN.parquet` whose `status` is not "success" (a failed download
+      or resize, which never reached the tar) is planned as a failed unit, source its `url`, error
+      "img2dataset <status>: <error_message>", so every URL of the original list is accounted for;
+    - a Parquet or CSV list of image paths or URLs, local or an fsspec URL (column `path`, `url`,
+      `image_path`, `filepath` or `image`; an optional `caption`, `text` or `alt_text` column becomes
+      alt_text). It is streamed, never loaded whole. Relative paths are relative to the list's folder;
+      a row without a path is planned as a failed unit.
 
-The plan is a Parquet file with one row per input unit, in a deterministic order, streamed to disk in
-chunks (a 10M-image folder never sits in memory). A unit is read either as a whole file (`offset` -1) or as
-`size` bytes at `offset` inside a tar, so any unit can be read alone, in any order, by any worker.
+Nothing is dropped silently: a tar that cannot be opened is one failed unit; a tar that breaks partway
+(a corrupt header, a read error) keeps the units listed before the break and adds one failed unit for the
+rest; a tar cut short inside a member that is not an image adds one failed unit too (a cut image member
+fails when it is read).
+
+The plan is a Parquet file with one row per input unit, in a deterministic order. The units are streamed
+to a temporary Parquet in chunks, then DuckDB (memory-limited, spilling next to the plan) keeps the first
+unit of each key, numbers and shards them and writes the plan, so a 10M-image input never sits in the
+driver's memory. Tar shards can be listed in parallel (`write_plan(..., map_urls=...)`). A unit is read
+either as a whole file (`offset` -1) or as `size` bytes at `offset` inside a tar, so any unit can be read
+alone, in any order, by any worker (`read_unit`, which retries transient errors).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
+import shutil
 import tarfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
 import fsspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalogs.schema import make_key
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-_TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # preference order in a sample
 _PATH_COLUMNS = ("path", "url", "image_path", "filepath", "image")
 _TEXT_COLUMNS = ("caption", "text", "alt_text")
+_LIST_BATCH = 10_000
+_RETRY_DELAYS = (0.2, 0.8)  # seconds before read_unit's 2nd and 3rd attempts
 
 PLAN_SCHEMA = pa.schema(
     [
@@ -45,9 +69,11 @@ PLAN_SCHEMA = pa.schema(
         ("offset", pa.int64()),  # -1: the whole file; else the member's data offset in the tar
         ("size", pa.int64()),
         ("alt_text", pa.string()),
-        ("error", pa.string()),  # set when the unit could not even be listed (bad tar member)
+        ("error", pa.string()),  # set when the unit could not even be listed (bad tar member, failed download)
     ]
 )
+# The units as listed, before de-duplication: `seq` is the listing order.
+_RAW_SCHEMA = pa.schema([("seq", pa.int64())] + [f for f in PLAN_SCHEMA if f.name not in ("shard", "idx")])
 
 
 class SourceError(ValueError):
@@ -64,6 +90,49 @@ class Unit:
     error: str | None = None
 
 
+def _is_url(src: str) -> bool:
+    return "://" in src or "::" in src
+
+
+def _is_local(path: str) -> bool:
+    return not _is_url(path) or path.startswith(("file://", "local://"))
+
+
+def _url_fs(src: str):
+    """(filesystem, path) of a URL; SourceError when fsspec cannot serve it."""
+    try:
+        return fsspec.core.url_to_fs(src)
+    except (ImportError, ValueError) as e:
+        raise SourceError(f"input {src!r}: fsspec cannot open this URL ({e})") from e
+
+
+def _url_isdir(src: str) -> bool:
+    fs, path = _url_fs(src)
+    try:
+        return bool(fs.isdir(path))
+    except OSError as e:  # no access, no network: say so rather than "not a folder"
+        raise SourceError(f"input {src!r} cannot be listed: {type(e).__name__}: {e}") from e
+
+
+def _find(src: str) -> list[str]:
+    """Every file under the URL folder SRC, recursively, as URLs spelled like SRC, in sorted order."""
+    fs, root = _url_fs(src)
+    root = root.rstrip("/")
+    prefix = src if src.endswith("/") else src + "/"
+    urls = []
+    for p in sorted(fs.find(root)):
+        if p.startswith(root + "/"):
+            urls.append(prefix + p[len(root) + 1:])
+        else:  # a filesystem that spells paths otherwise: its own full URL
+            urls.append(fs.unstrip_protocol(p))
+    return urls
+
+
+def _is_visible_image(url: str) -> bool:
+    name = posixpath.basename(url)
+    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+
+
 def detect(src: str) -> str:
     """'folder', 'shards' or 'list' for SRC; SourceError when it is none of them."""
     low = src.lower()
@@ -71,24 +140,35 @@ def detect(src: str) -> str:
         return "list"
     if "{" in src or low.endswith(".tar"):
         return "shards"
-    if os.path.isdir(src):
+    if _is_url(src):
+        if _url_isdir(src):
+            return "shards" if any(u.lower().endswith(".tar") for u in _find(src)) else "folder"
+    elif os.path.isdir(src):
         return "shards" if any(Path(src).glob("*.tar")) else "folder"
     raise SourceError(
         f"input {src!r} is not a folder, a .tar / brace pattern of shards, or a .parquet/.csv list of images"
     )
 
 
-def iter_units(src: str) -> Iterator[Unit]:
+def _shard_urls(src: str) -> list[str]:
+    if not _is_url(src) and os.path.isdir(src):
+        return sorted(str(p) for p in Path(src).glob("*.tar"))
+    if "{" in src or src.lower().endswith(".tar"):
+        return list(braceexpand.braceexpand(src))
+    return [u for u in _find(src) if u.lower().endswith(".tar")]
+
+
+def iter_units(src: str, map_urls: Callable[[Callable, Iterable[str]], Iterable] | None = None) -> Iterator[Unit]:
+    """SRC's units in plan order (before de-duplication). MAP_URLS: see write_plan."""
     kind = detect(src)
     if kind == "folder":
-        yield from _folder_units(src)
-    elif kind == "shards":
-        if os.path.isdir(src):
-            urls = sorted(str(p) for p in Path(src).glob("*.tar"))
+        if _is_url(src):
+            yield from (Unit(source=u, path=u) for u in _find(src) if _is_visible_image(u))
         else:
-            urls = list(braceexpand.braceexpand(src))
-        for url in urls:
-            yield from _tar_units(url)
+            yield from _folder_units(src)
+    elif kind == "shards":
+        for units in (map_urls or map)(list_tar, _shard_urls(src)):
+            yield from units
     else:
         yield from _list_units(src)
 
@@ -103,126 +183,313 @@ def _folder_units(root: str) -> Iterator[Unit]:
                 yield Unit(source=p, path=p)
 
 
-def _tar_units(url: str) -> Iterator[Unit]:
-    """One unit per sample (members grouped by key, as webdataset groups them) that has an image."""
+def list_tar(url: str) -> list[Unit]:
+    """The units of one shard: its samples, in tar order, then the failed downloads of its img2dataset
+    Parquet (if any). Module-level and picklable: write_plan's map_urls may run it as a remote task."""
+    return _tar_units(url) + _img2dataset_failures(url)
+
+
+def _tar_units(url: str) -> list[Unit]:
+    """One unit per sample (members grouped by key, as webdataset groups them); see the module docstring
+    for what becomes of a sample without an image and of a tar that cannot be fully listed."""
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}  # key -> ext -> member, both in tar order
+    texts: dict[tuple[str, str], bytes] = {}
+    rest: str | None = None  # why the tar could not be listed to its end
     try:
         with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
-            groups: dict[str, dict[str, tarfile.TarInfo]] = {}
-            order: list[str] = []
-            bad: list[tuple[str, str]] = []
+            last: tarfile.TarInfo | None = None
             while True:
                 try:
                     m = tf.next()
-                except tarfile.TarError as e:  # a corrupt header ends what can be listed
-                    # A tar cut short inside its last member: that member fails on read and accounts for
-                    # it. Anything else unlistable is one failure of its own.
-                    if not (order and "unexpected end" in str(e)):
-                        bad.append((f"{url}#<after {len(order)} samples>", f"unreadable tar member: {e}"))
+                    if m is None:
+                        rest = _early_end(f, tf.offset)
+                        break
+                    last = m
+                    if not m.isfile():
+                        continue
+                    base = posixpath.basename(m.name)
+                    if "." not in base:
+                        continue
+                    stem, ext = base.split(".", 1)
+                    key, ext = posixpath.join(posixpath.dirname(m.name), stem), ext.lower()
+                    groups.setdefault(key, {})[ext] = m
+                    if ext in ("txt", "json"):
+                        texts[(key, ext)] = tf.extractfile(m).read()
+                except (OSError, tarfile.TarError) as e:
+                    rest = _listing_break(e, f, last)
                     break
-                if m is None:
-                    break
-                if not m.isfile():
-                    continue
-                base = os.path.basename(m.name)
-                if "." not in base:
-                    continue
-                stem, ext = base.split(".", 1)
-                key = os.path.join(os.path.dirname(m.name), stem)
-                if key not in groups:
-                    groups[key] = {}
-                    order.append(key)
-                groups[key][ext.lower()] = m
-            texts = {}
-            for key in order:
-                g = groups[key]
-                for ext in ("txt", "json"):
-                    if ext in g:
-                        texts[(key, ext)] = tf.extractfile(g[ext]).read()
-    except (OSError, tarfile.TarError) as e:
-        yield Unit(source=url, path=url, error=f"unreadable tar: {e}")
-        return
-    for key in order:
-        g = groups[key]
+    except (OSError, tarfile.TarError) as e:  # not even a tar header could be read
+        return [Unit(source=url, path=url, error=f"unreadable tar: {e}")]
+    units = []
+    for key, g in groups.items():
+        meta_url = _json_url(texts.get((key, "json")))
         ext = next((e for e in _TAR_IMAGE_EXTS if e in g), None)
         if ext is None:
+            units.append(Unit(source=meta_url or f"{url}#{key}", path=url,
+                              error=f"no image member in sample (members: {', '.join(g)})"))
             continue
         m = g[ext]
-        source = f"{url}#{m.name}"
-        meta_raw = texts.get((key, "json"))
-        if meta_raw:
-            try:
-                source = json.loads(meta_raw).get("url") or source
-            except (ValueError, AttributeError):
-                pass
         txt = texts.get((key, "txt"))
         alt = txt.decode("utf-8", "replace").strip() if txt else None
-        yield Unit(source=source, path=url, offset=m.offset_data, size=m.size, alt_text=alt or None)
-    for source, reason in bad:
-        yield Unit(source=source, path=url, error=reason)
+        units.append(Unit(source=meta_url or f"{url}#{m.name}", path=url, offset=m.offset_data, size=m.size,
+                          alt_text=alt or None))
+    if rest is not None:
+        units.append(Unit(source=f"{url}#<after {len(groups)} samples>", path=url, error=rest))
+    return units
 
 
-def _list_units(src: str) -> Iterator[Unit]:
+def _json_url(raw: bytes | None) -> str | None:
+    """The "url" of a sample's json member (img2dataset writes the image's URL there), if any."""
+    if not raw:
+        return None
+    try:
+        url = json.loads(raw).get("url")
+    except (ValueError, AttributeError):
+        return None
+    return str(url) if url else None
+
+
+def _early_end(f, offset: int) -> str | None:
+    """tarfile ends a listing silently at an invalid header; None when OFFSET holds a real end of archive
+    (a zero block, or the end of the file), else why the rest of the tar is lost."""
+    f.seek(offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    if not block.strip(tarfile.NUL):
+        return None
+    return f"unreadable tar member: invalid tar header at byte {offset}; the rest of the tar is not listed"
+
+
+def _listing_break(e: Exception, f, last: tarfile.TarInfo | None) -> str | None:
+    """Why the rest of a tar is lost after E, or None when a unit already accounts for the loss: a tar
+    cut short inside an image member's data, which then fails when it is read."""
+    if "unexpected end" in str(e) and last is not None and last.isfile():
+        ext = posixpath.basename(last.name).partition(".")[2].lower()
+        try:
+            cut = _file_size(f) < last.offset_data + last.size
+        except (OSError, ValueError):
+            cut = False
+        if cut and ext in _TAR_IMAGE_EXTS:
+            return None
+    return f"unreadable tar member: {e}; the rest of the tar is not listed"
+
+
+def _file_size(f) -> int:
+    pos = f.tell()
+    try:
+        return f.seek(0, 2)
+    finally:
+        f.seek(pos)
+
+
+def _parquet_batches(pf: pq.ParquetFile, columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """PF's batches, one row group at a time: over a whole file, pyarrow 26's iter_batches keeps memory for all
+    it has read (~400 MB over a 12M-row plan here; cf. apache/arrow#39808); per row group it stays flat."""
+    for i in range(pf.num_row_groups):
+        yield from pf.iter_batches(batch_size=batch_size, row_groups=[i], columns=columns)
+
+
+def _img2dataset_failures(url: str) -> list[Unit]:
+    """The rows of the img2dataset Parquet beside a NNNNN.tar whose status is not "success"."""
+    if not url.lower().endswith(".tar"):
+        return []
+    pq_url = url[:-4] + ".parquet"
+    try:
+        fs, path = fsspec.core.url_to_fs(pq_url)
+        if not fs.isfile(path):
+            return []
+    except Exception:  # noqa: BLE001 (optional metadata: a failed probe reads the tar alone, as without one)
+        return []
+    units = []
+    try:
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names = pf.schema_arrow.names
+            if "url" not in names or "status" not in names:
+                return []  # not img2dataset's Parquet
+            cols = [c for c in ("key", "url", "status", "error_message") if c in names]
+            for batch in _parquet_batches(pf, cols, _LIST_BATCH):
+                d = batch.to_pydict()
+                for i, status in enumerate(d["status"]):
+                    if status == "success":
+                        continue
+                    msg = d["error_message"][i] if "error_message" in d else None
+                    src = d["url"][i] or f"{pq_url}#{d['key'][i] if 'key' in d else i}"
+                    units.append(Unit(source=str(src), path=pq_url,
+                                      error=f"img2dataset {status}: {msg if msg is not None else 'no error message'}"))
+    except (OSError, pa.ArrowException, ValueError) as e:
+        return [Unit(source=pq_url, path=pq_url, error=f"unreadable img2dataset parquet: {e}")]
+    return units
+
+
+def _list_batches(f, src: str) -> Iterator[tuple[pa.RecordBatch, str, str | None]]:
+    """Record batches of the list's path (and text) column, streamed; SourceError without a path column."""
+
+    def columns(names: list[str]) -> tuple[str, str | None]:
+        col = next((c for c in _PATH_COLUMNS if c in names), None)
+        if col is None:
+            raise SourceError(f"{src}: no image column; expected one of {_PATH_COLUMNS}, found {names}")
+        return col, next((c for c in _TEXT_COLUMNS if c in names), None)
+
     if src.lower().endswith(".csv"):
         import pyarrow.csv as pacsv
 
-        table = pacsv.read_csv(src)
+        col, text_col = columns(pacsv.open_csv(f).schema.names)
+        f.seek(0)
+        wanted = [col] + ([text_col] if text_col else [])
+        reader = pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
+            include_columns=wanted, column_types={c: pa.string() for c in wanted}))
+        for batch in reader:
+            yield batch, col, text_col
     else:
-        table = pq.read_table(src)
-    col = next((c for c in _PATH_COLUMNS if c in table.column_names), None)
-    if col is None:
-        raise SourceError(f"{src}: no image column; expected one of {_PATH_COLUMNS}, found {table.column_names}")
-    text_col = next((c for c in _TEXT_COLUMNS if c in table.column_names), None)
-    base = os.path.dirname(os.path.abspath(src))
-    for batch in table.to_batches(10_000):
-        paths = batch.column(col).to_pylist()
-        texts = batch.column(text_col).to_pylist() if text_col else [None] * len(paths)
-        for p, t in zip(paths, texts):
-            if p is None:
-                continue
-            p = str(p)
-            if "://" not in p and not os.path.isabs(p):
-                p = os.path.join(base, p)  # relative paths are relative to the list file
-            yield Unit(source=p, path=p, alt_text=str(t) if t else None)
+        pf = pq.ParquetFile(f)
+        col, text_col = columns(pf.schema_arrow.names)
+        for batch in _parquet_batches(pf, [col] + ([text_col] if text_col else []), _LIST_BATCH):
+            yield batch, col, text_col
 
 
-def write_plan(src: str, plan_path: str | os.PathLike, shard_size: int, *, chunk: int = 50_000) -> dict[str, int]:
+def _list_units(src: str) -> Iterator[Unit]:
+    if _is_url(src):
+        base, join = src.rsplit("/", 1)[0], lambda b, p: f"{b}/{p}"
+    else:
+        base, join = os.path.dirname(os.path.abspath(src)), os.path.join
+    row = 0
+    try:
+        with fsspec.open(src, "rb") as f:
+            for batch, col, text_col in _list_batches(f, src):
+                paths = batch.column(col).to_pylist()
+                texts = batch.column(text_col).to_pylist() if text_col else [None] * len(paths)
+                for p, t in zip(paths, texts):
+                    row += 1
+                    if isinstance(p, bytes):
+                        p = p.decode("utf-8", "replace")
+                    if p is None or not str(p).strip():
+                        yield Unit(source=f"{src}#row={row}", path=src, alt_text=str(t) if t else None,
+                                   error=f"list row {row} has no image path")
+                        continue
+                    p = str(p)
+                    if not _is_url(p) and not os.path.isabs(p):
+                        p = join(base, p)  # relative paths are relative to the list file
+                    yield Unit(source=p, path=p, alt_text=str(t) if t else None)
+    except FileNotFoundError as e:
+        raise SourceError(f"input list {src!r} does not exist") from e
+    except pa.ArrowInvalid as e:
+        raise SourceError(f"input list {src!r} cannot be read: {e}") from e
+
+
+def _sql_str(s: str | os.PathLike) -> str:
+    return "'" + str(s).replace("'", "''") + "'"
+
+
+def write_plan(src: str, plan_path: str | os.PathLike, shard_size: int, *, chunk: int = 50_000,
+               map_urls: Callable[[Callable, Iterable[str]], Iterable] | None = None,
+               memory_limit: str = "1GB") -> dict[str, int]:
     """List SRC's units into a Parquet plan, shard_size units per shard; returns {shard: unit count}.
 
-    Duplicate sources (the same file listed twice) are planned once: one source, one key, one record.
+    Duplicate sources (the same file listed twice) are planned once, at their first place: one source, one
+    key, one record. MAP_URLS, when given, is `map_urls(fn, urls) -> results of fn(url), in order` (e.g.
+    Ray tasks, a bounded number in flight): each tar shard is listed through it with fn = `list_tar`.
+    The default is the built-in `map`, in this process. MEMORY_LIMIT bounds DuckDB's de-duplication, which
+    spills to a folder next to the plan beyond it.
     """
+    import duckdb
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     plan_path = Path(plan_path)
     tmp = plan_path.with_name(plan_path.name + ".tmp")
+    raw = plan_path.with_name(plan_path.name + ".raw.parquet")
+    spill = plan_path.with_name(plan_path.name + ".spill")
+    names = _RAW_SCHEMA.names
+    try:
+        with pq.ParquetWriter(raw, _RAW_SCHEMA) as w:
+            cols: dict[str, list] = {n: [] for n in names}
+            for seq, u in enumerate(iter_units(src, map_urls)):
+                for n, v in zip(names, (seq, make_key(u.source), u.source, u.path, u.offset, u.size, u.alt_text,
+                                        u.error)):
+                    cols[n].append(v)
+                if len(cols["seq"]) >= chunk:
+                    w.write_table(pa.table(cols, schema=_RAW_SCHEMA))
+                    cols = {n: [] for n in names}
+            if cols["seq"]:
+                w.write_table(pa.table(cols, schema=_RAW_SCHEMA))
+        spill.mkdir(exist_ok=True)
+        con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": str(spill)})
+        try:
+            # The units to drop: every unit of a key after its first. The aggregate and the join read only
+            # (key, seq) and spill beyond memory_limit; the join's build side holds only duplicated keys.
+            r = f"read_parquet({_sql_str(raw)})"
+            dups = con.sql(f"""
+                WITH dupkeys AS (SELECT key, min(seq) AS first FROM {r} GROUP BY key HAVING count(*) > 1)
+                SELECT u.seq FROM {r} AS u JOIN dupkeys AS d ON u.key = d.key WHERE u.seq > d.first ORDER BY u.seq
+            """).to_arrow_reader(chunk)
+            counts = _write_kept(raw, tmp, (b.column(0).to_numpy() for b in dups), shard_size, chunk)
+        finally:
+            con.close()
+        os.replace(tmp, plan_path)
+    finally:
+        raw.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+        shutil.rmtree(spill, ignore_errors=True)
+    return counts
+
+
+def _write_kept(raw: Path, out: Path, dups: Iterator[np.ndarray], shard_size: int, chunk: int) -> dict[str, int]:
+    """Stream RAW (in listing order) into the plan OUT without the units whose seq is in DUPS (ascending),
+    numbering the rest 0..n-1 and cutting them into shards; returns {shard: count}."""
     counts: dict[str, int] = {}
-    seen: set[str] = set()
-    rows: list[dict] = []
-    n = 0
-    with pq.ParquetWriter(tmp, PLAN_SCHEMA) as w:
-        for u in iter_units(src):
-            key = make_key(u.source)
-            if key in seen:
+    pending = np.empty(0, np.int64)
+    more, n = True, 0
+    with pq.ParquetWriter(out, PLAN_SCHEMA) as w:
+        for batch in _parquet_batches(pq.ParquetFile(raw), None, chunk):
+            seq = batch.column("seq").to_numpy()
+            if not len(seq):
                 continue
-            seen.add(key)
-            shard = f"{n // shard_size:05d}"
-            counts[shard] = counts.get(shard, 0) + 1
-            rows.append({"shard": shard, "idx": n, "key": key, "source": u.source, "path": u.path,
-                         "offset": u.offset, "size": u.size, "alt_text": u.alt_text, "error": u.error})
-            n += 1
-            if len(rows) >= chunk:
-                w.write_table(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA))
-                rows = []
-        if rows:
-            w.write_table(pa.Table.from_pylist(rows, schema=PLAN_SCHEMA))
-    os.replace(tmp, plan_path)
+            while more and (not len(pending) or pending[-1] <= seq[-1]):
+                nxt = next(dups, None)
+                if nxt is None:
+                    more = False
+                else:
+                    pending = np.concatenate([pending, nxt])
+            cut = int(np.searchsorted(pending, seq[-1], side="right"))
+            kept = pa.Table.from_batches([batch]).filter(pa.array(~np.isin(seq, pending[:cut])))
+            pending = pending[cut:]
+            if not kept.num_rows:
+                continue
+            idx = np.arange(n, n + kept.num_rows, dtype=np.int64)
+            n += kept.num_rows
+            shards, sizes = np.unique(idx // shard_size, return_counts=True)
+            labels = [f"{s:05d}" for s in shards]
+            for label, size in zip(labels, sizes):
+                counts[label] = counts.get(label, 0) + int(size)
+            cols = {"shard": pa.array(np.repeat(np.array(labels, dtype=object), sizes), pa.string()), "idx": idx}
+            w.write_table(pa.table({**cols, **{c: kept[c] for c in PLAN_SCHEMA.names[2:]}}, schema=PLAN_SCHEMA))
     return counts
 
 
 def read_unit(path: str, offset: int, size: int) -> bytes:
-    """The bytes of one unit: a whole file, or `size` bytes at `offset` of a tar (local or fsspec URL)."""
-    with fsspec.open(path, "rb") as f:
-        if offset < 0:
-            return f.read()
-        f.seek(offset)
-        data = f.read(size)
-    if len(data) != size:
-        raise OSError(f"truncated tar member: read {len(data)} of {size} bytes")
-    return data
+    """The bytes of one unit: a whole file, or `size` bytes at `offset` of a tar (local or fsspec URL).
+
+    Transient errors (an OSError other than a missing file, a folder or a denied permission; a short read
+    of a remote tar member) are retried, 3 attempts in all with 0.2 s and 0.8 s pauses, then raised. A
+    local tar member cut short raises at once: it will not grow back.
+    """
+    local = _is_local(path)
+    for delay in (*_RETRY_DELAYS, None):
+        try:
+            with fsspec.open(path, "rb") as f:
+                if offset < 0:
+                    return f.read()
+                f.seek(offset)
+                data = f.read(size)
+        except (FileNotFoundError, IsADirectoryError, PermissionError):
+            raise
+        except OSError:
+            if delay is None:
+                raise
+        else:
+            if len(data) == size:
+                return data
+            if local or delay is None:
+                raise OSError(f"truncated tar member: read {len(data)} of {size} bytes")
+        time.sleep(delay)
+    raise AssertionError("unreachable")

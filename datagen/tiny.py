@@ -242,8 +242,12 @@ def save_tiny_bert(folder: str | os.PathLike, seed: int = SEED, hidden: int = 32
     return folder
 
 
-def save_tiny_groundingdino(folder: str | os.PathLike, seed: int = SEED, logit_scale: float = 0.06) -> tuple[Path, Path]:
-    """Write `config.py`, `bert/` and `groundingdino_tiny.pth` ({"model": state_dict}); returns (config, ckpt).
+def save_tiny_groundingdino(folder: str | os.PathLike, seed: int = SEED, logit_scale: float = 0.06,
+                            full_size: bool = False) -> tuple[Path, Path]:
+    """Write a config, `bert/` and a `{"model": state_dict}` .pth; returns (config, ckpt).
+
+    full_size: the official SwinT-OGC config as shipped in groundingdino-py, with bert-base-uncased's
+    architecture (random weights, the small real-word vocabulary) as its local text encoder.
 
     logit_scale scales the decoder's output LayerNorm: query-token logits are dot products of two
     LayerNormed 256-d vectors, so a random model's are +-16 and every sigmoid saturates at 0 or 1
@@ -254,9 +258,20 @@ def save_tiny_groundingdino(folder: str | os.PathLike, seed: int = SEED, logit_s
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    bert = save_tiny_bert(folder / "bert", seed=seed)
-    config = folder / "GroundingDINO_tiny.py"
-    config.write_text(TINY_GDINO_CONFIG.format(text_encoder=str(bert)))
+    if full_size:
+        from datagen.weights import resolve
+
+        bert = save_tiny_bert(folder / "bert", seed=seed, hidden=768, layers=12, heads=12)
+        official = resolve("pkg://groundingdino/config/GroundingDINO_SwinT_OGC.py").read_text()
+        line = 'text_encoder_type = "bert-base-uncased"'
+        if line not in official:
+            raise RuntimeError(f"groundingdino-py's SwinT-OGC config no longer has {line!r}")
+        config = folder / "GroundingDINO_SwinT_OGC_random.py"
+        config.write_text(official.replace(line, f"text_encoder_type = {str(bert)!r}"))
+    else:
+        bert = save_tiny_bert(folder / "bert", seed=seed)
+        config = folder / "GroundingDINO_tiny.py"
+        config.write_text(TINY_GDINO_CONFIG.format(text_encoder=str(bert)))
     torch.manual_seed(seed)
     model = build_groundingdino(config)
     with torch.no_grad():
@@ -266,7 +281,7 @@ def save_tiny_groundingdino(folder: str | os.PathLike, seed: int = SEED, logit_s
         last = model.bbox_embed[0].layers[-1]
         last.weight.normal_(0.0, 0.05)
         last.bias.copy_(torch.tensor([0.0, 0.0, 1.5, 1.5]))
-    ckpt = folder / "groundingdino_tiny.pth"
+    ckpt = folder / ("groundingdino_swint_ogc_random.pth" if full_size else "groundingdino_tiny.pth")
     torch.save({"model": model.state_dict()}, ckpt)
     return config, ckpt
 
@@ -322,4 +337,63 @@ def tiny_models(root: str | os.PathLike, seed: int = SEED) -> TinyModels:
     sam = save_tiny_sam(root / "sam" / "sam_tiny.pth", seed)
     paths = TinyModels(blip=blip, gdino_config=cfg, gdino_checkpoint=ckpt, sam_checkpoint=sam)
     manifest.write_text(json.dumps({"version": TINY_VERSION, "seed": seed, **paths.to_json()}, indent=1))
+    return paths
+
+
+# ------------------------------------------------------------------- full-size architectures, random weights
+
+# Bump when a full-size builder changes what it writes.
+FULL_RANDOM_VERSION = 1
+
+
+def save_random_blip_large(folder: str | os.PathLike, seed: int = SEED) -> Path:
+    """Salesforce/blip-image-captioning-large's architecture with random weights, in a `save_pretrained` folder.
+
+    ViT-L/16 at 384 px and a BERT-base decoder with the real model's 30524-entry output layer; the tokenizer
+    is the small real-word one (VOCAB), and the output bias is -1e4 past it, so every decoded id is a word.
+    Not fit to anything (too slow at this size on a CPU): captions are random word sequences, with nouns.
+    """
+    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
+                              BlipTextConfig, BlipVisionConfig)
+
+    folder = Path(folder)
+    tok = _bert_tokenizer(folder)
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    text = BlipTextConfig(vocab_size=30524, bos_token_id=tok.bos_token_id, sep_token_id=tok.sep_token_id,
+                          eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, encoder_hidden_size=1024)
+    vision = BlipVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=384, patch_size=16)
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.bias[len(tok):] = -1e4
+    model.eval().save_pretrained(folder)
+    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 384, "width": 384}),
+                  tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
+def full_random_models(root: str | os.PathLike, seed: int = SEED) -> TinyModels:
+    """The default preset's architectures (BLIP-large, GroundingDINO SwinT-OGC + BERT-base, SAM ViT-H) with
+    random weights, saved in the official formats under root (about 5.5 GB; reused when `root/full.json`
+    says they are there). For benchmarks: the stages load them as they load the real checkpoints, and run
+    them at the real checkpoints' cost."""
+    from datagen.stages.segment import SAM_ARCHS, build_sam
+
+    root = Path(root)
+    manifest = root / "full.json"
+    if manifest.exists():
+        saved = json.loads(manifest.read_text())
+        if saved.pop("version", None) == FULL_RANDOM_VERSION and saved.pop("seed", None) == seed:
+            paths = TinyModels(**{k: Path(v) for k, v in saved.items()})
+            if all(p.exists() for p in paths.__dict__.values()):
+                return paths
+    blip = save_random_blip_large(root / "blip-large", seed)
+    cfg, ckpt = save_tiny_groundingdino(root / "groundingdino", seed, full_size=True)
+    sam = root / "sam" / "sam_vit_h_random.pth"
+    sam.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(build_sam(SAM_ARCHS["vit_h"]).state_dict(), sam)
+    paths = TinyModels(blip=blip, gdino_config=cfg, gdino_checkpoint=ckpt, sam_checkpoint=sam)
+    manifest.write_text(json.dumps({"version": FULL_RANDOM_VERSION, "seed": seed, **paths.to_json()}, indent=1))
     return paths

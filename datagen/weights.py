@@ -8,6 +8,9 @@ A spec is one of:
     pkg://package/path/in/package  a file shipped inside an installed package (GroundingDINO's configs)
     owner/name                     (captioner only) a Hugging Face hub id, left to `from_pretrained`
                                    with cache_dir=<cache>/hf
+GroundingDINO's text encoder is a BERT folder or a hub id ("bert-base-uncased"); `resolve_text_encoder`
+turns the id into its snapshot folder in <cache>/hf, since groundingdino-py's own `from_pretrained(id)`
+would download into the default Hugging Face cache instead.
 
 The cache folder is $SUBJECTDIFF_CACHE, else ~/.cache/subjectdiff.
 """
@@ -54,6 +57,36 @@ def resolve(spec: str, *, download: bool = True) -> Path:
     if path.exists():
         return path
     raise WeightsError(f"checkpoint {spec!r} is not a local path, URL, hf:// or pkg:// spec that exists")
+
+
+# A text encoder's config, tokenizer and safetensors weights; hub repos also hold TF, Flax and ONNX copies.
+TEXT_ENCODER_FILES = ("*.json", "*.txt", "*.safetensors")
+
+
+def resolve_text_encoder(spec: str, *, download: bool = True) -> Path:
+    """A local folder for GroundingDINO's text encoder: `spec` itself when it is a folder, else the hub id's
+    snapshot in <cache>/hf. The cache is tried first, so a cached id loads without network; with `download`
+    a missing one is fetched (`subjectdiff datagen weights` does that ahead of a run)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    kw = dict(cache_dir=cache_dir() / "hf", allow_patterns=list(TEXT_ENCODER_FILES))
+    try:
+        return Path(snapshot_download(spec, local_files_only=True, **kw))
+    except Exception as e:  # not cached: the hub's error types vary by version
+        error = e
+    if download:
+        try:
+            return Path(snapshot_download(spec, **kw))
+        except Exception as e:
+            error = e
+    raise WeightsError(
+        f"text encoder {spec!r} is not a local folder and not in the cache ({cache_dir() / 'hf'}): run "
+        f"`subjectdiff datagen weights` where the Hugging Face hub is reachable, or set ground.text_encoder "
+        f"to a local BERT folder ({type(error).__name__}: {error})"
+    ) from error
 
 
 def _package_file(rest: str) -> Path:
@@ -123,31 +156,55 @@ def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
 
 
 def manifest_entry(spec: str) -> dict[str, str]:
-    """{"spec", "path", "sha256"} for a run manifest; hub ids are recorded by name only."""
-    if is_hub_id(spec):
-        return {"spec": spec, "path": "", "sha256": ""}
+    """{"spec", "path", "sha256"} for a run manifest; hub ids with the cached snapshot's commit instead."""
+    if is_hub_id(spec):  # the snapshot in the cache names its commit: that is the hub's exact version
+        try:
+            from huggingface_hub import snapshot_download
+
+            path = snapshot_download(spec, cache_dir=cache_dir() / "hf", local_files_only=True)
+            return {"spec": spec, "path": path, "sha256": "", "revision": Path(path).name}
+        except Exception:  # not in the cache (yet): recorded by name
+            return {"spec": spec, "path": "", "sha256": "", "revision": ""}
     path = resolve(spec, download=False)
     return {"spec": spec, "path": str(path), "sha256": file_sha256(path)}
 
 
 def run_manifest(cfg) -> dict:
-    """What a run used: the full config and, per checkpoint spec, its resolved path and SHA-256.
+    """What a run used: the full config and, per checkpoint spec (GroundingDINO's text encoder included),
+    its resolved path and SHA-256.
 
     cfg: datagen.config.DatagenConfig. Specs not yet resolved locally (e.g. a URL never downloaded)
     are recorded with an empty hash rather than fetched.
     """
+    from datagen.stages.ground import text_encoder_spec  # reads GroundingDINO's config file
+
     specs = {
         "caption.model": cfg.caption.model,
         "ground.config_file": cfg.ground.config_file,
         "ground.checkpoint": cfg.ground.checkpoint,
         "segment.checkpoint": cfg.segment.checkpoint,
     }
-    if cfg.ground.text_encoder:
-        specs["ground.text_encoder"] = cfg.ground.text_encoder
     entries = {}
     for name, spec in specs.items():
         try:
             entries[name] = manifest_entry(spec)
         except WeightsError:
             entries[name] = {"spec": spec, "path": "", "sha256": ""}
+    try:  # the one the grounder loads: ground.text_encoder, else the config file's text_encoder_type
+        text_encoder = text_encoder_spec(cfg.ground, download=False)
+    except WeightsError:  # the config file is not here (a URL never fetched): only an explicit one is known
+        text_encoder = cfg.ground.text_encoder
+    if text_encoder:
+        entries["ground.text_encoder"] = text_encoder_entry(text_encoder)
     return {"config": cfg.to_json(), "checkpoints": entries}
+
+
+def text_encoder_entry(spec: str) -> dict[str, str]:
+    """manifest_entry for a text encoder: a folder with its SHA-256, a hub id with its cached snapshot's commit."""
+    try:
+        path = resolve_text_encoder(spec, download=False)
+    except WeightsError:  # not in the cache (yet): recorded by name
+        return {"spec": spec, "path": "", "sha256": "", "revision": ""}
+    if Path(spec).expanduser().is_dir():
+        return {"spec": spec, "path": str(path), "sha256": file_sha256(path)}
+    return {"spec": spec, "path": str(path), "sha256": "", "revision": path.name}

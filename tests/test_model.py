@@ -82,6 +82,16 @@ def test_trainable_groups_select_parameters(parts):
     assert set(TRAINABLE_GROUPS) >= set(tiny().trainable)
 
 
+def test_fourier_box_embedding_is_exact_in_bf16():
+    """bf16 boxes get the float32 embedding (rounded to bf16), not sin(100 x) of a 3-digit x."""
+    from subjectdiff.model.modules import fourier_embed_xyxy
+
+    boxes = torch.rand(256, 4, generator=torch.Generator().manual_seed(0)).bfloat16()
+    low = fourier_embed_xyxy(boxes, 8)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), fourier_embed_xyxy(boxes.float(), 8), atol=4e-3, rtol=0)
+
+
 def test_localization_loss_lower_inside_mask():
     masks = torch.zeros(1, 2, 8, 8)
     masks[0, 0, :4, :4] = 1

@@ -56,6 +56,31 @@ def test_stop_list_drops_non_objects(nouns):
     assert all(n["label"] not in ("view", "top") for n in nouns.extract("a view from the top of a tower"))
 
 
+def test_compound_is_one_noun_with_a_phrase_spanning_it(nouns):
+    # a(1) coffee(2) cup(3) on(4) a(5) table(6): "coffee" modifies "cup", so one noun, labelled by its head,
+    # whose phrase (the grounding prompt's words) and CLIP tokens cover the whole compound.
+    assert triples(nouns.extract("a coffee cup on a table")) == [
+        ("cup", "coffee cup", [2, 12], [2, 3]),
+        ("table", "table", [18, 23], [6]),
+    ]
+    # "light" alone is on the stop list; as a compound's head it names a thing
+    assert triples(nouns.extract("a traffic light above a road")) == [
+        ("light", "traffic light", [2, 15], [2, 3]),
+        ("road", "road", [24, 28], [6]),
+    ]
+    # three words, and a hyphenated compound spaCy splits in three: t(5) -(6) shirt(7)
+    assert triples(nouns.extract("a man wearing a t-shirt next to a coffee shop sign")) == [
+        ("man", "man", [2, 5], [2]),
+        ("shirt", "t-shirt", [16, 23], [5, 6, 7]),
+        ("sign", "coffee shop sign", [34, 50], [11, 12, 13]),
+    ]
+    # a compound of stop nouns only still names no object
+    assert [n["phrase"] for n in nouns.extract("a stock photo of a dog")] == ["dog"]
+    # `unique` compares whole compounds: two kinds of cup are two nouns
+    assert [n["phrase"] for n in nouns.extract("a coffee cup and a tea cup on a table")] == [
+        "coffee cup", "tea cup", "table"]
+
+
 def test_repeated_noun_kept_once_unless_configured(nouns):
     cap = "a dog and another dog"
     assert [n["span"] for n in nouns.extract(cap)] == [[2, 5]]
@@ -74,6 +99,9 @@ def test_noun_chunk_mode():
     # leading determiners and numbers leave the phrase; the lemma is the chunk's root
     assert triples(chunks.extract("two hippopotamuses swimming")) == [
         ("hippopotamus", "hippopotamuses", [4, 18], [2, 3, 4])]
+    # the stop list treats a chunk's compound as nouns mode does
+    assert triples(chunks.extract("a red traffic light in a stock photo")) == [
+        ("light", "red traffic light", [2, 19], [2, 3, 4])]
 
 
 def test_no_nouns_is_a_failure_not_an_exception(nouns):

@@ -115,6 +115,7 @@ def test_gradient_checkpointing_gives_same_gradients(shards, tmp_path):
 
 
 def test_overfitting_a_few_records_lowers_the_loss(shards, tmp_path):
+    from train.data import BatchStream
     from train.step import training_step
     from train.trainer import Trainer
 
@@ -123,8 +124,7 @@ def test_overfitting_a_few_records_lowers_the_loss(shards, tmp_path):
                    "loss.drop_location=0.0", "loss.drop_subjects=0.0", "data.batch_size=4",
                    f"data.shards=['{shards[0]}/00000.tar']", "model.trainable=['unet', 'text_mlp']")
     trainer = Trainer(cfg)
-    batch = next(iter(trainer.stream))
-    trainer.stream.batches = 0
+    batch = next(iter(BatchStream(trainer.stream.dataset, 4, 0)))
 
     def fixed_loss() -> float:
         with torch.no_grad():
@@ -159,6 +159,31 @@ def test_resume_latest_matches_straight_run(shards, tmp_path):
     assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] and len(
         list((tmp_path / "split" / "checkpoints").iterdir())) <= 3  # keep_last
 
+    # A checkpoint in the older format (data position = batch count only, one optimizer group) resumes too.
+    import shutil
+
+    from subjectdiff.model import build
+    from train.trainer import decay_groups
+
+    old = tmp_path / "old" / "checkpoints" / "step-0000003"
+    shutil.copytree(tmp_path / "split" / "checkpoints" / "step-0000003", old)
+    state = torch.load(old / "trainer_state.pt", weights_only=False)
+    state["data"] = [{"epoch": d["epoch"], "batches": d["batches"]} for d in state["data"]]
+    model = build(load_config("tiny").model).model
+    names = model.trainable_names()
+    index = {n: i for i, n in enumerate(sum(decay_groups({n: model.get_parameter(n) for n in names}), []))}
+    opt = state["optimizer"]
+    opt["state"] = {i: opt["state"][index[n]] for i, n in enumerate(names)}
+    opt["param_groups"] = [{**opt["param_groups"][0], "params": list(range(len(names)))}]
+    for key in ("base_lrs", "_last_lr"):
+        state["scheduler"][key] = state["scheduler"][key][:1]
+    torch.save(state, old / "trainer_state.pt")
+    assert main([*common, "--out", str(tmp_path / "old"), "--resume", "latest", *sets, "run.max_steps=6"]) == 0
+    a = load_file(tmp_path / "straight" / "checkpoints" / "step-0000006" / "model.safetensors")
+    b = load_file(tmp_path / "old" / "checkpoints" / "step-0000006" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+
 
 def test_selection_uses_exactly_the_selected_records(shards, tmp_path):
     from catalogs.catalog import query
@@ -186,9 +211,10 @@ def test_torchrun_two_ranks_disjoint_and_in_sync(shards, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = tmp_path / "ddp"
+    # --where: rank 0 selects, the other rank gets the selection through torch.distributed (gloo)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "train",
-           "--config", "tiny", "--shards", str(shards[0]), "--out", str(out), "run.max_steps=2", "run.trace=true",
-           "run.ckpt_every=2", "optim.grad_accum=2", "data.batch_size=1"]
+           "--config", "tiny", "--catalog", str(shards[0]), "--where", "n_objects >= 2", "--out", str(out),
+           "run.max_steps=2", "run.trace=true", "run.ckpt_every=2", "optim.grad_accum=2", "data.batch_size=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -200,6 +226,192 @@ def test_torchrun_two_ranks_disjoint_and_in_sync(shards, tmp_path):
     d1 = json.loads((out / "digest-rank1.json").read_text())
     assert d0 == d1  # trainable parameters identical on both ranks
     assert (out / "checkpoints" / "step-0000002" / "model.safetensors").exists()
+
+
+def test_resume_with_where_reuses_the_run_selection(shards, tmp_path):
+    """A resumed --where run reads the selection saved with the run: it does not query the catalog again (here
+    gone), and a different --where is refused instead of pointing the saved data position into other records."""
+    import shutil
+
+    from catalogs.catalog import query
+
+    data = tmp_path / "shards"
+    shutil.copytree(shards[0], data)
+    where = "source LIKE 'skimage://c%'"
+    want = set(query(data, f"SELECT key FROM samples WHERE {where}").column("key").to_pylist())
+    out = tmp_path / "run"
+    args = ["--config", "tiny", "--catalog", str(data), "--out", str(out), "run.trace=true", "data.batch_size=1",
+            "run.ckpt_every=2"]
+    assert main([*args, "--where", where, "run.max_steps=2"]) == 0
+    saved = (out / "selection.parquet").read_bytes()
+    (data / "catalog.duckdb").unlink()
+    with pytest.raises(ValueError, match="keeps its selection"):
+        main([*args, "--where", "n_objects > 2", "--resume", "latest", "run.max_steps=4"])
+    assert main([*args, "--where", where, "--resume", "latest", "run.max_steps=4"]) == 0
+    assert (out / "selection.parquet").read_bytes() == saved
+    seen = [k for keys in traced_keys(out) for k in keys]
+    assert len(seen) == 4 and set(seen) == want  # one epoch: each selected record once, across the resume
+
+
+def test_trainer_puts_the_model_in_train_mode(shards, tmp_path, monkeypatch):
+    """from_pretrained builds the text encoder in eval mode; the trainer must train it in train mode (gradient
+    checkpointing in transformers, dropout), also after a validation, with the frozen encoders in eval."""
+    import train.trainer
+    from subjectdiff.model import build
+
+    def built_in_eval(cfg):
+        parts = build(cfg)
+        parts.model.eval()
+        parts.vae.train()
+        return parts
+
+    monkeypatch.setattr(train.trainer, "build", built_in_eval)
+    trainer = train.trainer.Trainer(tiny_cfg(shards[0], tmp_path, "run.val_steps=2", "run.val_samples=1"))
+
+    def check() -> None:
+        assert all(m.training for m in trainer.model.modules())
+        assert not any(m.training for part in (trainer.parts.vae, trainer.parts.image_encoder)
+                       for m in part.modules())
+
+    check()
+    trainer.val_batch = {k: v[:1] for k, v in next(iter(trainer.stream)).items()}
+    trainer.validate()
+    check()
+
+
+def test_skipped_fp16_step_moves_neither_scheduler_nor_ema(shards, tmp_path, monkeypatch):
+    """When the grad scaler skips a step (inf gradients), the LR schedule and the EMA stay where they are."""
+    import train.trainer
+
+    trainer = train.trainer.Trainer(tiny_cfg(shards[0], tmp_path, "optim.ema_decay=0.5"))
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # fp16's scaler, on the fp32 tiny model
+    batches = iter(trainer.stream)
+    trainer.train_step(batches)
+    lr, shadow = trainer.sched.last_epoch, {k: v.clone() for k, v in trainer.ema.shadow.items()}
+    params = {k: p.detach().clone() for k, p in trainer.named.items()}
+    step = train.trainer.training_step
+
+    def inf_loss(*args, **kwargs):
+        loss, terms = step(*args, **kwargs)
+        return loss * float("inf"), terms
+
+    monkeypatch.setattr(train.trainer, "training_step", inf_loss)
+    trainer.train_step(batches)
+    assert trainer.scaler.get_scale() == 2.0**7  # the scaler saw inf and backed off
+    assert trainer.sched.last_epoch == lr
+    assert all(torch.equal(trainer.ema.shadow[k], shadow[k]) for k in shadow)
+    assert all(torch.equal(p, params[k]) for k, p in trainer.named.items())
+
+
+def test_weight_decay_groups_and_single_group_checkpoints(shards, tmp_path):
+    """Biases, norm weights, tanh gates and null features get no weight decay; a one-group optimizer state
+    (checkpoints from before the split) loads into the two groups with the same per-parameter moments."""
+    from subjectdiff.model import build
+    from train.trainer import decay_groups, make_optimizer, split_one_group
+
+    cfg = tiny_cfg(shards[0], tmp_path)
+    model = build(cfg.model).model
+    named = {n: model.get_parameter(n) for n in model.trainable_names()}
+    decay, no_decay = decay_groups(named)
+    assert any(".alpha_attn" in n for n in no_decay) and any("null_token_feature" in n for n in no_decay)
+    assert any(n.endswith(".bias") for n in no_decay) and any("norm" in n for n in no_decay)
+    assert all(named[n].ndim >= 2 for n in decay) and "unet.conv_in.weight" in decay
+    opt, sched = make_optimizer(named, cfg)
+    assert [g["weight_decay"] for g in opt.param_groups] == [cfg.optim.weight_decay, 0.0]
+
+    old = torch.optim.AdamW(list(named.values()), lr=1.0, weight_decay=cfg.optim.weight_decay)
+    old_sched = torch.optim.lr_scheduler.LambdaLR(old, lambda s: 0.5)
+    for p in named.values():
+        p.grad = torch.randn_like(p)
+    old.step()
+    old_sched.step()
+    state = {"optimizer": old.state_dict(), "scheduler": old_sched.state_dict()}
+    split_one_group(state, named)
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    assert sched.get_last_lr() == [0.5, 0.5]
+    for p in named.values():
+        assert torch.equal(opt.state[p]["exp_avg"], old.state[p]["exp_avg"])
+
+
+def uneven_shards(d: Path, sizes: list[int]) -> list[str]:
+    """Shards of the given record counts (distinct keys), for split tests that only look at keys."""
+    from catalogs.schema import Record, make_key
+    from catalogs.writer import ShardWriter
+    from tests.records import photo_record
+
+    base, keys = photo_record("chelsea")[0], []
+    for s, size in enumerate(sizes):
+        with ShardWriter(d, f"{s:05d}") as w:
+            for i in range(size):
+                src = f"x://{s}/{i}"
+                w.write(Record(**{**base.__dict__, "key": make_key(src), "source": src,
+                                  "objects": [type(o)(**o.__dict__) for o in base.objects]}))
+                keys.append(make_key(src))
+    return keys
+
+
+def test_balanced_split_gives_ranks_equal_disjoint_batches(tmp_path):
+    """Uneven shards (7, 3, 2 records) over 2 ranks x 2 workers, batch 2: whole shards would give the ranks
+    different counts (one runs into its next epoch while the other is still in this one); the balanced split
+    gives every rank the same full batches, disjoint, dropping the remainder (12 - 4 x 2 = 4 records)."""
+    from catalogs.reader import RecordReader
+
+    keys = uneven_shards(tmp_path, [7, 3, 2])
+    for epoch in range(2):
+        seen = []
+        for rank in range(2):
+            reader = RecordReader(tmp_path, split="balanced", multiple=2, rank=rank, world_size=2, shuffle_seed=0,
+                                  decode_image=False, decode_masks=False)
+            reader.set_epoch(epoch)
+            assert (reader.epoch_size(), reader.quota(4)) == (12, 2)
+            loader = torch.utils.data.DataLoader(reader, batch_size=2, num_workers=2, collate_fn=list)
+            seen.append([[r.key for r in batch] for batch in loader])
+        assert len(seen[0]) == len(seen[1]) == 2 and all(len(b) == 2 for b in seen[0] + seen[1])
+        flat = [k for batches in seen for b in batches for k in b]
+        assert len(set(flat)) == len(flat) == 8 and set(flat) <= set(keys)
+
+
+def test_resume_skips_records_without_decoding_them(shards, tmp_path, monkeypatch):
+    """A stream resumed at batch 3 (2 DataLoader workers, so mid round robin) yields exactly what the
+    uninterrupted stream yields from there, across the epoch boundary, and decodes none of the 3 x 2 records
+    it skips (decode_record logs each key it decodes, from the forked workers too)."""
+    import catalogs.reader
+    from train.data import BatchStream, TrainSamples, make_reader
+
+    log = tmp_path / "decoded.txt"
+    decode = catalogs.reader.decode_record
+
+    def logged(sample, **kw):
+        with open(log, "a") as f:
+            f.write(sample["__key__"] + "\n")
+        return decode(sample, **kw)
+
+    monkeypatch.setattr(catalogs.reader, "decode_record", logged)
+    cfg = tiny_cfg(shards[0], tmp_path, "data.num_workers=2")
+
+    def stream(state=None) -> BatchStream:
+        s = BatchStream(TrainSamples(make_reader(cfg.data, None, 0, 1, 0), cfg, 32), 2, 2)
+        if state is not None:
+            s.load_state(state)
+        return s
+
+    def take(it, n: int) -> list[list[str]]:
+        return [list(next(it)["key"]) for _ in range(n)]
+
+    straight = take(iter(stream()), 8)  # 2 epochs of 4 batches
+    first = stream()
+    it = iter(first)
+    assert take(it, 3) == straight[:3]
+    state = first.state()
+    assert state == {"epoch": 0, "batches": 3, "samples": [4, 2]}
+    log.unlink()
+    it = iter(stream(state))
+    assert take(it, 1) == straight[3:4]
+    assert sorted(log.read_text().split()) == sorted(straight[3])  # the rest of epoch 0: only its last batch
+    assert take(it, 4) == straight[4:]
+    # a position without per-worker counts (older checkpoints) lands at the same place
+    assert take(iter(stream({"epoch": 0, "batches": 3})), 5) == straight[3:]
 
 
 def test_square_crop_contains_the_subjects():
@@ -226,7 +438,7 @@ def test_config_toml_presets_and_overrides(tmp_path):
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.loss.loc_weight == 0.5
     assert cfg.model.base == "/models/sd2" and cfg.run.out_dir == "runs/x y"
     assert load_config("sd2-base").loss.loc_weight == 0.01 and load_config("sd2-base").model.max_subjects == 2
-    with pytest.raises(ValueError, match="unknown config key data.batchsize"):
+    with pytest.raises(ValueError, match="unknown setting data.batchsize"):
         load_config("tiny", ["data.batchsize=2"])
     with pytest.raises(ValueError, match="run.precision"):
         load_config("tiny", ["run.precision=fp8"])

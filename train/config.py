@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from subjectdiff.model.config import ModelConfig
 from subjectdiff.model.config import sd2_base as model_sd2_base
 from subjectdiff.model.config import tiny as model_tiny
+from subjectdiff.overrides import apply, merge_dicts, parse_override
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -27,12 +27,14 @@ class DataConfig:
     """Where records come from, and how a record becomes a training sample (train/data.py).
 
     shards: shard folders, files or brace patterns. selection: a `catalog select` Parquet. where: a SQL
-        predicate over the catalog of `catalog` (a shard folder with catalog.duckdb), selected at start-up.
+        predicate over the catalog of `catalog` (a shard folder with catalog.duckdb), selected when the run
+        starts into out_dir/selection.parquet, which a resumed run reuses.
     resolution: training image side (pixels). subject_size: side of the subject cut-outs (0 = the image
         encoder's input size). background: "white" or "random" behind the cut-outs.
     flip_p, rotate_deg, perspective: subject augmentation (probability, max degrees, max corner shift / side).
     loc_tokens: which tokens carry a subject's attention map: "phrase" (its words in the caption), "placeholder".
-    batch_size: samples per rank and micro-step. num_workers: DataLoader workers per rank.
+    batch_size: samples per rank and micro-step. num_workers: DataLoader workers per rank. Each epoch is cut to
+        a multiple of ranks x max(num_workers, 1) x batch_size records, so that all ranks run the same batches.
     """
 
     shards: tuple[str, ...] = ()
@@ -168,68 +170,6 @@ def sd2_base() -> TrainConfig:
 PRESETS = {"tiny": tiny, "sd2-base": sd2_base, "sd2_base": sd2_base}
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        hint = next(a for a in args if a is not type(None))
-        return _coerce(hint, value, where)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if origin is tuple:
-        items = [value] if isinstance(value, str) else list(value)
-        inner = args[0] if args else Any
-        return tuple(_coerce(inner, v, where) if inner in (float, int, str) else v for v in items)
-    if hint is str and not isinstance(value, str):
-        return str(value)
-    if hint in (int, float, bool) and not isinstance(value, hint):
-        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
-    return value
-
-
-def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
-    """A copy of dataclass `obj` with nested `values` applied (checked and coerced to the field types)."""
-    hints = typing.get_type_hints(type(obj))
-    kwargs = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-    for key, value in values.items():
-        if key not in kwargs:
-            raise ValueError(f"unknown config key {prefix}{key}; known: {sorted(kwargs)}")
-        if dataclasses.is_dataclass(kwargs[key]):
-            if not isinstance(value, dict):
-                raise ValueError(f"{prefix}{key} is a table; set its fields, e.g. {prefix}{key}.FIELD=VALUE")
-            kwargs[key] = _apply(kwargs[key], value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
-    return type(obj)(**kwargs)
-
-
-def parse_override(text: str) -> dict[str, Any]:
-    """'data.batch_size=8' -> {'data': {'batch_size': 8}}; values are TOML literals, else plain strings."""
-    if "=" not in text:
-        raise ValueError(f"override {text!r} is not KEY=VALUE (e.g. run.max_steps=100)")
-    key, raw = text.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    out: dict[str, Any] = {}
-    node = out
-    parts = key.strip().split(".")
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
-    return out
-
-
-def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def load_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """A preset name ("tiny", "sd2-base") or a TOML file, then `key=value` overrides, applied in order."""
     if config in PRESETS:
@@ -243,10 +183,10 @@ def load_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> Tra
     else:
         raise ValueError(f"--config {config!r} is neither a preset ({', '.join(PRESETS)}) nor a TOML file")
     for o in overrides:
-        values = _merge(values, parse_override(o))
-    return _apply(cfg, values)
+        values = merge_dicts(values, parse_override(o))
+    return apply(cfg, values)
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     """Rebuild a TrainConfig from `to_dict()` (as stored in checkpoints)."""
-    return _apply(TrainConfig(), d)
+    return apply(TrainConfig(), d)

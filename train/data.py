@@ -7,7 +7,7 @@ A sample, all fixed shapes (N = model.max_subjects subject slots, R = data.resol
     masks: (N, R/8, R/8) float32 object masks in the crop (area-averaged), for the localization loss.
     input_ids: (77,) long, the prompt with ", the {label} is {placeholder}" per subject.
     placeholder_pos: (N,) long (-1 = none). loc_pos: (N, K) long token positions of each subject's map, -1 pad.
-    key: the record key.
+    key: the record key. part: the reader part (DataLoader worker) it came from; BatchStream counts and drops it.
 Every random choice of a sample comes from a generator seeded by (seed, epoch, key): the same record gives the
 same sample whatever the rank, worker or position, which makes resuming exact.
 """
@@ -15,21 +15,25 @@ same sample whatever the rank, worker or position, which makes resuming exact.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from PIL import Image
 
-from catalogs.reader import DecodedRecord, RecordReader
+from catalogs.reader import DecodedRecord, RecordReader, load_selection
 from catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
 from subjectdiff.model.prompts import subject_prompt, tokenize
 from train.config import DataConfig, TrainConfig
 
 MAX_LOC_TOKENS = 8
 WHITE = (255, 255, 255)
+SELECTION_FILE = "selection.parquet"
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -163,64 +167,114 @@ class TrainSamples(torch.utils.data.IterableDataset):
         self.epoch = 0
         clip_tokenizer()  # load the BPE once here: forked DataLoader workers inherit it instead of reloading
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: Sequence[int] = (), first_worker: int = 0) -> None:
+        """Epoch `epoch`; skip and first_worker go to RecordReader.set_epoch (a resumed position)."""
         self.epoch = epoch
-        self.reader.set_epoch(epoch)
+        self.reader.set_epoch(epoch, skip, first_worker)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        part, _ = self.reader.worker_part()
         for rec in self.reader:
-            yield make_sample(rec, self.cfg, self.subject_size, sample_rng(self.cfg.run.seed, self.epoch, rec.key))
+            sample = make_sample(rec, self.cfg, self.subject_size, sample_rng(self.cfg.run.seed, self.epoch, rec.key))
+            sample["part"] = part
+            yield sample
 
 
-def resolve_selection(cfg: DataConfig, out_dir: str, rank: int) -> str | None:
-    """The selection Parquet to read: data.selection, or (rank 0) `catalog select` of data.where into out_dir.
-    Other ranks must wait for rank 0 (a barrier) before reading it."""
+def run_selection(cfg: DataConfig, out_dir: str, resume: bool) -> str | None:
+    """The run's selection Parquet (read on rank 0): data.selection, or data.where's, which `catalog select`
+    writes to out_dir/selection.parquet when the run starts. A resumed run reuses that file and never queries
+    again: its saved data position counts records of that selection, and the catalog may have changed since."""
     if not cfg.where:
         return cfg.selection
-    path = os.path.join(out_dir, "selection.parquet")
-    if rank == 0:
-        from catalogs.catalog import select
+    path = os.path.join(out_dir, SELECTION_FILE)
+    if resume:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume with data.where: {path}, the selection this run started with, is "
+                                    "missing; restore it (or pass it as data.selection) to continue the run")
+        saved = json.loads(pq.read_schema(path).metadata[b"subjectdiff.selection"])["where"]
+        if saved != cfg.where:
+            raise ValueError(f"data.where is {cfg.where!r}, but the run started with {saved!r} ({path}): a resumed "
+                             "run keeps its selection; start a new run (another run.out_dir) for a new one")
+        return path
+    from catalogs.catalog import select
 
-        root = cfg.catalog or cfg.shards[0]
-        if select(root, cfg.where, path) == 0:
-            raise ValueError(f"data.where {cfg.where!r} selects no record of the catalog in {root}")
+    root = cfg.catalog or cfg.shards[0]
+    if select(root, cfg.where, path) == 0:
+        raise ValueError(f"data.where {cfg.where!r} selects no record of the catalog in {root}")
     return path
 
 
-def make_reader(cfg: DataConfig, selection: str | None, rank: int, world: int, seed: int) -> RecordReader:
+def shared_selection(cfg: DataConfig, out_dir: str, rank: int, world: int, resume: bool) -> dict[str, set[str]] | None:
+    """The run's selection as {shard path: keys} on every rank: rank 0 resolves and reads it (run_selection)
+    and broadcasts it through torch.distributed, so no other rank reads rank 0's files (nodes need no shared
+    filesystem for it). A failure on rank 0 reaches the other ranks instead of leaving them waiting."""
+    if not (cfg.where or cfg.selection):
+        return None
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = load_selection(run_selection(cfg, out_dir, resume))
+        except Exception as e:
+            if world > 1:
+                dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
+            raise
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], str):
+        raise RuntimeError(f"rank 0 could not resolve the run's selection: {box[0]}")
+    return box[0]
+
+
+def make_reader(cfg: DataConfig, selection: dict[str, set[str]] | None, rank: int, world: int,
+                seed: int) -> RecordReader:
+    """The balanced reader of this rank: every rank and worker yields the same number of full batches per epoch."""
     shards = list(cfg.shards) if cfg.shards and not (cfg.where and not cfg.catalog) else None
     if shards is None and selection is None:
         raise ValueError("no training data: set data.shards, data.selection, or data.where with data.catalog")
-    return RecordReader(shards, selection=selection, rank=rank, world_size=world, shuffle_seed=seed)
+    return RecordReader(shards, selection=selection, split="balanced", multiple=cfg.batch_size, rank=rank,
+                        world_size=world, shuffle_seed=seed)
 
 
 class BatchStream:
-    """Infinite batches over epochs with a resumable position (epoch, batches taken in the epoch).
+    """Infinite batches over epochs, with an exact position that resumes without re-reading the data.
 
-    Resuming replays the epoch's first `batches` batches through the loader and drops them: exact, at the cost
-    of decoding them again (a reader-level skip would make it cheap).
+    The balanced reader gives every DataLoader worker of every rank the same number of full batches per epoch,
+    and the DataLoader takes them round robin (worker 0, 1, ..., 0, 1, ...). The position is (epoch, batches
+    taken, records taken from each worker's part). A resumed stream has each part skip its taken records inside
+    the reader (no decoding) and starts the round robin at the part whose batch was due next: it yields exactly
+    the batches the interrupted stream would have.
     """
 
-    def __init__(self, dataset: TrainSamples, batch_size: int, num_workers: int, epoch: int = 0, batches: int = 0):
+    def __init__(self, dataset: TrainSamples, batch_size: int, num_workers: int):
         self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
-        self.epoch, self.batches = epoch, batches
+        self.parts = max(num_workers, 1)
+        self.epoch, self.batches, self.samples = 0, 0, [0] * self.parts
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches": self.batches}
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches": self.batches, "samples": list(self.samples)}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Continue from a `state()`. One without per-part counts (older checkpoints) continues where replaying
+        its batches would: the parts' counts follow from the round robin."""
+        b = state["batches"]
+        samples = state["samples"] if "samples" in state else [
+            self.batch_size * len(range(p, b, self.parts)) for p in range(self.parts)]
+        if len(samples) != self.parts:
+            raise ValueError(f"the data position is for {len(samples)} DataLoader workers per rank, this run has "
+                             f"{self.parts} (data.num_workers): the records split differently")
+        self.epoch, self.batches, self.samples = state["epoch"], b, list(samples)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
-            self.dataset.set_epoch(self.epoch)
+            self.dataset.set_epoch(self.epoch, self.samples, self.batches % self.parts)
             loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size,
                                                  num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                                                  persistent_workers=False)
-            seen = 0
             for batch in loader:
-                seen += 1
-                if seen <= self.batches:
-                    continue
-                self.batches = seen
+                self.samples[int(batch.pop("part")[0])] += len(batch["key"])
+                self.batches += 1
                 yield batch
-            if seen == 0:
-                raise RuntimeError(f"epoch {self.epoch} gave this rank no samples: fewer records than ranks x workers?")
-            self.epoch, self.batches = self.epoch + 1, 0
+            if self.batches == 0:
+                raise RuntimeError(f"epoch {self.epoch} gave this rank no batch: fewer records than ranks x workers "
+                                   "x batch size?")
+            self.epoch, self.batches, self.samples = self.epoch + 1, 0, [0] * self.parts

@@ -2,7 +2,7 @@
 
 Ranks come from RANK / LOCAL_RANK / WORLD_SIZE (torchrun sets them). Each rank seeds its step generator with
 seed + rank, so noise, timesteps and CFG dropout differ per rank. The frozen VAE and image encoder sit outside
-DDP; only the SubjectDiffusion module (its trainable parameters) is wrapped.
+DDP (and stay in eval mode); only the SubjectDiffusion module (its trainable parameters) is wrapped, in train mode.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from subjectdiff.model import Parts, build
 from train import checkpoint
 from train.config import TrainConfig
-from train.data import BatchStream, TrainSamples, make_reader, resolve_selection
+from train.data import BatchStream, TrainSamples, make_reader, shared_selection
 from train.step import training_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -109,12 +109,35 @@ class Logger:
                 self.tb.add_scalar(f"train/{k}", v, step)
 
 
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig):
+def decay_groups(named: dict[str, torch.nn.Parameter]) -> tuple[list[str], list[str]]:
+    """(names with weight decay, names without). Only weight matrices and conv kernels decay: biases, norm
+    weights, the adapters' tanh gates and the grounding net's null features (the tensors of fewer than 2 dims)
+    are not pulled toward zero, which would close the gates and erase the learned null condition."""
+    return [n for n, p in named.items() if p.ndim >= 2], [n for n, p in named.items() if p.ndim < 2]
+
+
+def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig):
     o = cfg.optim
-    opt = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
+    decay, no_decay = decay_groups(named)
+    groups = [{"params": [named[n] for n in decay], "weight_decay": o.weight_decay},
+              {"params": [named[n] for n in no_decay], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
     warm = max(o.warmup_steps, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
     return opt, sched
+
+
+def split_one_group(state: dict[str, Any], named: dict[str, torch.nn.Parameter]) -> None:
+    """Checkpoints from before the no-decay group hold one AdamW group over `named` in order: re-index it, in
+    place, into make_optimizer's two groups (same moments and hyperparameters), and the scheduler's lists."""
+    order = {n: i for i, n in enumerate(named)}
+    decay, no_decay = decay_groups(named)
+    opt, group = state["optimizer"], state["optimizer"]["param_groups"][0]
+    opt["state"] = {j: opt["state"][order[n]] for j, n in enumerate(decay + no_decay) if order[n] in opt["state"]}
+    opt["param_groups"] = [{**group, "params": list(range(len(decay)))},
+                           {**group, "weight_decay": 0.0, "params": list(range(len(decay), len(named)))}]
+    for key in ("base_lrs", "_last_lr"):
+        state["scheduler"][key] = state["scheduler"][key] * 2
 
 
 def frozen_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
@@ -123,13 +146,21 @@ def frozen_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     return DTYPES[cfg.run.frozen_dtype]
 
 
-def make_stream(cfg: TrainConfig, parts: Parts, d: Dist, out_dir: Path) -> BatchStream:
-    selection = resolve_selection(cfg.data, str(out_dir), d.rank)
-    if d.world > 1:
-        dist.barrier()  # rank 0 wrote the selection
+def make_stream(cfg: TrainConfig, parts: Parts, d: Dist, out_dir: Path, resume: bool) -> BatchStream:
+    """This rank's batches; rank 0 logs the epoch's size and how much the balanced split drops of it."""
+    selection = shared_selection(cfg.data, str(out_dir), d.rank, d.world, resume)
     reader = make_reader(cfg.data, selection, d.rank, d.world, cfg.run.seed)
+    workers, batch = max(cfg.data.num_workers, 1), cfg.data.batch_size
+    total, each = reader.epoch_size(), reader.quota(d.world * workers)
+    if each == 0:
+        raise ValueError(f"{total} records per epoch cannot give each of {d.world} ranks x {workers} DataLoader "
+                         f"workers a full batch of {batch}: use fewer workers, a smaller batch or more records")
+    if d.main:
+        print(f"data: {total} records per epoch; {d.world} ranks x {workers} workers read {each} each "
+              f"({each * workers // batch} batches per rank), {total - each * workers * d.world} dropped per epoch "
+              "so that every rank runs the same batches", flush=True)
     size = cfg.data.subject_size or parts.image_encoder.image_size
-    return BatchStream(TrainSamples(reader, cfg, size), cfg.data.batch_size, cfg.data.num_workers)
+    return BatchStream(TrainSamples(reader, cfg, size), batch, cfg.data.num_workers)
 
 
 def param_digest(model: torch.nn.Module) -> str:
@@ -152,18 +183,27 @@ class Trainer:
         self.gen = torch.Generator(self.d.device).manual_seed(cfg.run.seed + self.d.rank)
         self.parts = build(cfg.model).to(self.d.device, frozen_dtype(cfg, self.d.device))
         self.model = self.parts.model
+        self.train_mode()
         if cfg.run.gradient_checkpointing:
             self.model.enable_gradient_checkpointing()
         self.named = {n: self.model.get_parameter(n) for n in self.model.trainable_names()}
         self.ddp = self._wrap()
-        self.opt, self.sched = make_optimizer(list(self.named.values()), cfg)
+        self.opt, self.sched = make_optimizer(self.named, cfg)
         self.scaler = torch.amp.GradScaler(self.d.device.type, enabled=cfg.run.precision == "fp16")
         self.ema = EMA(self.named, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
         self.step, self.val_batch = 0, None
-        self.stream = make_stream(cfg, self.parts, self.d, self.out)
+        ckpt = checkpoint.resolve(self.out, resume) if resume else None
+        self.stream = make_stream(cfg, self.parts, self.d, self.out, resume=ckpt is not None)
         self.logger = Logger(self.out, self.d.main)
-        if resume:
-            self.restore(checkpoint.resolve(self.out, resume))
+        if ckpt is not None:
+            self.restore(ckpt)
+
+    def train_mode(self) -> None:
+        """The trainable model in train mode: from_pretrained builds the text encoder in eval mode, and
+        transformers' gradient checkpointing and dropout follow `training`. The frozen VAE and image encoder eval."""
+        self.model.train()
+        self.parts.vae.eval()
+        self.parts.image_encoder.eval()
 
     def _wrap(self) -> torch.nn.Module:
         if self.d.world == 1:
@@ -214,12 +254,14 @@ class Trainer:
         if self.cfg.optim.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(list(self.named.values()), self.cfg.optim.grad_clip)
             totals["grad_norm"] = float(norm)
+        scale = self.scaler.get_scale()
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
-        if self.ema is not None:
-            self.ema.update()
+        if self.scaler.get_scale() >= scale:  # fp16: a lower scale means inf/nan gradients and a skipped step
+            self.sched.step()
+            if self.ema is not None:
+                self.ema.update()
         return {**totals, "samples": samples * self.d.world}
 
     def trace(self, batch: dict[str, Any]) -> None:
@@ -242,19 +284,31 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         state, ema = checkpoint.load(path, self.model, self.d.device)
+        if len(state["optimizer"]["param_groups"]) == 1:
+            split_one_group(state, self.named)
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None and ema is not None:
             self.ema.shadow = {k: ema[k].float() for k in self.ema.shadow}
         self.step = state["step"]
-        if state["world"] == self.d.world:
-            self.stream.epoch, self.stream.batches = state["data"][self.d.rank].values()
+        why = None
+        if state["world"] != self.d.world:
+            why = f"it was written by {state['world']} ranks, this run has {self.d.world} (RNG streams are fresh)"
+        else:
             checkpoint.set_rng_state(state["rng"][self.d.rank], self.gen)
-        elif self.d.main:
-            print(f"warning: {path} was written by {state['world']} ranks, this run has {self.d.world}: the data "
-                  "restarts at the saved epoch of rank 0 and RNG streams are fresh", file=sys.stderr)
-            self.stream.epoch = state["data"][0]["epoch"]
+            try:
+                self.stream.load_state(state["data"][self.d.rank])
+            except ValueError as e:
+                why = str(e)
+        if why is not None:
+            self.stream.load_state({"epoch": state["data"][0]["epoch"], "batches": 0})
+        if self.d.main and why is not None:
+            print(f"warning: {path}: {why}; the data restart at the saved epoch of rank 0", file=sys.stderr)
+        elif self.d.main and "samples" not in state["data"][0]:
+            print(f"warning: {path} predates per-worker data positions: the data continue where replaying its "
+                  "batches would (without decoding them), but it was written under the previous records split, so "
+                  "the rest of this epoch may repeat or miss some records", file=sys.stderr)
         if self.d.main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -264,6 +318,7 @@ class Trainer:
 
             with self.ema_weights():
                 path = validation_grid(self, self.out / "samples" / f"step-{self.step:07d}.png")
+            self.train_mode()
             print(f"wrote {path}", flush=True)
         if self.d.world > 1:
             dist.barrier()

@@ -13,7 +13,7 @@ from importlib import import_module
 _WHERE = {
     "decode_item": "common", "fail": "common", "failed": "common",
     "Captioner": "caption", "NounExtractor": "nouns", "Grounder": "ground", "Segmenter": "segment",
-    "ImageFilter": "filters", "build_stages": "chain", "run_stages": "chain",
+    "ImageFilter": "filters", "prefilter": "filters", "build_stages": "chain", "run_stages": "chain",
 }
 
 __all__ = list(_WHERE)

@@ -69,7 +69,10 @@ class Captioner:
         out: list[str] = []
         for batch in chunks(images, self.cfg.batch_size):
             text = [self.cfg.prompt] * len(batch) if self.cfg.prompt else None
-            inputs = self.processor(images=list(batch), text=text, return_tensors="pt").to(self.device)
+            # Items are always (H, W, 3). Without input_data_format the processor guesses the layout from the
+            # first image, reads a (1, W, 3) or (3, W, 3) image as channels-first and fails the whole batch.
+            inputs = self.processor(images=list(batch), text=text, return_tensors="pt",
+                                    input_data_format="channels_last").to(self.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
             ids = self.model.generate(**inputs, **self.generate_kwargs())
             out += [clean_caption(t) for t in self.processor.batch_decode(ids, skip_special_tokens=True)]

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from datagen.config import DatagenConfig
 from datagen.stages.common import Item
+from datagen.stages.filters import ImageFilter, prefilter
 
 
 def build_stages(cfg: DatagenConfig) -> list:
     """Captioner -> NounExtractor -> Grounder -> ImageFilter -> Segmenter, each loading its model once."""
     from datagen.stages.caption import Captioner
-    from datagen.stages.filters import ImageFilter
     from datagen.stages.ground import Grounder
     from datagen.stages.nouns import NounExtractor
     from datagen.stages.segment import Segmenter
@@ -22,6 +22,10 @@ def build_stages(cfg: DatagenConfig) -> list:
 
 
 def run_stages(stages: list, items: list[Item]) -> list[Item]:
+    """The stages in order, after `prefilter` with the chain's ImageFilter settings, so no model runs on an
+    image that the size and aspect rules reject anyway."""
+    for f in (s for s in stages if isinstance(s, ImageFilter)):
+        items = [prefilter(it, f.cfg) for it in items]
     for stage in stages:
         items = stage(items)
     return items

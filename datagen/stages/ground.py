@@ -27,7 +27,7 @@ from torchvision.ops import nms
 from datagen.config import GroundConfig
 from datagen.stages.boxes import cxcywh_norm_to_xyxy_norm
 from datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
-from datagen.weights import resolve
+from datagen.weights import resolve, resolve_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -73,18 +73,28 @@ def fix_text_mask_batching(model: torch.nn.Module) -> int:
     return n
 
 
+def text_encoder_spec(cfg: GroundConfig, *, download: bool = True) -> str:
+    """The text encoder the grounder loads: cfg.text_encoder, else its config file's `text_encoder_type`."""
+    if cfg.text_encoder:
+        return cfg.text_encoder
+    from groundingdino.util.slconfig import SLConfig
+
+    return SLConfig.fromfile(str(resolve(cfg.config_file, download=download))).text_encoder_type
+
+
 def build_groundingdino(config_file: str | Path, text_encoder: str | None = None) -> torch.nn.Module:
     """A random-weight GroundingDINO from its python config (what the official `load_model` builds).
 
-    text_encoder overrides the config's `text_encoder_type` (hub id or local BERT folder).
+    text_encoder overrides the config's `text_encoder_type`. Either is a BERT folder or a hub id; an id is
+    resolved to its snapshot in our cache first (`weights.resolve_text_encoder`), because groundingdino-py
+    would hand it to `from_pretrained`, which downloads into the default Hugging Face cache.
     """
     from groundingdino.models import build_model
     from groundingdino.util.slconfig import SLConfig
 
     args = SLConfig.fromfile(str(config_file))
     args.device = "cpu"
-    if text_encoder:
-        args.text_encoder_type = str(resolve(text_encoder)) if Path(text_encoder).exists() else text_encoder
+    args.text_encoder_type = str(resolve_text_encoder(text_encoder or args.text_encoder_type))
     with contextlib.redirect_stdout(io.StringIO()):  # groundingdino prints the text encoder it loads
         model = build_model(args)
     return model.eval()
@@ -184,7 +194,9 @@ class Grounder:
         """model: an already built GroundingDINO (benchmarks with random weights); else loaded from cfg."""
         self.cfg = cfg
         self.device = pick_device(cfg.device)
-        self.dtype = pick_dtype(cfg.dtype, self.device)
+        # The dtype the forward runs in: half precision is autocast, on CUDA only (CPU autocast is slow or
+        # unsupported for these ops), so on CPU it is fp32 whatever cfg.dtype says.
+        self.dtype = pick_dtype(cfg.dtype, self.device) if self.device.type == "cuda" else torch.float32
         if model is not None:
             fix_text_mask_batching(model)
         self.model = (model if model is not None else load_groundingdino(cfg)).eval().to(self.device)
@@ -212,14 +224,15 @@ class Grounder:
     def forward(self, tensors: list[torch.Tensor], prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Same-shape images and their prompts -> (B, Q, 256) token probabilities, (B, Q, 4) cxcywh boxes."""
         x = torch.stack(tensors).to(self.device)
-        autocast = self.device.type == "cuda" and self.dtype != torch.float32
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=autocast):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             out = self.model(x, captions=prompts)
         return out["pred_logits"].float().sigmoid().cpu(), out["pred_boxes"].float().cpu()
 
     def detect(self, images: list[np.ndarray], nouns: list[list[dict]]) -> list[tuple[str, list[dict]]]:
         """(prompt, detections) per image. Images whose processed shapes match share a forward
-        (batch_size at a time); padding images of other shapes into one batch would change results."""
+        (batch_size at a time). Images of other shapes are not padded into one batch: GroundingDINO takes
+        padded batches (a NestedTensor with a padding mask, as in training), but its Swin backbone has no
+        padding mask, so the padding changes every padded image's features and detections (see GroundConfig)."""
         tensors = [self.preprocess(im) for im in images]
         prompts, posmaps = zip(*[self.prompt_for(n) for n in nouns]) if images else ((), ())
         groups: dict[tuple, list[int]] = {}

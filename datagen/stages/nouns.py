@@ -1,8 +1,10 @@
 """Nouns stage: spaCy nouns (or noun chunks) of the caption, each with lemma, character span and CLIP tokens.
 
 Adds `nouns`: [{"label": lemma, "phrase": caption[start:end], "span": [start, end], "tokens": [...]}] in
-caption order. `tokens` are open_clip BPE positions (start token at 0) from catalogs.tokens, aligned through
-the character span. A caption with no usable noun fails at stage "nouns".
+caption order. A noun compound is one noun: "a coffee cup" gives label "cup" with phrase "coffee cup", so
+the grounding prompt names the thing ("coffee cup", not "coffee" and "cup") and the phrase's CLIP tokens
+cover both words. `tokens` are open_clip BPE positions (start token at 0) from catalogs.tokens, aligned
+through the character span. A caption with no usable noun fails at stage "nouns".
 """
 
 from __future__ import annotations
@@ -33,6 +35,39 @@ def load_spacy(name: str = "auto"):
     )
 
 
+def _modifies(token, head) -> bool:
+    """token is a compound modifier of head, directly or through other modifiers ("coffee" in "coffee shop sign")."""
+    if not token.is_alpha:
+        return False
+    while token.dep_ == "compound" and token.head.i != token.i:
+        token = token.head
+        if token.i == head.i:
+            return True
+    return False
+
+
+def _compound_start(head) -> int:
+    """Index of the first word of head's noun compound: "coffee" for "cup" in "a coffee cup", "t" for
+    "shirt" in "t-shirt"; head.i when it has none. Only modifiers right before the head count: a parse
+    that links a word further left leaves that word a noun of its own."""
+    doc, start = head.doc, head.i
+    while start > 0:
+        prev = doc[start - 1]
+        if _modifies(prev, head):
+            start -= 1
+        elif prev.text == "-" and start > 1 and not (prev.whitespace_ or doc[start - 2].whitespace_) \
+                and _modifies(doc[start - 2], head):
+            start -= 2  # spaCy splits "t-shirt" into t, -, shirt
+        else:
+            break
+    return start
+
+
+def _key(compound) -> str:
+    """The lemmatized compound ("coffee cup" for "coffee cups"): what `unique` compares."""
+    return " ".join([w.text.lower() for w in compound[:-1] if w.is_alpha] + [compound[-1].lemma_.lower()])
+
+
 class NounExtractor:
     """Loads spaCy once; `__call__(items)` adds `nouns` to every live item."""
 
@@ -43,32 +78,47 @@ class NounExtractor:
         self.nlp = load_spacy(cfg.spacy_model)
         self.pos = {"NOUN", "PROPN"} if cfg.include_proper else {"NOUN"}
 
-    def _usable(self, token) -> bool:
-        lemma = token.lemma_.lower()
-        return (token.pos_ in self.pos and len(token.text) >= self.cfg.min_chars and token.is_alpha
-                and lemma not in self.cfg.stop_nouns and token.text.lower() not in self.cfg.stop_nouns)
+    def _stop(self, token) -> bool:
+        return token.lemma_.lower() in self.cfg.stop_nouns or token.text.lower() in self.cfg.stop_nouns
+
+    def _usable(self, head, words) -> bool:
+        """head is a noun GroundingDINO can box; `words` its compound (head included). The stop list drops a
+        compound only when every word is on it: "stock photo" goes, "traffic light" stays."""
+        return (head.pos_ in self.pos and len(head.text) >= self.cfg.min_chars and head.is_alpha
+                and not all(self._stop(w) for w in words if w.is_alpha))
 
     def _candidates(self, doc):
-        """(label, start, end) in caption order: noun tokens, or noun chunks without leading determiners."""
+        """(label, key, start, end) in caption order: nouns with their compound modifiers, or noun chunks
+        without leading determiners. label: the head's lemma; key: the lemmatized compound ("coffee cup"),
+        what `unique` compares, so "coffee cup" and "tea cup" are two nouns."""
         if self.cfg.mode == "nouns":
-            for t in doc:
-                if self._usable(t):
-                    yield t.lemma_.lower(), t.idx, t.idx + len(t.text)
+            found, covered = [], set()
+            for t in reversed(doc):  # heads before their modifiers, which join the head's phrase
+                if t.i in covered or t.pos_ not in self.pos:
+                    continue
+                start = _compound_start(t)
+                covered.update(range(start, t.i))
+                if self._usable(t, doc[start : t.i + 1]):
+                    found.append((t, start))
+            for t, start in reversed(found):
+                yield t.lemma_.lower(), _key(doc[start : t.i + 1]), doc[start].idx, t.idx + len(t.text)
             return
         for chunk in doc.noun_chunks:
-            if not self._usable(chunk.root):
+            root = chunk.root
+            compound = doc[_compound_start(root) : root.i + 1]
+            if not self._usable(root, compound):
                 continue
             words = list(chunk)
-            while words[0].i != chunk.root.i and words[0].pos_ in ("DET", "PRON", "NUM"):  # "the two dogs" -> "dogs"
+            while words[0].i != root.i and words[0].pos_ in ("DET", "PRON", "NUM"):  # "the two dogs" -> "dogs"
                 words.pop(0)
-            yield chunk.root.lemma_.lower(), words[0].idx, words[-1].idx + len(words[-1].text)
+            yield root.lemma_.lower(), _key(compound), words[0].idx, words[-1].idx + len(words[-1].text)
 
     def extract(self, caption: str, doc=None) -> list[dict]:
         """Nouns of one caption, as the item's `nouns` field (`doc`: the caption already parsed)."""
         doc = doc if doc is not None else self.nlp(caption)
         out, seen = [], set()
-        for label, start, end in self._candidates(doc):
-            if self.cfg.unique and label in seen:
+        for label, key, start, end in self._candidates(doc):
+            if self.cfg.unique and key in seen:
                 continue
             try:
                 tokens = clip_token_positions(caption, (start, end))
@@ -76,7 +126,7 @@ class NounExtractor:
                 continue
             if not in_context(tokens):  # truncated away by the 77-token text encoder: unusable in training
                 continue
-            seen.add(label)
+            seen.add(key)
             out.append({"label": label, "phrase": caption[start:end], "span": [start, end], "tokens": tokens})
             if len(out) >= self.cfg.max_nouns:
                 break

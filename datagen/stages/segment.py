@@ -76,14 +76,15 @@ class Segmenter:
 
         self.cfg = cfg
         self.device = pick_device(cfg.device)
-        self.dtype = pick_dtype(cfg.dtype, self.device)
+        # The dtype SAM runs in: half precision is autocast, on CUDA only, so on CPU it is fp32 whatever
+        # cfg.dtype says.
+        self.dtype = pick_dtype(cfg.dtype, self.device) if self.device.type == "cuda" else torch.float32
         self.sam = (sam if sam is not None else load_sam(cfg)).eval().to(self.device)
         self.predictor = SamPredictor(self.sam)
         self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype,
-                              enabled=self.device.type == "cuda" and self.dtype != torch.float32)
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
     @torch.inference_mode()
     def encode(self, images: list[np.ndarray]) -> list[tuple[torch.Tensor, tuple, tuple]]:

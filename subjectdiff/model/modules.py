@@ -7,11 +7,13 @@ from torch import nn
 
 
 def fourier_embed_xyxy(boxes: torch.Tensor, n_freqs: int) -> torch.Tensor:
-    """boxes: (..., 4) xyxy normalized to [0, 1] -> (..., 8 * n_freqs) sin/cos features (GLIGEN's embedding)."""
-    freqs = 100 ** (torch.arange(n_freqs, device=boxes.device, dtype=boxes.dtype) / n_freqs)
-    x = boxes.unsqueeze(-1) * freqs  # (..., 4, F)
+    """boxes: (..., 4) xyxy normalized to [0, 1] -> (..., 8 * n_freqs) sin/cos features (GLIGEN's embedding),
+    in the boxes' dtype. Computed in float32: in bf16 / fp16, x * 100 keeps 2-3 significant digits and its sine
+    is noise."""
+    freqs = 100 ** (torch.arange(n_freqs, device=boxes.device, dtype=torch.float32) / n_freqs)
+    x = boxes.float().unsqueeze(-1) * freqs  # (..., 4, F)
     emb = torch.stack((x.sin(), x.cos()), dim=-1)  # (..., 4, F, 2)
-    return emb.transpose(-3, -2).flatten(-3)  # (..., F, 4, 2) -> (..., 8F), GLIGEN's order
+    return emb.transpose(-3, -2).flatten(-3).to(boxes.dtype)  # (..., F, 4, 2) -> (..., 8F), GLIGEN's order
 
 
 def mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
@@ -42,7 +44,7 @@ class GroundingNet(nn.Module):
         b, n, t, _ = tokens.shape
         m = mask.to(tokens.dtype)[:, :, None, None]
         tokens = tokens * m + (1 - m) * self.null_token_feature.to(tokens.dtype)
-        pos = fourier_embed_xyxy(boxes.to(tokens.dtype), self.fourier_freqs)[:, :, None]  # (B, N, 1, P)
+        pos = fourier_embed_xyxy(boxes, self.fourier_freqs).to(tokens.dtype)[:, :, None]  # (B, N, 1, P)
         pos = pos * m + (1 - m) * self.null_position_feature.to(tokens.dtype)
         x = torch.cat([tokens, pos.expand(b, n, t, pos.shape[-1])], dim=-1)
         return self.mlp(x).reshape(b, n * t, -1)

@@ -1,0 +1,92 @@
+"""Settings over typed dataclass configs: TOML tables and `key=value` overrides, one mechanism for every command.
+
+    cfg = apply(preset(), tomllib.load(f))                      # nested tables onto nested dataclasses
+    cfg = apply(cfg, parse_override("ground.box_threshold=0.3"))  # one dotted key, a TOML literal value
+
+Values are checked against the dataclass field types (and coerced where that loses nothing: an int for a
+float, a list for a tuple, "none" for an optional field); each dataclass then runs its own validation in
+`__post_init__`. An unknown key or a wrong type is a ValueError that names the key and what is known.
+A field typed `dict[str, SomeDataclass]` (e.g. datagen's per-stage pools) takes a table of tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from typing import Any
+
+__all__ = ["apply", "parse_override", "merge_dicts"]
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(next(a for a in args if a is not type(None)), value, where)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple:
+        items = [value] if isinstance(value, str) else list(value)
+        inner = args[0] if args else Any
+        return tuple(_coerce(inner, v, where) if inner in (float, int, str) else v for v in items)
+    if hint is str and not isinstance(value, str):
+        return str(value)
+    if hint in (int, float, bool) and not isinstance(value, hint):
+        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def apply(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
+    """A copy of dataclass OBJ with the nested VALUES applied (checked, coerced, then validated)."""
+    hints = typing.get_type_hints(type(obj))
+    kwargs = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in kwargs:
+            raise ValueError(f"unknown setting {prefix}{key}; known: {sorted(kwargs)}")
+        current, hint = kwargs[key], hints[key]
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{key} is a table; set its fields, e.g. {prefix}{key}.FIELD=VALUE")
+            kwargs[key] = apply(current, value, f"{prefix}{key}.")
+        elif typing.get_origin(hint) is dict and dataclasses.is_dataclass(typing.get_args(hint)[-1]):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{key} is a table of tables, e.g. {prefix}{key}.NAME.FIELD=VALUE")
+            kind = typing.get_args(hint)[-1]
+            merged = dict(current)
+            for name, sub in value.items():
+                if not isinstance(sub, dict):
+                    raise ValueError(f"{prefix}{key}.{name} is a table; set its fields")
+                merged[name] = apply(merged.get(name, kind()), sub, f"{prefix}{key}.{name}.")
+            kwargs[key] = merged
+        else:
+            kwargs[key] = _coerce(hint, value, f"{prefix}{key}")
+    return type(obj)(**kwargs)
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """'data.batch_size=8' -> {'data': {'batch_size': 8}}; values are TOML literals, else plain strings."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not KEY=VALUE (e.g. run.max_steps=100)")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """B's keys over A's, table by table."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
