@@ -162,7 +162,7 @@ def main() -> None:
     base = rows[0][1]
     for name, t, m in rows:
         gpu = "-" if m["gpu_peak"] is None else f"{m['gpu_peak']:.1f}"
-        print(f"| {name} | {t:.1f} | {args.images / t:.2f} | {base / t:.2f}x | {m['peak']:.2f} | "
+        print(f"| {name} | {t:.1f} | {args.images / t:.3g} | {base / t:.2f}x | {m['peak']:.2f} | "
               f"{m['q2_peak']:.2f} | {m['q4_peak']:.2f} | {gpu} |")
 
 

@@ -347,7 +347,7 @@ class RunSummary:
     def line(self) -> str:
         rate = (self.ok + self.failed) / self.seconds if self.seconds else 0.0
         return (f"datagen: {self.ok} records, {self.failed} failures in {self.shards} shard(s) "
-                f"({self.skipped_shards} already complete), {self.seconds:.1f} s, {rate:.2f} images/s")
+                f"({self.skipped_shards} already complete), {self.seconds:.1f} s, {rate:.3g} images/s")
 
 
 class Progress:
@@ -372,9 +372,9 @@ class Progress:
         done = self.ok + self.failed
         rate = done / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        eta_s = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?"
+        eta_s = _duration(eta) if eta != float("inf") else "?"
         print(f"[datagen] {done}/{self.total} samples ({self.ok} ok, {self.failed} failed) "
-              f"{rate:.2f} img/s, ETA {eta_s}", file=self.stream, flush=True)
+              f"{rate:.3g} img/s, ETA {eta_s}", file=self.stream, flush=True)
 
 
 # Stage settings that change how fast records are made, not what they hold: a resume may change them.
@@ -390,6 +390,13 @@ def stages_fingerprint(cfg: stage_config.DatagenConfig) -> str:
 
     blob = json.dumps(strip({k: v for k, v in cfg.to_json().items() if k != "name"}), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _duration(seconds: float) -> str:
+    """'05:04:03', or '2d 05:04:03' past a day (a large run's ETA)."""
+    days, rest = divmod(int(seconds), 86400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days}d {clock}" if days else clock
 
 
 def _plan(src: str, out: Path, shard_size: int, fingerprint: str, map_urls=None) -> dict[str, int]:

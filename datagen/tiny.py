@@ -322,22 +322,31 @@ class TinyModels:
         return {k: str(v) for k, v in self.__dict__.items()}
 
 
-def tiny_models(root: str | os.PathLike, seed: int = SEED) -> TinyModels:
-    """Build (or reuse, when `root/tiny.json` says they are there) the tiny checkpoints under root."""
-    root = Path(root)
-    manifest = root / "tiny.json"
+def _built_once(manifest: Path, version: int, seed: int, build) -> TinyModels:
+    """The models MANIFEST lists when it was written for this VERSION and SEED and its files are there;
+    else BUILD() them and write MANIFEST."""
     if manifest.exists():
         saved = json.loads(manifest.read_text())
-        if saved.pop("version", None) == TINY_VERSION and saved.pop("seed", None) == seed:
+        if saved.pop("version", None) == version and saved.pop("seed", None) == seed:
             paths = TinyModels(**{k: Path(v) for k, v in saved.items()})
             if all(p.exists() for p in paths.__dict__.values()):
                 return paths
-    blip = save_tiny_blip(root / "blip", seed)
-    cfg, ckpt = save_tiny_groundingdino(root / "groundingdino", seed)
-    sam = save_tiny_sam(root / "sam" / "sam_tiny.pth", seed)
-    paths = TinyModels(blip=blip, gdino_config=cfg, gdino_checkpoint=ckpt, sam_checkpoint=sam)
-    manifest.write_text(json.dumps({"version": TINY_VERSION, "seed": seed, **paths.to_json()}, indent=1))
+    paths = build()
+    manifest.write_text(json.dumps({"version": version, "seed": seed, **paths.to_json()}, indent=1))
     return paths
+
+
+def tiny_models(root: str | os.PathLike, seed: int = SEED) -> TinyModels:
+    """Build (or reuse, when `root/tiny.json` says they are there) the tiny checkpoints under root."""
+    root = Path(root)
+
+    def build() -> TinyModels:
+        blip = save_tiny_blip(root / "blip", seed)
+        cfg, ckpt = save_tiny_groundingdino(root / "groundingdino", seed)
+        sam = save_tiny_sam(root / "sam" / "sam_tiny.pth", seed)
+        return TinyModels(blip=blip, gdino_config=cfg, gdino_checkpoint=ckpt, sam_checkpoint=sam)
+
+    return _built_once(root / "tiny.json", TINY_VERSION, seed, build)
 
 
 # ------------------------------------------------------------------- full-size architectures, random weights
@@ -381,19 +390,14 @@ def full_random_models(root: str | os.PathLike, seed: int = SEED) -> TinyModels:
     from datagen.stages.segment import SAM_ARCHS, build_sam
 
     root = Path(root)
-    manifest = root / "full.json"
-    if manifest.exists():
-        saved = json.loads(manifest.read_text())
-        if saved.pop("version", None) == FULL_RANDOM_VERSION and saved.pop("seed", None) == seed:
-            paths = TinyModels(**{k: Path(v) for k, v in saved.items()})
-            if all(p.exists() for p in paths.__dict__.values()):
-                return paths
-    blip = save_random_blip_large(root / "blip-large", seed)
-    cfg, ckpt = save_tiny_groundingdino(root / "groundingdino", seed, full_size=True)
-    sam = root / "sam" / "sam_vit_h_random.pth"
-    sam.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    torch.save(build_sam(SAM_ARCHS["vit_h"]).state_dict(), sam)
-    paths = TinyModels(blip=blip, gdino_config=cfg, gdino_checkpoint=ckpt, sam_checkpoint=sam)
-    manifest.write_text(json.dumps({"version": FULL_RANDOM_VERSION, "seed": seed, **paths.to_json()}, indent=1))
-    return paths
+
+    def build() -> TinyModels:
+        blip = save_random_blip_large(root / "blip-large", seed)
+        cfg, ckpt = save_tiny_groundingdino(root / "groundingdino", seed, full_size=True)
+        sam = root / "sam" / "sam_vit_h_random.pth"
+        sam.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        torch.save(build_sam(SAM_ARCHS["vit_h"]).state_dict(), sam)
+        return TinyModels(blip=blip, gdino_config=cfg, gdino_checkpoint=ckpt, sam_checkpoint=sam)
+
+    return _built_once(root / "full.json", FULL_RANDOM_VERSION, seed, build)

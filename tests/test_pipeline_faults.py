@@ -211,3 +211,18 @@ def test_datagen_settings_from_toml_then_overrides(tmp_path):
         load_config("tiny", None, ["ground.box_threshold=2"])
     with pytest.raises(ValueError, match="pipeline.shard_size: expected int"):
         load_config("tiny", None, ["pipeline.shard_size=big"])
+
+
+def test_progress_line_keeps_slow_rates_and_long_etas_readable():
+    import io
+
+    from datagen.pipeline import Progress
+
+    out = io.StringIO()
+    prog = Progress(total=10_000_000, every=0.0, stream=out)
+    prog.t0 -= 1000.0  # 1000 s in, 30 samples done: 0.03 img/s, about 10 years left
+    prog.update(25, 5)
+    line = out.getvalue().strip()
+    assert line.startswith("[datagen] 30/10000000 samples (25 ok, 5 failed) 0.03 img/s, ETA ")
+    days = int(line.rsplit("ETA ", 1)[1].split("d ")[0])
+    assert abs(days - (10_000_000 - 30) / 0.03 / 86400) < 1
