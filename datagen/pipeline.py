@@ -537,6 +537,7 @@ def run(src: str, out: str | os.PathLike, cfg: RunConfig, *, ray_address: str | 
     out.mkdir(parents=True, exist_ok=True)
     if "://" not in src:
         src = os.path.abspath(src)  # local paths (brace patterns too) are recorded absolute: any worker opens them
+    sources.detect(src)  # a bad SRC is one clear error before Ray starts (planning lists shards on Ray)
     local = _init_ray(ray_address, cfg.pipeline)
     counts = _plan(src, out, cfg.pipeline.shard_size, stages_fingerprint(cfg.stages), map_urls=_ray_map)
     total = sum(counts.values())
