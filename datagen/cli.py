@@ -86,9 +86,7 @@ def _weights(args: argparse.Namespace) -> int:
     try:
         for spec in (st.caption.model, st.ground.config_file, st.ground.checkpoint, st.segment.checkpoint):
             if weights.is_hub_id(spec):
-                from huggingface_hub import snapshot_download
-
-                path = snapshot_download(spec, cache_dir=weights.cache_dir() / "hf")
+                path = weights.hub_snapshot(spec, download=True)
             else:
                 path = weights.resolve(spec, download=True)
             print(f"{spec} -> {path}")

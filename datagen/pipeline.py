@@ -282,12 +282,12 @@ class ShardWriterActor:
         shards, items = _unpack(batch)
         ok, stage, completed = [], [], []
         for shard, item in zip(shards, items):
-            if shard in self.closed or item["key"] in self._writer(shard):  # a retried block delivered twice
+            w = None if shard in self.closed else self._writer(shard)
+            if w is None or item["key"] in w:  # a retried block delivered twice: write once
                 ok.append(True)
                 stage.append("duplicate")
                 completed.append("")
                 continue
-            w = self.open[shard]
             written, failed_stage = self._write(w, item)
             ok.append(written)
             stage.append(failed_stage)
@@ -451,8 +451,7 @@ def _cpu_slots(cfg: PipelineConfig) -> float:
     return pools + cfg.read_num_cpus * 2 + cfg.writer_num_cpus + 1.0
 
 
-def _init_ray(address: str | None, cfg: PipelineConfig) -> bool:
-    """Connect to ADDRESS, or start a local Ray; True when this call started a local one."""
+def _init_ray(address: str | None, cfg: PipelineConfig) -> None:
     import ray
 
     if not ray.is_initialized():
@@ -464,8 +463,6 @@ def _init_ray(address: str | None, cfg: PipelineConfig) -> bool:
             # Ray Data would wait forever for a slot that an actor keeps.
             slots = max(os.cpu_count() or 1, int(_cpu_slots(cfg) + 0.999))
             ray.init(num_cpus=slots, include_dashboard=False, log_to_driver=False)
-            return True
-    return False
 
 
 def _resolve_gpus(cfg: PipelineConfig, local: bool) -> None:
@@ -538,13 +535,13 @@ def run(src: str, out: str | os.PathLike, cfg: RunConfig, *, ray_address: str | 
     if "://" not in src:
         src = os.path.abspath(src)  # local paths (brace patterns too) are recorded absolute: any worker opens them
     sources.detect(src)  # a bad SRC is one clear error before Ray starts (planning lists shards on Ray)
-    local = _init_ray(ray_address, cfg.pipeline)
+    _init_ray(ray_address, cfg.pipeline)
     counts = _plan(src, out, cfg.pipeline.shard_size, stages_fingerprint(cfg.stages), map_urls=_ray_map)
     total = sum(counts.values())
     done_before = [s for s in counts if is_complete(out, s)]
     manifest = Manifest(out, src, cfg, command or sys.argv)
     try:
-        _resolve_gpus(cfg.pipeline, local or not ray_address)
+        _resolve_gpus(cfg.pipeline, local=not ray_address)  # no address: Ray on this machine
         prog = Progress(total - sum(counts[s] for s in done_before), every=progress_every)
         per_shard: dict[str, list[int]] = {}  # shard -> [ok, failed] written by this run
         todo: list[str] = []
@@ -554,7 +551,8 @@ def run(src: str, out: str | os.PathLike, cfg: RunConfig, *, ray_address: str | 
                 break
             _clean_partial(out, todo)
             for s in todo:  # redone whole: what an earlier attempt wrote to it is gone
-                prog.update(-per_shard.get(s, [0, 0])[0], -per_shard.get(s, [0, 0])[1])
+                prev_ok, prev_failed = per_shard.get(s, (0, 0))
+                prog.update(-prev_ok, -prev_failed)
                 per_shard[s] = [0, 0]
             ds = _build_dataset(out, todo, counts, cfg, {"run_start": t0}, stage_factory)
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

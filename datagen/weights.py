@@ -63,30 +63,38 @@ def resolve(spec: str, *, download: bool = True) -> Path:
 TEXT_ENCODER_FILES = ("*.json", "*.txt", "*.safetensors")
 
 
-def resolve_text_encoder(spec: str, *, download: bool = True) -> Path:
-    """A local folder for GroundingDINO's text encoder: `spec` itself when it is a folder, else the hub id's
-    snapshot in <cache>/hf. The cache is tried first, so a cached id loads without network; with `download`
-    a missing one is fetched (`subjectdiff datagen weights` does that ahead of a run)."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return path
+def hub_snapshot(repo: str, *, download: bool, allow_patterns: tuple[str, ...] | None = None) -> Path:
+    """The hub repo's snapshot folder in <cache>/hf (its name is the commit). The cache is tried first, so a
+    cached repo needs no network; with `download` a missing one is fetched. WeightsError when neither works."""
     from huggingface_hub import snapshot_download
 
-    kw = dict(cache_dir=cache_dir() / "hf", allow_patterns=list(TEXT_ENCODER_FILES))
+    kw = dict(cache_dir=cache_dir() / "hf", allow_patterns=list(allow_patterns) if allow_patterns else None)
     try:
-        return Path(snapshot_download(spec, local_files_only=True, **kw))
+        return Path(snapshot_download(repo, local_files_only=True, **kw))
     except Exception as e:  # not cached: the hub's error types vary by version
         error = e
     if download:
         try:
-            return Path(snapshot_download(spec, **kw))
+            return Path(snapshot_download(repo, **kw))
         except Exception as e:
             error = e
-    raise WeightsError(
-        f"text encoder {spec!r} is not a local folder and not in the cache ({cache_dir() / 'hf'}): run "
-        f"`subjectdiff datagen weights` where the Hugging Face hub is reachable, or set ground.text_encoder "
-        f"to a local BERT folder ({type(error).__name__}: {error})"
-    ) from error
+    raise WeightsError(f"{repo!r} is not in the cache ({cache_dir() / 'hf'}) ({type(error).__name__}: {error})") \
+        from error
+
+
+def resolve_text_encoder(spec: str, *, download: bool = True) -> Path:
+    """A local folder for GroundingDINO's text encoder: `spec` itself when it is a folder, else the hub id's
+    snapshot in <cache>/hf (`hub_snapshot`; `subjectdiff datagen weights` fetches it ahead of a run)."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path
+    try:
+        return hub_snapshot(spec, download=download, allow_patterns=TEXT_ENCODER_FILES)
+    except WeightsError as e:
+        raise WeightsError(
+            f"text encoder: {e}. It is not a local folder either: run `subjectdiff datagen weights` where the "
+            "Hugging Face hub is reachable, or set ground.text_encoder to a local BERT folder"
+        ) from e
 
 
 def _package_file(rest: str) -> Path:
@@ -159,11 +167,9 @@ def manifest_entry(spec: str) -> dict[str, str]:
     """{"spec", "path", "sha256"} for a run manifest; hub ids with the cached snapshot's commit instead."""
     if is_hub_id(spec):  # the snapshot in the cache names its commit: that is the hub's exact version
         try:
-            from huggingface_hub import snapshot_download
-
-            path = snapshot_download(spec, cache_dir=cache_dir() / "hf", local_files_only=True)
-            return {"spec": spec, "path": path, "sha256": "", "revision": Path(path).name}
-        except Exception:  # not in the cache (yet): recorded by name
+            path = hub_snapshot(spec, download=False)
+            return {"spec": spec, "path": str(path), "sha256": "", "revision": path.name}
+        except WeightsError:  # not in the cache (yet): recorded by name
             return {"spec": spec, "path": "", "sha256": "", "revision": ""}
     path = resolve(spec, download=False)
     return {"spec": spec, "path": str(path), "sha256": file_sha256(path)}
