@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalogs import catalog
+from catalogs import catalog, selection
 from catalogs.writer import OBJECT_SCHEMA, SAMPLE_SCHEMA
 
 LABELS = [f"label{i:03d}" for i in range(400)]
@@ -161,8 +161,8 @@ def main() -> None:
         rows.append((name, timed(lambda: catalog.query(out, sql)), timed(lambda: mem.sql(sql).to_arrow_table()),
                      timed(lambda: pandas_fn(pdo, None))))
     sel_path = out / "selection.parquet"
-    n_sel = catalog.select(out, SELECT_WHERE, sel_path)
-    t_sel = timed(lambda: catalog.select(out, SELECT_WHERE, sel_path))
+    n_sel = selection.select(out, SELECT_WHERE, sel_path)
+    t_sel = timed(lambda: selection.select(out, SELECT_WHERE, sel_path))
 
     print(f"# catalog benchmark: {n_obj:,} objects in {n_shards} shards "
           f"({platform.machine()}, {os.cpu_count()} cores, duckdb {duckdb.__version__}, "
@@ -175,7 +175,7 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, a, b, c in rows:
         print(f"| {name} | {a * 1000:.0f} ms | {b * 1000:.0f} ms | {c * 1000:.0f} ms |")
-    print(f"| selection of {n_sel:,} samples written to Parquet (`catalog.select`) | {t_sel * 1000:.0f} ms | | |")
+    print(f"| selection of {n_sel:,} samples written to Parquet (`selection.select`) | {t_sel * 1000:.0f} ms | | |")
     print("\n(median of 3 runs each)")
 
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from catalogs.writer import shard_files
 
@@ -229,33 +228,6 @@ def query(root: str | os.PathLike, sql: str, params: list[Any] | None = None) ->
             return con.sql(sql, params=params).to_arrow_table()
         except duckdb.Error as e:
             raise CatalogError(_one_line(e)) from None
-
-
-def select(root: str | os.PathLike, where: str, out: str | os.PathLike) -> int:
-    """Write the keys, shard ids and shard paths of the samples matching WHERE to a Parquet file.
-
-    WHERE is a SQL predicate over `samples` columns; object conditions go through a subquery, e.g.
-    "n_objects BETWEEN 2 AND 8 AND key IN (SELECT key FROM objects WHERE score > 0.5)".
-    Returns the number of selected samples.
-    """
-    sql = (
-        "WITH sel AS (SELECT key, shard FROM samples WHERE (" + where + ")) "
-        "SELECT sel.key, sel.shard, shards.path FROM sel JOIN shards ON sel.shard = shards.name "
-        "ORDER BY sel.shard, sel.key"
-    )
-    table = query(root, sql)
-    meta = {
-        b"subjectdiff.selection": json.dumps(
-            {"catalog": str(Path(root).resolve()), "where": where, "created": time.time(), "rows": table.num_rows}
-        ).encode()
-    }
-    table = table.replace_schema_metadata(meta)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
-    return table.num_rows
 
 
 def stats(root: str | os.PathLike, *, top_labels: int = 20, bins: int = 10) -> dict[str, Any]:

@@ -136,7 +136,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _select(args: argparse.Namespace) -> int:
-    from catalogs.catalog import select
+    from catalogs.selection import select
 
     n = select(args.dir, args.where, args.out)
     print(f"selected {n} sample(s) -> {args.out}")

@@ -33,6 +33,7 @@ from webdataset.utils import pytorch_worker_info
 
 from catalogs import masks as mask_codec
 from catalogs.schema import IMAGE_EXTENSIONS, ObjectAnn
+from catalogs.selection import load_selection
 from catalogs.writer import complete_shards, shard_files
 
 
@@ -65,15 +66,6 @@ class DecodedRecord:
     image_ext: str = "jpg"
     shard: str = ""
     meta: dict[str, Any] = field(repr=False, default_factory=dict)
-
-
-def load_selection(path: str | os.PathLike) -> dict[str, set[str]]:
-    """Read a selection Parquet (`catalog select` output): {shard path: {keys}}."""
-    table = pq.read_table(path, columns=["key", "path"])
-    out: dict[str, set[str]] = {}
-    for key, shard_path in zip(table.column("key").to_pylist(), table.column("path").to_pylist()):
-        out.setdefault(shard_path, set()).add(key)
-    return out
 
 
 def shard_counts(urls: Iterable[str], selection: Mapping[str, set[str]] | None,

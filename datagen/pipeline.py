@@ -164,7 +164,9 @@ def read_and_decode(batch: dict[str, np.ndarray], filters: stage_config.FilterCo
             item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read", err)
         else:
             try:
-                data = sources.read_unit(str(batch["path"][i]), int(batch["offset"][i]), int(batch["size"][i]))
+                column = batch["column"][i] if "column" in batch else None
+                data = sources.read_unit(str(batch["path"][i]), int(batch["offset"][i]), int(batch["size"][i]),
+                                         *([str(column)] if isinstance(column, str) and column else []))
                 item = decode_item(source, data, alt_text=alt, key=key)
             except OSError as e:
                 item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read",
@@ -399,10 +401,13 @@ def _duration(seconds: float) -> str:
     return f"{days}d {clock}" if days else clock
 
 
-def _plan(src: str, out: Path, shard_size: int, fingerprint: str, map_urls=None) -> dict[str, int]:
-    """Reuse OUT's plan when it was made for the same input, shard size and stage settings; else make it."""
+def _plan(src: str, out: Path, shard_size: int, fingerprint: str, map_urls=None,
+          columns: dict[str, str | None] | None = None) -> dict[str, int]:
+    """Reuse OUT's plan when it was made for the same input, shard size and stage settings; else make it.
+    COLUMNS: {"image_column": ..., "caption_column": ...} naming a list's columns (None: the defaults)."""
     plan, meta_path = out / "_plan.parquet", out / "_plan.json"
-    want = {"input": src, "shard_size": shard_size, "stages": fingerprint}
+    columns = {k: v for k, v in (columns or {}).items() if v}
+    want = {"input": src, "shard_size": shard_size, "stages": fingerprint, **columns}
     if plan.exists() and meta_path.exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("input") != src or meta.get("shard_size") != shard_size:
@@ -416,8 +421,11 @@ def _plan(src: str, out: Path, shard_size: int, fingerprint: str, map_urls=None)
                 f"fingerprint {meta['stages']}, now {fingerprint}): resuming would mix them. Use another "
                 "--output, or the config of that run (its manifest.json has it)"
             )
+        if any(meta.get(k) != v for k, v in columns.items()):
+            raise sources.SourceError(f"{out} holds a run with other input columns "
+                                      f"({ {k: meta.get(k) for k in columns} }); use another --output")
         return meta["shards"]
-    counts = sources.write_plan(src, plan, shard_size, map_urls=map_urls)
+    counts = sources.write_plan(src, plan, shard_size, map_urls=map_urls, **columns)
     meta_path.write_text(json.dumps({**want, "shards": counts, "created": time.time()}))
     return counts
 
@@ -524,7 +532,8 @@ def _build_dataset(out: Path, todo: list[str], counts: dict[str, int], cfg: RunC
 
 
 def run(src: str, out: str | os.PathLike, cfg: RunConfig, *, ray_address: str | None = None,
-        command: list[str] | None = None, progress_every: float = 5.0, stage_factory=None) -> RunSummary:
+        command: list[str] | None = None, progress_every: float = 5.0, stage_factory=None,
+        image_column: str | None = None, caption_column: str | None = None) -> RunSummary:
     """Run (or resume) the pipeline from SRC into OUT; see the module docstring.
 
     stage_factory(name, stage_config) -> stage replaces `build_stage` (tests inject slow or failing stages).
@@ -536,7 +545,8 @@ def run(src: str, out: str | os.PathLike, cfg: RunConfig, *, ray_address: str | 
         src = os.path.abspath(src)  # local paths (brace patterns too) are recorded absolute: any worker opens them
     sources.detect(src)  # a bad SRC is one clear error before Ray starts (planning lists shards on Ray)
     _init_ray(ray_address, cfg.pipeline)
-    counts = _plan(src, out, cfg.pipeline.shard_size, stages_fingerprint(cfg.stages), map_urls=_ray_map)
+    counts = _plan(src, out, cfg.pipeline.shard_size, stages_fingerprint(cfg.stages), map_urls=_ray_map,
+                   columns={"image_column": image_column, "caption_column": caption_column})
     total = sum(counts.values())
     done_before = [s for s in counts if is_complete(out, s)]
     manifest = Manifest(out, src, cfg, command or sys.argv)

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from catalogs import catalog
-from catalogs.reader import RecordReader, load_selection
+from catalogs.reader import RecordReader
+from catalogs.selection import load_selection
 from catalogs.schema import Failure, Record, RecordError, make_key, object_from_arrays
 from catalogs.tokens import clip_token_positions, clip_tokenizer
 from catalogs.writer import ShardWriter, complete_shards

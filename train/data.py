@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from catalogs.reader import DecodedRecord, RecordReader, load_selection
+from catalogs.reader import DecodedRecord, RecordReader
+from catalogs.selection import load_selection
 from catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
 from subjectdiff.model.prompts import subject_prompt, tokenize
 from train.config import DataConfig, TrainConfig
@@ -196,7 +197,7 @@ def run_selection(cfg: DataConfig, out_dir: str, resume: bool) -> str | None:
             raise ValueError(f"data.where is {cfg.where!r}, but the run started with {saved!r} ({path}): a resumed "
                              "run keeps its selection; start a new run (another run.out_dir) for a new one")
         return path
-    from catalogs.catalog import select
+    from catalogs.selection import select
 
     root = cfg.catalog or cfg.shards[0]
     if select(root, cfg.where, path) == 0:
