@@ -2,6 +2,13 @@
 
     python benchmarks/train.py                         # tiny preset on this machine's CPU
     python benchmarks/train.py --preset sd2-base --batch-size 8 --precision bf16   # SD 2 size, needs a GPU
+    python benchmarks/train.py --loader --workers 1    # the data loader only: paper preset vs the earlier one
+
+`--loader`: data-loader samples/s per DataLoader worker at 512 px with the `paper` preset's object selection and
+subject augmentation (a background photo per subject, from a folder of BG-20k-sized photos written here), against
+the loader of revision --baseline-rev (this project's loader before the reference's selection and augmentation,
+imported from git: its train/config.py and train/data.py), on the same records in the same run; then the cost
+of each augmentation per subject image and of the selection rules per record (single process, medians).
 
 "ours": frozen VAE / image encoder under no_grad (bf16 weights on GPU), trainable model under autocast,
 optionally gradient checkpointing. "reference": the way the paper's public code runs the same step: the image
@@ -36,6 +43,159 @@ sys.path.insert(0, str(ROOT))
 from tests.records import write_photo_shards  # noqa: E402
 from train.config import load_config  # noqa: E402
 from train.data import BatchStream, TrainSamples, make_reader  # noqa: E402
+
+
+BASELINE_REV = "eae2950"  # train/data.py before issue #12 (random choice, box cut-outs on white, perspective 0.1)
+
+
+def baseline_loader(rev: str):
+    """The loader of git revision `rev` (its train/config.py and train/data.py) as a package `baseline_train`,
+    importing today's catalogs/ and subjectdiff/; None when git or the revision is not available."""
+    import importlib
+    import subprocess
+
+    pkg = Path(tempfile.mkdtemp()) / "baseline_train"
+    pkg.mkdir()
+    for name in ("config.py", "data.py"):
+        r = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:train/{name}"], capture_output=True, text=True)
+        if r.returncode:
+            return None
+        (pkg / name).write_text(r.stdout.replace("from train.config", "from baseline_train.config"))
+    (pkg / "__init__.py").write_text("")
+    sys.path.insert(0, str(pkg.parent))
+    return importlib.import_module("baseline_train.config"), importlib.import_module("baseline_train.data")
+
+
+def write_backgrounds(d: Path, n: int = 8) -> Path:
+    """n JPEG photos at 1600 x 1200 (about BG-20k's size) from scikit-image's photos."""
+    from PIL import Image
+
+    from tests.records import PHOTOS, photo
+
+    d.mkdir(parents=True, exist_ok=True)
+    names = list(PHOTOS)
+    for i in range(n):
+        Image.fromarray(photo(names[i % len(names)])).resize((1600, 1200)).save(d / f"bg{i}.jpg", quality=90)
+    return d
+
+
+def stream_rate(stream, batches: int) -> float:
+    it = iter(stream)
+    next(it)  # start-up (workers, imports) is not throughput
+    t0, n = time.perf_counter(), 0
+    for _ in range(batches):
+        n += len(next(it)["key"])
+    rate = n / (time.perf_counter() - t0)
+    if stream.epoch != 0:
+        raise RuntimeError("the data-loader measurement crossed an epoch restart (DataLoader start-up timed)")
+    return rate
+
+
+def median_ms(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def augmentation_costs(records: list, backgrounds: Path, size: int, repeats: int) -> list[tuple[str, float]]:
+    """(what, ms) per subject image / per record, medians over the records' chosen objects."""
+    import numpy as np
+
+    from subjectdiff.model.subject_image import (SubjectAugment, background_files, background_photo,
+                                                 subject_image)
+    from train.config import DataConfig
+    from train.data import choose_subjects, filled_mask
+
+    files = background_files(str(backgrounds))
+    cfg = DataConfig()
+    pairs = [(r, i) for r in records for i in choose_subjects(r, 2, cfg, np.random.default_rng(0))]
+    if not pairs:
+        raise RuntimeError("no record has an object the paper preset's rules choose")
+    rng = np.random.default_rng(0)
+
+    def per_subject(fn) -> float:
+        return statistics.median(median_ms(lambda: fn(r, i), repeats) for r, i in pairs)
+
+    aug = {"flip (p 1)": SubjectAugment(1.0, 0, 0, 0), "rotation (±10°)": SubjectAugment(0, 10, 0, 0),
+           "perspective (0.5, p 1)": SubjectAugment(0, 0, 0.5, 1.0)}
+    plain = per_subject(lambda r, i: subject_image(r.image, r.masks[i], size))
+    rows = [("subject image: cut-out on white, no augmentation (= inference)", plain)]
+    for name, a in aug.items():
+        rows.append((f"+ {name} (added to the cut-out)", per_subject(lambda r, i: subject_image(r.image, r.masks[i], size, augment=a,
+                                                                          rng=rng)) - plain))
+    load = per_subject(lambda r, i: background_photo(files[int(rng.integers(len(files)))], size, rng))
+    rows.append(("background photo: load a 1600x1200 JPEG, resize, crop (per subject)", load))
+    still = SubjectAugment(0, 0, 0, 0)
+    bg = background_photo(files[0], size, rng)
+    rows.append(("subject pasted at half the area of a loaded background photo, no augmentation (instead of "
+                 "the cut-out on white)", per_subject(
+        lambda r, i: subject_image(r.image, r.masks[i], size, augment=still, rng=rng, background=bg))))
+    rows.append(("hole filling of the mask (per subject)", per_subject(lambda r, i: filled_mask(r.masks[i]))))
+    rows.append(("object selection rules (per record)", statistics.median(
+        median_ms(lambda: choose_subjects(r, 2, cfg, rng), repeats) for r in records)))
+    rows.append(("no rules: random order, sanity checks only (per record)", statistics.median(
+        median_ms(lambda: choose_subjects(r, 2, DataConfig(object_rules=False, pick="random"), rng), repeats)
+        for r in records)))
+    return rows
+
+
+def loader_benchmark(args) -> int:
+    """The --loader rows (module docstring)."""
+    from catalogs.reader import RecordReader
+    from subjectdiff.model.builders import image_encoder_input_size
+
+    workers, batch = max(args.workers if args.workers is not None else 1, 1), args.batch_size
+    base = baseline_loader(args.baseline_rev)
+    with tempfile.TemporaryDirectory() as tmp:
+        records = workers * batch * (args.loader_batches + 2)
+        write_photo_shards(Path(tmp) / "shards", n_shards=4, per_shard=math.ceil(records / 4), failures_per_shard=0)
+        bgs = write_backgrounds(Path(tmp) / "backgrounds")
+        sets = [f"data.shards=['{Path(tmp) / 'shards'}']", f"data.num_workers={args.workers or 1}",
+                f"data.batch_size={batch}"]
+        paper = load_config("paper", [*sets, f"data.backgrounds='{bgs}'"])
+        size = image_encoder_input_size(paper.model)
+        reader = make_reader(paper.data, None, 0, 1, 0)
+        rows = [("paper preset: reference selection + augmentation, background photos",
+                 stream_rate(BatchStream(TrainSamples(reader, paper, size), batch, paper.data.num_workers),
+                             args.loader_batches))]
+        white = load_config("paper", sets)
+        rows.append(("paper preset without background photos (white)",
+                     stream_rate(BatchStream(TrainSamples(make_reader(white.data, None, 0, 1, 0), white, size), batch,
+                                             white.data.num_workers), args.loader_batches)))
+        if base is not None:
+            bcfg_mod, bdata = base
+            old = bcfg_mod.load_config("sd2-base", sets)
+            rows.append((f"earlier loader (rev {args.baseline_rev}): random choice, box cut-outs on white",
+                         stream_rate(bdata.BatchStream(bdata.TrainSamples(
+                             bdata.make_reader(old.data, None, 0, 1, 0), old, size), batch, old.data.num_workers),
+                             args.loader_batches)))
+        recs = list(RecordReader(Path(tmp) / "shards", keys=None))[:10]
+        costs = augmentation_costs(recs, bgs, size, args.rounds)
+    machine = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    lines = [f"\n## data loader at 512 px, {workers} DataLoader worker(s), batch {batch} "
+             f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n",
+             f"Command: `python benchmarks/train.py {' '.join(sys.argv[1:])}`  ",
+             f"Machine: {machine}; torch {torch.__version__}; load average at the end {os.getloadavg()[0]:.1f} "
+             "(shared machine: CPU numbers are noisy); records: tests/records.py's photos (300-1000 px), subject "
+             f"images {size} px\n",
+             "| loader | samples/s per worker |", "|---|---:|"]
+    lines += [f"| {name} | {rate / workers:.1f} |" for name, rate in rows]
+    if base is None:
+        lines.append(f"| earlier loader (rev {args.baseline_rev}) | not measured: git or the revision is missing |")
+    lines += ["", "| cost (single process, median) | ms |", "|---|---:|"]
+    lines += [f"| {name} | {ms:.2f} |" if ms >= 0.1 else f"| {name} | < 0.1 |" for name, ms in costs]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.exists():
+        out.write_text("# Training throughput (benchmarks/train.py)\n")
+    with open(out, "a") as f:
+        f.write(text)
+    return 0
 
 
 def records_needed(args) -> int:
@@ -158,7 +318,15 @@ def main() -> int:
     p.add_argument("--loader-batches", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.md"))
+    p.add_argument("--loader", action="store_true",
+                   help="only the data loader at 512 px: the paper preset against --baseline-rev's loader, and "
+                        "the cost of each augmentation")
+    p.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the earlier loader (--loader)")
     args = p.parse_args()
+    if args.loader:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        return loader_benchmark(args)
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
                           (args.device if args.device != "auto" else "cpu"))
     if args.preset == "sd2-base" and device.type != "cuda":

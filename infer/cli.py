@@ -74,13 +74,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.0, help="text guidance scale")
-    p.add_argument("--subject-guidance", type=float, default=1.5, help="subject/location guidance scale")
+    p.add_argument("--guidance", type=float, default=7.5, help="text guidance scale (reference: 7.5)")
+    p.add_argument("--subject-guidance", type=float, default=1.5, help="subject/location guidance scale (reference: 1.5)")
     p.add_argument("--scheduler", default="PNDMScheduler", help="a diffusers scheduler class name")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--order", choices=["subject-first", "text-first"], default="subject-first")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
     p.add_argument("--batch-size", type=int, default=4, help="images per UNet call")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -132,7 +133,9 @@ def _pipeline(args: argparse.Namespace):
     import torch
 
     from infer.pipeline import Pipeline, SamplingConfig
+    from subjectdiff.model.sampling import scheduler_class
 
+    scheduler_class(args.scheduler)  # an unknown scheduler fails here, before any model loads or bar starts
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     sampling = SamplingConfig(steps=args.steps, guidance=args.guidance, subject_guidance=args.subject_guidance,
                               scheduler=args.scheduler, eta=args.eta, order=args.order, resolution=args.resolution,
@@ -148,9 +151,13 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.num_images < 1:
         raise ValueError("--num-images must be >= 1")
+    from tqdm.auto import tqdm
+
     subjects = subjects_from(args)
     pipe, sampling = _pipeline(args)
-    gens = pipe.generate(args.prompt, subjects, args.num_images, seed=args.seed, sampling=sampling)
+    batches = -(-args.num_images // sampling.batch_size)
+    with tqdm(total=batches * sampling.steps, unit="step", desc="generate", disable=args.no_progress) as bar:
+        gens = pipe.generate(args.prompt, subjects, args.num_images, seed=args.seed, sampling=sampling, progress=bar)
     for p in save(gens, args.out, boxes=args.boxes):
         print(p)
     return 0
@@ -172,6 +179,7 @@ def _dreambench(args: argparse.Namespace) -> int:
                            save_images=not args.no_images)
     pipe, sampling = _pipeline(args)
     mcfg.device = str(pipe.device)
-    summary = evaluate(pipe, metrics.Scorer(mcfg), args.data, args.out, cfg, sampling, sam=args.sam)
+    summary = evaluate(pipe, metrics.Scorer(mcfg), args.data, args.out, cfg, sampling, sam=args.sam,
+                       progress=not args.no_progress)
     print(Path(args.out, "summary.md").read_text())
     return 0 if summary["per_subject"] else 1

@@ -138,13 +138,17 @@ def case_prompts(bench: Bench, case: tuple[str, ...], max_prompts: int | None) -
 
 
 def run_case(pipe: Pipeline, scorer: Scorer, bench: Bench, case: tuple[str, ...], refs: dict, cfg: DreamBenchConfig,
-             sampling: SamplingConfig, out: Path) -> list[dict]:
-    """Generate and score every prompt of one case -> one row per generated image."""
+             sampling: SamplingConfig, out: Path, progress=None) -> list[dict]:
+    """Generate and score every prompt of one case -> one row per generated image. progress: a tqdm bar advanced
+    by one per generated image, or None."""
     name = "+".join(case)
     subjects = [Subject(bench.images(s)[cfg.reference_image], bench.classes[s]) for s in case]
     rows = []
     for p, prompt in enumerate(case_prompts(bench, case, cfg.max_prompts)):
         gens = pipe.generate(prompt, subjects, cfg.images_per_prompt, seed=cfg.seed, sampling=sampling)
+        if progress is not None:
+            progress.set_postfix_str(name, refresh=False)
+            progress.update(len(gens))
         files = save(gens, out / "images" / name, prefix=f"p{p:02d}-") if cfg.save_images else [None] * len(gens)
         per = [scorer.score([g.image for g in gens], [prompt] * len(gens), refs[s]) for s in case]
         for k, g in enumerate(gens):
@@ -205,19 +209,25 @@ def summary_markdown(cases_: list[dict], proto: dict) -> str:
 
 def evaluate(pipe: Pipeline, scorer: Scorer, data_dir: str | Path, out_dir: str | Path,
              cfg: DreamBenchConfig | None = None, sampling: SamplingConfig | None = None,
-             sam: str | None = None) -> dict:
+             sam: str | None = None, progress: bool = False) -> dict:
     """Run DreamBench; write images/, images.csv (per image), per_subject.csv (per subject or pair), summary.md and
-    summary.json under out_dir. Returns the summary (protocol, per-case rows, means)."""
+    summary.json under out_dir. Returns the summary (protocol, per-case rows, means). progress: a tqdm bar of
+    the generated images (with the ETA) on stderr."""
+    from tqdm.auto import tqdm
+
     cfg, sampling = cfg or DreamBenchConfig(), sampling or SamplingConfig()
     bench, out = read_bench(data_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     todo = cases(bench, cfg)
+    total = sum(len(case_prompts(bench, c, cfg.max_prompts)) for c in todo) * cfg.images_per_prompt
+    bar = tqdm(total=total, unit="image", desc="dreambench", disable=not progress)
     refs, rows, t0 = {}, [], time.time()
     for case in todo:
         for s in case:
             if s not in refs:
                 refs[s] = scorer.reference([str(p) for p in bench.images(s)])
-        rows += run_case(pipe, scorer, bench, case, refs, cfg, sampling, out)
+        rows += run_case(pipe, scorer, bench, case, refs, cfg, sampling, out, bar)
+    bar.close()
     write_csv(out / "images.csv", rows)
     per = per_case(rows, bench)
     write_csv(out / "per_subject.csv", per)

@@ -4,24 +4,17 @@
     images = pipe.generate("a dog on the beach", [Subject("dog.jpg", "dog", box=(0.2, 0.3, 0.7, 0.9))],
                            num_images=4, seed=0)
 
-Guidance (three branches, the reference code's order, cf. InstructPix2Pix): with e(text, subjects) the UNet's
-noise prediction, "null" text = the empty prompt, null subjects = the grounding net's learned null features
-(subject_mask 0) and no location (location channel 0),
-
-    e_u = e(null, null)         e_s = e(null, subjects + location)         e_f = e(prompt + subject words, subjects + location)
-    eps = e_u + subject_guidance * (e_s - e_u) + guidance * (e_f - e_s)                       (order "subject-first")
-
-`order="text-first"` swaps the middle branch for the plain prompt without subjects, e_t = e(prompt, null):
-    eps = e_u + guidance * (e_t - e_u) + subject_guidance * (e_f - e_t).
+Guidance: three branches (the reference code's order, cf. InstructPix2Pix), sampled by the model library's one
+sampler, `subjectdiff.model.sampling` (its docstring has the formulas), which the trainer's validation uses too.
 
 Conventions: layout boxes are xyxy normalized to [0, 1] in the generated image; the location channel is 1 on the
-latent cells whose centres lie in any box (the trainer's `box_union_map`). Seeds are per image: image i starts
-from `torch.randn` of a CPU generator seeded with seeds[i], so an image does not depend on its batch.
+latent cells whose centres lie in any box (`subjectdiff.model.location_map`, the trainer's too). Seeds are per
+image: image i starts from `torch.randn` of a CPU generator seeded with seeds[i], so an image does not depend on
+its batch.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -34,48 +27,11 @@ from PIL import Image
 
 from infer.subjects import Prepared, Subject, SubjectCutter
 from subjectdiff.model import Parts, load_pretrained, subject_prompt, tokenize
+from subjectdiff.model.location import location_map  # noqa: F401  (re-exported: the one location channel)
+from subjectdiff.model.sampling import ORDERS, SamplingConfig, guide, sample_latents, three_branches  # noqa: F401
 
 log = logging.getLogger(__name__)
-ORDERS = ("subject-first", "text-first")
 WEIGHTS = ("auto", "ema", "raw")
-# Settings Stable Diffusion's own scheduler configs carry (PLMS = PNDM without Runge-Kutta warm-up steps).
-SCHEDULER_DEFAULTS = {"PNDMScheduler": {"skip_prk_steps": True, "set_alpha_to_one": False},
-                      "DDIMScheduler": {"set_alpha_to_one": False}}
-
-
-@dataclass
-class SamplingConfig:
-    """steps: denoising steps. guidance: text scale s_T; subject_guidance: subject/location scale s_S (reference
-    code: 7 and 1.5, 50 PNDM steps). scheduler: a diffusers scheduler class name, built from the model's noise
-    schedule (reference code: PNDMScheduler). eta: DDIM-style stochasticity, where the scheduler takes it.
-    order: which single-condition branch sits in the middle (module docstring). resolution: image side in pixels
-    (None: the UNet's native size). batch_size: images per UNet call (x3 branches)."""
-
-    steps: int = 50
-    guidance: float = 7.0
-    subject_guidance: float = 1.5
-    scheduler: str = "PNDMScheduler"
-    eta: float = 0.0
-    order: str = "subject-first"
-    resolution: int | None = None
-    batch_size: int = 4
-
-    def __post_init__(self) -> None:
-        if self.order not in ORDERS:
-            raise ValueError(f"sampling order must be one of {ORDERS}, got {self.order!r}")
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
-        if self.resolution is not None and self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8 (the VAE's stride), got {self.resolution}")
-
-    def make_scheduler(self, base_config: dict[str, Any]):
-        import diffusers
-
-        cls = getattr(diffusers, self.scheduler, None)
-        if cls is None or not issubclass(cls, diffusers.SchedulerMixin):
-            raise ValueError(f"unknown diffusers scheduler {self.scheduler!r} (e.g. PNDMScheduler, DDIMScheduler, "
-                             "DPMSolverMultistepScheduler, EulerDiscreteScheduler)")
-        return cls.from_config({**dict(base_config), **SCHEDULER_DEFAULTS.get(self.scheduler, {})})
 
 
 @dataclass
@@ -102,16 +58,6 @@ def default_layout(n: int) -> list[tuple[float, float, float, float]]:
         return [tuple(v / 512 for v in b) for b in ((50, 100, 200, 400), (300, 100, 500, 400))]
     w = 1.0 / n
     return [(i * w + 0.05 * w, 0.2, (i + 1) * w - 0.05 * w, 0.8) for i in range(n)]
-
-
-def location_map(boxes: torch.Tensor, present: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """boxes: (B, N, 4) xyxy normalized; present: (B, N) bool -> (B, 1, h, w) float, 1 on the cells whose centres
-    lie in a present box (the location channel, as train.step.box_union_map builds it for training)."""
-    ys = (torch.arange(h, device=boxes.device) + 0.5) / h
-    xs = (torch.arange(w, device=boxes.device) + 0.5) / w
-    b = boxes[..., None, None]
-    inside = (xs >= b[:, :, 0]) & (xs <= b[:, :, 2]) & (ys[:, None] >= b[:, :, 1]) & (ys[:, None] <= b[:, :, 3])
-    return (inside & present[..., None, None].bool()).any(1, keepdim=True).float()
 
 
 def resolve_model(path: str | os.PathLike, weights: str = "auto") -> tuple[Path, str]:
@@ -234,37 +180,20 @@ class Pipeline:
     def branches(self, c: Condition, b: int, h: int, w: int, order: str) -> dict[str, torch.Tensor]:
         """UNet inputs of the three branches [full, middle, unconditional], each repeated b times: (3b, ...)."""
         rep = lambda x: x.expand(b, *x.shape[1:])  # noqa: E731
-        loc = rep(location_map(c.boxes, c.present, h, w)).to(self.dtype)
-        tokens, boxes, present = rep(c.tokens), rep(c.boxes).to(self.dtype), rep(c.present).to(self.dtype)
-        null_t, none = rep(self.null_text()), torch.zeros_like(present)
-        if order == "subject-first":  # middle: subjects + location, no text
-            mid = (null_t, present, loc)
-        else:  # middle: the plain prompt, no subjects, no location
-            mid = (rep(c.text_plain), none, torch.zeros_like(loc))
-        return {
-            "text": torch.cat([rep(c.text_full), mid[0], null_t]),
-            "subject_tokens": torch.cat([tokens] * 3), "boxes": torch.cat([boxes] * 3),
-            "subject_mask": torch.cat([present, mid[1], none]),
-            "location": torch.cat([loc, mid[2], torch.zeros_like(loc)]),
-        }
+        return three_branches(rep(c.text_full), rep(self.null_text()), rep(c.tokens), rep(c.boxes), rep(c.present),
+                              h, w, order, text_plain=rep(c.text_plain))
 
     # -- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, c: Condition, seeds: list[int], s: SamplingConfig) -> list[Image.Image]:
-        """Images for one condition, one per seed (one UNet batch of 3 x len(seeds))."""
+    def sample(self, c: Condition, seeds: list[int], s: SamplingConfig, progress=None) -> list[Image.Image]:
+        """Images for one condition, one per seed (one UNet batch of 3 x len(seeds)); progress: a tqdm bar
+        advanced once per denoising step, or None."""
         res = s.resolution or self.native
         h = w = res // self.vae_factor
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         x = torch.cat([torch.randn((1, 4, h, w), generator=g) for g in gens]).to(self.device)
-        sched = s.make_scheduler(self.parts.scheduler.config)
-        sched.set_timesteps(s.steps, device=self.device)
-        x = x * sched.init_noise_sigma
-        extra = {k: v for k, v in (("eta", s.eta), ("generator", gens)) if k in inspect.signature(sched.step).parameters}
         cond = self.branches(c, len(seeds), h, w, s.order)
-        for t in sched.timesteps:
-            x_in = sched.scale_model_input(x, t).to(self.dtype)
-            eps = self.model.denoise(torch.cat([x_in] * 3), t.expand(3 * len(seeds)), **cond).float()
-            x = sched.step(guide(eps, s), t, x, **extra).prev_sample
+        x = sample_latents(self.model, self.parts.scheduler.config, cond, x, s, gens, progress)
         return self.decode(x)
 
     @torch.no_grad()
@@ -276,9 +205,10 @@ class Pipeline:
         return [Image.fromarray(a) for a in arr]
 
     def generate(self, prompt: str, subjects: list[Subject] | None = None, num_images: int = 1,
-                 seed: int | list[int] = 0, sampling: SamplingConfig | None = None) -> list[Generated]:
+                 seed: int | list[int] = 0, sampling: SamplingConfig | None = None, progress=None) -> list[Generated]:
         """num_images images of `prompt` with `subjects`; seed: the first seed (images get seed, seed + 1, ...) or
-        one seed per image. Batches of sampling.batch_size images."""
+        one seed per image. Batches of sampling.batch_size images. progress: a tqdm bar advanced once per
+        denoising step of every batch (steps x batches in all), or None."""
         s = sampling or SamplingConfig()
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed) + i for i in range(num_images)]
         if len(seeds) != num_images:
@@ -286,7 +216,7 @@ class Pipeline:
         c = self.encode_prompt(prompt, list(subjects or []))
         images = []
         for i in range(0, num_images, s.batch_size):
-            images += self.sample(c, seeds[i: i + s.batch_size], s)
+            images += self.sample(c, seeds[i: i + s.batch_size], s, progress)
         return [self.describe(c, im, sd, s) for im, sd in zip(images, seeds)]
 
     def describe(self, c: Condition, image: Image.Image, seed: int, s: SamplingConfig) -> Generated:
@@ -297,11 +227,3 @@ class Pipeline:
         sampling = {**asdict(s), "resolution": s.resolution or self.native, "dtype": str(self.dtype)}
         return Generated(image, c.prompt, c.full_prompt, subjects, [d["box"] for d in subjects], int(seed),
                          sampling, dict(self.model_info), [p.cutout for p in c.prepared])
-
-
-def guide(eps: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
-    """eps: (3B, 4, h, w) = [full, middle, unconditional] -> (B, 4, h, w), the three-branch guidance (module docstring)."""
-    full, mid, uncond = eps.chunk(3)
-    if s.order == "subject-first":
-        return uncond + s.subject_guidance * (mid - uncond) + s.guidance * (full - mid)
-    return uncond + s.guidance * (mid - uncond) + s.subject_guidance * (full - mid)

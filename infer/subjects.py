@@ -1,5 +1,6 @@
-"""Subject cut-outs for inference: the subject's mask applied on a white background, padded to a square and
-resized, the convention of training (train/data.py `cut_out`, without its augmentation).
+"""Subject cut-outs for inference: the model library's one subject-image function
+(`subjectdiff.model.subject_image`: the mask's bounding box, pixels outside the mask white, padded to a centred
+square, resized), which the trainer calls too, with its augmentation on.
 
 The mask comes from the user, or from SAM prompted with a box or a point in the source image, or (neither) from
 SAM's most salient object: a point at the image centre, the multimask output whose pixels lie closest to the
@@ -20,10 +21,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from subjectdiff.model.subject_image import fill_holes, fill_holes_pil, subject_image  # noqa: F401  (re-exported)
+from subjectdiff.sam import load_sam
+
 log = logging.getLogger(__name__)
-WHITE = (255, 255, 255)
-# segment-anything's encoder sizes (build_sam.py); "auto" reads them off the checkpoint.
-SAM_ARCHS = ("vit_h", "vit_l", "vit_b")
 
 
 def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
@@ -64,20 +65,6 @@ def xy_norm_to_pixels(point, width: int, height: int) -> np.ndarray:
     return np.asarray(point, np.float64) * [width, height]
 
 
-def cut_out(image: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
-    """image (H, W, 3) uint8, mask (H, W) bool -> (size, size, 3) uint8: the mask's bounding box, pixels outside the
-    mask white, padded white to a centred square, resized bicubic (train/data.py's cut_out, no augmentation)."""
-    if not mask.any():
-        raise ValueError("the subject mask is empty")
-    ys, xs = np.nonzero(mask)
-    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-    sub = np.where(mask[y0:y1, x0:x1, None], image[y0:y1, x0:x1], np.array(WHITE, np.uint8))
-    side = max(x1 - x0, y1 - y0)
-    square = Image.new("RGB", (side, side), WHITE)
-    square.paste(Image.fromarray(sub), ((side - (x1 - x0)) // 2, (side - (y1 - y0)) // 2))
-    return np.asarray(square.resize((size, size), Image.BICUBIC), np.uint8)
-
-
 def main_entity(masks: np.ndarray, min_area: float = 0.01) -> int:
     """masks: (K, H, W) bool -> index of the mask whose pixels lie closest (mean squared distance) to the image
     centre, among those covering at least min_area of the image (the reference code's salient-object rule)."""
@@ -91,49 +78,6 @@ def main_entity(masks: np.ndarray, min_area: float = 0.01) -> int:
         if d < best_d:
             best, best_d = i, d
     return best
-
-
-def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """(H, W) bool -> the mask with its enclosed holes filled (the reference code's `fill_cavity`). scipy when
-    installed (it comes with scikit-image); else `fill_holes_pil`."""
-    try:
-        from scipy.ndimage import binary_fill_holes
-    except ImportError:
-        return fill_holes_pil(mask)
-    return binary_fill_holes(mask)
-
-
-def fill_holes_pil(mask: np.ndarray) -> np.ndarray:
-    """fill_holes without scipy: flood the background (4-connected) from a one-pixel frame around the mask; what
-    it does not reach is object or hole."""
-    from PIL import ImageDraw
-
-    outside = Image.fromarray(np.pad(~mask, 1, constant_values=True).astype(np.uint8) * 255).copy()
-    ImageDraw.floodfill(outside, (0, 0), 128)
-    return np.asarray(outside)[1:-1, 1:-1] != 128
-
-
-def load_sam(checkpoint: str | os.PathLike, model_type: str = "auto"):
-    """An official SAM state-dict checkpoint (sam_vit_h_4b8939.pth, ...) -> eval Sam. model_type "auto" reads the
-    encoder size off the checkpoint (so small test checkpoints load too)."""
-    import torch
-    from segment_anything import sam_model_registry
-    from segment_anything.build_sam import _build_sam
-
-    if model_type != "auto":
-        if model_type not in SAM_ARCHS:
-            raise ValueError(f"SAM model type must be one of {SAM_ARCHS} or 'auto', got {model_type!r}")
-        return sam_model_registry[model_type](checkpoint=str(checkpoint)).eval().requires_grad_(False)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    dim = state["image_encoder.patch_embed.proj.weight"].shape[0]
-    depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
-    head_dim = state["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
-    # global-attention blocks have 127 relative positions (2 * 64 - 1 at 1024 px), windowed ones 27
-    glob = [i for i in range(depth) if state[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 127]
-    sam = _build_sam(encoder_embed_dim=dim, encoder_depth=depth, encoder_num_heads=dim // head_dim,
-                     encoder_global_attn_indexes=glob, checkpoint=None)
-    sam.load_state_dict(state)
-    return sam.eval().requires_grad_(False)
 
 
 @dataclass
@@ -218,7 +162,7 @@ class SubjectCutter:
         if not mask.any():
             log.warning("%s: empty subject mask (%s); using the whole image", subject.source(), method)
             mask = np.ones((h, w), bool)
-        return Prepared(subject, cut_out(image, mask, self.size), method)
+        return Prepared(subject, subject_image(image, mask, self.size), method)
 
     def segment(self, image: np.ndarray, subject: Subject) -> tuple[np.ndarray, str]:
         """SAM from the subject's region (box), point, or the salient-object rule -> ((H, W) bool, method)."""

@@ -201,3 +201,91 @@ def test_build_from_a_diffusers_folder(parts, tmp_path):
         b, _ = loaded.model(**c)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # same base weights, zero-init additions
     assert loaded.scheduler.config.prediction_type == "epsilon"
+
+
+def test_localization_loss_is_the_references_form_computed_by_hand():
+    """mean(A over the background) - mean(A over the object), per subject; "sample": mean over a sample's present
+    subjects, then over the batch (a sample without subjects counts 0); "subject": over all present subjects."""
+    a = torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]],
+                      [[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]]])  # (B=2, N=2, HW=4): 2x2 layer maps
+    m = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
+                      [[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]]).view(2, 2, 2, 2)
+    present = torch.tensor([[True, True], [True, False]])
+    # by hand: sample 0: (0.15 - 0.35) and (0.1 - 0.7); sample 1: (0.25 - 0.25); sample 1's second is absent
+    per = [[0.15 - 0.35, 0.1 - 0.7], [0.25 - 0.25]]
+    sample = (sum(per[0]) / 2 + sum(per[1]) / 1) / 2
+    subject = (sum(per[0]) + sum(per[1])) / 3
+    got = localization_loss([a], m, present)
+    assert got.item() == pytest.approx(sample, abs=1e-4)
+    assert localization_loss([a], m, present, reduce="subject").item() == pytest.approx(subject, abs=1e-4)
+    none = torch.zeros(2, 2, dtype=torch.bool)
+    assert localization_loss([a], m, none).item() == 0.0  # nothing to localize
+    # soft masks: a layer smaller than the masks sees the antialiased (fractional) mask, binary a thresholded one
+    big = torch.zeros(1, 1, 4, 4)
+    big[0, 0, :3, :3] = 1
+    amap = torch.tensor([[[0.7, 0.1, 0.1, 0.1]]])
+    soft = localization_loss([amap], big, torch.ones(1, 1), masks_mode="soft")
+    binary = localization_loss([amap], big, torch.ones(1, 1), masks_mode="binary")
+    assert binary.item() == pytest.approx(0.1 - 0.7, abs=1e-4) and soft.item() != pytest.approx(binary.item(), abs=1e-3)
+
+
+def test_mlp_forms_null_features_and_fourier_order():
+    """The reference's MLP (LayerNorm -> Linear -> GELU -> Linear) and per-token null features by default; the
+    first exports' forms for configs that predate the fields; the box features in GLIGEN's order."""
+    from subjectdiff.model.config import LEGACY_DEFAULTS
+    from subjectdiff.model.modules import GroundingNet, TextMLP, fourier_embed_xyxy
+
+    g = GroundingNet(16, 8, 12, fourier_freqs=2, n_tokens=5)
+    assert [type(m).__name__ for m in g.mlp] == ["LayerNorm", "Linear", "GELU", "Linear"]
+    assert g.null_token_feature.shape == (5, 16) and g.null_position_feature.shape == (5, 16)
+    assert [type(m).__name__ for m in TextMLP(4, 6, 8).mlp] == ["LayerNorm", "Linear", "GELU", "Linear"]
+    old = GroundingNet(16, 8, 12, fourier_freqs=2, n_tokens=5, form="silu3", null_features="shared")
+    assert len(old.mlp) == 5 and old.null_token_feature.shape == (16,)
+    stored = {k: v for k, v in tiny().to_dict().items() if k not in LEGACY_DEFAULTS}
+    assert {k: getattr(ModelConfig.from_dict(stored), k) for k in LEGACY_DEFAULTS} == LEGACY_DEFAULTS
+    box = torch.tensor([0.1, 0.2, 0.6, 0.9])
+    emb = fourier_embed_xyxy(box, 2)
+    freqs = [100 ** (k / 2) for k in range(2)]
+    want = torch.cat([torch.cat([torch.sin(f * box), torch.cos(f * box)]) for f in freqs])  # GLIGEN's embedder
+    torch.testing.assert_close(emb, want)
+    coord = fourier_embed_xyxy(box, 2, "coord-major")
+    torch.testing.assert_close(coord[:2], torch.stack([torch.sin(box[0]), torch.cos(box[0])]))
+    # a null slot's grounding tokens are the learned per-token features, whatever its patch tokens
+    mask = torch.tensor([[1.0, 0.0]])
+    t1, t2 = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    t2[:, 0] = t1[:, 0]
+    out1, out2 = g(t1, torch.rand(1, 2, 4), mask), g(t2, torch.rand(1, 2, 4), mask)
+    torch.testing.assert_close(out1[:, 5:], out2[:, 5:])
+
+
+def test_an_export_from_before_the_new_fields_loads_as_it_was_trained(tmp_path):
+    """An export whose config.json predates mlp / null_features / fourier_order rebuilds the first forms."""
+    import json
+
+    from subjectdiff.model.config import LEGACY_DEFAULTS
+
+    cfg = ModelConfig(**{**tiny().to_dict(), **LEGACY_DEFAULTS})
+    parts = build(cfg)
+    d = parts.save_pretrained(tmp_path / "old")
+    meta = json.loads((d / "config.json").read_text())
+    meta["model"] = {k: v for k, v in meta["model"].items() if k not in LEGACY_DEFAULTS}
+    (d / "config.json").write_text(json.dumps(meta))
+    loaded = load_pretrained(d)
+    assert loaded.config == cfg
+    c = conditions(parts)
+    with torch.no_grad():
+        torch.testing.assert_close(parts.model(**c)[0], loaded.model(**c)[0])
+
+
+def test_the_localization_layers_include_the_mid_block(parts):
+    """The reference's five central levels: SD 2's preset captures 11 cross-attention layers."""
+    from diffusers import UNet2DConditionModel
+
+    from subjectdiff.model import sd2_base
+
+    with torch.device("meta"):  # the SD 2 architecture without memory
+        unet = UNet2DConditionModel(**builders.SD2_UNET)
+    layers = sd2_base().loc_layers
+    chosen = [n for n in unet.attn_processors if n.endswith(".attn2.processor") and any(s in n for s in layers)]
+    assert len(chosen) == 11 and sum(n.startswith("mid_block.") for n in chosen) == 1
+    assert any(n.startswith("mid_block.") for n in parts.model.captured_layers)

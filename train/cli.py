@@ -2,10 +2,11 @@
 
     torchrun --nproc_per_node=8 -m train --config sd2-base data.shards=/data/shards run.out_dir=runs/a
     subjectdiff train --config tiny --shards out/ run.max_steps=20
-    subjectdiff train --config my.toml --catalog out/ --where "n_objects >= 2" --resume latest
+    subjectdiff train --config my.toml --catalog out/ --where "n_objects >= 2" --object-where reference --resume latest
+    subjectdiff train preview --config paper --shards out/ --n 16 --out preview/     # what the trainer would feed
 
-Overrides are KEY=VALUE over the TrainConfig tables (model., data., optim., loss., run.); with
-`subjectdiff train` put them after the options. torch is imported only when the command runs.
+Overrides are KEY=VALUE over the TrainConfig tables (model., data., optim., loss., run.), anywhere among the
+options. torch is imported only when the command runs (`train preview` builds no model).
 """
 
 from __future__ import annotations
@@ -14,21 +15,44 @@ import argparse
 import sys
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """`train`'s parser: KEY=VALUE overrides (and the word `preview`) may stand anywhere among the options.
+    argparse's plain parsing binds the positionals to the first run of them and rejects later ones."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._inner:  # parse_known_intermixed_args calls back in: parse plainly there
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="sd2-base", help="a preset (tiny, sd2-base) or a TOML file")
+    p.add_argument("--config", default="sd2-base", help="a preset (tiny, sd2-base, paper) or a TOML file")
     p.add_argument("--resume", default=None, help="'latest' (newest checkpoint of run.out_dir) or a checkpoint folder")
     p.add_argument("--shards", action="append", default=None,
                    help="shard folder, file or pattern (data.shards); repeatable")
     p.add_argument("--selection", default=None, help="a `catalog select` Parquet (data.selection)")
     p.add_argument("--catalog", default=None, help="shard folder holding catalog.duckdb, for --where")
     p.add_argument("--where", default=None, help="SQL predicate over the catalog's samples (data.where)")
-    p.add_argument("--out", default=None, help="run.out_dir")
+    p.add_argument("--object-where", default=None,
+                   help="SQL predicate over the catalog's objects: the subjects are chosen among the objects it "
+                        "keeps (data.object_where; 'reference' = the reference code's object rules)")
+    p.add_argument("--out", default=None, help="run.out_dir (with preview: the folder of the page)")
+    p.add_argument("--n", type=int, default=16, help="preview: how many samples (default 16)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("overrides", nargs="*", metavar="[preview] KEY=VALUE",
+                   help="`preview` first: write what the trainer would feed (HTML + samples.jsonl) to --out")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train Subject-Diffusion on catalogued records (one process; torchrun for DDP)")
+    p = sub.add_parser("train", help="train Subject-Diffusion on catalogued records (one process; torchrun for DDP); "
+                                     "`train preview`: what it would feed")
+    p.__class__ = IntermixedParser  # subparsers are built as the top parser's class; this one takes intermixed args
     add_arguments(p)
     p.set_defaults(func=run)
 
@@ -39,8 +63,11 @@ def resolved_config(args: argparse.Namespace):
     from train.config import load_config
 
     extra = []
-    for flag, key in (("shards", "data.shards"), ("selection", "data.selection"), ("catalog", "data.catalog"),
-                      ("where", "data.where"), ("out", "run.out_dir")):
+    flags = [("shards", "data.shards"), ("selection", "data.selection"), ("catalog", "data.catalog"),
+             ("where", "data.where"), ("object_where", "data.object_where")]
+    if not args.preview:
+        flags.append(("out", "run.out_dir"))
+    for flag, key in flags:
         value = getattr(args, flag)
         if value is not None:
             extra.append(f"{key}={json.dumps(value)}")
@@ -50,10 +77,20 @@ def resolved_config(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import json
 
+    args.preview = args.overrides[:1] == ["preview"]
+    if args.preview:
+        args.overrides = args.overrides[1:]
     try:
         cfg = resolved_config(args)
+        if args.preview and not args.print_config:
+            if not args.out or args.n < 1:
+                raise ValueError("train preview needs --out DIR (the page's folder) and --n >= 1")
+            from train.preview import write_preview
+
+            print(f"preview -> {write_preview(cfg, args.n, args.out)}")
+            return 0
     except (ValueError, FileNotFoundError) as e:
-        print(f"subjectdiff train: error: {e}", file=sys.stderr)
+        print(f"subjectdiff train{' preview' if args.preview else ''}: error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
         print(json.dumps(cfg.to_dict(), indent=2))
@@ -65,6 +102,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train", description="train Subject-Diffusion (torchrun for DDP)")
+    p = IntermixedParser(prog="python -m train", description="train Subject-Diffusion (torchrun for DDP)")
     add_arguments(p)
-    return run(p.parse_intermixed_args(argv))
+    return run(p.parse_args(argv))

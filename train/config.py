@@ -27,12 +27,32 @@ class DataConfig:
     """Where records come from, and how a record becomes a training sample (train/data.py).
 
     shards: shard folders, files or brace patterns. selection: a `catalog select` Parquet. where: a SQL
-        predicate over the catalog of `catalog` (a shard folder with catalog.duckdb), selected when the run
-        starts into out_dir/selection.parquet, which a resumed run reuses.
-    resolution: training image side (pixels). subject_size: side of the subject cut-outs (0 = the image
-        encoder's input size). background: "white" or "random" behind the cut-outs.
-    flip_p, rotate_deg, perspective: subject augmentation (probability, max degrees, max corner shift / side).
-    loc_tokens: which tokens carry a subject's attention map: "phrase" (its words in the caption), "placeholder".
+        predicate over the catalog's `samples` of `catalog` (a shard folder with catalog.duckdb); object_where: one
+        over its `objects` (with the sample's caption, width, height): the selection records each sample's
+        eligible objects, and samples without one are left out. Both are selected when the run starts into
+        out_dir/selection.parquet, which a resumed run reuses.
+    resolution: training image side (pixels). subject_size: side of the subject images (0 = the image
+        encoder's input size).
+    Object selection (the reference code's rules, `custom_dataset.py`; object_rules=false turns them all off):
+        pick: candidates in descending detection score ("score", the reference) or in random order ("random").
+        box_area (box area / image area), box_aspect (box width / height, pixels): open intervals.
+        min_score: detection score above it. single_word_label: the label is one word. label_in_caption: the
+        label occurs in the caption. min_mask_fill: the mask covers at least this fraction of its box.
+        mask_within_box: the mask has no more pixels than its box. box_segments: how many distinct values of
+        the record's label map (objects' masks painted in order, 0 = background) lie in the box, inclusive.
+        max_containment: a candidate whose box and a chosen one's overlap by more than this fraction of the
+        smaller is skipped. max_white: an image with more near-white pixels (all channels > 0.9) gets no subject.
+        min_crop_box_area, crop_aspect: after the crop, a subject's box must cover more than this fraction of the
+        crop (200 px of 512 x 512) with height / width in the open interval.
+        min_mask_area: mask pixels / image pixels at least this (this project's rule; 0 = off).
+        fill_holes: fill the masks' enclosed holes, as the reference does (`fill_cavity`).
+    Subject images (subjectdiff.model.subject_image): augment: flip, rotation, perspective (and the background
+        photo) on; flip_p, rotate_deg, perspective (torchvision's distortion_scale), perspective_p;
+        backgrounds: a folder of photos (BG-20k's train/, or any) the subject is pasted on, at background_area of
+        the image; without one the subject sits on `background`: "white" or a "random" flat colour.
+    loc_tokens: the tokens whose attention maps localize a subject: "label" (its clause's label word, the
+        reference's), "placeholder" (its clause's placeholder, the reference's), "phrase" (its words in the
+        caption: shared by two detections of the same noun).
     batch_size: samples per rank and micro-step. num_workers: DataLoader workers per rank. Each epoch is cut to
         a multiple of ranks x max(num_workers, 1) x batch_size records, so that all ranks run the same batches.
     """
@@ -41,29 +61,58 @@ class DataConfig:
     selection: str | None = None
     catalog: str | None = None
     where: str | None = None
+    object_where: str | None = None
     resolution: int = 512
     subject_size: int = 0
+    pick: str = "score"
+    object_rules: bool = True
+    box_area: tuple[float, float] = (0.08, 0.7)
+    box_aspect: tuple[float, float] = (0.3, 3.0)
+    min_score: float = 0.3
+    single_word_label: bool = True
+    label_in_caption: bool = True
+    min_mask_fill: float = 0.6
+    mask_within_box: bool = True
+    box_segments: tuple[int, int] = (2, 5)
+    max_containment: float = 0.8
+    max_white: float = 0.1
+    min_crop_box_area: float = 200 / 512**2
+    crop_aspect: tuple[float, float] = (0.3, 3.0)
+    min_mask_area: float = 0.0
+    fill_holes: bool = True
+    augment: bool = True
+    backgrounds: str | None = None
+    background_area: float = 0.5
     background: str = "white"
     flip_p: float = 0.5
     rotate_deg: float = 10.0
-    perspective: float = 0.1
-    min_mask_area: float = 0.001
-    loc_tokens: tuple[str, ...] = ("phrase", "placeholder")
+    perspective: float = 0.5
+    perspective_p: float = 0.5
+    loc_tokens: tuple[str, ...] = ("label", "placeholder")
     batch_size: int = 4
     num_workers: int = 2
 
     def __post_init__(self) -> None:
         self.shards = (self.shards,) if isinstance(self.shards, str) else tuple(self.shards)
         self.loc_tokens = tuple(self.loc_tokens)
+        for name in ("box_area", "box_aspect", "box_segments", "crop_aspect"):
+            value = tuple(getattr(self, name))
+            if len(value) != 2 or value[0] > value[1]:
+                raise ValueError(f"data.{name} must be [low, high] with low <= high, got {list(value)}")
+            setattr(self, name, value)
         if self.background not in ("white", "random"):
             raise ValueError(f"data.background must be 'white' or 'random', got {self.background!r}")
-        if self.where and not self.catalog and not self.shards:
-            raise ValueError("data.where needs data.catalog (or one shard folder in data.shards) that holds "
-                             "catalog.duckdb")
+        if self.pick not in ("score", "random"):
+            raise ValueError(f"data.pick must be 'score' (descending detection score) or 'random', got {self.pick!r}")
+        if (self.where or self.object_where) and not self.catalog and not self.shards:
+            raise ValueError("data.where / data.object_where need data.catalog (or one shard folder in data.shards) "
+                             "that holds catalog.duckdb")
         if self.resolution % 8:
             raise ValueError(f"data.resolution must be a multiple of 8 (the VAE's stride), got {self.resolution}")
-        if set(self.loc_tokens) - {"phrase", "placeholder"}:
-            raise ValueError(f"data.loc_tokens: choose from 'phrase', 'placeholder'; got {self.loc_tokens}")
+        if not self.loc_tokens or set(self.loc_tokens) - {"label", "placeholder", "phrase"}:
+            raise ValueError(f"data.loc_tokens: choose from 'label', 'placeholder', 'phrase'; got {self.loc_tokens}")
+        if not 0 < self.background_area <= 1:
+            raise ValueError(f"data.background_area must be in (0, 1], got {self.background_area}")
 
 
 @dataclass
@@ -85,22 +134,44 @@ class OptimConfig:
             raise ValueError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
+DROPS = ("drop_text", "drop_text_location", "drop_location", "drop_subjects", "drop_all")
+
+
 @dataclass
 class LossConfig:
-    """loc_weight: the localization loss weight (paper: 0.01). drop_*: classifier-free-guidance dropout rates,
-    drawn independently per sample; drop_all drops text, location and subjects together (the CFG null input)."""
+    """loc_weight: the localization loss weight (paper: 0.01). loc_masks: "soft" (bilinear, antialiased, the
+    reference's) or "binary" masks at each layer's size; loc_reduce: "sample" (mean over a sample's subjects,
+    then over the batch: the reference's) or "subject" (mean over all subjects of the batch); loc_normalize:
+    rescale each map to max 1 first.
+    Classifier-free-guidance dropout: one uniform draw per sample picks at most one of these disjoint events,
+    with these probabilities (the reference's scheme, generalized): drop_text (the prompt, with the placeholders'
+    CLS fusion, -> the empty prompt), drop_location (-> zero location map), drop_text_location (both),
+    drop_subjects (-> the grounding net's learned null features), drop_all (text, location and subjects: the CFG
+    null input). Reference: text 0.05, text_location 0.05, location 0.05 (text dropped 10 %, location 10 %, both
+    5 %), subjects never.
+    vae_sample: latents drawn from the VAE posterior (the reference's `latent_dist.sample()`), else its mean."""
 
     loc_weight: float = 0.01
     loc_normalize: bool = False
+    loc_masks: str = "soft"
+    loc_reduce: str = "sample"
     drop_text: float = 0.05
     drop_location: float = 0.05
-    drop_subjects: float = 0.05
-    drop_all: float = 0.05
+    drop_text_location: float = 0.05
+    drop_subjects: float = 0.0
+    drop_all: float = 0.0
+    vae_sample: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("drop_text", "drop_location", "drop_subjects", "drop_all"):
+        for name in DROPS:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"loss.{name} must be a probability, got {getattr(self, name)}")
+        if sum(getattr(self, n) for n in DROPS) > 1 + 1e-9:
+            raise ValueError(f"loss.drop_*: the events are disjoint, their probabilities must sum to <= 1; got "
+                             f"{ {n: getattr(self, n) for n in DROPS} }")
+        if self.loc_masks not in ("soft", "binary") or self.loc_reduce not in ("sample", "subject"):
+            raise ValueError(f"loss.loc_masks must be 'soft' or 'binary' and loss.loc_reduce 'sample' or 'subject'; "
+                             f"got {self.loc_masks!r}, {self.loc_reduce!r}")
 
 
 @dataclass
@@ -108,6 +179,9 @@ class RunConfig:
     """out_dir: logs, checkpoints (out_dir/checkpoints/step-NNNNNNN), validation grids, final export.
     precision: autocast dtype of the trainable model ("fp32", "bf16", "fp16" with a grad scaler);
     frozen_dtype: weights of the frozen VAE and image encoder ("auto": bf16 on GPU, fp32 on CPU).
+    val_*: the validation grid, sampled as users sample (infer's three-branch sampler): steps, text and subject
+        guidance, scheduler. progress: a progress bar with steps/s, samples/s and the ETA on rank 0 ("auto":
+        when stderr is a terminal; the log lines carry the same numbers), "on" or "off".
     trace: write each micro-batch's record keys and a final parameter digest per rank (tests, audits).
     """
 
@@ -124,7 +198,10 @@ class RunConfig:
     val_every: int = 1000
     val_samples: int = 4
     val_steps: int = 25
-    val_guidance: float = 5.0
+    val_guidance: float = 7.5
+    val_subject_guidance: float = 1.5
+    val_scheduler: str = "PNDMScheduler"
+    progress: str = "auto"
     trace: bool = False
 
     def __post_init__(self) -> None:
@@ -132,6 +209,8 @@ class RunConfig:
             raise ValueError(f"run.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.keep_last < 1:
             raise ValueError(f"run.keep_last must be >= 1, got {self.keep_last}")
+        if self.progress not in ("auto", "on", "off"):
+            raise ValueError(f"run.progress must be 'auto', 'on' or 'off', got {self.progress!r}")
 
 
 @dataclass
@@ -158,20 +237,39 @@ def tiny() -> TrainConfig:
 
 
 def sd2_base() -> TrainConfig:
-    """The paper's setting: SD 2 base at 512 px, ViT-H-14 subjects, 2 subjects per sample, loc weight 0.01."""
+    """SD 2 base at 512 px, ViT-H-14 subjects, 2 subjects per sample, loc weight 0.01, with this project's
+    optimization choices (lr 1e-5, weight decay 0.01, gradient clipping, batch 4, EMA) and CFG dropout that also
+    drops subjects (to the learned null features users sample against). `paper()` is the reference's setting."""
     return TrainConfig(
         model=model_sd2_base(),
         data=DataConfig(resolution=512, batch_size=4, num_workers=6),
         optim=OptimConfig(lr=1e-5, warmup_steps=1000),
+        loss=LossConfig(drop_text=0.05, drop_location=0.05, drop_text_location=0.0, drop_subjects=0.05, drop_all=0.05),
         run=RunConfig(out_dir="runs/sd2-base", precision="bf16", gradient_checkpointing=True),
     )
 
 
-PRESETS = {"tiny": tiny, "sd2-base": sd2_base, "sd2_base": sd2_base}
+def paper() -> TrainConfig:
+    """The reference code's training (train.py, train.sh, custom_dataset.py): SD 2 base at 512 px, AdamW lr 3e-5,
+    weight decay 0, 1000 warm-up steps then constant, no gradient clipping, 8 samples per GPU; text (with the CLS
+    fusion) dropped 10 %, the location map 10 %, both 5 %, subjects never; its object selection and subject
+    augmentation (the DataConfig defaults; set data.backgrounds to a BG-20k folder for its background
+    replacement). Kept from this project (docs/training.md says why): bf16 autocast instead of fp16, the EMA."""
+    return TrainConfig(
+        model=model_sd2_base(),
+        data=DataConfig(resolution=512, batch_size=8, num_workers=6),
+        optim=OptimConfig(lr=3e-5, weight_decay=0.0, warmup_steps=1000, grad_clip=0.0),
+        loss=LossConfig(drop_text=0.05, drop_location=0.05, drop_text_location=0.05, drop_subjects=0.0,
+                        drop_all=0.0),
+        run=RunConfig(out_dir="runs/paper", precision="bf16", gradient_checkpointing=True),
+    )
+
+
+PRESETS = {"tiny": tiny, "sd2-base": sd2_base, "sd2_base": sd2_base, "paper": paper}
 
 
 def load_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """A preset name ("tiny", "sd2-base") or a TOML file, then `key=value` overrides, applied in order."""
+    """A preset name ("tiny", "sd2-base", "paper") or a TOML file, then `key=value` overrides, applied in order."""
     if config in PRESETS:
         cfg, values = PRESETS[config](), {}
     elif Path(config).is_file():

@@ -2,14 +2,19 @@
 
 A sample, all fixed shapes (N = model.max_subjects subject slots, R = data.resolution, E = subject size):
     image: (3, R, R) uint8, a square crop keeping the chosen subjects, resized to R.
-    subjects: (N, 3, E, E) uint8, each subject cut out with its mask on a white/random background, augmented.
-    boxes: (N, 4) float32 xyxy normalized to the crop. present: (N,) bool.
+    subjects: (N, 3, E, E) uint8, each subject image (subjectdiff.model.subject_image), augmented.
+    boxes: (N, 4) float32 xyxy normalized to the crop. present: (N,) bool. objects: (N,) long, the chosen
+        objects' indices in the record (-1 = empty slot).
     masks: (N, R/8, R/8) float32 object masks in the crop (area-averaged), for the localization loss.
-    input_ids: (77,) long, the prompt with ", the {label} is {placeholder}" per subject.
+    prompt: the prompt text; input_ids: (77,) long, its tokens: the caption with ", the {label} is {placeholder}" per subject.
     placeholder_pos: (N,) long (-1 = none). loc_pos: (N, K) long token positions of each subject's map, -1 pad.
     key: the record key. part: the reader part (DataLoader worker) it came from; BatchStream counts and drops it.
 Every random choice of a sample comes from a generator seeded by (seed, epoch, key): the same record gives the
 same sample whatever the rank, worker or position, which makes resuming exact.
+
+Object selection follows the reference code (`custom_dataset.py::verify_keys`, `is_valid_bbox`, `is_contained`,
+`post_bbox_filter`): `object_ok` holds the per-object rules, `choose_subjects` walks the candidates in
+descending score (or random order) and skips one contained in an already chosen box.
 """
 
 from __future__ import annotations
@@ -27,14 +32,18 @@ import torch.distributed as dist
 from PIL import Image
 
 from catalogs.reader import DecodedRecord, RecordReader
-from catalogs.selection import load_selection
+from catalogs.schema import box_pixels_xyxy
+from catalogs.selection import load_eligible_objects, load_selection
 from catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
-from subjectdiff.model.prompts import subject_prompt, tokenize
+from subjectdiff.model.prompts import SubjectPrompt, subject_prompt, tokenize
+from subjectdiff.model.subject_image import (SubjectAugment, background_files, background_photo, fill_holes,
+                                             subject_image)
 from train.config import DataConfig, TrainConfig
 
 MAX_LOC_TOKENS = 8
 WHITE = (255, 255, 255)
 SELECTION_FILE = "selection.parquet"
+NEAR_WHITE = 229  # a channel above 0.9 of 255 (the reference's `image > 0.9` on [0, 1] tensors)
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -42,14 +51,85 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(h[:8], "little"))
 
 
-def choose_subjects(rec: DecodedRecord, n: int, min_area: float, rng: np.random.Generator) -> list[int]:
-    """Up to n objects, in random order, whose tokens survive CLIP truncation and whose mask is not tiny."""
-    area = rec.masks.reshape(len(rec.labels), -1).mean(1) if len(rec.labels) else np.zeros(0)
-    ok = [i for i in range(len(rec.labels))
-          if rec.tokens[i] and max(rec.tokens[i]) < CONTEXT_LENGTH - 1 and area[i] >= min_area
-          and rec.boxes[i, 2] > rec.boxes[i, 0] and rec.boxes[i, 3] > rec.boxes[i, 1]]
-    rng.shuffle(ok)
-    return ok[:n]
+def white_fraction(image: np.ndarray) -> float:
+    """(H, W, 3) uint8 -> the fraction of pixels whose three channels all exceed 0.9 (near-white)."""
+    darkest = np.minimum(np.minimum(image[..., 0], image[..., 1]), image[..., 2])  # 10x faster than .all(-1)
+    return np.count_nonzero(darkest > NEAR_WHITE) / darkest.size
+
+
+def box_segments(rec: DecodedRecord, i: int) -> int:
+    """Distinct values of the record's label map inside object i's box: the objects' masks painted in record
+    order (a later one covers an earlier one, as the reference's PNG does), 0 where none; background included."""
+    x0, y0, x1, y1 = box_pixels_xyxy(list(rec.boxes[i]), rec.width, rec.height)
+    later = np.zeros((y1 - y0, x1 - x0), bool)  # pixels painted by an object after the current one
+    n = 0
+    for m in rec.masks[::-1, y0:y1, x0:x1]:
+        n += bool((m & ~later).any())  # object visible somewhere in the box
+        later |= m
+    return n + (not later.all())  # + the background
+
+
+def object_ok(rec: DecodedRecord, i: int, cfg: DataConfig) -> bool:
+    """Whether object i passes the per-object rules of `cfg` (DataConfig's docstring). The quality fields are
+    the catalog's (computed when the shard was written), so `catalog select --object-where` with the same
+    thresholds (catalogs.selection.REFERENCE_OBJECT_WHERE) agrees with these rules."""
+    o, box = rec.objects[i], rec.boxes[i]
+    if not (box[2] > box[0] and box[3] > box[1]) or not rec.masks[i].any():
+        return False
+    if "phrase" in cfg.loc_tokens and not (rec.tokens[i] and max(rec.tokens[i]) < CONTEXT_LENGTH - 1):
+        return False
+    if cfg.min_mask_area > 0 and o.mask_area < cfg.min_mask_area:
+        return False
+    if not cfg.object_rules:
+        return True
+    label = rec.labels[i]
+    return bool(
+        cfg.box_area[0] < o.area < cfg.box_area[1] and cfg.box_aspect[0] < o.aspect < cfg.box_aspect[1]
+        and o.score > cfg.min_score and (not cfg.single_word_label or " " not in label.strip())
+        and (not cfg.label_in_caption or label in rec.caption) and o.mask_fill >= cfg.min_mask_fill
+        and (not cfg.mask_within_box or o.mask_area <= o.area)
+        and cfg.box_segments[0] <= box_segments(rec, i) <= cfg.box_segments[1]
+    )
+
+
+def contained(a: np.ndarray, b: np.ndarray, ratio: float) -> bool:
+    """Boxes a, b (xyxy): their intersection covers more than `ratio` of the smaller one (`is_contained`)."""
+    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return False
+    smaller = min((a[2] - a[0]) * (a[3] - a[1]), (b[2] - b[0]) * (b[3] - b[1]))
+    return w * h / smaller > ratio
+
+
+def choose_subjects(rec: DecodedRecord, n: int, cfg: DataConfig, rng: np.random.Generator,
+                    allowed: Sequence[int] | None = None) -> list[int]:
+    """Up to n object indices: the candidates (among `allowed`, the selection's eligible objects, when given) in
+    descending detection score (cfg.pick "score", ties in record order) or in random order, each kept when it
+    passes `object_ok` and no chosen box contains it. An image with more than cfg.max_white near-white pixels
+    gets none (the reference skips it; here it trains as a sample without subjects)."""
+    if cfg.object_rules and white_fraction(rec.image) > cfg.max_white:
+        return []
+    order = [i for i in (range(len(rec.labels)) if allowed is None else allowed) if 0 <= i < len(rec.labels)]
+    if cfg.pick == "score":
+        order.sort(key=lambda i: -float(rec.scores[i]))
+    else:
+        order = [order[j] for j in rng.permutation(len(order))]
+    chosen: list[int] = []
+    for i in order:
+        if len(chosen) == n:
+            break
+        if cfg.object_rules and any(contained(rec.boxes[c], rec.boxes[i], cfg.max_containment) for c in chosen):
+            continue
+        if object_ok(rec, i, cfg):
+            chosen.append(i)
+    return chosen
+
+
+def crop_box_ok(box: np.ndarray, cfg: DataConfig) -> bool:
+    """After the crop: the box (xyxy in [0, 1] of the crop) covers more than min_crop_box_area with height /
+    width inside crop_aspect (the reference's `post_bbox_filter`)."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    return bool(w > 0 and h > 0 and w * h > cfg.min_crop_box_area and cfg.crop_aspect[0] < h / w < cfg.crop_aspect[1])
 
 
 def square_crop(w: int, h: int, boxes_px: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int]:
@@ -82,57 +162,48 @@ def crop_pad(img: Image.Image, x0: int, y0: int, side: int, fill) -> Image.Image
     return out
 
 
-def perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-    """PIL's 8 PERSPECTIVE coefficients that map output points `dst` (4, 2) back to input points `src` (4, 2)."""
-    a = np.zeros((8, 8))
-    for i, ((x, y), (u, v)) in enumerate(zip(dst, src)):
-        a[2 * i] = [x, y, 1, 0, 0, 0, -u * x, -u * y]
-        a[2 * i + 1] = [0, 0, 0, x, y, 1, -v * x, -v * y]
-    return np.linalg.solve(a, src.reshape(-1).astype(float))
+def filled_mask(mask: np.ndarray) -> np.ndarray:
+    """The mask with its enclosed holes filled, computed inside its bounding box only (holes lie within it)."""
+    ys, xs = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if not len(ys):
+        return mask
+    out = mask.copy()
+    box = (slice(ys[0], ys[-1] + 1), slice(xs[0], xs[-1] + 1))
+    out[box] = fill_holes(mask[box])
+    return out
 
 
-def cut_out(image: np.ndarray, mask: np.ndarray, box: np.ndarray, cfg: DataConfig, size: int,
-            rng: np.random.Generator) -> np.ndarray:
-    """The subject inside its box, its mask applied on a white (or random colour) background, padded to a
-    square, resized to `size`, then flipped / rotated / perspective-warped: (3, size, size) uint8.
-    The box is resized before the mask is applied (cheap on large images; soft mask edges)."""
-    h, w = mask.shape
-    x0, y0, x1, y1 = (box * [w, h, w, h]).round().astype(int)
-    x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
-    bg = WHITE if cfg.background == "white" else tuple(int(c) for c in rng.integers(0, 256, 3))
-    side = max(x1 - x0, y1 - y0)
-    px, py = x0 - (side - (x1 - x0)) // 2, y0 - (side - (y1 - y0)) // 2
-    rgb = Image.new("RGB", (side, side), bg)
-    rgb.paste(Image.fromarray(image[y0:y1, x0:x1]), (x0 - px, y0 - py))
-    alpha = Image.new("L", (side, side), 0)
-    alpha.paste(Image.fromarray(mask[y0:y1, x0:x1].astype(np.uint8) * 255), (x0 - px, y0 - py))
-    rgb, alpha = rgb.resize((size, size), Image.BICUBIC, reducing_gap=2.0), alpha.resize((size, size), Image.BILINEAR)
-    pil = Image.composite(rgb, Image.new("RGB", (size, size), bg), alpha)
-    if rng.random() < cfg.flip_p:
-        pil = pil.transpose(Image.FLIP_LEFT_RIGHT)
-    if cfg.rotate_deg > 0:
-        pil = pil.rotate(float(rng.uniform(-cfg.rotate_deg, cfg.rotate_deg)), Image.BILINEAR, fillcolor=bg)
-    if cfg.perspective > 0:
-        corners = np.array([[0, 0], [size - 1, 0], [size - 1, size - 1], [0, size - 1]], float)
-        shift = rng.uniform(0, cfg.perspective * size, (4, 2)) * np.array([[1, 1], [-1, 1], [-1, -1], [1, -1]])
-        coeffs = perspective_coeffs(corners, corners + shift)
-        pil = pil.transform((size, size), Image.PERSPECTIVE, tuple(coeffs), Image.BILINEAR, fillcolor=bg)
-    return np.asarray(pil, dtype=np.uint8).transpose(2, 0, 1)
+def loc_positions(rec: DecodedRecord, idx: int, sp: SubjectPrompt, j: int, which: tuple[str, ...]) -> list[int]:
+    """Token positions whose attention maps localize subject j (object idx): its own clause's label word and
+    placeholder (the reference's `image_token_idx` and `image_token_idx - 2`), and/or the caption phrase."""
+    pos: list[int] = []
+    if "phrase" in which:
+        pos += [p for p in rec.tokens[idx] if p < CONTEXT_LENGTH - 1]
+    if "label" in which and sp.placeholder_pos[j] >= 0:
+        pos += sp.label_pos[j]
+    if "placeholder" in which and sp.placeholder_pos[j] >= 0:
+        pos.append(sp.placeholder_pos[j])
+    return list(dict.fromkeys(pos))[:MAX_LOC_TOKENS]
 
 
-def loc_positions(rec: DecodedRecord, idx: int, placeholder_pos: int, which: tuple[str, ...]) -> list[int]:
-    pos = [p for p in rec.tokens[idx] if p < CONTEXT_LENGTH - 1] if "phrase" in which else []
-    if "placeholder" in which and placeholder_pos >= 0:
-        pos.append(placeholder_pos)
-    return pos[:MAX_LOC_TOKENS]
+def augmentation(cfg: DataConfig) -> SubjectAugment | None:
+    if not cfg.augment:
+        return None
+    return SubjectAugment(cfg.flip_p, cfg.rotate_deg, cfg.perspective, cfg.perspective_p, cfg.background_area)
 
 
-def make_sample(rec: DecodedRecord, cfg: TrainConfig, subject_size: int, rng: np.random.Generator) -> dict[str, Any]:
-    """One training sample from one record (see the module docstring for the fields)."""
+def make_sample(rec: DecodedRecord, cfg: TrainConfig, subject_size: int, rng: np.random.Generator,
+                allowed: Sequence[int] | None = None) -> dict[str, Any]:
+    """One training sample from one record (see the module docstring for the fields). allowed: the selection's
+    eligible objects of this record (None: all)."""
     n, r, d = cfg.model.max_subjects, cfg.data.resolution, cfg.data
-    chosen = choose_subjects(rec, n, d.min_mask_area, rng)
+    chosen = choose_subjects(rec, n, d, rng, allowed)
     wh = np.array([rec.width, rec.height] * 2, np.float32)
     x0, y0, side = square_crop(rec.width, rec.height, rec.boxes[chosen] * wh, rng)
+    boxes = [np.clip((rec.boxes[i] * wh - [x0, y0, x0, y0]) / side, 0, 1).astype(np.float32) for i in chosen]
+    if d.object_rules:
+        kept = [k for k, b in enumerate(boxes) if crop_box_ok(b, d)]
+        chosen, boxes = [chosen[k] for k in kept], [boxes[k] for k in kept]
     image = crop_pad(Image.fromarray(rec.image), x0, y0, side, (127, 127, 127))
     image = image.resize((r, r), Image.BICUBIC, reducing_gap=2.0)
     sp = subject_prompt(rec.caption, [rec.labels[i] for i in chosen], cfg.model.placeholder)
@@ -142,79 +213,111 @@ def make_sample(rec: DecodedRecord, cfg: TrainConfig, subject_size: int, rng: np
         "subjects": np.full((n, 3, subject_size, subject_size), 255, np.uint8),
         "boxes": np.zeros((n, 4), np.float32),
         "present": np.zeros(n, bool),
+        "objects": np.full(n, -1, np.int64),
         "masks": np.zeros((n, r // 8, r // 8), np.float32),
+        "prompt": sp.prompt,
+        "labels": json.dumps([rec.labels[i] for i in chosen]),  # JSON text: batches of strings collate
         "input_ids": np.asarray(tokenize(sp.prompt), np.int64),
         "placeholder_pos": np.full(n, -1, np.int64),
         "loc_pos": np.full((n, MAX_LOC_TOKENS), -1, np.int64),
     }
+    aug = augmentation(d)
+    files = background_files(d.backgrounds) if d.backgrounds and aug is not None else ()
     for j, i in enumerate(chosen):
-        out["subjects"][j] = cut_out(rec.image, rec.masks[i], rec.boxes[i], d, subject_size, rng)
-        box = (rec.boxes[i] * wh - [x0, y0, x0, y0]) / side
-        out["boxes"][j] = np.clip(box, 0, 1)
+        mask = filled_mask(rec.masks[i]) if d.fill_holes else rec.masks[i]
+        bg = background_photo(files[int(rng.integers(len(files)))], subject_size, rng) if files else None
+        fill = WHITE if d.background == "white" else tuple(int(c) for c in rng.integers(0, 256, 3))
+        out["subjects"][j] = subject_image(rec.image, mask, subject_size, augment=aug, rng=rng, background=bg,
+                                           fill=fill).transpose(2, 0, 1)
+        out["boxes"][j] = boxes[j]
         out["present"][j] = sp.placeholder_pos[j] >= 0
-        m = crop_pad(Image.fromarray(rec.masks[i].astype(np.uint8) * 255), x0, y0, side, 0)
+        out["objects"][j] = i
+        m = crop_pad(Image.fromarray(mask.astype(np.uint8) * 255), x0, y0, side, 0)
         out["masks"][j] = np.asarray(m.resize((r // 8, r // 8), Image.BOX), np.float32) / 255
         out["placeholder_pos"][j] = sp.placeholder_pos[j]
-        pos = loc_positions(rec, i, sp.placeholder_pos[j], d.loc_tokens)
+        pos = loc_positions(rec, i, sp, j, d.loc_tokens)
         out["loc_pos"][j, : len(pos)] = pos
     return out
 
 
 class TrainSamples(torch.utils.data.IterableDataset):
-    """Training samples from a RecordReader (which splits records over ranks and DataLoader workers)."""
+    """Training samples from a RecordReader (which splits records over ranks and DataLoader workers).
+    eligible: {record key: object indices} from a selection made with an object predicate; a record's
+    subjects are chosen among its eligible objects only (None: among all)."""
 
-    def __init__(self, reader: RecordReader, cfg: TrainConfig, subject_size: int):
-        self.reader, self.cfg, self.subject_size = reader, cfg, subject_size
+    def __init__(self, reader: RecordReader, cfg: TrainConfig, subject_size: int,
+                 eligible: dict[str, list[int]] | None = None):
+        self.reader, self.cfg, self.subject_size, self.eligible = reader, cfg, subject_size, eligible
         self.epoch = 0
         clip_tokenizer()  # load the BPE once here: forked DataLoader workers inherit it instead of reloading
+        if cfg.data.backgrounds and cfg.data.augment:
+            background_files(cfg.data.backgrounds)  # list the folder once, before the workers fork
 
     def set_epoch(self, epoch: int, skip: Sequence[int] = (), first_worker: int = 0) -> None:
         """Epoch `epoch`; skip and first_worker go to RecordReader.set_epoch (a resumed position)."""
         self.epoch = epoch
         self.reader.set_epoch(epoch, skip, first_worker)
 
+    def sample(self, rec: DecodedRecord) -> dict[str, Any]:
+        """The training sample of one record in the current epoch."""
+        allowed = None if self.eligible is None else self.eligible.get(rec.key, [])
+        rng = sample_rng(self.cfg.run.seed, self.epoch, rec.key)
+        return make_sample(rec, self.cfg, self.subject_size, rng, allowed)
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         part, _ = self.reader.worker_part()
         for rec in self.reader:
-            sample = make_sample(rec, self.cfg, self.subject_size, sample_rng(self.cfg.run.seed, self.epoch, rec.key))
+            sample = self.sample(rec)
             sample["part"] = part
             yield sample
 
 
 def run_selection(cfg: DataConfig, out_dir: str, resume: bool) -> str | None:
-    """The run's selection Parquet (read on rank 0): data.selection, or data.where's, which `catalog select`
-    writes to out_dir/selection.parquet when the run starts. A resumed run reuses that file and never queries
-    again: its saved data position counts records of that selection, and the catalog may have changed since."""
-    if not cfg.where:
+    """The run's selection Parquet (read on rank 0): data.selection, or data.where's and data.object_where's,
+    which `catalog select` writes to out_dir/selection.parquet when the run starts. A resumed run reuses that
+    file and never queries again: its saved data position counts records of that selection, and the catalog may
+    have changed since."""
+    if not (cfg.where or cfg.object_where):
         return cfg.selection
     path = os.path.join(out_dir, SELECTION_FILE)
     if resume:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--resume with data.where: {path}, the selection this run started with, is "
                                     "missing; restore it (or pass it as data.selection) to continue the run")
-        saved = json.loads(pq.read_schema(path).metadata[b"subjectdiff.selection"])["where"]
-        if saved != cfg.where:
-            raise ValueError(f"data.where is {cfg.where!r}, but the run started with {saved!r} ({path}): a resumed "
-                             "run keeps its selection; start a new run (another run.out_dir) for a new one")
+        saved = json.loads(pq.read_schema(path).metadata[b"subjectdiff.selection"])
+        for name in ("where", "object_where"):
+            if saved.get(name) != getattr(cfg, name):
+                raise ValueError(f"data.{name} is {getattr(cfg, name)!r}, but the run started with "
+                                 f"{saved.get(name)!r} ({path}): a resumed run keeps its selection; start a new run "
+                                 "(another run.out_dir) for a new one")
         return path
-    from catalogs.selection import select
+    from catalogs.selection import REFERENCE_OBJECT_WHERE, select
+
+    from catalogs import catalog
 
     root = cfg.catalog or cfg.shards[0]
-    if select(root, cfg.where, path) == 0:
-        raise ValueError(f"data.where {cfg.where!r} selects no record of the catalog in {root}")
+    if not catalog.catalog_path(root).exists():  # a bucket's catalog is a local file: made here on first use
+        catalog.build(root)
+    objects = REFERENCE_OBJECT_WHERE if cfg.object_where == "reference" else cfg.object_where
+    if select(root, cfg.where, path, object_where=objects) == 0:
+        raise ValueError(f"data.where {cfg.where!r} / data.object_where {cfg.object_where!r} select no record of "
+                         f"the catalog in {root}")
     return path
 
 
-def shared_selection(cfg: DataConfig, out_dir: str, rank: int, world: int, resume: bool) -> dict[str, set[str]] | None:
-    """The run's selection as {shard path: keys} on every rank: rank 0 resolves and reads it (run_selection)
-    and broadcasts it through torch.distributed, so no other rank reads rank 0's files (nodes need no shared
-    filesystem for it). A failure on rank 0 reaches the other ranks instead of leaving them waiting."""
-    if not (cfg.where or cfg.selection):
-        return None
+def shared_selection(cfg: DataConfig, out_dir: str, rank: int, world: int, resume: bool
+                     ) -> tuple[dict[str, set[str]] | None, dict[str, list[int]] | None]:
+    """The run's selection on every rank: ({shard path: keys}, {key: eligible object indices} or None). Rank 0
+    resolves and reads it (run_selection) and broadcasts it through torch.distributed, so no other rank reads
+    rank 0's files (nodes need no shared filesystem for it). A failure on rank 0 reaches the other ranks instead
+    of leaving them waiting."""
+    if not (cfg.where or cfg.object_where or cfg.selection):
+        return None, None
     box: list[Any] = [None]
     if rank == 0:
         try:
-            box[0] = load_selection(run_selection(cfg, out_dir, resume))
+            path = run_selection(cfg, out_dir, resume)
+            box[0] = (load_selection(path), load_eligible_objects(path))
         except Exception as e:
             if world > 1:
                 dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
@@ -229,7 +332,8 @@ def shared_selection(cfg: DataConfig, out_dir: str, rank: int, world: int, resum
 def make_reader(cfg: DataConfig, selection: dict[str, set[str]] | None, rank: int, world: int,
                 seed: int) -> RecordReader:
     """The balanced reader of this rank: every rank and worker yields the same number of full batches per epoch."""
-    shards = list(cfg.shards) if cfg.shards and not (cfg.where and not cfg.catalog) else None
+    queried = (cfg.where or cfg.object_where) and not cfg.catalog
+    shards = list(cfg.shards) if cfg.shards and not queried else None
     if shards is None and selection is None:
         raise ValueError("no training data: set data.shards, data.selection, or data.where with data.catalog")
     return RecordReader(shards, selection=selection, split="balanced", multiple=cfg.batch_size, rank=rank,

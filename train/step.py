@@ -9,8 +9,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from subjectdiff.model import Parts, localization_loss, token_weights, tokenize
-from train.config import LossConfig
+from subjectdiff.model import Parts, localization_loss, location_map, token_weights, tokenize
+from train.config import DROPS, LossConfig
 
 _EMPTY_IDS: dict[str, torch.Tensor] = {}
 
@@ -23,23 +23,15 @@ def empty_ids(device: torch.device) -> torch.Tensor:
     return _EMPTY_IDS[key]
 
 
-def box_union_map(boxes: torch.Tensor, keep: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """boxes: (B, N, 4) xyxy in [0, 1]; keep: (B, N) bool -> (B, 1, h, w) float, 1 inside any kept box
-    (the location channel, paper, Method: location control). A cell is inside when its centre is."""
-    ys = (torch.arange(h, device=boxes.device) + 0.5) / h
-    xs = (torch.arange(w, device=boxes.device) + 0.5) / w
-    b = boxes[..., None, None]  # (B, N, 4, 1, 1)
-    inside = (xs >= b[:, :, 0]) & (xs <= b[:, :, 2]) & (ys[:, None] >= b[:, :, 1]) & (ys[:, None] <= b[:, :, 3])
-    return (inside & keep[..., None, None]).any(1, keepdim=True).float()
-
-
 @torch.no_grad()
-def encode_inputs(parts: Parts, batch: dict[str, Any], device: torch.device,
-                  grad: bool = False) -> dict[str, torch.Tensor]:
+def encode_inputs(parts: Parts, batch: dict[str, Any], device: torch.device, grad: bool = False,
+                  gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Frozen encoders: image -> latents (B, 4, h, w); subjects -> cls (B, N, Dc), tokens (B, N, T, Dv).
-    grad=True runs the image encoder under autograd (the reference code's way; benchmarks only)."""
+    gen: latents drawn from the VAE posterior with this generator (the reference's `latent_dist.sample()`);
+    None: the posterior mean. grad=True runs the image encoder under autograd (the reference code's way;
+    benchmarks only)."""
     images = batch["image"].to(device, non_blocking=True).float() / 127.5 - 1
-    latents = parts.encode_images(images).float()
+    latents = parts.encode_images(images, gen).float()
     subjects = batch["subjects"].to(device, non_blocking=True)
     b, n = subjects.shape[:2]
     with torch.enable_grad() if grad else contextlib.nullcontext():
@@ -48,27 +40,36 @@ def encode_inputs(parts: Parts, batch: dict[str, Any], device: torch.device,
     return {"latents": latents, "cls": cls.float().reshape(b, n, -1), "tokens": tokens}
 
 
+def drop_events(b: int, cfg: LossConfig, gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
+    """Classifier-free-guidance dropout: one uniform draw per sample falls into at most one of the disjoint
+    events loss.drop_text, drop_text_location, drop_location, drop_subjects, drop_all, laid out in that order on
+    [0, 1) (the reference's `train.py` for its three: text [0, .05), both [.05, .1), location [.1, .15)).
+    -> {"text", "location", "subjects"}: (B,) bool, what each sample drops."""
+    u = torch.rand(b, generator=gen, device=device)
+    edges = torch.tensor([getattr(cfg, n) for n in DROPS], device=device).cumsum(0)
+    event = torch.bucketize(u, edges, right=True)  # 0..4 = an event of DROPS, 5 = nothing dropped
+    text = (event == 0) | (event == 1) | (event == 4)
+    location = (event == 1) | (event == 2) | (event == 4)
+    return {"text": text, "location": location, "subjects": (event == 3) | (event == 4)}
+
+
 @torch.no_grad()
 def condition(batch: dict[str, Any], enc: dict[str, torch.Tensor], cfg: LossConfig, gen: torch.Generator,
               device: torch.device) -> dict[str, torch.Tensor]:
-    """Model inputs with classifier-free-guidance dropout: text -> empty prompt, location -> zeros,
-    subjects -> the grounding net's learned null features (subject_mask 0)."""
+    """Model inputs with classifier-free-guidance dropout (drop_events): text -> the empty prompt without
+    placeholders (so no CLS fusion either), location -> zeros, subjects -> the grounding net's learned null
+    features (subject_mask 0)."""
     ids, ph = batch["input_ids"].to(device), batch["placeholder_pos"].to(device)
     present, boxes = batch["present"].to(device), batch["boxes"].to(device).float()
-    b = ids.shape[0]
-    u = torch.rand(b, 4, generator=gen, device=device)
-    all_ = u[:, 0] < cfg.drop_all
-    drop_text = all_ | (u[:, 1] < cfg.drop_text)
-    drop_loc = all_ | (u[:, 2] < cfg.drop_location)
-    drop_subj = all_ | (u[:, 3] < cfg.drop_subjects)
-    ids = torch.where(drop_text[:, None], empty_ids(device), ids)
-    ph = torch.where(drop_text[:, None], torch.full_like(ph, -1), ph)
+    drop = drop_events(ids.shape[0], cfg, gen, device)
+    ids = torch.where(drop["text"][:, None], empty_ids(device), ids)
+    ph = torch.where(drop["text"][:, None], torch.full_like(ph, -1), ph)
     h, w = enc["latents"].shape[-2:]
-    loc_present = present & ~drop_text[:, None]  # a dropped prompt has no subject tokens to localize
+    loc_present = present & ~drop["text"][:, None]  # a dropped prompt has no subject tokens to localize
     return {
         "input_ids": ids, "placeholder_pos": ph, "subject_cls": enc["cls"], "subject_tokens": enc["tokens"],
-        "boxes": boxes, "subject_mask": (present & ~drop_subj[:, None]).float(),
-        "location": box_union_map(boxes, present & ~drop_loc[:, None], h, w),
+        "boxes": boxes, "subject_mask": (present & ~drop["subjects"][:, None]).float(),
+        "location": location_map(boxes, present & ~drop["location"][:, None], h, w),
         "loc_token_weights": token_weights(batch["loc_pos"].to(device), ids.shape[1]) * loc_present[..., None],
         "loc_present": loc_present,
     }
@@ -78,7 +79,7 @@ def training_step(model: torch.nn.Module, parts: Parts, batch: dict[str, Any], c
                   gen: torch.Generator, device: torch.device, autocast: contextlib.AbstractContextManager,
                   reference: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch (call .backward() on it). `model` is the SubjectDiffusion, DDP-wrapped or not."""
-    enc = encode_inputs(parts, batch, device, grad=reference)
+    enc = encode_inputs(parts, batch, device, grad=reference, gen=gen if cfg.vae_sample else None)
     latents = enc["latents"]
     sched = parts.scheduler
     with torch.no_grad():
@@ -96,6 +97,7 @@ def training_step(model: torch.nn.Module, parts: Parts, batch: dict[str, Any], c
     if weights is None:
         loc = mse * 0
     else:
-        loc = localization_loss(maps, masks, c["loc_present"], normalize=cfg.loc_normalize)
+        loc = localization_loss(maps, masks, c["loc_present"], normalize=cfg.loc_normalize,
+                                masks_mode=cfg.loc_masks, reduce=cfg.loc_reduce)
     loss = mse + cfg.loc_weight * loc
     return loss, {"loss": loss.detach().item(), "mse": mse.detach().item(), "loc": float(loc.detach())}

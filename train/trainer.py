@@ -98,22 +98,69 @@ class Logger:
             if self.tb is not None:
                 self.tb.close()
 
-    def log(self, step: int, values: dict[str, float]) -> None:
+    def log(self, step: int, values: dict[str, float], note: str = "", echo=print) -> None:
+        """One JSONL row and one console line (through `echo`: tqdm.write while a progress bar is shown)."""
         if not self.main:
             return
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
-        print(f"step {step:>7d} " + " ".join(f"{k}={v:.4g}" for k, v in values.items()), flush=True)
+        echo(f"step {step:>7d} " + " ".join(f"{k}={v:.4g}" for k, v in values.items()) + (f" {note}" if note else ""))
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"train/{k}", v, step)
 
 
+def duration(seconds: float) -> str:
+    """12s, 3m05s, 2h07m, 3d04h."""
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(round(seconds))
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit}{(s % size) // sub_size:02d}{sub}"
+    return f"{s}s"
+
+
+class Progress:
+    """The run's pace on rank 0: steps/s and samples/s since this process started training, and the ETA to
+    run.max_steps (checkpoints and validation included, since they take wall time too); a tqdm bar showing them
+    when run.progress is "on", or "auto" and stderr is a terminal (log lines carry the numbers either way)."""
+
+    def __init__(self, max_steps: int, step: int, main: bool, mode: str):
+        from tqdm.auto import tqdm
+
+        self.max_steps, self.first, self.t0, self.samples = max_steps, step, time.perf_counter(), 0
+        show = main and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
+        self.bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not show)
+
+    def update(self, step: int, samples: int) -> dict[str, float]:
+        """After a step: {"steps_per_s", "avg_samples_per_s", "eta_s"} since the start of this process."""
+        self.samples += samples
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        rate = (step - self.first) / dt
+        out = {"steps_per_s": rate, "avg_samples_per_s": self.samples / dt,
+               "eta_s": (self.max_steps - step) / rate if rate > 0 else math.inf}
+        self.bar.set_postfix_str(f"{out['avg_samples_per_s']:.3g} samples/s", refresh=False)
+        self.bar.update(1)
+        return out
+
+    def echo(self, text: str) -> None:
+        if self.bar.disable:
+            print(text, flush=True)
+        else:
+            self.bar.write(text)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def decay_groups(named: dict[str, torch.nn.Parameter]) -> tuple[list[str], list[str]]:
     """(names with weight decay, names without). Only weight matrices and conv kernels decay: biases, norm
-    weights, the adapters' tanh gates and the grounding net's null features (the tensors of fewer than 2 dims)
-    are not pulled toward zero, which would close the gates and erase the learned null condition."""
-    return [n for n, p in named.items() if p.ndim >= 2], [n for n, p in named.items() if p.ndim < 2]
+    weights, the adapters' tanh gates (the tensors of fewer than 2 dims) and the grounding net's null features
+    (per token they are 2-d) are not pulled toward zero, which would close the gates and erase the learned null
+    condition."""
+    keep = [n for n, p in named.items() if p.ndim >= 2 and ".null_" not in n]
+    return keep, [n for n in named if n not in set(keep)]
 
 
 def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig):
@@ -148,7 +195,7 @@ def frozen_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 def make_stream(cfg: TrainConfig, parts: Parts, d: Dist, out_dir: Path, resume: bool) -> BatchStream:
     """This rank's batches; rank 0 logs the epoch's size and how much the balanced split drops of it."""
-    selection = shared_selection(cfg.data, str(out_dir), d.rank, d.world, resume)
+    selection, eligible = shared_selection(cfg.data, str(out_dir), d.rank, d.world, resume)
     reader = make_reader(cfg.data, selection, d.rank, d.world, cfg.run.seed)
     workers, batch = max(cfg.data.num_workers, 1), cfg.data.batch_size
     total, each = reader.epoch_size(), reader.quota(d.world * workers)
@@ -160,7 +207,7 @@ def make_stream(cfg: TrainConfig, parts: Parts, d: Dist, out_dir: Path, resume: 
               f"({each * workers // batch} batches per rank), {total - each * workers * d.world} dropped per epoch "
               "so that every rank runs the same batches", flush=True)
     size = cfg.data.subject_size or parts.image_encoder.image_size
-    return BatchStream(TrainSamples(reader, cfg, size), batch, cfg.data.num_workers)
+    return BatchStream(TrainSamples(reader, cfg, size, eligible), batch, cfg.data.num_workers)
 
 
 def param_digest(model: torch.nn.Module) -> str:
@@ -221,17 +268,21 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         cfg, batches, logs = self.cfg, iter(self.stream), {}
+        pace = Progress(cfg.run.max_steps, self.step, self.d.main, cfg.run.progress)
         while self.step < cfg.run.max_steps:
             t0 = time.perf_counter()
             logs = self.train_step(batches)
             self.step += 1
-            logs.update(lr=self.sched.get_last_lr()[0], samples_per_s=logs.pop("samples") / (time.perf_counter() - t0))
+            samples = logs.pop("samples")
+            logs.update(lr=self.sched.get_last_lr()[0], samples_per_s=samples / (time.perf_counter() - t0),
+                        **pace.update(self.step, samples))
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
-                self.logger.log(self.step, logs)
+                self.logger.log(self.step, logs, f"eta {duration(logs['eta_s'])}", pace.echo)
             if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.run.max_steps:
                 self.save()
             if cfg.run.val_every and self.step % cfg.run.val_every == 0:
                 self.validate()
+        pace.close()
         self.finish()
         return logs
 

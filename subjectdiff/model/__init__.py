@@ -7,11 +7,17 @@ Public API:
     SubjectDiffusion                         encode_text(...), denoise(...), null_subjects(...), forward(...)
     subject_prompt, tokenize                 prompts with placeholders, token ids (model.prompts)
     localization_loss, token_weights         the cross-attention localization loss (model.attention)
+    location_map                             the location channel: the union of the boxes (model.location)
+    subject_image, SubjectAugment            photo + mask -> the image encoder's input (model.subject_image)
+    SamplingConfig, sample_latents, ...      the three-branch sampler (model.sampling)
 """
 
 from subjectdiff.model.attention import localization_loss, token_weights
 from subjectdiff.model.config import PRESETS, TRAINABLE_GROUPS, ModelConfig, sd2_base, tiny
+from subjectdiff.model.location import location_map
 from subjectdiff.model.prompts import SubjectPrompt, subject_prompt, tokenize
+from subjectdiff.model.sampling import SamplingConfig, guide, sample_latents, three_branches
+from subjectdiff.model.subject_image import SubjectAugment, subject_image
 from subjectdiff.model.subject_diffusion import (
     Parts,
     SubjectDiffusion,
@@ -24,5 +30,6 @@ from subjectdiff.model.subject_diffusion import (
 __all__ = [
     "ModelConfig", "PRESETS", "TRAINABLE_GROUPS", "tiny", "sd2_base", "build", "load_pretrained",
     "read_export_config", "Parts", "SubjectDiffusion", "SubjectImageEncoder", "SubjectPrompt", "subject_prompt",
-    "tokenize", "localization_loss", "token_weights",
+    "tokenize", "localization_loss", "token_weights", "location_map", "subject_image", "SubjectAugment",
+    "SamplingConfig", "guide", "sample_latents", "three_branches",
 ]

@@ -74,17 +74,44 @@ def token_weights(positions: torch.Tensor, length: int) -> torch.Tensor:
     return onehot.sum(-2) / count
 
 
+LOC_MASKS = ("soft", "binary")
+LOC_REDUCE = ("sample", "subject")
+
+
+def layer_masks(masks: torch.Tensor, hw: int, mode: str = "soft") -> torch.Tensor:
+    """masks: (B, N, h, w) object masks in [0, 1] (any resolution with the image's aspect ratio) -> (B, N, hw)
+    at a layer of hw positions: "soft" = bilinear with antialiasing (the reference code's), "binary" = area
+    average thresholded at 0.5."""
+    scale = math.sqrt(masks.shape[-2] * masks.shape[-1] / hw)
+    size = (round(masks.shape[-2] / scale), round(masks.shape[-1] / scale))
+    if mode == "soft":
+        m = F.interpolate(masks.float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    else:
+        m = (F.interpolate(masks.float(), size=size, mode="area") > 0.5).float()
+    return m.flatten(2)
+
+
 def localization_loss(maps: list[torch.Tensor], masks: torch.Tensor, present: torch.Tensor,
-                      normalize: bool = False, eps: float = 1e-5) -> torch.Tensor:
-    """Balanced L1 between subject-token attention maps and object masks (the paper's attention-map loss,
-    in FastComposer's balanced form):
-    per subject and layer, mean(|A - M|) over the background plus mean(|A - M|) over the object, so small
-    objects weigh as much as large ones. Averaged over present subjects and layers.
+                      normalize: bool = False, masks_mode: str = "soft", reduce: str = "sample",
+                      eps: float = 1e-5) -> torch.Tensor:
+    """The attention-map localization loss (paper, Method: cross-attention map control), in the reference code's
+    balanced form (FastComposer's BalancedL1Loss): per subject and layer,
+
+        mean(A over the background) - mean(A over the object)      (weighted by the mask M and by 1 - M)
+
+    which is |A - M|'s balanced mean minus 1 for A in [0, 1]: the same gradients, small objects weighing as much
+    as large ones. reduce "sample" (the reference's): averaged over each sample's present subjects, then over
+    the batch (a sample without present subjects counts as 0); "subject": averaged over all present subjects
+    of the batch. Then averaged over layers.
 
     maps: list of (B, N, HW) with HW = (h / s) * (w / s) for the layer's stride s.
-    masks: (B, N, h, w) float/bool object masks at any resolution with the image's aspect ratio.
+    masks: (B, N, h, w) float object masks at any resolution with the image's aspect ratio.
     present: (B, N) bool/float, subjects that exist (and whose masks count).
+    normalize: rescale each map to max 1 first (FastComposer's option; off in the reference).
     """
+    if masks_mode not in LOC_MASKS or reduce not in LOC_REDUCE:
+        raise ValueError(f"localization loss: masks_mode in {LOC_MASKS}, reduce in {LOC_REDUCE}; got "
+                         f"{masks_mode!r}, {reduce!r}")
     present = present.float()
     if not maps:
         return masks.new_zeros((), dtype=torch.float32)
@@ -93,12 +120,12 @@ def localization_loss(maps: list[torch.Tensor], masks: torch.Tensor, present: to
         a = a.float()
         if normalize:
             a = a / (a.amax(-1, keepdim=True) + eps)
-        hw = a.shape[-1]
-        scale = math.sqrt(masks.shape[-2] * masks.shape[-1] / hw)
-        size = (round(masks.shape[-2] / scale), round(masks.shape[-1] / scale))
-        m = (F.interpolate(masks.float(), size=size, mode="area") > 0.5).float().flatten(2)  # (B, N, HW)
-        fg = ((1 - a) * m).sum(-1) / (m.sum(-1) + eps)
+        m = layer_masks(masks, a.shape[-1], masks_mode)  # (B, N, HW)
+        fg = (a * m).sum(-1) / (m.sum(-1) + eps)
         bg = (a * (1 - m)).sum(-1) / ((1 - m).sum(-1) + eps)
-        per_subject = fg + bg  # (B, N)
-        total = total + (per_subject * present).sum() / present.sum().clamp(min=1)
+        per_subject = (bg - fg) * present  # (B, N)
+        if reduce == "sample":
+            total = total + (per_subject.sum(1) / (present.sum(1) + eps)).mean()
+        else:
+            total = total + per_subject.sum() / present.sum().clamp(min=1)
     return total / len(maps)

@@ -111,3 +111,14 @@ def open_clip_visual(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
     visual.output_tokens = True  # (pooled, tokens); calling the whole CLIP model would then fail (STACK.md)
     del model
     return visual, pre
+
+
+def image_encoder_input_size(cfg: ModelConfig) -> int:
+    """The open_clip vision tower's input side (the subject images' size), read from its model config without
+    building it (`train preview` needs no weights)."""
+    import open_clip
+
+    if cfg.image_encoder not in open_clip.list_models():
+        open_clip.add_model_config(OPEN_CLIP_CONFIGS)
+    size = (open_clip.get_model_config(cfg.image_encoder) or {}).get("vision_cfg", {}).get("image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)

@@ -58,7 +58,7 @@ def _trainable_group(name: str) -> set[str]:
     return groups
 
 
-def widen_unet(base: nn.Module, cfg: ModelConfig, token_dim: int) -> nn.Module:
+def widen_unet(base: nn.Module, cfg: ModelConfig, token_dim: int, n_tokens: int = 256) -> nn.Module:
     """The base UNet with a location input channel (zero-init, paper, Method: location control), gated
     self-attention adapters in every transformer block (tanh gates at zero: diffusers attention_type="gated")
     and our grounding network as `position_net`. At initialization it computes exactly what the base computes.
@@ -79,7 +79,7 @@ def widen_unet(base: nn.Module, cfg: ModelConfig, token_dim: int) -> nn.Module:
             block.fuser = GatedSelfAttentionDense(f.linear.out_features, f.linear.in_features, f.attn.heads,
                                                   f.attn.inner_dim // f.attn.heads)
         unet.position_net = GroundingNet(token_dim, unet.config.cross_attention_dim, cfg.grounding_hidden,
-                                         cfg.fourier_freqs)
+                                         cfg.fourier_freqs, n_tokens, cfg.mlp, cfg.null_features, cfg.fourier_order)
         old = base.conv_in
         unet.conv_in = nn.Conv2d(old.in_channels + 1, old.out_channels, old.kernel_size, old.stride, old.padding)
     state = {k: v for k, v in base.state_dict().items() if not k.startswith("conv_in.")}
@@ -250,10 +250,12 @@ class Parts:
         return self
 
     @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8) (the posterior mean)."""
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """images: (B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8): the posterior mean, or a draw from
+        the posterior with `generator` (what the reference code trains on)."""
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return dist.mean * self.vae.config.scaling_factor
+        z = dist.mean if generator is None else dist.sample(generator)
+        return z * self.vae.config.scaling_factor
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """The model's export; with a random base, the frozen parts' weights too (frozen.safetensors)."""
@@ -272,9 +274,9 @@ def build(cfg: ModelConfig) -> Parts:
     visual, pre = builders.open_clip_visual(cfg)
     image_encoder = SubjectImageEncoder(visual, pre)
     text_encoder = builders.text_encoder(cfg)
-    unet = widen_unet(builders.base_unet(cfg), cfg, image_encoder.token_dim)
+    unet = widen_unet(builders.base_unet(cfg), cfg, image_encoder.token_dim, image_encoder.n_tokens)
     with builders.seeded(cfg.seed + 5):
-        text_mlp = TextMLP(image_encoder.cls_dim, text_encoder.config.hidden_size, cfg.text_mlp_hidden)
+        text_mlp = TextMLP(image_encoder.cls_dim, text_encoder.config.hidden_size, cfg.text_mlp_hidden, cfg.mlp)
     model = SubjectDiffusion(cfg, unet, text_encoder, text_mlp)
     vae = builders.vae(cfg).requires_grad_(False).eval()
     return Parts(model, vae, image_encoder, builders.noise_scheduler(cfg), cfg)

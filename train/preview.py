@@ -1,0 +1,166 @@
+"""`subjectdiff train preview`: exactly what the trainer would feed, for N samples, as a contact sheet.
+
+    subjectdiff train preview --config paper --shards out/ --n 16 --out preview/
+    subjectdiff train preview --config tiny --catalog out/ --object-where reference --n 8 --out preview/
+
+Same config and data flags as `train`. It builds no model: it needs the CLIP tokenizer and the subject-image size
+(read from the image encoder's open_clip config), so it runs offline with any preset. The samples are the first N
+of a one-process run (rank 0 of 1, the config's DataLoader workers and batch size, epoch 0 onwards): the same
+`TrainSamples` and `BatchStream` the trainer iterates. Writes
+    DIR/index.html     one self-contained page: per sample the target crop with its boxes and masks, each subject
+                       image after augmentation, the prompt with each subject's placeholder and localization
+                       tokens marked;
+    DIR/samples.jsonl  one row per sample: key, epoch, objects (the chosen objects' indices in the record), labels,
+                       boxes (xyxy in [0, 1] of the crop), prompt, placeholder_pos, loc_pos;
+    DIR/selection.parquet  when data.where / data.object_where select the records.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from catalogs.tokens import clip_tokenizer
+from subjectdiff.model.builders import image_encoder_input_size
+from train.config import TrainConfig
+from train.data import BatchStream, TrainSamples, make_reader, shared_selection
+
+COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
+SHOW = 256  # displayed side of the target crop, pixels
+
+CSS = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fafafa; }
+h1 { font-size: 1.3rem; } .meta, .settings { color: #666; font-size: 12px; }
+article.sample { display: flex; gap: 1rem; align-items: flex-start; background: #fff; border: 1px solid #ddd;
+  border-radius: 6px; padding: .8rem; margin: 0 0 1rem; }
+figure { margin: 0; text-align: center; } figcaption { font-size: 12px; color: #444; max-width: 14rem; }
+img { image-rendering: auto; border: 1px solid #ccc; }
+.text { flex: 1; min-width: 18rem; } .prompt { font-family: ui-monospace, monospace; word-break: break-word; }
+.tok { padding: 0 1px; border-radius: 3px; } .ph { font-weight: bold; color: #fff; }
+.loc { text-decoration: underline 2px; } .none { color: #999; font-style: italic; }
+""" + "\n".join(f".s{j}.ph {{ background: rgb{c}; }} .s{j}.loc {{ text-decoration-color: rgb{c}; }} "
+                f".s{j} .swatch {{ background: rgb{c}; }}" for j, c in enumerate(COLOURS)) + """
+.swatch { display: inline-block; width: .8em; height: .8em; border-radius: 2px; vertical-align: middle; }
+"""
+
+
+def png_uri(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def overlay(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray, present: np.ndarray) -> Image.Image:
+    """image (3, R, R) uint8, boxes (N, 4) xyxy in [0, 1], masks (N, R/8, R/8) in [0, 1] -> the crop shown at
+    SHOW px with each present subject's mask tinted and its box outlined in its colour."""
+    pil = Image.fromarray(image.transpose(1, 2, 0)).convert("RGBA").resize((SHOW, SHOW), Image.BICUBIC)
+    for j in np.flatnonzero(present):
+        colour = COLOURS[j % len(COLOURS)]
+        m = Image.fromarray((masks[j] * 110).astype(np.uint8)).resize((SHOW, SHOW), Image.BILINEAR)
+        pil.alpha_composite(Image.merge("RGBA", [Image.new("L", (SHOW, SHOW), c) for c in colour] + [m]))
+        x0, y0, x1, y1 = (boxes[j] * SHOW).tolist()
+        ImageDraw.Draw(pil).rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour + (255,), width=2)
+    return pil.convert("RGB")
+
+
+def prompt_html(ids: np.ndarray, placeholder_pos: np.ndarray, loc_pos: np.ndarray) -> str:
+    """The prompt token by token (start/end tokens and padding left out): each subject's placeholder filled in
+    its colour, its localization tokens underlined in it."""
+    tok = clip_tokenizer()
+    marks: dict[int, list[str]] = {}
+    for j, p in enumerate(placeholder_pos):
+        if p >= 0:
+            marks.setdefault(int(p), []).append(f"ph s{j}")
+    for j, row in enumerate(loc_pos):
+        for p in row[row >= 0]:
+            marks.setdefault(int(p), []).append(f"loc s{j}")
+    out = []
+    for pos, t in enumerate(ids.tolist()):
+        if pos == 0 or t in (49406, 49407, 0):
+            continue
+        cls = " ".join(dict.fromkeys(" ".join(marks.get(pos, [])).split()))
+        title = f' title="token {pos}"'
+        out.append(f'<span class="tok {cls}"{title}>{html.escape(tok.decode([t]))}</span>')
+    return "".join(out)
+
+
+def row(batch: dict[str, Any], i: int, epoch: int, labels: list[str]) -> dict[str, Any]:
+    """samples.jsonl's row of sample i of a batch."""
+    present = batch["present"][i].numpy()
+    keep = np.flatnonzero(present)
+    return {
+        "key": batch["key"][i], "epoch": epoch,
+        "objects": [int(o) for o in batch["objects"][i].numpy()[keep]],
+        "labels": [labels[j] for j in keep],
+        "boxes": [[round(float(v), 6) for v in b] for b in batch["boxes"][i].numpy()[keep]],
+        "prompt": batch["prompt"][i],
+        "placeholder_pos": [int(p) for p in batch["placeholder_pos"][i].numpy()[keep]],
+        "loc_pos": [[int(p) for p in r if p >= 0] for r in batch["loc_pos"][i].numpy()[keep]],
+    }
+
+
+def card(batch: dict[str, Any], i: int, r: dict[str, Any]) -> str:
+    """One sample's <article>."""
+    present = batch["present"][i].numpy()
+    target = overlay(batch["image"][i].numpy(), batch["boxes"][i].numpy(), batch["masks"][i].numpy(), present)
+    figs = [f'<figure class="target"><img src="{png_uri(target)}" width="{SHOW}" height="{SHOW}" '
+            f'alt="target crop"><figcaption>target crop, boxes and masks</figcaption></figure>']
+    for j in np.flatnonzero(present):
+        sub = Image.fromarray(batch["subjects"][i, j].numpy().transpose(1, 2, 0))
+        side = max(sub.width, 128)
+        figs.append(f'<figure class="subject s{j}"><img src="{png_uri(sub)}" width="{side}" height="{side}" '
+                    f'alt="subject {j}"><figcaption><span class="swatch"></span> subject {j}: '
+                    f'{html.escape(r["labels"][len(figs) - 1])} (object {r["objects"][len(figs) - 1]})'
+                    '</figcaption></figure>')
+    if len(figs) == 1:
+        figs.append('<p class="none">no subject: this record trains without subjects</p>')
+    prompt = prompt_html(batch["input_ids"][i].numpy(), batch["placeholder_pos"][i].numpy(),
+                         batch["loc_pos"][i].numpy())
+    meta = f'key {html.escape(r["key"])} · epoch {r["epoch"]} · boxes {html.escape(json.dumps(r["boxes"]))}'
+    return (f'<article class="sample" data-key="{html.escape(r["key"])}">{"".join(figs)}'
+            f'<div class="text"><p class="prompt">{prompt}</p><p class="meta">{meta}</p></div></article>')
+
+
+def write_preview(cfg: TrainConfig, n: int, out: str | Path) -> Path:
+    """Write DIR/index.html and DIR/samples.jsonl for the first n samples the trainer would feed (module
+    docstring). Returns the page's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    selection, eligible = shared_selection(cfg.data, str(out), 0, 1, resume=False)
+    reader = make_reader(cfg.data, selection, 0, 1, cfg.run.seed)
+    size = cfg.data.subject_size or image_encoder_input_size(cfg.model)
+    dataset = TrainSamples(reader, cfg, size, eligible)
+    stream = BatchStream(dataset, cfg.data.batch_size, cfg.data.num_workers)
+    rows, cards = [], []
+    for batch in stream:
+        epoch = stream.epoch
+        for i in range(len(batch["key"])):
+            if len(rows) == n:
+                break
+            rows.append(row(batch, i, epoch, json.loads(batch["labels"][i])))
+            cards.append(card(batch, i, rows[-1]))
+        if len(rows) == n:
+            break
+    with open(out / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    d = cfg.data
+    settings = (f"resolution {d.resolution} · subject images {size} px · pick {d.pick} · object rules "
+                f"{'on' if d.object_rules else 'off'} · augmentation {'on' if d.augment else 'off'} · backgrounds "
+                f"{html.escape(d.backgrounds or 'none')} · loc tokens {', '.join(d.loc_tokens)} · where "
+                f"{html.escape(d.where or '-')} · object where {html.escape(d.object_where or '-')}")
+    page = out / "index.html"
+    page.write_text(
+        "<!doctype html><html lang=en><head><meta charset=utf-8>"
+        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        "style-src 'unsafe-inline'\"><title>train preview</title>"
+        f"<style>{CSS}</style></head><body><h1>What the trainer feeds: {len(rows)} samples</h1>"
+        f'<p class="settings">{settings}</p>{"".join(cards)}</body></html>', encoding="utf-8")
+    return page
+
