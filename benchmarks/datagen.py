@@ -94,7 +94,7 @@ def one_at_a_time(paths: list[Path], out: Path, cfg) -> float:
     from catalogs.schema import Failure
     from catalogs.writer import ShardSink
     from datagen.assemble import to_record
-    from datagen.pipeline import build_stage
+    from datagen.stage_pool import build_stage
     from datagen.stages.common import decode_item
 
     stages = [build_stage(n, cfg.stages) for n in ("caption", "nouns", "ground", "filter", "segment")]
@@ -117,7 +117,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/subjectdiff_datagen_bench")
     args = ap.parse_args()
 
-    from datagen.pipeline import preset, run
+    from datagen.job import preset
+    from datagen.run import run
 
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)

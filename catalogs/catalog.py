@@ -1,23 +1,35 @@
 """The DuckDB catalog of a shard folder: SQL over samples, objects, shards and failures.
 
-DIR/catalog.duckdb is built from the shards' Parquet sidecars and `_stats.json` files (never from the
-tars), so building is cheap and incremental: a shard is (re)loaded only when it is new or its files
-changed, shards that disappeared are dropped, and building twice changes nothing.
+The folder is local or any fsspec URL (`s3://bucket/out`); the catalog is always a local DuckDB file:
+DIR/catalog.duckdb for a local folder, a file in the cache for a remote one (`catalog_path`), or any path
+given as `catalog=` (`--catalog PATH`). It is built from the shards' Parquet sidecars and `_stats.json` files
+(never from the tars, read through pyarrow and fsspec, not DuckDB's httpfs), so building is cheap and
+incremental: one listing tells new and changed shards (size and ETag or mtime of their four files) from
+unchanged ones, only those are read, shards that disappeared are dropped, and building twice changes nothing.
 
 Tables (see docs/records.md for every column):
-    samples(key, shard, caption, alt_text, width, height, n_objects, source, image_ext, image_bytes, ...)
+    samples(key, shard, idx, caption, alt_text, width, height, n_objects, source, image_ext, image_bytes, ...,
+            sha256, phash, clip_score, alt_clip_score, aesthetic)
     objects(key, shard, index, label, phrase, span_start, span_end, tokens, score, x0, y0, x1, y1,
-            area, aspect, mask_area, mask_fill, containment, mask_score)
+            area, aspect, mask_area, mask_fill, containment, mask_score, label_score, label_rank)
     shards(name, path, n_ok, n_failed, n_objects, bytes, start_time, end_time, duration, fingerprint)
-    failures(key, shard, source, stage, reason)
+    failures(key, shard, idx, source, stage, reason)
+
+`idx` is a sample's position in its shard's samples sidecar (ok and failed samples counted together), which is
+the plan order within the shard: plan order across a catalog is `ORDER BY shard, idx`. The curation columns
+are NULL for sidecars written without them (before the curate stage existed, or with it off). A catalog made
+by another CATALOG_VERSION is rebuilt from scratch by the next build.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,27 +37,33 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from catalogs.writer import shard_files
+from catalogs.storage import Folder, cache_root, is_local, local_path
+from catalogs.writer import KINDS, OBJECT_SCHEMA, SAMPLE_SCHEMA, complete_names, shard_names
 
 CATALOG_FILE = "catalog.duckdb"
-CATALOG_VERSION = 1
+CATALOG_VERSION = 2  # 2: samples/failures.idx and the curation columns
+PLAN_ORDER = "shard, idx"  # the order datagen planned the samples in (module docstring)
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS samples (
-    key VARCHAR, shard VARCHAR, caption VARCHAR, alt_text VARCHAR, width INTEGER, height INTEGER,
-    n_objects INTEGER, source VARCHAR, image_ext VARCHAR, image_bytes BIGINT, schema_version INTEGER);
+    key VARCHAR, shard VARCHAR, idx INTEGER, caption VARCHAR, alt_text VARCHAR, width INTEGER, height INTEGER,
+    n_objects INTEGER, source VARCHAR, image_ext VARCHAR, image_bytes BIGINT, schema_version INTEGER,
+    sha256 VARCHAR, phash BIGINT, clip_score REAL, alt_clip_score REAL, aesthetic REAL);
 CREATE TABLE IF NOT EXISTS objects (
     key VARCHAR, shard VARCHAR, "index" INTEGER, label VARCHAR, phrase VARCHAR,
     span_start INTEGER, span_end INTEGER, tokens INTEGER[], score REAL,
     x0 REAL, y0 REAL, x1 REAL, y1 REAL, area REAL, aspect REAL, mask_area REAL, mask_fill REAL,
-    containment REAL, mask_score REAL);
+    containment REAL, mask_score REAL, label_score REAL, label_rank INTEGER);
 CREATE TABLE IF NOT EXISTS shards (
     name VARCHAR PRIMARY KEY, path VARCHAR, n_ok INTEGER, n_failed INTEGER, n_objects INTEGER,
     bytes BIGINT, start_time DOUBLE, end_time DOUBLE, duration DOUBLE, fingerprint VARCHAR);
-CREATE TABLE IF NOT EXISTS failures (key VARCHAR, shard VARCHAR, source VARCHAR, stage VARCHAR, reason VARCHAR);
+CREATE TABLE IF NOT EXISTS failures (
+    key VARCHAR, shard VARCHAR, idx INTEGER, source VARCHAR, stage VARCHAR, reason VARCHAR);
 CREATE TABLE IF NOT EXISTS catalog_info (name VARCHAR PRIMARY KEY, value VARCHAR);
 """
+_TABLES = ("samples", "objects", "shards", "failures", "catalog_info")
 
 # Statement types a read-only query may contain.
 _READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
@@ -69,13 +87,26 @@ class BuildReport:
         )
 
 
-def catalog_path(root: str | os.PathLike) -> Path:
-    return Path(root) / CATALOG_FILE
+def catalog_path(root: str | os.PathLike, catalog: str | os.PathLike | None = None) -> Path:
+    """Where ROOT's catalog is: CATALOG when given (`--catalog PATH`); ROOT/catalog.duckdb for a local ROOT;
+    for a remote ROOT (DuckDB needs a local file) `$SUBJECTDIFF_CACHE/catalogs/<bucket-path>-<hash>.duckdb`,
+    the same file for the same URL on this machine."""
+    if catalog is not None:
+        return Path(catalog).expanduser()
+    if is_local(root):
+        return local_path(root) / CATALOG_FILE
+    url = os.fspath(root).rstrip("/")
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", url.split("://", 1)[-1]).strip("_")[-80:]
+    return cache_root() / "catalogs" / f"{slug}-{hashlib.sha1(url.encode()).hexdigest()[:10]}.duckdb"
 
 
-def _connect(path: Path, *, read_only: bool, timeout: float = 60.0) -> duckdb.DuckDBPyConnection:
-    """Open the catalog, waiting for another process's write lock (a running build) up to `timeout` s."""
+def _connect(path: Path, *, read_only: bool, timeout: float = 60.0,
+             settings: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the catalog, waiting for another process's write lock (a running build) up to `timeout` s.
+    settings: DuckDB options fixed at connect time (memory_limit, temp_directory: a read-only connection
+    cannot change its temp_directory later)."""
     config = {"enable_external_access": False} if read_only else {}
+    config.update(settings or {})
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
@@ -89,12 +120,15 @@ def _connect(path: Path, *, read_only: bool, timeout: float = 60.0) -> duckdb.Du
 
 
 @contextmanager
-def open_catalog(root: str | os.PathLike, *, timeout: float = 60.0) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-only connection to DIR/catalog.duckdb (external file access disabled)."""
-    path = catalog_path(root)
+def open_catalog(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None,
+                 timeout: float = 60.0, settings: dict[str, str] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection to ROOT's catalog (see catalog_path; external file access disabled; temporary
+    tables allowed). settings: DuckDB options such as {"memory_limit": "4GB", "temp_directory": DIR}."""
+    path = catalog_path(root, catalog)
     if not path.exists():
-        raise CatalogError(f"no catalog at {path}; run `subjectdiff catalog build {root}` first")
-    con = _connect(path, read_only=True, timeout=timeout)
+        hint = f" --catalog {catalog}" if catalog is not None else ""
+        raise CatalogError(f"no catalog at {path}; run `subjectdiff catalog build {root}{hint}` first")
+    con = _connect(path, read_only=True, timeout=timeout, settings=settings)
     try:
         yield con
     finally:
@@ -106,39 +140,52 @@ def _one_line(e: BaseException) -> str:
     return text[0] if text else type(e).__name__
 
 
-def _fingerprint(files: dict[str, Path]) -> str:
-    parts = []
-    for kind in ("tar", "samples", "objects", "stats"):
-        st = files[kind].stat()
-        parts.append(f"{st.st_size}:{st.st_mtime_ns}")
-    return "|".join(parts)
+@dataclass(frozen=True)
+class ShardListing:
+    """A complete shard as a listing shows it: its files' URLs and sizes, and a fingerprint of the four files
+    (size and ETag or mtime) that changes when any of them is rewritten."""
+
+    urls: dict[str, str]
+    sizes: dict[str, int]
+    fingerprint: str
 
 
-def scan_shards(root: str | os.PathLike) -> dict[str, dict[str, Path]]:
-    """Complete shards below ROOT (recursively): {shard id: its files}. The id is the path relative to
-    ROOT without extension ("00000", or "part-a/00000" in a subfolder)."""
-    root = Path(root)
-    found: dict[str, dict[str, Path]] = {}
-    for stats in sorted(root.rglob("*_stats.json")):
-        name = stats.name[: -len("_stats.json")]
-        files = shard_files(stats.parent, name)
-        if all(p.exists() for p in files.values()):
-            rel = stats.parent.relative_to(root) / name
-            found[rel.as_posix()] = files
+def scan_shards(root: str | os.PathLike) -> dict[str, ShardListing]:
+    """Complete shards below ROOT (recursively), from one listing, opening no file: {shard id: listing}. The id
+    is the path relative to ROOT without extension ("00000", or "part-a/00000" in a subfolder)."""
+    folder = Folder(root)
+    entries = folder.listing()
+    found = {}
+    for sid in complete_names(entries):
+        names = shard_names(sid)
+        found[sid] = ShardListing(
+            urls={k: folder.join(n) for k, n in names.items()},
+            sizes={k: entries[n].size for k, n in names.items()},
+            fingerprint="|".join(f"{entries[names[k]].size}:{entries[names[k]].version}" for k in KINDS),
+        )
     return found
 
 
-def build(root: str | os.PathLike, *, timeout: float = 600.0) -> BuildReport:
-    """Create or refresh ROOT/catalog.duckdb from the sidecars of ROOT's complete shards."""
+def build(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, timeout: float = 600.0) -> BuildReport:
+    """Create or refresh ROOT's catalog (catalog_path) from the sidecars of ROOT's complete shards.
+
+    Incremental: a shard is read only when it is new or its listing changed; unchanged shards cost nothing
+    but the listing. A shard whose stats file records other file sizes than the listing shows (a stale or
+    half-replaced upload) is left out, as incomplete."""
     t0 = time.monotonic()
-    root = Path(root)
-    if not root.is_dir():
-        raise CatalogError(f"{root} is not a folder")
-    found = scan_shards(root)
-    prints = {sid: _fingerprint(files) for sid, files in found.items()}
-    con = _connect(catalog_path(root), read_only=False, timeout=timeout)
     try:
-        con.execute(_DDL)
+        folder = Folder(root)
+        if not folder.is_folder():
+            raise CatalogError(f"{root} is not a folder")
+        found = scan_shards(root)
+    except OSError as e:
+        raise CatalogError(f"cannot list {root}: {_one_line(e)}") from None
+    prints = {sid: shard.fingerprint for sid, shard in found.items()}
+    path = catalog_path(root, catalog)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = _connect(path, read_only=False, timeout=timeout)
+    try:
+        _create_or_rebuild(con)
         known = dict(con.execute("SELECT name, fingerprint FROM shards").fetchall())
         removed = sorted(s for s in known if prints.get(s) != known[s])
         added = sorted(s for s in found if known.get(s) != prints[s])
@@ -152,20 +199,41 @@ def build(root: str | os.PathLike, *, timeout: float = 600.0) -> BuildReport:
                     con.execute(f"DELETE FROM {table} WHERE shard IN (SELECT name FROM gone)")
                 con.execute("DELETE FROM shards WHERE name IN (SELECT name FROM gone)")
                 con.execute("DROP TABLE gone")
-            for chunk in _chunks(added, 512):
-                _load(con, {s: found[s] for s in chunk}, prints)
+            loaded = []
+            for chunk in _chunks(added, 256):
+                loaded += _load(con, folder, {s: found[s] for s in chunk})
             con.execute(
-                "INSERT OR REPLACE INTO catalog_info VALUES ('catalog_version', ?), ('built_at', ?)",
-                [str(CATALOG_VERSION), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())],
+                "INSERT OR REPLACE INTO catalog_info VALUES ('catalog_version', ?), ('built_at', ?), ('root', ?)",
+                [str(CATALOG_VERSION), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), folder.url],
             )
             con.execute("COMMIT")
         except BaseException:
             con.execute("ROLLBACK")
             raise
         con.execute("CHECKPOINT")
-        return BuildReport(added, removed, len(found) - len(added), time.monotonic() - t0)
+        return BuildReport(loaded, removed, len(found) - len(added), time.monotonic() - t0)
     finally:
         con.close()
+
+
+def _create_or_rebuild(con: duckdb.DuckDBPyConnection) -> None:
+    """The tables, created when missing; a catalog of another CATALOG_VERSION (other columns) is emptied first,
+    so the build that follows loads every shard again."""
+    has_info = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'catalog_info' "
+                           "AND table_schema = 'main'").fetchall()[0][0]
+    version = None
+    if has_info:
+        row = con.execute("SELECT value FROM catalog_info WHERE name = 'catalog_version'").fetchall()
+        version = row[0][0] if row else None
+    if version != str(CATALOG_VERSION):
+        con.execute("BEGIN TRANSACTION")
+        for table in _TABLES:
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+        con.execute(_DDL)
+        con.execute("INSERT INTO catalog_info VALUES ('catalog_version', ?)", [str(CATALOG_VERSION)])
+        con.execute("COMMIT")
+    else:
+        con.execute(_DDL)
 
 
 def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
@@ -173,38 +241,74 @@ def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
         yield items[i : i + n]
 
 
-def _load(con: duckdb.DuckDBPyConnection, shards: dict[str, dict[str, Path]], prints: dict[str, str]) -> None:
-    """Insert a batch of shards: sidecars are read by DuckDB in one scan per table."""
-    rows = []
-    for sid, files in shards.items():
-        st = json.loads(files["stats"].read_text())
-        rows.append(
-            (sid, str(files["tar"].resolve()), st.get("successes", 0), st.get("failed", 0), st.get("objects", 0),
-             st.get("bytes", 0), st.get("start_time"), st.get("end_time"), st.get("duration"), prints[sid])
-        )
+_SAMPLE_COLUMNS = ["key", "shard", "idx", "caption", "alt_text", "width", "height", "n_objects", "source",
+                   "image_ext", "image_bytes", "schema_version", "sha256", "phash", "clip_score", "alt_clip_score",
+                   "aesthetic"]
+_FAILURE_COLUMNS = ["key", "shard", "idx", "source", "stage", "reason"]
+_OBJECT_COLUMNS = ["key", "shard", "index", "label", "phrase", "span_start", "span_end", "tokens", "score", "x0",
+                   "y0", "x1", "y1", "area", "aspect", "mask_area", "mask_fill", "containment", "mask_score",
+                   "label_score", "label_rank"]
+# The sidecars' types (catalogs.writer): a sidecar written before a column existed gets it as NULLs.
+_SIDECAR_SCHEMA = {"samples": SAMPLE_SCHEMA, "objects": OBJECT_SCHEMA}
+
+
+def _read_shard(folder: Folder, sid: str, shard: ShardListing) -> tuple[dict, pa.Table, pa.Table] | None:
+    """(stats, samples, objects) of one shard, the sidecars' `shard` column set to its id, the samples' `idx`
+    their row number, and the columns an older sidecar lacks added as NULLs; None when its stats record file
+    sizes other than the listing's."""
+    names = shard_names(sid)
+    st = json.loads(folder.read_text(names["stats"]))
+    recorded = st.get("files") or {}
+    if any(recorded.get(k, shard.sizes[k]) != shard.sizes[k] for k in ("tar", "samples", "objects")):
+        return None
+    tables = []
+    for kind in ("samples", "objects"):
+        if folder.local:
+            t = pq.read_table(shard.urls[kind])
+        else:
+            with folder.open(names[kind]) as f:
+                t = pq.read_table(f)
+        t = t.set_column(t.schema.get_field_index("shard"), "shard", pa.array([sid] * t.num_rows, pa.string()))
+        for f in _SIDECAR_SCHEMA[kind]:
+            if f.name not in t.schema.names:
+                t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+        if kind == "samples":
+            t = t.append_column("idx", pa.array(range(t.num_rows), pa.int32()))
+        tables.append(t)
+    return st, tables[0], tables[1]
+
+
+def _load(con: duckdb.DuckDBPyConnection, folder: Folder, shards: dict[str, ShardListing]) -> list[str]:
+    """Insert a batch of shards (sidecars read in parallel: object stores answer slowly but concurrently);
+    returns the ids loaded."""
+    workers = 4 if folder.local else 16
+    with ThreadPoolExecutor(workers) as pool:
+        read = list(pool.map(lambda kv: (kv[0], _read_shard(folder, *kv)), shards.items()))
+    rows, samples, objects, loaded = [], [], [], []
+    for sid, got in read:
+        if got is None:
+            continue
+        st, s, o = got
+        loaded.append(sid)
+        rows.append((sid, shards[sid].urls["tar"], st.get("successes", 0), st.get("failed", 0), st.get("objects", 0),
+                     st.get("bytes", 0), st.get("start_time"), st.get("end_time"), st.get("duration"),
+                     shards[sid].fingerprint))
+        samples.append(s)
+        objects.append(o)
+    if not loaded:
+        return []
     con.executemany("INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    samples = [str(f["samples"].resolve()) for f in shards.values()]
-    objects = [str(f["objects"].resolve()) for f in shards.values()]
-    con.register("fmap", pa.table({"file": samples + objects, "sid": list(shards) * 2}))
-    con.execute(
-        """INSERT INTO samples SELECT p.key, m.sid, p.caption, p.alt_text, p.width, p.height, p.n_objects,
-               p.source, p.image_ext, p.image_bytes, p.schema_version
-           FROM read_parquet(?, filename = true) p JOIN fmap m ON p.filename = m.file WHERE p.status = 'ok'""",
-        [samples],
-    )
-    con.execute(
-        """INSERT INTO failures SELECT p.key, m.sid, p.source, p.stage, p.reason
-           FROM read_parquet(?, filename = true) p JOIN fmap m ON p.filename = m.file WHERE p.status = 'failed'""",
-        [samples],
-    )
-    con.execute(
-        """INSERT INTO objects SELECT p.key, m.sid, p."index", p.label, p.phrase, p.span_start, p.span_end,
-               p.tokens, p.score, p.x0, p.y0, p.x1, p.y1, p.area, p.aspect, p.mask_area, p.mask_fill,
-               p.containment, p.mask_score
-           FROM read_parquet(?, filename = true) p JOIN fmap m ON p.filename = m.file""",
-        [objects],
-    )
-    con.unregister("fmap")
+    new_samples = pa.concat_tables(samples, promote_options="permissive")
+    new_objects = pa.concat_tables(objects, promote_options="permissive")
+    con.register("new_samples", new_samples)
+    con.register("new_objects", new_objects)
+    q = lambda cols: ", ".join(f'"{c}"' for c in cols)  # noqa: E731
+    con.execute(f"INSERT INTO samples SELECT {q(_SAMPLE_COLUMNS)} FROM new_samples WHERE status = 'ok'")
+    con.execute(f"INSERT INTO failures SELECT {q(_FAILURE_COLUMNS)} FROM new_samples WHERE status = 'failed'")
+    con.execute(f"INSERT INTO objects SELECT {q(_OBJECT_COLUMNS)} FROM new_objects")
+    con.unregister("new_samples")
+    con.unregister("new_objects")
+    return loaded
 
 
 def check_read_only(sql: str) -> None:
@@ -220,19 +324,21 @@ def check_read_only(sql: str) -> None:
         raise CatalogError(f"only read-only queries (SELECT) are allowed; this is a {kind} statement")
 
 
-def query(root: str | os.PathLike, sql: str, params: list[Any] | None = None) -> pa.Table:
+def query(root: str | os.PathLike, sql: str, params: list[Any] | None = None, *,
+          catalog: str | os.PathLike | None = None) -> pa.Table:
     """Run one read-only statement against ROOT's catalog; returns an Arrow table."""
     check_read_only(sql)
-    with open_catalog(root) as con:
+    with open_catalog(root, catalog=catalog) as con:
         try:
             return con.sql(sql, params=params).to_arrow_table()
         except duckdb.Error as e:
             raise CatalogError(_one_line(e)) from None
 
 
-def stats(root: str | os.PathLike, *, top_labels: int = 20, bins: int = 10) -> dict[str, Any]:
+def stats(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, top_labels: int = 20,
+          bins: int = 10) -> dict[str, Any]:
     """Counts, label histogram, score and area distributions, and failures by stage and reason."""
-    with open_catalog(root) as con:
+    with open_catalog(root, catalog=catalog) as con:
 
         def rows(sql: str) -> list[tuple]:
             return con.execute(sql).fetchall()

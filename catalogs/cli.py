@@ -1,4 +1,4 @@
-"""`subjectdiff catalog build|query|stats|select|report`: the catalog from the command line.
+"""`subjectdiff catalog build|query|stats|select|duplicates|report`: the catalog from the command line.
 
 Every failure a user can cause (a missing catalog, bad SQL, a write statement) prints one line on
 stderr and exits non-zero; no traceback.
@@ -15,35 +15,71 @@ from typing import Any
 from catalogs.catalog import CatalogError
 
 
+_DIR_HELP = "the shard folder: a local path or a URL (s3://bucket/out)"
+_CATALOG_HELP = ("the DuckDB file (default: DIR/catalog.duckdb for a local DIR, a file under "
+                 "$SUBJECTDIFF_CACHE/catalogs for a URL)")
+
+
+def _add_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help=_DIR_HELP)
+    p.add_argument("--catalog", metavar="PATH", help=_CATALOG_HELP)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("catalog", help="build and query the DuckDB catalog of a shard folder")
+    p = sub.add_parser("catalog", help="build and query the DuckDB catalog of a shard folder (local or a URL)")
     csub = p.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
 
     b = csub.add_parser("build", help="create or refresh DIR/catalog.duckdb from the shards' sidecars")
-    b.add_argument("dir")
+    _add_dir(b)
     b.set_defaults(func=_guard(_build))
 
     q = csub.add_parser("query", help="run one read-only SQL statement and print the result")
-    q.add_argument("dir")
+    _add_dir(q)
     q.add_argument("sql")
     q.add_argument("--format", choices=["table", "csv", "json", "jsonl"], default="table")
     q.add_argument("--max-rows", type=int, default=40, help="rows shown in table format (default 40)")
     q.set_defaults(func=_guard(_query))
 
     s = csub.add_parser("stats", help="counts, labels, score/area distributions, failures")
-    s.add_argument("dir")
+    _add_dir(s)
     s.add_argument("--top", type=int, default=20, help="labels to list (default 20)")
     s.add_argument("--format", choices=["text", "json"], default="text")
     s.set_defaults(func=_guard(_stats))
 
     sel = csub.add_parser("select", help="write the keys and shards matching a predicate to Parquet")
-    sel.add_argument("dir")
-    sel.add_argument("--where", required=True, help="SQL predicate over `samples` (subqueries may use `objects`)")
+    _add_dir(sel)
+    sel.add_argument("--where", help="SQL predicate over `samples` (subqueries may use `objects`)")
+    sel.add_argument("--object-where", help="SQL predicate over `objects` (and the sample's caption, width, height): "
+                     "records each sample's eligible objects, drops samples with none; 'reference' = the reference "
+                     "code's object rules")
+    sel.add_argument("--dedup", choices=["exact", "near"],
+                     help="keep one sample per duplicate group, the first in plan order (shard, then position in "
+                     "the shard): exact = same sha256, near = phash within --max-distance (or the groups of --dups)")
+    sel.add_argument("--dups", metavar="FILE", help="a `catalog duplicates` file whose groups --dedup near uses")
+    sel.add_argument("--max-distance", type=int, default=4, metavar="D",
+                     help="--dedup near: phash bits (of 64) within which two samples are duplicates (default 4)")
+    sel.add_argument("--exclude-near", metavar="FOLDER_OR_CATALOG",
+                     help="drop samples near any image of a held-out set: a folder of images (e.g. DreamBench), a "
+                     "catalog folder or URL, or a .duckdb file")
+    sel.add_argument("--exclude-distance", type=int, default=8, metavar="D",
+                     help="--exclude-near: phash bits within which a sample counts as a held-out image (default 8)")
     sel.add_argument("--out", required=True, help="output .parquet file")
     sel.set_defaults(func=_guard(_select))
 
+    d = csub.add_parser("duplicates", help="groups of exact (sha256) and near (phash) duplicates -> Parquet")
+    _add_dir(d)
+    d.add_argument("--max-distance", type=int, default=4, metavar="D",
+                   help="phash bits (of 64) within which two samples are near duplicates (default 4)")
+    d.add_argument("--bands", type=int, metavar="B", help="bands of the index (default: chosen for the catalog's size)")
+    d.add_argument("--order-by", metavar="SQL", help="which member of a group comes first (default: plan order, "
+                   "'shard, idx')")
+    d.add_argument("--memory-limit", metavar="SIZE", help="DuckDB's memory limit (e.g. 4GB); beyond it joins spill")
+    d.add_argument("--temp-directory", metavar="DIR", help="where DuckDB spills")
+    d.add_argument("--out", required=True, help="output .parquet file (one row per sample in a group)")
+    d.set_defaults(func=_guard(_duplicates))
+
     r = csub.add_parser("report", help="write a self-contained HTML report: sampled records, plots, failures, manifest")
-    r.add_argument("dir")
+    _add_dir(r)
     r.add_argument("--where", help="SQL predicate over `samples` narrowing the records and plots (as in select)")
     r.add_argument("--sample", type=int, default=24, help="records shown (default 24)")
     r.add_argument("--seed", type=int, default=0, help="which records are sampled (default 0)")
@@ -65,14 +101,14 @@ def _guard(fn):
 def _build(args: argparse.Namespace) -> int:
     from catalogs.catalog import build
 
-    print(build(args.dir).summary())
+    print(build(args.dir, catalog=args.catalog).summary())
     return 0
 
 
 def _query(args: argparse.Namespace) -> int:
     from catalogs.catalog import query
 
-    table = query(args.dir, args.sql)
+    table = query(args.dir, args.sql, catalog=args.catalog)
     sys.stdout.write(format_table(table, args.format, max_rows=args.max_rows))
     return 0
 
@@ -113,7 +149,7 @@ def _cell(v: Any) -> str:
 def _stats(args: argparse.Namespace) -> int:
     from catalogs.catalog import stats
 
-    st = stats(args.dir, top_labels=args.top)
+    st = stats(args.dir, catalog=args.catalog, top_labels=args.top)
     if args.format == "json":
         print(json.dumps(st, default=str, indent=2))
         return 0
@@ -136,16 +172,40 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _select(args: argparse.Namespace) -> int:
-    from catalogs.selection import select
+    from catalogs.selection import REFERENCE_OBJECT_WHERE, select
 
-    n = select(args.dir, args.where, args.out)
+    if not (args.where or args.object_where or args.dedup or args.exclude_near):
+        raise CatalogError("select: give --where, --object-where, --dedup or --exclude-near")
+    objects = REFERENCE_OBJECT_WHERE if args.object_where == "reference" else args.object_where
+    n = select(args.dir, args.where, args.out, catalog=args.catalog, object_where=objects, dedup=args.dedup,
+               dups=args.dups, max_distance=args.max_distance, exclude_near=args.exclude_near,
+               exclude_distance=args.exclude_distance)
     print(f"selected {n} sample(s) -> {args.out}")
+    return 0
+
+
+def _duplicates(args: argparse.Namespace) -> int:
+    import duckdb
+
+    from catalogs.dedup import find_duplicates
+
+    try:
+        groups = find_duplicates(args.dir, args.out, catalog=args.catalog, max_distance=args.max_distance,
+                                 bands=args.bands, order_by=args.order_by, memory_limit=args.memory_limit,
+                                 temp_directory=args.temp_directory)
+    except (ValueError, duckdb.Error) as e:
+        raise CatalogError(str(e).strip().splitlines()[0]) from None
+    kinds: dict[int, str] = dict(zip(groups["group_id"].to_pylist(), groups["kind"].to_pylist()))
+    n_exact = sum(k == "exact" for k in kinds.values())
+    print(f"{len(kinds)} duplicate group(s) ({n_exact} exact, {len(kinds) - n_exact} near), "
+          f"{groups.num_rows} sample(s) -> {args.out}")
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from catalogs.report import build_report
 
-    out = build_report(args.dir, args.out, where=args.where, sample=args.sample, seed=args.seed)
+    out = build_report(args.dir, args.out, where=args.where, sample=args.sample, seed=args.seed,
+                       catalog=args.catalog)
     print(f"report -> {out}")
     return 0

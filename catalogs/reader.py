@@ -19,9 +19,9 @@ import json
 import os
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import braceexpand
@@ -34,6 +34,7 @@ from webdataset.utils import pytorch_worker_info
 from catalogs import masks as mask_codec
 from catalogs.schema import IMAGE_EXTENSIONS, ObjectAnn
 from catalogs.selection import load_selection
+from catalogs.storage import Folder, RetryingReader, is_local, open_url
 from catalogs.writer import complete_shards, shard_files
 
 
@@ -71,40 +72,70 @@ class DecodedRecord:
 def shard_counts(urls: Iterable[str], selection: Mapping[str, set[str]] | None,
                  wanted: set[str] | None) -> dict[str, int]:
     """How many records each shard gives a reader with this selection / key filter: counted from the selection,
-    else from the shard's sidecars beside its tar (NAME_stats.json; NAME.parquet when a key filter applies)."""
-    out = {}
-    for u in urls:
-        if selection is not None:
-            keys = selection.get(u) or selection.get(os.path.abspath(u)) or set()
+    else from the shard's sidecars beside its tar (NAME_stats.json; NAME.parquet when a key filter applies),
+    read in parallel (each is one request on an object store)."""
+    urls = list(urls)
+    if selection is not None:
+        out = {}
+        for u in urls:
+            keys = selection.get(u) or (selection.get(os.path.abspath(u)) if is_local(u) else None) or set()
             out[u] = len(keys if wanted is None else keys & wanted)
-            continue
+        return out
+
+    def count(u: str) -> int:
         stem = u[: -len(".tar")] if u.endswith(".tar") else u
         sidecar = f"{stem}_stats.json" if wanted is None else f"{stem}.parquet"
-        if not os.path.isfile(sidecar):
+        try:
+            with open_url(sidecar) as f:
+                if wanted is None:
+                    return int(json.load(f)["successes"])
+                t = pq.read_table(f, columns=["key", "status"]).to_pydict()
+        except FileNotFoundError:
             raise FileNotFoundError(f"{u}: a balanced split needs each shard's record count, from {sidecar} (written "
-                                    "with the shard), which is missing; read a selection instead, or split='auto'")
-        if wanted is None:
-            out[u] = int(json.loads(Path(sidecar).read_text())["successes"])
-        else:
-            t = pq.read_table(sidecar, columns=["key", "status"]).to_pydict()
-            out[u] = sum(st == "ok" and k in wanted for k, st in zip(t["key"], t["status"]))
-    return out
+                                    "with the shard), which is missing; read a selection instead, or split='auto'"
+                                    ) from None
+        return sum(st == "ok" and k in wanted for k, st in zip(t["key"], t["status"]))
+
+    with ThreadPoolExecutor(16 if any(not is_local(u) for u in urls) else 2) as pool:
+        return dict(zip(urls, pool.map(count, urls)))
 
 
 def resolve_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
-    """Shard URLs from a folder (its complete shards), a brace pattern, one path, or a list of these."""
+    """Shard URLs from a folder (its complete shards; a local path or a URL such as s3://bucket/out), a brace
+    pattern, one path, or a list of these."""
     if isinstance(spec, (str, os.PathLike)):
         s = os.fspath(spec)
-        if os.path.isdir(s):
+        if not s.endswith(".tar") and "{" not in s and Folder(s).is_folder():
             names = complete_shards(s)
             if not names:
                 raise FileNotFoundError(f"no complete shards (NAME.tar with NAME_stats.json) in {s}")
-            return [str(shard_files(s, n)["tar"]) for n in names]
+            return [shard_files(s, n)["tar"] for n in names]
         return list(braceexpand.braceexpand(s))
     out: list[str] = []
     for item in spec:
         out.extend(resolve_shards(item))
     return out
+
+
+def open_shards(src: Iterator[dict[str, Any]], handler=wds.reraise_exception) -> Iterator[dict[str, Any]]:
+    """webdataset's url_opener for any fsspec URL (its own gopen has no s3): each {"url"} gets a "stream" that
+    retries dropped reads (storage.RetryingReader)."""
+    for sample in src:
+        url = sample["url"]
+        try:
+            stream = io.BufferedReader(RetryingReader(url), buffer_size=1 << 20)
+        except Exception as e:  # noqa: BLE001 - the handler decides: raise, or warn and go on
+            e.args = e.args + (url,)
+            if handler(e):
+                continue
+            break
+        yield {**sample, "stream": stream}
+
+
+def _tar_samples(src: Iterator[dict[str, Any]], handler=wds.reraise_exception) -> Iterator[dict[str, Any]]:
+    """Shard URLs -> raw samples, as wds.tarfile_to_samples, with open_shards as the opener."""
+    files = wds.tariterators.tar_file_expander(open_shards(src, handler), handler=handler)
+    return wds.tariterators.group_by_keys(files, handler=handler)
 
 
 def decode_record(sample: dict[str, Any], *, decode_image: bool = True, decode_masks: bool = True) -> DecodedRecord:
@@ -196,7 +227,7 @@ class RecordReader(wds.DataPipeline):
             if shards is None:
                 urls = sorted(sel)
             else:
-                urls = [u for u in urls if u in sel or os.path.abspath(u) in sel]
+                urls = [u for u in urls if u in sel or (is_local(u) and os.path.abspath(u) in sel)]
             sel_keys = set().union(*sel.values()) if sel else set()
             wanted = sel_keys if wanted is None else wanted & sel_keys
         if shards is None and selection is None:
@@ -213,7 +244,7 @@ class RecordReader(wds.DataPipeline):
         handler = wds.reraise_exception if on_error == "raise" else wds.warn_and_continue
         super().__init__(
             self._shard_stage,
-            wds.tarfile_to_samples(handler=handler),
+            wds.filters.pipelinefilter(_tar_samples)(handler=handler),
             self._sample_stage,
             wds.map(partial(decode_record, decode_image=decode_image, decode_masks=decode_masks), handler=handler),
         )

@@ -8,6 +8,8 @@ The page shows
                    the object's own color, tagged with its noun and detection score; the caption underneath
                    with each grounded phrase (its span) highlighted in the same color;
     distributions  label frequency, detection score, mask score and box area histograms, objects per image;
+    curation       CLIP, aesthetic and label score histograms, the largest duplicate groups as thumbnails, the
+                   objects with the lowest label score (catalogs/report_curation.py);
     run            throughput over the run (samples per minute, from the shards' start and end times);
     failures       counts by stage and by (stage, reason), with example keys and sources;
     manifest       DIR/manifest.json of the datagen run (model ids, thresholds, versions), rendered as is.
@@ -47,6 +49,8 @@ from PIL import Image
 from catalogs import masks as mask_codec
 from catalogs.catalog import CatalogError, check_read_only, open_catalog
 from catalogs.schema import FAILURE_STAGES, IMAGE_EXTENSIONS, ObjectAnn, box_pixels_xyxy
+from catalogs.storage import Folder, is_local, open_url
+from catalogs.tars import member_index
 
 DEFAULT_SAMPLE = 24
 THUMB_SIDE = 384  # longest side of a record's thumbnail, pixels
@@ -173,8 +177,8 @@ def read_members(tar_path: str | os.PathLike, keys: set[str]) -> dict[str, dict[
     """
     found: dict[str, dict[str, bytes]] = {}
     complete: set[str] = set()
-    with open(tar_path, "rb") as f:
-        for name, offset, size in _tar_index(f, tar_path):
+    with open_url(tar_path, "rb") as f:
+        for name, offset, size in member_index(f, tar_path):
             key, _, ext = name.rsplit("/", 1)[-1].partition(".")
             if key not in keys:
                 continue
@@ -186,44 +190,6 @@ def read_members(tar_path: str | os.PathLike, keys: set[str]) -> dict[str, dict[
                 if len(complete) == len(keys):
                     break
     return found
-
-
-# Tar type flags of plain files and of entries without data the walk can step over.
-_TAR_FILE, _TAR_SKIP = (b"0", b"\0", b"7"), (b"1", b"2", b"3", b"4", b"5", b"6")
-
-
-def _tar_index(f, path: str | os.PathLike):
-    """(name, data offset, size) of each regular member, from the headers alone.
-
-    Parses ustar/GNU headers directly: tarfile spends ~0.1 ms per header on checks and objects, which is
-    most of a report's time on 1000-sample shards. Archives using pax or GNU long-name headers (not what
-    ShardWriter writes) fall back to tarfile.
-    """
-    pos = 0
-    while True:
-        f.seek(pos)
-        header = f.read(512)
-        if len(header) < 512 or header.count(0) == 512:
-            return
-        kind = header[156:157]
-        if kind not in _TAR_FILE and kind not in _TAR_SKIP:
-            # pax / GNU long-name headers: tarfile decodes the rest (members already yielded skipped)
-            yield from (m for m in _tarfile_index(path) if m[1] > pos)
-            return
-        raw = header[124:136]
-        size = int.from_bytes(raw[1:], "big") if raw[0] & 0x80 else int(raw.strip(b"\0 ") or b"0", 8)
-        if kind in _TAR_FILE:
-            name = header[:100].split(b"\0", 1)[0]
-            prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
-            yield (prefix + b"/" + name if prefix else name).decode("utf-8", "replace"), pos + 512, size
-        pos += 512 + (size + 511) // 512 * 512
-
-
-def _tarfile_index(path: str | os.PathLike):
-    with tarfile.open(path, "r:") as tar:
-        for m in tar:
-            if m.isfile():
-                yield m.name, m.offset_data, m.size
 
 
 def _thumbnail(raw: bytes, width: int, height: int, max_side: int) -> np.ndarray:
@@ -260,14 +226,14 @@ def render_card(key: str, shard: str, members: dict[str, bytes], *, max_side: in
                 objects=objects)
 
 
-def _shard_tar(root: Path, shard: str, path: str | None) -> Path:
-    """The shard's tar: the catalog's recorded path, or under ROOT when the folder was moved."""
-    if path and os.path.exists(path):
-        return Path(path)
-    return root / f"{shard}.tar"
+def _shard_tar(root: Folder, shard: str, path: str | None) -> str:
+    """The shard's tar: the catalog's recorded path, or under ROOT when a local folder was moved."""
+    if path and (not is_local(path) or os.path.exists(path)):
+        return path
+    return root.join(f"{shard}.tar")
 
 
-def load_cards(root: Path, sampled: list[tuple[str, str, str | None]], *, max_side: int = THUMB_SIDE) -> list[Card]:
+def load_cards(root: Folder, sampled: list[tuple[str, str, str | None]], *, max_side: int = THUMB_SIDE) -> list[Card]:
     """Cards for sampled (key, shard, tar path) rows, in sample order; unreadable records become error
     cards rather than failing the report."""
     by_shard: dict[str, set[str]] = {}
@@ -387,13 +353,13 @@ def svg_columns(counts: list[float], ticks: list[tuple[float, str]], *, xlabel: 
     return _svg(body, f"{ylabel} by {xlabel}")
 
 
-def svg_histogram(counts: list[int], lo: float, hi: float, *, xlabel: str) -> str:
-    """A histogram of len(counts) equal bins over [lo, hi]."""
+def svg_histogram(counts: list[int], lo: float, hi: float, *, xlabel: str, ylabel: str = "objects") -> str:
+    """A histogram of len(counts) equal bins over [lo, hi]; ylabel names what is counted."""
     n = len(counts)
     width = (hi - lo) / n
     tips = [f"[{lo + i * width:.2f}, {lo + (i + 1) * width:.2f}): {c:,}" for i, c in enumerate(counts)]
-    ticks = [(k * n / 4, f"{lo + k * (hi - lo) / 4:g}") for k in range(5)]
-    return svg_columns([float(c) for c in counts], ticks, xlabel=xlabel, ylabel="objects", tips=tips)
+    ticks = [(k * n / 4, f"{lo + k * (hi - lo) / 4:.3g}") for k in range(5)]
+    return svg_columns([float(c) for c in counts], ticks, xlabel=xlabel, ylabel=ylabel, tips=tips)
 
 
 def svg_hbars(items: list[tuple[str, int]], *, label: str) -> str:
@@ -648,16 +614,21 @@ def failures_html(con: duckdb.DuckDBPyConnection, seed: int, n_processed: int) -
 # ---------------------------------------------------------------------------------------------- manifest
 
 
-def find_manifests(root: Path, shard_paths: list[str]) -> list[Path]:
-    """ROOT/manifest.json, then manifest.json of the folders holding shards (a catalog over several runs)."""
-    dirs = [root] + sorted({Path(p).parent for p in shard_paths if p})
+def find_manifests(root: Folder, shard_paths: list[str]) -> list[str]:
+    """ROOT/manifest.json, then manifest.json of the folders holding shards (a catalog over several runs):
+    their paths or URLs."""
+    dirs = [root.url] + sorted({p.rsplit("/", 1)[0] if not is_local(p) else os.path.dirname(p)
+                                for p in shard_paths if p})
     seen, out = set(), []
     for d in dirs:
-        p = (d / "manifest.json").resolve()
-        if p not in seen and p.is_file():
+        folder = Folder(d)
+        p = folder.join("manifest.json")
+        if p not in seen and folder.exists("manifest.json"):
             seen.add(p)
             out.append(p)
-    return out[:20]
+        if len(out) == 20:
+            break
+    return out
 
 
 def _json_html(value: Any, key: str = "") -> str:
@@ -709,15 +680,16 @@ def manifest_times(manifest: Any) -> tuple[float, float] | None:
     return None
 
 
-def manifest_html(paths: list[Path], root: Path) -> tuple[str, tuple[float, float] | None]:
+def manifest_html(paths: list[str], root: Folder) -> tuple[str, tuple[float, float] | None]:
     """The manifests rendered, and the run's (start, end) from the first one that has them."""
     if not paths:
         return '<p class="note" id="no-manifest">no manifest (no manifest.json next to the shards)</p>', None
     parts, times = [], None
     for p in paths:
-        name = os.path.relpath(p, root.resolve())
+        name = os.path.relpath(p, root.url) if root.local else p[len(root.url) + 1:] if p.startswith(root.url) else p
         try:
-            manifest = json.loads(p.read_text(encoding="utf-8"))
+            with open_url(p, "rb") as f:
+                manifest = json.loads(f.read().decode("utf-8"))
         except (OSError, ValueError) as e:
             parts.append(f'<h3>{esc(name)}</h3><p class="error">unreadable: {esc(e)}</p>')
             continue
@@ -769,6 +741,13 @@ table.failures ul{margin:0;padding-left:16px}.num{text-align:right}
 table.kv{border-collapse:collapse;background:#fff}
 table.kv th,table.kv td{border:1px solid #ddd;padding:2px 8px;text-align:left;vertical-align:top}
 table.kv th{background:#f0f0ee;font-weight:600}.manifest{overflow-x:auto}
+.group{background:#fff;border:1px solid #ddd;border-radius:6px;padding:6px 10px;margin:8px 0}
+.group h3{margin:2px 0 6px;font-size:14px}.members{display:flex;flex-wrap:wrap;gap:10px}
+figure.dup{margin:0;width:170px;font-size:11px}figure.dup.first img{outline:3px solid #54a24b}
+figure.dup figcaption{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.weakgrid{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:12px}
+article.weak{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px}
+article.weak .label{margin:6px 0 2px;font-size:14px}img.thumb{display:block;max-width:100%;height:auto}
 """
 
 # Nothing may load but the page itself and its data: URIs; no script runs.
@@ -804,13 +783,14 @@ def _header_html(s: _Summary) -> str:
     return (
         f"<header><h1>subjectdiff dataset report</h1><div><code>{esc(s.root)}</code>{where} · catalog built "
         f"{esc(s.built_at)}</div><div class=\"summary\">{cells}</div><div>reproduce: <code>{esc(s.command)}</code>"
-        '</div><nav><a href="#records">records</a><a href="#distributions">distributions</a><a href="#run">run</a>'
+        '</div><nav><a href="#records">records</a><a href="#distributions">distributions</a>'
+        '<a href="#curation">curation</a><a href="#run">run</a>'
         '<a href="#failures">failures</a><a href="#manifest">manifest</a></nav></header>'
     )
 
 
 def page_html(summary: _Summary, cards: list[Card], distributions: str, run: str, failures: str,
-              manifest: str, seconds: float) -> str:
+              manifest: str, seconds: float, curation: str = "") -> str:
     scope = " (the selection)" if summary.where is not None else ""
     empty = "no records match" if summary.n_selected == 0 else "no records sampled (--sample 0)"
     grid = "".join(card_html(c) for c in cards) or f'<p class="note">{empty}</p>'
@@ -821,6 +801,7 @@ def page_html(summary: _Summary, cards: list[Card], distributions: str, run: str
         f"{_header_html(summary)}"
         f'<section id="records"><h2>Records{scope}: {len(cards)} sampled</h2><div class="grid">{grid}</div></section>'
         f'<section id="distributions"><h2>Distributions{scope}</h2><div class="charts">{distributions}</div></section>'
+        f'<section id="curation"><h2>Curation{scope}</h2>{curation}</section>'
         f'<section id="run"><h2>Run</h2>{run}</section>'
         f'<section id="failures"><h2>Failures</h2>{failures}</section>'
         f'<section id="manifest"><h2>Manifest</h2>{manifest}</section>'
@@ -829,7 +810,7 @@ def page_html(summary: _Summary, cards: list[Card], distributions: str, run: str
     )
 
 
-def _command(root: Path, out: Path, where: str | None, sample: int, seed: int) -> str:
+def _command(root: str, out: Path, where: str | None, sample: int, seed: int) -> str:
     parts = ["subjectdiff", "catalog", "report", str(root)]
     if where is not None:
         parts += ["--where", where]
@@ -838,7 +819,7 @@ def _command(root: Path, out: Path, where: str | None, sample: int, seed: int) -
 
 
 def build_report(root: str | os.PathLike, out: str | os.PathLike, *, where: str | None = None,
-                 sample: int = DEFAULT_SAMPLE, seed: int = 0) -> Path:
+                 sample: int = DEFAULT_SAMPLE, seed: int = 0, catalog: str | os.PathLike | None = None) -> Path:
     """Write the HTML report of ROOT's catalog to OUT (see the module docstring) and return OUT.
 
     where: SQL predicate over `samples` (object conditions through a subquery on `objects`), or None
@@ -846,12 +827,13 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, *, where: str 
     Raises CatalogError (one line) for a missing catalog, a bad predicate, or an unwritable OUT.
     """
     t0 = time.monotonic()
-    root, out = Path(root), Path(out)
+    folder, out = Folder(root), Path(out)
+    root = os.fspath(root)
     if sample < 0:
         raise CatalogError(f"--sample must be >= 0, got {sample}")
     if where is not None and not where.strip():
         where = None
-    with open_catalog(root) as con:
+    with open_catalog(root, catalog=catalog) as con:
         n_shards, n_samples, n_failed, n_objects = _rows(
             con, "SELECT (SELECT count(*) FROM shards), (SELECT count(*) FROM samples), "
                  "(SELECT count(*) FROM failures), (SELECT count(*) FROM objects)")[0]
@@ -859,14 +841,19 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, *, where: str 
         built = dict(_rows(con, "SELECT name, value FROM catalog_info")).get("built_at", "?")
         sampled = sample_keys(con, where, sample, seed)
         shard_paths = [r[0] for r in _rows(con, "SELECT DISTINCT path FROM shards")]
-        manifest, times = manifest_html(find_manifests(root, shard_paths), root)
+        manifest, times = manifest_html(find_manifests(folder, shard_paths), folder)
         distributions = distributions_html(con, where)
+        from catalogs import report_curation  # imports this module's helpers
+
+        curation = report_curation.gather(con, where)
         run = run_html(con, times)
         failures = failures_html(con, seed, n_samples + n_failed)
-    cards = load_cards(root, sampled)
-    summary = _Summary(str(root), built, n_shards, n_samples, n_failed, n_objects, where, n_selected,
+    cards = load_cards(folder, sampled)
+    curation_section = report_curation.curation_html(folder, curation)
+    summary = _Summary(root, built, n_shards, n_samples, n_failed, n_objects, where, n_selected,
                        len(cards), seed, _command(root, out, where, sample, seed))
-    text = page_html(summary, cards, distributions, run, failures, manifest, time.monotonic() - t0)
+    text = page_html(summary, cards, distributions, run, failures, manifest, time.monotonic() - t0,
+                     curation_section)
     _write_atomic(out, text)
     return out
 

@@ -4,6 +4,10 @@ A record describes one source image: the image bytes in their original encoding,
 the caption and one entry per grounded object (noun, character span, CLIP token positions, box, mask).
 docs/records.md is the prose version of this module; bump SCHEMA_VERSION when either changes.
 
+Curation signals (version 2, from datagen's curate stage; None where a run did not measure them): per record
+sha256, phash, clip_score, alt_clip_score, aesthetic, and the image embedding (`clip_embedding`, which goes to
+the shard's embedding sidecar, not into the JSON); per object label_score and label_rank.
+
 Coordinate conventions:
     box: [x0, y0, x1, y1], xyxy, normalized to [0, 1] by image width and height.
     span: [start, end) character offsets into the caption.
@@ -23,7 +27,9 @@ import numpy as np
 
 from catalogs import masks as mask_codec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the curation signals (records of version 1 have none of them)
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 # Image encodings passed through as-is, keyed by the webdataset member extension.
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
@@ -71,6 +77,9 @@ class ObjectAnn:
         area: box area / image area; aspect: box width / height in pixels;
         mask_area: mask pixels / image pixels; mask_fill: mask pixels inside the box / box pixels;
         containment: the largest fraction of this box covered by any other box of the record.
+    Curation (datagen's curate stage; None when not measured):
+        label_score: CLIP cosine of the object's masked crop and "a photo of a {label}";
+        label_rank: 1 + the number of the record's other labels whose prompt the crop matches better.
     """
 
     label: str
@@ -86,6 +95,8 @@ class ObjectAnn:
     mask_area: float = float("nan")
     mask_fill: float = float("nan")
     containment: float = float("nan")
+    label_score: float | None = None
+    label_rank: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,7 +108,13 @@ class ObjectAnn:
 
 @dataclass
 class Record:
-    """One source image and its grounded objects. `image` holds the encoded bytes (never re-encoded)."""
+    """One source image and its grounded objects. `image` holds the encoded bytes (never re-encoded).
+
+    Curation signals (None when not measured): sha256, hex SHA-256 of `image`; phash, imagehash's 64-bit
+    perceptual hash as a signed int64 (catalogs.dedup.phash_int64); clip_score / alt_clip_score, CLIP cosine of
+    the image and `caption` / `alt_text`; aesthetic, the LAION aesthetic score; clip_embedding, (D,) L2-normalized
+    image embedding (float16), written to the shard's embedding sidecar (catalogs/embeddings.py), not the JSON.
+    """
 
     key: str
     image: bytes
@@ -109,6 +126,12 @@ class Record:
     objects: list[ObjectAnn] = field(default_factory=list)
     alt_text: str | None = None  # the source's own caption, when it had one
     extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance (model ids, ...)
+    sha256: str | None = None
+    phash: int | None = None
+    clip_score: float | None = None
+    alt_clip_score: float | None = None
+    aesthetic: float | None = None
+    clip_embedding: np.ndarray | None = field(default=None, repr=False)
 
     def meta_json(self) -> dict[str, Any]:
         return {
@@ -119,6 +142,11 @@ class Record:
             "width": self.width,
             "height": self.height,
             "source": self.source,
+            "sha256": self.sha256,
+            "phash": self.phash,
+            "clip_score": self.clip_score,
+            "alt_clip_score": self.alt_clip_score,
+            "aesthetic": self.aesthetic,
             "objects": [o.to_json() for o in self.objects],
             "extra": self.extra,
         }
@@ -184,6 +212,7 @@ def validate(record: Record) -> None:
         raise RecordError(f"{k}: empty image bytes")
     if record.width <= 0 or record.height <= 0:
         raise RecordError(f"{k}: width and height must be positive, got {record.width}x{record.height}")
+    _validate_curation(record)
     for i, o in enumerate(record.objects):
         where = f"{k}: objects[{i}] ({o.label!r})"
         if len(o.box) != 4 or not all(0.0 <= v <= 1.0 for v in o.box):
@@ -203,6 +232,35 @@ def validate(record: Record) -> None:
                 f"{where}: mask must be COCO RLE {{'size': [{record.height}, {record.width}], 'counts': str}}, "
                 f"got size {size}"
             )
+
+
+def _finite_or_none(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float, np.floating)) and not isinstance(v, bool) and math.isfinite(v))
+
+
+def _validate_curation(record: Record) -> None:
+    """The curation fields, when present: a hex digest, an int64 hash, finite scores, ranks from 1, one (D,)
+    finite embedding."""
+    k = record.key
+    if record.sha256 is not None and not (isinstance(record.sha256, str) and _SHA256_RE.match(record.sha256)):
+        raise RecordError(f"{k}: sha256 {record.sha256!r} must be 64 lowercase hex digits (hashlib's hexdigest)")
+    if record.phash is not None and not (isinstance(record.phash, (int, np.integer)) and not isinstance(record.phash, bool)
+                                         and _INT64[0] <= record.phash <= _INT64[1]):
+        raise RecordError(f"{k}: phash {record.phash!r} must be a signed 64-bit integer (catalogs.dedup.phash_int64)")
+    for name in ("clip_score", "alt_clip_score", "aesthetic"):
+        if not _finite_or_none(getattr(record, name)):
+            raise RecordError(f"{k}: {name} {getattr(record, name)!r} must be a finite number or None")
+    for i, o in enumerate(record.objects):
+        if not _finite_or_none(o.label_score):
+            raise RecordError(f"{k}: objects[{i}] ({o.label!r}): label_score {o.label_score!r} must be finite or None")
+        if o.label_rank is not None and not (isinstance(o.label_rank, (int, np.integer)) and o.label_rank >= 1):
+            raise RecordError(f"{k}: objects[{i}] ({o.label!r}): label_rank {o.label_rank!r} must be an int >= 1 or None")
+    e = record.clip_embedding
+    if e is not None:
+        arr = np.asarray(e)
+        if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind != "f" or not np.isfinite(arr).all():
+            raise RecordError(f"{k}: clip_embedding must be a non-empty (D,) array of finite floats, got "
+                              f"shape {arr.shape} dtype {arr.dtype}")
 
 
 def object_from_arrays(

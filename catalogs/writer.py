@@ -1,22 +1,35 @@
-"""Shard writer: webdataset tars with Parquet sidecars and a `_stats.json`, committed atomically.
+"""Shard writer: webdataset tars with Parquet sidecars and a `_stats.json`, committed atomically, to a local
+folder or any fsspec URL (catalogs/storage.py).
 
 A shard named NAME in DIR is these files:
     NAME.tar              the records (KEY.jpg|png|webp + KEY.json)
     NAME.parquet          one row per sample, ok and failed (status, stage, reason), as img2dataset does
     NAME.objects.parquet  one row per object of the ok samples
-    NAME_stats.json       counts, failure reasons, timings: written last, it marks the shard complete
+    NAME.clip.parquet     only when the records carry image embeddings (datagen's curate stage): one row per ok
+                          sample with one, in record order (catalogs/embeddings.py)
+    NAME_stats.json       counts, failure reasons, timings, the sizes of the files above, and who wrote the
+                          shard: written last, it marks the shard complete
 
-Everything is written under a `.tmp` name first and renamed when complete, so a crash never leaves a
-half shard under a final name. `NAME_stats.json` is renamed last: a shard without it is incomplete, and
-readers, the catalog and resumed runs ignore or redo it.
+Nothing is visible under a final name before it is complete. The shard is assembled in a spool folder on the
+local disk (for a local DIR, DIR itself under `.tmp` names; for a remote DIR, a temporary folder of this
+machine), then each file is published in turn, tar, samples, objects, embeddings and the stats last: renamed into place
+locally, uploaded as one object remotely (object stores have no rename, but an upload is atomic). A shard
+without its stats file is incomplete, and readers, the catalog and resumed runs ignore or redo it; a stats
+file whose recorded sizes disagree with the files beside it (a stale upload) counts as incomplete too. The
+embedding sidecar is optional: a shard without one (a run without the curate stage) is complete.
+
+Records may arrive in parts (`part=`, a block index): each part is spooled to its own file and the tar is
+assembled in part order on close, so blocks that finish out of order still give the plan-ordered, byte-stable
+tar; memory holds only the sidecar rows, never the image bytes.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,9 +39,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import numpy as np
+
+from catalogs import embeddings as emb_sidecar
 from catalogs.schema import SCHEMA_VERSION, Failure, Record, RecordError, compute_quality, validate
+from catalogs.storage import Folder
 
 TMP_SUFFIX = ".tmp"
+KINDS = ("tar", "samples", "objects", "stats")  # a shard's required files, in the order they are published
+OPTIONAL_KINDS = ("embeddings",)  # published after objects and before stats, when the shard has them
+_BLOCK = tarfile.BLOCKSIZE
+_RECORD = tarfile.RECORDSIZE
 
 SAMPLE_SCHEMA = pa.schema(
     [
@@ -46,6 +67,12 @@ SAMPLE_SCHEMA = pa.schema(
         ("image_ext", pa.string()),
         ("image_bytes", pa.int64()),
         ("schema_version", pa.int32()),
+        # curation signals (datagen's curate stage), null when not measured and for failed samples
+        ("sha256", pa.string()),
+        ("phash", pa.int64()),
+        ("clip_score", pa.float32()),
+        ("alt_clip_score", pa.float32()),
+        ("aesthetic", pa.float32()),
     ]
 )
 
@@ -70,30 +97,45 @@ OBJECT_SCHEMA = pa.schema(
         ("mask_fill", pa.float32()),
         ("containment", pa.float32()),
         ("mask_score", pa.float32()),
+        ("label_score", pa.float32()),
+        ("label_rank", pa.int32()),
     ]
 )
 
 
-def shard_files(directory: str | os.PathLike, name: str) -> dict[str, Path]:
-    """The final paths of shard NAME's files."""
-    d = Path(directory)
-    return {
-        "tar": d / f"{name}.tar",
-        "samples": d / f"{name}.parquet",
-        "objects": d / f"{name}.objects.parquet",
-        "stats": d / f"{name}_stats.json",
-    }
+def shard_names(name: str) -> dict[str, str]:
+    """The file names of shard NAME's required files, by kind (tar, samples, objects, stats)."""
+    return {"tar": f"{name}.tar", "samples": f"{name}.parquet", "objects": f"{name}.objects.parquet",
+            "stats": f"{name}_stats.json"}
+
+
+def optional_names(name: str) -> dict[str, str]:
+    """The file names of the files shard NAME may have besides the required ones (OPTIONAL_KINDS)."""
+    return {"embeddings": f"{name}{emb_sidecar.SUFFIX}"}
+
+
+def shard_files(directory: str | os.PathLike, name: str) -> dict[str, str]:
+    """The final paths (or URLs) of shard NAME's files in DIRECTORY."""
+    folder = Folder(directory)
+    return {k: folder.join(n) for k, n in shard_names(name).items()}
+
+
+def complete_names(names) -> list[str]:
+    """The shards complete in a listing of file NAMES (relative, POSIX): those with all four files. Sorted."""
+    have = set(names)
+    stems = [n[: -len("_stats.json")] for n in have if n.endswith("_stats.json")]
+    return sorted(s for s in stems if all(f in have for f in shard_names(s).values()))
+
+
+def complete_shards(directory: str | os.PathLike) -> list[str]:
+    """Names of the complete shards directly in DIRECTORY (one listing; no file is opened), sorted."""
+    return [n for n in complete_names(Folder(directory).listing()) if "/" not in n]
 
 
 def is_complete(directory: str | os.PathLike, name: str) -> bool:
     """A shard is complete when all its files exist; the stats file is committed last."""
-    return all(p.exists() for p in shard_files(directory, name).values())
-
-
-def complete_shards(directory: str | os.PathLike) -> list[str]:
-    """Names of the complete shards in DIR, sorted."""
-    names = [p.name[: -len("_stats.json")] for p in Path(directory).glob("*_stats.json")]
-    return sorted(n for n in names if is_complete(directory, n))
+    folder = Folder(directory)
+    return all(folder.exists(n) for n in shard_names(name).values())
 
 
 @dataclass
@@ -129,27 +171,48 @@ class ShardStats:
 class ShardWriter:
     """Write one shard. Use as a context manager: an exception inside aborts and leaves nothing visible.
 
-        with ShardWriter(out_dir, "00000") as w:
+        with ShardWriter(out_dir_or_url, "00000") as w:
             w.write(record)          # validated, quality fields computed
             w.fail(Failure(...))     # a sample that dropped out, with its stage and reason
-        # on exit: files renamed into place, stats returned by w.stats
+        # on exit: files published (stats last), stats returned by w.stats
+
+    spool: the local folder to assemble a remote shard in (default: a new temporary folder, removed on
+    close or abort). A local shard is always assembled beside its final files, so publishing is a rename.
+    replace: the shard exists and is being rewritten (a retry): its stats file is removed before the new
+    files are published, so that a crash in between leaves an incomplete shard, never a mix of versions.
+    embedding_meta: what the embedding sidecar's metadata says of its model ({"model", "pretrained"}); the
+    sidecar is written only when some record carries `clip_embedding`.
     """
 
-    def __init__(self, directory: str | os.PathLike, name: str, *, extra_stats: dict[str, Any] | None = None):
+    def __init__(self, directory: str | os.PathLike, name: str, *, extra_stats: dict[str, Any] | None = None,
+                 spool: str | os.PathLike | None = None, replace: bool = False,
+                 embedding_meta: dict[str, Any] | None = None):
         if "/" in name or name.startswith("."):
             raise ValueError(f"shard name {name!r} must be a plain file stem")
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.folder = Folder(directory)
+        self.folder.makedirs()
         self.name = name
-        self.final = shard_files(self.directory, name)
-        self.tmp = {k: p.with_name(p.name + TMP_SUFFIX) for k, p in self.final.items()}
+        self.names = shard_names(name)
+        if self.folder.local:
+            self._spool, self._own_spool = Path(self.folder.path), False
+        else:
+            base = Path(spool) if spool is not None else None
+            if base is not None:
+                base.mkdir(parents=True, exist_ok=True)
+            self._spool, self._own_spool = Path(tempfile.mkdtemp(prefix=f"shard-{name}-", dir=base)), True
+        self.names.update(optional_names(name))
+        self.tmp = {k: self._spool / (n + TMP_SUFFIX) for k, n in self.names.items()}
         self.stats = ShardStats(name)
         self.extra_stats = extra_stats or {}
         self._keys: set[str] = set()
-        self._samples: list[dict[str, Any]] = []
-        self._objects: list[dict[str, Any]] = []
-        self._tar = tarfile.open(self.tmp["tar"], "w", format=tarfile.USTAR_FORMAT)
+        self._parts: dict[int, Any] = {}  # part -> open spool file of its tar members
+        self._samples: dict[int, list[dict[str, Any]]] = {}
+        self._objects: dict[int, list[dict[str, Any]]] = {}
+        self._embeddings: dict[int, list[tuple[str, np.ndarray]]] = {}  # part -> (key, (D,) float16)
+        self._dim: int | None = None
+        self.embedding_meta = embedding_meta or {}
         self._closed = False
+        self.replace = replace
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -171,26 +234,46 @@ class ShardWriter:
             raise RecordError(f"{key}: key written twice to shard {self.name}")
         self._keys.add(key)
 
-    def _add_member(self, name: str, data: bytes, mtime: float) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = int(mtime)
-        info.mode = 0o444
-        self._tar.addfile(info, io.BytesIO(data))
+    def _part_path(self, part: int) -> Path:
+        return self._spool / f"{self.name}.part{part:06d}{TMP_SUFFIX}"
 
-    def write(self, record: Record) -> None:
-        """Validate the record, fill its quality fields, and append it to the shard."""
+    def _part_file(self, part: int):
+        """The spool file of PART, open for appending. One stays open at a time (a retry writes one part per
+        record), the others are reopened when written again."""
+        if part < 0:
+            raise ValueError(f"part must be >= 0, got {part}")
+        f = self._parts.get(part)
+        if f is None or f.closed:
+            for other in self._parts.values():
+                if not other.closed:
+                    other.close()
+            # "wb" the first time: a spool file left by a killed process must not be appended to
+            self._parts[part] = f = open(self._part_path(part), "ab" if part in self._parts else "wb")
+        return f
+
+    def _add_member(self, part: int, name: str, data: bytes) -> None:
+        # Members of one sample share a fixed mtime (0) so that the same records give the same bytes.
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o444
+        f = self._part_file(part)
+        f.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+        f.write(data)
+        f.write(b"\0" * (-len(data) % _BLOCK))
+
+    def write(self, record: Record, part: int = 0) -> None:
+        """Validate the record, fill its quality fields, and append it to the shard (to PART: see the module
+        docstring)."""
         validate(record)
+        emb = self._embedding(record.key, record.clip_embedding)
         self._claim(record.key)
         compute_quality(record.objects, record.width, record.height)
         meta = json.dumps(record.meta_json(), ensure_ascii=False).encode("utf-8")
-        # Members of one sample share a fixed mtime so that the same records give the same bytes.
-        self._add_member(f"{record.key}.{record.image_ext}", record.image, 0)
-        self._add_member(f"{record.key}.json", meta, 0)
+        self._add_member(part, f"{record.key}.{record.image_ext}", record.image)
+        self._add_member(part, f"{record.key}.json", meta)
         self.stats.n_ok += 1
         self.stats.n_objects += len(record.objects)
         self.stats.bytes += len(record.image) + len(meta)
-        self._samples.append(
+        self._samples.setdefault(part, []).append(
             {
                 "key": record.key,
                 "shard": self.name,
@@ -206,10 +289,18 @@ class ShardWriter:
                 "image_ext": record.image_ext,
                 "image_bytes": len(record.image),
                 "schema_version": SCHEMA_VERSION,
+                "sha256": record.sha256,
+                "phash": None if record.phash is None else int(record.phash),
+                "clip_score": record.clip_score,
+                "alt_clip_score": record.alt_clip_score,
+                "aesthetic": record.aesthetic,
             }
         )
+        if emb is not None:
+            self._embeddings.setdefault(part, []).append((record.key, emb))
+        rows = self._objects.setdefault(part, [])
         for i, o in enumerate(record.objects):
-            self._objects.append(
+            rows.append(
                 {
                     "key": record.key,
                     "shard": self.name,
@@ -230,16 +321,30 @@ class ShardWriter:
                     "mask_fill": o.mask_fill,
                     "containment": o.containment,
                     "mask_score": o.mask_score,
+                    "label_score": o.label_score,
+                    "label_rank": None if o.label_rank is None else int(o.label_rank),
                 }
             )
 
-    def fail(self, failure: Failure) -> None:
+    def _embedding(self, key: str, e) -> np.ndarray | None:
+        """A record's embedding as stored ((D,) float16), checked against the shard's dimension."""
+        if e is None:
+            return None
+        e = np.asarray(e, np.float16).reshape(-1)
+        if self._dim is None:
+            self._dim = e.shape[0]
+        elif e.shape[0] != self._dim:
+            raise RecordError(f"{key}: clip_embedding has {e.shape[0]} dimensions, the shard's others "
+                              f"{self._dim} (one model per shard)")
+        return e
+
+    def fail(self, failure: Failure, part: int = 0) -> None:
         """Record a sample that dropped out at `failure.stage`; it appears in the catalog's failures."""
         self._claim(failure.key)
         self.stats.n_failed += 1
         self.stats.failures_by_stage[failure.stage] += 1
         self.stats.failures_by_reason[failure.reason] += 1
-        self._samples.append(
+        self._samples.setdefault(part, []).append(
             {
                 "key": failure.key,
                 "shard": self.name,
@@ -258,31 +363,104 @@ class ShardWriter:
             }
         )
 
+    def copy(self, part: int, members: list[bytes], samples: list[dict[str, Any]],
+             objects: list[dict[str, Any]], embeddings: dict[str, np.ndarray] | None = None) -> None:
+        """Carry samples of an existing shard over unchanged (a retry that keeps them): MEMBERS are their raw
+        tar members (512-byte header, data, padding) as the old tar holds them, SAMPLES and OBJECTS their
+        sidecar rows (rows of an older sidecar without the newer columns get nulls there), EMBEDDINGS their
+        rows of the embedding sidecar by key, when it had them. Stats are counted from the rows."""
+        embeddings = embeddings or {}
+        kept = [(r["key"], self._embedding(r["key"], embeddings[r["key"]]))
+                for r in samples if r["status"] == "ok" and r["key"] in embeddings]
+        for row in samples:
+            self._claim(row["key"])
+        f = self._part_file(part)
+        for raw in members:
+            f.write(raw)
+        for row in samples:
+            if row["status"] == "ok":
+                self.stats.n_ok += 1
+                self.stats.n_objects += row["n_objects"] or 0
+            else:
+                self.stats.n_failed += 1
+                self.stats.failures_by_stage[row["stage"]] += 1
+                self.stats.failures_by_reason[row["reason"]] += 1
+        self.stats.bytes += sum(int(m[124:136].strip(b"\0 ") or b"0", 8) for m in members)  # ustar size fields
+        self._samples.setdefault(part, []).extend({**r, "shard": self.name} for r in samples)
+        self._objects.setdefault(part, []).extend({**r, "shard": self.name} for r in objects)
+        if kept:
+            self._embeddings.setdefault(part, []).extend(kept)
+
+    def _rows(self, by_part: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+        return [r for p in sorted(by_part) for r in by_part[p]]
+
+    def _assemble_tar(self) -> None:
+        """The parts in order, then the end-of-archive blocks, padded to a whole tar record (as tarfile does)."""
+        size = 0
+        with open(self.tmp["tar"], "wb") as out:
+            for part in sorted(self._parts):
+                self._parts[part].close()
+                with open(self._part_path(part), "rb") as f:
+                    while chunk := f.read(1 << 22):
+                        out.write(chunk)
+                        size += len(chunk)
+                self._part_path(part).unlink()
+            end = 2 * _BLOCK
+            end += -(size + end) % _RECORD
+            out.write(b"\0" * end)
+            out.flush()
+            os.fsync(out.fileno())
+        self._parts = {}
+
     def close(self) -> ShardStats:
-        """Finish the files and rename them into place; the stats file goes last and marks completion."""
+        """Assemble the files and publish them; the stats file goes last and marks completion."""
         if self._closed:
             return self.stats
-        self._tar.close()
-        pq.write_table(pa.Table.from_pylist(self._samples, schema=SAMPLE_SCHEMA), self.tmp["samples"])
-        pq.write_table(pa.Table.from_pylist(self._objects, schema=OBJECT_SCHEMA), self.tmp["objects"])
-        self.stats.end_time = time.time()
-        stats = {**self.stats.to_json(), **self.extra_stats}
-        self.tmp["stats"].write_text(json.dumps(stats, indent=2, sort_keys=True))
-        for kind in ("tar", "samples", "objects", "stats"):
-            _fsync(self.tmp[kind])
-            os.replace(self.tmp[kind], self.final[kind])
-        _fsync_dir(self.directory)
+        try:
+            self._assemble_tar()
+            pq.write_table(pa.Table.from_pylist(self._rows(self._samples), schema=SAMPLE_SCHEMA), self.tmp["samples"])
+            pq.write_table(pa.Table.from_pylist(self._rows(self._objects), schema=OBJECT_SCHEMA), self.tmp["objects"])
+            kinds = ["tar", "samples", "objects"]
+            emb = self._rows(self._embeddings)
+            if emb:
+                emb_sidecar.write_embeddings(self.tmp["embeddings"], [k for k, _ in emb], np.stack([e for _, e in emb]),
+                                             meta=self.embedding_meta)
+                kinds.append("embeddings")
+            self.stats.end_time = time.time()
+            files = {k: self.tmp[k].stat().st_size for k in kinds}
+            stats = {**self.stats.to_json(), "files": files, **self.extra_stats}
+            self.tmp["stats"].write_text(json.dumps(stats, indent=2, sort_keys=True))
+            if self.replace:  # the stats first (the shard turns incomplete), and a sidecar the new one lacks
+                self.folder.remove([self.names["stats"]] + ([] if emb else [self.names["embeddings"]]))
+            for kind in kinds + ["stats"]:
+                if self.folder.local:
+                    _fsync(self.tmp[kind])
+                self.folder.commit(self.tmp[kind], self.names[kind])
+            if self.folder.local:
+                _fsync_dir(self._spool)
+        except BaseException:
+            self.abort()
+            raise
         self._closed = True
+        self._drop_spool()
         return self.stats
 
     def abort(self) -> None:
-        """Drop everything written so far; no file of this shard remains, final or temporary."""
-        try:
-            self._tar.close()
-        finally:
-            for p in self.tmp.values():
-                p.unlink(missing_ok=True)
-            self._closed = True
+        """Drop everything spooled so far; nothing of this shard is published. (A failure while publishing can
+        leave some of the data files, never the stats file: the shard stays incomplete.)"""
+        for f in self._parts.values():
+            f.close()
+        for part in self._parts:
+            self._part_path(part).unlink(missing_ok=True)
+        self._parts = {}
+        for p in self.tmp.values():
+            p.unlink(missing_ok=True)
+        self._closed = True
+        self._drop_spool()
+
+    def _drop_spool(self) -> None:
+        if self._own_spool:
+            shutil.rmtree(self._spool, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

@@ -2,11 +2,14 @@
 
 The image bytes pass through unchanged; the key is `make_key(source)`; each detection becomes an
 ObjectAnn joining its noun (label, phrase, span, CLIP tokens), box, score and SAM mask, and the quality
-fields come from `catalogs.schema.compute_quality`.
+fields come from `catalogs.schema.compute_quality`. The curate stage's signals (sha256, phash, CLIP and aesthetic
+scores, the image embedding; each object's label_score and label_rank) are copied as they are, None where the
+stage did not run or could not measure them.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from catalogs.schema import Failure, ObjectAnn, Record, RecordError, compute_quality, image_extension, make_key, validate
@@ -26,8 +29,16 @@ def objects_of(item: Item) -> list[ObjectAnn]:
         n = nouns[det["noun"]]
         out.append(ObjectAnn(label=n["label"], phrase=n["phrase"], span=list(n["span"]), tokens=list(n["tokens"]),
                              box=[float(v) for v in det["box"]], score=float(det["score"]), mask=mask,
-                             mask_score=float(ms)))
+                             mask_score=float(ms), label_score=det.get("label_score"),
+                             label_rank=det.get("label_rank")))
     return out
+
+
+def embedding_meta(cfg) -> dict[str, Any]:
+    """What a shard's embedding sidecar says of the model that made its embeddings, from a CurateConfig:
+    {"model": open_clip name (a config file's stem), "pretrained": tag or checkpoint spec, None for random}."""
+    model = Path(cfg.model).stem if cfg.model.endswith(".json") else cfg.model
+    return {"model": model, "pretrained": cfg.pretrained}
 
 
 def to_record(item: Item) -> Record | Failure:
@@ -44,7 +55,9 @@ def to_record(item: Item) -> Record | Failure:
         record = Record(
             key=make_key(item["source"]), image=item["image_bytes"], image_ext=image_extension(item["image_format"]),
             caption=item["caption"], width=w, height=h, source=item["source"], objects=objects,
-            alt_text=item.get("alt_text"), extra=extra,
+            alt_text=item.get("alt_text"), extra=extra, sha256=item.get("sha256"), phash=item.get("phash"),
+            clip_score=item.get("clip_score"), alt_clip_score=item.get("alt_clip_score"),
+            aesthetic=item.get("aesthetic"), clip_embedding=item.get("clip_embedding"),
         )
         validate(record)
     except (RecordError, KeyError, ValueError) as e:

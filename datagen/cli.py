@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from datagen.job import PRESETS
+
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 
 
@@ -16,14 +18,33 @@ def register(sub: argparse._SubParsersAction) -> None:
                         description="Rerunning the same command resumes: complete shards are kept, the rest redone.")
     r.add_argument("--input", required=True, metavar="SRC",
                    help="image folder, webdataset shards (.tar / brace pattern / fsspec URL), img2dataset "
-                        "folder, or a .parquet/.csv list of image paths")
-    r.add_argument("--output", required=True, metavar="DIR")
-    r.add_argument("--preset", default="default", choices=["default", "tiny", "full-random"],
-                   help="default: the paper's checkpoints; tiny: tiny random models (offline); full-random: the "
-                        "default architectures with random weights, built into the cache (speed tests, one node)")
+                        "folder, or a .parquet/.csv list of image paths, URLs or image bytes (Hugging Face "
+                        "datasets Parquet, hf:// URLs)")
+    r.add_argument("--image-column", metavar="NAME",
+                   help="a list's column of image paths, URLs or bytes, in any case (default: the first of "
+                        "path, url, image_path, filepath, image)")
+    r.add_argument("--caption-column", metavar="NAME",
+                   help="a list's column that becomes alt_text, in any case (default: the first of caption, "
+                        "text, alt_text)")
+    r.add_argument("--output", required=True, metavar="DIR",
+                   help="a local folder or any fsspec URL (s3://bucket/prefix, gs://...): shards, sidecars, plan "
+                        "and manifest go there")
+    r.add_argument("--catalog", metavar="PATH",
+                   help="the DuckDB catalog file (default: DIR/catalog.duckdb, or a file under "
+                        "$SUBJECTDIFF_CACHE/catalogs for a URL)")
+    r.add_argument("--retry-failures", action="store_true",
+                   help="redo only the failed samples that may pass on a second try (read errors, decode errors "
+                        "of remote inputs, stage errors such as out of memory); everything else stays")
+    r.add_argument("--preset", default="default", choices=PRESETS,
+                   help="default: the paper's checkpoints; paper: those with the authors' data recipe (3-8 nouns, "
+                        "count words, long side >= 600, greedy captions); tiny: tiny random models (offline); "
+                        "full-random: the default architectures with random weights, built into the cache "
+                        "(speed tests, one node)")
     r.add_argument("--config", metavar="FILE", help="TOML overrides: [caption] [nouns] [ground] [segment] "
-                                                    "[filters] [pipeline] [pipeline.pools.STAGE]")
-    r.add_argument("--ray-address", metavar="ADDR", help="an existing Ray cluster (default: start one locally)")
+                                                    "[filters] [curate] [pipeline] [pipeline.pools.STAGE]")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="a Ray cluster to join (default: $RAY_ADDRESS, as `ray job submit` sets it, else a cluster "
+                        "`ray start` runs on this machine, else a Ray started here)")
     r.add_argument("--batch-size", type=int, metavar="N", help="items per block and per model batch")
     r.add_argument("--shard-size", type=int, metavar="N", help="samples per output shard")
     r.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -32,7 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.set_defaults(func=_run)
 
     w = dsub.add_parser("weights", help="download a preset's checkpoints into the cache ($SUBJECTDIFF_CACHE)")
-    w.add_argument("--preset", default="default", choices=["default", "tiny", "full-random"])
+    w.add_argument("--preset", default="default", choices=PRESETS)
     w.add_argument("--config", metavar="FILE")
     w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for `datagen run`")
     w.set_defaults(func=_weights)
@@ -44,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from datagen.pipeline import load_config
+    from datagen.job import load_config
 
     cfg = load_config(args.preset, args.config, getattr(args, "overrides", ()))
     if args.batch_size:
@@ -57,12 +78,15 @@ def _config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from datagen.pipeline import run
+    from datagen.run import run
     from datagen.sources import SourceError
 
     try:
         cfg = _config(args)
-        summary = run(args.input, args.output, cfg, ray_address=args.ray_address, command=["subjectdiff", *sys.argv[1:]])
+        summary = run(args.input, args.output, cfg, ray_address=args.ray_address,
+                      command=["subjectdiff", *sys.argv[1:]],
+                      image_column=args.image_column, caption_column=args.caption_column,
+                      retry_failures=args.retry_failures, catalog_file=args.catalog)
     except (SourceError, ValueError, FileNotFoundError) as e:
         print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
         return 2
@@ -75,8 +99,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _weights(args: argparse.Namespace) -> int:
+    """Fetch (or find in the cache) every checkpoint of the preset, each checked against its expected digests;
+    one `spec -> path` line per checkpoint on stdout, download progress on stderr."""
     from datagen import weights
-    from datagen.pipeline import load_config
+    from datagen.job import load_config
 
     try:
         st = load_config(args.preset, args.config, args.overrides).stages
@@ -89,13 +115,23 @@ def _weights(args: argparse.Namespace) -> int:
                 path = weights.hub_snapshot(spec, download=True)
             else:
                 path = weights.resolve(spec, download=True)
-            print(f"{spec} -> {path}")
+            print(f"{spec} -> {path}", flush=True)
         from datagen.stages.ground import text_encoder_spec  # named in the config file fetched above
 
         te = text_encoder_spec(st.ground)
         print(f"{te} -> {weights.resolve_text_encoder(te, download=True)}")
-    except Exception as e:  # network and hub errors vary; one line says which checkpoint failed
-        print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
+        if st.curate.enabled:  # the open_clip config file, the weights a tag stands for, the aesthetic head
+            from datagen.stages.curate import resolve_clip_checkpoint
+
+            specs = [x for x in (st.curate.model if st.curate.model.endswith(".json") else None,
+                                 st.curate.aesthetic) if x]
+            found = resolve_clip_checkpoint(st.curate, download=True)
+            if found:
+                print(f"{found[0]} -> {found[1]}", flush=True)
+            for spec in specs:
+                print(f"{spec} -> {weights.resolve(spec, download=True)}", flush=True)
+    except Exception as e:  # network, bucket and hub errors vary; one line says which checkpoint failed and why
+        print(f"subjectdiff datagen: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 
@@ -103,7 +139,8 @@ def _weights(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from catalogs import catalog
     from catalogs.cli import format_table
-    from datagen.pipeline import preset, run
+    from datagen.job import preset
+    from datagen.run import run
 
     cfg = preset("tiny")
     cfg.pipeline.shard_size = 4

@@ -88,10 +88,18 @@ class NounsConfig:
     unique: bool = True  # keep the first occurrence of each noun (compound included: "tea cup" != "coffee cup")
     max_nouns: int = 16
     min_chars: int = 2
+    # The reference's data_process.py keeps captions with 3-8 nouns (spaCy NOUN tokens, repeats and compound
+    # parts counted): an image outside [min_caption_nouns, max_caption_nouns] fails at "nouns". 0 = no bound.
+    min_caption_nouns: int = 0
+    max_caption_nouns: int = 0
 
     def __post_init__(self) -> None:
         _check(self.mode in ("nouns", "chunks"), f"nouns.mode {self.mode!r}: use 'nouns' or 'chunks'")
         _check(self.max_nouns >= 1, "nouns.max_nouns must be >= 1")
+        _check(self.min_caption_nouns >= 0 and self.max_caption_nouns >= 0
+               and (not self.max_caption_nouns or self.min_caption_nouns <= self.max_caption_nouns),
+               f"nouns: need 0 <= min_caption_nouns ({self.min_caption_nouns}) <= max_caption_nouns "
+               f"({self.max_caption_nouns}), 0 = no bound")
         self.stop_nouns = tuple(w.lower() for w in self.stop_nouns)
 
 
@@ -170,17 +178,61 @@ class FilterConfig:
     (`datagen.stages.filters.prefilter`) so no model runs on them, and again after grounding. Per-object
     quality (area, aspect, mask fill, containment) is stored on every object instead of filtered here, so
     training-time filters are SQL over the catalog.
+
+    min_long_side: the longer side at least this (the reference's data_process.py keeps an image when its width
+    or its height reaches 600). count_words: after grounding, a noun detected 2-6 times gets its count word
+    in the caption ("two dogs", data_process.py's `check_caption_spacy`); spans and CLIP tokens follow.
     """
 
     min_detections: int = 2
     max_detections: int = 8
     min_side: int = 256
     max_aspect: float = 3.0  # longer side / shorter side
+    min_long_side: int = 0
+    count_words: bool = False
 
     def __post_init__(self) -> None:
         _check(0 <= self.min_detections <= self.max_detections,
                f"filters: need 0 <= min_detections ({self.min_detections}) <= max_detections ({self.max_detections})")
-        _check(self.min_side >= 0 and self.max_aspect >= 1.0, "filters: min_side >= 0 and max_aspect >= 1")
+        _check(self.min_side >= 0 and self.max_aspect >= 1.0 and self.min_long_side >= 0,
+               "filters: min_side >= 0, min_long_side >= 0 and max_aspect >= 1")
+
+
+@dataclass
+class CurateConfig:
+    """Curator (datagen/stages/curate.py): the curation signals of each sample, one open_clip forward per image
+    and per subject crop, batched: sha256 of the source bytes, a 64-bit perceptual hash, the CLIP score of the
+    caption (and of the source's alt text), the LAION aesthetic score, each object's label score and rank, and
+    the L2-normalized image embedding (float16).
+
+    model: an open_clip model name ("ViT-L-14"), or a path to an open_clip model config JSON (registered with
+    `open_clip.add_model_config`, named by its file stem; how the tiny preset's model loads).
+    pretrained: an open_clip pretrained tag of `model` ("openai", "datacomp_xl_s13b_b90k": fetched as the
+    hf:// file open_clip itself downloads, into the subjectdiff cache, hashed in the manifest), a checkpoint
+    spec (path, URL, hf://, pkg://) of an open_clip state dict, or None for seeded random weights (benchmarks).
+    quick_gelu: None takes the tag's setting (OpenAI's weights were trained with QuickGELU, and open_clip 3.3
+    only warns when the architecture disagrees); for a file, None means False: set True for OpenAI weights.
+    aesthetic: a LAION aesthetic head (improved-aesthetic-predictor's MLP, e.g. sac+logos+ava1-l14-linearMSE.pth,
+    or aesthetic-predictor's linear sa_0_4_vit_l_14_linear.pth) over the model's normalized image embedding;
+    None: no head, and the aesthetic column stays NULL. label_prompt: the text each object's crop is scored
+    against. dtype "auto": bf16 on GPUs that have it, else fp16; fp32 on CPU.
+    """
+
+    enabled: bool = True
+    model: str = "ViT-L-14"
+    pretrained: str | None = "openai"
+    quick_gelu: bool | None = None
+    aesthetic: str | None = None
+    label_prompt: str = "a photo of a {label}"
+    batch_size: int = 32
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "curate.batch_size must be >= 1")
+        _check("{label}" in self.label_prompt, f"curate.label_prompt {self.label_prompt!r} must contain '{{label}}'")
+        _check(bool(self.model), "curate.model: name an open_clip model or a model config JSON")
+        _check_device(self.device, self.dtype, "curate")
 
 
 _WARNED_CAPS: set[tuple[int, int]] = set()
@@ -193,6 +245,7 @@ class DatagenConfig:
     ground: GroundConfig = field(default_factory=GroundConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
     name: str = "default"
 
     def __post_init__(self) -> None:
@@ -222,7 +275,8 @@ def tiny(models=None) -> DatagenConfig:
     probabilities are mostly above 0.25 (datagen/tiny.py scales them down from saturation, best queries
     0.6-0.85 on the sample photos), so the paper's box 0.25 / text 0.2 would keep every query; box 0.6 /
     text 0.55 keep one to four per photo, and at most 4 boxes keep SAM's 256-d decoder cheap on CPU. The captioner decodes greedily. Filters accept
-    1-8 detections on any image size.
+    1-8 detections on any image size. The curate stage scores with a tiny random open_clip ViT and a random
+    head in improved-aesthetic-predictor's MLP format, both on CPU.
     """
     if models is None:
         from datagen.tiny import tiny_models
@@ -239,6 +293,10 @@ def tiny(models=None) -> DatagenConfig:
                             max_detections=4, batch_size=8, device="cpu"),
         segment=SegmentConfig(checkpoint=str(models.sam_checkpoint), model_type="auto", batch_size=4, device="cpu"),
         filters=FilterConfig(min_detections=1, max_detections=8, min_side=0, max_aspect=4.0),
+        # a model set without the curate stage's files (built before it existed) runs without the stage
+        curate=CurateConfig(model=str(models.clip_config), pretrained=str(models.clip_checkpoint),
+                            aesthetic=str(models.aesthetic_head), batch_size=8, device="cpu")
+        if getattr(models, "clip_config", None) else CurateConfig(enabled=False),
     )
 
 
@@ -262,7 +320,22 @@ def full_random(models=None) -> DatagenConfig:
     cfg.ground.config_file, cfg.ground.checkpoint = str(models.gdino_config), str(models.gdino_checkpoint)
     cfg.ground.max_detections = 6
     cfg.segment.checkpoint = str(models.sam_checkpoint)
+    # ViT-L-14 at random weights, built in memory from open_clip's config (no 1.7 GB file to write); no aesthetic
+    # head (the default's), so the aesthetic column stays NULL as it does without one.
+    cfg.curate.pretrained, cfg.curate.quick_gelu = None, True  # QuickGELU, as the default's OpenAI tag runs
     return cfg
 
 
-PRESETS = {"default": default, "tiny": tiny, "full-random": full_random}
+def paper() -> DatagenConfig:
+    """The default recipe's models with the reference code's data recipe (data_process.py): greedy captions of at
+    most 20 tokens (BLIP's `generate()` defaults), captions with 3-8 nouns, 2-8 detections, an image side of at
+    least 600 px, and count words written into the caption ("two dogs")."""
+    cfg = default()
+    cfg.name = "paper"
+    cfg.caption.num_beams, cfg.caption.max_new_tokens, cfg.caption.min_new_tokens = 1, 20, 0
+    cfg.nouns.min_caption_nouns, cfg.nouns.max_caption_nouns = 3, 8
+    cfg.filters.min_long_side, cfg.filters.count_words = 600, True
+    return cfg
+
+
+PRESETS = {"default": default, "tiny": tiny, "full-random": full_random, "paper": paper}

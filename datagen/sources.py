@@ -14,10 +14,17 @@ SRC may be:
       as shards, and each row of a tar's `NNNNN.parquet` whose `status` is not "success" (a failed download
       or resize, which never reached the tar) is planned as a failed unit, source its `url`, error
       "img2dataset <status>: <error_message>", so every URL of the original list is accounted for;
-    - a Parquet or CSV list of image paths or URLs, local or an fsspec URL (column `path`, `url`,
-      `image_path`, `filepath` or `image`; an optional `caption`, `text` or `alt_text` column becomes
-      alt_text). It is streamed, never loaded whole. Relative paths are relative to the list's folder;
-      a row without a path is planned as a failed unit.
+    - a Parquet or CSV list, local or an fsspec URL (`hf://datasets/...` through huggingface_hub's
+      filesystem), streamed, never loaded whole. Its image column is `image_column` or else the first of
+      `path`, `url`, `image_path`, `filepath`, `image` (names match in any case; among these a column
+      holding image bytes comes first, and without any of them the one struct column with a `bytes` field,
+      as Hugging Face datasets writes an Image feature under any name). Its caption column, which becomes
+      alt_text, is `caption_column` or else the first of `caption`, `text`, `alt_text`. A string column
+      holds paths or URLs, relative ones relative to the list's folder; a row without a path is planned as
+      a failed unit. A binary column, or a struct column `{bytes: binary, path: string}` (the Parquet
+      storage of a Hugging Face datasets Image feature), holds the images themselves: each row is a unit
+      read from the Parquet (`column` set in the plan), its source `<list>#row=<index>`. Rows are counted
+      from 0 (the index pyarrow, pandas and datasets use), in sources and in messages ("row index 7").
 
 Nothing is dropped silently: a tar that cannot be opened is one failed unit; a tar that breaks partway
 (a corrupt header, a read error) keeps the units listed before the break and adds one failed unit for the
@@ -28,8 +35,9 @@ The plan is a Parquet file with one row per input unit, in a deterministic order
 to a temporary Parquet in chunks, then DuckDB (memory-limited, spilling next to the plan) keeps the first
 unit of each key, numbers and shards them and writes the plan, so a 10M-image input never sits in the
 driver's memory. Tar shards can be listed in parallel (`write_plan(..., map_urls=...)`). A unit is read
-either as a whole file (`offset` -1) or as `size` bytes at `offset` inside a tar, so any unit can be read
-alone, in any order, by any worker (`read_unit`, which retries transient errors).
+as a whole file (`offset` -1), as `size` bytes at `offset` inside a tar, or as the cell at row `offset`
+of a Parquet's `column`, so any unit can be read alone, in any order, by any worker (datagen/units.py's
+`read_unit`, which retries transient errors and says in words why a unit cannot be read).
 """
 
 from __future__ import annotations
@@ -39,7 +47,6 @@ import os
 import posixpath
 import shutil
 import tarfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,13 +58,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalogs.schema import make_key
+from datagen.units import describe as _describe
+from datagen.units import is_url as _is_url
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # preference order in a sample
 _PATH_COLUMNS = ("path", "url", "image_path", "filepath", "image")
 _TEXT_COLUMNS = ("caption", "text", "alt_text")
 _LIST_BATCH = 10_000
-_RETRY_DELAYS = (0.2, 0.8)  # seconds before read_unit's 2nd and 3rd attempts
 
 PLAN_SCHEMA = pa.schema(
     [
@@ -70,6 +78,7 @@ PLAN_SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("alt_text", pa.string()),
         ("error", pa.string()),  # set when the unit could not even be listed (bad tar member, failed download)
+        ("column", pa.string()),  # set: `path` is a Parquet, `offset` a row index, the image is in this column
     ]
 )
 # The units as listed, before de-duplication: `seq` is the listing order.
@@ -88,14 +97,7 @@ class Unit:
     size: int = -1
     alt_text: str | None = None
     error: str | None = None
-
-
-def _is_url(src: str) -> bool:
-    return "://" in src or "::" in src
-
-
-def _is_local(path: str) -> bool:
-    return not _is_url(path) or path.startswith(("file://", "local://"))
+    column: str | None = None  # see PLAN_SCHEMA
 
 
 def _url_fs(src: str):
@@ -133,8 +135,22 @@ def _is_visible_image(url: str) -> bool:
     return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
 
 
-def detect(src: str) -> str:
-    """'folder', 'shards' or 'list' for SRC; SourceError when it is none of them."""
+def detect(src: str, *, image_column: str | None = None, caption_column: str | None = None) -> str:
+    """'folder', 'shards' or 'list' for SRC; SourceError when it is none of them or cannot be reached.
+
+    A list is opened (its Parquet footer or CSV header only), so a list that cannot be read fails here;
+    IMAGE_COLUMN / CAPTION_COLUMN, when either is given, are looked up in its columns too (without them,
+    the default names are looked up when the list is planned)."""
+    kind = _kind(src)
+    if kind == "list":
+        with _open_list(src) as f:
+            schema = _list_schema(f, src)
+            if image_column or caption_column:
+                _pick_columns(src, schema, image_column, caption_column)
+    return kind
+
+
+def _kind(src: str) -> str:
     low = src.lower()
     if low.endswith((".parquet", ".csv")):
         return "list"
@@ -143,11 +159,24 @@ def detect(src: str) -> str:
     if _is_url(src):
         if _url_isdir(src):
             return "shards" if any(u.lower().endswith(".tar") for u in _find(src)) else "folder"
+        _reachable(src)
     elif os.path.isdir(src):
         return "shards" if any(Path(src).glob("*.tar")) else "folder"
     raise SourceError(
         f"input {src!r} is not a folder, a .tar / brace pattern of shards, or a .parquet/.csv list of images"
     )
+
+
+def _reachable(src: str) -> None:
+    """SourceError when the URL SRC cannot be reached at all (no network, offline hub, no access): some
+    filesystems (huggingface_hub's) answer isdir with False then, which would read as "not a folder"."""
+    fs, path = _url_fs(src)
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        pass
+    except Exception as e:  # noqa: BLE001 (each filesystem raises its own; the message names it)
+        raise SourceError(f"input {src!r} cannot be reached: {_describe(e)}") from e
 
 
 def _shard_urls(src: str) -> list[str]:
@@ -158,9 +187,10 @@ def _shard_urls(src: str) -> list[str]:
     return [u for u in _find(src) if u.lower().endswith(".tar")]
 
 
-def iter_units(src: str, map_urls: Callable[[Callable, Iterable[str]], Iterable] | None = None) -> Iterator[Unit]:
-    """SRC's units in plan order (before de-duplication). MAP_URLS: see write_plan."""
-    kind = detect(src)
+def iter_units(src: str, map_urls: Callable[[Callable, Iterable[str]], Iterable] | None = None, *,
+               image_column: str | None = None, caption_column: str | None = None) -> Iterator[Unit]:
+    """SRC's units in plan order (before de-duplication). MAP_URLS and the columns: see write_plan."""
+    kind = _kind(src)
     if kind == "folder":
         if _is_url(src):
             yield from (Unit(source=u, path=u) for u in _find(src) if _is_visible_image(u))
@@ -170,7 +200,7 @@ def iter_units(src: str, map_urls: Callable[[Callable, Iterable[str]], Iterable]
         for units in (map_urls or map)(list_tar, _shard_urls(src)):
             yield from units
     else:
-        yield from _list_units(src)
+        yield from _list_units(src, image_column, caption_column)
 
 
 def _folder_units(root: str) -> Iterator[Unit]:
@@ -321,59 +351,146 @@ def _img2dataset_failures(url: str) -> list[Unit]:
     return units
 
 
-def _list_batches(f, src: str) -> Iterator[tuple[pa.RecordBatch, str, str | None]]:
-    """Record batches of the list's path (and text) column, streamed; SourceError without a path column."""
+@dataclass
+class _ListColumns:
+    image: str  # as the list spells it
+    text: str | None
+    holds_bytes: bool  # the images themselves (binary, or a struct with `bytes`), not their paths or URLs
 
-    def columns(names: list[str]) -> tuple[str, str | None]:
-        col = next((c for c in _PATH_COLUMNS if c in names), None)
-        if col is None:
-            raise SourceError(f"{src}: no image column; expected one of {_PATH_COLUMNS}, found {names}")
-        return col, next((c for c in _TEXT_COLUMNS if c in names), None)
 
-    if src.lower().endswith(".csv"):
-        import pyarrow.csv as pacsv
+def _binary(t: pa.DataType) -> bool:
+    return (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
+            or pa.types.is_binary_view(t))
 
-        col, text_col = columns(pacsv.open_csv(f).schema.names)
-        f.seek(0)
-        wanted = [col] + ([text_col] if text_col else [])
-        reader = pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
-            include_columns=wanted, column_types={c: pa.string() for c in wanted}))
-        for batch in reader:
-            yield batch, col, text_col
+
+def _column_kind(t: pa.DataType) -> str | None:
+    """'bytes' for image bytes (binary, or a struct whose `bytes` field is binary: a Hugging Face datasets
+    Image feature is stored as {bytes: binary, path: string}), 'paths' for strings, None otherwise."""
+    if pa.types.is_struct(t):
+        i = t.get_field_index("bytes")
+        return "bytes" if i >= 0 and _binary(t.field(i).type) else None
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if _binary(t):
+        return "bytes"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "paths"
+    return None
+
+
+def _find_column(names: list[str], name: str) -> str | None:
+    """NAME as the list spells it: the exact name, else the first that matches it in any case."""
+    if name in names:
+        return name
+    return next((n for n in names if n.lower() == name.lower()), None)
+
+
+def _pick_columns(src: str, schema: pa.Schema, image_column: str | None,
+                  caption_column: str | None) -> _ListColumns:
+    """The list's image and caption columns (see the module docstring); SourceError naming what is missing
+    and the columns there are. A CSV's columns are all read as strings: paths or URLs."""
+    names = schema.names
+
+    def kind(name: str) -> str | None:
+        return _column_kind(schema.field(name).type)
+
+    if image_column:
+        image = _find_column(names, image_column)
+        if image is None:
+            raise SourceError(f"{src}: no column {image_column!r} (--image-column); its columns are {names}")
     else:
-        pf = pq.ParquetFile(f)
-        col, text_col = columns(pf.schema_arrow.names)
-        for batch in _parquet_batches(pf, [col] + ([text_col] if text_col else []), _LIST_BATCH):
-            yield batch, col, text_col
-
-
-def _list_units(src: str) -> Iterator[Unit]:
-    if _is_url(src):
-        base, join = src.rsplit("/", 1)[0], lambda b, p: f"{b}/{p}"
+        named = list(dict.fromkeys(c for c in (_find_column(names, n) for n in _PATH_COLUMNS) if c))
+        image = next((c for c in named if kind(c) == "bytes"), None) or next(iter(named), None)
+        if image is None:  # a Hugging Face Image feature under another name ("png_image", "photo")
+            structs = [n for n in names if pa.types.is_struct(schema.field(n).type) and kind(n) == "bytes"]
+            image = structs[0] if len(structs) == 1 else None
+        if image is None:
+            raise SourceError(f"{src}: no image column; expected one of {', '.join(_PATH_COLUMNS)} (in any case), "
+                              f"or name it with --image-column; its columns are {names}")
+    if kind(image) is None:
+        raise SourceError(f"{src}: column {image!r} holds {schema.field(image).type}; an image column holds paths "
+                          "or URLs (strings), image bytes (binary), or structs with a binary `bytes` field (as "
+                          "Hugging Face datasets stores images)")
+    if caption_column:
+        text = _find_column(names, caption_column)
+        if text is None:
+            raise SourceError(f"{src}: no column {caption_column!r} (--caption-column); its columns are {names}")
     else:
-        base, join = os.path.dirname(os.path.abspath(src)), os.path.join
-    row = 0
+        text = next((c for c in (_find_column(names, n) for n in _TEXT_COLUMNS) if c), None)
+    return _ListColumns(image=image, text=text if text != image else None, holds_bytes=kind(image) == "bytes")
+
+
+def _open_list(src: str):
+    """The list file, open for reading; SourceError when it does not exist or cannot be reached."""
     try:
-        with fsspec.open(src, "rb") as f:
-            for batch, col, text_col in _list_batches(f, src):
-                paths = batch.column(col).to_pylist()
-                texts = batch.column(text_col).to_pylist() if text_col else [None] * len(paths)
-                for p, t in zip(paths, texts):
-                    row += 1
-                    if isinstance(p, bytes):
-                        p = p.decode("utf-8", "replace")
-                    if p is None or not str(p).strip():
-                        yield Unit(source=f"{src}#row={row}", path=src, alt_text=str(t) if t else None,
-                                   error=f"list row {row} has no image path")
-                        continue
-                    p = str(p)
-                    if not _is_url(p) and not os.path.isabs(p):
-                        p = join(base, p)  # relative paths are relative to the list file
-                    yield Unit(source=p, path=p, alt_text=str(t) if t else None)
+        return fsspec.open(src, "rb").open()
     except FileNotFoundError as e:
         raise SourceError(f"input list {src!r} does not exist") from e
-    except pa.ArrowInvalid as e:
-        raise SourceError(f"input list {src!r} cannot be read: {e}") from e
+    except Exception as e:  # noqa: BLE001 (no network, an offline hub, no access: each says it its own way)
+        raise SourceError(f"input list {src!r} cannot be read: {_describe(e)}") from e
+
+
+def _is_csv(src: str) -> bool:
+    return src.lower().endswith(".csv")
+
+
+def _list_schema(f, src: str) -> pa.Schema:
+    """The list's columns, from the Parquet footer or the CSV header (a CSV's as strings)."""
+    try:
+        if _is_csv(src):
+            import pyarrow.csv as pacsv
+
+            names = pacsv.open_csv(f).schema.names
+            f.seek(0)
+            return pa.schema([(n, pa.string()) for n in names])
+        return pq.ParquetFile(f).schema_arrow
+    except (pa.ArrowInvalid, OSError) as e:
+        raise SourceError(f"input list {src!r} cannot be read: {_describe(e)}") from e
+
+
+def _list_batches(f, src: str, cols: _ListColumns) -> Iterator[pa.RecordBatch]:
+    """The list's batches, streamed, with the image column (when it holds paths) and the caption column;
+    a column of image bytes is not read here, only its rows are counted."""
+    wanted = [c for c in ([] if cols.holds_bytes else [cols.image]) + [cols.text] if c]
+    if _is_csv(src):
+        import pyarrow.csv as pacsv
+
+        yield from pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
+            include_columns=wanted, column_types={c: pa.string() for c in wanted}))
+    else:
+        yield from _parquet_batches(pq.ParquetFile(f), wanted, _LIST_BATCH)
+
+
+def _list_units(src: str, image_column: str | None = None, caption_column: str | None = None) -> Iterator[Unit]:
+    if _is_url(src):
+        where, base, join = src, src.rsplit("/", 1)[0], lambda b, p: f"{b}/{p}"
+    else:
+        where = os.path.abspath(src)
+        base, join = os.path.dirname(where), os.path.join
+    row = 0  # row index in the list, from 0
+    with _open_list(src) as f:
+        cols = _pick_columns(src, _list_schema(f, src), image_column, caption_column)
+        try:
+            for batch in _list_batches(f, src, cols):
+                texts = batch.column(cols.text).to_pylist() if cols.text else [None] * batch.num_rows
+                texts = [str(t) if t else None for t in texts]
+                if cols.holds_bytes:
+                    for t in texts:
+                        yield Unit(source=f"{where}#row={row}", path=where, offset=row, alt_text=t, column=cols.image)
+                        row += 1
+                    continue
+                for p, t in zip(batch.column(cols.image).to_pylist(), texts):
+                    if p is None or not str(p).strip():
+                        yield Unit(source=f"{where}#row={row}", path=where, alt_text=t,
+                                   error=f"list row index {row} has no image path (column {cols.image!r})")
+                    else:
+                        p = str(p)
+                        if not _is_url(p) and not os.path.isabs(p):
+                            p = join(base, p)  # relative paths are relative to the list file
+                        yield Unit(source=p, path=p, alt_text=t)
+                    row += 1
+        except (pa.ArrowInvalid, OSError) as e:
+            raise SourceError(f"input list {src!r} cannot be read after row index {row}: {_describe(e)}") from e
 
 
 def _sql_str(s: str | os.PathLike) -> str:
@@ -382,14 +499,17 @@ def _sql_str(s: str | os.PathLike) -> str:
 
 def write_plan(src: str, plan_path: str | os.PathLike, shard_size: int, *, chunk: int = 50_000,
                map_urls: Callable[[Callable, Iterable[str]], Iterable] | None = None,
-               memory_limit: str = "1GB") -> dict[str, int]:
+               memory_limit: str = "1GB", image_column: str | None = None,
+               caption_column: str | None = None) -> dict[str, int]:
     """List SRC's units into a Parquet plan, shard_size units per shard; returns {shard: unit count}.
 
     Duplicate sources (the same file listed twice) are planned once, at their first place: one source, one
     key, one record. MAP_URLS, when given, is `map_urls(fn, urls) -> results of fn(url), in order` (e.g.
     Ray tasks, a bounded number in flight): each tar shard is listed through it with fn = `list_tar`.
     The default is the built-in `map`, in this process. MEMORY_LIMIT bounds DuckDB's de-duplication, which
-    spills to a folder next to the plan beyond it.
+    spills to a folder next to the plan beyond it. IMAGE_COLUMN / CAPTION_COLUMN name a list's columns, in
+    any case (None: the default names, see the module docstring); a name the list lacks is a SourceError
+    that lists its columns.
     """
     import duckdb
 
@@ -403,9 +523,10 @@ def write_plan(src: str, plan_path: str | os.PathLike, shard_size: int, *, chunk
     try:
         with pq.ParquetWriter(raw, _RAW_SCHEMA) as w:
             cols: dict[str, list] = {n: [] for n in names}
-            for seq, u in enumerate(iter_units(src, map_urls)):
+            units = iter_units(src, map_urls, image_column=image_column, caption_column=caption_column)
+            for seq, u in enumerate(units):
                 for n, v in zip(names, (seq, make_key(u.source), u.source, u.path, u.offset, u.size, u.alt_text,
-                                        u.error)):
+                                        u.error, u.column), strict=True):
                     cols[n].append(v)
                 if len(cols["seq"]) >= chunk:
                     w.write_table(pa.table(cols, schema=_RAW_SCHEMA))
@@ -464,32 +585,3 @@ def _write_kept(raw: Path, out: Path, dups: Iterator[np.ndarray], shard_size: in
             cols = {"shard": pa.array(np.repeat(np.array(labels, dtype=object), sizes), pa.string()), "idx": idx}
             w.write_table(pa.table({**cols, **{c: kept[c] for c in PLAN_SCHEMA.names[2:]}}, schema=PLAN_SCHEMA))
     return counts
-
-
-def read_unit(path: str, offset: int, size: int) -> bytes:
-    """The bytes of one unit: a whole file, or `size` bytes at `offset` of a tar (local or fsspec URL).
-
-    Transient errors (an OSError other than a missing file, a folder or a denied permission; a short read
-    of a remote tar member) are retried, 3 attempts in all with 0.2 s and 0.8 s pauses, then raised. A
-    local tar member cut short raises at once: it will not grow back.
-    """
-    local = _is_local(path)
-    for delay in (*_RETRY_DELAYS, None):
-        try:
-            with fsspec.open(path, "rb") as f:
-                if offset < 0:
-                    return f.read()
-                f.seek(offset)
-                data = f.read(size)
-        except (FileNotFoundError, IsADirectoryError, PermissionError):
-            raise
-        except OSError:
-            if delay is None:
-                raise
-        else:
-            if len(data) == size:
-                return data
-            if local or delay is None:
-                raise OSError(f"truncated tar member: read {len(data)} of {size} bytes")
-        time.sleep(delay)
-    raise AssertionError("unreachable")

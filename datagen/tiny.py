@@ -7,6 +7,10 @@ checkpoints through one code path:
     GroundingDINO   `{"model": state_dict}` .pth + its python config file + a local BERT folder (the config's
                     `text_encoder_type` points at it; offline there is no `bert-base-uncased` to fetch)
     SAM             a plain state-dict .pth like sam_vit_h_4b8939.pth, with a small ViT image encoder
+    open_clip       a model config JSON (open_clip's model_configs format) + a state-dict .bin, like the
+                    open_clip_pytorch_model.bin open_clip fetches for a pretrained tag
+    aesthetic head  a state dict in improved-aesthetic-predictor's MLP layout (`layers.0.weight` ...), over the
+                    tiny CLIP's embedding width instead of ViT-L-14's 768
 
 All weights come from a fixed seed. The tokenizers' vocabulary is real English words (VOCAB below), so
 captions and grounding prompts tokenize without [UNK]. Three things are tuned so random models exercise
@@ -27,7 +31,7 @@ import torch
 
 SEED = 0
 # Bump when a builder changes what it writes: tiny_models() rebuilds a cached set of another version.
-TINY_VERSION = 2
+TINY_VERSION = 3  # 3: + the curate stage's open_clip model and aesthetic head
 
 # Real English words: articles, prepositions, adjectives, verbs, and nouns that name things in
 # scikit-image's photos. "launchpad", "spaceship" and "hippopotamus" split into several WordPieces
@@ -306,6 +310,51 @@ def save_tiny_sam(path: str | os.PathLike, seed: int = SEED) -> Path:
     return path
 
 
+# ------------------------------------------------------------------------------- open_clip + aesthetic head
+
+# A ViT CLIP small enough for milliseconds on CPU, in open_clip's model-config format. The text tower keeps
+# CLIP's real 49408-token BPE vocabulary and 77-token context, so captions and label prompts tokenize as they
+# do for ViT-L-14 (open_clip ships the vocabulary).
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+TINY_CLIP_NAME = "subjectdiff-tiny-clip"
+
+
+def save_tiny_clip(folder: str | os.PathLike, seed: int = SEED) -> tuple[Path, Path]:
+    """Write `subjectdiff-tiny-clip.json` (an open_clip model config) and its random weights as a state-dict
+    `open_clip_pytorch_model.bin`; returns (config, checkpoint). CurateConfig(model=config, pretrained=ckpt)
+    registers the config with `open_clip.add_model_config` and loads the file with `create_model`."""
+    import open_clip
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / f"{TINY_CLIP_NAME}.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG, indent=1))
+    open_clip.add_model_config(config)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_CLIP_NAME, pretrained=None)
+    ckpt = folder / "open_clip_pytorch_model.bin"
+    torch.save(model.state_dict(), ckpt)
+    return config, ckpt
+
+
+def save_tiny_aesthetic_head(path: str | os.PathLike, in_features: int = TINY_CLIP_CONFIG["embed_dim"],
+                             seed: int = SEED) -> Path:
+    """A random head in improved-aesthetic-predictor's MLP format (the layout of sac+logos+ava1-l14-linearMSE.pth:
+    Linear(in, 1024), Dropout, Linear(1024, 128), Dropout, Linear(128, 64), Dropout, Linear(64, 16), Linear(16, 1),
+    saved as the state dict of a module whose Sequential is `layers`), over the tiny CLIP's embedding width."""
+    from datagen.stages.curate import AestheticMLP
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(AestheticMLP(in_features).state_dict(), path)
+    return path
+
+
 # --------------------------------------------------------------------------------------------- all four
 
 
@@ -317,9 +366,13 @@ class TinyModels:
     gdino_config: Path
     gdino_checkpoint: Path
     sam_checkpoint: Path
+    # The curate stage's; None in sets that have no file for it (full-random builds its CLIP in memory).
+    clip_config: Path | None = None
+    clip_checkpoint: Path | None = None
+    aesthetic_head: Path | None = None
 
     def to_json(self) -> dict[str, str]:
-        return {k: str(v) for k, v in self.__dict__.items()}
+        return {k: str(v) for k, v in self.__dict__.items() if v is not None}
 
 
 def _built_once(manifest: Path, version: int, seed: int, build) -> TinyModels:
@@ -329,7 +382,7 @@ def _built_once(manifest: Path, version: int, seed: int, build) -> TinyModels:
         saved = json.loads(manifest.read_text())
         if saved.pop("version", None) == version and saved.pop("seed", None) == seed:
             paths = TinyModels(**{k: Path(v) for k, v in saved.items()})
-            if all(p.exists() for p in paths.__dict__.values()):
+            if all(p is None or p.exists() for p in paths.__dict__.values()):
                 return paths
     paths = build()
     manifest.write_text(json.dumps({"version": version, "seed": seed, **paths.to_json()}, indent=1))
@@ -344,7 +397,10 @@ def tiny_models(root: str | os.PathLike, seed: int = SEED) -> TinyModels:
         blip = save_tiny_blip(root / "blip", seed)
         cfg, ckpt = save_tiny_groundingdino(root / "groundingdino", seed)
         sam = save_tiny_sam(root / "sam" / "sam_tiny.pth", seed)
-        return TinyModels(blip=blip, gdino_config=cfg, gdino_checkpoint=ckpt, sam_checkpoint=sam)
+        clip_config, clip_ckpt = save_tiny_clip(root / "clip", seed)
+        head = save_tiny_aesthetic_head(root / "aesthetic" / "aesthetic_mlp_tiny.pth", seed=seed)
+        return TinyModels(blip=blip, gdino_config=cfg, gdino_checkpoint=ckpt, sam_checkpoint=sam,
+                          clip_config=clip_config, clip_checkpoint=clip_ckpt, aesthetic_head=head)
 
     return _built_once(root / "tiny.json", TINY_VERSION, seed, build)
 

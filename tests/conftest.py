@@ -1,10 +1,20 @@
 """Fixtures shared by several test modules."""
 
+import json
+import logging
 import os
 import socket
+import tempfile
+import urllib.parse
+import urllib.request
 import uuid
 
 import pytest
+
+# Ray's temporary folder for this test session alone: a Ray cluster started on this machine by anyone else
+# (`ray start`, another test run) is then invisible to the tests, whose runs start or join only their own.
+# Short, because Ray's socket paths live under it.
+os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="sdray-", dir="/tmp"))
 
 
 @pytest.fixture
@@ -31,9 +41,11 @@ def s3_server():
     The standard AWS variables point every client at it (boto3, s3fs, pyarrow through fsspec, and the
     subprocesses and Ray workers the tests start, which inherit the environment): no code under test is
     given an endpoint. Yields the endpoint URL."""
+    os.environ.setdefault("MOTO_RECORDER_FILEPATH", os.path.join(tempfile.mkdtemp(prefix="moto"), "requests.jsonl"))
     from moto.server import ThreadedMotoServer
 
     port = _free_port()
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
@@ -60,3 +72,34 @@ def bucket(s3_server):
     fs.mkdir(name)
     fs.invalidate_cache()
     yield f"s3://{name}"
+
+
+@pytest.fixture
+def s3_requests(s3_server):
+    """What the S3 server is asked while the test runs, from moto's own request recorder (server side):
+    call `recorded()` for [(method, object path, query)] since the last `reset()`."""
+
+    def call(action: str) -> bytes:
+        req = urllib.request.Request(f"{s3_server}/moto-api/recorder/{action}",
+                                     method="GET" if action.startswith("download") else "POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read()
+
+    class Recorded:
+        def reset(self) -> None:
+            call("reset-recording")
+
+        def __call__(self) -> list[tuple[str, str, str]]:
+            out = []
+            for line in call("download-recording").decode().splitlines():
+                if line.strip():
+                    e = json.loads(line)
+                    u = urllib.parse.urlsplit(e["url"])
+                    out.append((e["method"], urllib.parse.unquote(u.path), u.query))
+            return out
+
+    rec = Recorded()
+    call("reset-recording")
+    call("start-recording")
+    yield rec
+    call("stop-recording")

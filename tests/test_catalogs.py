@@ -119,7 +119,7 @@ from catalogs.writer import ShardWriter
 from tests.records import photo_record
 w = ShardWriter({str(tmp_path)!r}, "00007")
 w.write(photo_record("astronaut")[0])
-w._tar.fileobj.flush()
+w._part_file(0).flush()
 os._exit(9)
 """
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=120)

@@ -118,3 +118,33 @@ def test_config_checks():
     with pytest.raises(ValueError, match="nouns.mode"):
         NounsConfig(mode="verbs")
 
+
+
+def test_caption_noun_count_window_of_the_reference_recipe():
+    """data_process.py keeps captions with 3-8 spaCy nouns (repeats and compound parts counted)."""
+    window = NounExtractor(NounsConfig(min_caption_nouns=3, max_caption_nouns=8))
+    items = [{"key": "a", "source": "a", "caption": "a cat on a rug"},                       # 2 nouns
+             {"key": "b", "source": "b", "caption": "a cat on a rug near a coffee cup"},      # 4: coffee, cup too
+             {"key": "c", "source": "c", "caption": "a dog " + "and a dog " * 8}]             # 9 (repeats count)
+    out = window(items)
+    assert "outside [3, 8]" in out[0]["failure"]["reason"] and out[0]["failure"]["stage"] == "nouns"
+    assert "failure" not in out[1] and [n["label"] for n in out[1]["nouns"]] == ["cat", "rug", "cup"]
+    assert "9 nouns" in out[2]["failure"]["reason"]
+    with pytest.raises(ValueError, match="min_caption_nouns"):
+        NounsConfig(min_caption_nouns=5, max_caption_nouns=3)
+
+
+def test_count_words_move_spans_and_tokens(nouns):
+    """A noun detected 2-6 times gets its count word ("two dogs"), and every noun's span and CLIP tokens follow."""
+    from catalogs.tokens import clip_token_positions
+    from datagen.stages.nouns import with_count_words
+
+    cap = "a dog chasing the ducks beside a fountain"
+    found = nouns.extract(cap)
+    assert [n["label"] for n in found] == ["dog", "duck", "fountain"]
+    new, moved = with_count_words(cap, found, {0: 2, 1: 3, 2: 1})
+    assert new == "two dog chasing the three ducks beside a fountain"
+    for n in moved:
+        assert new[n["span"][0]:n["span"][1]] == n["phrase"] and n["tokens"] == clip_token_positions(new, n["span"])
+    assert with_count_words(cap, found, {0: 7, 2: 1}) == (cap, found)  # 7 or more, or 1: unchanged
+    assert with_count_words("two dogs", nouns.extract("two dogs"), {0: 2})[0] == "two dogs"  # already counted

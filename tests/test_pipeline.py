@@ -12,7 +12,6 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,7 +19,8 @@ from PIL import Image
 
 from catalogs import catalog
 from catalogs.reader import RecordReader
-from datagen.pipeline import preset, run
+from datagen.job import preset
+from datagen.run import run
 from datagen.sources import SourceError, detect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def tiny_cfg(shard_size: int = 3, batch_size: int = 8):
     cfg = preset("tiny")
     cfg.pipeline.shard_size = shard_size
     cfg.pipeline.batch_size = batch_size
-    for stage in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment):
+    for stage in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment, cfg.stages.curate):
         stage.batch_size = batch_size
     return cfg
 
@@ -214,7 +214,8 @@ def test_img2dataset_input_with_a_bad_member_and_a_truncated_tar(tmp_path):
 
 
 def test_list_and_brace_inputs_plan_every_unit(tmp_path):
-    from datagen.sources import read_unit, write_plan
+    from datagen.sources import write_plan
+    from datagen.units import read_unit
 
     photos = sorted(SAMPLES.glob("*.jpg"))
     lst = tmp_path / "list.csv"

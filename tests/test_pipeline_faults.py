@@ -18,7 +18,7 @@ class SlowStage:
     """The real stage, slowed down so that the run is still going when the node dies."""
 
     def __init__(self, name, cfg, delay):
-        from datagen.pipeline import build_stage
+        from datagen.stage_pool import build_stage
 
         self.stage, self.delay = build_stage(name, cfg), delay
 
@@ -49,7 +49,8 @@ def two_node_cluster():
 
 
 def test_run_completes_when_a_worker_node_dies(tmp_path, two_node_cluster):
-    from datagen.pipeline import preset, run
+    from datagen.job import preset
+    from datagen.run import run
 
     cluster, worker = two_node_cluster
     src = tmp_path / "in"
@@ -62,18 +63,28 @@ def test_run_completes_when_a_worker_node_dies(tmp_path, two_node_cluster):
     cfg.pipeline.batch_size = 1
     cfg.pipeline.writer_num_cpus = 0  # the writer stays with the driver, on the head
     out = tmp_path / "out"
+    result: dict = {}
 
-    def kill_when_started():
-        deadline = time.monotonic() + 300
-        while not list(out.glob("*_stats.json")) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        cluster.remove_node(worker)  # the node and every actor and task on it are gone
-        cluster.add_node(num_cpus=4)  # as an autoscaler would replace it
+    def drive():
+        try:
+            result["summary"] = run(str(src), out, cfg, stage_factory=slow_factory, progress_every=60)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test below
+            result["error"] = e
 
-    killer = threading.Thread(target=kill_when_started, daemon=True)
-    killer.start()
-    summary = run(str(src), out, cfg, stage_factory=slow_factory, progress_every=60)
-    killer.join(timeout=5)
+    # The run drives Ray from a thread; the node is killed and replaced from the main thread (Ray starts
+    # node processes only from the main thread: it installs signal handlers).
+    driver = threading.Thread(target=drive, daemon=True)
+    driver.start()
+    deadline = time.monotonic() + 300
+    while not list(out.glob("*_stats.json")) and time.monotonic() < deadline and driver.is_alive():
+        time.sleep(0.1)
+    cluster.remove_node(worker)  # the node and every actor and task on it are gone
+    cluster.add_node(num_cpus=4)  # as an autoscaler would replace it
+    driver.join(timeout=600)
+    assert not driver.is_alive(), "the run did not finish after the node was replaced"
+    if "error" in result:
+        raise result["error"]
+    summary = result["summary"]
     assert summary.incomplete == []
     sources = catalog.query(out, "SELECT source FROM samples UNION ALL SELECT source FROM failures")
     assert sorted(sources.column("source").to_pylist()) == sorted(str(p) for p in src.glob("*.jpg"))
@@ -85,7 +96,7 @@ class RaisingStage:
     input, a GPU out of memory on one huge image)."""
 
     def __init__(self, name, cfg, bad: str, stage: str):
-        from datagen.pipeline import build_stage
+        from datagen.stage_pool import build_stage
 
         self.inner, self.name, self.bad, self.stage = build_stage(name, cfg), name, bad, stage
 
@@ -100,7 +111,8 @@ def raising_factory(name, cfg):
 
 
 def test_a_stage_exception_fails_only_its_sample(tmp_path):
-    from datagen.pipeline import preset, run
+    from datagen.job import preset
+    from datagen.run import run
 
     src = tmp_path / "in"
     src.mkdir()
@@ -121,7 +133,7 @@ class WrongCountStage:
     """A broken stage that drops items: a bug, not a sample's failure; the run must stop and say so."""
 
     def __init__(self, name, cfg):
-        from datagen.pipeline import build_stage
+        from datagen.stage_pool import build_stage
 
         self.inner, self.name = build_stage(name, cfg), name
 
@@ -133,7 +145,8 @@ class WrongCountStage:
 def test_a_broken_stage_stops_the_run_and_the_manifest_says_why(tmp_path):
     import json
 
-    from datagen.pipeline import preset, run
+    from datagen.job import preset
+    from datagen.run import run
 
     src = tmp_path / "in"
     src.mkdir()
@@ -147,7 +160,7 @@ def test_a_broken_stage_stops_the_run_and_the_manifest_says_why(tmp_path):
 
 def test_fused_stage_errors_name_the_stage_the_sample_reached():
     from datagen import config
-    from datagen.pipeline import StageActor
+    from datagen.stage_pool import StageActor
 
     def factory(name, cfg):
         def chain(items):
@@ -165,7 +178,7 @@ def test_fused_stage_errors_name_the_stage_the_sample_reached():
 
 def test_resume_refuses_other_stage_settings_but_not_other_batch_sizes(tmp_path):
     from datagen import config
-    from datagen.pipeline import _plan, stages_fingerprint
+    from datagen.plan import make_or_reuse as _plan, stages_fingerprint
     from datagen.sources import SourceError
 
     src = tmp_path / "in"
@@ -183,18 +196,19 @@ def test_resume_refuses_other_stage_settings_but_not_other_batch_sizes(tmp_path)
 def test_gpu_requests_drop_on_a_local_cpu_ray_but_wait_for_a_cluster_autoscaler(monkeypatch, capsys):
     import ray
 
-    from datagen.pipeline import _resolve_gpus, preset
+    from datagen.job import preset
+    from datagen.ray_setup import resolve_gpus as _resolve_gpus
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     cfg = preset("default").pipeline
-    _resolve_gpus(cfg, local=False)  # a cluster whose GPU workers are not up yet
+    _resolve_gpus(cfg, joined=True)  # a cluster whose GPU workers are not up yet
     assert cfg.pools["segment"].num_gpus == 0.5 and "wait for the autoscaler" in capsys.readouterr().err
-    _resolve_gpus(cfg, local=True)  # this machine: no GPU will ever come
+    _resolve_gpus(cfg, joined=False)  # this machine: no GPU will ever come
     assert all(p.num_gpus == 0 for p in cfg.pools.values()) and "runs on CPU" in capsys.readouterr().err
 
 
 def test_datagen_settings_from_toml_then_overrides(tmp_path):
-    from datagen.pipeline import PoolConfig, load_config
+    from datagen.job import PoolConfig, load_config
 
     f = tmp_path / "datagen.toml"
     f.write_text('[ground]\nbox_threshold = 0.3\n[nouns]\nstop_nouns = ["top", "view"]\n'
@@ -216,7 +230,7 @@ def test_datagen_settings_from_toml_then_overrides(tmp_path):
 def test_progress_line_keeps_slow_rates_and_long_etas_readable():
     import io
 
-    from datagen.pipeline import Progress
+    from datagen.progress import Progress
 
     out = io.StringIO()
     prog = Progress(total=10_000_000, every=0.0, stream=out)

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -26,11 +24,12 @@ from catalogs.report import build_report, caption_html, overlay, read_members, t
 from catalogs.schema import Failure, Record, make_key
 from catalogs.writer import ShardWriter
 from subjectdiff.cli import main
+from tests.browser import chromium, needs_chromium, page_errors, probe
 from tests.records import photo_record, write_photo_shards
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 HOSTILE_CAPTION_PREFIX = '<script>alert("caption")</script><img src=x onerror=alert(1)> & '
-# The shape datagen's Manifest writes (datagen/pipeline.py); the report renders any JSON object.
+# The shape datagen's Manifest writes (datagen/manifest.py); the report renders any JSON object.
 MANIFEST = {
     "input": "photos/", "preset": "tiny",
     "config": {"stages": {"ground": {"box_threshold": 0.35}}, "pipeline": {"batch_size": 8}},
@@ -250,14 +249,6 @@ def test_cli_report_and_its_one_line_errors(dataset, tmp_path, capsys):
 
 # ------------------------------------------------------------------------------- as a person sees it
 
-CHROMIUM = next((shutil.which(b) for b in (os.environ.get("CHROMIUM", ""), "chromium", "chromium-browser",
-                                           "google-chrome") if b and shutil.which(b)), None)
-# Headless, no network or background services (they hang on refused connections here), no sandbox
-# (tests may run as root), and logging to stderr so the page's console messages can be checked.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
-
 # Run only in the probe copy of the page: counts what the browser actually laid out and decoded.
 PROBE = """<script nonce="probe">window.addEventListener("load", () => {
   const imgs = [...document.querySelectorAll("article.card img")];
@@ -270,33 +261,15 @@ PROBE = """<script nonce="probe">window.addEventListener("load", () => {
 });</script>"""
 
 
-def _chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
-
-
-def _page_errors(stderr: str) -> list[str]:
-    """Console messages (script errors, CSP violations) and failed loads; not the browser's own noise."""
-    return [ln for ln in stderr.splitlines() if ":CONSOLE" in ln or "net::ERR_" in ln]
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
-def test_report_renders_in_headless_chromium(dataset, tmp_path):
+@needs_chromium
+def test_report_renders_in_headlesschromium(dataset, tmp_path):
     n = 6
     ARTIFACTS.mkdir(exist_ok=True)
     page = build_report(dataset, ARTIFACTS / "report.html", sample=n)
     html_text = page.read_text(encoding="utf-8")
 
     # 1. What the browser built: the DOM after load, measured by a probe script in a copy of the page.
-    probe = tmp_path / "probe.html"
-    probe.write_text(html_text.replace("default-src 'none';", "default-src 'none'; script-src 'nonce-probe';")
-                     .replace("</body>", PROBE + "</body>"), encoding="utf-8")
-    run = _chromium(probe, tmp_path / "profile1", "--window-size=1280,800", "--virtual-time-budget=10000",
-                   "--dump-dom")
-    assert run.returncode == 0, run.stderr[-2000:]
-    found = re.search(r'<pre id="probe">(.*?)</pre>', run.stdout)
-    assert found, "the page did not finish loading:\n" + run.stdout[-2000:]
-    seen = json.loads(found.group(1))
+    seen = probe(html_text, PROBE, tmp_path)
     assert seen["cards"] == n and seen["broken"] == 0, seen
     assert seen["images"] == n and seen["decoded"] == n, f"thumbnails that did not decode: {seen}"
     assert seen["plots"] == 6, seen
@@ -305,11 +278,116 @@ def test_report_renders_in_headless_chromium(dataset, tmp_path):
     shot = ARTIFACTS / "report.png"
     shot.unlink(missing_ok=True)
     height = min(max(seen["height"], 800), 12000)
-    run = _chromium(page, tmp_path / "profile2", f"--window-size=1280,{height}", f"--screenshot={shot}")
+    run = chromium(page, tmp_path / "profile2", f"--window-size=1280,{height}", f"--screenshot={shot}")
     assert run.returncode == 0, run.stderr[-2000:]
-    assert _page_errors(run.stderr) == [], "\n".join(_page_errors(run.stderr))
+    assert page_errors(run.stderr) == [], "\n".join(page_errors(run.stderr))
     with Image.open(shot) as im:
         assert im.size == (1280, height)
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 20, "the screenshot is blank"
     print(f"\nreport screenshot: {shot}")
+
+
+# ------------------------------------------------------------------------------------ curation section
+
+
+@pytest.fixture(scope="module")
+def curated(tmp_path_factory) -> Path:
+    """Shards whose records carry the curate stage's signals (tests/test_curation_records.py): an exact copy of
+    the astronaut and a re-encoded copy of the cat among six records, fixed CLIP, aesthetic and label scores."""
+    from tests.test_curation_records import write_planted
+
+    root = tmp_path_factory.mktemp("report_curated")
+    write_planted(root)
+    build(root)
+    return root
+
+
+class _Curation(HTMLParser):
+    """The duplicate groups as shown: each group's member keys in order, and which figures are the kept ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.groups: list[list[str]] = []
+        self.kept: list[bool] = []
+        self._dup = self._code = False
+
+    def handle_starttag(self, tag, attrs):
+        classes = (dict(attrs).get("class") or "").split()
+        if tag == "div" and "group" in classes:
+            self.groups.append([])
+        elif tag == "figure" and "dup" in classes:
+            self._dup = True
+            self.kept.append("first" in classes)
+        elif tag == "code" and self._dup:
+            self._code = True
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self._dup = False
+        elif tag == "code":
+            self._code = False
+
+    def handle_data(self, text):
+        if self._code:
+            self.groups[-1].append(text)
+
+
+def _weak_labels(text: str) -> list[tuple[str, float]]:
+    return [(m.group(1), float(m.group(2))) for m in
+            re.finditer(r'<p class="label"><b>([^<]*)</b> · label score <span class="num">([-0-9.]+)</span>', text)]
+
+
+def test_report_shows_curation_distributions_duplicate_groups_and_weak_labels(curated, dataset, tmp_path):
+    from catalogs.schema import make_key
+
+    out = build_report(curated, tmp_path / "c.html", sample=2)
+    text = out.read_text(encoding="utf-8")
+    ids = set(_parse(out).ids)
+    assert {"curation", "duplicates", "low-label-scores", "hist-clip_score", "hist-aesthetic",
+            "hist-label_score"} <= ids
+    assert text.count('<svg class="plot"') == 9  # the six of the records' plots, and three curation histograms
+    page = _Curation()
+    page.feed(text)
+    # two groups, each original (first in plan order, the one --dedup keeps) before its copy
+    assert page.groups == [[make_key("orig/astronaut"), make_key("copy/astronaut")],
+                           [make_key("orig/chelsea"), make_key("copy/chelsea-q60")]]
+    assert page.kept == [True, False, True, False]
+    assert "group 0 · exact · 2 samples" in text and "group 1 · near · 2 samples" in text
+    # the lowest label scores first, with their labels: each record's third object scores 0.2
+    weak = _weak_labels(text)
+    assert len(weak) == 12 and [s for _, s in weak] == sorted(s for _, s in weak)
+    assert {lb for lb, s in weak if s == pytest.approx(0.2)} == {"flag", "spoon"}
+    assert "other labels: astronaut, helmet" in text  # the flag's record's other subjects
+    assert text.count('<img class="thumb"') == 4 + 12
+    # a catalog without the curate stage's columns says so, and draws no curation plot
+    plain = build_report(dataset, tmp_path / "p.html", sample=1).read_text(encoding="utf-8")
+    assert 'id="no-curation"' in plain and 'id="duplicates"' not in plain
+    # --where narrows the section: without the copies there is no group left
+    narrowed = build_report(curated, tmp_path / "w.html", sample=1, where="source LIKE 'orig/%'")
+    assert "no duplicates" in narrowed.read_text(encoding="utf-8")
+
+
+CURATION_PROBE = """<script nonce="probe">window.addEventListener("load", () => {
+  const thumbs = [...document.querySelectorAll("#curation img.thumb")];
+  const r = {thumbs: thumbs.length, decoded: thumbs.filter(i => i.complete && i.naturalWidth > 0).length,
+             groups: document.querySelectorAll("#curation div.group").length,
+             weak: document.querySelectorAll("#curation article.weak").length,
+             plots: document.querySelectorAll("#curation svg.plot").length};
+  const pre = document.createElement("pre"); pre.id = "probe"; pre.textContent = JSON.stringify(r);
+  document.body.appendChild(pre);
+});</script>"""
+
+
+@needs_chromium
+def test_curation_section_renders_in_headlesschromium(curated, tmp_path):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page = build_report(curated, ARTIFACTS / "report_curation.html", sample=2)
+    seen = probe(page.read_text(encoding="utf-8"), CURATION_PROBE, tmp_path)
+    assert seen == {"thumbs": 16, "decoded": 16, "groups": 2, "weak": 12, "plots": 3}, seen
+    shot = ARTIFACTS / "report_curation.png"
+    shot.unlink(missing_ok=True)
+    run = chromium(page, tmp_path / "profile2", "--window-size=1280,4000", f"--screenshot={shot}")
+    assert run.returncode == 0 and page_errors(run.stderr) == [], "\n".join(page_errors(run.stderr))
+    with Image.open(shot) as im:
+        assert np.asarray(im.convert("RGB")).std() > 20, "the screenshot is blank"

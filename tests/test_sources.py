@@ -1,5 +1,6 @@
-"""datagen.sources: planning every kind of input (folders, shards, img2dataset, lists; local and fsspec URLs)
-into a plan where every input is accounted for, and reading units back. CPU only, no network, no Ray."""
+"""datagen.sources: planning every kind of input (folders, shards, img2dataset, lists, Hugging Face datasets
+Parquet; local and fsspec URLs) into a plan where every input is accounted for, and reading units back.
+CPU only, no network (HTTP from a server on 127.0.0.1); one end-to-end test (marked slow) starts a local Ray."""
 
 from __future__ import annotations
 
@@ -18,8 +19,16 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from datagen import sources
-from datagen.sources import PLAN_SCHEMA, SourceError, detect, list_tar, read_unit, write_plan
+from datagen import units
+from datagen.sources import PLAN_SCHEMA, SourceError, detect, list_tar, write_plan
+from datagen.units import UnitReadError, read_unit
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = sorted((REPO / "datagen" / "sample_images").glob("*.jpg"))
+
+# How Hugging Face datasets stores an Image feature in Parquet (datasets.Image's pa_type), and the
+# schema metadata it writes beside it.
+HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
 
 def jpeg(i: int, size: int = 16) -> bytes:
@@ -50,7 +59,38 @@ def plan_rows(src: str, tmp_path: Path, shard_size: int = 10, **kw) -> tuple[dic
 
 
 def read(row: dict) -> bytes:
-    return read_unit(row["path"], row["offset"], row["size"])
+    return read_unit(row["path"], row["offset"], row["size"], row["column"])
+
+
+def hf_parquet(where, images: list[dict | None], texts: list[str | None], row_group_size: int | None = None) -> None:
+    """A Parquet as `datasets.Dataset.to_parquet` writes one with features {image: Image(), text: Value("string")}:
+    WHERE is a local path or an open binary file."""
+    features = {"image": {"_type": "Image"}, "text": {"dtype": "string", "_type": "Value"}}
+    table = pa.table({"image": pa.array(images, HF_IMAGE), "text": pa.array(texts, pa.string())})
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    pq.write_table(table, where, row_group_size=row_group_size)
+
+
+@pytest.fixture
+def http_dir(tmp_path):
+    """A folder served over HTTP on 127.0.0.1 by a thread running http.server; yields (folder, base URL)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    root = tmp_path / "www"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join()
 
 
 @pytest.fixture
@@ -111,7 +151,7 @@ def flaky(mem, monkeypatch):
     for attr, value in {"fail_opens": 0, "short_reads": 0, "opens": 0, "read_limit": None}.items():
         monkeypatch.setattr(FlakyFS, attr, value)
     sleeps: list[float] = []
-    monkeypatch.setattr(sources.time, "sleep", sleeps.append)
+    monkeypatch.setattr(units.time, "sleep", sleeps.append)
     return mem.replace("memory://", "flaky://"), sleeps
 
 
@@ -147,7 +187,7 @@ def test_lists_are_streamed_from_local_files_and_urls(tmp_path, mem, monkeypatch
     assert counts == {"00000": 2, "00001": 2}
     assert [r["source"] for r in plan[:3]] == [str(tmp_path / "imgs" / f"{i}.jpg") for i in range(3)]
     assert [r["alt_text"] for r in plan] == ["caption 0", "caption 1", "caption 2", "no path"]
-    assert plan[3]["error"] == "list row 4 has no image path"  # a row without a path is accounted for
+    assert plan[3]["error"] == "list row index 3 has no image path (column 'path')"  # accounted for
     assert read(plan[1]) == jpeg(1)
 
     _, plan = plan_rows(f"{mem}lists/x.csv", tmp_path)  # a list given as a URL: relative to its folder
@@ -165,6 +205,159 @@ def test_lists_are_streamed_from_local_files_and_urls(tmp_path, mem, monkeypatch
         plan_rows(str(tmp_path / "bad.csv"), tmp_path)
     with pytest.raises(SourceError, match="does not exist"):
         plan_rows(f"{mem}lists/missing.csv", tmp_path)
+
+
+def test_hugging_face_datasets_parquet_is_read_from_its_image_bytes(tmp_path):
+    from datagen.stages.common import decode_item
+
+    photos = [p.read_bytes() for p in PHOTOS[:3]]
+    (tmp_path / "beside.jpg").write_bytes(photos[2])
+    images = [{"bytes": photos[0], "path": "astronaut.jpg"}, {"bytes": photos[1], "path": None},
+              {"bytes": None, "path": None},  # nothing to read
+              {"bytes": b"\xff\xd8 not a jpeg", "path": "broken.jpg"},
+              {"bytes": None, "path": "beside.jpg"},  # datasets' "path only" rows: relative to the Parquet
+              {"bytes": None, "path": "gone.jpg"}, None]
+    hf_parquet(tmp_path / "train.parquet", images, ["a cosmonaut", None, "c", "d", "e", "f", "g"], row_group_size=3)
+    src = str(tmp_path / "train.parquet")
+    assert detect(src) == "list"
+    counts, plan = plan_rows(src, tmp_path)
+    assert counts == {"00000": 7} and all(r["error"] is None and r["column"] == "image" for r in plan)
+    assert [(r["source"], r["path"], r["offset"]) for r in plan] == [(f"{src}#row={i}", src, i) for i in range(7)]
+    assert [r["alt_text"] for r in plan] == ["a cosmonaut", None, "c", "d", "e", "f", "g"]
+    assert [read(plan[i]) for i in (0, 1, 4)] == [photos[0], photos[1], photos[2]]
+
+    where = f"{src} row index {{}}, column 'image'".format
+    for i, reason in ((2, "the image bytes are null and there is no path to read instead"),
+                      (5, "the image bytes are null and its path 'gone.jpg' cannot be read: no such file"),
+                      (6, "the image is null")):
+        with pytest.raises(UnitReadError) as e:
+            read(plan[i])
+        assert str(e.value) == f"{where(i)}: {reason}"
+    broken = decode_item(plan[3]["source"], read(plan[3]))  # bytes that are no image fail at decode, not read
+    assert broken["failure"]["stage"] == "decode" and "undecodable image" in broken["failure"]["reason"]
+    with pytest.raises(UnitReadError, match=r"row index 9, column 'image': no such row; the file has 7 rows$"):
+        read_unit(src, 9, -1, "image")
+
+    # A plain binary column under another name, named with --image-column (in any case).
+    pq.write_table(pa.table({"Name": ["x", "y"], "JPEG": [photos[0], photos[1]]}), tmp_path / "bin.parquet")
+    _, plan = plan_rows(str(tmp_path / "bin.parquet"), tmp_path, image_column="jpeg", caption_column="name")
+    assert [(r["column"], r["alt_text"]) for r in plan] == [("JPEG", "x"), ("JPEG", "y")]
+    assert [read(r) for r in plan] == photos[:2]
+
+
+def test_an_image_struct_column_comes_before_path_columns_and_under_any_name(tmp_path):
+    photo = PHOTOS[0].read_bytes()
+    table = pa.table({"path": ["/nowhere/original.jpg"], "image": pa.array([{"bytes": photo, "path": None}], HF_IMAGE)})
+    pq.write_table(table, tmp_path / "both.parquet")  # `path` names a file on the machine that made the dataset
+    _, plan = plan_rows(str(tmp_path / "both.parquet"), tmp_path)
+    assert plan[0]["column"] == "image" and read(plan[0]) == photo
+    pq.write_table(table.rename_columns(["file", "png_image"]), tmp_path / "other.parquet")
+    _, plan = plan_rows(str(tmp_path / "other.parquet"), tmp_path)
+    assert plan[0]["column"] == "png_image" and read(plan[0]) == photo
+
+
+def test_a_laion_parquet_plans_one_url_per_row_and_a_404_says_so(tmp_path, http_dir):
+    root, base = http_dir
+    for p in PHOTOS[:3]:
+        (root / p.name).write_bytes(p.read_bytes())
+    urls = [f"{base}/{p.name}" for p in PHOTOS[:3]] + [f"{base}/gone.jpg"]
+    texts = [f"a photo of {p.stem}" for p in PHOTOS[:3]] + ["lost"]
+    n = len(urls)
+    pq.write_table(pa.table({  # the columns of LAION-400M's metadata Parquet
+        "SAMPLE_ID": list(range(n)), "URL": urls, "TEXT": texts, "HEIGHT": [512] * n, "WIDTH": [512] * n,
+        "LICENSE": ["?"] * n, "NSFW": ["UNLIKELY"] * n, "similarity": [0.3] * n}), tmp_path / "laion.parquet")
+    _, plan = plan_rows(str(tmp_path / "laion.parquet"), tmp_path)
+    assert [(r["source"], r["alt_text"], r["column"]) for r in plan] == [(u, t, None) for u, t in zip(urls, texts)]
+    assert [read(r) for r in plan[:3]] == [p.read_bytes() for p in PHOTOS[:3]]
+    with pytest.raises(UnitReadError) as e:
+        read(plan[3])
+    assert str(e.value).startswith(f"cannot read {base}/gone.jpg: HTTP 404")
+
+
+def test_column_names_match_in_any_case_and_can_be_named(tmp_path):
+    photo = str(PHOTOS[0])
+    (tmp_path / "a.csv").write_text(f"FilePath,Alt_Text\n{photo},a photo\n")
+    _, plan = plan_rows(str(tmp_path / "a.csv"), tmp_path)
+    assert [(r["source"], r["alt_text"]) for r in plan] == [(photo, "a photo")]
+
+    b = str(tmp_path / "b.parquet")
+    pq.write_table(pa.table({"Photo": [photo], "Prompt": ["named"], "caption": ["default"], "n": [1]}), b)
+    _, plan = plan_rows(b, tmp_path, image_column="PHOTO", caption_column="prompt")
+    assert [(r["source"], r["alt_text"]) for r in plan] == [(photo, "named")]
+    _, plan = plan_rows(b, tmp_path, image_column="Photo")
+    assert plan[0]["alt_text"] == "default"
+    with pytest.raises(SourceError, match=r"no image column; .*--image-column; its columns are \['Photo'"):
+        plan_rows(b, tmp_path)
+    columns = "['Photo', 'Prompt', 'caption', 'n']"
+    for kw, want in (({"image_column": "picture"}, "no column 'picture' (--image-column)"),
+                     ({"image_column": "photo", "caption_column": "title"}, "no column 'title' (--caption-column)")):
+        for call in (lambda: detect(b, **kw), lambda: plan_rows(b, tmp_path, **kw)):  # detect: before any run
+            with pytest.raises(SourceError) as e:
+                call()
+            assert str(e.value) == f"{b}: {want}; its columns are {columns}"
+    with pytest.raises(SourceError, match="column 'n' holds int64; an image column holds paths or URLs"):
+        plan_rows(b, tmp_path, image_column="N")
+
+
+def test_consecutive_parquet_rows_read_their_row_group_once(tmp_path, flaky):
+    root, _ = flaky
+    images = [jpeg(i) for i in range(100)]
+    with fsspec.open(root.replace("flaky://", "memory://") + "train.parquet", "wb") as f:
+        hf_parquet(f, [{"bytes": b, "path": None} for b in images], [None] * 100, row_group_size=50)
+    _, plan = plan_rows(root + "train.parquet", tmp_path)
+    FlakyFS.opens = 0  # FlakyFS counts every open of a file for reading
+    assert [read(r) for r in plan[:50]] == images[:50] and FlakyFS.opens == 1
+    assert [read(r) for r in plan[50:]] == images[50:] and FlakyFS.opens == 2
+    assert read(plan[7]) == images[7] and FlakyFS.opens == 3  # one row group is kept per process, the last
+
+    # A local file rewritten in place is read afresh, not served from what was kept.
+    local = tmp_path / "local.parquet"
+    hf_parquet(local, [{"bytes": jpeg(1), "path": None}], [None])
+    assert read_unit(str(local), 0, -1, "image") == jpeg(1)
+    hf_parquet(local, [{"bytes": jpeg(2, size=32), "path": None}], [None])
+    assert read_unit(str(local), 0, -1, "image") == jpeg(2, size=32)
+
+
+def test_a_broken_row_group_fails_each_of_its_rows_with_one_reason(tmp_path, flaky):
+    root, sleeps = flaky
+    buf = io.BytesIO()
+    hf_parquet(buf, [{"bytes": jpeg(i), "path": None} for i in range(20)], [None] * 20, row_group_size=10)
+    data = bytearray(buf.getvalue())
+    chunk = pq.ParquetFile(io.BytesIO(bytes(data))).metadata.row_group(1).column(0)  # image.bytes, rows 10-19
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data[start: start + 40] = b"\xff" * 40  # its page header
+    put(root.replace("flaky://", "memory://") + "broken.parquet", bytes(data))
+    url = root + "broken.parquet"
+    assert read_unit(url, 3, -1, "image") == jpeg(3)
+    FlakyFS.opens = 0
+    reasons = []
+    for row in range(10, 20):
+        with pytest.raises(UnitReadError) as e:
+            read_unit(url, row, -1, "image")
+        reasons.append(str(e.value).removeprefix(f"{url} row index {row}, column 'image': "))
+    assert FlakyFS.opens == 3 and sleeps == [0.2, 0.8]  # the first row tried 3 times; the others failed at once
+    assert len(set(reasons)) == 1 and reasons[0].startswith("cannot read its row group 1 (row indices 10 to 19): ")
+    assert reasons[0].endswith("(after 3 attempts)") and "\n" not in reasons[0]
+
+
+def test_hf_urls_fail_clearly_without_a_hub(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    url = "hf://datasets/google/dreambooth/data/train-00000-of-00001.parquet"
+    proc = subprocess.run([sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", url, "--output",
+                           str(tmp_path / "out"), "--preset", "tiny", "--image-column", "image",
+                           "--caption-column", "text"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"input list {url!r} cannot be read: " in proc.stderr and "offline" in proc.stderr
+    code = ("from datagen.sources import SourceError, detect\n"
+            "try:\n    detect('hf://datasets/google/dreambooth/dataset/dog')\n"
+            "except SourceError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.startswith("input 'hf://datasets/google/dreambooth/dataset/dog' cannot be reached: ")
 
 
 # ---- de-duplication and the plan file ------------------------------------------------------------------
@@ -346,8 +539,9 @@ def test_read_unit_retries_transient_errors_only(tmp_path, flaky):
 
     FlakyFS.opens, FlakyFS.fail_opens = 0, 3
     sleeps.clear()
-    with pytest.raises(ConnectionError):
+    with pytest.raises(UnitReadError) as e:
         read_unit(root + "a.jpg", -1, -1)
+    assert str(e.value) == f"cannot read {root}a.jpg: ConnectionError: connection reset by peer (after 3 attempts)"
     assert FlakyFS.opens == 3 and sleeps == [0.2, 0.8]
 
     n = len(jpeg(3)) - 10
@@ -360,11 +554,87 @@ def test_read_unit_retries_transient_errors_only(tmp_path, flaky):
     assert FlakyFS.opens == 3
 
     sleeps.clear()  # permanent errors are raised at once
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(UnitReadError, match="^cannot read flaky://.*/missing.jpg: no such file$"):
         read_unit(root + "missing.jpg", -1, -1)
     (tmp_path / "short.tar").write_bytes(b"x" * 10)
-    with pytest.raises(OSError, match="truncated tar member: read 5 of 8 bytes"):
+    with pytest.raises(UnitReadError, match="short.tar at byte 5: truncated tar member: read 5 of 8 bytes$"):
         read_unit(str(tmp_path / "short.tar"), 5, 8)
-    with pytest.raises(IsADirectoryError):
+    with pytest.raises(UnitReadError, match="a folder, not a file"):
         read_unit(str(tmp_path), -1, -1)
     assert sleeps == []
+
+
+# ---- phone photos --------------------------------------------------------------------------------------
+
+
+def test_an_mpo_phone_photo_is_stored_as_its_jpeg_bytes_and_reads_as_its_first_picture():
+    import numpy as np
+    from skimage import data
+
+    from catalogs.reader import decode_record
+    from datagen.stages.common import decode_item
+
+    first, second = Image.fromarray(data.astronaut()), Image.fromarray(data.chelsea())  # 512x512, 451x300
+    buf = io.BytesIO()
+    first.save(buf, "MPO", save_all=True, append_images=[second])
+    mpo = buf.getvalue()
+    with Image.open(io.BytesIO(mpo)) as im:
+        assert (im.format, im.n_frames) == ("MPO", 2)
+    alone = io.BytesIO()
+    first.save(alone, "JPEG")  # the same picture as a plain JPEG, same encoder settings
+    with Image.open(alone) as im:
+        want = np.asarray(im.convert("RGB"))
+
+    item = decode_item("phone/IMG_0001.jpg", mpo)
+    assert "failure" not in item and item["image_format"] == "jpeg" and item["image_bytes"] == mpo
+    assert np.array_equal(item["image"], want)
+
+    # What a record reader gets back from those bytes: the first picture, at the size the record states.
+    h, w = item["image"].shape[:2]
+    meta = {"key": item["key"], "caption": "", "height": h, "width": w, "source": item["source"], "objects": []}
+    rec = decode_record({"__key__": item["key"], "json": json.dumps(meta).encode(), "jpg": mpo})
+    assert np.array_equal(rec.image, want) and rec.image_ext == "jpg"
+
+
+# ---- end to end ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_hugging_face_parquet_through_datagen_run_accounts_for_every_row(tmp_path):
+    from skimage import data
+
+    from catalogs import catalog
+    from datagen.job import preset
+    from datagen.run import run
+
+    mpo = io.BytesIO()
+    Image.fromarray(data.astronaut()).save(mpo, "MPO", save_all=True, append_images=[Image.fromarray(data.coffee())])
+    images = [{"bytes": p.read_bytes(), "path": p.name} for p in PHOTOS] + [
+        {"bytes": mpo.getvalue(), "path": "IMG_0001.JPG"},
+        {"bytes": None, "path": None}, {"bytes": b"not an image", "path": "broken.jpg"},
+        {"bytes": None, "path": "gone.jpg"}]
+    texts = [f"alt text {i}" for i in range(len(images))]
+    src = str(tmp_path / "train-00000-of-00001.parquet")
+    hf_parquet(src, images, texts, row_group_size=4)
+    cfg = preset("tiny")
+    cfg.pipeline.shard_size = cfg.pipeline.batch_size = 4
+    for stage in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment):
+        stage.batch_size = 4
+    out = tmp_path / "out"
+    summary = run(src, out, cfg, image_column="Image", caption_column="TEXT", progress_every=60)
+
+    n, mpo_row = len(images), len(PHOTOS)
+    assert summary.incomplete == [] and summary.ok + summary.failed == n
+    rows = catalog.query(out, "SELECT source, NULL AS stage, NULL AS reason, alt_text, image_ext FROM samples "
+                              "UNION ALL SELECT source, stage, reason, NULL, NULL FROM failures").to_pylist()
+    assert sorted(r["source"] for r in rows) == sorted(f"{src}#row={i}" for i in range(n))  # each row once
+    by_row = {int(r["source"].rsplit("=", 1)[1]): r for r in rows}
+    where = f"{src} row index {{}}, column 'image'".format
+    assert (by_row[n - 3]["stage"], by_row[n - 3]["reason"]) == (
+        "read", f"{where(n - 3)}: the image bytes are null and there is no path to read instead")
+    assert (by_row[n - 1]["stage"], by_row[n - 1]["reason"]) == (
+        "read", f"{where(n - 1)}: the image bytes are null and its path 'gone.jpg' cannot be read: no such file")
+    assert by_row[n - 2]["stage"] == "decode" and by_row[n - 2]["reason"].startswith("undecodable image")
+    assert by_row[mpo_row]["stage"] not in ("read", "decode")  # the phone photo is not lost for its container
+    oks = [(i, r) for i, r in by_row.items() if r["stage"] is None]
+    assert oks and all(r["alt_text"] == texts[i] and r["image_ext"] == "jpg" for i, r in oks)

@@ -347,6 +347,29 @@ def test_image_filters():
         FilterConfig(min_detections=5, max_detections=2)
 
 
+
+def test_the_reference_data_recipe_preset():
+    """datagen.config.paper(): data_process.py's greedy captions, 3-8 nouns, a side of 600 px, count words."""
+    from datagen.stages.filters import ImageFilter, image_reject_reason
+    from datagen.stages.nouns import NounExtractor
+
+    p = config.paper()
+    assert (p.caption.num_beams, p.caption.max_new_tokens, p.caption.min_new_tokens) == (1, 20, 0)
+    assert (p.nouns.min_caption_nouns, p.nouns.max_caption_nouns) == (3, 8)
+    assert (p.filters.min_detections, p.filters.max_detections, p.filters.min_long_side) == (2, 8, 600)
+    assert "min_long_side" in image_reject_reason(500, 580, 3, p.filters)
+    assert image_reject_reason(400, 600, 3, p.filters) is None  # either side reaching 600 is enough
+    caption = "a dog and a cat on a lawn"
+    item = {"key": "k", "source": "s", "caption": caption, "image": np.zeros((600, 800, 3), np.uint8)}
+    item = NounExtractor(p.nouns)([item])[0]
+    dog = [n["label"] for n in item["nouns"]].index("dog")
+    item["detections"] = [{"box": [0, 0, 0.5, 1], "score": 0.9, "noun": dog},
+                          {"box": [0.5, 0, 1, 1], "score": 0.8, "noun": dog}]
+    out = ImageFilter(p.filters)([item])[0]
+    assert "failure" not in out and out["caption"] == "two dog and a cat on a lawn"
+    assert all(out["caption"][n["span"][0]:n["span"][1]] == n["phrase"] for n in out["nouns"])
+
+
 def test_prefilter_rejects_small_images_before_any_model():
     """run_stages applies the size/aspect rules first: the captioner never sees a 100x100 thumbnail."""
     from datagen.config import FilterConfig
@@ -598,6 +621,8 @@ def test_uncached_hub_text_encoder_is_a_clear_error(tiny_paths, tmp_path, monkey
     from datagen.weights import WeightsError, resolve_text_encoder, run_manifest
 
     monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
+    from huggingface_hub.utils import reset_sessions
+
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in tests
     bert = tiny_paths.gdino_config.parent / "bert"
     assert resolve_text_encoder(str(bert), download=False) == bert  # a local folder is used in place
@@ -607,3 +632,7 @@ def test_uncached_hub_text_encoder_is_a_clear_error(tiny_paths, tmp_path, monkey
         load_groundingdino(ground)
     entry = run_manifest(replace(config.tiny(tiny_paths), ground=ground))["checkpoints"]["ground.text_encoder"]
     assert entry == {"spec": "google-bert/bert-base-uncased", "path": "", "sha256": "", "revision": ""}
+    # huggingface_hub keeps one HTTP session per thread, and one made while offline refuses every URL later:
+    # the next test gets a fresh one.
+    monkeypatch.undo()
+    reset_sessions()

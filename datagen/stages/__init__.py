@@ -14,6 +14,7 @@ _WHERE = {
     "decode_item": "common", "fail": "common", "failed": "common",
     "Captioner": "caption", "NounExtractor": "nouns", "Grounder": "ground", "Segmenter": "segment",
     "ImageFilter": "filters", "prefilter": "filters", "build_stages": "chain", "run_stages": "chain",
+    "Curator": "curate",
 }
 
 __all__ = list(_WHERE)

@@ -11,14 +11,20 @@ from datagen.stages.filters import ImageFilter, prefilter
 
 
 def build_stages(cfg: DatagenConfig) -> list:
-    """Captioner -> NounExtractor -> Grounder -> ImageFilter -> Segmenter, each loading its model once."""
+    """Captioner -> NounExtractor -> Grounder -> ImageFilter -> Segmenter -> Curator, each loading its model once;
+    no Curator when `curate.enabled` is false."""
     from datagen.stages.caption import Captioner
     from datagen.stages.ground import Grounder
     from datagen.stages.nouns import NounExtractor
     from datagen.stages.segment import Segmenter
 
-    return [Captioner(cfg.caption), NounExtractor(cfg.nouns), Grounder(cfg.ground), ImageFilter(cfg.filters),
-            Segmenter(cfg.segment)]
+    chain = [Captioner(cfg.caption), NounExtractor(cfg.nouns), Grounder(cfg.ground), ImageFilter(cfg.filters),
+             Segmenter(cfg.segment)]
+    if cfg.curate.enabled:
+        from datagen.stages.curate import Curator
+
+        chain.append(Curator(cfg.curate))
+    return chain
 
 
 def run_stages(stages: list, items: list[Item]) -> list[Item]:

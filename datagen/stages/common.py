@@ -17,6 +17,10 @@ Item = dict[str, Any]
 
 # PIL format name -> record image extension; other encodings cannot pass through unchanged.
 _PASSTHROUGH_FORMATS = {"jpeg": "jpg", "png": "png", "webp": "webp"}
+# Containers whose bytes are one of those encodings to every decoder: stored as that encoding, unchanged.
+# An MPO (CIPA DC-007 multi-picture file, written by many phone and stereo cameras) is a baseline JPEG
+# whose first picture every JPEG decoder reads; the further pictures follow its end-of-image marker.
+_CONTAINER_FORMATS = {"mpo": "jpeg"}
 
 
 def fail(item: Item, stage: str, reason: str) -> Item:
@@ -55,8 +59,12 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def decode_item(source: str, image_bytes: bytes, *, alt_text: str | None = None, key: str | None = None) -> Item:
     """Encoded image bytes -> an item with `image` ((H, W, 3) uint8 RGB), or one failed at 'decode'.
 
-    The bytes are kept unchanged in `image_bytes` (records pass them through, never re-encode). EXIF
-    orientation is not applied, matching catalogs.reader, so boxes refer to the stored pixel grid.
+    The bytes are kept unchanged in `image_bytes` (records pass them through, never re-encode), and
+    `image_format` is the encoding they are stored as ("jpeg", "png" or "webp"). An MPO file (a camera's
+    multi-picture JPEG) is stored as a jpg with its bytes unchanged, extra pictures included: the record's
+    pixels are its first picture, which is what every JPEG decoder (PIL, catalogs.reader, torchvision)
+    reads from those bytes, so masks and boxes match whatever reads the record. EXIF orientation is not
+    applied, matching catalogs.reader, so boxes refer to the stored pixel grid.
     """
     item: Item = {"key": key or make_key(source), "source": source, "image_bytes": image_bytes, "alt_text": alt_text}
     if not image_bytes:
@@ -65,8 +73,9 @@ def decode_item(source: str, image_bytes: bytes, *, alt_text: str | None = None,
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(image_bytes)) as im:
-                item["image_format"] = (im.format or "").lower()
-                image = np.asarray(im.convert("RGB"))
+                fmt = (im.format or "").lower()
+                item["image_format"] = _CONTAINER_FORMATS.get(fmt, fmt)
+                image = np.asarray(im.convert("RGB"))  # an MPO opens at its first picture
     except Exception as e:  # PIL raises many types for broken files; all mean "undecodable"
         # Reasons are aggregated in the catalog: drop per-call details such as object addresses.
         msg = re.sub(r"\s*<[^>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip()

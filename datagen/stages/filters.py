@@ -1,7 +1,9 @@
 """Image-level filters of the data recipe.
 
-An image fails at stage "filter" when it is smaller than `min_side`, more elongated than `max_aspect`, or
-has fewer than `min_detections` / more than `max_detections` grounded boxes after NMS. Size and aspect need
+An image fails at stage "filter" when its shorter side is below `min_side` or its longer side below
+`min_long_side`, when it is more elongated than `max_aspect`, or when it has fewer than `min_detections` / more
+than `max_detections` grounded boxes after NMS. With `count_words`, a passing image's caption gets the count of
+each noun detected 2-6 times ("two dogs"), after grounding and before SAM (nouns.with_count_words). Size and aspect need
 only the decoded image, so `prefilter` applies them before any model runs (no GPU time on thumbnails and
 banners); `ImageFilter` runs after grounding, so SAM never sees a rejected image, and checks size and aspect
 again so an item that skipped the prefilter is filtered all the same. Object-level quality (area fraction,
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from datagen.config import FilterConfig
 from datagen.stages.common import Item, fail, failed, live
+from datagen.stages.nouns import with_count_words
 
 
 def size_reject_reason(height: int, width: int, cfg: FilterConfig) -> str | None:
@@ -20,6 +23,8 @@ def size_reject_reason(height: int, width: int, cfg: FilterConfig) -> str | None
     short, long = min(height, width), max(height, width)
     if short < cfg.min_side:
         return f"image is {width}x{height}, shorter side below min_side {cfg.min_side}"
+    if long < cfg.min_long_side:
+        return f"image is {width}x{height}, longer side below min_long_side {cfg.min_long_side}"
     if long / short > cfg.max_aspect:
         return f"image is {width}x{height}, aspect {long / short:.2f} above max_aspect {cfg.max_aspect}"
     return None
@@ -60,4 +65,10 @@ class ImageFilter:
             reason = image_reject_reason(h, w, len(items[i].get("detections") or []), self.cfg)
             if reason:
                 fail(items[i], "filter", reason)
+            elif self.cfg.count_words:
+                counts: dict[int, int] = {}
+                for det in items[i]["detections"]:
+                    counts[det["noun"]] = counts.get(det["noun"], 0) + 1
+                items[i]["caption"], items[i]["nouns"] = with_count_words(items[i]["caption"], items[i]["nouns"],
+                                                                          counts)
         return items

@@ -4,7 +4,9 @@ Adds `nouns`: [{"label": lemma, "phrase": caption[start:end], "span": [start, en
 caption order. A noun compound is one noun: "a coffee cup" gives label "cup" with phrase "coffee cup", so
 the grounding prompt names the thing ("coffee cup", not "coffee" and "cup") and the phrase's CLIP tokens
 cover both words. `tokens` are open_clip BPE positions (start token at 0) from catalogs.tokens, aligned
-through the character span. A caption with no usable noun fails at stage "nouns".
+through the character span. A caption with no usable noun fails at stage "nouns", and so does one whose count
+of spaCy NOUN tokens lies outside [min_caption_nouns, max_caption_nouns] when those are set (the reference's
+data_process.py keeps 3-8). `with_count_words` writes detection counts into a caption ("two dogs").
 """
 
 from __future__ import annotations
@@ -132,12 +134,64 @@ class NounExtractor:
                 break
         return out
 
+    def count_reason(self, doc) -> str | None:
+        """Why a caption fails the noun-count window (spaCy NOUN tokens, repeats and compound parts counted, as
+        the reference counts them), or None."""
+        lo, hi = self.cfg.min_caption_nouns, self.cfg.max_caption_nouns
+        if not (lo or hi):
+            return None
+        n = sum(t.pos_ == "NOUN" for t in doc)
+        if n < lo or (hi and n > hi):
+            return f"caption has {n} nouns, outside [{lo}, {hi or 'any'}] (nouns.min/max_caption_nouns)"
+        return None
+
     def __call__(self, items: list[Item]) -> list[Item]:
         idx = live(items)
         captions = [items[i].get("caption") or "" for i in idx]
         for i, caption, doc in zip(idx, captions, self.nlp.pipe(captions)):
             nouns = self.extract(caption, doc)
             items[i]["nouns"] = nouns
-            if not nouns:
-                fail(items[i], "nouns", "no nouns in the caption")
+            reason = "no nouns in the caption" if not nouns else self.count_reason(doc)
+            if reason:
+                fail(items[i], "nouns", reason)
         return items
+
+
+COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
+_NUMBERS = set(COUNT_WORDS.values()) | {"one", "seven", "eight", "nine", "ten", "several", "many"}
+
+
+def with_count_words(caption: str, nouns: list[dict], counts: dict[int, int]) -> tuple[str, list[dict]]:
+    """The caption with each noun detected 2-6 times (counts: noun index -> detections) preceded by its count
+    word, and the nouns with their spans and CLIP tokens moved to match (data_process.py's
+    `check_caption_spacy`: "a dog and a cat" with two dogs detected -> "two dog and a cat"). An article right
+    before the phrase is replaced ("a dog" -> "two dog"); a phrase already preceded by a number is left alone."""
+    edits = []  # (start, end, replacement) in the original caption
+    for k, n in sorted(counts.items()):
+        if n not in COUNT_WORDS or not 0 <= k < len(nouns):
+            continue
+        start = nouns[k]["span"][0]
+        before = caption[:start].rstrip()
+        prev = before.rsplit(" ", 1)[-1].lower() if before else ""
+        if prev in _NUMBERS or prev.isdigit():
+            continue
+        if prev in ("a", "an"):
+            edits.append((len(before) - len(prev), start, COUNT_WORDS[n] + " "))
+        else:
+            edits.append((start, start, COUNT_WORDS[n] + " "))
+    if not edits:
+        return caption, nouns
+    out, shifts, pos = [], [], 0
+    for a, b, text in sorted(edits):
+        out.append(caption[pos:a] + text)
+        shifts.append((b, len(text) - (b - a)))
+        pos = b
+    new = "".join(out) + caption[pos:]
+    moved = []
+    for noun in nouns:
+        s0, s1 = noun["span"]
+        d = sum(delta for at, delta in shifts if at <= s0)
+        span = [s0 + d, s1 + d]
+        assert new[span[0]:span[1]] == noun["phrase"], (new, span, noun["phrase"])
+        moved.append({**noun, "span": span, "tokens": clip_token_positions(new, span)})
+    return new, moved

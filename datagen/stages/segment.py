@@ -18,50 +18,16 @@ from datagen.config import SegmentConfig
 from datagen.stages.boxes import xyxy_norm_to_xyxy_pixels
 from datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
 from datagen.weights import resolve
+from subjectdiff.sam import SAM_ARCHS, arch_from_state_dict, build_sam  # noqa: F401  (re-exported)
+from subjectdiff.sam import load_sam as load_sam_file
 
 log = logging.getLogger(__name__)
 
-# segment-anything's registry, as encoder sizes (build_sam.py); prompt encoder and decoder are shared.
-SAM_ARCHS = {
-    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
-    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
-    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
-}
-
-
-def build_sam(encoder: dict) -> torch.nn.Module:
-    """A random-weight SAM with the given ViT encoder sizes (segment-anything's own assembly)."""
-    from segment_anything.build_sam import _build_sam
-
-    return _build_sam(
-        encoder_embed_dim=encoder["embed_dim"], encoder_depth=encoder["depth"],
-        encoder_num_heads=encoder["num_heads"], encoder_global_attn_indexes=list(encoder["global_attn_indexes"]),
-        checkpoint=None,
-    )
-
-
-def arch_from_state_dict(state: dict) -> dict:
-    """Encoder sizes read off a SAM state dict: width from the patch embedding, depth from the blocks,
-    heads from the relative-position tables (head_dim wide), global blocks from their 127-row tables
-    (2 * 64 - 1 positions at 1024 px; windowed blocks have 2 * 14 - 1)."""
-    embed_dim = state["image_encoder.patch_embed.proj.weight"].shape[0]
-    depth = len({k.split(".")[2] for k in state if k.startswith("image_encoder.blocks.")})
-    head_dim = state["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
-    glob = [i for i in range(depth) if state[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] == 127]
-    return dict(embed_dim=embed_dim, depth=depth, num_heads=embed_dim // head_dim, global_attn_indexes=tuple(glob))
-
 
 def load_sam(cfg: SegmentConfig) -> torch.nn.Module:
-    """An official SAM state-dict checkpoint -> eval Sam. model_type "auto" reads the encoder size off it."""
-    path = resolve(cfg.checkpoint)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    found = arch_from_state_dict(state)
-    if cfg.model_type != "auto" and SAM_ARCHS[cfg.model_type] != found:
-        raise ValueError(f"{path} holds a SAM image encoder {found}, not {cfg.model_type}; "
-                         "set segment.model_type to match the checkpoint (or 'auto')")
-    sam = build_sam(found)
-    sam.load_state_dict(state)
-    return sam.eval().requires_grad_(False)
+    """The segment stage's SAM: cfg.checkpoint resolved (cache, URLs) and loaded by the one shared SAM loader
+    (`subjectdiff.sam.load_sam`, which infer uses too); model_type "auto" reads the encoder size off the file."""
+    return load_sam_file(resolve(cfg.checkpoint), cfg.model_type)
 
 
 class Segmenter:

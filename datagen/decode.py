@@ -1,0 +1,54 @@
+"""The first step of every block: plan rows -> decoded items, as a Ray task on any node's CPUs.
+
+A row's bytes are read where it names them (a file, a tar member, a Parquet row; datagen/sources.py) and
+decoded once; a unit that cannot be read or decoded becomes an item failed at `read` or `decode`, with the
+reason a user can act on. With filters, an image too small or too elongated fails its size/aspect filter
+here, before any model sees it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datagen import units
+from datagen.config import FilterConfig
+
+Item = dict[str, Any]
+
+
+def _text(v) -> str | None:
+    return None if v is None or (isinstance(v, float) and v != v) else str(v)
+
+
+def read_failure(e: OSError) -> str:
+    """The failure reason of an unreadable unit: sources' own message (it names the file, row or column and
+    what went wrong), or the error's type and text for any other OSError."""
+    if isinstance(e, units.UnitReadError):
+        return str(e)
+    return f"unreadable input: {type(e).__name__}: {e}"
+
+
+def read_and_decode(rows: dict[str, list], filters: FilterConfig | None = None) -> list[Item]:
+    """Plan rows (columns of datagen.sources.PLAN_SCHEMA, as lists) -> one item per row, in order."""
+    from datagen.stages.common import decode_item, fail, failed
+    from datagen.stages.filters import prefilter
+
+    items = []
+    columns = rows.get("column") or [None] * len(rows["key"])
+    for i, key in enumerate(rows["key"]):
+        source, alt = rows["source"][i], _text(rows["alt_text"][i])
+        err = rows["error"][i]
+        if err:
+            item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read", err)
+        else:
+            try:
+                extra = [columns[i]] if columns[i] else []
+                data = units.read_unit(rows["path"][i], int(rows["offset"][i]), int(rows["size"][i]), *extra)
+                item = decode_item(source, data, alt_text=alt, key=key)
+            except OSError as e:
+                item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read",
+                            read_failure(e))
+        if filters is not None and not failed(item):
+            item = prefilter(item, filters)
+        items.append(item)
+    return items

@@ -1,0 +1,142 @@
+"""OUT/manifest.json: what produced a datagen output (input, config, models and their hashes, versions, code
+revision) and the runs that made it, each with its command, host, status and counts."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from catalogs import catalog
+from catalogs.storage import Folder
+from datagen import config as stage_config
+from datagen.job import JobConfig
+from datagen.progress import RunSummary
+from datagen.stage_pool import reason
+
+MANIFEST = "manifest.json"
+
+
+def _versions() -> dict[str, str]:
+    names = ["subjectdiff", "torch", "torchvision", "transformers", "groundingdino-py", "segment-anything",
+             "open_clip_torch", "spacy", "ray", "webdataset", "duckdb", "pyarrow", "numpy", "pillow"]
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _revision() -> str | None:
+    """The git commit of this code (+dirty), or $SUBJECTDIFF_REVISION where the checkout has no .git
+    (cluster nodes get the code without it: docs/cluster.md passes the revision in the job's env)."""
+    env = os.environ.get("SUBJECTDIFF_REVISION")
+    here = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return env
+    if rev.returncode != 0:
+        return env
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _models(cfg: stage_config.DatagenConfig) -> dict[str, Any]:
+    """Each stage's model, with its checkpoints' paths and hashes as `weights.run_manifest` resolves them."""
+    from datagen import weights
+
+    ck = weights.run_manifest(cfg)["checkpoints"]
+    ground = {"config": ck["ground.config_file"], "checkpoint": ck["ground.checkpoint"]}
+    if "ground.text_encoder" in ck:
+        ground["text_encoder"] = ck["ground.text_encoder"]
+    models = {
+        "caption": {"kind": cfg.caption.kind, **ck["caption.model"]},
+        "nouns": {"spacy_model": cfg.nouns.spacy_model, "mode": cfg.nouns.mode, **_spacy_version(cfg.nouns)},
+        "ground": ground,
+        "segment": {"model_type": cfg.segment.model_type, **ck["segment.checkpoint"]},
+    }
+    if cfg.curate.enabled:
+        models["curate"] = _curate_model(cfg.curate, ck)
+    return models
+
+
+def _curate_model(cfg: stage_config.CurateConfig, ck: dict[str, Any]) -> dict[str, Any]:
+    """The curate stage's open_clip model (a name, or its config file with hash), its weights (the file a tag
+    stands for, with hash; "random" without) and the aesthetic head (with hash; None without one)."""
+    out: dict[str, Any] = {"model": ck["curate.model"] if "curate.model" in ck else cfg.model,
+                           "pretrained": cfg.pretrained, "label_prompt": cfg.label_prompt}
+    out["weights"] = ck.get("curate.pretrained", "random")
+    out["aesthetic"] = ck.get("curate.aesthetic")
+    return out
+
+
+def _spacy_version(cfg: stage_config.NounsConfig) -> dict[str, str]:
+    """The spaCy pipeline "auto" picks (the first installed), with its version, without loading it."""
+    from datagen.stages.nouns import SPACY_MODELS
+
+    for name in SPACY_MODELS if cfg.spacy_model == "auto" else (cfg.spacy_model,):
+        try:
+            return {"spacy_pipeline": name, "spacy_pipeline_version": metadata.version(name.replace("_", "-"))}
+        except metadata.PackageNotFoundError:
+            continue
+    return {}
+
+
+class Manifest:
+    """OUT/manifest.json: what produced OUT. Each run (first or resumed) appends itself to `runs`.
+    catalog: the catalog file the run keeps (None: the default place for OUT, catalogs.catalog.catalog_path)."""
+
+    def __init__(self, out: str | os.PathLike, src: str, cfg: JobConfig, command: list[str],
+                 catalog_file: str | os.PathLike | None = None):
+        self.folder = Folder(out)
+        self.catalog_file = catalog_file
+        old = json.loads(self.folder.read_text(MANIFEST)) if self.folder.exists(MANIFEST) else {}
+        s = cfg.stages
+        self.data = {
+            "input": src,
+            "output": self.folder.url,
+            "preset": cfg.name,
+            "config": {"stages": asdict(s), "pipeline": asdict(cfg.pipeline)},
+            "models": _models(s),
+            "thresholds": {"box_threshold": s.ground.box_threshold, "text_threshold": s.ground.text_threshold,
+                           "nms_iou": s.ground.nms_iou, "detections": [s.filters.min_detections,
+                                                                       s.filters.max_detections]},
+            "versions": _versions(),
+            "code_revision": _revision(),
+            "runs": old.get("runs", []),
+        }
+        self.run = {"command": command, "start": time.time(), "end": None, "status": "running",
+                    "host": platform.node()}
+        self.data["runs"].append(self.run)
+        self._write()
+
+    def finish(self, summary: RunSummary, **extra: Any) -> None:
+        self.run.update(end=time.time(), status="complete" if not summary.incomplete else "incomplete",
+                        records=summary.ok, failures=summary.failed, seconds=summary.seconds, **extra)
+        st = catalog.query(self.folder.url, "SELECT (SELECT count(*) FROM samples) AS samples, "
+                                            "(SELECT count(*) FROM failures) AS failures, "
+                                            "(SELECT count(*) FROM objects) AS objects, "
+                                            "(SELECT count(*) FROM shards) AS shards",
+                           catalog=self.catalog_file).to_pylist()[0]
+        self.data["counts"] = st
+        self.data["start"] = self.data["runs"][0]["start"]
+        self.data["end"] = self.run["end"]
+        self._write()
+
+    def abort(self, e: BaseException) -> None:
+        """The run stopped on an error (or was interrupted): say so, and why, instead of 'running'."""
+        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        self.run.update(end=time.time(), status=status, error=reason(e) if isinstance(e, Exception) else status)
+        self._write()
+
+    def _write(self) -> None:
+        self.folder.write_text(MANIFEST, json.dumps(self.data, indent=2, default=str))

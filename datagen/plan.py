@@ -1,0 +1,101 @@
+"""The plan of a datagen run: every input unit listed once into OUT/_plan.parquet, cut into shards.
+
+The plan is made on the first run (datagen/sources.py lists SRC; tar shards are listed by Ray tasks) and
+reused by every rerun of the same command, which is what makes a resumed run write the same shards as an
+uninterrupted one. OUT/_plan.json records what it was made for: the input, the shard size, the input's
+column names, and a fingerprint of the stage settings that shape records; a rerun with others is refused.
+On an object store the plan is written locally, then uploaded, `_plan.json` last (it marks the plan
+complete).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pyarrow.parquet as pq
+
+from catalogs.storage import Folder
+from datagen import config as stage_config
+from datagen import sources
+
+PLAN_FILE, PLAN_META = "_plan.parquet", "_plan.json"
+
+# Stage settings that change how fast records are made, not what they hold: a resume may change them.
+_OPERATIONAL = ("device", "batch_size")
+
+
+def stages_fingerprint(cfg: stage_config.DatagenConfig) -> str:
+    """A hash of every stage setting that shapes the records (models, thresholds, filters, dtypes). The curate
+    section counts only when the stage is on, so a run with `curate.enabled=false` has the fingerprint that
+    runs had before the stage existed (and can resume them)."""
+    def strip(x):
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in sorted(x.items()) if k not in _OPERATIONAL}
+        return list(x) if isinstance(x, tuple) else x
+
+    settings = {k: v for k, v in cfg.to_json().items() if k != "name"}
+    if not cfg.curate.enabled:
+        settings.pop("curate")
+    blob = json.dumps(strip(settings), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_or_reuse(src: str, out: str | os.PathLike, shard_size: int, fingerprint: str, map_urls=None,
+                  columns: dict[str, str | None] | None = None) -> dict[str, int]:
+    """Reuse OUT's plan when it was made for the same input, shard size, columns and stage settings; else
+    make it. Returns {shard: number of units}. COLUMNS: {"image_column": ..., "caption_column": ...} naming
+    a list's columns (None: the defaults)."""
+    folder = Folder(out)
+    columns = {k: v for k, v in (columns or {}).items() if v}
+    want = {"input": src, "shard_size": shard_size, "stages": fingerprint, **columns}
+    if folder.exists(PLAN_META) and folder.exists(PLAN_FILE):
+        meta = json.loads(folder.read_text(PLAN_META))
+        if meta.get("input") != src or meta.get("shard_size") != shard_size:
+            raise sources.SourceError(
+                f"{folder.url} holds a run of input {meta.get('input')!r} with shard_size {meta.get('shard_size')}; "
+                "use another --output (or the same input and settings to resume)"
+            )
+        if meta.get("stages", fingerprint) != fingerprint:
+            raise sources.SourceError(
+                f"{folder.url} holds records made with other stage settings (models, thresholds or filters; "
+                f"fingerprint {meta['stages']}, now {fingerprint}): resuming would mix them. Use another "
+                "--output, or the config of that run (its manifest.json has it)"
+            )
+        if any(meta.get(k) != v for k, v in columns.items()):
+            raise sources.SourceError(f"{folder.url} holds a run with other input columns "
+                                      f"({ {k: meta.get(k) for k in columns} }); use another --output")
+        return meta["shards"]
+    folder.makedirs()
+    with tempfile.TemporaryDirectory(prefix="plan-", dir=folder.path if folder.local else None) as tmp:
+        local = os.path.join(tmp, PLAN_FILE)
+        counts = sources.write_plan(src, local, shard_size, map_urls=map_urls, **columns)
+        folder.commit(local, PLAN_FILE)
+    folder.write_text(PLAN_META, json.dumps({**want, "shards": counts, "created": time.time()}))
+    return counts
+
+
+def shard_rows(out: str | os.PathLike, todo: set[str], batch_rows: int = 10_000) -> Iterator[tuple[str, dict]]:
+    """(shard, its plan rows as {column: list}) for the shards in TODO, in plan order, streamed: one shard's
+    rows in memory at a time."""
+    folder = Folder(out)
+    with folder.open(PLAN_FILE) as f:
+        pf = pq.ParquetFile(f)
+        cur, rows = None, None
+        for i in range(pf.num_row_groups):
+            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[i]):
+                d = batch.to_pydict()
+                for j, shard in enumerate(d["shard"]):
+                    if shard != cur:
+                        if cur in todo:
+                            yield cur, rows
+                        cur, rows = shard, {k: [] for k in d}
+                    if shard in todo:
+                        for k, v in d.items():
+                            rows[k].append(v[j])
+        if cur in todo:
+            yield cur, rows

@@ -1,0 +1,57 @@
+"""What a datagen run tells its user: a progress line every few seconds, and a summary at the end."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class RunSummary:
+    shards: int
+    samples: int
+    ok: int
+    failed: int
+    seconds: float
+    skipped_shards: int
+    incomplete: list[str]
+
+    def line(self) -> str:
+        rate = (self.ok + self.failed) / self.seconds if self.seconds else 0.0
+        return (f"datagen: {self.ok} records, {self.failed} failures in {self.shards} shard(s) "
+                f"({self.skipped_shards} already complete), {self.seconds:.1f} s, {rate:.3g} images/s")
+
+
+class Progress:
+    """Samples done / failed / rate / ETA on stderr, at most every `every` seconds."""
+
+    def __init__(self, total: int, every: float = 5.0, stream=sys.stderr):
+        self.total, self.every, self.stream = total, every, stream
+        self.ok = self.failed = 0
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.shown = -1
+
+    def update(self, ok: int, failed: int, force: bool = False) -> None:
+        self.ok += ok
+        self.failed += failed
+        now = time.monotonic()
+        done = self.ok + self.failed
+        if (not force and now - self.last < self.every) or (force and done == self.shown):
+            return
+        self.shown = done
+        self.last = now
+        done = self.ok + self.failed
+        rate = done / max(now - self.t0, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else float("inf")
+        eta_s = _duration(eta) if eta != float("inf") else "?"
+        print(f"[datagen] {done}/{self.total} samples ({self.ok} ok, {self.failed} failed) "
+              f"{rate:.3g} img/s, ETA {eta_s}", file=self.stream, flush=True)
+
+
+def _duration(seconds: float) -> str:
+    """'05:04:03', or '2d 05:04:03' past a day (a large run's ETA)."""
+    days, rest = divmod(int(seconds), 86400)
+    clock = time.strftime("%H:%M:%S", time.gmtime(rest))
+    return f"{days}d {clock}" if days else clock

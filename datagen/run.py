@@ -1,0 +1,134 @@
+"""`subjectdiff datagen run`: source images -> catalogued Subject-Diffusion records, on Ray.
+
+How a record travels (one module per role):
+
+    datagen/plan.py         list SRC once into OUT/_plan.parquet: one row per image, shard_size rows per shard
+    datagen/distributor.py  the driver: shards to committers, blocks through the stages, counts back
+    datagen/decode.py       CPU tasks: each unit's bytes read and decoded once (size/aspect filters here)
+    datagen/stage_pool.py   actor pools: caption (BLIP), nouns (spaCy), ground (GroundingDINO), segment (SAM),
+                            curate (open_clip: hashes, CLIP and aesthetic scores, embeddings; skippable),
+                            each model loaded once per actor, with its own pool size and (fractional) GPUs;
+                            the detection filter runs as CPU tasks between ground and segment
+    datagen/committer.py    a writer beside each last-stage actor: spools its shards' records to local disk
+                            and publishes each finished shard to OUT (a folder or a bucket), stats last
+    datagen/manifest.py     OUT/manifest.json: config, models and hashes, versions, every run of OUT
+
+OUT is a local folder or any fsspec URL (s3://bucket/prefix): shards, sidecars, the plan and the manifest
+live there; the DuckDB catalog is local (catalogs.catalog.catalog_path, or `catalog=`).
+
+Resume: rerunning the same command reuses the plan, skips complete shards and redoes the others (a shard is
+complete only when its stats file is published, see catalogs/writer.py). Within one run, shards left
+incomplete by a lost worker are retried up to `max_attempts` times before the run gives up.
+`retry_failures=True` redoes, in complete shards, only the samples whose failure may pass on a second try
+(datagen/retry.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from catalogs import catalog
+from catalogs.storage import Folder
+from catalogs.writer import KINDS, complete_names, optional_names, shard_names
+from datagen import plan, ray_setup, sources
+from datagen.distributor import Distributor, local_output_node
+from datagen.job import JobConfig, active_stages
+from datagen.manifest import Manifest
+from datagen.progress import Progress, RunSummary
+
+
+def _ray_map(fn, urls):
+    """sources.write_plan's map_urls on Ray: FN over URLS as tasks, a bounded number in flight, in order."""
+    import ray
+
+    task = ray.remote(num_cpus=0.5, max_retries=3, **ray_setup.worker_options())(fn)
+    window = max(4, int(ray.cluster_resources().get("CPU", 2)) * 2)
+    pending = []
+    for url in urls:
+        pending.append(task.remote(url))
+        if len(pending) >= window:
+            yield ray.get(pending.pop(0))
+    for ref in pending:
+        yield ray.get(ref)
+
+
+def _complete(folder: Folder) -> set[str]:
+    """The complete shards of the run at the top of FOLDER, from one listing."""
+    return {n for n in complete_names(folder.listing()) if "/" not in n}
+
+
+def _clean_partial(folder: Folder, shards: list[str]) -> None:
+    """Whatever an earlier attempt left of these incomplete shards: each is redone whole."""
+    from catalogs.writer import TMP_SUFFIX
+
+    for s in shards:
+        names = list(shard_names(s).values()) + list(optional_names(s).values())
+        folder.remove(names + [n + TMP_SUFFIX for n in names] if folder.local else names)
+        if folder.local:
+            for p in os.listdir(folder.path):
+                if p.startswith(f"{s}.part") and p.endswith(TMP_SUFFIX):
+                    os.unlink(os.path.join(folder.path, p))
+
+
+def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | None = None,
+        command: list[str] | None = None, progress_every: float = 5.0, stage_factory=None,
+        image_column: str | None = None, caption_column: str | None = None, retry_failures: bool = False,
+        catalog_file: str | os.PathLike | None = None) -> RunSummary:
+    """Run (or resume) the pipeline from SRC into OUT; see the module docstring.
+
+    stage_factory(name, stage_config) -> stage replaces `build_stage` (tests inject slow or failing stages).
+    """
+    t0 = time.time()
+    folder = Folder(out)
+    folder.makedirs()
+    out = folder.url
+    if "://" not in src:
+        src = os.path.abspath(src)  # local paths (brace patterns too) are recorded absolute: any worker opens them
+    # A bad SRC (or column name) is one clear error before Ray starts (planning lists shards on Ray).
+    sources.detect(src, image_column=image_column, caption_column=caption_column)
+    joined = ray_setup.connect(ray_address, cfg.pipeline, active_stages(cfg.stages))
+    counts = plan.make_or_reuse(src, out, cfg.pipeline.shard_size, plan.stages_fingerprint(cfg.stages),
+                                map_urls=_ray_map, columns={"image_column": image_column,
+                                                            "caption_column": caption_column})
+    done_before = _complete(folder) & set(counts)
+    manifest = Manifest(out, src, cfg, command or sys.argv, catalog_file)
+    try:
+        ray_setup.resolve_gpus(cfg.pipeline, joined, active_stages(cfg.stages))
+        if retry_failures:
+            from datagen import retry
+
+            summary = retry.run_retries(out, cfg, counts, done_before, manifest=manifest, t0=t0,
+                                        progress_every=progress_every, factory=stage_factory,
+                                        catalog_file=catalog_file)
+        else:
+            summary = _run_shards(folder, cfg, counts, done_before, t0, progress_every, stage_factory, catalog_file)
+    except BaseException as e:
+        manifest.abort(e)
+        raise
+    manifest.finish(summary)
+    return summary
+
+
+def _run_shards(folder: Folder, cfg: JobConfig, counts: dict[str, int], done_before: set[str], t0: float,
+                progress_every: float, factory, catalog_file) -> RunSummary:
+    todo = [s for s in counts if s not in done_before]
+    _clean_partial(folder, todo)
+    prog = Progress(sum(counts[s] for s in todo), every=progress_every)
+    outcome = None
+    if todo:
+        dist = Distributor(folder.url, cfg, local_output_node=local_output_node(folder.url), progress=prog,
+                           extra_stats={"run_start": t0}, factory=factory, catalog_file=catalog_file)
+        outcome = dist.run(plan.shard_rows(folder.url, set(todo)))
+    prog.update(0, 0, force=True)
+    print(catalog.build(folder.url, catalog=catalog_file).summary(), file=sys.stderr)
+    complete = _complete(folder)
+    incomplete = [s for s in counts if s not in complete]
+    done = outcome.done if outcome else {}
+    ok, failed = sum(v[0] for v in done.values()), sum(v[1] for v in done.values())
+    return RunSummary(len(counts), sum(counts.values()), ok, failed, time.time() - t0, len(done_before),
+                      incomplete)
+
+
+__all__ = ["run", "KINDS"]

@@ -1,0 +1,182 @@
+"""The model stages on Ray: each stage's pool of actors, and the choice of actor for every block.
+
+A `StageActor` hosts one stage (datagen/stages/): the model loads once in its constructor, each `map` call
+maps one block of items. A `StagePool` holds a stage's actors and hands each block to the actor with the
+fewest blocks outstanding (preferring, among equals, one on the node that will write the block), which is
+what keeps every GPU busy when blocks differ in cost.
+
+Restarts are safe: an actor's constructor arguments (the stage config and an optional factory) are small
+and travel inside the actor's creation task, not in the object store (ray-project/ray#53727), so an actor
+lost with its node is recreated elsewhere, and its calls in flight are retried there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from datagen import config as stage_config
+from datagen.job import PoolConfig
+from datagen.ray_setup import worker_options
+
+log = logging.getLogger(__name__)
+
+Item = dict[str, Any]
+ACTOR_RESTARTS = -1  # a lost node's actors are always recreated (an autoscaler brings nodes back)
+CALL_RETRIES = 2  # a call is retried on the recreated actor this many times before its shard is redone
+
+
+# stage name -> (its class in datagen.stages, its section of DatagenConfig)
+STAGE_CLASSES = {"caption": ("Captioner", "caption"), "nouns": ("NounExtractor", "nouns"),
+                 "ground": ("Grounder", "ground"), "filter": ("ImageFilter", "filters"),
+                 "segment": ("Segmenter", "segment"), "curate": ("Curator", "curate")}
+
+
+def build_stage(name: str, cfg: stage_config.DatagenConfig):
+    """The stage object for NAME, loading its model (once); `fused` is the whole chain in one object."""
+    from datagen import stages
+
+    if name == "fused":
+        from datagen.stages.chain import build_stages, run_stages
+
+        chain = build_stages(cfg)
+        return lambda items: run_stages(chain, items)
+    if name not in STAGE_CLASSES:
+        raise ValueError(f"unknown stage {name!r}")
+    cls, section = STAGE_CLASSES[name]
+    return getattr(stages, cls)(getattr(cfg, section))
+
+
+class StageContractError(RuntimeError):
+    """A stage broke its contract (it lost or invented items): a bug, which stops the run instead of being
+    retried shard after shard."""
+
+
+def contract_error(e: BaseException) -> StageContractError | None:
+    """The StageContractError inside E (Ray wraps a remote error in its own), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, StageContractError):
+            return e
+        seen.add(id(e))
+        e = getattr(e, "cause", None) or e.__cause__
+    return None
+
+
+class StageActor:
+    """Hosts one stage: the model loads in __init__, each `map` call maps one block."""
+
+    def __init__(self, name: str, cfg: stage_config.DatagenConfig, factory=None):
+        self.name = name
+        self.stage = (factory or build_stage)(name, cfg)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def map(self, items: list[Item]) -> list[Item]:
+        """The stage over a block. An exception the stage does not turn into failures itself (a GPU out of
+        memory on one huge image, a model bug on odd input) does not stop the run: the block is redone one
+        item at a time, and each item that still raises becomes a failure of this stage with its error."""
+        try:
+            out = self.stage(items)
+        except Exception as e:  # noqa: BLE001 - any stage error is recorded per sample below
+            if len(items) == 1:
+                return [self._failed(items[0], e)]
+            log.warning("stage %s raised on a block of %d (%s); redoing it one item at a time",
+                        self.name, len(items), reason(e))
+            out = []
+            for item in items:
+                try:
+                    out.extend(self.stage([item]))
+                except Exception as e1:  # noqa: BLE001
+                    out.append(self._failed(item, e1))
+        if len(out) != len(items):  # a stage must account for every item it was given
+            raise StageContractError(f"stage {self.name} returned {len(out)} items for {len(items)}")
+        return out
+
+    def _failed(self, item: Item, e: Exception) -> Item:
+        from datagen.stages.common import fail
+
+        if self.name == "fused":  # the item records which of the chained stages it reached
+            stage = next((s for s in ("segment", "ground", "nouns", "caption") if _reached(item, s)), "caption")
+        else:
+            stage = self.name
+        return fail(item, stage, f"error: {reason(e)}")
+
+
+def filter_block(items: list[Item], cfg: stage_config.DatagenConfig, factory=None) -> list[Item]:
+    """The image filter over one block, as a Ray task (it holds no model)."""
+    return StageActor("filter", cfg, factory).map(items)
+
+
+def reason(e: BaseException) -> str:
+    """One line for a failure or a manifest: the innermost cause (Ray wraps a stage's error in its own)."""
+    seen = {id(e)}
+    while (inner := getattr(e, "cause", None) or e.__cause__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        e = inner
+    text = f"{type(e).__name__}: {e}".strip().splitlines()[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _reached(item: Item, stage: str) -> bool:
+    """Whether ITEM got as far as STAGE in a fused chain (its inputs are there)."""
+    need = {"caption": "image", "nouns": "caption", "ground": "nouns", "segment": "detections"}[stage]
+    return item.get(need) is not None
+
+
+class StagePool:
+    """The actors of one stage (on the driver): starts them, tracks the blocks each has outstanding, and
+    picks the least loaded for the next block."""
+
+    def __init__(self, name: str, pool: PoolConfig, cfg: stage_config.DatagenConfig, factory=None):
+        import ray
+
+        self.name = name
+        cls = ray.remote(StageActor).options(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
+                                            resources=dict(pool.resources) or None,
+                                            max_restarts=ACTOR_RESTARTS, max_task_retries=CALL_RETRIES,
+                                            **worker_options())
+        self.actors = [cls.remote(name, cfg, factory) for _ in range(pool.concurrency)]
+        self.load = [0] * len(self.actors)
+        self.nodes: list[str | None] = [None] * len(self.actors)
+        self._node_refs = {a.node_id.remote(): i for i, a in enumerate(self.actors)}
+        self._calls: dict[Any, int] = {}  # outstanding call's result ref -> actor index
+
+    def poll_nodes(self, timeout: float = 0.0) -> list[int]:
+        """Learn the node of actors that have started; returns the indices newly known."""
+        import ray
+
+        if not self._node_refs:
+            return []
+        ready, _ = ray.wait(list(self._node_refs), num_returns=len(self._node_refs), timeout=timeout)
+        new = []
+        for ref in ready:
+            i = self._node_refs.pop(ref)
+            try:
+                self.nodes[i] = ray.get(ref)
+                new.append(i)
+            except Exception as e:  # noqa: BLE001 - an actor that cannot start: its calls will say why
+                log.warning("stage %s actor %d did not start: %s", self.name, i, reason(e))
+        return new
+
+    def submit(self, block_ref, node: str | None = None):
+        """Hand a block (a ref to its items) to the least loaded actor; returns the ref of its output."""
+        i = min(range(len(self.actors)), key=lambda j: (self.load[j], self.nodes[j] != node, j))
+        ref = self.actors[i].map.remote(block_ref)
+        self.load[i] += 1
+        self._calls[ref] = i
+        return ref
+
+    def outstanding(self) -> list:
+        return list(self._calls)
+
+    def finished(self, ref) -> bool:
+        """Note that the call behind REF is over; False when REF is not one of this pool's calls."""
+        i = self._calls.pop(ref, None)
+        if i is None:
+            return False
+        self.load[i] -= 1
+        return True
