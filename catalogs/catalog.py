@@ -337,7 +337,9 @@ def query(root: str | os.PathLike, sql: str, params: list[Any] | None = None, *,
 
 def stats(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, top_labels: int = 20,
           bins: int = 10) -> dict[str, Any]:
-    """Counts, label histogram, score and area distributions, and failures by stage and reason."""
+    """Counts, label histogram, score and area distributions, the curation signals' distributions and the
+    number of exact duplicates (samples beyond the first with the same sha256), and failures by stage and
+    reason. A quantiles dict's `n` counts its non-NULL values."""
     with open_catalog(root, catalog=catalog) as con:
 
         def rows(sql: str) -> list[tuple]:
@@ -356,10 +358,11 @@ def stats(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, 
             )
             return [{"lo": edges[i], "hi": edges[i + 1], "count": counts.get(i, 0)} for i in range(bins)]
 
-        def quantiles(col: str) -> dict[str, float | None]:
-            q = rows(f"SELECT min({col}), quantile_cont({col}, [0.1, 0.5, 0.9]), max({col}), avg({col}) FROM objects")[0]
+        def quantiles(col: str, table: str = "objects") -> dict[str, float | None]:
+            q = rows(f"SELECT min({col}), quantile_cont({col}, [0.1, 0.5, 0.9]), max({col}), avg({col}), "
+                     f"count({col}) FROM {table} WHERE NOT isnan({col})")[0]
             qs = q[1] or [None, None, None]
-            return {"min": q[0], "p10": qs[0], "median": qs[1], "p90": qs[2], "max": q[2], "mean": q[3]}
+            return {"min": q[0], "p10": qs[0], "median": qs[1], "p90": qs[2], "max": q[2], "mean": q[3], "n": q[4]}
 
         return {
             "shards": n_shards,
@@ -371,6 +374,15 @@ def stats(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, 
             "n_labels": rows("SELECT count(DISTINCT label) FROM objects")[0][0],
             "score": {"quantiles": quantiles("score"), "histogram": hist("score")},
             "area": {"quantiles": quantiles("area"), "histogram": hist("area")},
+            # the curate stage's signals (NULL where it did not run, or for aesthetic: no head configured)
+            "curation": {
+                "clip_score": quantiles("clip_score", "samples"),
+                "alt_clip_score": quantiles("alt_clip_score", "samples"),
+                "aesthetic": quantiles("aesthetic", "samples"),
+                "label_score": quantiles("label_score"),
+                "exact_duplicates": rows("SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM samples "
+                                         "WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING n > 1)")[0][0],
+            },
             "failures_by_stage": rows("SELECT stage, count(*) AS n FROM failures GROUP BY 1 ORDER BY n DESC, stage"),
             "failures_by_reason": rows(
                 "SELECT stage, reason, count(*) AS n FROM failures GROUP BY 1, 2 ORDER BY n DESC, stage, reason"

@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--max-rows", type=int, default=40, help="rows shown in table format (default 40)")
     q.set_defaults(func=_guard(_query))
 
-    s = csub.add_parser("stats", help="counts, labels, score/area distributions, failures")
+    s = csub.add_parser("stats", help="counts, labels, score/area and curation-score distributions, failures")
     _add_dir(s)
     s.add_argument("--top", type=int, default=20, help="labels to list (default 20)")
     s.add_argument("--format", choices=["text", "json"], default="text")
@@ -165,6 +165,14 @@ def _stats(args: argparse.Namespace) -> int:
         peak = max((b["count"] for b in st[name]["histogram"]), default=0) or 1
         for b in st[name]["histogram"]:
             print(f"  [{b['lo']:.1f}, {b['hi']:.1f})  {'#' * round(30 * b['count'] / peak):<30} {b['count']}")
+    cur = st["curation"]
+    print("\ncuration:" + ("" if cur["clip_score"]["n"] or cur["label_score"]["n"] else " not run"))
+    for name in ("clip_score", "alt_clip_score", "aesthetic", "label_score"):
+        q = cur[name]
+        if q["n"]:
+            print(f"  {name:<15} " + "  ".join(f"{k} {_cell(v)}" for k, v in q.items() if k != "n") + f"  (n {q['n']})")
+    if cur["clip_score"]["n"]:
+        print(f"  exact duplicates {cur['exact_duplicates']} (catalog duplicates finds near ones too)")
     print("\nfailures by reason:" + ("" if st["failures_by_reason"] else " none"))
     for stage, reason, n in st["failures_by_reason"]:
         print(f"  {stage:<8} {reason:<50} {n}")

@@ -48,7 +48,7 @@ import urllib.parse
 from functools import lru_cache
 from pathlib import Path
 
-from catalogs.storage import ENV_CACHE, cache_root  # noqa: F401 - one cache folder for the project
+from catalogs.storage import cache_root  # one cache folder for the project
 
 DIGEST_LENGTHS = {"sha256": 64, "md5": 32}  # hex digits of each digest a spec may name
 CHUNK = 8 << 20  # bytes per read when copying from a bucket and when hashing

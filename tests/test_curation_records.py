@@ -26,6 +26,7 @@ from catalogs.reader import RecordReader
 from catalogs.schema import Failure, Record, RecordError, make_key
 from catalogs.selection import select
 from catalogs.writer import ShardWriter, complete_shards
+from subjectdiff.cli import main
 from tests.records import photo, photo_record
 
 DIM = 8
@@ -213,6 +214,21 @@ def test_catalog_columns_and_plan_order(planted):
     assert catalog.query(out, "SELECT idx FROM failures").column("idx").to_pylist() == [2]
     objs = catalog.query(out, "SELECT count(*) n, min(label_rank) lo, max(label_score) hi FROM objects").to_pylist()[0]
     assert objs["lo"] == 1 and objs["hi"] == pytest.approx(0.3)
+
+
+def test_stats_report_the_signals_and_exact_duplicates(planted, capsys):
+    out, recs = planted
+    st = catalog.stats(out)["curation"]
+    hashes = [r.sha256 for r in recs.values()]
+    assert st["exact_duplicates"] == len(hashes) - len(set(hashes)) >= 1
+    clip = [r.clip_score for r in recs.values()]
+    assert st["clip_score"]["n"] == len(clip)
+    assert st["clip_score"]["min"] == pytest.approx(min(clip)) and st["clip_score"]["max"] == pytest.approx(max(clip))
+    labels = [o.label_score for r in recs.values() for o in r.objects]
+    assert st["label_score"]["n"] == len(labels) and st["label_score"]["mean"] == pytest.approx(np.mean(labels), abs=1e-5)
+    assert main(["catalog", "stats", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"exact duplicates {st['exact_duplicates']}" in text and "label_score" in text
 
 
 def test_old_sidecars_load_as_nulls_and_an_old_catalog_is_rebuilt(tmp_path):

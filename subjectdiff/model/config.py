@@ -6,7 +6,7 @@ setting: Stable Diffusion 2 base + open_clip ViT-H-14).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 # Parameter groups that can be trained (the paper's training setup: cross-attention K/V, the adapters, conv_in, the text
