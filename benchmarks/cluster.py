@@ -1,6 +1,6 @@
 """Datagen on a multi-node Ray cluster with stand-in models: this pipeline against the one-writer design.
 
-    .venv/bin/python benchmarks/cluster.py                      # the full benchmark (about 35 minutes here)
+    .venv/bin/python benchmarks/cluster.py --seconds 60         # the full benchmark (over an hour here: the baseline is slow)
     .venv/bin/python benchmarks/cluster.py --actors 1,2 --seconds 20 --no-second-size   # a quick check
 
 A `ray.cluster_utils.Cluster` on this machine: a head node (the driver's; 2 CPU slots) and 4 worker nodes,
