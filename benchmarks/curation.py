@@ -163,27 +163,16 @@ def child_args(args) -> list[str]:
 
 CAPTIONS = ("an astronaut in a white suit holding a helmet", "a cat lying on a rug", "a cup of coffee on a saucer",
             "a rocket on a launchpad under the sky")
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "coins", "immunohistochemistry")
 OBJECTS = [("person", (0.1, 0.05, 0.9, 1.0)), ("cup", (0.55, 0.6, 0.95, 0.98)), ("dog", (0.0, 0.0, 0.35, 0.45))]
 
 
 def stage_items(n: int) -> list[dict]:
-    import io
-
-    from PIL import Image
-    from skimage import data
-
     from catalogs import masks as mask_codec
-    from datagen.stages.common import decode_item
+    from stages import PHOTOS, photo_item  # benchmarks/stages.py: the same photos as the other stages' rows
 
     out = []
     for i in range(n):
-        name = PHOTOS[i % len(PHOTOS)]
-        img = getattr(data, name)()
-        img = img if img.ndim == 3 else np.stack([img] * 3, -1)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG")
-        it = decode_item(f"skimage/{name}/{i}.jpg", buf.getvalue(), alt_text=f"stock photo {name}")
+        it = photo_item(i, alt_text=f"stock photo {PHOTOS[i % len(PHOTOS)]}")
         h, w = it["image"].shape[:2]
         it["caption"] = CAPTIONS[i % len(CAPTIONS)]
         it["nouns"] = [{"label": lb} for lb, _ in OBJECTS]

@@ -45,20 +45,26 @@ CAPTIONS = {
 BOXES = [[0.1, 0.05, 0.9, 1.0], [0.55, 0.6, 0.95, 0.98], [0.0, 0.0, 0.35, 0.45]]
 
 
-def items_for(n: int) -> list[dict]:
+def photo_item(i: int, **fields) -> dict:
+    """The i-th of PHOTOS (cycling) as the decode task makes it: encoded as JPEG, then decoded into an item
+    (key from `skimage/NAME/i.jpg`; FIELDS such as alt_text go to decode_item)."""
     import io
 
     from PIL import Image
     from skimage import data
 
+    name = PHOTOS[i % len(PHOTOS)]
+    img = getattr(data, name)()
+    img = img if img.ndim == 3 else np.stack([img] * 3, -1)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG")
+    return decode_item(f"skimage/{name}/{i}.jpg", buf.getvalue(), **fields)
+
+
+def items_for(n: int) -> list[dict]:
     out = []
     for i in range(n):
-        name = PHOTOS[i % len(PHOTOS)]
-        img = getattr(data, name)()
-        img = img if img.ndim == 3 else np.stack([img] * 3, -1)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, "JPEG")
-        it = decode_item(f"skimage/{name}/{i}.jpg", buf.getvalue())
+        it = photo_item(i)
         caps = list(CAPTIONS.values())
         it["caption"] = caps[i % len(caps)]
         out.append(it)

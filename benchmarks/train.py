@@ -208,15 +208,7 @@ def records_needed(args) -> int:
 def loader_rate(cfg, subject_size: int, batches: int) -> float:
     reader = make_reader(cfg.data, None, 0, 1, cfg.run.seed)
     stream = BatchStream(TrainSamples(reader, cfg, subject_size), cfg.data.batch_size, cfg.data.num_workers)
-    it = iter(stream)
-    next(it)  # start-up (workers, imports) is not throughput
-    t0, n = time.perf_counter(), 0
-    for _ in range(batches):
-        n += len(next(it)["key"])
-    rate = n / (time.perf_counter() - t0)
-    if stream.epoch != 0:
-        raise RuntimeError("the data-loader measurement crossed an epoch restart (DataLoader start-up timed)")
-    return rate
+    return stream_rate(stream, batches)
 
 
 class Variant:
