@@ -9,7 +9,7 @@ unchanged ones, only those are read, shards that disappeared are dropped, and bu
 
 Tables (see docs/records.md for every column):
     samples(key, shard, idx, caption, alt_text, width, height, n_objects, source, image_ext, image_bytes, ...,
-            sha256, phash, clip_score, alt_clip_score, aesthetic)
+            sha256, phash, clip_score, alt_clip_score, aesthetic, white_fraction)
     objects(key, shard, index, label, phrase, span_start, span_end, tokens, score, x0, y0, x1, y1,
             area, aspect, mask_area, mask_fill, containment, mask_score, label_score, label_rank)
     shards(name, path, n_ok, n_failed, n_objects, bytes, start_time, end_time, duration, fingerprint)
@@ -17,7 +17,8 @@ Tables (see docs/records.md for every column):
 
 `idx` is a sample's position in its shard's samples sidecar (ok and failed samples counted together), which is
 the plan order within the shard: plan order across a catalog is `ORDER BY shard, idx`. The curation columns
-are NULL for sidecars written without them (before the curate stage existed, or with it off). A catalog made
+are NULL for sidecars written without them (before the curate stage existed, or with it off); white_fraction,
+which sidecars have since schema version 3, is computed from the shard's images when its sidecar lacks it. A catalog made
 by another CATALOG_VERSION is rebuilt from scratch by the next build.
 """
 
@@ -27,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import tarfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,18 +41,19 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from catalogs.schema import IMAGE_EXTENSIONS
 from catalogs.storage import Folder, cache_root, is_local, local_path
-from catalogs.writer import KINDS, OBJECT_SCHEMA, SAMPLE_SCHEMA, complete_names, shard_names
+from catalogs.writer import KINDS, OBJECT_SCHEMA, SAMPLE_SCHEMA, complete_names, encoded_white_fraction, shard_names
 
 CATALOG_FILE = "catalog.duckdb"
-CATALOG_VERSION = 2  # 2: samples/failures.idx and the curation columns
+CATALOG_VERSION = 3  # 2: samples/failures.idx and the curation columns; 3: samples.white_fraction
 PLAN_ORDER = "shard, idx"  # the order datagen planned the samples in (module docstring)
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS samples (
     key VARCHAR, shard VARCHAR, idx INTEGER, caption VARCHAR, alt_text VARCHAR, width INTEGER, height INTEGER,
     n_objects INTEGER, source VARCHAR, image_ext VARCHAR, image_bytes BIGINT, schema_version INTEGER,
-    sha256 VARCHAR, phash BIGINT, clip_score REAL, alt_clip_score REAL, aesthetic REAL);
+    sha256 VARCHAR, phash BIGINT, clip_score REAL, alt_clip_score REAL, aesthetic REAL, white_fraction REAL);
 CREATE TABLE IF NOT EXISTS objects (
     key VARCHAR, shard VARCHAR, "index" INTEGER, label VARCHAR, phrase VARCHAR,
     span_start INTEGER, span_end INTEGER, tokens INTEGER[], score REAL,
@@ -243,7 +246,7 @@ def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
 
 _SAMPLE_COLUMNS = ["key", "shard", "idx", "caption", "alt_text", "width", "height", "n_objects", "source",
                    "image_ext", "image_bytes", "schema_version", "sha256", "phash", "clip_score", "alt_clip_score",
-                   "aesthetic"]
+                   "aesthetic", "white_fraction"]
 _FAILURE_COLUMNS = ["key", "shard", "idx", "source", "stage", "reason"]
 _OBJECT_COLUMNS = ["key", "shard", "index", "label", "phrase", "span_start", "span_end", "tokens", "score", "x0",
                    "y0", "x1", "y1", "area", "aspect", "mask_area", "mask_fill", "containment", "mask_score",
@@ -269,13 +272,34 @@ def _read_shard(folder: Folder, sid: str, shard: ShardListing) -> tuple[dict, pa
             with folder.open(names[kind]) as f:
                 t = pq.read_table(f)
         t = t.set_column(t.schema.get_field_index("shard"), "shard", pa.array([sid] * t.num_rows, pa.string()))
-        for f in _SIDECAR_SCHEMA[kind]:
-            if f.name not in t.schema.names:
-                t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+        missing = [f for f in _SIDECAR_SCHEMA[kind] if f.name not in t.schema.names]
+        for f in missing:
+            t = t.append_column(f, pa.nulls(t.num_rows, f.type))
+        if kind == "samples":
+            t = _with_white_fractions(t, folder, names["tar"])
         if kind == "samples":
             t = t.append_column("idx", pa.array(range(t.num_rows), pa.int32()))
         tables.append(t)
     return st, tables[0], tables[1]
+
+
+def _with_white_fractions(samples: pa.Table, folder: Folder, tar: str) -> pa.Table:
+    """Samples rows written before schema version 3 (a sidecar without the column, or rows a retry carried over)
+    have no white_fraction: computed here, once per build of the shard, from the images in its tar (streamed,
+    decoded as the reader decodes them). A shard whose ok rows all have it is returned as it is."""
+    keys, status = samples.column("key").to_pylist(), samples.column("status").to_pylist()
+    values = samples.column("white_fraction").to_pylist()
+    todo = {k for k, st, v in zip(keys, status, values) if st == "ok" and v is None}
+    if not todo:
+        return samples
+    found: dict[str, float] = {}
+    with folder.open(tar) as f, tarfile.open(fileobj=f, mode="r|") as archive:
+        for member in archive:
+            key, _, ext = member.name.rpartition(".")
+            if key in todo and ext in IMAGE_EXTENSIONS and member.isfile():
+                found[key] = encoded_white_fraction(archive.extractfile(member).read())
+    filled = pa.array([found.get(k, v) for k, v in zip(keys, values)], pa.float32())
+    return samples.set_column(samples.schema.get_field_index("white_fraction"), "white_fraction", filled)
 
 
 def _load(con: duckdb.DuckDBPyConnection, folder: Folder, shards: dict[str, ShardListing]) -> list[str]:

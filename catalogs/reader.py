@@ -188,8 +188,9 @@ class RecordReader(wds.DataPipeline):
     on_error: "raise" or "warn" (skip a broken sample or shard with a warning).
 
     split="balanced": the epoch's records, in shard order, are cut into one contiguous range per reader, all of
-    the same length (`quota`, a multiple of `multiple`); the remainder, at most readers x multiple records at the
-    end of the epoch's order, is dropped. Every rank and worker then yields the same number of full batches per
+    the same length (`quota`: a multiple of `multiple` when the records allow it); the remainder, at most
+    readers x multiple records at the end of the epoch's order, is dropped (with fewer records than readers,
+    each reader reads one and records repeat). Every rank and worker then yields the same number of full batches per
     epoch, so no rank runs ahead into the next epoch, and a position within the epoch is just the number of
     records each reader has yielded: set_epoch(e, skip=...) resumes there, opening no shard that lies wholly
     before it and decoding nothing before it. Shard record counts come from the selection or the sidecars.
@@ -277,8 +278,14 @@ class RecordReader(wds.DataPipeline):
         return sum(self.counts.values())
 
     def quota(self, readers: int) -> int:
-        """Records each of `readers` readers yields per epoch in a balanced split."""
-        return self.epoch_size() // readers // self.multiple * self.multiple
+        """Records each of `readers` readers yields per epoch in a balanced split: a multiple of `multiple` when
+        every reader gets one, else as many as each can get, and 1 when there are fewer records than readers
+        (reader i then reads record i modulo the epoch's size: records repeat)."""
+        total = self.epoch_size()
+        each = total // readers
+        if each >= self.multiple:
+            return each // self.multiple * self.multiple
+        return each or min(total, 1)
 
     def _epoch_urls(self) -> list[str]:
         urls = list(self.urls)
@@ -289,12 +296,13 @@ class RecordReader(wds.DataPipeline):
     def _balanced_windows(self) -> dict[str, tuple[int, int]]:
         """This reader's part of the epoch, past its skip: {shard: [first, stop) of its records}, in read order."""
         i, n = self.reader_index()
-        q = self.quota(n)
+        q, total = self.quota(n), self.epoch_size()
         part, n_workers = self.worker_part()
         if self.skip and len(self.skip) != n_workers:
             raise ValueError(f"set_epoch(skip={list(self.skip)}) is for {len(self.skip)} workers, this DataLoader "
                              f"has {n_workers}")
-        lo, hi = i * q + min(self.skip[part] if self.skip else 0, q), (i + 1) * q
+        start = i * q if total >= n else i % max(total, 1)  # fewer records than readers: each reads one, in turn
+        lo, hi = start + min(self.skip[part] if self.skip else 0, q), start + q
         windows, pos = {}, 0
         for u in self._epoch_urls():
             c = self.counts[u]

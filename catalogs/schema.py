@@ -4,6 +4,10 @@ A record describes one source image: the image bytes in their original encoding,
 the caption and one entry per grounded object (noun, character span, CLIP token positions, box, mask).
 docs/records.md is the prose version of this module; bump SCHEMA_VERSION when either changes.
 
+white_fraction (version 3): the fraction of the image's pixels that are near-white (all three channels above
+0.9, NEAR_WHITE), the reference's test for cut-out and product shots; training skips the subjects of an image
+above `data.max_white` and `catalog select --where "white_fraction <= 0.1"` leaves such images out.
+
 Curation signals (version 2, from datagen's curate stage; None where a run did not measure them): per record
 sha256, phash, clip_score, alt_clip_score, aesthetic, and the image embedding (`clip_embedding`, which goes to
 the shard's embedding sidecar, not into the JSON); per object label_score and label_rank.
@@ -27,7 +31,7 @@ import numpy as np
 
 from catalogs import masks as mask_codec
 
-SCHEMA_VERSION = 2  # 2: the curation signals (records of version 1 have none of them)
+SCHEMA_VERSION = 3  # 2: the curation signals (records of version 1 have none of them); 3: white_fraction
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -39,6 +43,7 @@ _EXT_ALIASES = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
 FAILURE_STAGES = ("read", "decode", "caption", "nouns", "ground", "segment", "filter", "write")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
+NEAR_WHITE = 229  # a channel above 0.9 of 255 (the reference's `image > 0.9` on [0, 1] tensors)
 
 
 class RecordError(ValueError):
@@ -132,6 +137,7 @@ class Record:
     alt_clip_score: float | None = None
     aesthetic: float | None = None
     clip_embedding: np.ndarray | None = field(default=None, repr=False)
+    white_fraction: float | None = None  # filled by the writer from the pixels when None
 
     def meta_json(self) -> dict[str, Any]:
         return {
@@ -147,6 +153,7 @@ class Record:
             "clip_score": self.clip_score,
             "alt_clip_score": self.alt_clip_score,
             "aesthetic": self.aesthetic,
+            "white_fraction": self.white_fraction,
             "objects": [o.to_json() for o in self.objects],
             "extra": self.extra,
         }
@@ -173,6 +180,12 @@ def box_pixels_xyxy(box: list[float], width: int, height: int) -> tuple[int, int
     x1 = int(math.ceil(box[2] * width))
     y1 = int(math.ceil(box[3] * height))
     return max(0, x0), max(0, y0), min(width, max(x1, x0 + 1)), min(height, max(y1, y0 + 1))
+
+
+def white_fraction(image: np.ndarray) -> float:
+    """(H, W, 3) uint8 -> the fraction of pixels whose three channels all exceed 0.9 (NEAR_WHITE)."""
+    darkest = np.minimum(np.minimum(image[..., 0], image[..., 1]), image[..., 2])  # 10x faster than .all(-1)
+    return float(np.count_nonzero(darkest > NEAR_WHITE) / max(darkest.size, 1))
 
 
 def _intersection(a: list[float], b: list[float]) -> float:
@@ -250,6 +263,9 @@ def _validate_curation(record: Record) -> None:
     for name in ("clip_score", "alt_clip_score", "aesthetic"):
         if not _finite_or_none(getattr(record, name)):
             raise RecordError(f"{k}: {name} {getattr(record, name)!r} must be a finite number or None")
+    wf = record.white_fraction
+    if wf is not None and not (_finite_or_none(wf) and 0 <= wf <= 1):
+        raise RecordError(f"{k}: white_fraction {wf!r} must be a fraction in [0, 1] or None")
     for i, o in enumerate(record.objects):
         if not _finite_or_none(o.label_score):
             raise RecordError(f"{k}: objects[{i}] ({o.label!r}): label_score {o.label_score!r} must be finite or None")

@@ -39,10 +39,13 @@ from catalogs.storage import Folder, is_local
 
 # The reference code's per-object rules (Subject-Diffusion `custom_dataset.py`: verify_keys, is_valid_bbox) that
 # the catalog's columns express, as an object predicate; train/data.py's data options apply the same thresholds
-# (and the rules SQL cannot: segments in the box, containment in an already chosen box, near-white images).
+# (and the rules SQL cannot: segments in the box, containment in an already chosen box). The label rule accepts
+# the object's own caption words too (its phrase: "people" for `person`, "knives" for `knife`), as the trainer
+# does; an image more than 10 % near-white gives no subject (the reference skips it).
 REFERENCE_OBJECT_WHERE = (
     "area > 0.08 AND area < 0.7 AND aspect > 0.3 AND aspect < 3 AND score > 0.3 "
-    "AND strpos(trim(label), ' ') = 0 AND strpos(caption, label) > 0 AND mask_fill >= 0.6 AND mask_area <= area"
+    "AND strpos(trim(label), ' ') = 0 AND (strpos(caption, label) > 0 OR (phrase <> '' AND strpos(caption, phrase) > 0)) "
+    "AND mask_fill >= 0.6 AND mask_area <= area AND white_fraction <= 0.1"
 )
 
 
@@ -55,7 +58,8 @@ def select(root: str | os.PathLike, where: str | None, out: str | os.PathLike, *
 
     WHERE is a SQL predicate over `samples` columns (None: every sample); object conditions go through a
     subquery, e.g. "n_objects BETWEEN 2 AND 8 AND key IN (SELECT key FROM objects WHERE score > 0.5)".
-    OBJECT_WHERE is a predicate over `objects` columns plus the sample's `caption`, `width` and `height`
+    OBJECT_WHERE is a predicate over `objects` columns plus the sample's `caption`, `width`, `height` and
+    `white_fraction`
     (e.g. REFERENCE_OBJECT_WHERE): each selected row then lists the sample's objects that satisfy it
     (column `objects`), and samples with none are left out.
     dedup ("exact" | "near"), dups, max_distance, exclude_near, exclude_distance: the curation options of the
@@ -150,7 +154,7 @@ def _predicate_sql(where: str | None, object_where: str | None) -> str:
     if object_where:
         sql += (
             ", ok AS (SELECT key, shard, list(\"index\" ORDER BY \"index\") AS objects FROM ("
-            "SELECT objects.*, samples.caption, samples.width, samples.height FROM objects "
+            "SELECT objects.*, samples.caption, samples.width, samples.height, samples.white_fraction FROM objects "
             "JOIN samples ON objects.key = samples.key AND objects.shard = samples.shard) AS objects "
             "WHERE (" + object_where + ") GROUP BY key, shard) "
             "SELECT sel.key, sel.shard, shards.path, ok.objects FROM sel "

@@ -25,6 +25,7 @@ tar; memory holds only the sidecar rows, never the image bytes.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -40,9 +41,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import numpy as np
+from PIL import Image
 
 from catalogs import embeddings as emb_sidecar
-from catalogs.schema import SCHEMA_VERSION, Failure, Record, RecordError, compute_quality, validate
+from catalogs.schema import (SCHEMA_VERSION, Failure, Record, RecordError, compute_quality, validate,
+                             white_fraction)
 from catalogs.storage import Folder
 
 TMP_SUFFIX = ".tmp"
@@ -73,6 +76,8 @@ SAMPLE_SCHEMA = pa.schema(
         ("clip_score", pa.float32()),
         ("alt_clip_score", pa.float32()),
         ("aesthetic", pa.float32()),
+        # near-white pixels / pixels (schema version 3), null for failed samples
+        ("white_fraction", pa.float32()),
     ]
 )
 
@@ -267,6 +272,8 @@ class ShardWriter:
         emb = self._embedding(record.key, record.clip_embedding)
         self._claim(record.key)
         compute_quality(record.objects, record.width, record.height)
+        if record.white_fraction is None:  # datagen fills it from the pixels it decoded; others pay a decode here
+            record.white_fraction = encoded_white_fraction(record.image)
         meta = json.dumps(record.meta_json(), ensure_ascii=False).encode("utf-8")
         self._add_member(part, f"{record.key}.{record.image_ext}", record.image)
         self._add_member(part, f"{record.key}.json", meta)
@@ -294,6 +301,7 @@ class ShardWriter:
                 "clip_score": record.clip_score,
                 "alt_clip_score": record.alt_clip_score,
                 "aesthetic": record.aesthetic,
+                "white_fraction": record.white_fraction,
             }
         )
         if emb is not None:
@@ -461,6 +469,12 @@ class ShardWriter:
     def _drop_spool(self) -> None:
         if self._own_spool:
             shutil.rmtree(self._spool, ignore_errors=True)
+
+
+def encoded_white_fraction(data: bytes) -> float:
+    """catalogs.schema.white_fraction of encoded image bytes, decoded as catalogs.reader decodes them."""
+    with Image.open(io.BytesIO(data)) as im:
+        return white_fraction(np.asarray(im.convert("RGB")))
 
 
 def _fsync(path: Path) -> None:

@@ -2,7 +2,7 @@
 
 The image bytes pass through unchanged; the key is `make_key(source)`; each detection becomes an
 ObjectAnn joining its noun (label, phrase, span, CLIP tokens), box, score and SAM mask, and the quality
-fields come from `catalogs.schema.compute_quality`. The curate stage's signals (sha256, phash, CLIP and aesthetic
+fields come from `catalogs.schema.compute_quality`, the near-white fraction from the decoded pixels. The curate stage's signals (sha256, phash, CLIP and aesthetic
 scores, the image embedding; each object's label_score and label_rank) are copied as they are, None where the
 stage did not run or could not measure them.
 """
@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from catalogs.schema import Failure, ObjectAnn, Record, RecordError, compute_quality, image_extension, make_key, validate
+from catalogs.schema import (Failure, ObjectAnn, Record, RecordError, compute_quality, image_extension, make_key,
+                             validate, white_fraction)
 
 Item = dict[str, Any]
 
@@ -58,6 +59,7 @@ def to_record(item: Item) -> Record | Failure:
             alt_text=item.get("alt_text"), extra=extra, sha256=item.get("sha256"), phash=item.get("phash"),
             clip_score=item.get("clip_score"), alt_clip_score=item.get("alt_clip_score"),
             aesthetic=item.get("aesthetic"), clip_embedding=item.get("clip_embedding"),
+            white_fraction=white_fraction(item["image"]),
         )
         validate(record)
     except (RecordError, KeyError, ValueError) as e:

@@ -241,7 +241,7 @@ def test_torchrun_two_ranks_disjoint_and_in_sync(shards, tmp_path):
     assert (out / "checkpoints" / "step-0000002" / "model.safetensors").exists()
 
 
-def test_resume_with_where_reuses_the_run_selection(shards, tmp_path):
+def test_resume_with_where_reuses_the_run_selection(shards, tmp_path, capsys):
     """A resumed --where run reads the selection saved with the run: it does not query the catalog again (here
     gone), and a different --where is refused instead of pointing the saved data position into other records."""
     import shutil
@@ -258,8 +258,9 @@ def test_resume_with_where_reuses_the_run_selection(shards, tmp_path):
     assert main([*args, "--where", where, "run.max_steps=2"]) == 0
     saved = (out / "selection.parquet").read_bytes()
     (data / "catalog.duckdb").unlink()
-    with pytest.raises(ValueError, match="keeps its selection"):
-        main([*args, "--where", "n_objects > 2", "--resume", "latest", "run.max_steps=4"])
+    assert main([*args, "--where", "n_objects > 2", "--resume", "latest", "run.max_steps=4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "keeps its selection" in err and len(err.splitlines()) == 1  # one line, no traceback
     assert main([*args, "--where", where, "--resume", "latest", "run.max_steps=4"]) == 0
     assert (out / "selection.parquet").read_bytes() == saved
     seen = [k for keys in traced_keys(out) for k in keys]
@@ -417,7 +418,7 @@ def test_resume_skips_records_without_decoding_them(shards, tmp_path, monkeypatc
     it = iter(first)
     assert take(it, 3) == straight[:3]
     state = first.state()
-    assert state == {"epoch": 0, "batches": 3, "samples": [4, 2]}
+    assert state == {"epoch": 0, "batches": 3, "samples": [4, 2], "next_part": 1}
     it.close()  # its workers stop (they may still be prefetching the epoch's last batch)
     log.unlink(missing_ok=True)
     it = iter(stream(state))
@@ -431,7 +432,9 @@ def test_resume_skips_records_without_decoding_them(shards, tmp_path, monkeypatc
     assert take(iter(stream({"epoch": 0, "batches": 3})), 5) == straight[3:]
 
 
-def test_square_crop_contains_the_subjects():
+def test_square_crop_stays_in_the_image_and_contains_what_fits():
+    """Never padded: the crop lies inside the image; it contains the box when the box fits in the short side, and
+    lies inside the box on an axis the box overflows (was: padded grey around a box larger than the short side)."""
     import numpy as np
 
     from train.data import square_crop
@@ -441,10 +444,16 @@ def test_square_crop_contains_the_subjects():
         w, h = int(rng.integers(32, 400)), int(rng.integers(32, 400))
         x0, y0 = rng.uniform(0, w - 2), rng.uniform(0, h - 2)
         box = np.array([[x0, y0, rng.uniform(x0 + 1, w), rng.uniform(y0 + 1, h)]])
-        cx, cy, side = square_crop(w, h, box, rng)
-        assert cx <= box[0, 0] and cy <= box[0, 1] and cx + side >= box[0, 2] and cy + side >= box[0, 3]
-        if side <= min(w, h):
-            assert 0 <= cx <= w - side and 0 <= cy <= h - side
+        for policy in ("short-side", "zoom"):
+            cx, cy, side = square_crop(w, h, box, rng, policy)
+            assert 0 <= cx <= w - side and 0 <= cy <= h - side and side <= min(w, h)
+            if policy == "short-side":
+                assert side == min(w, h)
+            for lo, hi, c in ((box[0, 0], box[0, 2], cx), (box[0, 1], box[0, 3], cy)):
+                if np.ceil(hi) - np.floor(lo) <= min(w, h) and max(np.ceil(box[0, 2:]) - np.floor(box[0, :2])) <= min(w, h):
+                    assert c <= lo and c + side >= hi
+                elif np.ceil(hi) - np.floor(lo) > side:
+                    assert np.floor(lo) <= c and c + side <= np.ceil(hi)
 
 
 def test_config_toml_presets_and_overrides(tmp_path):
@@ -485,8 +494,21 @@ def test_paper_preset_is_the_reference_setting():
     assert (d.min_mask_fill, d.box_segments, d.max_containment, d.max_white) == (0.6, (2, 5), 0.8, 0.1)
     assert (d.flip_p, d.rotate_deg, d.perspective, d.perspective_p, d.background_area) == (0.5, 10, 0.5, 0.5, 0.5)
     assert d.loc_tokens == ("label", "placeholder")
+    assert (d.single_word_label, d.label_in_caption, d.mask_within_box, d.fill_holes) == (True, True, True, True)
+    assert (d.min_crop_box_area, d.crop_aspect, d.min_mask_area, d.pick) == (200 / 512**2, (0.3, 3.0), 0.0, "score")
+    assert (d.crop, d.no_subject, d.augment, d.background, d.backgrounds) == ("short-side", "skip", True, "white", None)
+    assert (d.object_where, d.where, d.selection, d.shards, d.num_workers, d.subject_size) == (None, None, None, (), 6, 0)
     assert (m.max_subjects, m.mlp, m.null_features, m.fourier_order) == (2, "reference", "per-token", "gligen")
-    assert "mid_block." in m.loc_layers and m.arch == "sd2-base"
+    assert m.loc_layers == ("down_blocks.1.", "down_blocks.2.", "mid_block.", "up_blocks.1.", "up_blocks.2.")
+    assert (m.arch, m.base, m.image_encoder, m.image_encoder_weights, m.placeholder) == (
+        "sd2-base", "stabilityai/stable-diffusion-2-base", "ViT-H-14", "laion2b_s32b_b79k", "sks")
+    # the reference's trainable set: cross-attention K/V, adapters, conv_in, text encoder, text MLP, grounding net
+    assert set(m.trainable) == {"conv_in", "cross_kv", "adapters", "grounding", "text_mlp", "text_encoder"}
+    assert (o.betas, o.eps, o.grad_accum, o.ema_decay, o.ema_warmup) == ((0.9, 0.999), 1e-8, 1, 0.9999, True)
+    r = cfg.run
+    assert (r.precision, r.frozen_dtype, r.gradient_checkpointing, r.max_steps, r.out_dir) == (
+        "bf16", "auto", True, 100_000, "runs/paper")
+    assert (r.val_guidance, r.val_subject_guidance, r.val_scheduler) == (7.5, 1.5, "PNDMScheduler")
     # text (with its CLS fusion) dropped 10 %, the location map 10 %, both 5 %, subjects never
     drops = drop_events(200_000, l, torch.Generator().manual_seed(0), torch.device("cpu"))
     text, loc, subj = (drops[k].float() for k in ("text", "location", "subjects"))

@@ -14,23 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from subjectdiff.model.config import ModelConfig
+from subjectdiff.model.config import NATIVE_RESOLUTION, ModelConfig
+from subjectdiff.model.config import PRESETS as MODEL_PRESETS
 from subjectdiff.model.config import sd2_base as model_sd2_base
 from subjectdiff.model.config import tiny as model_tiny
 from subjectdiff.overrides import apply, merge_dicts, parse_override
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+CROPS = ("short-side", "zoom")
+NO_SUBJECT = ("skip", "text")
 
 
 @dataclass
 class DataConfig:
     """Where records come from, and how a record becomes a training sample (train/data.py).
 
-    shards: shard folders, files or brace patterns. selection: a `catalog select` Parquet. where: a SQL
-        predicate over the catalog's `samples` of `catalog` (a shard folder with catalog.duckdb); object_where: one
-        over its `objects` (with the sample's caption, width, height): the selection records each sample's
-        eligible objects, and samples without one are left out. Both are selected when the run starts into
-        out_dir/selection.parquet, which a resumed run reuses.
+    shards: shard folders, files or brace patterns. selection: a `catalog select` Parquet. catalog: a shard
+        folder (or URL) whose catalog selects the records: all of them, or those `where` (a SQL predicate over its
+        `samples`) and `object_where` (one over its `objects`, with the sample's caption, width, height and
+        white_fraction) select; the selection records each sample's eligible objects, and samples without one
+        are left out. The catalog's records are selected when the run starts into out_dir/selection.parquet,
+        which a resumed run reuses.
     resolution: training image side (pixels). subject_size: side of the subject images (0 = the image
         encoder's input size).
     Object selection (the reference code's rules, `custom_dataset.py`; object_rules=false turns them all off):
@@ -46,6 +50,14 @@ class DataConfig:
         crop (200 px of 512 x 512) with height / width in the open interval.
         min_mask_area: mask pixels / image pixels at least this (this project's rule; 0 = off).
         fill_holes: fill the masks' enclosed holes, as the reference does (`fill_cavity`).
+        Whatever the rules, a subject is its mask within its box: an object with no mask pixel in its box is never one.
+    crop: the square crop of the training image, always inside the image (never padded): "short-side" (the
+        reference's: the image's short side, at a random offset containing the chosen subjects, or as many of
+        them in pick order as fit; objects it cuts stay when their clipped box passes the post-crop rule) or
+        "zoom" (a random side between the contained subjects' extent and the short side).
+    no_subject: a record left without a subject (no object passes the rules, a near-white image, a crop that
+        cuts every subject): "skip" (the reference's: it gives no sample; skipped records are counted by reason
+        in the log) or "text" (it trains text-only on its caption, a short-side crop at a random offset).
     Subject images (subjectdiff.model.subject_image): augment: flip, rotation, perspective (and the background
         photo) on; flip_p, rotate_deg, perspective (torchvision's distortion_scale), perspective_p;
         backgrounds: a folder of photos (BG-20k's train/, or any) the subject is pasted on, at background_area of
@@ -53,8 +65,10 @@ class DataConfig:
     loc_tokens: the tokens whose attention maps localize a subject: "label" (its clause's label word, the
         reference's), "placeholder" (its clause's placeholder, the reference's), "phrase" (its words in the
         caption: shared by two detections of the same noun).
-    batch_size: samples per rank and micro-step. num_workers: DataLoader workers per rank. Each epoch is cut to
-        a multiple of ranks x max(num_workers, 1) x batch_size records, so that all ranks run the same batches.
+    batch_size: samples per rank and micro-step. num_workers: DataLoader workers per rank (fewer when an epoch
+        has fewer records than ranks x workers). Each epoch is cut to ranks x workers equal ranges, a multiple of
+        batch_size each when there are records enough, so that all ranks run alike; a worker's last batch may
+        be partial, and with fewer records than ranks x workers records repeat.
     """
 
     shards: tuple[str, ...] = ()
@@ -89,6 +103,8 @@ class DataConfig:
     perspective: float = 0.5
     perspective_p: float = 0.5
     loc_tokens: tuple[str, ...] = ("label", "placeholder")
+    crop: str = "short-side"
+    no_subject: str = "text"
     batch_size: int = 4
     num_workers: int = 2
 
@@ -105,14 +121,25 @@ class DataConfig:
         if self.pick not in ("score", "random"):
             raise ValueError(f"data.pick must be 'score' (descending detection score) or 'random', got {self.pick!r}")
         if (self.where or self.object_where) and not self.catalog and not self.shards:
-            raise ValueError("data.where / data.object_where need data.catalog (or one shard folder in data.shards) "
-                             "that holds catalog.duckdb")
+            raise ValueError("--where / --object-where need --catalog DIR, the shard folder whose catalog they query "
+                             "(data.catalog; or one folder in --shards)")
+        if self.crop not in CROPS:
+            raise ValueError(f"data.crop must be one of {CROPS}, got {self.crop!r}")
+        if self.no_subject not in NO_SUBJECT:
+            raise ValueError(f"data.no_subject must be one of {NO_SUBJECT}, got {self.no_subject!r}")
         if self.resolution % 8:
             raise ValueError(f"data.resolution must be a multiple of 8 (the VAE's stride), got {self.resolution}")
         if not self.loc_tokens or set(self.loc_tokens) - {"label", "placeholder", "phrase"}:
             raise ValueError(f"data.loc_tokens: choose from 'label', 'placeholder', 'phrase'; got {self.loc_tokens}")
         if not 0 < self.background_area <= 1:
             raise ValueError(f"data.background_area must be in (0, 1], got {self.background_area}")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def queries_catalog(self) -> bool:
+        """The records are the catalog's selection (where / object_where, or a catalog given alone)."""
+        return bool(self.where or self.object_where or (self.catalog and not self.selection and not self.shards))
 
 
 @dataclass
@@ -125,6 +152,7 @@ class OptimConfig:
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: float = 0.9999  # 0 disables the EMA
+    ema_warmup: bool = True  # diffusers' EMAModel warm-up: decay min(ema_decay, (1 + t) / (10 + t)) at update t
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -254,10 +282,11 @@ def paper() -> TrainConfig:
     weight decay 0, 1000 warm-up steps then constant, no gradient clipping, 8 samples per GPU; text (with the CLS
     fusion) dropped 10 %, the location map 10 %, both 5 %, subjects never; its object selection and subject
     augmentation (the DataConfig defaults; set data.backgrounds to a BG-20k folder for its background
-    replacement). Kept from this project (docs/training.md says why): bf16 autocast instead of fp16, the EMA."""
+    replacement), its short-side crop, and its skipping of records without a subject. Kept from this project
+    (docs/training.md says why): bf16 autocast instead of fp16, the EMA (with warm-up)."""
     return TrainConfig(
         model=model_sd2_base(),
-        data=DataConfig(resolution=512, batch_size=8, num_workers=6),
+        data=DataConfig(resolution=512, batch_size=8, num_workers=6, crop="short-side", no_subject="skip"),
         optim=OptimConfig(lr=3e-5, weight_decay=0.0, warmup_steps=1000, grad_clip=0.0),
         loss=LossConfig(drop_text=0.05, drop_location=0.05, drop_text_location=0.05, drop_subjects=0.0,
                         drop_all=0.0),
@@ -268,8 +297,19 @@ def paper() -> TrainConfig:
 PRESETS = {"tiny": tiny, "sd2-base": sd2_base, "sd2_base": sd2_base, "paper": paper}
 
 
-def load_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """A preset name ("tiny", "sd2-base", "paper") or a TOML file, then `key=value` overrides, applied in order."""
+def with_model(cfg: TrainConfig, name: str) -> TrainConfig:
+    """cfg on another model preset ("tiny", "sd2-base") at that model's native resolution, everything else as
+    cfg has it: `--config paper --model tiny` runs the paper's data, loss and schedule on a CPU in seconds."""
+    if name not in MODEL_PRESETS:
+        raise ValueError(f"--model {name!r}: choose a model preset from {sorted(MODEL_PRESETS)}")
+    cfg.model = MODEL_PRESETS[name]()
+    cfg.data.resolution = NATIVE_RESOLUTION[cfg.model.arch]
+    return cfg
+
+
+def load_config(config: str, overrides: list[str] | tuple[str, ...] = (), model: str | None = None) -> TrainConfig:
+    """A preset name ("tiny", "sd2-base", "paper") or a TOML file, on another model preset when `model` is given
+    (with_model), then the file's values and `key=value` overrides, applied in order."""
     if config in PRESETS:
         cfg, values = PRESETS[config](), {}
     elif Path(config).is_file():
@@ -280,6 +320,8 @@ def load_config(config: str, overrides: list[str] | tuple[str, ...] = ()) -> Tra
         cfg = PRESETS[preset]()
     else:
         raise ValueError(f"--config {config!r} is neither a preset ({', '.join(PRESETS)}) nor a TOML file")
+    if model is not None:
+        cfg = with_model(cfg, model)
     for o in overrides:
         values = merge_dicts(values, parse_override(o))
     return apply(cfg, values)

@@ -1,20 +1,27 @@
 """Records -> training samples (the paper's training-data preparation), and an infinite, resumable stream of batches.
 
 A sample, all fixed shapes (N = model.max_subjects subject slots, R = data.resolution, E = subject size):
-    image: (3, R, R) uint8, a square crop keeping the chosen subjects, resized to R.
+    image: (3, R, R) uint8, a square crop of the image (inside it: never padded), resized to R.
     subjects: (N, 3, E, E) uint8, each subject image (subjectdiff.model.subject_image), augmented.
     boxes: (N, 4) float32 xyxy normalized to the crop. present: (N,) bool. objects: (N,) long, the chosen
-        objects' indices in the record (-1 = empty slot).
-    masks: (N, R/8, R/8) float32 object masks in the crop (area-averaged), for the localization loss.
+        objects' indices in the record (-1 = empty slot). Present slots come first.
+    masks: (N, R/8, R/8) float32 object masks (within their boxes) in the crop, area-averaged, for the
+        localization loss.
+    crop: (3,) long, (x0, y0, side) of the crop in the record's pixels.
     prompt: the prompt text; input_ids: (77,) long, its tokens: the caption with ", the {label} is {placeholder}" per subject.
     placeholder_pos: (N,) long (-1 = none). loc_pos: (N, K) long token positions of each subject's map, -1 pad.
-    key: the record key. part: the reader part (DataLoader worker) it came from; BatchStream counts and drops it.
+    key: the record key. part, taken, skipped: the reader part (DataLoader worker) it came from, the records
+        that part has consumed with it, and the records skipped since its previous sample ({reason: count} as
+        JSON); BatchStream keeps and drops them.
 Every random choice of a sample comes from a generator seeded by (seed, epoch, key): the same record gives the
 same sample whatever the rank, worker or position, which makes resuming exact.
 
 Object selection follows the reference code (`custom_dataset.py::verify_keys`, `is_valid_bbox`, `is_contained`,
-`post_bbox_filter`): `object_ok` holds the per-object rules, `choose_subjects` walks the candidates in
-descending score (or random order) and skips one contained in an already chosen box.
+`post_bbox_filter`): `object_fault` holds the per-object rules, `choose_subjects` walks the candidates in
+descending score (or random order) and skips one contained in an already chosen box; `square_crop` crops the
+image's short side around them (data.crop), and `subjects_in_crop` drops what the crop cuts. A record left
+without a subject is skipped (data.no_subject="skip", the reference's way, counted by reason) or trains text
+only (data.no_subject="text").
 """
 
 from __future__ import annotations
@@ -22,8 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -31,9 +39,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from catalogs import catalog
 from catalogs.reader import DecodedRecord, RecordReader
-from catalogs.schema import box_pixels_xyxy
-from catalogs.selection import load_eligible_objects, load_selection
+from catalogs.schema import box_pixels_xyxy, white_fraction
+from catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, load_selection, select
 from catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
 from subjectdiff.model.prompts import SubjectPrompt, subject_prompt, tokenize
 from subjectdiff.model.subject_image import (SubjectAugment, background_files, background_photo, fill_holes,
@@ -43,7 +52,6 @@ from train.config import DataConfig, TrainConfig
 MAX_LOC_TOKENS = 8
 WHITE = (255, 255, 255)
 SELECTION_FILE = "selection.parquet"
-NEAR_WHITE = 229  # a channel above 0.9 of 255 (the reference's `image > 0.9` on [0, 1] tensors)
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -51,16 +59,37 @@ def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(h[:8], "little"))
 
 
-def white_fraction(image: np.ndarray) -> float:
-    """(H, W, 3) uint8 -> the fraction of pixels whose three channels all exceed 0.9 (near-white)."""
-    darkest = np.minimum(np.minimum(image[..., 0], image[..., 1]), image[..., 2])  # 10x faster than .all(-1)
-    return np.count_nonzero(darkest > NEAR_WHITE) / darkest.size
+class NoSubject(NamedTuple):
+    """A record that gives no training sample under data.no_subject="skip". code: a short reason to count
+    (SKIP_CODES); detail: one line a user can act on."""
+
+    code: str
+    detail: str
+
+
+SKIP_CODES = ("no objects", "no eligible object", "near-white image", "object rules", "cut by the crop",
+              "prompt too long")
+
+
+def box_rect(rec: DecodedRecord, i: int) -> tuple[int, int, int, int]:
+    """Object i's box in whole pixels (x0, y0, x1, y1), x1 and y1 exclusive (catalogs.schema.box_pixels_xyxy)."""
+    return box_pixels_xyxy(list(rec.boxes[i]), rec.width, rec.height)
+
+
+def boxed_mask(rec: DecodedRecord, i: int) -> np.ndarray:
+    """(H, W) bool: object i's mask inside its box. A subject is the mask within its detection box, as the
+    reference cuts it (`image_seg(bbox, ...)`): SAM may spill past the box, the subject and its localization
+    mask never do."""
+    x0, y0, x1, y1 = box_rect(rec, i)
+    out = np.zeros_like(rec.masks[i])
+    out[y0:y1, x0:x1] = rec.masks[i][y0:y1, x0:x1]
+    return out
 
 
 def box_segments(rec: DecodedRecord, i: int) -> int:
     """Distinct values of the record's label map inside object i's box: the objects' masks painted in record
     order (a later one covers an earlier one, as the reference's PNG does), 0 where none; background included."""
-    x0, y0, x1, y1 = box_pixels_xyxy(list(rec.boxes[i]), rec.width, rec.height)
+    x0, y0, x1, y1 = box_rect(rec, i)
     later = np.zeros((y1 - y0, x1 - x0), bool)  # pixels painted by an object after the current one
     n = 0
     for m in rec.masks[::-1, y0:y1, x0:x1]:
@@ -69,27 +98,62 @@ def box_segments(rec: DecodedRecord, i: int) -> int:
     return n + (not later.all())  # + the background
 
 
-def object_ok(rec: DecodedRecord, i: int, cfg: DataConfig) -> bool:
-    """Whether object i passes the per-object rules of `cfg` (DataConfig's docstring). The quality fields are
-    the catalog's (computed when the shard was written), so `catalog select --object-where` with the same
-    thresholds (catalogs.selection.REFERENCE_OBJECT_WHERE) agrees with these rules."""
+def label_named(rec: DecodedRecord, i: int) -> bool:
+    """The caption names object i: its label occurs in it, or its own phrase does (the caption's words for it:
+    "two people" names a `person`, "knives" a `knife`)."""
+    phrase = rec.phrases[i] if i < len(rec.phrases) else ""
+    return rec.labels[i] in rec.caption or bool(phrase and phrase in rec.caption)
+
+
+def _outside(name: str, value: float, bounds: tuple[float, float]) -> str | None:
+    """None when bounds[0] < value < bounds[1], else why not (the open intervals of the rules)."""
+    return None if bounds[0] < value < bounds[1] else f"{name} {value:.3g} not in ({bounds[0]:g}, {bounds[1]:g})"
+
+
+def object_fault(rec: DecodedRecord, i: int, cfg: DataConfig) -> str | None:
+    """The first per-object rule of `cfg` (DataConfig's docstring) that object i fails, as `data.<option>` words;
+    None when it passes them all. Whatever the rules, a subject needs a box with area, mask pixels inside it
+    and (with "phrase" localization tokens) caption tokens within the context. The quality fields are the
+    catalog's (computed when the shard was written), so `catalog select --object-where` with the same thresholds
+    (catalogs.selection.REFERENCE_OBJECT_WHERE) agrees with these rules."""
     o, box = rec.objects[i], rec.boxes[i]
-    if not (box[2] > box[0] and box[3] > box[1]) or not rec.masks[i].any():
-        return False
+    if not (box[2] > box[0] and box[3] > box[1]):
+        return f"box {np.round(box, 4).tolist()} has no area"
+    x0, y0, x1, y1 = box_rect(rec, i)
+    if not rec.masks[i][y0:y1, x0:x1].any():
+        return "its mask has no pixel inside its box"
     if "phrase" in cfg.loc_tokens and not (rec.tokens[i] and max(rec.tokens[i]) < CONTEXT_LENGTH - 1):
-        return False
+        return "data.loc_tokens 'phrase': its caption words lie beyond the 77-token context"
     if cfg.min_mask_area > 0 and o.mask_area < cfg.min_mask_area:
-        return False
+        return f"data.min_mask_area: {o.mask_area:.3g} < {cfg.min_mask_area:g}"
     if not cfg.object_rules:
-        return True
+        return None
     label = rec.labels[i]
-    return bool(
-        cfg.box_area[0] < o.area < cfg.box_area[1] and cfg.box_aspect[0] < o.aspect < cfg.box_aspect[1]
-        and o.score > cfg.min_score and (not cfg.single_word_label or " " not in label.strip())
-        and (not cfg.label_in_caption or label in rec.caption) and o.mask_fill >= cfg.min_mask_fill
-        and (not cfg.mask_within_box or o.mask_area <= o.area)
-        and cfg.box_segments[0] <= box_segments(rec, i) <= cfg.box_segments[1]
+    faults = (
+        lambda: _outside("data.box_area", o.area, cfg.box_area),
+        lambda: _outside("data.box_aspect", o.aspect, cfg.box_aspect),
+        lambda: None if o.score > cfg.min_score else f"data.min_score: score {o.score:.3g} <= {cfg.min_score:g}",
+        lambda: None if not cfg.single_word_label or " " not in label.strip()
+        else f"data.single_word_label: label {label!r} has several words",
+        lambda: None if not cfg.label_in_caption or label_named(rec, i)
+        else f"data.label_in_caption: neither label {label!r} nor its phrase is in the caption",
+        lambda: None if o.mask_fill >= cfg.min_mask_fill
+        else f"data.min_mask_fill: mask fills {o.mask_fill:.3g} of its box < {cfg.min_mask_fill:g}",
+        lambda: None if not cfg.mask_within_box or o.mask_area <= o.area
+        else "data.mask_within_box: the mask has more pixels than its box",
+        lambda: _segments_fault(rec, i, cfg),
     )
+    return next((f for f in (check() for check in faults) if f), None)
+
+
+def _segments_fault(rec: DecodedRecord, i: int, cfg: DataConfig) -> str | None:
+    n, (lo, hi) = box_segments(rec, i), cfg.box_segments
+    return None if lo <= n <= hi else f"data.box_segments: {n} segments in the box, not in [{lo}, {hi}]"
+
+
+def object_ok(rec: DecodedRecord, i: int, cfg: DataConfig) -> bool:
+    """Whether object i passes the per-object rules of `cfg` (object_fault)."""
+    return object_fault(rec, i, cfg) is None
 
 
 def contained(a: np.ndarray, b: np.ndarray, ratio: float) -> bool:
@@ -101,21 +165,34 @@ def contained(a: np.ndarray, b: np.ndarray, ratio: float) -> bool:
     return w * h / smaller > ratio
 
 
-def choose_subjects(rec: DecodedRecord, n: int, cfg: DataConfig, rng: np.random.Generator,
-                    allowed: Sequence[int] | None = None) -> list[int]:
-    """Up to n object indices: the candidates (among `allowed`, the selection's eligible objects, when given) in
-    descending detection score (cfg.pick "score", ties in record order) or in random order, each kept when it
-    passes `object_ok` and no chosen box contains it. An image with more than cfg.max_white near-white pixels
-    gets none (the reference skips it; here it trains as a sample without subjects)."""
-    if cfg.object_rules and white_fraction(rec.image) > cfg.max_white:
-        return []
+def candidates(rec: DecodedRecord, cfg: DataConfig, rng: np.random.Generator,
+               allowed: Sequence[int] | None = None) -> list[int]:
+    """The record's objects (among `allowed`, the selection's eligible objects, when given) in the order
+    subjects are chosen: descending detection score (cfg.pick "score", ties in record order) or random."""
     order = [i for i in (range(len(rec.labels)) if allowed is None else allowed) if 0 <= i < len(rec.labels)]
     if cfg.pick == "score":
         order.sort(key=lambda i: -float(rec.scores[i]))
     else:
         order = [order[j] for j in rng.permutation(len(order))]
+    return order
+
+
+def too_white(rec: DecodedRecord, cfg: DataConfig) -> float | None:
+    """The image's near-white fraction when the object rules refuse it subjects (more than cfg.max_white)."""
+    if not cfg.object_rules:
+        return None
+    wf = white_fraction(rec.image)
+    return wf if wf > cfg.max_white else None
+
+
+def choose_subjects(rec: DecodedRecord, n: int, cfg: DataConfig, rng: np.random.Generator,
+                    allowed: Sequence[int] | None = None) -> list[int]:
+    """Up to n object indices: the candidates in order, each kept when it passes `object_ok` and no chosen box
+    contains it. An image with more than cfg.max_white near-white pixels gets none (the reference skips it)."""
+    if too_white(rec, cfg) is not None:
+        return []
     chosen: list[int] = []
-    for i in order:
+    for i in candidates(rec, cfg, rng, allowed):
         if len(chosen) == n:
             break
         if cfg.object_rules and any(contained(rec.boxes[c], rec.boxes[i], cfg.max_containment) for c in chosen):
@@ -125,6 +202,22 @@ def choose_subjects(rec: DecodedRecord, n: int, cfg: DataConfig, rng: np.random.
     return chosen
 
 
+def no_subject(rec: DecodedRecord, cfg: DataConfig, allowed: Sequence[int] | None) -> NoSubject:
+    """Why choose_subjects found no subject in rec, for counting and for messages."""
+    if not rec.labels:
+        return NoSubject("no objects", "the record has no objects")
+    wf = too_white(rec, cfg)
+    if wf is not None:
+        return NoSubject("near-white image", f"near-white image: {wf:.0%} of its pixels above 0.9 > data.max_white "
+                                             f"{cfg.max_white:g}")
+    order = candidates(rec, cfg, np.random.default_rng(0), allowed)
+    if not order:
+        return NoSubject("no eligible object", "none of its objects is eligible in the selection (--object-where)")
+    i = order[0]
+    return NoSubject("object rules", f"no object passes the object rules; the best candidate, object {i} "
+                                     f"({rec.labels[i]!r}): {object_fault(rec, i, cfg)}")
+
+
 def crop_box_ok(box: np.ndarray, cfg: DataConfig) -> bool:
     """After the crop: the box (xyxy in [0, 1] of the crop) covers more than min_crop_box_area with height /
     width inside crop_aspect (the reference's `post_bbox_filter`)."""
@@ -132,34 +225,49 @@ def crop_box_ok(box: np.ndarray, cfg: DataConfig) -> bool:
     return bool(w > 0 and h > 0 and w * h > cfg.min_crop_box_area and cfg.crop_aspect[0] < h / w < cfg.crop_aspect[1])
 
 
-def square_crop(w: int, h: int, boxes_px: np.ndarray, rng: np.random.Generator) -> tuple[int, int, int]:
-    """(x0, y0, side) of a random square crop containing every box (xyxy pixels); it may reach outside the
-    image (padded) only when the boxes' union is wider or taller than the image's short side."""
-    short = min(w, h)
-    if len(boxes_px):
-        ux0, uy0 = boxes_px[:, 0].min(), boxes_px[:, 1].min()
-        ux1, uy1 = boxes_px[:, 2].max(), boxes_px[:, 3].max()
-        need = int(max(np.ceil(ux1) - np.floor(ux0), np.ceil(uy1) - np.floor(uy0)))  # whole pixels
+def pixel_union(boxes_px: np.ndarray) -> tuple[int, int, int, int]:
+    """(K, 4) xyxy pixel boxes -> the whole-pixel extent of their union (x0, y0, x1, y1), x1 and y1 exclusive."""
+    return (int(np.floor(boxes_px[:, 0].min())), int(np.floor(boxes_px[:, 1].min())),
+            int(np.ceil(boxes_px[:, 2].max())), int(np.ceil(boxes_px[:, 3].max())))
+
+
+def _crop_offset(u0: int, u1: int, extent: int, side: int, rng: np.random.Generator) -> int:
+    """A random start x of [x, x + side) inside [0, extent) that covers [u0, u1) when it fits in side, and
+    lies inside [u0, u1) when it does not."""
+    if u1 - u0 <= side:
+        lo, hi = max(u1 - side, 0), min(u0, extent - side)
     else:
-        ux0, uy0, ux1, uy1, need = 0, 0, w, h, 1
-    side = int(rng.integers(need, short + 1)) if need <= short else need
-
-    def start(u0: float, u1: float, extent: int) -> int:
-        # the crop [x, x + side) must cover [u0, u1]; inside the image when it fits
-        lo, hi = int(np.ceil(u1)) - side, int(np.floor(u0))
-        if side <= extent:
-            lo, hi = max(lo, 0), min(hi, extent - side)
-        return int(rng.integers(lo, hi + 1))
-
-    return start(ux0, ux1, w), start(uy0, uy1, h), side
+        lo, hi = u0, min(u1 - side, extent - side)
+    return int(rng.integers(lo, hi + 1))
 
 
-def crop_pad(img: Image.Image, x0: int, y0: int, side: int, fill) -> Image.Image:
-    """A side x side crop at (x0, y0), padded with `fill` where it leaves the image."""
-    out = Image.new(img.mode, (side, side), fill)
-    out.paste(img.crop((max(x0, 0), max(y0, 0), min(x0 + side, img.width), min(y0 + side, img.height))),
-              (max(-x0, 0), max(-y0, 0)))
-    return out
+def square_crop(w: int, h: int, boxes_px: np.ndarray, rng: np.random.Generator, policy: str = "short-side"
+                ) -> tuple[int, int, int]:
+    """(x0, y0, side) of a random square crop, always inside the image (never padded). boxes_px: (K, 4) xyxy
+    pixels, the chosen subjects in pick order. The crop contains the union of as many of them, in order, as fit
+    in the image's short side (all of them unless their union is wider or taller than it); when not even the
+    first fits, it lies inside the first box on the axis that box overflows. Boxes it cuts are clipped by the
+    caller. policy: "short-side" (the reference's: side = the short side), or "zoom" (a side drawn between the
+    contained boxes' extent and the short side: a closer view). Without boxes: the short side at a random
+    offset."""
+    short = max(min(w, h), 1)
+    k = len(boxes_px)
+    while k and max(np.subtract(pixel_union(boxes_px[:k])[2:], pixel_union(boxes_px[:k])[:2])) > short:
+        k -= 1
+    if len(boxes_px) == 0:
+        ux0, uy0, ux1, uy1 = 0, 0, w, h
+    else:
+        ux0, uy0, ux1, uy1 = pixel_union(boxes_px[: max(k, 1)])
+    side = short
+    if policy == "zoom" and k:
+        side = int(rng.integers(max(ux1 - ux0, uy1 - uy0, 1), short + 1))
+    return _crop_offset(ux0, ux1, w, side, rng), _crop_offset(uy0, uy1, h, side, rng), side
+
+
+def crop_box(box: np.ndarray, rec: DecodedRecord, x0: int, y0: int, side: int) -> np.ndarray:
+    """A record box (xyxy in [0, 1] of the image) -> xyxy in [0, 1] of the crop, clipped to it. (4,) float32."""
+    wh = np.array([rec.width, rec.height] * 2, np.float32)
+    return np.clip((box * wh - [x0, y0, x0, y0]) / side, 0, 1).astype(np.float32)
 
 
 def filled_mask(mask: np.ndarray) -> np.ndarray:
@@ -192,21 +300,51 @@ def augmentation(cfg: DataConfig) -> SubjectAugment | None:
     return SubjectAugment(cfg.flip_p, cfg.rotate_deg, cfg.perspective, cfg.perspective_p, cfg.background_area)
 
 
+def subjects_in_crop(rec: DecodedRecord, chosen: list[int], crop: tuple[int, int, int], cfg: DataConfig
+                     ) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+    """The chosen objects that stay subjects in the crop (x0, y0, side), with their boxes in the crop and their
+    boxed masks: an object stays when part of its boxed mask lies in the crop and, with the object rules, its
+    clipped box passes the reference's post-crop rule (crop_box_ok)."""
+    x0, y0, side = crop
+    kept, boxes, masks = [], [], []
+    for i in chosen:
+        box, mask = crop_box(rec.boxes[i], rec, x0, y0, side), boxed_mask(rec, i)
+        if not (box[2] > box[0] and box[3] > box[1] and mask[y0: y0 + side, x0: x0 + side].any()):
+            continue
+        if cfg.object_rules and not crop_box_ok(box, cfg):
+            continue
+        kept.append(i)
+        boxes.append(box)
+        masks.append(mask)
+    return kept, boxes, masks
+
+
 def make_sample(rec: DecodedRecord, cfg: TrainConfig, subject_size: int, rng: np.random.Generator,
-                allowed: Sequence[int] | None = None) -> dict[str, Any]:
-    """One training sample from one record (see the module docstring for the fields). allowed: the selection's
-    eligible objects of this record (None: all)."""
+                allowed: Sequence[int] | None = None) -> dict[str, Any] | NoSubject:
+    """One training sample from one record (see the module docstring for the fields), or NoSubject when the
+    record yields no subject and cfg.data.no_subject is "skip". allowed: the selection's eligible objects of
+    this record (None: all)."""
     n, r, d = cfg.model.max_subjects, cfg.data.resolution, cfg.data
     chosen = choose_subjects(rec, n, d, rng, allowed)
     wh = np.array([rec.width, rec.height] * 2, np.float32)
-    x0, y0, side = square_crop(rec.width, rec.height, rec.boxes[chosen] * wh, rng)
-    boxes = [np.clip((rec.boxes[i] * wh - [x0, y0, x0, y0]) / side, 0, 1).astype(np.float32) for i in chosen]
-    if d.object_rules:
-        kept = [k for k, b in enumerate(boxes) if crop_box_ok(b, d)]
-        chosen, boxes = [chosen[k] for k in kept], [boxes[k] for k in kept]
-    image = crop_pad(Image.fromarray(rec.image), x0, y0, side, (127, 127, 127))
+    crop = square_crop(rec.width, rec.height, rec.boxes[chosen] * wh, rng, d.crop)
+    kept, boxes, masks = subjects_in_crop(rec, chosen, crop, d)
+    sp = subject_prompt(rec.caption, [rec.labels[i] for i in kept], cfg.model.placeholder)
+    fit = sum(p >= 0 for p in sp.placeholder_pos)  # clauses past the 77 tokens (the last ones) are no subjects
+    truncated = fit < len(kept)
+    if truncated:
+        kept, boxes, masks = kept[:fit], boxes[:fit], masks[:fit]
+        sp = subject_prompt(rec.caption, [rec.labels[i] for i in kept], cfg.model.placeholder)
+    if not kept and d.no_subject == "skip":
+        if not chosen:
+            return no_subject(rec, d, allowed)
+        if truncated:
+            return NoSubject("prompt too long", "the caption fills the 77-token context: no subject clause fits")
+        return NoSubject("cut by the crop", "the crop leaves no chosen subject in view (data.min_crop_box_area, "
+                                            "data.crop_aspect)")
+    x0, y0, side = crop
+    image = Image.fromarray(rec.image).crop((x0, y0, x0 + side, y0 + side))
     image = image.resize((r, r), Image.BICUBIC, reducing_gap=2.0)
-    sp = subject_prompt(rec.caption, [rec.labels[i] for i in chosen], cfg.model.placeholder)
     out = {
         "key": rec.key,
         "image": np.asarray(image, np.uint8).transpose(2, 0, 1).copy(),
@@ -215,24 +353,25 @@ def make_sample(rec: DecodedRecord, cfg: TrainConfig, subject_size: int, rng: np
         "present": np.zeros(n, bool),
         "objects": np.full(n, -1, np.int64),
         "masks": np.zeros((n, r // 8, r // 8), np.float32),
+        "crop": np.array(crop, np.int64),
         "prompt": sp.prompt,
-        "labels": json.dumps([rec.labels[i] for i in chosen]),  # JSON text: batches of strings collate
+        "labels": json.dumps([rec.labels[i] for i in kept]),  # JSON text: batches of strings collate
         "input_ids": np.asarray(tokenize(sp.prompt), np.int64),
         "placeholder_pos": np.full(n, -1, np.int64),
         "loc_pos": np.full((n, MAX_LOC_TOKENS), -1, np.int64),
     }
     aug = augmentation(d)
     files = background_files(d.backgrounds) if d.backgrounds and aug is not None else ()
-    for j, i in enumerate(chosen):
-        mask = filled_mask(rec.masks[i]) if d.fill_holes else rec.masks[i]
+    for j, i in enumerate(kept):
+        mask = filled_mask(masks[j]) if d.fill_holes else masks[j]
         bg = background_photo(files[int(rng.integers(len(files)))], subject_size, rng) if files else None
         fill = WHITE if d.background == "white" else tuple(int(c) for c in rng.integers(0, 256, 3))
         out["subjects"][j] = subject_image(rec.image, mask, subject_size, augment=aug, rng=rng, background=bg,
                                            fill=fill).transpose(2, 0, 1)
         out["boxes"][j] = boxes[j]
-        out["present"][j] = sp.placeholder_pos[j] >= 0
+        out["present"][j] = True
         out["objects"][j] = i
-        m = crop_pad(Image.fromarray(mask.astype(np.uint8) * 255), x0, y0, side, 0)
+        m = Image.fromarray(mask[y0: y0 + side, x0: x0 + side].astype(np.uint8) * 255)
         out["masks"][j] = np.asarray(m.resize((r // 8, r // 8), Image.BOX), np.float32) / 255
         out["placeholder_pos"][j] = sp.placeholder_pos[j]
         pos = loc_positions(rec, i, sp, j, d.loc_tokens)
@@ -240,10 +379,15 @@ def make_sample(rec: DecodedRecord, cfg: TrainConfig, subject_size: int, rng: np
     return out
 
 
+class SampleError(ValueError):
+    """A record the trainer cannot turn into a sample; the message is one line naming the record and shard."""
+
+
 class TrainSamples(torch.utils.data.IterableDataset):
     """Training samples from a RecordReader (which splits records over ranks and DataLoader workers).
     eligible: {record key: object indices} from a selection made with an object predicate; a record's
-    subjects are chosen among its eligible objects only (None: among all)."""
+    subjects are chosen among its eligible objects only (None: among all). Records without a subject under
+    data.no_subject="skip" yield nothing; the next sample carries their count (module docstring)."""
 
     def __init__(self, reader: RecordReader, cfg: TrainConfig, subject_size: int,
                  eligible: dict[str, list[int]] | None = None):
@@ -258,50 +402,57 @@ class TrainSamples(torch.utils.data.IterableDataset):
         self.epoch = epoch
         self.reader.set_epoch(epoch, skip, first_worker)
 
-    def sample(self, rec: DecodedRecord) -> dict[str, Any]:
-        """The training sample of one record in the current epoch."""
+    def sample(self, rec: DecodedRecord) -> dict[str, Any] | NoSubject:
+        """The training sample of one record in the current epoch (NoSubject: skipped). A record that breaks
+        sample building raises SampleError naming it."""
         allowed = None if self.eligible is None else self.eligible.get(rec.key, [])
         rng = sample_rng(self.cfg.run.seed, self.epoch, rec.key)
-        return make_sample(rec, self.cfg, self.subject_size, rng, allowed)
+        try:
+            return make_sample(rec, self.cfg, self.subject_size, rng, allowed)
+        except Exception as e:  # noqa: BLE001 - any failure becomes one line naming the record
+            raise SampleError(f"record {rec.key} (shard {rec.shard or '?'}): {type(e).__name__}: {e}") from e
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         part, _ = self.reader.worker_part()
+        taken = self.reader.skip[part] if self.reader.skip else 0
+        skipped: Counter[str] = Counter()
         for rec in self.reader:
+            taken += 1
             sample = self.sample(rec)
-            sample["part"] = part
+            if isinstance(sample, NoSubject):
+                skipped[sample.code] += 1
+                continue
+            sample.update(part=part, taken=taken, skipped=json.dumps(skipped))
+            skipped = Counter()
             yield sample
 
 
 def run_selection(cfg: DataConfig, out_dir: str, resume: bool) -> str | None:
-    """The run's selection Parquet (read on rank 0): data.selection, or data.where's and data.object_where's,
-    which `catalog select` writes to out_dir/selection.parquet when the run starts. A resumed run reuses that
-    file and never queries again: its saved data position counts records of that selection, and the catalog may
-    have changed since."""
-    if not (cfg.where or cfg.object_where):
+    """The run's selection Parquet (read on rank 0): data.selection, or the catalog's records that data.where and
+    data.object_where select (all of them when neither is set), which `catalog select` writes to
+    out_dir/selection.parquet when the run starts. A resumed run reuses that file and never queries again: its
+    saved data position counts records of that selection, and the catalog may have changed since."""
+    if not cfg.queries_catalog:
         return cfg.selection
     path = os.path.join(out_dir, SELECTION_FILE)
     if resume:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume with data.where: {path}, the selection this run started with, is "
-                                    "missing; restore it (or pass it as data.selection) to continue the run")
+            raise FileNotFoundError(f"--resume with a catalog selection: {path}, the selection this run started "
+                                    "with, is missing; restore it (or pass it as --selection) to continue the run")
         saved = json.loads(pq.read_schema(path).metadata[b"subjectdiff.selection"])
         for name in ("where", "object_where"):
             if saved.get(name) != getattr(cfg, name):
                 raise ValueError(f"data.{name} is {getattr(cfg, name)!r}, but the run started with "
                                  f"{saved.get(name)!r} ({path}): a resumed run keeps its selection; start a new run "
-                                 "(another run.out_dir) for a new one")
+                                 "(another --out) for a new one")
         return path
-    from catalogs.selection import REFERENCE_OBJECT_WHERE, select
-
-    from catalogs import catalog
-
     root = cfg.catalog or cfg.shards[0]
     if not catalog.catalog_path(root).exists():  # a bucket's catalog is a local file: made here on first use
         catalog.build(root)
     objects = REFERENCE_OBJECT_WHERE if cfg.object_where == "reference" else cfg.object_where
     if select(root, cfg.where, path, object_where=objects) == 0:
-        raise ValueError(f"data.where {cfg.where!r} / data.object_where {cfg.object_where!r} select no record of "
-                         f"the catalog in {root}")
+        raise ValueError(f"--where {cfg.where!r} / --object-where {cfg.object_where!r} select no record of the "
+                         f"catalog of {root}")
     return path
 
 
@@ -311,7 +462,7 @@ def shared_selection(cfg: DataConfig, out_dir: str, rank: int, world: int, resum
     resolves and reads it (run_selection) and broadcasts it through torch.distributed, so no other rank reads
     rank 0's files (nodes need no shared filesystem for it). A failure on rank 0 reaches the other ranks instead
     of leaving them waiting."""
-    if not (cfg.where or cfg.object_where or cfg.selection):
+    if not (cfg.queries_catalog or cfg.selection):
         return None, None
     box: list[Any] = [None]
     if rank == 0:
@@ -331,36 +482,78 @@ def shared_selection(cfg: DataConfig, out_dir: str, rank: int, world: int, resum
 
 def make_reader(cfg: DataConfig, selection: dict[str, set[str]] | None, rank: int, world: int,
                 seed: int) -> RecordReader:
-    """The balanced reader of this rank: every rank and worker yields the same number of full batches per epoch."""
-    queried = (cfg.where or cfg.object_where) and not cfg.catalog
-    shards = list(cfg.shards) if cfg.shards and not queried else None
+    """The balanced reader of this rank: every rank and worker reads as many records per epoch."""
+    shards = list(cfg.shards) if cfg.shards and not cfg.queries_catalog else None
     if shards is None and selection is None:
-        raise ValueError("no training data: set data.shards, data.selection, or data.where with data.catalog")
+        raise ValueError("no training data: give --shards DIR, --selection FILE, or --catalog DIR (all its "
+                         "records, or those --where / --object-where select)")
     return RecordReader(shards, selection=selection, split="balanced", multiple=cfg.batch_size, rank=rank,
                         world_size=world, shuffle_seed=seed)
+
+
+def loader_workers(num_workers: int, records: int, world: int) -> int:
+    """DataLoader workers per rank: data.num_workers, fewer when the epoch has fewer records than ranks x
+    workers (every worker then still reads at least one record)."""
+    if num_workers == 0:
+        return 0
+    return max(1, min(num_workers, records // max(world, 1)))
+
+
+def epoch_plan(reader: RecordReader, world: int, workers: int, batch: int) -> str:
+    """One line: how the epoch's records split over ranks and workers, and what the split drops or repeats."""
+    total, parts = reader.epoch_size(), world * max(workers, 1)
+    each = reader.quota(parts)
+    line = (f"data: {total} records per epoch; {world} rank(s) x {max(workers, 1)} worker(s) read {each} each "
+            f"({-(-each // batch)} batches of up to {batch} per worker)")
+    if total < parts:
+        return line + f"; fewer records than ranks x workers: records repeat within the epoch"
+    return line + f", {total - each * parts} dropped per epoch so that every rank runs alike"
+
+
+def batch_stream(cfg: TrainConfig, selection: dict[str, set[str]] | None, eligible: dict[str, list[int]] | None,
+                 rank: int, world: int, subject_size: int, log: Callable[[str], None] | None = None) -> BatchStream:
+    """This rank's infinite batches (the trainer's and `train preview`'s): the balanced reader, the samples, and
+    the DataLoader workers the epoch can feed. log (rank 0): where the epoch plan and skipped records go."""
+    reader = make_reader(cfg.data, selection, rank, world, cfg.run.seed)
+    if reader.epoch_size() == 0:
+        raise ValueError("no training data: the shards or the selection hold no record")
+    workers = loader_workers(cfg.data.num_workers, reader.epoch_size(), world)
+    if log is not None:
+        log(epoch_plan(reader, world, workers, cfg.data.batch_size))
+    samples = TrainSamples(reader, cfg, subject_size, eligible)
+    return BatchStream(samples, cfg.data.batch_size, workers, log)
+
+
+class NoBatchError(RuntimeError):
+    """An epoch gave this rank no batch: every record it read was skipped (the message says why, in one line)."""
 
 
 class BatchStream:
     """Infinite batches over epochs, with an exact position that resumes without re-reading the data.
 
-    The balanced reader gives every DataLoader worker of every rank the same number of full batches per epoch,
-    and the DataLoader takes them round robin (worker 0, 1, ..., 0, 1, ...). The position is (epoch, batches
-    taken, records taken from each worker's part). A resumed stream has each part skip its taken records inside
-    the reader (no decoding) and starts the round robin at the part whose batch was due next: it yields exactly
-    the batches the interrupted stream would have.
+    The balanced reader gives every DataLoader worker of every rank a range of the same number of records per
+    epoch; each worker batches the samples of its range (the last batch may be partial, and records without a
+    subject under data.no_subject="skip" give none), and the DataLoader takes the workers' batches round robin,
+    passing over a worker once its range is done. The position is (epoch, batches taken, records consumed from
+    each worker's part, the part whose batch is due next). A resumed stream has each part skip its consumed
+    records inside the reader (no decoding) and starts the round robin at the part due next: it yields exactly
+    the batches the interrupted stream would have. `skipped` counts the skipped records by reason.
     """
 
-    def __init__(self, dataset: TrainSamples, batch_size: int, num_workers: int):
-        self.dataset, self.batch_size, self.num_workers = dataset, batch_size, num_workers
+    def __init__(self, dataset: TrainSamples, batch_size: int, num_workers: int,
+                 log: Callable[[str], None] | None = None):
+        self.dataset, self.batch_size, self.num_workers, self.log = dataset, batch_size, num_workers, log
         self.parts = max(num_workers, 1)
-        self.epoch, self.batches, self.samples = 0, 0, [0] * self.parts
+        self.epoch, self.batches, self.samples, self.next_part = 0, 0, [0] * self.parts, 0
+        self.skipped: Counter[str] = Counter()
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches": self.batches, "samples": list(self.samples)}
+        return {"epoch": self.epoch, "batches": self.batches, "samples": list(self.samples),
+                "next_part": self.next_part}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue from a `state()`. One without per-part counts (older checkpoints) continues where replaying
-        its batches would: the parts' counts follow from the round robin."""
+        its batches would: the parts' counts follow from the round robin of full batches."""
         b = state["batches"]
         samples = state["samples"] if "samples" in state else [
             self.batch_size * len(range(p, b, self.parts)) for p in range(self.parts)]
@@ -368,18 +561,45 @@ class BatchStream:
             raise ValueError(f"the data position is for {len(samples)} DataLoader workers per rank, this run has "
                              f"{self.parts} (data.num_workers): the records split differently")
         self.epoch, self.batches, self.samples = state["epoch"], b, list(samples)
+        self.next_part = state.get("next_part", b % self.parts)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
-            self.dataset.set_epoch(self.epoch, self.samples, self.batches % self.parts)
+            self.dataset.set_epoch(self.epoch, self.samples, self.next_part)
             loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size,
                                                  num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                                                  persistent_workers=False)
+            skipped: Counter[str] = Counter()
             for batch in loader:
-                self.samples[int(batch.pop("part")[0])] += len(batch["key"])
+                part = int(batch.pop("part")[0])
+                self.samples[part] = int(batch.pop("taken").max())
+                for counts in batch.pop("skipped"):
+                    skipped.update(json.loads(counts))
+                    self.skipped.update(json.loads(counts))
                 self.batches += 1
+                self.next_part = (part + 1) % self.parts
                 yield batch
             if self.batches == 0:
-                raise RuntimeError(f"epoch {self.epoch} gave this rank no batch: fewer records than ranks x workers "
-                                   "x batch size?")
-            self.epoch, self.batches, self.samples = self.epoch + 1, 0, [0] * self.parts
+                raise NoBatchError(self._why_no_batch())
+            if skipped and self.log is not None:
+                self.log(f"data: epoch {self.epoch}: {sum(skipped.values())} records without a subject skipped "
+                         f"({reasons(skipped)})")
+            self.epoch, self.batches, self.samples, self.next_part = self.epoch + 1, 0, [0] * self.parts, 0
+
+    def _why_no_batch(self) -> str:
+        """Why an epoch gave no batch, with a record of this rank as the example (read here, in-process)."""
+        self.dataset.set_epoch(self.epoch)
+        example = "this rank read no record"
+        for rec in self.dataset.reader:
+            s = self.dataset.sample(rec)
+            if isinstance(s, NoSubject):
+                example = f"e.g. record {rec.key} (shard {rec.shard or '?'}): {s.detail}"
+                break
+        return (f"epoch {self.epoch} gave this rank no sample: every record it read has no subject and "
+                f"data.no_subject is 'skip'; {example}. Select records with subjects (e.g. --object-where "
+                "reference) or set data.no_subject=text to train them text-only")
+
+
+def reasons(counts: Counter[str]) -> str:
+    """'near-white image 3, object rules 2': skip reasons by count."""
+    return ", ".join(f"{code} {n}" for code, n in counts.most_common())

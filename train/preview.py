@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from catalogs.tokens import clip_tokenizer
 from subjectdiff.model.builders import image_encoder_input_size
 from train.config import TrainConfig
-from train.data import BatchStream, TrainSamples, make_reader, shared_selection
+from train.data import batch_stream, reasons, shared_selection
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 SHOW = 256  # displayed side of the target crop, pixels
@@ -134,10 +134,9 @@ def write_preview(cfg: TrainConfig, n: int, out: str | Path) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     selection, eligible = shared_selection(cfg.data, str(out), 0, 1, resume=False)
-    reader = make_reader(cfg.data, selection, 0, 1, cfg.run.seed)
     size = cfg.data.subject_size or image_encoder_input_size(cfg.model)
-    dataset = TrainSamples(reader, cfg, size, eligible)
-    stream = BatchStream(dataset, cfg.data.batch_size, cfg.data.num_workers)
+    notes: list[str] = []
+    stream = batch_stream(cfg, selection, eligible, 0, 1, size, notes.append)
     rows, cards = [], []
     for batch in stream:
         epoch = stream.epoch
@@ -148,11 +147,14 @@ def write_preview(cfg: TrainConfig, n: int, out: str | Path) -> Path:
             cards.append(card(batch, i, rows[-1]))
         if len(rows) == n:
             break
+    if stream.skipped:
+        notes.append(f"{sum(stream.skipped.values())} records skipped on the way, without a subject "
+                     f"({reasons(stream.skipped)}; data.no_subject={cfg.data.no_subject})")
     with open(out / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     d = cfg.data
-    settings = (f"resolution {d.resolution} · subject images {size} px · pick {d.pick} · object rules "
-                f"{'on' if d.object_rules else 'off'} · augmentation {'on' if d.augment else 'off'} · backgrounds "
+    settings = (f"resolution {d.resolution} · subject images {size} px · crop {d.crop} · pick {d.pick} · "
+                f"without a subject: {d.no_subject} · object rules {'on' if d.object_rules else 'off'} · augmentation {'on' if d.augment else 'off'} · backgrounds "
                 f"{html.escape(d.backgrounds or 'none')} · loc tokens {', '.join(d.loc_tokens)} · where "
                 f"{html.escape(d.where or '-')} · object where {html.escape(d.object_where or '-')}")
     page = out / "index.html"
@@ -161,6 +163,8 @@ def write_preview(cfg: TrainConfig, n: int, out: str | Path) -> Path:
         "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
         "style-src 'unsafe-inline'\"><title>train preview</title>"
         f"<style>{CSS}</style></head><body><h1>What the trainer feeds: {len(rows)} samples</h1>"
-        f'<p class="settings">{settings}</p>{"".join(cards)}</body></html>', encoding="utf-8")
+        f'<p class="settings">{settings}</p>'
+        + "".join(f'<p class="meta">{html.escape(note)}</p>' for note in notes)
+        + f'{"".join(cards)}</body></html>', encoding="utf-8")
     return page
 

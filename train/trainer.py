@@ -22,11 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from diffusers.training_utils import EMAModel
 
 from subjectdiff.model import Parts, build
 from train import checkpoint
 from train.config import TrainConfig
-from train.data import BatchStream, TrainSamples, make_reader, shared_selection
+from train.data import BatchStream, batch_stream, shared_selection
 from train.step import training_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,16 +66,32 @@ def gather(obj: Any, d: Dist) -> list[Any]:
 
 
 class EMA:
-    """Exponential moving average of the trainable parameters (fp32, on the training device)."""
+    """Exponential moving average of the trainable parameters (on the training device, in their dtype: fp32),
+    by diffusers' EMAModel. With warm-up (optim.ema_warmup) update t uses decay min(decay, (1 + t) / (10 + t)),
+    so the average forgets the initial weights within the first few thousand steps instead of keeping e^-1 of
+    them after 1 / (1 - decay) steps (37 % after 10k steps at 0.9999); without, a constant decay."""
 
-    def __init__(self, named: dict[str, torch.nn.Parameter], decay: float):
-        self.decay, self.params = decay, named
-        self.shadow = {k: p.detach().float().clone() for k, p in named.items()}
+    def __init__(self, named: dict[str, torch.nn.Parameter], decay: float, warmup: bool = True):
+        self.names, self.params = list(named), list(named.values())
+        self.model = EMAModel(self.params, decay=decay, min_decay=0.0 if warmup else decay)
 
-    @torch.no_grad()
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.model.shadow_params))
+
+    @property
+    def updates(self) -> int:
+        return self.model.optimization_step
+
     def update(self) -> None:
-        for k, p in self.params.items():
-            self.shadow[k].lerp_(p.detach().float(), 1 - self.decay)
+        self.model.step(self.params)
+
+    def load(self, shadow: dict[str, torch.Tensor], updates: int) -> None:
+        """Restore a saved average and its update count (which sets the warm-up's decay)."""
+        with torch.no_grad():
+            for name, s in zip(self.names, self.model.shadow_params):
+                s.copy_(shadow[name])
+        self.model.optimization_step = updates
 
 
 class Logger:
@@ -194,20 +211,11 @@ def frozen_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
 
 
 def make_stream(cfg: TrainConfig, parts: Parts, d: Dist, out_dir: Path, resume: bool) -> BatchStream:
-    """This rank's batches; rank 0 logs the epoch's size and how much the balanced split drops of it."""
+    """This rank's batches; rank 0 logs the epoch's plan (size, split, what it drops) and skipped records."""
     selection, eligible = shared_selection(cfg.data, str(out_dir), d.rank, d.world, resume)
-    reader = make_reader(cfg.data, selection, d.rank, d.world, cfg.run.seed)
-    workers, batch = max(cfg.data.num_workers, 1), cfg.data.batch_size
-    total, each = reader.epoch_size(), reader.quota(d.world * workers)
-    if each == 0:
-        raise ValueError(f"{total} records per epoch cannot give each of {d.world} ranks x {workers} DataLoader "
-                         f"workers a full batch of {batch}: use fewer workers, a smaller batch or more records")
-    if d.main:
-        print(f"data: {total} records per epoch; {d.world} ranks x {workers} workers read {each} each "
-              f"({each * workers // batch} batches per rank), {total - each * workers * d.world} dropped per epoch "
-              "so that every rank runs the same batches", flush=True)
     size = cfg.data.subject_size or parts.image_encoder.image_size
-    return BatchStream(TrainSamples(reader, cfg, size, eligible), batch, cfg.data.num_workers)
+    log = (lambda text: print(text, flush=True)) if d.main else None
+    return batch_stream(cfg, selection, eligible, d.rank, d.world, size, log)
 
 
 def param_digest(model: torch.nn.Module) -> str:
@@ -237,7 +245,7 @@ class Trainer:
         self.ddp = self._wrap()
         self.opt, self.sched = make_optimizer(self.named, cfg)
         self.scaler = torch.amp.GradScaler(self.d.device.type, enabled=cfg.run.precision == "fp16")
-        self.ema = EMA(self.named, cfg.optim.ema_decay) if cfg.optim.ema_decay > 0 else None
+        self.ema = EMA(self.named, cfg.optim.ema_decay, cfg.optim.ema_warmup) if cfg.optim.ema_decay > 0 else None
         self.step, self.val_batch = 0, None
         ckpt = checkpoint.resolve(self.out, resume) if resume else None
         self.stream = make_stream(cfg, self.parts, self.d, self.out, resume=ckpt is not None)
@@ -276,6 +284,8 @@ class Trainer:
             samples = logs.pop("samples")
             logs.update(lr=self.sched.get_last_lr()[0], samples_per_s=samples / (time.perf_counter() - t0),
                         **pace.update(self.step, samples))
+            if cfg.data.no_subject == "skip":  # this rank's records without a subject, since the process started
+                logs["records_skipped"] = float(sum(self.stream.skipped.values()))
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
                 self.logger.log(self.step, logs, f"eta {duration(logs['eta_s'])}", pace.echo)
             if self.step % cfg.run.ckpt_every == 0 or self.step == cfg.run.max_steps:
@@ -326,7 +336,7 @@ class Trainer:
         if self.d.main:
             state = {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                      "scaler": self.scaler.state_dict(), "data": data, "rng": rngs, "world": self.d.world,
-                     "config": self.cfg.to_dict()}
+                     "config": self.cfg.to_dict(), "ema_updates": self.ema.updates if self.ema else 0}
             path = checkpoint.save(self.out, self.step, self.parts, self.ema.shadow if self.ema else None, state,
                                    self.cfg.run.keep_last)
             print(f"saved {path}", flush=True)
@@ -340,9 +350,9 @@ class Trainer:
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and ema is not None:
-            self.ema.shadow = {k: ema[k].float() for k in self.ema.shadow}
         self.step = state["step"]
+        if self.ema is not None and ema is not None:  # runs saved before the warm-up: their steps were updates
+            self.ema.load(ema, state.get("ema_updates", self.step))
         why = None
         if state["world"] != self.d.world:
             why = f"it was written by {state['world']} ranks, this run has {self.d.world} (RNG streams are fresh)"

@@ -13,6 +13,7 @@ from typing import Any
 # encoder, the text-side MLP and the grounding network). See `model.trainable_parameter_names`.
 TRAINABLE_GROUPS = ("conv_in", "cross_kv", "adapters", "grounding", "text_mlp", "text_encoder", "unet")
 ARCHS = ("tiny", "sd2-base")
+NATIVE_RESOLUTION = {"tiny": 64, "sd2-base": 512}  # image side (pixels) each architecture is built for
 MLP_FORMS = ("reference", "silu3")
 NULL_FEATURES = ("per-token", "shared")
 FOURIER_ORDERS = ("gligen", "coord-major")
