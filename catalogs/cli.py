@@ -49,7 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     sel = csub.add_parser("select", help="write the keys and shards matching a predicate to Parquet")
     _add_dir(sel)
     sel.add_argument("--where", help="SQL predicate over `samples` (subqueries may use `objects`)")
-    sel.add_argument("--object-where", help="SQL predicate over `objects` (and the sample's caption, width, height): "
+    sel.add_argument("--object-where", help="SQL predicate over `objects` (and the sample's caption, width, height, "
+                     "white_fraction): "
                      "records each sample's eligible objects, drops samples with none; 'reference' = the reference "
                      "code's object rules")
     sel.add_argument("--dedup", choices=["exact", "near"],
