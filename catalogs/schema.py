@@ -174,12 +174,13 @@ class Failure:
 
 
 def box_pixels_xyxy(box: list[float], width: int, height: int) -> tuple[int, int, int, int]:
-    """Normalized xyxy -> integer pixel xyxy, clamped to the image (x1, y1 exclusive)."""
-    x0 = int(math.floor(box[0] * width))
-    y0 = int(math.floor(box[1] * height))
+    """Normalized xyxy -> integer pixel xyxy, clamped to the image (x1, y1 exclusive): at least one pixel, inside
+    the image, even for a zero-width box on the right or bottom border."""
+    x0 = min(max(int(math.floor(box[0] * width)), 0), width - 1)
+    y0 = min(max(int(math.floor(box[1] * height)), 0), height - 1)
     x1 = int(math.ceil(box[2] * width))
     y1 = int(math.ceil(box[3] * height))
-    return max(0, x0), max(0, y0), min(width, max(x1, x0 + 1)), min(height, max(y1, y0 + 1))
+    return x0, y0, min(width, max(x1, x0 + 1)), min(height, max(y1, y0 + 1))
 
 
 def white_fraction(image: np.ndarray) -> float:

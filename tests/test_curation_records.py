@@ -23,7 +23,7 @@ from catalogs import catalog, dedup
 from catalogs.catalog import CatalogError
 from catalogs.embeddings import read_embeddings
 from catalogs.reader import RecordReader
-from catalogs.schema import Failure, Record, RecordError, make_key
+from catalogs.schema import SCHEMA_VERSION, Failure, Record, RecordError, make_key
 from catalogs.selection import select
 from catalogs.writer import ShardWriter, complete_shards
 from subjectdiff.cli import main
@@ -110,7 +110,7 @@ def test_shards_store_the_signals_and_the_embeddings_in_record_order(planted):
     assert stats["files"]["embeddings"] == (out / "00000.clip.parquet").stat().st_size
     # the record's JSON carries the signals (the embedding only in the sidecar)
     meta0 = next(iter(RecordReader(str(out / "00000.tar"), decode_image=False, decode_masks=False))).meta
-    assert meta0["schema_version"] == 2 and meta0["sha256"] == ok[0]["sha256"] and "clip_embedding" not in meta0
+    assert meta0["schema_version"] == SCHEMA_VERSION and meta0["sha256"] == ok[0]["sha256"] and "clip_embedding" not in meta0
     assert meta0["objects"][0]["label_rank"] == 1
 
 

@@ -153,7 +153,8 @@ def test_box_conversions_round_trip_and_stay_in_the_image(box, w, h):
     assert np.allclose(back, xyxy, atol=1e-9)
     x0, y0, x1, y1 = box_pixels_xyxy(list(xyxy[0]), w, h)
     assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
-    assert x0 <= xyxy[0, 0] * w + 1e-9 and (xyxy[0, 2] * w <= x1 + 1e-9 or x1 == x0 + 1)
+    assert x0 <= xyxy[0, 0] * w + 1e-9 or x0 == w - 1  # a zero-width box on the right border: its last pixel
+    assert xyxy[0, 2] * w <= x1 + 1e-9 or x1 == x0 + 1
     cx, cy = (xyxy[0, 0] + xyxy[0, 2]) / 2, (xyxy[0, 1] + xyxy[0, 3]) / 2
     bw, bh = xyxy[0, 2] - xyxy[0, 0], xyxy[0, 3] - xyxy[0, 1]
     out = cxcywh_norm_to_xyxy_norm(torch.tensor([[cx, cy, bw, bh]], dtype=torch.float64)).numpy()
