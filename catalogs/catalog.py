@@ -14,16 +14,23 @@ Tables (see docs/records.md for every column):
             area, aspect, mask_area, mask_fill, containment, mask_score, label_score, label_rank)
     shards(name, path, n_ok, n_failed, n_objects, bytes, start_time, end_time, duration, fingerprint)
     failures(key, shard, idx, source, stage, reason)
+    bad_shards(name, file, reason, detail, seen_at)
 
 `idx` is a sample's position in its shard's samples sidecar (ok and failed samples counted together), which is
 the plan order within the shard: plan order across a catalog is `ORDER BY shard, idx`. The curation columns
 are NULL for sidecars written without them (before the curate stage existed, or with it off); white_fraction,
 which sidecars have since schema version 3, is computed from the shard's images when its sidecar lacks it. A catalog made
 by another CATALOG_VERSION is rebuilt from scratch by the next build.
+
+A bad shard (an unreadable or corrupt sidecar, one with a wrong schema, counts its stats file contradicts) does
+not stop a build: every good shard is loaded, and each bad one is a row of `bad_shards` naming its file and why,
+tried again by every build until it loads. A build is one transaction: one that fails or dies leaves the catalog
+as it was, and a first one leaves no catalog (`open_catalog` refuses a file no build finished).
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -33,7 +40,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +71,11 @@ CREATE TABLE IF NOT EXISTS shards (
     bytes BIGINT, start_time DOUBLE, end_time DOUBLE, duration DOUBLE, fingerprint VARCHAR);
 CREATE TABLE IF NOT EXISTS failures (
     key VARCHAR, shard VARCHAR, idx INTEGER, source VARCHAR, stage VARCHAR, reason VARCHAR);
+CREATE TABLE IF NOT EXISTS bad_shards (
+    name VARCHAR PRIMARY KEY, file VARCHAR, reason VARCHAR, detail VARCHAR, seen_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS catalog_info (name VARCHAR PRIMARY KEY, value VARCHAR);
 """
-_TABLES = ("samples", "objects", "shards", "failures", "catalog_info")
+_TABLES = ("samples", "objects", "shards", "failures", "bad_shards", "catalog_info")
 
 # Statement types a read-only query may contain.
 _READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
@@ -76,17 +85,51 @@ class CatalogError(RuntimeError):
     """A catalog operation failed; the message is one line a user can act on."""
 
 
+class ShardError(ValueError):
+    """One file of a shard cannot be loaded. file: its path or URL; reason: a short stable phrase to group by
+    ("not JSON", "wrong schema", ...); detail: the one-line specifics (the column, the underlying error)."""
+
+    def __init__(self, file: str, reason: str, detail: str):
+        super().__init__(f"{file}: {reason} ({detail})")
+        self.file, self.reason, self.detail = file, reason, detail
+
+
+@dataclass(frozen=True)
+class BadShard:
+    """A shard a build could not load: a row of `bad_shards`."""
+
+    name: str
+    file: str
+    reason: str
+    detail: str
+
+    def line(self) -> str:
+        return f"bad shard {self.name}: {self.file}: {self.reason} ({self.detail})"
+
+
 @dataclass
 class BuildReport:
+    """added: the shards loaded by this build; removed: those dropped (gone, or changed and reloaded); bad: those
+    that could not be loaded (in `bad_shards`); incomplete: those whose stats record other file sizes than the
+    listing shows (a stale or half-replaced upload), left out until they agree."""
+
     added: list[str]
     removed: list[str]
     unchanged: int
     seconds: float
+    bad: list[BadShard] = field(default_factory=list)
+    incomplete: list[str] = field(default_factory=list)
+    found: int | None = None  # complete shards the listing showed
 
     def summary(self) -> str:
+        notes = [f"{len(self.bad)} bad (not loaded: see the bad_shards table)"] if self.bad else []
+        if self.incomplete:
+            notes.append(f"{len(self.incomplete)} incomplete (stats disagree with the listing)")
+        if self.found == 0:
+            notes.append("no complete shard (NAME.tar with NAME_stats.json) found")
         return (
             f"catalog: {len(self.added)} shard(s) loaded, {len(self.removed)} dropped, "
-            f"{self.unchanged} unchanged ({self.seconds:.2f} s)"
+            f"{self.unchanged} unchanged{''.join(', ' + n for n in notes)} ({self.seconds:.2f} s)"
         )
 
 
@@ -128,14 +171,39 @@ def open_catalog(root: str | os.PathLike, *, catalog: str | os.PathLike | None =
     """A read-only connection to ROOT's catalog (see catalog_path; external file access disabled; temporary
     tables allowed). settings: DuckDB options such as {"memory_limit": "4GB", "temp_directory": DIR}."""
     path = catalog_path(root, catalog)
+    hint = f"run `subjectdiff catalog build {root}{f' --catalog {catalog}' if catalog is not None else ''}` first"
     if not path.exists():
-        hint = f" --catalog {catalog}" if catalog is not None else ""
-        raise CatalogError(f"no catalog at {path}; run `subjectdiff catalog build {root}{hint}` first")
+        raise CatalogError(f"no catalog at {path}; {hint}")
     con = _connect(path, read_only=True, timeout=timeout, settings=settings)
     try:
+        if _version(con) is None:  # the file of a first build that died before its commit: no catalog yet
+            raise CatalogError(f"no catalog at {path} (no build of it finished); {hint}")
         yield con
     finally:
         con.close()
+
+
+def _version(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The catalog_version a finished build recorded; None in a file no build finished."""
+    has_info = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'catalog_info' "
+                           "AND table_schema = 'main'").fetchall()[0][0]
+    if not has_info:
+        return None
+    row = con.execute("SELECT value FROM catalog_info WHERE name = 'catalog_version'").fetchall()
+    return row[0][0] if row else None
+
+
+def bad_shard_names(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None) -> list[str]:
+    """The shards ROOT's catalog could not load when it was last built (its bad_shards table), sorted."""
+    with open_catalog(root, catalog=catalog) as con:
+        return _bad_names(con)
+
+
+def _bad_names(con: duckdb.DuckDBPyConnection) -> list[str]:
+    if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'bad_shards' "
+                       "AND table_schema = 'main'").fetchall()[0][0]:
+        return []  # built before the table existed, and not refreshed since
+    return [r[0] for r in con.execute("SELECT name FROM bad_shards ORDER BY name").fetchall()]
 
 
 def _one_line(e: BaseException) -> str:
@@ -172,71 +240,107 @@ def scan_shards(root: str | os.PathLike) -> dict[str, ShardListing]:
 def build(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, timeout: float = 600.0) -> BuildReport:
     """Create or refresh ROOT's catalog (catalog_path) from the sidecars of ROOT's complete shards.
 
-    Incremental: a shard is read only when it is new or its listing changed; unchanged shards cost nothing
-    but the listing. A shard whose stats file records other file sizes than the listing shows (a stale or
-    half-replaced upload) is left out, as incomplete."""
+    Incremental: a shard is read only when it is new, its listing changed, or it was bad last time; unchanged
+    shards cost nothing but the listing. A shard whose stats file records other file sizes than the listing
+    shows (a stale or half-replaced upload) is left out, as incomplete. A bad shard is recorded in `bad_shards`
+    (report.bad) and the rest is loaded. One transaction: a build that fails raises CatalogError and changes
+    nothing (a first one leaves no catalog file)."""
     t0 = time.monotonic()
+    path = catalog_path(root, catalog)
     try:
         folder = Folder(root)
         if not folder.is_folder():
             raise CatalogError(f"{root} is not a folder")
         found = scan_shards(root)
-    except OSError as e:
-        raise CatalogError(f"cannot list {root}: {_one_line(e)}") from None
-    prints = {sid: shard.fingerprint for sid, shard in found.items()}
-    path = catalog_path(root, catalog)
+    except (OSError, CatalogError) as e:
+        kept = f"; the catalog at {path} is kept as it was" if path.exists() else ""
+        raise CatalogError(f"cannot list {root}: {_one_line(e)}{kept}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     con = _connect(path, read_only=False, timeout=timeout)
+    had_catalog = _version(con) is not None  # under the write lock: what a concurrent first build made counts
     try:
-        _create_or_rebuild(con)
-        known = dict(con.execute("SELECT name, fingerprint FROM shards").fetchall())
-        removed = sorted(s for s in known if prints.get(s) != known[s])
-        added = sorted(s for s in found if known.get(s) != prints[s])
-        if not added and not removed:
-            return BuildReport([], [], len(found), time.monotonic() - t0)
-        con.execute("BEGIN TRANSACTION")
-        try:
-            if removed:
-                con.execute("CREATE TEMP TABLE gone AS SELECT unnest(?::VARCHAR[]) AS name", [removed])
-                for table in ("samples", "objects", "failures"):
-                    con.execute(f"DELETE FROM {table} WHERE shard IN (SELECT name FROM gone)")
-                con.execute("DELETE FROM shards WHERE name IN (SELECT name FROM gone)")
-                con.execute("DROP TABLE gone")
-            loaded = []
-            for chunk in _chunks(added, 256):
-                loaded += _load(con, folder, {s: found[s] for s in chunk})
-            con.execute(
-                "INSERT OR REPLACE INTO catalog_info VALUES ('catalog_version', ?), ('built_at', ?), ('root', ?)",
-                [str(CATALOG_VERSION), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), folder.url],
-            )
-            con.execute("COMMIT")
-        except BaseException:
-            con.execute("ROLLBACK")
-            raise
-        con.execute("CHECKPOINT")
-        return BuildReport(loaded, removed, len(found) - len(added), time.monotonic() - t0)
-    finally:
+        report = _update(con, folder, found)
+    except Exception as e:
         con.close()
+        if not had_catalog:
+            _remove_catalog(path)
+        outcome = f"the catalog at {path} is kept as it was" if had_catalog else "no catalog was made"
+        raise CatalogError(f"catalog build of {folder.url} failed, {outcome}: {_one_line(e)}") from e
+    except BaseException:  # interrupted: the transaction is rolled back all the same
+        con.close()
+        if not had_catalog:
+            _remove_catalog(path)
+        raise
+    con.close()
+    report.seconds = time.monotonic() - t0
+    return report
 
 
-def _create_or_rebuild(con: duckdb.DuckDBPyConnection) -> None:
-    """The tables, created when missing; a catalog of another CATALOG_VERSION (other columns) is emptied first,
-    so the build that follows loads every shard again."""
-    has_info = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'catalog_info' "
-                           "AND table_schema = 'main'").fetchall()[0][0]
-    version = None
-    if has_info:
-        row = con.execute("SELECT value FROM catalog_info WHERE name = 'catalog_version'").fetchall()
-        version = row[0][0] if row else None
-    if version != str(CATALOG_VERSION):
-        con.execute("BEGIN TRANSACTION")
-        for table in _TABLES:
-            con.execute(f"DROP TABLE IF EXISTS {table}")
-        con.execute(_DDL)
-        con.execute("INSERT INTO catalog_info VALUES ('catalog_version', ?)", [str(CATALOG_VERSION)])
+def _remove_catalog(path: Path) -> None:
+    """Delete the file (and write-ahead log) of a first build that failed, so no empty catalog answers queries."""
+    for p in (path, path.with_name(path.name + ".wal")):
+        p.unlink(missing_ok=True)
+
+
+def _update(con: duckdb.DuckDBPyConnection, folder: Folder, found: dict[str, ShardListing]) -> BuildReport:
+    """Bring the catalog in line with the listing FOUND in one transaction: a catalog of another CATALOG_VERSION
+    (other columns) is emptied first and every shard loaded again; otherwise gone and changed shards are
+    dropped, and new, changed and formerly bad ones are read."""
+    prints = {sid: shard.fingerprint for sid, shard in found.items()}
+    con.execute("BEGIN TRANSACTION")
+    try:
+        fresh = _version(con) != str(CATALOG_VERSION)
+        if fresh:
+            for table in _TABLES:
+                con.execute(f"DROP TABLE IF EXISTS {table}")
+        con.execute(_DDL)  # also adds tables a catalog of this version made before they existed
+        known = dict(con.execute("SELECT name, fingerprint FROM shards").fetchall())
+        was_bad = {r[0] for r in con.execute("SELECT name FROM bad_shards").fetchall()}
+        removed = sorted(s for s in known if prints.get(s) != known[s])
+        todo = sorted(s for s in found if known.get(s) != prints[s])
+        if not (fresh or todo or removed or was_bad):
+            con.execute("ROLLBACK")
+            return BuildReport([], [], len(found), 0.0, found=len(found))
+        _drop(con, removed)
+        loaded, bad, incomplete = [], [], []
+        for chunk in _chunks(todo, 256):
+            got = _load(con, folder, {s: found[s] for s in chunk})
+            loaded += got[0]
+            bad += got[1]
+            incomplete += got[2]
+        _record_bad(con, bad)
+        con.execute(
+            "INSERT OR REPLACE INTO catalog_info VALUES ('catalog_version', ?), ('built_at', ?), ('root', ?)",
+            [str(CATALOG_VERSION), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), folder.url],
+        )
         con.execute("COMMIT")
-    else:
-        con.execute(_DDL)
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    con.execute("CHECKPOINT")
+    return BuildReport(loaded, removed, len(found) - len(todo), 0.0, bad, incomplete, len(found))
+
+
+def _drop(con: duckdb.DuckDBPyConnection, names: list[str]) -> None:
+    """Delete every row of these shards."""
+    if not names:
+        return
+    con.execute("CREATE TEMP TABLE gone AS SELECT unnest(?::VARCHAR[]) AS name", [names])
+    for table in ("samples", "objects", "failures"):
+        con.execute(f"DELETE FROM {table} WHERE shard IN (SELECT name FROM gone)")
+    con.execute("DELETE FROM shards WHERE name IN (SELECT name FROM gone)")
+    con.execute("DROP TABLE gone")
+
+
+def _record_bad(con: duckdb.DuckDBPyConnection, bad: list[BadShard]) -> None:
+    """bad_shards := this build's bad shards. Every bad shard is read again by every build (it is in no other
+    table), so the ones not bad now were loaded, or are gone."""
+    con.execute("DELETE FROM bad_shards")
+    if not bad:
+        return
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None, microsecond=0)
+    con.executemany("INSERT INTO bad_shards VALUES (?, ?, ?, ?, ?)",
+                    [(b.name, b.file, b.reason, b.detail, now) for b in bad])
 
 
 def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
@@ -251,39 +355,117 @@ _FAILURE_COLUMNS = ["key", "shard", "idx", "source", "stage", "reason"]
 _OBJECT_COLUMNS = ["key", "shard", "index", "label", "phrase", "span_start", "span_end", "tokens", "score", "x0",
                    "y0", "x1", "y1", "area", "aspect", "mask_area", "mask_fill", "containment", "mask_score",
                    "label_score", "label_rank"]
-# The sidecars' types (catalogs.writer): a sidecar written before a column existed gets it as NULLs.
+# The sidecars' types (catalogs.writer). Columns added to the contract after its first version: a sidecar written
+# before one existed gets it as NULLs. Any other column missing means the sidecar is not one of ours.
 _SIDECAR_SCHEMA = {"samples": SAMPLE_SCHEMA, "objects": OBJECT_SCHEMA}
+_ADDED_COLUMNS = {"sha256", "phash", "clip_score", "alt_clip_score", "aesthetic", "white_fraction", "label_score",
+                  "label_rank"}
+_STATS_INTS = ("count", "successes", "failed", "objects", "bytes")
+_STATS_FLOATS = ("start_time", "end_time", "duration")
 
 
 def _read_shard(folder: Folder, sid: str, shard: ShardListing) -> tuple[dict, pa.Table, pa.Table] | None:
-    """(stats, samples, objects) of one shard, the sidecars' `shard` column set to its id, the samples' `idx`
-    their row number, and the columns an older sidecar lacks added as NULLs; None when its stats record file
-    sizes other than the listing's."""
+    """(stats, samples, objects) of one shard, the sidecars conformed to the writer's schema (`shard` set to its
+    id, the columns an older sidecar lacks added as NULLs) and the samples' `idx` their row number; None when its
+    stats record file sizes other than the listing's. Raises ShardError naming the file that cannot be loaded."""
     names = shard_names(sid)
-    st = json.loads(folder.read_text(names["stats"]))
+    st = _read_stats(folder, names["stats"], shard.urls["stats"])
     recorded = st.get("files") or {}
     if any(recorded.get(k, shard.sizes[k]) != shard.sizes[k] for k in ("tar", "samples", "objects")):
         return None
-    tables = []
-    for kind in ("samples", "objects"):
-        if folder.local:
-            t = pq.read_table(shard.urls[kind])
+    samples, objects = (_conform(_read_parquet(folder, names[k], shard.urls[k]), k, sid, shard.urls[k])
+                        for k in ("samples", "objects"))
+    _check_counts(st, samples, objects, shard.urls)
+    samples = _with_white_fractions(samples, folder, names["tar"], shard.urls["tar"])
+    return st, samples.append_column("idx", pa.array(range(samples.num_rows), pa.int32())), objects
+
+
+def _detail(e: BaseException) -> str:
+    return f"{type(e).__name__}: {_one_line(e)}"[:300]
+
+
+def _read_bytes(folder: Folder, name: str, url: str) -> bytes:
+    """NAME's bytes; a file that cannot be read is a ShardError ("missing": gone since the listing)."""
+    try:
+        return folder.read_bytes(name)
+    except FileNotFoundError as e:
+        raise ShardError(url, "missing", f"gone since the listing ({_detail(e)})") from None
+    except Exception as e:  # noqa: BLE001 - storage clients raise more than OSError (botocore, aiohttp)
+        raise ShardError(url, "read failed", _detail(e)) from None
+
+
+def _read_stats(folder: Folder, name: str, url: str) -> dict[str, Any]:
+    """A shard's `_stats.json`, checked for what the catalog takes from it (counts, times, file sizes)."""
+    try:
+        st = json.loads(_read_bytes(folder, name, url).decode("utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ShardError(url, "not JSON", _detail(e)) from None
+    if not isinstance(st, dict):
+        raise ShardError(url, "not a JSON object", f"a JSON {type(st).__name__}")
+    for k in _STATS_INTS + _STATS_FLOATS:
+        v = st.get(k)
+        ok = isinstance(v, int) or (k in _STATS_FLOATS and isinstance(v, float))
+        if v is not None and (isinstance(v, bool) or not ok):
+            kind = "an integer" if k in _STATS_INTS else "a number"
+            raise ShardError(url, "wrong field", f"{k} is {v!r}, not {kind}")
+    if not isinstance(st.get("files") or {}, dict):
+        raise ShardError(url, "wrong field", f"files is {st['files']!r}, not an object of file sizes")
+    return st
+
+
+def _read_parquet(folder: Folder, name: str, url: str) -> pa.Table:
+    """A sidecar, read whole (sidecars are small) so that a storage failure and a corrupt file are told apart."""
+    data = _read_bytes(folder, name, url)
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError or others for corrupt bytes
+        raise ShardError(url, "not Parquet", _detail(e)) from None
+
+
+def _conform(t: pa.Table, kind: str, sid: str, url: str) -> pa.Table:
+    """The sidecar T with exactly the writer's columns and types (what the INSERTs expect), `shard` set to SID;
+    ShardError ("wrong schema", "bad rows") for a column that is missing or does not convert, a row without a
+    key, a status other than ok / failed."""
+    schema, n = _SIDECAR_SCHEMA[kind], t.num_rows
+    columns = []
+    for f in schema:
+        if f.name == "shard":
+            columns.append(pa.array([sid] * n, pa.string()))
+        elif f.name not in t.schema.names:
+            if f.name not in _ADDED_COLUMNS:
+                raise ShardError(url, "wrong schema", f"column {f.name!r} is missing")
+            columns.append(pa.nulls(n, f.type))
         else:
-            with folder.open(names[kind]) as f:
-                t = pq.read_table(f)
-        t = t.set_column(t.schema.get_field_index("shard"), "shard", pa.array([sid] * t.num_rows, pa.string()))
-        missing = [f for f in _SIDECAR_SCHEMA[kind] if f.name not in t.schema.names]
-        for f in missing:
-            t = t.append_column(f, pa.nulls(t.num_rows, f.type))
-        if kind == "samples":
-            t = _with_white_fractions(t, folder, names["tar"])
-        if kind == "samples":
-            t = t.append_column("idx", pa.array(range(t.num_rows), pa.int32()))
-        tables.append(t)
-    return st, tables[0], tables[1]
+            col = t.column(f.name)
+            try:
+                columns.append(col if col.type == f.type else col.cast(f.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                raise ShardError(url, "wrong schema", f"column {f.name!r} is {col.type}, not {f.type}") from None
+    out = pa.Table.from_arrays(columns, schema=schema)
+    if out.column("key").null_count:
+        raise ShardError(url, "bad rows", f"{out.column('key').null_count} row(s) without a key")
+    if kind == "samples":
+        odd = sorted(set(out.column("status").to_pylist()) - {"ok", "failed"}, key=str)
+        if odd:
+            raise ShardError(url, "bad rows", f"status {odd[0]!r}: not 'ok' or 'failed'")
+    return out
 
 
-def _with_white_fractions(samples: pa.Table, folder: Folder, tar: str) -> pa.Table:
+def _check_counts(st: dict[str, Any], samples: pa.Table, objects: pa.Table, urls: dict[str, str]) -> None:
+    """The stats file's counts agree with the sidecars (the reader's balanced split trusts `successes`)."""
+    status = samples.column("status").to_pylist()
+    for field_, n, what in (("successes", status.count("ok"), f"{_name(urls['samples'])} has {{}} ok row(s)"),
+                            ("failed", status.count("failed"), f"{_name(urls['samples'])} has {{}} failed row(s)"),
+                            ("objects", objects.num_rows, f"{_name(urls['objects'])} has {{}} row(s)")):
+        if st.get(field_, n) != n:
+            raise ShardError(urls["stats"], "counts disagree", f"{field_} is {st[field_]}, {what.format(n)}")
+
+
+def _name(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def _with_white_fractions(samples: pa.Table, folder: Folder, tar: str, url: str) -> pa.Table:
     """Samples rows written before schema version 3 (a sidecar without the column, or rows a retry carried over)
     have no white_fraction: computed here, once per build of the shard, from the images in its tar (streamed,
     decoded as the reader decodes them). A shard whose ok rows all have it is returned as it is."""
@@ -293,24 +475,49 @@ def _with_white_fractions(samples: pa.Table, folder: Folder, tar: str) -> pa.Tab
     if not todo:
         return samples
     found: dict[str, float] = {}
-    with folder.open(tar) as f, tarfile.open(fileobj=f, mode="r|") as archive:
-        for member in archive:
-            key, _, ext = member.name.rpartition(".")
-            if key in todo and ext in IMAGE_EXTENSIONS and member.isfile():
-                found[key] = encoded_white_fraction(archive.extractfile(member).read())
+    try:
+        with folder.open(tar) as f, tarfile.open(fileobj=f, mode="r|") as archive:
+            for member in archive:
+                key, _, ext = member.name.rpartition(".")
+                if key in todo and ext in IMAGE_EXTENSIONS and member.isfile():
+                    found[key] = _white_fraction_or_none(archive.extractfile(member).read())
+    except tarfile.TarError as e:
+        raise ShardError(url, "not a tar", _detail(e)) from None
+    except Exception as e:  # noqa: BLE001 - as _read_bytes: a storage failure is this shard's
+        raise ShardError(url, "read failed", _detail(e)) from None
     filled = pa.array([found.get(k, v) for k, v in zip(keys, values)], pa.float32())
     return samples.set_column(samples.schema.get_field_index("white_fraction"), "white_fraction", filled)
 
 
-def _load(con: duckdb.DuckDBPyConnection, folder: Folder, shards: dict[str, ShardListing]) -> list[str]:
+def _white_fraction_or_none(data: bytes) -> float | None:
+    """encoded_white_fraction, None for bytes that do not decode: that record is bad, not its shard (the
+    reader refuses it where it is read)."""
+    try:
+        return encoded_white_fraction(data)
+    except Exception:  # noqa: BLE001 - PIL raises many kinds for broken images
+        return None
+
+
+def _read_or_why(folder: Folder, sid: str, shard: ShardListing) -> tuple[dict, pa.Table, pa.Table] | BadShard | None:
+    """_read_shard, a bad shard as its BadShard."""
+    try:
+        return _read_shard(folder, sid, shard)
+    except ShardError as e:
+        return BadShard(sid, e.file, e.reason, e.detail)
+
+
+def _load(con: duckdb.DuckDBPyConnection, folder: Folder, shards: dict[str, ShardListing]
+          ) -> tuple[list[str], list[BadShard], list[str]]:
     """Insert a batch of shards (sidecars read in parallel: object stores answer slowly but concurrently);
-    returns the ids loaded."""
+    returns (the ids loaded, the bad shards, the ids left out as incomplete)."""
     workers = 4 if folder.local else 16
     with ThreadPoolExecutor(workers) as pool:
-        read = list(pool.map(lambda kv: (kv[0], _read_shard(folder, *kv)), shards.items()))
+        read = list(pool.map(lambda kv: (kv[0], _read_or_why(folder, *kv)), shards.items()))
     rows, samples, objects, loaded = [], [], [], []
+    bad = [got for _, got in read if isinstance(got, BadShard)]
+    incomplete = [sid for sid, got in read if got is None]
     for sid, got in read:
-        if got is None:
+        if got is None or isinstance(got, BadShard):
             continue
         st, s, o = got
         loaded.append(sid)
@@ -320,19 +527,17 @@ def _load(con: duckdb.DuckDBPyConnection, folder: Folder, shards: dict[str, Shar
         samples.append(s)
         objects.append(o)
     if not loaded:
-        return []
+        return [], bad, incomplete
     con.executemany("INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-    new_samples = pa.concat_tables(samples, promote_options="permissive")
-    new_objects = pa.concat_tables(objects, promote_options="permissive")
-    con.register("new_samples", new_samples)
-    con.register("new_objects", new_objects)
+    con.register("new_samples", pa.concat_tables(samples))
+    con.register("new_objects", pa.concat_tables(objects))
     q = lambda cols: ", ".join(f'"{c}"' for c in cols)  # noqa: E731
     con.execute(f"INSERT INTO samples SELECT {q(_SAMPLE_COLUMNS)} FROM new_samples WHERE status = 'ok'")
     con.execute(f"INSERT INTO failures SELECT {q(_FAILURE_COLUMNS)} FROM new_samples WHERE status = 'failed'")
     con.execute(f"INSERT INTO objects SELECT {q(_OBJECT_COLUMNS)} FROM new_objects")
     con.unregister("new_samples")
     con.unregister("new_objects")
-    return loaded
+    return loaded, bad, incomplete
 
 
 def check_read_only(sql: str) -> None:
@@ -361,9 +566,9 @@ def query(root: str | os.PathLike, sql: str, params: list[Any] | None = None, *,
 
 def stats(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, top_labels: int = 20,
           bins: int = 10) -> dict[str, Any]:
-    """Counts, label histogram, score and area distributions, the curation signals' distributions and the
-    number of exact duplicates (samples beyond the first with the same sha256), and failures by stage and
-    reason. A quantiles dict's `n` counts its non-NULL values."""
+    """Counts (bad shards too), label histogram, score and area distributions, the curation signals'
+    distributions and the number of exact duplicates (samples beyond the first with the same sha256), and
+    failures by stage and reason. A quantiles dict's `n` counts its non-NULL values."""
     with open_catalog(root, catalog=catalog) as con:
 
         def rows(sql: str) -> list[tuple]:
@@ -390,6 +595,7 @@ def stats(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, 
 
         return {
             "shards": n_shards,
+            "bad_shards": len(_bad_names(con)),
             "samples": n_samples,
             "failed": n_failed,
             "objects": n_objects,

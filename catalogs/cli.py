@@ -1,7 +1,9 @@
 """`subjectdiff catalog build|query|stats|select|duplicates|report`: the catalog from the command line.
 
 Every failure a user can cause (a missing catalog, bad SQL, a write statement) prints one line on
-stderr and exits non-zero; no traceback.
+stderr and exits non-zero; no traceback. Exit status: 0 done; 1 `build` loaded every good shard but some are bad
+(one `bad shard NAME: FILE: REASON (DETAIL)` line each on stderr; the `bad_shards` table); 2 an error (one line),
+after which a catalog is as it was and a first build left none.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 from catalogs.catalog import CatalogError
 
 
+EXIT_BAD_SHARDS = 1  # `catalog build`: the catalog holds every good shard; the bad ones are in bad_shards
+EXIT_ERROR = 2  # nothing done: the one-line error says why
 _DIR_HELP = "the shard folder: a local path or a URL (s3://bucket/out)"
 _CATALOG_HELP = ("the DuckDB file (default: DIR/catalog.duckdb for a local DIR, a file under "
                  "$SUBJECTDIFF_CACHE/catalogs for a URL)")
@@ -29,7 +33,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("catalog", help="build and query the DuckDB catalog of a shard folder (local or a URL)")
     csub = p.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
 
-    b = csub.add_parser("build", help="create or refresh DIR/catalog.duckdb from the shards' sidecars")
+    b = csub.add_parser("build", help="create or refresh DIR/catalog.duckdb from the shards' sidecars",
+                        description="Create or refresh the catalog from the sidecars of DIR's complete shards. A "
+                        "shard that cannot be loaded is listed on stderr and in the bad_shards table, and tried "
+                        "again by the next build. Exit status: 0 every complete shard loaded; 1 the good shards "
+                        "loaded, some bad; 2 an error (the catalog is as it was; a first build leaves none).")
     _add_dir(b)
     b.set_defaults(func=_guard(_build))
 
@@ -94,7 +102,7 @@ def _guard(fn):
             return fn(args)
         except CatalogError as e:
             print(f"subjectdiff catalog: error: {e}", file=sys.stderr)
-            return 2
+            return EXIT_ERROR
 
     return run
 
@@ -102,8 +110,23 @@ def _guard(fn):
 def _build(args: argparse.Namespace) -> int:
     from catalogs.catalog import build
 
-    print(build(args.dir, catalog=args.catalog).summary())
-    return 0
+    report = build(args.dir, catalog=args.catalog)
+    for bad in report.bad:
+        print(bad.line(), file=sys.stderr)
+    print(report.summary())
+    return EXIT_BAD_SHARDS if report.bad else 0
+
+
+def _warn_bad_shards(args: argparse.Namespace) -> None:
+    """One line on stderr when the catalog left shards out: an answer without their samples is not the folder's."""
+    from catalogs.catalog import bad_shard_names
+
+    names = bad_shard_names(args.dir, catalog=args.catalog)
+    if names:
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        print(f"subjectdiff catalog: warning: {len(names)} bad shard(s) are not in the catalog ({shown}): their "
+              "samples are missing; `SELECT * FROM bad_shards` says why, `catalog build` tries them again",
+              file=sys.stderr)
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -111,6 +134,7 @@ def _query(args: argparse.Namespace) -> int:
 
     table = query(args.dir, args.sql, catalog=args.catalog)
     sys.stdout.write(format_table(table, args.format, max_rows=args.max_rows))
+    _warn_bad_shards(args)
     return 0
 
 
@@ -155,7 +179,7 @@ def _stats(args: argparse.Namespace) -> int:
         print(json.dumps(st, default=str, indent=2))
         return 0
     print(f"shards {st['shards']}   samples {st['samples']}   failed {st['failed']}   objects {st['objects']}"
-          f"   distinct labels {st['n_labels']}")
+          f"   distinct labels {st['n_labels']}" + (f"   bad shards {st['bad_shards']}" if st["bad_shards"] else ""))
     print("\nobjects per sample:  " + "  ".join(f"{n}:{c}" for n, c in st["objects_per_sample"]))
     print(f"\ntop {args.top} labels:")
     for label, n in st["labels"]:
@@ -190,6 +214,10 @@ def _select(args: argparse.Namespace) -> int:
                dups=args.dups, max_distance=args.max_distance, exclude_near=args.exclude_near,
                exclude_distance=args.exclude_distance)
     print(f"selected {n} sample(s) -> {args.out}")
+    if n == 0:
+        print(f"subjectdiff catalog: warning: no sample selected: {args.out} is empty, training on it would have "
+              "nothing; `catalog stats` shows what the catalog holds", file=sys.stderr)
+    _warn_bad_shards(args)
     return 0
 
 

@@ -10,6 +10,11 @@ RecordReader is a webdataset pipeline, hence a torch IterableDataset: hand it to
 Each (rank, worker) pair reads a disjoint part: whole shards when there are at least as many shards as
 readers, otherwise every reader scans the shards and keeps every k-th sample. split="balanced" (training) gives
 every reader exactly as many records: see RecordReader.
+
+Records are checked where they are read: a tar member that is not a regular file (a symlink or hard link, which
+webdataset would skip without a word), a record without its JSON or its image, malformed JSON and fields that
+break the contract raise BadRecordError naming the shard and the key, or with on_error="yield" come out as a
+BadRecord in the record's place, for the consumer to count and go on.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import io
 import json
 import os
 import random
+import re
+import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -32,7 +39,7 @@ from PIL import Image
 from webdataset.utils import pytorch_worker_info
 
 from catalogs import masks as mask_codec
-from catalogs.schema import IMAGE_EXTENSIONS, ObjectAnn
+from catalogs.schema import IMAGE_EXTENSIONS, ObjectAnn, Record, RecordError, validate
 from catalogs.selection import load_selection
 from catalogs.storage import Folder, RetryingReader, is_local, open_url
 from catalogs.writer import complete_shards, shard_files
@@ -67,6 +74,33 @@ class DecodedRecord:
     image_ext: str = "jpg"
     shard: str = ""
     meta: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+class BadRecordError(ValueError):
+    """A record the reader refuses, named: shard (its tar's path or URL), key, reason (one line). Raised for a
+    tar member that is not a regular file (a symlink, a hard link), a record without its JSON or image member,
+    JSON that does not parse, and fields that break the contract (catalogs.schema.validate, the image's size)."""
+
+    def __init__(self, shard: str, key: str | None = None, reason: str | None = None):
+        if key is None and reason is None:  # torch's DataLoader re-raises a worker's error as type(e)(message)
+            super().__init__(shard)
+            self.shard, self.key, self.reason = "", "", shard
+            return
+        super().__init__(f"record {key} (shard {shard}): {reason}")
+        self.shard, self.key, self.reason = shard, key or "", reason or ""
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """What RecordReader(on_error="yield") yields in place of a record it refuses (BadRecordError's fields), so
+    that its consumer can count it as read."""
+
+    shard: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"record {self.key} (shard {self.shard}): {self.reason}"
 
 
 def shard_counts(urls: Iterable[str], selection: Mapping[str, set[str]] | None,
@@ -132,27 +166,78 @@ def open_shards(src: Iterator[dict[str, Any]], handler=wds.reraise_exception) ->
         yield {**sample, "stream": stream}
 
 
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")  # webdataset's metadata members, skipped as it skips them
+
+
 def _tar_samples(src: Iterator[dict[str, Any]], handler=wds.reraise_exception) -> Iterator[dict[str, Any]]:
-    """Shard URLs -> raw samples, as wds.tarfile_to_samples, with open_shards as the opener."""
-    files = wds.tariterators.tar_file_expander(open_shards(src, handler), handler=handler)
-    return wds.tariterators.group_by_keys(files, handler=handler)
+    """Shard URLs -> raw samples ({"__key__", "__url__", "json", "jpg"|...: bytes}), members grouped by key as
+    webdataset groups them, with open_shards as the opener. Where webdataset skips a member that is not a regular
+    file without a word (a symlink or hard link: the record then lacks it, or vanishes), its sample keeps
+    `__problems__` saying so, for decode_record to refuse."""
+    for source in open_shards(src, handler):
+        try:
+            yield from _shard_samples(source["stream"], source["url"])
+        except Exception as e:  # noqa: BLE001 - the handler decides: raise, or warn and go on
+            e.args = e.args + (source["url"],)
+            if handler(e):
+                continue
+            break
+        finally:
+            source["stream"].close()
+
+
+def _shard_samples(stream, url: str) -> Iterator[dict[str, Any]]:
+    """One tar stream's samples (_tar_samples)."""
+    current: dict[str, Any] | None = None
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for member in tar:
+            tar.members = []  # a streamed tar need not remember its members: memory stays flat over a shard
+            prefix, suffix = wds.tariterators.base_plus_ext(member.name)
+            if member.isdir() or prefix is None or _META_MEMBER.match(member.name):
+                continue
+            suffix = suffix.lower()
+            if current is None or prefix != current["__key__"]:
+                if current is not None:
+                    yield current
+                current = {"__key__": prefix, "__url__": url}
+            if not member.isfile():
+                kind = "symlink" if member.issym() else "hard link" if member.islnk() else "special file"
+                current.setdefault("__problems__", []).append(f"member {member.name} is a {kind}, not a file")
+            elif suffix in current:
+                current.setdefault("__problems__", []).append(f"member {member.name} appears twice")
+            else:
+                current[suffix] = tar.extractfile(member).read()
+    if current is not None:
+        yield current
+
+
+# KEY.json fields every record has, with their types (catalogs.schema.Record.meta_json)
+_JSON_FIELDS = {"key": str, "caption": str, "width": int, "height": int, "source": str, "objects": list}
+_CURATION_FIELDS = ("sha256", "phash", "clip_score", "alt_clip_score", "aesthetic", "white_fraction")
 
 
 def decode_record(sample: dict[str, Any], *, decode_image: bool = True, decode_masks: bool = True) -> DecodedRecord:
-    """A raw webdataset sample ({"__key__", "json", "jpg"|...: bytes}) -> DecodedRecord."""
-    meta = json.loads(sample["json"])
-    ext = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
-    if ext is None:
-        raise ValueError(f"{sample['__key__']}: no image member ({', '.join(IMAGE_EXTENSIONS)}) in the sample")
+    """A raw webdataset sample ({"__key__", "json", "jpg"|...: bytes}) -> DecodedRecord. A sample that breaks the
+    contract raises BadRecordError naming its shard and key (see BadRecordError)."""
+    url, key = sample.get("__url__", ""), sample["__key__"]
+    meta, objects, ext = _checked(sample)
     raw = sample[ext]
     h, w = meta["height"], meta["width"]
     image = None
     if decode_image:
-        with Image.open(io.BytesIO(raw)) as im:
-            image = np.asarray(im.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(raw)) as im:
+                image = np.asarray(im.convert("RGB"))
+        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for broken images
+            raise BadRecordError(url, key, f"{key}.{ext} does not decode: {type(e).__name__}: {e}") from None
         if image.shape[:2] != (h, w):
-            raise ValueError(f"{meta['key']}: image is {image.shape[1]}x{image.shape[0]}, record says {w}x{h}")
-    objects = [ObjectAnn.from_json(o) for o in meta["objects"]]
+            raise BadRecordError(url, key, f"image is {image.shape[1]}x{image.shape[0]}, its JSON says {w}x{h}")
+    masks = None
+    if decode_masks:
+        try:
+            masks = mask_codec.decode_many([o.mask for o in objects], h, w)
+        except Exception as e:  # noqa: BLE001 - pycocotools' errors for corrupt RLE counts
+            raise BadRecordError(url, key, f"a mask does not decode: {type(e).__name__}: {e}") from None
     n = len(objects)
     return DecodedRecord(
         key=meta["key"],
@@ -161,7 +246,7 @@ def decode_record(sample: dict[str, Any], *, decode_image: bool = True, decode_m
         height=h,
         source=meta["source"],
         image=image,
-        masks=mask_codec.decode_many([o.mask for o in objects], h, w) if decode_masks else None,
+        masks=masks,
         boxes=np.asarray([o.box for o in objects], dtype=np.float32).reshape(n, 4),
         labels=[o.label for o in objects],
         phrases=[o.phrase for o in objects],
@@ -172,9 +257,58 @@ def decode_record(sample: dict[str, Any], *, decode_image: bool = True, decode_m
         objects=objects,
         image_bytes=raw,
         image_ext=ext,
-        shard=os.path.basename(sample.get("__url__", "")),
+        shard=os.path.basename(url),
         meta=meta,
     )
+
+
+def _checked(sample: dict[str, Any]) -> tuple[dict[str, Any], list[ObjectAnn], str]:
+    """(meta, objects, image extension) of a raw sample that has its two members, parsing JSON whose fields keep
+    the contract (catalogs.schema.validate); BadRecordError otherwise. Cheap: nothing is decoded."""
+    url, key = sample.get("__url__", ""), sample["__key__"]
+
+    def bad(reason: str) -> BadRecordError:
+        return BadRecordError(url, key, reason)
+
+    if sample.get("__problems__"):
+        raise bad("; ".join(sample["__problems__"]))
+    exts = [e for e in IMAGE_EXTENSIONS if e in sample]
+    if "json" not in sample:
+        raise bad(f"no {key}.json member beside {key}.{exts[0]}" if exts else f"no {key}.json member")
+    if len(exts) != 1:
+        found = ", ".join(f"{key}.{e}" for e in exts) or "none"
+        raise bad(f"expected one image member ({', '.join(IMAGE_EXTENSIONS)}), found {found}")
+    try:
+        meta = json.loads(sample["json"])
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise bad(f"{key}.json is malformed: {e}") from None
+    if not isinstance(meta, dict):
+        raise bad(f"{key}.json is a JSON {type(meta).__name__}, not an object")
+    for name, kind in _JSON_FIELDS.items():
+        if not isinstance(meta.get(name), kind) or isinstance(meta.get(name), bool):
+            have = "missing" if name not in meta else f"a {type(meta[name]).__name__}"
+            raise bad(f"{key}.json field {name!r} is {have}, not a {kind.__name__}")
+    if meta["key"] != key:
+        raise bad(f"{key}.json says key {meta['key']!r}")
+    try:
+        objects = [ObjectAnn.from_json(o) for o in meta["objects"]]
+        validate(Record(key=key, image=sample[exts[0]], image_ext=exts[0], caption=meta["caption"],
+                        width=meta["width"], height=meta["height"], source=meta["source"], objects=objects,
+                        **{f: meta.get(f) for f in _CURATION_FIELDS}))
+    except RecordError as e:
+        raise bad(str(e).removeprefix(f"{key}: ")) from None
+    except (TypeError, ValueError, AttributeError) as e:  # an object that is not one (a missing field, a list)
+        raise bad(f"{key}.json objects break the contract: {type(e).__name__}: {e}") from None
+    return meta, objects, exts[0]
+
+
+
+def _decode_or_mark(sample: dict[str, Any], **kwargs) -> DecodedRecord | BadRecord:
+    """decode_record, a refused record as its BadRecord."""
+    try:
+        return decode_record(sample, **kwargs)
+    except BadRecordError as e:
+        return BadRecord(e.shard, e.key, e.reason)
 
 
 class RecordReader(wds.DataPipeline):
@@ -185,7 +319,9 @@ class RecordReader(wds.DataPipeline):
     selection: a `catalog select` Parquet, or its content as {shard path: keys} (as load_selection returns it).
     keys: keep only these keys (in addition to a selection's).
     shuffle_seed: when set, shard order is permuted with (seed, epoch); call set_epoch(e) each epoch.
-    on_error: "raise" or "warn" (skip a broken sample or shard with a warning).
+    on_error: what a broken sample or shard does: "raise" (a record that breaks the contract as BadRecordError,
+        naming its shard and key), "warn" (skipped with a warning), or "yield" (a refused record is yielded as a
+        BadRecord in its place, for the consumer to count; other errors raise).
 
     split="balanced": the epoch's records, in shard order, are cut into one contiguous range per reader, all of
     the same length (`quota`: a multiple of `multiple` when the records allow it); the remainder, at most
@@ -213,8 +349,8 @@ class RecordReader(wds.DataPipeline):
     ):
         if split not in ("auto", "shard", "sample", "balanced"):
             raise ValueError(f"split must be 'auto', 'shard', 'sample' or 'balanced', got {split!r}")
-        if on_error not in ("raise", "warn"):
-            raise ValueError(f"on_error must be 'raise' or 'warn', got {on_error!r}")
+        if on_error not in ("raise", "warn", "yield"):
+            raise ValueError(f"on_error must be 'raise', 'warn' or 'yield', got {on_error!r}")
         if multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {multiple}")
         urls = resolve_shards(shards) if shards is not None else []
@@ -242,12 +378,14 @@ class RecordReader(wds.DataPipeline):
         self.counts = shard_counts(urls, sel, wanted) if split == "balanced" else None
         self.epoch, self.skip, self.first_worker = 0, (), 0
         self.on_error = on_error
-        handler = wds.reraise_exception if on_error == "raise" else wds.warn_and_continue
+        handler = wds.warn_and_continue if on_error == "warn" else wds.reraise_exception
+        decode = partial(_decode_or_mark if on_error == "yield" else decode_record, decode_image=decode_image,
+                         decode_masks=decode_masks)
         super().__init__(
             self._shard_stage,
             wds.filters.pipelinefilter(_tar_samples)(handler=handler),
             self._sample_stage,
-            wds.map(partial(decode_record, decode_image=decode_image, decode_masks=decode_masks), handler=handler),
+            wds.map(decode, handler=handler),
         )
 
     def set_epoch(self, epoch: int, skip: Sequence[int] = (), first_worker: int = 0) -> None:
@@ -358,6 +496,6 @@ class RecordReader(wds.DataPipeline):
                 yield s
                 if left == 0:
                     return  # the rest of the last shard belongs to the next reader
-        if left and self.on_error == "raise":
+        if left and self.on_error != "warn":
             raise ValueError(f"reader {self.reader_index()}: its shards ran out {left} records short of their "
                              "counts (selection or _stats.json): a shard holds fewer records than catalogued")

@@ -23,6 +23,7 @@ from subjectdiff.overrides import apply, merge_dicts, parse_override
 PRECISIONS = ("fp32", "bf16", "fp16")
 CROPS = ("short-side", "zoom")
 NO_SUBJECT = ("skip", "text")
+ON_BAD_RECORD = ("raise", "skip")
 
 
 @dataclass
@@ -58,6 +59,9 @@ class DataConfig:
     no_subject: a record left without a subject (no object passes the rules, a near-white image, a crop that
         cuts every subject): "skip" (the reference's: it gives no sample; skipped records are counted by reason
         in the log) or "text" (it trains text-only on its caption, a short-side crop at a random offset).
+    on_bad_record: a record the reader refuses (a tar member that is a link, no JSON or no image, malformed JSON,
+        fields that break the contract; catalogs.reader.BadRecordError): "raise" (stop with one line naming its
+        shard and key) or "skip" (it gives no sample and is counted as "bad record" with the skipped records).
     Subject images (subjectdiff.model.subject_image): augment: flip, rotation, perspective (and the background
         photo) on; flip_p, rotate_deg, perspective (torchvision's distortion_scale), perspective_p;
         backgrounds: a folder of photos (BG-20k's train/, or any) the subject is pasted on, at background_area of
@@ -105,6 +109,7 @@ class DataConfig:
     loc_tokens: tuple[str, ...] = ("label", "placeholder")
     crop: str = "short-side"
     no_subject: str = "text"
+    on_bad_record: str = "raise"
     batch_size: int = 4
     num_workers: int = 2
 
@@ -127,6 +132,8 @@ class DataConfig:
             raise ValueError(f"data.crop must be one of {CROPS}, got {self.crop!r}")
         if self.no_subject not in NO_SUBJECT:
             raise ValueError(f"data.no_subject must be one of {NO_SUBJECT}, got {self.no_subject!r}")
+        if self.on_bad_record not in ON_BAD_RECORD:
+            raise ValueError(f"data.on_bad_record must be one of {ON_BAD_RECORD}, got {self.on_bad_record!r}")
         if self.resolution % 8:
             raise ValueError(f"data.resolution must be a multiple of 8 (the VAE's stride), got {self.resolution}")
         if not self.loc_tokens or set(self.loc_tokens) - {"label", "placeholder", "phrase"}:

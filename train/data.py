@@ -12,7 +12,7 @@ A sample, all fixed shapes (N = model.max_subjects subject slots, R = data.resol
     placeholder_pos: (N,) long (-1 = none). loc_pos: (N, K) long token positions of each subject's map, -1 pad.
     key: the record key. part, taken, skipped: the reader part (DataLoader worker) it came from, the records
         that part has consumed with it, and the records skipped since its previous sample ({reason: count} as
-        JSON); BatchStream keeps and drops them.
+        JSON; a part's last sample also carries those skipped after it); BatchStream keeps and drops them.
 Every random choice of a sample comes from a generator seeded by (seed, epoch, key): the same record gives the
 same sample whatever the rank, worker or position, which makes resuming exact.
 
@@ -21,7 +21,9 @@ Object selection follows the reference code (`custom_dataset.py::verify_keys`, `
 descending score (or random order) and skips one contained in an already chosen box; `square_crop` crops the
 image's short side around them (data.crop), and `subjects_in_crop` drops what the crop cuts. A record left
 without a subject is skipped (data.no_subject="skip", the reference's way, counted by reason) or trains text
-only (data.no_subject="text").
+only (data.no_subject="text"). A record the reader refuses (catalogs.reader.BadRecordError: a link member, a
+missing member, malformed JSON) stops the run naming its shard and key (data.on_bad_record="raise") or is skipped
+and counted as "bad record" with them (data.on_bad_record="skip").
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -40,7 +43,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from catalogs import catalog
-from catalogs.reader import DecodedRecord, RecordReader
+from catalogs.reader import BadRecord, DecodedRecord, RecordReader
 from catalogs.schema import box_pixels_xyxy, white_fraction
 from catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, load_selection, select
 from catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
@@ -50,6 +53,7 @@ from subjectdiff.model.subject_image import (SubjectAugment, background_files, b
 from train.config import DataConfig, TrainConfig
 
 MAX_LOC_TOKENS = 8
+SHOW_BAD = 3  # bad records named on stderr in a row of skipped ones (data.on_bad_record="skip")
 WHITE = (255, 255, 255)
 SELECTION_FILE = "selection.parquet"
 
@@ -67,8 +71,9 @@ class NoSubject(NamedTuple):
     detail: str
 
 
+BAD_RECORD = "bad record"  # the skip code of a record the reader refuses (data.on_bad_record="skip")
 SKIP_CODES = ("no objects", "no eligible object", "near-white image", "object rules", "cut by the crop",
-              "prompt too long")
+              "prompt too long", BAD_RECORD)
 
 
 def box_rect(rec: DecodedRecord, i: int) -> tuple[int, int, int, int]:
@@ -387,7 +392,8 @@ class TrainSamples(torch.utils.data.IterableDataset):
     """Training samples from a RecordReader (which splits records over ranks and DataLoader workers).
     eligible: {record key: object indices} from a selection made with an object predicate; a record's
     subjects are chosen among its eligible objects only (None: among all). Records without a subject under
-    data.no_subject="skip" yield nothing; the next sample carries their count (module docstring)."""
+    data.no_subject="skip", and the reader's bad records under data.on_bad_record="skip", yield nothing; the next
+    sample carries their count (module docstring)."""
 
     def __init__(self, reader: RecordReader, cfg: TrainConfig, subject_size: int,
                  eligible: dict[str, list[int]] | None = None):
@@ -416,15 +422,34 @@ class TrainSamples(torch.utils.data.IterableDataset):
         part, _ = self.reader.worker_part()
         taken = self.reader.skip[part] if self.reader.skip else 0
         skipped: Counter[str] = Counter()
+        held = None  # the latest sample, held until the next: the records skipped after a part's last are its to count
         for rec in self.reader:
-            taken += 1
-            sample = self.sample(rec)
-            if isinstance(sample, NoSubject):
-                skipped[sample.code] += 1
+            taken += 1  # a skipped record is consumed too: a resumed run starts after it
+            sample = self._sample_or_skip(rec, skipped)
+            if sample is None:
                 continue
-            sample.update(part=part, taken=taken, skipped=json.dumps(skipped))
+            if held is not None:
+                yield held
+            held = {**sample, "part": part, "taken": taken, "skipped": json.dumps(skipped)}
             skipped = Counter()
-            yield sample
+        if held is not None:
+            if skipped:
+                held.update(taken=taken, skipped=json.dumps(Counter(json.loads(held["skipped"])) + skipped))
+            yield held
+
+    def _sample_or_skip(self, rec: DecodedRecord | BadRecord, skipped: Counter[str]) -> dict[str, Any] | None:
+        """rec's sample, or None with rec counted in `skipped` by reason (a bad record: the first few named on
+        stderr, the epoch's log line counts them all)."""
+        if isinstance(rec, BadRecord):
+            skipped[BAD_RECORD] += 1
+            if skipped[BAD_RECORD] <= SHOW_BAD:
+                print(f"data: skipped bad {rec}", file=sys.stderr, flush=True)
+            return None
+        sample = self.sample(rec)
+        if isinstance(sample, NoSubject):
+            skipped[sample.code] += 1
+            return None
+        return sample
 
 
 def run_selection(cfg: DataConfig, out_dir: str, resume: bool) -> str | None:
@@ -448,7 +473,8 @@ def run_selection(cfg: DataConfig, out_dir: str, resume: bool) -> str | None:
         return path
     root = cfg.catalog or cfg.shards[0]
     if not catalog.catalog_path(root).exists():  # a bucket's catalog is a local file: made here on first use
-        catalog.build(root)
+        for bad in catalog.build(root).bad:  # their records are not in the selection: say so
+            print(f"data: {bad.line()}", file=sys.stderr, flush=True)
     objects = REFERENCE_OBJECT_WHERE if cfg.object_where == "reference" else cfg.object_where
     if select(root, cfg.where, path, object_where=objects) == 0:
         raise ValueError(f"--where {cfg.where!r} / --object-where {cfg.object_where!r} select no record of the "
@@ -487,8 +513,9 @@ def make_reader(cfg: DataConfig, selection: dict[str, set[str]] | None, rank: in
     if shards is None and selection is None:
         raise ValueError("no training data: give --shards DIR, --selection FILE, or --catalog DIR (all its "
                          "records, or those --where / --object-where select)")
+    on_error = "yield" if cfg.on_bad_record == "skip" else "raise"  # "yield": TrainSamples counts them
     return RecordReader(shards, selection=selection, split="balanced", multiple=cfg.batch_size, rank=rank,
-                        world_size=world, shuffle_seed=seed)
+                        world_size=world, shuffle_seed=seed, on_error=on_error)
 
 
 def loader_workers(num_workers: int, records: int, world: int) -> int:
@@ -582,22 +609,37 @@ class BatchStream:
             if self.batches == 0:
                 raise NoBatchError(self._why_no_batch())
             if skipped and self.log is not None:
-                self.log(f"data: epoch {self.epoch}: {sum(skipped.values())} records without a subject skipped "
-                         f"({reasons(skipped)})")
+                self.log(f"data: epoch {self.epoch}: {skipped_line(skipped)}")
             self.epoch, self.batches, self.samples, self.next_part = self.epoch + 1, 0, [0] * self.parts, 0
 
     def _why_no_batch(self) -> str:
         """Why an epoch gave no batch, with a record of this rank as the example (read here, in-process)."""
         self.dataset.set_epoch(self.epoch)
-        example = "this rank read no record"
+        example, bad = "this rank read no record", None
         for rec in self.dataset.reader:
+            if isinstance(rec, BadRecord):
+                bad = bad or rec
+                continue
             s = self.dataset.sample(rec)
             if isinstance(s, NoSubject):
                 example = f"e.g. record {rec.key} (shard {rec.shard or '?'}): {s.detail}"
                 break
+        if bad is not None and example == "this rank read no record":
+            return (f"epoch {self.epoch} gave this rank no sample: every record it read is bad and "
+                    f"data.on_bad_record is 'skip'; e.g. {bad}")
         return (f"epoch {self.epoch} gave this rank no sample: every record it read has no subject and "
-                f"data.no_subject is 'skip'; {example}. Select records with subjects (e.g. --object-where "
-                "reference) or set data.no_subject=text to train them text-only")
+                f"data.no_subject is 'skip'{' (or is bad)' if bad else ''}; {example}. Select records with subjects "
+                "(e.g. --object-where reference) or set data.no_subject=text to train them text-only")
+
+
+def skipped_line(counts: Counter[str]) -> str:
+    """'5 records without a subject skipped (object rules 3, no objects 2)', and the bad records apart."""
+    bad = counts.get(BAD_RECORD, 0)
+    rest = Counter({code: n for code, n in counts.items() if code != BAD_RECORD})
+    parts = [f"{sum(rest.values())} records without a subject skipped ({reasons(rest)})"] if rest else []
+    if bad:
+        parts.append(f"{bad} bad record{'s' if bad != 1 else ''} skipped (data.on_bad_record=skip)")
+    return "; ".join(parts)
 
 
 def reasons(counts: Counter[str]) -> str:

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from catalogs.tokens import clip_tokenizer
 from subjectdiff.model.builders import image_encoder_input_size
 from train.config import TrainConfig
-from train.data import batch_stream, reasons, shared_selection
+from train.data import batch_stream, shared_selection, skipped_line
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 SHOW = 256  # displayed side of the target crop, pixels
@@ -148,13 +148,12 @@ def write_preview(cfg: TrainConfig, n: int, out: str | Path) -> Path:
         if len(rows) == n:
             break
     if stream.skipped:
-        notes.append(f"{sum(stream.skipped.values())} records skipped on the way, without a subject "
-                     f"({reasons(stream.skipped)}; data.no_subject={cfg.data.no_subject})")
+        notes.append(f"on the way: {skipped_line(stream.skipped)}")
     with open(out / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     d = cfg.data
     settings = (f"resolution {d.resolution} · subject images {size} px · crop {d.crop} · pick {d.pick} · "
-                f"without a subject: {d.no_subject} · object rules {'on' if d.object_rules else 'off'} · augmentation {'on' if d.augment else 'off'} · backgrounds "
+                f"without a subject: {d.no_subject} · bad records: {d.on_bad_record} · object rules {'on' if d.object_rules else 'off'} · augmentation {'on' if d.augment else 'off'} · backgrounds "
                 f"{html.escape(d.backgrounds or 'none')} · loc tokens {', '.join(d.loc_tokens)} · where "
                 f"{html.escape(d.where or '-')} · object where {html.escape(d.object_where or '-')}")
     page = out / "index.html"

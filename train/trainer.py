@@ -284,7 +284,7 @@ class Trainer:
             samples = logs.pop("samples")
             logs.update(lr=self.sched.get_last_lr()[0], samples_per_s=samples / (time.perf_counter() - t0),
                         **pace.update(self.step, samples))
-            if cfg.data.no_subject == "skip":  # this rank's records without a subject, since the process started
+            if "skip" in (cfg.data.no_subject, cfg.data.on_bad_record):  # this rank's skipped records, since start
                 logs["records_skipped"] = float(sum(self.stream.skipped.values()))
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
                 self.logger.log(self.step, logs, f"eta {duration(logs['eta_s'])}", pace.echo)
