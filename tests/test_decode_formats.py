@@ -385,7 +385,8 @@ def image_files(draw) -> tuple[bytes, tuple[int, int], int]:
     return encode(im, fmt, **kw), upright, orientation
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(image_files())
 def test_any_mode_size_and_orientation_decodes_upright_and_reads_back_the_same(case):
     raw, (w, h), orientation = case
