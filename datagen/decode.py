@@ -3,8 +3,8 @@
 A row's bytes are read where it names them (a file, a tar member, a Parquet row; datagen/sources.py) and
 decoded once, as the `decode` settings say (EXIF orientation, transparency, pixel limit, formats: see
 datagen.stages.common.decode_item); a unit that cannot be read or decoded becomes an item failed at `read`
-or `decode`, with the reason a user can act on. With filters, an image too small or too elongated fails its size/aspect filter
-here, before any model sees it.
+or `decode`, with the reason a user can act on. With filters, an image too small or too elongated fails its
+size/aspect filter here, before any model sees it.
 """
 
 from __future__ import annotations
