@@ -1,9 +1,9 @@
 """Exact and near duplicates over the catalog's `sha256` and `phash` columns, without an all-pairs comparison.
 
 Hashes
-    `sha256` is the hex digest of a sample's source bytes. `phash` is imagehash's 64-bit perceptual hash of
-    the decoded image (`phash_int64`: RGB, EXIF orientation not applied, as every decoder here reads the
-    pixels), stored as a signed BIGINT: imagehash's 8 x 8 bit matrix (the signs of the 8 x 8 lowest DCT
+    `sha256` is the hex digest of a sample's stored bytes. `phash` is imagehash's 64-bit perceptual hash of
+    the decoded image (`phash_int64` of the record's pixels: upright, 8-bit RGB, as catalogs.images decodes
+    them), stored as a signed BIGINT: imagehash's 8 x 8 bit matrix (the signs of the 8 x 8 lowest DCT
     frequencies of a 32 x 32 grey thumbnail against their median) read row-major, its first element
     `hash[0, 0]` the most significant bit, then reinterpreted as two's complement int64. So
     `format(phash & (2**64 - 1), "016x") == str(imagehash.phash(img))`; bit 63, the sign, is the DC term's,
@@ -74,7 +74,8 @@ MASK64 = (1 << 64) - 1
 # A candidate pair costs about 3 rows of a table's join (measured: DuckDB 2.0, 10M hashes, two cores; a 27-bit
 # key's table ~0.7 s with 0.4M candidates, a 24-bit key's ~1.2-1.6 s with 3M).
 CANDIDATE_COST = 3.0
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".hif",
+                    ".avif")
 
 DUPS_SCHEMA = pa.schema([
     ("group_id", pa.int64()),
@@ -126,11 +127,12 @@ def hamming(a: int, b: int) -> int:
 
 
 def hash_image_file(path: str | os.PathLike) -> int:
-    """phash_int64 of an image file, decoded as datagen decodes (first frame, RGB, EXIF orientation not applied)."""
-    from PIL import Image
+    """phash_int64 of an image file, decoded as datagen decodes with its default `decode` settings
+    (catalogs.images: first frame, upright by its EXIF orientation, 16-bit scaled, transparency on white)."""
+    from catalogs import images
 
-    with Image.open(path) as im:
-        return phash_int64(im)
+    with images.no_pil_pixel_limit():
+        return phash_int64(images.decode(Path(path).read_bytes()).pixels)
 
 
 def hash_folder(folder: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> pa.Table:

@@ -15,6 +15,8 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from catalogs import images
+
 log = logging.getLogger(__name__)
 
 # Words spaCy tags as nouns that do not name a thing one could box ("a view from the top").
@@ -170,6 +172,46 @@ class SegmentConfig:
 
 
 @dataclass
+class DecodeConfig:
+    """How a source image becomes a record's pixels (datagen.stages.common.decode_item, catalogs/images.py).
+
+    exif_transpose: apply the EXIF orientation tag, so pixels, size, boxes and masks are in the upright frame
+    every viewer shows. background: what transparent pixels are composited on, a colour name or "#rrggbb"
+    (anything PIL's ImageColor reads) or an [r, g, b] triple; kept as the (r, g, b) triple. max_pixels: larger
+    images are downscaled to it (aspect kept; a JPEG decodes at a reduced scale first), and one that would
+    need more than twice it decoded at full size is refused. convert_formats: store images in encodings
+    records cannot hold as they are (GIF, BMP, TIFF, HEIC/HEIF, AVIF, ...) as PNG of their first frame; off,
+    they fail at decode. Whenever the pixels differ from what the source bytes decode to (any of the above
+    applied), the record stores them re-encoded as PNG (lossless) and says what was done in extra["decode"];
+    otherwise the source bytes are stored unchanged (docs/pipeline.md).
+    """
+
+    exif_transpose: bool = True
+    background: Any = "white"
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    convert_formats: bool = True
+
+    def __post_init__(self) -> None:
+        self.background = _rgb(self.background)
+        _check(self.max_pixels >= 1, f"decode.max_pixels = {self.max_pixels} must be >= 1 (pixels, e.g. 128000000)")
+
+
+def _rgb(value: Any) -> tuple[int, int, int]:
+    """A colour name, "#rrggbb" or an (r, g, b) sequence -> an (r, g, b) tuple of ints in 0-255."""
+    from PIL import ImageColor
+
+    if isinstance(value, str):
+        try:
+            return ImageColor.getrgb(value)[:3]
+        except ValueError:
+            raise ValueError(f"decode.background {value!r}: use a colour name (white), #rrggbb or [r, g, b]") from None
+    rgb = tuple(value) if isinstance(value, (list, tuple)) else ()
+    _check(len(rgb) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in rgb),
+           f"decode.background {value!r}: use a colour name (white), #rrggbb or [r, g, b] with ints in 0-255")
+    return rgb
+
+
+@dataclass
 class FilterConfig:
     """Image-level filters (an image that fails is recorded as a 'filter' failure).
 
@@ -246,6 +288,7 @@ class DatagenConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
     name: str = "default"
 
     def __post_init__(self) -> None:

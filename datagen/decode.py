@@ -1,9 +1,10 @@
 """The first step of every block: plan rows -> decoded items, as a Ray task on any node's CPUs.
 
 A row's bytes are read where it names them (a file, a tar member, a Parquet row; datagen/sources.py) and
-decoded once; a unit that cannot be read or decoded becomes an item failed at `read` or `decode`, with the
-reason a user can act on. With filters, an image too small or too elongated fails its size/aspect filter
-here, before any model sees it.
+decoded once, as the `decode` settings say (EXIF orientation, transparency, pixel limit, formats: see
+datagen.stages.common.decode_item); a unit that cannot be read or decoded becomes an item failed at `read`
+or `decode`, with the reason a user can act on. With filters, an image too small or too elongated fails its
+size/aspect filter here, before any model sees it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from datagen import units
-from datagen.config import FilterConfig
+from datagen.config import DecodeConfig, FilterConfig
 
 Item = dict[str, Any]
 
@@ -28,8 +29,10 @@ def read_failure(e: OSError) -> str:
     return f"unreadable input: {type(e).__name__}: {e}"
 
 
-def read_and_decode(rows: dict[str, list], filters: FilterConfig | None = None) -> list[Item]:
-    """Plan rows (columns of datagen.sources.PLAN_SCHEMA, as lists) -> one item per row, in order."""
+def read_and_decode(rows: dict[str, list], filters: FilterConfig | None = None,
+                    decode: DecodeConfig | None = None) -> list[Item]:
+    """Plan rows (columns of datagen.sources.PLAN_SCHEMA, as lists) -> one item per row, in order, decoded as
+    DECODE says (None: its defaults)."""
     from datagen.stages.common import decode_item, fail, failed
     from datagen.stages.filters import prefilter
 
@@ -44,7 +47,7 @@ def read_and_decode(rows: dict[str, list], filters: FilterConfig | None = None) 
             try:
                 extra = [columns[i]] if columns[i] else []
                 data = units.read_unit(rows["path"][i], int(rows["offset"][i]), int(rows["size"][i]), *extra)
-                item = decode_item(source, data, alt_text=alt, key=key)
+                item = decode_item(source, data, alt_text=alt, key=key, cfg=decode)
             except OSError as e:
                 item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read",
                             read_failure(e))

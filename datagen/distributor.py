@@ -152,7 +152,7 @@ class Distributor:
         a, b = task.parts[part]
         rows = {k: v[a:b] for k, v in task.rows.items()}
         node = self.committer_nodes[task.committer]
-        ref = self._decode.remote(rows, self.cfg.stages.filters)
+        ref = self._decode.remote(rows, self.cfg.stages.filters, self.cfg.stages.decode)
         for stage in self.chain:
             if stage == "filter":
                 ref = self._filter.remote(ref, self.cfg.stages, self.factory)
@@ -296,10 +296,10 @@ class Distributor:
             self._refresher.join()
 
 
-def _decode_block(rows: dict[str, list], filters) -> list[dict]:
+def _decode_block(rows: dict[str, list], filters, decode) -> list[dict]:
     from datagen.decode import read_and_decode
 
-    return read_and_decode(rows, filters)
+    return read_and_decode(rows, filters, decode)
 
 
 def local_output_node(out: str) -> str | None:

@@ -134,9 +134,10 @@ def preset(name: str) -> JobConfig:
 
 def load_config(preset_name: str = "default", config_file: str | None = None,
                 overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
-    """A preset, with a TOML file's `[caption]`, `[nouns]`, `[ground]`, `[segment]`, `[filters]`, `[curate]` and
-    `[pipeline]` (with `[pipeline.pools.STAGE]`) tables laid over it, then `key=value` overrides in order
-    (`ground.box_threshold=0.3`, `pipeline.pools.segment.num_gpus=1`): subjectdiff.overrides, as for training."""
+    """A preset, with a TOML file's `[decode]`, `[caption]`, `[nouns]`, `[ground]`, `[segment]`, `[filters]`,
+    `[curate]` and `[pipeline]` (with `[pipeline.pools.STAGE]`) tables laid over it, then `key=value` overrides in
+    order (`ground.box_threshold=0.3`, `decode.max_pixels=50000000`, `pipeline.pools.segment.num_gpus=1`):
+    subjectdiff.overrides, as for training."""
     cfg = preset(preset_name)
     values: dict[str, Any] = {}
     if config_file:

@@ -93,16 +93,18 @@ def _spacy_version(cfg: stage_config.NounsConfig) -> dict[str, str]:
 
 class Manifest:
     """OUT/manifest.json: what produced OUT. Each run (first or resumed) appends itself to `runs`.
-    catalog: the catalog file the run keeps (None: the default place for OUT, catalogs.catalog.catalog_path)."""
+    catalog: the catalog file the run keeps (None: the default place for OUT, catalogs.catalog.catalog_path).
+    skipped_files: the files of a folder input that are not taken, by kind ({".txt": 3}; plan.skipped_files)."""
 
     def __init__(self, out: str | os.PathLike, src: str, cfg: JobConfig, command: list[str],
-                 catalog_file: str | os.PathLike | None = None):
+                 catalog_file: str | os.PathLike | None = None, skipped_files: dict[str, int] | None = None):
         self.folder = Folder(out)
         self.catalog_file = catalog_file
         old = json.loads(self.folder.read_text(MANIFEST)) if self.folder.exists(MANIFEST) else {}
         s = cfg.stages
         self.data = {
             "input": src,
+            "skipped_files": skipped_files or {},  # files of a folder input that are no image, by extension
             "output": self.folder.url,
             "preset": cfg.name,
             "config": {"stages": asdict(s), "pipeline": asdict(cfg.pipeline)},

@@ -3,7 +3,9 @@
 The plan is made on the first run (datagen/sources.py lists SRC; tar shards are listed by Ray tasks) and
 reused by every rerun of the same command, which is what makes a resumed run write the same shards as an
 uninterrupted one. OUT/_plan.json records what it was made for: the input, the shard size, the input's
-column names, and a fingerprint of the stage settings that shape records; a rerun with others is refused.
+column names, and a fingerprint of the stage settings that shape records (decode settings included); a rerun
+with others is refused. It also keeps the counts of the files a folder input does not take (`skipped_files`),
+so every run of OUT reports them.
 On an object store the plan is written locally, then uploaded, `_plan.json` last (it marks the plan
 complete).
 """
@@ -15,6 +17,7 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pyarrow.parquet as pq
@@ -30,7 +33,7 @@ _OPERATIONAL = ("device", "batch_size")
 
 
 def stages_fingerprint(cfg: stage_config.DatagenConfig) -> str:
-    """A hash of every stage setting that shapes the records (models, thresholds, filters, dtypes). The curate
+    """A hash of every stage setting that shapes the records (decode, models, thresholds, filters, dtypes). The curate
     section counts only when the stage is on, so a run with `curate.enabled=false` has the fingerprint that
     runs had before the stage existed (and can resume them)."""
     def strip(x):
@@ -62,7 +65,7 @@ def make_or_reuse(src: str, out: str | os.PathLike, shard_size: int, fingerprint
             )
         if meta.get("stages", fingerprint) != fingerprint:
             raise sources.SourceError(
-                f"{folder.url} holds records made with other stage settings (models, thresholds or filters; "
+                f"{folder.url} holds records made with other stage settings (decode, models, thresholds or filters; "
                 f"fingerprint {meta['stages']}, now {fingerprint}): resuming would mix them. Use another "
                 "--output, or the config of that run (its manifest.json has it)"
             )
@@ -71,12 +74,23 @@ def make_or_reuse(src: str, out: str | os.PathLike, shard_size: int, fingerprint
                                       f"({ {k: meta.get(k) for k in columns} }); use another --output")
         return meta["shards"]
     folder.makedirs()
+    skipped: Counter = Counter()
     with tempfile.TemporaryDirectory(prefix="plan-", dir=folder.path if folder.local else None) as tmp:
         local = os.path.join(tmp, PLAN_FILE)
-        counts = sources.write_plan(src, local, shard_size, map_urls=map_urls, **columns)
+        counts = sources.write_plan(src, local, shard_size, map_urls=map_urls, skipped=skipped, **columns)
         folder.commit(local, PLAN_FILE)
-    folder.write_text(PLAN_META, json.dumps({**want, "shards": counts, "created": time.time()}))
+    folder.write_text(PLAN_META, json.dumps({**want, "shards": counts, "skipped_files": dict(sorted(skipped.items())),
+                                             "created": time.time()}))
     return counts
+
+
+def skipped_files(out: str | os.PathLike) -> dict[str, int]:
+    """The files the plan of OUT did not take from a folder input, by kind (sources.skip_kind): {".txt": 3};
+    empty for other inputs, and for plans made before they were counted."""
+    folder = Folder(out)
+    if not folder.exists(PLAN_META):
+        return {}
+    return json.loads(folder.read_text(PLAN_META)).get("skipped_files", {})
 
 
 def shard_rows(out: str | os.PathLike, todo: set[str], batch_rows: int = 10_000) -> Iterator[tuple[str, dict]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -16,11 +16,19 @@ class RunSummary:
     seconds: float
     skipped_shards: int
     incomplete: list[str]
+    skipped_files: dict[str, int] = field(default_factory=dict)  # files a folder input does not take, by kind
 
     def line(self) -> str:
         rate = (self.ok + self.failed) / self.seconds if self.seconds else 0.0
+        skipped = f"; skipped (no image files): {describe_skipped(self.skipped_files)}" if self.skipped_files else ""
         return (f"datagen: {self.ok} records, {self.failed} failures in {self.shards} shard(s) "
-                f"({self.skipped_shards} already complete), {self.seconds:.1f} s, {rate:.3g} images/s")
+                f"({self.skipped_shards} already complete), {self.seconds:.1f} s, {rate:.3g} images/s{skipped}")
+
+
+def describe_skipped(skipped: dict[str, int]) -> str:
+    """{".txt": 3, "hidden": 1} -> "3 .txt, 1 hidden" (most first): the files an input folder had that are
+    no images (datagen.sources.skip_kind)."""
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 class Progress:

@@ -36,7 +36,7 @@ from datagen import plan, ray_setup, sources
 from datagen.distributor import Distributor, local_output_node
 from datagen.job import JobConfig, active_stages
 from datagen.manifest import Manifest
-from datagen.progress import Progress, RunSummary
+from datagen.progress import Progress, RunSummary, describe_skipped
 
 
 def _ray_map(fn, urls):
@@ -93,7 +93,11 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
                                 map_urls=_ray_map, columns={"image_column": image_column,
                                                             "caption_column": caption_column})
     done_before = _complete(folder) & set(counts)
-    manifest = Manifest(out, src, cfg, command or sys.argv, catalog_file)
+    skipped = plan.skipped_files(out)
+    if skipped:  # never silently: files of the input folder that are not images are no input
+        print(f"[datagen] {src}: skipped {sum(skipped.values())} file(s) that are no images: "
+              f"{describe_skipped(skipped)}", file=sys.stderr, flush=True)
+    manifest = Manifest(out, src, cfg, command or sys.argv, catalog_file, skipped_files=skipped)
     try:
         ray_setup.resolve_gpus(cfg.pipeline, joined, active_stages(cfg.stages))
         if retry_failures:
@@ -107,6 +111,7 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
     except BaseException as e:
         manifest.abort(e)
         raise
+    summary.skipped_files = skipped
     manifest.finish(summary)
     return summary
 

@@ -2,12 +2,14 @@
 
 SRC may be:
     - a folder of images, local or an fsspec URL (`s3://bucket/photos/`, `memory://imgs/`), searched
-      recursively (files with an image extension; other files are ignored). A local folder is walked in
+      recursively: files with an image extension (IMAGE_SUFFIXES, in any case: jpg, png, webp, gif, bmp,
+      tiff, heic/heif, avif ...); every other file, and every dotfile, is no input but is counted by
+      extension (`skip_kind`), and the run reports the counts ("skipped: 3 .txt"). A local folder is walked in
       sorted order, files before subfolders; a URL folder is listed with `fs.find`, in sorted path order;
     - webdataset shards: one .tar, a brace pattern like `data/{00000..00099}.tar`, local or any fsspec URL
       (`file://`, `s3://`, ...), or a folder (local or URL) holding .tar files (a local folder's top-level
       tars; a URL folder's tars at any depth). Members are grouped into samples by key, as webdataset
-      groups them; a sample's image member (jpg, jpeg, png, webp, bmp, gif, tif or tiff) is the unit, its
+      groups them; a sample's image member (one of IMAGE_SUFFIXES, the first of them present) is the unit, its
       `txt` becomes the record's alt_text and its `json` "url" the record's source. A sample with no image
       member is planned as a failed unit ("no image member in sample (members: txt, json)");
     - an img2dataset output folder (its tars with jpg/txt/json, beside its Parquet and `_stats.json`): read
@@ -47,6 +49,7 @@ import os
 import posixpath
 import shutil
 import tarfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,8 +64,11 @@ from catalogs.schema import make_key
 from datagen.units import describe as _describe
 from datagen.units import is_url as _is_url
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-_TAR_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")  # preference order in a sample
+# Taken in any case (IMG_0001.HEIC). HEIC/HEIF (.hif: Fujifilm's and Canon's spelling) and AVIF are what phones
+# write by default; decode converts all but jpg/png/webp to PNG (datagen.stages.common.decode_item).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".hif",
+                  ".avif")
+_TAR_IMAGE_EXTS = tuple(s[1:] for s in IMAGE_SUFFIXES)  # preference order in a sample
 _PATH_COLUMNS = ("path", "url", "image_path", "filepath", "image")
 _TEXT_COLUMNS = ("caption", "text", "alt_text")
 _LIST_BATCH = 10_000
@@ -130,9 +136,24 @@ def _find(src: str) -> list[str]:
     return urls
 
 
-def _is_visible_image(url: str) -> bool:
-    name = posixpath.basename(url)
-    return name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith(".")
+def _takes(name: str, skipped: Counter | None) -> bool:
+    """Whether a folder source takes the file NAME (a visible file with an image extension); one it does not
+    take is counted in SKIPPED by `skip_kind`."""
+    name = posixpath.basename(name)
+    if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
+        return True
+    if skipped is not None:
+        skipped[skip_kind(name)] += 1
+    return False
+
+
+def skip_kind(name: str) -> str:
+    """How a file a folder source does not take is counted: its extension in lower case (".txt"), "hidden"
+    for a dotfile (.DS_Store, ._IMG_0001.jpg: macOS metadata), "no extension" for a name without a dot."""
+    if name.startswith("."):
+        return "hidden"
+    ext = posixpath.splitext(name)[1].lower()
+    return ext or "no extension"
 
 
 def detect(src: str, *, image_column: str | None = None, caption_column: str | None = None) -> str:
@@ -188,14 +209,15 @@ def _shard_urls(src: str) -> list[str]:
 
 
 def iter_units(src: str, map_urls: Callable[[Callable, Iterable[str]], Iterable] | None = None, *,
-               image_column: str | None = None, caption_column: str | None = None) -> Iterator[Unit]:
-    """SRC's units in plan order (before de-duplication). MAP_URLS and the columns: see write_plan."""
+               image_column: str | None = None, caption_column: str | None = None,
+               skipped: Counter | None = None) -> Iterator[Unit]:
+    """SRC's units in plan order (before de-duplication). MAP_URLS, the columns and SKIPPED: see write_plan."""
     kind = _kind(src)
     if kind == "folder":
         if _is_url(src):
-            yield from (Unit(source=u, path=u) for u in _find(src) if _is_visible_image(u))
+            yield from (Unit(source=u, path=u) for u in _find(src) if _takes(u, skipped))
         else:
-            yield from _folder_units(src)
+            yield from _folder_units(src, skipped)
     elif kind == "shards":
         for units in (map_urls or map)(list_tar, _shard_urls(src)):
             yield from units
@@ -203,12 +225,12 @@ def iter_units(src: str, map_urls: Callable[[Callable, Iterable[str]], Iterable]
         yield from _list_units(src, image_column, caption_column)
 
 
-def _folder_units(root: str) -> Iterator[Unit]:
+def _folder_units(root: str, skipped: Counter | None = None) -> Iterator[Unit]:
     root_path = Path(root).resolve()
     for dirpath, dirnames, filenames in os.walk(root_path):
         dirnames.sort()  # deterministic walk order
         for name in sorted(filenames):
-            if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
+            if _takes(name, skipped):
                 p = os.path.join(dirpath, name)
                 yield Unit(source=p, path=p)
 
@@ -500,7 +522,7 @@ def _sql_str(s: str | os.PathLike) -> str:
 def write_plan(src: str, plan_path: str | os.PathLike, shard_size: int, *, chunk: int = 50_000,
                map_urls: Callable[[Callable, Iterable[str]], Iterable] | None = None,
                memory_limit: str = "1GB", image_column: str | None = None,
-               caption_column: str | None = None) -> dict[str, int]:
+               caption_column: str | None = None, skipped: Counter | None = None) -> dict[str, int]:
     """List SRC's units into a Parquet plan, shard_size units per shard; returns {shard: unit count}.
 
     Duplicate sources (the same file listed twice) are planned once, at their first place: one source, one
@@ -509,7 +531,8 @@ def write_plan(src: str, plan_path: str | os.PathLike, shard_size: int, *, chunk
     The default is the built-in `map`, in this process. MEMORY_LIMIT bounds DuckDB's de-duplication, which
     spills to a folder next to the plan beyond it. IMAGE_COLUMN / CAPTION_COLUMN name a list's columns, in
     any case (None: the default names, see the module docstring); a name the list lacks is a SourceError
-    that lists its columns.
+    that lists its columns. SKIPPED, when given, counts the files a folder source does not take, by
+    `skip_kind` ({".txt": 3}), so a run can report them.
     """
     import duckdb
 
@@ -523,7 +546,8 @@ def write_plan(src: str, plan_path: str | os.PathLike, shard_size: int, *, chunk
     try:
         with pq.ParquetWriter(raw, _RAW_SCHEMA) as w:
             cols: dict[str, list] = {n: [] for n in names}
-            units = iter_units(src, map_urls, image_column=image_column, caption_column=caption_column)
+            units = iter_units(src, map_urls, image_column=image_column, caption_column=caption_column,
+                               skipped=skipped)
             for seq, u in enumerate(units):
                 for n, v in zip(names, (seq, make_key(u.source), u.source, u.path, u.offset, u.size, u.alt_text,
                                         u.error, u.column), strict=True):

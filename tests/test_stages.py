@@ -560,8 +560,10 @@ def test_decode_helper():
     ok = decode_item("skimage/chelsea.png", encode(photo("chelsea"), "PNG"))
     assert ok["image"].shape == (300, 451, 3) and ok["image"].dtype == np.uint8 and "failure" not in ok
     assert ok["key"] == make_key("skimage/chelsea.png")
-    gif = decode_item("a.gif", encode(photo("chelsea"), "GIF"))
+    # A GIF is converted (PNG of its first frame) by default; with decode.convert_formats off it fails, saying so.
+    gif = decode_item("a.gif", encode(photo("chelsea"), "GIF"), cfg=config.DecodeConfig(convert_formats=False))
     assert gif["failure"]["stage"] == "decode" and "gif" in gif["failure"]["reason"]
+    assert "decode.convert_formats" in gif["failure"]["reason"]
     assert decode_item("b.jpg", b"")["failure"] == {"stage": "decode", "reason": "empty image bytes"}
     assert isinstance(to_record(gif), Failure)
 

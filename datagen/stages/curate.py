@@ -4,7 +4,8 @@ as DataComp's CLIP-score filter and LAION's aesthetic predictor use).
 Adds to every live item (failed items pass through untouched; a signal that cannot be measured is None,
 never a made-up number, and no item fails here):
 
-    sha256          str, hex SHA-256 of item["image_bytes"] (the source bytes, before any decode)
+    sha256          str, hex SHA-256 of item["image_bytes"] (the record's bytes: the source's, unless decode
+                    re-encoded them, see datagen.stages.common.decode_item)
     phash           int, imagehash's 64-bit perceptual hash of the decoded image as a signed int64
                     (`catalogs.dedup.phash_int64`: row-major bits, hash[0, 0] the sign bit)
     clip_embedding  (D,) float16 numpy: the L2-normalized image embedding (D = 768 for ViT-L-14)
