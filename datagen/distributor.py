@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from catalogs import catalog
-from catalogs.storage import Folder
+from catalogs.storage import Folder, transient
 from datagen.job import JobConfig, active_stages
 from datagen.ray_setup import worker_options
 from datagen.progress import Progress
@@ -289,8 +289,10 @@ class Distributor:
         def build() -> None:
             try:
                 catalog.build(self.out, catalog=self.catalog_file, timeout=5.0)
-            except (catalog.CatalogError, OSError):
-                pass  # someone holds the catalog, or the store hiccuped: the final build catches up
+            except Exception as e:  # noqa: BLE001 - a storage error of any client (transient says which)
+                if not isinstance(e, (catalog.CatalogError, OSError)) and not transient(e):
+                    raise
+                # someone holds the catalog, or the store hiccuped: the final build catches up
 
         self._refresher = threading.Thread(target=build, daemon=True)
         self._refresher.start()
