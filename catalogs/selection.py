@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from catalogs import dedup as dd
 from catalogs.catalog import PLAN_ORDER, CatalogError, catalog_path, check_read_only, open_catalog
-from catalogs.storage import Folder, is_local
+from catalogs.storage import Folder, is_local, local_path, open_url
 
 # The reference code's per-object rules (Subject-Diffusion `custom_dataset.py`: verify_keys, is_valid_bbox) that
 # the catalog's columns express, as an object predicate; train/data.py's data options apply the same thresholds
@@ -166,8 +166,9 @@ def _predicate_sql(where: str | None, object_where: str | None) -> str:
 
 
 def load_selection(path: str | os.PathLike) -> dict[str, set[str]]:
-    """Read a selection Parquet (`catalog select` output): {shard path: {keys}}."""
-    table = pq.read_table(path, columns=["key", "path"])
+    """Read a selection Parquet (`catalog select` output): {shard path: {keys}}. A missing file raises
+    FileNotFoundError, a file that is not a selection ValueError: one line each, naming PATH."""
+    table = _read(path, lambda f: pq.read_table(f, columns=["key", "path"]))
     out: dict[str, set[str]] = {}
     for key, shard_path in zip(table.column("key").to_pylist(), table.column("path").to_pylist()):
         out.setdefault(shard_path, set()).add(key)
@@ -176,8 +177,24 @@ def load_selection(path: str | os.PathLike) -> dict[str, set[str]]:
 
 def load_eligible_objects(path: str | os.PathLike) -> dict[str, list[int]] | None:
     """The `objects` column of a selection Parquet: {key: eligible object indices}; None when the selection was
-    made without an object predicate (every object of a selected sample is eligible)."""
-    if "objects" not in pq.read_schema(path).names:
+    made without an object predicate (every object of a selected sample is eligible). Errors as load_selection's."""
+    if "objects" not in _read(path, pq.read_schema).names:
         return None
-    table = pq.read_table(path, columns=["key", "objects"])
+    table = _read(path, lambda f: pq.read_table(f, columns=["key", "objects"]))
     return {k: list(v) for k, v in zip(table.column("key").to_pylist(), table.column("objects").to_pylist())}
+
+
+def _read(path: str | os.PathLike, read):
+    """read(the selection file PATH, local or a URL), its errors in one line that names PATH: pyarrow's own
+    messages run over several lines and say nothing of what the file was for."""
+    try:
+        if is_local(path):
+            return read(str(local_path(path)))
+        with open_url(path) as f:
+            return read(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"selection {os.fspath(path)}: no such file (`subjectdiff catalog select` "
+                                "writes one)") from None
+    except (OSError, pa.ArrowException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"selection {os.fspath(path)}: not a readable selection Parquet file ({first})") from None

@@ -12,6 +12,14 @@ the rare setting that has no environment variable. `storage_env()` is the part o
 where and how to reach storage: a datagen run hands it to its Ray workers, so a worker on another node
 reaches the same endpoint with the same keys as the driver.
 
+Errors: `transient(e)` says whether an error may pass on another try (a connection reset, a response cut
+mid-body, a timeout, throttling or a server error), by what the error is rather than where it was raised, so
+every reader and writer of the project retries the same things; `describe(e)` puts an error in stable words
+for a failure reason (no byte counts, addresses or request ids, so reasons group), `detail(e)` adds the
+error's own message for logs. A remote folder's operations are retried on transient errors (`RETRY_DELAYS`),
+on top of the client's own retries (botocore's `AWS_MAX_ATTEMPTS`, s3fs's `retries` storage option); an
+operation that still fails raises StorageError, one line naming the URL and the error.
+
 Publishing (`commit`) is where local folders and object stores differ. A local file is written under a
 temporary name in the same folder and renamed into place (atomic on POSIX). An object store has no rename,
 but a single PUT (or a completed multipart upload) is atomic: readers see no object or the whole object,
@@ -21,15 +29,18 @@ shard's files are published (its `_stats.json` last) then marks the shard comple
 
 from __future__ import annotations
 
+import errno
 import io
 import json
+import logging
 import os
 import posixpath
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -40,9 +51,149 @@ ENV_CACHE = "SUBJECTDIFF_CACHE"
 # fsspec's own (FSSPEC_<PROTOCOL>_<OPTION>), and ours.
 STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_", ENV_OPTIONS)
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
 
 class StorageError(OSError):
-    """A folder or URL cannot be used; the message names it and says why."""
+    """A folder or URL cannot be used; the message names it and says why. Raised once retries are spent (or
+    for a setting that no retry can fix), so it is never transient itself."""
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+RETRY_DELAYS = (0.5, 2.0, 8.0)  # seconds before the 2nd, 3rd and 4th attempt of a remote operation
+
+# Errors that mean the request should not be repeated as it is: a missing object, a folder, no access.
+_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError,
+              StorageError)
+_PERMANENT_WORDS = ((FileNotFoundError, "no such file"), (IsADirectoryError, "a folder, not a file"),
+                    (NotADirectoryError, "not a folder"), (PermissionError, "permission denied"),
+                    (FileExistsError, "already exists"))
+# OSErrors without an HTTP status that no retry fixes (a full disk, a read-only mount, an invalid argument).
+_PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EINVAL, errno.ENAMETOOLONG, errno.ENOSYS, errno.EDQUOT}
+# S3 error codes worth another try whatever their status (RequestTimeout comes as HTTP 400).
+_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "RequestLimitExceeded",
+                "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable"}
+# Network errors by kind, as the clients under fsspec name them (aiohttp: s3fs, gcsfs, http; botocore;
+# requests and urllib3: huggingface_hub; the standard library). Matched by class name along the class
+# hierarchy, so that none of these optional libraries is imported here. Tried in order: a more precise
+# kind first (aiohttp's ServerTimeoutError is also a ServerConnectionError).
+_NETWORK_KINDS = (
+    ("connection lost mid-response", {"ClientPayloadError", "ContentLengthError", "TransferEncodingError",
+                                      "IncompleteRead", "IncompleteReadError", "ResponseStreamingError",
+                                      "ChunkedEncodingError", "ProtocolError"}),
+    ("timed out", {"TimeoutError", "timeout", "ServerTimeoutError", "ReadTimeoutError", "ConnectTimeoutError",
+                   "FSTimeoutError", "Timeout"}),
+    ("server disconnected", {"ServerDisconnectedError", "RemoteDisconnected", "ConnectionClosedError"}),
+    ("connection reset", {"ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError"}),
+    ("cannot connect", {"ConnectionRefusedError", "ClientConnectorError", "EndpointConnectionError",
+                        "NewConnectionError"}),
+    ("connection error", {"ConnectionError", "ClientConnectionError", "ClientOSError", "HTTPClientError"}),
+)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+    """E and what caused it (`raise ... from`, and Ray's `cause`: a remote task's own error). Not
+    `__context__`: an error raised while another was handled is not caused by it."""
+    out: list[BaseException] = []
+    while e is not None and len(out) < 8 and all(e is not x for x in out):
+        out.append(e)
+        cause = getattr(e, "cause", None)
+        e = cause if isinstance(cause, BaseException) else e.__cause__
+    return out
+
+
+def _http(chain: list[BaseException]) -> tuple[int, str] | None:
+    """(status, S3 error code or reason phrase) of the HTTP response behind the errors of CHAIN, if any:
+    aiohttp's errors carry `status` and `message`, botocore's a `response` dict, requests' a `response`."""
+    for e in chain:
+        status = getattr(e, "status", None)
+        if isinstance(status, int):
+            return status, str(getattr(e, "message", "") or "")
+        response = getattr(e, "response", None)
+        if isinstance(response, dict) and "ResponseMetadata" in response:
+            meta, error = response.get("ResponseMetadata") or {}, response.get("Error") or {}
+            if isinstance(meta.get("HTTPStatusCode"), int):
+                return meta["HTTPStatusCode"], str(error.get("Code") or "")
+        if isinstance(getattr(response, "status_code", None), int):
+            return response.status_code, str(getattr(response, "reason", "") or "")
+    return None
+
+
+def _network_kind(chain: list[BaseException]) -> str | None:
+    names = [{c.__name__ for c in type(e).__mro__} for e in chain]
+    for words, kinds in _NETWORK_KINDS:
+        if any(kinds & n for n in names):
+            return words
+    return None
+
+
+def transient(e: BaseException) -> bool:
+    """Whether E may pass on another try: throttling and server errors (HTTP 429, 503 SlowDown, 408, 5xx,
+    S3's RequestTimeout), a connection reset, refused or closed, a response cut mid-body (aiohttp's
+    ClientPayloadError), a timeout, or any other OSError but a missing file, a folder, a denied permission
+    or a full or read-only disk. Everything else (a 4xx, a bug, a StorageError whose retries are spent) is
+    permanent."""
+    if isinstance(e, _PERMANENT):
+        return False
+    chain = _chain(e)
+    http = _http(chain)
+    if http is not None:
+        return http[0] >= 500 or http[0] in (408, 429) or http[1] in _RETRY_CODES
+    if _network_kind(chain) is not None:
+        return True
+    return isinstance(e, OSError) and e.errno not in _PERMANENT_ERRNOS
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def detail(e: BaseException) -> str:
+    """E in one line for a user or a log: the HTTP status and error code (or reason phrase), a missing file
+    or denied permission in words, else `Type: message` (with whatever the message names: sizes, addresses,
+    request ids)."""
+    http = _http(_chain(e))
+    if http is not None:
+        return f"HTTP {http[0]}" + (f": {http[1]}" if http[1] and http[1] != str(http[0]) else "")
+    for cls, words in _PERMANENT_WORDS:
+        if isinstance(e, cls):
+            return words
+    msg = _one_line(str(e))
+    return f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+
+
+def describe(e: BaseException) -> str:
+    """E in stable words, for a failure reason that groups with others of its kind: `detail` without what
+    varies from one request to the next. A network error is its kind ("connection lost mid-response",
+    "timed out", ...); an OSError its error text without the file name; anything else `Type: message`."""
+    chain = _chain(e)
+    if any(isinstance(e, cls) for cls, _ in _PERMANENT_WORDS) or _http(chain) is not None:
+        return detail(e)
+    kind = _network_kind(chain)
+    if kind is not None:
+        return kind
+    if isinstance(e, OSError) and e.strerror:
+        return f"{type(e).__name__}: {_one_line(e.strerror)}"
+    return detail(e)
+
+
+def retrying(fn: Callable[[], T], what: str, delays: tuple[float, ...] = RETRY_DELAYS) -> T:
+    """fn(), with transient errors retried after DELAYS; once they are spent, StorageError("WHAT: error
+    (after N attempts)"). Permanent errors pass through as they are (FileNotFoundError stays itself)."""
+    for attempt, delay in enumerate((*delays, None), 1):
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 (each client raises its own; `transient` tells them apart)
+            if not transient(e):
+                raise
+            if delay is None:
+                raise StorageError(f"{what}: {detail(e)} (after {attempt} attempts)") from e
+            log.info("%s: %s; retrying in %.1f s", what, detail(e), delay)
+        time.sleep(delay)
+    raise AssertionError("unreachable")
 
 
 def is_url(spec: str | os.PathLike) -> bool:
@@ -132,14 +283,21 @@ class Folder:
     def _p(self, name: str) -> str:
         return posixpath.join(self.path, name) if not self.local else os.path.join(self.path, name)
 
+    def _retrying(self, fn: Callable[[], T], what: str) -> T:
+        """fn(), its transient errors retried when this folder is remote (`retrying`); a local disk's errors
+        are not the network's, and are raised at once."""
+        return fn() if self.local else retrying(fn, what)
+
     def exists(self, name: str) -> bool:
-        return self.fs.exists(self._p(name))
+        return self._retrying(lambda: self.fs.exists(self._p(name)), f"cannot reach {self.join(name)}")
 
     def is_folder(self) -> bool:
         try:
-            return bool(self.fs.isdir(self.path))
+            return bool(self._retrying(lambda: self.fs.isdir(self.path), f"cannot list {self.url}"))
+        except StorageError:
+            raise
         except OSError as e:
-            raise StorageError(f"{self.url} cannot be listed: {type(e).__name__}: {e}") from None
+            raise StorageError(f"{self.url} cannot be listed: {detail(e)}") from None
 
     def makedirs(self) -> None:
         if self.local:
@@ -147,11 +305,14 @@ class Folder:
         # object stores have no folders: a prefix exists once an object is under it
 
     def open(self, name: str, mode: str = "rb"):
-        return self.fs.open(self._p(name), mode)
+        return self._retrying(lambda: self.fs.open(self._p(name), mode), f"cannot open {self.join(name)}")
 
     def read_bytes(self, name: str) -> bytes:
-        with self.open(name, "rb") as f:
-            return f.read()
+        def read() -> bytes:
+            with self.fs.open(self._p(name), "rb") as f:
+                return f.read()
+
+        return self._retrying(read, f"cannot read {self.join(name)}")
 
     def read_text(self, name: str) -> str:
         return self.read_bytes(name).decode("utf-8")
@@ -166,7 +327,7 @@ class Folder:
                 f.write(data)
             os.replace(tmp, self._p(name))
         else:
-            self.fs.pipe_file(self._p(name), data)
+            retrying(lambda: self.fs.pipe_file(self._p(name), data), f"cannot write {self.join(name)}")
 
     def commit(self, local_file: str | os.PathLike, name: str) -> None:
         """Publish a finished local file as NAME (see the module docstring): a rename for a local folder
@@ -183,14 +344,15 @@ class Folder:
                 os.replace(tmp, target)
                 os.unlink(local_file)
             return
-        self.fs.put_file(os.fspath(local_file), self._p(name))
+        retrying(lambda: self.fs.put_file(os.fspath(local_file), self._p(name)),
+                 f"cannot upload {self.join(name)}")
         os.unlink(local_file)
 
     def remove(self, names: list[str]) -> None:
         """Delete NAMES; missing ones are fine."""
         for n in names:
             try:
-                self.fs.rm_file(self._p(n))
+                self._retrying(lambda: self.fs.rm_file(self._p(n)), f"cannot delete {self.join(n)}")
             except FileNotFoundError:
                 pass
 
@@ -200,7 +362,10 @@ class Folder:
         if not self.is_folder():
             return {}
         self.fs.invalidate_cache(self.path)
-        found = self.fs.find(self.path, detail=True)
+        found = self._retrying(lambda: self.fs.find(self.path, detail=True), f"cannot list {self.url}")
+        # A listing is a snapshot for its caller, not a cache: s3fs would open a file rewritten since with the
+        # listed ETag, and fail (FileExpired).
+        self.fs.invalidate_cache(self.path)
         out: dict[str, Entry] = {}
         base = self.path.rstrip("/") + "/"
         for p, info in found.items():
@@ -231,15 +396,13 @@ def open_url(url: str | os.PathLike, mode: str = "rb"):
     return fs.open(path, mode)
 
 
-_RETRY_DELAYS = (0.5, 2.0, 8.0)  # seconds before the 2nd, 3rd and 4th attempt of a read
-
-
 class RetryingReader(io.RawIOBase):
-    """A sequential reader of URL that survives dropped connections: a read that raises OSError reopens the
-    file and seeks back to where it was, up to len(delays) times in a row (object stores drop long reads now
-    and then; a training epoch reads for hours). Missing files and denied permissions fail at once."""
+    """A sequential reader of URL that survives dropped connections: a read that fails with a transient
+    error (`transient`: a reset, a response cut mid-body, throttling) reopens the file and seeks back to
+    where it was, up to len(delays) times in a row (object stores drop long reads now and then; a training
+    epoch reads for hours), then raises StorageError. Missing files and denied permissions fail at once."""
 
-    def __init__(self, url: str, delays: tuple[float, ...] = _RETRY_DELAYS):
+    def __init__(self, url: str, delays: tuple[float, ...] = RETRY_DELAYS):
         self.url, self.delays = url, delays
         self.pos = 0
         self._f = open_url(url, "rb")
@@ -248,18 +411,19 @@ class RetryingReader(io.RawIOBase):
         return True
 
     def readinto(self, buf) -> int:
-        for delay in (*self.delays, None):
+        for attempt, delay in enumerate((*self.delays, None), 1):
             try:
                 if self._f is None:
                     self._f = open_url(self.url, "rb")
                     self._f.seek(self.pos)
                 data = self._f.read(len(buf))
                 break
-            except (FileNotFoundError, PermissionError):
-                raise
-            except OSError:
-                if delay is None:
+            except Exception as e:  # noqa: BLE001 (each client raises its own; `transient` tells them apart)
+                if not transient(e):
                     raise
+                if delay is None:
+                    raise StorageError(f"cannot read {self.url} at byte {self.pos}: {detail(e)} "
+                                       f"(after {attempt} attempts)") from e
                 self._close_inner()
                 time.sleep(delay)
         buf[: len(data)] = data

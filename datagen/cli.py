@@ -78,6 +78,9 @@ def _config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
+    """Exit status: 0 when every shard is complete; 1 when shards are left incomplete or the storage failed
+    (rerun the same command to resume); 2 for a bad input, output or setting."""
+    from catalogs.storage import StorageError
     from datagen.run import run
     from datagen.sources import SourceError
 
@@ -90,12 +93,49 @@ def _run(args: argparse.Namespace) -> int:
     except (SourceError, ValueError, FileNotFoundError) as e:
         print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:
+        if e.__cause__ is None:  # a setting (an unknown URL scheme, bad storage options), not an outage
+            print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
+            return 2
+        return _storage_failed(e)
+    except Exception as e:
+        if not _is_storage_error(e):
+            raise  # a bug: its traceback is what a report needs
+        return _storage_failed(e)
     print(summary.line())
     if summary.incomplete:
-        print(f"subjectdiff datagen: {len(summary.incomplete)} shard(s) incomplete after retries "
-              f"({', '.join(summary.incomplete[:5])}); rerun the same command to resume", file=sys.stderr)
+        print(f"subjectdiff datagen: {len(summary.incomplete)} of {summary.shards} shard(s) incomplete after "
+              "their attempts:", file=sys.stderr)
+        for line in summary.incomplete_lines():
+            print(line, file=sys.stderr)
+        print("subjectdiff datagen: the complete shards are kept; rerun the same command to finish the others",
+              file=sys.stderr)
         return 1
     return 0
+
+
+def _is_storage_error(e: BaseException) -> bool:
+    """An error of the storage rather than of the code: an OSError (StorageError included) or a transient
+    network error, possibly wrapped by Ray (whose remote errors carry the original as `cause`)."""
+    from catalogs.storage import transient
+
+    inner = getattr(e, "cause", None)
+    return isinstance(e, OSError) or transient(e) or (isinstance(inner, BaseException) and _is_storage_error(inner))
+
+
+def _storage_failed(e: BaseException) -> int:
+    """One line for a run stopped by its storage, and what to do."""
+    from catalogs.storage import StorageError, detail
+
+    while not isinstance(e, StorageError) and isinstance(getattr(e, "cause", None), BaseException):
+        e = e.cause  # Ray's wrapper of a remote error: the error itself says more
+    what = str(e) if isinstance(e, StorageError) else detail(e)
+    name = getattr(e, "filename", None)  # an OSError raised by a client names its file here, if anywhere
+    if name and str(name) not in what:
+        what += f" ({name})"
+    print(f"subjectdiff datagen: error: storage failed: {what}; the complete shards are kept: rerun the same "
+          "command when the storage is reachable", file=sys.stderr)
+    return 1
 
 
 def _weights(args: argparse.Namespace) -> int:

@@ -9,12 +9,15 @@ size/aspect filter here, before any model sees it.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from catalogs.storage import describe
 from datagen import units
 from datagen.config import DecodeConfig, FilterConfig
 
 Item = dict[str, Any]
+log = logging.getLogger(__name__)
 
 
 def _text(v) -> str | None:
@@ -22,11 +25,12 @@ def _text(v) -> str | None:
 
 
 def read_failure(e: OSError) -> str:
-    """The failure reason of an unreadable unit: sources' own message (it names the file, row or column and
-    what went wrong), or the error's type and text for any other OSError."""
+    """The failure reason of an unreadable unit, in words that group (UnitReadError.reason; the failure's
+    source names the unit). The whole message, with addresses and sizes, goes to the worker's log."""
+    log.warning("%s", e)
     if isinstance(e, units.UnitReadError):
-        return str(e)
-    return f"unreadable input: {type(e).__name__}: {e}"
+        return e.reason
+    return f"unreadable input: {describe(e)}"
 
 
 def read_and_decode(rows: dict[str, list], filters: FilterConfig | None = None,

@@ -18,7 +18,8 @@ shards finish in about plan order and few are open at a time.
 
 Failures: a sample's failure is data (it is written to its shard's failures). A shard whose chain breaks
 (an actor or node lost beyond Ray's own retries, a committer restarted) is aborted and started again with a
-new attempt number, up to `max_attempts` times; its counts for the abandoned attempt are taken back.
+new attempt number, up to `max_attempts` times; its counts for the abandoned attempt are not counted twice
+(and the progress shown does not go back: datagen/progress.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from catalogs import catalog
-from catalogs.storage import Folder
+from catalogs.storage import Folder, transient
 from datagen.job import JobConfig, active_stages
 from datagen.ray_setup import worker_options
 from datagen.progress import Progress
@@ -61,10 +62,12 @@ class ShardTask:
 
 @dataclass
 class Outcome:
-    """What the run did: per shard committed (ok, failed, node id), and the shards given up on."""
+    """What the run did: per shard committed (ok, failed, node id), and the shards given up on, with the
+    error of their last attempt in one line."""
 
     done: dict[str, tuple[int, int, str]] = field(default_factory=dict)  # records, failures written this run
     incomplete: list[str] = field(default_factory=list)
+    why: dict[str, str] = field(default_factory=dict)  # shard given up on -> its last attempt's error
 
 
 class Distributor:
@@ -172,7 +175,7 @@ class Distributor:
             self.committers[task.committer].abort.remote(task.name, task.attempt)
         except Exception:  # noqa: BLE001 - a committer that is gone has nothing to abort
             pass
-        self.progress.update(-task.ok, -task.failed)
+        self.progress.restart(task.name)
         if task.attempt + 1 < self.p.max_attempts:
             print(f"[datagen] shard {task.name}: attempt {task.attempt + 1} failed ({reason(e)}); redoing it",
                   file=sys.stderr, flush=True)
@@ -181,6 +184,7 @@ class Distributor:
             print(f"[datagen] shard {task.name}: giving up after {self.p.max_attempts} attempts ({reason(e)})",
                   file=sys.stderr, flush=True)
             outcome.incomplete.append(task.name)
+            outcome.why[task.name] = reason(e)
 
     # ------------------------------------------------------------------------------------------------ run
 
@@ -260,7 +264,7 @@ class Distributor:
                 ok, failed = result
                 task.ok += ok
                 task.failed += failed
-                self.progress.update(ok, failed)
+                self.progress.update(ok, failed, shard=task.name)
                 task.parts_done += 1
                 if task.parts_done == len(task.parts):
                     commit = self.committers[task.committer].commit.remote(task.name, task.attempt)
@@ -285,8 +289,10 @@ class Distributor:
         def build() -> None:
             try:
                 catalog.build(self.out, catalog=self.catalog_file, timeout=5.0)
-            except (catalog.CatalogError, OSError):
-                pass  # someone holds the catalog, or the store hiccuped: the final build catches up
+            except Exception as e:  # noqa: BLE001 - a storage error of any client (transient says which)
+                if not isinstance(e, (catalog.CatalogError, OSError)) and not transient(e):
+                    raise
+                # someone holds the catalog, or the store hiccuped: the final build catches up
 
         self._refresher = threading.Thread(target=build, daemon=True)
         self._refresher.start()

@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 from importlib import metadata
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from catalogs import catalog
-from catalogs.storage import Folder
+from catalogs.storage import Folder, detail, transient
 from datagen import config as stage_config
 from datagen.job import JobConfig
 from datagen.progress import RunSummary
@@ -138,7 +139,12 @@ class Manifest:
         """The run stopped on an error (or was interrupted): say so, and why, instead of 'running'."""
         status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
         self.run.update(end=time.time(), status=status, error=reason(e) if isinstance(e, Exception) else status)
-        self._write()
+        try:
+            self._write()
+        except Exception as w:  # noqa: BLE001 - the storage that stopped the run may refuse this write too
+            if not (isinstance(w, OSError) or transient(w)):
+                raise
+            print(f"[datagen] manifest.json could not record the failure ({detail(w)})", file=sys.stderr)
 
     def _write(self) -> None:
         self.folder.write_text(MANIFEST, json.dumps(self.data, indent=2, default=str))

@@ -23,9 +23,9 @@ import sys
 import time
 
 from catalogs import catalog
-from catalogs.storage import Folder, is_local
+from catalogs.storage import Entry, Folder, is_local
 from datagen import plan
-from datagen.distributor import Distributor, local_output_node
+from datagen.distributor import Distributor, Outcome, local_output_node
 from datagen.job import JobConfig
 from datagen.progress import Progress, RunSummary
 
@@ -63,28 +63,30 @@ def _merges(out: str, todo: set[str], redo: dict[str, set[str]]):
             yield name, subset, {"order": list(rows["key"]), "replace": [rows["key"][i] for i in keep]}
 
 
-def run_retries(out: str, cfg: JobConfig, counts: dict[str, int], done_before: set[str], *, manifest, t0: float,
-                progress_every: float, factory=None, catalog_file=None) -> RunSummary:
-    """The retry run (module docstring); the summary counts the redone samples' outcomes."""
+def run_retries(out: str, cfg: JobConfig, counts: dict[str, int], done_before: set[str], listing: dict[str, Entry],
+                *, manifest, t0: float, progress_every: float, factory=None, catalog_file=None) -> RunSummary:
+    """The retry run (module docstring); the summary counts the redone samples' outcomes. LISTING: the run's
+    listing of OUT (datagen/run.py)."""
     from datagen.run import _clean_partial, _complete
 
     folder = Folder(out)
     todo = {s for s in counts if s not in done_before}
-    _clean_partial(folder, sorted(todo))
+    _clean_partial(folder, sorted(todo), listing)
     redo = retry_keys(out, done_before, catalog_file)
     n_redo = sum(len(v) for v in redo.values())
     print(f"[datagen] retrying {n_redo} failed sample(s) in {len(redo)} shard(s)"
           + (f", and finishing {len(todo)} incomplete shard(s)" if todo else ""), file=sys.stderr, flush=True)
     prog = Progress(n_redo + sum(counts[s] for s in todo), every=progress_every)
-    done = {}
+    outcome = Outcome()
     if redo or todo:
         dist = Distributor(out, cfg, local_output_node=local_output_node(out), progress=prog,
                            extra_stats={"run_start": t0}, factory=factory, catalog_file=catalog_file)
-        done = dist.run(_merges(out, todo, redo)).done
+        outcome = dist.run(_merges(out, todo, redo))
     prog.update(0, 0, force=True)
     print(catalog.build(out, catalog=catalog_file).summary(), file=sys.stderr)
-    complete = _complete(folder)
+    complete = _complete(folder.listing())
+    done = outcome.done
     ok, failed = sum(v[0] for v in done.values()), sum(v[1] for v in done.values())
     manifest.run["retried"] = n_redo
     return RunSummary(len(counts), sum(counts.values()), ok, failed, time.time() - t0,
-                      len(done_before) - len(redo), [s for s in counts if s not in complete])
+                      len(done_before) - len(redo), [s for s in counts if s not in complete], outcome.why)

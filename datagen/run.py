@@ -26,17 +26,20 @@ incomplete by a lost worker are retried up to `max_attempts` times before the ru
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 
 from catalogs import catalog
-from catalogs.storage import Folder
-from catalogs.writer import KINDS, complete_names, optional_names, shard_names
+from catalogs.storage import Entry, Folder
+from catalogs.writer import KINDS, TMP_SUFFIX, complete_names, optional_names, shard_names
 from datagen import plan, ray_setup, sources
 from datagen.distributor import Distributor, local_output_node
 from datagen.job import JobConfig, active_stages
 from datagen.manifest import Manifest
 from datagen.progress import Progress, RunSummary, describe_skipped
+
+_PART = re.compile(r"(.+)\.part\d+" + re.escape(TMP_SUFFIX))  # catalogs.writer's spooled parts, when local
 
 
 def _ray_map(fn, urls):
@@ -54,22 +57,34 @@ def _ray_map(fn, urls):
         yield ray.get(ref)
 
 
-def _complete(folder: Folder) -> set[str]:
-    """The complete shards of the run at the top of FOLDER, from one listing."""
-    return {n for n in complete_names(folder.listing()) if "/" not in n}
+def _complete(listing: dict[str, Entry]) -> set[str]:
+    """The complete shards of the run at the top of a folder, from its LISTING."""
+    return {n for n in complete_names(listing) if "/" not in n}
 
 
-def _clean_partial(folder: Folder, shards: list[str]) -> None:
-    """Whatever an earlier attempt left of these incomplete shards: each is redone whole."""
-    from catalogs.writer import TMP_SUFFIX
+def _clean_partial(folder: Folder, shards: list[str], listing: dict[str, Entry]) -> None:
+    """Whatever an earlier attempt left of these incomplete shards (each is redone whole): the names of
+    LISTING (the run's one listing of FOLDER) that belong to them, and nothing else. A fresh run deletes
+    nothing, rather than one request per name a shard could have."""
+    todo = set(shards)
+    doomed = [n for n in listing if _shard_of(n) in todo]
+    if doomed:
+        print(f"[datagen] removing {len(doomed)} file(s) left by an earlier attempt at {len(shards)} "
+              "incomplete shard(s)", file=sys.stderr, flush=True)
+        folder.remove(doomed)
 
-    for s in shards:
-        names = list(shard_names(s).values()) + list(optional_names(s).values())
-        folder.remove(names + [n + TMP_SUFFIX for n in names] if folder.local else names)
-        if folder.local:
-            for p in os.listdir(folder.path):
-                if p.startswith(f"{s}.part") and p.endswith(TMP_SUFFIX):
-                    os.unlink(os.path.join(folder.path, p))
+
+def _shard_of(name: str) -> str | None:
+    """The shard a top-level file NAME belongs to: one of its files (shard_names, optional_names), such a
+    file's temporary name, or a local writer's spooled part (`<shard>.part<n>.tmp`); None for any other."""
+    if "/" in name:
+        return None
+    part = _PART.fullmatch(name)
+    if part:
+        return part.group(1)
+    stem = name.removesuffix(TMP_SUFFIX)
+    shard = stem.split(".", 1)[0].split("_", 1)[0]
+    return shard if stem in (*shard_names(shard).values(), *optional_names(shard).values()) else None
 
 
 def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | None = None,
@@ -92,7 +107,8 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
     counts = plan.make_or_reuse(src, out, cfg.pipeline.shard_size, plan.stages_fingerprint(cfg.stages),
                                 map_urls=_ray_map, columns={"image_column": image_column,
                                                             "caption_column": caption_column})
-    done_before = _complete(folder) & set(counts)
+    listing = folder.listing()  # the run's one listing: what is complete, what to clean up
+    done_before = _complete(listing) & set(counts)
     skipped = plan.skipped_files(out)
     if skipped:  # never silently: files of the input folder that are not images are no input
         print(f"[datagen] {src}: skipped {sum(skipped.values())} file(s) that are no images: "
@@ -103,11 +119,12 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
         if retry_failures:
             from datagen import retry
 
-            summary = retry.run_retries(out, cfg, counts, done_before, manifest=manifest, t0=t0,
+            summary = retry.run_retries(out, cfg, counts, done_before, listing, manifest=manifest, t0=t0,
                                         progress_every=progress_every, factory=stage_factory,
                                         catalog_file=catalog_file)
         else:
-            summary = _run_shards(folder, cfg, counts, done_before, t0, progress_every, stage_factory, catalog_file)
+            summary = _run_shards(folder, cfg, counts, done_before, listing, t0, progress_every, stage_factory,
+                                  catalog_file)
     except BaseException as e:
         manifest.abort(e)
         raise
@@ -116,10 +133,10 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
     return summary
 
 
-def _run_shards(folder: Folder, cfg: JobConfig, counts: dict[str, int], done_before: set[str], t0: float,
-                progress_every: float, factory, catalog_file) -> RunSummary:
+def _run_shards(folder: Folder, cfg: JobConfig, counts: dict[str, int], done_before: set[str],
+                listing: dict[str, Entry], t0: float, progress_every: float, factory, catalog_file) -> RunSummary:
     todo = [s for s in counts if s not in done_before]
-    _clean_partial(folder, todo)
+    _clean_partial(folder, todo, listing)
     prog = Progress(sum(counts[s] for s in todo), every=progress_every)
     outcome = None
     if todo:
@@ -128,12 +145,12 @@ def _run_shards(folder: Folder, cfg: JobConfig, counts: dict[str, int], done_bef
         outcome = dist.run(plan.shard_rows(folder.url, set(todo)))
     prog.update(0, 0, force=True)
     print(catalog.build(folder.url, catalog=catalog_file).summary(), file=sys.stderr)
-    complete = _complete(folder)
+    complete = _complete(folder.listing())
     incomplete = [s for s in counts if s not in complete]
     done = outcome.done if outcome else {}
     ok, failed = sum(v[0] for v in done.values()), sum(v[1] for v in done.values())
     return RunSummary(len(counts), sum(counts.values()), ok, failed, time.time() - t0, len(done_before),
-                      incomplete)
+                      incomplete, outcome.why if outcome else {})
 
 
 __all__ = ["run", "KINDS"]

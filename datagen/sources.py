@@ -61,7 +61,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalogs.schema import make_key
-from datagen.units import describe as _describe
+from catalogs.storage import describe, detail
 from datagen.units import is_url as _is_url
 
 # Taken in any case (IMG_0001.HEIC). HEIC/HEIF (.hif: Fujifilm's and Canon's spelling) and AVIF are what phones
@@ -197,7 +197,7 @@ def _reachable(src: str) -> None:
     except FileNotFoundError:
         pass
     except Exception as e:  # noqa: BLE001 (each filesystem raises its own; the message names it)
-        raise SourceError(f"input {src!r} cannot be reached: {_describe(e)}") from e
+        raise SourceError(f"input {src!r} cannot be reached: {detail(e)}") from e
 
 
 def _shard_urls(src: str) -> list[str]:
@@ -271,7 +271,7 @@ def _tar_units(url: str) -> list[Unit]:
                     rest = _listing_break(e, f, last)
                     break
     except (OSError, tarfile.TarError) as e:  # not even a tar header could be read
-        return [Unit(source=url, path=url, error=f"unreadable tar: {e}")]
+        return [Unit(source=url, path=url, error=f"unreadable tar: {_tar_error(e)}")]
     units = []
     for key, g in groups.items():
         meta_url = _json_url(texts.get((key, "json")))
@@ -322,7 +322,13 @@ def _listing_break(e: Exception, f, last: tarfile.TarInfo | None) -> str | None:
             cut = False
         if cut and ext in _TAR_IMAGE_EXTS:
             return None
-    return f"unreadable tar member: {e}; the rest of the tar is not listed"
+    return f"unreadable tar member: {_tar_error(e)}; the rest of the tar is not listed"
+
+
+def _tar_error(e: Exception) -> str:
+    """A tar listing's error in words that group: tarfile's own ("unexpected end of data"), or the storage
+    error in stable words (catalogs.storage.describe)."""
+    return str(e) if isinstance(e, tarfile.TarError) else describe(e)
 
 
 def _file_size(f) -> int:
@@ -449,7 +455,7 @@ def _open_list(src: str):
     except FileNotFoundError as e:
         raise SourceError(f"input list {src!r} does not exist") from e
     except Exception as e:  # noqa: BLE001 (no network, an offline hub, no access: each says it its own way)
-        raise SourceError(f"input list {src!r} cannot be read: {_describe(e)}") from e
+        raise SourceError(f"input list {src!r} cannot be read: {detail(e)}") from e
 
 
 def _is_csv(src: str) -> bool:
@@ -467,7 +473,7 @@ def _list_schema(f, src: str) -> pa.Schema:
             return pa.schema([(n, pa.string()) for n in names])
         return pq.ParquetFile(f).schema_arrow
     except (pa.ArrowInvalid, OSError) as e:
-        raise SourceError(f"input list {src!r} cannot be read: {_describe(e)}") from e
+        raise SourceError(f"input list {src!r} cannot be read: {detail(e)}") from e
 
 
 def _list_batches(f, src: str, cols: _ListColumns) -> Iterator[pa.RecordBatch]:
@@ -504,7 +510,7 @@ def _list_units(src: str, image_column: str | None = None, caption_column: str |
                 for p, t in zip(batch.column(cols.image).to_pylist(), texts):
                     if p is None or not str(p).strip():
                         yield Unit(source=f"{where}#row={row}", path=where, alt_text=t,
-                                   error=f"list row index {row} has no image path (column {cols.image!r})")
+                                   error=f"the list row has no image path (column {cols.image!r})")
                     else:
                         p = str(p)
                         if not _is_url(p) and not os.path.isabs(p):
@@ -512,7 +518,7 @@ def _list_units(src: str, image_column: str | None = None, caption_column: str |
                         yield Unit(source=p, path=p, alt_text=t)
                     row += 1
         except (pa.ArrowInvalid, OSError) as e:
-            raise SourceError(f"input list {src!r} cannot be read after row index {row}: {_describe(e)}") from e
+            raise SourceError(f"input list {src!r} cannot be read after row index {row}: {detail(e)}") from e
 
 
 def _sql_str(s: str | os.PathLike) -> str:

@@ -74,32 +74,57 @@ def bucket(s3_server):
     yield f"s3://{name}"
 
 
-@pytest.fixture
-def s3_requests(s3_server):
-    """What the S3 server is asked while the test runs, from moto's own request recorder (server side):
-    call `recorded()` for [(method, object path, query)] since the last `reset()`."""
+class MotoRecorder:
+    """What the S3 server at ENDPOINT is asked, from moto's own request recorder (server side): call the
+    recorder for [(method, object path, query)] since the last `reset()`."""
 
-    def call(action: str) -> bytes:
-        req = urllib.request.Request(f"{s3_server}/moto-api/recorder/{action}",
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+    def _call(self, action: str) -> bytes:
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{action}",
                                      method="GET" if action.startswith("download") else "POST")
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.read()
 
-    class Recorded:
-        def reset(self) -> None:
-            call("reset-recording")
+    def start(self) -> None:
+        self._call("reset-recording")
+        self._call("start-recording")
 
-        def __call__(self) -> list[tuple[str, str, str]]:
-            out = []
-            for line in call("download-recording").decode().splitlines():
-                if line.strip():
-                    e = json.loads(line)
-                    u = urllib.parse.urlsplit(e["url"])
-                    out.append((e["method"], urllib.parse.unquote(u.path), u.query))
-            return out
+    def stop(self) -> None:
+        self._call("stop-recording")
 
-    rec = Recorded()
-    call("reset-recording")
-    call("start-recording")
+    def reset(self) -> None:
+        self._call("reset-recording")
+
+    def __call__(self) -> list[tuple[str, str, str]]:
+        out = []
+        for line in self._call("download-recording").decode().splitlines():
+            if line.strip():
+                e = json.loads(line)
+                u = urllib.parse.urlsplit(e["url"])
+                out.append((e["method"], urllib.parse.unquote(u.path), u.query))
+        return out
+
+
+@pytest.fixture
+def s3_requests(s3_server):
+    """What the S3 server is asked while the test runs (MotoRecorder): call `recorded()` for
+    [(method, object path, query)] since the last `reset()`."""
+    rec = MotoRecorder(s3_server)
+    rec.start()
     yield rec
-    call("stop-recording")
+    rec.stop()
+
+
+@pytest.fixture
+def fault_proxy(s3_server):
+    """A fault-injecting proxy (tests/faults.py) in front of the moto server, started and stopped here, with
+    every S3 client of the test (and the subprocesses and Ray workers it starts) pointed at it through
+    AWS_ENDPOINT_URL, and botocore's own retries off (tests.faults.through)."""
+    from tests.faults import FaultProxy, through
+
+    proxy = FaultProxy(s3_server)
+    with through(proxy):
+        yield proxy
+    proxy.stop()

@@ -187,7 +187,8 @@ def test_lists_are_streamed_from_local_files_and_urls(tmp_path, mem, monkeypatch
     assert counts == {"00000": 2, "00001": 2}
     assert [r["source"] for r in plan[:3]] == [str(tmp_path / "imgs" / f"{i}.jpg") for i in range(3)]
     assert [r["alt_text"] for r in plan] == ["caption 0", "caption 1", "caption 2", "no path"]
-    assert plan[3]["error"] == "list row index 3 has no image path (column 'path')"  # accounted for
+    assert plan[3]["error"] == "the list row has no image path (column 'path')"  # accounted for; source names the row
+    assert plan[3]["source"].endswith("list.csv#row=3")
     assert read(plan[1]) == jpeg(1)
 
     _, plan = plan_rows(f"{mem}lists/x.csv", tmp_path)  # a list given as a URL: relative to its folder
@@ -629,11 +630,11 @@ def test_a_hugging_face_parquet_through_datagen_run_accounts_for_every_row(tmp_p
                               "UNION ALL SELECT source, stage, reason, NULL, NULL FROM failures").to_pylist()
     assert sorted(r["source"] for r in rows) == sorted(f"{src}#row={i}" for i in range(n))  # each row once
     by_row = {int(r["source"].rsplit("=", 1)[1]): r for r in rows}
-    where = f"{src} row index {{}}, column 'image'".format
+    # Reasons group (the source names the row; the worker's log has the whole message).
     assert (by_row[n - 3]["stage"], by_row[n - 3]["reason"]) == (
-        "read", f"{where(n - 3)}: the image bytes are null and there is no path to read instead")
+        "read", "the image bytes are null and there is no path to read instead")
     assert (by_row[n - 1]["stage"], by_row[n - 1]["reason"]) == (
-        "read", f"{where(n - 1)}: the image bytes are null and its path 'gone.jpg' cannot be read: no such file")
+        "read", "the image bytes are null and its path cannot be read: no such file")
     assert by_row[n - 2]["stage"] == "decode" and by_row[n - 2]["reason"].startswith("undecodable image")
     assert by_row[mpo_row]["stage"] not in ("read", "decode")  # the phone photo is not lost for its container
     oks = [(i, r) for i, r in by_row.items() if r["stage"] is None]
