@@ -32,6 +32,13 @@ from catalogs.writer import OBJECT_SCHEMA, SAMPLE_SCHEMA
 LABELS = [f"label{i:03d}" for i in range(400)]
 
 
+def with_schema(columns: dict, schema: pa.Schema) -> pa.Table:
+    """The columns as a table of the writer's schema; the columns left out (curation signals) are nulls, as in
+    shards made without the curate stage."""
+    rows = len(next(iter(columns.values())))
+    return pa.table({f.name: columns.get(f.name, [None] * rows) for f in schema}, schema=schema)
+
+
 def write_synthetic(out: Path, n_objects: int, per_shard: int, objs_per_sample: int, seed: int = 0) -> int:
     rng = np.random.default_rng(seed)
     n_samples = n_objects // objs_per_sample
@@ -43,7 +50,7 @@ def write_synthetic(out: Path, n_objects: int, per_shard: int, objs_per_sample: 
         n = min(per_shard, n_samples - s * per_shard)
         keys = [f"{s:05d}{i:06d}" for i in range(n)]
         n_fail = max(1, n // 100)
-        samples = pa.table(
+        samples = with_schema(
             {
                 "key": keys + [f"f{s:05d}{i:05d}" for i in range(n_fail)],
                 "shard": [name] * (n + n_fail),
@@ -58,14 +65,15 @@ def write_synthetic(out: Path, n_objects: int, per_shard: int, objs_per_sample: 
                 "n_objects": [objs_per_sample] * n + [0] * n_fail,
                 "image_ext": ["jpg"] * n + [None] * n_fail,
                 "image_bytes": [50_000] * n + [None] * n_fail,
-                "schema_version": [1] * (n + n_fail),
+                "schema_version": [3] * (n + n_fail),
+                "white_fraction": list(rng.uniform(0, 0.3, n).astype(np.float32)) + [None] * n_fail,
             },
-            schema=SAMPLE_SCHEMA,
+            SAMPLE_SCHEMA,
         )
         m = n * objs_per_sample
         x0, y0 = rng.uniform(0, 0.7, m), rng.uniform(0, 0.7, m)
         x1, y1 = x0 + rng.uniform(0.05, 0.3, m), y0 + rng.uniform(0.05, 0.3, m)
-        objects = pa.table(
+        objects = with_schema(
             {
                 "key": np.repeat(keys, objs_per_sample),
                 "shard": [name] * m,
@@ -85,7 +93,7 @@ def write_synthetic(out: Path, n_objects: int, per_shard: int, objs_per_sample: 
                 "containment": rng.uniform(0, 1, m).astype(np.float32),
                 "mask_score": rng.uniform(0.5, 1.0, m).astype(np.float32),
             },
-            schema=OBJECT_SCHEMA,
+            OBJECT_SCHEMA,
         )
         pq.write_table(samples, out / f"{name}.parquet")
         pq.write_table(objects, out / f"{name}.objects.parquet")

@@ -18,8 +18,8 @@ class RunSummary:
     seconds: float
     skipped_shards: int
     incomplete: list[str]
-    skipped_files: dict[str, int] = field(default_factory=dict)  # files a folder input does not take, by kind
     why: dict[str, str] = field(default_factory=dict)  # incomplete shard -> the error of its last attempt
+    skipped_files: dict[str, int] = field(default_factory=dict)  # files a folder input does not take, by kind
 
     def line(self) -> str:
         rate = (self.ok + self.failed) / self.seconds if self.seconds else 0.0
