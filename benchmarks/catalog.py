@@ -26,8 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalogs import catalog, selection
-from catalogs.writer import OBJECT_SCHEMA, SAMPLE_SCHEMA
+from subjectdiff.catalogs import catalog, selection
+from subjectdiff.catalogs.writer import OBJECT_SCHEMA, SAMPLE_SCHEMA
 
 LABELS = [f"label{i:03d}" for i in range(400)]
 

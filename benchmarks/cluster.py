@@ -88,7 +88,7 @@ BOXES = [(0.08, 0.12, 0.55, 0.92), (0.48, 0.18, 0.94, 0.70), (0.28, 0.52, 0.72, 
 def nouns_table() -> dict[str, list[dict]]:
     """caption -> the `nouns` field the real NounExtractor gives it (spans and open_clip token positions),
     computed once here so that the stand-ins import no tokenizer."""
-    from catalogs.tokens import clip_token_positions
+    from subjectdiff.catalogs.tokens import clip_token_positions
 
     table = {}
     for caption, nouns in CAPTIONS:
@@ -142,7 +142,7 @@ class StandIn:
     def _segment(self, it: dict) -> None:
         import numpy as np
 
-        from catalogs import masks as mask_codec
+        from subjectdiff.catalogs import masks as mask_codec
 
         h, w = it["image"].shape[:2]
         if (h, w) not in self.masks:
@@ -161,7 +161,7 @@ def make_factory(costs: dict[str, float], table: dict[str, list[dict]]):
 
     def factory(name, cfg):
         if name == "filter":
-            from datagen.stages.filters import ImageFilter
+            from subjectdiff.datagen.stages.filters import ImageFilter
 
             return ImageFilter(cfg.filters)
         return StandIn(name, costs[name], table)
@@ -243,14 +243,13 @@ def measure_cpu(paths: list[Path], table, bucket: str, moto_pid: int, spool: Pat
 
     import psutil
 
-    from catalogs.writer import ShardWriter
-    from datagen.committer import _write
-    from datagen.stages.common import decode_item
-    from datagen.stages.filters import ImageFilter, prefilter
-    from datagen.job import preset
-    import datagen.tiny
-
-    datagen.tiny.tiny_models = lambda *a, **k: stub_models()
+    from subjectdiff.catalogs.writer import ShardWriter
+    from subjectdiff.datagen.committer import _write
+    from subjectdiff.datagen.stages.common import decode_item
+    from subjectdiff.datagen.stages.filters import ImageFilter, prefilter
+    from subjectdiff.datagen.job import preset
+    import subjectdiff.datagen.tiny
+    subjectdiff.datagen.tiny.tiny_models = lambda *a, **k: stub_models()
     cfg = preset("tiny")
     stands = {n: StandIn(n, 0.0, table) for n in COSTS}
     filt = ImageFilter(cfg.stages.filters)
@@ -413,16 +412,15 @@ def drive(spec: dict) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    import datagen.tiny
-
-    datagen.tiny.tiny_models = lambda *a, **k: stub_models()
+    import subjectdiff.datagen.tiny
+    subjectdiff.datagen.tiny.tiny_models = lambda *a, **k: stub_models()
     new = spec["pipeline"] == "new"
     if new:
-        from datagen.job import PoolConfig, preset
-        from datagen.progress import Progress
-        from datagen.run import run
+        from subjectdiff.datagen.job import PoolConfig, preset
+        from subjectdiff.datagen.progress import Progress
+        from subjectdiff.datagen.run import run
     else:
-        from datagen.pipeline import PoolConfig, Progress, preset, run
+        from subjectdiff.datagen.pipeline import PoolConfig, Progress, preset, run
 
     n = spec["actors"]
     cfg = preset("tiny")

@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from catalogs import dedup  # noqa: E402
+from subjectdiff.catalogs import dedup  # noqa: E402
 
 
 def machine() -> str:
@@ -167,7 +167,7 @@ OBJECTS = [("person", (0.1, 0.05, 0.9, 1.0)), ("cup", (0.55, 0.6, 0.95, 0.98)), 
 
 
 def stage_items(n: int) -> list[dict]:
-    from catalogs import masks as mask_codec
+    from subjectdiff.catalogs import masks as mask_codec
     from stages import PHOTOS, photo_item  # benchmarks/stages.py: the same photos as the other stages' rows
 
     out = []
@@ -190,8 +190,8 @@ def stage_items(n: int) -> list[dict]:
 def run_stage(args) -> list[str]:
     import torch
 
-    from datagen import config
-    from datagen.stages.curate import Curator
+    from subjectdiff.datagen import config
+    from subjectdiff.datagen.stages.curate import Curator
 
     t0 = time.perf_counter()
     if args.size == "tiny":
@@ -206,7 +206,7 @@ def run_stage(args) -> list[str]:
         cfg.device, cfg.dtype = args.device, args.dtype or cfg.dtype
         torch.manual_seed(0)
         model = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True)  # from its config
-        from datagen.stages.curate import AestheticMLP
+        from subjectdiff.datagen.stages.curate import AestheticMLP
 
         stage = Curator(cfg, model=model, aesthetic_head=AestheticMLP(768))
         what = "ViT-L-14 (quick_gelu) at random weights, 224 px, + MLP aesthetic head (768-d)"

@@ -91,11 +91,11 @@ def make_inputs(d: Path, n: int) -> list[Path]:
 
 def one_at_a_time(paths: list[Path], out: Path, cfg) -> float:
     """The reference way: each image alone through every stage, then written."""
-    from catalogs.schema import Failure
-    from catalogs.writer import ShardSink
-    from datagen.assemble import to_record
-    from datagen.stage_pool import build_stage
-    from datagen.stages.common import decode_item
+    from subjectdiff.catalogs.schema import Failure
+    from subjectdiff.catalogs.writer import ShardSink
+    from subjectdiff.datagen.assemble import to_record
+    from subjectdiff.datagen.stage_pool import build_stage
+    from subjectdiff.datagen.stages.common import decode_item
 
     stages = [build_stage(n, cfg.stages) for n in ("caption", "nouns", "ground", "filter", "segment")]
     t0 = time.perf_counter()
@@ -117,8 +117,8 @@ def main() -> None:
     ap.add_argument("--out", default="/tmp/subjectdiff_datagen_bench")
     args = ap.parse_args()
 
-    from datagen.job import preset
-    from datagen.run import run
+    from subjectdiff.datagen.job import preset
+    from subjectdiff.datagen.run import run
 
     root = Path(args.out)
     shutil.rmtree(root, ignore_errors=True)

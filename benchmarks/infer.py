@@ -28,8 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from infer.pipeline import Pipeline, SamplingConfig  # noqa: E402
-from infer.subjects import Subject  # noqa: E402
+from subjectdiff.infer.pipeline import Pipeline, SamplingConfig  # noqa: E402
+from subjectdiff.infer.subjects import Subject  # noqa: E402
 from tests.records import photo  # noqa: E402
 
 

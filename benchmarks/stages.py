@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datagen import config  # noqa: E402
-from datagen.stages.common import decode_item  # noqa: E402
+from subjectdiff.datagen import config  # noqa: E402
+from subjectdiff.datagen.stages.common import decode_item  # noqa: E402
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "coins", "immunohistochemistry")
 CAPTIONS = {
@@ -106,10 +106,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "stages.md"))
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    from datagen.stages.caption import Captioner
-    from datagen.stages.ground import Grounder
-    from datagen.stages.nouns import NounExtractor
-    from datagen.stages.segment import Segmenter
+    from subjectdiff.datagen.stages.caption import Captioner
+    from subjectdiff.datagen.stages.ground import Grounder
+    from subjectdiff.datagen.stages.nouns import NounExtractor
+    from subjectdiff.datagen.stages.segment import Segmenter
 
     n = args.images
     t0 = time.perf_counter()

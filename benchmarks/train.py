@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import statistics
+import re
 import sys
 import tempfile
 import time
@@ -41,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.records import write_photo_shards  # noqa: E402
-from train.config import load_config  # noqa: E402
-from train.data import BatchStream, TrainSamples, make_reader  # noqa: E402
+from subjectdiff.train.config import load_config  # noqa: E402
+from subjectdiff.train.data import BatchStream, TrainSamples, make_reader  # noqa: E402
 
 
 BASELINE_REV = "eae2950"  # train/data.py before issue #12 (random choice, box cut-outs on white, perspective 0.1)
@@ -60,7 +61,10 @@ def baseline_loader(rev: str):
         r = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:train/{name}"], capture_output=True, text=True)
         if r.returncode:
             return None
-        (pkg / name).write_text(r.stdout.replace("from train.config", "from baseline_train.config"))
+        # the old module's imports, renamed as the packages are now installed (subjectdiff.*)
+        text = re.sub(r"^(\s*)from (train\.)", r"\1from baseline_\2", r.stdout, flags=re.M)
+        text = re.sub(r"^(\s*)from (catalogs|datagen|infer|train)\b", r"\1from subjectdiff.\2", text, flags=re.M)
+        (pkg / name).write_text(text)
     (pkg / "__init__.py").write_text("")
     sys.path.insert(0, str(pkg.parent))
     return importlib.import_module("baseline_train.config"), importlib.import_module("baseline_train.data")
@@ -106,8 +110,8 @@ def augmentation_costs(records: list, backgrounds: Path, size: int, repeats: int
 
     from subjectdiff.model.subject_image import (SubjectAugment, background_files, background_photo,
                                                  subject_image)
-    from train.config import DataConfig
-    from train.data import choose_subjects, filled_mask
+    from subjectdiff.train.config import DataConfig
+    from subjectdiff.train.data import choose_subjects, filled_mask
 
     files = background_files(str(backgrounds))
     cfg = DataConfig()
@@ -144,7 +148,7 @@ def augmentation_costs(records: list, backgrounds: Path, size: int, repeats: int
 
 def loader_benchmark(args) -> int:
     """The --loader rows (module docstring)."""
-    from catalogs.reader import RecordReader
+    from subjectdiff.catalogs.reader import RecordReader
     from subjectdiff.model.builders import image_encoder_input_size
 
     workers, batch = max(args.workers if args.workers is not None else 1, 1), args.batch_size
@@ -216,7 +220,7 @@ class Variant:
 
     def __init__(self, args, reference: bool, shards: Path, device: torch.device):
         from subjectdiff.model import build
-        from train.trainer import frozen_dtype
+        from subjectdiff.train.trainer import frozen_dtype
 
         on_gpu = device.type == "cuda"
         sets = [f"data.shards=['{shards}']", f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
@@ -242,7 +246,7 @@ class Variant:
         self.peak: float | None = None
 
     def one_step(self) -> None:
-        from train.step import training_step
+        from subjectdiff.train.step import training_step
 
         loss, _ = training_step(self.parts.model, self.parts, self.batch, self.cfg.loss, self.gen, self.device,
                                 self.autocast(), reference=self.reference)

@@ -3,6 +3,6 @@
 datagen writes through it; train and infer read through it. Nothing here imports models or Ray.
 """
 
-from catalogs.schema import SCHEMA_VERSION, Failure, ObjectAnn, Record, RecordError, make_key
+from subjectdiff.catalogs.schema import SCHEMA_VERSION, Failure, ObjectAnn, Record, RecordError, make_key
 
 __all__ = ["SCHEMA_VERSION", "Failure", "ObjectAnn", "Record", "RecordError", "make_key"]

@@ -48,9 +48,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalogs.schema import IMAGE_EXTENSIONS
-from catalogs.storage import Folder, cache_root, is_local, local_path
-from catalogs.writer import KINDS, OBJECT_SCHEMA, SAMPLE_SCHEMA, complete_names, encoded_white_fraction, shard_names
+from subjectdiff.catalogs.schema import IMAGE_EXTENSIONS
+from subjectdiff.catalogs.storage import Folder, cache_root, is_local, local_path
+from subjectdiff.catalogs.writer import KINDS, OBJECT_SCHEMA, SAMPLE_SCHEMA, complete_names, encoded_white_fraction, shard_names
 
 CATALOG_FILE = "catalog.duckdb"
 CATALOG_VERSION = 3  # 2: samples/failures.idx and the curation columns; 3: samples.white_fraction

@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from catalogs.catalog import CatalogError
+from subjectdiff.catalogs.catalog import CatalogError
 
 
 EXIT_BAD_SHARDS = 1  # `catalog build`: the catalog holds every good shard; the bad ones are in bad_shards
@@ -108,7 +108,7 @@ def _guard(fn):
 
 
 def _build(args: argparse.Namespace) -> int:
-    from catalogs.catalog import build
+    from subjectdiff.catalogs.catalog import build
 
     report = build(args.dir, catalog=args.catalog)
     for bad in report.bad:
@@ -119,7 +119,7 @@ def _build(args: argparse.Namespace) -> int:
 
 def _warn_bad_shards(args: argparse.Namespace) -> None:
     """One line on stderr when the catalog left shards out: an answer without their samples is not the folder's."""
-    from catalogs.catalog import bad_shard_names
+    from subjectdiff.catalogs.catalog import bad_shard_names
 
     names = bad_shard_names(args.dir, catalog=args.catalog)
     if names:
@@ -130,7 +130,7 @@ def _warn_bad_shards(args: argparse.Namespace) -> None:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from catalogs.catalog import query
+    from subjectdiff.catalogs.catalog import query
 
     table = query(args.dir, args.sql, catalog=args.catalog)
     sys.stdout.write(format_table(table, args.format, max_rows=args.max_rows))
@@ -172,7 +172,7 @@ def _cell(v: Any) -> str:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from catalogs.catalog import stats
+    from subjectdiff.catalogs.catalog import stats
 
     st = stats(args.dir, catalog=args.catalog, top_labels=args.top)
     if args.format == "json":
@@ -205,7 +205,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _select(args: argparse.Namespace) -> int:
-    from catalogs.selection import REFERENCE_OBJECT_WHERE, select
+    from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, select
 
     if not (args.where or args.object_where or args.dedup or args.exclude_near):
         raise CatalogError("select: give --where, --object-where, --dedup or --exclude-near")
@@ -224,7 +224,7 @@ def _select(args: argparse.Namespace) -> int:
 def _duplicates(args: argparse.Namespace) -> int:
     import duckdb
 
-    from catalogs.dedup import find_duplicates
+    from subjectdiff.catalogs.dedup import find_duplicates
 
     try:
         groups = find_duplicates(args.dir, args.out, catalog=args.catalog, max_distance=args.max_distance,
@@ -240,7 +240,7 @@ def _duplicates(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from catalogs.report import build_report
+    from subjectdiff.catalogs.report import build_report
 
     out = build_report(args.dir, args.out, where=args.where, sample=args.sample, seed=args.seed,
                        catalog=args.catalog)

@@ -129,7 +129,7 @@ def hamming(a: int, b: int) -> int:
 def hash_image_file(path: str | os.PathLike) -> int:
     """phash_int64 of an image file, decoded as datagen decodes with its default `decode` settings
     (catalogs.images: first frame, upright by its EXIF orientation, 16-bit scaled, transparency on white)."""
-    from catalogs import images
+    from subjectdiff.catalogs import images
 
     with images.no_pil_pixel_limit():
         return phash_int64(images.decode(Path(path).read_bytes()).pixels)
@@ -564,8 +564,8 @@ def find_duplicates(root: str | os.PathLike, out: str | os.PathLike, *, catalog:
     """
     import time
 
-    from catalogs.catalog import PLAN_ORDER, open_catalog
-    from catalogs.storage import Folder
+    from subjectdiff.catalogs.catalog import PLAN_ORDER, open_catalog
+    from subjectdiff.catalogs.storage import Folder
 
     order_by = order_by or PLAN_ORDER
     settings = {k: v for k, v in (("memory_limit", memory_limit), ("temp_directory", temp_directory)) if v}

@@ -38,11 +38,11 @@ import webdataset as wds
 from PIL import Image
 from webdataset.utils import pytorch_worker_info
 
-from catalogs import masks as mask_codec
-from catalogs.schema import IMAGE_EXTENSIONS, ObjectAnn, Record, RecordError, validate
-from catalogs.selection import load_selection
-from catalogs.storage import Folder, RetryingReader, is_local, open_url
-from catalogs.writer import complete_shards, shard_files
+from subjectdiff.catalogs import masks as mask_codec
+from subjectdiff.catalogs.schema import IMAGE_EXTENSIONS, ObjectAnn, Record, RecordError, validate
+from subjectdiff.catalogs.selection import load_selection
+from subjectdiff.catalogs.storage import Folder, RetryingReader, is_local, open_url
+from subjectdiff.catalogs.writer import complete_shards, shard_files
 
 
 @dataclass

@@ -46,11 +46,11 @@ import duckdb
 import numpy as np
 from PIL import Image
 
-from catalogs import masks as mask_codec
-from catalogs.catalog import CatalogError, check_read_only, open_catalog
-from catalogs.schema import FAILURE_STAGES, IMAGE_EXTENSIONS, ObjectAnn, box_pixels_xyxy
-from catalogs.storage import Folder, is_local, open_url
-from catalogs.tars import member_index
+from subjectdiff.catalogs import masks as mask_codec
+from subjectdiff.catalogs.catalog import CatalogError, check_read_only, open_catalog
+from subjectdiff.catalogs.schema import FAILURE_STAGES, IMAGE_EXTENSIONS, ObjectAnn, box_pixels_xyxy
+from subjectdiff.catalogs.storage import Folder, is_local, open_url
+from subjectdiff.catalogs.tars import member_index
 
 DEFAULT_SAMPLE = 24
 THUMB_SIDE = 384  # longest side of a record's thumbnail, pixels
@@ -843,7 +843,7 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, *, where: str 
         shard_paths = [r[0] for r in _rows(con, "SELECT DISTINCT path FROM shards")]
         manifest, times = manifest_html(find_manifests(folder, shard_paths), folder)
         distributions = distributions_html(con, where)
-        from catalogs import report_curation  # imports this module's helpers
+        from subjectdiff.catalogs import report_curation  # imports this module's helpers
 
         curation = report_curation.gather(con, where)
         run = run_html(con, times)

@@ -28,14 +28,14 @@ import duckdb
 import numpy as np
 from PIL import Image
 
-from catalogs import dedup
-from catalogs.catalog import PLAN_ORDER
-from catalogs.report import (
+from subjectdiff.catalogs import dedup
+from subjectdiff.catalogs.catalog import PLAN_ORDER
+from subjectdiff.catalogs.report import (
     IMAGE_EXTENSIONS, _Scope, _mask_coverage, _rows, _shard_tar, _thumbnail, esc, overlay, read_members,
     svg_histogram,
 )
-from catalogs.schema import ObjectAnn
-from catalogs.storage import Folder
+from subjectdiff.catalogs.schema import ObjectAnn
+from subjectdiff.catalogs.storage import Folder
 
 BINS = 20
 DUP_GROUPS = 8  # groups shown, largest first

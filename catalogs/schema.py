@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from catalogs import masks as mask_codec
+from subjectdiff.catalogs import masks as mask_codec
 
 SCHEMA_VERSION = 3  # 2: the curation signals (records of version 1 have none of them); 3: white_fraction
 _INT64 = (-(1 << 63), (1 << 63) - 1)

@@ -33,9 +33,9 @@ import pyarrow.parquet as pq
 import duckdb
 import pyarrow as pa
 
-from catalogs import dedup as dd
-from catalogs.catalog import PLAN_ORDER, CatalogError, catalog_path, check_read_only, open_catalog
-from catalogs.storage import Folder, is_local, local_path, open_url
+from subjectdiff.catalogs import dedup as dd
+from subjectdiff.catalogs.catalog import PLAN_ORDER, CatalogError, catalog_path, check_read_only, open_catalog
+from subjectdiff.catalogs.storage import Folder, is_local, local_path, open_url
 
 # The reference code's per-object rules (Subject-Diffusion `custom_dataset.py`: verify_keys, is_valid_bbox) that
 # the catalog's columns express, as an object predicate; train/data.py's data options apply the same thresholds

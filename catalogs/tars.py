@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import tarfile
 
-from catalogs.storage import open_url
+from subjectdiff.catalogs.storage import open_url
 
 # Tar type flags of plain files and of entries without data the walk can step over.
 _TAR_FILE, _TAR_SKIP = (b"0", b"\0", b"7"), (b"1", b"2", b"3", b"4", b"5", b"6")

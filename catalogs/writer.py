@@ -43,10 +43,10 @@ import pyarrow.parquet as pq
 import numpy as np
 from PIL import Image
 
-from catalogs import embeddings as emb_sidecar
-from catalogs.schema import (SCHEMA_VERSION, Failure, Record, RecordError, compute_quality, validate,
+from subjectdiff.catalogs import embeddings as emb_sidecar
+from subjectdiff.catalogs.schema import (SCHEMA_VERSION, Failure, Record, RecordError, compute_quality, validate,
                              white_fraction)
-from catalogs.storage import Folder
+from subjectdiff.catalogs.storage import Folder
 
 TMP_SUFFIX = ".tmp"
 KINDS = ("tar", "samples", "objects", "stats")  # a shard's required files, in the order they are published
@@ -472,7 +472,7 @@ class ShardWriter:
 
 
 def encoded_white_fraction(data: bytes) -> float:
-    """catalogs.schema.white_fraction of encoded image bytes, decoded as catalogs.reader decodes them."""
+    """subjectdiff.catalogs.schema.white_fraction of encoded image bytes, decoded as catalogs.reader decodes them."""
     with Image.open(io.BytesIO(data)) as im:
         return white_fraction(np.asarray(im.convert("RGB")))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from catalogs.schema import (Failure, ObjectAnn, Record, RecordError, compute_quality, image_extension, make_key,
+from subjectdiff.catalogs.schema import (Failure, ObjectAnn, Record, RecordError, compute_quality, image_extension, make_key,
                              validate, white_fraction)
 
 Item = dict[str, Any]

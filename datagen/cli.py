@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from datagen.job import PRESETS
+from subjectdiff.datagen.job import PRESETS
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 
@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from datagen.job import load_config
+    from subjectdiff.datagen.job import load_config
 
     cfg = load_config(args.preset, args.config, getattr(args, "overrides", ()))
     if args.batch_size:
@@ -80,9 +80,9 @@ def _config(args: argparse.Namespace):
 def _run(args: argparse.Namespace) -> int:
     """Exit status: 0 when every shard is complete; 1 when shards are left incomplete or the storage failed
     (rerun the same command to resume); 2 for a bad input, output or setting."""
-    from catalogs.storage import StorageError
-    from datagen.run import run
-    from datagen.sources import SourceError
+    from subjectdiff.catalogs.storage import StorageError
+    from subjectdiff.datagen.run import run
+    from subjectdiff.datagen.sources import SourceError
 
     try:
         cfg = _config(args)
@@ -117,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
 def _is_storage_error(e: BaseException) -> bool:
     """An error of the storage rather than of the code: an OSError (StorageError included) or a transient
     network error, possibly wrapped by Ray (whose remote errors carry the original as `cause`)."""
-    from catalogs.storage import transient
+    from subjectdiff.catalogs.storage import transient
 
     inner = getattr(e, "cause", None)
     return isinstance(e, OSError) or transient(e) or (isinstance(inner, BaseException) and _is_storage_error(inner))
@@ -125,7 +125,7 @@ def _is_storage_error(e: BaseException) -> bool:
 
 def _storage_failed(e: BaseException) -> int:
     """One line for a run stopped by its storage, and what to do."""
-    from catalogs.storage import StorageError, detail
+    from subjectdiff.catalogs.storage import StorageError, detail
 
     while not isinstance(e, StorageError) and isinstance(getattr(e, "cause", None), BaseException):
         e = e.cause  # Ray's wrapper of a remote error: the error itself says more
@@ -141,8 +141,8 @@ def _storage_failed(e: BaseException) -> int:
 def _weights(args: argparse.Namespace) -> int:
     """Fetch (or find in the cache) every checkpoint of the preset, each checked against its expected digests;
     one `spec -> path` line per checkpoint on stdout, download progress on stderr."""
-    from datagen import weights
-    from datagen.job import load_config
+    from subjectdiff.datagen import weights
+    from subjectdiff.datagen.job import load_config
 
     try:
         st = load_config(args.preset, args.config, args.overrides).stages
@@ -156,12 +156,12 @@ def _weights(args: argparse.Namespace) -> int:
             else:
                 path = weights.resolve(spec, download=True)
             print(f"{spec} -> {path}", flush=True)
-        from datagen.stages.ground import text_encoder_spec  # named in the config file fetched above
+        from subjectdiff.datagen.stages.ground import text_encoder_spec  # named in the config file fetched above
 
         te = text_encoder_spec(st.ground)
         print(f"{te} -> {weights.resolve_text_encoder(te, download=True)}")
         if st.curate.enabled:  # the open_clip config file, the weights a tag stands for, the aesthetic head
-            from datagen.stages.curate import resolve_clip_checkpoint
+            from subjectdiff.datagen.stages.curate import resolve_clip_checkpoint
 
             specs = [x for x in (st.curate.model if st.curate.model.endswith(".json") else None,
                                  st.curate.aesthetic) if x]
@@ -177,10 +177,10 @@ def _weights(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from catalogs import catalog
-    from catalogs.cli import format_table
-    from datagen.job import preset
-    from datagen.run import run
+    from subjectdiff.catalogs import catalog
+    from subjectdiff.catalogs.cli import format_table
+    from subjectdiff.datagen.job import preset
+    from subjectdiff.datagen.run import run
 
     cfg = preset("tiny")
     cfg.pipeline.shard_size = 4
@@ -193,7 +193,7 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"\n$ subjectdiff catalog query {args.output} \"{sql}\"")
     print(format_table(catalog.query(args.output, sql), "table"))
     out = Path(args.output).resolve()
-    from catalogs.report import build_report
+    from subjectdiff.catalogs.report import build_report
 
     report = build_report(out, out / "report.html")
     print(f"shards, sidecars, stats:  {out}/*.tar, *.parquet, *_stats.json")

@@ -15,7 +15,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from catalogs import images
+from subjectdiff.catalogs import images
 
 log = logging.getLogger(__name__)
 
@@ -322,8 +322,8 @@ def tiny(models=None) -> DatagenConfig:
     head in improved-aesthetic-predictor's MLP format, both on CPU.
     """
     if models is None:
-        from datagen.tiny import tiny_models
-        from datagen.weights import cache_dir
+        from subjectdiff.datagen.tiny import tiny_models
+        from subjectdiff.datagen.weights import cache_dir
 
         models = tiny_models(cache_dir() / "tiny")
     return DatagenConfig(
@@ -352,8 +352,8 @@ def full_random(models=None) -> DatagenConfig:
     per image (real images give the filter's 2-8). Device and dtype are the default's ("auto").
     """
     if models is None:
-        from datagen.tiny import full_random_models
-        from datagen.weights import cache_dir
+        from subjectdiff.datagen.tiny import full_random_models
+        from subjectdiff.datagen.weights import cache_dir
 
         models = full_random_models(cache_dir() / "full-random")
     cfg = default()

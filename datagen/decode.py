@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from catalogs.storage import describe
-from datagen import units
-from datagen.config import DecodeConfig, FilterConfig
+from subjectdiff.catalogs.storage import describe
+from subjectdiff.datagen import units
+from subjectdiff.datagen.config import DecodeConfig, FilterConfig
 
 Item = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ def read_and_decode(rows: dict[str, list], filters: FilterConfig | None = None,
                     decode: DecodeConfig | None = None) -> list[Item]:
     """Plan rows (columns of datagen.sources.PLAN_SCHEMA, as lists) -> one item per row, in order, decoded as
     DECODE says (None: its defaults)."""
-    from datagen.stages.common import decode_item, fail, failed
-    from datagen.stages.filters import prefilter
+    from subjectdiff.datagen.stages.common import decode_item, fail, failed
+    from subjectdiff.datagen.stages.filters import prefilter
 
     items = []
     columns = rows.get("column") or [None] * len(rows["key"])

@@ -32,12 +32,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from catalogs import catalog
-from catalogs.storage import Folder, transient
-from datagen.job import JobConfig, active_stages
-from datagen.ray_setup import worker_options
-from datagen.progress import Progress
-from datagen.stage_pool import StagePool, contract_error, filter_block, reason
+from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs.storage import Folder, transient
+from subjectdiff.datagen.job import JobConfig, active_stages
+from subjectdiff.datagen.ray_setup import worker_options
+from subjectdiff.datagen.progress import Progress
+from subjectdiff.datagen.stage_pool import StagePool, contract_error, filter_block, reason
 
 WAIT_NOTICE_S = 30.0  # say what the run waits for when no stage actor has started after this long
 
@@ -114,8 +114,8 @@ class Distributor:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from datagen.assemble import embedding_meta
-        from datagen.committer import ShardCommitter
+        from subjectdiff.datagen.assemble import embedding_meta
+        from subjectdiff.datagen.committer import ShardCommitter
 
         for pool in self.pools.values():
             if pool is not self.last:
@@ -303,7 +303,7 @@ class Distributor:
 
 
 def _decode_block(rows: dict[str, list], filters, decode) -> list[dict]:
-    from datagen.decode import read_and_decode
+    from subjectdiff.datagen.decode import read_and_decode
 
     return read_and_decode(rows, filters, decode)
 

@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from datagen import config as stage_config
+from subjectdiff.datagen import config as stage_config
 from subjectdiff.overrides import apply, merge_dicts, parse_override
 
 STAGES = ("caption", "nouns", "ground", "filter", "segment", "curate")  # in chain order; filter holds no model

@@ -14,12 +14,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from catalogs import catalog
-from catalogs.storage import Folder, detail, transient
-from datagen import config as stage_config
-from datagen.job import JobConfig
-from datagen.progress import RunSummary
-from datagen.stage_pool import reason
+from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs.storage import Folder, detail, transient
+from subjectdiff.datagen import config as stage_config
+from subjectdiff.datagen.job import JobConfig
+from subjectdiff.datagen.progress import RunSummary
+from subjectdiff.datagen.stage_pool import reason
 
 MANIFEST = "manifest.json"
 
@@ -53,7 +53,7 @@ def _revision() -> str | None:
 
 def _models(cfg: stage_config.DatagenConfig) -> dict[str, Any]:
     """Each stage's model, with its checkpoints' paths and hashes as `weights.run_manifest` resolves them."""
-    from datagen import weights
+    from subjectdiff.datagen import weights
 
     ck = weights.run_manifest(cfg)["checkpoints"]
     ground = {"config": ck["ground.config_file"], "checkpoint": ck["ground.checkpoint"]}
@@ -82,7 +82,7 @@ def _curate_model(cfg: stage_config.CurateConfig, ck: dict[str, Any]) -> dict[st
 
 def _spacy_version(cfg: stage_config.NounsConfig) -> dict[str, str]:
     """The spaCy pipeline "auto" picks (the first installed), with its version, without loading it."""
-    from datagen.stages.nouns import SPACY_MODELS
+    from subjectdiff.datagen.stages.nouns import SPACY_MODELS
 
     for name in SPACY_MODELS if cfg.spacy_model == "auto" else (cfg.spacy_model,):
         try:

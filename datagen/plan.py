@@ -22,9 +22,9 @@ from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 
-from catalogs.storage import Folder
-from datagen import config as stage_config
-from datagen import sources
+from subjectdiff.catalogs.storage import Folder
+from subjectdiff.datagen import config as stage_config
+from subjectdiff.datagen import sources
 
 PLAN_FILE, PLAN_META = "_plan.parquet", "_plan.json"
 

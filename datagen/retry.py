@@ -22,12 +22,12 @@ from __future__ import annotations
 import sys
 import time
 
-from catalogs import catalog
-from catalogs.storage import Entry, Folder, is_local
-from datagen import plan
-from datagen.distributor import Distributor, Outcome, local_output_node
-from datagen.job import JobConfig
-from datagen.progress import Progress, RunSummary
+from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs.storage import Entry, Folder, is_local
+from subjectdiff.datagen import plan
+from subjectdiff.datagen.distributor import Distributor, Outcome, local_output_node
+from subjectdiff.datagen.job import JobConfig
+from subjectdiff.datagen.progress import Progress, RunSummary
 
 
 def retryable(stage: str, reason: str, source: str) -> bool:
@@ -67,7 +67,7 @@ def run_retries(out: str, cfg: JobConfig, counts: dict[str, int], done_before: s
                 *, manifest, t0: float, progress_every: float, factory=None, catalog_file=None) -> RunSummary:
     """The retry run (module docstring); the summary counts the redone samples' outcomes. LISTING: the run's
     listing of OUT (datagen/run.py)."""
-    from datagen.run import _clean_partial, _complete
+    from subjectdiff.datagen.run import _clean_partial, _complete
 
     folder = Folder(out)
     todo = {s for s in counts if s not in done_before}

@@ -30,14 +30,14 @@ import re
 import sys
 import time
 
-from catalogs import catalog
-from catalogs.storage import Entry, Folder
-from catalogs.writer import KINDS, TMP_SUFFIX, complete_names, optional_names, shard_names
-from datagen import plan, ray_setup, sources
-from datagen.distributor import Distributor, local_output_node
-from datagen.job import JobConfig, active_stages
-from datagen.manifest import Manifest
-from datagen.progress import Progress, RunSummary, describe_skipped
+from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs.storage import Entry, Folder
+from subjectdiff.catalogs.writer import KINDS, TMP_SUFFIX, complete_names, optional_names, shard_names
+from subjectdiff.datagen import plan, ray_setup, sources
+from subjectdiff.datagen.distributor import Distributor, local_output_node
+from subjectdiff.datagen.job import JobConfig, active_stages
+from subjectdiff.datagen.manifest import Manifest
+from subjectdiff.datagen.progress import Progress, RunSummary, describe_skipped
 
 _PART = re.compile(r"(.+)\.part\d+" + re.escape(TMP_SUFFIX))  # catalogs.writer's spooled parts, when local
 
@@ -117,7 +117,7 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
     try:
         ray_setup.resolve_gpus(cfg.pipeline, joined, active_stages(cfg.stages))
         if retry_failures:
-            from datagen import retry
+            from subjectdiff.datagen import retry
 
             summary = retry.run_retries(out, cfg, counts, done_before, listing, manifest=manifest, t0=t0,
                                         progress_every=progress_every, factory=stage_factory,

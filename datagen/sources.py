@@ -60,9 +60,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalogs.schema import make_key
-from catalogs.storage import describe, detail
-from datagen.units import is_url as _is_url
+from subjectdiff.catalogs.schema import make_key
+from subjectdiff.catalogs.storage import describe, detail
+from subjectdiff.datagen.units import is_url as _is_url
 
 # Taken in any case (IMG_0001.HEIC). HEIC/HEIF (.hif: Fujifilm's and Canon's spelling) and AVIF are what phones
 # write by default; decode converts all but jpg/png/webp to PNG (datagen.stages.common.decode_item).

@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from datagen import config as stage_config
-from datagen.job import PoolConfig
-from datagen.ray_setup import worker_options
+from subjectdiff.datagen import config as stage_config
+from subjectdiff.datagen.job import PoolConfig
+from subjectdiff.datagen.ray_setup import worker_options
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,10 @@ STAGE_CLASSES = {"caption": ("Captioner", "caption"), "nouns": ("NounExtractor",
 
 def build_stage(name: str, cfg: stage_config.DatagenConfig):
     """The stage object for NAME, loading its model (once); `fused` is the whole chain in one object."""
-    from datagen import stages
+    from subjectdiff.datagen import stages
 
     if name == "fused":
-        from datagen.stages.chain import build_stages, run_stages
+        from subjectdiff.datagen.stages.chain import build_stages, run_stages
 
         chain = build_stages(cfg)
         return lambda items: run_stages(chain, items)
@@ -97,7 +97,7 @@ class StageActor:
         return out
 
     def _failed(self, item: Item, e: Exception) -> Item:
-        from datagen.stages.common import fail
+        from subjectdiff.datagen.stages.common import fail
 
         if self.name == "fused":  # the item records which of the chained stages it reached
             stage = next((s for s in ("segment", "ground", "nouns", "caption") if _reached(item, s)), "caption")

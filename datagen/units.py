@@ -16,7 +16,7 @@ import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
-from catalogs import storage
+from subjectdiff.catalogs import storage
 
 _RETRY_DELAYS = (0.2, 0.8)  # seconds before read_unit's 2nd and 3rd attempts
 

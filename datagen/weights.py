@@ -48,7 +48,7 @@ import urllib.parse
 from functools import lru_cache
 from pathlib import Path
 
-from catalogs.storage import cache_root  # one cache folder for the project
+from subjectdiff.catalogs.storage import cache_root  # one cache folder for the project
 
 DIGEST_LENGTHS = {"sha256": 64, "md5": 32}  # hex digits of each digest a spec may name
 CHUNK = 8 << 20  # bytes per read when copying from a bucket and when hashing
@@ -512,8 +512,8 @@ def run_manifest(cfg) -> dict:
     cfg: datagen.config.DatagenConfig. Specs not yet resolved locally (e.g. a URL never downloaded)
     are recorded with an empty hash rather than fetched.
     """
-    from datagen.stages.curate import manifest_specs as curate_specs
-    from datagen.stages.ground import text_encoder_spec  # reads GroundingDINO's config file
+    from subjectdiff.datagen.stages.curate import manifest_specs as curate_specs
+    from subjectdiff.datagen.stages.ground import text_encoder_spec  # reads GroundingDINO's config file
 
     specs = {
         "caption.model": cfg.caption.model,

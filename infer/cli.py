@@ -50,7 +50,7 @@ def per_subject(values: list[str] | None, n: int, flag: str) -> list[str | None]
 
 
 def subjects_from(args: argparse.Namespace) -> list:
-    from infer.subjects import Subject
+    from subjectdiff.infer.subjects import Subject
 
     specs = [split_subject(s) for s in args.subject or []]
     n = len(specs)
@@ -132,7 +132,7 @@ def _guard(fn, name: str):
 def _pipeline(args: argparse.Namespace):
     import torch
 
-    from infer.pipeline import Pipeline, SamplingConfig
+    from subjectdiff.infer.pipeline import Pipeline, SamplingConfig
     from subjectdiff.model.sampling import scheduler_class
 
     scheduler_class(args.scheduler)  # an unknown scheduler fails here, before any model loads or bar starts
@@ -147,7 +147,7 @@ def _pipeline(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from infer.outputs import save
+    from subjectdiff.infer.outputs import save
 
     if args.num_images < 1:
         raise ValueError("--num-images must be >= 1")
@@ -164,8 +164,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _dreambench(args: argparse.Namespace) -> int:
-    from infer import metrics
-    from infer.dreambench import DreamBenchConfig, evaluate, read_bench
+    from subjectdiff.infer import metrics
+    from subjectdiff.infer.dreambench import DreamBenchConfig, evaluate, read_bench
 
     read_bench(args.data)  # fail on a bad folder before loading any model
     mcfg = metrics.PRESETS[args.metrics]()

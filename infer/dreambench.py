@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from infer.metrics import Scorer
-from infer.outputs import save
-from infer.pipeline import Pipeline, SamplingConfig
-from infer.subjects import Subject
+from subjectdiff.infer.metrics import Scorer
+from subjectdiff.infer.outputs import save
+from subjectdiff.infer.pipeline import Pipeline, SamplingConfig
+from subjectdiff.infer.subjects import Subject
 
 LIVE_CLASSES = ("cat", "dog")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from infer.subjects import Prepared, Subject, SubjectCutter
+from subjectdiff.infer.subjects import Prepared, Subject, SubjectCutter
 from subjectdiff.model import Parts, load_pretrained, subject_prompt, tokenize
 from subjectdiff.model.location import location_map  # noqa: F401  (re-exported: the one location channel)
 from subjectdiff.model.sampling import ORDERS, SamplingConfig, guide, sample_latents, three_branches  # noqa: F401

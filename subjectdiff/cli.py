@@ -13,10 +13,10 @@ import sys
 
 # (module that registers them, the top-level subcommands it adds). A missing module is not offered.
 APPS = [
-    ("catalogs.cli", ("catalog",)),
-    ("datagen.cli", ("datagen", "demo")),
-    ("train.cli", ("train",)),
-    ("infer.cli", ("generate", "eval")),
+    ("subjectdiff.catalogs.cli", ("catalog",)),
+    ("subjectdiff.datagen.cli", ("datagen", "demo")),
+    ("subjectdiff.train.cli", ("train",)),
+    ("subjectdiff.infer.cli", ("generate", "eval")),
 ]
 
 

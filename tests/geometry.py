@@ -21,10 +21,10 @@ import numpy as np
 from hypothesis import strategies as st
 from PIL import Image
 
-from catalogs.reader import DecodedRecord, decode_record
-from catalogs.schema import Record, compute_quality, make_key, object_from_arrays, validate
-from catalogs.tokens import clip_token_positions
-from catalogs.writer import ShardWriter
+from subjectdiff.catalogs.reader import DecodedRecord, decode_record
+from subjectdiff.catalogs.schema import Record, compute_quality, make_key, object_from_arrays, validate
+from subjectdiff.catalogs.tokens import clip_token_positions
+from subjectdiff.catalogs.writer import ShardWriter
 from tests.records import ellipse_mask, photo
 
 MASK_KINDS = ("ellipse", "rect", "partial", "spill", "outside", "empty", "blob")

@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from catalogs.schema import Failure, Record, make_key, object_from_arrays
-from catalogs.tokens import clip_token_positions
-from catalogs.writer import ShardWriter
+from subjectdiff.catalogs.schema import Failure, Record, make_key, object_from_arrays
+from subjectdiff.catalogs.tokens import clip_token_positions
+from subjectdiff.catalogs.writer import ShardWriter
 
 # photo name -> (caption, [(phrase, label, box xyxy normalized)]); phrases occur once in the caption.
 PHOTOS = {

@@ -18,14 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from catalogs import catalog, storage
-from catalogs.reader import BadRecord, BadRecordError, DecodedRecord, RecordReader
-from catalogs.writer import ShardWriter
+from subjectdiff.catalogs import catalog, storage
+from subjectdiff.catalogs.reader import BadRecord, BadRecordError, DecodedRecord, RecordReader
+from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.cli import main
 from tests.geometry import Obj, make_record, sized
 from tests.records import write_photo_shards
-from train.config import load_config
-from train.data import BatchStream, TrainSamples, make_reader
+from subjectdiff.train.config import load_config
+from subjectdiff.train.data import BatchStream, TrainSamples, make_reader
 
 REPO = Path(__file__).resolve().parents[1]
 

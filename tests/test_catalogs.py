@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from catalogs import catalog
-from catalogs.reader import RecordReader
-from catalogs.selection import load_selection
-from catalogs.schema import Failure, Record, RecordError, make_key, object_from_arrays
-from catalogs.tokens import clip_token_positions, clip_tokenizer
-from catalogs.writer import ShardWriter, complete_shards
+from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs.reader import RecordReader
+from subjectdiff.catalogs.selection import load_selection
+from subjectdiff.catalogs.schema import Failure, Record, RecordError, make_key, object_from_arrays
+from subjectdiff.catalogs.tokens import clip_token_positions, clip_tokenizer
+from subjectdiff.catalogs.writer import ShardWriter, complete_shards
 from tests.records import PHOTOS, ellipse_mask, photo_record, write_photo_shards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_interrupted_write_leaves_no_visible_shard(tmp_path):
     # A process killed mid-shard: only temporary files remain, never a final name.
     script = f"""
 import os
-from catalogs.writer import ShardWriter
+from subjectdiff.catalogs.writer import ShardWriter
 from tests.records import photo_record
 w = ShardWriter({str(tmp_path)!r}, "00007")
 w.write(photo_record("astronaut")[0])

@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from catalogs import dedup
-from catalogs import masks as mask_codec
-from catalogs.schema import make_key
-from datagen import config
-from datagen.stages.common import decode_item, fail
-from datagen.tiny import SAMPLE_IMAGES, TinyModels, save_tiny_aesthetic_head, save_tiny_clip
+from subjectdiff.catalogs import dedup
+from subjectdiff.catalogs import masks as mask_codec
+from subjectdiff.catalogs.schema import make_key
+from subjectdiff.datagen import config
+from subjectdiff.datagen.stages.common import decode_item, fail
+from subjectdiff.datagen.tiny import SAMPLE_IMAGES, TinyModels, save_tiny_aesthetic_head, save_tiny_clip
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -307,7 +307,7 @@ def curate_cfg(tiny_clip):
 
 @pytest.fixture(scope="session")
 def curator(curate_cfg):
-    from datagen.stages.curate import Curator
+    from subjectdiff.datagen.stages.curate import Curator
 
     return Curator(curate_cfg)
 
@@ -386,7 +386,7 @@ def test_clip_scores_equal_open_clip_directly(curator, reference, one_thread):
 
 
 def test_label_scores_equal_open_clip_on_the_masked_crop(curator, reference, one_thread):
-    from datagen.stages.curate import NEUTRAL_RGB, masked_crop
+    from subjectdiff.datagen.stages.curate import NEUTRAL_RGB, masked_crop
 
     items = curator(fresh(stage_items()))
     for it in items:
@@ -428,7 +428,7 @@ def test_missing_inputs_give_none_and_failed_items_pass_through(curator, one_thr
 def test_batched_equals_one_at_a_time(curate_cfg, one_thread):
     from dataclasses import replace
 
-    from datagen.stages.curate import Curator
+    from subjectdiff.datagen.stages.curate import Curator
 
     batched = Curator(replace(curate_cfg, batch_size=8))(fresh(stage_items()))
     single_stage = Curator(replace(curate_cfg, batch_size=1))
@@ -480,7 +480,7 @@ def test_aesthetic_head_in_the_official_mlp_format(curator, tiny_clip, reference
 
 @pytest.mark.parametrize("layout", ["linear", "mlp-relu"])
 def test_aesthetic_heads_load_from_files_in_either_official_format(tmp_path, layout):
-    from datagen.stages.curate import load_aesthetic_head
+    from subjectdiff.datagen.stages.curate import load_aesthetic_head
 
     torch.manual_seed(1)
     if layout == "linear":  # LAION-AI/aesthetic-predictor: torch.nn.Linear(768, 1) state dict
@@ -498,7 +498,7 @@ def test_aesthetic_heads_load_from_files_in_either_official_format(tmp_path, lay
 
 
 def test_aesthetic_head_of_an_unknown_format_is_refused():
-    from datagen.stages.curate import aesthetic_head_from_state_dict
+    from subjectdiff.datagen.stages.curate import aesthetic_head_from_state_dict
 
     with pytest.raises(ValueError, match="not a LAION aesthetic head"):
         aesthetic_head_from_state_dict({"fc.weight": torch.zeros(1, 768)})
@@ -509,7 +509,7 @@ def test_aesthetic_head_of_an_unknown_format_is_refused():
 def test_without_a_head_aesthetic_is_none(curate_cfg, one_thread):
     from dataclasses import replace
 
-    from datagen.stages.curate import Curator
+    from subjectdiff.datagen.stages.curate import Curator
 
     items = Curator(replace(curate_cfg, aesthetic=None))(fresh(stage_items()))
     assert [it["aesthetic"] for it in items] == [None] * len(items)
@@ -520,7 +520,7 @@ def test_without_a_head_aesthetic_is_none(curate_cfg, one_thread):
 
 
 def test_presets_configure_the_curate_stage(tiny_clip):
-    from datagen.stages.curate import clip_checkpoint_specs, manifest_specs
+    from subjectdiff.datagen.stages.curate import clip_checkpoint_specs, manifest_specs
 
     d = config.default().curate
     assert (d.enabled, d.model, d.pretrained, d.aesthetic) == (True, "ViT-L-14", "openai", None)
@@ -532,7 +532,7 @@ def test_presets_configure_the_curate_stage(tiny_clip):
         str(tiny_clip.clip_config), str(tiny_clip.clip_checkpoint), str(tiny_clip.aesthetic_head), "cpu")
     assert manifest_specs(t) == {"curate.model": t.model, "curate.pretrained": t.pretrained,
                                  "curate.aesthetic": t.aesthetic}
-    from datagen.weights import manifest_entry
+    from subjectdiff.datagen.weights import manifest_entry
 
     assert all(len(manifest_entry(spec)["sha256"]) == 64 for spec in manifest_specs(t).values())
     assert manifest_specs(config.CurateConfig(enabled=False)) == {}
@@ -542,7 +542,7 @@ def test_presets_configure_the_curate_stage(tiny_clip):
 
 
 def test_embedding_sidecar_round_trips(curator, tmp_path, one_thread):
-    from catalogs import embeddings
+    from subjectdiff.catalogs import embeddings
 
     items = curator(fresh(stage_items()))
     keys = [it["key"] for it in items]

@@ -18,12 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from catalogs import catalog, dedup
-from catalogs.embeddings import read_embeddings
-from catalogs.reader import RecordReader
-from catalogs.schema import make_key
-from datagen.job import preset
-from datagen.run import run
+from subjectdiff.catalogs import catalog, dedup
+from subjectdiff.catalogs.embeddings import read_embeddings
+from subjectdiff.catalogs.reader import RecordReader
+from subjectdiff.catalogs.schema import make_key
+from subjectdiff.datagen.job import preset
+from subjectdiff.datagen.run import run
 from subjectdiff.cli import main
 from tests.test_curation import crop_sides, jpeg, planted
 
@@ -82,8 +82,8 @@ def test_the_catalog_holds_every_signal(curated_run):
 def test_catalog_values_equal_the_stage_run_directly(curated_run, one_thread):
     """The records' own inputs (image bytes, caption, nouns, masks) through a Curator built here: the scores
     the catalog holds are the stage's, and the sidecar holds its embeddings."""
-    from datagen.stages.common import decode_item
-    from datagen.stages.curate import Curator
+    from subjectdiff.datagen.stages.common import decode_item
+    from subjectdiff.datagen.stages.curate import Curator
 
     _, out, cfg = curated_run
     stage = Curator(cfg.stages.curate)

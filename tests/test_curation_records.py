@@ -19,13 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from catalogs import catalog, dedup
-from catalogs.catalog import CatalogError
-from catalogs.embeddings import read_embeddings
-from catalogs.reader import RecordReader
-from catalogs.schema import SCHEMA_VERSION, Failure, Record, RecordError, make_key
-from catalogs.selection import select
-from catalogs.writer import ShardWriter, complete_shards
+from subjectdiff.catalogs import catalog, dedup
+from subjectdiff.catalogs.catalog import CatalogError
+from subjectdiff.catalogs.embeddings import read_embeddings
+from subjectdiff.catalogs.reader import RecordReader
+from subjectdiff.catalogs.schema import SCHEMA_VERSION, Failure, Record, RecordError, make_key
+from subjectdiff.catalogs.selection import select
+from subjectdiff.catalogs.writer import ShardWriter, complete_shards
 from subjectdiff.cli import main
 from tests.records import photo, photo_record
 
@@ -148,7 +148,7 @@ def test_signals_that_break_the_contract_are_refused(tmp_path):
 
 
 def test_a_retried_shard_carries_the_kept_records_embeddings_over(tmp_path):
-    from datagen.committer import carry_over
+    from subjectdiff.datagen.committer import carry_over
 
     out = tmp_path / "out"
     recs = [curated(n, f"s/{n}", seed=i) for i, n in enumerate(("astronaut", "chelsea", "coffee"))]
@@ -171,7 +171,7 @@ def test_a_retried_shard_carries_the_kept_records_embeddings_over(tmp_path):
 
 def test_a_retry_of_a_shard_written_before_the_curation_columns_keeps_it_loadable(tmp_path):
     """Sidecars of an older writer lack the new columns: carried over, their rows get NULLs there."""
-    from datagen.committer import carry_over
+    from subjectdiff.datagen.committer import carry_over
 
     out = tmp_path / "old"
     recs = [photo_record(n, source=f"o/{n}")[0] for n in ("astronaut", "hubble_deep_field")]
@@ -333,8 +333,8 @@ def test_select_options_fail_with_one_line(planted, tmp_path):
 
 
 def test_curate_off_starts_no_pool_and_keeps_the_fingerprint_of_the_other_settings():
-    from datagen.job import MODEL_STAGES, STAGES, active_stages, preset
-    from datagen.plan import stages_fingerprint
+    from subjectdiff.datagen.job import MODEL_STAGES, STAGES, active_stages, preset
+    from subjectdiff.datagen.plan import stages_fingerprint
 
     job = preset("default")
     assert STAGES[-2:] == ("segment", "curate") and list(job.stage_pools()) == list(MODEL_STAGES)

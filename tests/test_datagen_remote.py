@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from catalogs import catalog, storage
-from catalogs.reader import RecordReader
-from datagen.run import run
+from subjectdiff.catalogs import catalog, storage
+from subjectdiff.catalogs.reader import RecordReader
+from subjectdiff.datagen.run import run
 from tests.test_pipeline import assert_close, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def records(out: str) -> dict:
 
 def embeddings(out: str) -> dict:
     """{key: float16 embedding} from every embedding sidecar of OUT."""
-    from catalogs.embeddings import SUFFIX, read_embeddings
+    from subjectdiff.catalogs.embeddings import SUFFIX, read_embeddings
 
     folder = storage.Folder(out)
     found = {}
@@ -295,7 +295,7 @@ def test_torchrun_on_a_bucket_selection_killed_and_resumed_is_a_straight_run(buc
     after its first checkpoint and resumed ends where a straight run ends."""
     from safetensors.torch import load_file
 
-    from catalogs.selection import select
+    from subjectdiff.catalogs.selection import select
     from tests.records import write_photo_shards
 
     url = f"{bucket}/train-records"
@@ -303,7 +303,7 @@ def test_torchrun_on_a_bucket_selection_killed_and_resumed_is_a_straight_run(buc
     # `train --catalog URL --where`: the bucket's catalog is made on rank 0 (a local file), and the run reads
     # the selected tars from the bucket.
     env0 = {**os.environ, "OMP_NUM_THREADS": "1"}
-    w = subprocess.run([sys.executable, "-m", "train", "--config", "tiny", "--catalog", url, "--where",
+    w = subprocess.run([sys.executable, "-m", "subjectdiff.train", "--config", "tiny", "--catalog", url, "--where",
                         "n_objects >= 3", "--out", str(tmp_path / "where"), "run.max_steps=1", "run.trace=true",
                         "data.batch_size=2", "run.val_every=0"], cwd=REPO, env=env0, capture_output=True,
                        text=True, timeout=400)
@@ -318,7 +318,7 @@ def test_torchrun_on_a_bucket_selection_killed_and_resumed_is_a_straight_run(buc
 
     def cmd(out: Path, *extra: str) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                "-m", "train", "--config", "tiny", "--selection", str(sel), "--out", str(out), "run.max_steps=4",
+                "-m", "subjectdiff.train", "--config", "tiny", "--selection", str(sel), "--out", str(out), "run.max_steps=4",
                 "run.ckpt_every=2", "data.batch_size=1", "run.val_every=0", *extra]
 
     straight = subprocess.run(cmd(tmp_path / "straight"), cwd=REPO, env=env, capture_output=True, text=True,

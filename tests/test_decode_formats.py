@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from PIL import Image
 from skimage import data
 
-from catalogs.reader import decode_record
-from catalogs.schema import Record
-from datagen.assemble import to_record
-from datagen.config import DecodeConfig
-from datagen.stages.common import decode_item
+from subjectdiff.catalogs.reader import decode_record
+from subjectdiff.catalogs.schema import Record
+from subjectdiff.datagen.assemble import to_record
+from subjectdiff.datagen.config import DecodeConfig
+from subjectdiff.datagen.stages.common import decode_item
 
 ORIENTATION_UNDO = {  # EXIF orientation -> the transpose that makes an upright image into the stored one
     2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -288,8 +288,8 @@ def test_an_image_beyond_twice_max_pixels_is_refused_before_decoding():
 
 
 def test_decode_settings_load_from_overrides_and_change_the_plan_fingerprint():
-    from datagen.job import load_config
-    from datagen.plan import stages_fingerprint
+    from subjectdiff.datagen.job import load_config
+    from subjectdiff.datagen.plan import stages_fingerprint
 
     base = load_config("default")
     assert base.stages.decode == DecodeConfig() and base.stages.decode.background == (255, 255, 255)
@@ -306,7 +306,7 @@ def test_decode_settings_load_from_overrides_and_change_the_plan_fingerprint():
 
 
 def test_folder_source_takes_heic_and_avif_and_counts_what_it_skips(tmp_path):
-    from datagen.sources import list_tar, write_plan
+    from subjectdiff.datagen.sources import list_tar, write_plan
 
     jpeg = encode(Image.new("RGB", (8, 8)), "JPEG")
     for name in ("a.jpg", "b.HEIC", "c.avif", "d.heif", "sub/e.AVIF", "notes.txt", "sub/README.TXT", "LICENSE",
@@ -431,9 +431,9 @@ def mixed_folder(d: Path) -> dict[str, list[str] | None]:
 def test_a_folder_of_phone_and_web_formats_through_datagen_run(tmp_path):
     """Every image file ends as exactly one sample or failure, the files that are no images are reported by
     extension, and each record's stored bytes read back at its size (RecordReader checks) and upright."""
-    from catalogs import catalog
-    from catalogs.reader import RecordReader
-    from datagen.run import run
+    from subjectdiff.catalogs import catalog
+    from subjectdiff.catalogs.reader import RecordReader
+    from subjectdiff.datagen.run import run
     from tests.test_pipeline import tiny_cfg
 
     src, out = tmp_path / "in", tmp_path / "out"

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from infer.pipeline import Pipeline, SamplingConfig, default_layout, location_map, resolve_model
-from infer.subjects import Subject, SubjectCutter
+from subjectdiff.infer.pipeline import Pipeline, SamplingConfig, default_layout, location_map, resolve_model
+from subjectdiff.infer.subjects import Subject, SubjectCutter
 from subjectdiff.model import build, tiny
 from tests.records import photo
 
@@ -108,9 +108,8 @@ def test_zero_gates_and_location_channel_equal_the_base_model(photos):
 
 def test_location_map_is_the_one_training_uses():
     import subjectdiff.model
-    import train.step
-
-    assert location_map is train.step.location_map is subjectdiff.model.location_map  # one function, not two
+    import subjectdiff.train.step
+    assert location_map is subjectdiff.train.step.location_map is subjectdiff.model.location_map  # one function, not two
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
     m = location_map(boxes, torch.tensor([[True, False]]), 4, 4)[0, 0]
     assert m[:2, :2].all() and m.sum() == 4  # 1 on the cells whose centres lie in a present box, 0 elsewhere
@@ -153,7 +152,7 @@ def test_cutouts_mask_on_white_and_sam(tmp_path):
 
 
 def test_fill_holes_with_and_without_scipy():
-    from infer.subjects import fill_holes, fill_holes_pil
+    from subjectdiff.infer.subjects import fill_holes, fill_holes_pil
 
     ring = np.zeros((9, 9), bool)
     ring[2:7, 2:7] = True
@@ -208,7 +207,7 @@ def test_generate_cli_bad_input_one_line(export, photos, tmp_path, capsys, argv,
 
 
 def test_identical_image_sets_score_one():
-    from infer.metrics import Scorer, mean_pairwise, tiny as tiny_metrics
+    from subjectdiff.infer.metrics import Scorer, mean_pairwise, tiny as tiny_metrics
 
     scorer = Scorer(tiny_metrics())
     cat, cup = photo("chelsea"), photo("coffee")
@@ -286,8 +285,8 @@ def test_dreambench_cli_writes_csv_and_summary(export, dreambench, tmp_path):
 
 
 def test_dreambench_subject_pairs(pipe, dreambench, tmp_path):
-    from infer.dreambench import DreamBenchConfig, evaluate
-    from infer.metrics import Scorer, tiny as tiny_metrics
+    from subjectdiff.infer.dreambench import DreamBenchConfig, evaluate
+    from subjectdiff.infer.metrics import Scorer, tiny as tiny_metrics
 
     cfg = DreamBenchConfig(images_per_prompt=1, pairs=1, max_prompts=1, save_images=False)
     summary = evaluate(pipe, Scorer(tiny_metrics()), dreambench, tmp_path, cfg, FAST)
@@ -303,7 +302,7 @@ def test_trained_tiny_model_loads_from_export_and_checkpoints(photos, tmp_path):
     from safetensors.torch import load_file
 
     from tests.records import write_photo_shards
-    from train.cli import main as train_main
+    from subjectdiff.train.cli import main as train_main
 
     shards, run = tmp_path / "shards", tmp_path / "run"
     write_photo_shards(shards, n_shards=1, per_shard=2)
@@ -328,7 +327,7 @@ def test_trained_tiny_model_loads_from_export_and_checkpoints(photos, tmp_path):
 
 def test_guidance_orders():
     """Both orders are classifier-free guidance towards e_f when the two scales are equal; they differ otherwise."""
-    from infer.pipeline import guide
+    from subjectdiff.infer.pipeline import guide
 
     full, mid, uncond = torch.randn(3, 2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     eps = torch.cat([full, mid, uncond])
@@ -343,11 +342,11 @@ def test_guidance_orders():
 
 def test_one_sam_loader_for_datagen_and_infer(tmp_path):
     """datagen's segment stage and infer's cut-outs load SAM through the same function (subjectdiff.sam)."""
-    import datagen.stages.segment
-    import infer.subjects
+    import subjectdiff.datagen.stages.segment
+    import subjectdiff.infer.subjects
     import subjectdiff.sam
 
-    assert infer.subjects.load_sam is datagen.stages.segment.load_sam_file is subjectdiff.sam.load_sam
+    assert subjectdiff.infer.subjects.load_sam is subjectdiff.datagen.stages.segment.load_sam_file is subjectdiff.sam.load_sam
     sam = subjectdiff.sam.load_sam(save_tiny_sam(tmp_path / "sam.pth"))
     assert sam.image_encoder.patch_embed.proj.out_channels == 32 and not sam.training
     with pytest.raises(ValueError, match="model_type"):

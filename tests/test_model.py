@@ -17,7 +17,7 @@ from subjectdiff.model import (
     tokenize,
 )
 from subjectdiff.model import builders
-from catalogs.tokens import clip_token_positions
+from subjectdiff.catalogs.tokens import clip_token_positions
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from datagen.config import NounsConfig
-from datagen.stages.nouns import NounExtractor
+from subjectdiff.datagen.config import NounsConfig
+from subjectdiff.datagen.stages.nouns import NounExtractor
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +136,8 @@ def test_caption_noun_count_window_of_the_reference_recipe():
 
 def test_count_words_move_spans_and_tokens(nouns):
     """A noun detected 2-6 times gets its count word ("two dogs"), and every noun's span and CLIP tokens follow."""
-    from catalogs.tokens import clip_token_positions
-    from datagen.stages.nouns import with_count_words
+    from subjectdiff.catalogs.tokens import clip_token_positions
+    from subjectdiff.datagen.stages.nouns import with_count_words
 
     cap = "a dog chasing the ducks beside a fountain"
     found = nouns.extract(cap)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from catalogs import catalog, storage
-from catalogs.reader import RecordReader
-from catalogs.selection import load_selection, select
-from catalogs.writer import ShardWriter, complete_shards, shard_names
+from subjectdiff.catalogs import catalog, storage
+from subjectdiff.catalogs.reader import RecordReader
+from subjectdiff.catalogs.selection import load_selection, select
+from subjectdiff.catalogs.writer import ShardWriter, complete_shards, shard_names
 from tests.records import photo_record, write_photo_shards
 
 REPO = Path(__file__).resolve().parents[1]

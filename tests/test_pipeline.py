@@ -17,11 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from catalogs import catalog
-from catalogs.reader import RecordReader
-from datagen.job import preset
-from datagen.run import run
-from datagen.sources import SourceError, detect
+from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs.reader import RecordReader
+from subjectdiff.datagen.job import preset
+from subjectdiff.datagen.run import run
+from subjectdiff.datagen.sources import SourceError, detect
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "datagen" / "sample_images"
@@ -214,8 +214,8 @@ def test_img2dataset_input_with_a_bad_member_and_a_truncated_tar(tmp_path):
 
 
 def test_list_and_brace_inputs_plan_every_unit(tmp_path):
-    from datagen.sources import write_plan
-    from datagen.units import read_unit
+    from subjectdiff.datagen.sources import write_plan
+    from subjectdiff.datagen.units import read_unit
 
     photos = sorted(SAMPLES.glob("*.jpg"))
     lst = tmp_path / "list.csv"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from catalogs import catalog
+from subjectdiff.catalogs import catalog
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "datagen" / "sample_images"
@@ -18,7 +18,7 @@ class SlowStage:
     """The real stage, slowed down so that the run is still going when the node dies."""
 
     def __init__(self, name, cfg, delay):
-        from datagen.stage_pool import build_stage
+        from subjectdiff.datagen.stage_pool import build_stage
 
         self.stage, self.delay = build_stage(name, cfg), delay
 
@@ -49,8 +49,8 @@ def two_node_cluster():
 
 
 def test_run_completes_when_a_worker_node_dies(tmp_path, two_node_cluster):
-    from datagen.job import preset
-    from datagen.run import run
+    from subjectdiff.datagen.job import preset
+    from subjectdiff.datagen.run import run
 
     cluster, worker = two_node_cluster
     src = tmp_path / "in"
@@ -96,7 +96,7 @@ class RaisingStage:
     input, a GPU out of memory on one huge image)."""
 
     def __init__(self, name, cfg, bad: str, stage: str):
-        from datagen.stage_pool import build_stage
+        from subjectdiff.datagen.stage_pool import build_stage
 
         self.inner, self.name, self.bad, self.stage = build_stage(name, cfg), name, bad, stage
 
@@ -111,8 +111,8 @@ def raising_factory(name, cfg):
 
 
 def test_a_stage_exception_fails_only_its_sample(tmp_path):
-    from datagen.job import preset
-    from datagen.run import run
+    from subjectdiff.datagen.job import preset
+    from subjectdiff.datagen.run import run
 
     src = tmp_path / "in"
     src.mkdir()
@@ -133,7 +133,7 @@ class WrongCountStage:
     """A broken stage that drops items: a bug, not a sample's failure; the run must stop and say so."""
 
     def __init__(self, name, cfg):
-        from datagen.stage_pool import build_stage
+        from subjectdiff.datagen.stage_pool import build_stage
 
         self.inner, self.name = build_stage(name, cfg), name
 
@@ -145,8 +145,8 @@ class WrongCountStage:
 def test_a_broken_stage_stops_the_run_and_the_manifest_says_why(tmp_path):
     import json
 
-    from datagen.job import preset
-    from datagen.run import run
+    from subjectdiff.datagen.job import preset
+    from subjectdiff.datagen.run import run
 
     src = tmp_path / "in"
     src.mkdir()
@@ -159,8 +159,8 @@ def test_a_broken_stage_stops_the_run_and_the_manifest_says_why(tmp_path):
 
 
 def test_fused_stage_errors_name_the_stage_the_sample_reached():
-    from datagen import config
-    from datagen.stage_pool import StageActor
+    from subjectdiff.datagen import config
+    from subjectdiff.datagen.stage_pool import StageActor
 
     def factory(name, cfg):
         def chain(items):
@@ -177,9 +177,9 @@ def test_fused_stage_errors_name_the_stage_the_sample_reached():
 
 
 def test_resume_refuses_other_stage_settings_but_not_other_batch_sizes(tmp_path):
-    from datagen import config
-    from datagen.plan import make_or_reuse as _plan, stages_fingerprint
-    from datagen.sources import SourceError
+    from subjectdiff.datagen import config
+    from subjectdiff.datagen.plan import make_or_reuse as _plan, stages_fingerprint
+    from subjectdiff.datagen.sources import SourceError
 
     src = tmp_path / "in"
     src.mkdir()
@@ -196,8 +196,8 @@ def test_resume_refuses_other_stage_settings_but_not_other_batch_sizes(tmp_path)
 def test_gpu_requests_drop_on_a_local_cpu_ray_but_wait_for_a_cluster_autoscaler(monkeypatch, capsys):
     import ray
 
-    from datagen.job import preset
-    from datagen.ray_setup import resolve_gpus as _resolve_gpus
+    from subjectdiff.datagen.job import preset
+    from subjectdiff.datagen.ray_setup import resolve_gpus as _resolve_gpus
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     cfg = preset("default").pipeline
@@ -208,7 +208,7 @@ def test_gpu_requests_drop_on_a_local_cpu_ray_but_wait_for_a_cluster_autoscaler(
 
 
 def test_datagen_settings_from_toml_then_overrides(tmp_path):
-    from datagen.job import PoolConfig, load_config
+    from subjectdiff.datagen.job import PoolConfig, load_config
 
     f = tmp_path / "datagen.toml"
     f.write_text('[ground]\nbox_threshold = 0.3\n[nouns]\nstop_nouns = ["top", "view"]\n'
@@ -230,7 +230,7 @@ def test_datagen_settings_from_toml_then_overrides(tmp_path):
 def test_progress_line_keeps_slow_rates_and_long_etas_readable():
     import io
 
-    from datagen.progress import Progress
+    from subjectdiff.datagen.progress import Progress
 
     out = io.StringIO()
     prog = Progress(total=10_000_000, every=0.0, stream=out)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalogs.catalog import build
-from catalogs.reader import RecordReader
+from subjectdiff.catalogs.catalog import build
+from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.cli import main
 from tests.records import write_photo_shards
 from tests.browser import chromium, needs_chromium, page_errors, probe
-from train.config import load_config
-from train.data import contained, crop_box_ok, object_ok
+from subjectdiff.train.config import load_config
+from subjectdiff.train.data import contained, crop_box_ok, object_ok
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 # Counts what the browser laid out and decoded (run only in a probe copy of the page).
@@ -68,7 +68,7 @@ def test_preview_writes_what_the_trainer_feeds(demo, tmp_path):
     assert len(rows) == 5 and {"key", "objects", "boxes", "prompt", "placeholder_pos", "loc_pos"} <= set(rows[0])
     check_rules(rows, demo, load_config("tiny"))
     # exactly the trainer's stream: its first batches' keys and chosen objects, in order
-    from train.data import BatchStream, TrainSamples, make_reader
+    from subjectdiff.train.data import BatchStream, TrainSamples, make_reader
 
     cfg = load_config("tiny", [f"data.shards=['{demo}']"])
     stream = iter(BatchStream(TrainSamples(make_reader(cfg.data, None, 0, 1, 0), cfg, 32), 2, 0))

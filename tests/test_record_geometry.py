@@ -14,15 +14,15 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from catalogs import masks as mask_codec
-from catalogs.catalog import build, query
-from catalogs.schema import box_pixels_xyxy
-from catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, select
-from datagen.stages.boxes import cxcywh_norm_to_xyxy_norm, xyxy_norm_to_xyxy_pixels, xyxy_pixels_to_xyxy_norm
+from subjectdiff.catalogs import masks as mask_codec
+from subjectdiff.catalogs.catalog import build, query
+from subjectdiff.catalogs.schema import box_pixels_xyxy
+from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, select
+from subjectdiff.datagen.stages.boxes import cxcywh_norm_to_xyxy_norm, xyxy_norm_to_xyxy_pixels, xyxy_pixels_to_xyxy_norm
 from subjectdiff.cli import main
 from tests.geometry import decoded, geometry_cases, records, write_geometry_shards
-from train.config import load_config
-from train.data import (MAX_LOC_TOKENS, NoSubject, choose_subjects, contained, crop_box_ok, make_sample,
+from subjectdiff.train.config import load_config
+from subjectdiff.train.data import (MAX_LOC_TOKENS, NoSubject, choose_subjects, contained, crop_box_ok, make_sample,
                         object_ok, pixel_union, sample_rng, square_crop)
 
 SUBJECT = 32  # subject image side in these tests

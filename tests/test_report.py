@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalogs.catalog import CatalogError, build
-from catalogs.report import build_report, caption_html, overlay, read_members, throughput
-from catalogs.schema import Failure, Record, make_key
-from catalogs.writer import ShardWriter
+from subjectdiff.catalogs.catalog import CatalogError, build
+from subjectdiff.catalogs.report import build_report, caption_html, overlay, read_members, throughput
+from subjectdiff.catalogs.schema import Failure, Record, make_key
+from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.cli import main
 from tests.browser import chromium, needs_chromium, page_errors, probe
 from tests.records import photo_record, write_photo_shards
@@ -339,7 +339,7 @@ def _weak_labels(text: str) -> list[tuple[str, float]]:
 
 
 def test_report_shows_curation_distributions_duplicate_groups_and_weak_labels(curated, dataset, tmp_path):
-    from catalogs.schema import make_key
+    from subjectdiff.catalogs.schema import make_key
 
     out = build_report(curated, tmp_path / "c.html", sample=2)
     text = out.read_text(encoding="utf-8")

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalogs.catalog import build
-from catalogs.reader import RecordReader
-from catalogs.schema import Record, make_key, object_from_arrays
-from catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, select
-from catalogs.tokens import clip_token_positions
-from catalogs.writer import ShardWriter
+from subjectdiff.catalogs.catalog import build
+from subjectdiff.catalogs.reader import RecordReader
+from subjectdiff.catalogs.schema import Record, make_key, object_from_arrays
+from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, select
+from subjectdiff.catalogs.tokens import clip_token_positions
+from subjectdiff.catalogs.writer import ShardWriter
 from tests.records import ellipse_mask, encode, photo
-from train.config import DataConfig, load_config
-from train.data import choose_subjects, crop_box_ok, make_sample, object_ok, sample_rng
+from subjectdiff.train.config import DataConfig, load_config
+from subjectdiff.train.data import choose_subjects, crop_box_ok, make_sample, object_ok, sample_rng
 
 W, H = 300, 200
 CAPTION = "a cat with a ball near a teddy bear and galaxies"

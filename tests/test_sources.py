@@ -1,4 +1,4 @@
-"""datagen.sources: planning every kind of input (folders, shards, img2dataset, lists, Hugging Face datasets
+"""subjectdiff.datagen.sources: planning every kind of input (folders, shards, img2dataset, lists, Hugging Face datasets
 Parquet; local and fsspec URLs) into a plan where every input is accounted for, and reading units back.
 CPU only, no network (HTTP from a server on 127.0.0.1); one end-to-end test (marked slow) starts a local Ray."""
 
@@ -19,9 +19,9 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 
-from datagen import units
-from datagen.sources import PLAN_SCHEMA, SourceError, detect, list_tar, write_plan
-from datagen.units import UnitReadError, read_unit
+from subjectdiff.datagen import units
+from subjectdiff.datagen.sources import PLAN_SCHEMA, SourceError, detect, list_tar, write_plan
+from subjectdiff.datagen.units import UnitReadError, read_unit
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTOS = sorted((REPO / "datagen" / "sample_images").glob("*.jpg"))
@@ -209,7 +209,7 @@ def test_lists_are_streamed_from_local_files_and_urls(tmp_path, mem, monkeypatch
 
 
 def test_hugging_face_datasets_parquet_is_read_from_its_image_bytes(tmp_path):
-    from datagen.stages.common import decode_item
+    from subjectdiff.datagen.stages.common import decode_item
 
     photos = [p.read_bytes() for p in PHOTOS[:3]]
     (tmp_path / "beside.jpg").write_bytes(photos[2])
@@ -353,7 +353,7 @@ def test_hf_urls_fail_clearly_without_a_hub(tmp_path):
                            "--caption-column", "text"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"input list {url!r} cannot be read: " in proc.stderr and "offline" in proc.stderr
-    code = ("from datagen.sources import SourceError, detect\n"
+    code = ("from subjectdiff.datagen.sources import SourceError, detect\n"
             "try:\n    detect('hf://datasets/google/dreambooth/dataset/dog')\n"
             "except SourceError as e:\n    print(e)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -572,8 +572,8 @@ def test_an_mpo_phone_photo_is_stored_as_its_jpeg_bytes_and_reads_as_its_first_p
     import numpy as np
     from skimage import data
 
-    from catalogs.reader import decode_record
-    from datagen.stages.common import decode_item
+    from subjectdiff.catalogs.reader import decode_record
+    from subjectdiff.datagen.stages.common import decode_item
 
     first, second = Image.fromarray(data.astronaut()), Image.fromarray(data.chelsea())  # 512x512, 451x300
     buf = io.BytesIO()
@@ -604,9 +604,9 @@ def test_an_mpo_phone_photo_is_stored_as_its_jpeg_bytes_and_reads_as_its_first_p
 def test_a_hugging_face_parquet_through_datagen_run_accounts_for_every_row(tmp_path):
     from skimage import data
 
-    from catalogs import catalog
-    from datagen.job import preset
-    from datagen.run import run
+    from subjectdiff.catalogs import catalog
+    from subjectdiff.datagen.job import preset
+    from subjectdiff.datagen.run import run
 
     mpo = io.BytesIO()
     Image.fromarray(data.astronaut()).save(mpo, "MPO", save_all=True, append_images=[Image.fromarray(data.coffee())])

@@ -19,12 +19,12 @@ import pytest
 import torch
 from PIL import Image
 
-from catalogs import masks as mask_codec
-from catalogs.schema import Failure, Record, make_key, validate
-from datagen import config
-from datagen.assemble import to_record
-from datagen.stages.common import decode_item
-from datagen.tiny import tiny_models
+from subjectdiff.catalogs import masks as mask_codec
+from subjectdiff.catalogs.schema import Failure, Record, make_key, validate
+from subjectdiff.datagen import config
+from subjectdiff.datagen.assemble import to_record
+from subjectdiff.datagen.stages.common import decode_item
+from subjectdiff.datagen.tiny import tiny_models
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -72,28 +72,28 @@ def cfg(tiny_paths):
 
 @pytest.fixture(scope="session")
 def captioner(cfg):
-    from datagen.stages.caption import Captioner
+    from subjectdiff.datagen.stages.caption import Captioner
 
     return Captioner(cfg.caption)
 
 
 @pytest.fixture(scope="session")
 def nouns(cfg):
-    from datagen.stages.nouns import NounExtractor
+    from subjectdiff.datagen.stages.nouns import NounExtractor
 
     return NounExtractor(cfg.nouns)
 
 
 @pytest.fixture(scope="session")
 def grounder(cfg):
-    from datagen.stages.ground import Grounder
+    from subjectdiff.datagen.stages.ground import Grounder
 
     return Grounder(cfg.ground)
 
 
 @pytest.fixture(scope="session")
 def segmenter(cfg):
-    from datagen.stages.segment import Segmenter
+    from subjectdiff.datagen.stages.segment import Segmenter
 
     return Segmenter(cfg.segment)
 
@@ -167,7 +167,7 @@ def test_ground_boxes_normalized_and_mapped_to_nouns(grounded, cfg):
 
 
 def test_positive_map_spans_multi_wordpiece_nouns(grounder):
-    from datagen.stages.ground import build_prompt, positive_map
+    from subjectdiff.datagen.stages.ground import build_prompt, positive_map
 
     prompt, spans = build_prompt(["Rocket", "launchpad", "sky"])
     assert prompt == "rocket . launchpad . sky ." and spans == [(0, 6), (9, 18), (21, 24)]
@@ -177,8 +177,8 @@ def test_positive_map_spans_multi_wordpiece_nouns(grounder):
 
 
 def test_detections_follow_the_token_positive_map():
-    from datagen.config import GroundConfig
-    from datagen.stages.ground import select_detections
+    from subjectdiff.datagen.config import GroundConfig
+    from subjectdiff.datagen.stages.ground import select_detections
 
     cfg = GroundConfig(box_threshold=0.25, text_threshold=0.2, nms_iou=0.5)
     pm = torch.zeros(2, 256, dtype=torch.bool)
@@ -333,8 +333,8 @@ def test_segment_without_boxes_fails(segmenter):
 
 
 def test_image_filters():
-    from datagen.config import FilterConfig
-    from datagen.stages.filters import image_reject_reason
+    from subjectdiff.datagen.config import FilterConfig
+    from subjectdiff.datagen.stages.filters import image_reject_reason
 
     paper = config.default().filters
     assert (paper.min_detections, paper.max_detections) == (2, 8)
@@ -349,9 +349,9 @@ def test_image_filters():
 
 
 def test_the_reference_data_recipe_preset():
-    """datagen.config.paper(): data_process.py's greedy captions, 3-8 nouns, a side of 600 px, count words."""
-    from datagen.stages.filters import ImageFilter, image_reject_reason
-    from datagen.stages.nouns import NounExtractor
+    """subjectdiff.datagen.config.paper(): data_process.py's greedy captions, 3-8 nouns, a side of 600 px, count words."""
+    from subjectdiff.datagen.stages.filters import ImageFilter, image_reject_reason
+    from subjectdiff.datagen.stages.nouns import NounExtractor
 
     p = config.paper()
     assert (p.caption.num_beams, p.caption.max_new_tokens, p.caption.min_new_tokens) == (1, 20, 0)
@@ -372,10 +372,10 @@ def test_the_reference_data_recipe_preset():
 
 def test_prefilter_rejects_small_images_before_any_model():
     """run_stages applies the size/aspect rules first: the captioner never sees a 100x100 thumbnail."""
-    from datagen.config import FilterConfig
-    from datagen.stages.chain import run_stages
-    from datagen.stages.common import live
-    from datagen.stages.filters import ImageFilter, prefilter
+    from subjectdiff.datagen.config import FilterConfig
+    from subjectdiff.datagen.stages.chain import run_stages
+    from subjectdiff.datagen.stages.common import live
+    from subjectdiff.datagen.stages.filters import ImageFilter, prefilter
 
     class RecordingCaptioner:
         def __init__(self):
@@ -407,10 +407,10 @@ def test_prefilter_rejects_small_images_before_any_model():
 
 
 def test_warns_when_the_detection_cap_disables_the_crowd_filter(monkeypatch, caplog):
-    from datagen.config import DatagenConfig, FilterConfig, GroundConfig
+    from subjectdiff.datagen.config import DatagenConfig, FilterConfig, GroundConfig
 
     monkeypatch.setattr(config, "_WARNED_CAPS", set())
-    with caplog.at_level(logging.WARNING, logger="datagen.config"):
+    with caplog.at_level(logging.WARNING, logger="subjectdiff.datagen.config"):
         config.default()  # ground keeps 32 boxes, the filter rejects more than 8: no warning
         assert not caplog.records
         for _ in range(2):
@@ -420,7 +420,7 @@ def test_warns_when_the_detection_cap_disables_the_crowd_filter(monkeypatch, cap
 
 
 def test_end_to_end_records(cfg, captioner, nouns, grounder, segmenter):
-    from datagen.stages.filters import ImageFilter
+    from subjectdiff.datagen.stages.filters import ImageFilter
 
     items = make_items() + make_items(["chelsea"], fmt="PNG") + [decode_item("junk.jpg", b"junk")]
     for stage in (captioner, nouns, grounder, ImageFilter(cfg.filters), segmenter):
@@ -459,10 +459,10 @@ def test_tiny_checkpoints_are_in_the_official_formats(tiny_paths):
 
 def test_checkpoints_load_from_urls_into_the_cache(tiny_paths, tmp_path, monkeypatch):
     """A URL spec is fetched once into $SUBJECTDIFF_CACHE and loaded like a local file (file:// offline)."""
-    from datagen.config import GroundConfig, SegmentConfig
-    from datagen.stages.ground import load_groundingdino
-    from datagen.stages.segment import load_sam
-    from datagen.weights import manifest_entry
+    from subjectdiff.datagen.config import GroundConfig, SegmentConfig
+    from subjectdiff.datagen.stages.ground import load_groundingdino
+    from subjectdiff.datagen.stages.segment import load_sam
+    from subjectdiff.datagen.weights import manifest_entry
 
     monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
     sam_url = tiny_paths.sam_checkpoint.as_uri()
@@ -478,8 +478,8 @@ def test_checkpoints_load_from_urls_into_the_cache(tiny_paths, tmp_path, monkeyp
 
 
 def test_sam_architecture_checks(tiny_paths):
-    from datagen.config import SegmentConfig
-    from datagen.stages.segment import SAM_ARCHS, arch_from_state_dict, build_sam, load_sam
+    from subjectdiff.datagen.config import SegmentConfig
+    from subjectdiff.datagen.stages.segment import SAM_ARCHS, arch_from_state_dict, build_sam, load_sam
 
     for name, arch in SAM_ARCHS.items():  # the official variants, built on the meta device (no memory)
         with torch.device("meta"):
@@ -490,7 +490,7 @@ def test_sam_architecture_checks(tiny_paths):
 
 
 def test_default_preset_names_the_real_checkpoints():
-    from datagen.weights import WeightsError, resolve
+    from subjectdiff.datagen.weights import WeightsError, resolve
 
     d = config.default()
     assert d.caption.model == "Salesforce/blip-image-captioning-large" and d.caption.kind == "blip"
@@ -505,9 +505,9 @@ def test_default_preset_names_the_real_checkpoints():
 
 
 def test_blip2_option(tmp_path):
-    from datagen.config import CaptionConfig
-    from datagen.stages.caption import Captioner
-    from datagen.tiny import save_tiny_blip2
+    from subjectdiff.datagen.config import CaptionConfig
+    from subjectdiff.datagen.stages.caption import Captioner
+    from subjectdiff.datagen.tiny import save_tiny_blip2
 
     folder = save_tiny_blip2(tmp_path / "blip2")
     # With no prompt the random OPT decoder repeats its BOS token, which decodes to an empty caption; after a
@@ -526,7 +526,7 @@ def test_blip2_option(tmp_path):
 def test_half_precision_on_gpu(tiny_paths):
     from dataclasses import replace
 
-    from datagen.stages.caption import Captioner
+    from subjectdiff.datagen.stages.caption import Captioner
 
     c = config.tiny(tiny_paths)
     cap = Captioner(replace(c.caption, device="cuda"))
@@ -536,8 +536,8 @@ def test_half_precision_on_gpu(tiny_paths):
 
 def test_ground_and_segment_report_the_dtype_they_run_in(cfg, grounder, segmenter):
     """Half precision is autocast on CUDA only: on CPU they run (and report) fp32 whatever was asked."""
-    from datagen.stages.ground import Grounder
-    from datagen.stages.segment import Segmenter
+    from subjectdiff.datagen.stages.ground import Grounder
+    from subjectdiff.datagen.stages.segment import Segmenter
 
     assert Grounder(replace(cfg.ground, dtype="bfloat16"), model=grounder.model).dtype == torch.float32
     assert Segmenter(replace(cfg.segment, dtype="float16"), sam=segmenter.sam).dtype == torch.float32
@@ -547,7 +547,7 @@ def test_ground_and_segment_report_the_dtype_they_run_in(cfg, grounder, segmente
 
 
 def test_box_conversions_name_their_formats():
-    from datagen.stages.boxes import cxcywh_norm_to_xyxy_norm, xyxy_norm_to_xyxy_pixels, xyxy_pixels_to_xyxy_norm
+    from subjectdiff.datagen.stages.boxes import cxcywh_norm_to_xyxy_norm, xyxy_norm_to_xyxy_pixels, xyxy_pixels_to_xyxy_norm
 
     xyxy = cxcywh_norm_to_xyxy_norm(torch.tensor([[0.5, 0.5, 0.5, 0.25], [0.95, 0.5, 0.2, 0.2]]))
     torch.testing.assert_close(xyxy, torch.tensor([[0.25, 0.375, 0.75, 0.625], [0.85, 0.4, 1.0, 0.6]]))
@@ -575,7 +575,7 @@ def test_empty_caption_is_a_failure(captioner, monkeypatch):
 
 
 def test_run_manifest_hashes_local_checkpoints(cfg, tiny_paths):
-    from datagen.weights import run_manifest
+    from subjectdiff.datagen.weights import run_manifest
 
     m = run_manifest(cfg)
     assert m["config"]["name"] == "tiny"
@@ -596,9 +596,9 @@ def fake_hub_snapshot(cache: Path, repo_id: str, folder: Path, commit: str = "01
 def test_hub_text_encoder_loads_from_the_subjectdiff_cache(tiny_paths, tmp_path, monkeypatch):
     """GroundingDINO's config names a hub id ("bert-base-uncased"): it loads from its snapshot in
     $SUBJECTDIFF_CACHE/hf (not the default Hugging Face cache), and the manifest records that snapshot."""
-    from datagen.config import GroundConfig
-    from datagen.stages.ground import load_groundingdino, text_encoder_spec
-    from datagen.weights import run_manifest
+    from subjectdiff.datagen.config import GroundConfig
+    from subjectdiff.datagen.stages.ground import load_groundingdino, text_encoder_spec
+    from subjectdiff.datagen.weights import run_manifest
 
     monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
     snap = fake_hub_snapshot(tmp_path / "cache", "bert-base-uncased", tiny_paths.gdino_config.parent / "bert")
@@ -618,9 +618,9 @@ def test_hub_text_encoder_loads_from_the_subjectdiff_cache(tiny_paths, tmp_path,
 def test_uncached_hub_text_encoder_is_a_clear_error(tiny_paths, tmp_path, monkeypatch):
     import huggingface_hub.constants
 
-    from datagen.config import GroundConfig
-    from datagen.stages.ground import load_groundingdino
-    from datagen.weights import WeightsError, resolve_text_encoder, run_manifest
+    from subjectdiff.datagen.config import GroundConfig
+    from subjectdiff.datagen.stages.ground import load_groundingdino
+    from subjectdiff.datagen.weights import WeightsError, resolve_text_encoder, run_manifest
 
     monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
     from huggingface_hub.utils import reset_sessions

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from catalogs import catalog, storage
-from datagen import units
+from subjectdiff.catalogs import catalog, storage
+from subjectdiff.datagen import units
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "datagen" / "sample_images"
@@ -143,7 +143,7 @@ def test_the_training_reader_and_uploads_ride_out_transient_errors(fault_proxy, 
 
 
 def test_a_missing_or_foreign_selection_file_is_one_line(tmp_path):
-    from catalogs.selection import load_eligible_objects, load_selection
+    from subjectdiff.catalogs.selection import load_eligible_objects, load_selection
 
     missing = tmp_path / "missing.parquet"
     for load in (load_selection, load_eligible_objects):
@@ -156,7 +156,7 @@ def test_a_missing_or_foreign_selection_file_is_one_line(tmp_path):
 
 
 def test_progress_never_goes_back_when_a_shard_is_redone():
-    from datagen.progress import Progress
+    from subjectdiff.datagen.progress import Progress
 
     out = io.StringIO()
     prog = Progress(total=8, every=0.0, stream=out)
@@ -204,7 +204,7 @@ def faulty_run(s3_server, tmp_path_factory):
     from tests.conftest import MotoRecorder
     from tests.faults import FaultProxy, through
     from tests.test_pipeline import tiny_cfg
-    from datagen.run import run
+    from subjectdiff.datagen.run import run
 
     proxy = FaultProxy(s3_server)
     recorder = MotoRecorder(s3_server)

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from catalogs.reader import RecordReader
+from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.model.subject_image import SubjectAugment, background_photo, subject_image
 from tests.records import photo, write_photo_shards
-from train.config import load_config
-from train.data import make_sample, sample_rng
+from subjectdiff.train.config import load_config
+from subjectdiff.train.data import make_sample, sample_rng
 
 STILL = SubjectAugment(flip_p=0.0, rotate_deg=0.0, perspective=0.0, perspective_p=0.0)
 
@@ -37,7 +37,7 @@ def backgrounds(tmp_path_factory) -> Path:
 
 def test_without_augmentation_training_and_inference_cut_the_same_image(records):
     """The trainer's subject image with augmentation off is the inference cut-out of the same mask."""
-    from infer.subjects import Subject, SubjectCutter
+    from subjectdiff.infer.subjects import Subject, SubjectCutter
 
     cfg = load_config("tiny", ["data.augment=false", "data.fill_holes=false"])
     for rec in records:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.records import write_photo_shards
-from train.cli import main
-from train.config import load_config
+from subjectdiff.train.cli import main
+from subjectdiff.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> tuple[Path, list[str]]:
     """2 shards x 4 records on real photos, with a catalog."""
-    from catalogs.catalog import build
+    from subjectdiff.catalogs.catalog import build
 
     d = tmp_path_factory.mktemp("shards")
     keys = write_photo_shards(d, n_shards=2, per_shard=4)
@@ -48,8 +48,8 @@ CHOSEN = {"astronaut": ["helmet", "flag"], "chelsea": ["whisker"], "coffee": ["c
 
 
 def test_data_samples_keep_subjects(shards):
-    from catalogs.reader import RecordReader
-    from train.data import TrainSamples, make_reader
+    from subjectdiff.catalogs.reader import RecordReader
+    from subjectdiff.train.data import TrainSamples, make_reader
 
     cfg = tiny_cfg(shards[0], Path("/unused"))
     reader = make_reader(cfg.data, None, 0, 1, 0)
@@ -82,8 +82,8 @@ def test_data_samples_keep_subjects(shards):
 
 def test_only_configured_parameters_get_gradients(shards, tmp_path):
     from subjectdiff.model import build
-    from train.data import BatchStream, TrainSamples, make_reader
-    from train.step import encode_inputs, training_step
+    from subjectdiff.train.data import BatchStream, TrainSamples, make_reader
+    from subjectdiff.train.step import encode_inputs, training_step
 
     for trainable in (None, ("adapters", "grounding")):
         cfg = tiny_cfg(shards[0], tmp_path, "loss.drop_text=0.0", "loss.drop_all=0.0", "loss.drop_subjects=0.0",
@@ -107,8 +107,8 @@ def test_only_configured_parameters_get_gradients(shards, tmp_path):
 
 def test_gradient_checkpointing_gives_same_gradients(shards, tmp_path):
     from subjectdiff.model import build
-    from train.data import BatchStream, TrainSamples, make_reader
-    from train.step import training_step
+    from subjectdiff.train.data import BatchStream, TrainSamples, make_reader
+    from subjectdiff.train.step import training_step
 
     cfg = tiny_cfg(shards[0], tmp_path)
     batch = next(iter(BatchStream(TrainSamples(make_reader(cfg.data, None, 0, 1, 0), cfg, 32), 2, 0)))
@@ -128,9 +128,9 @@ def test_gradient_checkpointing_gives_same_gradients(shards, tmp_path):
 
 
 def test_overfitting_a_few_records_lowers_the_loss(shards, tmp_path):
-    from train.data import BatchStream
-    from train.step import training_step
-    from train.trainer import Trainer
+    from subjectdiff.train.data import BatchStream
+    from subjectdiff.train.step import training_step
+    from subjectdiff.train.trainer import Trainer
 
     cfg = tiny_cfg(shards[0], tmp_path, "run.max_steps=40", "run.ckpt_every=1000", "run.log_every=10",
                    "optim.lr=3e-3", "optim.ema_decay=0.0", "loss.drop_all=0.0", "loss.drop_text=0.0",
@@ -176,7 +176,7 @@ def test_resume_latest_matches_straight_run(shards, tmp_path):
     import shutil
 
     from subjectdiff.model import build
-    from train.trainer import decay_groups
+    from subjectdiff.train.trainer import decay_groups
 
     old = tmp_path / "old" / "checkpoints" / "step-0000003"
     shutil.copytree(tmp_path / "split" / "checkpoints" / "step-0000003", old)
@@ -199,7 +199,7 @@ def test_resume_latest_matches_straight_run(shards, tmp_path):
 
 
 def test_selection_uses_exactly_the_selected_records(shards, tmp_path):
-    from catalogs.catalog import query
+    from subjectdiff.catalogs.catalog import query
 
     where = "source LIKE 'skimage://c%'"  # chelsea and coffee
     want = set(query(shards[0], f"SELECT key FROM samples WHERE {where}").column("key").to_pylist())
@@ -225,7 +225,7 @@ def test_torchrun_two_ranks_disjoint_and_in_sync(shards, tmp_path):
         port = sock.getsockname()[1]
     out = tmp_path / "ddp"
     # --where: rank 0 selects, the other rank gets the selection through torch.distributed (gloo)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "train",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "subjectdiff.train",
            "--config", "tiny", "--catalog", str(shards[0]), "--where", "n_objects >= 2", "--out", str(out),
            "run.max_steps=2", "run.trace=true", "run.ckpt_every=2", "optim.grad_accum=2", "data.batch_size=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -246,7 +246,7 @@ def test_resume_with_where_reuses_the_run_selection(shards, tmp_path, capsys):
     gone), and a different --where is refused instead of pointing the saved data position into other records."""
     import shutil
 
-    from catalogs.catalog import query
+    from subjectdiff.catalogs.catalog import query
 
     data = tmp_path / "shards"
     shutil.copytree(shards[0], data)
@@ -270,7 +270,7 @@ def test_resume_with_where_reuses_the_run_selection(shards, tmp_path, capsys):
 def test_trainer_puts_the_model_in_train_mode(shards, tmp_path, monkeypatch):
     """from_pretrained builds the text encoder in eval mode; the trainer must train it in train mode (gradient
     checkpointing in transformers, dropout), also after a validation, with the frozen encoders in eval."""
-    import train.trainer
+    import subjectdiff.train.trainer
     from subjectdiff.model import build
 
     def built_in_eval(cfg):
@@ -280,7 +280,7 @@ def test_trainer_puts_the_model_in_train_mode(shards, tmp_path, monkeypatch):
         return parts
 
     monkeypatch.setattr(train.trainer, "build", built_in_eval)
-    trainer = train.trainer.Trainer(tiny_cfg(shards[0], tmp_path, "run.val_steps=2", "run.val_samples=1"))
+    trainer = subjectdiff.train.trainer.Trainer(tiny_cfg(shards[0], tmp_path, "run.val_steps=2", "run.val_samples=1"))
 
     def check() -> None:
         assert all(m.training for m in trainer.model.modules())
@@ -295,15 +295,14 @@ def test_trainer_puts_the_model_in_train_mode(shards, tmp_path, monkeypatch):
 
 def test_skipped_fp16_step_moves_neither_scheduler_nor_ema(shards, tmp_path, monkeypatch):
     """When the grad scaler skips a step (inf gradients), the LR schedule and the EMA stay where they are."""
-    import train.trainer
-
-    trainer = train.trainer.Trainer(tiny_cfg(shards[0], tmp_path, "optim.ema_decay=0.5"))
+    import subjectdiff.train.trainer
+    trainer = subjectdiff.train.trainer.Trainer(tiny_cfg(shards[0], tmp_path, "optim.ema_decay=0.5"))
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # fp16's scaler, on the fp32 tiny model
     batches = iter(trainer.stream)
     trainer.train_step(batches)
     lr, shadow = trainer.sched.last_epoch, {k: v.clone() for k, v in trainer.ema.shadow.items()}
     params = {k: p.detach().clone() for k, p in trainer.named.items()}
-    step = train.trainer.training_step
+    step = subjectdiff.train.trainer.training_step
 
     def inf_loss(*args, **kwargs):
         loss, terms = step(*args, **kwargs)
@@ -321,7 +320,7 @@ def test_weight_decay_groups_and_single_group_checkpoints(shards, tmp_path):
     """Biases, norm weights, tanh gates and null features get no weight decay; a one-group optimizer state
     (checkpoints from before the split) loads into the two groups with the same per-parameter moments."""
     from subjectdiff.model import build
-    from train.trainer import decay_groups, make_optimizer, split_one_group
+    from subjectdiff.train.trainer import decay_groups, make_optimizer, split_one_group
 
     cfg = tiny_cfg(shards[0], tmp_path)
     model = build(cfg.model).model
@@ -350,8 +349,8 @@ def test_weight_decay_groups_and_single_group_checkpoints(shards, tmp_path):
 
 def uneven_shards(d: Path, sizes: list[int]) -> list[str]:
     """Shards of the given record counts (distinct keys), for split tests that only look at keys."""
-    from catalogs.schema import Record, make_key
-    from catalogs.writer import ShardWriter
+    from subjectdiff.catalogs.schema import Record, make_key
+    from subjectdiff.catalogs.writer import ShardWriter
     from tests.records import photo_record
 
     base, keys = photo_record("chelsea")[0], []
@@ -369,7 +368,7 @@ def test_balanced_split_gives_ranks_equal_disjoint_batches(tmp_path):
     """Uneven shards (7, 3, 2 records) over 2 ranks x 2 workers, batch 2: whole shards would give the ranks
     different counts (one runs into its next epoch while the other is still in this one); the balanced split
     gives every rank the same full batches, disjoint, dropping the remainder (12 - 4 x 2 = 4 records)."""
-    from catalogs.reader import RecordReader
+    from subjectdiff.catalogs.reader import RecordReader
 
     keys = uneven_shards(tmp_path, [7, 3, 2])
     for epoch in range(2):
@@ -390,11 +389,11 @@ def test_resume_skips_records_without_decoding_them(shards, tmp_path, monkeypatc
     """A stream resumed at batch 3 (2 DataLoader workers, so mid round robin) yields exactly what the
     uninterrupted stream yields from there, across the epoch boundary, and decodes none of the 3 x 2 records
     it skips (decode_record logs each key it decodes, from the forked workers too)."""
-    import catalogs.reader
-    from train.data import BatchStream, TrainSamples, make_reader
+    import subjectdiff.catalogs.reader
+    from subjectdiff.train.data import BatchStream, TrainSamples, make_reader
 
     log = tmp_path / "decoded.txt"
-    decode = catalogs.reader.decode_record
+    decode = subjectdiff.catalogs.reader.decode_record
 
     def logged(sample, **kw):
         with open(log, "a") as f:
@@ -437,7 +436,7 @@ def test_square_crop_stays_in_the_image_and_contains_what_fits():
     lies inside the box on an axis the box overflows (was: padded grey around a box larger than the short side)."""
     import numpy as np
 
-    from train.data import square_crop
+    from subjectdiff.train.data import square_crop
 
     rng = np.random.default_rng(0)
     for _ in range(200):
@@ -482,7 +481,7 @@ def test_subjectdiff_train_subcommand(capsys):
 def test_paper_preset_is_the_reference_setting():
     """`--config paper`: the reference's train.sh / train.py hyperparameters and CFG scheme, its selection and
     augmentation defaults, its MLP forms and localization layers."""
-    from train.step import drop_events
+    from subjectdiff.train.step import drop_events
 
     cfg = load_config("paper")
     o, l, d, m = cfg.optim, cfg.loss, cfg.data, cfg.model
@@ -519,12 +518,12 @@ def test_paper_preset_is_the_reference_setting():
 
 
 def test_validation_samples_with_the_users_sampler_and_train_logs_its_pace(shards, tmp_path):
-    import infer.pipeline
-    import train.validate
+    import subjectdiff.infer.pipeline
+    import subjectdiff.train.validate
     from subjectdiff.model import sampling
 
-    assert train.validate.sample_latents is infer.pipeline.sample_latents is sampling.sample_latents
-    assert train.validate.three_branches is sampling.three_branches
+    assert subjectdiff.train.validate.sample_latents is subjectdiff.infer.pipeline.sample_latents is sampling.sample_latents
+    assert subjectdiff.train.validate.three_branches is sampling.three_branches
     out = tmp_path / "pace"
     assert main(["--config", "tiny", "--shards", str(shards[0]), "--out", str(out), "run.max_steps=2",
                  "run.ckpt_every=100", "run.val_every=2", "run.val_steps=2", "run.progress='off'"]) == 0

@@ -14,15 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from catalogs.catalog import build, query
-from catalogs.reader import RecordReader
-from catalogs.schema import white_fraction
-from catalogs.selection import REFERENCE_OBJECT_WHERE, select
-from catalogs.writer import ShardWriter
+from subjectdiff.catalogs.catalog import build, query
+from subjectdiff.catalogs.reader import RecordReader
+from subjectdiff.catalogs.schema import white_fraction
+from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, select
+from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.cli import main
 from tests.geometry import Obj, decoded, geometry_cases, make_record, sized, write_geometry_shards
-from train.config import load_config
-from train.data import (BatchStream, NoBatchError, NoSubject, TrainSamples, choose_subjects, make_reader,
+from subjectdiff.train.config import load_config
+from subjectdiff.train.data import (BatchStream, NoBatchError, NoSubject, TrainSamples, choose_subjects, make_reader,
                         make_sample, object_ok, sample_rng)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -217,7 +217,7 @@ def test_a_catalog_alone_means_all_of_it(tmp_path):
 def test_ema_warms_up_instead_of_keeping_the_initial_weights():
     """Was: decay 0.9999 from step 0, so the exported EMA kept 37 % of the initial weights after 10k steps.
     With diffusers' warm-up the average follows the trained weights early on."""
-    from train.trainer import EMA
+    from subjectdiff.train.trainer import EMA
 
     def average(warmup: bool) -> float:
         p = torch.nn.Parameter(torch.zeros(3))

@@ -1,4 +1,4 @@
-"""datagen.weights downloads: checkpoints fetched over HTTP from a real server on loopback and from a real S3 API
+"""subjectdiff.datagen.weights downloads: checkpoints fetched over HTTP from a real server on loopback and from a real S3 API
 (moto) into $SUBJECTDIFF_CACHE, resumed after a dropped transfer, checked against expected digests, and
 `subjectdiff datagen weights` on top. No network beyond 127.0.0.1."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from datagen import weights
-from datagen.weights import WeightsError, manifest_entry, resolve
+from subjectdiff.datagen import weights
+from subjectdiff.datagen.weights import WeightsError, manifest_entry, resolve
 from subjectdiff.cli import main
 
 MiB = 1 << 20
@@ -200,7 +200,7 @@ def test_published_digests_are_checked_without_a_fragment(server, cache, monkeyp
 
 
 def test_default_checkpoints_have_published_digests():
-    from datagen import config
+    from subjectdiff.datagen import config
 
     d = config.default()
     for spec in (d.ground.checkpoint, d.segment.checkpoint):

@@ -1,5 +1,5 @@
-"""`torchrun --nproc_per_node=N -m train --config FILE_OR_PRESET [KEY=VALUE ...]` (or `python -m train`)."""
+"""`torchrun --nproc_per_node=N -m subjectdiff.train --config FILE_OR_PRESET [KEY=VALUE ...]` (or `python -m subjectdiff.train`)."""
 
-from train.cli import main
+from subjectdiff.train.cli import main
 
 raise SystemExit(main())

@@ -1,6 +1,6 @@
-"""`subjectdiff train` / `python -m train` / `torchrun --nproc_per_node=N -m train`: the trainer's command line.
+"""`subjectdiff train` / `python -m subjectdiff.train` / `torchrun --nproc_per_node=N -m subjectdiff.train`: the trainer's command line.
 
-    torchrun --nproc_per_node=8 -m train --config sd2-base data.shards=/data/shards run.out_dir=runs/a
+    torchrun --nproc_per_node=8 -m subjectdiff.train --config sd2-base data.shards=/data/shards run.out_dir=runs/a
     subjectdiff train --config tiny --shards out/ run.max_steps=20
     subjectdiff train --config my.toml --catalog out/ --where "n_objects >= 2" --object-where reference --resume latest
     subjectdiff train preview --config paper --shards out/ --n 16 --out preview/     # what the trainer would feed
@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def resolved_config(args: argparse.Namespace):
     import json
 
-    from train.config import load_config
+    from subjectdiff.train.config import load_config
 
     extra = []
     flags = [("shards", "data.shards"), ("selection", "data.selection"), ("catalog", "data.catalog"),
@@ -106,11 +106,11 @@ def run(args: argparse.Namespace) -> int:
         if args.preview:
             if not args.out or args.n < 1:
                 raise ValueError("train preview needs --out DIR (the page's folder) and --n >= 1")
-            from train.preview import write_preview
+            from subjectdiff.train.preview import write_preview
 
             print(f"preview -> {write_preview(cfg, args.n, args.out)}")
             return 0
-        from train.trainer import run as train_run
+        from subjectdiff.train.trainer import run as train_run
 
         train_run(cfg, resume=args.resume)
         return 0
@@ -126,6 +126,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = IntermixedParser(prog="python -m train", description="train Subject-Diffusion (torchrun for DDP)")
+    p = IntermixedParser(prog="python -m subjectdiff.train", description="train Subject-Diffusion (torchrun for DDP)")
     add_arguments(p)
     return run(p.parse_args(argv))

@@ -42,15 +42,15 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from catalogs import catalog
-from catalogs.reader import BadRecord, DecodedRecord, RecordReader
-from catalogs.schema import box_pixels_xyxy, white_fraction
-from catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, load_selection, select
-from catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
+from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs.reader import BadRecord, DecodedRecord, RecordReader
+from subjectdiff.catalogs.schema import box_pixels_xyxy, white_fraction
+from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, load_selection, select
+from subjectdiff.catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
 from subjectdiff.model.prompts import SubjectPrompt, subject_prompt, tokenize
 from subjectdiff.model.subject_image import (SubjectAugment, background_files, background_photo, fill_holes,
                                              subject_image)
-from train.config import DataConfig, TrainConfig
+from subjectdiff.train.config import DataConfig, TrainConfig
 
 MAX_LOC_TOKENS = 8
 SHOW_BAD = 3  # bad records named on stderr in a row of skipped ones (data.on_bad_record="skip")

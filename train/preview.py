@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from catalogs.tokens import clip_tokenizer
+from subjectdiff.catalogs.tokens import clip_tokenizer
 from subjectdiff.model.builders import image_encoder_input_size
-from train.config import TrainConfig
-from train.data import batch_stream, shared_selection, skipped_line
+from subjectdiff.train.config import TrainConfig
+from subjectdiff.train.data import batch_stream, shared_selection, skipped_line
 
 COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 SHOW = 256  # displayed side of the target crop, pixels

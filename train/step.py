@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from subjectdiff.model import Parts, localization_loss, location_map, token_weights, tokenize
-from train.config import DROPS, LossConfig
+from subjectdiff.train.config import DROPS, LossConfig
 
 _EMPTY_IDS: dict[str, torch.Tensor] = {}
 

@@ -25,10 +25,10 @@ import torch.distributed as dist
 from diffusers.training_utils import EMAModel
 
 from subjectdiff.model import Parts, build
-from train import checkpoint
-from train.config import TrainConfig
-from train.data import BatchStream, batch_stream, shared_selection
-from train.step import training_step
+from subjectdiff.train import checkpoint
+from subjectdiff.train.config import TrainConfig
+from subjectdiff.train.data import BatchStream, batch_stream, shared_selection
+from subjectdiff.train.step import training_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -375,7 +375,7 @@ class Trainer:
 
     def validate(self) -> None:
         if self.d.main:
-            from train.validate import validation_grid
+            from subjectdiff.train.validate import validation_grid
 
             with self.ema_weights():
                 path = validation_grid(self, self.out / "samples" / f"step-{self.step:07d}.png")

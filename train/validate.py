@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from subjectdiff.model.sampling import SamplingConfig, sample_latents, three_branches
-from train.step import empty_ids, encode_inputs
+from subjectdiff.train.step import empty_ids, encode_inputs
 
 
 @torch.no_grad()

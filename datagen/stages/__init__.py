@@ -5,7 +5,7 @@ An item is a dict: `key`, `source`, `image_bytes` (original encoding), `image` (
 optional `alt_text`; each stage adds its fields. A failed item carries `failure = {"stage", "reason"}`
 and every later stage passes it through untouched. See docs/datagen.md.
 
-Names are imported lazily: `from datagen.stages import Grounder` imports groundingdino, nothing else does.
+Names are imported lazily: `from subjectdiff.datagen.stages import Grounder` imports groundingdino, nothing else does.
 """
 
 from importlib import import_module
@@ -22,5 +22,5 @@ __all__ = list(_WHERE)
 
 def __getattr__(name: str):
     if name not in _WHERE:
-        raise AttributeError(f"module 'datagen.stages' has no attribute {name!r}")
-    return getattr(import_module(f"datagen.stages.{_WHERE[name]}"), name)
+        raise AttributeError(f"module 'subjectdiff.datagen.stages' has no attribute {name!r}")
+    return getattr(import_module(f"subjectdiff.datagen.stages.{_WHERE[name]}"), name)

@@ -5,23 +5,23 @@ The Ray pipeline hosts the same classes as actors; this is the single-process eq
 
 from __future__ import annotations
 
-from datagen.config import DatagenConfig
-from datagen.stages.common import Item
-from datagen.stages.filters import ImageFilter, prefilter
+from subjectdiff.datagen.config import DatagenConfig
+from subjectdiff.datagen.stages.common import Item
+from subjectdiff.datagen.stages.filters import ImageFilter, prefilter
 
 
 def build_stages(cfg: DatagenConfig) -> list:
     """Captioner -> NounExtractor -> Grounder -> ImageFilter -> Segmenter -> Curator, each loading its model once;
     no Curator when `curate.enabled` is false."""
-    from datagen.stages.caption import Captioner
-    from datagen.stages.ground import Grounder
-    from datagen.stages.nouns import NounExtractor
-    from datagen.stages.segment import Segmenter
+    from subjectdiff.datagen.stages.caption import Captioner
+    from subjectdiff.datagen.stages.ground import Grounder
+    from subjectdiff.datagen.stages.nouns import NounExtractor
+    from subjectdiff.datagen.stages.segment import Segmenter
 
     chain = [Captioner(cfg.caption), NounExtractor(cfg.nouns), Grounder(cfg.ground), ImageFilter(cfg.filters),
              Segmenter(cfg.segment)]
     if cfg.curate.enabled:
-        from datagen.stages.curate import Curator
+        from subjectdiff.datagen.stages.curate import Curator
 
         chain.append(Curator(cfg.curate))
     return chain

@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from catalogs import images
-from catalogs.schema import FAILURE_STAGES, make_key
-from datagen.config import DecodeConfig
+from subjectdiff.catalogs import images
+from subjectdiff.catalogs.schema import FAILURE_STAGES, make_key
+from subjectdiff.datagen.config import DecodeConfig
 
 Item = dict[str, Any]
 

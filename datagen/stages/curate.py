@@ -45,11 +45,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from catalogs import masks as mask_codec
-from catalogs.dedup import phash_int64
-from datagen.config import CurateConfig
-from datagen.stages.common import Item, chunks, live, pick_device, pick_dtype
-from datagen.weights import WeightsError, resolve
+from subjectdiff.catalogs import masks as mask_codec
+from subjectdiff.catalogs.dedup import phash_int64
+from subjectdiff.datagen.config import CurateConfig
+from subjectdiff.datagen.stages.common import Item, chunks, live, pick_device, pick_dtype
+from subjectdiff.datagen.weights import WeightsError, resolve
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ training-time filters are queries over the catalog.
 
 from __future__ import annotations
 
-from datagen.config import FilterConfig
-from datagen.stages.common import Item, fail, failed, live
-from datagen.stages.nouns import with_count_words
+from subjectdiff.datagen.config import FilterConfig
+from subjectdiff.datagen.stages.common import Item, fail, failed, live
+from subjectdiff.datagen.stages.nouns import with_count_words
 
 
 def size_reject_reason(height: int, width: int, cfg: FilterConfig) -> str | None:

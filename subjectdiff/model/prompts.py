@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from catalogs.tokens import CONTEXT_LENGTH, clip_token_positions, clip_tokenizer
+from subjectdiff.catalogs.tokens import CONTEXT_LENGTH, clip_token_positions, clip_tokenizer
 
 SOT, EOT, PAD = 49406, 49407, 0  # open_clip pads with 0, as SD 2's tokenizer ("!" = 0) does
 
