@@ -141,7 +141,7 @@ def _storage_failed(e: BaseException) -> int:
 def _weights(args: argparse.Namespace) -> int:
     """Fetch (or find in the cache) every checkpoint of the preset, each checked against its expected digests;
     one `spec -> path` line per checkpoint on stdout, download progress on stderr."""
-    from subjectdiff.datagen import weights
+    from subjectdiff import weights
     from subjectdiff.datagen.job import load_config
 
     try:

@@ -6,7 +6,7 @@ NMS at IoU 0.5, SAM ViT-H masks); `tiny(models)` points the same stages at tiny 
 (datagen/tiny.py) for tests and the offline demo. Both load through the same code.
 
 Checkpoint fields accept a local path, an http(s)/file URL, `hf://owner/repo/file`, or `pkg://package/path`
-(a file shipped inside an installed package); see datagen/weights.py for where downloads are cached.
+(a file shipped inside an installed package); see subjectdiff/weights.py for where downloads are cached.
 """
 
 from __future__ import annotations
@@ -323,7 +323,7 @@ def tiny(models=None) -> DatagenConfig:
     """
     if models is None:
         from subjectdiff.datagen.tiny import tiny_models
-        from subjectdiff.datagen.weights import cache_dir
+        from subjectdiff.weights import cache_dir
 
         models = tiny_models(cache_dir() / "tiny")
     return DatagenConfig(
@@ -353,7 +353,7 @@ def full_random(models=None) -> DatagenConfig:
     """
     if models is None:
         from subjectdiff.datagen.tiny import full_random_models
-        from subjectdiff.datagen.weights import cache_dir
+        from subjectdiff.weights import cache_dir
 
         models = full_random_models(cache_dir() / "full-random")
     cfg = default()

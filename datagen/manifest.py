@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from subjectdiff import weights
 from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.storage import Folder, detail, transient
 from subjectdiff.datagen import config as stage_config
@@ -52,10 +53,9 @@ def _revision() -> str | None:
 
 
 def _models(cfg: stage_config.DatagenConfig) -> dict[str, Any]:
-    """Each stage's model, with its checkpoints' paths and hashes as `weights.run_manifest` resolves them."""
-    from subjectdiff.datagen import weights
+    """Each stage's model, with its checkpoints' paths and hashes as `run_manifest` resolves them."""
 
-    ck = weights.run_manifest(cfg)["checkpoints"]
+    ck = run_manifest(cfg)["checkpoints"]
     ground = {"config": ck["ground.config_file"], "checkpoint": ck["ground.checkpoint"]}
     if "ground.text_encoder" in ck:
         ground["text_encoder"] = ck["ground.text_encoder"]
@@ -148,3 +148,36 @@ class Manifest:
 
     def _write(self) -> None:
         self.folder.write_text(MANIFEST, json.dumps(self.data, indent=2, default=str))
+
+
+def run_manifest(cfg) -> dict:
+    """What a run used: the full config and, per checkpoint spec (GroundingDINO's text encoder and the curate
+    stage's open_clip config, weights and aesthetic head included), its resolved path and SHA-256.
+
+    cfg: datagen.config.DatagenConfig. Specs not yet resolved locally (e.g. a URL never downloaded)
+    are recorded with an empty hash rather than fetched.
+    """
+    # function-level: the stage modules import torch and the model packages, which the driver needs only here
+    from subjectdiff.datagen.stages.curate import manifest_specs as curate_specs
+    from subjectdiff.datagen.stages.ground import text_encoder_spec  # reads GroundingDINO's config file
+
+    specs = {
+        "caption.model": cfg.caption.model,
+        "ground.config_file": cfg.ground.config_file,
+        "ground.checkpoint": cfg.ground.checkpoint,
+        "segment.checkpoint": cfg.segment.checkpoint,
+        **curate_specs(cfg.curate),  # curate.model (a config file), curate.pretrained, curate.aesthetic
+    }
+    entries = {}
+    for name, spec in specs.items():
+        try:
+            entries[name] = weights.manifest_entry(spec)
+        except weights.WeightsError:
+            entries[name] = {"spec": spec, "path": "", "sha256": ""}
+    try:  # the one the grounder loads: ground.text_encoder, else the config file's text_encoder_type
+        text_encoder = text_encoder_spec(cfg.ground, download=False)
+    except weights.WeightsError:  # the config file is not here (a URL never fetched): only an explicit one is known
+        text_encoder = cfg.ground.text_encoder
+    if text_encoder:
+        entries["ground.text_encoder"] = weights.text_encoder_entry(text_encoder)
+    return {"config": cfg.to_json(), "checkpoints": entries}

@@ -263,7 +263,7 @@ def save_tiny_groundingdino(folder: str | os.PathLike, seed: int = SEED, logit_s
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if full_size:
-        from subjectdiff.datagen.weights import resolve
+        from subjectdiff.weights import resolve
 
         bert = save_tiny_bert(folder / "bert", seed=seed, hidden=768, layers=12, heads=12)
         official = resolve("pkg://groundingdino/config/GroundingDINO_SwinT_OGC.py").read_text()

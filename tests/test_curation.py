@@ -524,7 +524,7 @@ def test_presets_configure_the_curate_stage(tiny_clip):
 
     d = config.default().curate
     assert (d.enabled, d.model, d.pretrained, d.aesthetic) == (True, "ViT-L-14", "openai", None)
-    # the OpenAI tag stands for the file open_clip itself fetches for it, through datagen.weights
+    # the OpenAI tag stands for the file open_clip itself fetches for it, through subjectdiff.weights
     assert clip_checkpoint_specs(d) == ["hf://timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors",
                                         "hf://timm/vit_large_patch14_clip_224.openai/open_clip_pytorch_model.bin"]
     t = config.tiny(tiny_clip).curate
@@ -532,7 +532,7 @@ def test_presets_configure_the_curate_stage(tiny_clip):
         str(tiny_clip.clip_config), str(tiny_clip.clip_checkpoint), str(tiny_clip.aesthetic_head), "cpu")
     assert manifest_specs(t) == {"curate.model": t.model, "curate.pretrained": t.pretrained,
                                  "curate.aesthetic": t.aesthetic}
-    from subjectdiff.datagen.weights import manifest_entry
+    from subjectdiff.weights import manifest_entry
 
     assert all(len(manifest_entry(spec)["sha256"]) == 64 for spec in manifest_specs(t).values())
     assert manifest_specs(config.CurateConfig(enabled=False)) == {}

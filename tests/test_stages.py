@@ -462,7 +462,7 @@ def test_checkpoints_load_from_urls_into_the_cache(tiny_paths, tmp_path, monkeyp
     from subjectdiff.datagen.config import GroundConfig, SegmentConfig
     from subjectdiff.datagen.stages.ground import load_groundingdino
     from subjectdiff.datagen.stages.segment import load_sam
-    from subjectdiff.datagen.weights import manifest_entry
+    from subjectdiff.weights import manifest_entry
 
     monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
     sam_url = tiny_paths.sam_checkpoint.as_uri()
@@ -490,7 +490,7 @@ def test_sam_architecture_checks(tiny_paths):
 
 
 def test_default_preset_names_the_real_checkpoints():
-    from subjectdiff.datagen.weights import WeightsError, resolve
+    from subjectdiff.weights import WeightsError, resolve
 
     d = config.default()
     assert d.caption.model == "Salesforce/blip-image-captioning-large" and d.caption.kind == "blip"
@@ -575,7 +575,7 @@ def test_empty_caption_is_a_failure(captioner, monkeypatch):
 
 
 def test_run_manifest_hashes_local_checkpoints(cfg, tiny_paths):
-    from subjectdiff.datagen.weights import run_manifest
+    from subjectdiff.datagen.manifest import run_manifest
 
     m = run_manifest(cfg)
     assert m["config"]["name"] == "tiny"
@@ -598,7 +598,7 @@ def test_hub_text_encoder_loads_from_the_subjectdiff_cache(tiny_paths, tmp_path,
     $SUBJECTDIFF_CACHE/hf (not the default Hugging Face cache), and the manifest records that snapshot."""
     from subjectdiff.datagen.config import GroundConfig
     from subjectdiff.datagen.stages.ground import load_groundingdino, text_encoder_spec
-    from subjectdiff.datagen.weights import run_manifest
+    from subjectdiff.datagen.manifest import run_manifest
 
     monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
     snap = fake_hub_snapshot(tmp_path / "cache", "bert-base-uncased", tiny_paths.gdino_config.parent / "bert")
@@ -620,7 +620,8 @@ def test_uncached_hub_text_encoder_is_a_clear_error(tiny_paths, tmp_path, monkey
 
     from subjectdiff.datagen.config import GroundConfig
     from subjectdiff.datagen.stages.ground import load_groundingdino
-    from subjectdiff.datagen.weights import WeightsError, resolve_text_encoder, run_manifest
+    from subjectdiff.datagen.manifest import run_manifest
+    from subjectdiff.weights import WeightsError, resolve_text_encoder
 
     monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
     from huggingface_hub.utils import reset_sessions

@@ -1,4 +1,4 @@
-"""subjectdiff.datagen.weights downloads: checkpoints fetched over HTTP from a real server on loopback and from a real S3 API
+"""subjectdiff.weights downloads: checkpoints fetched over HTTP from a real server on loopback and from a real S3 API
 (moto) into $SUBJECTDIFF_CACHE, resumed after a dropped transfer, checked against expected digests, and
 `subjectdiff datagen weights` on top. No network beyond 127.0.0.1."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from subjectdiff.datagen import weights
-from subjectdiff.datagen.weights import WeightsError, manifest_entry, resolve
+from subjectdiff import weights
+from subjectdiff.weights import WeightsError, manifest_entry, resolve
 from subjectdiff.cli import main
 
 MiB = 1 << 20

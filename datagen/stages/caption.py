@@ -13,7 +13,7 @@ import torch
 
 from subjectdiff.datagen.config import CaptionConfig
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
-from subjectdiff.datagen.weights import cache_dir, is_hub_id, resolve
+from subjectdiff.weights import cache_dir, is_hub_id, resolve
 
 
 def load_captioner(cfg: CaptionConfig, device: torch.device, dtype: torch.dtype):

@@ -49,7 +49,7 @@ from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.catalogs.dedup import phash_int64
 from subjectdiff.datagen.config import CurateConfig
 from subjectdiff.datagen.stages.common import Item, chunks, live, pick_device, pick_dtype
-from subjectdiff.datagen.weights import WeightsError, resolve
+from subjectdiff.weights import WeightsError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def aesthetic_head_from_state_dict(state: dict) -> torch.nn.Module:
 
 
 def load_aesthetic_head(spec: str) -> torch.nn.Module:
-    """An aesthetic head from a path, URL or hf:// spec (datagen.weights.resolve; cached, hashed in the manifest)."""
+    """An aesthetic head from a path, URL or hf:// spec (subjectdiff.weights.resolve; cached, hashed in the manifest)."""
     path = resolve(spec)
     return aesthetic_head_from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
@@ -159,7 +159,7 @@ def clip_checkpoint_specs(cfg: CurateConfig) -> list[str]:
 
     A tag becomes the hf:// file open_clip downloads for it: its `hf_hub` repo and file, or, with no file
     named, open_clip_model.safetensors then open_clip_pytorch_model.bin (open_clip's own order). A spec is
-    itself. Downloads then go through datagen.weights, into the subjectdiff cache, hashed in the manifest.
+    itself. Downloads then go through subjectdiff.weights, into the subjectdiff cache, hashed in the manifest.
     """
     if cfg.pretrained is None:
         return []

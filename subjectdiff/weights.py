@@ -505,38 +505,6 @@ def manifest_entry(spec: str) -> dict[str, str]:
     return {"spec": spec, "path": str(path), "sha256": file_sha256(path)}
 
 
-def run_manifest(cfg) -> dict:
-    """What a run used: the full config and, per checkpoint spec (GroundingDINO's text encoder and the curate
-    stage's open_clip config, weights and aesthetic head included), its resolved path and SHA-256.
-
-    cfg: datagen.config.DatagenConfig. Specs not yet resolved locally (e.g. a URL never downloaded)
-    are recorded with an empty hash rather than fetched.
-    """
-    from subjectdiff.datagen.stages.curate import manifest_specs as curate_specs
-    from subjectdiff.datagen.stages.ground import text_encoder_spec  # reads GroundingDINO's config file
-
-    specs = {
-        "caption.model": cfg.caption.model,
-        "ground.config_file": cfg.ground.config_file,
-        "ground.checkpoint": cfg.ground.checkpoint,
-        "segment.checkpoint": cfg.segment.checkpoint,
-        **curate_specs(cfg.curate),  # curate.model (a config file), curate.pretrained, curate.aesthetic
-    }
-    entries = {}
-    for name, spec in specs.items():
-        try:
-            entries[name] = manifest_entry(spec)
-        except WeightsError:
-            entries[name] = {"spec": spec, "path": "", "sha256": ""}
-    try:  # the one the grounder loads: ground.text_encoder, else the config file's text_encoder_type
-        text_encoder = text_encoder_spec(cfg.ground, download=False)
-    except WeightsError:  # the config file is not here (a URL never fetched): only an explicit one is known
-        text_encoder = cfg.ground.text_encoder
-    if text_encoder:
-        entries["ground.text_encoder"] = text_encoder_entry(text_encoder)
-    return {"config": cfg.to_json(), "checkpoints": entries}
-
-
 def text_encoder_entry(spec: str) -> dict[str, str]:
     """manifest_entry for a text encoder: a folder with its SHA-256, a hub id with its cached snapshot's commit."""
     try:
