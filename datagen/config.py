@@ -290,6 +290,9 @@ class DatagenConfig:
     curate: CurateConfig = field(default_factory=CurateConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     name: str = "default"
+    # The settings of stages registered beside these (datagen/stages/registry.py), by section: a dict of
+    # values (a TOML table, `extra.SECTION.KEY=VALUE`) or the stage's settings object.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         caps = (self.ground.max_detections, self.filters.max_detections)

@@ -49,7 +49,7 @@ from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.catalogs.dedup import phash_int64
 from subjectdiff.datagen.config import CurateConfig
 from subjectdiff.datagen.stages.common import Item, chunks, live, pick_device, pick_dtype
-from subjectdiff.weights import WeightsError, resolve
+from subjectdiff.weights import Checkpoint, WeightsError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,22 @@ def manifest_specs(cfg: CurateConfig) -> dict[str, str]:
     if cfg.aesthetic:
         out["curate.aesthetic"] = cfg.aesthetic
     return out
+
+
+def checkpoints(cfg: CurateConfig, download: bool = False) -> list[Checkpoint]:
+    """`manifest_specs` as checkpoints (its registry entry's); with DOWNLOAD, the weights a tag stands for are
+    fetched first (the first of its files that downloads), so the list names the file that did."""
+    if download and cfg.enabled:
+        resolve_clip_checkpoint(cfg, download=True)
+    return [Checkpoint(name, spec) for name, spec in manifest_specs(cfg).items()]
+
+
+def describe(cfg: CurateConfig, entries: dict[str, dict]) -> dict:
+    """The run manifest's `models.curate`: the open_clip model (a name, or its config file with hash), its
+    weights (the file a tag stands for, with hash; "random" without) and the aesthetic head (None without)."""
+    return {"model": entries.get("curate.model", cfg.model), "pretrained": cfg.pretrained,
+            "label_prompt": cfg.label_prompt, "weights": entries.get("curate.pretrained", "random"),
+            "aesthetic": entries.get("curate.aesthetic")}
 
 
 def load_clip(cfg: CurateConfig, device: torch.device, dtype: torch.dtype):

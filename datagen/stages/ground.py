@@ -27,7 +27,7 @@ from torchvision.ops import nms
 from subjectdiff.datagen.config import GroundConfig
 from subjectdiff.datagen.stages.boxes import cxcywh_norm_to_xyxy_norm
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
-from subjectdiff.weights import resolve, resolve_text_encoder
+from subjectdiff.weights import Checkpoint, WeightsError, resolve, resolve_text_encoder
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,30 @@ def text_encoder_spec(cfg: GroundConfig, *, download: bool = True) -> str:
     from groundingdino.util.slconfig import SLConfig
 
     return SLConfig.fromfile(str(resolve(cfg.config_file, download=download))).text_encoder_type
+
+
+def checkpoints(cfg: GroundConfig, download: bool = False) -> list[Checkpoint]:
+    """The config file, the `{"model": state_dict}` checkpoint and the text encoder the grounder loads (named
+    in the config file unless cfg.text_encoder is set: with DOWNLOAD the file is fetched to read it); its
+    registry entry's checkpoints."""
+    out = [Checkpoint("ground.config_file", cfg.config_file), Checkpoint("ground.checkpoint", cfg.checkpoint)]
+    try:
+        text_encoder = text_encoder_spec(cfg, download=download)
+    except WeightsError:  # the config file is not here (a URL never fetched): only an explicit one is known
+        if download:
+            raise
+        text_encoder = cfg.text_encoder
+    if text_encoder:
+        out.append(Checkpoint("ground.text_encoder", text_encoder, text_encoder=True))
+    return out
+
+
+def describe(cfg: GroundConfig, entries: dict[str, dict]) -> dict:
+    """The run manifest's `models.ground`, from the manifest ENTRIES of its checkpoints."""
+    out = {"config": entries["ground.config_file"], "checkpoint": entries["ground.checkpoint"]}
+    if "ground.text_encoder" in entries:
+        out["text_encoder"] = entries["ground.text_encoder"]
+    return out
 
 
 def build_groundingdino(config_file: str | Path, text_encoder: str | None = None) -> torch.nn.Module:
