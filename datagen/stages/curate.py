@@ -48,6 +48,7 @@ from PIL import Image
 from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.catalogs.dedup import phash_int64
 from subjectdiff.datagen.config import CurateConfig
+from subjectdiff.datagen.stages.architectures import AestheticMLP
 from subjectdiff.datagen.stages.common import Item, chunks, live, pick_device, pick_dtype
 from subjectdiff.weights import Checkpoint, WeightsError, resolve
 
@@ -60,29 +61,6 @@ _TEXT_CACHE = 4096  # label prompts kept between batches
 
 
 # ------------------------------------------------------------------------------------------ aesthetic head
-
-
-class AestheticMLP(torch.nn.Module):
-    """improved-aesthetic-predictor's MLP (christophschuhmann/improved-aesthetic-predictor, `MLP` in
-    simple_inference.py), the layout of sac+logos+ava1-l14-linearMSE.pth: no activations, dropouts at
-    indices 1, 3, 5. relu=True is the layout of its ReLU variant (ava+logos-l14-reluMSE.pth: a ReLU after
-    every hidden layer, the Linear layers at 0, 3, 6, 9, 11). Input (N, in_features) normalized embeddings,
-    output (N, 1) scores."""
-
-    def __init__(self, in_features: int = 768, relu: bool = False):
-        super().__init__()
-        act = [torch.nn.ReLU()] if relu else []
-        L = torch.nn.Linear
-        self.layers = torch.nn.Sequential(
-            L(in_features, 1024), *act, torch.nn.Dropout(0.2),
-            L(1024, 128), *act, torch.nn.Dropout(0.2),
-            L(128, 64), *act, torch.nn.Dropout(0.1),
-            L(64, 16), *act,
-            L(16, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
 
 
 # The two official MLP layouts, by the indices of their Linear layers in `layers`.

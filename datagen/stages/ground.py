@@ -14,8 +14,6 @@ package is never edited); batched results then equal one-image-at-a-time results
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from pathlib import Path
 
@@ -25,9 +23,10 @@ from PIL import Image
 from torchvision.ops import nms
 
 from subjectdiff.datagen.config import GroundConfig
+from subjectdiff.datagen.stages.architectures import build_groundingdino
 from subjectdiff.datagen.stages.boxes import cxcywh_norm_to_xyxy_norm
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
-from subjectdiff.weights import Checkpoint, WeightsError, resolve, resolve_text_encoder
+from subjectdiff.weights import Checkpoint, WeightsError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -104,24 +103,6 @@ def describe(cfg: GroundConfig, entries: dict[str, dict]) -> dict:
     if "ground.text_encoder" in entries:
         out["text_encoder"] = entries["ground.text_encoder"]
     return out
-
-
-def build_groundingdino(config_file: str | Path, text_encoder: str | None = None) -> torch.nn.Module:
-    """A random-weight GroundingDINO from its python config (what the official `load_model` builds).
-
-    text_encoder overrides the config's `text_encoder_type`. Either is a BERT folder or a hub id; an id is
-    resolved to its snapshot in our cache first (`weights.resolve_text_encoder`), because groundingdino-py
-    would hand it to `from_pretrained`, which downloads into the default Hugging Face cache.
-    """
-    from groundingdino.models import build_model
-    from groundingdino.util.slconfig import SLConfig
-
-    args = SLConfig.fromfile(str(config_file))
-    args.device = "cpu"
-    args.text_encoder_type = str(resolve_text_encoder(text_encoder or args.text_encoder_type))
-    with contextlib.redirect_stdout(io.StringIO()):  # groundingdino prints the text encoder it loads
-        model = build_model(args)
-    return model.eval()
 
 
 def _load_checkpoint(path: Path) -> dict:
