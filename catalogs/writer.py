@@ -17,6 +17,8 @@ locally, uploaded as one object remotely (object stores have no rename, but an u
 without its stats file is incomplete, and readers, the catalog and resumed runs ignore or redo it; a stats
 file whose recorded sizes disagree with the files beside it (a stale upload) counts as incomplete too. The
 embedding sidecar is optional: a shard without one (a run without the curate stage) is complete.
+`complete_shards` says which shards of a listing are complete, `partial_files` what an interrupted attempt left
+of the others (a run removes it before redoing them whole).
 
 Records may arrive in parts (`part=`, a block index): each part is spooled to its own file and the tar is
 assembled in part order on close, so blocks that finish out of order still give the plan-ordered, byte-stable

@@ -11,7 +11,6 @@ stage registered only in the driver's process runs on every worker too.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from importlib import import_module
 from typing import Any, Callable
@@ -66,7 +65,9 @@ class Stage:
             return getattr(cfg, self.section)
         value = cfg.extra.get(self.section)
         if value is None or isinstance(value, dict):
-            assert self.config is not None, f"stage {self.name}: section {self.section!r} needs a config class"
+            if self.config is None:
+                raise ValueError(f"stage {self.name}: section {self.section!r} is no DatagenConfig field; "
+                                 "give its Stage a config class")
             return self.config(**(value or {}))
         return value
 
@@ -132,7 +133,3 @@ def names(*, model: bool | None = None) -> tuple[str, ...]:
 def active(cfg) -> tuple[Stage, ...]:
     """The chain a job of CFG (a DatagenConfig) runs, in order: every stage that is not switched off."""
     return tuple(s for s in STAGES if s.enabled(cfg))
-
-
-def replace(stage: Stage, **changes: Any) -> Stage:
-    return dataclasses.replace(stage, **changes)
