@@ -206,7 +206,7 @@ def run_stage(args) -> list[str]:
         cfg.device, cfg.dtype = args.device, args.dtype or cfg.dtype
         torch.manual_seed(0)
         model = open_clip.create_model("ViT-L-14", pretrained=None, force_quick_gelu=True)  # from its config
-        from subjectdiff.datagen.stages.curate import AestheticMLP
+        from subjectdiff.datagen.stages.architectures import AestheticMLP
 
         stage = Curator(cfg, model=model, aesthetic_head=AestheticMLP(768))
         what = "ViT-L-14 (quick_gelu) at random weights, 224 px, + MLP aesthetic head (768-d)"

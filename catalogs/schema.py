@@ -39,8 +39,11 @@ _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 IMAGE_EXTENSIONS = ("jpg", "png", "webp")
 _EXT_ALIASES = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
 
-# Failure stages: where a sample dropped out of the pipeline.
+# Failure stages: where a sample dropped out of the pipeline. These are the built-in ones; a datagen stage
+# registered later (datagen/stages/registry.py) fails under its own name, so a failure stage is checked by its
+# form (`is_failure_stage`), not against this list: catalogs, the lower layer, never asks datagen.
 FAILURE_STAGES = ("read", "decode", "caption", "nouns", "ground", "segment", "filter", "write")
+_STAGE_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 NEAR_WHITE = 229  # a channel above 0.9 of 255 (the reference's `image > 0.9` on [0, 1] tensors)
@@ -48,6 +51,12 @@ NEAR_WHITE = 229  # a channel above 0.9 of 255 (the reference's `image > 0.9` on
 
 class RecordError(ValueError):
     """A record breaks the contract; the message names the key and the field."""
+
+
+def is_failure_stage(stage: str) -> bool:
+    """Whether STAGE can name a failure stage: a lowercase identifier of at most 32 characters ("filter",
+    "nsfw_filter"), as every built-in one (FAILURE_STAGES) and every registered datagen stage is named."""
+    return isinstance(stage, str) and _STAGE_RE.fullmatch(stage) is not None
 
 
 def make_key(source: str, length: int = 20) -> str:
@@ -169,8 +178,9 @@ class Failure:
     reason: str
 
     def __post_init__(self) -> None:
-        if self.stage not in FAILURE_STAGES:
-            raise RecordError(f"failure stage {self.stage!r} is not one of {FAILURE_STAGES}")
+        if not is_failure_stage(self.stage):
+            raise RecordError(f"failure stage {self.stage!r} of {self.key}: not a stage name (a lowercase "
+                              f"identifier, such as {', '.join(FAILURE_STAGES)})")
 
 
 def box_pixels_xyxy(box: list[float], width: int, height: int) -> tuple[int, int, int, int]:

@@ -17,6 +17,8 @@ locally, uploaded as one object remotely (object stores have no rename, but an u
 without its stats file is incomplete, and readers, the catalog and resumed runs ignore or redo it; a stats
 file whose recorded sizes disagree with the files beside it (a stale upload) counts as incomplete too. The
 embedding sidecar is optional: a shard without one (a run without the curate stage) is complete.
+`complete_shards` says which shards of a listing are complete, `partial_files` what an interrupted attempt left
+of the others (a run removes it before redoing them whole).
 
 Records may arrive in parts (`part=`, a block index): each part is spooled to its own file and the tar is
 assembled in part order on close, so blocks that finish out of order still give the plan-ordered, byte-stable
@@ -28,6 +30,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -132,15 +135,34 @@ def complete_names(names) -> list[str]:
     return sorted(s for s in stems if all(f in have for f in shard_names(s).values()))
 
 
-def complete_shards(directory: str | os.PathLike) -> list[str]:
-    """Names of the complete shards directly in DIRECTORY (one listing; no file is opened), sorted."""
-    return [n for n in complete_names(Folder(directory).listing()) if "/" not in n]
+def complete_shards(directory: str | os.PathLike, listing=None) -> list[str]:
+    """Names of the complete shards directly in DIRECTORY, sorted, from one listing of it (no file is opened);
+    LISTING: that listing when the caller has made it already (Folder.listing)."""
+    return [n for n in complete_names(Folder(directory).listing() if listing is None else listing) if "/" not in n]
 
 
-def is_complete(directory: str | os.PathLike, name: str) -> bool:
-    """A shard is complete when all its files exist; the stats file is committed last."""
-    folder = Folder(directory)
-    return all(folder.exists(n) for n in shard_names(name).values())
+_PART = re.compile(r"(.+)\.part\d+" + re.escape(TMP_SUFFIX))  # a local writer's spooled part (`_part_path`)
+
+
+def shard_of(name: str) -> str | None:
+    """The shard a top-level file NAME belongs to: one of its files (shard_names, optional_names), such a
+    file's temporary name, or a local writer's spooled part (`<shard>.part<n>.tmp`); None for any other."""
+    if "/" in name:
+        return None
+    part = _PART.fullmatch(name)
+    if part:
+        return part.group(1)
+    stem = name.removesuffix(TMP_SUFFIX)
+    shard = stem.split(".", 1)[0].split("_", 1)[0]
+    return shard if stem in (*shard_names(shard).values(), *optional_names(shard).values()) else None
+
+
+def partial_files(listing, shards) -> list[str]:
+    """What earlier attempts left of SHARDS, shards that are not complete: the names of LISTING (the file names
+    of their folder) that belong to them (`shard_of`), and nothing else. A shard is redone whole, so these go
+    first."""
+    todo = set(shards)
+    return [n for n in listing if shard_of(n) in todo]
 
 
 @dataclass

@@ -69,9 +69,12 @@ def _config(args: argparse.Namespace):
 
     cfg = load_config(args.preset, args.config, getattr(args, "overrides", ()))
     if args.batch_size:
+        from subjectdiff.datagen.stages import registry
+
         cfg.pipeline.batch_size = args.batch_size
-        for stage in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment):
-            stage.batch_size = args.batch_size
+        for stage in registry.STAGES:  # each stage whose settings batch its model
+            if hasattr(stage.settings(cfg.stages), "batch_size"):
+                stage.settings(cfg.stages).batch_size = args.batch_size
     if args.shard_size:
         cfg.pipeline.shard_size = args.shard_size
     return cfg
@@ -139,10 +142,11 @@ def _storage_failed(e: BaseException) -> int:
 
 
 def _weights(args: argparse.Namespace) -> int:
-    """Fetch (or find in the cache) every checkpoint of the preset, each checked against its expected digests;
-    one `spec -> path` line per checkpoint on stdout, download progress on stderr."""
-    from subjectdiff import weights
+    """Fetch (or find in the cache) every checkpoint the active stages of the preset need (each registry entry's
+    `checkpoints`), each checked against its expected digests; one `spec -> path` line per checkpoint on stdout,
+    download progress on stderr."""
     from subjectdiff.datagen.job import load_config
+    from subjectdiff.datagen.stages import registry
 
     try:
         st = load_config(args.preset, args.config, args.overrides).stages
@@ -150,26 +154,9 @@ def _weights(args: argparse.Namespace) -> int:
         print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
         return 2
     try:
-        for spec in (st.caption.model, st.ground.config_file, st.ground.checkpoint, st.segment.checkpoint):
-            if weights.is_hub_id(spec):
-                path = weights.hub_snapshot(spec, download=True)
-            else:
-                path = weights.resolve(spec, download=True)
-            print(f"{spec} -> {path}", flush=True)
-        from subjectdiff.datagen.stages.ground import text_encoder_spec  # named in the config file fetched above
-
-        te = text_encoder_spec(st.ground)
-        print(f"{te} -> {weights.resolve_text_encoder(te, download=True)}")
-        if st.curate.enabled:  # the open_clip config file, the weights a tag stands for, the aesthetic head
-            from subjectdiff.datagen.stages.curate import resolve_clip_checkpoint
-
-            specs = [x for x in (st.curate.model if st.curate.model.endswith(".json") else None,
-                                 st.curate.aesthetic) if x]
-            found = resolve_clip_checkpoint(st.curate, download=True)
-            if found:
-                print(f"{found[0]} -> {found[1]}", flush=True)
-            for spec in specs:
-                print(f"{spec} -> {weights.resolve(spec, download=True)}", flush=True)
+        for stage in registry.active(st):
+            for ck in stage.checkpoint_list(st, download=True):
+                print(f"{ck.spec} -> {ck.fetch()}", flush=True)
     except Exception as e:  # network, bucket and hub errors vary; one line says which checkpoint failed and why
         print(f"subjectdiff datagen: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from subjectdiff.catalogs import images
+from subjectdiff.weights import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -290,6 +291,9 @@ class DatagenConfig:
     curate: CurateConfig = field(default_factory=CurateConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     name: str = "default"
+    # The settings of stages registered beside these (datagen/stages/registry.py), by section: a dict of
+    # values (a TOML table, `extra.SECTION.KEY=VALUE`) or the stage's settings object.
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         caps = (self.ground.max_detections, self.filters.max_detections)
@@ -322,8 +326,8 @@ def tiny(models=None) -> DatagenConfig:
     head in improved-aesthetic-predictor's MLP format, both on CPU.
     """
     if models is None:
+        # function-level: tiny.py imports torch and the model packages, which only this preset needs
         from subjectdiff.datagen.tiny import tiny_models
-        from subjectdiff.weights import cache_dir
 
         models = tiny_models(cache_dir() / "tiny")
     return DatagenConfig(
@@ -352,8 +356,8 @@ def full_random(models=None) -> DatagenConfig:
     per image (real images give the filter's 2-8). Device and dtype are the default's ("auto").
     """
     if models is None:
+        # function-level: tiny.py imports torch and the model packages, which only this preset needs
         from subjectdiff.datagen.tiny import full_random_models
-        from subjectdiff.weights import cache_dir
 
         models = full_random_models(cache_dir() / "full-random")
     cfg = default()

@@ -4,8 +4,9 @@
              fewest shards open; a committer sits beside each last-stage actor, on that actor's node
     block  = up to batch_size rows of one shard; its chain, submitted at once and run by Ray as inputs arrive:
              decode task -> caption -> nouns -> ground -> filter task -> segment -> curate -> committer.append
-             (or decode -> fused -> append; no curate when curate.enabled is false), each stage on its pool's
-             least loaded actor (datagen/stage_pool.py)
+             (the registry's active stages, datagen/stages/registry.py; or decode -> fused -> append; no curate
+             when curate.enabled is false), each model stage on its pool's least loaded actor
+             (datagen/stage_pool.py), each stage without a model as a CPU task
     commit = when every block of a shard is appended, the committer publishes it (stats last)
 
 Only references and counts pass through the driver: a block's items go from task to actor to committer in
@@ -34,10 +35,11 @@ from typing import Any
 
 from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.storage import Folder, transient
-from subjectdiff.datagen.job import JobConfig, active_stages
+from subjectdiff.datagen.job import JobConfig
 from subjectdiff.datagen.ray_setup import worker_options
 from subjectdiff.datagen.progress import Progress
-from subjectdiff.datagen.stage_pool import StagePool, contract_error, filter_block, reason
+from subjectdiff.datagen.stage_pool import StagePool, contract_error, reason, task_block
+from subjectdiff.datagen.stages import registry
 
 WAIT_NOTICE_S = 30.0  # say what the run waits for when no stage actor has started after this long
 
@@ -91,8 +93,13 @@ class Distributor:
             n = list(pools.values())[-1].concurrency
             if node_cpus < self.p.writer_num_cpus * n:
                 self._committer_cpus = 0.0
-        self.pools = {name: StagePool(name, pool, cfg.stages, factory) for name, pool in pools.items()}
-        self.chain = ["fused"] if self.p.fuse else list(active_stages(cfg.stages))
+        # the entries travel to the workers with each actor and task (a stage registered here only runs too)
+        entries = {s.name: s for s in registry.active(cfg.stages)}
+        self.pools = {name: StagePool(name, pool, cfg.stages, factory,
+                                      tuple(entries.values()) if name == "fused" else (entries[name],))
+                      for name, pool in pools.items()}
+        self.chain = ["fused"] if self.p.fuse else list(entries)
+        self.tasks = {name: s for name, s in entries.items() if not s.model}  # a CPU task per block each
         self.last = list(self.pools.values())[-1]
         self.committers: list[Any] = []
         self.committer_nodes: list[str | None] = []
@@ -101,7 +108,7 @@ class Distributor:
         self.in_flight = 0
         self.waits: dict[Any, tuple[str, ShardTask, int]] = {}
         self._decode = ray.remote(num_cpus=self.p.read_num_cpus, max_retries=3, **worker_options())(_decode_block)
-        self._filter = ray.remote(num_cpus=self.p.read_num_cpus, max_retries=3, **worker_options())(filter_block)
+        self._stage_task = ray.remote(num_cpus=self.p.read_num_cpus, max_retries=3, **worker_options())(task_block)
         self._refresher: threading.Thread | None = None
         self._last_refresh = time.monotonic()
         self._fresh = False
@@ -157,8 +164,8 @@ class Distributor:
         node = self.committer_nodes[task.committer]
         ref = self._decode.remote(rows, self.cfg.stages.filters, self.cfg.stages.decode)
         for stage in self.chain:
-            if stage == "filter":
-                ref = self._filter.remote(ref, self.cfg.stages, self.factory)
+            if stage in self.tasks:
+                ref = self._stage_task.remote(ref, self.tasks[stage], self.cfg.stages, self.factory)
             else:
                 ref = self.pools[stage].submit(ref, node)
         done = self.committers[task.committer].append.remote(task.name, task.attempt, part, ref, task.opened)

@@ -12,15 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from subjectdiff.datagen import config as stage_config
+from subjectdiff.datagen.stages import registry
 from subjectdiff.overrides import apply, merge_dicts, parse_override
-
-STAGES = ("caption", "nouns", "ground", "filter", "segment", "curate")  # in chain order; filter holds no model
-MODEL_STAGES = ("caption", "nouns", "ground", "segment", "curate")
 
 
 def active_stages(stages: stage_config.DatagenConfig) -> tuple[str, ...]:
-    """The chain a job runs, in order: STAGES, less the curate stage when `curate.enabled` is false."""
-    return tuple(s for s in STAGES if s != "curate" or stages.curate.enabled)
+    """The names of the chain a job runs, in order (registry.active: less a stage switched off, such as curate
+    with `curate.enabled = false`)."""
+    return tuple(s.name for s in registry.active(stages))
 
 
 @dataclass
@@ -64,7 +63,7 @@ class PipelineConfig:
     # no hand-over between stages); its size is the largest stage pool's, its GPU share their sum (at
     # most 1). For machines with few cores, or one GPU per node where the stages would share it anyway.
     fuse: bool = False
-    pools: dict[str, PoolConfig] = field(default_factory=lambda: {s: PoolConfig() for s in MODEL_STAGES})
+    pools: dict[str, PoolConfig] = field(default_factory=lambda: {s: PoolConfig() for s in registry.names(model=True)})
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.batch_size < 1 or self.max_attempts < 1:
@@ -72,19 +71,22 @@ class PipelineConfig:
         if self.blocks_in_flight < 0 or self.shards_per_writer < 1:
             raise ValueError("pipeline: blocks_in_flight must be >= 0 (0: automatic), shards_per_writer >= 1")
         self.pools = {k: v if isinstance(v, PoolConfig) else PoolConfig(**v) for k, v in self.pools.items()}
-        unknown = set(self.pools) - set(MODEL_STAGES)
+        known = registry.names(model=True)
+        unknown = set(self.pools) - set(known)
         if unknown:
-            raise ValueError(f"pipeline.pools: unknown stage(s) {sorted(unknown)}; stages are {MODEL_STAGES}")
-        for s in MODEL_STAGES:
+            raise ValueError(f"pipeline.pools: unknown stage(s) {sorted(unknown)}; stages with a model are {known}")
+        for s in known:
             self.pools.setdefault(s, PoolConfig())
 
-    def stage_pools(self, stages: tuple[str, ...] = STAGES) -> dict[str, PoolConfig]:
-        """The actor pools the job starts, in chain order: one per model stage among STAGES (`active_stages`:
-        no curate pool when that stage is off), or one `fused` pool for them all."""
-        names = [s for s in stages if s in MODEL_STAGES]
+    def stage_pools(self, stages: tuple[str, ...] | None = None) -> dict[str, PoolConfig]:
+        """The actor pools the job starts, in chain order: one per model stage among STAGES (default: every
+        registered stage; `active_stages`: no curate pool when that stage is off), or one `fused` pool for them
+        all."""
+        with_model = registry.names(model=True)
+        names = [s for s in (registry.names() if stages is None else stages) if s in with_model]
         if not self.fuse:
-            return {s: self.pools[s] for s in names}
-        pools = [self.pools[s] for s in names]
+            return {s: self.pools.get(s) or PoolConfig() for s in names}  # a stage registered after this config
+        pools = [self.pools.get(s) or PoolConfig() for s in names]
         resources: dict[str, float] = {}
         for p in pools:
             for k, v in p.resources.items():
@@ -112,20 +114,18 @@ class JobConfig:
 
 
 def preset(name: str) -> JobConfig:
-    """`default`: the paper's models on GPUs (fractional GPUs so the four GPU stages share one: caption 0.2,
-    ground 0.2, segment 0.5, curate 0.1; the curate stage's ViT-L-14 forward per image and per subject costs a
-    fraction of SAM ViT-H's at 1024 px);
+    """`default`: the paper's models on GPUs (fractional GPUs so the four GPU stages share one: each registry
+    entry's `num_gpus`, caption 0.2, ground 0.2, segment 0.5, curate 0.1);
     `tiny`: tiny random models on CPU, small shards, light actors (tests and the offline demo);
     `paper`: `default` with the data recipe of the authors' data_process.py (docs/datagen.md);
     `full-random`: `default`'s pipeline with its architectures at random weights (benchmarks; the models
     are written to this machine's cache, so run it on one node)."""
     full = {"default": stage_config.default, "paper": stage_config.paper, "full-random": stage_config.full_random}
     if name in full:
-        pools = {"caption": PoolConfig(1, 0.2), "nouns": PoolConfig(1, 0.0), "ground": PoolConfig(1, 0.2),
-                 "segment": PoolConfig(1, 0.5), "curate": PoolConfig(1, 0.1)}
+        pools = {s.name: PoolConfig(1, s.num_gpus) for s in registry.STAGES if s.model}
         return JobConfig(full[name](), PipelineConfig(pools=pools))
     if name == "tiny":
-        pools = {s: PoolConfig(1, 0.0, 0.25) for s in MODEL_STAGES}
+        pools = {s: PoolConfig(1, 0.0, 0.25) for s in registry.names(model=True)}
         return JobConfig(stage_config.tiny(), PipelineConfig(shard_size=100, batch_size=4, read_num_cpus=0.25,
                                                               writer_num_cpus=0.25, catalog_refresh_s=5.0,
                                                               pools=pools))

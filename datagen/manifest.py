@@ -14,12 +14,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from subjectdiff import weights
 from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.storage import Folder, detail, transient
 from subjectdiff.datagen import config as stage_config
 from subjectdiff.datagen.job import JobConfig
 from subjectdiff.datagen.progress import RunSummary
+from subjectdiff.datagen.stages import registry
 from subjectdiff.datagen.stage_pool import reason
 
 MANIFEST = "manifest.json"
@@ -53,43 +53,10 @@ def _revision() -> str | None:
 
 
 def _models(cfg: stage_config.DatagenConfig) -> dict[str, Any]:
-    """Each stage's model, with its checkpoints' paths and hashes as `run_manifest` resolves them."""
-
+    """Each active stage's model (its registry entry's `describe`), with its checkpoints' paths and hashes as
+    `run_manifest` resolves them."""
     ck = run_manifest(cfg)["checkpoints"]
-    ground = {"config": ck["ground.config_file"], "checkpoint": ck["ground.checkpoint"]}
-    if "ground.text_encoder" in ck:
-        ground["text_encoder"] = ck["ground.text_encoder"]
-    models = {
-        "caption": {"kind": cfg.caption.kind, **ck["caption.model"]},
-        "nouns": {"spacy_model": cfg.nouns.spacy_model, "mode": cfg.nouns.mode, **_spacy_version(cfg.nouns)},
-        "ground": ground,
-        "segment": {"model_type": cfg.segment.model_type, **ck["segment.checkpoint"]},
-    }
-    if cfg.curate.enabled:
-        models["curate"] = _curate_model(cfg.curate, ck)
-    return models
-
-
-def _curate_model(cfg: stage_config.CurateConfig, ck: dict[str, Any]) -> dict[str, Any]:
-    """The curate stage's open_clip model (a name, or its config file with hash), its weights (the file a tag
-    stands for, with hash; "random" without) and the aesthetic head (with hash; None without one)."""
-    out: dict[str, Any] = {"model": ck["curate.model"] if "curate.model" in ck else cfg.model,
-                           "pretrained": cfg.pretrained, "label_prompt": cfg.label_prompt}
-    out["weights"] = ck.get("curate.pretrained", "random")
-    out["aesthetic"] = ck.get("curate.aesthetic")
-    return out
-
-
-def _spacy_version(cfg: stage_config.NounsConfig) -> dict[str, str]:
-    """The spaCy pipeline "auto" picks (the first installed), with its version, without loading it."""
-    from subjectdiff.datagen.stages.nouns import SPACY_MODELS
-
-    for name in SPACY_MODELS if cfg.spacy_model == "auto" else (cfg.spacy_model,):
-        try:
-            return {"spacy_pipeline": name, "spacy_pipeline_version": metadata.version(name.replace("_", "-"))}
-        except metadata.PackageNotFoundError:
-            continue
-    return {}
+    return {s.name: registry.load(s.describe)(s.settings(cfg), ck) for s in registry.active(cfg) if s.describe}
 
 
 class Manifest:
@@ -150,34 +117,10 @@ class Manifest:
         self.folder.write_text(MANIFEST, json.dumps(self.data, indent=2, default=str))
 
 
-def run_manifest(cfg) -> dict:
-    """What a run used: the full config and, per checkpoint spec (GroundingDINO's text encoder and the curate
-    stage's open_clip config, weights and aesthetic head included), its resolved path and SHA-256.
-
-    cfg: datagen.config.DatagenConfig. Specs not yet resolved locally (e.g. a URL never downloaded)
-    are recorded with an empty hash rather than fetched.
-    """
-    # function-level: the stage modules import torch and the model packages, which the driver needs only here
-    from subjectdiff.datagen.stages.curate import manifest_specs as curate_specs
-    from subjectdiff.datagen.stages.ground import text_encoder_spec  # reads GroundingDINO's config file
-
-    specs = {
-        "caption.model": cfg.caption.model,
-        "ground.config_file": cfg.ground.config_file,
-        "ground.checkpoint": cfg.ground.checkpoint,
-        "segment.checkpoint": cfg.segment.checkpoint,
-        **curate_specs(cfg.curate),  # curate.model (a config file), curate.pretrained, curate.aesthetic
-    }
-    entries = {}
-    for name, spec in specs.items():
-        try:
-            entries[name] = weights.manifest_entry(spec)
-        except weights.WeightsError:
-            entries[name] = {"spec": spec, "path": "", "sha256": ""}
-    try:  # the one the grounder loads: ground.text_encoder, else the config file's text_encoder_type
-        text_encoder = text_encoder_spec(cfg.ground, download=False)
-    except weights.WeightsError:  # the config file is not here (a URL never fetched): only an explicit one is known
-        text_encoder = cfg.ground.text_encoder
-    if text_encoder:
-        entries["ground.text_encoder"] = weights.text_encoder_entry(text_encoder)
+def run_manifest(cfg: stage_config.DatagenConfig) -> dict:
+    """What a run used: the full config and, per checkpoint of the active stages (each registry entry's
+    `checkpoints`: GroundingDINO's text encoder and the curate stage's open_clip config, weights and aesthetic
+    head included), its resolved path and SHA-256. Specs not yet resolved locally (e.g. a URL never
+    downloaded) are recorded with an empty hash rather than fetched."""
+    entries = {c.name: c.entry() for s in registry.active(cfg) for c in s.checkpoint_list(cfg)}
     return {"config": cfg.to_json(), "checkpoints": entries}

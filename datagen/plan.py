@@ -19,12 +19,14 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import asdict
 
 import pyarrow.parquet as pq
 
 from subjectdiff.catalogs.storage import Folder
 from subjectdiff.datagen import config as stage_config
 from subjectdiff.datagen import sources
+from subjectdiff.datagen.stages import registry
 
 PLAN_FILE, PLAN_META = "_plan.parquet", "_plan.json"
 
@@ -33,17 +35,15 @@ _OPERATIONAL = ("device", "batch_size")
 
 
 def stages_fingerprint(cfg: stage_config.DatagenConfig) -> str:
-    """A hash of every stage setting that shapes the records (decode, models, thresholds, filters, dtypes). The curate
-    section counts only when the stage is on, so a run with `curate.enabled=false` has the fingerprint that
-    runs had before the stage existed (and can resume them)."""
+    """A hash of every setting that shapes the records: decode, and the section of each active stage (registry
+    order: models, thresholds, filters, dtypes). A stage that is off does not count, so a run with
+    `curate.enabled=false` has the fingerprint runs had before that stage existed (and can resume them)."""
     def strip(x):
         if isinstance(x, dict):
             return {k: strip(v) for k, v in sorted(x.items()) if k not in _OPERATIONAL}
         return list(x) if isinstance(x, tuple) else x
 
-    settings = {k: v for k, v in cfg.to_json().items() if k != "name"}
-    if not cfg.curate.enabled:
-        settings.pop("curate")
+    settings = {"decode": asdict(cfg.decode), **{s.section: asdict(s.settings(cfg)) for s in registry.active(cfg)}}
     blob = json.dumps(strip(settings), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

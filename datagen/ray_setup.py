@@ -17,17 +17,17 @@ import os
 import socket
 import sys
 
-from subjectdiff.datagen.job import STAGES, PipelineConfig
+from subjectdiff.datagen.job import PipelineConfig
 
 # Loggers whose start-up messages are not for the user (their full logs stay in the Ray session folder):
 # token-authentication notices, the "Started a local Ray instance" line.
 _QUIET = ("ray._private.authentication.authentication_token_setup", "ray._private.worker", "ray.worker")
 
 
-def cpu_slots(cfg: PipelineConfig, stages: tuple[str, ...] = STAGES) -> float:
-    """Logical CPUs the run reserves at once: its stage actors (of STAGES: `job.active_stages`), one committer
-    per last-stage actor, and room for two decode tasks (a Ray whose slots all went to actors could never
-    decode a block)."""
+def cpu_slots(cfg: PipelineConfig, stages: tuple[str, ...] | None = None) -> float:
+    """Logical CPUs the run reserves at once: its stage actors (of STAGES, `job.active_stages`; None: every
+    registered stage), one committer per last-stage actor, and room for two decode tasks (a Ray whose slots
+    all went to actors could never decode a block)."""
     pools = cfg.stage_pools(stages)
     actors = sum(p.concurrency * p.num_cpus for p in pools.values())
     writers = list(pools.values())[-1].concurrency * cfg.writer_num_cpus
@@ -55,7 +55,7 @@ def existing_cluster() -> str | None:
         return None
 
 
-def connect(address: str | None, cfg: PipelineConfig, stages: tuple[str, ...] = STAGES) -> bool:
+def connect(address: str | None, cfg: PipelineConfig, stages: tuple[str, ...] | None = None) -> bool:
     """Join a cluster or start Ray here (see the module docstring); True when a cluster was joined. A Ray the
     caller already initialized is used as it is (as a cluster when it has several nodes)."""
     import ray
@@ -87,15 +87,15 @@ def worker_options() -> dict:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def resolve_gpus(cfg: PipelineConfig, joined: bool, stages: tuple[str, ...] = STAGES) -> None:
+def resolve_gpus(cfg: PipelineConfig, joined: bool, stages: tuple[str, ...] | None = None) -> None:
     """A Ray started here that has no GPU never will: its GPU stages run on CPU. On a cluster, GPU nodes
     may not exist yet (an autoscaler starts them when the GPU actors ask): the requests stay. Only the pools
-    of STAGES (`job.active_stages`) count: a stage that is off starts no pool."""
+    of STAGES (`job.active_stages`; None: every registered stage) count: a stage that is off starts no pool."""
     import ray
 
     if ray.cluster_resources().get("GPU", 0) > 0:
         return
-    wanted = [name for name, pool in cfg.pools.items() if pool.num_gpus > 0 and name in stages]
+    wanted = [name for name, pool in cfg.pools.items() if pool.num_gpus > 0 and (stages is None or name in stages)]
     if not wanted:
         return
     if joined:

@@ -26,20 +26,17 @@ incomplete by a lost worker are retried up to `max_attempts` times before the ru
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
 
 from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.storage import Entry, Folder
-from subjectdiff.catalogs.writer import KINDS, TMP_SUFFIX, complete_names, optional_names, shard_names
-from subjectdiff.datagen import plan, ray_setup, sources
-from subjectdiff.datagen.distributor import Distributor, local_output_node
+from subjectdiff.catalogs.writer import KINDS, complete_shards, partial_files
+from subjectdiff.datagen import plan, ray_setup, retry, sources
+from subjectdiff.datagen.distributor import Distributor, Outcome, local_output_node
 from subjectdiff.datagen.job import JobConfig, active_stages
 from subjectdiff.datagen.manifest import Manifest
 from subjectdiff.datagen.progress import Progress, RunSummary, describe_skipped
-
-_PART = re.compile(r"(.+)\.part\d+" + re.escape(TMP_SUFFIX))  # catalogs.writer's spooled parts, when local
 
 
 def _ray_map(fn, urls):
@@ -57,34 +54,15 @@ def _ray_map(fn, urls):
         yield ray.get(ref)
 
 
-def _complete(listing: dict[str, Entry]) -> set[str]:
-    """The complete shards of the run at the top of a folder, from its LISTING."""
-    return {n for n in complete_names(listing) if "/" not in n}
-
-
 def _clean_partial(folder: Folder, shards: list[str], listing: dict[str, Entry]) -> None:
     """Whatever an earlier attempt left of these incomplete shards (each is redone whole): the names of
-    LISTING (the run's one listing of FOLDER) that belong to them, and nothing else. A fresh run deletes
-    nothing, rather than one request per name a shard could have."""
-    todo = set(shards)
-    doomed = [n for n in listing if _shard_of(n) in todo]
+    LISTING (the run's one listing of FOLDER) that belong to them (catalogs.writer.partial_files). A fresh
+    run deletes nothing, rather than one request per name a shard could have."""
+    doomed = partial_files(listing, shards)
     if doomed:
         print(f"[datagen] removing {len(doomed)} file(s) left by an earlier attempt at {len(shards)} "
               "incomplete shard(s)", file=sys.stderr, flush=True)
         folder.remove(doomed)
-
-
-def _shard_of(name: str) -> str | None:
-    """The shard a top-level file NAME belongs to: one of its files (shard_names, optional_names), such a
-    file's temporary name, or a local writer's spooled part (`<shard>.part<n>.tmp`); None for any other."""
-    if "/" in name:
-        return None
-    part = _PART.fullmatch(name)
-    if part:
-        return part.group(1)
-    stem = name.removesuffix(TMP_SUFFIX)
-    shard = stem.split(".", 1)[0].split("_", 1)[0]
-    return shard if stem in (*shard_names(shard).values(), *optional_names(shard).values()) else None
 
 
 def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | None = None,
@@ -108,7 +86,7 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
                                 map_urls=_ray_map, columns={"image_column": image_column,
                                                             "caption_column": caption_column})
     listing = folder.listing()  # the run's one listing: what is complete, what to clean up
-    done_before = _complete(listing) & set(counts)
+    done_before = set(complete_shards(folder.url, listing)) & set(counts)
     skipped = plan.skipped_files(out)
     if skipped:  # never silently: files of the input folder that are not images are no input
         print(f"[datagen] {src}: skipped {sum(skipped.values())} file(s) that are no images: "
@@ -116,15 +94,13 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
     manifest = Manifest(out, src, cfg, command or sys.argv, catalog_file, skipped_files=skipped)
     try:
         ray_setup.resolve_gpus(cfg.pipeline, joined, active_stages(cfg.stages))
+        todo = [s for s in counts if s not in done_before]
+        _clean_partial(folder, todo, listing)
+        redo = retry.redo(out, done_before, len(todo), catalog_file) if retry_failures else {}
         if retry_failures:
-            from subjectdiff.datagen import retry
-
-            summary = retry.run_retries(out, cfg, counts, done_before, listing, manifest=manifest, t0=t0,
-                                        progress_every=progress_every, factory=stage_factory,
-                                        catalog_file=catalog_file)
-        else:
-            summary = _run_shards(folder, cfg, counts, done_before, listing, t0, progress_every, stage_factory,
-                                  catalog_file)
+            manifest.run["retried"] = sum(len(v) for v in redo.values())
+        summary = _run_shards(folder, cfg, counts, done_before, todo, redo, t0, progress_every, stage_factory,
+                              catalog_file)
     except BaseException as e:
         manifest.abort(e)
         raise
@@ -133,24 +109,23 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
     return summary
 
 
-def _run_shards(folder: Folder, cfg: JobConfig, counts: dict[str, int], done_before: set[str],
-                listing: dict[str, Entry], t0: float, progress_every: float, factory, catalog_file) -> RunSummary:
-    todo = [s for s in counts if s not in done_before]
-    _clean_partial(folder, todo, listing)
-    prog = Progress(sum(counts[s] for s in todo), every=progress_every)
-    outcome = None
-    if todo:
+def _run_shards(folder: Folder, cfg: JobConfig, counts: dict[str, int], done_before: set[str], todo: list[str],
+                redo: dict[str, set[str]], t0: float, progress_every: float, factory, catalog_file) -> RunSummary:
+    """The run loop, plain or retrying: the incomplete shards TODO whole, and in the complete shards of REDO
+    ({shard: keys}, datagen/retry.py) those samples; then the catalog, and the summary of what was done."""
+    shards = retry.merges(folder.url, set(todo), redo) if redo else plan.shard_rows(folder.url, set(todo))
+    prog = Progress(sum(len(v) for v in redo.values()) + sum(counts[s] for s in todo), every=progress_every)
+    outcome = Outcome()
+    if todo or redo:
         dist = Distributor(folder.url, cfg, local_output_node=local_output_node(folder.url), progress=prog,
                            extra_stats={"run_start": t0}, factory=factory, catalog_file=catalog_file)
-        outcome = dist.run(plan.shard_rows(folder.url, set(todo)))
+        outcome = dist.run(shards)
     prog.update(0, 0, force=True)
     print(catalog.build(folder.url, catalog=catalog_file).summary(), file=sys.stderr)
-    complete = _complete(folder.listing())
-    incomplete = [s for s in counts if s not in complete]
-    done = outcome.done if outcome else {}
-    ok, failed = sum(v[0] for v in done.values()), sum(v[1] for v in done.values())
-    return RunSummary(len(counts), sum(counts.values()), ok, failed, time.time() - t0, len(done_before),
-                      incomplete, outcome.why if outcome else {})
+    complete = set(complete_shards(folder.url))
+    ok, failed = sum(v[0] for v in outcome.done.values()), sum(v[1] for v in outcome.done.values())
+    return RunSummary(len(counts), sum(counts.values()), ok, failed, time.time() - t0, len(done_before) - len(redo),
+                      [s for s in counts if s not in complete], outcome.why)
 
 
 __all__ = ["run", "KINDS"]

@@ -5,7 +5,10 @@ maps one block of items. A `StagePool` holds a stage's actors and hands each blo
 fewest blocks outstanding (preferring, among equals, one on the node that will write the block), which is
 what keeps every GPU busy when blocks differ in cost.
 
-Restarts are safe: an actor's constructor arguments (the stage config and an optional factory) are small
+Actors and tasks get the registry entries they run (datagen/stages/registry.py) with their arguments, so a
+stage registered only in the driver's process runs on every worker.
+
+Restarts are safe: an actor's constructor arguments (the stage config, entries and an optional factory) are small
 and travel inside the actor's creation task, not in the object store (ray-project/ray#53727), so an actor
 lost with its node is recreated elsewhere, and its calls in flight are retried there.
 """
@@ -18,6 +21,8 @@ from typing import Any
 from subjectdiff.datagen import config as stage_config
 from subjectdiff.datagen.job import PoolConfig
 from subjectdiff.datagen.ray_setup import worker_options
+from subjectdiff.datagen.stages import registry
+from subjectdiff.datagen.stages.registry import Stage
 
 log = logging.getLogger(__name__)
 
@@ -26,25 +31,19 @@ ACTOR_RESTARTS = -1  # a lost node's actors are always recreated (an autoscaler 
 CALL_RETRIES = 2  # a call is retried on the recreated actor this many times before its shard is redone
 
 
-# stage name -> (its class in datagen.stages, its section of DatagenConfig)
-STAGE_CLASSES = {"caption": ("Captioner", "caption"), "nouns": ("NounExtractor", "nouns"),
-                 "ground": ("Grounder", "ground"), "filter": ("ImageFilter", "filters"),
-                 "segment": ("Segmenter", "segment"), "curate": ("Curator", "curate")}
+def build_stage(name: str, cfg: stage_config.DatagenConfig, chain: tuple[Stage, ...] | None = None):
+    """The stage object for NAME, loading its model (once); `fused` is the whole chain in one object.
+    chain: the registry entries to build from (what the driver hands a worker); None: the registry's active
+    ones (a worker's own registry knows the built-in stages only)."""
+    # function-level: the chain's modules import torch and the model packages, which only workers need
+    from subjectdiff.datagen.stages.chain import build_stages, run_stages
 
-
-def build_stage(name: str, cfg: stage_config.DatagenConfig):
-    """The stage object for NAME, loading its model (once); `fused` is the whole chain in one object."""
-    from subjectdiff.datagen import stages
-
+    chain = registry.active(cfg) if chain is None else chain
     if name == "fused":
-        from subjectdiff.datagen.stages.chain import build_stages, run_stages
-
-        chain = build_stages(cfg)
-        return lambda items: run_stages(chain, items)
-    if name not in STAGE_CLASSES:
-        raise ValueError(f"unknown stage {name!r}")
-    cls, section = STAGE_CLASSES[name]
-    return getattr(stages, cls)(getattr(cfg, section))
+        stages = build_stages(cfg, chain)
+        return lambda items: run_stages(stages, items)
+    entry = next((s for s in chain if s.name == name), None) or registry.get(name)
+    return entry.build(cfg)
 
 
 class StageContractError(RuntimeError):
@@ -66,9 +65,12 @@ def contract_error(e: BaseException) -> StageContractError | None:
 class StageActor:
     """Hosts one stage: the model loads in __init__, each `map` call maps one block."""
 
-    def __init__(self, name: str, cfg: stage_config.DatagenConfig, factory=None):
+    def __init__(self, name: str, cfg: stage_config.DatagenConfig, factory=None,
+                 chain: tuple[Stage, ...] | None = None):
+        """chain: the registry entries it runs (the stage NAME, or every stage for `fused`); None: the registry's."""
         self.name = name
-        self.stage = (factory or build_stage)(name, cfg)
+        self.chain = registry.active(cfg) if chain is None else chain
+        self.stage = factory(name, cfg) if factory else build_stage(name, cfg, self.chain)
 
     def node_id(self) -> str:
         import ray
@@ -97,18 +99,18 @@ class StageActor:
         return out
 
     def _failed(self, item: Item, e: Exception) -> Item:
+        # function-level: stages.common imports torch, which the driver (it imports this module) never needs
         from subjectdiff.datagen.stages.common import fail
 
-        if self.name == "fused":  # the item records which of the chained stages it reached
-            stage = next((s for s in ("segment", "ground", "nouns", "caption") if _reached(item, s)), "caption")
-        else:
-            stage = self.name
+        stage = self.name
+        if self.name == "fused":  # the last stage whose input the item holds is the one it reached
+            stage = next((s.name for s in reversed(self.chain) if item.get(s.needs) is not None), self.chain[0].name)
         return fail(item, stage, f"error: {reason(e)}")
 
 
-def filter_block(items: list[Item], cfg: stage_config.DatagenConfig, factory=None) -> list[Item]:
-    """The image filter over one block, as a Ray task (it holds no model)."""
-    return StageActor("filter", cfg, factory).map(items)
+def task_block(items: list[Item], stage: Stage, cfg: stage_config.DatagenConfig, factory=None) -> list[Item]:
+    """A stage without a model (the image filter) over one block, as a Ray task."""
+    return StageActor(stage.name, cfg, factory, (stage,)).map(items)
 
 
 def reason(e: BaseException) -> str:
@@ -121,17 +123,13 @@ def reason(e: BaseException) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _reached(item: Item, stage: str) -> bool:
-    """Whether ITEM got as far as STAGE in a fused chain (its inputs are there)."""
-    need = {"caption": "image", "nouns": "caption", "ground": "nouns", "segment": "detections"}[stage]
-    return item.get(need) is not None
-
-
 class StagePool:
     """The actors of one stage (on the driver): starts them, tracks the blocks each has outstanding, and
     picks the least loaded for the next block."""
 
-    def __init__(self, name: str, pool: PoolConfig, cfg: stage_config.DatagenConfig, factory=None):
+    def __init__(self, name: str, pool: PoolConfig, cfg: stage_config.DatagenConfig, factory=None,
+                 chain: tuple[Stage, ...] | None = None):
+        """chain: the registry entries its actors run (StageActor)."""
         import ray
 
         self.name = name
@@ -139,7 +137,7 @@ class StagePool:
                                             resources=dict(pool.resources) or None,
                                             max_restarts=ACTOR_RESTARTS, max_task_retries=CALL_RETRIES,
                                             **worker_options())
-        self.actors = [cls.remote(name, cfg, factory) for _ in range(pool.concurrency)]
+        self.actors = [cls.remote(name, cfg, factory, chain) for _ in range(pool.concurrency)]
         self.load = [0] * len(self.actors)
         self.nodes: list[str | None] = [None] * len(self.actors)
         self._node_refs = {a.node_id.remote(): i for i, a in enumerate(self.actors)}

@@ -29,6 +29,10 @@ from pathlib import Path
 
 import torch
 
+from subjectdiff.datagen.stages.architectures import AestheticMLP, build_groundingdino
+from subjectdiff.sam import SAM_ARCHS, build_sam
+from subjectdiff.weights import resolve
+
 SEED = 0
 # Bump when a builder changes what it writes: tiny_models() rebuilds a cached set of another version.
 TINY_VERSION = 3  # 3: + the curate stage's open_clip model and aesthetic head
@@ -258,13 +262,9 @@ def save_tiny_groundingdino(folder: str | os.PathLike, seed: int = SEED, logit_s
     (every query passes every threshold). Scaled down, probabilities spread over (0, 1) and the
     thresholds select a few queries, as with a trained model.
     """
-    from subjectdiff.datagen.stages.ground import build_groundingdino  # the same builder the Grounder uses
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if full_size:
-        from subjectdiff.weights import resolve
-
         bert = save_tiny_bert(folder / "bert", seed=seed, hidden=768, layers=12, heads=12)
         official = resolve("pkg://groundingdino/config/GroundingDINO_SwinT_OGC.py").read_text()
         line = 'text_encoder_type = "bert-base-uncased"'
@@ -300,8 +300,6 @@ TINY_SAM_ENCODER = dict(embed_dim=32, depth=2, num_heads=2, global_attn_indexes=
 
 def save_tiny_sam(path: str | os.PathLike, seed: int = SEED) -> Path:
     """A SAM state-dict .pth (the format of sam_vit_h_4b8939.pth) with a tiny image encoder."""
-    from subjectdiff.datagen.stages.segment import build_sam
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -346,8 +344,6 @@ def save_tiny_aesthetic_head(path: str | os.PathLike, in_features: int = TINY_CL
     """A random head in improved-aesthetic-predictor's MLP format (the layout of sac+logos+ava1-l14-linearMSE.pth:
     Linear(in, 1024), Dropout, Linear(1024, 128), Dropout, Linear(128, 64), Dropout, Linear(64, 16), Linear(16, 1),
     saved as the state dict of a module whose Sequential is `layers`), over the tiny CLIP's embedding width."""
-    from subjectdiff.datagen.stages.curate import AestheticMLP
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -443,8 +439,6 @@ def full_random_models(root: str | os.PathLike, seed: int = SEED) -> TinyModels:
     random weights, saved in the official formats under root (about 5.5 GB; reused when `root/full.json`
     says they are there). For benchmarks: the stages load them as they load the real checkpoints, and run
     them at the real checkpoints' cost."""
-    from subjectdiff.datagen.stages.segment import SAM_ARCHS, build_sam
-
     root = Path(root)
 
     def build() -> TinyModels:

@@ -45,6 +45,7 @@ import os
 import re
 import sys
 import urllib.parse
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -514,3 +515,32 @@ def text_encoder_entry(spec: str) -> dict[str, str]:
     if Path(spec).expanduser().is_dir():
         return {"spec": spec, "path": str(path), "sha256": file_sha256(path)}
     return {"spec": spec, "path": str(path), "sha256": "", "revision": path.name}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint a stage's settings need (what each datagen stage's `checkpoints(cfg, download)` lists):
+    NAME as the run manifest keys it ("segment.checkpoint"), its SPEC, and whether it is GroundingDINO's text
+    encoder (a BERT folder or a hub id, resolved to a snapshot folder: `resolve_text_encoder`)."""
+
+    name: str
+    spec: str
+    text_encoder: bool = False
+
+    def fetch(self) -> Path:
+        """The local file or folder, downloaded (and verified) into the cache when missing."""
+        if self.text_encoder:
+            return resolve_text_encoder(self.spec, download=True)
+        if is_hub_id(self.spec):
+            return hub_snapshot(self.spec, download=True)
+        return resolve(self.spec, download=True)
+
+    def entry(self) -> dict[str, str]:
+        """Its run-manifest entry ({"spec", "path", "sha256"}); never downloads: a spec not resolved here yet
+        (a URL never fetched) is recorded with an empty path and hash."""
+        if self.text_encoder:
+            return text_encoder_entry(self.spec)
+        try:
+            return manifest_entry(self.spec)
+        except WeightsError:
+            return {"spec": self.spec, "path": "", "sha256": ""}

@@ -333,9 +333,11 @@ def test_select_options_fail_with_one_line(planted, tmp_path):
 
 
 def test_curate_off_starts_no_pool_and_keeps_the_fingerprint_of_the_other_settings():
-    from subjectdiff.datagen.job import MODEL_STAGES, STAGES, active_stages, preset
+    from subjectdiff.datagen.job import active_stages, preset
     from subjectdiff.datagen.plan import stages_fingerprint
+    from subjectdiff.datagen.stages import registry
 
+    STAGES, MODEL_STAGES = registry.names(), registry.names(model=True)
     job = preset("default")
     assert STAGES[-2:] == ("segment", "curate") and list(job.stage_pools()) == list(MODEL_STAGES)
     assert sum(p.num_gpus for p in job.stage_pools().values()) == pytest.approx(1.0)  # one GPU holds them all

@@ -13,7 +13,7 @@ import torch
 
 from subjectdiff.datagen.config import CaptionConfig
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
-from subjectdiff.weights import cache_dir, is_hub_id, resolve
+from subjectdiff.weights import Checkpoint, cache_dir, is_hub_id, resolve
 
 
 def load_captioner(cfg: CaptionConfig, device: torch.device, dtype: torch.dtype):
@@ -30,6 +30,16 @@ def load_captioner(cfg: CaptionConfig, device: torch.device, dtype: torch.dtype)
         model = Blip2ForConditionalGeneration.from_pretrained(where, dtype=dtype, **kw)
         processor = AutoProcessor.from_pretrained(where, use_fast=False, **kw)
     return model.to(device).eval().requires_grad_(False), processor
+
+
+def checkpoints(cfg: CaptionConfig, download: bool = False) -> list[Checkpoint]:
+    """The captioner's model (a hub id or a `save_pretrained` folder); its registry entry's checkpoints."""
+    return [Checkpoint("caption.model", cfg.model)]
+
+
+def describe(cfg: CaptionConfig, entries: dict[str, dict]) -> dict:
+    """The run manifest's `models.caption`, from the manifest ENTRIES of its checkpoints."""
+    return {"kind": cfg.kind, **entries["caption.model"]}
 
 
 def clean_caption(text: str) -> str:

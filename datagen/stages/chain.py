@@ -1,30 +1,22 @@
-"""The stages in recipe order, run in-process: for tests, benchmarks and the offline demo.
+"""The stages chained in one process: a fused Ray actor, tests, benchmarks and the offline demo.
 
-The Ray pipeline hosts the same classes as actors; this is the single-process equivalent.
+The Ray pipeline hosts the same classes as actors and tasks; this is the single-process equivalent.
 """
 
 from __future__ import annotations
 
 from subjectdiff.datagen.config import DatagenConfig
+from subjectdiff.datagen.stages import registry
 from subjectdiff.datagen.stages.common import Item
 from subjectdiff.datagen.stages.filters import ImageFilter, prefilter
+from subjectdiff.datagen.stages.registry import Stage
 
 
-def build_stages(cfg: DatagenConfig) -> list:
-    """Captioner -> NounExtractor -> Grounder -> ImageFilter -> Segmenter -> Curator, each loading its model once;
-    no Curator when `curate.enabled` is false."""
-    from subjectdiff.datagen.stages.caption import Captioner
-    from subjectdiff.datagen.stages.ground import Grounder
-    from subjectdiff.datagen.stages.nouns import NounExtractor
-    from subjectdiff.datagen.stages.segment import Segmenter
-
-    chain = [Captioner(cfg.caption), NounExtractor(cfg.nouns), Grounder(cfg.ground), ImageFilter(cfg.filters),
-             Segmenter(cfg.segment)]
-    if cfg.curate.enabled:
-        from subjectdiff.datagen.stages.curate import Curator
-
-        chain.append(Curator(cfg.curate))
-    return chain
+def build_stages(cfg: DatagenConfig, chain: tuple[Stage, ...] | None = None) -> list:
+    """The stage objects of CHAIN (default: the registry's active stages, `registry.active`: Captioner ->
+    NounExtractor -> Grounder -> ImageFilter -> Segmenter -> Curator, no Curator when `curate.enabled` is
+    false), in order, each loading its model once."""
+    return [s.build(cfg) for s in (registry.active(cfg) if chain is None else chain)]
 
 
 def run_stages(stages: list, items: list[Item]) -> list[Item]:

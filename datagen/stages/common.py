@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from subjectdiff.catalogs import images
-from subjectdiff.catalogs.schema import FAILURE_STAGES, make_key
+from subjectdiff.catalogs.schema import is_failure_stage, make_key
 from subjectdiff.datagen.config import DecodeConfig
 
 Item = dict[str, Any]
@@ -27,8 +27,9 @@ _PNG_LEVEL = 1
 
 
 def fail(item: Item, stage: str, reason: str) -> Item:
-    """Mark an item failed at `stage` (one of catalogs.schema.FAILURE_STAGES); later stages skip it."""
-    assert stage in FAILURE_STAGES, f"failure stage {stage!r} is not one of {FAILURE_STAGES}"
+    """Mark an item failed at `stage` (a built-in failure stage, catalogs.schema.FAILURE_STAGES, or a registered
+    stage's name); later stages skip it."""
+    assert is_failure_stage(stage), f"failure stage {stage!r} is not a stage name (a lowercase identifier)"
     item["failure"] = {"stage": stage, "reason": reason}
     return item
 

@@ -48,8 +48,9 @@ from PIL import Image
 from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.catalogs.dedup import phash_int64
 from subjectdiff.datagen.config import CurateConfig
+from subjectdiff.datagen.stages.architectures import AestheticMLP
 from subjectdiff.datagen.stages.common import Item, chunks, live, pick_device, pick_dtype
-from subjectdiff.weights import WeightsError, resolve
+from subjectdiff.weights import Checkpoint, WeightsError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +61,6 @@ _TEXT_CACHE = 4096  # label prompts kept between batches
 
 
 # ------------------------------------------------------------------------------------------ aesthetic head
-
-
-class AestheticMLP(torch.nn.Module):
-    """improved-aesthetic-predictor's MLP (christophschuhmann/improved-aesthetic-predictor, `MLP` in
-    simple_inference.py), the layout of sac+logos+ava1-l14-linearMSE.pth: no activations, dropouts at
-    indices 1, 3, 5. relu=True is the layout of its ReLU variant (ava+logos-l14-reluMSE.pth: a ReLU after
-    every hidden layer, the Linear layers at 0, 3, 6, 9, 11). Input (N, in_features) normalized embeddings,
-    output (N, 1) scores."""
-
-    def __init__(self, in_features: int = 768, relu: bool = False):
-        super().__init__()
-        act = [torch.nn.ReLU()] if relu else []
-        L = torch.nn.Linear
-        self.layers = torch.nn.Sequential(
-            L(in_features, 1024), *act, torch.nn.Dropout(0.2),
-            L(1024, 128), *act, torch.nn.Dropout(0.2),
-            L(128, 64), *act, torch.nn.Dropout(0.1),
-            L(64, 16), *act,
-            L(16, 1),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
 
 
 # The two official MLP layouts, by the indices of their Linear layers in `layers`.
@@ -208,6 +186,22 @@ def manifest_specs(cfg: CurateConfig) -> dict[str, str]:
     if cfg.aesthetic:
         out["curate.aesthetic"] = cfg.aesthetic
     return out
+
+
+def checkpoints(cfg: CurateConfig, download: bool = False) -> list[Checkpoint]:
+    """`manifest_specs` as checkpoints (its registry entry's); with DOWNLOAD, the weights a tag stands for are
+    fetched first (the first of its files that downloads), so the list names the file that did."""
+    if download and cfg.enabled:
+        resolve_clip_checkpoint(cfg, download=True)
+    return [Checkpoint(name, spec) for name, spec in manifest_specs(cfg).items()]
+
+
+def describe(cfg: CurateConfig, entries: dict[str, dict]) -> dict:
+    """The run manifest's `models.curate`: the open_clip model (a name, or its config file with hash), its
+    weights (the file a tag stands for, with hash; "random" without) and the aesthetic head (None without)."""
+    return {"model": entries.get("curate.model", cfg.model), "pretrained": cfg.pretrained,
+            "label_prompt": cfg.label_prompt, "weights": entries.get("curate.pretrained", "random"),
+            "aesthetic": entries.get("curate.aesthetic")}
 
 
 def load_clip(cfg: CurateConfig, device: torch.device, dtype: torch.dtype):

@@ -14,8 +14,6 @@ package is never edited); batched results then equal one-image-at-a-time results
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 from pathlib import Path
 
@@ -25,9 +23,10 @@ from PIL import Image
 from torchvision.ops import nms
 
 from subjectdiff.datagen.config import GroundConfig
+from subjectdiff.datagen.stages.architectures import build_groundingdino
 from subjectdiff.datagen.stages.boxes import cxcywh_norm_to_xyxy_norm
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
-from subjectdiff.weights import resolve, resolve_text_encoder
+from subjectdiff.weights import Checkpoint, WeightsError, resolve
 
 log = logging.getLogger(__name__)
 
@@ -82,22 +81,28 @@ def text_encoder_spec(cfg: GroundConfig, *, download: bool = True) -> str:
     return SLConfig.fromfile(str(resolve(cfg.config_file, download=download))).text_encoder_type
 
 
-def build_groundingdino(config_file: str | Path, text_encoder: str | None = None) -> torch.nn.Module:
-    """A random-weight GroundingDINO from its python config (what the official `load_model` builds).
+def checkpoints(cfg: GroundConfig, download: bool = False) -> list[Checkpoint]:
+    """The config file, the `{"model": state_dict}` checkpoint and the text encoder the grounder loads (named
+    in the config file unless cfg.text_encoder is set: with DOWNLOAD the file is fetched to read it); its
+    registry entry's checkpoints."""
+    out = [Checkpoint("ground.config_file", cfg.config_file), Checkpoint("ground.checkpoint", cfg.checkpoint)]
+    try:
+        text_encoder = text_encoder_spec(cfg, download=download)
+    except WeightsError:  # the config file is not here (a URL never fetched): only an explicit one is known
+        if download:
+            raise
+        text_encoder = cfg.text_encoder
+    if text_encoder:
+        out.append(Checkpoint("ground.text_encoder", text_encoder, text_encoder=True))
+    return out
 
-    text_encoder overrides the config's `text_encoder_type`. Either is a BERT folder or a hub id; an id is
-    resolved to its snapshot in our cache first (`weights.resolve_text_encoder`), because groundingdino-py
-    would hand it to `from_pretrained`, which downloads into the default Hugging Face cache.
-    """
-    from groundingdino.models import build_model
-    from groundingdino.util.slconfig import SLConfig
 
-    args = SLConfig.fromfile(str(config_file))
-    args.device = "cpu"
-    args.text_encoder_type = str(resolve_text_encoder(text_encoder or args.text_encoder_type))
-    with contextlib.redirect_stdout(io.StringIO()):  # groundingdino prints the text encoder it loads
-        model = build_model(args)
-    return model.eval()
+def describe(cfg: GroundConfig, entries: dict[str, dict]) -> dict:
+    """The run manifest's `models.ground`, from the manifest ENTRIES of its checkpoints."""
+    out = {"config": entries["ground.config_file"], "checkpoint": entries["ground.checkpoint"]}
+    if "ground.text_encoder" in entries:
+        out["text_encoder"] = entries["ground.text_encoder"]
+    return out
 
 
 def _load_checkpoint(path: Path) -> dict:

