@@ -6,7 +6,7 @@
     python benchmarks/curation.py stage --size full --images 4          # ViT-L-14 at random weights (no download)
 
 search: N synthetic int64 hashes, uniform, of which --planted are copies of others with 1..D random bits
-flipped (D = --max-distance). `catalogs.dedup.near_pairs` runs on an in-memory DuckDB connection with
+flipped (D = --max-distance). `catalogs.duplicates.near_pairs` runs on an in-memory DuckDB connection with
 --threads threads and --memory-limit (spilling to --temp-directory beyond it). Recall is measured twice:
 over the planted pairs, and against brute force (numpy xor + popcount over all N) for --queries sampled
 hashes, half planted, half not. Each size runs in its own process, so "peak RSS" is that run's alone
@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from subjectdiff.catalogs import dedup  # noqa: E402
+from subjectdiff.catalogs import duplicates, hashing  # noqa: E402
 
 
 def machine() -> str:
@@ -67,7 +67,7 @@ def brute_force_recall(distinct: np.ndarray, found: set[tuple[int, int]], querie
     u = distinct.view(np.uint64)
     expected = hit = 0
     for q in queries:
-        near = distinct[np.bitwise_count(u ^ np.uint64(q & dedup.MASK64)) <= max_d]
+        near = distinct[np.bitwise_count(u ^ np.uint64(q & hashing.MASK64)) <= max_d]
         for v in near.tolist():
             if v == q:
                 continue
@@ -80,11 +80,11 @@ def search_one(args) -> dict:
     """One size, in this process: the numbers of one row."""
     n, D = args.n, args.max_distance
     hashes, src, copies = synthetic(n, args.planted, D)
-    con = dedup.connect(memory_limit=args.memory_limit, temp_directory=args.temp_directory, threads=args.threads)
+    con = duplicates.connect(memory_limit=args.memory_limit, temp_directory=args.temp_directory, threads=args.threads)
     distinct = np.unique(hashes)
-    plan = dedup.plan_bands(len(distinct), D, bands=args.bands)
+    plan = duplicates.plan_bands(len(distinct), D, bands=args.bands)
     t = time.perf_counter()
-    pairs = dedup.near_pairs(con, hashes, max_distance=D, plan=plan)
+    pairs = duplicates.near_pairs(con, hashes, max_distance=D, plan=plan)
     search_s = time.perf_counter() - t
     found = set(zip(pairs["a"].to_numpy().tolist(), pairs["b"].to_numpy().tolist()))
     planted_hit = sum((min(a, b), max(a, b)) in found for a, b in zip(src.tolist(), copies.tolist()))
@@ -120,7 +120,7 @@ def groups_one(con, hashes: np.ndarray, args) -> dict:
                    FROM hashes_arrow""")
     con.unregister("hashes_arrow")
     t = time.perf_counter()
-    groups = dedup.duplicate_groups(con, "samples", max_distance=args.max_distance, bands=args.bands)
+    groups = duplicates.duplicate_groups(con, "samples", max_distance=args.max_distance, bands=args.bands)
     return dict(groups_s=time.perf_counter() - t, group_rows=groups.num_rows,
                 n_groups=len(set(groups["group_id"].to_pylist())))
 
@@ -253,7 +253,7 @@ def main(argv=None) -> None:
     ap.add_argument("part", choices=["search", "stage", "_search_child"])
     ap.add_argument("--hashes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     ap.add_argument("--n", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--max-distance", type=int, default=dedup.DEFAULT_MAX_DISTANCE)
+    ap.add_argument("--max-distance", type=int, default=duplicates.DEFAULT_MAX_DISTANCE)
     ap.add_argument("--bands", type=int, default=None, help="force the band count (default: plan_bands picks)")
     ap.add_argument("--planted", type=int, default=10_000)
     ap.add_argument("--queries", type=int, default=200)

@@ -48,7 +48,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from subjectdiff.catalogs.schema import IMAGE_EXTENSIONS
+from subjectdiff.catalogs.schema import RECORD_IMAGE_FORMATS
 from subjectdiff.catalogs.storage import Folder, cache_root, is_local, local_path
 from subjectdiff.catalogs.writer import KINDS, OBJECT_SCHEMA, SAMPLE_SCHEMA, complete_names, encoded_white_fraction, shard_names
 
@@ -479,7 +479,7 @@ def _with_white_fractions(samples: pa.Table, folder: Folder, tar: str, url: str)
         with folder.open(tar) as f, tarfile.open(fileobj=f, mode="r|") as archive:
             for member in archive:
                 key, _, ext = member.name.rpartition(".")
-                if key in todo and ext in IMAGE_EXTENSIONS and member.isfile():
+                if key in todo and ext in RECORD_IMAGE_FORMATS and member.isfile():
                     found[key] = _white_fraction_or_none(archive.extractfile(member).read())
     except tarfile.TarError as e:
         raise ShardError(url, "not a tar", _detail(e)) from None

@@ -224,7 +224,7 @@ def _select(args: argparse.Namespace) -> int:
 def _duplicates(args: argparse.Namespace) -> int:
     import duckdb
 
-    from subjectdiff.catalogs.dedup import find_duplicates
+    from subjectdiff.catalogs.duplicates import find_duplicates
 
     try:
         groups = find_duplicates(args.dir, args.out, catalog=args.catalog, max_distance=args.max_distance,

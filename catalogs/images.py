@@ -1,5 +1,6 @@
 """Image files -> upright 8-bit pixels: the one way a source image is decoded, for datagen's records and for the
-hashes of held-out images (catalogs/dedup.py), so both sides see the same pixels.
+hashes of held-out images (catalogs/hashing.py), so both sides see the same pixels. IMAGE_SUFFIXES names the files
+read as images: a source folder's (datagen/sources.py) and a held-out folder's (catalogs/hashing.py).
 
     with no_pil_pixel_limit():
         d = decode(data, exif_transpose=True, background=(255, 255, 255), max_pixels=128_000_000)
@@ -34,6 +35,11 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageOps
 
 WHITE = (255, 255, 255)
+# The files read as images, by suffix, in any case (IMG_0001.HEIC). HEIC/HEIF (.hif: Fujifilm's and Canon's
+# spelling) and AVIF are what phones write by default; `decode` opens them all. A record stores only
+# schema.RECORD_IMAGE_FORMATS: datagen converts the rest to PNG (datagen.stages.common.decode_item).
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".hif",
+                  ".avif")
 DEFAULT_MAX_PIXELS = 128_000_000  # a 108 MP phone photo (12000x9000) decodes at full size
 # Decoding more than this many times max_pixels at full size before downscaling is refused: 2 x 128 MP as RGBA
 # is 1 GB, the most one decode task should hold.

@@ -39,7 +39,7 @@ from PIL import Image
 from webdataset.utils import pytorch_worker_info
 
 from subjectdiff.catalogs import masks as mask_codec
-from subjectdiff.catalogs.schema import IMAGE_EXTENSIONS, ObjectAnn, Record, RecordError, validate
+from subjectdiff.catalogs.schema import RECORD_IMAGE_FORMATS, ObjectAnn, Record, RecordError, validate
 from subjectdiff.catalogs.selection import load_selection
 from subjectdiff.catalogs.storage import Folder, RetryingReader, is_local, open_url
 from subjectdiff.catalogs.writer import complete_shards, shard_files
@@ -272,12 +272,12 @@ def _checked(sample: dict[str, Any]) -> tuple[dict[str, Any], list[ObjectAnn], s
 
     if sample.get("__problems__"):
         raise bad("; ".join(sample["__problems__"]))
-    exts = [e for e in IMAGE_EXTENSIONS if e in sample]
+    exts = [e for e in RECORD_IMAGE_FORMATS if e in sample]
     if "json" not in sample:
         raise bad(f"no {key}.json member beside {key}.{exts[0]}" if exts else f"no {key}.json member")
     if len(exts) != 1:
         found = ", ".join(f"{key}.{e}" for e in exts) or "none"
-        raise bad(f"expected one image member ({', '.join(IMAGE_EXTENSIONS)}), found {found}")
+        raise bad(f"expected one image member ({', '.join(RECORD_IMAGE_FORMATS)}), found {found}")
     try:
         meta = json.loads(sample["json"])
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError

@@ -35,8 +35,9 @@ SCHEMA_VERSION = 3  # 2: the curation signals (records of version 1 have none of
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
-# Image encodings passed through as-is, keyed by the webdataset member extension.
-IMAGE_EXTENSIONS = ("jpg", "png", "webp")
+# The image formats a record may store, passed through as-is, named by their webdataset member extension
+# (what files are read as images is catalogs.images.IMAGE_SUFFIXES).
+RECORD_IMAGE_FORMATS = ("jpg", "png", "webp")
 _EXT_ALIASES = {"jpeg": "jpg", "jpg": "jpg", "png": "png", "webp": "webp"}
 
 # Failure stages: where a sample dropped out of the pipeline. These are the built-in ones; a datagen stage
@@ -74,7 +75,8 @@ def image_extension(name_or_format: str) -> str:
     """Normalize 'JPEG', '.jpeg', 'photo.JPG' ... to the member extension ('jpg', 'png', 'webp')."""
     ext = name_or_format.rsplit(".", 1)[-1].lower()
     if ext not in _EXT_ALIASES:
-        raise RecordError(f"unsupported image encoding {name_or_format!r}; expected one of {IMAGE_EXTENSIONS}")
+        raise RecordError(f"unsupported image encoding {name_or_format!r}; "
+                          f"expected one of {RECORD_IMAGE_FORMATS}")
     return _EXT_ALIASES[ext]
 
 
@@ -125,7 +127,7 @@ class Record:
     """One source image and its grounded objects. `image` holds the encoded bytes (never re-encoded).
 
     Curation signals (None when not measured): sha256, hex SHA-256 of `image`; phash, imagehash's 64-bit
-    perceptual hash as a signed int64 (catalogs.dedup.phash_int64); clip_score / alt_clip_score, CLIP cosine of
+    perceptual hash as a signed int64 (catalogs.hashing.phash_int64); clip_score / alt_clip_score, CLIP cosine of
     the image and `caption` / `alt_text`; aesthetic, the LAION aesthetic score; clip_embedding, (D,) L2-normalized
     image embedding (float16), written to the shard's embedding sidecar (catalogs/embeddings.py), not the JSON.
     """
@@ -230,8 +232,8 @@ def validate(record: Record) -> None:
     k = record.key
     if not _KEY_RE.match(k or ""):
         raise RecordError(f"key {k!r}: keys are [A-Za-z0-9_-]+ (webdataset splits member names on dots)")
-    if record.image_ext not in IMAGE_EXTENSIONS:
-        raise RecordError(f"{k}: image_ext {record.image_ext!r} is not one of {IMAGE_EXTENSIONS}")
+    if record.image_ext not in RECORD_IMAGE_FORMATS:
+        raise RecordError(f"{k}: image_ext {record.image_ext!r} is not one of {RECORD_IMAGE_FORMATS}")
     if not record.image:
         raise RecordError(f"{k}: empty image bytes")
     if record.width <= 0 or record.height <= 0:
@@ -270,7 +272,7 @@ def _validate_curation(record: Record) -> None:
         raise RecordError(f"{k}: sha256 {record.sha256!r} must be 64 lowercase hex digits (hashlib's hexdigest)")
     if record.phash is not None and not (isinstance(record.phash, (int, np.integer)) and not isinstance(record.phash, bool)
                                          and _INT64[0] <= record.phash <= _INT64[1]):
-        raise RecordError(f"{k}: phash {record.phash!r} must be a signed 64-bit integer (catalogs.dedup.phash_int64)")
+        raise RecordError(f"{k}: phash {record.phash!r} must be a signed 64-bit integer (catalogs.hashing.phash_int64)")
     for name in ("clip_score", "alt_clip_score", "aesthetic"):
         if not _finite_or_none(getattr(record, name)):
             raise RecordError(f"{k}: {name} {getattr(record, name)!r} must be a finite number or None")

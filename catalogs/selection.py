@@ -10,7 +10,7 @@ Its schema metadata `subjectdiff.selection` records the catalog, the predicates,
 (`dedup`, `dups`, `max_distance`, `exclude_near`, `exclude_distance`, and how many samples each dropped), the
 time and the row count.
 
-Curation options (catalogs/dedup.py), applied after the predicates, in this order:
+Curation options (catalogs/duplicates.py, catalogs/hashing.py), applied after the predicates, in this order:
     exclude_near  drop the selected samples within `exclude_distance` phash bits of any image of a held-out set
                   (a folder of images, a catalog folder or URL, or a .duckdb file): evaluation subjects must not
                   be trained on;
@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 import duckdb
 import pyarrow as pa
 
-from subjectdiff.catalogs import dedup as dd
+from subjectdiff.catalogs import duplicates
+from subjectdiff.catalogs.hashing import held_out_hashes
 from subjectdiff.catalogs.catalog import PLAN_ORDER, CatalogError, catalog_path, check_read_only, open_catalog
 from subjectdiff.catalogs.storage import Folder, is_local, local_path, open_url
 
@@ -51,9 +52,9 @@ REFERENCE_OBJECT_WHERE = (
 
 def select(root: str | os.PathLike, where: str | None, out: str | os.PathLike, *,
            catalog: str | os.PathLike | None = None, object_where: str | None = None, dedup: str | None = None,
-           dups: str | os.PathLike | None = None, max_distance: int = dd.DEFAULT_MAX_DISTANCE,
+           dups: str | os.PathLike | None = None, max_distance: int = duplicates.DEFAULT_MAX_DISTANCE,
            exclude_near: str | os.PathLike | None = None,
-           exclude_distance: int = dd.DEFAULT_EXCLUDE_DISTANCE) -> int:
+           exclude_distance: int = duplicates.DEFAULT_EXCLUDE_DISTANCE) -> int:
     """Write the keys, shard ids and shard paths of the samples matching WHERE to a Parquet file.
 
     WHERE is a SQL predicate over `samples` columns (None: every sample); object conditions go through a
@@ -72,11 +73,11 @@ def select(root: str | os.PathLike, where: str | None, out: str | os.PathLike, *
     sql = _predicate_sql(where, object_where)
     check_read_only(sql)
     try:  # read before the catalog is opened: a held-out catalog may be this very file
-        held = dd.held_out_hashes(_held_out_catalog(exclude_near)) if exclude_near is not None else None
+        held = held_out_hashes(_held_out_catalog(exclude_near)) if exclude_near is not None else None
         groups = pq.read_table(dups) if dups is not None else None
     except (OSError, ValueError, duckdb.Error) as e:
         raise CatalogError(str(e).strip().splitlines()[0]) from None
-    if groups is not None and not set(dd.DUPS_SCHEMA.names) <= set(groups.schema.names):
+    if groups is not None and not set(duplicates.DUPS_SCHEMA.names) <= set(groups.schema.names):
         raise CatalogError(f"--dups {dups}: not a `catalog duplicates` file (columns {groups.schema.names})")
     with open_catalog(root, catalog=catalog) as con:
         try:
@@ -89,7 +90,7 @@ def select(root: str | os.PathLike, where: str | None, out: str | os.PathLike, *
             table = con.sql("SELECT * FROM _selected ORDER BY shard, key").to_arrow_table()
         except duckdb.Error as e:
             raise CatalogError(str(e).strip().splitlines()[0]) from None
-        except ValueError as e:  # catalogs.dedup: no hashes to compare
+        except ValueError as e:  # catalogs.duplicates: no hashes to compare
             raise CatalogError(str(e)) from None
     info = {"catalog": Folder(root).url, "where": where, "object_where": object_where, "created": time.time(),
             "rows": table.num_rows}
@@ -110,7 +111,7 @@ def select(root: str | os.PathLike, where: str | None, out: str | os.PathLike, *
 
 
 def _held_out_catalog(spec: str | os.PathLike) -> str | os.PathLike:
-    """A held-out spec as dedup.held_out_hashes takes it: a remote catalog folder becomes its local catalog file."""
+    """A held-out spec as hashing.held_out_hashes takes it: a remote catalog folder becomes its local catalog file."""
     return catalog_path(spec) if not is_local(spec) else spec
 
 
@@ -136,15 +137,15 @@ def _drop(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> int:
 
 def _drop_near_held_out(con: duckdb.DuckDBPyConnection, held: pa.Table, distance: int) -> int:
     rel = _candidates(con)
-    dd.require_hashes(con, "phash", rel)
-    return _drop(con, dd.near_held_out(con, held, rel, max_distance=distance))
+    duplicates.require_hashes(con, "phash", rel)
+    return _drop(con, duplicates.near_held_out(con, held, rel, max_distance=distance))
 
 
 def _drop_duplicates(con: duckdb.DuckDBPyConnection, mode: str, max_distance: int, groups: pa.Table | None) -> int:
     if groups is None:
-        dd.require_hashes(con, "sha256" if mode == "exact" else "phash", _candidates(con))
+        duplicates.require_hashes(con, "sha256" if mode == "exact" else "phash", _candidates(con))
     chosen = ("EXISTS (SELECT 1 FROM _selected x WHERE x.key = samples.key AND x.shard = samples.shard)")
-    return _drop(con, dd.dedup_drop(con, mode, "samples", where=chosen, max_distance=max_distance,
+    return _drop(con, duplicates.dedup_drop(con, mode, "samples", where=chosen, max_distance=max_distance,
                                     order_by=PLAN_ORDER, groups=groups))
 
 

@@ -60,14 +60,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from subjectdiff.catalogs.images import IMAGE_SUFFIXES
 from subjectdiff.catalogs.schema import make_key
 from subjectdiff.catalogs.storage import describe, detail
 from subjectdiff.datagen.units import is_url as _is_url
 
-# Taken in any case (IMG_0001.HEIC). HEIC/HEIF (.hif: Fujifilm's and Canon's spelling) and AVIF are what phones
-# write by default; decode converts all but jpg/png/webp to PNG (datagen.stages.common.decode_item).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".hif",
-                  ".avif")
 _TAR_IMAGE_EXTS = tuple(s[1:] for s in IMAGE_SUFFIXES)  # preference order in a sample
 _PATH_COLUMNS = ("path", "url", "image_path", "filepath", "image")
 _TEXT_COLUMNS = ("caption", "text", "alt_text")

@@ -12,24 +12,20 @@ import json
 import os
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image
 
+from subjectdiff.catalogs.report.draw import object_color, overlay
 from subjectdiff.infer.pipeline import Generated
 
-COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]
-
-
-def overlay(g: Generated) -> Image.Image:
-    """The image with each subject's layout box drawn and labelled."""
-    im = g.image.convert("RGB").copy()
-    draw = ImageDraw.Draw(im)
-    w, h = im.size
-    for j, s in enumerate(g.subjects):
-        x0, y0, x1, y1 = (s["box"][0] * w, s["box"][1] * h, s["box"][2] * w, s["box"][3] * h)  # normalized -> pixels
-        color = COLORS[j % len(COLORS)]
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=color, width=max(1, w // 256))
-        draw.text((x0 + 2, y0 + 1), s["label"], fill=color)
-    return im
+def layout_image(g: Generated) -> Image.Image:
+    """The image with each subject's layout box drawn and labelled, subject j in the report's object_color(j)."""
+    im = np.asarray(g.image.convert("RGB"))
+    boxes = np.asarray([s["box"] for s in g.subjects], np.float32).reshape(-1, 4)  # xyxy normalized
+    colors = [object_color(j) for j in range(len(g.subjects))]
+    drawn = overlay(im, None, boxes, colors, thickness=max(1, im.shape[1] // 256),
+                    labels=[s["label"] for s in g.subjects])
+    return Image.fromarray(drawn)
 
 
 def record(g: Generated, stem: str, cutout_files: list[str] | None = None) -> dict:
@@ -60,6 +56,6 @@ def save(generated: list[Generated], out_dir: str | os.PathLike, boxes: bool = F
         g.image.save(out / f"{stem}.png")
         (out / f"{stem}.json").write_text(json.dumps(record(g, stem, cut_files), indent=2))
         if boxes:
-            overlay(g).save(out / f"{stem}-boxes.png")
+            layout_image(g).save(out / f"{stem}-boxes.png")
         paths.append(out / f"{stem}.png")
     return paths

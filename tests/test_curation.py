@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from subjectdiff.catalogs import dedup
+from subjectdiff.catalogs import duplicates, hashing
 from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.catalogs.schema import make_key
 from subjectdiff.datagen import config
@@ -72,7 +72,7 @@ def samples_table(images: dict[str, bytes]) -> pa.Table:
     for src, data in images.items():
         rows.append({"key": make_key(src), "shard": "00000" if src.startswith("orig/") else "00001", "source": src,
                      "sha256": hashlib.sha256(data).hexdigest(),
-                     "phash": dedup.phash_int64(Image.open(io.BytesIO(data)))})
+                     "phash": hashing.phash_int64(Image.open(io.BytesIO(data)))})
     return pa.Table.from_pylist(rows, schema=pa.schema([("key", pa.string()), ("shard", pa.string()),
                                                          ("source", pa.string()), ("sha256", pa.string()),
                                                          ("phash", pa.int64())]))
@@ -95,7 +95,7 @@ def random_hashes(n: int, n_pairs: int, max_d: int, seed: int) -> np.ndarray:
         flip = 0
         for b in rng.choice(64, int(rng.integers(1, max_d + 1)), replace=False):
             flip |= 1 << int(b)
-        extra.append(dedup.to_int64(int(h[i]) ^ flip))
+        extra.append(hashing.to_int64(int(h[i]) ^ flip))
     return np.concatenate([h, np.array(extra, np.int64)])
 
 
@@ -106,21 +106,21 @@ def test_phash_is_imagehash_as_signed_int64():
     import imagehash
 
     im = Image.open(SAMPLE_IMAGES / "astronaut.jpg")
-    value = dedup.phash_int64(im)
+    value = hashing.phash_int64(im)
     ref = imagehash.phash(im.convert("RGB"))
-    assert dedup.int64_to_hex(value) == str(ref)
-    assert dedup.hex_to_int64(str(ref)) == value
+    assert hashing.int64_to_hex(value) == str(ref)
+    assert hashing.hex_to_int64(str(ref)) == value
     assert -(1 << 63) <= value < (1 << 63)
     assert (value < 0) == bool(ref.hash[0, 0])  # hash[0, 0] is the sign bit
-    assert dedup.phash_int64(np.asarray(im.convert("RGB"))) == value
+    assert hashing.phash_int64(np.asarray(im.convert("RGB"))) == value
     other = imagehash.phash(Image.open(SAMPLE_IMAGES / "coins.jpg").convert("RGB"))
-    assert dedup.hamming(value, dedup.hex_to_int64(str(other))) == ref - other
+    assert hashing.hamming(value, hashing.hex_to_int64(str(other))) == ref - other
 
 
 def test_duckdb_distance_counts_all_64_bits():
-    a, b = dedup.to_int64(0xFFFF_0000_0000_0001), 1
+    a, b = hashing.to_int64(0xFFFF_0000_0000_0001), 1
     got = duckdb.connect().execute(f"SELECT bit_count(xor(({a})::BIGINT, ({b})::BIGINT))").fetchone()[0]
-    assert got == dedup.hamming(a, b) == 16
+    assert got == hashing.hamming(a, b) == 16
 
 
 # ---------------------------------------------------------------------------------------- banded search
@@ -129,36 +129,36 @@ def test_duckdb_distance_counts_all_64_bits():
 @pytest.mark.parametrize("max_distance", [1, 4, 6])
 def test_banded_search_finds_the_brute_force_pairs(max_distance):
     hashes = random_hashes(3000, 300, max_distance, seed=max_distance)
-    con = dedup.connect()
-    got = dedup.near_pairs(con, hashes, max_distance=max_distance)
+    con = duplicates.connect()
+    got = duplicates.near_pairs(con, hashes, max_distance=max_distance)
     pairs = set(zip(got["a"].to_pylist(), got["b"].to_pylist()))
     assert len(pairs) == got.num_rows  # each pair once, though several tables share its key
-    expected = dedup.brute_force_pairs(hashes, max_distance)
+    expected = duplicates.brute_force_pairs(hashes, max_distance)
     assert len(expected) >= 300
     assert pairs == expected
-    assert all(d == dedup.hamming(a, b) <= max_distance for a, b, d in
+    assert all(d == hashing.hamming(a, b) <= max_distance for a, b, d in
                zip(got["a"].to_pylist(), got["b"].to_pylist(), got["distance"].to_pylist()))
     # between two sets: the held-out search of --exclude-near; identical values are pairs there
     held = hashes[-400:]
-    got = dedup.near_pairs(con, hashes[:3000], held, max_distance=max_distance)
+    got = duplicates.near_pairs(con, hashes[:3000], held, max_distance=max_distance)
     assert set(zip(got["a"].to_pylist(), got["b"].to_pylist())) == \
-        dedup.brute_force_pairs(hashes[:3000], max_distance, held)
+        duplicates.brute_force_pairs(hashes[:3000], max_distance, held)
 
 
 @pytest.mark.parametrize("bands", [5, 7, 9])
 def test_every_band_count_above_the_distance_is_exact(bands):
     hashes = random_hashes(2000, 200, 4, seed=bands)
-    got = dedup.near_pairs(dedup.connect(), hashes, max_distance=4, bands=bands)
-    assert set(zip(got["a"].to_pylist(), got["b"].to_pylist())) == dedup.brute_force_pairs(hashes, 4)
+    got = duplicates.near_pairs(duplicates.connect(), hashes, max_distance=4, bands=bands)
+    assert set(zip(got["a"].to_pylist(), got["b"].to_pylist())) == duplicates.brute_force_pairs(hashes, 4)
 
 
 def test_band_plan_follows_the_pigeonhole_rule():
     with pytest.raises(ValueError, match="must exceed max_distance"):
-        dedup.plan_bands(1000, 4, bands=4)
-    plan = dedup.plan_bands(10_000_000, 4)
+        duplicates.plan_bands(1000, 4, bands=4)
+    plan = duplicates.plan_bands(10_000_000, 4)
     assert plan.key_bands == plan.bands - 4 and len(plan.masks) == __import__("math").comb(plan.bands, 4)
     assert min(plan.key_bits) >= 24  # ~log2(10M): a few random candidates per hash
-    bits = dedup.band_bits(plan.bands)
+    bits = duplicates.band_bits(plan.bands)
     assert sorted(b for band in bits for b in band) == list(range(64))
 
 
@@ -166,8 +166,8 @@ def test_band_plan_follows_the_pigeonhole_rule():
 
 
 def test_planted_duplicates_are_grouped(con):
-    groups = dedup.duplicate_groups(con)
-    assert groups.schema == dedup.DUPS_SCHEMA
+    groups = duplicates.duplicate_groups(con)
+    assert groups.schema == duplicates.DUPS_SCHEMA
     rows = groups.to_pylist()
     by_group: dict[int, list[dict]] = {}
     for r in rows:
@@ -197,37 +197,37 @@ def test_groups_chain_and_link_by_sha256_without_phash():
                   "sha256": ["s1", "s2", "s3", "s9", "s9"],
                   "phash": pa.array([0, 0b111, 0b111111, -1, None], pa.int64())})
     con = duckdb.connect()
-    rows = dedup.duplicate_groups(con, t, max_distance=3).to_pylist()
+    rows = duplicates.duplicate_groups(con, t, max_distance=3).to_pylist()
     # a-b at 3 bits, b-c at 3 bits: one group, though a-c are 6 apart; d and e share bytes, e has no phash
     assert [(r["key"], r["group_id"], r["kind"], r["distance"]) for r in rows] == [
         ("a", 0, "near", 0), ("b", 0, "near", 3), ("c", 0, "near", 6), ("d", 1, "exact", 0), ("e", 1, "exact", None)]
 
 
 def test_dedup_keeps_the_first_member_of_each_group(con):
-    near = dedup.dedup_drop(con, "near")
+    near = duplicates.dedup_drop(con, "near")
     assert sorted(near["key"].to_pylist()) == sorted(make_key(s) for s in (
         "copy/astronaut-exact.jpg", "copy/rocket-resized.jpg", "copy/chelsea-cropped.jpg"))
-    exact = dedup.dedup_drop(con, "exact")
+    exact = duplicates.dedup_drop(con, "exact")
     assert exact["key"].to_pylist() == [make_key("copy/astronaut-exact.jpg")]
     # a selection without a group's first member keeps its first selected member
-    kept_copy = dedup.dedup_drop(con, "near", where="source <> 'orig/rocket.jpg'")
+    kept_copy = duplicates.dedup_drop(con, "near", where="source <> 'orig/rocket.jpg'")
     assert make_key("copy/rocket-resized.jpg") not in kept_copy["key"].to_pylist()
     # a dups.parquet made elsewhere decides the groups instead; at 0 bits the crop is no duplicate (the
     # resized copy has its original's very phash)
-    tight = dedup.duplicate_groups(con, max_distance=0)
-    assert sorted(dedup.dedup_drop(con, "near", groups=tight)["key"].to_pylist()) == sorted(
+    tight = duplicates.duplicate_groups(con, max_distance=0)
+    assert sorted(duplicates.dedup_drop(con, "near", groups=tight)["key"].to_pylist()) == sorted(
         make_key(s) for s in ("copy/astronaut-exact.jpg", "copy/rocket-resized.jpg"))
     with pytest.raises(ValueError, match="exact.*near"):
-        dedup.dedup_drop(con, "fuzzy")
+        duplicates.dedup_drop(con, "fuzzy")
 
 
 def test_duplicates_parquet_round_trips(con, tmp_path):
     import pyarrow.parquet as pq
 
-    groups = dedup.duplicate_groups(con)
-    out = dedup.write_duplicates(groups, tmp_path / "dups.parquet", meta={"max_distance": 4})
+    groups = duplicates.duplicate_groups(con)
+    out = duplicates.write_duplicates(groups, tmp_path / "dups.parquet", meta={"max_distance": 4})
     back = pq.read_table(out)
-    assert back.to_pylist() == groups.to_pylist() and back.schema.names == dedup.DUPS_SCHEMA.names
+    assert back.to_pylist() == groups.to_pylist() and back.schema.names == duplicates.DUPS_SCHEMA.names
     assert b"subjectdiff.duplicates" in back.schema.metadata
 
 
@@ -253,13 +253,13 @@ def test_exclude_near_drops_the_copies_of_a_held_out_folder(tmp_path):
     train = {src: data for src, data in planted().items() if src != "other/camera.jpg"}
     con = duckdb.connect()
     con.register("samples", samples_table(train))
-    held = dedup.held_out_hashes(held_out_folder(tmp_path / "dreambench"))
+    held = hashing.held_out_hashes(held_out_folder(tmp_path / "dreambench"))
     assert held["name"].to_pylist() == ["astronaut/00.png", "camera/00.jpg", "cat/00.jpg"]
-    drop = dedup.near_held_out(con, held)
+    drop = duplicates.near_held_out(con, held)
     got = {r["source"]: r["held_out"] for r in drop.to_pylist()}
     assert got == {"orig/astronaut.jpg": "astronaut/00.png", "copy/astronaut-exact.jpg": "astronaut/00.png",
                    "orig/chelsea.jpg": "cat/00.jpg", "copy/chelsea-cropped.jpg": "cat/00.jpg"}
-    assert all(d <= dedup.DEFAULT_EXCLUDE_DISTANCE for d in drop["distance"].to_pylist())
+    assert all(d <= duplicates.DEFAULT_EXCLUDE_DISTANCE for d in drop["distance"].to_pylist())
 
 
 def test_held_out_set_from_another_catalog(tmp_path):
@@ -268,22 +268,22 @@ def test_held_out_set_from_another_catalog(tmp_path):
     db = duckdb.connect(str(folder / "catalog.duckdb"))
     db.execute("CREATE TABLE samples (key VARCHAR, shard VARCHAR, phash BIGINT)")
     db.execute("INSERT INTO samples VALUES ('k1', '00000', ?), ('k2', '00000', NULL)",
-               [dedup.hash_image_file(SAMPLE_IMAGES / "coffee.jpg")])
+               [hashing.hash_image_file(SAMPLE_IMAGES / "coffee.jpg")])
     db.close()
-    held = dedup.held_out_hashes(folder)
-    assert held.to_pylist() == [{"name": "k1", "phash": dedup.hash_image_file(SAMPLE_IMAGES / "coffee.jpg")}]
+    held = hashing.held_out_hashes(folder)
+    assert held.to_pylist() == [{"name": "k1", "phash": hashing.hash_image_file(SAMPLE_IMAGES / "coffee.jpg")}]
     con = duckdb.connect()
     con.register("samples", samples_table(planted()))
-    assert dedup.near_held_out(con, held)["source"].to_pylist() == ["orig/coffee.jpg"]
+    assert duplicates.near_held_out(con, held)["source"].to_pylist() == ["orig/coffee.jpg"]
 
 
 def test_unreadable_held_out_image_is_an_error(tmp_path):
     (tmp_path / "ok.jpg").write_bytes(photo_bytes("coins"))
     (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="broken.jpg"):
-        dedup.hash_folder(tmp_path)
+        hashing.hash_folder(tmp_path)
     with pytest.raises(ValueError, match="not a folder"):
-        dedup.held_out_hashes(tmp_path / "missing")
+        hashing.held_out_hashes(tmp_path / "missing")
 
 
 # ------------------------------------------------------------------------------------------ curate stage
@@ -382,7 +382,7 @@ def test_clip_scores_equal_open_clip_directly(curator, reference, one_thread):
         assert emb.dtype == np.float16 and emb.shape == (32,)
         np.testing.assert_allclose(emb.astype(np.float32), img, atol=1e-3)
         assert it["sha256"] == hashlib.sha256(it["image_bytes"]).hexdigest()
-        assert it["phash"] == dedup.phash_int64(Image.open(io.BytesIO(it["image_bytes"])))
+        assert it["phash"] == hashing.phash_int64(Image.open(io.BytesIO(it["image_bytes"])))
 
 
 def test_label_scores_equal_open_clip_on_the_masked_crop(curator, reference, one_thread):

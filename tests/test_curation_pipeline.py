@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from subjectdiff.catalogs import catalog, dedup
+from subjectdiff.catalogs import catalog, duplicates, hashing
 from subjectdiff.catalogs.embeddings import read_embeddings
 from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.catalogs.schema import make_key
@@ -61,7 +61,7 @@ def test_the_catalog_holds_every_signal(curated_run):
     for r in rows:
         data = Path(r["source"]).read_bytes()
         assert r["sha256"] == hashlib.sha256(data).hexdigest()
-        assert r["phash"] == dedup.hash_image_file(r["source"])
+        assert r["phash"] == hashing.hash_image_file(r["source"])
         assert r["clip_score"] is not None and r["aesthetic"] is not None
         assert r["alt_clip_score"] is None  # a folder of images has no alt text
     objs = catalog.query(out, "SELECT label_score, label_rank FROM objects").to_pylist()
@@ -129,7 +129,7 @@ def test_catalog_duplicates_finds_the_planted_groups(curated_run, tmp_path, caps
     assert kinds["2-copy/astronaut-exact.jpg"] == "exact" and kinds["2-copy/rocket-resized.jpg"] == "near"
     assert "3-other/camera.jpg" not in kinds  # the unrelated photo is in no group
     meta = json.loads(pq.read_schema(dups).metadata[b"subjectdiff.duplicates"])
-    assert meta["max_distance"] == dedup.DEFAULT_MAX_DISTANCE and meta["order_by"] == catalog.PLAN_ORDER
+    assert meta["max_distance"] == duplicates.DEFAULT_MAX_DISTANCE and meta["order_by"] == catalog.PLAN_ORDER
 
 
 def test_select_dedup_near_keeps_one_per_group(curated_run, tmp_path, capsys):
@@ -166,4 +166,4 @@ def test_select_exclude_near_removes_the_copies_of_a_held_out_folder(curated_run
                                       "2-copy/chelsea-cropped.jpg")}
     assert len(kept) == 6 and not kept & gone
     meta = json.loads(pq.read_schema(sel).metadata[b"subjectdiff.selection"])
-    assert meta["exclude_near"] == str(held) and meta["exclude_distance"] == dedup.DEFAULT_EXCLUDE_DISTANCE
+    assert meta["exclude_near"] == str(held) and meta["exclude_distance"] == duplicates.DEFAULT_EXCLUDE_DISTANCE

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from subjectdiff.catalogs import catalog, dedup
+from subjectdiff.catalogs import catalog, duplicates, hashing
 from subjectdiff.catalogs.catalog import CatalogError
 from subjectdiff.catalogs.embeddings import read_embeddings
 from subjectdiff.catalogs.reader import RecordReader
@@ -41,7 +41,7 @@ def curated(name: str, source: str, *, quality: int | None = None, seed: int = 0
         Image.fromarray(photo(name)).save(buf, "JPEG", quality=quality)
         rec.image = buf.getvalue()
     rec.sha256 = hashlib.sha256(rec.image).hexdigest()
-    rec.phash = dedup.phash_int64(Image.open(io.BytesIO(rec.image)))
+    rec.phash = hashing.phash_int64(Image.open(io.BytesIO(rec.image)))
     rng = np.random.default_rng(seed)
     e = rng.normal(size=DIM)
     rec.clip_embedding = (e / np.linalg.norm(e)).astype(np.float32)
@@ -282,13 +282,13 @@ def test_select_dedup_keeps_the_first_in_plan_order(planted, tmp_path):
     assert select(out, None, sel, dedup="near") == 4
     got, meta = _selected(sel)
     assert got == keys("orig/astronaut", "orig/chelsea", "orig/coffee", "orig/rocket")
-    assert meta["max_distance"] == dedup.DEFAULT_MAX_DISTANCE and meta["dropped"] == {"duplicates": 2}
+    assert meta["max_distance"] == duplicates.DEFAULT_MAX_DISTANCE and meta["dropped"] == {"duplicates": 2}
     # a selection without a group's first member keeps its first selected member
     assert select(out, "source NOT LIKE 'orig/chelsea'", sel, dedup="near") == 4
     assert make_key("copy/chelsea-q60") in _selected(sel)[0]
     # groups from a `catalog duplicates` file: at distance 0 only byte copies and identical hashes are grouped
     dups = tmp_path / "dups.parquet"
-    groups = dedup.find_duplicates(out, dups, max_distance=0)
+    groups = duplicates.find_duplicates(out, dups, max_distance=0)
     assert pq.read_schema(dups).metadata[b"subjectdiff.duplicates"]
     firsts = [r["source"] for r in groups.to_pylist() if r["distance"] == 0]
     assert "orig/astronaut" in firsts

@@ -20,7 +20,11 @@ import pytest
 from PIL import Image
 
 from subjectdiff.catalogs.catalog import CatalogError, build
-from subjectdiff.catalogs.report import build_report, caption_html, overlay, read_members, throughput
+from subjectdiff.catalogs.report import build_report
+from subjectdiff.catalogs.report.draw import overlay
+from subjectdiff.catalogs.report.records import caption_html
+from subjectdiff.catalogs.report.run import throughput
+from subjectdiff.catalogs.report.thumbnails import read_members
 from subjectdiff.catalogs.schema import Failure, Record, make_key
 from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.cli import main
@@ -173,7 +177,7 @@ def test_throughput_spreads_each_shard_over_its_time():
 
 
 def test_report_module_imports_no_torch_or_ray():
-    code = "import sys, catalogs.report; sys.exit(bool({'torch', 'ray'} & set(sys.modules)))"
+    code = "import sys, subjectdiff.catalogs.report; sys.exit(bool({'torch', 'ray'} & set(sys.modules)))"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
 

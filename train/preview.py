@@ -25,14 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from subjectdiff.catalogs.report.draw import PALETTE, object_color, overlay
 from subjectdiff.catalogs.tokens import clip_tokenizer
 from subjectdiff.model.builders import image_encoder_input_size
 from subjectdiff.train.config import TrainConfig
 from subjectdiff.train.data import batch_stream, shared_selection, skipped_line
 
-COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240)]
 SHOW = 256  # displayed side of the target crop, pixels
 
 CSS = """
@@ -46,7 +46,7 @@ img { image-rendering: auto; border: 1px solid #ccc; }
 .tok { padding: 0 1px; border-radius: 3px; } .ph { font-weight: bold; color: #fff; }
 .loc { text-decoration: underline 2px; } .none { color: #999; font-style: italic; }
 """ + "\n".join(f".s{j}.ph {{ background: rgb{c}; }} .s{j}.loc {{ text-decoration-color: rgb{c}; }} "
-                f".s{j} .swatch {{ background: rgb{c}; }}" for j, c in enumerate(COLOURS)) + """
+                f".s{j} .swatch {{ background: rgb{c}; }}" for j, c in enumerate(PALETTE)) + """
 .swatch { display: inline-block; width: .8em; height: .8em; border-radius: 2px; vertical-align: middle; }
 """
 
@@ -57,17 +57,16 @@ def png_uri(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def overlay(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray, present: np.ndarray) -> Image.Image:
+def target_image(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray, present: np.ndarray) -> Image.Image:
     """image (3, R, R) uint8, boxes (N, 4) xyxy in [0, 1], masks (N, R/8, R/8) in [0, 1] -> the crop shown at
-    SHOW px with each present subject's mask tinted and its box outlined in its colour."""
-    pil = Image.fromarray(image.transpose(1, 2, 0)).convert("RGBA").resize((SHOW, SHOW), Image.BICUBIC)
-    for j in np.flatnonzero(present):
-        colour = COLOURS[j % len(COLOURS)]
-        m = Image.fromarray((masks[j] * 110).astype(np.uint8)).resize((SHOW, SHOW), Image.BILINEAR)
-        pil.alpha_composite(Image.merge("RGBA", [Image.new("L", (SHOW, SHOW), c) for c in colour] + [m]))
-        x0, y0, x1, y1 = (boxes[j] * SHOW).tolist()
-        ImageDraw.Draw(pil).rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour + (255,), width=2)
-    return pil.convert("RGB")
+    SHOW px with each present subject j's mask tinted and its box outlined in object_color(j) (catalogs.report.draw)."""
+    shown = np.asarray(Image.fromarray(image.transpose(1, 2, 0)).convert("RGB").resize((SHOW, SHOW), Image.BICUBIC))
+    keep = np.flatnonzero(present)
+    cover = [np.asarray(Image.fromarray((masks[j] * 255).astype(np.uint8)).resize((SHOW, SHOW), Image.BILINEAR),
+                        np.float32) / 255.0 for j in keep]  # (SHOW, SHOW) coverage, edges blend partially
+    drawn = overlay(shown, np.stack(cover) if cover else np.zeros((0, SHOW, SHOW), np.float32),
+                    np.asarray(boxes, np.float32)[keep].reshape(-1, 4), [object_color(int(j)) for j in keep])
+    return Image.fromarray(drawn)
 
 
 def prompt_html(ids: np.ndarray, placeholder_pos: np.ndarray, loc_pos: np.ndarray) -> str:
@@ -109,7 +108,7 @@ def row(batch: dict[str, Any], i: int, epoch: int, labels: list[str]) -> dict[st
 def card(batch: dict[str, Any], i: int, r: dict[str, Any]) -> str:
     """One sample's <article>."""
     present = batch["present"][i].numpy()
-    target = overlay(batch["image"][i].numpy(), batch["boxes"][i].numpy(), batch["masks"][i].numpy(), present)
+    target = target_image(batch["image"][i].numpy(), batch["boxes"][i].numpy(), batch["masks"][i].numpy(), present)
     figs = [f'<figure class="target"><img src="{png_uri(target)}" width="{SHOW}" height="{SHOW}" '
             f'alt="target crop"><figcaption>target crop, boxes and masks</figcaption></figure>']
     for j in np.flatnonzero(present):

@@ -7,7 +7,7 @@ never a made-up number, and no item fails here):
     sha256          str, hex SHA-256 of item["image_bytes"] (the record's bytes: the source's, unless decode
                     re-encoded them, see datagen.stages.common.decode_item)
     phash           int, imagehash's 64-bit perceptual hash of the decoded image as a signed int64
-                    (`catalogs.dedup.phash_int64`: row-major bits, hash[0, 0] the sign bit)
+                    (`catalogs.hashing.phash_int64`: row-major bits, hash[0, 0] the sign bit)
     clip_embedding  (D,) float16 numpy: the L2-normalized image embedding (D = 768 for ViT-L-14)
     clip_score      float | None: cosine of the image and caption embeddings (None without a caption)
     alt_clip_score  float | None: the same for item["alt_text"] (None without one)
@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from subjectdiff.catalogs import masks as mask_codec
-from subjectdiff.catalogs.dedup import phash_int64
+from subjectdiff.catalogs.hashing import phash_int64
 from subjectdiff.datagen.config import CurateConfig
 from subjectdiff.datagen.stages.architectures import AestheticMLP
 from subjectdiff.datagen.stages.common import Item, chunks, live, pick_device, pick_dtype

@@ -1,9 +1,9 @@
-"""The report's curation section (catalogs/report.py): what datagen's curate stage measured, to judge by eye.
+"""The report's curation section: what datagen's curate stage measured, to judge by eye.
 
     distributions   histograms of samples.clip_score and samples.aesthetic and of objects.label_score, each over
                     its own range (CLIP cosines sit near 0.2-0.35 for real weights, LAION aesthetic scores near
                     4-7), with p10 / median / p90;
-    duplicates      the largest duplicate groups (catalogs.dedup.duplicate_groups at DEFAULT_MAX_DISTANCE, plan
+    duplicates      the largest duplicate groups (catalogs.duplicates.duplicate_groups at DEFAULT_MAX_DISTANCE, plan
                     order), each a row of thumbnails of its first members, with their kind and phash distance
                     to the group's first member: what `catalog select --dedup near` would drop;
     label scores    the objects with the lowest label_score, the likely false detections (a box labelled "dog"
@@ -20,19 +20,19 @@ the shown records are read from the tars, as for the record cards.
 from __future__ import annotations
 
 import base64
-import io
-import json
-import tarfile
 from dataclasses import dataclass, field
+
 import duckdb
 import numpy as np
-from PIL import Image
 
-from subjectdiff.catalogs import dedup
+from subjectdiff.catalogs import duplicates
 from subjectdiff.catalogs.catalog import PLAN_ORDER
-from subjectdiff.catalogs.report import (
-    IMAGE_EXTENSIONS, _Scope, _mask_coverage, _rows, _shard_tar, _thumbnail, esc, overlay, read_members,
-    svg_histogram,
+from subjectdiff.catalogs.report.charts import svg_histogram
+from subjectdiff.catalogs.report.draw import object_color, overlay
+from subjectdiff.catalogs.report.sql import Scope, query
+from subjectdiff.catalogs.report.text import esc
+from subjectdiff.catalogs.report.thumbnails import (
+    image_member, jpeg_bytes, mask_coverage, missing, read_records, thumbnail,
 )
 from subjectdiff.catalogs.schema import ObjectAnn
 from subjectdiff.catalogs.storage import Folder
@@ -43,7 +43,7 @@ DUP_MEMBERS = 6  # members shown per group, in plan order
 DUP_THUMB = 160  # longest side of a duplicate's thumbnail, pixels
 WEAK_OBJECTS = 12  # objects with the lowest label_score shown
 WEAK_THUMB = 240
-WEAK_COLOR = (230, 25, 75)
+WEAK_COLOR = object_color(0)  # one color: the thumbnail shows only the weak object
 
 # (title, table of the scope, column, what is counted)
 _HISTOGRAMS = (
@@ -73,7 +73,7 @@ class CurationData:
 
 def _histogram(con: duckdb.DuckDBPyConnection, relation: str, col: str, title: str, counted: str) -> str | None:
     """A histogram figure of COL over its [min, max] in BINS bins, or None when COL has no value."""
-    (lo, hi, n, qs), = _rows(con, f"SELECT min({col}), max({col}), count({col}), quantile_cont({col}, [0.1, 0.5, 0.9]) "
+    (lo, hi, n, qs), = query(con, f"SELECT min({col}), max({col}), count({col}), quantile_cont({col}, [0.1, 0.5, 0.9]) "
                                   f"FROM {relation} WHERE {col} IS NOT NULL AND NOT isnan({col})")
     if not n:
         return None
@@ -82,8 +82,8 @@ def _histogram(con: duckdb.DuckDBPyConnection, relation: str, col: str, title: s
         lo, hi = lo - 0.5e-3, hi + 0.5e-3
     scale = BINS / (hi - lo)
     counts = [0] * BINS
-    # Clamped here rather than in SQL (report.py's _fine_counts: least() over the float costs more than the scan)
-    for b, c in _rows(con, f"SELECT floor(({col} - ({lo!r})) * {scale!r})::BIGINT b, count(*) FROM {relation} "
+    # Clamped here rather than in SQL (distributions.py's _fine_counts: least() over the float costs more than the scan)
+    for b, c in query(con, f"SELECT floor(({col} - ({lo!r})) * {scale!r})::BIGINT b, count(*) FROM {relation} "
                            f"WHERE {col} IS NOT NULL AND NOT isnan({col}) GROUP BY b"):
         counts[min(max(int(b), 0), BINS - 1)] += c
     note = f"n {n:,} · p10 {qs[0]:.3f} · median {qs[1]:.3f} · p90 {qs[2]:.3f}"
@@ -92,20 +92,21 @@ def _histogram(con: duckdb.DuckDBPyConnection, relation: str, col: str, title: s
             f'<p class="note">{esc(note)}</p></figure>')
 
 
-def gather(con: duckdb.DuckDBPyConnection, where: str | None, *, max_distance: int = dedup.DEFAULT_MAX_DISTANCE,
-           n_groups: int = DUP_GROUPS, n_members: int = DUP_MEMBERS, n_weak: int = WEAK_OBJECTS) -> CurationData:
+def gather(con: duckdb.DuckDBPyConnection, where: str | None, *,
+           max_distance: int = duplicates.DEFAULT_MAX_DISTANCE, n_groups: int = DUP_GROUPS,
+           n_members: int = DUP_MEMBERS, n_weak: int = WEAK_OBJECTS) -> CurationData:
     """Everything but the thumbnails (module docstring), from the catalog connection CON."""
-    scope = _Scope.of(where)
+    scope = Scope.of(where)
     data = CurationData()
     for title, table, col, counted in _HISTOGRAMS:
         fig = _histogram(con, getattr(scope, table), col, title, counted)
         if fig is not None:
             data.figures.append(fig)
-    (n_phash, n_sha), = _rows(con, f"SELECT count(phash), count(sha256) FROM {scope.samples}")
+    (n_phash, n_sha), = query(con, f"SELECT count(phash), count(sha256) FROM {scope.samples}")
     data.has_phash = bool(n_phash or n_sha)
     data.measured = bool(data.figures) or data.has_phash
     if data.has_phash:
-        groups = dedup.duplicate_groups(con, scope.samples, max_distance=max_distance, order_by=PLAN_ORDER)
+        groups = duplicates.duplicate_groups(con, scope.samples, max_distance=max_distance, order_by=PLAN_ORDER)
         by_group: dict[int, list[tuple]] = {}
         kinds: dict[int, str] = {}
         for r in groups.to_pylist():
@@ -114,51 +115,17 @@ def gather(con: duckdb.DuckDBPyConnection, where: str | None, *, max_distance: i
         data.n_groups = len(by_group)
         top = sorted(by_group, key=lambda g: (-len(by_group[g]), g))[:n_groups]
         data.groups = [(g, kinds[g], len(by_group[g]), by_group[g][:n_members]) for g in top]
-    data.weak = _rows(con, f'SELECT key, shard, "index", label, label_score, label_rank, score FROM {scope.objects} '
+    data.weak = query(con, f'SELECT key, shard, "index", label, label_score, label_rank, score FROM {scope.objects} '
                            f'WHERE label_score IS NOT NULL AND NOT isnan(label_score) '
                            f'ORDER BY label_score, key, shard, "index" LIMIT {int(n_weak)}')
-    data.paths = dict(_rows(con, "SELECT name, path FROM shards"))
+    data.paths = dict(query(con, "SELECT name, path FROM shards"))
     return data
 
 
-def _records(root: Folder, wanted: list[tuple[str, str]], paths: dict[str, str]) -> tuple[dict, dict]:
-    """({(shard, key): members}, {shard: error}) for the wanted (key, shard) records."""
-    by_shard: dict[str, set[str]] = {}
-    for key, shard in wanted:
-        by_shard.setdefault(shard, set()).add(key)
-    members, errors = {}, {}
-    for shard, keys in by_shard.items():
-        try:
-            for key, m in read_members(_shard_tar(root, shard, paths.get(shard)), keys).items():
-                members[(shard, key)] = m
-        except (OSError, ValueError, tarfile.TarError) as e:  # a lost or damaged shard: its thumbnails say so
-            errors[shard] = f"cannot read shard {shard}: {e}"
-    return members, errors
-
-
-def _image(members: dict[str, bytes]) -> tuple[dict, bytes]:
-    meta = json.loads(members["json"])
-    ext = next((e for e in IMAGE_EXTENSIONS if e in members), None)
-    if ext is None:
-        raise ValueError(f"no image member ({', '.join(IMAGE_EXTENSIONS)})")
-    return meta, members[ext]
-
-
-def _jpeg_uri(img: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "JPEG", quality=85)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def _img_tag(img: np.ndarray, alt: str) -> str:
-    return f'<img class="thumb" src="{_jpeg_uri(img)}" width="{img.shape[1]}" height="{img.shape[0]}" alt="{esc(alt)}">'
-
-
-def _missing(members: dict, errors: dict, key: str, shard: str) -> str | None:
-    m = members.get((shard, key))
-    if m is None or "json" not in m:
-        return errors.get(shard, f"not found in shard {shard}'s tar")
-    return None
+    """A JPEG thumbnail as an <img> with its data: URI."""
+    uri = "data:image/jpeg;base64," + base64.b64encode(jpeg_bytes(img)).decode("ascii")
+    return f'<img class="thumb" src="{uri}" width="{img.shape[1]}" height="{img.shape[0]}" alt="{esc(alt)}">'
 
 
 def _duplicate_html(data: CurationData, members: dict, errors: dict, max_distance: int) -> str:
@@ -170,11 +137,11 @@ def _duplicate_html(data: CurationData, members: dict, errors: dict, max_distanc
     for gid, kind, size, shown in data.groups:
         figs = []
         for i, (key, shard, source, distance) in enumerate(shown):
-            err = _missing(members, errors, key, shard)
+            err = missing(members, errors, key, shard)
             if err is None:
                 try:
-                    meta, raw = _image(members[(shard, key)])
-                    img = _img_tag(_thumbnail(raw, meta["width"], meta["height"], DUP_THUMB), f"duplicate {key}")
+                    meta, raw = image_member(members[(shard, key)])
+                    img = _img_tag(thumbnail(raw, meta["width"], meta["height"], DUP_THUMB), f"duplicate {key}")
                 except Exception as e:  # a broken record shows as such; the report still renders
                     img, err = "", f"cannot render: {type(e).__name__}: {e}"
             else:
@@ -198,17 +165,17 @@ def _weak_html(data: CurationData, members: dict, errors: dict) -> str:
         return '<p class="note">no object has a label score</p>'
     cards = []
     for key, shard, index, label, score, rank, det in data.weak:
-        err = _missing(members, errors, key, shard)
+        err = missing(members, errors, key, shard)
         img, labels = "", []
         if err is None:
             try:
-                meta, raw = _image(members[(shard, key)])
+                meta, raw = image_member(members[(shard, key)])
                 objects = [ObjectAnn.from_json(o) for o in meta["objects"]]
                 o = objects[index]
                 labels = list(dict.fromkeys(x.label for x in objects))
-                thumb = _thumbnail(raw, meta["width"], meta["height"], WEAK_THUMB)
+                thumb = thumbnail(raw, meta["width"], meta["height"], WEAK_THUMB)
                 size = (thumb.shape[1], thumb.shape[0])
-                drawn = overlay(thumb, _mask_coverage(o.mask, size)[None], np.asarray([o.box], np.float32),
+                drawn = overlay(thumb, mask_coverage(o.mask, size)[None], np.asarray([o.box], np.float32),
                                 [WEAK_COLOR])
                 img = _img_tag(drawn, f"object {index} of {key}")
             except Exception as e:  # noqa: BLE001 - shown on the card
@@ -227,13 +194,14 @@ def _weak_html(data: CurationData, members: dict, errors: dict) -> str:
             f'<div class="weakgrid">{"".join(cards)}</div>')
 
 
-def curation_html(root: Folder, data: CurationData, *, max_distance: int = dedup.DEFAULT_MAX_DISTANCE) -> str:
+def curation_html(root: Folder, data: CurationData, *,
+                  max_distance: int = duplicates.DEFAULT_MAX_DISTANCE) -> str:
     """The section's HTML: reads the shown records' members from their tars."""
     if not data.measured:
         return ('<p class="note" id="no-curation">no curation signals: the shards were made without the curate '
                 'stage (or before it existed)</p>')
     wanted = [(k, s) for _, _, _, shown in data.groups for k, s, _, _ in shown] + [(r[0], r[1]) for r in data.weak]
-    members, errors = _records(root, wanted, data.paths)
+    members, errors = read_records(root, wanted, data.paths)
     charts = f'<div class="charts">{"".join(data.figures)}</div>' if data.figures else ""
     return (f'{charts}<h3 id="duplicates">Duplicates</h3>{_duplicate_html(data, members, errors, max_distance)}'
             f'<h3 id="low-label-scores">Lowest label scores</h3>{_weak_html(data, members, errors)}')

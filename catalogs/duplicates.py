@@ -1,14 +1,8 @@
 """Exact and near duplicates over the catalog's `sha256` and `phash` columns, without an all-pairs comparison.
 
-Hashes
-    `sha256` is the hex digest of a sample's stored bytes. `phash` is imagehash's 64-bit perceptual hash of
-    the decoded image (`phash_int64` of the record's pixels: upright, 8-bit RGB, as catalogs.images decodes
-    them), stored as a signed BIGINT: imagehash's 8 x 8 bit matrix (the signs of the 8 x 8 lowest DCT
-    frequencies of a 32 x 32 grey thumbnail against their median) read row-major, its first element
-    `hash[0, 0]` the most significant bit, then reinterpreted as two's complement int64. So
-    `format(phash & (2**64 - 1), "016x") == str(imagehash.phash(img))`; bit 63, the sign, is the DC term's,
-    which is nearly always above the median (most values are negative). The Hamming distance of two hashes
-    is `bit_count(xor(a, b))` in DuckDB, the same for the signed and the unsigned reading.
+The hashes themselves (what `sha256` and `phash` hold, bit order and sign) are catalogs/hashing.py's: the
+Hamming distance of two phashes is `bit_count(xor(a, b))` in DuckDB, the same for the signed and the unsigned
+reading.
 
 Near pairs: a banded index (multi-index hashing, Manku et al. 2007 / Norouzi et al. 2012)
     The 64 bits are dealt into B bands, bit i to band i mod B (interleaved, so every band mixes low and high
@@ -51,31 +45,33 @@ Groups
     is each member's phash distance to the first member (NULL where a phash is missing). group_id numbers the
     groups by their first member's plan order, from 0.
 
-Everything here is DuckDB, pyarrow, numpy, PIL and imagehash: no torch, no Ray (the catalogs/ rule).
+Everything here is DuckDB, pyarrow and numpy: no torch, no Ray (the catalogs/ rule).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from subjectdiff.catalogs.catalog import PLAN_ORDER, open_catalog
+from subjectdiff.catalogs.hashing import hamming, to_int64
+from subjectdiff.catalogs.storage import Folder
+
 DEFAULT_MAX_DISTANCE = 4
 DEFAULT_EXCLUDE_DISTANCE = 8
-MASK64 = (1 << 64) - 1
 # A candidate pair costs about 3 rows of a table's join (measured: DuckDB 2.0, 10M hashes, two cores; a 27-bit
 # key's table ~0.7 s with 0.4M candidates, a 24-bit key's ~1.2-1.6 s with 3M).
 CANDIDATE_COST = 3.0
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".hif",
-                    ".avif")
 
 DUPS_SCHEMA = pa.schema([
     ("group_id", pa.int64()),
@@ -85,97 +81,6 @@ DUPS_SCHEMA = pa.schema([
     ("shard", pa.string()),
     ("distance", pa.int32()),  # phash bits to the group's first member; NULL where a phash is missing
 ])
-
-
-# ------------------------------------------------------------------------------------------------- hashes
-
-
-def to_int64(unsigned: int) -> int:
-    """A 64-bit unsigned value -> the signed int64 with the same bits (what a DuckDB BIGINT holds)."""
-    unsigned &= MASK64
-    return unsigned - (1 << 64) if unsigned >> 63 else unsigned
-
-
-def int64_to_hex(value: int) -> str:
-    """Signed int64 phash -> imagehash's 16-digit hex (`str(imagehash.phash(img))`)."""
-    return format(value & MASK64, "016x")
-
-
-def hex_to_int64(text: str) -> int:
-    """imagehash's hex string -> the signed int64 phash."""
-    return to_int64(int(text, 16))
-
-
-def phash_int64(image) -> int:
-    """imagehash.phash of an image as a signed int64 (module docstring: bit order and sign).
-
-    image: a PIL image or an (H, W, 3) uint8 RGB array. Converted to RGB first, as datagen's decode does, so
-    a palette or CMYK file hashes the same whether it went through the pipeline or `hash_folder`.
-    """
-    import imagehash
-    from PIL import Image
-
-    if isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    bits = imagehash.phash(image.convert("RGB")).hash.reshape(-1)  # (64,) bool, row-major, [0, 0] first
-    return to_int64(int("".join("1" if b else "0" for b in bits), 2))
-
-
-def hamming(a: int, b: int) -> int:
-    """Bits that differ between two 64-bit hashes (signed or unsigned)."""
-    return ((a ^ b) & MASK64).bit_count()
-
-
-def hash_image_file(path: str | os.PathLike) -> int:
-    """phash_int64 of an image file, decoded as datagen decodes with its default `decode` settings
-    (catalogs.images: first frame, upright by its EXIF orientation, 16-bit scaled, transparency on white)."""
-    from subjectdiff.catalogs import images
-
-    with images.no_pil_pixel_limit():
-        return phash_int64(images.decode(Path(path).read_bytes()).pixels)
-
-
-def hash_folder(folder: str | os.PathLike, extensions: Iterable[str] = IMAGE_EXTENSIONS) -> pa.Table:
-    """Every image below `folder` (recursively, sorted by path) -> a table (name: relative path, phash: int64).
-
-    An unreadable file is an error naming it, not a skip: a held-out image that is silently left out is one
-    that can leak into training.
-    """
-    folder = Path(folder)
-    exts = {e.lower() for e in extensions}
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts)
-    names, hashes, bad = [], [], []
-    for p in files:
-        try:
-            hashes.append(hash_image_file(p))
-            names.append(str(p.relative_to(folder)))
-        except Exception as e:  # PIL raises many types for broken files
-            bad.append(f"{p}: {type(e).__name__}: {e}")
-    if bad:
-        raise ValueError(f"{len(bad)} images below {folder} cannot be read; remove or fix them: " + "; ".join(bad[:5]))
-    if not names:
-        raise ValueError(f"no images ({', '.join(sorted(exts))}) below {folder}")
-    return pa.table({"name": pa.array(names, pa.string()), "phash": pa.array(hashes, pa.int64())})
-
-
-def held_out_hashes(spec: str | os.PathLike) -> pa.Table:
-    """The held-out set of `--exclude-near`: a catalog folder (its samples' phash, named by key), a catalog
-    .duckdb file, or a folder of images (hashed with `hash_folder`). Returns (name, phash)."""
-    path = Path(spec)
-    db = path if path.suffix == ".duckdb" else path / "catalog.duckdb"
-    if db.is_file():
-        con = duckdb.connect(str(db), read_only=True)
-        try:
-            table = con.sql("SELECT key AS name, phash FROM samples WHERE phash IS NOT NULL "
-                            "ORDER BY shard, key").to_arrow_table()
-        finally:
-            con.close()
-        if table.num_rows == 0:
-            raise ValueError(f"the catalog {db} has no sample with a phash (built before the curate stage?)")
-        return table
-    if path.is_dir():
-        return hash_folder(path)
-    raise ValueError(f"--exclude-near {spec}: not a folder of images, a catalog folder or a .duckdb file")
 
 
 def brute_force_pairs(left: np.ndarray, max_distance: int, right: np.ndarray | None = None) -> set[tuple[int, int]]:
@@ -458,8 +363,6 @@ def _group_members(members: pa.Table, edges: pa.Table) -> pa.Table:
 def write_duplicates(table: pa.Table, out: str | os.PathLike, *, meta: dict | None = None) -> Path:
     """Write dups.parquet atomically (a temporary name, then rename); meta goes into the schema metadata
     under `subjectdiff.duplicates` (e.g. the catalog, max_distance and the band plan)."""
-    import json
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if meta:
@@ -562,11 +465,6 @@ def find_duplicates(root: str | os.PathLike, out: str | os.PathLike, *, catalog:
 
     memory_limit / temp_directory: DuckDB's, for catalogs whose hash joins outgrow memory (it spills there).
     """
-    import time
-
-    from subjectdiff.catalogs.catalog import PLAN_ORDER, open_catalog
-    from subjectdiff.catalogs.storage import Folder
-
     order_by = order_by or PLAN_ORDER
     settings = {k: v for k, v in (("memory_limit", memory_limit), ("temp_directory", temp_directory)) if v}
     with open_catalog(root, catalog=catalog, settings=settings) as con:
