@@ -48,7 +48,8 @@ from PIL import Image
 
 from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.catalogs.catalog import CatalogError, check_read_only, open_catalog
-from subjectdiff.catalogs.schema import FAILURE_STAGES, IMAGE_EXTENSIONS, ObjectAnn, box_pixels_xyxy
+from subjectdiff.catalogs.boxes import xyxy_norm_to_pixel_rect
+from subjectdiff.catalogs.schema import FAILURE_STAGES, IMAGE_EXTENSIONS, ObjectAnn
 from subjectdiff.catalogs.storage import Folder, is_local, open_url
 from subjectdiff.catalogs.tars import member_index
 
@@ -103,7 +104,7 @@ def overlay(
     image: (H, W, 3) uint8 RGB. masks: (N, H, W), bool, or float coverage in [0, 1] (a downscaled mask's
     edge pixels then blend partially). boxes: (N, 4) xyxy normalized to [0, 1]. colors: N RGB triples.
     Masks are blended in object order with opacity `alpha`; boxes are drawn on top, `thickness` pixels
-    inside the box's pixel extent (box_pixels_xyxy). Returns a new (H, W, 3) uint8 array.
+    inside the box's pixel extent (catalogs.boxes.xyxy_norm_to_pixel_rect). Returns a new (H, W, 3) uint8 array.
     """
     h, w = image.shape[:2]
     if len(masks) != len(boxes) or len(colors) < len(boxes):
@@ -116,7 +117,7 @@ def overlay(
         out = out * (1.0 - a) + np.asarray(c, np.float32) * a
     out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
     for box, c in zip(boxes, colors):
-        x0, y0, x1, y1 = box_pixels_xyxy([float(v) for v in box], w, h)
+        x0, y0, x1, y1 = xyxy_norm_to_pixel_rect([float(v) for v in box], w, h)
         t = thickness
         out[y0 : min(y0 + t, y1), x0:x1] = c
         out[max(y1 - t, y0) : y1, x0:x1] = c

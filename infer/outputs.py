@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from subjectdiff.catalogs.boxes import xyxy_norm_to_xyxy_pixels
 from subjectdiff.infer.pipeline import Generated
 
 COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4"]
@@ -25,7 +26,7 @@ def overlay(g: Generated) -> Image.Image:
     draw = ImageDraw.Draw(im)
     w, h = im.size
     for j, s in enumerate(g.subjects):
-        x0, y0, x1, y1 = (s["box"][0] * w, s["box"][1] * h, s["box"][2] * w, s["box"][3] * h)  # normalized -> pixels
+        x0, y0, x1, y1 = xyxy_norm_to_xyxy_pixels(s["box"], w, h)[0].tolist()
         color = COLORS[j % len(COLORS)]
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=color, width=max(1, w // 256))
         draw.text((x0 + 2, y0 + 1), s["label"], fill=color)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from subjectdiff.catalogs.boxes import xyxy_norm_to_xyxy_pixels
 from subjectdiff.catalogs.tokens import clip_tokenizer
 from subjectdiff.model.builders import image_encoder_input_size
 from subjectdiff.train.config import TrainConfig
@@ -65,7 +66,7 @@ def overlay(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray, present: np
         colour = COLOURS[j % len(COLOURS)]
         m = Image.fromarray((masks[j] * 110).astype(np.uint8)).resize((SHOW, SHOW), Image.BILINEAR)
         pil.alpha_composite(Image.merge("RGBA", [Image.new("L", (SHOW, SHOW), c) for c in colour] + [m]))
-        x0, y0, x1, y1 = (boxes[j] * SHOW).tolist()
+        x0, y0, x1, y1 = xyxy_norm_to_xyxy_pixels(boxes[j], SHOW, SHOW)[0].tolist()
         ImageDraw.Draw(pil).rectangle([x0, y0, x1 - 1, y1 - 1], outline=colour + (255,), width=2)
     return pil.convert("RGB")
 

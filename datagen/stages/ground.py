@@ -25,7 +25,7 @@ from PIL import Image
 from torchvision.ops import nms
 
 from subjectdiff.datagen.config import GroundConfig
-from subjectdiff.datagen.stages.boxes import cxcywh_norm_to_xyxy_norm
+from subjectdiff.catalogs.boxes import cxcywh_norm_to_xyxy_norm
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
 from subjectdiff.weights import resolve, resolve_text_encoder
 

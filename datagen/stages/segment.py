@@ -15,7 +15,7 @@ import torch
 
 from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.datagen.config import SegmentConfig
-from subjectdiff.datagen.stages.boxes import xyxy_norm_to_xyxy_pixels
+from subjectdiff.catalogs.boxes import xyxy_norm_to_xyxy_pixels
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
 from subjectdiff.weights import resolve
 from subjectdiff.sam import SAM_ARCHS, arch_from_state_dict, build_sam  # noqa: F401  (re-exported)
