@@ -6,7 +6,8 @@ A spec is one of:
     https://host/file.pth          downloaded once into <cache>/url/<sha1(url)[:12]>/<file name>
     s3://bucket/path/file.pth      any other fsspec URL (gs://, az://, ... once their fsspec package is installed):
                                    copied once into the same place; credentials and endpoints come from the
-                                   environment (AWS_ENDPOINT_URL, AWS_PROFILE, ...), as for the rest of the project
+                                   environment (AWS_ENDPOINT_URL, AWS_PROFILE, ..., $SUBJECTDIFF_STORAGE_OPTIONS)
+                                   through catalogs.storage.filesystem, as for the rest of the project
     file:///a/path.pth             copied the same way (lets tests exercise the URL path offline)
     hf://owner/repo/path/file.pth  huggingface_hub.hf_hub_download into <cache>/hf
     pkg://package/path/in/package  a file shipped inside an installed package (GroundingDINO's configs)
@@ -48,6 +49,7 @@ import urllib.parse
 from functools import lru_cache
 from pathlib import Path
 
+from subjectdiff.catalogs import storage
 from subjectdiff.catalogs.storage import cache_root  # one cache folder for the project
 
 DIGEST_LENGTHS = {"sha256": 64, "md5": 32}  # hex digits of each digest a spec may name
@@ -346,11 +348,9 @@ def _fsspec_fetch(url: str, part: Path, size: int | None, name: str) -> None:
 
 
 def _fsspec(url: str):
-    import fsspec
-
     try:
-        return fsspec.core.url_to_fs(url)
-    except (ValueError, ImportError) as e:  # an unknown protocol, or its package is not installed
+        return storage.filesystem(url)  # the project's storage options ($SUBJECTDIFF_STORAGE_OPTIONS) included
+    except storage.StorageError as e:  # an unknown protocol, its package not installed, unusable options
         raise WeightsError(f"{url}: no filesystem for this URL ({_one_line(e)})") from e
 
 
