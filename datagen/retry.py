@@ -27,7 +27,8 @@ from subjectdiff.catalogs.storage import Entry, Folder, is_local
 from subjectdiff.datagen import plan
 from subjectdiff.datagen.distributor import Distributor, Outcome, local_output_node
 from subjectdiff.datagen.job import JobConfig
-from subjectdiff.datagen.progress import Progress, RunSummary
+from subjectdiff.datagen.progress import RunSummary
+from subjectdiff.progress import Progress
 
 
 def retryable(stage: str, reason: str, source: str) -> bool:

@@ -37,7 +37,8 @@ from subjectdiff.datagen import plan, ray_setup, sources
 from subjectdiff.datagen.distributor import Distributor, local_output_node
 from subjectdiff.datagen.job import JobConfig, active_stages
 from subjectdiff.datagen.manifest import Manifest
-from subjectdiff.datagen.progress import Progress, RunSummary, describe_skipped
+from subjectdiff.datagen.progress import RunSummary, describe_skipped
+from subjectdiff.progress import Progress
 
 _PART = re.compile(r"(.+)\.part\d+" + re.escape(TMP_SUFFIX))  # catalogs.writer's spooled parts, when local
 
