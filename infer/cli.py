@@ -70,8 +70,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="an export folder, a trainer checkpoint (step-N/) or a run folder")
     p.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto", help="checkpoint weights (default: EMA when present)")
     p.add_argument("--base", default=None, help="override the model's base (a local Stable Diffusion 2 folder)")
-    p.add_argument("--sam", default=None, help="SAM checkpoint for the subject cut-outs: a path, URL (with #sha256=...), "
-                   "file://, s3:// or hf:// spec, as datagen's segment.checkpoint (sam_vit_h_4b8939.pth)")
+    p.add_argument("--sam", default=None, help="SAM checkpoint for the subject cut-outs: a path, URL (with "
+                   "#sha256=...), file://, s3:// or hf:// spec, as datagen's segment.checkpoint (sam_vit_h_4b8939.pth)")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--steps", type=int, default=50)
