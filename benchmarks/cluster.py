@@ -417,7 +417,7 @@ def drive(spec: dict) -> dict:
     new = spec["pipeline"] == "new"
     if new:
         from subjectdiff.datagen.job import PoolConfig, preset
-        from subjectdiff.datagen.progress import Progress
+        from subjectdiff.progress import Progress
         from subjectdiff.datagen.run import run
     else:
         from subjectdiff.datagen.pipeline import PoolConfig, Progress, preset, run

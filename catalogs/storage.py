@@ -233,13 +233,24 @@ def storage_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith(STORAGE_ENV_PREFIXES)}
 
 
+def _url_options(url: str) -> dict[str, Any]:
+    """The storage options for URL: $SUBJECTDIFF_STORAGE_OPTIONS, given to the storage itself. In a chained URL
+    ("simplecache::s3://b/k") that is the last protocol, not the cache in front of it (which fsspec would
+    otherwise give them to)."""
+    opts = storage_options()
+    if "::" not in url or not opts:
+        return opts
+    return {url.rsplit("::", 1)[1].split("://", 1)[0]: opts}
+
+
 def filesystem(url: str | os.PathLike):
-    """(fsspec filesystem, path inside it) for a URL or local path."""
+    """(fsspec filesystem, path inside it) for a URL or local path: the project's one way into fsspec, so that
+    every reader and writer (outputs, datagen inputs, checkpoint URLs) gets $SUBJECTDIFF_STORAGE_OPTIONS."""
     s = os.fspath(url)
     if is_local(s):
         return LocalFileSystem(), str(local_path(s).absolute())
     try:
-        return fsspec.core.url_to_fs(s, **storage_options())
+        return fsspec.core.url_to_fs(s, **_url_options(s))
     except (ImportError, ValueError) as e:
         raise StorageError(f"{s}: fsspec cannot open this URL ({e})") from None
 
@@ -391,7 +402,7 @@ def _version(info: dict[str, Any]) -> str:
 
 
 def open_url(url: str | os.PathLike, mode: str = "rb"):
-    """Open a local path or fsspec URL."""
+    """Open a local path or fsspec URL (through `filesystem`, so with the project's storage options)."""
     fs, path = filesystem(url)
     return fs.open(path, mode)
 

@@ -20,7 +20,7 @@ shards finish in about plan order and few are open at a time.
 Failures: a sample's failure is data (it is written to its shard's failures). A shard whose chain breaks
 (an actor or node lost beyond Ray's own retries, a committer restarted) is aborted and started again with a
 new attempt number, up to `max_attempts` times; its counts for the abandoned attempt are not counted twice
-(and the progress shown does not go back: datagen/progress.py).
+(and the progress shown does not go back: subjectdiff/progress.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.storage import Folder, transient
 from subjectdiff.datagen.job import JobConfig
 from subjectdiff.datagen.ray_setup import worker_options
-from subjectdiff.datagen.progress import Progress
+from subjectdiff.progress import Progress
 from subjectdiff.datagen.stage_pool import StagePool, contract_error, reason, task_block
 from subjectdiff.datagen.stages import registry
 

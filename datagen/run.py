@@ -36,7 +36,8 @@ from subjectdiff.datagen import plan, ray_setup, retry, sources
 from subjectdiff.datagen.distributor import Distributor, Outcome, local_output_node
 from subjectdiff.datagen.job import JobConfig, active_stages
 from subjectdiff.datagen.manifest import Manifest
-from subjectdiff.datagen.progress import Progress, RunSummary, describe_skipped
+from subjectdiff.datagen.progress import RunSummary, describe_skipped
+from subjectdiff.progress import Progress
 
 
 def _ray_map(fn, urls):

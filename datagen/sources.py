@@ -55,11 +55,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from subjectdiff.catalogs import storage
 from subjectdiff.catalogs.images import IMAGE_SUFFIXES
 from subjectdiff.catalogs.schema import make_key
 from subjectdiff.catalogs.storage import describe, detail
@@ -104,11 +104,12 @@ class Unit:
 
 
 def _url_fs(src: str):
-    """(filesystem, path) of a URL; SourceError when fsspec cannot serve it."""
+    """(filesystem, path) of a URL (catalogs.storage.filesystem, storage options included); SourceError when
+    fsspec cannot serve it."""
     try:
-        return fsspec.core.url_to_fs(src)
-    except (ImportError, ValueError) as e:
-        raise SourceError(f"input {src!r}: fsspec cannot open this URL ({e})") from e
+        return storage.filesystem(src)
+    except storage.StorageError as e:
+        raise SourceError(f"input {src!r}: {e}") from e
 
 
 def _url_isdir(src: str) -> bool:
@@ -245,7 +246,7 @@ def _tar_units(url: str) -> list[Unit]:
     texts: dict[tuple[str, str], bytes] = {}
     rest: str | None = None  # why the tar could not be listed to its end
     try:
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
+        with storage.open_url(url, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:
             last: tarfile.TarInfo | None = None
             while True:
                 try:
@@ -349,7 +350,7 @@ def _img2dataset_failures(url: str) -> list[Unit]:
         return []
     pq_url = url[:-4] + ".parquet"
     try:
-        fs, path = fsspec.core.url_to_fs(pq_url)
+        fs, path = storage.filesystem(pq_url)
         if not fs.isfile(path):
             return []
     except Exception:  # noqa: BLE001 (optional metadata: a failed probe reads the tar alone, as without one)
@@ -448,7 +449,7 @@ def _pick_columns(src: str, schema: pa.Schema, image_column: str | None,
 def _open_list(src: str):
     """The list file, open for reading; SourceError when it does not exist or cannot be reached."""
     try:
-        return fsspec.open(src, "rb").open()
+        return storage.open_url(src, "rb")
     except FileNotFoundError as e:
         raise SourceError(f"input list {src!r} does not exist") from e
     except Exception as e:  # noqa: BLE001 (no network, an offline hub, no access: each says it its own way)

@@ -12,7 +12,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-import fsspec
 import numpy as np
 import pyarrow.parquet as pq
 
@@ -76,7 +75,7 @@ class _ShortRead(OSError):
 
 
 def _read_range(path: str, offset: int, size: int) -> bytes:
-    with fsspec.open(path, "rb") as f:
+    with storage.open_url(path, "rb") as f:
         if offset < 0:
             return f.read()
         f.seek(offset)
@@ -156,7 +155,7 @@ class _ParquetCells:
         step = [("cannot read the file", "cannot read the file")]  # what failed: for the message, the reason
 
         def read_group():
-            with fsspec.open(path, "rb") as f:
+            with storage.open_url(path, "rb") as f:
                 md = self._footers.get(fkey)
                 pf = pq.ParquetFile(f, metadata=md)
                 if md is None:

@@ -70,7 +70,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="an export folder, a trainer checkpoint (step-N/) or a run folder")
     p.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto", help="checkpoint weights (default: EMA when present)")
     p.add_argument("--base", default=None, help="override the model's base (a local Stable Diffusion 2 folder)")
-    p.add_argument("--sam", default=None, help="SAM checkpoint for the subject cut-outs (sam_vit_h_4b8939.pth)")
+    p.add_argument("--sam", default=None, help="SAM checkpoint for the subject cut-outs: a path, URL (with "
+                   "#sha256=...), file://, s3:// or hf:// spec, as datagen's segment.checkpoint (sam_vit_h_4b8939.pth)")
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--steps", type=int, default=50)
@@ -141,8 +142,10 @@ def _pipeline(args: argparse.Namespace):
                               scheduler=args.scheduler, eta=args.eta, order=args.order, resolution=args.resolution,
                               batch_size=args.batch_size)
     overrides = {"base": args.base} if args.base else {}
-    if args.sam and not Path(args.sam).is_file():
-        raise FileNotFoundError(f"--sam {args.sam}: no such file")
+    if args.sam:  # fetched (URLs) and verified (#sha256=) before any model loads; an error is one line
+        from subjectdiff.weights import resolve
+
+        args.sam = str(resolve(args.sam))
     return Pipeline.load(args.model, args.weights, device=device, sam=args.sam, **overrides), sampling
 
 

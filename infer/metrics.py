@@ -20,14 +20,17 @@ import torch
 from PIL import Image
 
 from subjectdiff.model import builders
+from subjectdiff.catalogs.storage import cache_root
+from subjectdiff.weights import resolve
 
 
 @dataclass
 class MetricsConfig:
-    """clip_model / clip_weights: an open_clip model name and pretrained tag or file (None = random init).
-    dino_model: a timm model name; dino_weights: "timm" (timm's own pretrained weights, fetched from its hub),
-    a local file (e.g. dino_deitsmall16_pretrain.pth), or None (random init). dino_kwargs: timm model overrides
-    (tiny configs). seed: random init of whatever has no weights."""
+    """clip_model / clip_weights: an open_clip model name and pretrained tag or checkpoint spec (None = random init;
+    model.builders.create_open_clip). dino_model: a timm model name; dino_weights: "timm" (timm's own pretrained
+    weights, fetched from its hub into $SUBJECTDIFF_CACHE/timm), a checkpoint spec (subjectdiff.weights.resolve: a
+    local file such as dino_deitsmall16_pretrain.pth, a URL, s3://, hf://, with an optional #sha256=), or None
+    (random init). dino_kwargs: timm model overrides (tiny configs). seed: random init of whatever has no weights."""
 
     clip_model: str = "ViT-B-32-quickgelu"  # OpenAI's weights were trained with QuickGELU
     clip_weights: str | None = "openai"
@@ -90,13 +93,14 @@ class Scorer:
         if cfg.clip_model not in open_clip.list_models():
             open_clip.add_model_config(builders.OPEN_CLIP_CONFIGS)  # the tiny test config lives with the model
         with builders.seeded(cfg.seed):
-            clip, _, self.clip_preprocess = open_clip.create_model_and_transforms(cfg.clip_model, pretrained=cfg.clip_weights)
-            if cfg.dino_weights in (None, "timm"):
+            clip, _, self.clip_preprocess = builders.create_open_clip(cfg.clip_model, cfg.clip_weights,
+                                                                      transforms=True)
+            if cfg.dino_weights in (None, "timm"):  # timm's own weights into our cache, not the default one
                 dino = timm.create_model(cfg.dino_model, pretrained=cfg.dino_weights == "timm", num_classes=0,
-                                         **cfg.dino_kwargs)
-            else:
+                                         cache_dir=str(cache_root() / "timm"), **cfg.dino_kwargs)
+            else:  # a checkpoint spec: a path, URL, s3:// or hf:// file, #sha256= checked (subjectdiff.weights)
                 dino = timm.create_model(cfg.dino_model, pretrained=True, num_classes=0, **cfg.dino_kwargs,
-                                         pretrained_cfg_overlay={"file": cfg.dino_weights})
+                                         pretrained_cfg_overlay={"file": str(resolve(cfg.dino_weights))})
         self.clip = clip.to(self.device).eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(cfg.clip_model)
         self.dino = dino.to(self.device).eval().requires_grad_(False)

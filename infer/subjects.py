@@ -7,7 +7,7 @@ SAM's most salient object: a point at the image centre, the multimask output who
 centre (the reference code's `find_main_entity`), holes filled.
 
 Coordinates: every box and point a user gives here is normalized to [0, 1] in the SOURCE image (xyxy for boxes,
-xy for points); they cross to SAM's pixel coordinates in `xyxy_norm_to_pixels` / `xy_norm_to_pixels`.
+xy for points); they cross to SAM's pixel coordinates through `subjectdiff.catalogs.boxes`.
 (The layout boxes, where subjects go in the generated image, are another thing: see infer.pipeline.)
 """
 
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from subjectdiff.catalogs.boxes import xy_norm_to_xy_pixels, xyxy_norm_to_xyxy_pixels
 from subjectdiff.model.subject_image import fill_holes, fill_holes_pil, subject_image  # noqa: F401  (re-exported)
 from subjectdiff.sam import load_sam
 
@@ -53,16 +54,6 @@ def load_mask(mask: str | os.PathLike | Image.Image | np.ndarray, shape: tuple[i
     if mask.shape != tuple(shape):
         mask = np.asarray(Image.fromarray((mask > 0).astype(np.uint8) * 255).resize(shape[::-1], Image.NEAREST))
     return mask > 0
-
-
-def xyxy_norm_to_pixels(box, width: int, height: int) -> np.ndarray:
-    """(4,) xyxy normalized to [0, 1] -> (4,) xyxy float pixels of a width x height image."""
-    return np.asarray(box, np.float64) * [width, height, width, height]
-
-
-def xy_norm_to_pixels(point, width: int, height: int) -> np.ndarray:
-    """(2,) xy normalized to [0, 1] -> (2,) xy float pixels."""
-    return np.asarray(point, np.float64) * [width, height]
 
 
 def main_entity(masks: np.ndarray, min_area: float = 0.01) -> int:
@@ -169,10 +160,11 @@ class SubjectCutter:
         h, w = image.shape[:2]
         self.predictor.set_image(image)
         if subject.region is not None:
-            masks, _, _ = self.predictor.predict(box=xyxy_norm_to_pixels(subject.region, w, h), multimask_output=False)
+            box = xyxy_norm_to_xyxy_pixels(subject.region, w, h)[0]  # (4,) pixels
+            masks, _, _ = self.predictor.predict(box=box, multimask_output=False)
             return masks[0], "sam-box"
         point = subject.point if subject.point is not None else (0.5, 0.5)
-        masks, scores, _ = self.predictor.predict(point_coords=xy_norm_to_pixels(point, w, h)[None],
+        masks, scores, _ = self.predictor.predict(point_coords=xy_norm_to_xy_pixels(point, w, h)[None],
                                                   point_labels=np.array([1]), multimask_output=True)
         if subject.point is not None:
             return masks[int(np.argmax(scores))], "sam-point"

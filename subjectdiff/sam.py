@@ -6,6 +6,7 @@ of the Subject-Diffusion model, so it sits beside `subjectdiff/model/`, not in i
 
     sam = load_sam("sam_vit_h_4b8939.pth")            # encoder size read off the file ("auto")
     sam = load_sam(path, "vit_b")                      # or checked against an official variant
+    sam = load_sam("s3://models/sam_vit_h.pth#sha256=a7bf...")   # any subjectdiff.weights spec, cached, verified
 
 Checkpoints are segment-anything's official state-dict files; test-size checkpoints (any encoder width and depth)
 load through the same path.
@@ -14,6 +15,8 @@ load through the same path.
 from __future__ import annotations
 
 import os
+
+from subjectdiff.weights import resolve
 
 # segment-anything's registry, as encoder sizes (build_sam.py); prompt encoder and decoder are shared.
 SAM_ARCHS = {
@@ -46,13 +49,15 @@ def arch_from_state_dict(state: dict) -> dict:
 
 
 def load_sam(checkpoint: str | os.PathLike, model_type: str = "auto"):
-    """An official SAM state-dict checkpoint (local file) -> eval Sam without gradients. model_type "auto"
-    reads the encoder size off the file; "vit_h" / "vit_l" / "vit_b" also checks that the file holds it."""
+    """An official SAM state-dict checkpoint -> eval Sam without gradients. checkpoint: anything
+    `subjectdiff.weights.resolve` takes (a local path, an https:// or s3:// URL with an optional #sha256=, file://,
+    hf://), fetched into the cache and verified. model_type "auto" reads the encoder size off the file;
+    "vit_h" / "vit_l" / "vit_b" also checks that the file holds it."""
     import torch
 
     if model_type != "auto" and model_type not in SAM_ARCHS:
         raise ValueError(f"SAM model_type must be one of {tuple(SAM_ARCHS)} or 'auto', got {model_type!r}")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state = torch.load(resolve(os.fspath(checkpoint)), map_location="cpu", weights_only=True)
     found = arch_from_state_dict(state)
     if model_type != "auto" and SAM_ARCHS[model_type] != found:
         raise ValueError(f"{checkpoint} holds a SAM image encoder {found}, not {model_type}; set the SAM "

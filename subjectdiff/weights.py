@@ -6,12 +6,14 @@ A spec is one of:
     https://host/file.pth          downloaded once into <cache>/url/<sha1(url)[:12]>/<file name>
     s3://bucket/path/file.pth      any other fsspec URL (gs://, az://, ... once their fsspec package is installed):
                                    copied once into the same place; credentials and endpoints come from the
-                                   environment (AWS_ENDPOINT_URL, AWS_PROFILE, ...), as for the rest of the project
+                                   environment (AWS_ENDPOINT_URL, AWS_PROFILE, ..., $SUBJECTDIFF_STORAGE_OPTIONS)
+                                   through catalogs.storage.filesystem, as for the rest of the project
     file:///a/path.pth             copied the same way (lets tests exercise the URL path offline)
     hf://owner/repo/path/file.pth  huggingface_hub.hf_hub_download into <cache>/hf
     pkg://package/path/in/package  a file shipped inside an installed package (GroundingDINO's configs)
-    owner/name                     (captioner only) a Hugging Face hub id, left to `from_pretrained`
-                                   with cache_dir=<cache>/hf
+    owner/name                     a Hugging Face hub id: the captioner's, left to `from_pretrained` with
+                                   cache_dir=<cache>/hf; a model folder's (`resolve_folder`: the diffusers base of
+                                   train and infer), its snapshot in <cache>/hf
 GroundingDINO's text encoder is a BERT folder or a hub id ("bert-base-uncased"); `resolve_text_encoder`
 turns the id into its snapshot folder in <cache>/hf, since groundingdino-py's own `from_pretrained(id)`
 would download into the default Hugging Face cache instead.
@@ -49,6 +51,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from subjectdiff.catalogs import storage
 from subjectdiff.catalogs.storage import cache_root  # one cache folder for the project
 
 DIGEST_LENGTHS = {"sha256": 64, "md5": 32}  # hex digits of each digest a spec may name
@@ -159,6 +162,27 @@ def hub_snapshot(repo: str, *, download: bool, allow_patterns: tuple[str, ...] |
             error = e
     raise WeightsError(f"{repo!r} is not in the cache ({cache_dir() / 'hf'}) ({type(error).__name__}: {error})") \
         from error
+
+
+# A diffusers pipeline's configs, tokenizer and safetensors weights (not the .bin, fp16, ONNX and Flax copies hub repos
+# also hold): what UNet2DConditionModel, AutoencoderKL, CLIPTextModel and DDPMScheduler.from_pretrained read.
+DIFFUSERS_FILES = ("*.json", "*.txt", "*/diffusion_pytorch_model.safetensors", "*/model.safetensors")
+
+
+def resolve_folder(spec: str, *, download: bool = True, allow_patterns: tuple[str, ...] | None = None) -> Path:
+    """A local folder for a model folder spec (a diffusers folder, say): a local folder, checked in place against
+    an optional #sha256= (over its files, as the run manifest hashes folders); or a hub id's snapshot in <cache>/hf
+    (`hub_snapshot`: the cache first, then the hub with `download`; only the files matching ALLOW_PATTERNS), never
+    the default Hugging Face cache. WeightsError when that fails."""
+    base, expected = expected_digests(spec)
+    if not is_hub_id(base):
+        return resolve(spec, download=download)
+    path = hub_snapshot(base, download=download, allow_patterns=allow_patterns)
+    if expected:
+        problem = _mismatch(f"{base} ({path})", _local_digests(path, expected), expected)
+        if problem:
+            raise WeightsError(problem)
+    return path
 
 
 def resolve_text_encoder(spec: str, *, download: bool = True) -> Path:
@@ -347,11 +371,9 @@ def _fsspec_fetch(url: str, part: Path, size: int | None, name: str) -> None:
 
 
 def _fsspec(url: str):
-    import fsspec
-
     try:
-        return fsspec.core.url_to_fs(url)
-    except (ValueError, ImportError) as e:  # an unknown protocol, or its package is not installed
+        return storage.filesystem(url)  # the project's storage options ($SUBJECTDIFF_STORAGE_OPTIONS) included
+    except storage.StorageError as e:  # an unknown protocol, its package not installed, unusable options
         raise WeightsError(f"{url}: no filesystem for this URL ({_one_line(e)})") from e
 
 

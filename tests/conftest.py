@@ -128,3 +128,18 @@ def fault_proxy(s3_server):
     with through(proxy):
         yield proxy
     proxy.stop()
+
+
+@pytest.fixture
+def endpoint_in_options(bucket, s3_server, monkeypatch):
+    """BUCKET reachable only through $SUBJECTDIFF_STORAGE_OPTIONS: the endpoint given there alone
+    (AWS_ENDPOINT_URL unset), as for a storage setting that has no environment variable. s3fs's cached
+    clients are dropped before and after: one made while the variable was set would still know the endpoint."""
+    import s3fs
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("SUBJECTDIFF_STORAGE_OPTIONS", json.dumps({"endpoint_url": s3_server}))
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # without the endpoint a client fails at once, not after retries
+    s3fs.S3FileSystem.clear_instance_cache()
+    yield bucket
+    s3fs.S3FileSystem.clear_instance_cache()

@@ -191,6 +191,30 @@ def test_generate_cli_multi_subject_with_boxes_records_inputs(export, photos, tm
     assert Image.open(out / meta["image"]).size == (64, 64)
 
 
+def test_generate_sam_takes_checkpoint_urls_with_digests(export, photos, tmp_path, capsys, monkeypatch):
+    """--sam takes what datagen's segment.checkpoint takes (subjectdiff.weights.resolve): here a file:// URL with
+    its #sha256=, copied into the cache and verified; a wrong digest is one line, before any model loads."""
+    import hashlib
+
+    from subjectdiff import weights
+    from subjectdiff.cli import main
+
+    monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
+    sam = save_tiny_sam(tmp_path / "sam.pth")
+    url = f"file://{sam}"
+    digest = hashlib.sha256(sam.read_bytes()).hexdigest()
+    argv = ["generate", "--model", str(export), "--prompt", "a cat", "--subject", str(photos["chelsea"]),
+            "--label", "cat", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "out")]
+    assert main([*argv, "--sam", f"{url}#sha256={digest}"]) == 0
+    meta = json.loads(next((tmp_path / "out").glob("*-s*.json")).read_text())
+    assert [s["segmentation"] for s in meta["subjects"]] == ["sam-salient"]
+    assert weights.cache_path(url).read_bytes() == sam.read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--sam", f"{url}#sha256={'0' * 64}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "sha256 mismatch" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--subject", "nope.jpg"], "no such file"),
     (["--subject", "{chelsea}:0.5,0.5,0.2,0.9"], "xyxy normalized"),

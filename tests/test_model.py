@@ -203,6 +203,50 @@ def test_build_from_a_diffusers_folder(parts, tmp_path):
     assert loaded.scheduler.config.prediction_type == "epsilon"
 
 
+def test_hub_ids_and_weight_urls_load_through_the_subjectdiff_cache(parts, tmp_path, monkeypatch):
+    """A hub id `base` loads from its snapshot in $SUBJECTDIFF_CACHE/hf (what huggingface_hub leaves there: the
+    path a real hub id takes, offline here), not from the default Hugging Face cache; image_encoder_weights given
+    as a file:// URL with #sha256= is copied into the cache, verified and loaded; a wrong digest fails first."""
+    import hashlib
+    import shutil
+
+    import huggingface_hub.constants
+
+    from subjectdiff import weights
+
+    monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    cfg = parts.config
+    commit = "0123456789abcdef" * 2 + "01234567"
+    repo = tmp_path / "cache" / "hf" / "models--someone--tiny-sd"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    builders.base_unet(cfg).save_pretrained(snap / "unet")
+    builders.vae(cfg).save_pretrained(snap / "vae")
+    builders.text_encoder(cfg).save_pretrained(snap / "text_encoder")
+    builders.noise_scheduler(cfg).save_pretrained(snap / "scheduler")
+    with builders.seeded(123):  # image encoder weights other than the random init's
+        clip = builders.create_open_clip(cfg.image_encoder, None)
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    url = f"file://{tmp_path / 'clip.pt'}"
+    digest = hashlib.sha256((tmp_path / "clip.pt").read_bytes()).hexdigest()
+
+    hub = ModelConfig(**{**cfg.to_dict(), "base": "someone/tiny-sd", "image_encoder_weights": f"{url}#sha256={digest}"})
+    assert builders.base_folder(hub) == snap
+    loaded = build(hub)
+    assert weights.cache_path(url).is_file()
+    for a, b in zip(loaded.image_encoder.visual.state_dict().values(), clip.visual.state_dict().values()):
+        assert torch.equal(a, b)
+    c = {**conditions(parts), "placeholder_pos": torch.full((2, 2), -1)}
+    with torch.no_grad():
+        torch.testing.assert_close(parts.model(**c)[0], loaded.model(**c)[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(weights.WeightsError, match="sha256 mismatch"):
+        builders.base_folder(ModelConfig(**{**cfg.to_dict(), "base": f"someone/tiny-sd#sha256={'0' * 64}"}))
+    with pytest.raises(weights.WeightsError, match="not in the cache"):
+        builders.base_unet(ModelConfig(**{**cfg.to_dict(), "base": "someone/not-cached"}))
+
+
 def test_localization_loss_is_the_references_form_computed_by_hand():
     """mean(A over the background) - mean(A over the object), per subject; "sample": mean over a sample's present
     subjects, then over the batch (a sample without subjects counts 0); "subject": over all present subjects."""

@@ -230,7 +230,7 @@ def test_datagen_settings_from_toml_then_overrides(tmp_path):
 def test_progress_line_keeps_slow_rates_and_long_etas_readable():
     import io
 
-    from subjectdiff.datagen.progress import Progress
+    from subjectdiff.progress import Progress
 
     out = io.StringIO()
     prog = Progress(total=10_000_000, every=0.0, stream=out)

@@ -15,15 +15,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from subjectdiff.catalogs import masks as mask_codec
+from subjectdiff.catalogs.boxes import (cxcywh_norm_to_xyxy_norm, xyxy_norm_to_pixel_rect, xyxy_norm_to_xyxy_pixels,
+                                       xyxy_pixels_to_xyxy_norm, xyxy_pixels_union_rect)
 from subjectdiff.catalogs.catalog import build, query
-from subjectdiff.catalogs.schema import box_pixels_xyxy
 from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, select
-from subjectdiff.datagen.stages.boxes import cxcywh_norm_to_xyxy_norm, xyxy_norm_to_xyxy_pixels, xyxy_pixels_to_xyxy_norm
 from subjectdiff.cli import main
 from tests.geometry import decoded, geometry_cases, records, write_geometry_shards
 from subjectdiff.train.config import load_config
 from subjectdiff.train.data import (MAX_LOC_TOKENS, NoSubject, choose_subjects, contained, crop_box_ok, make_sample,
-                        object_ok, pixel_union, sample_rng, square_crop)
+                        object_ok, sample_rng, square_crop)
 
 SUBJECT = 32  # subject image side in these tests
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -138,10 +138,10 @@ def test_square_crop_is_inside_the_image_and_contains_the_subjects_that_fit(w, h
     assert 0 <= x0 <= w - side and 0 <= y0 <= h - side and 1 <= side <= short
     if policy == "short-side" or not len(px):
         assert side == short
-    fits = [k for k in range(1, len(px) + 1) if max(np.subtract(pixel_union(px[:k])[2:], pixel_union(px[:k])[:2]))
-            <= short]
+    unions = [xyxy_pixels_union_rect(px[:k]) for k in range(1, len(px) + 1)]
+    fits = [k for k, u in enumerate(unions, 1) if max(u[2] - u[0], u[3] - u[1]) <= short]
     if fits:  # the largest prefix of the subjects (in pick order) that fits is in the crop
-        ux0, uy0, ux1, uy1 = pixel_union(px[: max(fits)])
+        ux0, uy0, ux1, uy1 = xyxy_pixels_union_rect(px[: max(fits)])
         assert x0 <= ux0 and y0 <= uy0 and x0 + side >= ux1 and y0 + side >= uy1
 
 
@@ -151,7 +151,7 @@ def test_box_conversions_round_trip_and_stay_in_the_image(box, w, h):
     xyxy = np.array([[min(box[0], box[2]), min(box[1], box[3]), max(box[0], box[2]), max(box[1], box[3])]])
     back = xyxy_pixels_to_xyxy_norm(xyxy_norm_to_xyxy_pixels(xyxy, w, h), w, h)
     assert np.allclose(back, xyxy, atol=1e-9)
-    x0, y0, x1, y1 = box_pixels_xyxy(list(xyxy[0]), w, h)
+    x0, y0, x1, y1 = xyxy_norm_to_pixel_rect(list(xyxy[0]), w, h)
     assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
     assert x0 <= xyxy[0, 0] * w + 1e-9 or x0 == w - 1  # a zero-width box on the right border: its last pixel
     assert xyxy[0, 2] * w <= x1 + 1e-9 or x1 == x0 + 1

@@ -414,6 +414,23 @@ def test_url_folders_are_listed_recursively_in_sorted_order(tmp_path, mem):
         detect(mem + "nothing-here/")
 
 
+def test_bucket_inputs_take_the_endpoint_from_the_storage_options(tmp_path, endpoint_in_options, s3_server):
+    """SUBJECTDIFF_STORAGE_OPTIONS reaches datagen's inputs as it reaches its outputs: a bucket folder of images
+    and a shard in it are listed, planned and read with the endpoint given there alone."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server)  # the test's own client, told the endpoint directly
+    fs.pipe({f"{endpoint_in_options}/imgs/a.jpg": jpeg(1), f"{endpoint_in_options}/imgs/sub/b.png": jpeg(2),
+             f"{endpoint_in_options}/shards/00000.tar": make_tar([("k.jpg", jpeg(3))])})
+    src = f"{endpoint_in_options}/imgs/"
+    assert detect(src) == "folder"
+    _, plan = plan_rows(src, tmp_path)
+    assert [r["source"] for r in plan] == [src + "a.jpg", src + "sub/b.png"]
+    assert [read(r) for r in plan] == [jpeg(1), jpeg(2)]
+    _, plan = plan_rows(f"{endpoint_in_options}/shards/00000.tar", tmp_path)
+    assert [read(r) for r in plan] == [jpeg(3)]
+
+
 # ---- shards and img2dataset ----------------------------------------------------------------------------
 
 

@@ -547,7 +547,7 @@ def test_ground_and_segment_report_the_dtype_they_run_in(cfg, grounder, segmente
 
 
 def test_box_conversions_name_their_formats():
-    from subjectdiff.datagen.stages.boxes import cxcywh_norm_to_xyxy_norm, xyxy_norm_to_xyxy_pixels, xyxy_pixels_to_xyxy_norm
+    from subjectdiff.catalogs.boxes import cxcywh_norm_to_xyxy_norm, xyxy_norm_to_xyxy_pixels, xyxy_pixels_to_xyxy_norm
 
     xyxy = cxcywh_norm_to_xyxy_norm(torch.tensor([[0.5, 0.5, 0.5, 0.25], [0.95, 0.5, 0.2, 0.2]]))
     torch.testing.assert_close(xyxy, torch.tensor([[0.25, 0.375, 0.75, 0.625], [0.85, 0.4, 1.0, 0.6]]))

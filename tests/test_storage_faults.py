@@ -156,7 +156,7 @@ def test_a_missing_or_foreign_selection_file_is_one_line(tmp_path):
 
 
 def test_progress_never_goes_back_when_a_shard_is_redone():
-    from subjectdiff.datagen.progress import Progress
+    from subjectdiff.progress import Progress
 
     out = io.StringIO()
     prog = Progress(total=8, every=0.0, stream=out)

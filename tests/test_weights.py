@@ -244,6 +244,18 @@ def test_bucket_url_is_copied_into_the_cache(bucket, cache, capfd):
         resolve(f"{bucket}/models/missing.pth")
 
 
+def test_bucket_url_takes_the_endpoint_from_the_storage_options(endpoint_in_options, s3_server, cache):
+    """A checkpoint's s3:// URL reaches the bucket whose endpoint only SUBJECTDIFF_STORAGE_OPTIONS names (the
+    one fsspec entry point, catalogs.storage.filesystem), and is verified against its digest."""
+    import s3fs
+
+    data = blob(MiB + 3, seed=8)
+    url = f"{endpoint_in_options}/models/sam.pth"
+    s3fs.S3FileSystem(endpoint_url=s3_server).pipe(url, data)
+    path = resolve(f"{url}#sha256={sha256(data)}")
+    assert path == weights.cache_path(url) and path.read_bytes() == data
+
+
 def test_bucket_copy_resumes_from_its_part(bucket, cache):
     import s3fs
 

@@ -44,7 +44,8 @@ from PIL import Image
 
 from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.reader import BadRecord, DecodedRecord, RecordReader
-from subjectdiff.catalogs.schema import box_pixels_xyxy, white_fraction
+from subjectdiff.catalogs.boxes import xyxy_norm_to_crop_norm, xyxy_norm_to_pixel_rect, xyxy_pixels_union_rect
+from subjectdiff.catalogs.schema import white_fraction
 from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, load_selection, select
 from subjectdiff.catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
 from subjectdiff.model.prompts import SubjectPrompt, subject_prompt, tokenize
@@ -77,8 +78,8 @@ SKIP_CODES = ("no objects", "no eligible object", "near-white image", "object ru
 
 
 def box_rect(rec: DecodedRecord, i: int) -> tuple[int, int, int, int]:
-    """Object i's box in whole pixels (x0, y0, x1, y1), x1 and y1 exclusive (catalogs.schema.box_pixels_xyxy)."""
-    return box_pixels_xyxy(list(rec.boxes[i]), rec.width, rec.height)
+    """Object i's box in whole pixels (x0, y0, x1, y1), x1 and y1 exclusive (catalogs.boxes.xyxy_norm_to_pixel_rect)."""
+    return xyxy_norm_to_pixel_rect(list(rec.boxes[i]), rec.width, rec.height)
 
 
 def boxed_mask(rec: DecodedRecord, i: int) -> np.ndarray:
@@ -230,10 +231,10 @@ def crop_box_ok(box: np.ndarray, cfg: DataConfig) -> bool:
     return bool(w > 0 and h > 0 and w * h > cfg.min_crop_box_area and cfg.crop_aspect[0] < h / w < cfg.crop_aspect[1])
 
 
-def pixel_union(boxes_px: np.ndarray) -> tuple[int, int, int, int]:
-    """(K, 4) xyxy pixel boxes -> the whole-pixel extent of their union (x0, y0, x1, y1), x1 and y1 exclusive."""
-    return (int(np.floor(boxes_px[:, 0].min())), int(np.floor(boxes_px[:, 1].min())),
-            int(np.ceil(boxes_px[:, 2].max())), int(np.ceil(boxes_px[:, 3].max())))
+def _union_side(boxes_px: np.ndarray) -> int:
+    """(K, 4) xyxy pixel boxes, K >= 1 -> the longer side of their union's pixel rect."""
+    x0, y0, x1, y1 = xyxy_pixels_union_rect(boxes_px)
+    return max(x1 - x0, y1 - y0)
 
 
 def _crop_offset(u0: int, u1: int, extent: int, side: int, rng: np.random.Generator) -> int:
@@ -257,12 +258,12 @@ def square_crop(w: int, h: int, boxes_px: np.ndarray, rng: np.random.Generator, 
     offset."""
     short = max(min(w, h), 1)
     k = len(boxes_px)
-    while k and max(np.subtract(pixel_union(boxes_px[:k])[2:], pixel_union(boxes_px[:k])[:2])) > short:
+    while k and _union_side(boxes_px[:k]) > short:
         k -= 1
     if len(boxes_px) == 0:
         ux0, uy0, ux1, uy1 = 0, 0, w, h
     else:
-        ux0, uy0, ux1, uy1 = pixel_union(boxes_px[: max(k, 1)])
+        ux0, uy0, ux1, uy1 = xyxy_pixels_union_rect(boxes_px[: max(k, 1)])
     side = short
     if policy == "zoom" and k:
         side = int(rng.integers(max(ux1 - ux0, uy1 - uy0, 1), short + 1))
@@ -271,8 +272,7 @@ def square_crop(w: int, h: int, boxes_px: np.ndarray, rng: np.random.Generator, 
 
 def crop_box(box: np.ndarray, rec: DecodedRecord, x0: int, y0: int, side: int) -> np.ndarray:
     """A record box (xyxy in [0, 1] of the image) -> xyxy in [0, 1] of the crop, clipped to it. (4,) float32."""
-    wh = np.array([rec.width, rec.height] * 2, np.float32)
-    return np.clip((box * wh - [x0, y0, x0, y0]) / side, 0, 1).astype(np.float32)
+    return xyxy_norm_to_crop_norm(box, rec.width, rec.height, x0, y0, side)
 
 
 def filled_mask(mask: np.ndarray) -> np.ndarray:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import random
 import sys
@@ -25,6 +24,7 @@ import torch.distributed as dist
 from diffusers.training_utils import EMAModel
 
 from subjectdiff.model import Parts, build
+from subjectdiff.progress import Progress, duration
 from subjectdiff.train import checkpoint
 from subjectdiff.train.config import TrainConfig
 from subjectdiff.train.data import BatchStream, batch_stream, shared_selection
@@ -127,48 +127,10 @@ class Logger:
                 self.tb.add_scalar(f"train/{k}", v, step)
 
 
-def duration(seconds: float) -> str:
-    """12s, 3m05s, 2h07m, 3d04h."""
-    if not math.isfinite(seconds):
-        return "?"
-    s = int(round(seconds))
-    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if s >= size:
-            return f"{s // size}{unit}{(s % size) // sub_size:02d}{sub}"
-    return f"{s}s"
-
-
-class Progress:
-    """The run's pace on rank 0: steps/s and samples/s since this process started training, and the ETA to
-    run.max_steps (checkpoints and validation included, since they take wall time too); a tqdm bar showing them
-    when run.progress is "on", or "auto" and stderr is a terminal (log lines carry the numbers either way)."""
-
-    def __init__(self, max_steps: int, step: int, main: bool, mode: str):
-        from tqdm.auto import tqdm
-
-        self.max_steps, self.first, self.t0, self.samples = max_steps, step, time.perf_counter(), 0
-        show = main and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
-        self.bar = tqdm(total=max_steps, initial=step, unit="step", dynamic_ncols=True, disable=not show)
-
-    def update(self, step: int, samples: int) -> dict[str, float]:
-        """After a step: {"steps_per_s", "avg_samples_per_s", "eta_s"} since the start of this process."""
-        self.samples += samples
-        dt = max(time.perf_counter() - self.t0, 1e-9)
-        rate = (step - self.first) / dt
-        out = {"steps_per_s": rate, "avg_samples_per_s": self.samples / dt,
-               "eta_s": (self.max_steps - step) / rate if rate > 0 else math.inf}
-        self.bar.set_postfix_str(f"{out['avg_samples_per_s']:.3g} samples/s", refresh=False)
-        self.bar.update(1)
-        return out
-
-    def echo(self, text: str) -> None:
-        if self.bar.disable:
-            print(text, flush=True)
-        else:
-            self.bar.write(text)
-
-    def close(self) -> None:
-        self.bar.close()
+def show_bar(main: bool, mode: str) -> bool:
+    """Whether this rank shows the progress bar: rank 0 only, when run.progress is "on", or "auto" and stderr is
+    a terminal (log lines carry the numbers either way)."""
+    return main and (mode == "on" or (mode == "auto" and sys.stderr.isatty()))
 
 
 def decay_groups(named: dict[str, torch.nn.Parameter]) -> tuple[list[str], list[str]]:
@@ -276,14 +238,18 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         cfg, batches, logs = self.cfg, iter(self.stream), {}
-        pace = Progress(cfg.run.max_steps, self.step, self.d.main, cfg.run.progress)
+        # The run's pace since this process started training: ETA to run.max_steps, checkpoints and validation
+        # included (they take wall time too).
+        pace = Progress(cfg.run.max_steps, None, done=self.step, bar=show_bar(self.d.main, cfg.run.progress),
+                        unit="step")
         while self.step < cfg.run.max_steps:
             t0 = time.perf_counter()
             logs = self.train_step(batches)
             self.step += 1
             samples = logs.pop("samples")
+            pace.update(1, items=samples)
             logs.update(lr=self.sched.get_last_lr()[0], samples_per_s=samples / (time.perf_counter() - t0),
-                        **pace.update(self.step, samples))
+                        steps_per_s=pace.rate(), avg_samples_per_s=pace.item_rate(), eta_s=pace.eta())
             if "skip" in (cfg.data.no_subject, cfg.data.on_bad_record):  # this rank's skipped records, since start
                 logs["records_skipped"] = float(sum(self.stream.skipped.values()))
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:

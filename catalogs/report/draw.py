@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-from subjectdiff.catalogs.schema import box_pixels_xyxy
+from subjectdiff.catalogs.boxes import xyxy_norm_to_pixel_rect
 
 # 20 distinct colors (Trubetskoy's list, black for its white), object i of a record gets PALETTE[i % 20].
 PALETTE = [
@@ -51,7 +51,7 @@ def overlay(
     image: (H, W, 3) uint8 RGB. masks: (N, H, W), bool, or float coverage in [0, 1] (a downscaled mask's
     edge pixels then blend partially); None draws boxes only. boxes: (N, 4) xyxy normalized to [0, 1].
     colors: N RGB triples. Masks are blended in object order with opacity `alpha`; boxes are drawn on top,
-    `thickness` pixels inside the box's pixel extent (box_pixels_xyxy). labels: N texts written in each box's
+    `thickness` pixels inside the box's pixel extent (catalogs.boxes.xyxy_norm_to_pixel_rect). labels: N texts written in each box's
     top-left corner in its color, or None. Returns a new (H, W, 3) uint8 array.
     """
     h, w = image.shape[:2]
@@ -60,7 +60,7 @@ def overlay(
         raise ValueError(f"overlay: {n_masks} masks, {len(boxes)} boxes, {len(colors)} colors"
                          + ("" if labels is None else f", {len(labels)} labels"))
     out = image.copy() if masks is None else _tint(image, masks, colors, alpha)
-    pixel_boxes = [box_pixels_xyxy([float(v) for v in box], w, h) for box in boxes]
+    pixel_boxes = [xyxy_norm_to_pixel_rect([float(v) for v in box], w, h) for box in boxes]
     for (x0, y0, x1, y1), c in zip(pixel_boxes, colors):
         t = thickness
         out[y0 : min(y0 + t, y1), x0:x1] = c

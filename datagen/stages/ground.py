@@ -23,8 +23,8 @@ from PIL import Image
 from torchvision.ops import nms
 
 from subjectdiff.datagen.config import GroundConfig
+from subjectdiff.catalogs.boxes import cxcywh_norm_to_xyxy_norm
 from subjectdiff.datagen.stages.architectures import build_groundingdino
-from subjectdiff.datagen.stages.boxes import cxcywh_norm_to_xyxy_norm
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
 from subjectdiff.weights import Checkpoint, WeightsError, resolve
 

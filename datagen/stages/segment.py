@@ -15,9 +15,9 @@ import torch
 
 from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.datagen.config import SegmentConfig
-from subjectdiff.datagen.stages.boxes import xyxy_norm_to_xyxy_pixels
+from subjectdiff.catalogs.boxes import xyxy_norm_to_xyxy_pixels
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
-from subjectdiff.weights import Checkpoint, resolve
+from subjectdiff.weights import Checkpoint
 from subjectdiff.sam import SAM_ARCHS, arch_from_state_dict, build_sam  # noqa: F401  (re-exported)
 from subjectdiff.sam import load_sam as load_sam_file
 
@@ -25,9 +25,10 @@ log = logging.getLogger(__name__)
 
 
 def load_sam(cfg: SegmentConfig) -> torch.nn.Module:
-    """The segment stage's SAM: cfg.checkpoint resolved (cache, URLs) and loaded by the one shared SAM loader
-    (`subjectdiff.sam.load_sam`, which infer uses too); model_type "auto" reads the encoder size off the file."""
-    return load_sam_file(resolve(cfg.checkpoint), cfg.model_type)
+    """The segment stage's SAM: cfg.checkpoint resolved (cache, URLs, digests) and loaded by the one shared SAM
+    loader (`subjectdiff.sam.load_sam`, which infer uses too); model_type "auto" reads the encoder size off the
+    file."""
+    return load_sam_file(cfg.checkpoint, cfg.model_type)
 
 
 def checkpoints(cfg: SegmentConfig, download: bool = False) -> list[Checkpoint]:

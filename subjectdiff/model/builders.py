@@ -3,6 +3,12 @@
 `base=None` in the ModelConfig means random init from the architecture's config (tiny for tests, or the
 SD 2 base architecture for benchmarks); a diffusers folder or hub id loads real weights through the same path.
 Random init is seeded (ModelConfig.seed) without touching the global RNG, so every process builds the same.
+
+Weights come through `subjectdiff.weights`, as datagen's do: a hub id `base` is its snapshot in
+$SUBJECTDIFF_CACHE/hf (`resolve_folder`; a local folder is used in place, `#sha256=` checked either way), an
+image_encoder_weights file spec (path, URL, s3://, hf://, with an optional `#sha256=`) is fetched into the cache and
+verified, and an open_clip pretrained tag downloads into $SUBJECTDIFF_CACHE/open_clip: nothing lands in the
+libraries' default caches.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import torch
 from torch import nn
 
 from subjectdiff.model.config import ModelConfig
+from subjectdiff.weights import DIFFUSERS_FILES, cache_dir, resolve, resolve_folder
 
 TINY_UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
@@ -63,11 +70,16 @@ def seeded(seed: int):
         yield
 
 
+def base_folder(cfg: ModelConfig) -> Path:
+    """cfg.base as a local diffusers folder: the folder itself, or the hub id's snapshot in our cache."""
+    return resolve_folder(cfg.base, allow_patterns=DIFFUSERS_FILES)
+
+
 def base_unet(cfg: ModelConfig):
     from diffusers import UNet2DConditionModel
 
     if cfg.base:
-        return UNet2DConditionModel.from_pretrained(cfg.base, subfolder="unet")
+        return UNet2DConditionModel.from_pretrained(base_folder(cfg), subfolder="unet")
     with seeded(cfg.seed):
         return UNet2DConditionModel(**ARCH_CONFIGS[cfg.arch][0])
 
@@ -76,7 +88,7 @@ def vae(cfg: ModelConfig):
     from diffusers import AutoencoderKL
 
     if cfg.base:
-        return AutoencoderKL.from_pretrained(cfg.base, subfolder="vae")
+        return AutoencoderKL.from_pretrained(base_folder(cfg), subfolder="vae")
     with seeded(cfg.seed + 1):
         return AutoencoderKL(**ARCH_CONFIGS[cfg.arch][1])
 
@@ -85,7 +97,7 @@ def text_encoder(cfg: ModelConfig):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if cfg.base:
-        return CLIPTextModel.from_pretrained(cfg.base, subfolder="text_encoder")
+        return CLIPTextModel.from_pretrained(base_folder(cfg), subfolder="text_encoder")
     with seeded(cfg.seed + 2):
         return CLIPTextModel(CLIPTextConfig(**ARCH_CONFIGS[cfg.arch][2]))
 
@@ -94,7 +106,7 @@ def noise_scheduler(cfg: ModelConfig):
     from diffusers import DDPMScheduler
 
     if cfg.base:
-        return DDPMScheduler.from_pretrained(cfg.base, subfolder="scheduler")
+        return DDPMScheduler.from_pretrained(base_folder(cfg), subfolder="scheduler")
     return DDPMScheduler(**SD2_SCHEDULER)
 
 
@@ -105,12 +117,27 @@ def open_clip_visual(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
     if cfg.image_encoder not in open_clip.list_models():
         open_clip.add_model_config(OPEN_CLIP_CONFIGS)
     with seeded(cfg.seed + 3):
-        model = open_clip.create_model(cfg.image_encoder, pretrained=cfg.image_encoder_weights)
+        model = create_open_clip(cfg.image_encoder, cfg.image_encoder_weights)
     pre = open_clip.get_model_preprocess_cfg(model)
     visual = model.visual
     visual.output_tokens = True  # (pooled, tokens); calling the whole CLIP model would then fail (STACK.md)
     del model
     return visual, pre
+
+
+def create_open_clip(name: str, weights: str | None, *, transforms: bool = False, **kwargs):
+    """open_clip.create_model(NAME) (with `transforms`: create_model_and_transforms) with WEIGHTS: None (random
+    init), one of open_clip's pretrained tags for NAME (downloaded into $SUBJECTDIFF_CACHE/open_clip), or a
+    checkpoint spec (subjectdiff.weights.resolve: a path, URL, s3:// or hf:// file, with an optional #sha256=).
+    The model's image encoder and the metrics' CLIP load alike."""
+    import open_clip
+
+    create = open_clip.create_model_and_transforms if transforms else open_clip.create_model
+    if weights is None:
+        return create(name, **kwargs)
+    if weights in open_clip.list_pretrained_tags_by_model(name):
+        return create(name, pretrained=weights, cache_dir=str(cache_dir() / "open_clip"), **kwargs)
+    return create(name, pretrained=str(resolve(weights)), **kwargs)
 
 
 def image_encoder_input_size(cfg: ModelConfig) -> int:
