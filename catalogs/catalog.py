@@ -146,6 +146,30 @@ def catalog_path(root: str | os.PathLike, catalog: str | os.PathLike | None = No
     return cache_root() / "catalogs" / f"{slug}-{hashlib.sha1(url.encode()).hexdigest()[:10]}.duckdb"
 
 
+def is_catalog_file(path: str | os.PathLike) -> bool:
+    """Whether PATH names a catalog file (a .duckdb, or any existing file) rather than a shard folder or URL."""
+    return os.fspath(path).endswith(".duckdb") or os.path.isfile(path)
+
+
+def catalog_root(path: str | os.PathLike) -> str:
+    """The shard folder (or URL) the catalog file PATH was built from: the `root` its build recorded, or the
+    folder holding the file when that root is a local folder no longer there (a catalog moved with its shards)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CatalogError(f"no catalog at {path}; run `subjectdiff catalog build DIR --catalog {path}` first")
+    con = _connect(path, read_only=True)
+    try:
+        rows = con.execute("SELECT value FROM catalog_info WHERE name = 'root'").fetchall()
+    except duckdb.Error:  # not a catalog this code built
+        raise CatalogError(f"{path} is not a subjectdiff catalog (no catalog_info)") from None
+    finally:
+        con.close()
+    root = rows[0][0] if rows else None
+    if root is None or (is_local(root) and not local_path(root).is_dir()):
+        return str(path.parent)
+    return root
+
+
 def _connect(path: Path, *, read_only: bool, timeout: float = 60.0,
              settings: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
     """Open the catalog, waiting for another process's write lock (a running build) up to `timeout` s.

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from subjectdiff.catalogs import images
+from subjectdiff.presets import Presets
 
 log = logging.getLogger(__name__)
 
@@ -381,4 +382,4 @@ def paper() -> DatagenConfig:
     return cfg
 
 
-PRESETS = {"default": default, "tiny": tiny, "full-random": full_random, "paper": paper}
+PRESETS = Presets("datagen", default, paper, tiny, full_random)

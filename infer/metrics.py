@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from subjectdiff.model import builders
+from subjectdiff.presets import Presets
 
 
 @dataclass
@@ -50,7 +51,7 @@ def tiny() -> MetricsConfig:
                          dino_weights=None, dino_kwargs=dict(embed_dim=32, depth=2, num_heads=2, img_size=32))
 
 
-PRESETS = {"dreambooth": dreambooth, "tiny": tiny}
+PRESETS = Presets("metrics", dreambooth, tiny)
 
 
 def to_pil(image) -> Image.Image:

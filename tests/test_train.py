@@ -458,7 +458,8 @@ def test_square_crop_stays_in_the_image_and_contains_what_fits():
 def test_config_toml_presets_and_overrides(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('preset = "tiny"\n[data]\nbatch_size = 3\nshards = ["a/"]\n[optim]\nlr = 1\n')
-    cfg = load_config(str(f), ["loss.loc_weight=0.5", "model.base=/models/sd2", "run.out_dir=runs/x y"])
+    cfg = load_config(None, ["loss.loc_weight=0.5", "model.base=/models/sd2", "run.out_dir=runs/x y"],
+                      config_file=str(f))
     assert cfg.model.arch == "tiny" and cfg.data.batch_size == 3 and cfg.data.shards == ("a/",)
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.loss.loc_weight == 0.5
     assert cfg.model.base == "/models/sd2" and cfg.run.out_dir == "runs/x y"
