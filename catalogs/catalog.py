@@ -152,11 +152,13 @@ def is_catalog_file(path: str | os.PathLike) -> bool:
 
 
 def catalog_root(path: str | os.PathLike) -> str:
-    """The shard folder (or URL) the catalog file PATH was built from: the `root` its build recorded, or the
-    folder holding the file when that root is a local folder no longer there (a catalog moved with its shards)."""
+    """The shard folder (or URL) of the catalog file PATH: DIR for DIR/catalog.duckdb (catalog_path's, wherever
+    DIR was copied or moved) and for a file not made yet (`build(DIR, catalog=PATH)` makes it); otherwise the
+    `root` its build recorded (a bucket's catalog in the cache, a `--catalog FILE` of `catalog build`), or the
+    folder holding the file when that root is a local folder no longer there."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CatalogError(f"no catalog at {path}; run `subjectdiff catalog build DIR --catalog {path}` first")
+    if path.name == CATALOG_FILE or not path.exists():
+        return str(path.parent)
     con = _connect(path, read_only=True)
     try:
         rows = con.execute("SELECT value FROM catalog_info WHERE name = 'root'").fetchall()
