@@ -41,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "count words, long side >= 600, greedy captions); tiny: tiny random models (offline); "
                         "full-random: the default architectures with random weights, built into the cache "
                         "(speed tests, one node)")
-    r.add_argument("--config", metavar="FILE.toml", help="TOML overrides: [decode] [caption] [nouns] [ground] "
-                                                         "[segment] [filters] [curate] [pipeline] [pipeline.pools.STAGE]")
+    r.add_argument("--config", metavar="FILE.toml",
+                   help="TOML overrides: [decode] [caption] [nouns] [ground] [segment] [filters] [curate] [pipeline] "
+                        "[pipeline.pools.STAGE]")
     r.add_argument("--ray-address", metavar="ADDR",
                    help="a Ray cluster to join (default: $RAY_ADDRESS, as `ray job submit` sets it, else a cluster "
                         "`ray start` runs on this machine, else a Ray started here)")

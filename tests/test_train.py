@@ -227,7 +227,8 @@ def test_torchrun_two_ranks_disjoint_and_in_sync(shards, tmp_path):
     # --where: rank 0 selects, the other rank gets the selection through torch.distributed (gloo)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "subjectdiff.train",
            "--preset", "tiny", "--catalog", str(shards[0] / "catalog.duckdb"), "--where", "n_objects >= 2",
-           "--out", str(out), "run.max_steps=2", "run.trace=true", "run.ckpt_every=2", "optim.grad_accum=2", "data.batch_size=1"]
+           "--out", str(out), "run.max_steps=2", "run.trace=true", "run.ckpt_every=2", "optim.grad_accum=2",
+           "data.batch_size=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

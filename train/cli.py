@@ -62,8 +62,8 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
                    help="TOML tables [model] [data] [optim] [loss] [run] over the preset (a preset name here is "
                         "deprecated: --preset NAME)")
     p.add_argument("--model", default=None, metavar="NAME",
-                   help="tiny or sd2-base: run the config on this model preset at its native resolution (`--preset paper --model "
-                        "tiny`: the paper's data, loss and schedule on a CPU)")
+                   help="tiny or sd2-base: run the config on this model preset at its native resolution "
+                        "(`--preset paper --model tiny`: the paper's data, loss and schedule on a CPU)")
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:

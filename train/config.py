@@ -35,9 +35,9 @@ class DataConfig:
         the DuckDB catalog file that selects the records (of the folder it was built from, or of the one folder in
         `shards`; a shard folder or URL here, the deprecated form, means its own catalog): all of them, or those
         `where` (a SQL predicate over its `samples`) and `object_where` (one over its `objects`, with the sample's
-        caption, width, height and white_fraction) select; the selection records each sample's eligible objects, and samples without one
-        are left out. The catalog's records are selected when the run starts into out_dir/selection.parquet,
-        which a resumed run reuses.
+        caption, width, height and white_fraction) select; the selection records each sample's eligible objects,
+        and samples without one are left out. The catalog's records are selected when the run starts into
+        out_dir/selection.parquet, which a resumed run reuses.
     resolution: training image side (pixels). subject_size: side of the subject images (0 = the image
         encoder's input size).
     Object selection (the reference code's rules, `custom_dataset.py`; object_rules=false turns them all off):
