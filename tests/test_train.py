@@ -280,7 +280,7 @@ def test_trainer_puts_the_model_in_train_mode(shards, tmp_path, monkeypatch):
         parts.vae.train()
         return parts
 
-    monkeypatch.setattr(train.trainer, "build", built_in_eval)
+    monkeypatch.setattr(subjectdiff.train.trainer, "build", built_in_eval)
     trainer = subjectdiff.train.trainer.Trainer(tiny_cfg(shards[0], tmp_path, "run.val_steps=2", "run.val_samples=1"))
 
     def check() -> None:
@@ -309,7 +309,7 @@ def test_skipped_fp16_step_moves_neither_scheduler_nor_ema(shards, tmp_path, mon
         loss, terms = step(*args, **kwargs)
         return loss * float("inf"), terms
 
-    monkeypatch.setattr(train.trainer, "training_step", inf_loss)
+    monkeypatch.setattr(subjectdiff.train.trainer, "training_step", inf_loss)
     trainer.train_step(batches)
     assert trainer.scaler.get_scale() == 2.0**7  # the scaler saw inf and backed off
     assert trainer.sched.last_epoch == lr
@@ -401,7 +401,7 @@ def test_resume_skips_records_without_decoding_them(shards, tmp_path, monkeypatc
             f.write(sample["__key__"] + "\n")
         return decode(sample, **kw)
 
-    monkeypatch.setattr(catalogs.reader, "decode_record", logged)
+    monkeypatch.setattr(subjectdiff.catalogs.reader, "decode_record", logged)
     cfg = tiny_cfg(shards[0], tmp_path, "data.num_workers=2")
 
     def stream(state=None) -> BatchStream:
