@@ -481,7 +481,7 @@ def test_subjectdiff_train_subcommand(capsys):
 
 
 def test_paper_preset_is_the_reference_setting():
-    """`--config paper`: the reference's train.sh / train.py hyperparameters and CFG scheme, its selection and
+    """`--preset paper`: the reference's train.sh / train.py hyperparameters and CFG scheme, its selection and
     augmentation defaults, its MLP forms and localization layers."""
     from subjectdiff.train.step import drop_events
 

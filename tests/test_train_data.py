@@ -234,7 +234,7 @@ def test_ema_warms_up_instead_of_keeping_the_initial_weights():
 
 
 def test_paper_recipe_on_the_tiny_model():
-    """`--config paper --model tiny`: every setting of the paper preset, on the tiny model at its 64 px."""
+    """`--preset paper --model tiny`: every setting of the paper preset, on the tiny model at its 64 px."""
     paper, small = load_config("paper"), load_config("paper", model="tiny")
     assert small.model == load_config("tiny").model and small.data.resolution == 64
     for section in ("optim", "loss", "run"):

@@ -308,7 +308,7 @@ PRESETS = Presets("training", tiny, sd2_base, paper, aliases={"sd2_base": "sd2-b
 
 def with_model(cfg: TrainConfig, name: str) -> TrainConfig:
     """cfg on another model preset ("tiny", "sd2-base") at that model's native resolution, everything else as
-    cfg has it: `--config paper --model tiny` runs the paper's data, loss and schedule on a CPU in seconds."""
+    cfg has it: `--preset paper --model tiny` runs the paper's data, loss and schedule on a CPU in seconds."""
     if name not in MODEL_PRESETS:
         raise ValueError(f"--model {name!r}: unknown model preset; presets: {MODEL_PRESETS.names()}")
     cfg.model = MODEL_PRESETS[name]()
