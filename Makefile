@@ -28,7 +28,7 @@ system-deps:
 	  echo "chromium not installed: the report's browser test will be skipped"; }
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/subjectdiff demo --output $(DEMO_OUT)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/subjectdiff demo --out $(DEMO_OUT)
 
 test: $(STAMP) system-deps
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)

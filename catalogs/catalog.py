@@ -146,6 +146,32 @@ def catalog_path(root: str | os.PathLike, catalog: str | os.PathLike | None = No
     return cache_root() / "catalogs" / f"{slug}-{hashlib.sha1(url.encode()).hexdigest()[:10]}.duckdb"
 
 
+def is_catalog_file(path: str | os.PathLike) -> bool:
+    """Whether PATH names a catalog file (a .duckdb, or any existing file) rather than a shard folder or URL."""
+    return os.fspath(path).endswith(".duckdb") or os.path.isfile(path)
+
+
+def catalog_root(path: str | os.PathLike) -> str:
+    """The shard folder (or URL) of the catalog file PATH: DIR for DIR/catalog.duckdb (catalog_path's, wherever
+    DIR was copied or moved) and for a file not made yet (`build(DIR, catalog=PATH)` makes it); otherwise the
+    `root` its build recorded (a bucket's catalog in the cache, a `--catalog FILE` of `catalog build`), or the
+    folder holding the file when that root is a local folder no longer there."""
+    path = Path(path).expanduser()
+    if path.name == CATALOG_FILE or not path.exists():
+        return str(path.parent)
+    con = _connect(path, read_only=True)
+    try:
+        rows = con.execute("SELECT value FROM catalog_info WHERE name = 'root'").fetchall()
+    except duckdb.Error:  # not a catalog this code built
+        raise CatalogError(f"{path} is not a subjectdiff catalog (no catalog_info)") from None
+    finally:
+        con.close()
+    root = rows[0][0] if rows else None
+    if root is None or (is_local(root) and not local_path(root).is_dir()):
+        return str(path.parent)
+    return root
+
+
 def _connect(path: Path, *, read_only: bool, timeout: float = 60.0,
              settings: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
     """Open the catalog, waiting for another process's write lock (a running build) up to `timeout` s.

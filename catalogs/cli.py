@@ -26,7 +26,7 @@ _CATALOG_HELP = ("the DuckDB file (default: DIR/catalog.duckdb for a local DIR, 
 
 def _add_dir(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help=_DIR_HELP)
-    p.add_argument("--catalog", metavar="PATH", help=_CATALOG_HELP)
+    p.add_argument("--catalog", metavar="FILE", help=_CATALOG_HELP)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from subjectdiff.datagen.job import PRESETS
+from subjectdiff.cli_words import renamed, required_out
+from subjectdiff.datagen.config import PRESETS
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 
@@ -14,7 +15,7 @@ SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("datagen", help="build catalogued Subject-Diffusion records from images (Ray)")
     dsub = p.add_subparsers(dest="datagen_command", metavar="ACTION", required=True)
-    r = dsub.add_parser("run", help="run or resume the pipeline from SRC into DIR",
+    r = dsub.add_parser("run", help="run or resume the pipeline from SRC into --out DIR",
                         description="Rerunning the same command resumes: complete shards are kept, the rest redone.")
     r.add_argument("--input", required=True, metavar="SRC",
                    help="image folder, webdataset shards (.tar / brace pattern / fsspec URL), img2dataset "
@@ -26,10 +27,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--caption-column", metavar="NAME",
                    help="a list's column that becomes alt_text, in any case (default: the first of caption, "
                         "text, alt_text)")
-    r.add_argument("--output", required=True, metavar="DIR",
-                   help="a local folder or any fsspec URL (s3://bucket/prefix, gs://...): shards, sidecars, plan "
-                        "and manifest go there")
-    r.add_argument("--catalog", metavar="PATH",
+    required_out(r, "--output", metavar="DIR",
+                 help="a local folder or any fsspec URL (s3://bucket/prefix, gs://...): shards, sidecars, plan "
+                      "and manifest go there")
+    r.add_argument("--catalog", metavar="FILE",
                    help="the DuckDB catalog file (default: DIR/catalog.duckdb, or a file under "
                         "$SUBJECTDIFF_CACHE/catalogs for a URL)")
     r.add_argument("--retry-failures", action="store_true",
@@ -40,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "count words, long side >= 600, greedy captions); tiny: tiny random models (offline); "
                         "full-random: the default architectures with random weights, built into the cache "
                         "(speed tests, one node)")
-    r.add_argument("--config", metavar="FILE", help="TOML overrides: [decode] [caption] [nouns] [ground] [segment] "
-                                                    "[filters] [curate] [pipeline] [pipeline.pools.STAGE]")
+    r.add_argument("--config", metavar="FILE.toml",
+                   help="TOML overrides: [decode] [caption] [nouns] [ground] [segment] [filters] [curate] [pipeline] "
+                        "[pipeline.pools.STAGE]")
     r.add_argument("--ray-address", metavar="ADDR",
                    help="a Ray cluster to join (default: $RAY_ADDRESS, as `ray job submit` sets it, else a cluster "
                         "`ray start` runs on this machine, else a Ray started here)")
@@ -54,12 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     w = dsub.add_parser("weights", help="download a preset's checkpoints into the cache ($SUBJECTDIFF_CACHE)")
     w.add_argument("--preset", default="default", choices=PRESETS)
-    w.add_argument("--config", metavar="FILE")
+    w.add_argument("--config", metavar="FILE.toml")
     w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for `datagen run`")
     w.set_defaults(func=_weights)
 
     d = sub.add_parser("demo", help="the whole pipeline offline on the bundled sample images (tiny models)")
-    d.add_argument("--output", default="demo_out", metavar="DIR")
+    out = d.add_argument("--out", default="demo_out", metavar="DIR", help="the demo's folder (default demo_out)")
+    renamed(d, "--output", out)
     d.add_argument("--input", default=str(SAMPLE_IMAGES), metavar="SRC", help=argparse.SUPPRESS)
     d.set_defaults(func=_demo)
 
@@ -89,7 +92,7 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         cfg = _config(args)
-        summary = run(args.input, args.output, cfg, ray_address=args.ray_address,
+        summary = run(args.input, args.out, cfg, ray_address=args.ray_address,
                       command=["subjectdiff", *sys.argv[1:]],
                       image_column=args.image_column, caption_column=args.caption_column,
                       retry_failures=args.retry_failures, catalog_file=args.catalog)
@@ -172,19 +175,19 @@ def _demo(args: argparse.Namespace) -> int:
     cfg = preset("tiny")
     cfg.pipeline.shard_size = 4
     print(f"demo: tiny random models (offline) on {len(list(Path(args.input).glob('*.jpg')))} sample images "
-          f"-> {args.output}", flush=True)
-    summary = run(args.input, args.output, cfg, command=["subjectdiff", "demo", "--output", args.output])
+          f"-> {args.out}", flush=True)
+    summary = run(args.input, args.out, cfg, command=["subjectdiff", "demo", "--out", args.out])
     print(summary.line())
     sql = ("SELECT s.key, o.label, round(o.score, 3) AS score, round(o.area, 3) AS area, s.caption "
            "FROM objects o JOIN samples s USING (key) ORDER BY o.score DESC LIMIT 10")
-    print(f"\n$ subjectdiff catalog query {args.output} \"{sql}\"")
-    print(format_table(catalog.query(args.output, sql), "table"))
-    out = Path(args.output).resolve()
+    print(f"\n$ subjectdiff catalog query {args.out} \"{sql}\"")
+    print(format_table(catalog.query(args.out, sql), "table"))
+    out = Path(args.out).resolve()
     from subjectdiff.catalogs.report import build_report
 
     report = build_report(out, out / "report.html")
     print(f"shards, sidecars, stats:  {out}/*.tar, *.parquet, *_stats.json")
     print(f"visual report:            {report}   (open it in a browser)")
-    print(f"catalog (DuckDB):         {out}/catalog.duckdb   (subjectdiff catalog stats {args.output})")
+    print(f"catalog (DuckDB):         {out}/catalog.duckdb   (subjectdiff catalog stats {args.out})")
     print(f"run manifest:             {out}/manifest.json")
     return 0 if not summary.incomplete else 1

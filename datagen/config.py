@@ -17,6 +17,7 @@ from typing import Any
 
 from subjectdiff.catalogs import images
 from subjectdiff.weights import cache_dir
+from subjectdiff.presets import Presets
 
 log = logging.getLogger(__name__)
 
@@ -385,4 +386,4 @@ def paper() -> DatagenConfig:
     return cfg
 
 
-PRESETS = {"default": default, "tiny": tiny, "full-random": full_random, "paper": paper}
+PRESETS = Presets("datagen", default, paper, tiny, full_random)

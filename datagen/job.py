@@ -96,9 +96,6 @@ class PipelineConfig:
                                     num_cpus=max(p.num_cpus for p in pools), resources=resources)}
 
 
-PRESETS = ("default", "paper", "tiny", "full-random")
-
-
 @dataclass
 class JobConfig:
     stages: stage_config.DatagenConfig
@@ -120,16 +117,13 @@ def preset(name: str) -> JobConfig:
     `paper`: `default` with the data recipe of the authors' data_process.py (docs/datagen.md);
     `full-random`: `default`'s pipeline with its architectures at random weights (benchmarks; the models
     are written to this machine's cache, so run it on one node)."""
-    full = {"default": stage_config.default, "paper": stage_config.paper, "full-random": stage_config.full_random}
-    if name in full:
-        pools = {s.name: PoolConfig(1, s.num_gpus) for s in registry.STAGES if s.model}
-        return JobConfig(full[name](), PipelineConfig(pools=pools))
+    stages = stage_config.PRESETS[name]()  # the one list of datagen presets; an unknown name stops here
     if name == "tiny":
         pools = {s: PoolConfig(1, 0.0, 0.25) for s in registry.names(model=True)}
-        return JobConfig(stage_config.tiny(), PipelineConfig(shard_size=100, batch_size=4, read_num_cpus=0.25,
-                                                              writer_num_cpus=0.25, catalog_refresh_s=5.0,
-                                                              pools=pools))
-    raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+        return JobConfig(stages, PipelineConfig(shard_size=100, batch_size=4, read_num_cpus=0.25,
+                                                writer_num_cpus=0.25, catalog_refresh_s=5.0, pools=pools))
+    pools = {s.name: PoolConfig(1, s.num_gpus) for s in registry.STAGES if s.model}
+    return JobConfig(stages, PipelineConfig(pools=pools))
 
 
 def load_config(preset_name: str = "default", config_file: str | None = None,

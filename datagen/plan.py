@@ -61,17 +61,17 @@ def make_or_reuse(src: str, out: str | os.PathLike, shard_size: int, fingerprint
         if meta.get("input") != src or meta.get("shard_size") != shard_size:
             raise sources.SourceError(
                 f"{folder.url} holds a run of input {meta.get('input')!r} with shard_size {meta.get('shard_size')}; "
-                "use another --output (or the same input and settings to resume)"
+                "use another --out (or the same input and settings to resume)"
             )
         if meta.get("stages", fingerprint) != fingerprint:
             raise sources.SourceError(
                 f"{folder.url} holds records made with other stage settings (decode, models, thresholds or filters; "
                 f"fingerprint {meta['stages']}, now {fingerprint}): resuming would mix them. Use another "
-                "--output, or the config of that run (its manifest.json has it)"
+                "--out, or the config of that run (its manifest.json has it)"
             )
         if any(meta.get(k) != v for k, v in columns.items()):
             raise sources.SourceError(f"{folder.url} holds a run with other input columns "
-                                      f"({ {k: meta.get(k) for k in columns} }); use another --output")
+                                      f"({ {k: meta.get(k) for k in columns} }); use another --out")
         return meta["shards"]
     folder.makedirs()
     skipped: Counter = Counter()

@@ -3,7 +3,8 @@
     subjectdiff generate --model runs/a/export --prompt "a dog on the beach" \\
         --subject dog.jpg:0.1,0.3,0.6,0.95 --label dog --subject cup.png --label cup --sam sam_vit_h_4b8939.pth \\
         --num-images 4 --seed 0 --out out/
-    subjectdiff eval dreambench --model runs/a/export --data dreambooth/dataset --out eval/ --sam sam_vit_h.pth
+    subjectdiff eval dreambench --model runs/a/export --data dreambooth/dataset --out eval/ --sam sam_vit_h.pth \\
+        --preset dreambooth
 
 Boxes after IMAGE: are where the subject goes in the generated image (xyxy normalized to [0, 1]); --region and
 --point are SAM prompts in the SUBJECT image (normalized); --mask gives the subject's mask instead of SAM. These
@@ -17,6 +18,8 @@ import argparse
 import re
 import sys
 from pathlib import Path
+
+from subjectdiff.cli_words import renamed
 
 
 def floats(text: str, n: int, what: str) -> tuple[float, ...]:
@@ -110,7 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--subjects", default=None, help="comma-separated subject names (default: all)")
     d.add_argument("--max-prompts", type=int, default=None, help="first K prompts of each list (default: all 25)")
     d.add_argument("--pairs", default=None, help="multi-subject: a file of `a,b` lines, or a number of pairs")
-    d.add_argument("--metrics", choices=["dreambooth", "tiny"], default="dreambooth", help="metric model preset")
+    preset = d.add_argument("--preset", metavar="NAME", default="dreambooth",
+                            help="the metric models: dreambooth (DINO ViT-S/16, CLIP ViT-B/32; default) or tiny")
+    renamed(d, "--metrics", preset)
     d.add_argument("--clip-model", default=None, help="open_clip model name (preset's: ViT-B-32-quickgelu)")
     d.add_argument("--clip-weights", default=None, help="open_clip pretrained tag or file ('none' = random)")
     d.add_argument("--dino-model", default=None, help="timm model name (preset's: vit_small_patch16_224.dino)")
@@ -171,7 +176,7 @@ def _dreambench(args: argparse.Namespace) -> int:
     from subjectdiff.infer.dreambench import DreamBenchConfig, evaluate, read_bench
 
     read_bench(args.data)  # fail on a bad folder before loading any model
-    mcfg = metrics.PRESETS[args.metrics]()
+    mcfg = metrics.PRESETS[args.preset]()
     for flag, name in (("clip_model", "clip_model"), ("clip_weights", "clip_weights"), ("dino_model", "dino_model"),
                        ("dino_weights", "dino_weights")):
         value = getattr(args, flag)

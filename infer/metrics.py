@@ -22,6 +22,7 @@ from PIL import Image
 from subjectdiff.model import builders
 from subjectdiff.catalogs.storage import cache_root
 from subjectdiff.weights import resolve
+from subjectdiff.presets import Presets
 
 
 @dataclass
@@ -53,7 +54,7 @@ def tiny() -> MetricsConfig:
                          dino_weights=None, dino_kwargs=dict(embed_dim=32, depth=2, num_heads=2, img_size=32))
 
 
-PRESETS = {"dreambooth": dreambooth, "tiny": tiny}
+PRESETS = Presets("metrics", dreambooth, tiny)
 
 
 def to_pil(image) -> Image.Image:

@@ -265,7 +265,7 @@ def error_line(err: str) -> str:
 @pytest.mark.usefixtures("one_thread")
 def test_training_stops_on_a_bad_record_naming_it_or_skips_and_counts(bad_members, tmp_path, capsys):
     d, keys = bad_members
-    run = ["train", "--config", "tiny", "--shards", str(d), "run.progress='off'", "run.max_steps=3"]
+    run = ["train", "--preset", "tiny", "--records", str(d), "run.progress='off'", "run.max_steps=3"]
     for workers in (0, 1):  # in the process, and re-raised from a DataLoader worker
         assert main([*run, "--out", str(tmp_path / f"raise{workers}"), f"data.num_workers={workers}"]) == 2
         err = error_line(capsys.readouterr().err)
@@ -276,7 +276,7 @@ def test_training_stops_on_a_bad_record_naming_it_or_skips_and_counts(bad_member
     assert "data: epoch 0: 5 bad records skipped (data.on_bad_record=skip)" in out, out
     assert f"data: skipped bad record {keys[1]} (shard {d / '00000.tar'})" in err
 
-    assert main(["train", "preview", "--config", "tiny", "--shards", str(d), "--n", "3", "--out",
+    assert main(["train", "preview", "--preset", "tiny", "--records", str(d), "--sample", "3", "--out",
                  str(tmp_path / "pv"), "data.on_bad_record='skip'"]) == 0
     page = (tmp_path / "pv" / "index.html").read_text()
     assert "5 bad records skipped" in page

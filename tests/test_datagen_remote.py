@@ -163,7 +163,7 @@ def test_killed_driver_then_same_command_gives_the_straight_result(bucket_photos
     root, src, _ = bucket_photos
     ref, _ = straight_run
     out = f"{root}/killed"
-    cmd = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", src, "--output", out,
+    cmd = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", src, "--out", out,
            "--preset", "tiny", "--shard-size", "3", "--batch-size", "4"]
     env = dict(os.environ)
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -217,7 +217,7 @@ def test_a_job_on_a_three_node_cluster_writes_from_several_nodes(bucket_photos, 
             "--shard-size", "1", "--batch-size", "1", "pipeline.pools.curate.concurrency=2",
             "pipeline.pools.curate.resources={slot = 1}"]
     out = f"{root}/cluster"
-    r = subprocess.run(base + ["--output", out], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(base + ["--out", out], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "num_cpus and num_gpus must not be provided" not in r.stderr
     got = catalog.query(out, "SELECT source FROM samples UNION ALL SELECT source FROM failures")
@@ -233,7 +233,7 @@ def test_a_job_on_a_three_node_cluster_writes_from_several_nodes(bucket_photos, 
 
     env.pop("RAY_ADDRESS")
     again = f"{root}/found"
-    r = subprocess.run(base[:6] + [f"{src}/sub"] + base[7:] + ["--output", again], cwd=REPO, env=env,
+    r = subprocess.run(base[:6] + [f"{src}/sub"] + base[7:] + ["--out", again], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     (stats,) = [n for n in listing(again) if n.endswith("_stats.json")]
@@ -300,10 +300,10 @@ def test_torchrun_on_a_bucket_selection_killed_and_resumed_is_a_straight_run(buc
 
     url = f"{bucket}/train-records"
     write_photo_shards(url, n_shards=2, per_shard=4)
-    # `train --catalog URL --where`: the bucket's catalog is made on rank 0 (a local file), and the run reads
+    # `train --records URL --where`: the bucket's catalog is made on rank 0 (a local file), and the run reads
     # the selected tars from the bucket.
     env0 = {**os.environ, "OMP_NUM_THREADS": "1"}
-    w = subprocess.run([sys.executable, "-m", "subjectdiff.train", "--config", "tiny", "--catalog", url, "--where",
+    w = subprocess.run([sys.executable, "-m", "subjectdiff.train", "--preset", "tiny", "--records", url, "--where",
                         "n_objects >= 3", "--out", str(tmp_path / "where"), "run.max_steps=1", "run.trace=true",
                         "data.batch_size=2", "run.val_every=0"], cwd=REPO, env=env0, capture_output=True,
                        text=True, timeout=400)
@@ -318,7 +318,7 @@ def test_torchrun_on_a_bucket_selection_killed_and_resumed_is_a_straight_run(buc
 
     def cmd(out: Path, *extra: str) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                "-m", "subjectdiff.train", "--config", "tiny", "--selection", str(sel), "--out", str(out), "run.max_steps=4",
+                "-m", "subjectdiff.train", "--preset", "tiny", "--selection", str(sel), "--out", str(out), "run.max_steps=4",
                 "run.ckpt_every=2", "data.batch_size=1", "run.val_every=0", *extra]
 
     straight = subprocess.run(cmd(tmp_path / "straight"), cwd=REPO, env=env, capture_output=True, text=True,

@@ -289,7 +289,7 @@ def test_dreambench_cli_writes_csv_and_summary(export, dreambench, tmp_path):
 
     out = tmp_path / "eval"
     argv = ["eval", "dreambench", "--model", str(export), "--data", str(dreambench.parent), "--out", str(out),
-            "--num-images", "2", "--seed", "3", "--steps", "2", "--metrics", "tiny", "--device", "cpu"]
+            "--num-images", "2", "--seed", "3", "--steps", "2", "--preset", "tiny", "--device", "cpu"]
     assert main(argv) == 0
     with open(out / "per_subject.csv") as f:
         rows = list(csv.DictReader(f))
@@ -330,7 +330,7 @@ def test_trained_tiny_model_loads_from_export_and_checkpoints(photos, tmp_path):
 
     shards, run = tmp_path / "shards", tmp_path / "run"
     write_photo_shards(shards, n_shards=1, per_shard=2)
-    assert train_main(["--config", "tiny", "--shards", str(shards), "--out", str(run), "run.max_steps=2",
+    assert train_main(["--preset", "tiny", "--records", str(shards), "--out", str(run), "run.max_steps=2",
                        "run.ckpt_every=2", "optim.ema_decay=0.5", "optim.lr=1e-2"]) == 0
     ckpt = run / "checkpoints" / "step-0000002"
     assert resolve_model(run) == (run / "export", "export")

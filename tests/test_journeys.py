@@ -52,9 +52,9 @@ def error_line(p: subprocess.CompletedProcess, command: str) -> str:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    """`subjectdiff demo --output DIR`, what `make demo` runs."""
+    """`subjectdiff demo --out DIR`, what `make demo` runs."""
     out = tmp_path_factory.mktemp("journey") / "demo_out"
-    p = subjectdiff("demo", "--output", str(out))
+    p = subjectdiff("demo", "--out", str(out))
     assert "records" in p.stdout and (out / "catalog.duckdb").is_file() and (out / "report.html").is_file()
     return out
 
@@ -73,7 +73,7 @@ def reference(demo) -> int:
 def trained(demo) -> Path:
     """The issue's command on the demo's records: the tiny preset's defaults (loader settings included)."""
     run = demo.parent / "run_tiny"
-    p = subjectdiff("train", "--config", "tiny", "--shards", str(demo), "--out", str(run), "run.max_steps=20",
+    p = subjectdiff("train", "--preset", "tiny", "--records", str(demo), "--out", str(run), "run.max_steps=20",
                     *FAST)
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == list(range(1, 21)) and all(r["loss"] == r["loss"] for r in logs)
@@ -82,7 +82,7 @@ def trained(demo) -> Path:
 
 
 def test_demo_then_train_generate_and_evaluate(demo, trained, tmp_path):
-    """demo -> train (tiny defaults) -> generate from the checkpoint -> eval dreambench --metrics tiny."""
+    """demo -> train (tiny defaults) -> generate from the checkpoint -> eval dreambench --preset tiny."""
     gen = tmp_path / "generated"
     p = subjectdiff("generate", "--model", str(trained / "export"), "--prompt", "a cat on a rug", "--subject",
                     f"{SAMPLES / 'chelsea.jpg'}:0.1,0.2,0.7,0.9", "--label", "cat", "--steps", "2", "--num-images",
@@ -92,7 +92,7 @@ def test_demo_then_train_generate_and_evaluate(demo, trained, tmp_path):
     bench = dreambench_folder(tmp_path / "dreambench")
     ev = tmp_path / "eval"
     subjectdiff("eval", "dreambench", "--model", str(trained / "checkpoints" / "step-0000020"), "--data", str(bench),
-                "--out", str(ev), "--metrics", "tiny", "--num-images", "1", "--max-prompts", "1", "--steps", "2",
+                "--out", str(ev), "--preset", "tiny", "--num-images", "1", "--max-prompts", "1", "--steps", "2",
                 "--device", "cpu", "--no-progress")
     summary = json.loads((ev / "summary.json").read_text())
     assert [c["subject"] for c in summary["per_subject"]] == ["cat", "cup"]
@@ -103,7 +103,7 @@ def test_demo_then_reference_selection_then_train(demo, reference, tmp_path):
     """demo -> catalog select --object-where reference -> train --selection: trains on the records the reference's
     rules keep, or, when they keep none of these records, the trainer says so in one line."""
     sel, run = demo.parent / "reference.parquet", tmp_path / "run"
-    p = subjectdiff("train", "--config", "tiny", "--selection", str(sel), "--out", str(run), "run.max_steps=3",
+    p = subjectdiff("train", "--preset", "tiny", "--selection", str(sel), "--out", str(run), "run.max_steps=3",
                     "run.trace=true", *FAST, check=False)
     if reference:
         assert p.returncode == 0, p.stderr
@@ -114,14 +114,14 @@ def test_demo_then_reference_selection_then_train(demo, reference, tmp_path):
 
 
 def test_demo_then_the_paper_recipe_on_the_tiny_model(demo, reference, tmp_path):
-    """demo -> train --config paper --model tiny (the paper's rules skip records without a subject) and
+    """demo -> train --preset paper --model tiny (the paper's rules skip records without a subject) and
     train preview --config paper: they run when the records have subjects, else stop with one line naming a
     record and the rule it fails."""
     run, page = tmp_path / "run", tmp_path / "preview"
-    p = subjectdiff("train", "--config", "paper", "--model", "tiny", "--catalog", str(demo), "--out", str(run),
-                    "run.max_steps=3", "run.precision='fp32'", *FAST, check=False)
-    q = subjectdiff("train", "preview", "--config", "paper", "--shards", str(demo), "--n", "4", "--out", str(page),
-                    check=False)
+    p = subjectdiff("train", "--preset", "paper", "--model", "tiny", "--catalog", str(demo / "catalog.duckdb"),
+                    "--out", str(run), "run.max_steps=3", "run.precision='fp32'", *FAST, check=False)
+    q = subjectdiff("train", "preview", "--preset", "paper", "--records", str(demo), "--sample", "4",
+                    "--out", str(page), check=False)
     if reference:
         assert p.returncode == 0 and q.returncode == 0, p.stderr + q.stderr
         assert len(json.loads((run / "log.jsonl").read_text().splitlines()[-1])) and (page / "index.html").is_file()
@@ -135,7 +135,7 @@ def test_demo_then_a_killed_run_resumes(demo, tmp_path):
     """demo -> train, killed once it has saved a checkpoint -> the same command with --resume latest finishes the
     run from the checkpoint."""
     run = tmp_path / "run"
-    argv = ["train", "--config", "tiny", "--shards", str(demo), "--out", str(run), "run.ckpt_every=2",
+    argv = ["train", "--preset", "tiny", "--records", str(demo), "--out", str(run), "run.ckpt_every=2",
             "run.progress='off'"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "subjectdiff", *argv, "run.max_steps=100000"], cwd=ROOT, env=env,

@@ -137,13 +137,13 @@ def test_rerun_of_a_complete_output_changes_nothing(photo_dir, reference_run):
     again = run(str(photo_dir), out, tiny_cfg(batch_size=8))
     assert again.skipped_shards == again.shards and again.ok == again.failed == 0
     assert tables(out) == before
-    with pytest.raises(SourceError, match="another --output"):
+    with pytest.raises(SourceError, match="another --out"):
         run(str(photo_dir), out, tiny_cfg(shard_size=2))
 
 
 def test_killed_driver_then_same_command_gives_the_uninterrupted_result(photo_dir, reference_run, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", str(photo_dir), "--output", str(out),
+    cmd = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", str(photo_dir), "--out", str(out),
            "--preset", "tiny", "--shard-size", "3", "--batch-size", "8"]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
@@ -236,6 +236,6 @@ def test_list_and_brace_inputs_plan_every_unit(tmp_path):
 
 def test_bad_input_is_one_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", str(tmp_path / "nope"),
-                           "--output", str(tmp_path / "o"), "--preset", "tiny"],
+                           "--out", str(tmp_path / "o"), "--preset", "tiny"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not a folder" in proc.stderr

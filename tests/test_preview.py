@@ -63,7 +63,8 @@ def check_rules(rows: list[dict], demo: Path, cfg) -> None:
 
 def test_preview_writes_what_the_trainer_feeds(demo, tmp_path):
     out = tmp_path / "pv"
-    assert main(["train", "preview", "--config", "tiny", "--shards", str(demo), "--n", "5", "--out", str(out)]) == 0
+    assert main(["train", "preview", "--preset", "tiny", "--records", str(demo), "--sample", "5",
+                 "--out", str(out)]) == 0
     rows = rows_of(out)
     assert len(rows) == 5 and {"key", "objects", "boxes", "prompt", "placeholder_pos", "loc_pos"} <= set(rows[0])
     check_rules(rows, demo, load_config("tiny"))
@@ -83,15 +84,16 @@ def test_preview_writes_what_the_trainer_feeds(demo, tmp_path):
 
 def test_preview_runs_offline_with_the_paper_preset_and_object_where(demo, tmp_path):
     out = tmp_path / "paper"
-    assert main(["train", "preview", "--config", "paper", "--catalog", str(demo), "--object-where",
-                 "label <> 'flag'", "--n", "4", "--out", str(out), "data.batch_size=2", "data.num_workers=0"]) == 0
+    assert main(["train", "preview", "--preset", "paper", "--catalog", str(demo / "catalog.duckdb"), "--object-where",
+                 "label <> 'flag'", "--sample", "4", "--out", str(out), "data.batch_size=2", "data.num_workers=0"]) == 0
     rows = rows_of(out)
     assert len(rows) == 4 and all("flag" not in r["labels"] for r in rows)
     check_rules(rows, demo, load_config("paper"))
     assert (out / "selection.parquet").is_file()
     img = re.search(r'src="data:image/png;base64,[^"]+"', (out / "index.html").read_text())
     assert img  # the page embeds its images
-    assert main(["train", "preview", "--config", "tiny", "--shards", str(demo), "--n", "0", "--out", str(out)]) == 2
+    assert main(["train", "preview", "--preset", "tiny", "--records", str(demo), "--sample", "0",
+                 "--out", str(out)]) == 2
 
 
 @needs_chromium
@@ -99,7 +101,7 @@ def test_preview_renders_in_headlesschromium(demo, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     out = ARTIFACTS / "preview"
     n = 6
-    assert main(["train", "preview", "--config", "tiny", "--shards", str(demo), "--n", str(n), "--out", str(out),
+    assert main(["train", "preview", "--preset", "tiny", "--records", str(demo), "--sample", str(n), "--out", str(out),
                  f"data.backgrounds='{Path(__file__).parents[1] / 'datagen' / 'sample_images'}'"]) == 0
     rows = rows_of(out)
     subjects = sum(len(r["objects"]) for r in rows)

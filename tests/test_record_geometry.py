@@ -200,21 +200,22 @@ def test_reference_selection_on_real_photo_geometry(geometry_shards):
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("argv", [
-    ["--config", "tiny"],
-    ["--config", "paper", "--model", "tiny", "data.num_workers=2", "run.precision='fp32'"],
-    ["--config", "tiny", "--object-where", "reference", "data.num_workers=2", "data.batch_size=3"],
+    ["--preset", "tiny"],
+    ["--preset", "paper", "--model", "tiny", "data.num_workers=2", "run.precision='fp32'"],
+    ["--preset", "tiny", "--object-where", "reference", "data.num_workers=2", "data.batch_size=3"],
 ], ids=["tiny", "paper-tiny", "reference"])
 def test_training_and_preview_run_over_real_photo_geometry(geometry_shards, tmp_path, argv):
     """A few steps and a preview on records like real photos, with the loaders' settings as given: no crash, the
     logged losses finite, and every previewed subject a well-formed one."""
-    data = ["--catalog", str(geometry_shards)] if "--object-where" in argv else ["--shards", str(geometry_shards)]
+    data = (["--catalog", str(geometry_shards / "catalog.duckdb")] if "--object-where" in argv
+            else ["--records", str(geometry_shards)])
     out = tmp_path / "run"
     assert main(["train", *argv, *data, "--out", str(out), "run.max_steps=3", "run.ckpt_every=100", "run.log_every=1",
                  "run.progress='off'"]) == 0
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 3 and all(np.isfinite(r["loss"]) for r in logs)
     page = tmp_path / "preview"
-    assert main(["train", "preview", *argv, *data, "--n", "6", "--out", str(page)]) == 0
+    assert main(["train", "preview", *argv, *data, "--sample", "6", "--out", str(page)]) == 0
     rows = [json.loads(line) for line in (page / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 6
     for row in rows:

@@ -348,7 +348,7 @@ def test_hf_urls_fail_clearly_without_a_hub(tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     url = "hf://datasets/google/dreambooth/data/train-00000-of-00001.parquet"
-    proc = subprocess.run([sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", url, "--output",
+    proc = subprocess.run([sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", url, "--out",
                            str(tmp_path / "out"), "--preset", "tiny", "--image-column", "image",
                            "--caption-column", "text"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

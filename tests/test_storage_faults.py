@@ -282,7 +282,7 @@ def test_heavy_faults_end_in_one_line_per_shard_and_a_rerun_is_exact(fault_proxy
     (src / "broken.jpg").write_bytes(b"not a JPEG")
     inputs = sorted(str(p) for p in src.iterdir())
     out = f"{new_bucket()}/heavy"
-    cmd = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", str(src), "--output", out,
+    cmd = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", str(src), "--out", out,
            "--preset", "tiny", "--shard-size", "2", "--batch-size", "2", "pipeline.max_attempts=2"]
     env = {**os.environ, "SUBJECTDIFF_CACHE": str(tmp_path / "cache")}
 

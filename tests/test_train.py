@@ -153,7 +153,7 @@ def test_overfitting_a_few_records_lowers_the_loss(shards, tmp_path):
 def test_resume_latest_matches_straight_run(shards, tmp_path):
     """Stop at step 3, `--resume latest` to step 6 == 6 steps straight. Crosses an epoch boundary (4 batches
     per epoch). Tolerance: exact up to 1e-6 (same CPU, same thread count; float math is deterministic here)."""
-    common = ["--config", "tiny", "--shards", str(shards[0])]
+    common = ["--preset", "tiny", "--records", str(shards[0])]
     sets = ["run.ckpt_every=3", "run.log_every=3", "optim.ema_decay=0.5"]
     assert main([*common, "--out", str(tmp_path / "straight"), *sets, "run.max_steps=6"]) == 0
     assert main([*common, "--out", str(tmp_path / "split"), *sets, "run.max_steps=3"]) == 0
@@ -205,8 +205,8 @@ def test_selection_uses_exactly_the_selected_records(shards, tmp_path):
     want = set(query(shards[0], f"SELECT key FROM samples WHERE {where}").column("key").to_pylist())
     assert 0 < len(want) < len(shards[1])
     out = tmp_path / "sel"
-    assert main(["--config", "tiny", "--catalog", str(shards[0]), "--where", where, "--out", str(out),
-                 "run.max_steps=4", "run.trace=true", "data.batch_size=1", "run.ckpt_every=100",
+    assert main(["--preset", "tiny", "--catalog", str(shards[0] / "catalog.duckdb"), "--where", where,
+                 "--out", str(out), "run.max_steps=4", "run.trace=true", "data.batch_size=1", "run.ckpt_every=100",
                  "run.val_every=4"]) == 0
     seen = [k for keys in traced_keys(out) for k in keys]
     assert (out / "samples" / "step-0000004.png").exists()  # the validation grid
@@ -226,8 +226,9 @@ def test_torchrun_two_ranks_disjoint_and_in_sync(shards, tmp_path):
     out = tmp_path / "ddp"
     # --where: rank 0 selects, the other rank gets the selection through torch.distributed (gloo)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "subjectdiff.train",
-           "--config", "tiny", "--catalog", str(shards[0]), "--where", "n_objects >= 2", "--out", str(out),
-           "run.max_steps=2", "run.trace=true", "run.ckpt_every=2", "optim.grad_accum=2", "data.batch_size=1"]
+           "--preset", "tiny", "--catalog", str(shards[0] / "catalog.duckdb"), "--where", "n_objects >= 2",
+           "--out", str(out), "run.max_steps=2", "run.trace=true", "run.ckpt_every=2", "optim.grad_accum=2",
+           "data.batch_size=1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -253,8 +254,8 @@ def test_resume_with_where_reuses_the_run_selection(shards, tmp_path, capsys):
     where = "source LIKE 'skimage://c%'"
     want = set(query(data, f"SELECT key FROM samples WHERE {where}").column("key").to_pylist())
     out = tmp_path / "run"
-    args = ["--config", "tiny", "--catalog", str(data), "--out", str(out), "run.trace=true", "data.batch_size=1",
-            "run.ckpt_every=2"]
+    args = ["--preset", "tiny", "--catalog", str(data / "catalog.duckdb"), "--out", str(out), "run.trace=true",
+            "data.batch_size=1", "run.ckpt_every=2"]
     assert main([*args, "--where", where, "run.max_steps=2"]) == 0
     saved = (out / "selection.parquet").read_bytes()
     (data / "catalog.duckdb").unlink()
@@ -458,7 +459,8 @@ def test_square_crop_stays_in_the_image_and_contains_what_fits():
 def test_config_toml_presets_and_overrides(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('preset = "tiny"\n[data]\nbatch_size = 3\nshards = ["a/"]\n[optim]\nlr = 1\n')
-    cfg = load_config(str(f), ["loss.loc_weight=0.5", "model.base=/models/sd2", "run.out_dir=runs/x y"])
+    cfg = load_config(None, ["loss.loc_weight=0.5", "model.base=/models/sd2", "run.out_dir=runs/x y"],
+                      config_file=str(f))
     assert cfg.model.arch == "tiny" and cfg.data.batch_size == 3 and cfg.data.shards == ("a/",)
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.loss.loc_weight == 0.5
     assert cfg.model.base == "/models/sd2" and cfg.run.out_dir == "runs/x y"
@@ -472,14 +474,14 @@ def test_config_toml_presets_and_overrides(tmp_path):
 def test_subjectdiff_train_subcommand(capsys):
     from subjectdiff.cli import main as subjectdiff_main
 
-    assert subjectdiff_main(["train", "--config", "tiny", "--print-config", "--out", "runs/t", "run.max_steps=7"]) == 0
+    assert subjectdiff_main(["train", "--preset", "tiny", "--print-config", "--out", "runs/t", "run.max_steps=7"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["run"]["max_steps"] == 7 and cfg["run"]["out_dir"] == "runs/t" and cfg["model"]["arch"] == "tiny"
     assert subjectdiff_main(["train", "--config", "no-such-preset"]) == 2
 
 
 def test_paper_preset_is_the_reference_setting():
-    """`--config paper`: the reference's train.sh / train.py hyperparameters and CFG scheme, its selection and
+    """`--preset paper`: the reference's train.sh / train.py hyperparameters and CFG scheme, its selection and
     augmentation defaults, its MLP forms and localization layers."""
     from subjectdiff.train.step import drop_events
 
@@ -525,7 +527,7 @@ def test_validation_samples_with_the_users_sampler_and_train_logs_its_pace(shard
     assert subjectdiff.train.validate.sample_latents is subjectdiff.infer.pipeline.sample_latents is sampling.sample_latents
     assert subjectdiff.train.validate.three_branches is sampling.three_branches
     out = tmp_path / "pace"
-    assert main(["--config", "tiny", "--shards", str(shards[0]), "--out", str(out), "run.max_steps=2",
+    assert main(["--preset", "tiny", "--records", str(shards[0]), "--out", str(out), "run.max_steps=2",
                  "run.ckpt_every=100", "run.val_every=2", "run.val_steps=2", "run.progress='off'"]) == 0
     assert (out / "samples" / "step-0000002.png").is_file()
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])

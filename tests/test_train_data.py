@@ -71,10 +71,10 @@ def test_records_without_a_subject_train_text_only_or_are_skipped(tmp_path, caps
         assert isinstance(make_sample(rec, paper, 32, sample_rng(0, 0, rec.key)), NoSubject)
     d = tmp_path / "shards"
     write(d, records)
-    assert main(["train", "--config", "tiny", "--shards", str(d), "--out", str(tmp_path / "a"), "run.max_steps=3",
+    assert main(["train", "--preset", "tiny", "--records", str(d), "--out", str(tmp_path / "a"), "run.max_steps=3",
                  "run.progress='off'"]) == 0
     capsys.readouterr()
-    assert main(["train", "--config", "paper", "--model", "tiny", "--shards", str(d), "--out", str(tmp_path / "b"),
+    assert main(["train", "--preset", "paper", "--model", "tiny", "--records", str(d), "--out", str(tmp_path / "b"),
                  "run.max_steps=3", "run.precision='fp32'", "run.progress='off'"]) == 1
     err = error_line(capsys.readouterr().err)
     assert "no subject" in err and "record " in err and "(shard 00000.tar)" in err
@@ -188,11 +188,11 @@ def test_small_selections_preview_and_train_with_the_paper_preset(tmp_path, caps
     d = tmp_path / "small"
     keys = write(d, [make_record(f"r{i}", sized("chelsea", 120, 90), "a cat", [Obj("cat", "cat", (0.2, 0.2, 0.7, 0.9))])
                      for i in range(3)])
-    assert main(["train", "preview", "--config", "paper", "--shards", str(d), "--n", "5", "--out",
+    assert main(["train", "preview", "--preset", "paper", "--records", str(d), "--sample", "5", "--out",
                  str(tmp_path / "pv")]) == 0
     rows = [json.loads(line) for line in (tmp_path / "pv" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and {r["key"] for r in rows} == set(keys) and all(r["labels"] == ["cat"] for r in rows)
-    assert main(["train", "--config", "paper", "--model", "tiny", "--shards", str(d), "--out", str(tmp_path / "t"),
+    assert main(["train", "--preset", "paper", "--model", "tiny", "--records", str(d), "--out", str(tmp_path / "t"),
                  "run.max_steps=2", "run.precision='fp32'", "run.progress='off'"]) == 0
     assert "3 records per epoch; 1 rank(s) x 3 worker(s) read 1 each" in capsys.readouterr().out
     for rank in range(4):  # 3 records, 4 ranks: each rank reads one, records repeat
@@ -208,8 +208,8 @@ def test_a_catalog_alone_means_all_of_it(tmp_path):
     keys = write_geometry_shards(d)
     build(d)
     out = tmp_path / "run"
-    assert main(["train", "--config", "tiny", "--catalog", str(d), "--out", str(out), "run.max_steps=5",
-                 "data.batch_size=2", "run.trace=true", "run.progress='off'"]) == 0
+    assert main(["train", "--preset", "tiny", "--catalog", str(d / "catalog.duckdb"), "--out", str(out),
+                 "run.max_steps=5", "data.batch_size=2", "run.trace=true", "run.progress='off'"]) == 0
     seen = {k for line in (out / "trace-rank0.jsonl").read_text().splitlines() for k in json.loads(line)["keys"]}
     assert seen == set(keys) and (out / "selection.parquet").is_file()
 
@@ -234,7 +234,7 @@ def test_ema_warms_up_instead_of_keeping_the_initial_weights():
 
 
 def test_paper_recipe_on_the_tiny_model():
-    """`--config paper --model tiny`: every setting of the paper preset, on the tiny model at its 64 px."""
+    """`--preset paper --model tiny`: every setting of the paper preset, on the tiny model at its 64 px."""
     paper, small = load_config("paper"), load_config("paper", model="tiny")
     assert small.model == load_config("tiny").model and small.data.resolution == 64
     for section in ("optim", "loss", "run"):
@@ -253,7 +253,7 @@ def test_a_record_that_breaks_sample_building_is_named_in_one_line(tmp_path, cap
     bg = tmp_path / "bg"
     bg.mkdir()
     (bg / "broken.jpg").write_bytes(b"not a jpeg")
-    assert main(["train", "--config", "tiny", "--shards", str(d), "--out", str(tmp_path / "run"), "run.max_steps=1",
+    assert main(["train", "--preset", "tiny", "--records", str(d), "--out", str(tmp_path / "run"), "run.max_steps=1",
                  f"data.backgrounds='{bg}'", "data.num_workers=1"]) == 2
     err = error_line(capsys.readouterr().err)
     assert f"record {keys[0]} (shard 00000.tar)" in err and "broken.jpg" in err

@@ -1,8 +1,8 @@
 """TrainConfig: typed nested dataclasses, presets as functions, TOML files and `key=value` overrides.
 
     cfg = load_config("tiny", ["run.max_steps=20", "data.shards=['out/']"])
-    cfg = load_config("my_run.toml")        # TOML tables [model] [data] [optim] [loss] [run]; `preset = "..."`
-                                            # at the top starts from a preset
+    cfg = load_config(config_file="my_run.toml")   # TOML tables [model] [data] [optim] [loss] [run];
+                                                   # `preset = "..."` at the top starts from a preset
 Override values are TOML literals (numbers, booleans, quoted strings, [lists]); anything else is a string.
 """
 
@@ -19,6 +19,7 @@ from subjectdiff.model.config import PRESETS as MODEL_PRESETS
 from subjectdiff.model.config import sd2_base as model_sd2_base
 from subjectdiff.model.config import tiny as model_tiny
 from subjectdiff.overrides import apply, merge_dicts, parse_override
+from subjectdiff.presets import Presets
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CROPS = ("short-side", "zoom")
@@ -30,12 +31,13 @@ ON_BAD_RECORD = ("raise", "skip")
 class DataConfig:
     """Where records come from, and how a record becomes a training sample (train/data.py).
 
-    shards: shard folders, files or brace patterns. selection: a `catalog select` Parquet. catalog: a shard
-        folder (or URL) whose catalog selects the records: all of them, or those `where` (a SQL predicate over its
-        `samples`) and `object_where` (one over its `objects`, with the sample's caption, width, height and
-        white_fraction) select; the selection records each sample's eligible objects, and samples without one
-        are left out. The catalog's records are selected when the run starts into out_dir/selection.parquet,
-        which a resumed run reuses.
+    shards: shard folders, files or brace patterns (--records). selection: a `catalog select` Parquet. catalog:
+        the DuckDB catalog file that selects the records (of the folder it was built from, or of the one folder in
+        `shards`; a shard folder or URL here, the deprecated form, means its own catalog): all of them, or those
+        `where` (a SQL predicate over its `samples`) and `object_where` (one over its `objects`, with the sample's
+        caption, width, height and white_fraction) select; the selection records each sample's eligible objects,
+        and samples without one are left out. The catalog's records are selected when the run starts into
+        out_dir/selection.parquet, which a resumed run reuses.
     resolution: training image side (pixels). subject_size: side of the subject images (0 = the image
         encoder's input size).
     Object selection (the reference code's rules, `custom_dataset.py`; object_rules=false turns them all off):
@@ -126,8 +128,8 @@ class DataConfig:
         if self.pick not in ("score", "random"):
             raise ValueError(f"data.pick must be 'score' (descending detection score) or 'random', got {self.pick!r}")
         if (self.where or self.object_where) and not self.catalog and not self.shards:
-            raise ValueError("--where / --object-where need --catalog DIR, the shard folder whose catalog they query "
-                             "(data.catalog; or one folder in --shards)")
+            raise ValueError("--where / --object-where need --catalog FILE.duckdb, the catalog they query "
+                             "(data.catalog; or one folder in --records, whose catalog.duckdb they query)")
         if self.crop not in CROPS:
             raise ValueError(f"data.crop must be one of {CROPS}, got {self.crop!r}")
         if self.no_subject not in NO_SUBJECT:
@@ -301,32 +303,32 @@ def paper() -> TrainConfig:
     )
 
 
-PRESETS = {"tiny": tiny, "sd2-base": sd2_base, "sd2_base": sd2_base, "paper": paper}
+PRESETS = Presets("training", tiny, sd2_base, paper, aliases={"sd2_base": "sd2-base"})  # the alias: until 0.3
 
 
 def with_model(cfg: TrainConfig, name: str) -> TrainConfig:
     """cfg on another model preset ("tiny", "sd2-base") at that model's native resolution, everything else as
-    cfg has it: `--config paper --model tiny` runs the paper's data, loss and schedule on a CPU in seconds."""
+    cfg has it: `--preset paper --model tiny` runs the paper's data, loss and schedule on a CPU in seconds."""
     if name not in MODEL_PRESETS:
-        raise ValueError(f"--model {name!r}: choose a model preset from {sorted(MODEL_PRESETS)}")
+        raise ValueError(f"--model {name!r}: unknown model preset; presets: {MODEL_PRESETS.names()}")
     cfg.model = MODEL_PRESETS[name]()
     cfg.data.resolution = NATIVE_RESOLUTION[cfg.model.arch]
     return cfg
 
 
-def load_config(config: str, overrides: list[str] | tuple[str, ...] = (), model: str | None = None) -> TrainConfig:
-    """A preset name ("tiny", "sd2-base", "paper") or a TOML file, on another model preset when `model` is given
-    (with_model), then the file's values and `key=value` overrides, applied in order."""
-    if config in PRESETS:
-        cfg, values = PRESETS[config](), {}
-    elif Path(config).is_file():
-        values = tomllib.loads(Path(config).read_text())
-        preset = values.pop("preset", "sd2-base")
-        if preset not in PRESETS:
-            raise ValueError(f"{config}: unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-        cfg = PRESETS[preset]()
-    else:
-        raise ValueError(f"--config {config!r} is neither a preset ({', '.join(PRESETS)}) nor a TOML file")
+def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), model: str | None = None,
+                *, config_file: str | None = None) -> TrainConfig:
+    """A preset ("tiny", "sd2-base", "paper"; default: config_file's top-level `preset`, else "sd2-base"), on
+    another model preset when `model` is given (with_model), then config_file's tables and `key=value` overrides,
+    applied in order."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        if not Path(config_file).is_file():
+            raise FileNotFoundError(f"--config {config_file}: no such TOML file (presets are --preset NAME: "
+                                    f"{PRESETS.names()})")
+        values = tomllib.loads(Path(config_file).read_text())
+    named = values.pop("preset", "sd2-base")
+    cfg = PRESETS[preset or named]()
     if model is not None:
         cfg = with_model(cfg, model)
     for o in overrides:

@@ -471,15 +471,26 @@ def run_selection(cfg: DataConfig, out_dir: str, resume: bool) -> str | None:
                                  f"{saved.get(name)!r} ({path}): a resumed run keeps its selection; start a new run "
                                  "(another --out) for a new one")
         return path
-    root = cfg.catalog or cfg.shards[0]
-    if not catalog.catalog_path(root).exists():  # a bucket's catalog is a local file: made here on first use
-        for bad in catalog.build(root).bad:  # their records are not in the selection: say so
+    root, catalog_file = catalog_source(cfg)
+    if not catalog.catalog_path(root, catalog_file).exists():  # a bucket's catalog is a local file: made on first use
+        for bad in catalog.build(root, catalog=catalog_file).bad:  # their records are not in the selection: say so
             print(f"data: {bad.line()}", file=sys.stderr, flush=True)
     objects = REFERENCE_OBJECT_WHERE if cfg.object_where == "reference" else cfg.object_where
-    if select(root, cfg.where, path, object_where=objects) == 0:
+    if select(root, cfg.where, path, catalog=catalog_file, object_where=objects) == 0:
         raise ValueError(f"--where {cfg.where!r} / --object-where {cfg.object_where!r} select no record of the "
                          f"catalog of {root}")
     return path
+
+
+def catalog_source(cfg: DataConfig) -> tuple[str, str | None]:
+    """(the shard folder or URL, its catalog file or None for catalog_path's) that a catalog selection reads.
+    data.catalog is the DuckDB file: its records are data.shards' folder when given, else the folder the catalog
+    was built from; a shard folder or URL there (the deprecated form) means that folder's own catalog."""
+    if cfg.catalog is None:
+        return cfg.shards[0], None
+    if not catalog.is_catalog_file(cfg.catalog):
+        return cfg.catalog, None
+    return (cfg.shards[0] if cfg.shards else catalog.catalog_root(cfg.catalog)), cfg.catalog
 
 
 def shared_selection(cfg: DataConfig, out_dir: str, rank: int, world: int, resume: bool
@@ -511,8 +522,8 @@ def make_reader(cfg: DataConfig, selection: dict[str, set[str]] | None, rank: in
     """The balanced reader of this rank: every rank and worker reads as many records per epoch."""
     shards = list(cfg.shards) if cfg.shards and not cfg.queries_catalog else None
     if shards is None and selection is None:
-        raise ValueError("no training data: give --shards DIR, --selection FILE, or --catalog DIR (all its "
-                         "records, or those --where / --object-where select)")
+        raise ValueError("no training data: give --records DIR, --selection FILE, or --catalog FILE.duckdb (all "
+                         "its records, or those --where / --object-where select)")
     on_error = "yield" if cfg.on_bad_record == "skip" else "raise"  # "yield": TrainSamples counts them
     return RecordReader(shards, selection=selection, split="balanced", multiple=cfg.batch_size, rank=rank,
                         world_size=world, shuffle_seed=seed, on_error=on_error)

@@ -1,7 +1,8 @@
 """`subjectdiff train preview`: exactly what the trainer would feed, for N samples, as a contact sheet.
 
-    subjectdiff train preview --config paper --shards out/ --n 16 --out preview/
-    subjectdiff train preview --config tiny --catalog out/ --object-where reference --n 8 --out preview/
+    subjectdiff train preview --preset paper --records out/ --sample 16 --out preview/
+    subjectdiff train preview --preset tiny --catalog out/catalog.duckdb --object-where reference --sample 8 \
+        --out preview/
 
 Same config and data flags as `train`. It builds no model: it needs the CLIP tokenizer and the subject-image size
 (read from the image encoder's open_clip config), so it runs offline with any preset. The samples are the first N

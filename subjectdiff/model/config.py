@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from subjectdiff.presets import Presets
+
 # Parameter groups that can be trained (the paper's training setup: cross-attention K/V, the adapters, conv_in, the text
 # encoder, the text-side MLP and the grounding network). See `model.trainable_parameter_names`.
 TRAINABLE_GROUPS = ("conv_in", "cross_kv", "adapters", "grounding", "text_mlp", "text_encoder", "unet")
@@ -101,4 +103,4 @@ def sd2_base() -> ModelConfig:
     return ModelConfig()
 
 
-PRESETS = {"tiny": tiny, "sd2-base": sd2_base}
+PRESETS = Presets("model", tiny, sd2_base)
