@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from subjectdiff.infer.pipeline import Pipeline, SamplingConfig  # noqa: E402
 from subjectdiff.infer.subjects import Subject  # noqa: E402
-from tests.records import photo  # noqa: E402
+from subjectdiff.photo_records import photo  # noqa: E402
 
 
 def build_pipeline(args, device: torch.device) -> tuple[Pipeline, float]:

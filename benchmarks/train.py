@@ -14,7 +14,7 @@ of each augmentation per subject image and of the selection rules per record (si
 optionally gradient checkpointing. "reference": the way the paper's public code runs the same step: the image
 encoder under autograd (its parameters require grad, a graph is built and kept through backward, its gradients
 zeroed each step), fp16 casts of the frozen parts and fp16 autocast, no gradient checkpointing. Random weights
-(no download); records are the hand-made photo shards of tests/records.py, enough of them that the data-loader
+(no download); records are the hand-made photo shards of subjectdiff/photo_records.py, enough of them that the data-loader
 measurement (the preset's DataLoader workers) stays within one epoch. On a GPU each variant is built, timed and
 freed in turn, so that its peak memory is its own; on a CPU both live at once and their rounds alternate.
 Appends a section to benchmarks/results/train.md.
@@ -41,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.records import write_photo_shards  # noqa: E402
+from subjectdiff.photo_records import write_photo_shards  # noqa: E402
 from subjectdiff.train.config import load_config  # noqa: E402
 from subjectdiff.train.data import BatchStream, TrainSamples, make_reader  # noqa: E402
 
@@ -74,7 +74,7 @@ def write_backgrounds(d: Path, n: int = 8) -> Path:
     """n JPEG photos at 1600 x 1200 (about BG-20k's size) from scikit-image's photos."""
     from PIL import Image
 
-    from tests.records import PHOTOS, photo
+    from subjectdiff.photo_records import PHOTOS, photo
 
     d.mkdir(parents=True, exist_ok=True)
     names = list(PHOTOS)
@@ -183,7 +183,7 @@ def loader_benchmark(args) -> int:
              f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n",
              f"Command: `python benchmarks/train.py {' '.join(sys.argv[1:])}`  ",
              f"Machine: {machine}; torch {torch.__version__}; load average at the end {os.getloadavg()[0]:.1f} "
-             "(shared machine: CPU numbers are noisy); records: tests/records.py's photos (300-1000 px), subject "
+             "(shared machine: CPU numbers are noisy); records: subjectdiff/photo_records.py's photos (300-1000 px), subject "
              f"images {size} px\n",
              "| loader | samples/s per worker |", "|---|---:|"]
     lines += [f"| {name} | {rate / workers:.1f} |" for name, rate in rows]

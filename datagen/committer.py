@@ -29,6 +29,9 @@ from subjectdiff.catalogs.schema import Failure
 from subjectdiff.catalogs.storage import Folder, open_url
 from subjectdiff.catalogs.tars import member_index
 from subjectdiff.catalogs.writer import ShardWriter, shard_names
+from subjectdiff.datagen.assemble import to_record
+from subjectdiff.catalogs.embeddings import read_embeddings
+from subjectdiff.catalogs.writer import optional_names
 
 Item = dict[str, Any]
 
@@ -148,8 +151,6 @@ class ShardCommitter:
 
 def _write(w: ShardWriter, item: Item, part: int) -> bool:
     """Append one finished item to its shard: True when written as a record, False when recorded as a failure."""
-    from subjectdiff.datagen.assemble import to_record
-
     rec = to_record(item)
     if isinstance(rec, Failure):
         w.fail(rec, part)
@@ -210,9 +211,6 @@ def carry_over(w: ShardWriter, out: str, shard: str, order: list[str], replace: 
 
 def _embeddings(folder: Folder, shard: str) -> dict[str, Any]:
     """{key: (D,) float16 embedding} from the shard's embedding sidecar; {} when it has none."""
-    from subjectdiff.catalogs.embeddings import read_embeddings
-    from subjectdiff.catalogs.writer import optional_names
-
     name = optional_names(shard)["embeddings"]
     if not folder.exists(name):
         return {}

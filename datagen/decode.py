@@ -15,6 +15,8 @@ from typing import Any
 from subjectdiff.catalogs.storage import describe
 from subjectdiff.datagen import units
 from subjectdiff.datagen.config import DecodeConfig, FilterConfig
+from subjectdiff.datagen.stages.common import decode_item, fail, failed
+from subjectdiff.datagen.stages.filters import prefilter
 
 Item = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -37,9 +39,6 @@ def read_and_decode(rows: dict[str, list], filters: FilterConfig | None = None,
                     decode: DecodeConfig | None = None) -> list[Item]:
     """Plan rows (columns of datagen.sources.PLAN_SCHEMA, as lists) -> one item per row, in order, decoded as
     DECODE says (None: its defaults)."""
-    from subjectdiff.datagen.stages.common import decode_item, fail, failed
-    from subjectdiff.datagen.stages.filters import prefilter
-
     items = []
     columns = rows.get("column") or [None] * len(rows["key"])
     for i, key in enumerate(rows["key"]):

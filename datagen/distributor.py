@@ -40,6 +40,9 @@ from subjectdiff.datagen.ray_setup import worker_options
 from subjectdiff.progress import Progress
 from subjectdiff.datagen.stage_pool import StagePool, contract_error, reason, task_block
 from subjectdiff.datagen.stages import registry
+from subjectdiff.datagen.decode import read_and_decode
+from subjectdiff.datagen.assemble import embedding_meta
+from subjectdiff.datagen.committer import ShardCommitter
 
 WAIT_NOTICE_S = 30.0  # say what the run waits for when no stage actor has started after this long
 
@@ -121,8 +124,6 @@ class Distributor:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        from subjectdiff.datagen.assemble import embedding_meta
-        from subjectdiff.datagen.committer import ShardCommitter
 
         for pool in self.pools.values():
             if pool is not self.last:
@@ -310,8 +311,6 @@ class Distributor:
 
 
 def _decode_block(rows: dict[str, list], filters, decode) -> list[dict]:
-    from subjectdiff.datagen.decode import read_and_decode
-
     return read_and_decode(rows, filters, decode)
 
 

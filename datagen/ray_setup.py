@@ -18,6 +18,7 @@ import socket
 import sys
 
 from subjectdiff.datagen.job import PipelineConfig
+from subjectdiff.catalogs.storage import storage_env
 
 # Loggers whose start-up messages are not for the user (their full logs stay in the Ray session folder):
 # token-authentication notices, the "Started a local Ray instance" line.
@@ -81,8 +82,6 @@ def worker_options() -> dict:
     as their environment. A worker inherits its node's environment (`ray start`'s, or that of the Ray this
     process joined), not the driver's: without this, `AWS_ENDPOINT_URL=... subjectdiff datagen run` would
     reach a different endpoint, or none, from the other nodes. Ray merges these with a job's own env_vars."""
-    from subjectdiff.catalogs.storage import storage_env
-
     env = storage_env()
     return {"runtime_env": {"env_vars": env}} if env else {}
 

@@ -11,6 +11,8 @@ import uuid
 
 import pytest
 
+from tests.faults import MotoRecorder
+
 # Ray's temporary folder for this test session alone: a Ray cluster started on this machine by anyone else
 # (`ray start`, another test run) is then invisible to the tests, whose runs start or join only their own.
 # Short, because Ray's socket paths live under it.
@@ -72,39 +74,6 @@ def bucket(s3_server):
     fs.mkdir(name)
     fs.invalidate_cache()
     yield f"s3://{name}"
-
-
-class MotoRecorder:
-    """What the S3 server at ENDPOINT is asked, from moto's own request recorder (server side): call the
-    recorder for [(method, object path, query)] since the last `reset()`."""
-
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-
-    def _call(self, action: str) -> bytes:
-        req = urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{action}",
-                                     method="GET" if action.startswith("download") else "POST")
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.read()
-
-    def start(self) -> None:
-        self._call("reset-recording")
-        self._call("start-recording")
-
-    def stop(self) -> None:
-        self._call("stop-recording")
-
-    def reset(self) -> None:
-        self._call("reset-recording")
-
-    def __call__(self) -> list[tuple[str, str, str]]:
-        out = []
-        for line in self._call("download-recording").decode().splitlines():
-            if line.strip():
-                e = json.loads(line)
-                u = urllib.parse.urlsplit(e["url"])
-                out.append((e["method"], urllib.parse.unquote(u.path), u.query))
-        return out
 
 
 @pytest.fixture

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import re
 import socket
@@ -35,6 +36,7 @@ import socketserver
 import struct
 import threading
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 
 _ERRORS = {
@@ -238,3 +240,36 @@ def through(proxy: FaultProxy):
             else:
                 os.environ[k] = v
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+class MotoRecorder:
+    """What the S3 server at ENDPOINT is asked, from moto's own request recorder (server side): call the
+    recorder for [(method, object path, query)] since the last `reset()`."""
+
+    def __init__(self, endpoint: str):
+        self.endpoint = endpoint
+
+    def _call(self, action: str) -> bytes:
+        req = urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{action}",
+                                     method="GET" if action.startswith("download") else "POST")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.read()
+
+    def start(self) -> None:
+        self._call("reset-recording")
+        self._call("start-recording")
+
+    def stop(self) -> None:
+        self._call("stop-recording")
+
+    def reset(self) -> None:
+        self._call("reset-recording")
+
+    def __call__(self) -> list[tuple[str, str, str]]:
+        out = []
+        for line in self._call("download-recording").decode().splitlines():
+            if line.strip():
+                e = json.loads(line)
+                u = urllib.parse.urlsplit(e["url"])
+                out.append((e["method"], urllib.parse.unquote(u.path), u.query))
+        return out

@@ -25,7 +25,7 @@ from subjectdiff.catalogs.reader import DecodedRecord, decode_record
 from subjectdiff.catalogs.schema import Record, compute_quality, make_key, object_from_arrays, validate
 from subjectdiff.catalogs.tokens import clip_token_positions
 from subjectdiff.catalogs.writer import ShardWriter
-from tests.records import ellipse_mask, photo
+from subjectdiff.photo_records import ellipse_mask, photo
 
 MASK_KINDS = ("ellipse", "rect", "partial", "spill", "outside", "empty", "blob")
 # (label, the caption's words for it): plurals, compounds and multi-word labels as the nouns stage writes them

@@ -23,7 +23,7 @@ from subjectdiff.catalogs.reader import BadRecord, BadRecordError, DecodedRecord
 from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.cli import main
 from tests.geometry import Obj, make_record, sized
-from tests.records import write_photo_shards
+from subjectdiff.photo_records import write_photo_shards
 from subjectdiff.train.config import load_config
 from subjectdiff.train.data import BatchStream, TrainSamples, make_reader
 

@@ -18,7 +18,7 @@ from subjectdiff.catalogs.selection import load_selection
 from subjectdiff.catalogs.schema import Failure, Record, RecordError, make_key, object_from_arrays
 from subjectdiff.catalogs.tokens import clip_token_positions, clip_tokenizer
 from subjectdiff.catalogs.writer import ShardWriter, complete_shards
-from tests.records import PHOTOS, ellipse_mask, photo_record, write_photo_shards
+from subjectdiff.photo_records import PHOTOS, ellipse_mask, photo_record, write_photo_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_interrupted_write_leaves_no_visible_shard(tmp_path):
     script = f"""
 import os
 from subjectdiff.catalogs.writer import ShardWriter
-from tests.records import photo_record
+from subjectdiff.photo_records import photo_record
 w = ShardWriter({str(tmp_path)!r}, "00007")
 w.write(photo_record("astronaut")[0])
 w._part_file(0).flush()

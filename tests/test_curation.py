@@ -25,45 +25,10 @@ from subjectdiff.catalogs.schema import make_key
 from subjectdiff.datagen import config
 from subjectdiff.datagen.stages.common import decode_item, fail
 from subjectdiff.datagen.tiny import SAMPLE_IMAGES, TinyModels, save_tiny_aesthetic_head, save_tiny_clip
+from tests.planted import PHOTOS, crop_sides, jpeg, photo_bytes, planted, unrelated_photo
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
-PHOTOS = ("astronaut", "chelsea", "coffee", "coins", "hubble_deep_field", "rocket")
-
-
-def jpeg(im: Image.Image, quality: int = 90) -> bytes:
-    buf = io.BytesIO()
-    im.save(buf, "JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def photo_bytes(name: str) -> bytes:
-    return (SAMPLE_IMAGES / f"{name}.jpg").read_bytes()
-
-
-def crop_sides(im: Image.Image, frac: float) -> Image.Image:
-    w, h = im.size
-    return im.crop((round(w * frac), round(h * frac), w - round(w * frac), h - round(h * frac)))
-
-
-def unrelated_photo() -> bytes:
-    from skimage import data
-
-    return jpeg(Image.fromarray(np.stack([data.camera()] * 3, -1)))
-
-
-def planted() -> dict[str, bytes]:
-    """source -> bytes: the six photos (shard 00000 in the table below), then the planted copies and the
-    unrelated photo (shard 00001), so each original is its group's first member in plan order."""
-    out = {f"orig/{n}.jpg": photo_bytes(n) for n in PHOTOS}
-    rocket = Image.open(io.BytesIO(photo_bytes("rocket"))).convert("RGB")
-    chelsea = Image.open(io.BytesIO(photo_bytes("chelsea"))).convert("RGB")
-    out["copy/astronaut-exact.jpg"] = photo_bytes("astronaut")
-    out["copy/rocket-resized.jpg"] = jpeg(rocket.resize((rocket.width * 2 // 3, rocket.height * 2 // 3),
-                                                        Image.LANCZOS), quality=75)
-    out["copy/chelsea-cropped.jpg"] = jpeg(crop_sides(chelsea, 0.03))
-    out["other/camera.jpg"] = unrelated_photo()
-    return out
 
 
 def samples_table(images: dict[str, bytes]) -> pa.Table:

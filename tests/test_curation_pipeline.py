@@ -25,7 +25,7 @@ from subjectdiff.catalogs.schema import make_key
 from subjectdiff.datagen.job import preset
 from subjectdiff.datagen.run import run
 from subjectdiff.cli import main
-from tests.test_curation import crop_sides, jpeg, planted
+from tests.planted import crop_sides, jpeg, planted
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 

@@ -2,7 +2,7 @@
 and the embedding sidecar), retries carry them over, the catalog loads them (NULL for older shards, a catalog of
 an older version rebuilt), and `catalog select` deduplicates and excludes held-out images with them.
 
-Hand-made records on real photos (tests/records.py), with signals computed as the curate stage computes the
+Hand-made records on real photos (subjectdiff/photo_records.py), with signals computed as the curate stage computes the
 hashes and with fixed scores: no model runs here (tests/test_curation_pipeline.py runs the stage end to end).
 """
 
@@ -27,48 +27,9 @@ from subjectdiff.catalogs.schema import SCHEMA_VERSION, Failure, Record, RecordE
 from subjectdiff.catalogs.selection import select
 from subjectdiff.catalogs.writer import ShardWriter, complete_shards
 from subjectdiff.cli import main
-from tests.records import photo, photo_record
+from tests.planted import DIM, curated, write_planted
+from subjectdiff.photo_records import photo, photo_record
 
-DIM = 8
-
-
-def curated(name: str, source: str, *, quality: int | None = None, seed: int = 0) -> Record:
-    """photo_record with the curate stage's fields: sha256 and phash of its bytes, fixed scores, a unit embedding.
-    quality: re-encode the same pixels at that JPEG quality (other bytes, a near-identical phash)."""
-    rec, _ = photo_record(name, source=source)
-    if quality is not None:
-        buf = io.BytesIO()
-        Image.fromarray(photo(name)).save(buf, "JPEG", quality=quality)
-        rec.image = buf.getvalue()
-    rec.sha256 = hashlib.sha256(rec.image).hexdigest()
-    rec.phash = hashing.phash_int64(Image.open(io.BytesIO(rec.image)))
-    rng = np.random.default_rng(seed)
-    e = rng.normal(size=DIM)
-    rec.clip_embedding = (e / np.linalg.norm(e)).astype(np.float32)
-    rec.clip_score, rec.aesthetic = 0.25 + 0.01 * seed, 5.0 + 0.1 * seed
-    for i, o in enumerate(rec.objects):
-        o.label_score, o.label_rank = 0.3 - 0.05 * i, 1 + i
-    return rec
-
-
-def write_planted(out: Path) -> dict[str, Record]:
-    """Shard 00000: astronaut, chelsea, coffee, a failure; shard 00001: an exact copy of the astronaut, the chelsea
-    re-encoded at quality 60, and the rocket. Returns source -> record."""
-    plan = {"00000": [("astronaut", "orig/astronaut", None), ("chelsea", "orig/chelsea", None),
-                      ("coffee", "orig/coffee", None)],
-            "00001": [("astronaut", "copy/astronaut", None), ("chelsea", "copy/chelsea-q60", 60),
-                      ("rocket", "orig/rocket", None)]}
-    recs = {}
-    seed = 0
-    for shard, rows in plan.items():
-        with ShardWriter(out, shard, embedding_meta={"model": "test", "pretrained": None}) as w:
-            for name, src, quality in rows:
-                recs[src] = rec = curated(name, src, quality=quality, seed=seed)
-                seed += 1
-                w.write(rec)
-                if shard == "00000" and src == "orig/chelsea":
-                    w.fail(Failure(make_key(f"bad/{shard}"), f"bad/{shard}", "decode", "truncated"))
-    return recs
 
 
 def keys(*sources: str) -> list[str]:

@@ -19,7 +19,7 @@ from PIL import Image
 from subjectdiff.catalogs import catalog, storage
 from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.datagen.run import run
-from tests.test_pipeline import assert_close, tiny_cfg
+from tests.pipelines import assert_close, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "datagen" / "sample_images"
@@ -296,7 +296,7 @@ def test_torchrun_on_a_bucket_selection_killed_and_resumed_is_a_straight_run(buc
     from safetensors.torch import load_file
 
     from subjectdiff.catalogs.selection import select
-    from tests.records import write_photo_shards
+    from subjectdiff.photo_records import write_photo_shards
 
     url = f"{bucket}/train-records"
     write_photo_shards(url, n_shards=2, per_shard=4)

@@ -434,7 +434,7 @@ def test_a_folder_of_phone_and_web_formats_through_datagen_run(tmp_path):
     from subjectdiff.catalogs import catalog
     from subjectdiff.catalogs.reader import RecordReader
     from subjectdiff.datagen.run import run
-    from tests.test_pipeline import tiny_cfg
+    from tests.pipelines import tiny_cfg
 
     src, out = tmp_path / "in", tmp_path / "out"
     want = mixed_folder(src)

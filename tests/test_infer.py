@@ -15,7 +15,7 @@ from PIL import Image
 from subjectdiff.infer.pipeline import Pipeline, SamplingConfig, default_layout, location_map, resolve_model
 from subjectdiff.infer.subjects import Subject, SubjectCutter
 from subjectdiff.model import build, tiny
-from tests.records import photo
+from subjectdiff.photo_records import photo
 
 FAST = SamplingConfig(steps=2, batch_size=2)
 
@@ -325,7 +325,7 @@ def test_trained_tiny_model_loads_from_export_and_checkpoints(photos, tmp_path):
     weights and the run folder all load here and generate."""
     from safetensors.torch import load_file
 
-    from tests.records import write_photo_shards
+    from subjectdiff.photo_records import write_photo_shards
     from subjectdiff.train.cli import main as train_main
 
     shards, run = tmp_path / "shards", tmp_path / "run"

@@ -15,7 +15,7 @@ from subjectdiff.catalogs import catalog, storage
 from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.catalogs.selection import load_selection, select
 from subjectdiff.catalogs.writer import ShardWriter, complete_shards, shard_names
-from tests.records import photo_record, write_photo_shards
+from subjectdiff.photo_records import photo_record, write_photo_shards
 
 REPO = Path(__file__).resolve().parents[1]
 

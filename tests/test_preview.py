@@ -1,4 +1,4 @@
-"""`subjectdiff train preview`: what the trainer would feed, on demo records (tests/records.py's photos), with any
+"""`subjectdiff train preview`: what the trainer would feed, on demo records (subjectdiff/photo_records.py's photos), with any
 preset (no model is built); the contact sheet as a person sees it in headless Chromium (skipped when Debian's
 `chromium` is not installed). The Chromium test keeps its screenshot at tests/artifacts/preview.png."""
 
@@ -15,7 +15,7 @@ from PIL import Image
 from subjectdiff.catalogs.catalog import build
 from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.cli import main
-from tests.records import write_photo_shards
+from subjectdiff.photo_records import write_photo_shards
 from tests.browser import chromium, needs_chromium, page_errors, probe
 from subjectdiff.train.config import load_config
 from subjectdiff.train.data import contained, crop_box_ok, object_ok

@@ -29,7 +29,7 @@ from subjectdiff.catalogs.schema import Failure, Record, make_key
 from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.cli import main
 from tests.browser import chromium, needs_chromium, page_errors, probe
-from tests.records import photo_record, write_photo_shards
+from subjectdiff.photo_records import photo_record, write_photo_shards
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 HOSTILE_CAPTION_PREFIX = '<script>alert("caption")</script><img src=x onerror=alert(1)> & '
@@ -299,7 +299,7 @@ def test_report_renders_in_headlesschromium(dataset, tmp_path):
 def curated(tmp_path_factory) -> Path:
     """Shards whose records carry the curate stage's signals (tests/test_curation_records.py): an exact copy of
     the astronaut and a re-encoded copy of the cat among six records, fixed CLIP, aesthetic and label scores."""
-    from tests.test_curation_records import write_planted
+    from tests.planted import write_planted
 
     root = tmp_path_factory.mktemp("report_curated")
     write_planted(root)

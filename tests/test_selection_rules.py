@@ -17,7 +17,7 @@ from subjectdiff.catalogs.schema import Record, make_key, object_from_arrays
 from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, select
 from subjectdiff.catalogs.tokens import clip_token_positions
 from subjectdiff.catalogs.writer import ShardWriter
-from tests.records import ellipse_mask, encode, photo
+from subjectdiff.photo_records import ellipse_mask, encode, photo
 from subjectdiff.train.config import DataConfig, load_config
 from subjectdiff.train.data import choose_subjects, crop_box_ok, make_sample, object_ok, sample_rng
 

@@ -201,9 +201,9 @@ def faulty_run(s3_server, tmp_path_factory):
     inputs, stderr (progress every update), the proxy's and the server's view of the requests."""
     import ray
 
-    from tests.conftest import MotoRecorder
+    from tests.faults import MotoRecorder
     from tests.faults import FaultProxy, through
-    from tests.test_pipeline import tiny_cfg
+    from tests.pipelines import tiny_cfg
     from subjectdiff.datagen.run import run
 
     proxy = FaultProxy(s3_server)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.model.subject_image import SubjectAugment, background_photo, subject_image
-from tests.records import photo, write_photo_shards
+from subjectdiff.photo_records import photo, write_photo_shards
 from subjectdiff.train.config import load_config
 from subjectdiff.train.data import make_sample, sample_rng
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.records import write_photo_shards
+from subjectdiff.photo_records import write_photo_shards
 from subjectdiff.train.cli import main
 from subjectdiff.train.config import load_config
 
@@ -41,7 +41,7 @@ def traced_keys(out: Path, rank: int = 0) -> list[list[str]]:
     return [json.loads(line)["keys"] for line in lines]
 
 
-# The subjects the reference's rules choose on tests/records.py's photos, in descending score: the astronaut,
+# The subjects the reference's rules choose on subjectdiff/photo_records.py's photos, in descending score: the astronaut,
 # the cat and the galaxies cover more than 0.7 of their images, "galaxy" is not in "galaxies ...".
 CHOSEN = {"astronaut": ["helmet", "flag"], "chelsea": ["whisker"], "coffee": ["cup", "saucer"],
           "rocket": ["rocket", "launchpad"], "hubble_deep_field": ["hippopotamus"]}
@@ -352,7 +352,7 @@ def uneven_shards(d: Path, sizes: list[int]) -> list[str]:
     """Shards of the given record counts (distinct keys), for split tests that only look at keys."""
     from subjectdiff.catalogs.schema import Record, make_key
     from subjectdiff.catalogs.writer import ShardWriter
-    from tests.records import photo_record
+    from subjectdiff.photo_records import photo_record
 
     base, keys = photo_record("chelsea")[0], []
     for s, size in enumerate(sizes):

@@ -29,6 +29,7 @@ from subjectdiff.train import checkpoint
 from subjectdiff.train.config import TrainConfig
 from subjectdiff.train.data import BatchStream, batch_stream, shared_selection
 from subjectdiff.train.step import training_step
+from subjectdiff.train.validate import validation_grid
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -341,8 +342,6 @@ class Trainer:
 
     def validate(self) -> None:
         if self.d.main:
-            from subjectdiff.train.validate import validation_grid
-
             with self.ema_weights():
                 path = validation_grid(self, self.out / "samples" / f"step-{self.step:07d}.png")
             self.train_mode()

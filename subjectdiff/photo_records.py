@@ -1,4 +1,6 @@
-"""Hand-made records on real photographs (scikit-image's bundled ones), for tests and benchmarks.
+"""Hand-made records on real photographs (scikit-image's bundled ones), for tests, benchmarks and trying
+training without running datagen (`python -m subjectdiff.photo_records OUT`; scikit-image comes with the `test`
+extra).
 
 Each photo gets a fixed caption and objects with hand-placed boxes and elliptical masks, two of them
 overlapping, and words that CLIP's BPE splits into several tokens ("hippopotamus", "astronaut"...).
