@@ -1,6 +1,6 @@
 # Two commands on a fresh machine:
 #   make demo   installs what is missing, then runs the whole pipeline offline on the bundled images
-#   make test   installs what is missing, then runs the test suite
+#   make test   installs what is missing, then runs the linter and the test suite
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps demo test bench bench-catalog clean
+.PHONY: install system-deps demo lint test bench bench-catalog clean
 
 install: $(STAMP)
 
@@ -30,7 +30,12 @@ system-deps:
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/subjectdiff demo --out $(DEMO_OUT)
 
-test: $(STAMP) system-deps
+# The linter and the formatter (configured in pyproject.toml): `ruff format .` fixes what --check reports.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: $(STAMP) system-deps lint
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 bench-catalog: $(STAMP)

@@ -84,8 +84,10 @@ def write_synthetic(out: Path, n_objects: int, per_shard: int, objs_per_sample: 
                 "span_end": np.full(m, 6, np.int32),
                 "tokens": [[2]] * m,
                 "score": rng.uniform(0.25, 1.0, m).astype(np.float32),
-                "x0": x0.astype(np.float32), "y0": y0.astype(np.float32),
-                "x1": x1.astype(np.float32), "y1": y1.astype(np.float32),
+                "x0": x0.astype(np.float32),
+                "y0": y0.astype(np.float32),
+                "x1": x1.astype(np.float32),
+                "y1": y1.astype(np.float32),
                 "area": ((x1 - x0) * (y1 - y0)).astype(np.float32),
                 "aspect": ((x1 - x0) * 512 / ((y1 - y0) * 384)).astype(np.float32),
                 "mask_area": ((x1 - x0) * (y1 - y0) * 0.7).astype(np.float32),
@@ -98,8 +100,16 @@ def write_synthetic(out: Path, n_objects: int, per_shard: int, objs_per_sample: 
         pq.write_table(samples, out / f"{name}.parquet")
         pq.write_table(objects, out / f"{name}.objects.parquet")
         (out / f"{name}.tar").write_bytes(b"")
-        stats = {"shard": name, "successes": n, "failed": n_fail, "objects": m, "bytes": 0,
-                 "start_time": 0.0, "end_time": 1.0, "duration": 1.0}
+        stats = {
+            "shard": name,
+            "successes": n,
+            "failed": n_fail,
+            "objects": m,
+            "bytes": 0,
+            "start_time": 0.0,
+            "end_time": 1.0,
+            "duration": 1.0,
+        }
         (out / f"{name}_stats.json").write_text(json.dumps(stats))
     return n_shards
 
@@ -112,14 +122,15 @@ QUERIES = {
     "top objects by score, area and aspect filters": (
         "SELECT key, label, score, area FROM objects WHERE area BETWEEN 0.02 AND 0.5 "
         "AND aspect BETWEEN 0.5 AND 2 AND mask_fill > 0.5 ORDER BY score DESC LIMIT 100",
-        lambda o, s: o[(o.area.between(0.02, 0.5)) & (o.aspect.between(0.5, 2)) & (o.mask_fill > 0.5)]
-        .nlargest(100, "score")[["key", "label", "score", "area"]],
+        lambda o, s: o[(o.area.between(0.02, 0.5)) & (o.aspect.between(0.5, 2)) & (o.mask_fill > 0.5)].nlargest(
+            100, "score"
+        )[["key", "label", "score", "area"]],
     ),
     "images with 2-8 good objects": (
         "SELECT key, count(*) AS n FROM objects WHERE score > 0.5 AND containment < 0.8 "
         "GROUP BY key HAVING n BETWEEN 2 AND 8",
-        lambda o, s: o[(o.score > 0.5) & (o.containment < 0.8)].groupby("key").size().pipe(
-            lambda c: c[(c >= 2) & (c <= 8)]
+        lambda o, s: (
+            o[(o.score > 0.5) & (o.containment < 0.8)].groupby("key").size().pipe(lambda c: c[(c >= 2) & (c <= 8)])
         ),
     ),
 }
@@ -166,15 +177,23 @@ def main() -> None:
 
     rows = []
     for name, (sql, pandas_fn) in QUERIES.items():
-        rows.append((name, timed(lambda: catalog.query(out, sql)), timed(lambda: mem.sql(sql).to_arrow_table()),
-                     timed(lambda: pandas_fn(pdo, None))))
+        rows.append(
+            (
+                name,
+                timed(lambda sql=sql: catalog.query(out, sql)),
+                timed(lambda sql=sql: mem.sql(sql).to_arrow_table()),
+                timed(lambda pandas_fn=pandas_fn: pandas_fn(pdo, None)),
+            )
+        )
     sel_path = out / "selection.parquet"
     n_sel = selection.select(out, SELECT_WHERE, sel_path)
     t_sel = timed(lambda: selection.select(out, SELECT_WHERE, sel_path))
 
-    print(f"# catalog benchmark: {n_obj:,} objects in {n_shards} shards "
-          f"({platform.machine()}, {os.cpu_count()} cores, duckdb {duckdb.__version__}, "
-          f"{time.strftime('%Y-%m-%d')})\n")
+    print(
+        f"# catalog benchmark: {n_obj:,} objects in {n_shards} shards "
+        f"({platform.machine()}, {os.cpu_count()} cores, duckdb {duckdb.__version__}, "
+        f"{time.strftime('%Y-%m-%d')})\n"
+    )
     print(f"- synthetic sidecars written in {t_gen:.1f} s")
     print(f"- `catalog build` from scratch: {t_build:.2f} s ({rep.summary()}); catalog file {db_mb:.0f} MiB")
     print(f"- `catalog build` again, nothing changed: {t_noop:.3f} s")

@@ -1,6 +1,6 @@
 """Datagen on a multi-node Ray cluster with stand-in models: this pipeline against the one-writer design.
 
-    .venv/bin/python benchmarks/cluster.py --seconds 60         # the full benchmark (over an hour here: the baseline is slow)
+    .venv/bin/python benchmarks/cluster.py --seconds 60   # the full benchmark (over an hour here: the baseline is slow)
     .venv/bin/python benchmarks/cluster.py --actors 1,2 --seconds 20 --no-second-size   # a quick check
 
 A `ray.cluster_utils.Cluster` on this machine: a head node (the driver's; 2 CPU slots) and 4 worker nodes,
@@ -65,22 +65,35 @@ COSTS = {"caption": 0.30, "nouns": 0.06, "ground": 0.45, "segment": 0.60}
 
 # Captions with their nouns (label, phrase): what the stand-in captioner and noun extractor put on items.
 CAPTIONS = [
-    ("a woman in a space suit holding a flag in front of a rocket",
-     [("woman", "woman"), ("suit", "space suit"), ("flag", "flag"), ("rocket", "rocket")]),
-    ("a cat lying on a wooden table next to a coffee cup",
-     [("cat", "cat"), ("table", "wooden table"), ("cup", "coffee cup")]),
-    ("a cup of coffee on a saucer with a spoon and a plate of cookies",
-     [("cup", "cup"), ("coffee", "coffee"), ("saucer", "saucer"), ("spoon", "spoon"), ("plate", "plate")]),
-    ("a pile of old coins on a dark cloth",
-     [("pile", "pile"), ("coin", "coins"), ("cloth", "dark cloth")]),
-    ("a man with a camera standing on a field under a cloudy sky",
-     [("man", "man"), ("camera", "camera"), ("field", "field"), ("sky", "sky")]),
-    ("a rocket on a launch pad next to a tall tower",
-     [("rocket", "rocket"), ("pad", "launch pad"), ("tower", "tall tower")]),
-    ("a brick wall behind a bench and a small tree",
-     [("wall", "brick wall"), ("bench", "bench"), ("tree", "small tree")]),
-    ("a dog and a cat sitting on a sofa near a window",
-     [("dog", "dog"), ("cat", "cat"), ("sofa", "sofa"), ("window", "window")]),
+    (
+        "a woman in a space suit holding a flag in front of a rocket",
+        [("woman", "woman"), ("suit", "space suit"), ("flag", "flag"), ("rocket", "rocket")],
+    ),
+    (
+        "a cat lying on a wooden table next to a coffee cup",
+        [("cat", "cat"), ("table", "wooden table"), ("cup", "coffee cup")],
+    ),
+    (
+        "a cup of coffee on a saucer with a spoon and a plate of cookies",
+        [("cup", "cup"), ("coffee", "coffee"), ("saucer", "saucer"), ("spoon", "spoon"), ("plate", "plate")],
+    ),
+    ("a pile of old coins on a dark cloth", [("pile", "pile"), ("coin", "coins"), ("cloth", "dark cloth")]),
+    (
+        "a man with a camera standing on a field under a cloudy sky",
+        [("man", "man"), ("camera", "camera"), ("field", "field"), ("sky", "sky")],
+    ),
+    (
+        "a rocket on a launch pad next to a tall tower",
+        [("rocket", "rocket"), ("pad", "launch pad"), ("tower", "tall tower")],
+    ),
+    (
+        "a brick wall behind a bench and a small tree",
+        [("wall", "brick wall"), ("bench", "bench"), ("tree", "small tree")],
+    ),
+    (
+        "a dog and a cat sitting on a sofa near a window",
+        [("dog", "dog"), ("cat", "cat"), ("sofa", "sofa"), ("window", "window")],
+    ),
 ]
 BOXES = [(0.08, 0.12, 0.55, 0.92), (0.48, 0.18, 0.94, 0.70), (0.28, 0.52, 0.72, 0.96)]  # normalized xyxy
 
@@ -136,8 +149,10 @@ class StandIn:
         nouns = it["nouns"]
         it["ground_prompt"] = " . ".join(" ".join(n["phrase"].lower().split()) for n in nouns) + " ."
         h = zlib.crc32(it["key"].encode())
-        it["detections"] = [{"box": list(b), "score": round(0.9 - 0.12 * j - (h % 7) / 100, 4), "noun": j % len(nouns)}
-                            for j, b in enumerate(BOXES)]
+        it["detections"] = [
+            {"box": list(b), "score": round(0.9 - 0.12 * j - (h % 7) / 100, 4), "noun": j % len(nouns)}
+            for j, b in enumerate(BOXES)
+        ]
 
     def _segment(self, it: dict) -> None:
         import numpy as np
@@ -175,11 +190,17 @@ def stub_models():
     from types import SimpleNamespace
 
     p = Path("/nonexistent-stand-in-models")
-    return SimpleNamespace(blip=p / "blip", gdino_config=p / "gdino.py", gdino_checkpoint=p / "gdino.pth",
-                           sam_checkpoint=p / "sam.pth", clip_config=None)
+    return SimpleNamespace(
+        blip=p / "blip",
+        gdino_config=p / "gdino.py",
+        gdino_checkpoint=p / "gdino.pth",
+        sam_checkpoint=p / "sam.pth",
+        clip_config=None,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- inputs
+
 
 def photos():
     """Real photographs: scikit-image's (full size) and the bundled samples, as RGB arrays."""
@@ -188,8 +209,21 @@ def photos():
     from PIL import Image
 
     out = {}
-    for name in ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry",
-                 "camera", "moon", "grass", "gravel", "brick", "coins"):
+    for name in (
+        "astronaut",
+        "chelsea",
+        "coffee",
+        "rocket",
+        "hubble_deep_field",
+        "retina",
+        "immunohistochemistry",
+        "camera",
+        "moon",
+        "grass",
+        "gravel",
+        "brick",
+        "coins",
+    ):
         a = getattr(skimage.data, name)()
         out[name] = np.stack([a] * 3, -1) if a.ndim == 2 else a[..., :3]
     for p in sorted((REPO / "datagen" / "sample_images").glob("*.jpg")):
@@ -224,14 +258,15 @@ def make_inputs(d: Path, n: int) -> list[Path]:
         # the largest window of the target aspect, shrunk by up to 12 % and moved, different for every i
         scale = min(w / tw, h / th) * (0.88 + 0.12 * ((i * 7919) % 97) / 96)
         cw, ch = max(1, int(tw * scale)), max(1, int(th * scale))
-        x0 = ((i * 104729) % max(1, w - cw + 1))
-        y0 = ((i * 15485863) % max(1, h - ch + 1))
-        crop = Image.fromarray(np.ascontiguousarray(a[y0:y0 + ch, x0:x0 + cw]))
+        x0 = (i * 104729) % max(1, w - cw + 1)
+        y0 = (i * 15485863) % max(1, h - ch + 1)
+        crop = Image.fromarray(np.ascontiguousarray(a[y0 : y0 + ch, x0 : x0 + cw]))
         crop.resize((tw, th), Image.LANCZOS).save(p, quality=90)
     return out
 
 
 # -------------------------------------------------------------------------------- CPU cost per image
+
 
 def measure_cpu(paths: list[Path], table, bucket: str, moto_pid: int, spool: Path) -> dict[str, float]:
     """CPU seconds per image of everything but the models, in this process, with this tree's code:
@@ -243,20 +278,22 @@ def measure_cpu(paths: list[Path], table, bucket: str, moto_pid: int, spool: Pat
 
     import psutil
 
+    import subjectdiff.datagen.tiny
     from subjectdiff.catalogs.writer import ShardWriter
     from subjectdiff.datagen.committer import _write
+    from subjectdiff.datagen.job import preset
     from subjectdiff.datagen.stages.common import decode_item
     from subjectdiff.datagen.stages.filters import ImageFilter, prefilter
-    from subjectdiff.datagen.job import preset
-    import subjectdiff.datagen.tiny
+
     subjectdiff.datagen.tiny.tiny_models = lambda *a, **k: stub_models()
     cfg = preset("tiny")
     stands = {n: StandIn(n, 0.0, table) for n in COSTS}
     filt = ImageFilter(cfg.stages.filters)
     moto = psutil.Process(moto_pid)
     cpu = time.process_time
-    t = {k: 0.0 for k in ("decode", "stand-ins", "filter", "assemble+write", "publish", "publish (S3 server)",
-                          "pickle round trip")}
+    t = dict.fromkeys(
+        ("decode", "stand-ins", "filter", "assemble+write", "publish", "publish (S3 server)", "pickle round trip"), 0.0
+    )
     # warm-up: imports, the mask cache of every size
     warm = [prefilter(decode_item(str(p), p.read_bytes()), cfg.stages.filters) for p in paths[:36]]
     for n in COSTS:
@@ -265,7 +302,7 @@ def measure_cpu(paths: list[Path], table, bucket: str, moto_pid: int, spool: Pat
     for rep in range(2):
         w = ShardWriter(f"{bucket}/cpu-measure", f"{rep:05d}", spool=str(spool))
         for b in range(0, len(paths), 8):
-            block = paths[b:b + 8]
+            block = paths[b : b + 8]
             c0 = cpu()
             items = [prefilter(decode_item(str(p), p.read_bytes()), cfg.stages.filters) for p in block]
             c1 = cpu()
@@ -303,6 +340,7 @@ def measure_cpu(paths: list[Path], table, bucket: str, moto_pid: int, spool: Pat
 
 # ------------------------------------------------------------------------------------------ the driver
 
+
 class Sampler(threading.Thread):
     """Every `every` s: RSS of this process (the driver) and of each node (its raylet and every process
     under it; the head node also its GCS and other head processes), and CPU seconds of every process of the
@@ -331,7 +369,7 @@ class Sampler(threading.Thread):
                 out[p.pid] = p
                 for c in p.children(recursive=True):
                     out[c.pid] = c
-            except Exception:  # noqa: BLE001 - a process that ended
+            except Exception:
                 pass
         return list(out.values())
 
@@ -342,7 +380,7 @@ class Sampler(threading.Thread):
         for p in procs:
             try:
                 total += p.memory_full_info().pss if pss else p.memory_info().rss
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         return total
 
@@ -362,13 +400,18 @@ class Sampler(threading.Thread):
             try:
                 t = p.cpu_times()
                 self.cpu_seen[pid] = t.user + t.system
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         m = ps.cpu_times()
-        return {"t": time.monotonic(), "driver_rss": self.me.memory_info().rss, "node_rss": per_node,
-                "node_pss": per_node_pss,
-                "cpu": sum(self.cpu_seen.values()), "machine_busy": sum(m) - m.idle - getattr(m, "iowait", 0.0),
-                "procs": len(every)}
+        return {
+            "t": time.monotonic(),
+            "driver_rss": self.me.memory_info().rss,
+            "node_rss": per_node,
+            "node_pss": per_node_pss,
+            "cpu": sum(self.cpu_seen.values()),
+            "machine_busy": sum(m) - m.idle - getattr(m, "iowait", 0.0),
+            "procs": len(every),
+        }
 
     def run(self) -> None:
         while not self.stop.is_set():
@@ -376,7 +419,7 @@ class Sampler(threading.Thread):
                 t = time.perf_counter()
                 self.samples.append(self.sample())
                 self.cost += time.perf_counter() - t
-            except Exception as e:  # noqa: BLE001 - never let the sampler end the run
+            except Exception as e:
                 print(f"[bench] sampler: {e}", file=sys.stderr)
             self.stop.wait(self.every)
 
@@ -413,12 +456,13 @@ def drive(spec: dict) -> dict:
     from ray.cluster_utils import Cluster
 
     import subjectdiff.datagen.tiny
+
     subjectdiff.datagen.tiny.tiny_models = lambda *a, **k: stub_models()
     new = spec["pipeline"] == "new"
     if new:
         from subjectdiff.datagen.job import PoolConfig, preset
-        from subjectdiff.progress import Progress
         from subjectdiff.datagen.run import run
+        from subjectdiff.progress import Progress
     else:
         from subjectdiff.datagen.pipeline import PoolConfig, Progress, preset, run
 
@@ -441,12 +485,17 @@ def drive(spec: dict) -> dict:
         st.batch_size = p.batch_size
 
     t_start = time.monotonic()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": HEAD_CPUS,
-                                                            "object_store_memory": OBJECT_STORE,
-                                                            "include_dashboard": False})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": HEAD_CPUS, "object_store_memory": OBJECT_STORE, "include_dashboard": False},
+    )
     for _ in range(WORKER_NODES):
-        cluster.add_node(num_cpus=NODE_CPUS, num_gpus=GPUS_PER_NODE, resources={"fake_gpu": GPUS_PER_NODE},
-                         object_store_memory=OBJECT_STORE)
+        cluster.add_node(
+            num_cpus=NODE_CPUS,
+            num_gpus=GPUS_PER_NODE,
+            resources={"fake_gpu": GPUS_PER_NODE},
+            object_store_memory=OBJECT_STORE,
+        )
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False, logging_level=logging.WARNING)
     head = cluster.head_node.node_id
@@ -484,19 +533,29 @@ def drive(spec: dict) -> dict:
     nodes = sampler.nodes
     result = {
         **{k: v for k, v in spec.items() if k not in ("table", "extra_pids")},
-        "ok": summary.ok, "failed": summary.failed, "wall_s": t1 - t0, "cluster_start_s": t_cluster,
+        "ok": summary.ok,
+        "failed": summary.failed,
+        "wall_s": t1 - t0,
+        "cluster_start_s": t_cluster,
         "first_sample_s": next((t - t0 for t, d in timeline if d > 0), None),
-        "window_s": [ta - t0, tb - t0], "rate": rate,
+        "window_s": [ta - t0, tb - t0],
+        "rate": rate,
         "ideal": n / max(spec["costs"].values()),
-        "cpu_cores_run": cpu, "cpu_cores_machine": busy, "load_avg": os.getloadavg(),
-        "driver_rss_before": rss_before, "driver_rss_peak": max(s["driver_rss"] for s in samples),
+        "cpu_cores_run": cpu,
+        "cpu_cores_machine": busy,
+        "load_avg": os.getloadavg(),
+        "driver_rss_before": rss_before,
+        "driver_rss_peak": max(s["driver_rss"] for s in samples),
         "driver_rss_end": samples[-1]["driver_rss"],
         "driver_rss_window_peak": max((s["driver_rss"] for s in mid), default=None),
-        "node_ids": [nid for nid, _ in nodes], "head": head,
+        "node_ids": [nid for nid, _ in nodes],
+        "head": head,
         "node_rss_peak": [max(s["node_rss"][i] for s in samples) for i in range(len(nodes))],
-        "node_pss_peak": [max(s["node_pss"][i] for s in samples if s["node_pss"][i] is not None)
-                          for i in range(len(nodes))],
-        "procs_peak": max(s["procs"] for s in samples), "sampler_s_per_sample": sampler.cost / len(samples),
+        "node_pss_peak": [
+            max(s["node_pss"][i] for s in samples if s["node_pss"][i] is not None) for i in range(len(nodes))
+        ],
+        "procs_peak": max(s["procs"] for s in samples),
+        "sampler_s_per_sample": sampler.cost / len(samples),
         "timeline": timeline[:: max(1, len(timeline) // 400)],
     }
     ray.shutdown()
@@ -505,6 +564,7 @@ def drive(spec: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ the report
+
 
 def gib(b: float) -> str:
     return f"{b / 2**30:.2f}"
@@ -524,28 +584,38 @@ def tables(results: list[dict]) -> str:
     for r in results:
         first.setdefault((r["pipeline"], r["actors"]), r)
     one = {pl: r["rate"] for (pl, a), r in first.items() if a == 1}
-    out = ["| pipeline | actors per stage | images | images/s (20-80 %) | ideal | % of ideal | vs 1 actor "
-           "| CPU of the run, cores (ms per image) | whole machine, cores |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| pipeline | actors per stage | images | images/s (20-80 %) | ideal | % of ideal | vs 1 actor "
+        "| CPU of the run, cores (ms per image) | whole machine, cores |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (pl, a), r in sorted(first.items(), key=lambda kv: (kv[0][1], kv[0][0] != "new")):
         vs = f"{r['rate'] / one[pl]:.2f}x" if pl in one else "-"
-        out.append(f"| {NAMES[pl]} | {a} | {r['images']} | {r['rate']:.2f} | {r['ideal']:.2f} "
-                   f"| {100 * r['rate'] / r['ideal']:.0f} % | {vs} "
-                   f"| {r['cpu_cores_run']:.2f} ({1e3 * r['cpu_cores_run'] / r['rate']:.0f}) "
-                   f"| {r['cpu_cores_machine']:.2f} |")
-    out += ["", "| pipeline | actors per stage | images | driver RSS GiB: start -> peak | head node peak RSS (PSS) GiB "
-            "| worker nodes peak RSS GiB | worker nodes peak PSS GiB | processes | wall s |",
-            "|---|---|---|---|---|---|---|---|---|"]
+        out.append(
+            f"| {NAMES[pl]} | {a} | {r['images']} | {r['rate']:.2f} | {r['ideal']:.2f} "
+            f"| {100 * r['rate'] / r['ideal']:.0f} % | {vs} "
+            f"| {r['cpu_cores_run']:.2f} ({1e3 * r['cpu_cores_run'] / r['rate']:.0f}) "
+            f"| {r['cpu_cores_machine']:.2f} |"
+        )
+    out += [
+        "",
+        "| pipeline | actors per stage | images | driver RSS GiB: start -> peak | head node peak RSS (PSS) GiB "
+        "| worker nodes peak RSS GiB | worker nodes peak PSS GiB | processes | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in sorted(results, key=lambda r: (r["actors"], r["pipeline"] != "new", r["images"])):
         h_rss, w_rss = _nodes(r, "node_rss_peak")
         h_pss, w_pss = _nodes(r, "node_pss_peak")
-        out.append(f"| {NAMES[r['pipeline']]} | {r['actors']} | {r['images']} "
-                   f"| {gib(r['driver_rss_before'])} -> {gib(r['driver_rss_peak'])} | {h_rss} ({h_pss}) | {w_rss} "
-                   f"| {w_pss} | {r['procs_peak']} | {r['wall_s']:.0f} |")
+        out.append(
+            f"| {NAMES[r['pipeline']]} | {r['actors']} | {r['images']} "
+            f"| {gib(r['driver_rss_before'])} -> {gib(r['driver_rss_peak'])} | {h_rss} ({h_pss}) | {w_rss} "
+            f"| {w_pss} | {r['procs_peak']} | {r['wall_s']:.0f} |"
+        )
     return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------------ main
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -556,10 +626,12 @@ def _free_port() -> int:
 def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
     """moto's S3 server in its own process (its in-memory store must not count as the driver's memory)."""
     port = _free_port()
-    code = ("import logging, time; logging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
-            "from moto.server import ThreadedMotoServer\n"
-            f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start()\n"
-            "while True: time.sleep(3600)\n")
+    code = (
+        "import logging, time; logging.getLogger('werkzeug').setLevel(logging.ERROR)\n"
+        "from moto.server import ThreadedMotoServer\n"
+        f"ThreadedMotoServer(ip_address='127.0.0.1', port={port}, verbose=False).start()\n"
+        "while True: time.sleep(3600)\n"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=log.open("w"), stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{port}"
     for _ in range(100):
@@ -574,8 +646,12 @@ def start_moto(log: Path) -> tuple[subprocess.Popen, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--actors", default="1,2,4,8", help="stand-in actors per model stage, comma-separated")
-    ap.add_argument("--seconds", type=float, default=75.0,
-                    help="aimed length of each run at the ideal rate (images = seconds x ideal)")
+    ap.add_argument(
+        "--seconds",
+        type=float,
+        default=75.0,
+        help="aimed length of each run at the ideal rate (images = seconds x ideal)",
+    )
     ap.add_argument("--min-images", type=int, default=192)
     ap.add_argument("--shard-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -598,8 +674,14 @@ def main() -> None:
     os.environ["RAY_TMPDIR"] = str(root / "ray0")  # this process never starts Ray; set for anything it spawns
     os.environ["SUBJECTDIFF_CACHE"] = str(root / "cache")
     moto, endpoint = start_moto(root / "moto.log")
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
+    os.environ.update(
+        {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+    )
     try:
         _main(args, root, moto)
     finally:
@@ -629,13 +711,19 @@ def _main(args, root: Path, moto: subprocess.Popen) -> None:
     biggest = max(n for _, n, _ in runs)
     t = time.monotonic()
     paths = make_inputs(root / "inputs" / "all", biggest)
-    print(f"[bench] {biggest} input photos in {time.monotonic() - t:.0f} s "
-          f"({sum(p.stat().st_size for p in paths) / len(paths) / 1e3:.0f} kB each on average)", file=sys.stderr)
+    print(
+        f"[bench] {biggest} input photos in {time.monotonic() - t:.0f} s "
+        f"({sum(p.stat().st_size for p in paths) / len(paths) / 1e3:.0f} kB each on average)",
+        file=sys.stderr,
+    )
     table_ = nouns_table()
 
     cpu = measure_cpu(paths[:96], table_, "s3://bench", moto.pid, root / "spool-measure")
-    print("[bench] CPU s per image, in one process: " + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in cpu.items()
-                                                                 if k != "images"), file=sys.stderr)
+    print(
+        "[bench] CPU s per image, in one process: "
+        + ", ".join(f"{k} {v * 1e3:.2f} ms" for k, v in cpu.items() if k != "images"),
+        file=sys.stderr,
+    )
 
     results = []
     for i, (a, n, pl) in enumerate(runs):
@@ -644,11 +732,22 @@ def _main(args, root: Path, moto: subprocess.Popen) -> None:
             src.mkdir(parents=True)
             for p in paths[:n]:
                 os.link(p, src / p.name)
-        spec = {"pipeline": pl, "actors": a, "images": n, "src": str(src), "costs": COSTS, "table": table_,
-                "shard_size": args.shard_size, "batch_size": args.batch_size, "writer_cpus": args.writer_cpus,
-                "out": f"s3://bench/run{i}-{pl}-{a}-{n}" if pl == "new" else str(root / "out" / f"run{i}-{pl}-{a}-{n}"),
-                "spool": str(root / "spool"), "extra_pids": [moto.pid], "result": str(root / f"result{i}.json"),
-                "pipeline_overrides": dict(_kv(o) for o in args.override) if pl == "new" else {}}
+        spec = {
+            "pipeline": pl,
+            "actors": a,
+            "images": n,
+            "src": str(src),
+            "costs": COSTS,
+            "table": table_,
+            "shard_size": args.shard_size,
+            "batch_size": args.batch_size,
+            "writer_cpus": args.writer_cpus,
+            "out": f"s3://bench/run{i}-{pl}-{a}-{n}" if pl == "new" else str(root / "out" / f"run{i}-{pl}-{a}-{n}"),
+            "spool": str(root / "spool"),
+            "extra_pids": [moto.pid],
+            "result": str(root / f"result{i}.json"),
+            "pipeline_overrides": dict(_kv(o) for o in args.override) if pl == "new" else {},
+        }
         spec_path = root / f"spec{i}.json"
         spec_path.write_text(json.dumps(spec))
         env = dict(os.environ, RAY_TMPDIR=str(root / f"r{i}"))
@@ -658,26 +757,43 @@ def _main(args, root: Path, moto: subprocess.Popen) -> None:
         print(f"[bench] run {i + 1}/{len(runs)}: {pl}, {a} actors per stage, {n} images", file=sys.stderr, flush=True)
         t = time.monotonic()
         with (root / f"run{i}.log").open("w") as log:
-            proc = subprocess.run([sys.executable, __file__, "--role", "drive", "--spec", str(spec_path)], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, cwd=str(root))
+            proc = subprocess.run(
+                [sys.executable, __file__, "--role", "drive", "--spec", str(spec_path)],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=str(root),
+            )
         if proc.returncode != 0:
             print((root / f"run{i}.log").read_text()[-6000:], file=sys.stderr)
             raise SystemExit(f"run {i} failed ({proc.returncode})")
         r = json.loads(Path(spec["result"]).read_text())
         results.append(r)
-        print(f"[bench]   {r['rate']:.2f} images/s (ideal {r['ideal']:.2f}), run CPU {r['cpu_cores_run']:.2f} cores, "
-              f"machine {r['cpu_cores_machine']:.2f}, driver RSS {gib(r['driver_rss_before'])} -> "
-              f"{gib(r['driver_rss_peak'])} GiB, {time.monotonic() - t:.0f} s with start-up", file=sys.stderr, flush=True)
+        print(
+            f"[bench]   {r['rate']:.2f} images/s (ideal {r['ideal']:.2f}), run CPU {r['cpu_cores_run']:.2f} cores, "
+            f"machine {r['cpu_cores_machine']:.2f}, driver RSS {gib(r['driver_rss_before'])} -> "
+            f"{gib(r['driver_rss_peak'])} GiB, {time.monotonic() - t:.0f} s with start-up",
+            file=sys.stderr,
+            flush=True,
+        )
 
     import ray
 
-    print(f"# datagen on a {WORKER_NODES + 1}-node Ray cluster, stand-in models ({platform.machine()}, "
-          f"{os.cpu_count()} cores, {started}; ray {ray.__version__})\n")
-    print("Stand-in cost per image (s): " + ", ".join(f"{k} {v}" for k, v in COSTS.items())
-          + f"; actors take {GPU_SHARE} of a stand-in GPU; {WORKER_NODES} worker nodes x {GPUS_PER_NODE} GPUs, "
-            f"{NODE_CPUS} CPU slots each; head {HEAD_CPUS} CPU slots; batch {args.batch_size}, shard {args.shard_size}\n")
-    print("CPU per image outside the models (one process, ms): "
-          + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in cpu.items() if k != "images") + "\n")
+    print(
+        f"# datagen on a {WORKER_NODES + 1}-node Ray cluster, stand-in models ({platform.machine()}, "
+        f"{os.cpu_count()} cores, {started}; ray {ray.__version__})\n"
+    )
+    print(
+        "Stand-in cost per image (s): "
+        + ", ".join(f"{k} {v}" for k, v in COSTS.items())
+        + f"; actors take {GPU_SHARE} of a stand-in GPU; {WORKER_NODES} worker nodes x {GPUS_PER_NODE} GPUs, "
+        f"{NODE_CPUS} CPU slots each; head {HEAD_CPUS} CPU slots; batch {args.batch_size}, shard {args.shard_size}\n"
+    )
+    print(
+        "CPU per image outside the models (one process, ms): "
+        + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in cpu.items() if k != "images")
+        + "\n"
+    )
     print(tables(results))
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu, "results": results, "costs": COSTS}, indent=1))

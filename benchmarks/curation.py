@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from subjectdiff.catalogs import duplicates, hashing  # noqa: E402
+from subjectdiff.catalogs import duplicates, hashing
 
 
 def machine() -> str:
@@ -61,8 +61,9 @@ def synthetic(n: int, planted: int, max_d: int, seed: int = 0) -> tuple[np.ndarr
     return np.concatenate([base, copies]).view(np.int64), src.view(np.int64), copies.view(np.int64)
 
 
-def brute_force_recall(distinct: np.ndarray, found: set[tuple[int, int]], queries: list[int],
-                       max_d: int) -> tuple[int, int]:
+def brute_force_recall(
+    distinct: np.ndarray, found: set[tuple[int, int]], queries: list[int], max_d: int
+) -> tuple[int, int]:
     """(found, expected) pairs within max_d that touch the query hashes, by comparing each with all."""
     u = distinct.view(np.uint64)
     expected = hit = 0
@@ -89,12 +90,26 @@ def search_one(args) -> dict:
     found = set(zip(pairs["a"].to_numpy().tolist(), pairs["b"].to_numpy().tolist()))
     planted_hit = sum((min(a, b), max(a, b)) in found for a, b in zip(src.tolist(), copies.tolist()))
     rng = np.random.default_rng(1)
-    q = np.concatenate([rng.choice(src, args.queries // 2, replace=False),
-                        rng.choice(distinct, args.queries - args.queries // 2, replace=False)])
+    q = np.concatenate(
+        [
+            rng.choice(src, args.queries // 2, replace=False),
+            rng.choice(distinct, args.queries - args.queries // 2, replace=False),
+        ]
+    )
     bf_hit, bf_expected = brute_force_recall(distinct, found, q.tolist(), D)
-    row = dict(n=n, D=D, plan=plan.describe(), tables=len(plan.masks), search_s=search_s, pairs=pairs.num_rows,
-               planted=args.planted, planted_recall=planted_hit / args.planted, bf_hit=bf_hit,
-               bf_expected=bf_expected, queries=len(q))
+    row = dict(
+        n=n,
+        D=D,
+        plan=plan.describe(),
+        tables=len(plan.masks),
+        search_s=search_s,
+        pairs=pairs.num_rows,
+        planted=args.planted,
+        planted_recall=planted_hit / args.planted,
+        bf_hit=bf_hit,
+        bf_expected=bf_expected,
+        queries=len(q),
+    )
     if args.groups:
         row.update(groups_one(con, hashes, args))
     row["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -121,8 +136,9 @@ def groups_one(con, hashes: np.ndarray, args) -> dict:
     con.unregister("hashes_arrow")
     t = time.perf_counter()
     groups = duplicates.duplicate_groups(con, "samples", max_distance=args.max_distance, bands=args.bands)
-    return dict(groups_s=time.perf_counter() - t, group_rows=groups.num_rows,
-                n_groups=len(set(groups["group_id"].to_pylist())))
+    return dict(
+        groups_s=time.perf_counter() - t, group_rows=groups.num_rows, n_groups=len(set(groups["group_id"].to_pylist()))
+    )
 
 
 def run_search(args) -> list[str]:
@@ -131,27 +147,49 @@ def run_search(args) -> list[str]:
         cmd = [sys.executable, __file__, "_search_child", "--n", str(n)] + child_args(args)
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         r = json.loads(out)
-        bf = f"{r['bf_hit'] / r['bf_expected']:.4f} ({r['bf_hit']}/{r['bf_expected']} pairs, {r['queries']} queries)" \
-            if r["bf_expected"] else "n/a"
-        extra = (f" | {r['groups_s']:.1f} s ({r['n_groups']} groups, {r['group_rows']} rows)"
-                 if "groups_s" in r else "")
-        rows.append(f"| {n:,} | {r['D']} | {r['plan']} | {r['search_s']:.1f} s | {r['pairs']:,} | "
-                    f"{r['planted_recall']:.4f} ({r['planted']:,} planted) | {bf} | {r['peak_rss_gb']:.2f} GB{extra} |")
+        bf = (
+            f"{r['bf_hit'] / r['bf_expected']:.4f} ({r['bf_hit']}/{r['bf_expected']} pairs, {r['queries']} queries)"
+            if r["bf_expected"]
+            else "n/a"
+        )
+        extra = f" | {r['groups_s']:.1f} s ({r['n_groups']} groups, {r['group_rows']} rows)" if "groups_s" in r else ""
+        rows.append(
+            f"| {n:,} | {r['D']} | {r['plan']} | {r['search_s']:.1f} s | {r['pairs']:,} | "
+            f"{r['planted_recall']:.4f} ({r['planted']:,} planted) | {bf} | {r['peak_rss_gb']:.2f} GB{extra} |"
+        )
         print(rows[-1], flush=True)
-    head = ("| hashes | D | band plan | search | pairs found | recall, planted | recall vs brute force | peak RSS"
-            + (" | duplicate_groups, samples table |" if args.groups else " |"))
+    head = "| hashes | D | band plan | search | pairs found | recall, planted | recall vs brute force | peak RSS" + (
+        " | duplicate_groups, samples table |" if args.groups else " |"
+    )
     sep = "|---" * (8 + bool(args.groups)) + "|"
     cmd = " ".join(["python benchmarks/curation.py search --hashes", *map(str, args.hashes)] + child_args(args))
-    return [f"\n## near-duplicate search, {machine()}\n",
-            f"- command: `{cmd}`",
-            f"- {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; DuckDB threads {args.threads}, memory_limit "
-            f"{args.memory_limit}, uniform random hashes; recall is exact by construction (pigeonhole), measured here",
-            "", head, sep, *rows]
+    return [
+        f"\n## near-duplicate search, {machine()}\n",
+        f"- command: `{cmd}`",
+        f"- {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; DuckDB threads {args.threads}, memory_limit "
+        f"{args.memory_limit}, uniform random hashes; recall is exact by construction (pigeonhole), measured here",
+        "",
+        head,
+        sep,
+        *rows,
+    ]
 
 
 def child_args(args) -> list[str]:
-    out = ["--max-distance", str(args.max_distance), "--planted", str(args.planted), "--queries", str(args.queries),
-           "--threads", str(args.threads), "--memory-limit", args.memory_limit, "--temp-directory", args.temp_directory]
+    out = [
+        "--max-distance",
+        str(args.max_distance),
+        "--planted",
+        str(args.planted),
+        "--queries",
+        str(args.queries),
+        "--threads",
+        str(args.threads),
+        "--memory-limit",
+        args.memory_limit,
+        "--temp-directory",
+        args.temp_directory,
+    ]
     if args.bands:
         out += ["--bands", str(args.bands)]
     if args.groups:
@@ -161,14 +199,19 @@ def child_args(args) -> list[str]:
 
 # -------------------------------------------------------------------------------------------------- stage
 
-CAPTIONS = ("an astronaut in a white suit holding a helmet", "a cat lying on a rug", "a cup of coffee on a saucer",
-            "a rocket on a launchpad under the sky")
+CAPTIONS = (
+    "an astronaut in a white suit holding a helmet",
+    "a cat lying on a rug",
+    "a cup of coffee on a saucer",
+    "a rocket on a launchpad under the sky",
+)
 OBJECTS = [("person", (0.1, 0.05, 0.9, 1.0)), ("cup", (0.55, 0.6, 0.95, 0.98)), ("dog", (0.0, 0.0, 0.35, 0.45))]
 
 
 def stage_items(n: int) -> list[dict]:
-    from subjectdiff.catalogs import masks as mask_codec
     from stages import PHOTOS, photo_item  # benchmarks/stages.py: the same photos as the other stages' rows
+
+    from subjectdiff.catalogs import masks as mask_codec
 
     out = []
     for i in range(n):
@@ -180,7 +223,7 @@ def stage_items(n: int) -> list[dict]:
         masks = []
         for _, (x0, y0, x1, y1) in OBJECTS:
             m = np.zeros((h, w), bool)
-            m[int(y0 * h):int(y1 * h), int(x0 * w):int(x1 * w)] = True
+            m[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)] = True
             masks.append(mask_codec.encode(m))
         it["masks"] = masks
         out.append(it)
@@ -232,17 +275,21 @@ def run_stage(args) -> list[str]:
             stage([it])
         best_s = min(best_s, time.perf_counter() - t)
     b, s = n / best_b, n / best_s
-    dev = (torch.cuda.get_device_name(stage.device) if stage.device.type == "cuda" else f"CPU, {machine()}")
+    dev = torch.cuda.get_device_name(stage.device) if stage.device.type == "cuda" else f"CPU, {machine()}"
     dtype = str(stage.dtype).replace("torch.", "")
     row = f"| {args.size} | {n} | {len(OBJECTS)} | {dtype} | {b:.3g} | {s:.3g} | {b / s:.2f}x |"
     print(row, flush=True)
-    return [f"\n## curate stage, size={args.size}, {n} images, {dev}\n",
-            f"- command: `python benchmarks/curation.py stage --size {args.size} --images {n} --device {args.device} "
-            f"--repeats {args.repeats}{f' --dtype {args.dtype}' if args.dtype else ''}`",
-            f"- {what}; torch {torch.__version__}, {torch.get_num_threads()} threads; model build {build_s:.1f} s; "
-            f"one image forward + one per object crop, captions and alt texts; best of {args.repeats}",
-            "", "| size | images | objects/image | dtype | batched img/s | one-at-a-time img/s | speed-up |",
-            "|---|---|---|---|---|---|---|", row]
+    return [
+        f"\n## curate stage, size={args.size}, {n} images, {dev}\n",
+        f"- command: `python benchmarks/curation.py stage --size {args.size} --images {n} --device {args.device} "
+        f"--repeats {args.repeats}{f' --dtype {args.dtype}' if args.dtype else ''}`",
+        f"- {what}; torch {torch.__version__}, {torch.get_num_threads()} threads; model build {build_s:.1f} s; "
+        f"one image forward + one per object crop, captions and alt texts; best of {args.repeats}",
+        "",
+        "| size | images | objects/image | dtype | batched img/s | one-at-a-time img/s | speed-up |",
+        "|---|---|---|---|---|---|---|",
+        row,
+    ]
 
 
 # --------------------------------------------------------------------------------------------------- main

@@ -38,8 +38,13 @@ def gpu_used_bytes() -> int | None:
     if not shutil.which("nvidia-smi"):
         return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
         return sum(int(v) for v in out.split()) * 2**20
     except (subprocess.SubprocessError, ValueError):
         return None
@@ -59,7 +64,9 @@ class MemorySampler(threading.Thread):
             total = 0
             procs = [me, *me.children(recursive=True)]
             try:  # Ray's workers are children of its raylet, not of this process: count them too
-                procs += [p for p in psutil.process_iter(["name", "cmdline"]) if "ray::" in " ".join(p.info["cmdline"] or [])]
+                procs += [
+                    p for p in psutil.process_iter(["name", "cmdline"]) if "ray::" in " ".join(p.info["cmdline"] or [])
+                ]
             except psutil.Error:
                 pass
             for p in {p.pid: p for p in procs}.values():
@@ -74,8 +81,12 @@ class MemorySampler(threading.Thread):
         s = self.samples or [0]
         q = max(1, len(s) // 4)
         gib = 2**30
-        return {"peak": max(s) / gib, "q2_peak": max(s[q : 2 * q] or s) / gib, "q4_peak": max(s[-q:]) / gib,
-                "gpu_peak": max(self.gpu) / gib if self.gpu else None}
+        return {
+            "peak": max(s) / gib,
+            "q2_peak": max(s[q : 2 * q] or s) / gib,
+            "q4_peak": max(s[-q:]) / gib,
+            "gpu_peak": max(self.gpu) / gib if self.gpu else None,
+        }
 
 
 def make_inputs(d: Path, n: int) -> list[Path]:
@@ -147,24 +158,29 @@ def main() -> None:
         mem.stop.set()
         mem.join()
         kind = "all model stages in one actor (fuse)" if fuse else "one actor pool per stage"
-        rows.append((f"Ray pipeline, {kind}, batch {args.batch_size} (incl. Ray start, model loads)", t,
-                     mem.summary()))
+        rows.append((f"Ray pipeline, {kind}, batch {args.batch_size} (incl. Ray start, model loads)", t, mem.summary()))
         assert summary.ok + summary.failed == args.images
 
     import torch
 
-    print(f"# datagen benchmark: {args.images} images, preset {args.preset} "
-          f"({platform.machine()}, {os.cpu_count()} cores, "
-          f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
-          f"{time.strftime('%Y-%m-%d')})\n")
-    print("| run | seconds | images/s | speed-up | peak RSS GiB | 2nd-quarter peak | last-quarter peak "
-          "| peak GPU GiB (all processes) |")
+    print(
+        f"# datagen benchmark: {args.images} images, preset {args.preset} "
+        f"({platform.machine()}, {os.cpu_count()} cores, "
+        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
+        f"{time.strftime('%Y-%m-%d')})\n"
+    )
+    print(
+        "| run | seconds | images/s | speed-up | peak RSS GiB | 2nd-quarter peak | last-quarter peak "
+        "| peak GPU GiB (all processes) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     base = rows[0][1]
     for name, t, m in rows:
         gpu = "-" if m["gpu_peak"] is None else f"{m['gpu_peak']:.1f}"
-        print(f"| {name} | {t:.1f} | {args.images / t:.3g} | {base / t:.2f}x | {m['peak']:.2f} | "
-              f"{m['q2_peak']:.2f} | {m['q4_peak']:.2f} | {gpu} |")
+        print(
+            f"| {name} | {t:.1f} | {args.images / t:.3g} | {base / t:.2f}x | {m['peak']:.2f} | "
+            f"{m['q2_peak']:.2f} | {m['q4_peak']:.2f} | {gpu} |"
+        )
 
 
 if __name__ == "__main__":

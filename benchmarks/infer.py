@@ -53,8 +53,13 @@ def time_batch(pipe: Pipeline, batch: int, args) -> list[float]:
     mask[30:280, 100:400] = True
     subjects = [Subject(image, "cat", box=(0.2, 0.2, 0.8, 0.9), mask=mask)]
     s = SamplingConfig(steps=args.steps, batch_size=batch, resolution=args.resolution)
-    pipe.generate("a cat on the beach", subjects, batch, seed=0, sampling=SamplingConfig(steps=1, batch_size=batch,
-                                                                                         resolution=args.resolution))
+    pipe.generate(
+        "a cat on the beach",
+        subjects,
+        batch,
+        seed=0,
+        sampling=SamplingConfig(steps=1, batch_size=batch, resolution=args.resolution),
+    )
     out = []
     for r in range(args.repeats):
         if pipe.device.type == "cuda":
@@ -69,7 +74,8 @@ def time_batch(pipe: Pipeline, batch: int, args) -> list[float]:
 
 def machine(device: torch.device) -> str:
     if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({torch.cuda.get_device_properties(device).total_memory / 2**30:.0f} GiB)"
+        gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+        return f"{torch.cuda.get_device_name(device)} ({gib:.0f} GiB)"
     return f"CPU {platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
@@ -78,13 +84,17 @@ def write_section(args, argv, pipe: Pipeline, device: torch.device, build_s: flo
     cmd = "python benchmarks/infer.py " + " ".join(argv if argv is not None else sys.argv[1:])
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = [
-        f"## {pipe.model_info['id']}, {res} px, {args.steps} steps, {device.type} ({now})", "",
+        f"## {pipe.model_info['id']}, {res} px, {args.steps} steps, {device.type} ({now})",
+        "",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {machine(device)}; torch {torch.__version__}; dtype {pipe.dtype}; load average "
         f"{os.getloadavg()[0]:.1f}; model build {build_s:.0f} s  ",
-        "Sampler: PNDMScheduler, three-branch guidance (7 / 1.5), one subject; VAE decode included.", "",
+        "Sampler: PNDMScheduler, three-branch guidance (7 / 1.5), one subject; VAE decode included.",
+        "",
         "| batch | UNet batch | s/image (median) | s/image (best) | ms/step/image | peak GPU GiB |",
-        "|---:|---:|---:|---:|---:|---:|", *rows, "",
+        "|---:|---:|---:|---:|---:|---:|",
+        *rows,
+        "",
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -117,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.reset_peak_memory_stats(device)
         secs = time_batch(pipe, b, args)
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f}" if device.type == "cuda" else "-"
-        rows.append(f"| {b} | {3 * b} | {statistics.median(secs):.3f} | {min(secs):.3f} | "
-                    f"{statistics.median(secs) / args.steps * 1000:.1f} | {peak} |")
+        rows.append(
+            f"| {b} | {3 * b} | {statistics.median(secs):.3f} | {min(secs):.3f} | "
+            f"{statistics.median(secs) / args.steps * 1000:.1f} | {peak} |"
+        )
         print(rows[-1], flush=True)
     write_section(args, argv, pipe, device, build_s, res, rows)
     return 0

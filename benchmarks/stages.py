@@ -32,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from subjectdiff.datagen import config  # noqa: E402
-from subjectdiff.datagen.stages.common import decode_item  # noqa: E402
+from subjectdiff.datagen import config
+from subjectdiff.datagen.stages.common import decode_item
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "coins", "immunohistochemistry")
 CAPTIONS = {
@@ -100,9 +100,13 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--repeats", type=int, default=3, help="alternating timed runs per mode; the best counts")
-    ap.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=None,
-                    help="dtype of all three model stages (default: the preset's: caption auto, others float32); "
-                         "ground and segment autocast on CUDA only, and the table says what each ran in")
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        default=None,
+        help="dtype of all three model stages (default: the preset's: caption auto, others float32); "
+        "ground and segment autocast on CUDA only, and the table says what each ran in",
+    )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "stages.md"))
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -150,8 +154,11 @@ def main(argv=None) -> None:
         print(f"{name:8s} batched {b:8.3g} img/s   single {s:8.3g} img/s   x{b / s:.2f}", flush=True)
 
     device = gd.device
-    dev_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})")
+    dev_name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    )
     # what each stage runs in, not what was asked: ground and segment autocast on CUDA only (fp32 on CPU)
     dtype = {k: str(v.dtype).replace("torch.", "") for k, v in (("caption", cap), ("ground", gd), ("segment", seg))}
     lines = [

@@ -14,9 +14,9 @@ of each augmentation per subject image and of the selection rules per record (si
 optionally gradient checkpointing. "reference": the way the paper's public code runs the same step: the image
 encoder under autograd (its parameters require grad, a graph is built and kept through backward, its gradients
 zeroed each step), fp16 casts of the frozen parts and fp16 autocast, no gradient checkpointing. Random weights
-(no download); records are the hand-made photo shards of subjectdiff/photo_records.py, enough of them that the data-loader
-measurement (the preset's DataLoader workers) stays within one epoch. On a GPU each variant is built, timed and
-freed in turn, so that its peak memory is its own; on a CPU both live at once and their rounds alternate.
+(no download); records are the hand-made photo shards of subjectdiff/photo_records.py, enough of them that the
+data-loader measurement (the preset's DataLoader workers) stays within one epoch. On a GPU each variant is built,
+timed and freed in turn, so that its peak memory is its own; on a CPU both live at once and their rounds alternate.
 Appends a section to benchmarks/results/train.md.
 """
 
@@ -29,8 +29,8 @@ import gc
 import math
 import os
 import platform
-import statistics
 import re
+import statistics
 import sys
 import tempfile
 import time
@@ -44,7 +44,6 @@ sys.path.insert(0, str(ROOT))
 from subjectdiff.photo_records import write_photo_shards  # noqa: E402
 from subjectdiff.train.config import load_config  # noqa: E402
 from subjectdiff.train.data import BatchStream, TrainSamples, make_reader  # noqa: E402
-
 
 BASELINE_REV = "eae2950"  # train/data.py before issue #12 (random choice, box cut-outs on white, perspective 0.1)
 
@@ -108,8 +107,7 @@ def augmentation_costs(records: list, backgrounds: Path, size: int, repeats: int
     """(what, ms) per subject image / per record, medians over the records' chosen objects."""
     import numpy as np
 
-    from subjectdiff.model.subject_image import (SubjectAugment, background_files, background_photo,
-                                                 subject_image)
+    from subjectdiff.model.subject_image import SubjectAugment, background_files, background_photo, subject_image
     from subjectdiff.train.config import DataConfig
     from subjectdiff.train.data import choose_subjects, filled_mask
 
@@ -121,28 +119,51 @@ def augmentation_costs(records: list, backgrounds: Path, size: int, repeats: int
     rng = np.random.default_rng(0)
 
     def per_subject(fn) -> float:
-        return statistics.median(median_ms(lambda: fn(r, i), repeats) for r, i in pairs)
+        return statistics.median(median_ms(lambda r=r, i=i: fn(r, i), repeats) for r, i in pairs)
 
-    aug = {"flip (p 1)": SubjectAugment(1.0, 0, 0, 0), "rotation (±10°)": SubjectAugment(0, 10, 0, 0),
-           "perspective (0.5, p 1)": SubjectAugment(0, 0, 0.5, 1.0)}
+    aug = {
+        "flip (p 1)": SubjectAugment(1.0, 0, 0, 0),
+        "rotation (±10°)": SubjectAugment(0, 10, 0, 0),
+        "perspective (0.5, p 1)": SubjectAugment(0, 0, 0.5, 1.0),
+    }
     plain = per_subject(lambda r, i: subject_image(r.image, r.masks[i], size))
     rows = [("subject image: cut-out on white, no augmentation (= inference)", plain)]
     for name, a in aug.items():
-        rows.append((f"+ {name} (added to the cut-out)", per_subject(lambda r, i: subject_image(r.image, r.masks[i], size, augment=a,
-                                                                          rng=rng)) - plain))
+        rows.append(
+            (
+                f"+ {name} (added to the cut-out)",
+                per_subject(lambda r, i, a=a: subject_image(r.image, r.masks[i], size, augment=a, rng=rng)) - plain,
+            )
+        )
     load = per_subject(lambda r, i: background_photo(files[int(rng.integers(len(files)))], size, rng))
     rows.append(("background photo: load a 1600x1200 JPEG, resize, crop (per subject)", load))
     still = SubjectAugment(0, 0, 0, 0)
     bg = background_photo(files[0], size, rng)
-    rows.append(("subject pasted at half the area of a loaded background photo, no augmentation (instead of "
-                 "the cut-out on white)", per_subject(
-        lambda r, i: subject_image(r.image, r.masks[i], size, augment=still, rng=rng, background=bg))))
+    rows.append(
+        (
+            "subject pasted at half the area of a loaded background photo, no augmentation (instead of "
+            "the cut-out on white)",
+            per_subject(lambda r, i: subject_image(r.image, r.masks[i], size, augment=still, rng=rng, background=bg)),
+        )
+    )
     rows.append(("hole filling of the mask (per subject)", per_subject(lambda r, i: filled_mask(r.masks[i]))))
-    rows.append(("object selection rules (per record)", statistics.median(
-        median_ms(lambda: choose_subjects(r, 2, cfg, rng), repeats) for r in records)))
-    rows.append(("no rules: random order, sanity checks only (per record)", statistics.median(
-        median_ms(lambda: choose_subjects(r, 2, DataConfig(object_rules=False, pick="random"), rng), repeats)
-        for r in records)))
+    rows.append(
+        (
+            "object selection rules (per record)",
+            statistics.median(median_ms(lambda r=r: choose_subjects(r, 2, cfg, rng), repeats) for r in records),
+        )
+    )
+    rows.append(
+        (
+            "no rules: random order, sanity checks only (per record)",
+            statistics.median(
+                median_ms(
+                    lambda r=r: choose_subjects(r, 2, DataConfig(object_rules=False, pick="random"), rng), repeats
+                )
+                for r in records
+            ),
+        )
+    )
     return rows
 
 
@@ -157,35 +178,63 @@ def loader_benchmark(args) -> int:
         records = workers * batch * (args.loader_batches + 2)
         write_photo_shards(Path(tmp) / "shards", n_shards=4, per_shard=math.ceil(records / 4), failures_per_shard=0)
         bgs = write_backgrounds(Path(tmp) / "backgrounds")
-        sets = [f"data.shards=['{Path(tmp) / 'shards'}']", f"data.num_workers={args.workers or 1}",
-                f"data.batch_size={batch}"]
+        sets = [
+            f"data.shards=['{Path(tmp) / 'shards'}']",
+            f"data.num_workers={args.workers or 1}",
+            f"data.batch_size={batch}",
+        ]
         paper = load_config("paper", [*sets, f"data.backgrounds='{bgs}'"])
         size = image_encoder_input_size(paper.model)
         reader = make_reader(paper.data, None, 0, 1, 0)
-        rows = [("paper preset: reference selection + augmentation, background photos",
-                 stream_rate(BatchStream(TrainSamples(reader, paper, size), batch, paper.data.num_workers),
-                             args.loader_batches))]
+        rows = [
+            (
+                "paper preset: reference selection + augmentation, background photos",
+                stream_rate(
+                    BatchStream(TrainSamples(reader, paper, size), batch, paper.data.num_workers), args.loader_batches
+                ),
+            )
+        ]
         white = load_config("paper", sets)
-        rows.append(("paper preset without background photos (white)",
-                     stream_rate(BatchStream(TrainSamples(make_reader(white.data, None, 0, 1, 0), white, size), batch,
-                                             white.data.num_workers), args.loader_batches)))
+        rows.append(
+            (
+                "paper preset without background photos (white)",
+                stream_rate(
+                    BatchStream(
+                        TrainSamples(make_reader(white.data, None, 0, 1, 0), white, size), batch, white.data.num_workers
+                    ),
+                    args.loader_batches,
+                ),
+            )
+        )
         if base is not None:
             bcfg_mod, bdata = base
             old = bcfg_mod.load_config("sd2-base", sets)
-            rows.append((f"earlier loader (rev {args.baseline_rev}): random choice, box cut-outs on white",
-                         stream_rate(bdata.BatchStream(bdata.TrainSamples(
-                             bdata.make_reader(old.data, None, 0, 1, 0), old, size), batch, old.data.num_workers),
-                             args.loader_batches)))
+            rows.append(
+                (
+                    f"earlier loader (rev {args.baseline_rev}): random choice, box cut-outs on white",
+                    stream_rate(
+                        bdata.BatchStream(
+                            bdata.TrainSamples(bdata.make_reader(old.data, None, 0, 1, 0), old, size),
+                            batch,
+                            old.data.num_workers,
+                        ),
+                        args.loader_batches,
+                    ),
+                )
+            )
         recs = list(RecordReader(Path(tmp) / "shards", keys=None))[:10]
         costs = augmentation_costs(recs, bgs, size, args.rounds)
     machine = f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    lines = [f"\n## data loader at 512 px, {workers} DataLoader worker(s), batch {batch} "
-             f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n",
-             f"Command: `python benchmarks/train.py {' '.join(sys.argv[1:])}`  ",
-             f"Machine: {machine}; torch {torch.__version__}; load average at the end {os.getloadavg()[0]:.1f} "
-             "(shared machine: CPU numbers are noisy); records: subjectdiff/photo_records.py's photos (300-1000 px), subject "
-             f"images {size} px\n",
-             "| loader | samples/s per worker |", "|---|---:|"]
+    lines = [
+        f"\n## data loader at 512 px, {workers} DataLoader worker(s), batch {batch} "
+        f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n",
+        f"Command: `python benchmarks/train.py {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {machine}; torch {torch.__version__}; load average at the end {os.getloadavg()[0]:.1f} "
+        "(shared machine: CPU numbers are noisy); records: subjectdiff/photo_records.py's photos (300-1000 px), "
+        f"subject images {size} px\n",
+        "| loader | samples/s per worker |",
+        "|---|---:|",
+    ]
     lines += [f"| {name} | {rate / workers:.1f} |" for name, rate in rows]
     if base is None:
         lines.append(f"| earlier loader (rev {args.baseline_rev}) | not measured: git or the revision is missing |")
@@ -223,10 +272,14 @@ class Variant:
         from subjectdiff.train.trainer import frozen_dtype
 
         on_gpu = device.type == "cuda"
-        sets = [f"data.shards=['{shards}']", f"data.batch_size={args.batch_size}", f"data.num_workers={args.workers}",
-                f"run.precision={'fp16' if reference and on_gpu else args.precision}",
-                f"run.gradient_checkpointing={str(args.checkpointing and not reference).lower()}",
-                *([] if args.weights else ["model.base=none", "model.image_encoder_weights=none"])]
+        sets = [
+            f"data.shards=['{shards}']",
+            f"data.batch_size={args.batch_size}",
+            f"data.num_workers={args.workers}",
+            f"run.precision={'fp16' if reference and on_gpu else args.precision}",
+            f"run.gradient_checkpointing={str(args.checkpointing and not reference).lower()}",
+            *([] if args.weights else ["model.base=none", "model.image_encoder_weights=none"]),
+        ]
         self.cfg, self.device, self.reference = load_config(args.preset, sets), device, reference
         self.parts = build(self.cfg.model)
         self.parts.to(device, torch.float16 if reference and on_gpu else frozen_dtype(self.cfg, device))
@@ -248,8 +301,16 @@ class Variant:
     def one_step(self) -> None:
         from subjectdiff.train.step import training_step
 
-        loss, _ = training_step(self.parts.model, self.parts, self.batch, self.cfg.loss, self.gen, self.device,
-                                self.autocast(), reference=self.reference)
+        loss, _ = training_step(
+            self.parts.model,
+            self.parts,
+            self.batch,
+            self.cfg.loss,
+            self.gen,
+            self.device,
+            self.autocast(),
+            reference=self.reference,
+        )
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -271,9 +332,14 @@ class Variant:
         self.rates.append(steps * len(self.batch["key"]) / (time.perf_counter() - t0))
 
     def result(self) -> dict:
-        return {"step_samples_per_s": statistics.median(self.rates), "peak_gib": self.peak,
-                "precision": self.cfg.run.precision, "checkpointing": self.cfg.run.gradient_checkpointing,
-                "cfg": self.cfg, "subject_size": self.size}
+        return {
+            "step_samples_per_s": statistics.median(self.rates),
+            "peak_gib": self.peak,
+            "precision": self.cfg.run.precision,
+            "checkpointing": self.cfg.run.gradient_checkpointing,
+            "cfg": self.cfg,
+            "subject_size": self.size,
+        }
 
 
 def measure_variants(args, shards: Path, device: torch.device) -> list[dict]:
@@ -307,24 +373,33 @@ def main() -> int:
     p.add_argument("--precision", default=None, help="fp32 / bf16 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in 'ours'")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the preset's)")
-    p.add_argument("--weights", action="store_true",
-                   help="load the preset's real weights (model.base, open_clip) instead of random init")
+    p.add_argument(
+        "--weights",
+        action="store_true",
+        help="load the preset's real weights (model.base, open_clip) instead of random init",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds; the median is reported")
     p.add_argument("--loader-batches", type=int, default=20)
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads on CPU (0 = default)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train.md"))
-    p.add_argument("--loader", action="store_true",
-                   help="only the data loader at 512 px: the paper preset against --baseline-rev's loader, and "
-                        "the cost of each augmentation")
+    p.add_argument(
+        "--loader",
+        action="store_true",
+        help="only the data loader at 512 px: the paper preset against --baseline-rev's loader, and "
+        "the cost of each augmentation",
+    )
     p.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the earlier loader (--loader)")
     args = p.parse_args()
     if args.loader:
         if args.threads:
             torch.set_num_threads(args.threads)
         return loader_benchmark(args)
-    device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
-                          (args.device if args.device != "auto" else "cpu"))
+    device = torch.device(
+        "cuda"
+        if (args.device == "auto" and torch.cuda.is_available())
+        else (args.device if args.device != "auto" else "cpu")
+    )
     if args.preset == "sd2-base" and device.type != "cuda":
         print("sd2-base needs a GPU (a CPU step takes minutes); use --preset tiny here", file=sys.stderr)
         return 2
@@ -342,18 +417,26 @@ def main() -> int:
 
 
 def report(args, device, ours: dict, ref: dict) -> None:
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
-    peak = lambda r: "" if r["peak_gib"] is None else f" | {r['peak_gib']:.1f}"  # noqa: E731
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    )
+    peak = lambda r: "" if r["peak_gib"] is None else f" | {r['peak_gib']:.1f}"
     lines = [
-        f"\n## {args.preset}, batch {args.batch_size}, {device.type} ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n",
+        f"\n## {args.preset}, batch {args.batch_size}, {device.type} "
+        f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)\n",
         f"Command: `python benchmarks/train.py {' '.join(sys.argv[1:])}`  ",
         f"Machine: {machine}; torch {torch.__version__}; load average at the end "
         f"{os.getloadavg()[0]:.1f} (shared machine: CPU numbers are noisy)\n",
-        "| variant | precision | grad. checkpointing | train step samples/s (median of rounds)" + (" | peak GiB" if device.type == "cuda" else "") + " |",
+        "| variant | precision | grad. checkpointing | train step samples/s (median of rounds)"
+        + (" | peak GiB" if device.type == "cuda" else "")
+        + " |",
         "|---|---|---|---:" + ("|---:" if device.type == "cuda" else "") + "|",
-        f"| ours (frozen encoders under no_grad) | {ours['precision']} | {ours['checkpointing']} | {ours['step_samples_per_s']:.2f}{peak(ours)} |",
-        f"| reference (image encoder under autograd, fp16 casts on GPU) | {ref['precision']} | {ref['checkpointing']} | {ref['step_samples_per_s']:.2f}{peak(ref)} |",
+        f"| ours (frozen encoders under no_grad) | {ours['precision']} | {ours['checkpointing']} "
+        f"| {ours['step_samples_per_s']:.2f}{peak(ours)} |",
+        f"| reference (image encoder under autograd, fp16 casts on GPU) | {ref['precision']} | {ref['checkpointing']} "
+        f"| {ref['step_samples_per_s']:.2f}{peak(ref)} |",
         "",
         f"Data loader ({args.workers} workers, resolution of the preset): {ours['loader_samples_per_s']:.1f} samples/s "
         f"vs. the step's {ours['step_samples_per_s']:.2f} samples/s.",

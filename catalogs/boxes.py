@@ -74,8 +74,12 @@ def xyxy_norm_to_pixel_rect(box, width: int, height: int) -> tuple[int, int, int
 def xyxy_pixels_union_rect(boxes_px: np.ndarray) -> tuple[int, int, int, int]:
     """(K, 4) xyxy float pixel boxes, K >= 1 -> the pixel rect of their union (x0, y0, x1, y1), x1 and y1
     exclusive (edges round outwards; not clamped to any image)."""
-    return (int(np.floor(boxes_px[:, 0].min())), int(np.floor(boxes_px[:, 1].min())),
-            int(np.ceil(boxes_px[:, 2].max())), int(np.ceil(boxes_px[:, 3].max())))
+    return (
+        int(np.floor(boxes_px[:, 0].min())),
+        int(np.floor(boxes_px[:, 1].min())),
+        int(np.ceil(boxes_px[:, 2].max())),
+        int(np.ceil(boxes_px[:, 3].max())),
+    )
 
 
 def xyxy_norm_to_crop_norm(box: np.ndarray, width: int, height: int, x0: int, y0: int, side: int) -> np.ndarray:

@@ -19,8 +19,8 @@ Tables (see docs/records.md for every column):
 `idx` is a sample's position in its shard's samples sidecar (ok and failed samples counted together), which is
 the plan order within the shard: plan order across a catalog is `ORDER BY shard, idx`. The curation columns
 are NULL for sidecars written without them (before the curate stage existed, or with it off); white_fraction,
-which sidecars have since schema version 3, is computed from the shard's images when its sidecar lacks it. A catalog made
-by another CATALOG_VERSION is rebuilt from scratch by the next build.
+which sidecars have since schema version 3, is computed from the shard's images when its sidecar lacks it. A
+catalog made by another CATALOG_VERSION is rebuilt from scratch by the next build.
 
 A bad shard (an unreadable or corrupt sidecar, one with a wrong schema, counts its stats file contradicts) does
 not stop a build: every good shard is loaded, and each bad one is a row of `bad_shards` naming its file and why,
@@ -50,7 +50,14 @@ import pyarrow.parquet as pq
 
 from subjectdiff.catalogs.schema import RECORD_IMAGE_FORMATS
 from subjectdiff.catalogs.storage import Folder, cache_root, is_local, local_path
-from subjectdiff.catalogs.writer import KINDS, OBJECT_SCHEMA, SAMPLE_SCHEMA, complete_names, encoded_white_fraction, shard_names
+from subjectdiff.catalogs.writer import (
+    KINDS,
+    OBJECT_SCHEMA,
+    SAMPLE_SCHEMA,
+    complete_names,
+    encoded_white_fraction,
+    shard_names,
+)
 
 CATALOG_FILE = "catalog.duckdb"
 CATALOG_VERSION = 3  # 2: samples/failures.idx and the curation columns; 3: samples.white_fraction
@@ -172,8 +179,9 @@ def catalog_root(path: str | os.PathLike) -> str:
     return root
 
 
-def _connect(path: Path, *, read_only: bool, timeout: float = 60.0,
-             settings: dict[str, str] | None = None) -> duckdb.DuckDBPyConnection:
+def _connect(
+    path: Path, *, read_only: bool, timeout: float = 60.0, settings: dict[str, str] | None = None
+) -> duckdb.DuckDBPyConnection:
     """Open the catalog, waiting for another process's write lock (a running build) up to `timeout` s.
     settings: DuckDB options fixed at connect time (memory_limit, temp_directory: a read-only connection
     cannot change its temp_directory later)."""
@@ -192,8 +200,13 @@ def _connect(path: Path, *, read_only: bool, timeout: float = 60.0,
 
 
 @contextmanager
-def open_catalog(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None,
-                 timeout: float = 60.0, settings: dict[str, str] | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+def open_catalog(
+    root: str | os.PathLike,
+    *,
+    catalog: str | os.PathLike | None = None,
+    timeout: float = 60.0,
+    settings: dict[str, str] | None = None,
+) -> Iterator[duckdb.DuckDBPyConnection]:
     """A read-only connection to ROOT's catalog (see catalog_path; external file access disabled; temporary
     tables allowed). settings: DuckDB options such as {"memory_limit": "4GB", "temp_directory": DIR}."""
     path = catalog_path(root, catalog)
@@ -211,8 +224,9 @@ def open_catalog(root: str | os.PathLike, *, catalog: str | os.PathLike | None =
 
 def _version(con: duckdb.DuckDBPyConnection) -> str | None:
     """The catalog_version a finished build recorded; None in a file no build finished."""
-    has_info = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'catalog_info' "
-                           "AND table_schema = 'main'").fetchall()[0][0]
+    has_info = con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'catalog_info' AND table_schema = 'main'"
+    ).fetchall()[0][0]
     if not has_info:
         return None
     row = con.execute("SELECT value FROM catalog_info WHERE name = 'catalog_version'").fetchall()
@@ -226,8 +240,9 @@ def bad_shard_names(root: str | os.PathLike, *, catalog: str | os.PathLike | Non
 
 
 def _bad_names(con: duckdb.DuckDBPyConnection) -> list[str]:
-    if not con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'bad_shards' "
-                       "AND table_schema = 'main'").fetchall()[0][0]:
+    if not con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'bad_shards' AND table_schema = 'main'"
+    ).fetchall()[0][0]:
         return []  # built before the table existed, and not refreshed since
     return [r[0] for r in con.execute("SELECT name FROM bad_shards ORDER BY name").fetchall()]
 
@@ -365,8 +380,9 @@ def _record_bad(con: duckdb.DuckDBPyConnection, bad: list[BadShard]) -> None:
     if not bad:
         return
     now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None, microsecond=0)
-    con.executemany("INSERT INTO bad_shards VALUES (?, ?, ?, ?, ?)",
-                    [(b.name, b.file, b.reason, b.detail, now) for b in bad])
+    con.executemany(
+        "INSERT INTO bad_shards VALUES (?, ?, ?, ?, ?)", [(b.name, b.file, b.reason, b.detail, now) for b in bad]
+    )
 
 
 def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
@@ -374,18 +390,63 @@ def _chunks(items: list[str], n: int) -> Iterator[list[str]]:
         yield items[i : i + n]
 
 
-_SAMPLE_COLUMNS = ["key", "shard", "idx", "caption", "alt_text", "width", "height", "n_objects", "source",
-                   "image_ext", "image_bytes", "schema_version", "sha256", "phash", "clip_score", "alt_clip_score",
-                   "aesthetic", "white_fraction"]
+_SAMPLE_COLUMNS = [
+    "key",
+    "shard",
+    "idx",
+    "caption",
+    "alt_text",
+    "width",
+    "height",
+    "n_objects",
+    "source",
+    "image_ext",
+    "image_bytes",
+    "schema_version",
+    "sha256",
+    "phash",
+    "clip_score",
+    "alt_clip_score",
+    "aesthetic",
+    "white_fraction",
+]
 _FAILURE_COLUMNS = ["key", "shard", "idx", "source", "stage", "reason"]
-_OBJECT_COLUMNS = ["key", "shard", "index", "label", "phrase", "span_start", "span_end", "tokens", "score", "x0",
-                   "y0", "x1", "y1", "area", "aspect", "mask_area", "mask_fill", "containment", "mask_score",
-                   "label_score", "label_rank"]
+_OBJECT_COLUMNS = [
+    "key",
+    "shard",
+    "index",
+    "label",
+    "phrase",
+    "span_start",
+    "span_end",
+    "tokens",
+    "score",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "area",
+    "aspect",
+    "mask_area",
+    "mask_fill",
+    "containment",
+    "mask_score",
+    "label_score",
+    "label_rank",
+]
 # The sidecars' types (catalogs.writer). Columns added to the contract after its first version: a sidecar written
 # before one existed gets it as NULLs. Any other column missing means the sidecar is not one of ours.
 _SIDECAR_SCHEMA = {"samples": SAMPLE_SCHEMA, "objects": OBJECT_SCHEMA}
-_ADDED_COLUMNS = {"sha256", "phash", "clip_score", "alt_clip_score", "aesthetic", "white_fraction", "label_score",
-                  "label_rank"}
+_ADDED_COLUMNS = {
+    "sha256",
+    "phash",
+    "clip_score",
+    "alt_clip_score",
+    "aesthetic",
+    "white_fraction",
+    "label_score",
+    "label_rank",
+}
 _STATS_INTS = ("count", "successes", "failed", "objects", "bytes")
 _STATS_FLOATS = ("start_time", "end_time", "duration")
 
@@ -399,8 +460,9 @@ def _read_shard(folder: Folder, sid: str, shard: ShardListing) -> tuple[dict, pa
     recorded = st.get("files") or {}
     if any(recorded.get(k, shard.sizes[k]) != shard.sizes[k] for k in ("tar", "samples", "objects")):
         return None
-    samples, objects = (_conform(_read_parquet(folder, names[k], shard.urls[k]), k, sid, shard.urls[k])
-                        for k in ("samples", "objects"))
+    samples, objects = (
+        _conform(_read_parquet(folder, names[k], shard.urls[k]), k, sid, shard.urls[k]) for k in ("samples", "objects")
+    )
     _check_counts(st, samples, objects, shard.urls)
     samples = _with_white_fractions(samples, folder, names["tar"], shard.urls["tar"])
     return st, samples.append_column("idx", pa.array(range(samples.num_rows), pa.int32())), objects
@@ -416,7 +478,7 @@ def _read_bytes(folder: Folder, name: str, url: str) -> bytes:
         return folder.read_bytes(name)
     except FileNotFoundError as e:
         raise ShardError(url, "missing", f"gone since the listing ({_detail(e)})") from None
-    except Exception as e:  # noqa: BLE001 - storage clients raise more than OSError (botocore, aiohttp)
+    except Exception as e:
         raise ShardError(url, "read failed", _detail(e)) from None
 
 
@@ -444,7 +506,7 @@ def _read_parquet(folder: Folder, name: str, url: str) -> pa.Table:
     data = _read_bytes(folder, name, url)
     try:
         return pq.read_table(pa.BufferReader(data))
-    except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError or others for corrupt bytes
+    except Exception as e:
         raise ShardError(url, "not Parquet", _detail(e)) from None
 
 
@@ -480,9 +542,11 @@ def _conform(t: pa.Table, kind: str, sid: str, url: str) -> pa.Table:
 def _check_counts(st: dict[str, Any], samples: pa.Table, objects: pa.Table, urls: dict[str, str]) -> None:
     """The stats file's counts agree with the sidecars (the reader's balanced split trusts `successes`)."""
     status = samples.column("status").to_pylist()
-    for field_, n, what in (("successes", status.count("ok"), f"{_name(urls['samples'])} has {{}} ok row(s)"),
-                            ("failed", status.count("failed"), f"{_name(urls['samples'])} has {{}} failed row(s)"),
-                            ("objects", objects.num_rows, f"{_name(urls['objects'])} has {{}} row(s)")):
+    for field_, n, what in (
+        ("successes", status.count("ok"), f"{_name(urls['samples'])} has {{}} ok row(s)"),
+        ("failed", status.count("failed"), f"{_name(urls['samples'])} has {{}} failed row(s)"),
+        ("objects", objects.num_rows, f"{_name(urls['objects'])} has {{}} row(s)"),
+    ):
         if st.get(field_, n) != n:
             raise ShardError(urls["stats"], "counts disagree", f"{field_} is {st[field_]}, {what.format(n)}")
 
@@ -509,7 +573,7 @@ def _with_white_fractions(samples: pa.Table, folder: Folder, tar: str, url: str)
                     found[key] = _white_fraction_or_none(archive.extractfile(member).read())
     except tarfile.TarError as e:
         raise ShardError(url, "not a tar", _detail(e)) from None
-    except Exception as e:  # noqa: BLE001 - as _read_bytes: a storage failure is this shard's
+    except Exception as e:
         raise ShardError(url, "read failed", _detail(e)) from None
     filled = pa.array([found.get(k, v) for k, v in zip(keys, values)], pa.float32())
     return samples.set_column(samples.schema.get_field_index("white_fraction"), "white_fraction", filled)
@@ -520,7 +584,7 @@ def _white_fraction_or_none(data: bytes) -> float | None:
     reader refuses it where it is read)."""
     try:
         return encoded_white_fraction(data)
-    except Exception:  # noqa: BLE001 - PIL raises many kinds for broken images
+    except Exception:
         return None
 
 
@@ -532,8 +596,9 @@ def _read_or_why(folder: Folder, sid: str, shard: ShardListing) -> tuple[dict, p
         return BadShard(sid, e.file, e.reason, e.detail)
 
 
-def _load(con: duckdb.DuckDBPyConnection, folder: Folder, shards: dict[str, ShardListing]
-          ) -> tuple[list[str], list[BadShard], list[str]]:
+def _load(
+    con: duckdb.DuckDBPyConnection, folder: Folder, shards: dict[str, ShardListing]
+) -> tuple[list[str], list[BadShard], list[str]]:
     """Insert a batch of shards (sidecars read in parallel: object stores answer slowly but concurrently);
     returns (the ids loaded, the bad shards, the ids left out as incomplete)."""
     workers = 4 if folder.local else 16
@@ -547,9 +612,20 @@ def _load(con: duckdb.DuckDBPyConnection, folder: Folder, shards: dict[str, Shar
             continue
         st, s, o = got
         loaded.append(sid)
-        rows.append((sid, shards[sid].urls["tar"], st.get("successes", 0), st.get("failed", 0), st.get("objects", 0),
-                     st.get("bytes", 0), st.get("start_time"), st.get("end_time"), st.get("duration"),
-                     shards[sid].fingerprint))
+        rows.append(
+            (
+                sid,
+                shards[sid].urls["tar"],
+                st.get("successes", 0),
+                st.get("failed", 0),
+                st.get("objects", 0),
+                st.get("bytes", 0),
+                st.get("start_time"),
+                st.get("end_time"),
+                st.get("duration"),
+                shards[sid].fingerprint,
+            )
+        )
         samples.append(s)
         objects.append(o)
     if not loaded:
@@ -557,7 +633,7 @@ def _load(con: duckdb.DuckDBPyConnection, folder: Folder, shards: dict[str, Shar
     con.executemany("INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
     con.register("new_samples", pa.concat_tables(samples))
     con.register("new_objects", pa.concat_tables(objects))
-    q = lambda cols: ", ".join(f'"{c}"' for c in cols)  # noqa: E731
+    q = lambda cols: ", ".join(f'"{c}"' for c in cols)
     con.execute(f"INSERT INTO samples SELECT {q(_SAMPLE_COLUMNS)} FROM new_samples WHERE status = 'ok'")
     con.execute(f"INSERT INTO failures SELECT {q(_FAILURE_COLUMNS)} FROM new_samples WHERE status = 'failed'")
     con.execute(f"INSERT INTO objects SELECT {q(_OBJECT_COLUMNS)} FROM new_objects")
@@ -579,8 +655,9 @@ def check_read_only(sql: str) -> None:
         raise CatalogError(f"only read-only queries (SELECT) are allowed; this is a {kind} statement")
 
 
-def query(root: str | os.PathLike, sql: str, params: list[Any] | None = None, *,
-          catalog: str | os.PathLike | None = None) -> pa.Table:
+def query(
+    root: str | os.PathLike, sql: str, params: list[Any] | None = None, *, catalog: str | os.PathLike | None = None
+) -> pa.Table:
     """Run one read-only statement against ROOT's catalog; returns an Arrow table."""
     check_read_only(sql)
     with open_catalog(root, catalog=catalog) as con:
@@ -590,8 +667,9 @@ def query(root: str | os.PathLike, sql: str, params: list[Any] | None = None, *,
             raise CatalogError(_one_line(e)) from None
 
 
-def stats(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, top_labels: int = 20,
-          bins: int = 10) -> dict[str, Any]:
+def stats(
+    root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, top_labels: int = 20, bins: int = 10
+) -> dict[str, Any]:
     """Counts (bad shards too), label histogram, score and area distributions, the curation signals'
     distributions and the number of exact duplicates (samples beyond the first with the same sha256), and
     failures by stage and reason. A quantiles dict's `n` counts its non-NULL values."""
@@ -614,8 +692,10 @@ def stats(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, 
             return [{"lo": edges[i], "hi": edges[i + 1], "count": counts.get(i, 0)} for i in range(bins)]
 
         def quantiles(col: str, table: str = "objects") -> dict[str, float | None]:
-            q = rows(f"SELECT min({col}), quantile_cont({col}, [0.1, 0.5, 0.9]), max({col}), avg({col}), "
-                     f"count({col}) FROM {table} WHERE NOT isnan({col})")[0]
+            q = rows(
+                f"SELECT min({col}), quantile_cont({col}, [0.1, 0.5, 0.9]), max({col}), avg({col}), "
+                f"count({col}) FROM {table} WHERE NOT isnan({col})"
+            )[0]
             qs = q[1] or [None, None, None]
             return {"min": q[0], "p10": qs[0], "median": qs[1], "p90": qs[2], "max": q[2], "mean": q[3], "n": q[4]}
 
@@ -626,7 +706,9 @@ def stats(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, 
             "failed": n_failed,
             "objects": n_objects,
             "objects_per_sample": rows("SELECT n_objects, count(*) FROM samples GROUP BY 1 ORDER BY 1"),
-            "labels": rows(f"SELECT label, count(*) AS n FROM objects GROUP BY 1 ORDER BY n DESC, label LIMIT {top_labels}"),
+            "labels": rows(
+                f"SELECT label, count(*) AS n FROM objects GROUP BY 1 ORDER BY n DESC, label LIMIT {top_labels}"
+            ),
             "n_labels": rows("SELECT count(DISTINCT label) FROM objects")[0][0],
             "score": {"quantiles": quantiles("score"), "histogram": hist("score")},
             "area": {"quantiles": quantiles("area"), "histogram": hist("area")},
@@ -636,8 +718,10 @@ def stats(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, 
                 "alt_clip_score": quantiles("alt_clip_score", "samples"),
                 "aesthetic": quantiles("aesthetic", "samples"),
                 "label_score": quantiles("label_score"),
-                "exact_duplicates": rows("SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM samples "
-                                         "WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING n > 1)")[0][0],
+                "exact_duplicates": rows(
+                    "SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM samples "
+                    "WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING n > 1)"
+                )[0][0],
             },
             "failures_by_stage": rows("SELECT stage, count(*) AS n FROM failures GROUP BY 1 ORDER BY n DESC, stage"),
             "failures_by_reason": rows(

@@ -16,12 +16,12 @@ from typing import Any
 
 from subjectdiff.catalogs.catalog import CatalogError
 
-
 EXIT_BAD_SHARDS = 1  # `catalog build`: the catalog holds every good shard; the bad ones are in bad_shards
 EXIT_ERROR = 2  # nothing done: the one-line error says why
 _DIR_HELP = "the shard folder: a local path or a URL (s3://bucket/out)"
-_CATALOG_HELP = ("the DuckDB file (default: DIR/catalog.duckdb for a local DIR, a file under "
-                 "$SUBJECTDIFF_CACHE/catalogs for a URL)")
+_CATALOG_HELP = (
+    "the DuckDB file (default: DIR/catalog.duckdb for a local DIR, a file under $SUBJECTDIFF_CACHE/catalogs for a URL)"
+)
 
 
 def _add_dir(p: argparse.ArgumentParser) -> None:
@@ -33,11 +33,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("catalog", help="build and query the DuckDB catalog of a shard folder (local or a URL)")
     csub = p.add_subparsers(dest="catalog_command", metavar="ACTION", required=True)
 
-    b = csub.add_parser("build", help="create or refresh DIR/catalog.duckdb from the shards' sidecars",
-                        description="Create or refresh the catalog from the sidecars of DIR's complete shards. A "
-                        "shard that cannot be loaded is listed on stderr and in the bad_shards table, and tried "
-                        "again by the next build. Exit status: 0 every complete shard loaded; 1 the good shards "
-                        "loaded, some bad; 2 an error (the catalog is as it was; a first build leaves none).")
+    b = csub.add_parser(
+        "build",
+        help="create or refresh DIR/catalog.duckdb from the shards' sidecars",
+        description="Create or refresh the catalog from the sidecars of DIR's complete shards. A "
+        "shard that cannot be loaded is listed on stderr and in the bad_shards table, and tried "
+        "again by the next build. Exit status: 0 every complete shard loaded; 1 the good shards "
+        "loaded, some bad; 2 an error (the catalog is as it was; a first build leaves none).",
+    )
     _add_dir(b)
     b.set_defaults(func=_guard(_build))
 
@@ -57,31 +60,56 @@ def register(sub: argparse._SubParsersAction) -> None:
     sel = csub.add_parser("select", help="write the keys and shards matching a predicate to Parquet")
     _add_dir(sel)
     sel.add_argument("--where", help="SQL predicate over `samples` (subqueries may use `objects`)")
-    sel.add_argument("--object-where", help="SQL predicate over `objects` (and the sample's caption, width, height, "
-                     "white_fraction): "
-                     "records each sample's eligible objects, drops samples with none; 'reference' = the reference "
-                     "code's object rules")
-    sel.add_argument("--dedup", choices=["exact", "near"],
-                     help="keep one sample per duplicate group, the first in plan order (shard, then position in "
-                     "the shard): exact = same sha256, near = phash within --max-distance (or the groups of --dups)")
+    sel.add_argument(
+        "--object-where",
+        help="SQL predicate over `objects` (and the sample's caption, width, height, "
+        "white_fraction): "
+        "records each sample's eligible objects, drops samples with none; 'reference' = the reference "
+        "code's object rules",
+    )
+    sel.add_argument(
+        "--dedup",
+        choices=["exact", "near"],
+        help="keep one sample per duplicate group, the first in plan order (shard, then position in "
+        "the shard): exact = same sha256, near = phash within --max-distance (or the groups of --dups)",
+    )
     sel.add_argument("--dups", metavar="FILE", help="a `catalog duplicates` file whose groups --dedup near uses")
-    sel.add_argument("--max-distance", type=int, default=4, metavar="D",
-                     help="--dedup near: phash bits (of 64) within which two samples are duplicates (default 4)")
-    sel.add_argument("--exclude-near", metavar="FOLDER_OR_CATALOG",
-                     help="drop samples near any image of a held-out set: a folder of images (e.g. DreamBench), a "
-                     "catalog folder or URL, or a .duckdb file")
-    sel.add_argument("--exclude-distance", type=int, default=8, metavar="D",
-                     help="--exclude-near: phash bits within which a sample counts as a held-out image (default 8)")
+    sel.add_argument(
+        "--max-distance",
+        type=int,
+        default=4,
+        metavar="D",
+        help="--dedup near: phash bits (of 64) within which two samples are duplicates (default 4)",
+    )
+    sel.add_argument(
+        "--exclude-near",
+        metavar="FOLDER_OR_CATALOG",
+        help="drop samples near any image of a held-out set: a folder of images (e.g. DreamBench), a "
+        "catalog folder or URL, or a .duckdb file",
+    )
+    sel.add_argument(
+        "--exclude-distance",
+        type=int,
+        default=8,
+        metavar="D",
+        help="--exclude-near: phash bits within which a sample counts as a held-out image (default 8)",
+    )
     sel.add_argument("--out", required=True, help="output .parquet file")
     sel.set_defaults(func=_guard(_select))
 
     d = csub.add_parser("duplicates", help="groups of exact (sha256) and near (phash) duplicates -> Parquet")
     _add_dir(d)
-    d.add_argument("--max-distance", type=int, default=4, metavar="D",
-                   help="phash bits (of 64) within which two samples are near duplicates (default 4)")
+    d.add_argument(
+        "--max-distance",
+        type=int,
+        default=4,
+        metavar="D",
+        help="phash bits (of 64) within which two samples are near duplicates (default 4)",
+    )
     d.add_argument("--bands", type=int, metavar="B", help="bands of the index (default: chosen for the catalog's size)")
-    d.add_argument("--order-by", metavar="SQL", help="which member of a group comes first (default: plan order, "
-                   "'shard, idx')")
+    d.add_argument(
+        "--order-by", metavar="SQL", help="which member of a group comes first (default: plan order, 'shard, idx')"
+    )
     d.add_argument("--memory-limit", metavar="SIZE", help="DuckDB's memory limit (e.g. 4GB); beyond it joins spill")
     d.add_argument("--temp-directory", metavar="DIR", help="where DuckDB spills")
     d.add_argument("--out", required=True, help="output .parquet file (one row per sample in a group)")
@@ -124,9 +152,11 @@ def _warn_bad_shards(args: argparse.Namespace) -> None:
     names = bad_shard_names(args.dir, catalog=args.catalog)
     if names:
         shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-        print(f"subjectdiff catalog: warning: {len(names)} bad shard(s) are not in the catalog ({shown}): their "
-              "samples are missing; `SELECT * FROM bad_shards` says why, `catalog build` tries them again",
-              file=sys.stderr)
+        print(
+            f"subjectdiff catalog: warning: {len(names)} bad shard(s) are not in the catalog ({shown}): their "
+            "samples are missing; `SELECT * FROM bad_shards` says why, `catalog build` tries them again",
+            file=sys.stderr,
+        )
 
 
 def _query(args: argparse.Namespace) -> int:
@@ -155,7 +185,7 @@ def format_table(table, fmt: str, *, max_rows: int = 40) -> str:
     shown = rows[:max_rows]
     cells = [[_cell(r[n]) for n in names] for r in shown]
     widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
     out = [line(names), line(["-" * w for w in widths])] + [line(c) for c in cells]
     more = f" (showing {len(shown)})" if len(rows) > len(shown) else ""
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''}{more})")
@@ -178,8 +208,10 @@ def _stats(args: argparse.Namespace) -> int:
     if args.format == "json":
         print(json.dumps(st, default=str, indent=2))
         return 0
-    print(f"shards {st['shards']}   samples {st['samples']}   failed {st['failed']}   objects {st['objects']}"
-          f"   distinct labels {st['n_labels']}" + (f"   bad shards {st['bad_shards']}" if st["bad_shards"] else ""))
+    print(
+        f"shards {st['shards']}   samples {st['samples']}   failed {st['failed']}   objects {st['objects']}"
+        f"   distinct labels {st['n_labels']}" + (f"   bad shards {st['bad_shards']}" if st["bad_shards"] else "")
+    )
     print("\nobjects per sample:  " + "  ".join(f"{n}:{c}" for n, c in st["objects_per_sample"]))
     print(f"\ntop {args.top} labels:")
     for label, n in st["labels"]:
@@ -210,13 +242,25 @@ def _select(args: argparse.Namespace) -> int:
     if not (args.where or args.object_where or args.dedup or args.exclude_near):
         raise CatalogError("select: give --where, --object-where, --dedup or --exclude-near")
     objects = REFERENCE_OBJECT_WHERE if args.object_where == "reference" else args.object_where
-    n = select(args.dir, args.where, args.out, catalog=args.catalog, object_where=objects, dedup=args.dedup,
-               dups=args.dups, max_distance=args.max_distance, exclude_near=args.exclude_near,
-               exclude_distance=args.exclude_distance)
+    n = select(
+        args.dir,
+        args.where,
+        args.out,
+        catalog=args.catalog,
+        object_where=objects,
+        dedup=args.dedup,
+        dups=args.dups,
+        max_distance=args.max_distance,
+        exclude_near=args.exclude_near,
+        exclude_distance=args.exclude_distance,
+    )
     print(f"selected {n} sample(s) -> {args.out}")
     if n == 0:
-        print(f"subjectdiff catalog: warning: no sample selected: {args.out} is empty, training on it would have "
-              "nothing; `catalog stats` shows what the catalog holds", file=sys.stderr)
+        print(
+            f"subjectdiff catalog: warning: no sample selected: {args.out} is empty, training on it would have "
+            "nothing; `catalog stats` shows what the catalog holds",
+            file=sys.stderr,
+        )
     _warn_bad_shards(args)
     return 0
 
@@ -227,22 +271,30 @@ def _duplicates(args: argparse.Namespace) -> int:
     from subjectdiff.catalogs.duplicates import find_duplicates
 
     try:
-        groups = find_duplicates(args.dir, args.out, catalog=args.catalog, max_distance=args.max_distance,
-                                 bands=args.bands, order_by=args.order_by, memory_limit=args.memory_limit,
-                                 temp_directory=args.temp_directory)
+        groups = find_duplicates(
+            args.dir,
+            args.out,
+            catalog=args.catalog,
+            max_distance=args.max_distance,
+            bands=args.bands,
+            order_by=args.order_by,
+            memory_limit=args.memory_limit,
+            temp_directory=args.temp_directory,
+        )
     except (ValueError, duckdb.Error) as e:
         raise CatalogError(str(e).strip().splitlines()[0]) from None
     kinds: dict[int, str] = dict(zip(groups["group_id"].to_pylist(), groups["kind"].to_pylist()))
     n_exact = sum(k == "exact" for k in kinds.values())
-    print(f"{len(kinds)} duplicate group(s) ({n_exact} exact, {len(kinds) - n_exact} near), "
-          f"{groups.num_rows} sample(s) -> {args.out}")
+    print(
+        f"{len(kinds)} duplicate group(s) ({n_exact} exact, {len(kinds) - n_exact} near), "
+        f"{groups.num_rows} sample(s) -> {args.out}"
+    )
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
     from subjectdiff.catalogs.report import build_report
 
-    out = build_report(args.dir, args.out, where=args.where, sample=args.sample, seed=args.seed,
-                       catalog=args.catalog)
+    out = build_report(args.dir, args.out, where=args.where, sample=args.sample, seed=args.seed, catalog=args.catalog)
     print(f"report -> {out}")
     return 0

@@ -73,14 +73,16 @@ DEFAULT_EXCLUDE_DISTANCE = 8
 # key's table ~0.7 s with 0.4M candidates, a 24-bit key's ~1.2-1.6 s with 3M).
 CANDIDATE_COST = 3.0
 
-DUPS_SCHEMA = pa.schema([
-    ("group_id", pa.int64()),
-    ("kind", pa.string()),  # "exact" | "near"
-    ("key", pa.string()),
-    ("source", pa.string()),
-    ("shard", pa.string()),
-    ("distance", pa.int32()),  # phash bits to the group's first member; NULL where a phash is missing
-])
+DUPS_SCHEMA = pa.schema(
+    [
+        ("group_id", pa.int64()),
+        ("kind", pa.string()),  # "exact" | "near"
+        ("key", pa.string()),
+        ("source", pa.string()),
+        ("shard", pa.string()),
+        ("distance", pa.int32()),  # phash bits to the group's first member; NULL where a phash is missing
+    ]
+)
 
 
 def brute_force_pairs(left: np.ndarray, max_distance: int, right: np.ndarray | None = None) -> set[tuple[int, int]]:
@@ -134,9 +136,11 @@ class BandPlan:
         return [self.band_masks[j] for j in range(combo[-1]) if j not in combo]
 
     def describe(self) -> str:
-        return (f"{self.bands} bands of {64 // self.bands}-{math.ceil(64 / self.bands)} bits, keys of "
-                f"{self.key_bands} bands ({min(self.key_bits)}-{max(self.key_bits)} bits): {len(self.masks)} tables, "
-                f"~{self.estimated_candidates:.3g} candidates to check")
+        return (
+            f"{self.bands} bands of {64 // self.bands}-{math.ceil(64 / self.bands)} bits, keys of "
+            f"{self.key_bands} bands ({min(self.key_bits)}-{max(self.key_bits)} bits): {len(self.masks)} tables, "
+            f"~{self.estimated_candidates:.3g} candidates to check"
+        )
 
 
 def _plan(bands: int, max_distance: int, pairs: float) -> tuple[BandPlan, float]:
@@ -145,14 +149,28 @@ def _plan(bands: int, max_distance: int, pairs: float) -> tuple[BandPlan, float]
     combos = tuple(itertools.combinations(range(bands), k))
     masks = [sum(band_masks[j] for j in combo) for combo in combos]
     key_bits = tuple(m.bit_count() for m in masks)
-    cand = sum(pairs / 2.0 ** b for b in key_bits)
-    plan = BandPlan(max_distance, bands, k, combos, tuple(to_int64(m) for m in masks),
-                    tuple(to_int64(m) for m in band_masks), key_bits, cand)
+    cand = sum(pairs / 2.0**b for b in key_bits)
+    plan = BandPlan(
+        max_distance,
+        bands,
+        k,
+        combos,
+        tuple(to_int64(m) for m in masks),
+        tuple(to_int64(m) for m in band_masks),
+        key_bits,
+        cand,
+    )
     return plan, cand
 
 
-def plan_bands(n_left: int, max_distance: int = DEFAULT_MAX_DISTANCE, *, n_right: int | None = None,
-               bands: int | None = None, max_tables: int = 2000) -> BandPlan:
+def plan_bands(
+    n_left: int,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    *,
+    n_right: int | None = None,
+    bands: int | None = None,
+    max_tables: int = 2000,
+) -> BandPlan:
     """The band count for finding every pair within max_distance among n_left distinct hashes (or between
     n_left and n_right), by the cost model in the module docstring: per table, one pass over the rows plus
     the candidates a uniform hash gives its key. `bands` forces B (must exceed max_distance)."""
@@ -161,8 +179,10 @@ def plan_bands(n_left: int, max_distance: int = DEFAULT_MAX_DISTANCE, *, n_right
     rows = n_left if n_right is None else n_left + n_right
     if bands is not None:
         if bands <= max_distance:
-            raise ValueError(f"bands ({bands}) must exceed max_distance ({max_distance}): with B bands a pair "
-                             "within D < B bands always shares at least B - D of them, and none when D >= B")
+            raise ValueError(
+                f"bands ({bands}) must exceed max_distance ({max_distance}): with B bands a pair "
+                "within D < B bands always shares at least B - D of them, and none when D >= B"
+            )
         return _plan(bands, max_distance, pairs)[0]
     best, best_cost = None, math.inf
     for b in range(max_distance + 1, 65):
@@ -176,8 +196,9 @@ def plan_bands(n_left: int, max_distance: int = DEFAULT_MAX_DISTANCE, *, n_right
     return best
 
 
-def connect(memory_limit: str | None = None, temp_directory: str | None = None,
-            threads: int | None = None) -> duckdb.DuckDBPyConnection:
+def connect(
+    memory_limit: str | None = None, temp_directory: str | None = None, threads: int | None = None
+) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection for the searches, with optional memory limit (spilling to
     temp_directory beyond it) and thread count."""
     con = duckdb.connect()
@@ -201,23 +222,37 @@ def _as_relation(con: duckdb.DuckDBPyConnection, hashes, column: str = "h") -> s
     """A new temp table (its name) of the DISTINCT non-null int64 values of `column`, as column h."""
     name = _tmp("h")
     if isinstance(hashes, str):
-        con.execute(f"CREATE TEMP TABLE {name} AS SELECT DISTINCT {column} AS h FROM {hashes} "
-                    f"WHERE {column} IS NOT NULL")
+        con.execute(
+            f"CREATE TEMP TABLE {name} AS SELECT DISTINCT {column} AS h FROM {hashes} WHERE {column} IS NOT NULL"
+        )
     else:
-        arr = hashes if isinstance(hashes, (pa.Table, pa.RecordBatch)) else \
-            pa.table({column: np.asarray(hashes, np.int64)})
+        arr = (
+            hashes
+            if isinstance(hashes, (pa.Table, pa.RecordBatch))
+            else pa.table({column: np.asarray(hashes, np.int64)})
+        )
         view = _tmp("v")
         con.register(view, arr)
         try:
-            con.execute(f"CREATE TEMP TABLE {name} AS SELECT DISTINCT CAST({column} AS BIGINT) AS h FROM {view} "
-                        f"WHERE {column} IS NOT NULL")
+            con.execute(
+                f"CREATE TEMP TABLE {name} AS SELECT DISTINCT CAST({column} AS BIGINT) AS h FROM {view} "
+                f"WHERE {column} IS NOT NULL"
+            )
         finally:
             con.unregister(view)
     return name
 
 
-def near_pairs(con: duckdb.DuckDBPyConnection, left, right=None, *, max_distance: int = DEFAULT_MAX_DISTANCE,
-               bands: int | None = None, column: str = "h", plan: BandPlan | None = None) -> pa.Table:
+def near_pairs(
+    con: duckdb.DuckDBPyConnection,
+    left,
+    right=None,
+    *,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    bands: int | None = None,
+    column: str = "h",
+    plan: BandPlan | None = None,
+) -> pa.Table:
     """Every pair of distinct hash values within max_distance bits, by the banded index.
 
     left, right: a table or view name on `con` with an int64 `column`, a pyarrow table with one, or an array
@@ -246,7 +281,8 @@ def near_pairs(con: duckdb.DuckDBPyConnection, left, right=None, *, max_distance
             con.execute(
                 f"INSERT INTO {out} SELECT l.h, r.h, CAST(bit_count(xor(l.h, r.h)) AS INTEGER) "
                 f"FROM {lname} l JOIN {rname} r ON (l.h & {m}) = (r.h & {m}) {order} "
-                f"WHERE bit_count(xor(l.h, r.h)) <= {int(max_distance)}{earlier}")
+                f"WHERE bit_count(xor(l.h, r.h)) <= {int(max_distance)}{earlier}"
+            )
         return con.sql(f"SELECT a, b, distance FROM {out} ORDER BY a, b").to_arrow_table()
     finally:
         for name in {lname, rname, out}:
@@ -284,9 +320,14 @@ def _source_sql(con: duckdb.DuckDBPyConnection, samples) -> tuple[str, str | Non
     return view, view
 
 
-def duplicate_groups(con: duckdb.DuckDBPyConnection, samples="samples", *,
-                     max_distance: int = DEFAULT_MAX_DISTANCE, bands: int | None = None,
-                     order_by: str = "shard, key") -> pa.Table:
+def duplicate_groups(
+    con: duckdb.DuckDBPyConnection,
+    samples="samples",
+    *,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    bands: int | None = None,
+    order_by: str = "shard, key",
+) -> pa.Table:
     """Groups of exact and near duplicates (module docstring): one row per sample in a group, DUPS_SCHEMA
     (group_id, kind, key, source, shard, distance), ordered by group_id then plan order.
 
@@ -298,8 +339,9 @@ def duplicate_groups(con: duckdb.DuckDBPyConnection, samples="samples", *,
     try:
         edges = near_pairs(con, rel, column="phash", max_distance=max_distance, bands=bands)
         edge_hashes = _tmp("eh")
-        con.register(edge_hashes, pa.table({"h": pa.concat_arrays([edges["a"].combine_chunks(),
-                                                                   edges["b"].combine_chunks()])}))
+        con.register(
+            edge_hashes, pa.table({"h": pa.concat_arrays([edges["a"].combine_chunks(), edges["b"].combine_chunks()])})
+        )
         try:
             # Members: a phash shared by 2+ samples or in a near pair, or a sha256 whose copies do not all
             # share one phash (a NULL phash, or hashes made by another version): all other samples are alone.
@@ -376,9 +418,16 @@ def write_duplicates(table: pa.Table, out: str | os.PathLike, *, meta: dict | No
 # ------------------------------------------------------------------------------------------- select helpers
 
 
-def dedup_drop(con: duckdb.DuckDBPyConnection, mode: str, samples="samples", *, where: str | None = None,
-               max_distance: int = DEFAULT_MAX_DISTANCE, order_by: str = "shard, key",
-               groups: pa.Table | None = None) -> pa.Table:
+def dedup_drop(
+    con: duckdb.DuckDBPyConnection,
+    mode: str,
+    samples="samples",
+    *,
+    where: str | None = None,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    order_by: str = "shard, key",
+    groups: pa.Table | None = None,
+) -> pa.Table:
     """The (key, shard) rows `select --dedup MODE` drops: every member of a group but its first selected one.
 
     mode "exact": groups are samples with one sha256; "near": `duplicate_groups` (which contain the exact
@@ -416,8 +465,14 @@ def dedup_drop(con: duckdb.DuckDBPyConnection, mode: str, samples="samples", *, 
             con.unregister(view)
 
 
-def near_held_out(con: duckdb.DuckDBPyConnection, held_out: pa.Table, samples="samples", *,
-                  max_distance: int = DEFAULT_EXCLUDE_DISTANCE, bands: int | None = None) -> pa.Table:
+def near_held_out(
+    con: duckdb.DuckDBPyConnection,
+    held_out: pa.Table,
+    samples="samples",
+    *,
+    max_distance: int = DEFAULT_EXCLUDE_DISTANCE,
+    bands: int | None = None,
+) -> pa.Table:
     """Samples within max_distance of any held-out hash (what `select --exclude-near` drops).
 
     held_out: (name, phash) as `held_out_hashes` returns. Returns (key, shard, source, held_out, distance):
@@ -452,13 +507,23 @@ def require_hashes(con: duckdb.DuckDBPyConnection, column: str, samples: str = "
     (or before it existed), and a duplicate search would silently find nothing."""
     n, have = con.execute(f"SELECT count(*), count({column}) FROM {samples}").fetchall()[0]
     if n and not have:
-        raise ValueError(f"no sample of the catalog has a {column} (its shards were made without the curate "
-                         "stage, or before it existed): nothing to compare")
+        raise ValueError(
+            f"no sample of the catalog has a {column} (its shards were made without the curate "
+            "stage, or before it existed): nothing to compare"
+        )
 
 
-def find_duplicates(root: str | os.PathLike, out: str | os.PathLike, *, catalog: str | os.PathLike | None = None,
-                    max_distance: int = DEFAULT_MAX_DISTANCE, bands: int | None = None, order_by: str | None = None,
-                    memory_limit: str | None = None, temp_directory: str | None = None) -> pa.Table:
+def find_duplicates(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    catalog: str | os.PathLike | None = None,
+    max_distance: int = DEFAULT_MAX_DISTANCE,
+    bands: int | None = None,
+    order_by: str | None = None,
+    memory_limit: str | None = None,
+    temp_directory: str | None = None,
+) -> pa.Table:
     """`subjectdiff catalog duplicates`: the duplicate groups of ROOT's catalog (duplicate_groups, in plan order
     `catalogs.catalog.PLAN_ORDER` unless order_by says otherwise) written to OUT (dups.parquet, DUPS_SCHEMA,
     its metadata naming the catalog, the distance, the band plan and the order). Returns the table.
@@ -473,9 +538,16 @@ def find_duplicates(root: str | os.PathLike, out: str | os.PathLike, *, catalog:
         plan = plan_bands(n, max_distance, bands=bands)
         groups = duplicate_groups(con, max_distance=max_distance, order_by=order_by, bands=plan.bands)
     kinds = groups["kind"].to_pylist()
-    meta = {"catalog": Folder(root).url, "max_distance": max_distance, "bands": plan.describe(),
-            "order_by": order_by, "created": time.time(), "rows": groups.num_rows,
-            "groups": len(set(groups["group_id"].to_pylist())),
-            "exact_rows": kinds.count("exact"), "near_rows": kinds.count("near")}
+    meta = {
+        "catalog": Folder(root).url,
+        "max_distance": max_distance,
+        "bands": plan.describe(),
+        "order_by": order_by,
+        "created": time.time(),
+        "rows": groups.num_rows,
+        "groups": len(set(groups["group_id"].to_pylist())),
+        "exact_rows": kinds.count("exact"),
+        "near_rows": kinds.count("near"),
+    }
     write_duplicates(groups, out, meta=meta)
     return groups

@@ -41,8 +41,9 @@ def embedding_table(keys: list[str], embeddings: np.ndarray, meta: dict | None =
     return pa.Table.from_arrays([pa.array(keys, pa.string()), values], schema=embedding_schema(dim, meta))
 
 
-def write_embeddings(path: str | os.PathLike, keys: list[str], embeddings: np.ndarray,
-                     meta: dict | None = None) -> None:
+def write_embeddings(
+    path: str | os.PathLike, keys: list[str], embeddings: np.ndarray, meta: dict | None = None
+) -> None:
     pq.write_table(embedding_table(keys, embeddings, meta), path)
 
 

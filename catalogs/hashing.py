@@ -104,8 +104,9 @@ def held_out_hashes(spec: str | os.PathLike) -> pa.Table:
     if db.is_file():
         con = duckdb.connect(str(db), read_only=True)
         try:
-            table = con.sql("SELECT key AS name, phash FROM samples WHERE phash IS NOT NULL "
-                            "ORDER BY shard, key").to_arrow_table()
+            table = con.sql(
+                "SELECT key AS name, phash FROM samples WHERE phash IS NOT NULL ORDER BY shard, key"
+            ).to_arrow_table()
         finally:
             con.close()
         if table.num_rows == 0:
@@ -114,4 +115,3 @@ def held_out_hashes(spec: str | os.PathLike) -> pa.Table:
     if path.is_dir():
         return hash_folder(path)
     raise ValueError(f"--exclude-near {spec}: not a folder of images, a catalog folder or a .duckdb file")
-

@@ -38,8 +38,7 @@ WHITE = (255, 255, 255)
 # The files read as images, by suffix, in any case (IMG_0001.HEIC). HEIC/HEIF (.hif: Fujifilm's and Canon's
 # spelling) and AVIF are what phones write by default; `decode` opens them all. A record stores only
 # schema.RECORD_IMAGE_FORMATS: datagen converts the rest to PNG (datagen.stages.common.decode_item).
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".hif",
-                  ".avif")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".hif", ".avif")
 DEFAULT_MAX_PIXELS = 128_000_000  # a 108 MP phone photo (12000x9000) decodes at full size
 # Decoding more than this many times max_pixels at full size before downscaling is refused: 2 x 128 MP as RGBA
 # is 1 GB, the most one decode task should hold.
@@ -111,8 +110,13 @@ def fit_size(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
     return max(1, math.floor(w * s)), max(1, math.floor(h * s))
 
 
-def decode(data: bytes, *, exif_transpose: bool = True, background: tuple[int, int, int] = WHITE,
-           max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+def decode(
+    data: bytes,
+    *,
+    exif_transpose: bool = True,
+    background: tuple[int, int, int] = WHITE,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Decoded:
     """Encoded image bytes -> Decoded (module docstring). Raises TooLarge, or whatever PIL raises for bytes it
     cannot decode. Call it inside `no_pil_pixel_limit()` for images above PIL's limit (89.5 MP)."""
     register_plugins()
@@ -142,15 +146,17 @@ def _reduce_on_decode(im: Image.Image, max_pixels: int) -> None:
         tw, th = fit_size((w, h), max_pixels)
         im.draft(im.mode, (tw, th))
     if im.size[0] * im.size[1] > DECODE_CEILING * max_pixels:
-        raise TooLarge(f"image too large to decode: above {DECODE_CEILING} x decode.max_pixels "
-                       f"({max_pixels} pixels) at full size; raise decode.max_pixels to take it")
+        raise TooLarge(
+            f"image too large to decode: above {DECODE_CEILING} x decode.max_pixels "
+            f"({max_pixels} pixels) at full size; raise decode.max_pixels to take it"
+        )
 
 
 def _upright(im: Image.Image) -> tuple[Image.Image, int]:
     """IM with its EXIF orientation applied, and that orientation (2-8); (IM, 1) when there is none."""
     try:
         orientation = im.getexif().get(0x0112, 1)
-    except Exception:  # noqa: BLE001 (a broken EXIF block: the pixels are still good, as every viewer shows)
+    except Exception:
         return im, 1
     if orientation not in range(2, 9):
         return im, 1

@@ -27,8 +27,8 @@ import re
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import braceexpand
@@ -103,8 +103,9 @@ class BadRecord:
         return f"record {self.key} (shard {self.shard}): {self.reason}"
 
 
-def shard_counts(urls: Iterable[str], selection: Mapping[str, set[str]] | None,
-                 wanted: set[str] | None) -> dict[str, int]:
+def shard_counts(
+    urls: Iterable[str], selection: Mapping[str, set[str]] | None, wanted: set[str] | None
+) -> dict[str, int]:
     """How many records each shard gives a reader with this selection / key filter: counted from the selection,
     else from the shard's sidecars beside its tar (NAME_stats.json; NAME.parquet when a key filter applies),
     read in parallel (each is one request on an object store)."""
@@ -125,9 +126,10 @@ def shard_counts(urls: Iterable[str], selection: Mapping[str, set[str]] | None,
                     return int(json.load(f)["successes"])
                 t = pq.read_table(f, columns=["key", "status"]).to_pydict()
         except FileNotFoundError:
-            raise FileNotFoundError(f"{u}: a balanced split needs each shard's record count, from {sidecar} (written "
-                                    "with the shard), which is missing; read a selection instead, or split='auto'"
-                                    ) from None
+            raise FileNotFoundError(
+                f"{u}: a balanced split needs each shard's record count, from {sidecar} (written "
+                "with the shard), which is missing; read a selection instead, or split='auto'"
+            ) from None
         return sum(st == "ok" and k in wanted for k, st in zip(t["key"], t["status"]))
 
     with ThreadPoolExecutor(16 if any(not is_local(u) for u in urls) else 2) as pool:
@@ -158,7 +160,7 @@ def open_shards(src: Iterator[dict[str, Any]], handler=wds.reraise_exception) ->
         url = sample["url"]
         try:
             stream = io.BufferedReader(RetryingReader(url), buffer_size=1 << 20)
-        except Exception as e:  # noqa: BLE001 - the handler decides: raise, or warn and go on
+        except Exception as e:
             e.args = e.args + (url,)
             if handler(e):
                 continue
@@ -177,7 +179,7 @@ def _tar_samples(src: Iterator[dict[str, Any]], handler=wds.reraise_exception) -
     for source in open_shards(src, handler):
         try:
             yield from _shard_samples(source["stream"], source["url"])
-        except Exception as e:  # noqa: BLE001 - the handler decides: raise, or warn and go on
+        except Exception as e:
             e.args = e.args + (source["url"],)
             if handler(e):
                 continue
@@ -228,7 +230,7 @@ def decode_record(sample: dict[str, Any], *, decode_image: bool = True, decode_m
         try:
             with Image.open(io.BytesIO(raw)) as im:
                 image = np.asarray(im.convert("RGB"))
-        except Exception as e:  # noqa: BLE001 - PIL raises many kinds for broken images
+        except Exception as e:
             raise BadRecordError(url, key, f"{key}.{ext} does not decode: {type(e).__name__}: {e}") from None
         if image.shape[:2] != (h, w):
             raise BadRecordError(url, key, f"image is {image.shape[1]}x{image.shape[0]}, its JSON says {w}x{h}")
@@ -236,7 +238,7 @@ def decode_record(sample: dict[str, Any], *, decode_image: bool = True, decode_m
     if decode_masks:
         try:
             masks = mask_codec.decode_many([o.mask for o in objects], h, w)
-        except Exception as e:  # noqa: BLE001 - pycocotools' errors for corrupt RLE counts
+        except Exception as e:
             raise BadRecordError(url, key, f"a mask does not decode: {type(e).__name__}: {e}") from None
     n = len(objects)
     return DecodedRecord(
@@ -292,15 +294,24 @@ def _checked(sample: dict[str, Any]) -> tuple[dict[str, Any], list[ObjectAnn], s
         raise bad(f"{key}.json says key {meta['key']!r}")
     try:
         objects = [ObjectAnn.from_json(o) for o in meta["objects"]]
-        validate(Record(key=key, image=sample[exts[0]], image_ext=exts[0], caption=meta["caption"],
-                        width=meta["width"], height=meta["height"], source=meta["source"], objects=objects,
-                        **{f: meta.get(f) for f in _CURATION_FIELDS}))
+        validate(
+            Record(
+                key=key,
+                image=sample[exts[0]],
+                image_ext=exts[0],
+                caption=meta["caption"],
+                width=meta["width"],
+                height=meta["height"],
+                source=meta["source"],
+                objects=objects,
+                **{f: meta.get(f) for f in _CURATION_FIELDS},
+            )
+        )
     except RecordError as e:
         raise bad(str(e).removeprefix(f"{key}: ")) from None
     except (TypeError, ValueError, AttributeError) as e:  # an object that is not one (a missing field, a list)
         raise bad(f"{key}.json objects break the contract: {type(e).__name__}: {e}") from None
     return meta, objects, exts[0]
-
 
 
 def _decode_or_mark(sample: dict[str, Any], **kwargs) -> DecodedRecord | BadRecord:
@@ -379,8 +390,11 @@ class RecordReader(wds.DataPipeline):
         self.epoch, self.skip, self.first_worker = 0, (), 0
         self.on_error = on_error
         handler = wds.warn_and_continue if on_error == "warn" else wds.reraise_exception
-        decode = partial(_decode_or_mark if on_error == "yield" else decode_record, decode_image=decode_image,
-                         decode_masks=decode_masks)
+        decode = partial(
+            _decode_or_mark if on_error == "yield" else decode_record,
+            decode_image=decode_image,
+            decode_masks=decode_masks,
+        )
         super().__init__(
             self._shard_stage,
             wds.filters.pipelinefilter(_tar_samples)(handler=handler),
@@ -437,8 +451,9 @@ class RecordReader(wds.DataPipeline):
         q, total = self.quota(n), self.epoch_size()
         part, n_workers = self.worker_part()
         if self.skip and len(self.skip) != n_workers:
-            raise ValueError(f"set_epoch(skip={list(self.skip)}) is for {len(self.skip)} workers, this DataLoader "
-                             f"has {n_workers}")
+            raise ValueError(
+                f"set_epoch(skip={list(self.skip)}) is for {len(self.skip)} workers, this DataLoader has {n_workers}"
+            )
         start = i * q if total >= n else i % max(total, 1)  # fewer records than readers: each reads one, in turn
         lo, hi = start + min(self.skip[part] if self.skip else 0, q), start + q
         windows, pos = {}, 0
@@ -497,5 +512,7 @@ class RecordReader(wds.DataPipeline):
                 if left == 0:
                     return  # the rest of the last shard belongs to the next reader
         if left and self.on_error != "warn":
-            raise ValueError(f"reader {self.reader_index()}: its shards ran out {left} records short of their "
-                             "counts (selection or _stats.json): a shard holds fewer records than catalogued")
+            raise ValueError(
+                f"reader {self.reader_index()}: its shards ran out {left} records short of their "
+                "counts (selection or _stats.json): a shard holds fewer records than catalogued"
+            )

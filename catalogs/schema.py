@@ -76,8 +76,7 @@ def image_extension(name_or_format: str) -> str:
     """Normalize 'JPEG', '.jpeg', 'photo.JPG' ... to the member extension ('jpg', 'png', 'webp')."""
     ext = name_or_format.rsplit(".", 1)[-1].lower()
     if ext not in _EXT_ALIASES:
-        raise RecordError(f"unsupported image encoding {name_or_format!r}; "
-                          f"expected one of {RECORD_IMAGE_FORMATS}")
+        raise RecordError(f"unsupported image encoding {name_or_format!r}; expected one of {RECORD_IMAGE_FORMATS}")
     return _EXT_ALIASES[ext]
 
 
@@ -182,8 +181,10 @@ class Failure:
 
     def __post_init__(self) -> None:
         if not is_failure_stage(self.stage):
-            raise RecordError(f"failure stage {self.stage!r} of {self.key}: not a stage name (a lowercase "
-                              f"identifier, such as {', '.join(FAILURE_STAGES)})")
+            raise RecordError(
+                f"failure stage {self.stage!r} of {self.key}: not a stage name (a lowercase "
+                f"identifier, such as {', '.join(FAILURE_STAGES)})"
+            )
 
 
 def white_fraction(image: np.ndarray) -> float:
@@ -255,8 +256,11 @@ def _validate_curation(record: Record) -> None:
     k = record.key
     if record.sha256 is not None and not (isinstance(record.sha256, str) and _SHA256_RE.match(record.sha256)):
         raise RecordError(f"{k}: sha256 {record.sha256!r} must be 64 lowercase hex digits (hashlib's hexdigest)")
-    if record.phash is not None and not (isinstance(record.phash, (int, np.integer)) and not isinstance(record.phash, bool)
-                                         and _INT64[0] <= record.phash <= _INT64[1]):
+    if record.phash is not None and not (
+        isinstance(record.phash, (int, np.integer))
+        and not isinstance(record.phash, bool)
+        and _INT64[0] <= record.phash <= _INT64[1]
+    ):
         raise RecordError(f"{k}: phash {record.phash!r} must be a signed 64-bit integer (catalogs.hashing.phash_int64)")
     for name in ("clip_score", "alt_clip_score", "aesthetic"):
         if not _finite_or_none(getattr(record, name)):
@@ -268,13 +272,17 @@ def _validate_curation(record: Record) -> None:
         if not _finite_or_none(o.label_score):
             raise RecordError(f"{k}: objects[{i}] ({o.label!r}): label_score {o.label_score!r} must be finite or None")
         if o.label_rank is not None and not (isinstance(o.label_rank, (int, np.integer)) and o.label_rank >= 1):
-            raise RecordError(f"{k}: objects[{i}] ({o.label!r}): label_rank {o.label_rank!r} must be an int >= 1 or None")
+            raise RecordError(
+                f"{k}: objects[{i}] ({o.label!r}): label_rank {o.label_rank!r} must be an int >= 1 or None"
+            )
     e = record.clip_embedding
     if e is not None:
         arr = np.asarray(e)
         if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind != "f" or not np.isfinite(arr).all():
-            raise RecordError(f"{k}: clip_embedding must be a non-empty (D,) array of finite floats, got "
-                              f"shape {arr.shape} dtype {arr.dtype}")
+            raise RecordError(
+                f"{k}: clip_embedding must be a non-empty (D,) array of finite floats, got "
+                f"shape {arr.shape} dtype {arr.dtype}"
+            )
 
 
 def object_from_arrays(

@@ -28,14 +28,13 @@ import os
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 import duckdb
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from subjectdiff.catalogs import duplicates
-from subjectdiff.catalogs.hashing import held_out_hashes
 from subjectdiff.catalogs.catalog import PLAN_ORDER, CatalogError, catalog_path, check_read_only, open_catalog
+from subjectdiff.catalogs.hashing import held_out_hashes
 from subjectdiff.catalogs.storage import Folder, is_local, local_path, open_url
 
 # The reference code's per-object rules (Subject-Diffusion `custom_dataset.py`: verify_keys, is_valid_bbox) that
@@ -45,16 +44,25 @@ from subjectdiff.catalogs.storage import Folder, is_local, local_path, open_url
 # does; an image more than 10 % near-white gives no subject (the reference skips it).
 REFERENCE_OBJECT_WHERE = (
     "area > 0.08 AND area < 0.7 AND aspect > 0.3 AND aspect < 3 AND score > 0.3 "
-    "AND strpos(trim(label), ' ') = 0 AND (strpos(caption, label) > 0 OR (phrase <> '' AND strpos(caption, phrase) > 0)) "
+    "AND strpos(trim(label), ' ') = 0 "
+    "AND (strpos(caption, label) > 0 OR (phrase <> '' AND strpos(caption, phrase) > 0)) "
     "AND mask_fill >= 0.6 AND mask_area <= area AND white_fraction <= 0.1"
 )
 
 
-def select(root: str | os.PathLike, where: str | None, out: str | os.PathLike, *,
-           catalog: str | os.PathLike | None = None, object_where: str | None = None, dedup: str | None = None,
-           dups: str | os.PathLike | None = None, max_distance: int = duplicates.DEFAULT_MAX_DISTANCE,
-           exclude_near: str | os.PathLike | None = None,
-           exclude_distance: int = duplicates.DEFAULT_EXCLUDE_DISTANCE) -> int:
+def select(
+    root: str | os.PathLike,
+    where: str | None,
+    out: str | os.PathLike,
+    *,
+    catalog: str | os.PathLike | None = None,
+    object_where: str | None = None,
+    dedup: str | None = None,
+    dups: str | os.PathLike | None = None,
+    max_distance: int = duplicates.DEFAULT_MAX_DISTANCE,
+    exclude_near: str | os.PathLike | None = None,
+    exclude_distance: int = duplicates.DEFAULT_EXCLUDE_DISTANCE,
+) -> int:
     """Write the keys, shard ids and shard paths of the samples matching WHERE to a Parquet file.
 
     WHERE is a SQL predicate over `samples` columns (None: every sample); object conditions go through a
@@ -92,11 +100,19 @@ def select(root: str | os.PathLike, where: str | None, out: str | os.PathLike, *
             raise CatalogError(str(e).strip().splitlines()[0]) from None
         except ValueError as e:  # catalogs.duplicates: no hashes to compare
             raise CatalogError(str(e)) from None
-    info = {"catalog": Folder(root).url, "where": where, "object_where": object_where, "created": time.time(),
-            "rows": table.num_rows}
+    info = {
+        "catalog": Folder(root).url,
+        "where": where,
+        "object_where": object_where,
+        "created": time.time(),
+        "rows": table.num_rows,
+    }
     if dedup is not None:
-        info.update(dedup=dedup, dups=None if dups is None else os.fspath(dups),
-                    max_distance=max_distance if dedup == "near" and dups is None else None)
+        info.update(
+            dedup=dedup,
+            dups=None if dups is None else os.fspath(dups),
+            max_distance=max_distance if dedup == "near" and dups is None else None,
+        )
     if exclude_near is not None:
         info.update(exclude_near=os.fspath(exclude_near), exclude_distance=exclude_distance)
     if dropped:
@@ -117,8 +133,10 @@ def _held_out_catalog(spec: str | os.PathLike) -> str | os.PathLike:
 
 def _candidates(con: duckdb.DuckDBPyConnection) -> str:
     """A temp view of the catalog's rows of the samples still selected (with their hashes)."""
-    con.execute("CREATE OR REPLACE TEMP VIEW _candidates AS SELECT s.* FROM samples s "
-                "SEMI JOIN _selected x ON s.key = x.key AND s.shard = x.shard")
+    con.execute(
+        "CREATE OR REPLACE TEMP VIEW _candidates AS SELECT s.* FROM samples s "
+        "SEMI JOIN _selected x ON s.key = x.key AND s.shard = x.shard"
+    )
     return "_candidates"
 
 
@@ -126,10 +144,13 @@ def _drop(con: duckdb.DuckDBPyConnection, rows: pa.Table) -> int:
     """Remove ROWS (key, shard) from the selection; returns how many were selected."""
     con.register("_to_drop", rows.select(["key", "shard"]))
     try:
-        n = con.execute("SELECT count(*) FROM _selected x SEMI JOIN _to_drop d "
-                        "ON x.key = d.key AND x.shard = d.shard").fetchall()[0][0]
-        con.execute("DELETE FROM _selected WHERE EXISTS (SELECT 1 FROM _to_drop d WHERE d.key = _selected.key "
-                    "AND d.shard = _selected.shard)")
+        n = con.execute(
+            "SELECT count(*) FROM _selected x SEMI JOIN _to_drop d ON x.key = d.key AND x.shard = d.shard"
+        ).fetchall()[0][0]
+        con.execute(
+            "DELETE FROM _selected WHERE EXISTS (SELECT 1 FROM _to_drop d WHERE d.key = _selected.key "
+            "AND d.shard = _selected.shard)"
+        )
     finally:
         con.unregister("_to_drop")
     return n
@@ -144,9 +165,13 @@ def _drop_near_held_out(con: duckdb.DuckDBPyConnection, held: pa.Table, distance
 def _drop_duplicates(con: duckdb.DuckDBPyConnection, mode: str, max_distance: int, groups: pa.Table | None) -> int:
     if groups is None:
         duplicates.require_hashes(con, "sha256" if mode == "exact" else "phash", _candidates(con))
-    chosen = ("EXISTS (SELECT 1 FROM _selected x WHERE x.key = samples.key AND x.shard = samples.shard)")
-    return _drop(con, duplicates.dedup_drop(con, mode, "samples", where=chosen, max_distance=max_distance,
-                                    order_by=PLAN_ORDER, groups=groups))
+    chosen = "EXISTS (SELECT 1 FROM _selected x WHERE x.key = samples.key AND x.shard = samples.shard)"
+    return _drop(
+        con,
+        duplicates.dedup_drop(
+            con, mode, "samples", where=chosen, max_distance=max_distance, order_by=PLAN_ORDER, groups=groups
+        ),
+    )
 
 
 def _predicate_sql(where: str | None, object_where: str | None) -> str:
@@ -154,7 +179,7 @@ def _predicate_sql(where: str | None, object_where: str | None) -> str:
     sql = "WITH sel AS (SELECT key, shard FROM samples WHERE (" + (where or "TRUE") + ")) "
     if object_where:
         sql += (
-            ", ok AS (SELECT key, shard, list(\"index\" ORDER BY \"index\") AS objects FROM ("
+            ', ok AS (SELECT key, shard, list("index" ORDER BY "index") AS objects FROM ('
             "SELECT objects.*, samples.caption, samples.width, samples.height, samples.white_fraction FROM objects "
             "JOIN samples ON objects.key = samples.key AND objects.shard = samples.shard) AS objects "
             "WHERE (" + object_where + ") GROUP BY key, shard) "
@@ -194,8 +219,9 @@ def _read(path: str | os.PathLike, read):
         with open_url(path) as f:
             return read(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"selection {os.fspath(path)}: no such file (`subjectdiff catalog select` "
-                                "writes one)") from None
+        raise FileNotFoundError(
+            f"selection {os.fspath(path)}: no such file (`subjectdiff catalog select` writes one)"
+        ) from None
     except (OSError, pa.ArrowException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"selection {os.fspath(path)}: not a readable selection Parquet file ({first})") from None

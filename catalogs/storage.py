@@ -65,30 +65,64 @@ class StorageError(OSError):
 RETRY_DELAYS = (0.5, 2.0, 8.0)  # seconds before the 2nd, 3rd and 4th attempt of a remote operation
 
 # Errors that mean the request should not be repeated as it is: a missing object, a folder, no access.
-_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError,
-              StorageError)
-_PERMANENT_WORDS = ((FileNotFoundError, "no such file"), (IsADirectoryError, "a folder, not a file"),
-                    (NotADirectoryError, "not a folder"), (PermissionError, "permission denied"),
-                    (FileExistsError, "already exists"))
+_PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError, StorageError)
+_PERMANENT_WORDS = (
+    (FileNotFoundError, "no such file"),
+    (IsADirectoryError, "a folder, not a file"),
+    (NotADirectoryError, "not a folder"),
+    (PermissionError, "permission denied"),
+    (FileExistsError, "already exists"),
+)
 # OSErrors without an HTTP status that no retry fixes (a full disk, a read-only mount, an invalid argument).
 _PERMANENT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EINVAL, errno.ENAMETOOLONG, errno.ENOSYS, errno.EDQUOT}
 # S3 error codes worth another try whatever their status (RequestTimeout comes as HTTP 400).
-_RETRY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "TooManyRequests", "RequestLimitExceeded",
-                "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable"}
+_RETRY_CODES = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "TooManyRequests",
+    "RequestLimitExceeded",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "InternalError",
+    "ServiceUnavailable",
+}
 # Network errors by kind, as the clients under fsspec name them (aiohttp: s3fs, gcsfs, http; botocore;
 # requests and urllib3: huggingface_hub; the standard library). Matched by class name along the class
 # hierarchy, so that none of these optional libraries is imported here. Tried in order: a more precise
 # kind first (aiohttp's ServerTimeoutError is also a ServerConnectionError).
 _NETWORK_KINDS = (
-    ("connection lost mid-response", {"ClientPayloadError", "ContentLengthError", "TransferEncodingError",
-                                      "IncompleteRead", "IncompleteReadError", "ResponseStreamingError",
-                                      "ChunkedEncodingError", "ProtocolError"}),
-    ("timed out", {"TimeoutError", "timeout", "ServerTimeoutError", "ReadTimeoutError", "ConnectTimeoutError",
-                   "FSTimeoutError", "Timeout"}),
+    (
+        "connection lost mid-response",
+        {
+            "ClientPayloadError",
+            "ContentLengthError",
+            "TransferEncodingError",
+            "IncompleteRead",
+            "IncompleteReadError",
+            "ResponseStreamingError",
+            "ChunkedEncodingError",
+            "ProtocolError",
+        },
+    ),
+    (
+        "timed out",
+        {
+            "TimeoutError",
+            "timeout",
+            "ServerTimeoutError",
+            "ReadTimeoutError",
+            "ConnectTimeoutError",
+            "FSTimeoutError",
+            "Timeout",
+        },
+    ),
     ("server disconnected", {"ServerDisconnectedError", "RemoteDisconnected", "ConnectionClosedError"}),
     ("connection reset", {"ConnectionResetError", "ConnectionAbortedError", "BrokenPipeError"}),
-    ("cannot connect", {"ConnectionRefusedError", "ClientConnectorError", "EndpointConnectionError",
-                        "NewConnectionError"}),
+    (
+        "cannot connect",
+        {"ConnectionRefusedError", "ClientConnectorError", "EndpointConnectionError", "NewConnectionError"},
+    ),
     ("connection error", {"ConnectionError", "ClientConnectionError", "ClientOSError", "HTTPClientError"}),
 )
 
@@ -186,7 +220,7 @@ def retrying(fn: Callable[[], T], what: str, delays: tuple[float, ...] = RETRY_D
     for attempt, delay in enumerate((*delays, None), 1):
         try:
             return fn()
-        except Exception as e:  # noqa: BLE001 (each client raises its own; `transient` tells them apart)
+        except Exception as e:
             if not transient(e):
                 raise
             if delay is None:
@@ -211,7 +245,7 @@ def local_path(spec: str | os.PathLike) -> Path:
     s = os.fspath(spec)
     for scheme in ("file://", "local://"):
         if s.startswith(scheme):
-            return Path(s[len(scheme):])
+            return Path(s[len(scheme) :])
     return Path(s)
 
 
@@ -355,15 +389,14 @@ class Folder:
                 os.replace(tmp, target)
                 os.unlink(local_file)
             return
-        retrying(lambda: self.fs.put_file(os.fspath(local_file), self._p(name)),
-                 f"cannot upload {self.join(name)}")
+        retrying(lambda: self.fs.put_file(os.fspath(local_file), self._p(name)), f"cannot upload {self.join(name)}")
         os.unlink(local_file)
 
     def remove(self, names: list[str]) -> None:
         """Delete NAMES; missing ones are fine."""
         for n in names:
             try:
-                self._retrying(lambda: self.fs.rm_file(self._p(n)), f"cannot delete {self.join(n)}")
+                self._retrying(lambda n=n: self.fs.rm_file(self._p(n)), f"cannot delete {self.join(n)}")
             except FileNotFoundError:
                 pass
 
@@ -382,7 +415,7 @@ class Folder:
         for p, info in found.items():
             if info.get("type") == "directory":
                 continue
-            name = p[len(base):] if p.startswith(base) else p
+            name = p[len(base) :] if p.startswith(base) else p
             if self.local:
                 name = name.replace(os.sep, "/")
             if suffixes and not name.endswith(suffixes):
@@ -429,12 +462,13 @@ class RetryingReader(io.RawIOBase):
                     self._f.seek(self.pos)
                 data = self._f.read(len(buf))
                 break
-            except Exception as e:  # noqa: BLE001 (each client raises its own; `transient` tells them apart)
+            except Exception as e:
                 if not transient(e):
                     raise
                 if delay is None:
-                    raise StorageError(f"cannot read {self.url} at byte {self.pos}: {detail(e)} "
-                                       f"(after {attempt} attempts)") from e
+                    raise StorageError(
+                        f"cannot read {self.url} at byte {self.pos}: {detail(e)} (after {attempt} attempts)"
+                    ) from e
                 self._close_inner()
                 time.sleep(delay)
         buf[: len(data)] = data

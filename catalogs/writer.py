@@ -40,15 +40,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-import numpy as np
 from PIL import Image
 
 from subjectdiff.catalogs import embeddings as emb_sidecar
-from subjectdiff.catalogs.schema import (SCHEMA_VERSION, Failure, Record, RecordError, compute_quality, validate,
-                             white_fraction)
+from subjectdiff.catalogs.schema import (
+    SCHEMA_VERSION,
+    Failure,
+    Record,
+    RecordError,
+    compute_quality,
+    validate,
+    white_fraction,
+)
 from subjectdiff.catalogs.storage import Folder
 
 TMP_SUFFIX = ".tmp"
@@ -113,8 +119,12 @@ OBJECT_SCHEMA = pa.schema(
 
 def shard_names(name: str) -> dict[str, str]:
     """The file names of shard NAME's required files, by kind (tar, samples, objects, stats)."""
-    return {"tar": f"{name}.tar", "samples": f"{name}.parquet", "objects": f"{name}.objects.parquet",
-            "stats": f"{name}_stats.json"}
+    return {
+        "tar": f"{name}.tar",
+        "samples": f"{name}.parquet",
+        "objects": f"{name}.objects.parquet",
+        "stats": f"{name}_stats.json",
+    }
 
 
 def optional_names(name: str) -> dict[str, str]:
@@ -211,9 +221,16 @@ class ShardWriter:
     sidecar is written only when some record carries `clip_embedding`.
     """
 
-    def __init__(self, directory: str | os.PathLike, name: str, *, extra_stats: dict[str, Any] | None = None,
-                 spool: str | os.PathLike | None = None, replace: bool = False,
-                 embedding_meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        name: str,
+        *,
+        extra_stats: dict[str, Any] | None = None,
+        spool: str | os.PathLike | None = None,
+        replace: bool = False,
+        embedding_meta: dict[str, Any] | None = None,
+    ):
         if "/" in name or name.startswith("."):
             raise ValueError(f"shard name {name!r} must be a plain file stem")
         self.folder = Folder(directory)
@@ -364,8 +381,10 @@ class ShardWriter:
         if self._dim is None:
             self._dim = e.shape[0]
         elif e.shape[0] != self._dim:
-            raise RecordError(f"{key}: clip_embedding has {e.shape[0]} dimensions, the shard's others "
-                              f"{self._dim} (one model per shard)")
+            raise RecordError(
+                f"{key}: clip_embedding has {e.shape[0]} dimensions, the shard's others "
+                f"{self._dim} (one model per shard)"
+            )
         return e
 
     def fail(self, failure: Failure, part: int = 0) -> None:
@@ -393,15 +412,24 @@ class ShardWriter:
             }
         )
 
-    def copy(self, part: int, members: list[bytes], samples: list[dict[str, Any]],
-             objects: list[dict[str, Any]], embeddings: dict[str, np.ndarray] | None = None) -> None:
+    def copy(
+        self,
+        part: int,
+        members: list[bytes],
+        samples: list[dict[str, Any]],
+        objects: list[dict[str, Any]],
+        embeddings: dict[str, np.ndarray] | None = None,
+    ) -> None:
         """Carry samples of an existing shard over unchanged (a retry that keeps them): MEMBERS are their raw
         tar members (512-byte header, data, padding) as the old tar holds them, SAMPLES and OBJECTS their
         sidecar rows (rows of an older sidecar without the newer columns get nulls there), EMBEDDINGS their
         rows of the embedding sidecar by key, when it had them. Stats are counted from the rows."""
         embeddings = embeddings or {}
-        kept = [(r["key"], self._embedding(r["key"], embeddings[r["key"]]))
-                for r in samples if r["status"] == "ok" and r["key"] in embeddings]
+        kept = [
+            (r["key"], self._embedding(r["key"], embeddings[r["key"]]))
+            for r in samples
+            if r["status"] == "ok" and r["key"] in embeddings
+        ]
         for row in samples:
             self._claim(row["key"])
         f = self._part_file(part)
@@ -453,8 +481,9 @@ class ShardWriter:
             kinds = ["tar", "samples", "objects"]
             emb = self._rows(self._embeddings)
             if emb:
-                emb_sidecar.write_embeddings(self.tmp["embeddings"], [k for k, _ in emb], np.stack([e for _, e in emb]),
-                                             meta=self.embedding_meta)
+                emb_sidecar.write_embeddings(
+                    self.tmp["embeddings"], [k for k, _ in emb], np.stack([e for _, e in emb]), meta=self.embedding_meta
+                )
                 kinds.append("embeddings")
             self.stats.end_time = time.time()
             files = {k: self.tmp[k].stat().st_size for k in kinds}

@@ -2,9 +2,9 @@
 
 The image bytes pass through unchanged; the key is `make_key(source)`; each detection becomes an
 ObjectAnn joining its noun (label, phrase, span, CLIP tokens), box, score and SAM mask, and the quality
-fields come from `catalogs.schema.compute_quality`, the near-white fraction from the decoded pixels. The curate stage's signals (sha256, phash, CLIP and aesthetic
-scores, the image embedding; each object's label_score and label_rank) are copied as they are, None where the
-stage did not run or could not measure them.
+fields come from `catalogs.schema.compute_quality`, the near-white fraction from the decoded pixels. The curate
+stage's signals (sha256, phash, CLIP and aesthetic scores, the image embedding; each object's label_score and
+label_rank) are copied as they are, None where the stage did not run or could not measure them.
 """
 
 from __future__ import annotations
@@ -12,8 +12,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from subjectdiff.catalogs.schema import (Failure, ObjectAnn, Record, RecordError, compute_quality, image_extension, make_key,
-                             validate, white_fraction)
+from subjectdiff.catalogs.schema import (
+    Failure,
+    ObjectAnn,
+    Record,
+    RecordError,
+    compute_quality,
+    image_extension,
+    make_key,
+    validate,
+    white_fraction,
+)
 
 Item = dict[str, Any]
 
@@ -28,10 +37,20 @@ def objects_of(item: Item) -> list[ObjectAnn]:
     out = []
     for det, mask, ms in zip(item["detections"], masks, mask_scores, strict=True):
         n = nouns[det["noun"]]
-        out.append(ObjectAnn(label=n["label"], phrase=n["phrase"], span=list(n["span"]), tokens=list(n["tokens"]),
-                             box=[float(v) for v in det["box"]], score=float(det["score"]), mask=mask,
-                             mask_score=float(ms), label_score=det.get("label_score"),
-                             label_rank=det.get("label_rank")))
+        out.append(
+            ObjectAnn(
+                label=n["label"],
+                phrase=n["phrase"],
+                span=list(n["span"]),
+                tokens=list(n["tokens"]),
+                box=[float(v) for v in det["box"]],
+                score=float(det["score"]),
+                mask=mask,
+                mask_score=float(ms),
+                label_score=det.get("label_score"),
+                label_rank=det.get("label_rank"),
+            )
+        )
     return out
 
 
@@ -54,11 +73,22 @@ def to_record(item: Item) -> Record | Failure:
         if item.get("ground_prompt"):
             extra["ground_prompt"] = item["ground_prompt"]
         record = Record(
-            key=make_key(item["source"]), image=item["image_bytes"], image_ext=image_extension(item["image_format"]),
-            caption=item["caption"], width=w, height=h, source=item["source"], objects=objects,
-            alt_text=item.get("alt_text"), extra=extra, sha256=item.get("sha256"), phash=item.get("phash"),
-            clip_score=item.get("clip_score"), alt_clip_score=item.get("alt_clip_score"),
-            aesthetic=item.get("aesthetic"), clip_embedding=item.get("clip_embedding"),
+            key=make_key(item["source"]),
+            image=item["image_bytes"],
+            image_ext=image_extension(item["image_format"]),
+            caption=item["caption"],
+            width=w,
+            height=h,
+            source=item["source"],
+            objects=objects,
+            alt_text=item.get("alt_text"),
+            extra=extra,
+            sha256=item.get("sha256"),
+            phash=item.get("phash"),
+            clip_score=item.get("clip_score"),
+            alt_clip_score=item.get("alt_clip_score"),
+            aesthetic=item.get("aesthetic"),
+            clip_embedding=item.get("clip_embedding"),
             white_fraction=white_fraction(item["image"]),
         )
         validate(record)

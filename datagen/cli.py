@@ -15,43 +15,79 @@ SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("datagen", help="build catalogued Subject-Diffusion records from images (Ray)")
     dsub = p.add_subparsers(dest="datagen_command", metavar="ACTION", required=True)
-    r = dsub.add_parser("run", help="run or resume the pipeline from SRC into --out DIR",
-                        description="Rerunning the same command resumes: complete shards are kept, the rest redone.")
-    r.add_argument("--input", required=True, metavar="SRC",
-                   help="image folder, webdataset shards (.tar / brace pattern / fsspec URL), img2dataset "
-                        "folder, or a .parquet/.csv list of image paths, URLs or image bytes (Hugging Face "
-                        "datasets Parquet, hf:// URLs)")
-    r.add_argument("--image-column", metavar="NAME",
-                   help="a list's column of image paths, URLs or bytes, in any case (default: the first of "
-                        "path, url, image_path, filepath, image)")
-    r.add_argument("--caption-column", metavar="NAME",
-                   help="a list's column that becomes alt_text, in any case (default: the first of caption, "
-                        "text, alt_text)")
-    required_out(r, "--output", metavar="DIR",
-                 help="a local folder or any fsspec URL (s3://bucket/prefix, gs://...): shards, sidecars, plan "
-                      "and manifest go there")
-    r.add_argument("--catalog", metavar="FILE",
-                   help="the DuckDB catalog file (default: DIR/catalog.duckdb, or a file under "
-                        "$SUBJECTDIFF_CACHE/catalogs for a URL)")
-    r.add_argument("--retry-failures", action="store_true",
-                   help="redo only the failed samples that may pass on a second try (read errors, decode errors "
-                        "of remote inputs, stage errors such as out of memory); everything else stays")
-    r.add_argument("--preset", default="default", choices=PRESETS,
-                   help="default: the paper's checkpoints; paper: those with the authors' data recipe (3-8 nouns, "
-                        "count words, long side >= 600, greedy captions); tiny: tiny random models (offline); "
-                        "full-random: the default architectures with random weights, built into the cache "
-                        "(speed tests, one node)")
-    r.add_argument("--config", metavar="FILE.toml",
-                   help="TOML overrides: [decode] [caption] [nouns] [ground] [segment] [filters] [curate] [pipeline] "
-                        "[pipeline.pools.STAGE]")
-    r.add_argument("--ray-address", metavar="ADDR",
-                   help="a Ray cluster to join (default: $RAY_ADDRESS, as `ray job submit` sets it, else a cluster "
-                        "`ray start` runs on this machine, else a Ray started here)")
+    r = dsub.add_parser(
+        "run",
+        help="run or resume the pipeline from SRC into --out DIR",
+        description="Rerunning the same command resumes: complete shards are kept, the rest redone.",
+    )
+    r.add_argument(
+        "--input",
+        required=True,
+        metavar="SRC",
+        help="image folder, webdataset shards (.tar / brace pattern / fsspec URL), img2dataset "
+        "folder, or a .parquet/.csv list of image paths, URLs or image bytes (Hugging Face "
+        "datasets Parquet, hf:// URLs)",
+    )
+    r.add_argument(
+        "--image-column",
+        metavar="NAME",
+        help="a list's column of image paths, URLs or bytes, in any case (default: the first of "
+        "path, url, image_path, filepath, image)",
+    )
+    r.add_argument(
+        "--caption-column",
+        metavar="NAME",
+        help="a list's column that becomes alt_text, in any case (default: the first of caption, text, alt_text)",
+    )
+    required_out(
+        r,
+        "--output",
+        metavar="DIR",
+        help="a local folder or any fsspec URL (s3://bucket/prefix, gs://...): shards, sidecars, plan "
+        "and manifest go there",
+    )
+    r.add_argument(
+        "--catalog",
+        metavar="FILE",
+        help="the DuckDB catalog file (default: DIR/catalog.duckdb, or a file under "
+        "$SUBJECTDIFF_CACHE/catalogs for a URL)",
+    )
+    r.add_argument(
+        "--retry-failures",
+        action="store_true",
+        help="redo only the failed samples that may pass on a second try (read errors, decode errors "
+        "of remote inputs, stage errors such as out of memory); everything else stays",
+    )
+    r.add_argument(
+        "--preset",
+        default="default",
+        choices=PRESETS,
+        help="default: the paper's checkpoints; paper: those with the authors' data recipe (3-8 nouns, "
+        "count words, long side >= 600, greedy captions); tiny: tiny random models (offline); "
+        "full-random: the default architectures with random weights, built into the cache "
+        "(speed tests, one node)",
+    )
+    r.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="TOML overrides: [decode] [caption] [nouns] [ground] [segment] [filters] [curate] [pipeline] "
+        "[pipeline.pools.STAGE]",
+    )
+    r.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="a Ray cluster to join (default: $RAY_ADDRESS, as `ray job submit` sets it, else a cluster "
+        "`ray start` runs on this machine, else a Ray started here)",
+    )
     r.add_argument("--batch-size", type=int, metavar="N", help="items per block and per model batch")
     r.add_argument("--shard-size", type=int, metavar="N", help="samples per output shard")
-    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="settings over the preset and --config, e.g. ground.box_threshold=0.3 "
-                        "pipeline.pools.segment.concurrency=4 (values are TOML literals)")
+    r.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="settings over the preset and --config, e.g. ground.box_threshold=0.3 "
+        "pipeline.pools.segment.concurrency=4 (values are TOML literals)",
+    )
     r.set_defaults(func=_run)
 
     w = dsub.add_parser("weights", help="download a preset's checkpoints into the cache ($SUBJECTDIFF_CACHE)")
@@ -92,10 +128,17 @@ def _run(args: argparse.Namespace) -> int:
 
     try:
         cfg = _config(args)
-        summary = run(args.input, args.out, cfg, ray_address=args.ray_address,
-                      command=["subjectdiff", *sys.argv[1:]],
-                      image_column=args.image_column, caption_column=args.caption_column,
-                      retry_failures=args.retry_failures, catalog_file=args.catalog)
+        summary = run(
+            args.input,
+            args.out,
+            cfg,
+            ray_address=args.ray_address,
+            command=["subjectdiff", *sys.argv[1:]],
+            image_column=args.image_column,
+            caption_column=args.caption_column,
+            retry_failures=args.retry_failures,
+            catalog_file=args.catalog,
+        )
     except (SourceError, ValueError, FileNotFoundError) as e:
         print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
         return 2
@@ -110,12 +153,17 @@ def _run(args: argparse.Namespace) -> int:
         return _storage_failed(e)
     print(summary.line())
     if summary.incomplete:
-        print(f"subjectdiff datagen: {len(summary.incomplete)} of {summary.shards} shard(s) incomplete after "
-              "their attempts:", file=sys.stderr)
+        print(
+            f"subjectdiff datagen: {len(summary.incomplete)} of {summary.shards} shard(s) incomplete after "
+            "their attempts:",
+            file=sys.stderr,
+        )
         for line in summary.incomplete_lines():
             print(line, file=sys.stderr)
-        print("subjectdiff datagen: the complete shards are kept; rerun the same command to finish the others",
-              file=sys.stderr)
+        print(
+            "subjectdiff datagen: the complete shards are kept; rerun the same command to finish the others",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -139,8 +187,11 @@ def _storage_failed(e: BaseException) -> int:
     name = getattr(e, "filename", None)  # an OSError raised by a client names its file here, if anywhere
     if name and str(name) not in what:
         what += f" ({name})"
-    print(f"subjectdiff datagen: error: storage failed: {what}; the complete shards are kept: rerun the same "
-          "command when the storage is reachable", file=sys.stderr)
+    print(
+        f"subjectdiff datagen: error: storage failed: {what}; the complete shards are kept: rerun the same "
+        "command when the storage is reachable",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -174,13 +225,18 @@ def _demo(args: argparse.Namespace) -> int:
 
     cfg = preset("tiny")
     cfg.pipeline.shard_size = 4
-    print(f"demo: tiny random models (offline) on {len(list(Path(args.input).glob('*.jpg')))} sample images "
-          f"-> {args.out}", flush=True)
+    print(
+        f"demo: tiny random models (offline) on {len(list(Path(args.input).glob('*.jpg')))} sample images "
+        f"-> {args.out}",
+        flush=True,
+    )
     summary = run(args.input, args.out, cfg, command=["subjectdiff", "demo", "--out", args.out])
     print(summary.line())
-    sql = ("SELECT s.key, o.label, round(o.score, 3) AS score, round(o.area, 3) AS area, s.caption "
-           "FROM objects o JOIN samples s USING (key) ORDER BY o.score DESC LIMIT 10")
-    print(f"\n$ subjectdiff catalog query {args.out} \"{sql}\"")
+    sql = (
+        "SELECT s.key, o.label, round(o.score, 3) AS score, round(o.area, 3) AS area, s.caption "
+        "FROM objects o JOIN samples s USING (key) ORDER BY o.score DESC LIMIT 10"
+    )
+    print(f'\n$ subjectdiff catalog query {args.out} "{sql}"')
     print(format_table(catalog.query(args.out, sql), "table"))
     out = Path(args.out).resolve()
     from subjectdiff.catalogs.report import build_report

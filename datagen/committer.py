@@ -25,13 +25,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from subjectdiff.catalogs.embeddings import read_embeddings
 from subjectdiff.catalogs.schema import Failure
 from subjectdiff.catalogs.storage import Folder, open_url
 from subjectdiff.catalogs.tars import member_index
-from subjectdiff.catalogs.writer import ShardWriter, shard_names
+from subjectdiff.catalogs.writer import ShardWriter, optional_names, shard_names
 from subjectdiff.datagen.assemble import to_record
-from subjectdiff.catalogs.embeddings import read_embeddings
-from subjectdiff.catalogs.writer import optional_names
 
 Item = dict[str, Any]
 
@@ -44,15 +43,22 @@ class ShardCommitter:
     """Assembles and publishes shards of OUT. spool_dir: where remote shards are assembled on this node.
     embedding_meta: the model the records' embeddings come from, for the shards' embedding sidecars."""
 
-    def __init__(self, out: str, spool_dir: str = "", extra_stats: dict[str, Any] | None = None,
-                 embedding_meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        out: str,
+        spool_dir: str = "",
+        extra_stats: dict[str, Any] | None = None,
+        embedding_meta: dict[str, Any] | None = None,
+    ):
         import ray
 
         self.out = out
         self.embedding_meta = embedding_meta
         self.node = ray.get_runtime_context().get_node_id()
-        self.extra = {**(extra_stats or {}), "writer": {"node_id": self.node, "host": platform.node(),
-                                                         "pid": os.getpid()}}
+        self.extra = {
+            **(extra_stats or {}),
+            "writer": {"node_id": self.node, "host": platform.node(), "pid": os.getpid()},
+        }
         base = spool_dir or os.path.join(tempfile.gettempdir(), "subjectdiff-spool")
         os.makedirs(base, exist_ok=True)
         _remove_stale_spools(base)
@@ -71,8 +77,14 @@ class ShardCommitter:
         merge: {"order": the shard's keys in plan order, "replace": the keys being redone} for a retry: the
         existing shard's other samples are carried over unchanged (datagen/retry.py), and each new record
         takes its plan position."""
-        w = ShardWriter(self.out, shard, extra_stats=self.extra, spool=self.spool, replace=merge is not None,
-                        embedding_meta=self.embedding_meta)
+        w = ShardWriter(
+            self.out,
+            shard,
+            extra_stats=self.extra,
+            spool=self.spool,
+            replace=merge is not None,
+            embedding_meta=self.embedding_meta,
+        )
         positions = None
         if merge is not None:
             try:
@@ -127,8 +139,13 @@ class ShardCommitter:
             st = w.close()
         with self._lock:
             self._open.pop(shard, None)
-        return {"shard": shard, "ok": st.n_ok, "failed": st.n_failed, "node_id": self.node,
-                "publish_s": time.monotonic() - t0}
+        return {
+            "shard": shard,
+            "ok": st.n_ok,
+            "failed": st.n_failed,
+            "node_id": self.node,
+            "publish_s": time.monotonic() - t0,
+        }
 
     def abort(self, shard: str, attempt: int) -> None:
         """Drop ATTEMPT of SHARD; later calls for it are ignored."""
@@ -144,7 +161,7 @@ class ShardCommitter:
         for _, w, _, _ in list(getattr(self, "_open", {}).values()):
             try:
                 w.abort()
-            except Exception:  # noqa: BLE001 - best effort at exit
+            except Exception:
                 pass
         shutil.rmtree(getattr(self, "spool", ""), ignore_errors=True)
 
@@ -204,8 +221,10 @@ def carry_over(w: ShardWriter, out: str, shard: str, order: list[str], replace: 
             copied.add(current)
     missing = set(rows) - copied
     if missing:
-        raise RuntimeError(f"shard {shard}: {len(missing)} record(s) of its sidecar are not in its tar "
-                           f"(e.g. {sorted(missing)[0]}); the shard is damaged: delete its _stats.json to redo it")
+        raise RuntimeError(
+            f"shard {shard}: {len(missing)} record(s) of its sidecar are not in its tar "
+            f"(e.g. {sorted(missing)[0]}); the shard is damaged: delete its _stats.json to redo it"
+        )
     return pos
 
 

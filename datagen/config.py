@@ -16,20 +16,87 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from subjectdiff.catalogs import images
-from subjectdiff.weights import cache_dir
 from subjectdiff.presets import Presets
+from subjectdiff.weights import cache_dir
 
 log = logging.getLogger(__name__)
 
 # Words spaCy tags as nouns that do not name a thing one could box ("a view from the top").
 DEFAULT_STOP_NOUNS = (
-    "top", "side", "front", "back", "bottom", "middle", "center", "centre", "background", "foreground",
-    "left", "right", "edge", "corner", "view", "closeup", "close", "image", "picture", "photo", "photograph",
-    "illustration", "drawing", "painting", "rendering", "render", "stock", "wallpaper", "style", "art",
-    "artwork", "design", "shot", "scene", "color", "colour", "shape", "pattern", "texture", "lot", "couple",
-    "pair", "group", "bunch", "number", "kind", "type", "sort", "part", "piece", "way", "day", "night",
-    "time", "thing", "something", "area", "space", "distance", "air", "light", "shadow", "size", "detail",
-    "close-up", "vector", "icon", "logo", "text", "word", "letter", "pixel", "resolution", "quality",
+    "top",
+    "side",
+    "front",
+    "back",
+    "bottom",
+    "middle",
+    "center",
+    "centre",
+    "background",
+    "foreground",
+    "left",
+    "right",
+    "edge",
+    "corner",
+    "view",
+    "closeup",
+    "close",
+    "image",
+    "picture",
+    "photo",
+    "photograph",
+    "illustration",
+    "drawing",
+    "painting",
+    "rendering",
+    "render",
+    "stock",
+    "wallpaper",
+    "style",
+    "art",
+    "artwork",
+    "design",
+    "shot",
+    "scene",
+    "color",
+    "colour",
+    "shape",
+    "pattern",
+    "texture",
+    "lot",
+    "couple",
+    "pair",
+    "group",
+    "bunch",
+    "number",
+    "kind",
+    "type",
+    "sort",
+    "part",
+    "piece",
+    "way",
+    "day",
+    "night",
+    "time",
+    "thing",
+    "something",
+    "area",
+    "space",
+    "distance",
+    "air",
+    "light",
+    "shadow",
+    "size",
+    "detail",
+    "close-up",
+    "vector",
+    "icon",
+    "logo",
+    "text",
+    "word",
+    "letter",
+    "pixel",
+    "resolution",
+    "quality",
 )
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -42,7 +109,9 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def _check_device(device: str, dtype: str, where: str) -> None:
-    _check(device in DEVICES or device.startswith("cuda:"), f"{where}.device {device!r}: use one of {DEVICES} or 'cuda:N'")
+    _check(
+        device in DEVICES or device.startswith("cuda:"), f"{where}.device {device!r}: use one of {DEVICES} or 'cuda:N'"
+    )
     _check(dtype in DTYPES, f"{where}.dtype {dtype!r}: use one of {DTYPES}")
 
 
@@ -68,8 +137,10 @@ class CaptionConfig:
 
     def __post_init__(self) -> None:
         _check(self.kind in ("blip", "blip2"), f"caption.kind {self.kind!r}: use 'blip' or 'blip2'")
-        _check(self.max_new_tokens > 0 and 0 <= self.min_new_tokens <= self.max_new_tokens,
-               f"caption: need 0 <= min_new_tokens ({self.min_new_tokens}) <= max_new_tokens ({self.max_new_tokens})")
+        _check(
+            self.max_new_tokens > 0 and 0 <= self.min_new_tokens <= self.max_new_tokens,
+            f"caption: need 0 <= min_new_tokens ({self.min_new_tokens}) <= max_new_tokens ({self.max_new_tokens})",
+        )
         _check(self.num_beams >= 1 and self.batch_size >= 1, "caption: num_beams and batch_size must be >= 1")
         _check_device(self.device, self.dtype, "caption")
 
@@ -100,10 +171,13 @@ class NounsConfig:
     def __post_init__(self) -> None:
         _check(self.mode in ("nouns", "chunks"), f"nouns.mode {self.mode!r}: use 'nouns' or 'chunks'")
         _check(self.max_nouns >= 1, "nouns.max_nouns must be >= 1")
-        _check(self.min_caption_nouns >= 0 and self.max_caption_nouns >= 0
-               and (not self.max_caption_nouns or self.min_caption_nouns <= self.max_caption_nouns),
-               f"nouns: need 0 <= min_caption_nouns ({self.min_caption_nouns}) <= max_caption_nouns "
-               f"({self.max_caption_nouns}), 0 = no bound")
+        _check(
+            self.min_caption_nouns >= 0
+            and self.max_caption_nouns >= 0
+            and (not self.max_caption_nouns or self.min_caption_nouns <= self.max_caption_nouns),
+            f"nouns: need 0 <= min_caption_nouns ({self.min_caption_nouns}) <= max_caption_nouns "
+            f"({self.max_caption_nouns}), 0 = no bound",
+        )
         self.stop_nouns = tuple(w.lower() for w in self.stop_nouns)
 
 
@@ -124,8 +198,9 @@ class GroundConfig:
     """
 
     config_file: str = "pkg://groundingdino/config/GroundingDINO_SwinT_OGC.py"
-    checkpoint: str = ("https://github.com/IDEA-Research/GroundingDINO/releases/download/"
-                       "v0.1.0-alpha/groundingdino_swint_ogc.pth")
+    checkpoint: str = (
+        "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha/groundingdino_swint_ogc.pth"
+    )
     text_encoder: str | None = None
     box_threshold: float = 0.25
     text_threshold: float = 0.2
@@ -167,8 +242,10 @@ class SegmentConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _check(self.model_type in ("vit_h", "vit_l", "vit_b", "auto"),
-               f"segment.model_type {self.model_type!r}: use vit_h, vit_l, vit_b or auto")
+        _check(
+            self.model_type in ("vit_h", "vit_l", "vit_b", "auto"),
+            f"segment.model_type {self.model_type!r}: use vit_h, vit_l, vit_b or auto",
+        )
         _check(self.batch_size >= 1, "segment.batch_size must be >= 1")
         _check_device(self.device, self.dtype, "segment")
 
@@ -208,8 +285,10 @@ def _rgb(value: Any) -> tuple[int, int, int]:
         except ValueError:
             raise ValueError(f"decode.background {value!r}: use a colour name (white), #rrggbb or [r, g, b]") from None
     rgb = tuple(value) if isinstance(value, (list, tuple)) else ()
-    _check(len(rgb) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in rgb),
-           f"decode.background {value!r}: use a colour name (white), #rrggbb or [r, g, b] with ints in 0-255")
+    _check(
+        len(rgb) == 3 and all(isinstance(c, int) and 0 <= c <= 255 for c in rgb),
+        f"decode.background {value!r}: use a colour name (white), #rrggbb or [r, g, b] with ints in 0-255",
+    )
     return rgb
 
 
@@ -236,10 +315,14 @@ class FilterConfig:
     count_words: bool = False
 
     def __post_init__(self) -> None:
-        _check(0 <= self.min_detections <= self.max_detections,
-               f"filters: need 0 <= min_detections ({self.min_detections}) <= max_detections ({self.max_detections})")
-        _check(self.min_side >= 0 and self.max_aspect >= 1.0 and self.min_long_side >= 0,
-               "filters: min_side >= 0, min_long_side >= 0 and max_aspect >= 1")
+        _check(
+            0 <= self.min_detections <= self.max_detections,
+            f"filters: need 0 <= min_detections ({self.min_detections}) <= max_detections ({self.max_detections})",
+        )
+        _check(
+            self.min_side >= 0 and self.max_aspect >= 1.0 and self.min_long_side >= 0,
+            "filters: min_side >= 0, min_long_side >= 0 and max_aspect >= 1",
+        )
 
 
 @dataclass
@@ -302,10 +385,15 @@ class DatagenConfig:
         # Once per process and combination: configs are rebuilt often (overrides, Ray actors).
         if caps[0] <= caps[1] and caps not in _WARNED_CAPS and self.name != "tiny":
             _WARNED_CAPS.add(caps)
-            log.warning("ground.max_detections (%d) <= filters.max_detections (%d): grounding keeps at most %d "
-                        "boxes, so the filter never rejects an image for having more than %d (the recipe's "
-                        "crowded-image rule); set ground.max_detections above filters.max_detections to apply it",
-                        caps[0], caps[1], caps[0], caps[1])
+            log.warning(
+                "ground.max_detections (%d) <= filters.max_detections (%d): grounding keeps at most %d "
+                "boxes, so the filter never rejects an image for having more than %d (the recipe's "
+                "crowded-image rule); set ground.max_detections above filters.max_detections to apply it",
+                caps[0],
+                caps[1],
+                caps[0],
+                caps[1],
+            )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -322,9 +410,9 @@ def tiny(models=None) -> DatagenConfig:
     The grounding thresholds differ from the paper's on purpose: a random GroundingDINO's query-token
     probabilities are mostly above 0.25 (datagen/tiny.py scales them down from saturation, best queries
     0.6-0.85 on the sample photos), so the paper's box 0.25 / text 0.2 would keep every query; box 0.6 /
-    text 0.55 keep one to four per photo, and at most 4 boxes keep SAM's 256-d decoder cheap on CPU. The captioner decodes greedily. Filters accept
-    1-8 detections on any image size. The curate stage scores with a tiny random open_clip ViT and a random
-    head in improved-aesthetic-predictor's MLP format, both on CPU.
+    text 0.55 keep one to four per photo, and at most 4 boxes keep SAM's 256-d decoder cheap on CPU. The
+    captioner decodes greedily. Filters accept 1-8 detections on any image size. The curate stage scores with a
+    tiny random open_clip ViT and a random head in improved-aesthetic-predictor's MLP format, both on CPU.
     """
     if models is None:
         # function-level: tiny.py imports torch and the model packages, which only this preset needs
@@ -333,18 +421,33 @@ def tiny(models=None) -> DatagenConfig:
         models = tiny_models(cache_dir() / "tiny")
     return DatagenConfig(
         name="tiny",
-        caption=CaptionConfig(model=str(models.blip), num_beams=1, max_new_tokens=16, min_new_tokens=3,
-                              batch_size=8, device="cpu"),
+        caption=CaptionConfig(
+            model=str(models.blip), num_beams=1, max_new_tokens=16, min_new_tokens=3, batch_size=8, device="cpu"
+        ),
         nouns=NounsConfig(),
-        ground=GroundConfig(config_file=str(models.gdino_config), checkpoint=str(models.gdino_checkpoint),
-                            box_threshold=0.6, text_threshold=0.55, short_side=96, max_side=160,
-                            max_detections=4, batch_size=8, device="cpu"),
+        ground=GroundConfig(
+            config_file=str(models.gdino_config),
+            checkpoint=str(models.gdino_checkpoint),
+            box_threshold=0.6,
+            text_threshold=0.55,
+            short_side=96,
+            max_side=160,
+            max_detections=4,
+            batch_size=8,
+            device="cpu",
+        ),
         segment=SegmentConfig(checkpoint=str(models.sam_checkpoint), model_type="auto", batch_size=4, device="cpu"),
         filters=FilterConfig(min_detections=1, max_detections=8, min_side=0, max_aspect=4.0),
         # a model set without the curate stage's files (built before it existed) runs without the stage
-        curate=CurateConfig(model=str(models.clip_config), pretrained=str(models.clip_checkpoint),
-                            aesthetic=str(models.aesthetic_head), batch_size=8, device="cpu")
-        if getattr(models, "clip_config", None) else CurateConfig(enabled=False),
+        curate=CurateConfig(
+            model=str(models.clip_config),
+            pretrained=str(models.clip_checkpoint),
+            aesthetic=str(models.aesthetic_head),
+            batch_size=8,
+            device="cpu",
+        )
+        if getattr(models, "clip_config", None)
+        else CurateConfig(enabled=False),
     )
 
 

@@ -35,8 +35,9 @@ def read_failure(e: OSError) -> str:
     return f"unreadable input: {describe(e)}"
 
 
-def read_and_decode(rows: dict[str, list], filters: FilterConfig | None = None,
-                    decode: DecodeConfig | None = None) -> list[Item]:
+def read_and_decode(
+    rows: dict[str, list], filters: FilterConfig | None = None, decode: DecodeConfig | None = None
+) -> list[Item]:
     """Plan rows (columns of datagen.sources.PLAN_SCHEMA, as lists) -> one item per row, in order, decoded as
     DECODE says (None: its defaults)."""
     items = []
@@ -52,8 +53,9 @@ def read_and_decode(rows: dict[str, list], filters: FilterConfig | None = None,
                 data = units.read_unit(rows["path"][i], int(rows["offset"][i]), int(rows["size"][i]), *extra)
                 item = decode_item(source, data, alt_text=alt, key=key, cfg=decode)
             except OSError as e:
-                item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read",
-                            read_failure(e))
+                item = fail(
+                    {"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read", read_failure(e)
+                )
         if filters is not None and not failed(item):
             item = prefilter(item, filters)
         items.append(item)

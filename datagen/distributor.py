@@ -35,14 +35,14 @@ from typing import Any
 
 from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.storage import Folder, transient
-from subjectdiff.datagen.job import JobConfig
-from subjectdiff.datagen.ray_setup import worker_options
-from subjectdiff.progress import Progress
-from subjectdiff.datagen.stage_pool import StagePool, contract_error, reason, task_block
-from subjectdiff.datagen.stages import registry
-from subjectdiff.datagen.decode import read_and_decode
 from subjectdiff.datagen.assemble import embedding_meta
 from subjectdiff.datagen.committer import ShardCommitter
+from subjectdiff.datagen.decode import read_and_decode
+from subjectdiff.datagen.job import JobConfig
+from subjectdiff.datagen.ray_setup import worker_options
+from subjectdiff.datagen.stage_pool import StagePool, contract_error, reason, task_block
+from subjectdiff.datagen.stages import registry
+from subjectdiff.progress import Progress
 
 WAIT_NOTICE_S = 30.0  # say what the run waits for when no stage actor has started after this long
 
@@ -78,8 +78,17 @@ class Outcome:
 class Distributor:
     """Runs shards through the stage pools into committers; see the module docstring."""
 
-    def __init__(self, out: str, cfg: JobConfig, *, local_output_node: str | None, progress: Progress,
-                 extra_stats: dict[str, Any], factory=None, catalog_file=None):
+    def __init__(
+        self,
+        out: str,
+        cfg: JobConfig,
+        *,
+        local_output_node: str | None,
+        progress: Progress,
+        extra_stats: dict[str, Any],
+        factory=None,
+        catalog_file=None,
+    ):
         import ray
 
         self.out, self.cfg, self.p = out, cfg, cfg.pipeline
@@ -91,16 +100,20 @@ class Distributor:
         if self.local_node is not None:
             # A driver node without the CPUs for its committers (a CPU-less head) still hosts them: they
             # then take no CPU slot, as a driver does.
-            node_cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes()
-                              if n["NodeID"] == self.local_node), 0.0)
+            node_cpus = next(
+                (n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == self.local_node), 0.0
+            )
             n = list(pools.values())[-1].concurrency
             if node_cpus < self.p.writer_num_cpus * n:
                 self._committer_cpus = 0.0
         # the entries travel to the workers with each actor and task (a stage registered here only runs too)
         entries = {s.name: s for s in registry.active(cfg.stages)}
-        self.pools = {name: StagePool(name, pool, cfg.stages, factory,
-                                      tuple(entries.values()) if name == "fused" else (entries[name],))
-                      for name, pool in pools.items()}
+        self.pools = {
+            name: StagePool(
+                name, pool, cfg.stages, factory, tuple(entries.values()) if name == "fused" else (entries[name],)
+            )
+            for name, pool in pools.items()
+        }
         self.chain = ["fused"] if self.p.fuse else list(entries)
         self.tasks = {name: s for name, s in entries.items() if not s.model}  # a CPU task per block each
         self.last = list(self.pools.values())[-1]
@@ -124,7 +137,6 @@ class Distributor:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-
         for pool in self.pools.values():
             if pool is not self.last:
                 pool.poll_nodes()  # for locality only
@@ -134,10 +146,18 @@ class Distributor:
                 strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
             else:  # beside the actor, or elsewhere when its node is full (never wait for room there)
                 strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=True, _spill_on_unavailable=True)
-            actor = ray.remote(ShardCommitter).options(
-                num_cpus=self._committer_cpus, max_concurrency=4, max_restarts=-1, max_task_retries=0,
-                scheduling_strategy=strategy, **worker_options(),
-            ).remote(self.out, self.p.spool_dir, self.extra, embedding_meta(self.cfg.stages.curate))
+            actor = (
+                ray.remote(ShardCommitter)
+                .options(
+                    num_cpus=self._committer_cpus,
+                    max_concurrency=4,
+                    max_restarts=-1,
+                    max_task_retries=0,
+                    scheduling_strategy=strategy,
+                    **worker_options(),
+                )
+                .remote(self.out, self.p.spool_dir, self.extra, embedding_meta(self.cfg.stages.curate))
+            )
             self.committers.append(actor)
             self.committer_nodes.append(node)
             self.open_per_committer.append(0)
@@ -181,16 +201,22 @@ class Distributor:
         self.open_per_committer[task.committer] -= 1
         try:
             self.committers[task.committer].abort.remote(task.name, task.attempt)
-        except Exception:  # noqa: BLE001 - a committer that is gone has nothing to abort
+        except Exception:
             pass
         self.progress.restart(task.name)
         if task.attempt + 1 < self.p.max_attempts:
-            print(f"[datagen] shard {task.name}: attempt {task.attempt + 1} failed ({reason(e)}); redoing it",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[datagen] shard {task.name}: attempt {task.attempt + 1} failed ({reason(e)}); redoing it",
+                file=sys.stderr,
+                flush=True,
+            )
             retry.append(self._task(task.name, task.rows, task.attempt + 1, task.merge))
         else:
-            print(f"[datagen] shard {task.name}: giving up after {self.p.max_attempts} attempts ({reason(e)})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[datagen] shard {task.name}: giving up after {self.p.max_attempts} attempts ({reason(e)})",
+                file=sys.stderr,
+                flush=True,
+            )
             outcome.incomplete.append(task.name)
             outcome.why[task.name] = reason(e)
 
@@ -210,9 +236,12 @@ class Distributor:
             self._add_committers()
             if not self.committers and not noticed and time.monotonic() - t_start > WAIT_NOTICE_S:
                 noticed = True
-                print(f"[datagen] waiting for the {self.last.name} actors to start (resources: "
-                      f"{self.stage_pool_configs[self.last.name]}); an autoscaler adds nodes for them",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[datagen] waiting for the {self.last.name} actors to start (resources: "
+                    f"{self.stage_pool_configs[self.last.name]}); an autoscaler adds nodes for them",
+                    file=sys.stderr,
+                    flush=True,
+                )
             capacity = len(self.committers) * self.p.shards_per_writer
             while len(active) < capacity and (retry or not exhausted):
                 if retry:
@@ -260,7 +289,7 @@ class Distributor:
                 self.in_flight -= 1
             try:
                 result = ray.get(ref)
-            except Exception as e:  # noqa: BLE001 - any broken chain means the shard attempt is redone
+            except Exception as e:
                 bug = contract_error(e)
                 if bug is not None:
                     raise bug from None
@@ -297,7 +326,7 @@ class Distributor:
         def build() -> None:
             try:
                 catalog.build(self.out, catalog=self.catalog_file, timeout=5.0)
-            except Exception as e:  # noqa: BLE001 - a storage error of any client (transient says which)
+            except Exception as e:
                 if not isinstance(e, (catalog.CatalogError, OSError)) and not transient(e):
                     raise
                 # someone holds the catalog, or the store hiccuped: the final build catches up

@@ -1,15 +1,16 @@
 """What a datagen job is: the stage settings (datagen/config.py) plus how the job runs on Ray, and its presets.
 
-    cfg = load_config("default", "datagen.toml", ["pipeline.pools.segment.concurrency=16"])
-    cfg.stages    # DatagenConfig: models, thresholds, filters (these shape the records)
-    cfg.pipeline  # PipelineConfig: shard size, blocks, pools of actors per stage (these only shape the run)
+cfg = load_config("default", "datagen.toml", ["pipeline.pools.segment.concurrency=16"])
+cfg.stages    # DatagenConfig: models, thresholds, filters (these shape the records)
+cfg.pipeline  # PipelineConfig: shard size, blocks, pools of actors per stage (these only shape the run)
 """
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from typing import Any
+
+import tomllib
 
 from subjectdiff.datagen import config as stage_config
 from subjectdiff.datagen.stages import registry
@@ -91,9 +92,14 @@ class PipelineConfig:
         for p in pools:
             for k, v in p.resources.items():
                 resources[k] = max(resources.get(k, 0.0), v)
-        return {"fused": PoolConfig(concurrency=max(p.concurrency for p in pools),
-                                    num_gpus=min(1.0, sum(p.num_gpus for p in pools)),
-                                    num_cpus=max(p.num_cpus for p in pools), resources=resources)}
+        return {
+            "fused": PoolConfig(
+                concurrency=max(p.concurrency for p in pools),
+                num_gpus=min(1.0, sum(p.num_gpus for p in pools)),
+                num_cpus=max(p.num_cpus for p in pools),
+                resources=resources,
+            )
+        }
 
 
 @dataclass
@@ -120,14 +126,24 @@ def preset(name: str) -> JobConfig:
     stages = stage_config.PRESETS[name]()  # the one list of datagen presets; an unknown name stops here
     if name == "tiny":
         pools = {s: PoolConfig(1, 0.0, 0.25) for s in registry.names(model=True)}
-        return JobConfig(stages, PipelineConfig(shard_size=100, batch_size=4, read_num_cpus=0.25,
-                                                writer_num_cpus=0.25, catalog_refresh_s=5.0, pools=pools))
+        return JobConfig(
+            stages,
+            PipelineConfig(
+                shard_size=100,
+                batch_size=4,
+                read_num_cpus=0.25,
+                writer_num_cpus=0.25,
+                catalog_refresh_s=5.0,
+                pools=pools,
+            ),
+        )
     pools = {s.name: PoolConfig(1, s.num_gpus) for s in registry.STAGES if s.model}
     return JobConfig(stages, PipelineConfig(pools=pools))
 
 
-def load_config(preset_name: str = "default", config_file: str | None = None,
-                overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
+def load_config(
+    preset_name: str = "default", config_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> JobConfig:
     """A preset, with a TOML file's `[decode]`, `[caption]`, `[nouns]`, `[ground]`, `[segment]`, `[filters]`,
     `[curate]` and `[pipeline]` (with `[pipeline.pools.STAGE]`) tables laid over it, then `key=value` overrides in
     order (`ground.box_threshold=0.3`, `decode.max_pixels=50000000`, `pipeline.pools.segment.num_gpus=1`):

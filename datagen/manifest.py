@@ -19,15 +19,29 @@ from subjectdiff.catalogs.storage import Folder, detail, transient
 from subjectdiff.datagen import config as stage_config
 from subjectdiff.datagen.job import JobConfig
 from subjectdiff.datagen.progress import RunSummary
-from subjectdiff.datagen.stages import registry
 from subjectdiff.datagen.stage_pool import reason
+from subjectdiff.datagen.stages import registry
 
 MANIFEST = "manifest.json"
 
 
 def _versions() -> dict[str, str]:
-    names = ["subjectdiff", "torch", "torchvision", "transformers", "groundingdino-py", "segment-anything",
-             "open_clip_torch", "spacy", "ray", "webdataset", "duckdb", "pyarrow", "numpy", "pillow"]
+    names = [
+        "subjectdiff",
+        "torch",
+        "torchvision",
+        "transformers",
+        "groundingdino-py",
+        "segment-anything",
+        "open_clip_torch",
+        "spacy",
+        "ray",
+        "webdataset",
+        "duckdb",
+        "pyarrow",
+        "numpy",
+        "pillow",
+    ]
     out = {"python": platform.python_version()}
     for n in names:
         try:
@@ -64,8 +78,15 @@ class Manifest:
     catalog: the catalog file the run keeps (None: the default place for OUT, catalogs.catalog.catalog_path).
     skipped_files: the files of a folder input that are not taken, by kind ({".txt": 3}; plan.skipped_files)."""
 
-    def __init__(self, out: str | os.PathLike, src: str, cfg: JobConfig, command: list[str],
-                 catalog_file: str | os.PathLike | None = None, skipped_files: dict[str, int] | None = None):
+    def __init__(
+        self,
+        out: str | os.PathLike,
+        src: str,
+        cfg: JobConfig,
+        command: list[str],
+        catalog_file: str | os.PathLike | None = None,
+        skipped_files: dict[str, int] | None = None,
+    ):
         self.folder = Folder(out)
         self.catalog_file = catalog_file
         old = json.loads(self.folder.read_text(MANIFEST)) if self.folder.exists(MANIFEST) else {}
@@ -77,26 +98,37 @@ class Manifest:
             "preset": cfg.name,
             "config": {"stages": asdict(s), "pipeline": asdict(cfg.pipeline)},
             "models": _models(s),
-            "thresholds": {"box_threshold": s.ground.box_threshold, "text_threshold": s.ground.text_threshold,
-                           "nms_iou": s.ground.nms_iou, "detections": [s.filters.min_detections,
-                                                                       s.filters.max_detections]},
+            "thresholds": {
+                "box_threshold": s.ground.box_threshold,
+                "text_threshold": s.ground.text_threshold,
+                "nms_iou": s.ground.nms_iou,
+                "detections": [s.filters.min_detections, s.filters.max_detections],
+            },
             "versions": _versions(),
             "code_revision": _revision(),
             "runs": old.get("runs", []),
         }
-        self.run = {"command": command, "start": time.time(), "end": None, "status": "running",
-                    "host": platform.node()}
+        self.run = {"command": command, "start": time.time(), "end": None, "status": "running", "host": platform.node()}
         self.data["runs"].append(self.run)
         self._write()
 
     def finish(self, summary: RunSummary, **extra: Any) -> None:
-        self.run.update(end=time.time(), status="complete" if not summary.incomplete else "incomplete",
-                        records=summary.ok, failures=summary.failed, seconds=summary.seconds, **extra)
-        st = catalog.query(self.folder.url, "SELECT (SELECT count(*) FROM samples) AS samples, "
-                                            "(SELECT count(*) FROM failures) AS failures, "
-                                            "(SELECT count(*) FROM objects) AS objects, "
-                                            "(SELECT count(*) FROM shards) AS shards",
-                           catalog=self.catalog_file).to_pylist()[0]
+        self.run.update(
+            end=time.time(),
+            status="complete" if not summary.incomplete else "incomplete",
+            records=summary.ok,
+            failures=summary.failed,
+            seconds=summary.seconds,
+            **extra,
+        )
+        st = catalog.query(
+            self.folder.url,
+            "SELECT (SELECT count(*) FROM samples) AS samples, "
+            "(SELECT count(*) FROM failures) AS failures, "
+            "(SELECT count(*) FROM objects) AS objects, "
+            "(SELECT count(*) FROM shards) AS shards",
+            catalog=self.catalog_file,
+        ).to_pylist()[0]
         self.data["counts"] = st
         self.data["start"] = self.data["runs"][0]["start"]
         self.data["end"] = self.run["end"]
@@ -108,7 +140,7 @@ class Manifest:
         self.run.update(end=time.time(), status=status, error=reason(e) if isinstance(e, Exception) else status)
         try:
             self._write()
-        except Exception as w:  # noqa: BLE001 - the storage that stopped the run may refuse this write too
+        except Exception as w:
             if not (isinstance(w, OSError) or transient(w)):
                 raise
             print(f"[datagen] manifest.json could not record the failure ({detail(w)})", file=sys.stderr)

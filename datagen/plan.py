@@ -38,6 +38,7 @@ def stages_fingerprint(cfg: stage_config.DatagenConfig) -> str:
     """A hash of every setting that shapes the records: decode, and the section of each active stage (registry
     order: models, thresholds, filters, dtypes). A stage that is off does not count, so a run with
     `curate.enabled=false` has the fingerprint runs had before that stage existed (and can resume them)."""
+
     def strip(x):
         if isinstance(x, dict):
             return {k: strip(v) for k, v in sorted(x.items()) if k not in _OPERATIONAL}
@@ -48,8 +49,14 @@ def stages_fingerprint(cfg: stage_config.DatagenConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def make_or_reuse(src: str, out: str | os.PathLike, shard_size: int, fingerprint: str, map_urls=None,
-                  columns: dict[str, str | None] | None = None) -> dict[str, int]:
+def make_or_reuse(
+    src: str,
+    out: str | os.PathLike,
+    shard_size: int,
+    fingerprint: str,
+    map_urls=None,
+    columns: dict[str, str | None] | None = None,
+) -> dict[str, int]:
     """Reuse OUT's plan when it was made for the same input, shard size, columns and stage settings; else
     make it. Returns {shard: number of units}. COLUMNS: {"image_column": ..., "caption_column": ...} naming
     a list's columns (None: the defaults)."""
@@ -70,8 +77,10 @@ def make_or_reuse(src: str, out: str | os.PathLike, shard_size: int, fingerprint
                 "--out, or the config of that run (its manifest.json has it)"
             )
         if any(meta.get(k) != v for k, v in columns.items()):
-            raise sources.SourceError(f"{folder.url} holds a run with other input columns "
-                                      f"({ {k: meta.get(k) for k in columns} }); use another --out")
+            raise sources.SourceError(
+                f"{folder.url} holds a run with other input columns "
+                f"({ {k: meta.get(k) for k in columns} }); use another --out"
+            )
         return meta["shards"]
     folder.makedirs()
     skipped: Counter = Counter()
@@ -79,8 +88,10 @@ def make_or_reuse(src: str, out: str | os.PathLike, shard_size: int, fingerprint
         local = os.path.join(tmp, PLAN_FILE)
         counts = sources.write_plan(src, local, shard_size, map_urls=map_urls, skipped=skipped, **columns)
         folder.commit(local, PLAN_FILE)
-    folder.write_text(PLAN_META, json.dumps({**want, "shards": counts, "skipped_files": dict(sorted(skipped.items())),
-                                             "created": time.time()}))
+    folder.write_text(
+        PLAN_META,
+        json.dumps({**want, "shards": counts, "skipped_files": dict(sorted(skipped.items())), "created": time.time()}),
+    )
     return counts
 
 

@@ -23,15 +23,18 @@ class RunSummary:
     def line(self) -> str:
         rate = (self.ok + self.failed) / self.seconds if self.seconds else 0.0
         skipped = f"; skipped (no image files): {describe_skipped(self.skipped_files)}" if self.skipped_files else ""
-        return (f"datagen: {self.ok} records, {self.failed} failures in {self.shards} shard(s) "
-                f"({self.skipped_shards} already complete), {self.seconds:.1f} s, {rate:.3g} images/s{skipped}")
+        return (
+            f"datagen: {self.ok} records, {self.failed} failures in {self.shards} shard(s) "
+            f"({self.skipped_shards} already complete), {self.seconds:.1f} s, {rate:.3g} images/s{skipped}"
+        )
 
     def incomplete_lines(self) -> list[str]:
         """One line per incomplete shard and why (the first SHOWN_INCOMPLETE), then how to go on."""
         lines = [f"  shard {s}: {self.why.get(s, 'not finished')}" for s in self.incomplete[:SHOWN_INCOMPLETE]]
         if len(self.incomplete) > SHOWN_INCOMPLETE:
-            lines.append(f"  ... and {len(self.incomplete) - SHOWN_INCOMPLETE} more (each named in a "
-                         "'giving up' line above)")
+            lines.append(
+                f"  ... and {len(self.incomplete) - SHOWN_INCOMPLETE} more (each named in a 'giving up' line above)"
+            )
         return lines
 
 

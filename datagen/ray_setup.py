@@ -17,8 +17,8 @@ import os
 import socket
 import sys
 
-from subjectdiff.datagen.job import PipelineConfig
 from subjectdiff.catalogs.storage import storage_env
+from subjectdiff.datagen.job import PipelineConfig
 
 # Loggers whose start-up messages are not for the user (their full logs stay in the Ray session folder):
 # token-authentication notices, the "Started a local Ray instance" line.
@@ -72,8 +72,9 @@ def connect(address: str | None, cfg: PipelineConfig, stages: tuple[str, ...] | 
     # Ray's CPUs are scheduling slots, not cores: on a small machine, offer enough for every actor.
     slots = max(os.cpu_count() or 1, int(cpu_slots(cfg, stages) + 0.999))
     # "local": a new Ray even where a stopped cluster left its address file behind (ray.init() would try it)
-    ray.init(address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False,
-             logging_level=logging.WARNING)
+    ray.init(
+        address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    )
     return False
 
 
@@ -98,9 +99,11 @@ def resolve_gpus(cfg: PipelineConfig, joined: bool, stages: tuple[str, ...] | No
     if not wanted:
         return
     if joined:
-        print(f"[datagen] no GPU node in the Ray cluster yet: stages {', '.join(wanted)} wait for the "
-              "autoscaler to add one (set their pipeline.pools.STAGE.num_gpus = 0 to run them on CPU)",
-              file=sys.stderr)
+        print(
+            f"[datagen] no GPU node in the Ray cluster yet: stages {', '.join(wanted)} wait for the "
+            "autoscaler to add one (set their pipeline.pools.STAGE.num_gpus = 0 to run them on CPU)",
+            file=sys.stderr,
+        )
         return
     for name in wanted:
         print(f"[datagen] no GPU on this machine: stage {name} runs on CPU", file=sys.stderr)

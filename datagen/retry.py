@@ -52,8 +52,12 @@ def redo(out: str, done_before: set[str], n_todo: int, catalog_file=None) -> dic
     """What a retry run redoes in the complete shards DONE_BEFORE of OUT: {shard: keys} (`retry_keys`), said
     on stderr with the N_TODO incomplete shards the run finishes besides."""
     found = retry_keys(out, done_before, catalog_file)
-    print(f"[datagen] retrying {sum(len(v) for v in found.values())} failed sample(s) in {len(found)} shard(s)"
-          + (f", and finishing {n_todo} incomplete shard(s)" if n_todo else ""), file=sys.stderr, flush=True)
+    print(
+        f"[datagen] retrying {sum(len(v) for v in found.values())} failed sample(s) in {len(found)} shard(s)"
+        + (f", and finishing {n_todo} incomplete shard(s)" if n_todo else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     return found
 
 

@@ -61,15 +61,28 @@ def _clean_partial(folder: Folder, shards: list[str], listing: dict[str, Entry])
     run deletes nothing, rather than one request per name a shard could have."""
     doomed = partial_files(listing, shards)
     if doomed:
-        print(f"[datagen] removing {len(doomed)} file(s) left by an earlier attempt at {len(shards)} "
-              "incomplete shard(s)", file=sys.stderr, flush=True)
+        print(
+            f"[datagen] removing {len(doomed)} file(s) left by an earlier attempt at {len(shards)} incomplete shard(s)",
+            file=sys.stderr,
+            flush=True,
+        )
         folder.remove(doomed)
 
 
-def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | None = None,
-        command: list[str] | None = None, progress_every: float = 5.0, stage_factory=None,
-        image_column: str | None = None, caption_column: str | None = None, retry_failures: bool = False,
-        catalog_file: str | os.PathLike | None = None) -> RunSummary:
+def run(
+    src: str,
+    out: str | os.PathLike,
+    cfg: JobConfig,
+    *,
+    ray_address: str | None = None,
+    command: list[str] | None = None,
+    progress_every: float = 5.0,
+    stage_factory=None,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    retry_failures: bool = False,
+    catalog_file: str | os.PathLike | None = None,
+) -> RunSummary:
     """Run (or resume) the pipeline from SRC into OUT; see the module docstring.
 
     stage_factory(name, stage_config) -> stage replaces `build_stage` (tests inject slow or failing stages).
@@ -83,15 +96,23 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
     # A bad SRC (or column name) is one clear error before Ray starts (planning lists shards on Ray).
     sources.detect(src, image_column=image_column, caption_column=caption_column)
     joined = ray_setup.connect(ray_address, cfg.pipeline, active_stages(cfg.stages))
-    counts = plan.make_or_reuse(src, out, cfg.pipeline.shard_size, plan.stages_fingerprint(cfg.stages),
-                                map_urls=_ray_map, columns={"image_column": image_column,
-                                                            "caption_column": caption_column})
+    counts = plan.make_or_reuse(
+        src,
+        out,
+        cfg.pipeline.shard_size,
+        plan.stages_fingerprint(cfg.stages),
+        map_urls=_ray_map,
+        columns={"image_column": image_column, "caption_column": caption_column},
+    )
     listing = folder.listing()  # the run's one listing: what is complete, what to clean up
     done_before = set(complete_shards(folder.url, listing)) & set(counts)
     skipped = plan.skipped_files(out)
     if skipped:  # never silently: files of the input folder that are not images are no input
-        print(f"[datagen] {src}: skipped {sum(skipped.values())} file(s) that are no images: "
-              f"{describe_skipped(skipped)}", file=sys.stderr, flush=True)
+        print(
+            f"[datagen] {src}: skipped {sum(skipped.values())} file(s) that are no images: {describe_skipped(skipped)}",
+            file=sys.stderr,
+            flush=True,
+        )
     manifest = Manifest(out, src, cfg, command or sys.argv, catalog_file, skipped_files=skipped)
     try:
         ray_setup.resolve_gpus(cfg.pipeline, joined, active_stages(cfg.stages))
@@ -100,8 +121,9 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
         redo = retry.redo(out, done_before, len(todo), catalog_file) if retry_failures else {}
         if retry_failures:
             manifest.run["retried"] = sum(len(v) for v in redo.values())
-        summary = _run_shards(folder, cfg, counts, done_before, todo, redo, t0, progress_every, stage_factory,
-                              catalog_file)
+        summary = _run_shards(
+            folder, cfg, counts, done_before, todo, redo, t0, progress_every, stage_factory, catalog_file
+        )
     except BaseException as e:
         manifest.abort(e)
         raise
@@ -110,23 +132,48 @@ def run(src: str, out: str | os.PathLike, cfg: JobConfig, *, ray_address: str | 
     return summary
 
 
-def _run_shards(folder: Folder, cfg: JobConfig, counts: dict[str, int], done_before: set[str], todo: list[str],
-                redo: dict[str, set[str]], t0: float, progress_every: float, factory, catalog_file) -> RunSummary:
+def _run_shards(
+    folder: Folder,
+    cfg: JobConfig,
+    counts: dict[str, int],
+    done_before: set[str],
+    todo: list[str],
+    redo: dict[str, set[str]],
+    t0: float,
+    progress_every: float,
+    factory,
+    catalog_file,
+) -> RunSummary:
     """The run loop, plain or retrying: the incomplete shards TODO whole, and in the complete shards of REDO
     ({shard: keys}, datagen/retry.py) those samples; then the catalog, and the summary of what was done."""
     shards = retry.merges(folder.url, set(todo), redo) if redo else plan.shard_rows(folder.url, set(todo))
     prog = Progress(sum(len(v) for v in redo.values()) + sum(counts[s] for s in todo), every=progress_every)
     outcome = Outcome()
     if todo or redo:
-        dist = Distributor(folder.url, cfg, local_output_node=local_output_node(folder.url), progress=prog,
-                           extra_stats={"run_start": t0}, factory=factory, catalog_file=catalog_file)
+        dist = Distributor(
+            folder.url,
+            cfg,
+            local_output_node=local_output_node(folder.url),
+            progress=prog,
+            extra_stats={"run_start": t0},
+            factory=factory,
+            catalog_file=catalog_file,
+        )
         outcome = dist.run(shards)
     prog.update(0, 0, force=True)
     print(catalog.build(folder.url, catalog=catalog_file).summary(), file=sys.stderr)
     complete = set(complete_shards(folder.url))
     ok, failed = sum(v[0] for v in outcome.done.values()), sum(v[1] for v in outcome.done.values())
-    return RunSummary(len(counts), sum(counts.values()), ok, failed, time.time() - t0, len(done_before) - len(redo),
-                      [s for s in counts if s not in complete], outcome.why)
+    return RunSummary(
+        len(counts),
+        sum(counts.values()),
+        ok,
+        failed,
+        time.time() - t0,
+        len(done_before) - len(redo),
+        [s for s in counts if s not in complete],
+        outcome.why,
+    )
 
 
 __all__ = ["run", "KINDS"]

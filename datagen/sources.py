@@ -128,7 +128,7 @@ def _find(src: str) -> list[str]:
     urls = []
     for p in sorted(fs.find(root)):
         if p.startswith(root + "/"):
-            urls.append(prefix + p[len(root) + 1:])
+            urls.append(prefix + p[len(root) + 1 :])
         else:  # a filesystem that spells paths otherwise: its own full URL
             urls.append(fs.unstrip_protocol(p))
     return urls
@@ -194,7 +194,7 @@ def _reachable(src: str) -> None:
         fs.info(path)
     except FileNotFoundError:
         pass
-    except Exception as e:  # noqa: BLE001 (each filesystem raises its own; the message names it)
+    except Exception as e:
         raise SourceError(f"input {src!r} cannot be reached: {detail(e)}") from e
 
 
@@ -206,9 +206,14 @@ def _shard_urls(src: str) -> list[str]:
     return [u for u in _find(src) if u.lower().endswith(".tar")]
 
 
-def iter_units(src: str, map_urls: Callable[[Callable, Iterable[str]], Iterable] | None = None, *,
-               image_column: str | None = None, caption_column: str | None = None,
-               skipped: Counter | None = None) -> Iterator[Unit]:
+def iter_units(
+    src: str,
+    map_urls: Callable[[Callable, Iterable[str]], Iterable] | None = None,
+    *,
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    skipped: Counter | None = None,
+) -> Iterator[Unit]:
     """SRC's units in plan order (before de-duplication). MAP_URLS, the columns and SKIPPED: see write_plan."""
     kind = _kind(src)
     if kind == "folder":
@@ -275,14 +280,22 @@ def _tar_units(url: str) -> list[Unit]:
         meta_url = _json_url(texts.get((key, "json")))
         ext = next((e for e in _TAR_IMAGE_EXTS if e in g), None)
         if ext is None:
-            units.append(Unit(source=meta_url or f"{url}#{key}", path=url,
-                              error=f"no image member in sample (members: {', '.join(g)})"))
+            units.append(
+                Unit(
+                    source=meta_url or f"{url}#{key}",
+                    path=url,
+                    error=f"no image member in sample (members: {', '.join(g)})",
+                )
+            )
             continue
         m = g[ext]
         txt = texts.get((key, "txt"))
         alt = txt.decode("utf-8", "replace").strip() if txt else None
-        units.append(Unit(source=meta_url or f"{url}#{m.name}", path=url, offset=m.offset_data, size=m.size,
-                          alt_text=alt or None))
+        units.append(
+            Unit(
+                source=meta_url or f"{url}#{m.name}", path=url, offset=m.offset_data, size=m.size, alt_text=alt or None
+            )
+        )
     if rest is not None:
         units.append(Unit(source=f"{url}#<after {len(groups)} samples>", path=url, error=rest))
     return units
@@ -353,7 +366,7 @@ def _img2dataset_failures(url: str) -> list[Unit]:
         fs, path = storage.filesystem(pq_url)
         if not fs.isfile(path):
             return []
-    except Exception:  # noqa: BLE001 (optional metadata: a failed probe reads the tar alone, as without one)
+    except Exception:
         return []
     units = []
     try:
@@ -370,8 +383,13 @@ def _img2dataset_failures(url: str) -> list[Unit]:
                         continue
                     msg = d["error_message"][i] if "error_message" in d else None
                     src = d["url"][i] or f"{pq_url}#{d['key'][i] if 'key' in d else i}"
-                    units.append(Unit(source=str(src), path=pq_url,
-                                      error=f"img2dataset {status}: {msg if msg is not None else 'no error message'}"))
+                    units.append(
+                        Unit(
+                            source=str(src),
+                            path=pq_url,
+                            error=f"img2dataset {status}: {msg if msg is not None else 'no error message'}",
+                        )
+                    )
     except (OSError, pa.ArrowException, ValueError) as e:
         return [Unit(source=pq_url, path=pq_url, error=f"unreadable img2dataset parquet: {e}")]
     return units
@@ -385,8 +403,12 @@ class _ListColumns:
 
 
 def _binary(t: pa.DataType) -> bool:
-    return (pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t)
-            or pa.types.is_binary_view(t))
+    return (
+        pa.types.is_binary(t)
+        or pa.types.is_large_binary(t)
+        or pa.types.is_fixed_size_binary(t)
+        or pa.types.is_binary_view(t)
+    )
 
 
 def _column_kind(t: pa.DataType) -> str | None:
@@ -411,8 +433,7 @@ def _find_column(names: list[str], name: str) -> str | None:
     return next((n for n in names if n.lower() == name.lower()), None)
 
 
-def _pick_columns(src: str, schema: pa.Schema, image_column: str | None,
-                  caption_column: str | None) -> _ListColumns:
+def _pick_columns(src: str, schema: pa.Schema, image_column: str | None, caption_column: str | None) -> _ListColumns:
     """The list's image and caption columns (see the module docstring); SourceError naming what is missing
     and the columns there are. A CSV's columns are all read as strings: paths or URLs."""
     names = schema.names
@@ -431,12 +452,16 @@ def _pick_columns(src: str, schema: pa.Schema, image_column: str | None,
             structs = [n for n in names if pa.types.is_struct(schema.field(n).type) and kind(n) == "bytes"]
             image = structs[0] if len(structs) == 1 else None
         if image is None:
-            raise SourceError(f"{src}: no image column; expected one of {', '.join(_PATH_COLUMNS)} (in any case), "
-                              f"or name it with --image-column; its columns are {names}")
+            raise SourceError(
+                f"{src}: no image column; expected one of {', '.join(_PATH_COLUMNS)} (in any case), "
+                f"or name it with --image-column; its columns are {names}"
+            )
     if kind(image) is None:
-        raise SourceError(f"{src}: column {image!r} holds {schema.field(image).type}; an image column holds paths "
-                          "or URLs (strings), image bytes (binary), or structs with a binary `bytes` field (as "
-                          "Hugging Face datasets stores images)")
+        raise SourceError(
+            f"{src}: column {image!r} holds {schema.field(image).type}; an image column holds paths "
+            "or URLs (strings), image bytes (binary), or structs with a binary `bytes` field (as "
+            "Hugging Face datasets stores images)"
+        )
     if caption_column:
         text = _find_column(names, caption_column)
         if text is None:
@@ -452,7 +477,7 @@ def _open_list(src: str):
         return storage.open_url(src, "rb")
     except FileNotFoundError as e:
         raise SourceError(f"input list {src!r} does not exist") from e
-    except Exception as e:  # noqa: BLE001 (no network, an offline hub, no access: each says it its own way)
+    except Exception as e:
         raise SourceError(f"input list {src!r} cannot be read: {detail(e)}") from e
 
 
@@ -481,8 +506,10 @@ def _list_batches(f, src: str, cols: _ListColumns) -> Iterator[pa.RecordBatch]:
     if _is_csv(src):
         import pyarrow.csv as pacsv
 
-        yield from pacsv.open_csv(f, convert_options=pacsv.ConvertOptions(
-            include_columns=wanted, column_types={c: pa.string() for c in wanted}))
+        yield from pacsv.open_csv(
+            f,
+            convert_options=pacsv.ConvertOptions(include_columns=wanted, column_types={c: pa.string() for c in wanted}),
+        )
     else:
         yield from _parquet_batches(pq.ParquetFile(f), wanted, _LIST_BATCH)
 
@@ -507,8 +534,12 @@ def _list_units(src: str, image_column: str | None = None, caption_column: str |
                     continue
                 for p, t in zip(batch.column(cols.image).to_pylist(), texts):
                     if p is None or not str(p).strip():
-                        yield Unit(source=f"{where}#row={row}", path=where, alt_text=t,
-                                   error=f"the list row has no image path (column {cols.image!r})")
+                        yield Unit(
+                            source=f"{where}#row={row}",
+                            path=where,
+                            alt_text=t,
+                            error=f"the list row has no image path (column {cols.image!r})",
+                        )
                     else:
                         p = str(p)
                         if not _is_url(p) and not os.path.isabs(p):
@@ -523,10 +554,18 @@ def _sql_str(s: str | os.PathLike) -> str:
     return "'" + str(s).replace("'", "''") + "'"
 
 
-def write_plan(src: str, plan_path: str | os.PathLike, shard_size: int, *, chunk: int = 50_000,
-               map_urls: Callable[[Callable, Iterable[str]], Iterable] | None = None,
-               memory_limit: str = "1GB", image_column: str | None = None,
-               caption_column: str | None = None, skipped: Counter | None = None) -> dict[str, int]:
+def write_plan(
+    src: str,
+    plan_path: str | os.PathLike,
+    shard_size: int,
+    *,
+    chunk: int = 50_000,
+    map_urls: Callable[[Callable, Iterable[str]], Iterable] | None = None,
+    memory_limit: str = "1GB",
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    skipped: Counter | None = None,
+) -> dict[str, int]:
     """List SRC's units into a Parquet plan, shard_size units per shard; returns {shard: unit count}.
 
     Duplicate sources (the same file listed twice) are planned once, at their first place: one source, one
@@ -550,11 +589,13 @@ def write_plan(src: str, plan_path: str | os.PathLike, shard_size: int, *, chunk
     try:
         with pq.ParquetWriter(raw, _RAW_SCHEMA) as w:
             cols: dict[str, list] = {n: [] for n in names}
-            units = iter_units(src, map_urls, image_column=image_column, caption_column=caption_column,
-                               skipped=skipped)
+            units = iter_units(src, map_urls, image_column=image_column, caption_column=caption_column, skipped=skipped)
             for seq, u in enumerate(units):
-                for n, v in zip(names, (seq, make_key(u.source), u.source, u.path, u.offset, u.size, u.alt_text,
-                                        u.error, u.column), strict=True):
+                for n, v in zip(
+                    names,
+                    (seq, make_key(u.source), u.source, u.path, u.offset, u.size, u.alt_text, u.error, u.column),
+                    strict=True,
+                ):
                     cols[n].append(v)
                 if len(cols["seq"]) >= chunk:
                     w.write_table(pa.table(cols, schema=_RAW_SCHEMA))

@@ -65,8 +65,9 @@ def contract_error(e: BaseException) -> StageContractError | None:
 class StageActor:
     """Hosts one stage: the model loads in __init__, each `map` call maps one block."""
 
-    def __init__(self, name: str, cfg: stage_config.DatagenConfig, factory=None,
-                 chain: tuple[Stage, ...] | None = None):
+    def __init__(
+        self, name: str, cfg: stage_config.DatagenConfig, factory=None, chain: tuple[Stage, ...] | None = None
+    ):
         """chain: the registry entries it runs (the stage NAME, or every stage for `fused`); None: the registry's."""
         self.name = name
         self.chain = registry.active(cfg) if chain is None else chain
@@ -83,16 +84,17 @@ class StageActor:
         item at a time, and each item that still raises becomes a failure of this stage with its error."""
         try:
             out = self.stage(items)
-        except Exception as e:  # noqa: BLE001 - any stage error is recorded per sample below
+        except Exception as e:
             if len(items) == 1:
                 return [self._failed(items[0], e)]
-            log.warning("stage %s raised on a block of %d (%s); redoing it one item at a time",
-                        self.name, len(items), reason(e))
+            log.warning(
+                "stage %s raised on a block of %d (%s); redoing it one item at a time", self.name, len(items), reason(e)
+            )
             out = []
             for item in items:
                 try:
                     out.extend(self.stage([item]))
-                except Exception as e1:  # noqa: BLE001
+                except Exception as e1:
                     out.append(self._failed(item, e1))
         if len(out) != len(items):  # a stage must account for every item it was given
             raise StageContractError(f"stage {self.name} returned {len(out)} items for {len(items)}")
@@ -127,16 +129,26 @@ class StagePool:
     """The actors of one stage (on the driver): starts them, tracks the blocks each has outstanding, and
     picks the least loaded for the next block."""
 
-    def __init__(self, name: str, pool: PoolConfig, cfg: stage_config.DatagenConfig, factory=None,
-                 chain: tuple[Stage, ...] | None = None):
+    def __init__(
+        self,
+        name: str,
+        pool: PoolConfig,
+        cfg: stage_config.DatagenConfig,
+        factory=None,
+        chain: tuple[Stage, ...] | None = None,
+    ):
         """chain: the registry entries its actors run (StageActor)."""
         import ray
 
         self.name = name
-        cls = ray.remote(StageActor).options(num_cpus=pool.num_cpus, num_gpus=pool.num_gpus,
-                                            resources=dict(pool.resources) or None,
-                                            max_restarts=ACTOR_RESTARTS, max_task_retries=CALL_RETRIES,
-                                            **worker_options())
+        cls = ray.remote(StageActor).options(
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+            resources=dict(pool.resources) or None,
+            max_restarts=ACTOR_RESTARTS,
+            max_task_retries=CALL_RETRIES,
+            **worker_options(),
+        )
         self.actors = [cls.remote(name, cfg, factory, chain) for _ in range(pool.concurrency)]
         self.load = [0] * len(self.actors)
         self.nodes: list[str | None] = [None] * len(self.actors)
@@ -156,7 +168,7 @@ class StagePool:
             try:
                 self.nodes[i] = ray.get(ref)
                 new.append(i)
-            except Exception as e:  # noqa: BLE001 - an actor that cannot start: its calls will say why
+            except Exception as e:
                 log.warning("stage %s actor %d did not start: %s", self.name, i, reason(e))
         return new
 

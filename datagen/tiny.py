@@ -44,10 +44,52 @@ FUNCTION_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "near", "be
 ADJECTIVES = ["red", "white", "black", "small", "large", "old", "young", "wooden", "blue", "green"]
 VERBS = ["holding", "sitting", "standing", "wearing", "lying", "looking"]
 NOUNS = [
-    "astronaut", "helmet", "flag", "suit", "cat", "dog", "rug", "cup", "saucer", "spoon", "coffee", "table",
-    "rocket", "sky", "tower", "man", "woman", "person", "car", "tree", "house", "road", "bird", "horse",
-    "boat", "chair", "ball", "hat", "flower", "window", "bottle", "book", "clock", "bicycle", "motorcycle",
-    "wheel", "plate", "bowl", "grass", "water", "building", "door", "street", "shirt", "camera", "phone",
+    "astronaut",
+    "helmet",
+    "flag",
+    "suit",
+    "cat",
+    "dog",
+    "rug",
+    "cup",
+    "saucer",
+    "spoon",
+    "coffee",
+    "table",
+    "rocket",
+    "sky",
+    "tower",
+    "man",
+    "woman",
+    "person",
+    "car",
+    "tree",
+    "house",
+    "road",
+    "bird",
+    "horse",
+    "boat",
+    "chair",
+    "ball",
+    "hat",
+    "flower",
+    "window",
+    "bottle",
+    "book",
+    "clock",
+    "bicycle",
+    "motorcycle",
+    "wheel",
+    "plate",
+    "bowl",
+    "grass",
+    "water",
+    "building",
+    "door",
+    "street",
+    "shirt",
+    "camera",
+    "phone",
     "coin",
 ]
 # Pieces that make multi-token words ("launch" + "##pad"): BERT WordPiece continuation tokens.
@@ -75,25 +117,39 @@ def _bert_tokenizer(folder: Path):
 
 def save_tiny_blip(folder: str | os.PathLike, seed: int = SEED) -> Path:
     """A tiny BlipForConditionalGeneration + BlipProcessor in a `save_pretrained` folder."""
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
-                              BlipTextConfig, BlipVisionConfig)
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
 
     folder = Path(folder)
     tok = _bert_tokenizer(folder)
     tok.add_special_tokens({"bos_token": "[DEC]"})
     ids = {t: tok.convert_tokens_to_ids(t) for t in ("[PAD]", "[SEP]", "[DEC]", "[CLS]")}
     text = BlipTextConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        encoder_hidden_size=32, max_position_embeddings=64, bos_token_id=ids["[DEC]"],
-        eos_token_id=ids["[SEP]"], sep_token_id=ids["[SEP]"], pad_token_id=ids["[PAD]"],
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        encoder_hidden_size=32,
+        max_position_embeddings=64,
+        bos_token_id=ids["[DEC]"],
+        eos_token_id=ids["[SEP]"],
+        sep_token_id=ids["[SEP]"],
+        pad_token_id=ids["[PAD]"],
     )
-    vision = BlipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=64, patch_size=16)
+    vision = BlipVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64, patch_size=16
+    )
     config = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=32)
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(config).eval()
-    processor = BlipProcessor(
-        image_processor=BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok)
+    processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 64, "width": 64}), tokenizer=tok)
     _fit_captions(model, processor)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
@@ -152,28 +208,56 @@ def _fit_captions(model, processor, steps: int = 80, lr: float = 1e-2) -> None:
 
 def save_tiny_blip2(folder: str | os.PathLike, seed: int = SEED) -> Path:
     """A tiny Blip2ForConditionalGeneration (OPT language model) + processor in a `save_pretrained` folder."""
-    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
-                              Blip2VisionConfig, BlipImageProcessor, OPTConfig)
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        BlipImageProcessor,
+        OPTConfig,
+    )
 
     folder = Path(folder)
     tok = _bert_tokenizer(folder)
     tok.add_special_tokens({"bos_token": "[CLS]", "eos_token": "[SEP]"})
     tok.add_tokens(["<image>"], special_tokens=True)
     num_query = 4
-    vision = Blip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                               image_size=32, patch_size=16)
-    qformer = Blip2QFormerConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, encoder_hidden_size=32, vocab_size=len(tok))
-    opt = OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=2,
-                    word_embed_proj_dim=32, max_position_embeddings=64,
-                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
-                         text_config=opt.to_dict(), num_query_tokens=num_query,
-                         image_token_index=tok.convert_tokens_to_ids("<image>"))
+    vision = Blip2VisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=16
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        encoder_hidden_size=32,
+        vocab_size=len(tok),
+    )
+    opt = OPTConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = Blip2Config(
+        vision_config=vision.to_dict(),
+        qformer_config=qformer.to_dict(),
+        text_config=opt.to_dict(),
+        num_query_tokens=num_query,
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
     torch.manual_seed(seed)
     model = Blip2ForConditionalGeneration(config).eval()
-    processor = Blip2Processor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
-                               tokenizer=tok, num_query_tokens=num_query)
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tok, num_query_tokens=num_query
+    )
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -231,8 +315,9 @@ sub_sentence_present = True
 """
 
 
-def save_tiny_bert(folder: str | os.PathLike, seed: int = SEED, hidden: int = 32, layers: int = 2,
-                   heads: int = 2) -> Path:
+def save_tiny_bert(
+    folder: str | os.PathLike, seed: int = SEED, hidden: int = 32, layers: int = 2, heads: int = 2
+) -> Path:
     """A BertModel + BertTokenizerFast folder (tiny by default), usable as GroundingDINO's `text_encoder_type`.
 
     hidden=768, layers=12, heads=12 gives bert-base-uncased's architecture (with the small vocabulary).
@@ -242,16 +327,22 @@ def save_tiny_bert(folder: str | os.PathLike, seed: int = SEED, hidden: int = 32
     folder = Path(folder)
     tok = _bert_tokenizer(folder)
     torch.manual_seed(seed)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                     intermediate_size=4 * hidden if hidden >= 256 else 2 * hidden,
-                     max_position_embeddings=512 if hidden >= 256 else 256)
+    cfg = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden if hidden >= 256 else 2 * hidden,
+        max_position_embeddings=512 if hidden >= 256 else 256,
+    )
     BertModel(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 
 
-def save_tiny_groundingdino(folder: str | os.PathLike, seed: int = SEED, logit_scale: float = 0.06,
-                            full_size: bool = False) -> tuple[Path, Path]:
+def save_tiny_groundingdino(
+    folder: str | os.PathLike, seed: int = SEED, logit_scale: float = 0.06, full_size: bool = False
+) -> tuple[Path, Path]:
     """Write a config, `bert/` and a `{"model": state_dict}` .pth; returns (config, ckpt).
 
     full_size: the official SwinT-OGC config as shipped in groundingdino-py, with bert-base-uncased's
@@ -339,8 +430,9 @@ def save_tiny_clip(folder: str | os.PathLike, seed: int = SEED) -> tuple[Path, P
     return config, ckpt
 
 
-def save_tiny_aesthetic_head(path: str | os.PathLike, in_features: int = TINY_CLIP_CONFIG["embed_dim"],
-                             seed: int = SEED) -> Path:
+def save_tiny_aesthetic_head(
+    path: str | os.PathLike, in_features: int = TINY_CLIP_CONFIG["embed_dim"], seed: int = SEED
+) -> Path:
     """A random head in improved-aesthetic-predictor's MLP format (the layout of sac+logos+ava1-l14-linearMSE.pth:
     Linear(in, 1024), Dropout, Linear(1024, 128), Dropout, Linear(128, 64), Dropout, Linear(64, 16), Linear(16, 1),
     saved as the state dict of a module whose Sequential is `layers`), over the tiny CLIP's embedding width."""
@@ -395,8 +487,15 @@ def tiny_models(root: str | os.PathLike, seed: int = SEED) -> TinyModels:
         sam = save_tiny_sam(root / "sam" / "sam_tiny.pth", seed)
         clip_config, clip_ckpt = save_tiny_clip(root / "clip", seed)
         head = save_tiny_aesthetic_head(root / "aesthetic" / "aesthetic_mlp_tiny.pth", seed=seed)
-        return TinyModels(blip=blip, gdino_config=cfg, gdino_checkpoint=ckpt, sam_checkpoint=sam,
-                          clip_config=clip_config, clip_checkpoint=clip_ckpt, aesthetic_head=head)
+        return TinyModels(
+            blip=blip,
+            gdino_config=cfg,
+            gdino_checkpoint=ckpt,
+            sam_checkpoint=sam,
+            clip_config=clip_config,
+            clip_checkpoint=clip_ckpt,
+            aesthetic_head=head,
+        )
 
     return _built_once(root / "tiny.json", TINY_VERSION, seed, build)
 
@@ -414,23 +513,42 @@ def save_random_blip_large(folder: str | os.PathLike, seed: int = SEED) -> Path:
     is the small real-word one (VOCAB), and the output bias is -1e4 past it, so every decoded id is a word.
     Not fit to anything (too slow at this size on a CPU): captions are random word sequences, with nouns.
     """
-    from transformers import (BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor,
-                              BlipTextConfig, BlipVisionConfig)
+    from transformers import (
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessor,
+        BlipProcessor,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
 
     folder = Path(folder)
     tok = _bert_tokenizer(folder)
     tok.add_special_tokens({"bos_token": "[DEC]"})
-    text = BlipTextConfig(vocab_size=30524, bos_token_id=tok.bos_token_id, sep_token_id=tok.sep_token_id,
-                          eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id, encoder_hidden_size=1024)
-    vision = BlipVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                              num_attention_heads=16, image_size=384, patch_size=16)
+    text = BlipTextConfig(
+        vocab_size=30524,
+        bos_token_id=tok.bos_token_id,
+        sep_token_id=tok.sep_token_id,
+        eos_token_id=tok.sep_token_id,
+        pad_token_id=tok.pad_token_id,
+        encoder_hidden_size=1024,
+    )
+    vision = BlipVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=384,
+        patch_size=16,
+    )
     torch.manual_seed(seed)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
     with torch.no_grad():
-        model.text_decoder.cls.predictions.bias[len(tok):] = -1e4
+        model.text_decoder.cls.predictions.bias[len(tok) :] = -1e4
     model.eval().save_pretrained(folder)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 384, "width": 384}),
-                  tokenizer=tok).save_pretrained(folder)
+    BlipProcessor(
+        image_processor=BlipImageProcessor(size={"height": 384, "width": 384}), tokenizer=tok
+    ).save_pretrained(folder)
     return folder
 
 

@@ -62,10 +62,14 @@ def read_unit(path: str, offset: int, size: int, column: str | None = None) -> b
     if column:
         return _CELLS.read(path, offset, column)
     if offset < 0:
-        return _retry(lambda: _read_range(path, -1, -1), (f"cannot read {path}", "cannot read the image"),
-                      is_local(path))
-    return _retry(lambda: _read_range(path, offset, size),
-                  (f"cannot read {path} at byte {offset}", "cannot read the tar member"), is_local(path))
+        return _retry(
+            lambda: _read_range(path, -1, -1), (f"cannot read {path}", "cannot read the image"), is_local(path)
+        )
+    return _retry(
+        lambda: _read_range(path, offset, size),
+        (f"cannot read {path} at byte {offset}", "cannot read the tar member"),
+        is_local(path),
+    )
 
 
 class _ShortRead(OSError):
@@ -112,7 +116,7 @@ def _retry(fn: Callable[[], object], what: tuple[str, str] | Callable[[], tuple[
             return fn()
         except UnitReadError:
             raise
-        except Exception as e:  # noqa: BLE001 (every failure to read a unit becomes its reason)
+        except Exception as e:
             if delay is None or not _transient(e, local):
                 tries = f" (after {attempt} attempts)" if attempt > 1 else ""
                 where, why = what() if callable(what) else what
@@ -171,8 +175,10 @@ class _ParquetCells:
                     raise UnitReadError(f"no such column; its columns are {names}", "no such column")
                 i = int(np.searchsorted(starts, row, side="right")) - 1
                 found.update(first=int(starts[i]), end=int(starts[i + 1]))
-                step[0] = (f"cannot read its row group {i} (row indices {found['first']} to {found['end'] - 1})",
-                           "cannot read its row group")
+                step[0] = (
+                    f"cannot read its row group {i} (row indices {found['first']} to {found['end'] - 1})",
+                    "cannot read its row group",
+                )
                 return pf.read_row_group(i, columns=[column]).column(0)
 
         try:
@@ -200,9 +206,14 @@ def _cell_image(path: str, where: str, cell) -> bytes:
     url = str(ref)
     if not is_url(url) and not os.path.isabs(url):
         url = f"{path.rsplit('/', 1)[0]}/{url}" if is_url(path) else os.path.join(os.path.dirname(path), url)
-    return _retry(lambda: _read_range(url, -1, -1),
-                  (f"{where}: the image bytes are null and its path {str(ref)!r} cannot be read",
-                   "the image bytes are null and its path cannot be read"), is_local(url))
+    return _retry(
+        lambda: _read_range(url, -1, -1),
+        (
+            f"{where}: the image bytes are null and its path {str(ref)!r} cannot be read",
+            "the image bytes are null and its path cannot be read",
+        ),
+        is_local(url),
+    )
 
 
 def _local_stamp(path: str) -> tuple[int, int] | None:

@@ -64,22 +64,41 @@ def subjects_from(args: argparse.Namespace) -> list:
         for f in (path, mask):
             if f is not None and not Path(f).is_file():
                 raise FileNotFoundError(f"no such file: {f}")
-        out.append(Subject(path, label or label_from(path), box, mask, region and floats(region, 4, "--region"),
-                           point and floats(point, 2, "--point")))
+        out.append(
+            Subject(
+                path,
+                label or label_from(path),
+                box,
+                mask,
+                region and floats(region, 4, "--region"),
+                point and floats(point, 2, "--point"),
+            )
+        )
     return out
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="an export folder, a trainer checkpoint (step-N/) or a run folder")
-    p.add_argument("--weights", choices=["auto", "ema", "raw"], default="auto", help="checkpoint weights (default: EMA when present)")
+    p.add_argument(
+        "--weights",
+        choices=["auto", "ema", "raw"],
+        default="auto",
+        help="checkpoint weights (default: EMA when present)",
+    )
     p.add_argument("--base", default=None, help="override the model's base (a local Stable Diffusion 2 folder)")
-    p.add_argument("--sam", default=None, help="SAM checkpoint for the subject cut-outs: a path, URL (with "
-                   "#sha256=...), file://, s3:// or hf:// spec, as datagen's segment.checkpoint (sam_vit_h_4b8939.pth)")
+    p.add_argument(
+        "--sam",
+        default=None,
+        help="SAM checkpoint for the subject cut-outs: a path, URL (with "
+        "#sha256=...), file://, s3:// or hf:// spec, as datagen's segment.checkpoint (sam_vit_h_4b8939.pth)",
+    )
     p.add_argument("--device", default="auto", help="cuda, cpu, or auto")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5, help="text guidance scale (reference: 7.5)")
-    p.add_argument("--subject-guidance", type=float, default=1.5, help="subject/location guidance scale (reference: 1.5)")
+    p.add_argument(
+        "--subject-guidance", type=float, default=1.5, help="subject/location guidance scale (reference: 1.5)"
+    )
     p.add_argument("--scheduler", default="PNDMScheduler", help="a diffusers scheduler class name")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--order", choices=["subject-first", "text-first"], default="subject-first")
@@ -92,8 +111,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("generate", help="generate images of a prompt with subject photos (and their boxes)")
     add_model_args(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--subject", action="append", metavar="IMAGE[:x0,y0,x1,y1]",
-                   help="a subject photo and where to draw it (normalized); repeatable")
+    g.add_argument(
+        "--subject",
+        action="append",
+        metavar="IMAGE[:x0,y0,x1,y1]",
+        help="a subject photo and where to draw it (normalized); repeatable",
+    )
     g.add_argument("--label", action="append", help="class word per subject (default: from the file name)")
     g.add_argument("--mask", action="append", help="mask image per subject instead of SAM ('-' = none)")
     g.add_argument("--region", action="append", metavar="x0,y0,x1,y1", help="SAM box in the subject photo, per subject")
@@ -113,8 +136,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--subjects", default=None, help="comma-separated subject names (default: all)")
     d.add_argument("--max-prompts", type=int, default=None, help="first K prompts of each list (default: all 25)")
     d.add_argument("--pairs", default=None, help="multi-subject: a file of `a,b` lines, or a number of pairs")
-    preset = d.add_argument("--preset", metavar="NAME", default="dreambooth",
-                            help="the metric models: dreambooth (DINO ViT-S/16, CLIP ViT-B/32; default) or tiny")
+    preset = d.add_argument(
+        "--preset",
+        metavar="NAME",
+        default="dreambooth",
+        help="the metric models: dreambooth (DINO ViT-S/16, CLIP ViT-B/32; default) or tiny",
+    )
     renamed(d, "--metrics", preset)
     d.add_argument("--clip-model", default=None, help="open_clip model name (preset's: ViT-B-32-quickgelu)")
     d.add_argument("--clip-weights", default=None, help="open_clip pretrained tag or file ('none' = random)")
@@ -143,9 +170,16 @@ def _pipeline(args: argparse.Namespace):
 
     scheduler_class(args.scheduler)  # an unknown scheduler fails here, before any model loads or bar starts
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    sampling = SamplingConfig(steps=args.steps, guidance=args.guidance, subject_guidance=args.subject_guidance,
-                              scheduler=args.scheduler, eta=args.eta, order=args.order, resolution=args.resolution,
-                              batch_size=args.batch_size)
+    sampling = SamplingConfig(
+        steps=args.steps,
+        guidance=args.guidance,
+        subject_guidance=args.subject_guidance,
+        scheduler=args.scheduler,
+        eta=args.eta,
+        order=args.order,
+        resolution=args.resolution,
+        batch_size=args.batch_size,
+    )
     overrides = {"base": args.base} if args.base else {}
     if args.sam:  # fetched (URLs) and verified (#sha256=) before any model loads; an error is one line
         from subjectdiff.weights import resolve
@@ -177,17 +211,27 @@ def _dreambench(args: argparse.Namespace) -> int:
 
     read_bench(args.data)  # fail on a bad folder before loading any model
     mcfg = metrics.PRESETS[args.preset]()
-    for flag, name in (("clip_model", "clip_model"), ("clip_weights", "clip_weights"), ("dino_model", "dino_model"),
-                       ("dino_weights", "dino_weights")):
+    for flag, name in (
+        ("clip_model", "clip_model"),
+        ("clip_weights", "clip_weights"),
+        ("dino_model", "dino_model"),
+        ("dino_weights", "dino_weights"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             setattr(mcfg, name, None if value.lower() == "none" else value)
-    cfg = DreamBenchConfig(images_per_prompt=args.num_images, seed=args.seed, max_prompts=args.max_prompts,
-                           subjects=tuple(s for s in (args.subjects or "").split(",") if s), pairs=args.pairs,
-                           save_images=not args.no_images)
+    cfg = DreamBenchConfig(
+        images_per_prompt=args.num_images,
+        seed=args.seed,
+        max_prompts=args.max_prompts,
+        subjects=tuple(s for s in (args.subjects or "").split(",") if s),
+        pairs=args.pairs,
+        save_images=not args.no_images,
+    )
     pipe, sampling = _pipeline(args)
     mcfg.device = str(pipe.device)
-    summary = evaluate(pipe, metrics.Scorer(mcfg), args.data, args.out, cfg, sampling, sam=args.sam,
-                       progress=not args.no_progress)
+    summary = evaluate(
+        pipe, metrics.Scorer(mcfg), args.data, args.out, cfg, sampling, sam=args.sam, progress=not args.no_progress
+    )
     print(Path(args.out, "summary.md").read_text())
     return 0 if summary["per_subject"] else 1

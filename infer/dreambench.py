@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from subjectdiff.catalogs.images import IMAGE_SUFFIXES
 from subjectdiff.infer.metrics import Scorer
 from subjectdiff.infer.outputs import save
 from subjectdiff.infer.pipeline import Pipeline, SamplingConfig
 from subjectdiff.infer.subjects import Subject
 
 LIVE_CLASSES = ("cat", "dog")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 METRICS = ("dino", "clip_i", "clip_t")
 
 
@@ -95,8 +95,10 @@ def read_bench(data_dir: str | Path) -> Bench:
             lists[section].append(m.group(1))
     missing = [s for s in classes if not (root / s).is_dir()]
     if not classes or not lists["object"] or not lists["live"] or missing:
-        raise ValueError(f"{spec}: {len(classes)} classes, {len(lists['object'])} object and {len(lists['live'])} "
-                         f"live prompts; subject folders missing: {missing[:5]}")
+        raise ValueError(
+            f"{spec}: {len(classes)} classes, {len(lists['object'])} object and {len(lists['live'])} "
+            f"live prompts; subject folders missing: {missing[:5]}"
+        )
     return Bench(root, classes, lists["object"], lists["live"])
 
 
@@ -108,12 +110,14 @@ def fill(template: str, noun: str) -> str:
 def choose_pairs(bench: Bench, subjects: list[str], pairs: str | int, seed: int) -> list[tuple[str, str]]:
     """Subject pairs from a file of `a,b` lines, or `pairs` pairs drawn (seeded) among different classes."""
     if isinstance(pairs, str) and not pairs.isdigit():
-        out = [tuple(x.strip() for x in line.split(",")) for line in Path(pairs).read_text().splitlines() if line.strip()]
+        out = [
+            tuple(x.strip() for x in line.split(",")) for line in Path(pairs).read_text().splitlines() if line.strip()
+        ]
         bad = [p for p in out if len(p) != 2 or not set(p) <= set(bench.classes)]
         if bad:
             raise ValueError(f"{pairs}: lines must be `subject_a,subject_b` with known subjects; bad: {bad[:3]}")
         return out
-    every = [(a, b) for i, a in enumerate(subjects) for b in subjects[i + 1:] if bench.classes[a] != bench.classes[b]]
+    every = [(a, b) for i, a in enumerate(subjects) for b in subjects[i + 1 :] if bench.classes[a] != bench.classes[b]]
     return sorted(random.Random(seed).sample(every, min(int(pairs), len(every))))
 
 
@@ -137,8 +141,17 @@ def case_prompts(bench: Bench, case: tuple[str, ...], max_prompts: int | None) -
     return [fill(t, " and a ".join(nouns)) for t in templates]
 
 
-def run_case(pipe: Pipeline, scorer: Scorer, bench: Bench, case: tuple[str, ...], refs: dict, cfg: DreamBenchConfig,
-             sampling: SamplingConfig, out: Path, progress=None) -> list[dict]:
+def run_case(
+    pipe: Pipeline,
+    scorer: Scorer,
+    bench: Bench,
+    case: tuple[str, ...],
+    refs: dict,
+    cfg: DreamBenchConfig,
+    sampling: SamplingConfig,
+    out: Path,
+    progress=None,
+) -> list[dict]:
     """Generate and score every prompt of one case -> one row per generated image. progress: a tqdm bar advanced
     by one per generated image, or None."""
     name = "+".join(case)
@@ -152,8 +165,14 @@ def run_case(pipe: Pipeline, scorer: Scorer, bench: Bench, case: tuple[str, ...]
         files = save(gens, out / "images" / name, prefix=f"p{p:02d}-") if cfg.save_images else [None] * len(gens)
         per = [scorer.score([g.image for g in gens], [prompt] * len(gens), refs[s]) for s in case]
         for k, g in enumerate(gens):
-            row = {"subject": name, "classes": "+".join(bench.classes[s] for s in case), "prompt_index": p,
-                   "prompt": prompt, "seed": g.seed, "file": str(files[k].relative_to(out)) if files[k] else ""}
+            row = {
+                "subject": name,
+                "classes": "+".join(bench.classes[s] for s in case),
+                "prompt_index": p,
+                "prompt": prompt,
+                "seed": g.seed,
+                "file": str(files[k].relative_to(out)) if files[k] else "",
+            }
             for m in METRICS:
                 row[m] = float(np.mean([d[m][k] for d in per]))  # pairs: averaged over the two subjects
             rows.append(row)
@@ -173,24 +192,43 @@ def per_case(rows: list[dict], bench: Bench) -> list[dict]:
     for name in dict.fromkeys(r["subject"] for r in rows):
         mine = [r for r in rows if r["subject"] == name]
         live = all(bench.classes[s] in LIVE_CLASSES for s in name.split("+"))
-        out.append({"subject": name, "classes": mine[0]["classes"], "live": live, "images": len(mine),
-                    **{m: round(float(np.mean([r[m] for r in mine])), 4) for m in METRICS}})
+        out.append(
+            {
+                "subject": name,
+                "classes": mine[0]["classes"],
+                "live": live,
+                "images": len(mine),
+                **{m: round(float(np.mean([r[m] for r in mine])), 4) for m in METRICS},
+            }
+        )
     return out
 
 
-def protocol(pipe: Pipeline, scorer: Scorer, cfg: DreamBenchConfig, sampling: SamplingConfig, bench: Bench,
-             n_cases: int, sam: str | None) -> dict:
+def protocol(
+    pipe: Pipeline,
+    scorer: Scorer,
+    cfg: DreamBenchConfig,
+    sampling: SamplingConfig,
+    bench: Bench,
+    n_cases: int,
+    sam: str | None,
+) -> dict:
     m = scorer.cfg
     return {
-        "benchmark": f"DreamBench ({bench.root})", "mode": "subject pairs" if cfg.pairs is not None else "single subject",
-        "cases": n_cases, "prompts_per_case": cfg.max_prompts or 25, "images_per_prompt": cfg.images_per_prompt,
+        "benchmark": f"DreamBench ({bench.root})",
+        "mode": "subject pairs" if cfg.pairs is not None else "single subject",
+        "cases": n_cases,
+        "prompts_per_case": cfg.max_prompts or 25,
+        "images_per_prompt": cfg.images_per_prompt,
         "seeds": f"{cfg.seed}..{cfg.seed + cfg.images_per_prompt - 1} for every prompt",
-        "model": pipe.model_info, "sampling": {**asdict(sampling), "resolution": sampling.resolution or pipe.native},
+        "model": pipe.model_info,
+        "sampling": {**asdict(sampling), "resolution": sampling.resolution or pipe.native},
         "subject_input": f"image #{cfg.reference_image} of the sorted subject folder, "
-                         + (f"cut out by SAM ({sam}, salient object)" if sam else "whole image (no SAM)")
-                         + ", default layout",
+        + (f"cut out by SAM ({sam}, salient object)" if sam else "whole image (no SAM)")
+        + ", default layout",
         "dino": f"{m.dino_model} ({m.dino_weights or 'random init'}), CLS, mean pairwise cosine vs all real images",
-        "clip_i": f"open_clip {m.clip_model} ({m.clip_weights or 'random init'}), mean pairwise cosine vs all real images",
+        "clip_i": f"open_clip {m.clip_model} ({m.clip_weights or 'random init'}), "
+        "mean pairwise cosine vs all real images",
         "clip_t": f"open_clip {m.clip_model}, cosine of image and prompt (class noun, no unique token)",
     }
 
@@ -198,18 +236,36 @@ def protocol(pipe: Pipeline, scorer: Scorer, cfg: DreamBenchConfig, sampling: Sa
 def summary_markdown(cases_: list[dict], proto: dict) -> str:
     """The summary table (overall, objects, live subjects) and the protocol, as Markdown."""
     groups = {"all": cases_, "objects": [c for c in cases_ if not c["live"]], "live": [c for c in cases_ if c["live"]]}
-    lines = ["# DreamBench results", "", "| set | cases | images | DINO | CLIP-I | CLIP-T |", "|---|---|---|---|---|---|"]
+    lines = [
+        "# DreamBench results",
+        "",
+        "| set | cases | images | DINO | CLIP-I | CLIP-T |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, cs in groups.items():
         if cs:
             means = [np.mean([c[m] for c in cs]) for m in METRICS]  # mean over cases, as DreamBooth averages subjects
-            lines.append(f"| {name} | {len(cs)} | {sum(c['images'] for c in cs)} | " + " | ".join(f"{v:.4f}" for v in means) + " |")
-    lines += ["", "## Protocol", ""] + [f"- **{k}**: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in proto.items()]
+            lines.append(
+                f"| {name} | {len(cs)} | {sum(c['images'] for c in cs)} | "
+                + " | ".join(f"{v:.4f}" for v in means)
+                + " |"
+            )
+    lines += ["", "## Protocol", ""] + [
+        f"- **{k}**: {json.dumps(v) if isinstance(v, dict) else v}" for k, v in proto.items()
+    ]
     return "\n".join(lines) + "\n"
 
 
-def evaluate(pipe: Pipeline, scorer: Scorer, data_dir: str | Path, out_dir: str | Path,
-             cfg: DreamBenchConfig | None = None, sampling: SamplingConfig | None = None,
-             sam: str | None = None, progress: bool = False) -> dict:
+def evaluate(
+    pipe: Pipeline,
+    scorer: Scorer,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: DreamBenchConfig | None = None,
+    sampling: SamplingConfig | None = None,
+    sam: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Run DreamBench; write images/, images.csv (per image), per_subject.csv (per subject or pair), summary.md and
     summary.json under out_dir. Returns the summary (protocol, per-case rows, means). progress: a tqdm bar of
     the generated images (with the ETA) on stderr."""

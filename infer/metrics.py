@@ -19,10 +19,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from subjectdiff.model import builders
+from subjectdiff.catalogs.images import decode as decode_image
 from subjectdiff.catalogs.storage import cache_root
-from subjectdiff.weights import resolve
+from subjectdiff.model import builders
 from subjectdiff.presets import Presets
+from subjectdiff.weights import resolve
 
 
 @dataclass
@@ -50,18 +51,29 @@ def dreambooth() -> MetricsConfig:
 
 def tiny() -> MetricsConfig:
     """Random tiny models (CPU, offline): the model package's tiny open_clip config and a 2-block ViT."""
-    return MetricsConfig(clip_model="subjectdiff-tiny-vit", clip_weights=None, dino_model="vit_small_patch16_224",
-                         dino_weights=None, dino_kwargs=dict(embed_dim=32, depth=2, num_heads=2, img_size=32))
+    return MetricsConfig(
+        clip_model="subjectdiff-tiny-vit",
+        clip_weights=None,
+        dino_model="vit_small_patch16_224",
+        dino_weights=None,
+        dino_kwargs=dict(embed_dim=32, depth=2, num_heads=2, img_size=32),
+    )
 
 
 PRESETS = Presets("metrics", dreambooth, tiny)
 
 
 def to_pil(image) -> Image.Image:
-    """A path, PIL image or (H, W, 3) uint8 array -> RGB PIL image."""
+    """A path, PIL image or (H, W, 3) uint8 array -> RGB PIL image. A path decodes as datagen decodes its inputs
+    (catalogs.images.decode: upright, HEIC/AVIF, 16-bit, alpha over white)."""
     if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
-        image = Image.open(image)
+        image = decode_image(_read(image)).pixels
     return image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image)).convert("RGB")
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def dino_transform(image: Image.Image, size: int) -> torch.Tensor:
@@ -94,27 +106,36 @@ class Scorer:
         if cfg.clip_model not in open_clip.list_models():
             open_clip.add_model_config(builders.OPEN_CLIP_CONFIGS)  # the tiny test config lives with the model
         with builders.seeded(cfg.seed):
-            clip, _, self.clip_preprocess = builders.create_open_clip(cfg.clip_model, cfg.clip_weights,
-                                                                      transforms=True)
+            clip, _, self.clip_preprocess = builders.create_open_clip(cfg.clip_model, cfg.clip_weights, transforms=True)
             if cfg.dino_weights in (None, "timm"):  # timm's own weights into our cache, not the default one
-                dino = timm.create_model(cfg.dino_model, pretrained=cfg.dino_weights == "timm", num_classes=0,
-                                         cache_dir=str(cache_root() / "timm"), **cfg.dino_kwargs)
+                dino = timm.create_model(
+                    cfg.dino_model,
+                    pretrained=cfg.dino_weights == "timm",
+                    num_classes=0,
+                    cache_dir=str(cache_root() / "timm"),
+                    **cfg.dino_kwargs,
+                )
             else:  # a checkpoint spec: a path, URL, s3:// or hf:// file, #sha256= checked (subjectdiff.weights)
-                dino = timm.create_model(cfg.dino_model, pretrained=True, num_classes=0, **cfg.dino_kwargs,
-                                         pretrained_cfg_overlay={"file": str(resolve(cfg.dino_weights))})
+                dino = timm.create_model(
+                    cfg.dino_model,
+                    pretrained=True,
+                    num_classes=0,
+                    **cfg.dino_kwargs,
+                    pretrained_cfg_overlay={"file": str(resolve(cfg.dino_weights))},
+                )
         self.clip = clip.to(self.device).eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(cfg.clip_model)
         self.dino = dino.to(self.device).eval().requires_grad_(False)
         self.dino_size = int(self.dino.patch_embed.img_size[0])
 
     def _batched(self, items: list, fn) -> torch.Tensor:
-        out = [fn(items[i: i + self.cfg.batch_size]) for i in range(0, len(items), self.cfg.batch_size)]
+        out = [fn(items[i : i + self.cfg.batch_size]) for i in range(0, len(items), self.cfg.batch_size)]
         return torch.nn.functional.normalize(torch.cat(out).float(), dim=-1).cpu()
 
     @torch.no_grad()
     def clip_images(self, images: list) -> torch.Tensor:
         """K images -> (K, D) normalized CLIP image embeddings."""
-        prep = lambda ims: torch.stack([self.clip_preprocess(to_pil(i)) for i in ims]).to(self.device)  # noqa: E731
+        prep = lambda ims: torch.stack([self.clip_preprocess(to_pil(i)) for i in ims]).to(self.device)
         return self._batched(list(images), lambda ims: self.clip.encode_image(prep(ims)))
 
     @torch.no_grad()
@@ -125,7 +146,7 @@ class Scorer:
     @torch.no_grad()
     def dino_images(self, images: list) -> torch.Tensor:
         """K images -> (K, D) normalized DINO CLS embeddings."""
-        prep = lambda ims: torch.stack([dino_transform(to_pil(i), self.dino_size) for i in ims]).to(self.device)  # noqa: E731
+        prep = lambda ims: torch.stack([dino_transform(to_pil(i), self.dino_size) for i in ims]).to(self.device)
         return self._batched(list(images), lambda ims: self.dino(prep(ims)))
 
     def reference(self, real_images: list) -> dict[str, torch.Tensor]:

@@ -72,8 +72,13 @@ def resolve_model(path: str | os.PathLike, weights: str = "auto") -> tuple[Path,
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such model folder (an export, a trainer checkpoint or a run folder)")
     if not (p / "config.json").is_file():
-        steps = sorted((c for c in (p / "checkpoints").glob("step-*") if c.name[5:].isdigit()),
-                       key=lambda c: int(c.name[5:])) if (p / "checkpoints").is_dir() else []
+        steps = (
+            sorted(
+                (c for c in (p / "checkpoints").glob("step-*") if c.name[5:].isdigit()), key=lambda c: int(c.name[5:])
+            )
+            if (p / "checkpoints").is_dir()
+            else []
+        )
         if (p / "export" / "config.json").is_file() and weights != "raw":
             return p / "export", "export"
         if not steps:
@@ -97,8 +102,12 @@ def load_parts(path: str | os.PathLike, weights: str = "auto", **overrides: Any)
         if unknown:
             raise ValueError(f"{folder}/ema.safetensors: weights the model does not have: {sorted(unknown)[:5]}")
         parts.model.load_state_dict(ema, strict=False)
-    return parts, {"id": str(folder), "weights": which, "base": parts.config.base,
-                   "image_encoder": parts.config.image_encoder}
+    return parts, {
+        "id": str(folder),
+        "weights": which,
+        "base": parts.config.base,
+        "image_encoder": parts.config.image_encoder,
+    }
 
 
 @dataclass
@@ -120,8 +129,14 @@ class Condition:
 class Pipeline:
     """Subject-Diffusion sampling around built `Parts` (frozen parts and model in eval mode, no gradients)."""
 
-    def __init__(self, parts: Parts, model_info: dict[str, Any] | None = None, device: str | torch.device = "cpu",
-                 dtype: torch.dtype | None = None, sam=None):
+    def __init__(
+        self,
+        parts: Parts,
+        model_info: dict[str, Any] | None = None,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        sam=None,
+    ):
         self.device = torch.device(device)
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.parts = parts.to(self.device, frozen_dtype=self.dtype)
@@ -135,8 +150,9 @@ class Pipeline:
         self._null_text = None
 
     @classmethod
-    def load(cls, path: str | os.PathLike, weights: str = "auto", device: str = "cpu", dtype=None, sam=None,
-             **overrides: Any) -> "Pipeline":
+    def load(
+        cls, path: str | os.PathLike, weights: str = "auto", device: str = "cpu", dtype=None, sam=None, **overrides: Any
+    ) -> Pipeline:
         """From an export, a trainer checkpoint (raw or EMA weights) or a run folder (`resolve_model`)."""
         parts, info = load_parts(path, weights, **overrides)
         return cls(parts, info, device, dtype, sam)
@@ -166,8 +182,16 @@ class Pipeline:
         ids = torch.tensor([tokenize(sp.prompt)], device=self.device)
         text_full = self.model.encode_text(ids, ph.to(self.device), cls[None].to(self.dtype))
         text_plain = self.model.encode_text(torch.tensor([tokenize(prompt)], device=self.device))
-        return Condition(prompt, sp.prompt, prepared, boxes.to(self.device), (ph >= 0).to(self.device), text_full,
-                         text_plain, tokens[None].to(self.dtype))
+        return Condition(
+            prompt,
+            sp.prompt,
+            prepared,
+            boxes.to(self.device),
+            (ph >= 0).to(self.device),
+            text_full,
+            text_plain,
+            tokens[None].to(self.dtype),
+        )
 
     def null_text(self) -> torch.Tensor:
         """(1, L, D): the empty prompt, the text condition dropped in training."""
@@ -179,9 +203,18 @@ class Pipeline:
 
     def branches(self, c: Condition, b: int, h: int, w: int, order: str) -> dict[str, torch.Tensor]:
         """UNet inputs of the three branches [full, middle, unconditional], each repeated b times: (3b, ...)."""
-        rep = lambda x: x.expand(b, *x.shape[1:])  # noqa: E731
-        return three_branches(rep(c.text_full), rep(self.null_text()), rep(c.tokens), rep(c.boxes), rep(c.present),
-                              h, w, order, text_plain=rep(c.text_plain))
+        rep = lambda x: x.expand(b, *x.shape[1:])
+        return three_branches(
+            rep(c.text_full),
+            rep(self.null_text()),
+            rep(c.tokens),
+            rep(c.boxes),
+            rep(c.present),
+            h,
+            w,
+            order,
+            text_plain=rep(c.text_plain),
+        )
 
     # -- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -204,8 +237,15 @@ class Pipeline:
         arr = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in arr]
 
-    def generate(self, prompt: str, subjects: list[Subject] | None = None, num_images: int = 1,
-                 seed: int | list[int] = 0, sampling: SamplingConfig | None = None, progress=None) -> list[Generated]:
+    def generate(
+        self,
+        prompt: str,
+        subjects: list[Subject] | None = None,
+        num_images: int = 1,
+        seed: int | list[int] = 0,
+        sampling: SamplingConfig | None = None,
+        progress=None,
+    ) -> list[Generated]:
         """num_images images of `prompt` with `subjects`; seed: the first seed (images get seed, seed + 1, ...) or
         one seed per image. Batches of sampling.batch_size images. progress: a tqdm bar advanced once per
         denoising step of every batch (steps x batches in all), or None."""
@@ -216,14 +256,32 @@ class Pipeline:
         c = self.encode_prompt(prompt, list(subjects or []))
         images = []
         for i in range(0, num_images, s.batch_size):
-            images += self.sample(c, seeds[i: i + s.batch_size], s, progress)
+            images += self.sample(c, seeds[i : i + s.batch_size], s, progress)
         return [self.describe(c, im, sd, s) for im, sd in zip(images, seeds)]
 
     def describe(self, c: Condition, image: Image.Image, seed: int, s: SamplingConfig) -> Generated:
-        subjects = [{"source": p.subject.source(), "label": p.subject.label, "box": [round(v, 6) for v in c.boxes[0, j].tolist()],
-                     "box_given": p.subject.box is not None, "segmentation": p.method,
-                     "region": p.subject.region, "point": p.subject.point, "present": bool(c.present[0, j])}
-                    for j, p in enumerate(c.prepared)]
+        subjects = [
+            {
+                "source": p.subject.source(),
+                "label": p.subject.label,
+                "box": [round(v, 6) for v in c.boxes[0, j].tolist()],
+                "box_given": p.subject.box is not None,
+                "segmentation": p.method,
+                "region": p.subject.region,
+                "point": p.subject.point,
+                "present": bool(c.present[0, j]),
+            }
+            for j, p in enumerate(c.prepared)
+        ]
         sampling = {**asdict(s), "resolution": s.resolution or self.native, "dtype": str(self.dtype)}
-        return Generated(image, c.prompt, c.full_prompt, subjects, [d["box"] for d in subjects], int(seed),
-                         sampling, dict(self.model_info), [p.cutout for p in c.prepared])
+        return Generated(
+            image,
+            c.prompt,
+            c.full_prompt,
+            subjects,
+            [d["box"] for d in subjects],
+            int(seed),
+            sampling,
+            dict(self.model_info),
+            [p.cutout for p in c.prepared],
+        )

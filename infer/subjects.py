@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from subjectdiff.catalogs import images
 from subjectdiff.catalogs.boxes import xy_norm_to_xy_pixels, xyxy_norm_to_xyxy_pixels
 from subjectdiff.model.subject_image import fill_holes, fill_holes_pil, subject_image  # noqa: F401  (re-exported)
 from subjectdiff.sam import load_sam
@@ -29,9 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarray:
-    """A path, PIL image or array -> (H, W, 3) uint8 RGB."""
+    """A path, PIL image or array -> (H, W, 3) uint8 RGB. A path decodes as datagen decodes its inputs
+    (catalogs.images.decode: upright by its EXIF orientation, HEIC/AVIF, 16-bit, alpha over white)."""
     if isinstance(image, (str, os.PathLike)):
-        image = Image.open(image)
+        image = images.decode(Path(image).read_bytes()).pixels
     if isinstance(image, Image.Image):
         image = np.asarray(image.convert("RGB"))
     image = np.asarray(image)
@@ -96,7 +98,9 @@ class Subject:
             if b is not None:
                 b = tuple(float(v) for v in b)
                 if len(b) != 4 or not (0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1):
-                    raise ValueError(f"subject {name} {b} must be xyxy normalized: 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1")
+                    raise ValueError(
+                        f"subject {name} {b} must be xyxy normalized: 0 <= x0 < x1 <= 1, 0 <= y0 < y1 <= 1"
+                    )
                 setattr(self, name, b)
         if self.point is not None and not all(0 <= float(v) <= 1 for v in self.point):
             raise ValueError(f"subject point {self.point} must be xy normalized to [0, 1]")
@@ -164,8 +168,9 @@ class SubjectCutter:
             masks, _, _ = self.predictor.predict(box=box, multimask_output=False)
             return masks[0], "sam-box"
         point = subject.point if subject.point is not None else (0.5, 0.5)
-        masks, scores, _ = self.predictor.predict(point_coords=xy_norm_to_xy_pixels(point, w, h)[None],
-                                                  point_labels=np.array([1]), multimask_output=True)
+        masks, scores, _ = self.predictor.predict(
+            point_coords=xy_norm_to_xy_pixels(point, w, h)[None], point_labels=np.array([1]), multimask_output=True
+        )
         if subject.point is not None:
             return masks[int(np.argmax(scores))], "sam-point"
         return fill_holes(masks[main_entity(masks)]), "sam-salient"

@@ -26,15 +26,16 @@ class _Renamed(argparse.Action):
     notice per parse (a repeated `--shards A --shards B` prints one line)."""
 
     def __init__(self, option_strings, dest, new: argparse.Action, **kwargs):
-        super().__init__(option_strings, dest, nargs=new.nargs, type=new.type, metavar=new.metavar,
-                         help=argparse.SUPPRESS, **kwargs)
+        super().__init__(
+            option_strings, dest, nargs=new.nargs, type=new.type, metavar=new.metavar, help=argparse.SUPPRESS, **kwargs
+        )
         self.new = new
 
     def __call__(self, parser, namespace, values, option_string=None):
         warned = getattr(namespace, "_deprecated_warned", set())
         if option_string not in warned:
             deprecated(option_string, self.new.option_strings[0])
-            setattr(namespace, "_deprecated_warned", warned | {option_string})
+            namespace._deprecated_warned = warned | {option_string}
         if isinstance(self.new, argparse._AppendAction):
             values = [*(getattr(namespace, self.dest, None) or []), values]
         setattr(namespace, self.dest, values)
@@ -53,4 +54,3 @@ def required_out(p: argparse.ArgumentParser, old: str | None = None, **kwargs) -
     if old:
         renamed(group, old, out)
     return out
-

@@ -12,10 +12,11 @@ A field typed `dict[str, SomeDataclass]` (e.g. datagen's per-stage pools) takes 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import types
 import typing
 from typing import Any
+
+import tomllib
 
 __all__ = ["apply", "parse_override", "merge_dicts"]
 

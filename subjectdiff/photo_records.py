@@ -21,28 +21,43 @@ from subjectdiff.catalogs.writer import ShardWriter
 
 # photo name -> (caption, [(phrase, label, box xyxy normalized)]); phrases occur once in the caption.
 PHOTOS = {
-    "astronaut": ("an astronaut holding a helmet beside a flag", [
-        ("astronaut", "astronaut", [0.10, 0.05, 0.90, 1.00]),
-        ("helmet", "helmet", [0.55, 0.60, 0.95, 0.98]),
-        ("flag", "flag", [0.00, 0.00, 0.35, 0.45]),
-    ]),
-    "chelsea": ("a tabby cat with whiskers on a rug", [
-        ("cat", "cat", [0.05, 0.00, 0.95, 1.00]),
-        ("whiskers", "whisker", [0.30, 0.45, 0.75, 0.80]),
-    ]),
-    "coffee": ("a cup of espresso on a saucer with a spoon", [
-        ("cup", "cup", [0.20, 0.10, 0.80, 0.75]),
-        ("saucer", "saucer", [0.05, 0.40, 0.95, 0.98]),
-        ("spoon", "spoon", [0.55, 0.55, 0.98, 0.90]),
-    ]),
-    "rocket": ("a rocket on a launchpad under the sky", [
-        ("rocket", "rocket", [0.35, 0.05, 0.65, 0.90]),
-        ("launchpad", "launchpad", [0.10, 0.60, 0.90, 1.00]),
-    ]),
-    "hubble_deep_field": ("galaxies and a hippopotamus shaped nebula", [
-        ("galaxies", "galaxy", [0.00, 0.00, 1.00, 1.00]),
-        ("hippopotamus", "hippopotamus", [0.25, 0.25, 0.70, 0.65]),
-    ]),
+    "astronaut": (
+        "an astronaut holding a helmet beside a flag",
+        [
+            ("astronaut", "astronaut", [0.10, 0.05, 0.90, 1.00]),
+            ("helmet", "helmet", [0.55, 0.60, 0.95, 0.98]),
+            ("flag", "flag", [0.00, 0.00, 0.35, 0.45]),
+        ],
+    ),
+    "chelsea": (
+        "a tabby cat with whiskers on a rug",
+        [
+            ("cat", "cat", [0.05, 0.00, 0.95, 1.00]),
+            ("whiskers", "whisker", [0.30, 0.45, 0.75, 0.80]),
+        ],
+    ),
+    "coffee": (
+        "a cup of espresso on a saucer with a spoon",
+        [
+            ("cup", "cup", [0.20, 0.10, 0.80, 0.75]),
+            ("saucer", "saucer", [0.05, 0.40, 0.95, 0.98]),
+            ("spoon", "spoon", [0.55, 0.55, 0.98, 0.90]),
+        ],
+    ),
+    "rocket": (
+        "a rocket on a launchpad under the sky",
+        [
+            ("rocket", "rocket", [0.35, 0.05, 0.65, 0.90]),
+            ("launchpad", "launchpad", [0.10, 0.60, 0.90, 1.00]),
+        ],
+    ),
+    "hubble_deep_field": (
+        "galaxies and a hippopotamus shaped nebula",
+        [
+            ("galaxies", "galaxy", [0.00, 0.00, 1.00, 1.00]),
+            ("hippopotamus", "hippopotamus", [0.25, 0.25, 0.70, 0.65]),
+        ],
+    ),
 }
 
 
@@ -78,19 +93,36 @@ def photo_record(name: str, *, source: str | None = None, fmt: str = "JPEG") -> 
         span = [start, start + len(phrase)]
         m = ellipse_mask(h, w, box)
         masks.append(m)
-        objects.append(object_from_arrays(
-            label=label, phrase=phrase, span=span, tokens=clip_token_positions(caption, span),
-            box=box, score=0.9 - 0.1 * i, mask=m, mask_score=0.95 - 0.05 * i,
-        ))
+        objects.append(
+            object_from_arrays(
+                label=label,
+                phrase=phrase,
+                span=span,
+                tokens=clip_token_positions(caption, span),
+                box=box,
+                score=0.9 - 0.1 * i,
+                mask=m,
+                mask_score=0.95 - 0.05 * i,
+            )
+        )
     source = source or f"skimage://{name}"
     ext = {"JPEG": "jpg", "PNG": "png"}[fmt]
-    rec = Record(key=make_key(source), image=encode(img, fmt), image_ext=ext, caption=caption,
-                 width=w, height=h, source=source, objects=objects)
+    rec = Record(
+        key=make_key(source),
+        image=encode(img, fmt),
+        image_ext=ext,
+        caption=caption,
+        width=w,
+        height=h,
+        source=source,
+        objects=objects,
+    )
     return rec, masks
 
 
-def write_photo_shards(out_dir: str | os.PathLike, n_shards: int = 2, per_shard: int = 5,
-                       failures_per_shard: int = 1) -> list[str]:
+def write_photo_shards(
+    out_dir: str | os.PathLike, n_shards: int = 2, per_shard: int = 5, failures_per_shard: int = 1
+) -> list[str]:
     """Write n_shards shards of per_shard records cycling over PHOTOS (distinct sources, hence keys),
     plus failures_per_shard failed samples each. Returns the keys of the ok records."""
     names = list(PHOTOS)
@@ -105,8 +137,14 @@ def write_photo_shards(out_dir: str | os.PathLike, n_shards: int = 2, per_shard:
                     cache[name] = photo_record(name)[0]
                 base = cache[name]
                 source = f"skimage://{name}/{n}"
-                rec = Record(**{**base.__dict__, "key": make_key(source), "source": source,
-                                "objects": [type(o)(**o.__dict__) for o in base.objects]})
+                rec = Record(
+                    **{
+                        **base.__dict__,
+                        "key": make_key(source),
+                        "source": source,
+                        "objects": [type(o)(**o.__dict__) for o in base.objects],
+                    }
+                )
                 w.write(rec)
                 keys.append(rec.key)
             for j in range(failures_per_shard):

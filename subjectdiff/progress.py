@@ -25,8 +25,19 @@ class Progress:
     UNIT. `items` is a second count that moves with the units (the trainer's samples per step), shown on the bar
     as a rate of ITEM_UNIT."""
 
-    def __init__(self, total: int, every: float | None = 5.0, stream=None, *, done: int = 0, bar: bool = False,
-                 unit: str = "samples", rate_unit: str = "img/s", item_unit: str = "samples", label: str = "datagen"):
+    def __init__(
+        self,
+        total: int,
+        every: float | None = 5.0,
+        stream=None,
+        *,
+        done: int = 0,
+        bar: bool = False,
+        unit: str = "samples",
+        rate_unit: str = "img/s",
+        item_unit: str = "samples",
+        label: str = "datagen",
+    ):
         self.total, self.every, self.stream, self.first = total, every, stream, done
         self.unit, self.rate_unit, self.item_unit, self.label = unit, rate_unit, item_unit, label
         self.ok, self.failed, self.items = done, 0, 0
@@ -62,8 +73,7 @@ class Progress:
         rate = self.rate()
         return (self.total - self.done) / rate if rate > 0 else math.inf
 
-    def update(self, ok: int, failed: int = 0, force: bool = False, shard: str | None = None,
-               items: int = 0) -> None:
+    def update(self, ok: int, failed: int = 0, force: bool = False, shard: str | None = None, items: int = 0) -> None:
         """OK and FAILED units more (of SHARD's current attempt, when given) and ITEMS more; then the line (every
         EVERY seconds, or now with FORCE) and the bar (with the item rate after it)."""
         before = self.done
@@ -108,9 +118,12 @@ class Progress:
             return
         self.shown, self.last = self.done, now
         eta = self.eta()
-        print(f"[{self.label}] {self.done}/{self.total} {self.unit} ({self.ok} ok, {self.failed} failed) "
-              f"{self.rate():.3g} {self.rate_unit}, ETA {clock(eta) if eta != math.inf else '?'}",
-              file=self.stream or sys.stderr, flush=True)
+        print(
+            f"[{self.label}] {self.done}/{self.total} {self.unit} ({self.ok} ok, {self.failed} failed) "
+            f"{self.rate():.3g} {self.rate_unit}, ETA {clock(eta) if eta != math.inf else '?'}",
+            file=self.stream or sys.stderr,
+            flush=True,
+        )
 
 
 def clock(seconds: float) -> str:

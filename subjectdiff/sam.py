@@ -31,8 +31,10 @@ def build_sam(encoder: dict):
     from segment_anything.build_sam import _build_sam
 
     return _build_sam(
-        encoder_embed_dim=encoder["embed_dim"], encoder_depth=encoder["depth"],
-        encoder_num_heads=encoder["num_heads"], encoder_global_attn_indexes=list(encoder["global_attn_indexes"]),
+        encoder_embed_dim=encoder["embed_dim"],
+        encoder_depth=encoder["depth"],
+        encoder_num_heads=encoder["num_heads"],
+        encoder_global_attn_indexes=list(encoder["global_attn_indexes"]),
         checkpoint=None,
     )
 
@@ -60,8 +62,10 @@ def load_sam(checkpoint: str | os.PathLike, model_type: str = "auto"):
     state = torch.load(resolve(os.fspath(checkpoint)), map_location="cpu", weights_only=True)
     found = arch_from_state_dict(state)
     if model_type != "auto" and SAM_ARCHS[model_type] != found:
-        raise ValueError(f"{checkpoint} holds a SAM image encoder {found}, not {model_type}; set the SAM "
-                         "model_type to match the checkpoint (or 'auto')")
+        raise ValueError(
+            f"{checkpoint} holds a SAM image encoder {found}, not {model_type}; set the SAM "
+            "model_type to match the checkpoint (or 'auto')"
+        )
     sam = build_sam(found)
     sam.load_state_dict(state)
     return sam.eval().requires_grad_(False)

@@ -65,18 +65,26 @@ PUBLISHED_HASHES: dict[str, tuple[str, str]] = {
     # SHA-256 from the pooch registry that micro-sam verifies these exact URLs with:
     # github.com/computational-cell-analytics/micro-sam, micro_sam/util.py (commit 00006fc6a86d, `MODELS`);
     # the ViT-H one also in github.com/mlfpm/deepof, docker/download_models.py.
-    "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth":
-        ("sha256", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e"),
-    "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth":
-        ("sha256", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622"),
-    "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth":
-        ("sha256", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912"),
+    "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth": (
+        "sha256",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+    ),
+    "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth": (
+        "sha256",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+    ),
+    "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth": (
+        "sha256",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+    ),
     # GroundingDINO SwinT-OGC, the v0.1.0-alpha release asset: github.com/ghostcipher1/GroundedDINO-VL,
     # groundeddino_vl/weights_manager.py (`KNOWN_CHECKSUMS`, for the same file's Hugging Face copy
     # ShilongLiu/GroundingDINO); public Dockerfiles and set-up scripts check the GitHub release download
     # against the same digest with `sha256sum -c`.
-    "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha/groundingdino_swint_ogc.pth":
-        ("sha256", "3b3ca2563c77c69f651d7bd133e97139c186df06231157a64c507099c52bc799"),
+    "https://github.com/IDEA-Research/GroundingDINO/releases/download/v0.1.0-alpha/groundingdino_swint_ogc.pth": (
+        "sha256",
+        "3b3ca2563c77c69f651d7bd133e97139c186df06231157a64c507099c52bc799",
+    ),
 }
 
 _DIGEST_FRAGMENT = re.compile(r"#(sha256|md5)=([^#]*)$")
@@ -95,7 +103,9 @@ def cache_dir() -> Path:
 
 def is_hub_id(spec: str) -> bool:
     """'Salesforce/blip-image-captioning-large'-like: one slash, no scheme, not an existing path."""
-    return "://" not in spec and spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
+    return (
+        "://" not in spec and spec.count("/") == 1 and not spec.startswith((".", "/", "~")) and not Path(spec).exists()
+    )
 
 
 def split_digest(spec: str) -> tuple[str, tuple[str, str] | None]:
@@ -106,7 +116,7 @@ def split_digest(spec: str) -> tuple[str, tuple[str, str] | None]:
     algo, digest = m.group(1), m.group(2).lower()
     if len(digest) != DIGEST_LENGTHS[algo] or not re.fullmatch(r"[0-9a-f]+", digest):
         raise WeightsError(f"{spec!r}: #{algo}= takes {DIGEST_LENGTHS[algo]} hex digits, got {m.group(2)!r}")
-    return spec[:m.start()], (algo, digest)
+    return spec[: m.start()], (algo, digest)
 
 
 def expected_digests(spec: str) -> tuple[str, list[tuple[str, str, str]]]:
@@ -125,9 +135,9 @@ def resolve(spec: str, *, download: bool = True) -> Path:
     the expected digests (module docstring). WeightsError, with a one-line reason, when that fails."""
     base, expected = expected_digests(spec)
     if base.startswith("pkg://"):
-        path = _package_file(base[len("pkg://"):])
+        path = _package_file(base[len("pkg://") :])
     elif base.startswith("hf://"):
-        path = _hf_file(base[len("hf://"):], download)
+        path = _hf_file(base[len("hf://") :], download)
     elif "://" in base:
         return _remote_file(base, expected, download)
     else:
@@ -160,8 +170,9 @@ def hub_snapshot(repo: str, *, download: bool, allow_patterns: tuple[str, ...] |
             return Path(snapshot_download(repo, **kw))
         except Exception as e:
             error = e
-    raise WeightsError(f"{repo!r} is not in the cache ({cache_dir() / 'hf'}) ({type(error).__name__}: {error})") \
-        from error
+    raise WeightsError(
+        f"{repo!r} is not in the cache ({cache_dir() / 'hf'}) ({type(error).__name__}: {error})"
+    ) from error
 
 
 # A diffusers pipeline's configs, tokenizer and safetensors weights (not the .bin, fp16, ONNX and Flax copies hub repos
@@ -221,8 +232,7 @@ def _hf_file(rest: str, download: bool) -> Path:
     try:
         return Path(hf_hub_download(repo, filename, cache_dir=cache_dir() / "hf", local_files_only=not download))
     except Exception as e:  # the hub's own errors vary by version; say what to do
-        raise WeightsError(f"hf://{rest}: could not fetch ({_one_line(e)}); download it and pass the local path") \
-            from e
+        raise WeightsError(f"hf://{rest}: could not fetch ({_one_line(e)}); download it and pass the local path") from e
 
 
 # ----------------------------------------------------------------------------------- downloads into the cache
@@ -255,8 +265,10 @@ def _usable(target: Path, url: str, expected: list[tuple[str, str, str]], downlo
     if problem is None:
         return True
     if intact:
-        raise WeightsError(f"{problem}; that is the file {url} served when it was cached: correct the digest, or "
-                           f"delete {target} if the file at that URL has changed")
+        raise WeightsError(
+            f"{problem}; that is the file {url} served when it was cached: correct the digest, or "
+            f"delete {target} if the file at that URL has changed"
+        )
     if not download:
         raise WeightsError(f"{problem}; it changed on disk after its download")
     print(f"subjectdiff: {problem}; it changed on disk after its download, downloading it again", file=sys.stderr)
@@ -277,8 +289,10 @@ def _download(url: str, target: Path, expected: list[tuple[str, str, str]]) -> P
     except Exception as e:
         got = part.stat().st_size if part.exists() else 0
         of = f"{size}" if size is not None else "an unknown number of"
-        raise WeightsError(f"download of {url} stopped at {got} of {of} bytes ({_reason(e)}); they are kept in "
-                           f"{part}: run the same command again to resume") from e
+        raise WeightsError(
+            f"download of {url} stopped at {got} of {of} bytes ({_reason(e)}); they are kept in "
+            f"{part}: run the same command again to resume"
+        ) from e
     digests = _file_digests(part, {algo for algo, _, _ in expected} | {"sha256"})
     problem = _mismatch(url, digests, expected)
     if problem:
@@ -390,8 +404,17 @@ def _progress(desc: str, total: int | None, initial: int):
 
     tty = sys.stderr.isatty()
     # Off a terminal (Ray set-up logs, CI) every refresh is a line of log: refresh every 10 s there.
-    return tqdm(desc=desc, total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024,
-                file=sys.stderr, mininterval=0.5 if tty else 10.0, dynamic_ncols=tty)
+    return tqdm(
+        desc=desc,
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        mininterval=0.5 if tty else 10.0,
+        dynamic_ncols=tty,
+    )
 
 
 @contextlib.contextmanager

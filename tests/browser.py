@@ -12,21 +12,42 @@ from pathlib import Path
 
 import pytest
 
-CHROMIUM = next((shutil.which(b) for b in (os.environ.get("CHROMIUM", ""), "chromium", "chromium-browser",
-                                           "google-chrome") if b and shutil.which(b)), None)
-needs_chromium = pytest.mark.skipif(CHROMIUM is None,
-                                    reason="headless Chromium not installed (Debian: apt-get install chromium)")
+CHROMIUM = next(
+    (
+        shutil.which(b)
+        for b in (os.environ.get("CHROMIUM", ""), "chromium", "chromium-browser", "google-chrome")
+        if b and shutil.which(b)
+    ),
+    None,
+)
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)"
+)
 # Headless, no network or background services (they hang on refused connections here), no sandbox
 # (tests may run as root), and logging to stderr so the page's console messages can be checked.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars", "--enable-logging=stderr", "--v=0"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--enable-logging=stderr",
+    "--v=0",
+]
 
 
 def chromium(page: Path, profile: Path, *extra: str) -> subprocess.CompletedProcess:
     """Open PAGE (a file) with a fresh profile folder and EXTRA flags (--dump-dom, --screenshot=...)."""
-    return subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *extra, page.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def page_errors(stderr: str) -> list[str]:
@@ -39,10 +60,13 @@ def probe(html_text: str, script: str, work: Path) -> dict:
     a copy of the page written under WORK: the page's CSP is widened for that one nonce only, so the page
     itself is checked as shipped."""
     copy = work / "probe.html"
-    copy.write_text(html_text.replace("default-src 'none';", "default-src 'none'; script-src 'nonce-probe';")
-                    .replace("</body>", script + "</body>"), encoding="utf-8")
-    run = chromium(copy, work / "profile-probe", "--window-size=1280,800", "--virtual-time-budget=10000",
-                   "--dump-dom")
+    copy.write_text(
+        html_text.replace("default-src 'none';", "default-src 'none'; script-src 'nonce-probe';").replace(
+            "</body>", script + "</body>"
+        ),
+        encoding="utf-8",
+    )
+    run = chromium(copy, work / "profile-probe", "--window-size=1280,800", "--virtual-time-budget=10000", "--dump-dom")
     assert run.returncode == 0, run.stderr[-2000:]
     found = re.search(r'<pre id="probe">(.*?)</pre>', run.stdout)
     assert found, "the page did not finish loading:\n" + run.stdout[-2000:]

@@ -90,8 +90,9 @@ class FaultProxy:
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
-    def fail(self, fault: str | tuple[str, ...], method: str | None = None, path: str | None = None,
-             times: int | None = None) -> Rule:
+    def fail(
+        self, fault: str | tuple[str, ...], method: str | None = None, path: str | None = None, times: int | None = None
+    ) -> Rule:
         """Inject FAULT (or each of several in turn) into the requests with METHOD whose path (with its query)
         matches the regex PATH: the first TIMES of them, or all when TIMES is None. Rules are tried in the
         order they were added."""
@@ -207,10 +208,14 @@ def _read_body(f, headers: list[str]) -> bytes:
 
 def _error_response(status: int, phrase: str, code: str, message: str, head_only: bool = False) -> bytes:
     """An S3 error response; to a HEAD request without its body, as S3 answers (a body there breaks clients)."""
-    body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
-            f"<RequestId>FAULT</RequestId></Error>").encode()
-    head = (f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n").encode()
+    body = (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>{code}</Code><Message>{message}</Message>'
+        f"<RequestId>FAULT</RequestId></Error>"
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
     return head if head_only else head + body
 
 
@@ -250,8 +255,9 @@ class MotoRecorder:
         self.endpoint = endpoint
 
     def _call(self, action: str) -> bytes:
-        req = urllib.request.Request(f"{self.endpoint}/moto-api/recorder/{action}",
-                                     method="GET" if action.startswith("download") else "POST")
+        req = urllib.request.Request(
+            f"{self.endpoint}/moto-api/recorder/{action}", method="GET" if action.startswith("download") else "POST"
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.read()
 

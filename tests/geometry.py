@@ -29,9 +29,18 @@ from subjectdiff.photo_records import ellipse_mask, photo
 
 MASK_KINDS = ("ellipse", "rect", "partial", "spill", "outside", "empty", "blob")
 # (label, the caption's words for it): plurals, compounds and multi-word labels as the nouns stage writes them
-NOUNS = [("person", "people"), ("person", "person"), ("knife", "knives"), ("dog", "dogs"), ("dog", "dog"),
-         ("teddy bear", "teddy bear"), ("cup", "coffee cup"), ("cat", "cat"), ("table", "table")]
-FILLER = ("a long caption that keeps going with many plain words about the scene and its light and colours " * 4)
+NOUNS = [
+    ("person", "people"),
+    ("person", "person"),
+    ("knife", "knives"),
+    ("dog", "dogs"),
+    ("dog", "dog"),
+    ("teddy bear", "teddy bear"),
+    ("cup", "coffee cup"),
+    ("cat", "cat"),
+    ("table", "table"),
+]
+FILLER = "a long caption that keeps going with many plain words about the scene and its light and colours " * 4
 
 
 @dataclass
@@ -58,11 +67,11 @@ def make_mask(kind: str, box, h: int, w: int, rng: np.random.Generator) -> np.nd
     if kind in ("ellipse", "spill"):
         m = ellipse_mask(h, w, list(box)) if x1 > x0 and y1 > y0 else m
         if kind == "spill":
-            m[min(y1, h - 1):, :] = True  # the rows below the box (the last row when the box reaches the bottom)
+            m[min(y1, h - 1) :, :] = True  # the rows below the box (the last row when the box reaches the bottom)
     elif kind == "rect":
         m[y0:y1, x0:x1] = True
     elif kind == "partial":
-        m[y0: y0 + max((y1 - y0) // 3, 1), x0:x1] = True
+        m[y0 : y0 + max((y1 - y0) // 3, 1), x0:x1] = True
     elif kind == "outside":  # a band beside the box, on a side where there is room
         for band in (np.s_[:, :x0], np.s_[:y0, :], np.s_[:, x1:], np.s_[y1:, :]):
             if m[band].size:
@@ -82,14 +91,31 @@ def make_record(name: str, image: np.ndarray, caption: str, objects: list[Obj], 
     for o in objects:
         start = re.search(rf"(?<![A-Za-z]){re.escape(o.phrase)}(?![A-Za-z])", caption).start()  # a whole word
         span = [start, start + len(o.phrase)]
-        anns.append(object_from_arrays(label=o.label, phrase=o.phrase, span=span,
-                                       tokens=clip_token_positions(caption, span), box=list(o.box), score=o.score,
-                                       mask=make_mask(o.mask, o.box, h, w, rng), mask_score=0.9))
+        anns.append(
+            object_from_arrays(
+                label=o.label,
+                phrase=o.phrase,
+                span=span,
+                tokens=clip_token_positions(caption, span),
+                box=list(o.box),
+                score=o.score,
+                mask=make_mask(o.mask, o.box, h, w, rng),
+                mask_score=0.9,
+            )
+        )
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, "PNG")
     source = f"geometry://{name}"
-    return Record(key=make_key(source), image=buf.getvalue(), image_ext="png", caption=caption, width=w,
-                  height=h, source=source, objects=anns)
+    return Record(
+        key=make_key(source),
+        image=buf.getvalue(),
+        image_ext="png",
+        caption=caption,
+        width=w,
+        height=h,
+        source=source,
+        objects=anns,
+    )
 
 
 def decoded(record: Record) -> DecodedRecord:
@@ -113,52 +139,84 @@ def geometry_cases() -> dict[str, Record]:
     white[: int(0.6 * 96)] = 255  # 60 % near-white
     crowd = "three people and two dogs near a teddy bear with knives on a table"
     cases = {
-        "crowd": (sized("chelsea", 160, 100), crowd, [
-            Obj("table", "table", (0.0, 0.0, 1.0, 1.0), "rect", 0.4),  # first: the others are painted over it
-            Obj("person", "people", (0.02, 0.10, 0.30, 0.60), score=0.9),
-            Obj("person", "people", (0.35, 0.12, 0.62, 0.62), score=0.85),
-            Obj("person", "people", (0.66, 0.08, 0.95, 0.58), "rect", 0.7),
-            Obj("dog", "dogs", (0.05, 0.62, 0.40, 0.98), score=0.8),
-            Obj("dog", "dogs", (0.45, 0.65, 0.80, 0.99), "partial", 0.6),
-            Obj("teddy bear", "teddy bear", (0.82, 0.60, 0.99, 0.95), score=0.95),
-            Obj("knife", "knives", (0.50, 0.50, 0.52, 0.53), score=0.5),  # 3 x 3 px
-            Obj("knife", "knives", (0.70, 0.70, 0.71, 0.72), "rect", 0.45),  # 2 x 2 px
-        ]),
-        "borders": (sized("coffee", 150, 100), "a cup on a saucer beside a spoon on a table", [
-            Obj("cup", "cup", (0.0, 0.2, 0.3, 0.7), score=0.9),
-            Obj("saucer", "saucer", (0.3, 0.0, 0.7, 0.4), score=0.8),
-            Obj("spoon", "spoon", (0.75, 0.3, 1.0, 0.8), score=0.7),
-            Obj("table", "table", (0.1, 0.6, 0.9, 1.0), score=0.6),
-            Obj("table", "table", (0.02, 0.1, 0.98, 0.9), "rect", 0.5),  # 144 px wide: more than the short side
-        ]),
-        "apart": (sized("rocket", 200, 90), "a rocket and a cat far apart", [
-            Obj("rocket", "rocket", (0.02, 0.1, 0.32, 0.9), score=0.9),
-            Obj("cat", "cat", (0.68, 0.15, 0.98, 0.95), score=0.85),
-        ]),
-        "portrait": (sized("astronaut", 90, 180, transpose=True), "a dog above a cat", [
-            Obj("dog", "dog", (0.1, 0.02, 0.9, 0.35), score=0.9),
-            Obj("cat", "cat", (0.1, 0.62, 0.9, 0.98), score=0.8),
-        ]),
+        "crowd": (
+            sized("chelsea", 160, 100),
+            crowd,
+            [
+                Obj("table", "table", (0.0, 0.0, 1.0, 1.0), "rect", 0.4),  # first: the others are painted over it
+                Obj("person", "people", (0.02, 0.10, 0.30, 0.60), score=0.9),
+                Obj("person", "people", (0.35, 0.12, 0.62, 0.62), score=0.85),
+                Obj("person", "people", (0.66, 0.08, 0.95, 0.58), "rect", 0.7),
+                Obj("dog", "dogs", (0.05, 0.62, 0.40, 0.98), score=0.8),
+                Obj("dog", "dogs", (0.45, 0.65, 0.80, 0.99), "partial", 0.6),
+                Obj("teddy bear", "teddy bear", (0.82, 0.60, 0.99, 0.95), score=0.95),
+                Obj("knife", "knives", (0.50, 0.50, 0.52, 0.53), score=0.5),  # 3 x 3 px
+                Obj("knife", "knives", (0.70, 0.70, 0.71, 0.72), "rect", 0.45),  # 2 x 2 px
+            ],
+        ),
+        "borders": (
+            sized("coffee", 150, 100),
+            "a cup on a saucer beside a spoon on a table",
+            [
+                Obj("cup", "cup", (0.0, 0.2, 0.3, 0.7), score=0.9),
+                Obj("saucer", "saucer", (0.3, 0.0, 0.7, 0.4), score=0.8),
+                Obj("spoon", "spoon", (0.75, 0.3, 1.0, 0.8), score=0.7),
+                Obj("table", "table", (0.1, 0.6, 0.9, 1.0), score=0.6),
+                Obj("table", "table", (0.02, 0.1, 0.98, 0.9), "rect", 0.5),  # 144 px wide: more than the short side
+            ],
+        ),
+        "apart": (
+            sized("rocket", 200, 90),
+            "a rocket and a cat far apart",
+            [
+                Obj("rocket", "rocket", (0.02, 0.1, 0.32, 0.9), score=0.9),
+                Obj("cat", "cat", (0.68, 0.15, 0.98, 0.95), score=0.85),
+            ],
+        ),
+        "portrait": (
+            sized("astronaut", 90, 180, transpose=True),
+            "a dog above a cat",
+            [
+                Obj("dog", "dog", (0.1, 0.02, 0.9, 0.35), score=0.9),
+                Obj("cat", "cat", (0.1, 0.62, 0.9, 0.98), score=0.8),
+            ],
+        ),
         "empty": (sized("camera", 120, 120), "a grey photo of nothing in particular", []),
-        "white": (white, "a person and a dog on white", [
-            Obj("person", "person", (0.1, 0.2, 0.5, 0.9), score=0.9),
-            Obj("dog", "dog", (0.55, 0.3, 0.95, 0.9), score=0.8),
-        ]),
-        "loose": (sized("hubble_deep_field", 140, 100), "a cat a dog a cup a table and a person", [
-            Obj("cat", "cat", (0.05, 0.1, 0.4, 0.6), "partial", 0.9),
-            Obj("dog", "dog", (0.45, 0.1, 0.9, 0.6), "spill", 0.85),
-            Obj("cup", "cup", (0.3, 0.3, 0.6, 0.8), "outside", 0.8),
-            Obj("table", "table", (0.1, 0.5, 0.5, 0.95), "empty", 0.75),
-            Obj("person", "person", (0.55, 0.5, 0.95, 0.95), "blob", 0.7),
-        ]),
-        "long_caption": (sized("coffee", 120, 90), "a cup on a table " + FILLER, [
-            Obj("cup", "cup", (0.2, 0.2, 0.6, 0.7), score=0.9),
-        ]),
+        "white": (
+            white,
+            "a person and a dog on white",
+            [
+                Obj("person", "person", (0.1, 0.2, 0.5, 0.9), score=0.9),
+                Obj("dog", "dog", (0.55, 0.3, 0.95, 0.9), score=0.8),
+            ],
+        ),
+        "loose": (
+            sized("hubble_deep_field", 140, 100),
+            "a cat a dog a cup a table and a person",
+            [
+                Obj("cat", "cat", (0.05, 0.1, 0.4, 0.6), "partial", 0.9),
+                Obj("dog", "dog", (0.45, 0.1, 0.9, 0.6), "spill", 0.85),
+                Obj("cup", "cup", (0.3, 0.3, 0.6, 0.8), "outside", 0.8),
+                Obj("table", "table", (0.1, 0.5, 0.5, 0.95), "empty", 0.75),
+                Obj("person", "person", (0.55, 0.5, 0.95, 0.95), "blob", 0.7),
+            ],
+        ),
+        "long_caption": (
+            sized("coffee", 120, 90),
+            "a cup on a table " + FILLER,
+            [
+                Obj("cup", "cup", (0.2, 0.2, 0.6, 0.7), score=0.9),
+            ],
+        ),
         "tiny_image": (sized("chelsea", 20, 12), "a cat", [Obj("cat", "cat", (0.1, 0.1, 0.9, 0.9), score=0.9)]),
-        "zero_width": (sized("rocket", 100, 80), "a rocket and a table", [
-            Obj("rocket", "rocket", (0.5, 0.2, 0.5, 0.8), "empty", 0.9),
-            Obj("table", "table", (0.1, 0.3, 0.5, 0.9), score=0.8),
-        ]),
+        "zero_width": (
+            sized("rocket", 100, 80),
+            "a rocket and a table",
+            [
+                Obj("rocket", "rocket", (0.5, 0.2, 0.5, 0.8), "empty", 0.9),
+                Obj("table", "table", (0.1, 0.3, 0.5, 0.9), score=0.8),
+            ],
+        ),
     }
     return {name: make_record(name, *case, seed=i) for i, (name, case) in enumerate(cases.items())}
 
@@ -189,8 +247,9 @@ def records(draw, max_side: int = 96, max_objects: int = 6) -> Record:
     objects = []
     for label, phrase in nouns:
         xs, ys = sorted((draw(edge), draw(edge))), sorted((draw(edge), draw(edge)))
-        objects.append(Obj(label, phrase, (xs[0], ys[0], xs[1], ys[1]), draw(st.sampled_from(MASK_KINDS)),
-                           draw(st.floats(0, 1))))
+        objects.append(
+            Obj(label, phrase, (xs[0], ys[0], xs[1], ys[1]), draw(st.sampled_from(MASK_KINDS)), draw(st.floats(0, 1)))
+        )
     caption = "a photo of " + " and ".join(p for _, p in nouns) if nouns else "a photo"
     if draw(st.booleans()):
         caption += " " + FILLER

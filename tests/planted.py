@@ -48,8 +48,9 @@ def planted() -> dict[str, bytes]:
     rocket = Image.open(io.BytesIO(photo_bytes("rocket"))).convert("RGB")
     chelsea = Image.open(io.BytesIO(photo_bytes("chelsea"))).convert("RGB")
     out["copy/astronaut-exact.jpg"] = photo_bytes("astronaut")
-    out["copy/rocket-resized.jpg"] = jpeg(rocket.resize((rocket.width * 2 // 3, rocket.height * 2 // 3),
-                                                        Image.LANCZOS), quality=75)
+    out["copy/rocket-resized.jpg"] = jpeg(
+        rocket.resize((rocket.width * 2 // 3, rocket.height * 2 // 3), Image.LANCZOS), quality=75
+    )
     out["copy/chelsea-cropped.jpg"] = jpeg(crop_sides(chelsea, 0.03))
     out["other/camera.jpg"] = unrelated_photo()
     return out
@@ -77,10 +78,18 @@ def curated(name: str, source: str, *, quality: int | None = None, seed: int = 0
 def write_planted(out: Path) -> dict[str, Record]:
     """Shard 00000: astronaut, chelsea, coffee, a failure; shard 00001: an exact copy of the astronaut, the chelsea
     re-encoded at quality 60, and the rocket. Returns source -> record."""
-    plan = {"00000": [("astronaut", "orig/astronaut", None), ("chelsea", "orig/chelsea", None),
-                      ("coffee", "orig/coffee", None)],
-            "00001": [("astronaut", "copy/astronaut", None), ("chelsea", "copy/chelsea-q60", 60),
-                      ("rocket", "orig/rocket", None)]}
+    plan = {
+        "00000": [
+            ("astronaut", "orig/astronaut", None),
+            ("chelsea", "orig/chelsea", None),
+            ("coffee", "orig/coffee", None),
+        ],
+        "00001": [
+            ("astronaut", "copy/astronaut", None),
+            ("chelsea", "copy/chelsea-q60", 60),
+            ("rocket", "orig/rocket", None),
+        ],
+    }
     recs = {}
     seed = 0
     for shard, rows in plan.items():

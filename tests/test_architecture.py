@@ -13,11 +13,11 @@ function is allowed in a `cli.py` (start-up time) or with a comment on that line
 from __future__ import annotations
 
 import ast
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 APPS = ("subjectdiff.datagen", "subjectdiff.train", "subjectdiff.infer")
@@ -46,7 +46,7 @@ def package_folders() -> dict[str, Path]:
     out = {}
     for pkg in tool["packages"]:
         parent = next((p for p in sorted(mapped, key=len, reverse=True) if pkg == p or pkg.startswith(p + ".")), None)
-        rel = mapped[parent] + pkg[len(parent):].replace(".", "/") if parent else pkg.replace(".", "/")
+        rel = mapped[parent] + pkg[len(parent) :].replace(".", "/") if parent else pkg.replace(".", "/")
         out[pkg] = ROOT / rel
     return out
 
@@ -178,8 +178,11 @@ def test_layers(graph_edges):
 
 
 def test_function_level_imports_say_why(graph_edges):
-    silent = [f"{e.source}:{e.line} ({e.target})" for e in graph_edges
-              if e.in_function and not e.commented and e.source.rpartition(".")[2] not in ("cli", "__main__")]
+    silent = [
+        f"{e.source}:{e.line} ({e.target})"
+        for e in graph_edges
+        if e.in_function and not e.commented and e.source.rpartition(".")[2] not in ("cli", "__main__")
+    ]
     assert not silent, "function-level imports without a comment saying why:\n" + "\n".join(silent)
 
 
@@ -210,8 +213,7 @@ def test_tests_and_benchmarks_keep_to_their_side():
     """Test modules share helpers through helper modules, not through each other; benchmarks import no test."""
     wrong = []
     for f in sorted((ROOT / "tests").glob("*.py")):
-        wrong += [f"{f.name} imports {n}" for n in _test_imports(f)
-                  if n.startswith(("tests.test_", "tests.conftest"))]
+        wrong += [f"{f.name} imports {n}" for n in _test_imports(f) if n.startswith(("tests.test_", "tests.conftest"))]
     for f in sorted((ROOT / "benchmarks").glob("*.py")):
         wrong += [f"benchmarks/{f.name} imports {n}" for n in _test_imports(f) if n.split(".")[0] == "tests"]
     assert not wrong, "\n".join(wrong)

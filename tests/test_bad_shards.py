@@ -22,17 +22,18 @@ from subjectdiff.catalogs import catalog, storage
 from subjectdiff.catalogs.reader import BadRecord, BadRecordError, DecodedRecord, RecordReader
 from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.cli import main
-from tests.geometry import Obj, make_record, sized
 from subjectdiff.photo_records import write_photo_shards
 from subjectdiff.train.config import load_config
 from subjectdiff.train.data import BatchStream, TrainSamples, make_reader
+from tests.geometry import Obj, make_record, sized
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "subjectdiff", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "subjectdiff", *args], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
 
 
 def put(root: str, name: str, data: bytes, **s3_args) -> None:
@@ -84,9 +85,13 @@ def damage(root: str, remote: bool) -> dict[str, tuple[str, str]]:
     put(root, "00004.objects.parquet", b"\x00" * size)  # corrupt bytes, the recorded size
     st = json.loads(get(root, "00005_stats.json"))
     put(root, "00005_stats.json", json.dumps({**st, "successes": st["successes"] + 1}).encode())
-    bad = {"00001": ("00001.parquet", "wrong schema"), "00002": ("00002.parquet", "wrong schema"),
-           "00003": ("00003_stats.json", "not JSON"), "00004": ("00004.objects.parquet", "not Parquet"),
-           "00005": ("00005_stats.json", "counts disagree")}
+    bad = {
+        "00001": ("00001.parquet", "wrong schema"),
+        "00002": ("00002.parquet", "wrong schema"),
+        "00003": ("00003_stats.json", "not JSON"),
+        "00004": ("00004.objects.parquet", "not Parquet"),
+        "00005": ("00005_stats.json", "counts disagree"),
+    }
     if remote:  # a sidecar the listing shows but a GET refuses: archived by a lifecycle rule
         put(root, "00006.parquet", get(root, "00006.parquet"), StorageClass="GLACIER")
         bad["00006"] = ("00006.parquet", "read failed")
@@ -107,15 +112,18 @@ def test_bad_shards_are_listed_and_every_good_one_is_loaded(root, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert sorted(lines) == sorted(line for line in lines if line.startswith("bad shard ")) and len(lines) == len(bad)
     for sid, (name, reason) in bad.items():
-        assert any(line.startswith(f"bad shard {sid}: {storage.Folder(root).join(name)}: {reason} (")
-                   for line in lines), (sid, lines)
+        assert any(
+            line.startswith(f"bad shard {sid}: {storage.Folder(root).join(name)}: {reason} (") for line in lines
+        ), (sid, lines)
     assert f"{8 - len(bad)} shard(s) loaded" in proc.stdout and f"{len(bad)} bad" in proc.stdout
     loaded = catalog.query(root, "SELECT key FROM samples ORDER BY key", catalog=db).column("key").to_pylist()
     assert loaded == sorted(good)
-    rows = catalog.query(root, "SELECT name, file, reason, detail, seen_at FROM bad_shards ORDER BY name",
-                         catalog=db).to_pylist()
+    rows = catalog.query(
+        root, "SELECT name, file, reason, detail, seen_at FROM bad_shards ORDER BY name", catalog=db
+    ).to_pylist()
     assert {r["name"]: (r["file"], r["reason"]) for r in rows} == {
-        sid: (storage.Folder(root).join(name), reason) for sid, (name, reason) in bad.items()}
+        sid: (storage.Folder(root).join(name), reason) for sid, (name, reason) in bad.items()
+    }
     assert all(r["detail"] and "\n" not in r["detail"] and r["seen_at"] for r in rows)
     query = cli("catalog", "query", root, "--catalog", db, "SELECT count(*) AS n FROM samples")
     assert query.returncode == 0 and f"{len(bad)} bad shard(s) are not in the catalog" in query.stderr
@@ -138,8 +146,12 @@ def kill_a_build_reading(stats: Path, d: Path, db: Path) -> None:
     saved = stats.read_bytes()
     stats.unlink()
     os.mkfifo(stats)
-    build = subprocess.Popen([sys.executable, "-m", "subjectdiff", "catalog", "build", str(d), "--catalog", str(db)],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    build = subprocess.Popen(
+        [sys.executable, "-m", "subjectdiff", "catalog", "build", str(d), "--catalog", str(db)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     with open(stats, "wb"):
         build.kill()
         build.wait(timeout=60)
@@ -156,8 +168,10 @@ def test_a_first_build_that_fails_or_dies_leaves_no_catalog(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and not db.exists()
 
     kill_a_build_reading(d / "00001_stats.json", d, db)
-    for args in (("query", str(d), "SELECT count(*) FROM samples"), ("select", str(d), "--where", "true", "--out",
-                                                                      str(tmp_path / "sel.parquet"))):
+    for args in (
+        ("query", str(d), "SELECT count(*) FROM samples"),
+        ("select", str(d), "--where", "true", "--out", str(tmp_path / "sel.parquet")),
+    ):
         proc = cli("catalog", *args, "--catalog", str(db))
         assert proc.returncode == 2 and "no catalog" in proc.stderr and "catalog build" in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
@@ -210,8 +224,10 @@ def bad_members(tmp_path_factory) -> tuple[Path, list[str]]:
     """A shard of 9 records whose tar was rewritten by hand: record 1's image is a symlink, record 2's JSON a hard
     link, record 3's JSON malformed, record 4 has no image, record 5 no JSON; its sidecars list all 9."""
     d = tmp_path_factory.mktemp("bad_members")
-    records = [make_record(f"r{i}", sized("chelsea", 120, 90), "a cat", [Obj("cat", "cat", (0.2, 0.2, 0.7, 0.9))])
-               for i in range(9)]
+    records = [
+        make_record(f"r{i}", sized("chelsea", 120, 90), "a cat", [Obj("cat", "cat", (0.2, 0.2, 0.7, 0.9))])
+        for i in range(9)
+    ]
     with ShardWriter(d, "00000") as w:
         for r in records:
             w.write(r)
@@ -276,16 +292,33 @@ def test_training_stops_on_a_bad_record_naming_it_or_skips_and_counts(bad_member
     assert "data: epoch 0: 5 bad records skipped (data.on_bad_record=skip)" in out, out
     assert f"data: skipped bad record {keys[1]} (shard {d / '00000.tar'})" in err
 
-    assert main(["train", "preview", "--preset", "tiny", "--records", str(d), "--sample", "3", "--out",
-                 str(tmp_path / "pv"), "data.on_bad_record='skip'"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "preview",
+                "--preset",
+                "tiny",
+                "--records",
+                str(d),
+                "--sample",
+                "3",
+                "--out",
+                str(tmp_path / "pv"),
+                "data.on_bad_record='skip'",
+            ]
+        )
+        == 0
+    )
     page = (tmp_path / "pv" / "index.html").read_text()
     assert "5 bad records skipped" in page
 
 
 def test_skipped_bad_records_count_as_read_and_a_resume_is_exact(bad_members):
     d, _ = bad_members
-    cfg = load_config("tiny", [f"data.shards=['{d}']", "data.num_workers=2", "data.batch_size=2",
-                               "data.on_bad_record='skip'"])
+    cfg = load_config(
+        "tiny", [f"data.shards=['{d}']", "data.num_workers=2", "data.batch_size=2", "data.on_bad_record='skip'"]
+    )
 
     def stream(state=None) -> BatchStream:
         s = BatchStream(TrainSamples(make_reader(cfg.data, None, 0, 1, 0), cfg, 32), 2, 2)

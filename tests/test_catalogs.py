@@ -14,8 +14,8 @@ import pytest
 
 from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.reader import RecordReader
-from subjectdiff.catalogs.selection import load_selection
 from subjectdiff.catalogs.schema import Failure, Record, RecordError, make_key, object_from_arrays
+from subjectdiff.catalogs.selection import load_selection
 from subjectdiff.catalogs.tokens import clip_token_positions, clip_tokenizer
 from subjectdiff.catalogs.writer import ShardWriter, complete_shards
 from subjectdiff.photo_records import PHOTOS, ellipse_mask, photo_record, write_photo_shards
@@ -149,7 +149,7 @@ def test_catalog_build_is_incremental_and_idempotent(tmp_path):
     write_photo_shards(tmp_path, n_shards=2, per_shard=2)
     first = catalog.build(tmp_path)
     assert first.added == ["00000", "00001"]
-    dump = lambda: {  # noqa: E731
+    dump = lambda: {
         t: catalog.query(tmp_path, f"SELECT * FROM {t} ORDER BY ALL").to_pylist()
         for t in ("samples", "objects", "shards", "failures")
     }
@@ -255,8 +255,10 @@ def test_reader_splits_ranks_and_workers_disjointly(shards, split):
 
 def test_failures_are_data_and_keys_are_stable(tmp_path):
     assert make_key("s3://bucket/a.jpg") == make_key("s3://bucket/a.jpg") != make_key("s3://bucket/b.jpg")
-    with pytest.raises(RecordError, match="stage"):
-        Failure(key="k", source="x", stage="nonsense", reason="r")
+    for bad in ("Not a stage", "", "x" * 33, "ground;drop"):
+        with pytest.raises(RecordError, match="stage"):
+            Failure(key="k", source="x", stage=bad, reason="r")
+    Failure(key="k", source="x", stage="nsfw_filter", reason="r")  # a registered stage's own name is a stage
     with ShardWriter(tmp_path, "f") as w:
         w.fail(Failure(key=make_key("x"), source="x", stage="ground", reason="no detection"))
         with pytest.raises(RecordError, match="twice"):
@@ -271,5 +273,13 @@ def test_object_from_arrays_refuses_stacked_masks():
     h, w = 20, 30
     m = ellipse_mask(h, w, [0.1, 0.1, 0.9, 0.9])
     with pytest.raises(ValueError, match="one"):
-        object_from_arrays(label="x", phrase="x", span=[0, 1], tokens=[1], box=[0, 0, 1, 1], score=1,
-                           mask=np.stack([m, m]), mask_score=1)
+        object_from_arrays(
+            label="x",
+            phrase="x",
+            span=[0, 1],
+            tokens=[1],
+            box=[0, 0, 1, 1],
+            score=1,
+            mask=np.stack([m, m]),
+            mask_score=1,
+        )

@@ -76,39 +76,52 @@ def test_no_command_shows_an_old_word_and_every_output_is_out():
             assert "--preset" in flags and flags["--config"].metavar == "FILE.toml", cmd
 
 
-@pytest.mark.parametrize("argv, old, attr, want", [
-    (["datagen", "run", "--input", "src", "--output", "o"], "--output", "out", "o"),
-    (["demo", "--output", "o"], "--output", "out", "o"),
-    (["eval", "dreambench", "--model", "m", "--data", "d", "--out", "o", "--metrics", "tiny"], "--metrics", "preset",
-     "tiny"),
-    (["train", "--shards", "a", "--shards", "b"], "--shards", "records", ["a", "b"]),
-    (["train", "preview", "--shards", "a", "--out", "o"], "--shards", "records", ["a"]),
-    (["train", "preview", "--n", "3", "--out", "o"], "--n", "sample", 3),
-])
+@pytest.mark.parametrize(
+    "argv, old, attr, want",
+    [
+        (["datagen", "run", "--input", "src", "--output", "o"], "--output", "out", "o"),
+        (["demo", "--output", "o"], "--output", "out", "o"),
+        (
+            ["eval", "dreambench", "--model", "m", "--data", "d", "--out", "o", "--metrics", "tiny"],
+            "--metrics",
+            "preset",
+            "tiny",
+        ),
+        (["train", "--shards", "a", "--shards", "b"], "--shards", "records", ["a", "b"]),
+        (["train", "preview", "--shards", "a", "--out", "o"], "--shards", "records", ["a"]),
+        (["train", "preview", "--n", "3", "--out", "o"], "--n", "sample", 3),
+    ],
+)
 def test_an_old_flag_works_as_the_new_one_with_one_notice(argv, old, attr, want, capsys):
     args = build_parser(argv).parse_args(argv)
     assert getattr(args, attr) == want
     new = {"out": "--out", "preset": "--preset", "records": "--records", "sample": "--sample"}[attr]
     assert notices(capsys.readouterr().err) == [
-        f"subjectdiff: {old} is deprecated; use {new} (it will be removed in 0.3)"]
+        f"subjectdiff: {old} is deprecated; use {new} (it will be removed in 0.3)"
+    ]
     assert old in hidden(commands()[" ".join(w for w in argv[:2] if not w.startswith("-"))])
 
 
 def test_datagen_run_output_reaches_the_command(tmp_path, capsys):
     """`datagen run --output DIR` still runs: a missing input is its one-line error, after one notice."""
-    assert main(["datagen", "run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
-                 "--preset", "tiny"]) == 2
+    assert (
+        main(["datagen", "run", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"), "--preset", "tiny"])
+        == 2
+    )
     err = capsys.readouterr().err
     assert len(notices(err)) == 1 and "not a folder" in err
     with pytest.raises(SystemExit):  # one of them, not both
         build_parser(["datagen"]).parse_args(["datagen", "run", "--input", "x", "--out", "a", "--output", "b"])
 
 
-@pytest.mark.parametrize("flags, notice", [
-    (["--config", "tiny"], "--config tiny is deprecated; use --preset tiny"),
-    (["--preset", "sd2_base"], "preset 'sd2_base' is deprecated; use 'sd2-base'"),
-    (["--catalog", "out/"], "--catalog out/ (a shard folder) is deprecated; use --catalog DIR/catalog.duckdb"),
-])
+@pytest.mark.parametrize(
+    "flags, notice",
+    [
+        (["--config", "tiny"], "--config tiny is deprecated; use --preset tiny"),
+        (["--preset", "sd2_base"], "preset 'sd2_base' is deprecated; use 'sd2-base'"),
+        (["--catalog", "out/"], "--catalog out/ (a shard folder) is deprecated; use --catalog DIR/catalog.duckdb"),
+    ],
+)
 def test_old_config_words_resolve_with_one_notice(flags, notice, capsys):
     assert main(["train", *flags, "--print-config", "run.max_steps=7"]) == 0
     out, err = capsys.readouterr()

@@ -25,22 +25,36 @@ from subjectdiff.catalogs.schema import make_key
 from subjectdiff.datagen import config
 from subjectdiff.datagen.stages.common import decode_item, fail
 from subjectdiff.datagen.tiny import SAMPLE_IMAGES, TinyModels, save_tiny_aesthetic_head, save_tiny_clip
-from tests.planted import PHOTOS, crop_sides, jpeg, photo_bytes, planted, unrelated_photo
+from tests.planted import crop_sides, jpeg, photo_bytes, planted, unrelated_photo
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
-
 
 
 def samples_table(images: dict[str, bytes]) -> pa.Table:
     """The columns the catalog's `samples` will have for these images: hashed as the curate stage hashes."""
     rows = []
     for src, data in images.items():
-        rows.append({"key": make_key(src), "shard": "00000" if src.startswith("orig/") else "00001", "source": src,
-                     "sha256": hashlib.sha256(data).hexdigest(),
-                     "phash": hashing.phash_int64(Image.open(io.BytesIO(data)))})
-    return pa.Table.from_pylist(rows, schema=pa.schema([("key", pa.string()), ("shard", pa.string()),
-                                                         ("source", pa.string()), ("sha256", pa.string()),
-                                                         ("phash", pa.int64())]))
+        rows.append(
+            {
+                "key": make_key(src),
+                "shard": "00000" if src.startswith("orig/") else "00001",
+                "source": src,
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "phash": hashing.phash_int64(Image.open(io.BytesIO(data))),
+            }
+        )
+    return pa.Table.from_pylist(
+        rows,
+        schema=pa.schema(
+            [
+                ("key", pa.string()),
+                ("shard", pa.string()),
+                ("source", pa.string()),
+                ("sha256", pa.string()),
+                ("phash", pa.int64()),
+            ]
+        ),
+    )
 
 
 @pytest.fixture
@@ -101,13 +115,16 @@ def test_banded_search_finds_the_brute_force_pairs(max_distance):
     expected = duplicates.brute_force_pairs(hashes, max_distance)
     assert len(expected) >= 300
     assert pairs == expected
-    assert all(d == hashing.hamming(a, b) <= max_distance for a, b, d in
-               zip(got["a"].to_pylist(), got["b"].to_pylist(), got["distance"].to_pylist()))
+    assert all(
+        d == hashing.hamming(a, b) <= max_distance
+        for a, b, d in zip(got["a"].to_pylist(), got["b"].to_pylist(), got["distance"].to_pylist())
+    )
     # between two sets: the held-out search of --exclude-near; identical values are pairs there
     held = hashes[-400:]
     got = duplicates.near_pairs(con, hashes[:3000], held, max_distance=max_distance)
-    assert set(zip(got["a"].to_pylist(), got["b"].to_pylist())) == \
-        duplicates.brute_force_pairs(hashes[:3000], max_distance, held)
+    assert set(zip(got["a"].to_pylist(), got["b"].to_pylist())) == duplicates.brute_force_pairs(
+        hashes[:3000], max_distance, held
+    )
 
 
 @pytest.mark.parametrize("bands", [5, 7, 9])
@@ -158,20 +175,32 @@ def test_planted_duplicates_are_grouped(con):
 
 
 def test_groups_chain_and_link_by_sha256_without_phash():
-    t = pa.table({"key": ["a", "b", "c", "d", "e"], "shard": ["0"] * 5, "source": list("abcde"),
-                  "sha256": ["s1", "s2", "s3", "s9", "s9"],
-                  "phash": pa.array([0, 0b111, 0b111111, -1, None], pa.int64())})
+    t = pa.table(
+        {
+            "key": ["a", "b", "c", "d", "e"],
+            "shard": ["0"] * 5,
+            "source": list("abcde"),
+            "sha256": ["s1", "s2", "s3", "s9", "s9"],
+            "phash": pa.array([0, 0b111, 0b111111, -1, None], pa.int64()),
+        }
+    )
     con = duckdb.connect()
     rows = duplicates.duplicate_groups(con, t, max_distance=3).to_pylist()
     # a-b at 3 bits, b-c at 3 bits: one group, though a-c are 6 apart; d and e share bytes, e has no phash
     assert [(r["key"], r["group_id"], r["kind"], r["distance"]) for r in rows] == [
-        ("a", 0, "near", 0), ("b", 0, "near", 3), ("c", 0, "near", 6), ("d", 1, "exact", 0), ("e", 1, "exact", None)]
+        ("a", 0, "near", 0),
+        ("b", 0, "near", 3),
+        ("c", 0, "near", 6),
+        ("d", 1, "exact", 0),
+        ("e", 1, "exact", None),
+    ]
 
 
 def test_dedup_keeps_the_first_member_of_each_group(con):
     near = duplicates.dedup_drop(con, "near")
-    assert sorted(near["key"].to_pylist()) == sorted(make_key(s) for s in (
-        "copy/astronaut-exact.jpg", "copy/rocket-resized.jpg", "copy/chelsea-cropped.jpg"))
+    assert sorted(near["key"].to_pylist()) == sorted(
+        make_key(s) for s in ("copy/astronaut-exact.jpg", "copy/rocket-resized.jpg", "copy/chelsea-cropped.jpg")
+    )
     exact = duplicates.dedup_drop(con, "exact")
     assert exact["key"].to_pylist() == [make_key("copy/astronaut-exact.jpg")]
     # a selection without a group's first member keeps its first selected member
@@ -181,7 +210,8 @@ def test_dedup_keeps_the_first_member_of_each_group(con):
     # resized copy has its original's very phash)
     tight = duplicates.duplicate_groups(con, max_distance=0)
     assert sorted(duplicates.dedup_drop(con, "near", groups=tight)["key"].to_pylist()) == sorted(
-        make_key(s) for s in ("copy/astronaut-exact.jpg", "copy/rocket-resized.jpg"))
+        make_key(s) for s in ("copy/astronaut-exact.jpg", "copy/rocket-resized.jpg")
+    )
     with pytest.raises(ValueError, match="exact.*near"):
         duplicates.dedup_drop(con, "fuzzy")
 
@@ -222,8 +252,12 @@ def test_exclude_near_drops_the_copies_of_a_held_out_folder(tmp_path):
     assert held["name"].to_pylist() == ["astronaut/00.png", "camera/00.jpg", "cat/00.jpg"]
     drop = duplicates.near_held_out(con, held)
     got = {r["source"]: r["held_out"] for r in drop.to_pylist()}
-    assert got == {"orig/astronaut.jpg": "astronaut/00.png", "copy/astronaut-exact.jpg": "astronaut/00.png",
-                   "orig/chelsea.jpg": "cat/00.jpg", "copy/chelsea-cropped.jpg": "cat/00.jpg"}
+    assert got == {
+        "orig/astronaut.jpg": "astronaut/00.png",
+        "copy/astronaut-exact.jpg": "astronaut/00.png",
+        "orig/chelsea.jpg": "cat/00.jpg",
+        "copy/chelsea-cropped.jpg": "cat/00.jpg",
+    }
     assert all(d <= duplicates.DEFAULT_EXCLUDE_DISTANCE for d in drop["distance"].to_pylist())
 
 
@@ -232,8 +266,10 @@ def test_held_out_set_from_another_catalog(tmp_path):
     folder.mkdir()
     db = duckdb.connect(str(folder / "catalog.duckdb"))
     db.execute("CREATE TABLE samples (key VARCHAR, shard VARCHAR, phash BIGINT)")
-    db.execute("INSERT INTO samples VALUES ('k1', '00000', ?), ('k2', '00000', NULL)",
-               [hashing.hash_image_file(SAMPLE_IMAGES / "coffee.jpg")])
+    db.execute(
+        "INSERT INTO samples VALUES ('k1', '00000', ?), ('k2', '00000', NULL)",
+        [hashing.hash_image_file(SAMPLE_IMAGES / "coffee.jpg")],
+    )
     db.close()
     held = hashing.held_out_hashes(folder)
     assert held.to_pylist() == [{"name": "k1", "phash": hashing.hash_image_file(SAMPLE_IMAGES / "coffee.jpg")}]
@@ -261,8 +297,15 @@ def tiny_clip(tmp_path_factory):
     cfg, ckpt = save_tiny_clip(root / "clip")
     head = save_tiny_aesthetic_head(root / "aesthetic" / "aesthetic_mlp_tiny.pth")
     unused = root / "unused"
-    return TinyModels(blip=unused, gdino_config=unused, gdino_checkpoint=unused, sam_checkpoint=unused,
-                      clip_config=cfg, clip_checkpoint=ckpt, aesthetic_head=head)
+    return TinyModels(
+        blip=unused,
+        gdino_config=unused,
+        gdino_checkpoint=unused,
+        sam_checkpoint=unused,
+        clip_config=cfg,
+        clip_checkpoint=ckpt,
+        aesthetic_head=head,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -283,14 +326,15 @@ def reference(tiny_clip):
     import open_clip
 
     open_clip.add_model_config(tiny_clip.clip_config)
-    model, _, preprocess = open_clip.create_model_and_transforms(tiny_clip.clip_config.stem,
-                                                                 pretrained=str(tiny_clip.clip_checkpoint))
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        tiny_clip.clip_config.stem, pretrained=str(tiny_clip.clip_checkpoint)
+    )
     return model.eval(), preprocess, open_clip.get_tokenizer(tiny_clip.clip_config.stem)
 
 
 def box_mask(h: int, w: int, x0: float, y0: float, x1: float, y1: float) -> np.ndarray:
     m = np.zeros((h, w), bool)
-    m[int(y0 * h):int(y1 * h), int(x0 * w):int(x1 * w)] = True
+    m[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)] = True
     return m
 
 
@@ -298,10 +342,16 @@ def stage_items() -> list[dict]:
     """Items as the segment stage leaves them (caption, nouns, detections, masks), with fixed contents so the
     test does not depend on what random upstream models write."""
     specs = {
-        "astronaut": ("an astronaut holding a helmet", "NASA portrait", [("astronaut", (0.1, 0.05, 0.9, 1.0)),
-                                                                          ("helmet", (0.6, 0.5, 0.95, 0.95))]),
-        "chelsea": ("a cat lying on a rug", None, [("cat", (0.2, 0.1, 0.8, 0.9)), ("rug", (0.0, 0.7, 1.0, 1.0)),
-                                                   ("cat", (0.3, 0.2, 0.6, 0.5))]),
+        "astronaut": (
+            "an astronaut holding a helmet",
+            "NASA portrait",
+            [("astronaut", (0.1, 0.05, 0.9, 1.0)), ("helmet", (0.6, 0.5, 0.95, 0.95))],
+        ),
+        "chelsea": (
+            "a cat lying on a rug",
+            None,
+            [("cat", (0.2, 0.1, 0.8, 0.9)), ("rug", (0.0, 0.7, 1.0, 1.0)), ("cat", (0.3, 0.2, 0.6, 0.5))],
+        ),
         "coffee": ("a cup of coffee on a saucer", "", [("cup", (0.2, 0.1, 0.8, 0.8))]),
         "rocket": ("a rocket on a launchpad", "Saturn V", []),
     }
@@ -402,8 +452,9 @@ def test_batched_equals_one_at_a_time(curate_cfg, one_thread):
         assert (b["sha256"], b["phash"]) == (s["sha256"], s["phash"])
         for k in ("clip_score", "alt_clip_score", "aesthetic"):
             assert (b[k] is None) == (s[k] is None) and (b[k] is None or abs(b[k] - s[k]) < 1e-5), k
-        np.testing.assert_allclose(b["clip_embedding"].astype(np.float32), s["clip_embedding"].astype(np.float32),
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+            b["clip_embedding"].astype(np.float32), s["clip_embedding"].astype(np.float32), atol=1e-3
+        )
         for db, ds in zip(b["detections"], s["detections"]):
             assert db["label_score"] == pytest.approx(ds["label_score"], abs=1e-5)
             assert db["label_rank"] == ds["label_rank"]
@@ -417,9 +468,20 @@ def reference_mlp(in_features: int, relu: bool) -> torch.nn.Module:
     nn = torch.nn
     act = [nn.ReLU()] if relu else []
     m = nn.Module()
-    m.layers = nn.Sequential(nn.Linear(in_features, 1024), *act, nn.Dropout(0.2), nn.Linear(1024, 128), *act,
-                             nn.Dropout(0.2), nn.Linear(128, 64), *act, nn.Dropout(0.1), nn.Linear(64, 16), *act,
-                             nn.Linear(16, 1))
+    m.layers = nn.Sequential(
+        nn.Linear(in_features, 1024),
+        *act,
+        nn.Dropout(0.2),
+        nn.Linear(1024, 128),
+        *act,
+        nn.Dropout(0.2),
+        nn.Linear(128, 64),
+        *act,
+        nn.Dropout(0.1),
+        nn.Linear(64, 16),
+        *act,
+        nn.Linear(16, 1),
+    )
     return m
 
 
@@ -490,13 +552,22 @@ def test_presets_configure_the_curate_stage(tiny_clip):
     d = config.default().curate
     assert (d.enabled, d.model, d.pretrained, d.aesthetic) == (True, "ViT-L-14", "openai", None)
     # the OpenAI tag stands for the file open_clip itself fetches for it, through subjectdiff.weights
-    assert clip_checkpoint_specs(d) == ["hf://timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors",
-                                        "hf://timm/vit_large_patch14_clip_224.openai/open_clip_pytorch_model.bin"]
+    assert clip_checkpoint_specs(d) == [
+        "hf://timm/vit_large_patch14_clip_224.openai/open_clip_model.safetensors",
+        "hf://timm/vit_large_patch14_clip_224.openai/open_clip_pytorch_model.bin",
+    ]
     t = config.tiny(tiny_clip).curate
     assert (t.model, t.pretrained, t.aesthetic, t.device) == (
-        str(tiny_clip.clip_config), str(tiny_clip.clip_checkpoint), str(tiny_clip.aesthetic_head), "cpu")
-    assert manifest_specs(t) == {"curate.model": t.model, "curate.pretrained": t.pretrained,
-                                 "curate.aesthetic": t.aesthetic}
+        str(tiny_clip.clip_config),
+        str(tiny_clip.clip_checkpoint),
+        str(tiny_clip.aesthetic_head),
+        "cpu",
+    )
+    assert manifest_specs(t) == {
+        "curate.model": t.model,
+        "curate.pretrained": t.pretrained,
+        "curate.aesthetic": t.aesthetic,
+    }
     from subjectdiff.weights import manifest_entry
 
     assert all(len(manifest_entry(spec)["sha256"]) == 64 for spec in manifest_specs(t).values())
@@ -518,9 +589,15 @@ def test_embedding_sidecar_round_trips(curator, tmp_path, one_thread):
     assert got_keys == keys and got.dtype == np.float16 and np.array_equal(got, emb)
     assert meta == {"model": "subjectdiff-tiny-clip", "dim": 32, "normalized": True}
     # DuckDB reads it as a list of floats: the cosine of two samples is their dot product
-    dot = duckdb.connect().execute(
-        f"SELECT list_dot_product(a.clip_embedding, b.clip_embedding) FROM '{path}' a, '{path}' b "
-        "WHERE a.key = ? AND b.key = ?", [keys[0], keys[1]]).fetchone()[0]
+    dot = (
+        duckdb.connect()
+        .execute(
+            f"SELECT list_dot_product(a.clip_embedding, b.clip_embedding) FROM '{path}' a, '{path}' b "
+            "WHERE a.key = ? AND b.key = ?",
+            [keys[0], keys[1]],
+        )
+        .fetchone()[0]
+    )
     assert dot == pytest.approx(float(emb[0].astype(np.float32) @ emb[1].astype(np.float32)), abs=1e-3)
     with pytest.raises(ValueError, match="one \\(D,\\) embedding per key"):
         embeddings.embedding_table(keys[:2], emb)

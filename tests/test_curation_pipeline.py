@@ -22,16 +22,19 @@ from subjectdiff.catalogs import catalog, duplicates, hashing
 from subjectdiff.catalogs.embeddings import read_embeddings
 from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.catalogs.schema import make_key
+from subjectdiff.cli import main
 from subjectdiff.datagen.job import preset
 from subjectdiff.datagen.run import run
-from subjectdiff.cli import main
 from tests.planted import crop_sides, jpeg, planted
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 LAYOUT = {"orig/": "1-orig/", "copy/": "2-copy/", "other/": "3-other/"}
-COPIES = {"2-copy/astronaut-exact.jpg": "1-orig/astronaut.jpg", "2-copy/rocket-resized.jpg": "1-orig/rocket.jpg",
-          "2-copy/chelsea-cropped.jpg": "1-orig/chelsea.jpg"}
+COPIES = {
+    "2-copy/astronaut-exact.jpg": "1-orig/astronaut.jpg",
+    "2-copy/rocket-resized.jpg": "1-orig/rocket.jpg",
+    "2-copy/chelsea-cropped.jpg": "1-orig/chelsea.jpg",
+}
 
 
 @pytest.fixture(scope="module")
@@ -109,8 +112,9 @@ def test_catalog_values_equal_the_stage_run_directly(curated_run, one_thread):
         for i, det in enumerate(direct["detections"]):
             assert label_scores[(rec.key, i)][0] == pytest.approx(det["label_score"], abs=1e-5)
             assert label_scores[(rec.key, i)][1] == det["label_rank"]
-        np.testing.assert_allclose(vectors[rec.key].astype(np.float32),
-                                   direct["clip_embedding"].astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(
+            vectors[rec.key].astype(np.float32), direct["clip_embedding"].astype(np.float32), atol=2e-3
+        )
 
 
 def test_catalog_duplicates_finds_the_planted_groups(curated_run, tmp_path, capsys):
@@ -122,7 +126,7 @@ def test_catalog_duplicates_finds_the_planted_groups(curated_run, tmp_path, caps
     groups: dict[int, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["group_id"], []).append(r)
-    rel = lambda r: str(Path(r["source"]).relative_to(src))  # noqa: E731
+    rel = lambda r: str(Path(r["source"]).relative_to(src))
     got = sorted([rel(r) for r in g] for g in groups.values())
     assert got == sorted([orig, copy] for copy, orig in COPIES.items())  # each original first, in plan order
     kinds = {rel(r): r["kind"] for r in rows}
@@ -162,8 +166,15 @@ def test_select_exclude_near_removes_the_copies_of_a_held_out_folder(curated_run
     sel = tmp_path / "sel.parquet"
     assert main(["catalog", "select", str(out), "--exclude-near", str(held), "--out", str(sel)]) == 0
     kept = set(pq.read_table(sel).column("key").to_pylist())
-    gone = {src_key(src, r) for r in ("1-orig/astronaut.jpg", "2-copy/astronaut-exact.jpg", "1-orig/chelsea.jpg",
-                                      "2-copy/chelsea-cropped.jpg")}
+    gone = {
+        src_key(src, r)
+        for r in (
+            "1-orig/astronaut.jpg",
+            "2-copy/astronaut-exact.jpg",
+            "1-orig/chelsea.jpg",
+            "2-copy/chelsea-cropped.jpg",
+        )
+    }
     assert len(kept) == 6 and not kept & gone
     meta = json.loads(pq.read_schema(sel).metadata[b"subjectdiff.selection"])
     assert meta["exclude_near"] == str(held) and meta["exclude_distance"] == duplicates.DEFAULT_EXCLUDE_DISTANCE

@@ -8,8 +8,6 @@ hashes and with fixed scores: no model runs here (tests/test_curation_pipeline.p
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from subjectdiff.catalogs import catalog, duplicates, hashing
+from subjectdiff.catalogs import catalog, duplicates
 from subjectdiff.catalogs.catalog import CatalogError
 from subjectdiff.catalogs.embeddings import read_embeddings
 from subjectdiff.catalogs.reader import RecordReader
@@ -27,9 +25,8 @@ from subjectdiff.catalogs.schema import SCHEMA_VERSION, Failure, Record, RecordE
 from subjectdiff.catalogs.selection import select
 from subjectdiff.catalogs.writer import ShardWriter, complete_shards
 from subjectdiff.cli import main
-from tests.planted import DIM, curated, write_planted
 from subjectdiff.photo_records import photo, photo_record
-
+from tests.planted import DIM, curated, write_planted
 
 
 def keys(*sources: str) -> list[str]:
@@ -71,7 +68,11 @@ def test_shards_store_the_signals_and_the_embeddings_in_record_order(planted):
     assert stats["files"]["embeddings"] == (out / "00000.clip.parquet").stat().st_size
     # the record's JSON carries the signals (the embedding only in the sidecar)
     meta0 = next(iter(RecordReader(str(out / "00000.tar"), decode_image=False, decode_masks=False))).meta
-    assert meta0["schema_version"] == SCHEMA_VERSION and meta0["sha256"] == ok[0]["sha256"] and "clip_embedding" not in meta0
+    assert (
+        meta0["schema_version"] == SCHEMA_VERSION
+        and meta0["sha256"] == ok[0]["sha256"]
+        and "clip_embedding" not in meta0
+    )
     assert meta0["objects"][0]["label_rank"] == 1
 
 
@@ -165,12 +166,18 @@ def _drop_new_columns(out: Path, shard: str) -> None:
 
 def test_catalog_columns_and_plan_order(planted):
     out, recs = planted
-    rows = catalog.query(out, "SELECT source, shard, idx, sha256, phash, clip_score, aesthetic FROM samples "
-                              "ORDER BY shard, idx").to_pylist()
+    rows = catalog.query(
+        out, "SELECT source, shard, idx, sha256, phash, clip_score, aesthetic FROM samples ORDER BY shard, idx"
+    ).to_pylist()
     # idx counts the failure too: it is the position in the shard's samples sidecar, i.e. the plan order
     assert [(r["shard"], r["idx"], r["source"]) for r in rows] == [
-        ("00000", 0, "orig/astronaut"), ("00000", 1, "orig/chelsea"), ("00000", 3, "orig/coffee"),
-        ("00001", 0, "copy/astronaut"), ("00001", 1, "copy/chelsea-q60"), ("00001", 2, "orig/rocket")]
+        ("00000", 0, "orig/astronaut"),
+        ("00000", 1, "orig/chelsea"),
+        ("00000", 3, "orig/coffee"),
+        ("00001", 0, "copy/astronaut"),
+        ("00001", 1, "copy/chelsea-q60"),
+        ("00001", 2, "orig/rocket"),
+    ]
     assert all(r["sha256"] == recs[r["source"]].sha256 and r["phash"] == recs[r["source"]].phash for r in rows)
     assert catalog.query(out, "SELECT idx FROM failures").column("idx").to_pylist() == [2]
     objs = catalog.query(out, "SELECT count(*) n, min(label_rank) lo, max(label_score) hi FROM objects").to_pylist()[0]
@@ -186,7 +193,9 @@ def test_stats_report_the_signals_and_exact_duplicates(planted, capsys):
     assert st["clip_score"]["n"] == len(clip)
     assert st["clip_score"]["min"] == pytest.approx(min(clip)) and st["clip_score"]["max"] == pytest.approx(max(clip))
     labels = [o.label_score for r in recs.values() for o in r.objects]
-    assert st["label_score"]["n"] == len(labels) and st["label_score"]["mean"] == pytest.approx(np.mean(labels), abs=1e-5)
+    assert st["label_score"]["n"] == len(labels) and st["label_score"]["mean"] == pytest.approx(
+        np.mean(labels), abs=1e-5
+    )
     assert main(["catalog", "stats", str(out)]) == 0
     text = capsys.readouterr().out
     assert f"exact duplicates {st['exact_duplicates']}" in text and "label_score" in text
@@ -202,16 +211,20 @@ def test_old_sidecars_load_as_nulls_and_an_old_catalog_is_rebuilt(tmp_path):
     assert sorted(catalog.build(out).added) == ["00000", "00001"]
     rows = catalog.query(out, "SELECT source, sha256 IS NULL AS missing FROM samples ORDER BY source").to_pylist()
     assert rows == [{"source": "new/rocket", "missing": False}, {"source": "old/coins", "missing": True}]
-    assert catalog.query(out, "SELECT count(label_score) n FROM objects WHERE shard = '00000'").to_pylist() == [{"n": 0}]
+    assert catalog.query(out, "SELECT count(label_score) n FROM objects WHERE shard = '00000'").to_pylist() == [
+        {"n": 0}
+    ]
 
     # a catalog made by version 1 (no idx, no curation columns) is dropped and built again
     db = out / "catalog.duckdb"
     db.unlink()
     con = duckdb.connect(str(db))
     con.execute("CREATE TABLE samples (key VARCHAR, shard VARCHAR, caption VARCHAR)")
-    con.execute("CREATE TABLE shards (name VARCHAR PRIMARY KEY, path VARCHAR, n_ok INTEGER, n_failed INTEGER, "
-                "n_objects INTEGER, bytes BIGINT, start_time DOUBLE, end_time DOUBLE, duration DOUBLE, "
-                "fingerprint VARCHAR)")
+    con.execute(
+        "CREATE TABLE shards (name VARCHAR PRIMARY KEY, path VARCHAR, n_ok INTEGER, n_failed INTEGER, "
+        "n_objects INTEGER, bytes BIGINT, start_time DOUBLE, end_time DOUBLE, duration DOUBLE, "
+        "fingerprint VARCHAR)"
+    )
     con.execute("CREATE TABLE catalog_info (name VARCHAR PRIMARY KEY, value VARCHAR)")
     con.execute("INSERT INTO catalog_info VALUES ('catalog_version', '1')")
     con.close()
@@ -219,7 +232,8 @@ def test_old_sidecars_load_as_nulls_and_an_old_catalog_is_rebuilt(tmp_path):
     assert sorted(report.added) == ["00000", "00001"]
     assert catalog.query(out, "SELECT count(phash) n FROM samples").to_pylist() == [{"n": 1}]
     assert catalog.query(out, "SELECT value FROM catalog_info WHERE name = 'catalog_version'").to_pylist() == [
-        {"value": str(catalog.CATALOG_VERSION)}]
+        {"value": str(catalog.CATALOG_VERSION)}
+    ]
     assert catalog.build(out).added == []  # and then incremental again
 
 
@@ -233,8 +247,9 @@ def _selected(path: Path) -> tuple[list[str], dict]:
 
 def test_select_dedup_keeps_the_first_in_plan_order(planted, tmp_path):
     out, _ = planted
-    everything = keys("orig/astronaut", "orig/chelsea", "orig/coffee", "copy/astronaut", "copy/chelsea-q60",
-                      "orig/rocket")
+    everything = keys(
+        "orig/astronaut", "orig/chelsea", "orig/coffee", "copy/astronaut", "copy/chelsea-q60", "orig/rocket"
+    )
     sel = tmp_path / "sel.parquet"
     assert select(out, None, sel, dedup="exact") == 5
     got, meta = _selected(sel)

@@ -91,7 +91,7 @@ def embeddings(out: str) -> dict:
 
 
 def tables(out: str, catalog_file=None) -> dict:
-    q = lambda sql: catalog.query(out, sql, catalog=catalog_file).to_pylist()  # noqa: E731
+    q = lambda sql: catalog.query(out, sql, catalog=catalog_file).to_pylist()
     return {
         "samples": q("SELECT * EXCLUDE (shard) FROM samples ORDER BY key"),
         "objects": q("SELECT * EXCLUDE (shard) FROM objects ORDER BY key, index"),
@@ -163,13 +163,29 @@ def test_killed_driver_then_same_command_gives_the_straight_result(bucket_photos
     root, src, _ = bucket_photos
     ref, _ = straight_run
     out = f"{root}/killed"
-    cmd = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", src, "--out", out,
-           "--preset", "tiny", "--shard-size", "3", "--batch-size", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "subjectdiff",
+        "datagen",
+        "run",
+        "--input",
+        src,
+        "--out",
+        out,
+        "--preset",
+        "tiny",
+        "--shard-size",
+        "3",
+        "--batch-size",
+        "4",
+    ]
     env = dict(os.environ)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 300
-    stats = lambda: [n for n in listing(out) if n.endswith("_stats.json")] if storage.Folder(out).is_folder() else []  # noqa: E731
+    stats = lambda: [n for n in listing(out) if n.endswith("_stats.json")] if storage.Folder(out).is_folder() else []
     while not stats() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be interrupted: " + proc.stderr.read().decode()[-2000:]
@@ -183,7 +199,8 @@ def test_killed_driver_then_same_command_gives_the_straight_result(bucket_photos
     for t in ("samples", "objects", "failures"):
         assert_close(got[t], want[t])
     assert [(s["name"], s["n_ok"], s["n_failed"]) for s in got["shards"]] == [
-        (s["name"], s["n_ok"], s["n_failed"]) for s in want["shards"]]
+        (s["name"], s["n_ok"], s["n_failed"]) for s in want["shards"]
+    ]
     runs = json.loads(storage.Folder(out).read_text("manifest.json"))["runs"]
     assert [r["status"] for r in runs] == ["running", "complete"]
 
@@ -213,9 +230,23 @@ def test_a_job_on_a_three_node_cluster_writes_from_several_nodes(bucket_photos, 
     cluster, _ = three_node_cluster
     root, src, inputs = bucket_photos
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
-    base = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", src, "--preset", "tiny",
-            "--shard-size", "1", "--batch-size", "1", "pipeline.pools.curate.concurrency=2",
-            "pipeline.pools.curate.resources={slot = 1}"]
+    base = [
+        sys.executable,
+        "-m",
+        "subjectdiff",
+        "datagen",
+        "run",
+        "--input",
+        src,
+        "--preset",
+        "tiny",
+        "--shard-size",
+        "1",
+        "--batch-size",
+        "1",
+        "pipeline.pools.curate.concurrency=2",
+        "pipeline.pools.curate.resources={slot = 1}",
+    ]
     out = f"{root}/cluster"
     r = subprocess.run(base + ["--out", out], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -233,8 +264,14 @@ def test_a_job_on_a_three_node_cluster_writes_from_several_nodes(bucket_photos, 
 
     env.pop("RAY_ADDRESS")
     again = f"{root}/found"
-    r = subprocess.run(base[:6] + [f"{src}/sub"] + base[7:] + ["--out", again], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        base[:6] + [f"{src}/sub"] + base[7:] + ["--out", again],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     (stats,) = [n for n in listing(again) if n.endswith("_stats.json")]
     assert json.loads(storage.Folder(again).read_text(stats))["writer"]["node_id"] in workers  # joined, not local
@@ -258,7 +295,10 @@ def test_retry_failures_redoes_only_what_may_pass_now(s3_server, cache, tmp_path
     assert first.failed == 3 and first.ok == 3
     before = tables(out)
     assert sorted((f["source"].rsplit("/", 1)[-1], f["stage"]) for f in before["failures"]) == [
-        ("broken.jpg", "decode"), ("late0.jpg", "read"), ("late1.jpg", "read")]
+        ("broken.jpg", "decode"),
+        ("late0.jpg", "read"),
+        ("late1.jpg", "read"),
+    ]
     kept_records = records(out)
     kept_vectors = embeddings(out)
     assert set(kept_vectors) == set(kept_records)  # the curate stage's sidecar: one row per record
@@ -276,7 +316,7 @@ def test_retry_failures_redoes_only_what_may_pass_now(s3_server, cache, tmp_path
     vectors = embeddings(out)  # the retried shard keeps its records' embeddings, and has the new ones'
     assert set(vectors) == set(got) and all((vectors[k] == v).all() for k, v in kept_vectors.items())
     n = len(after["samples"]) + len(after["failures"])
-    assert n == 6 and not set(s["key"] for s in after["samples"]) & set(f["key"] for f in after["failures"])
+    assert n == 6 and not {s["key"] for s in after["samples"]} & {f["key"] for f in after["failures"]}
     manifest = json.loads(storage.Folder(out).read_text("manifest.json"))
     assert manifest["runs"][-1]["retried"] == 2 and manifest["counts"]["failures"] == 1
     # Nothing left to retry: a second --retry-failures changes nothing.
@@ -303,30 +343,72 @@ def test_torchrun_on_a_bucket_selection_killed_and_resumed_is_a_straight_run(buc
     # `train --records URL --where`: the bucket's catalog is made on rank 0 (a local file), and the run reads
     # the selected tars from the bucket.
     env0 = {**os.environ, "OMP_NUM_THREADS": "1"}
-    w = subprocess.run([sys.executable, "-m", "subjectdiff.train", "--preset", "tiny", "--records", url, "--where",
-                        "n_objects >= 3", "--out", str(tmp_path / "where"), "run.max_steps=1", "run.trace=true",
-                        "data.batch_size=2", "run.val_every=0"], cwd=REPO, env=env0, capture_output=True,
-                       text=True, timeout=400)
+    w = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "subjectdiff.train",
+            "--preset",
+            "tiny",
+            "--records",
+            url,
+            "--where",
+            "n_objects >= 3",
+            "--out",
+            str(tmp_path / "where"),
+            "run.max_steps=1",
+            "run.trace=true",
+            "data.batch_size=2",
+            "run.val_every=0",
+        ],
+        cwd=REPO,
+        env=env0,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert w.returncode == 0, w.stderr[-3000:]
     want = set(catalog.query(url, "SELECT key FROM samples WHERE n_objects >= 3").column("key").to_pylist())
-    seen = {k for line in (tmp_path / "where" / "trace-rank0.jsonl").read_text().splitlines()
-            for k in json.loads(line)["keys"]}
+    seen = {
+        k
+        for line in (tmp_path / "where" / "trace-rank0.jsonl").read_text().splitlines()
+        for k in json.loads(line)["keys"]
+    }
     assert seen and seen <= want
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     sel = tmp_path / "sel.parquet"
     assert select(url, "n_objects >= 2", sel) == 8
 
     def cmd(out: Path, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
-                "-m", "subjectdiff.train", "--preset", "tiny", "--selection", str(sel), "--out", str(out), "run.max_steps=4",
-                "run.ckpt_every=2", "data.batch_size=1", "run.val_every=0", *extra]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={_free_port()}",
+            "-m",
+            "subjectdiff.train",
+            "--preset",
+            "tiny",
+            "--selection",
+            str(sel),
+            "--out",
+            str(out),
+            "run.max_steps=4",
+            "run.ckpt_every=2",
+            "data.batch_size=1",
+            "run.val_every=0",
+            *extra,
+        ]
 
-    straight = subprocess.run(cmd(tmp_path / "straight"), cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=400)
+    straight = subprocess.run(
+        cmd(tmp_path / "straight"), cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd(out), cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd(out), cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     first = out / "checkpoints" / "step-0000002"
     deadline = time.monotonic() + 300
     while not first.is_dir() and time.monotonic() < deadline and proc.poll() is None:
@@ -334,8 +416,9 @@ def test_torchrun_on_a_bucket_selection_killed_and_resumed_is_a_straight_run(buc
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert first.is_dir()
-    resumed = subprocess.run(cmd(out, "--resume", "latest"), cwd=REPO, env=env, capture_output=True, text=True,
-                             timeout=400)
+    resumed = subprocess.run(
+        cmd(out, "--resume", "latest"), cwd=REPO, env=env, capture_output=True, text=True, timeout=400
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_file(tmp_path / "straight" / "checkpoints" / "step-0000004" / "model.safetensors")
     b = load_file(out / "checkpoints" / "step-0000004" / "model.safetensors")

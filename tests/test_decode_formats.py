@@ -31,8 +31,12 @@ from subjectdiff.datagen.config import DecodeConfig
 from subjectdiff.datagen.stages.common import decode_item
 
 ORIENTATION_UNDO = {  # EXIF orientation -> the transpose that makes an upright image into the stored one
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90, 7: Image.Transpose.TRANSVERSE,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_270,
 }
 
@@ -59,8 +63,12 @@ def png16(a: np.ndarray) -> bytes:
     def chunk(tag: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def stored(item: dict) -> tuple[Record, np.ndarray]:
@@ -184,7 +192,7 @@ def patched_photo() -> tuple[Image.Image, tuple[int, int, int, int]]:
     """The cat, darkened, with a white patch: (upright image 451x300, the patch's xyxy box in pixels)."""
     a = data.chelsea() // 2
     box = (300, 40, 380, 100)
-    a[box[1]:box[3], box[0]:box[2]] = 255
+    a[box[1] : box[3], box[0] : box[2]] = 255
     return Image.fromarray(a), box
 
 
@@ -295,8 +303,12 @@ def test_decode_settings_load_from_overrides_and_change_the_plan_fingerprint():
     assert base.stages.decode == DecodeConfig() and base.stages.decode.background == (255, 255, 255)
     same = load_config("default", overrides=["decode.background=[255, 255, 255]"])
     assert stages_fingerprint(same.stages) == stages_fingerprint(base.stages)  # spelling does not matter
-    for o in ("decode.exif_transpose=false", "decode.background='black'", "decode.max_pixels=1000000",
-              "decode.convert_formats=false"):
+    for o in (
+        "decode.exif_transpose=false",
+        "decode.background='black'",
+        "decode.max_pixels=1000000",
+        "decode.convert_formats=false",
+    ):
         assert stages_fingerprint(load_config("default", overrides=[o]).stages) != stages_fingerprint(base.stages), o
     with pytest.raises(ValueError, match="max_pixels"):
         load_config("default", overrides=["decode.max_pixels=0"])
@@ -309,8 +321,19 @@ def test_folder_source_takes_heic_and_avif_and_counts_what_it_skips(tmp_path):
     from subjectdiff.datagen.sources import list_tar, write_plan
 
     jpeg = encode(Image.new("RGB", (8, 8)), "JPEG")
-    for name in ("a.jpg", "b.HEIC", "c.avif", "d.heif", "sub/e.AVIF", "notes.txt", "sub/README.TXT", "LICENSE",
-                 ".DS_Store", "sub/._a.jpg", "data.json"):
+    for name in (
+        "a.jpg",
+        "b.HEIC",
+        "c.avif",
+        "d.heif",
+        "sub/e.AVIF",
+        "notes.txt",
+        "sub/README.TXT",
+        "LICENSE",
+        ".DS_Store",
+        "sub/._a.jpg",
+        "data.json",
+    ):
         (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "in" / name).write_bytes(jpeg)
     skipped: Counter = Counter()
@@ -385,8 +408,7 @@ def image_files(draw) -> tuple[bytes, tuple[int, int], int]:
     return encode(im, fmt, **kw), upright, orientation
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 @given(image_files())
 def test_any_mode_size_and_orientation_decodes_upright_and_reads_back_the_same(case):
     raw, (w, h), orientation = case
@@ -410,7 +432,7 @@ def mixed_folder(d: Path) -> dict[str, list[str] | None]:
     from pillow_heif import register_heif_opener
 
     register_heif_opener()
-    small = lambda a, w: Image.fromarray(a).resize((w, round(w * a.shape[0] / a.shape[1])))  # noqa: E731
+    small = lambda a, w: Image.fromarray(a).resize((w, round(w * a.shape[0] / a.shape[1])))
     (d / "sub").mkdir(parents=True)
     cat = small(data.chelsea(), 160)
     (d / "phone.jpg").write_bytes(encode(cat.transpose(ORIENTATION_UNDO[6]), "JPEG", quality=95, exif=exif(6)))
@@ -423,8 +445,13 @@ def mixed_folder(d: Path) -> dict[str, list[str] | None]:
     (d / "broken.avif").write_bytes(b"not an AVIF file")
     (d / "notes.txt").write_text("no image\n")
     (d / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
-    return {"phone.jpg": ["exif_transpose", "jpeg->png"], "gray16.png": ["16bit->8bit"],
-            "cut.png": ["alpha->background"], "IMG_0001.HEIC": ["heif->png"], "plain.jpg": None}
+    return {
+        "phone.jpg": ["exif_transpose", "jpeg->png"],
+        "gray16.png": ["16bit->8bit"],
+        "cut.png": ["alpha->background"],
+        "IMG_0001.HEIC": ["heif->png"],
+        "plain.jpg": None,
+    }
 
 
 @pytest.mark.slow
@@ -439,14 +466,18 @@ def test_a_folder_of_phone_and_web_formats_through_datagen_run(tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     want = mixed_folder(src)
     summary = run(str(src), out, tiny_cfg(shard_size=4, batch_size=4), progress_every=60)
-    images = sorted(str(p) for p in src.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".png", ".heic",
-                                                                                           ".avif"))
-    rows = catalog.query(out, "SELECT source, NULL AS stage FROM samples UNION ALL "
-                              "SELECT source, stage FROM failures").to_pylist()
+    images = sorted(
+        str(p) for p in src.rglob("*") if p.is_file() and p.suffix.lower() in (".jpg", ".png", ".heic", ".avif")
+    )
+    rows = catalog.query(
+        out, "SELECT source, NULL AS stage FROM samples UNION ALL SELECT source, stage FROM failures"
+    ).to_pylist()
     assert sorted(r["source"] for r in rows) == images and summary.ok + summary.failed == len(images)
     assert {Path(r["source"]).name: r["stage"] for r in rows}["broken.avif"] == "decode"
-    assert summary.skipped_files == {".txt": 1, "hidden": 1} and "skipped (no image files): 1 .txt, 1 hidden" in \
-        summary.line()
+    assert (
+        summary.skipped_files == {".txt": 1, "hidden": 1}
+        and "skipped (no image files): 1 .txt, 1 hidden" in summary.line()
+    )
     assert json.loads((out / "manifest.json").read_text())["skipped_files"] == {".txt": 1, "hidden": 1}
     records = {Path(r.source).name: r for r in RecordReader(out)}  # decodes every image, checks its size
     assert set(records) == set(want)  # the tiny models (seeded) find objects in each of these photos

@@ -84,17 +84,32 @@ def test_zero_gates_and_location_channel_equal_the_base_model(photos):
         unet.conv_in.weight[:, 4:] = 0
     pipe = Pipeline(parts)
     s = SamplingConfig(steps=3, guidance=5.0, subject_guidance=2.0)
-    subjects = [Subject(photos["chelsea"], "cat", box=(0.1, 0.1, 0.6, 0.9), mask=photos["mask"]),
-                Subject(photos["coffee"], "cup", box=(0.5, 0.4, 1.0, 1.0))]
+    subjects = [
+        Subject(photos["chelsea"], "cat", box=(0.1, 0.1, 0.6, 0.9), mask=photos["mask"]),
+        Subject(photos["coffee"], "cup", box=(0.5, 0.4, 1.0, 1.0)),
+    ]
     ours = pixels(pipe.generate("a cat and a cup", subjects, 2, seed=[3, 4], sampling=s))
 
     c = pipe.encode_prompt("a cat and a cup", subjects)
-    sd = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.model.text_encoder, tokenizer=None, unet=base,
-                                 scheduler=s.make_scheduler(parts.scheduler.config), safety_checker=None,
-                                 feature_extractor=None, requires_safety_checker=False)
+    sd = StableDiffusionPipeline(
+        vae=parts.vae,
+        text_encoder=parts.model.text_encoder,
+        tokenizer=None,
+        unet=base,
+        scheduler=s.make_scheduler(parts.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     noise = torch.cat([torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(k)) for k in (3, 4)])
-    ref = sd(prompt_embeds=c.text_full.expand(2, -1, -1), negative_prompt_embeds=pipe.null_text().expand(2, -1, -1),
-             latents=noise, num_inference_steps=3, guidance_scale=5.0, output_type="np").images
+    ref = sd(
+        prompt_embeds=c.text_full.expand(2, -1, -1),
+        negative_prompt_embeds=pipe.null_text().expand(2, -1, -1),
+        latents=noise,
+        num_inference_steps=3,
+        guidance_scale=5.0,
+        output_type="np",
+    ).images
     ref = np.round(ref * 255).astype(np.int16)
     assert np.abs(ours - ref).max() <= 1
 
@@ -109,7 +124,10 @@ def test_zero_gates_and_location_channel_equal_the_base_model(photos):
 def test_location_map_is_the_one_training_uses():
     import subjectdiff.model
     import subjectdiff.train.step
-    assert location_map is subjectdiff.train.step.location_map is subjectdiff.model.location_map  # one function, not two
+
+    assert (
+        location_map is subjectdiff.train.step.location_map is subjectdiff.model.location_map
+    )  # one function, not two
     boxes = torch.tensor([[[0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]]])
     m = location_map(boxes, torch.tensor([[True, False]]), 4, 4)[0, 0]
     assert m[:2, :2].all() and m.sum() == 4  # 1 on the cells whose centres lie in a present box, 0 elsewhere
@@ -125,8 +143,9 @@ def save_tiny_sam(path: Path) -> Path:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        sam = _build_sam(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[],
-                         checkpoint=None)
+        sam = _build_sam(
+            encoder_embed_dim=32, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[], checkpoint=None
+        )
     torch.save(sam.state_dict(), path)
     return path
 
@@ -143,9 +162,11 @@ def test_cutouts_mask_on_white_and_sam(tmp_path):
 
     cutter = SubjectCutter(sam=save_tiny_sam(tmp_path / "sam.pth"), size=32)
     chelsea = photo("chelsea")
-    for subject, method in ((Subject(chelsea, "cat"), "sam-salient"),
-                            (Subject(chelsea, "cat", region=(0.1, 0.1, 0.8, 0.9)), "sam-box"),
-                            (Subject(chelsea, "cat", point=(0.4, 0.5)), "sam-point")):
+    for subject, method in (
+        (Subject(chelsea, "cat"), "sam-salient"),
+        (Subject(chelsea, "cat", region=(0.1, 0.1, 0.8, 0.9)), "sam-box"),
+        (Subject(chelsea, "cat", point=(0.4, 0.5)), "sam-point"),
+    ):
         p = cutter(subject)
         assert p.method == method and p.cutout.shape == (32, 32, 3) and p.cutout.dtype == np.uint8
     assert SubjectCutter(size=32)(Subject(chelsea, "cat")).method == "none"  # no SAM, no mask: the whole image
@@ -168,11 +189,44 @@ def test_generate_cli_multi_subject_with_boxes_records_inputs(export, photos, tm
     from subjectdiff.cli import main
 
     out = tmp_path / "out"
-    argv = ["generate", "--model", str(export), "--prompt", "a cat next to a cup",
-            "--subject", f"{photos['chelsea']}:0.05,0.2,0.5,0.9", "--label", "cat", "--mask", str(photos["mask"]),
-            "--subject", str(photos["coffee"]), "--label", "cup", "--mask", "-",
-            "--num-images", "3", "--seed", "7", "--steps", "2", "--guidance", "4", "--subject-guidance", "2",
-            "--scheduler", "DDIMScheduler", "--batch-size", "2", "--boxes", "--out", str(out), "--device", "cpu"]
+    argv = [
+        "generate",
+        "--model",
+        str(export),
+        "--prompt",
+        "a cat next to a cup",
+        "--subject",
+        f"{photos['chelsea']}:0.05,0.2,0.5,0.9",
+        "--label",
+        "cat",
+        "--mask",
+        str(photos["mask"]),
+        "--subject",
+        str(photos["coffee"]),
+        "--label",
+        "cup",
+        "--mask",
+        "-",
+        "--num-images",
+        "3",
+        "--seed",
+        "7",
+        "--steps",
+        "2",
+        "--guidance",
+        "4",
+        "--subject-guidance",
+        "2",
+        "--scheduler",
+        "DDIMScheduler",
+        "--batch-size",
+        "2",
+        "--boxes",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     metas = sorted(out.glob("*-s*.json"))
     assert [m.name for m in metas] == ["0000-s7.json", "0001-s8.json", "0002-s9.json"]
@@ -203,8 +257,23 @@ def test_generate_sam_takes_checkpoint_urls_with_digests(export, photos, tmp_pat
     sam = save_tiny_sam(tmp_path / "sam.pth")
     url = f"file://{sam}"
     digest = hashlib.sha256(sam.read_bytes()).hexdigest()
-    argv = ["generate", "--model", str(export), "--prompt", "a cat", "--subject", str(photos["chelsea"]),
-            "--label", "cat", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "out")]
+    argv = [
+        "generate",
+        "--model",
+        str(export),
+        "--prompt",
+        "a cat",
+        "--subject",
+        str(photos["chelsea"]),
+        "--label",
+        "cat",
+        "--steps",
+        "1",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main([*argv, "--sam", f"{url}#sha256={digest}"]) == 0
     meta = json.loads(next((tmp_path / "out").glob("*-s*.json")).read_text())
     assert [s["segmentation"] for s in meta["subjects"]] == ["sam-salient"]
@@ -215,12 +284,15 @@ def test_generate_sam_takes_checkpoint_urls_with_digests(export, photos, tmp_pat
     assert "sha256 mismatch" in err and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--subject", "nope.jpg"], "no such file"),
-    (["--subject", "{chelsea}:0.5,0.5,0.2,0.9"], "xyxy normalized"),
-    (["--subject", "{chelsea}", "--label", "a", "--label", "b"], "--label given 2 times"),
-    (["--scheduler", "NoScheduler"], "unknown diffusers scheduler"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--subject", "nope.jpg"], "no such file"),
+        (["--subject", "{chelsea}:0.5,0.5,0.2,0.9"], "xyxy normalized"),
+        (["--subject", "{chelsea}", "--label", "a", "--label", "b"], "--label given 2 times"),
+        (["--scheduler", "NoScheduler"], "unknown diffusers scheduler"),
+    ],
+)
 def test_generate_cli_bad_input_one_line(export, photos, tmp_path, capsys, argv, message):
     from subjectdiff.cli import main
 
@@ -231,7 +303,8 @@ def test_generate_cli_bad_input_one_line(export, photos, tmp_path, capsys, argv,
 
 
 def test_identical_image_sets_score_one():
-    from subjectdiff.infer.metrics import Scorer, mean_pairwise, tiny as tiny_metrics
+    from subjectdiff.infer.metrics import Scorer, mean_pairwise
+    from subjectdiff.infer.metrics import tiny as tiny_metrics
 
     scorer = Scorer(tiny_metrics())
     cat, cup = photo("chelsea"), photo("coffee")
@@ -279,7 +352,9 @@ def dreambench(tmp_path_factory) -> Path:
         img = photo(name)
         h, w = img.shape[:2]
         for k, (x0, y0) in enumerate(((0, 0), (w // 8, h // 8))):
-            Image.fromarray(img[y0: y0 + 3 * h // 4, x0: x0 + 3 * w // 4]).resize((48, 48)).save(d / subject / f"{k:02d}.jpg")
+            Image.fromarray(img[y0 : y0 + 3 * h // 4, x0 : x0 + 3 * w // 4]).resize((48, 48)).save(
+                d / subject / f"{k:02d}.jpg"
+            )
     (d / "prompts_and_classes.txt").write_text(SPEC)
     return d
 
@@ -288,8 +363,26 @@ def test_dreambench_cli_writes_csv_and_summary(export, dreambench, tmp_path):
     from subjectdiff.cli import main
 
     out = tmp_path / "eval"
-    argv = ["eval", "dreambench", "--model", str(export), "--data", str(dreambench.parent), "--out", str(out),
-            "--num-images", "2", "--seed", "3", "--steps", "2", "--preset", "tiny", "--device", "cpu"]
+    argv = [
+        "eval",
+        "dreambench",
+        "--model",
+        str(export),
+        "--data",
+        str(dreambench.parent),
+        "--out",
+        str(out),
+        "--num-images",
+        "2",
+        "--seed",
+        "3",
+        "--steps",
+        "2",
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0
     with open(out / "per_subject.csv") as f:
         rows = list(csv.DictReader(f))
@@ -302,15 +395,24 @@ def test_dreambench_cli_writes_csv_and_summary(export, dreambench, tmp_path):
     assert images[0]["prompt"] == "a cat in the snow" and images[-1]["prompt"] == "a red cup"
     assert all((out / i["file"]).is_file() for i in images)
     summary = (out / "summary.md").read_text()
-    for needed in ("| all | 2 | 8 |", "| objects | 1 | 4 |", "| live | 1 | 4 |", "subjectdiff-tiny-vit",
-                   "vit_small_patch16_224", "images_per_prompt**: 2", "3..4 for every prompt", "PNDMScheduler"):
+    for needed in (
+        "| all | 2 | 8 |",
+        "| objects | 1 | 4 |",
+        "| live | 1 | 4 |",
+        "subjectdiff-tiny-vit",
+        "vit_small_patch16_224",
+        "images_per_prompt**: 2",
+        "3..4 for every prompt",
+        "PNDMScheduler",
+    ):
         assert needed in summary, needed
     assert json.loads((out / "summary.json").read_text())["means"].keys() == {"dino", "clip_i", "clip_t"}
 
 
 def test_dreambench_subject_pairs(pipe, dreambench, tmp_path):
     from subjectdiff.infer.dreambench import DreamBenchConfig, evaluate
-    from subjectdiff.infer.metrics import Scorer, tiny as tiny_metrics
+    from subjectdiff.infer.metrics import Scorer
+    from subjectdiff.infer.metrics import tiny as tiny_metrics
 
     cfg = DreamBenchConfig(images_per_prompt=1, pairs=1, max_prompts=1, save_images=False)
     summary = evaluate(pipe, Scorer(tiny_metrics()), dreambench, tmp_path, cfg, FAST)
@@ -330,8 +432,23 @@ def test_trained_tiny_model_loads_from_export_and_checkpoints(photos, tmp_path):
 
     shards, run = tmp_path / "shards", tmp_path / "run"
     write_photo_shards(shards, n_shards=1, per_shard=2)
-    assert train_main(["--preset", "tiny", "--records", str(shards), "--out", str(run), "run.max_steps=2",
-                       "run.ckpt_every=2", "optim.ema_decay=0.5", "optim.lr=1e-2"]) == 0
+    assert (
+        train_main(
+            [
+                "--preset",
+                "tiny",
+                "--records",
+                str(shards),
+                "--out",
+                str(run),
+                "run.max_steps=2",
+                "run.ckpt_every=2",
+                "optim.ema_decay=0.5",
+                "optim.lr=1e-2",
+            ]
+        )
+        == 0
+    )
     ckpt = run / "checkpoints" / "step-0000002"
     assert resolve_model(run) == (run / "export", "export")
     assert resolve_model(run, "raw") == (ckpt, "raw") and resolve_model(ckpt) == (ckpt, "ema")
@@ -343,7 +460,11 @@ def test_trained_tiny_model_loads_from_export_and_checkpoints(photos, tmp_path):
         want = load_file(ckpt / ("model.safetensors" if weights == "raw" else "ema.safetensors"))[name]
         assert torch.equal(pipe.model.state_dict()[name], want)
         gens = pipe.generate("an astronaut on the moon", subjects, 2, seed=0, sampling=FAST)
-        assert len(gens) == 2 and gens[0].image.size == (64, 64) and gens[0].model["id"] == str(resolve_model(path, weights)[0])
+        assert (
+            len(gens) == 2
+            and gens[0].image.size == (64, 64)
+            and gens[0].model["id"] == str(resolve_model(path, weights)[0])
+        )
         images[str(path), weights] = pixels(gens)
     assert (images[str(run), "auto"] == images[str(ckpt), "ema"]).all()  # the export holds the EMA weights
     assert not (images[str(ckpt), "raw"] == images[str(ckpt), "ema"]).all()
@@ -370,8 +491,31 @@ def test_one_sam_loader_for_datagen_and_infer(tmp_path):
     import subjectdiff.infer.subjects
     import subjectdiff.sam
 
-    assert subjectdiff.infer.subjects.load_sam is subjectdiff.datagen.stages.segment.load_sam_file is subjectdiff.sam.load_sam
+    assert (
+        subjectdiff.infer.subjects.load_sam
+        is subjectdiff.datagen.stages.segment.load_sam_file
+        is subjectdiff.sam.load_sam
+    )
     sam = subjectdiff.sam.load_sam(save_tiny_sam(tmp_path / "sam.pth"))
     assert sam.image_encoder.patch_embed.proj.out_channels == 32 and not sam.training
     with pytest.raises(ValueError, match="model_type"):
         subjectdiff.sam.load_sam(tmp_path / "sam.pth", "vit_b")
+
+
+def test_subject_and_reference_photos_decode_upright_as_datagen_decodes_them(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation, and a PNG with transparency, given as a subject
+    (`generate --subject`) or as a DreamBench reference image: both read as datagen reads its inputs."""
+    from subjectdiff.infer.metrics import to_pil
+    from subjectdiff.infer.subjects import load_image
+
+    stored = Image.fromarray(photo("astronaut")[:, :384])  # 512 high, 384 wide as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view: upright it is 512 wide, 384 high
+    stored.save(tmp_path / "phone.jpg", exif=exif.tobytes())
+    assert load_image(tmp_path / "phone.jpg").shape == (384, 512, 3)
+    assert to_pil(tmp_path / "phone.jpg").size == (512, 384)
+
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent black: alpha over white is white, not black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
+    assert load_image(tmp_path / "cutout.png").min() == 255
+    assert np.asarray(to_pil(str(tmp_path / "cutout.png"))).min() == 255

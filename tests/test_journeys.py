@@ -35,10 +35,13 @@ pytestmark = pytest.mark.slow
 def subjectdiff(*argv: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     """`subjectdiff ARGV` as a user runs it (python -m subjectdiff: the console script's entry point)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "subjectdiff", *argv], capture_output=True, text=True, env=env,
-                       timeout=timeout, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "subjectdiff", *argv], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT
+    )
     if check and p.returncode != 0:
-        raise AssertionError(f"subjectdiff {' '.join(argv)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(
+            f"subjectdiff {' '.join(argv)} exited {p.returncode}:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return p
 
 
@@ -61,7 +64,8 @@ def demo(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(demo) -> int:
-    """`catalog select --object-where reference` on the demo: how many records have subjects by the reference's rules."""
+    """`catalog select --object-where reference` on the demo: how many records have subjects by the reference's
+    rules."""
     sel = demo.parent / "reference.parquet"
     p = subjectdiff("catalog", "select", str(demo), "--object-where", "reference", "--out", str(sel))
     n = pq.read_metadata(sel).num_rows
@@ -73,8 +77,7 @@ def reference(demo) -> int:
 def trained(demo) -> Path:
     """The issue's command on the demo's records: the tiny preset's defaults (loader settings included)."""
     run = demo.parent / "run_tiny"
-    p = subjectdiff("train", "--preset", "tiny", "--records", str(demo), "--out", str(run), "run.max_steps=20",
-                    *FAST)
+    p = subjectdiff("train", "--preset", "tiny", "--records", str(demo), "--out", str(run), "run.max_steps=20", *FAST)
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs] == list(range(1, 21)) and all(r["loss"] == r["loss"] for r in logs)
     assert "data: " in p.stdout and (run / "export" / "config.json").is_file()
@@ -84,16 +87,51 @@ def trained(demo) -> Path:
 def test_demo_then_train_generate_and_evaluate(demo, trained, tmp_path):
     """demo -> train (tiny defaults) -> generate from the checkpoint -> eval dreambench --preset tiny."""
     gen = tmp_path / "generated"
-    p = subjectdiff("generate", "--model", str(trained / "export"), "--prompt", "a cat on a rug", "--subject",
-                    f"{SAMPLES / 'chelsea.jpg'}:0.1,0.2,0.7,0.9", "--label", "cat", "--steps", "2", "--num-images",
-                    "2", "--device", "cpu", "--no-progress", "--out", str(gen))
+    p = subjectdiff(
+        "generate",
+        "--model",
+        str(trained / "export"),
+        "--prompt",
+        "a cat on a rug",
+        "--subject",
+        f"{SAMPLES / 'chelsea.jpg'}:0.1,0.2,0.7,0.9",
+        "--label",
+        "cat",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(gen),
+    )
     images = [Path(line) for line in p.stdout.split() if line.endswith(".png")]
     assert len(images) == 2 and all(Image.open(f).size == (64, 64) for f in images)
     bench = dreambench_folder(tmp_path / "dreambench")
     ev = tmp_path / "eval"
-    subjectdiff("eval", "dreambench", "--model", str(trained / "checkpoints" / "step-0000020"), "--data", str(bench),
-                "--out", str(ev), "--preset", "tiny", "--num-images", "1", "--max-prompts", "1", "--steps", "2",
-                "--device", "cpu", "--no-progress")
+    subjectdiff(
+        "eval",
+        "dreambench",
+        "--model",
+        str(trained / "checkpoints" / "step-0000020"),
+        "--data",
+        str(bench),
+        "--out",
+        str(ev),
+        "--preset",
+        "tiny",
+        "--num-images",
+        "1",
+        "--max-prompts",
+        "1",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    )
     summary = json.loads((ev / "summary.json").read_text())
     assert [c["subject"] for c in summary["per_subject"]] == ["cat", "cup"]
     assert all(-1 <= v <= 1 for v in summary["means"].values())
@@ -103,8 +141,19 @@ def test_demo_then_reference_selection_then_train(demo, reference, tmp_path):
     """demo -> catalog select --object-where reference -> train --selection: trains on the records the reference's
     rules keep, or, when they keep none of these records, the trainer says so in one line."""
     sel, run = demo.parent / "reference.parquet", tmp_path / "run"
-    p = subjectdiff("train", "--preset", "tiny", "--selection", str(sel), "--out", str(run), "run.max_steps=3",
-                    "run.trace=true", *FAST, check=False)
+    p = subjectdiff(
+        "train",
+        "--preset",
+        "tiny",
+        "--selection",
+        str(sel),
+        "--out",
+        str(run),
+        "run.max_steps=3",
+        "run.trace=true",
+        *FAST,
+        check=False,
+    )
     if reference:
         assert p.returncode == 0, p.stderr
         keys = {k for line in (run / "trace-rank0.jsonl").read_text().splitlines() for k in json.loads(line)["keys"]}
@@ -118,10 +167,34 @@ def test_demo_then_the_paper_recipe_on_the_tiny_model(demo, reference, tmp_path)
     train preview --config paper: they run when the records have subjects, else stop with one line naming a
     record and the rule it fails."""
     run, page = tmp_path / "run", tmp_path / "preview"
-    p = subjectdiff("train", "--preset", "paper", "--model", "tiny", "--catalog", str(demo / "catalog.duckdb"),
-                    "--out", str(run), "run.max_steps=3", "run.precision='fp32'", *FAST, check=False)
-    q = subjectdiff("train", "preview", "--preset", "paper", "--records", str(demo), "--sample", "4",
-                    "--out", str(page), check=False)
+    p = subjectdiff(
+        "train",
+        "--preset",
+        "paper",
+        "--model",
+        "tiny",
+        "--catalog",
+        str(demo / "catalog.duckdb"),
+        "--out",
+        str(run),
+        "run.max_steps=3",
+        "run.precision='fp32'",
+        *FAST,
+        check=False,
+    )
+    q = subjectdiff(
+        "train",
+        "preview",
+        "--preset",
+        "paper",
+        "--records",
+        str(demo),
+        "--sample",
+        "4",
+        "--out",
+        str(page),
+        check=False,
+    )
     if reference:
         assert p.returncode == 0 and q.returncode == 0, p.stderr + q.stderr
         assert len(json.loads((run / "log.jsonl").read_text().splitlines()[-1])) and (page / "index.html").is_file()
@@ -135,11 +208,25 @@ def test_demo_then_a_killed_run_resumes(demo, tmp_path):
     """demo -> train, killed once it has saved a checkpoint -> the same command with --resume latest finishes the
     run from the checkpoint."""
     run = tmp_path / "run"
-    argv = ["train", "--preset", "tiny", "--records", str(demo), "--out", str(run), "run.ckpt_every=2",
-            "run.progress='off'"]
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--records",
+        str(demo),
+        "--out",
+        str(run),
+        "run.ckpt_every=2",
+        "run.progress='off'",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "subjectdiff", *argv, "run.max_steps=100000"], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "subjectdiff", *argv, "run.max_steps=100000"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 600
         while not list((run / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
@@ -166,5 +253,6 @@ def dreambench_folder(root: Path) -> Path:
     (root / "prompts_and_classes.txt").write_text(
         "Classes\n\nsubject_name,class\ncat,cat\ncup,cup\n\nPrompts\n\nObject Prompts\n\nprompt_list = [\n"
         "'a {0} {1} in the jungle'.format(unique_token, class_token),\n]\n\nLive Subject Prompts\n\nprompt_list = [\n"
-        "'a {0} {1} in the snow'.format(unique_token, class_token),\n]\n")
+        "'a {0} {1} in the snow'.format(unique_token, class_token),\n]\n"
+    )
     return root

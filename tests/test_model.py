@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from subjectdiff.catalogs.tokens import clip_token_positions
 from subjectdiff.model import (
     TRAINABLE_GROUPS,
     ModelConfig,
     build,
+    builders,
     load_pretrained,
     localization_loss,
     subject_prompt,
@@ -16,9 +18,6 @@ from subjectdiff.model import (
     token_weights,
     tokenize,
 )
-from subjectdiff.model import builders
-from subjectdiff.catalogs.tokens import clip_token_positions
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,7 +40,8 @@ def conditions(parts, b=2, seed=0):
         timesteps=torch.tensor([10, 700][:b]),
         input_ids=torch.tensor([tokenize(sp.prompt)] * b),
         placeholder_pos=torch.tensor([sp.placeholder_pos] * b),
-        subject_cls=cls.view(b, n, -1), subject_tokens=tokens.view(b, n, *tokens.shape[1:]),
+        subject_cls=cls.view(b, n, -1),
+        subject_tokens=tokens.view(b, n, *tokens.shape[1:]),
         boxes=torch.tensor([[[0.1, 0.1, 0.6, 0.9], [0.5, 0.2, 1.0, 0.7]]] * b),
         subject_mask=torch.ones(b, n),
         location=(torch.rand(b, 1, 8, 8, generator=g) > 0.5).float(),
@@ -58,8 +58,9 @@ def test_init_output_equals_base_unet(parts):
         text = model.encode_text(c["input_ids"], c["placeholder_pos"], c["subject_cls"])
         ref = base(c["latents"], c["timesteps"], encoder_hidden_states=text).sample
         model.store.arm(None)
-        out = model.denoise(c["latents"], c["timesteps"], text, c["subject_tokens"], c["boxes"],
-                            c["subject_mask"], c["location"])
+        out = model.denoise(
+            c["latents"], c["timesteps"], text, c["subject_tokens"], c["boxes"], c["subject_mask"], c["location"]
+        )
         tw = token_weights(torch.tensor([[[2, -1], [5, 6]]] * 2), 77)
         out_capture, maps = model(**c, loc_token_weights=tw)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
@@ -208,7 +209,6 @@ def test_hub_ids_and_weight_urls_load_through_the_subjectdiff_cache(parts, tmp_p
     path a real hub id takes, offline here), not from the default Hugging Face cache; image_encoder_weights given
     as a file:// URL with #sha256= is copied into the cache, verified and loaded; a wrong digest fails first."""
     import hashlib
-    import shutil
 
     import huggingface_hub.constants
 
@@ -250,10 +250,12 @@ def test_hub_ids_and_weight_urls_load_through_the_subjectdiff_cache(parts, tmp_p
 def test_localization_loss_is_the_references_form_computed_by_hand():
     """mean(A over the background) - mean(A over the object), per subject; "sample": mean over a sample's present
     subjects, then over the batch (a sample without subjects counts 0); "subject": over all present subjects."""
-    a = torch.tensor([[[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]],
-                      [[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]]])  # (B=2, N=2, HW=4): 2x2 layer maps
-    m = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
-                      [[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]]).view(2, 2, 2, 2)
+    a = torch.tensor(
+        [[[0.4, 0.3, 0.2, 0.1], [0.1, 0.1, 0.1, 0.7]], [[0.25, 0.25, 0.25, 0.25], [0.0, 0.0, 0.0, 0.0]]]
+    )  # (B=2, N=2, HW=4): 2x2 layer maps
+    m = torch.tensor([[[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]], [[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]]).view(
+        2, 2, 2, 2
+    )
     present = torch.tensor([[True, True], [True, False]])
     # by hand: sample 0: (0.15 - 0.35) and (0.1 - 0.7); sample 1: (0.25 - 0.25); sample 1's second is absent
     per = [[0.15 - 0.35, 0.1 - 0.7], [0.25 - 0.25]]

@@ -78,7 +78,10 @@ def test_compound_is_one_noun_with_a_phrase_spanning_it(nouns):
     assert [n["phrase"] for n in nouns.extract("a stock photo of a dog")] == ["dog"]
     # `unique` compares whole compounds: two kinds of cup are two nouns
     assert [n["phrase"] for n in nouns.extract("a coffee cup and a tea cup on a table")] == [
-        "coffee cup", "tea cup", "table"]
+        "coffee cup",
+        "tea cup",
+        "table",
+    ]
 
 
 def test_repeated_noun_kept_once_unless_configured(nouns):
@@ -98,16 +101,20 @@ def test_noun_chunk_mode():
     ]
     # leading determiners and numbers leave the phrase; the lemma is the chunk's root
     assert triples(chunks.extract("two hippopotamuses swimming")) == [
-        ("hippopotamus", "hippopotamuses", [4, 18], [2, 3, 4])]
+        ("hippopotamus", "hippopotamuses", [4, 18], [2, 3, 4])
+    ]
     # the stop list treats a chunk's compound as nouns mode does
     assert triples(chunks.extract("a red traffic light in a stock photo")) == [
-        ("light", "red traffic light", [2, 19], [2, 3, 4])]
+        ("light", "red traffic light", [2, 19], [2, 3, 4])
+    ]
 
 
 def test_no_nouns_is_a_failure_not_an_exception(nouns):
-    items = [{"key": "k", "source": "s", "caption": "in front of the background"},
-             {"key": "k2", "source": "s2", "caption": ""},
-             {"key": "k3", "source": "s3", "failure": {"stage": "decode", "reason": "x"}}]
+    items = [
+        {"key": "k", "source": "s", "caption": "in front of the background"},
+        {"key": "k2", "source": "s2", "caption": ""},
+        {"key": "k3", "source": "s3", "failure": {"stage": "decode", "reason": "x"}},
+    ]
     out = nouns(items)
     assert out[0]["failure"] == {"stage": "nouns", "reason": "no nouns in the caption"}
     assert out[1]["failure"]["stage"] == "nouns"
@@ -119,13 +126,14 @@ def test_config_checks():
         NounsConfig(mode="verbs")
 
 
-
 def test_caption_noun_count_window_of_the_reference_recipe():
     """data_process.py keeps captions with 3-8 spaCy nouns (repeats and compound parts counted)."""
     window = NounExtractor(NounsConfig(min_caption_nouns=3, max_caption_nouns=8))
-    items = [{"key": "a", "source": "a", "caption": "a cat on a rug"},                       # 2 nouns
-             {"key": "b", "source": "b", "caption": "a cat on a rug near a coffee cup"},      # 4: coffee, cup too
-             {"key": "c", "source": "c", "caption": "a dog " + "and a dog " * 8}]             # 9 (repeats count)
+    items = [
+        {"key": "a", "source": "a", "caption": "a cat on a rug"},  # 2 nouns
+        {"key": "b", "source": "b", "caption": "a cat on a rug near a coffee cup"},  # 4: coffee, cup too
+        {"key": "c", "source": "c", "caption": "a dog " + "and a dog " * 8},
+    ]  # 9 (repeats count)
     out = window(items)
     assert "outside [3, 8]" in out[0]["failure"]["reason"] and out[0]["failure"]["stage"] == "nouns"
     assert "failure" not in out[1] and [n["label"] for n in out[1]["nouns"]] == ["cat", "rug", "cup"]
@@ -145,6 +153,6 @@ def test_count_words_move_spans_and_tokens(nouns):
     new, moved = with_count_words(cap, found, {0: 2, 1: 3, 2: 1})
     assert new == "two dog chasing the three ducks beside a fountain"
     for n in moved:
-        assert new[n["span"][0]:n["span"][1]] == n["phrase"] and n["tokens"] == clip_token_positions(new, n["span"])
+        assert new[n["span"][0] : n["span"][1]] == n["phrase"] and n["tokens"] == clip_token_positions(new, n["span"])
     assert with_count_words(cap, found, {0: 7, 2: 1}) == (cap, found)  # 7 or more, or 1: unchanged
     assert with_count_words("two dogs", nouns.extract("two dogs"), {0: 2})[0] == "two dogs"  # already counted

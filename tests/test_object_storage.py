@@ -58,8 +58,9 @@ def test_an_unfinished_remote_shard_publishes_nothing(bucket, tmp_path):
     assert list(spool.iterdir()) == []  # the spool is cleaned too
 
 
-def test_catalog_of_a_bucket_is_a_local_file_refreshed_from_the_listing(remote_shards, tmp_path, monkeypatch,
-                                                                        s3_requests):
+def test_catalog_of_a_bucket_is_a_local_file_refreshed_from_the_listing(
+    remote_shards, tmp_path, monkeypatch, s3_requests
+):
     url, local, keys = remote_shards
     monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
     report = catalog.build(url)
@@ -70,7 +71,9 @@ def test_catalog_of_a_bucket_is_a_local_file_refreshed_from_the_listing(remote_s
     catalog.build(local)
     assert remote == catalog.query(local, "SELECT key, caption FROM samples ORDER BY key").to_pylist()
     assert catalog.query(url, "SELECT path FROM shards ORDER BY name").column("path").to_pylist() == [
-        f"{url}/00000.tar", f"{url}/00001.tar"]
+        f"{url}/00000.tar",
+        f"{url}/00001.tar",
+    ]
 
     # Refreshing unchanged shards reads no sidecar: the server saw listings only.
     s3_requests.reset()
@@ -130,8 +133,14 @@ def test_catalog_cli_on_a_bucket(remote_shards, tmp_path):
     env = {**__import__("os").environ, "SUBJECTDIFF_CACHE": str(tmp_path / "cache")}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "subjectdiff", "catalog", *args], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "subjectdiff", "catalog", *args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
 
     missing = cli("query", url, "SELECT 1")
     assert missing.returncode == 2 and "catalog build" in missing.stderr

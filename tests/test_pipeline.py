@@ -19,7 +19,6 @@ from PIL import Image
 
 from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.reader import RecordReader
-from subjectdiff.datagen.job import preset
 from subjectdiff.datagen.run import run
 from subjectdiff.datagen.sources import SourceError, detect
 from tests.pipelines import assert_close, tiny_cfg
@@ -83,7 +82,7 @@ def test_every_input_is_accounted_for_exactly_once(photo_dir, reference_run):
     # The photos made records with real nouns, boxes and masks.
     objs = catalog.query(out, "SELECT label, x0, y0, x1, y1 FROM objects").to_pylist()
     assert objs and all(0 <= o["x0"] <= o["x1"] <= 1 and 0 <= o["y0"] <= o["y1"] <= 1 for o in objs)
-    for key, (meta, image) in records(out).items():
+    for _key, (meta, image) in records(out).items():
         assert meta["objects"] and all(o["mask"]["size"] == [meta["height"], meta["width"]] for o in meta["objects"])
         assert Path(meta["source"]).read_bytes() == image  # the bytes are passed through, never re-encoded
     manifest = json.loads((out / "manifest.json").read_text())
@@ -118,8 +117,23 @@ def test_rerun_of_a_complete_output_changes_nothing(photo_dir, reference_run):
 
 def test_killed_driver_then_same_command_gives_the_uninterrupted_result(photo_dir, reference_run, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", str(photo_dir), "--out", str(out),
-           "--preset", "tiny", "--shard-size", "3", "--batch-size", "8"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "subjectdiff",
+        "datagen",
+        "run",
+        "--input",
+        str(photo_dir),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--shard-size",
+        "3",
+        "--batch-size",
+        "8",
+    ]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while not list(out.glob("*_stats.json")) and time.monotonic() < deadline and proc.poll() is None:
@@ -142,6 +156,7 @@ def _img2dataset_shard(path: Path, photos: list[Path], *, bad_member: bool) -> l
     """A tar as img2dataset writes it (KEY.jpg, KEY.txt, KEY.json), its Parquet and _stats.json."""
     urls = []
     with tarfile.open(path, "w") as tf:
+
         def add(name: str, data: bytes) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -159,8 +174,9 @@ def _img2dataset_shard(path: Path, photos: list[Path], *, bad_member: bool) -> l
             urls.append(url)
             add(f"{path.stem}9999.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
             add(f"{path.stem}9999.json", json.dumps({"url": url}).encode())
-    pq.write_table(pa.table({"url": urls, "key": [f"{path.stem}{i:04d}" for i in range(len(urls))]}),
-                   path.with_suffix(".parquet"))
+    pq.write_table(
+        pa.table({"url": urls, "key": [f"{path.stem}{i:04d}" for i in range(len(urls))]}), path.with_suffix(".parquet")
+    )
     path.with_name(path.stem + "_stats.json").write_text(json.dumps({"count": len(urls), "successes": len(urls)}))
     return urls
 
@@ -194,8 +210,11 @@ def test_list_and_brace_inputs_plan_every_unit(tmp_path):
 
     photos = sorted(SAMPLES.glob("*.jpg"))
     lst = tmp_path / "list.csv"
-    lst.write_text("path,caption\n" + "".join(f"{p},caption {i}\n" for i, p in enumerate(photos[:3]))
-                   + f"{photos[0]},a duplicate is planned once\n")
+    lst.write_text(
+        "path,caption\n"
+        + "".join(f"{p},caption {i}\n" for i, p in enumerate(photos[:3]))
+        + f"{photos[0]},a duplicate is planned once\n"
+    )
     counts = write_plan(str(lst), tmp_path / "plan.parquet", shard_size=2)
     plan = pq.read_table(tmp_path / "plan.parquet").to_pylist()
     assert counts == {"00000": 2, "00001": 1} and [r["source"] for r in plan] == [str(p) for p in photos[:3]]
@@ -210,7 +229,23 @@ def test_list_and_brace_inputs_plan_every_unit(tmp_path):
 
 
 def test_bad_input_is_one_clear_error(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", str(tmp_path / "nope"),
-                           "--out", str(tmp_path / "o"), "--preset", "tiny"],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "subjectdiff",
+            "datagen",
+            "run",
+            "--input",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "o"),
+            "--preset",
+            "tiny",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not a folder" in proc.stderr

@@ -68,7 +68,7 @@ def test_run_completes_when_a_worker_node_dies(tmp_path, two_node_cluster):
     def drive():
         try:
             result["summary"] = run(str(src), out, cfg, stage_factory=slow_factory, progress_every=60)
-        except BaseException as e:  # noqa: BLE001 - re-raised in the test below
+        except BaseException as e:
             result["error"] = e
 
     # The run drives Ray from a thread; the node is killed and replaced from the main thread (Ray starts
@@ -165,12 +165,15 @@ def test_fused_stage_errors_name_the_stage_the_sample_reached():
     def factory(name, cfg):
         def chain(items):
             raise MemoryError("CUDA out of memory")
+
         return chain
 
     actor = StageActor("fused", config.DatagenConfig(), factory=factory)
-    items = [{"key": "a", "source": "a", "image": 1},
-             {"key": "b", "source": "b", "image": 1, "caption": "a cat", "nouns": [{"label": "cat"}]},
-             {"key": "c", "source": "c", "image": 1, "caption": "a cat", "nouns": [], "detections": []}]
+    items = [
+        {"key": "a", "source": "a", "image": 1},
+        {"key": "b", "source": "b", "image": 1, "caption": "a cat", "nouns": [{"label": "cat"}]},
+        {"key": "c", "source": "c", "image": 1, "caption": "a cat", "nouns": [], "detections": []},
+    ]
     out = actor.map(items)
     assert [it["failure"]["stage"] for it in out] == ["caption", "ground", "segment"]
     assert {it["failure"]["reason"] for it in out} == {"error: MemoryError: CUDA out of memory"}
@@ -178,7 +181,8 @@ def test_fused_stage_errors_name_the_stage_the_sample_reached():
 
 def test_resume_refuses_other_stage_settings_but_not_other_batch_sizes(tmp_path):
     from subjectdiff.datagen import config
-    from subjectdiff.datagen.plan import make_or_reuse as _plan, stages_fingerprint
+    from subjectdiff.datagen.plan import make_or_reuse as _plan
+    from subjectdiff.datagen.plan import stages_fingerprint
     from subjectdiff.datagen.sources import SourceError
 
     src = tmp_path / "in"
@@ -211,8 +215,10 @@ def test_datagen_settings_from_toml_then_overrides(tmp_path):
     from subjectdiff.datagen.job import PoolConfig, load_config
 
     f = tmp_path / "datagen.toml"
-    f.write_text('[ground]\nbox_threshold = 0.3\n[nouns]\nstop_nouns = ["top", "view"]\n'
-                 '[pipeline]\nshard_size = 500\n[pipeline.pools.segment]\nconcurrency = 2\nnum_gpus = 0.5\n')
+    f.write_text(
+        '[ground]\nbox_threshold = 0.3\n[nouns]\nstop_nouns = ["top", "view"]\n'
+        "[pipeline]\nshard_size = 500\n[pipeline.pools.segment]\nconcurrency = 2\nnum_gpus = 0.5\n"
+    )
     cfg = load_config("tiny", str(f), ["ground.box_threshold=0.4", "pipeline.pools.caption.num_gpus=0.25"])
     assert cfg.stages.ground.box_threshold == 0.4 and cfg.stages.nouns.stop_nouns == ("top", "view")
     assert cfg.pipeline.shard_size == 500

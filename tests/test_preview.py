@@ -1,6 +1,6 @@
-"""`subjectdiff train preview`: what the trainer would feed, on demo records (subjectdiff/photo_records.py's photos), with any
-preset (no model is built); the contact sheet as a person sees it in headless Chromium (skipped when Debian's
-`chromium` is not installed). The Chromium test keeps its screenshot at tests/artifacts/preview.png."""
+"""`subjectdiff train preview`: what the trainer would feed, on demo records (subjectdiff/photo_records.py's
+photos), with any preset (no model is built); the contact sheet as a person sees it in headless Chromium (skipped
+when Debian's `chromium` is not installed). The Chromium test keeps its screenshot at tests/artifacts/preview.png."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from subjectdiff.catalogs.catalog import build
 from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.cli import main
 from subjectdiff.photo_records import write_photo_shards
-from tests.browser import chromium, needs_chromium, page_errors, probe
 from subjectdiff.train.config import load_config
 from subjectdiff.train.data import contained, crop_box_ok, object_ok
+from tests.browser import chromium, needs_chromium, page_errors, probe
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 # Counts what the browser laid out and decoded (run only in a probe copy of the page).
@@ -63,8 +63,9 @@ def check_rules(rows: list[dict], demo: Path, cfg) -> None:
 
 def test_preview_writes_what_the_trainer_feeds(demo, tmp_path):
     out = tmp_path / "pv"
-    assert main(["train", "preview", "--preset", "tiny", "--records", str(demo), "--sample", "5",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["train", "preview", "--preset", "tiny", "--records", str(demo), "--sample", "5", "--out", str(out)]) == 0
+    )
     rows = rows_of(out)
     assert len(rows) == 5 and {"key", "objects", "boxes", "prompt", "placeholder_pos", "loc_pos"} <= set(rows[0])
     check_rules(rows, demo, load_config("tiny"))
@@ -84,16 +85,36 @@ def test_preview_writes_what_the_trainer_feeds(demo, tmp_path):
 
 def test_preview_runs_offline_with_the_paper_preset_and_object_where(demo, tmp_path):
     out = tmp_path / "paper"
-    assert main(["train", "preview", "--preset", "paper", "--catalog", str(demo / "catalog.duckdb"), "--object-where",
-                 "label <> 'flag'", "--sample", "4", "--out", str(out), "data.batch_size=2", "data.num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "preview",
+                "--preset",
+                "paper",
+                "--catalog",
+                str(demo / "catalog.duckdb"),
+                "--object-where",
+                "label <> 'flag'",
+                "--sample",
+                "4",
+                "--out",
+                str(out),
+                "data.batch_size=2",
+                "data.num_workers=0",
+            ]
+        )
+        == 0
+    )
     rows = rows_of(out)
     assert len(rows) == 4 and all("flag" not in r["labels"] for r in rows)
     check_rules(rows, demo, load_config("paper"))
     assert (out / "selection.parquet").is_file()
     img = re.search(r'src="data:image/png;base64,[^"]+"', (out / "index.html").read_text())
     assert img  # the page embeds its images
-    assert main(["train", "preview", "--preset", "tiny", "--records", str(demo), "--sample", "0",
-                 "--out", str(out)]) == 2
+    assert (
+        main(["train", "preview", "--preset", "tiny", "--records", str(demo), "--sample", "0", "--out", str(out)]) == 2
+    )
 
 
 @needs_chromium
@@ -101,8 +122,24 @@ def test_preview_renders_in_headlesschromium(demo, tmp_path):
     ARTIFACTS.mkdir(exist_ok=True)
     out = ARTIFACTS / "preview"
     n = 6
-    assert main(["train", "preview", "--preset", "tiny", "--records", str(demo), "--sample", str(n), "--out", str(out),
-                 f"data.backgrounds='{Path(__file__).parents[1] / 'datagen' / 'sample_images'}'"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "preview",
+                "--preset",
+                "tiny",
+                "--records",
+                str(demo),
+                "--sample",
+                str(n),
+                "--out",
+                str(out),
+                f"data.backgrounds='{Path(__file__).parents[1] / 'datagen' / 'sample_images'}'",
+            ]
+        )
+        == 0
+    )
     rows = rows_of(out)
     subjects = sum(len(r["objects"]) for r in rows)
     html_text = (out / "index.html").read_text(encoding="utf-8")

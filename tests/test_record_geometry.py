@@ -15,15 +15,29 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from subjectdiff.catalogs import masks as mask_codec
-from subjectdiff.catalogs.boxes import (cxcywh_norm_to_xyxy_norm, xyxy_norm_to_pixel_rect, xyxy_norm_to_xyxy_pixels,
-                                       xyxy_pixels_to_xyxy_norm, xyxy_pixels_union_rect)
+from subjectdiff.catalogs.boxes import (
+    cxcywh_norm_to_xyxy_norm,
+    xyxy_norm_to_pixel_rect,
+    xyxy_norm_to_xyxy_pixels,
+    xyxy_pixels_to_xyxy_norm,
+    xyxy_pixels_union_rect,
+)
 from subjectdiff.catalogs.catalog import build, query
 from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, select
 from subjectdiff.cli import main
-from tests.geometry import decoded, geometry_cases, records, write_geometry_shards
 from subjectdiff.train.config import load_config
-from subjectdiff.train.data import (MAX_LOC_TOKENS, NoSubject, choose_subjects, contained, crop_box_ok, make_sample,
-                        object_ok, sample_rng, square_crop)
+from subjectdiff.train.data import (
+    MAX_LOC_TOKENS,
+    NoSubject,
+    choose_subjects,
+    contained,
+    crop_box_ok,
+    make_sample,
+    object_ok,
+    sample_rng,
+    square_crop,
+)
+from tests.geometry import decoded, geometry_cases, records, write_geometry_shards
 
 SUBJECT = 32  # subject image side in these tests
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -67,8 +81,9 @@ def check_sample(s, rec, cfg) -> None:
         assert 0 <= b[0] < b[2] <= 1 and 0 <= b[1] < b[3] <= 1
         assert object_ok(rec, i, d)
         if d.object_rules:
-            assert crop_box_ok(b, d) and not any(contained(rec.boxes[c], rec.boxes[i], d.max_containment)
-                                                 for c in objs[:j])
+            assert crop_box_ok(b, d) and not any(
+                contained(rec.boxes[c], rec.boxes[i], d.max_containment) for c in objs[:j]
+            )
         m = s["masks"][j]
         assert m.max() > 0 and m.min() >= 0 and m.max() <= 1
         ys, xs = np.nonzero(m)
@@ -86,8 +101,9 @@ def check_sample(s, rec, cfg) -> None:
 def same(a, b) -> bool:
     if isinstance(a, NoSubject) or isinstance(b, NoSubject):
         return a == b
-    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else a[k] == b[k]
-                                        for k in a)
+    return a.keys() == b.keys() and all(
+        np.array_equal(a[k], b[k]) if isinstance(a[k], np.ndarray) else a[k] == b[k] for k in a
+    )
 
 
 @pytest.mark.parametrize("config", list(CONFIGS))
@@ -128,11 +144,17 @@ def test_chosen_subjects_pass_the_rules_in_order(record, pick, n, data):
 
 
 @settings(max_examples=300, deadline=None)
-@given(w=st.integers(1, 600), h=st.integers(1, 600), policy=st.sampled_from(["short-side", "zoom"]),
-       boxes=st.lists(st.tuples(*[st.floats(0, 1)] * 4), max_size=4), seed=st.integers(0, 100))
+@given(
+    w=st.integers(1, 600),
+    h=st.integers(1, 600),
+    policy=st.sampled_from(["short-side", "zoom"]),
+    boxes=st.lists(st.tuples(*[st.floats(0, 1)] * 4), max_size=4),
+    seed=st.integers(0, 100),
+)
 def test_square_crop_is_inside_the_image_and_contains_the_subjects_that_fit(w, h, policy, boxes, seed):
-    px = np.array([[min(a, c) * w, min(b, d) * h, max(a, c) * w, max(b, d) * h] for a, b, c, d in boxes],
-                  np.float64).reshape(-1, 4)
+    px = np.array(
+        [[min(a, c) * w, min(b, d) * h, max(a, c) * w, max(b, d) * h] for a, b, c, d in boxes], np.float64
+    ).reshape(-1, 4)
     x0, y0, side = square_crop(w, h, px, np.random.default_rng(seed), policy)
     short = min(w, h)
     assert 0 <= x0 <= w - side and 0 <= y0 <= h - side and 1 <= side <= short
@@ -199,19 +221,40 @@ def test_reference_selection_on_real_photo_geometry(geometry_shards):
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("argv", [
-    ["--preset", "tiny"],
-    ["--preset", "paper", "--model", "tiny", "data.num_workers=2", "run.precision='fp32'"],
-    ["--preset", "tiny", "--object-where", "reference", "data.num_workers=2", "data.batch_size=3"],
-], ids=["tiny", "paper-tiny", "reference"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--preset", "tiny"],
+        ["--preset", "paper", "--model", "tiny", "data.num_workers=2", "run.precision='fp32'"],
+        ["--preset", "tiny", "--object-where", "reference", "data.num_workers=2", "data.batch_size=3"],
+    ],
+    ids=["tiny", "paper-tiny", "reference"],
+)
 def test_training_and_preview_run_over_real_photo_geometry(geometry_shards, tmp_path, argv):
     """A few steps and a preview on records like real photos, with the loaders' settings as given: no crash, the
     logged losses finite, and every previewed subject a well-formed one."""
-    data = (["--catalog", str(geometry_shards / "catalog.duckdb")] if "--object-where" in argv
-            else ["--records", str(geometry_shards)])
+    data = (
+        ["--catalog", str(geometry_shards / "catalog.duckdb")]
+        if "--object-where" in argv
+        else ["--records", str(geometry_shards)]
+    )
     out = tmp_path / "run"
-    assert main(["train", *argv, *data, "--out", str(out), "run.max_steps=3", "run.ckpt_every=100", "run.log_every=1",
-                 "run.progress='off'"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *argv,
+                *data,
+                "--out",
+                str(out),
+                "run.max_steps=3",
+                "run.ckpt_every=100",
+                "run.log_every=1",
+                "run.progress='off'",
+            ]
+        )
+        == 0
+    )
     logs = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(logs) == 3 and all(np.isfinite(r["loss"]) for r in logs)
     page = tmp_path / "preview"

@@ -28,22 +28,31 @@ from subjectdiff.catalogs.report.thumbnails import read_members
 from subjectdiff.catalogs.schema import Failure, Record, make_key
 from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.cli import main
-from tests.browser import chromium, needs_chromium, page_errors, probe
 from subjectdiff.photo_records import photo_record, write_photo_shards
+from tests.browser import chromium, needs_chromium, page_errors, probe
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 HOSTILE_CAPTION_PREFIX = '<script>alert("caption")</script><img src=x onerror=alert(1)> & '
 # The shape datagen's Manifest writes (datagen/manifest.py); the report renders any JSON object.
 MANIFEST = {
-    "input": "photos/", "preset": "tiny",
+    "input": "photos/",
+    "preset": "tiny",
     "config": {"stages": {"ground": {"box_threshold": 0.35}}, "pipeline": {"batch_size": 8}},
-    "models": {"ground": {"checkpoint": {"spec": "IDEA-Research/grounding-dino-tiny"}},
-               "segment": {"model_type": "vit_b", "spec": "sam_vit_b", "sha256": "ec2df62732614e57"}},
+    "models": {
+        "ground": {"checkpoint": {"spec": "IDEA-Research/grounding-dino-tiny"}},
+        "segment": {"model_type": "vit_b", "spec": "sam_vit_b", "sha256": "ec2df62732614e57"},
+    },
     "thresholds": {"box_threshold": 0.35, "text_threshold": 0.25, "detections": [1, 8]},
     "versions": {"torch": "2.14.1", "note": "<b>not bold</b>"},
     "code_revision": "d420520+dirty",
-    "runs": [{"command": ["subjectdiff", "datagen", "run"], "start": 1_790_000_000.0, "end": 1_790_000_600.0,
-              "status": "complete"}],
+    "runs": [
+        {
+            "command": ["subjectdiff", "datagen", "run"],
+            "start": 1_790_000_000.0,
+            "end": 1_790_000_600.0,
+            "status": "complete",
+        }
+    ],
     "counts": {"samples": 9, "failures": 3},
     "start": 1_790_000_000.0,
     "end": 1_790_000_600.0,
@@ -123,8 +132,8 @@ def test_overlay_tints_inside_the_mask_only_and_draws_the_box_edges():
     inside = out[mask]
     assert (inside == [178, 50, 50]).all(), "mask pixels blend half-way to the object's color"
     edges = np.zeros((h, w), bool)
-    edges[y0:y0 + 2, x0:x1] = edges[y1 - 2:y1, x0:x1] = True
-    edges[y0:y1, x0:x0 + 2] = edges[y0:y1, x1 - 2:x1] = True
+    edges[y0 : y0 + 2, x0:x1] = edges[y1 - 2 : y1, x0:x1] = True
+    edges[y0:y1, x0 : x0 + 2] = edges[y0:y1, x1 - 2 : x1] = True
     assert (out[edges] == red).all(), "the box is drawn on its pixel extent"
     untouched = ~mask & ~edges
     assert (out[untouched] == 100).all(), "no pixel outside the mask and the box edges changes"
@@ -242,8 +251,7 @@ def test_cli_report_and_its_one_line_errors(dataset, tmp_path, capsys):
     assert main(["catalog", "report", str(dataset), "--where", "no_such_column > 1", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("subjectdiff catalog: error: invalid --where") and "\n" not in err
-    assert main(["catalog", "report", str(dataset), "--where", "1=1); DROP TABLE samples; --", "--out",
-                 str(out)]) == 2
+    assert main(["catalog", "report", str(dataset), "--where", "1=1); DROP TABLE samples; --", "--out", str(out)]) == 2
     assert "invalid --where" in capsys.readouterr().err
     assert main(["catalog", "report", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "no catalog" in capsys.readouterr().err
@@ -338,8 +346,10 @@ class _Curation(HTMLParser):
 
 
 def _weak_labels(text: str) -> list[tuple[str, float]]:
-    return [(m.group(1), float(m.group(2))) for m in
-            re.finditer(r'<p class="label"><b>([^<]*)</b> · label score <span class="num">([-0-9.]+)</span>', text)]
+    return [
+        (m.group(1), float(m.group(2)))
+        for m in re.finditer(r'<p class="label"><b>([^<]*)</b> · label score <span class="num">([-0-9.]+)</span>', text)
+    ]
 
 
 def test_report_shows_curation_distributions_duplicate_groups_and_weak_labels(curated, dataset, tmp_path):
@@ -348,14 +358,22 @@ def test_report_shows_curation_distributions_duplicate_groups_and_weak_labels(cu
     out = build_report(curated, tmp_path / "c.html", sample=2)
     text = out.read_text(encoding="utf-8")
     ids = set(_parse(out).ids)
-    assert {"curation", "duplicates", "low-label-scores", "hist-clip_score", "hist-aesthetic",
-            "hist-label_score"} <= ids
+    assert {
+        "curation",
+        "duplicates",
+        "low-label-scores",
+        "hist-clip_score",
+        "hist-aesthetic",
+        "hist-label_score",
+    } <= ids
     assert text.count('<svg class="plot"') == 9  # the six of the records' plots, and three curation histograms
     page = _Curation()
     page.feed(text)
     # two groups, each original (first in plan order, the one --dedup keeps) before its copy
-    assert page.groups == [[make_key("orig/astronaut"), make_key("copy/astronaut")],
-                           [make_key("orig/chelsea"), make_key("copy/chelsea-q60")]]
+    assert page.groups == [
+        [make_key("orig/astronaut"), make_key("copy/astronaut")],
+        [make_key("orig/chelsea"), make_key("copy/chelsea-q60")],
+    ]
     assert page.kept == [True, False, True, False]
     assert "group 0 · exact · 2 samples" in text and "group 1 · near · 2 samples" in text
     # the lowest label scores first, with their labels: each record's third object scores 0.2

@@ -38,7 +38,7 @@ def rect_mask(box: list[float], rows: float = 1.0) -> np.ndarray:
     """The box's top `rows` fraction of rows filled."""
     m = np.zeros((H, W), bool)
     x0, y0, x1, y1 = round(box[0] * W), round(box[1] * H), round(box[2] * W), round(box[3] * H)
-    m[y0: y0 + round((y1 - y0) * rows), x0:x1] = True
+    m[y0 : y0 + round((y1 - y0) * rows), x0:x1] = True
     return m
 
 
@@ -46,15 +46,30 @@ def obj(box, mask=None, score=0.9, label="ball", phrase=None):
     phrase = phrase or label
     start = CAPTION.index(phrase)
     span = [start, start + len(phrase)]
-    return object_from_arrays(label=label, phrase=phrase, span=span, tokens=clip_token_positions(CAPTION, span),
-                              box=box, score=score, mask=ellipse_mask(H, W, box) if mask is None else mask,
-                              mask_score=0.9)
+    return object_from_arrays(
+        label=label,
+        phrase=phrase,
+        span=span,
+        tokens=clip_token_positions(CAPTION, span),
+        box=box,
+        score=score,
+        mask=ellipse_mask(H, W, box) if mask is None else mask,
+        mask_score=0.9,
+    )
 
 
 def record(name: str, objects, img: np.ndarray | None = None, caption: str = CAPTION) -> Record:
     src = f"rules://{name}"
-    return Record(key=make_key(src), image=encode(image() if img is None else img), image_ext="jpg",
-                  caption=caption, width=W, height=H, source=src, objects=list(objects))
+    return Record(
+        key=make_key(src),
+        image=encode(image() if img is None else img),
+        image_ext="jpg",
+        caption=caption,
+        width=W,
+        height=H,
+        source=src,
+        objects=list(objects),
+    )
 
 
 BASE = box_px(60, 40, 120, 100)  # area 0.2, aspect 1.2, an inscribed ellipse mask: fill 0.785
@@ -71,13 +86,13 @@ def larger_than_box() -> np.ndarray:
 # name -> (objects, does object 0 pass the per-object rules)
 SINGLE = {
     "ok": ([obj(BASE)], True),
-    "area_low_in": ([obj(box_px(20, 20, 102, 50))], True),      # 0.085
-    "area_low_out": ([obj(box_px(20, 20, 90, 50))], False),     # 0.075
-    "area_high_in": ([obj(box_px(10, 10, 270, 152))], True),    # 0.684
+    "area_low_in": ([obj(box_px(20, 20, 102, 50))], True),  # 0.085
+    "area_low_out": ([obj(box_px(20, 20, 90, 50))], False),  # 0.075
+    "area_high_in": ([obj(box_px(10, 10, 270, 152))], True),  # 0.684
     "area_high_out": ([obj(box_px(10, 10, 270, 160))], False),  # 0.72
-    "aspect_low_in": ([obj(box_px(20, 10, 57, 180))], True),    # 0.317
+    "aspect_low_in": ([obj(box_px(20, 10, 57, 180))], True),  # 0.317
     "aspect_low_out": ([obj(box_px(20, 10, 51, 180))], False),  # 0.283
-    "aspect_high_in": ([obj(box_px(20, 20, 174, 60))], True),   # 2.9
+    "aspect_high_in": ([obj(box_px(20, 20, 174, 60))], True),  # 2.9
     "aspect_high_out": ([obj(box_px(20, 20, 186, 60))], False),  # 3.1
     "score_in": ([obj(BASE, score=0.31)], True),
     "score_out": ([obj(BASE, score=0.29)], False),
@@ -132,7 +147,9 @@ def test_the_same_rules_through_object_where(rules_data, tmp_path):
     out = tmp_path / "sel.parquet"
     assert main(["catalog", "select", str(d), "--object-where", "reference", "--out", str(out)]) == 0
     eligible = load_eligible_objects(out)
-    assert {n for n, r in recs.items() if n in SINGLE and r.key in eligible} == {n for n, (_, ok) in SINGLE.items() if ok}
+    assert {n for n, r in recs.items() if n in SINGLE and r.key in eligible} == {
+        n for n, (_, ok) in SINGLE.items() if ok
+    }
     assert all(eligible[r.key] == [0] for n, r in recs.items() if n in SINGLE and r.key in eligible)
     # the segments rule is the trainer's: SQL keeps object 0 of both; the small inner objects fail the area rule
     assert eligible[recs["segments_5"].key] == eligible[recs["segments_6"].key] == [0]
@@ -150,8 +167,11 @@ def test_containment_in_a_chosen_box_and_score_order(tmp_path):
         "contained_05": [obj(big, score=0.9), obj(box_px(190, 40, 60, 100), score=0.8)],
         "contained_09": [obj(big, score=0.9), obj(box_px(166, 40, 60, 100), score=0.8)],
         "contained_lower_first": [obj(box_px(30, 30, 100, 95), score=0.95), obj(big, score=0.9)],
-        "order": [obj(box_px(10, 10, 80, 80), score=0.5), obj(box_px(110, 10, 80, 80), score=0.9),
-                  obj(box_px(210, 10, 80, 80), score=0.7)],
+        "order": [
+            obj(box_px(10, 10, 80, 80), score=0.5),
+            obj(box_px(110, 10, 80, 80), score=0.9),
+            obj(box_px(210, 10, 80, 80), score=0.7),
+        ],
     }
     with ShardWriter(tmp_path, "00000") as w:
         for name, objects in cases.items():
@@ -194,9 +214,19 @@ def test_duplicate_nouns_get_their_own_clause_tokens(tmp_path):
     caption = "two dogs on a lawn"
     start = caption.index("dogs")
     span = [start, start + 4]
-    dogs = [object_from_arrays(label="dog", phrase="dogs", span=span, tokens=clip_token_positions(caption, span),
-                               box=b, score=s, mask=ellipse_mask(H, W, b), mask_score=0.9)
-            for b, s in ((box_px(10, 20, 80, 150), 0.9), (box_px(110, 30, 80, 140), 0.8))]  # both in a 200 px crop
+    dogs = [
+        object_from_arrays(
+            label="dog",
+            phrase="dogs",
+            span=span,
+            tokens=clip_token_positions(caption, span),
+            box=b,
+            score=s,
+            mask=ellipse_mask(H, W, b),
+            mask_score=0.9,
+        )
+        for b, s in ((box_px(10, 20, 80, 150), 0.9), (box_px(110, 30, 80, 140), 0.8))
+    ]  # both in a 200 px crop
     with ShardWriter(tmp_path, "00000") as w:
         w.write(record("dogs", dogs, caption=caption))
     rec = next(iter(RecordReader(tmp_path)))

@@ -213,11 +213,15 @@ def test_hugging_face_datasets_parquet_is_read_from_its_image_bytes(tmp_path):
 
     photos = [p.read_bytes() for p in PHOTOS[:3]]
     (tmp_path / "beside.jpg").write_bytes(photos[2])
-    images = [{"bytes": photos[0], "path": "astronaut.jpg"}, {"bytes": photos[1], "path": None},
-              {"bytes": None, "path": None},  # nothing to read
-              {"bytes": b"\xff\xd8 not a jpeg", "path": "broken.jpg"},
-              {"bytes": None, "path": "beside.jpg"},  # datasets' "path only" rows: relative to the Parquet
-              {"bytes": None, "path": "gone.jpg"}, None]
+    images = [
+        {"bytes": photos[0], "path": "astronaut.jpg"},
+        {"bytes": photos[1], "path": None},
+        {"bytes": None, "path": None},  # nothing to read
+        {"bytes": b"\xff\xd8 not a jpeg", "path": "broken.jpg"},
+        {"bytes": None, "path": "beside.jpg"},  # datasets' "path only" rows: relative to the Parquet
+        {"bytes": None, "path": "gone.jpg"},
+        None,
+    ]
     hf_parquet(tmp_path / "train.parquet", images, ["a cosmonaut", None, "c", "d", "e", "f", "g"], row_group_size=3)
     src = str(tmp_path / "train.parquet")
     assert detect(src) == "list"
@@ -228,9 +232,11 @@ def test_hugging_face_datasets_parquet_is_read_from_its_image_bytes(tmp_path):
     assert [read(plan[i]) for i in (0, 1, 4)] == [photos[0], photos[1], photos[2]]
 
     where = f"{src} row index {{}}, column 'image'".format
-    for i, reason in ((2, "the image bytes are null and there is no path to read instead"),
-                      (5, "the image bytes are null and its path 'gone.jpg' cannot be read: no such file"),
-                      (6, "the image is null")):
+    for i, reason in (
+        (2, "the image bytes are null and there is no path to read instead"),
+        (5, "the image bytes are null and its path 'gone.jpg' cannot be read: no such file"),
+        (6, "the image is null"),
+    ):
         with pytest.raises(UnitReadError) as e:
             read(plan[i])
         assert str(e.value) == f"{where(i)}: {reason}"
@@ -264,9 +270,21 @@ def test_a_laion_parquet_plans_one_url_per_row_and_a_404_says_so(tmp_path, http_
     urls = [f"{base}/{p.name}" for p in PHOTOS[:3]] + [f"{base}/gone.jpg"]
     texts = [f"a photo of {p.stem}" for p in PHOTOS[:3]] + ["lost"]
     n = len(urls)
-    pq.write_table(pa.table({  # the columns of LAION-400M's metadata Parquet
-        "SAMPLE_ID": list(range(n)), "URL": urls, "TEXT": texts, "HEIGHT": [512] * n, "WIDTH": [512] * n,
-        "LICENSE": ["?"] * n, "NSFW": ["UNLIKELY"] * n, "similarity": [0.3] * n}), tmp_path / "laion.parquet")
+    pq.write_table(
+        pa.table(
+            {  # the columns of LAION-400M's metadata Parquet
+                "SAMPLE_ID": list(range(n)),
+                "URL": urls,
+                "TEXT": texts,
+                "HEIGHT": [512] * n,
+                "WIDTH": [512] * n,
+                "LICENSE": ["?"] * n,
+                "NSFW": ["UNLIKELY"] * n,
+                "similarity": [0.3] * n,
+            }
+        ),
+        tmp_path / "laion.parquet",
+    )
     _, plan = plan_rows(str(tmp_path / "laion.parquet"), tmp_path)
     assert [(r["source"], r["alt_text"], r["column"]) for r in plan] == [(u, t, None) for u, t in zip(urls, texts)]
     assert [read(r) for r in plan[:3]] == [p.read_bytes() for p in PHOTOS[:3]]
@@ -290,9 +308,14 @@ def test_column_names_match_in_any_case_and_can_be_named(tmp_path):
     with pytest.raises(SourceError, match=r"no image column; .*--image-column; its columns are \['Photo'"):
         plan_rows(b, tmp_path)
     columns = "['Photo', 'Prompt', 'caption', 'n']"
-    for kw, want in (({"image_column": "picture"}, "no column 'picture' (--image-column)"),
-                     ({"image_column": "photo", "caption_column": "title"}, "no column 'title' (--caption-column)")):
-        for call in (lambda: detect(b, **kw), lambda: plan_rows(b, tmp_path, **kw)):  # detect: before any run
+    for kw, want in (
+        ({"image_column": "picture"}, "no column 'picture' (--image-column)"),
+        ({"image_column": "photo", "caption_column": "title"}, "no column 'title' (--caption-column)"),
+    ):
+        for call in (
+            lambda kw=kw: detect(b, **kw),
+            lambda kw=kw: plan_rows(b, tmp_path, **kw),
+        ):  # detect: before any run
             with pytest.raises(SourceError) as e:
                 call()
             assert str(e.value) == f"{b}: {want}; its columns are {columns}"
@@ -326,7 +349,7 @@ def test_a_broken_row_group_fails_each_of_its_rows_with_one_reason(tmp_path, fla
     data = bytearray(buf.getvalue())
     chunk = pq.ParquetFile(io.BytesIO(bytes(data))).metadata.row_group(1).column(0)  # image.bytes, rows 10-19
     start = chunk.dictionary_page_offset or chunk.data_page_offset
-    data[start: start + 40] = b"\xff" * 40  # its page header
+    data[start : start + 40] = b"\xff" * 40  # its page header
     put(root.replace("flaky://", "memory://") + "broken.parquet", bytes(data))
     url = root + "broken.parquet"
     assert read_unit(url, 3, -1, "image") == jpeg(3)
@@ -348,14 +371,37 @@ def test_hf_urls_fail_clearly_without_a_hub(tmp_path):
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     url = "hf://datasets/google/dreambooth/data/train-00000-of-00001.parquet"
-    proc = subprocess.run([sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", url, "--out",
-                           str(tmp_path / "out"), "--preset", "tiny", "--image-column", "image",
-                           "--caption-column", "text"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "subjectdiff",
+            "datagen",
+            "run",
+            "--input",
+            url,
+            "--out",
+            str(tmp_path / "out"),
+            "--preset",
+            "tiny",
+            "--image-column",
+            "image",
+            "--caption-column",
+            "text",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"input list {url!r} cannot be read: " in proc.stderr and "offline" in proc.stderr
-    code = ("from subjectdiff.datagen.sources import SourceError, detect\n"
-            "try:\n    detect('hf://datasets/google/dreambooth/dataset/dog')\n"
-            "except SourceError as e:\n    print(e)\n")
+    code = (
+        "from subjectdiff.datagen.sources import SourceError, detect\n"
+        "try:\n    detect('hf://datasets/google/dreambooth/dataset/dog')\n"
+        "except SourceError as e:\n    print(e)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stdout.startswith("input 'hf://datasets/google/dreambooth/dataset/dog' cannot be reached: ")
@@ -420,8 +466,13 @@ def test_bucket_inputs_take_the_endpoint_from_the_storage_options(tmp_path, endp
     import s3fs
 
     fs = s3fs.S3FileSystem(endpoint_url=s3_server)  # the test's own client, told the endpoint directly
-    fs.pipe({f"{endpoint_in_options}/imgs/a.jpg": jpeg(1), f"{endpoint_in_options}/imgs/sub/b.png": jpeg(2),
-             f"{endpoint_in_options}/shards/00000.tar": make_tar([("k.jpg", jpeg(3))])})
+    fs.pipe(
+        {
+            f"{endpoint_in_options}/imgs/a.jpg": jpeg(1),
+            f"{endpoint_in_options}/imgs/sub/b.png": jpeg(2),
+            f"{endpoint_in_options}/shards/00000.tar": make_tar([("k.jpg", jpeg(3))]),
+        }
+    )
     src = f"{endpoint_in_options}/imgs/"
     assert detect(src) == "folder"
     _, plan = plan_rows(src, tmp_path)
@@ -456,17 +507,31 @@ def test_img2dataset_failed_downloads_and_samples_without_an_image_are_accounted
     bmp = io.BytesIO()
     Image.new("RGB", (8, 8), (1, 2, 3)).save(bmp, "BMP")
     url = "https://example.com/{}.jpg".format
-    (src / "00000.tar").write_bytes(make_tar([
-        ("000000000.jpg", jpeg(0)), ("000000000.txt", b"a cat"),
-        ("000000000.json", json.dumps({"url": url(0)}).encode()),
-        ("000000002.bmp", bmp.getvalue()), ("000000002.json", json.dumps({"url": url(2)}).encode()),
-        ("000000003.txt", b"orphan"), ("000000003.json", json.dumps({"url": url(3)}).encode()),
-    ]))
-    pq.write_table(pa.table({
-        "key": [f"00000000{i}" for i in range(5)], "url": [url(i) for i in range(5)],
-        "status": ["success", "failed_to_download", "success", "success", "failed_to_resize"],
-        "error_message": [None, "HTTP 404", None, None, "image too small"], "caption": list("abcde"),
-    }), src / "00000.parquet")
+    (src / "00000.tar").write_bytes(
+        make_tar(
+            [
+                ("000000000.jpg", jpeg(0)),
+                ("000000000.txt", b"a cat"),
+                ("000000000.json", json.dumps({"url": url(0)}).encode()),
+                ("000000002.bmp", bmp.getvalue()),
+                ("000000002.json", json.dumps({"url": url(2)}).encode()),
+                ("000000003.txt", b"orphan"),
+                ("000000003.json", json.dumps({"url": url(3)}).encode()),
+            ]
+        )
+    )
+    pq.write_table(
+        pa.table(
+            {
+                "key": [f"00000000{i}" for i in range(5)],
+                "url": [url(i) for i in range(5)],
+                "status": ["success", "failed_to_download", "success", "success", "failed_to_resize"],
+                "error_message": [None, "HTTP 404", None, None, "image too small"],
+                "caption": list("abcde"),
+            }
+        ),
+        src / "00000.parquet",
+    )
     (src / "00000_stats.json").write_text("{}")
     # A second shard whose Parquet is not img2dataset's (no status column): read as plain shards.
     (src / "00001.tar").write_bytes(make_tar([("x.png", jpeg(9))]))
@@ -489,11 +554,13 @@ def test_img2dataset_failed_downloads_and_samples_without_an_image_are_accounted
 def test_a_corrupt_header_mid_tar_keeps_the_members_before_it(tmp_path):
     data = bytearray(make_tar([(f"k{i}.jpg", jpeg(i)) for i in range(3)]))
     second = offsets(bytes(data))["k1.jpg"].offset
-    data[second: second + 160] = b"\x8f garbage " * 16  # tarfile alone would end the listing silently here
+    data[second : second + 160] = b"\x8f garbage " * 16  # tarfile alone would end the listing silently here
     (tmp_path / "a.tar").write_bytes(bytes(data))
     units = list_tar(str(tmp_path / "a.tar"))
-    assert [(u.source, u.error is None) for u in units] == [(f"{tmp_path}/a.tar#k0.jpg", True),
-                                                            (f"{tmp_path}/a.tar#<after 1 samples>", False)]
+    assert [(u.source, u.error is None) for u in units] == [
+        (f"{tmp_path}/a.tar#k0.jpg", True),
+        (f"{tmp_path}/a.tar#<after 1 samples>", False),
+    ]
     assert "invalid tar header" in units[1].error
     assert read_unit(units[0].path, units[0].offset, units[0].size) == jpeg(0)
 
@@ -629,8 +696,10 @@ def test_a_hugging_face_parquet_through_datagen_run_accounts_for_every_row(tmp_p
     Image.fromarray(data.astronaut()).save(mpo, "MPO", save_all=True, append_images=[Image.fromarray(data.coffee())])
     images = [{"bytes": p.read_bytes(), "path": p.name} for p in PHOTOS] + [
         {"bytes": mpo.getvalue(), "path": "IMG_0001.JPG"},
-        {"bytes": None, "path": None}, {"bytes": b"not an image", "path": "broken.jpg"},
-        {"bytes": None, "path": "gone.jpg"}]
+        {"bytes": None, "path": None},
+        {"bytes": b"not an image", "path": "broken.jpg"},
+        {"bytes": None, "path": "gone.jpg"},
+    ]
     texts = [f"alt text {i}" for i in range(len(images))]
     src = str(tmp_path / "train-00000-of-00001.parquet")
     hf_parquet(src, images, texts, row_group_size=4)
@@ -643,15 +712,22 @@ def test_a_hugging_face_parquet_through_datagen_run_accounts_for_every_row(tmp_p
 
     n, mpo_row = len(images), len(PHOTOS)
     assert summary.incomplete == [] and summary.ok + summary.failed == n
-    rows = catalog.query(out, "SELECT source, NULL AS stage, NULL AS reason, alt_text, image_ext FROM samples "
-                              "UNION ALL SELECT source, stage, reason, NULL, NULL FROM failures").to_pylist()
+    rows = catalog.query(
+        out,
+        "SELECT source, NULL AS stage, NULL AS reason, alt_text, image_ext FROM samples "
+        "UNION ALL SELECT source, stage, reason, NULL, NULL FROM failures",
+    ).to_pylist()
     assert sorted(r["source"] for r in rows) == sorted(f"{src}#row={i}" for i in range(n))  # each row once
     by_row = {int(r["source"].rsplit("=", 1)[1]): r for r in rows}
     # Reasons group (the source names the row; the worker's log has the whole message).
     assert (by_row[n - 3]["stage"], by_row[n - 3]["reason"]) == (
-        "read", "the image bytes are null and there is no path to read instead")
+        "read",
+        "the image bytes are null and there is no path to read instead",
+    )
     assert (by_row[n - 1]["stage"], by_row[n - 1]["reason"]) == (
-        "read", "the image bytes are null and its path cannot be read: no such file")
+        "read",
+        "the image bytes are null and its path cannot be read: no such file",
+    )
     assert by_row[n - 2]["stage"] == "decode" and by_row[n - 2]["reason"].startswith("undecodable image")
     assert by_row[mpo_row]["stage"] not in ("read", "decode")  # the phone photo is not lost for its container
     oks = [(i, r) for i, r in by_row.items() if r["stage"] is None]

@@ -131,8 +131,9 @@ def test_caption_batch_with_one_and_three_pixel_high_images(captioner):
     items = [items[0], *make_items(["astronaut"]), items[1], *make_items(["chelsea"])]
     assert [it["image"].shape[0] for it in items] == [1, 512, 3, 300]
     out = captioner(items)
-    assert all(isinstance(it.get("caption"), str) and it["caption"] or it["failure"]["stage"] == "caption"
-               for it in out), [(it.get("caption"), it.get("failure")) for it in out]
+    assert all(
+        isinstance(it.get("caption"), str) and it["caption"] or it["failure"]["stage"] == "caption" for it in out
+    ), [(it.get("caption"), it.get("failure")) for it in out]
     assert "astronaut" in out[1]["caption"] and "cat" in out[3]["caption"], "the normal images keep their captions"
 
 
@@ -304,8 +305,11 @@ def test_segment_masks_match_detections(segmenter, grounded):
 
 def test_segment_batched_equals_one_at_a_time(segmenter):
     images = [photo(n) for n in ("astronaut", "chelsea", "coffee")]
-    boxes = [np.array([[0.1, 0.05, 0.9, 1.0], [0.55, 0.6, 0.95, 0.98]]), np.array([[0.05, 0.0, 0.95, 1.0]]),
-             np.array([[0.2, 0.1, 0.8, 0.75], [0.05, 0.4, 0.95, 0.98], [0.55, 0.55, 0.98, 0.9]])]
+    boxes = [
+        np.array([[0.1, 0.05, 0.9, 1.0], [0.55, 0.6, 0.95, 0.98]]),
+        np.array([[0.05, 0.0, 0.95, 1.0]]),
+        np.array([[0.2, 0.1, 0.8, 0.75], [0.05, 0.4, 0.95, 0.98], [0.55, 0.55, 0.98, 0.9]]),
+    ]
     old = segmenter.cfg.batch_size
     try:
         segmenter.cfg.batch_size = 3
@@ -347,9 +351,9 @@ def test_image_filters():
         FilterConfig(min_detections=5, max_detections=2)
 
 
-
 def test_the_reference_data_recipe_preset():
-    """subjectdiff.datagen.config.paper(): data_process.py's greedy captions, 3-8 nouns, a side of 600 px, count words."""
+    """subjectdiff.datagen.config.paper(): data_process.py's greedy captions, 3-8 nouns, a side of 600 px, count
+    words."""
     from subjectdiff.datagen.stages.filters import ImageFilter, image_reject_reason
     from subjectdiff.datagen.stages.nouns import NounExtractor
 
@@ -363,11 +367,13 @@ def test_the_reference_data_recipe_preset():
     item = {"key": "k", "source": "s", "caption": caption, "image": np.zeros((600, 800, 3), np.uint8)}
     item = NounExtractor(p.nouns)([item])[0]
     dog = [n["label"] for n in item["nouns"]].index("dog")
-    item["detections"] = [{"box": [0, 0, 0.5, 1], "score": 0.9, "noun": dog},
-                          {"box": [0.5, 0, 1, 1], "score": 0.8, "noun": dog}]
+    item["detections"] = [
+        {"box": [0, 0, 0.5, 1], "score": 0.9, "noun": dog},
+        {"box": [0.5, 0, 1, 1], "score": 0.8, "noun": dog},
+    ]
     out = ImageFilter(p.filters)([item])[0]
     assert "failure" not in out and out["caption"] == "two dog and a cat on a lawn"
-    assert all(out["caption"][n["span"][0]:n["span"][1]] == n["phrase"] for n in out["nouns"])
+    assert all(out["caption"][n["span"][0] : n["span"][1]] == n["phrase"] for n in out["nouns"])
 
 
 def test_prefilter_rejects_small_images_before_any_model():
@@ -388,8 +394,10 @@ def test_prefilter_rejects_small_images_before_any_model():
             return items
 
     filters = FilterConfig(min_detections=0, min_side=256, max_aspect=3.0)
-    items = [decode_item(f"{w}x{h}.png", encode(np.zeros((h, w, 3), np.uint8), "PNG"))
-             for w, h in ((100, 100), (300, 300), (1000, 300))]
+    items = [
+        decode_item(f"{w}x{h}.png", encode(np.zeros((h, w, 3), np.uint8), "PNG"))
+        for w, h in ((100, 100), (300, 300), (1000, 300))
+    ]
     cap = RecordingCaptioner()
     out = run_stages([cap, ImageFilter(filters)], items)
     assert cap.seen == [(300, 300)]
@@ -437,7 +445,7 @@ def test_end_to_end_records(cfg, captioner, nouns, grounder, segmenter):
         assert r.image_ext == ("png" if r.source.endswith(".png") else "jpg")
         assert r.alt_text == it["alt_text"] and r.objects
         for o in r.objects:
-            assert r.caption[o.span[0]:o.span[1]] == o.phrase and o.tokens
+            assert r.caption[o.span[0] : o.span[1]] == o.phrase and o.tokens
             assert np.isfinite([o.area, o.aspect, o.mask_area, o.mask_fill, o.containment]).all()
     assert out[-1].stage == "decode"
 
@@ -468,8 +476,9 @@ def test_checkpoints_load_from_urls_into_the_cache(tiny_paths, tmp_path, monkeyp
     sam_url = tiny_paths.sam_checkpoint.as_uri()
     sam = load_sam(SegmentConfig(checkpoint=sam_url, model_type="auto"))
     assert sam.image_encoder.patch_embed.proj.out_channels == 32
-    gd = load_groundingdino(GroundConfig(config_file=str(tiny_paths.gdino_config),
-                                         checkpoint=tiny_paths.gdino_checkpoint.as_uri()))
+    gd = load_groundingdino(
+        GroundConfig(config_file=str(tiny_paths.gdino_config), checkpoint=tiny_paths.gdino_checkpoint.as_uri())
+    )
     assert gd.num_queries == 30
     cached = list((tmp_path / "cache" / "url").rglob("*.pth"))
     assert sorted(p.name for p in cached) == ["groundingdino_tiny.pth", "sam_tiny.pth"]
@@ -512,8 +521,11 @@ def test_blip2_option(tmp_path):
     folder = save_tiny_blip2(tmp_path / "blip2")
     # With no prompt the random OPT decoder repeats its BOS token, which decodes to an empty caption; after a
     # prompt it writes words, so a caption longer than the prompt shows generate and decode worked.
-    cap = Captioner(CaptionConfig(model=str(folder), kind="blip2", prompt="a", num_beams=1, max_new_tokens=4,
-                                  min_new_tokens=1, device="cpu"))
+    cap = Captioner(
+        CaptionConfig(
+            model=str(folder), kind="blip2", prompt="a", num_beams=1, max_new_tokens=4, min_new_tokens=1, device="cpu"
+        )
+    )
     thin = decode_item("thin.png", encode(np.zeros((1, 64, 3), np.uint8), "PNG"))  # read channels-last too
     out = cap([thin, *make_items(["chelsea"])])
     assert [it.get("failure") for it in out] == [None, None]
@@ -579,8 +591,10 @@ def test_run_manifest_hashes_local_checkpoints(cfg, tiny_paths):
 
     m = run_manifest(cfg)
     assert m["config"]["name"] == "tiny"
-    assert all(len(m["checkpoints"][k]["sha256"]) == 64 for k in ("caption.model", "ground.checkpoint",
-                                                                    "segment.checkpoint", "ground.text_encoder"))
+    assert all(
+        len(m["checkpoints"][k]["sha256"]) == 64
+        for k in ("caption.model", "ground.checkpoint", "segment.checkpoint", "ground.text_encoder")
+    )
     # the text encoder the grounder loads: the config file's text_encoder_type (the tiny local BERT folder)
     assert m["checkpoints"]["ground.text_encoder"]["spec"] == str(tiny_paths.gdino_config.parent / "bert")
 
@@ -597,14 +611,19 @@ def test_hub_text_encoder_loads_from_the_subjectdiff_cache(tiny_paths, tmp_path,
     """GroundingDINO's config names a hub id ("bert-base-uncased"): it loads from its snapshot in
     $SUBJECTDIFF_CACHE/hf (not the default Hugging Face cache), and the manifest records that snapshot."""
     from subjectdiff.datagen.config import GroundConfig
-    from subjectdiff.datagen.stages.ground import load_groundingdino, text_encoder_spec
     from subjectdiff.datagen.manifest import run_manifest
+    from subjectdiff.datagen.stages.ground import load_groundingdino, text_encoder_spec
 
     monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
     snap = fake_hub_snapshot(tmp_path / "cache", "bert-base-uncased", tiny_paths.gdino_config.parent / "bert")
     config_file = tmp_path / "gdino_hub_bert.py"
-    config_file.write_text(re.sub(r"(?m)^text_encoder_type = .*$", 'text_encoder_type = "bert-base-uncased"',
-                                  tiny_paths.gdino_config.read_text()))
+    config_file.write_text(
+        re.sub(
+            r"(?m)^text_encoder_type = .*$",
+            'text_encoder_type = "bert-base-uncased"',
+            tiny_paths.gdino_config.read_text(),
+        )
+    )
     ground = GroundConfig(config_file=str(config_file), checkpoint=str(tiny_paths.gdino_checkpoint))
     assert text_encoder_spec(ground) == "bert-base-uncased"
     model = load_groundingdino(ground)
@@ -619,8 +638,8 @@ def test_uncached_hub_text_encoder_is_a_clear_error(tiny_paths, tmp_path, monkey
     import huggingface_hub.constants
 
     from subjectdiff.datagen.config import GroundConfig
-    from subjectdiff.datagen.stages.ground import load_groundingdino
     from subjectdiff.datagen.manifest import run_manifest
+    from subjectdiff.datagen.stages.ground import load_groundingdino
     from subjectdiff.weights import WeightsError, resolve_text_encoder
 
     monkeypatch.setenv("SUBJECTDIFF_CACHE", str(tmp_path / "cache"))
@@ -629,8 +648,11 @@ def test_uncached_hub_text_encoder_is_a_clear_error(tiny_paths, tmp_path, monkey
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network in tests
     bert = tiny_paths.gdino_config.parent / "bert"
     assert resolve_text_encoder(str(bert), download=False) == bert  # a local folder is used in place
-    ground = GroundConfig(config_file=str(tiny_paths.gdino_config), checkpoint=str(tiny_paths.gdino_checkpoint),
-                          text_encoder="google-bert/bert-base-uncased")
+    ground = GroundConfig(
+        config_file=str(tiny_paths.gdino_config),
+        checkpoint=str(tiny_paths.gdino_checkpoint),
+        text_encoder="google-bert/bert-base-uncased",
+    )
     with pytest.raises(WeightsError, match=r"'google-bert/bert-base-uncased'.*`subjectdiff datagen weights`"):
         load_groundingdino(ground)
     entry = run_manifest(replace(config.tiny(tiny_paths), ground=ground))["checkpoints"]["ground.text_encoder"]

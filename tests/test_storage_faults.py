@@ -84,8 +84,11 @@ def test_reads_that_keep_failing_give_reasons_that_group(fault_proxy, no_sleep):
             units.read_unit(u, -1, -1)
         errors.append(e.value)
     reasons = [e.reason for e in errors]
-    assert reasons == ["cannot read the image: connection lost mid-response (after 3 attempts)"] * 2 + [
-        "cannot read the image: HTTP 503: SlowDown (after 3 attempts)"] * 2
+    assert (
+        reasons
+        == ["cannot read the image: connection lost mid-response (after 3 attempts)"] * 2
+        + ["cannot read the image: HTTP 503: SlowDown (after 3 attempts)"] * 2
+    )
     assert all(u in str(e) for u, e in zip(urls, errors))  # the message names the object
     assert "bytes" in str(errors[0]) and "ClientPayloadError" in str(errors[0])
     # A tar member and a row group say the same, in their own words.
@@ -101,21 +104,43 @@ def test_errors_are_classified_by_what_they_are():
 
     def s3_error(status: int, code: str) -> OSError:
         err = OSError(16, "translated by s3fs")
-        err.__cause__ = ClientError({"Error": {"Code": code, "Message": "m"},
-                                     "ResponseMetadata": {"HTTPStatusCode": status, "RequestId": "R1"}}, "GetObject")
+        err.__cause__ = ClientError(
+            {
+                "Error": {"Code": code, "Message": "m"},
+                "ResponseMetadata": {"HTTPStatusCode": status, "RequestId": "R1"},
+            },
+            "GetObject",
+        )
         return err
 
-    transient = [aiohttp.ClientPayloadError("Response payload is not completed: (received 1 of 2 bytes)"),
-                 aiohttp.ServerDisconnectedError(), ConnectionResetError(104, "reset"), TimeoutError(),
-                 ConnectionClosedError(endpoint_url="http://x"), s3_error(503, "SlowDown"),
-                 s3_error(500, "InternalError"), s3_error(429, "TooManyRequests"), s3_error(400, "RequestTimeout")]
-    permanent = [FileNotFoundError("x"), PermissionError("x"), s3_error(400, "InvalidArgument"),
-                 s3_error(416, "InvalidRange"), ValueError("x"), OSError(28, "No space left on device"),
-                 storage.StorageError("retries spent")]
+    transient = [
+        aiohttp.ClientPayloadError("Response payload is not completed: (received 1 of 2 bytes)"),
+        aiohttp.ServerDisconnectedError(),
+        ConnectionResetError(104, "reset"),
+        TimeoutError(),
+        ConnectionClosedError(endpoint_url="http://x"),
+        s3_error(503, "SlowDown"),
+        s3_error(500, "InternalError"),
+        s3_error(429, "TooManyRequests"),
+        s3_error(400, "RequestTimeout"),
+    ]
+    permanent = [
+        FileNotFoundError("x"),
+        PermissionError("x"),
+        s3_error(400, "InvalidArgument"),
+        s3_error(416, "InvalidRange"),
+        ValueError("x"),
+        OSError(28, "No space left on device"),
+        storage.StorageError("retries spent"),
+    ]
     assert [storage.transient(e) for e in transient] == [True] * len(transient)
     assert [storage.transient(e) for e in permanent] == [False] * len(permanent)
     assert [storage.describe(e) for e in transient[:4]] == [
-        "connection lost mid-response", "server disconnected", "connection reset", "timed out"]
+        "connection lost mid-response",
+        "server disconnected",
+        "connection reset",
+        "timed out",
+    ]
     assert storage.describe(transient[5]) == "HTTP 503: SlowDown"
 
 
@@ -201,10 +226,9 @@ def faulty_run(s3_server, tmp_path_factory):
     inputs, stderr (progress every update), the proxy's and the server's view of the requests."""
     import ray
 
-    from tests.faults import MotoRecorder
-    from tests.faults import FaultProxy, through
-    from tests.pipelines import tiny_cfg
     from subjectdiff.datagen.run import run
+    from tests.faults import FaultProxy, MotoRecorder, through
+    from tests.pipelines import tiny_cfg
 
     proxy = FaultProxy(s3_server)
     recorder = MotoRecorder(s3_server)
@@ -231,8 +255,14 @@ def faulty_run(s3_server, tmp_path_factory):
             recorder.stop()
             ray.shutdown()
             proxy.stop()
-        yield {"out": out, "inputs": inputs, "summary": summary, "stderr": err.getvalue(), "proxy": proxy,
-               "server": seen}
+        yield {
+            "out": out,
+            "inputs": inputs,
+            "summary": summary,
+            "stderr": err.getvalue(),
+            "proxy": proxy,
+            "server": seen,
+        }
 
 
 def test_a_run_accounts_for_every_input_through_faults(faulty_run):
@@ -252,7 +282,8 @@ def test_a_read_cut_mid_body_is_read_again_and_makes_its_record(faulty_run):
 def test_failed_reads_of_a_run_group_by_reason(faulty_run):
     rows = catalog.query(faulty_run["out"], "SELECT stage, reason, count(*) AS n FROM failures GROUP BY ALL")
     assert rows.to_pylist() == [
-        {"stage": "read", "reason": "cannot read the image: connection lost mid-response (after 3 attempts)", "n": 2}]
+        {"stage": "read", "reason": "cannot read the image: connection lost mid-response (after 3 attempts)", "n": 2}
+    ]
 
 
 def test_a_fresh_run_on_a_bucket_deletes_nothing(faulty_run):
@@ -282,8 +313,24 @@ def test_heavy_faults_end_in_one_line_per_shard_and_a_rerun_is_exact(fault_proxy
     (src / "broken.jpg").write_bytes(b"not a JPEG")
     inputs = sorted(str(p) for p in src.iterdir())
     out = f"{new_bucket()}/heavy"
-    cmd = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", str(src), "--out", out,
-           "--preset", "tiny", "--shard-size", "2", "--batch-size", "2", "pipeline.max_attempts=2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "subjectdiff",
+        "datagen",
+        "run",
+        "--input",
+        str(src),
+        "--out",
+        out,
+        "--preset",
+        "tiny",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+        "pipeline.max_attempts=2",
+    ]
     env = {**os.environ, "SUBJECTDIFF_CACHE": str(tmp_path / "cache")}
 
     def datagen() -> subprocess.CompletedProcess:

@@ -55,8 +55,9 @@ def test_augmentation_is_seeded_per_seed_epoch_and_key(records, backgrounds):
     a = make_sample(rec, cfg, 32, sample_rng(0, 3, rec.key))
     b = make_sample(rec, cfg, 32, sample_rng(0, 3, rec.key))
     assert np.array_equal(a["subjects"], b["subjects"]) and np.array_equal(a["image"], b["image"])
-    others = [make_sample(rec, cfg, 32, sample_rng(seed, epoch, rec.key))["subjects"]
-              for seed, epoch in ((0, 4), (1, 3))]
+    others = [
+        make_sample(rec, cfg, 32, sample_rng(seed, epoch, rec.key))["subjects"] for seed, epoch in ((0, 4), (1, 3))
+    ]
     assert all(not np.array_equal(a["subjects"], o) for o in others)
     # on a background photo, not on white: its corners are the photo's
     white = make_sample(rec, load_config("tiny"), 32, sample_rng(0, 3, rec.key))
@@ -79,8 +80,9 @@ def test_a_subject_on_a_background_covers_about_half_of_it(hw):
         assert 0.42 < changed < 0.55, (hw, seed, changed)
     rng = np.random.default_rng(0)
     bg = np.zeros((size, size, 3), np.uint8)
-    quarter = subject_image(subject, mask, size, augment=SubjectAugment(0, 0, 0, 0, background_area=0.25),
-                            rng=rng, background=bg)
+    quarter = subject_image(
+        subject, mask, size, augment=SubjectAugment(0, 0, 0, 0, background_area=0.25), rng=rng, background=bg
+    )
     assert 0.2 < (quarter.max(-1) > 0).mean() < 0.3
 
 

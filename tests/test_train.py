@@ -41,10 +41,15 @@ def traced_keys(out: Path, rank: int = 0) -> list[list[str]]:
     return [json.loads(line)["keys"] for line in lines]
 
 
-# The subjects the reference's rules choose on subjectdiff/photo_records.py's photos, in descending score: the astronaut,
-# the cat and the galaxies cover more than 0.7 of their images, "galaxy" is not in "galaxies ...".
-CHOSEN = {"astronaut": ["helmet", "flag"], "chelsea": ["whisker"], "coffee": ["cup", "saucer"],
-          "rocket": ["rocket", "launchpad"], "hubble_deep_field": ["hippopotamus"]}
+# The subjects the reference's rules choose on subjectdiff/photo_records.py's photos, in descending score: the
+# astronaut, the cat and the galaxies cover more than 0.7 of their images, "galaxy" is not in "galaxies ...".
+CHOSEN = {
+    "astronaut": ["helmet", "flag"],
+    "chelsea": ["whisker"],
+    "coffee": ["cup", "saucer"],
+    "rocket": ["rocket", "launchpad"],
+    "hubble_deep_field": ["hippopotamus"],
+}
 
 
 def test_data_samples_keep_subjects(shards):
@@ -86,14 +91,27 @@ def test_only_configured_parameters_get_gradients(shards, tmp_path):
     from subjectdiff.train.step import encode_inputs, training_step
 
     for trainable in (None, ("adapters", "grounding")):
-        cfg = tiny_cfg(shards[0], tmp_path, "loss.drop_text=0.0", "loss.drop_all=0.0", "loss.drop_subjects=0.0",
-                       *([f"model.trainable={list(trainable)}"] if trainable else []))
+        cfg = tiny_cfg(
+            shards[0],
+            tmp_path,
+            "loss.drop_text=0.0",
+            "loss.drop_all=0.0",
+            "loss.drop_subjects=0.0",
+            *([f"model.trainable={list(trainable)}"] if trainable else []),
+        )
         parts = build(cfg.model)
         batch = next(iter(BatchStream(TrainSamples(make_reader(cfg.data, None, 0, 1, 0), cfg, 32), 2, 0)))
         enc = encode_inputs(parts, batch, torch.device("cpu"))
         assert all(t.grad_fn is None and not t.requires_grad for t in enc.values())  # no autograd graph
-        loss, terms = training_step(parts.model, parts, batch, cfg.loss, torch.Generator().manual_seed(0),
-                                    torch.device("cpu"), torch.autocast("cpu", enabled=False))
+        loss, terms = training_step(
+            parts.model,
+            parts,
+            batch,
+            cfg.loss,
+            torch.Generator().manual_seed(0),
+            torch.device("cpu"),
+            torch.autocast("cpu", enabled=False),
+        )
         loss.backward()
         names = set(parts.model.trainable_names())
         for n, p in parts.model.named_parameters():
@@ -118,8 +136,15 @@ def test_gradient_checkpointing_gives_same_gradients(shards, tmp_path):
         parts.model.train()
         if ckpt:
             parts.model.enable_gradient_checkpointing()
-        loss, _ = training_step(parts.model, parts, batch, cfg.loss, torch.Generator().manual_seed(0),
-                                torch.device("cpu"), torch.autocast("cpu", enabled=False))
+        loss, _ = training_step(
+            parts.model,
+            parts,
+            batch,
+            cfg.loss,
+            torch.Generator().manual_seed(0),
+            torch.device("cpu"),
+            torch.autocast("cpu", enabled=False),
+        )
         loss.backward()
         grads.append({n: p.grad.clone() for n, p in parts.model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
@@ -132,17 +157,36 @@ def test_overfitting_a_few_records_lowers_the_loss(shards, tmp_path):
     from subjectdiff.train.step import training_step
     from subjectdiff.train.trainer import Trainer
 
-    cfg = tiny_cfg(shards[0], tmp_path, "run.max_steps=40", "run.ckpt_every=1000", "run.log_every=10",
-                   "optim.lr=3e-3", "optim.ema_decay=0.0", "loss.drop_all=0.0", "loss.drop_text=0.0",
-                   "loss.drop_location=0.0", "loss.drop_subjects=0.0", "data.batch_size=4",
-                   f"data.shards=['{shards[0]}/00000.tar']", "model.trainable=['unet', 'text_mlp']")
+    cfg = tiny_cfg(
+        shards[0],
+        tmp_path,
+        "run.max_steps=40",
+        "run.ckpt_every=1000",
+        "run.log_every=10",
+        "optim.lr=3e-3",
+        "optim.ema_decay=0.0",
+        "loss.drop_all=0.0",
+        "loss.drop_text=0.0",
+        "loss.drop_location=0.0",
+        "loss.drop_subjects=0.0",
+        "data.batch_size=4",
+        f"data.shards=['{shards[0]}/00000.tar']",
+        "model.trainable=['unet', 'text_mlp']",
+    )
     trainer = Trainer(cfg)
     batch = next(iter(BatchStream(trainer.stream.dataset, 4, 0)))
 
     def fixed_loss() -> float:
         with torch.no_grad():
-            return training_step(trainer.model, trainer.parts, batch, cfg.loss, torch.Generator().manual_seed(1),
-                                 trainer.d.device, trainer.autocast())[1]["mse"]
+            return training_step(
+                trainer.model,
+                trainer.parts,
+                batch,
+                cfg.loss,
+                torch.Generator().manual_seed(1),
+                trainer.d.device,
+                trainer.autocast(),
+            )[1]["mse"]
 
     before = fixed_loss()
     trainer.train()
@@ -170,7 +214,8 @@ def test_resume_latest_matches_straight_run(shards, tmp_path):
     sb = torch.load(tmp_path / "split/checkpoints/step-0000006/trainer_state.pt", weights_only=False)
     assert sa["data"] == sb["data"] and sa["step"] == sb["step"] == 6
     assert [p.name for p in (tmp_path / "split" / "checkpoints").iterdir()] and len(
-        list((tmp_path / "split" / "checkpoints").iterdir())) <= 3  # keep_last
+        list((tmp_path / "split" / "checkpoints").iterdir())
+    ) <= 3  # keep_last
 
     # A checkpoint in the older format (data position = batch count only, one optimizer group) resumes too.
     import shutil
@@ -205,9 +250,26 @@ def test_selection_uses_exactly_the_selected_records(shards, tmp_path):
     want = set(query(shards[0], f"SELECT key FROM samples WHERE {where}").column("key").to_pylist())
     assert 0 < len(want) < len(shards[1])
     out = tmp_path / "sel"
-    assert main(["--preset", "tiny", "--catalog", str(shards[0] / "catalog.duckdb"), "--where", where,
-                 "--out", str(out), "run.max_steps=4", "run.trace=true", "data.batch_size=1", "run.ckpt_every=100",
-                 "run.val_every=4"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "tiny",
+                "--catalog",
+                str(shards[0] / "catalog.duckdb"),
+                "--where",
+                where,
+                "--out",
+                str(out),
+                "run.max_steps=4",
+                "run.trace=true",
+                "data.batch_size=1",
+                "run.ckpt_every=100",
+                "run.val_every=4",
+            ]
+        )
+        == 0
+    )
     seen = [k for keys in traced_keys(out) for k in keys]
     assert (out / "samples" / "step-0000004.png").exists()  # the validation grid
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -225,10 +287,28 @@ def test_torchrun_two_ranks_disjoint_and_in_sync(shards, tmp_path):
         port = sock.getsockname()[1]
     out = tmp_path / "ddp"
     # --where: rank 0 selects, the other rank gets the selection through torch.distributed (gloo)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "subjectdiff.train",
-           "--preset", "tiny", "--catalog", str(shards[0] / "catalog.duckdb"), "--where", "n_objects >= 2",
-           "--out", str(out), "run.max_steps=2", "run.trace=true", "run.ckpt_every=2", "optim.grad_accum=2",
-           "data.batch_size=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        "-m",
+        "subjectdiff.train",
+        "--preset",
+        "tiny",
+        "--catalog",
+        str(shards[0] / "catalog.duckdb"),
+        "--where",
+        "n_objects >= 2",
+        "--out",
+        str(out),
+        "run.max_steps=2",
+        "run.trace=true",
+        "run.ckpt_every=2",
+        "optim.grad_accum=2",
+        "data.batch_size=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -254,8 +334,17 @@ def test_resume_with_where_reuses_the_run_selection(shards, tmp_path, capsys):
     where = "source LIKE 'skimage://c%'"
     want = set(query(data, f"SELECT key FROM samples WHERE {where}").column("key").to_pylist())
     out = tmp_path / "run"
-    args = ["--preset", "tiny", "--catalog", str(data / "catalog.duckdb"), "--out", str(out), "run.trace=true",
-            "data.batch_size=1", "run.ckpt_every=2"]
+    args = [
+        "--preset",
+        "tiny",
+        "--catalog",
+        str(data / "catalog.duckdb"),
+        "--out",
+        str(out),
+        "run.trace=true",
+        "data.batch_size=1",
+        "run.ckpt_every=2",
+    ]
     assert main([*args, "--where", where, "run.max_steps=2"]) == 0
     saved = (out / "selection.parquet").read_bytes()
     (data / "catalog.duckdb").unlink()
@@ -285,8 +374,7 @@ def test_trainer_puts_the_model_in_train_mode(shards, tmp_path, monkeypatch):
 
     def check() -> None:
         assert all(m.training for m in trainer.model.modules())
-        assert not any(m.training for part in (trainer.parts.vae, trainer.parts.image_encoder)
-                       for m in part.modules())
+        assert not any(m.training for part in (trainer.parts.vae, trainer.parts.image_encoder) for m in part.modules())
 
     check()
     trainer.val_batch = {k: v[:1] for k, v in next(iter(trainer.stream)).items()}
@@ -297,6 +385,7 @@ def test_trainer_puts_the_model_in_train_mode(shards, tmp_path, monkeypatch):
 def test_skipped_fp16_step_moves_neither_scheduler_nor_ema(shards, tmp_path, monkeypatch):
     """When the grad scaler skips a step (inf gradients), the LR schedule and the EMA stay where they are."""
     import subjectdiff.train.trainer
+
     trainer = subjectdiff.train.trainer.Trainer(tiny_cfg(shards[0], tmp_path, "optim.ema_decay=0.5"))
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)  # fp16's scaler, on the fp32 tiny model
     batches = iter(trainer.stream)
@@ -359,8 +448,16 @@ def uneven_shards(d: Path, sizes: list[int]) -> list[str]:
         with ShardWriter(d, f"{s:05d}") as w:
             for i in range(size):
                 src = f"x://{s}/{i}"
-                w.write(Record(**{**base.__dict__, "key": make_key(src), "source": src,
-                                  "objects": [type(o)(**o.__dict__) for o in base.objects]}))
+                w.write(
+                    Record(
+                        **{
+                            **base.__dict__,
+                            "key": make_key(src),
+                            "source": src,
+                            "objects": [type(o)(**o.__dict__) for o in base.objects],
+                        }
+                    )
+                )
                 keys.append(make_key(src))
     return keys
 
@@ -375,8 +472,16 @@ def test_balanced_split_gives_ranks_equal_disjoint_batches(tmp_path):
     for epoch in range(2):
         seen = []
         for rank in range(2):
-            reader = RecordReader(tmp_path, split="balanced", multiple=2, rank=rank, world_size=2, shuffle_seed=0,
-                                  decode_image=False, decode_masks=False)
+            reader = RecordReader(
+                tmp_path,
+                split="balanced",
+                multiple=2,
+                rank=rank,
+                world_size=2,
+                shuffle_seed=0,
+                decode_image=False,
+                decode_masks=False,
+            )
             reader.set_epoch(epoch)
             assert (reader.epoch_size(), reader.quota(4)) == (12, 2)
             loader = torch.utils.data.DataLoader(reader, batch_size=2, num_workers=2, collate_fn=list)
@@ -450,7 +555,9 @@ def test_square_crop_stays_in_the_image_and_contains_what_fits():
             if policy == "short-side":
                 assert side == min(w, h)
             for lo, hi, c in ((box[0, 0], box[0, 2], cx), (box[0, 1], box[0, 3], cy)):
-                if np.ceil(hi) - np.floor(lo) <= min(w, h) and max(np.ceil(box[0, 2:]) - np.floor(box[0, :2])) <= min(w, h):
+                if np.ceil(hi) - np.floor(lo) <= min(w, h) and max(np.ceil(box[0, 2:]) - np.floor(box[0, :2])) <= min(
+                    w, h
+                ):
                     assert c <= lo and c + side >= hi
                 elif np.ceil(hi) - np.floor(lo) > side:
                     assert np.floor(lo) <= c and c + side <= np.ceil(hi)
@@ -459,8 +566,9 @@ def test_square_crop_stays_in_the_image_and_contains_what_fits():
 def test_config_toml_presets_and_overrides(tmp_path):
     f = tmp_path / "run.toml"
     f.write_text('preset = "tiny"\n[data]\nbatch_size = 3\nshards = ["a/"]\n[optim]\nlr = 1\n')
-    cfg = load_config(None, ["loss.loc_weight=0.5", "model.base=/models/sd2", "run.out_dir=runs/x y"],
-                      config_file=str(f))
+    cfg = load_config(
+        None, ["loss.loc_weight=0.5", "model.base=/models/sd2", "run.out_dir=runs/x y"], config_file=str(f)
+    )
     assert cfg.model.arch == "tiny" and cfg.data.batch_size == 3 and cfg.data.shards == ("a/",)
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float) and cfg.loss.loc_weight == 0.5
     assert cfg.model.base == "/models/sd2" and cfg.run.out_dir == "runs/x y"
@@ -486,32 +594,61 @@ def test_paper_preset_is_the_reference_setting():
     from subjectdiff.train.step import drop_events
 
     cfg = load_config("paper")
-    o, l, d, m = cfg.optim, cfg.loss, cfg.data, cfg.model
+    o, loss, d, m = cfg.optim, cfg.loss, cfg.data, cfg.model
     assert (o.lr, o.weight_decay, o.warmup_steps, o.grad_clip, d.batch_size) == (3e-5, 0.0, 1000, 0.0, 8)
-    assert (l.drop_text, l.drop_text_location, l.drop_location, l.drop_subjects, l.drop_all) == (0.05, 0.05, 0.05, 0, 0)
-    assert (l.loc_weight, l.loc_masks, l.loc_reduce, l.vae_sample) == (0.01, "soft", "sample", True)
+    assert (loss.drop_text, loss.drop_text_location, loss.drop_location, loss.drop_subjects, loss.drop_all) == (
+        0.05,
+        0.05,
+        0.05,
+        0,
+        0,
+    )
+    assert (loss.loc_weight, loss.loc_masks, loss.loc_reduce, loss.vae_sample) == (0.01, "soft", "sample", True)
     assert (d.resolution, d.pick, d.object_rules, d.box_area, d.box_aspect, d.min_score) == (
-        512, "score", True, (0.08, 0.7), (0.3, 3.0), 0.3)
+        512,
+        "score",
+        True,
+        (0.08, 0.7),
+        (0.3, 3.0),
+        0.3,
+    )
     assert (d.min_mask_fill, d.box_segments, d.max_containment, d.max_white) == (0.6, (2, 5), 0.8, 0.1)
     assert (d.flip_p, d.rotate_deg, d.perspective, d.perspective_p, d.background_area) == (0.5, 10, 0.5, 0.5, 0.5)
     assert d.loc_tokens == ("label", "placeholder")
     assert (d.single_word_label, d.label_in_caption, d.mask_within_box, d.fill_holes) == (True, True, True, True)
     assert (d.min_crop_box_area, d.crop_aspect, d.min_mask_area, d.pick) == (200 / 512**2, (0.3, 3.0), 0.0, "score")
     assert (d.crop, d.no_subject, d.augment, d.background, d.backgrounds) == ("short-side", "skip", True, "white", None)
-    assert (d.object_where, d.where, d.selection, d.shards, d.num_workers, d.subject_size) == (None, None, None, (), 6, 0)
+    assert (d.object_where, d.where, d.selection, d.shards, d.num_workers, d.subject_size) == (
+        None,
+        None,
+        None,
+        (),
+        6,
+        0,
+    )
     assert (m.max_subjects, m.mlp, m.null_features, m.fourier_order) == (2, "reference", "per-token", "gligen")
     assert m.loc_layers == ("down_blocks.1.", "down_blocks.2.", "mid_block.", "up_blocks.1.", "up_blocks.2.")
     assert (m.arch, m.base, m.image_encoder, m.image_encoder_weights, m.placeholder) == (
-        "sd2-base", "stabilityai/stable-diffusion-2-base", "ViT-H-14", "laion2b_s32b_b79k", "sks")
+        "sd2-base",
+        "stabilityai/stable-diffusion-2-base",
+        "ViT-H-14",
+        "laion2b_s32b_b79k",
+        "sks",
+    )
     # the reference's trainable set: cross-attention K/V, adapters, conv_in, text encoder, text MLP, grounding net
     assert set(m.trainable) == {"conv_in", "cross_kv", "adapters", "grounding", "text_mlp", "text_encoder"}
     assert (o.betas, o.eps, o.grad_accum, o.ema_decay, o.ema_warmup) == ((0.9, 0.999), 1e-8, 1, 0.9999, True)
     r = cfg.run
     assert (r.precision, r.frozen_dtype, r.gradient_checkpointing, r.max_steps, r.out_dir) == (
-        "bf16", "auto", True, 100_000, "runs/paper")
+        "bf16",
+        "auto",
+        True,
+        100_000,
+        "runs/paper",
+    )
     assert (r.val_guidance, r.val_subject_guidance, r.val_scheduler) == (7.5, 1.5, "PNDMScheduler")
     # text (with its CLS fusion) dropped 10 %, the location map 10 %, both 5 %, subjects never
-    drops = drop_events(200_000, l, torch.Generator().manual_seed(0), torch.device("cpu"))
+    drops = drop_events(200_000, loss, torch.Generator().manual_seed(0), torch.device("cpu"))
     text, loc, subj = (drops[k].float() for k in ("text", "location", "subjects"))
     assert text.mean().item() == pytest.approx(0.10, abs=3e-3) and loc.mean().item() == pytest.approx(0.10, abs=3e-3)
     assert (text * loc).mean().item() == pytest.approx(0.05, abs=3e-3) and subj.sum() == 0
@@ -524,11 +661,31 @@ def test_validation_samples_with_the_users_sampler_and_train_logs_its_pace(shard
     import subjectdiff.train.validate
     from subjectdiff.model import sampling
 
-    assert subjectdiff.train.validate.sample_latents is subjectdiff.infer.pipeline.sample_latents is sampling.sample_latents
+    assert (
+        subjectdiff.train.validate.sample_latents
+        is subjectdiff.infer.pipeline.sample_latents
+        is sampling.sample_latents
+    )
     assert subjectdiff.train.validate.three_branches is sampling.three_branches
     out = tmp_path / "pace"
-    assert main(["--preset", "tiny", "--records", str(shards[0]), "--out", str(out), "run.max_steps=2",
-                 "run.ckpt_every=100", "run.val_every=2", "run.val_steps=2", "run.progress='off'"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "tiny",
+                "--records",
+                str(shards[0]),
+                "--out",
+                str(out),
+                "run.max_steps=2",
+                "run.ckpt_every=100",
+                "run.val_every=2",
+                "run.val_steps=2",
+                "run.progress='off'",
+            ]
+        )
+        == 0
+    )
     assert (out / "samples" / "step-0000002.png").is_file()
     last = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
     assert last["steps_per_s"] > 0 and last["avg_samples_per_s"] > 0 and last["eta_s"] == 0

@@ -20,10 +20,18 @@ from subjectdiff.catalogs.schema import white_fraction
 from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, select
 from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.cli import main
-from tests.geometry import Obj, decoded, geometry_cases, make_record, sized, write_geometry_shards
 from subjectdiff.train.config import load_config
-from subjectdiff.train.data import (BatchStream, NoBatchError, NoSubject, TrainSamples, choose_subjects, make_reader,
-                        make_sample, object_ok, sample_rng)
+from subjectdiff.train.data import (
+    BatchStream,
+    NoSubject,
+    TrainSamples,
+    choose_subjects,
+    make_reader,
+    make_sample,
+    object_ok,
+    sample_rng,
+)
+from tests.geometry import Obj, decoded, geometry_cases, make_record, sized, write_geometry_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -53,7 +61,9 @@ def no_subject_records() -> list:
     return [
         make_record("none-landscape", sized("chelsea", 160, 100), "a cat on a rug", []),
         make_record("none-portrait", sized("coffee", 90, 150), "a cup of coffee", []),
-        make_record("tiny-object", sized("rocket", 140, 100), "a rocket", [Obj("rocket", "rocket", (0.4, 0.4, 0.45, 0.46))]),
+        make_record(
+            "tiny-object", sized("rocket", 140, 100), "a rocket", [Obj("rocket", "rocket", (0.4, 0.4, 0.45, 0.46))]
+        ),
         make_record("white", white, "a person on white", [Obj("person", "person", (0.1, 0.2, 0.5, 0.9))]),
     ]
 
@@ -71,11 +81,42 @@ def test_records_without_a_subject_train_text_only_or_are_skipped(tmp_path, caps
         assert isinstance(make_sample(rec, paper, 32, sample_rng(0, 0, rec.key)), NoSubject)
     d = tmp_path / "shards"
     write(d, records)
-    assert main(["train", "--preset", "tiny", "--records", str(d), "--out", str(tmp_path / "a"), "run.max_steps=3",
-                 "run.progress='off'"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--records",
+                str(d),
+                "--out",
+                str(tmp_path / "a"),
+                "run.max_steps=3",
+                "run.progress='off'",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["train", "--preset", "paper", "--model", "tiny", "--records", str(d), "--out", str(tmp_path / "b"),
-                 "run.max_steps=3", "run.precision='fp32'", "run.progress='off'"]) == 1
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "paper",
+                "--model",
+                "tiny",
+                "--records",
+                str(d),
+                "--out",
+                str(tmp_path / "b"),
+                "run.max_steps=3",
+                "run.precision='fp32'",
+                "run.progress='off'",
+            ]
+        )
+        == 1
+    )
     err = error_line(capsys.readouterr().err)
     assert "no subject" in err and "record " in err and "(shard 00000.tar)" in err
     assert any(why in err for why in ("no objects", "near-white", "object rules"))
@@ -101,8 +142,13 @@ def test_skipped_records_are_counted_and_a_resume_is_exact(tmp_path):
     straight = stream()
     batches = take(iter(straight), 9)
     assert any(len(b) == 1 for b in batches)  # a worker's last, partial batch
-    assert straight.skipped and set(straight.skipped) <= {"no objects", "near-white image", "object rules",
-                                                          "cut by the crop", "prompt too long"}
+    assert straight.skipped and set(straight.skipped) <= {
+        "no objects",
+        "near-white image",
+        "object rules",
+        "cut by the crop",
+        "prompt too long",
+    }
     for cut in (1, 2, 3, 5):
         first = stream()
         it = iter(first)
@@ -123,8 +169,11 @@ def test_crops_stay_inside_the_image(tmp_path):
             s = make_sample(rec, cfg, 32, sample_rng(0, epoch, rec.key))
             x0, y0, side = s["crop"]
             assert side == 90 and y0 == 0 and 0 <= x0 <= 110
-            want = Image.fromarray(rec.image).crop((x0, y0, x0 + side, y0 + side)).resize((88, 88), Image.BICUBIC,
-                                                                                         reducing_gap=2.0)
+            want = (
+                Image.fromarray(rec.image)
+                .crop((x0, y0, x0 + side, y0 + side))
+                .resize((88, 88), Image.BICUBIC, reducing_gap=2.0)
+            )
             assert np.array_equal(s["image"].transpose(1, 2, 0), np.asarray(want))
             assert (s["boxes"][s["present"]] <= 1).all() and s["present"][0]
 
@@ -133,8 +182,10 @@ def test_plural_labels_survive_the_label_rule(tmp_path):
     """Was: "two people" lost every `person`, "knives" every `knife` (the label is not a substring of the
     caption). The object's own phrase names it now, in the trainer's rule and in --object-where reference."""
     img = sized("chelsea", 160, 120)
-    records = [make_record("people", img, "two people near a table", [Obj("person", "people", (0.1, 0.1, 0.45, 0.9))]),
-               make_record("knives", img, "knives on a table", [Obj("knife", "knives", (0.5, 0.1, 0.9, 0.8))])]
+    records = [
+        make_record("people", img, "two people near a table", [Obj("person", "people", (0.1, 0.1, 0.45, 0.9))]),
+        make_record("knives", img, "knives on a table", [Obj("knife", "knives", (0.5, 0.1, 0.9, 0.8))]),
+    ]
     cfg = load_config("paper").data
     for r in records:
         assert object_ok(decoded(r), 0, cfg)
@@ -186,18 +237,56 @@ def test_small_selections_preview_and_train_with_the_paper_preset(tmp_path, caps
     Now any non-empty selection works: fewer workers when the epoch is smaller than ranks x workers, partial
     last batches, and records repeated when there are fewer records than ranks."""
     d = tmp_path / "small"
-    keys = write(d, [make_record(f"r{i}", sized("chelsea", 120, 90), "a cat", [Obj("cat", "cat", (0.2, 0.2, 0.7, 0.9))])
-                     for i in range(3)])
-    assert main(["train", "preview", "--preset", "paper", "--records", str(d), "--sample", "5", "--out",
-                 str(tmp_path / "pv")]) == 0
+    keys = write(
+        d,
+        [
+            make_record(f"r{i}", sized("chelsea", 120, 90), "a cat", [Obj("cat", "cat", (0.2, 0.2, 0.7, 0.9))])
+            for i in range(3)
+        ],
+    )
+    assert (
+        main(
+            [
+                "train",
+                "preview",
+                "--preset",
+                "paper",
+                "--records",
+                str(d),
+                "--sample",
+                "5",
+                "--out",
+                str(tmp_path / "pv"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (tmp_path / "pv" / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and {r["key"] for r in rows} == set(keys) and all(r["labels"] == ["cat"] for r in rows)
-    assert main(["train", "--preset", "paper", "--model", "tiny", "--records", str(d), "--out", str(tmp_path / "t"),
-                 "run.max_steps=2", "run.precision='fp32'", "run.progress='off'"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "paper",
+                "--model",
+                "tiny",
+                "--records",
+                str(d),
+                "--out",
+                str(tmp_path / "t"),
+                "run.max_steps=2",
+                "run.precision='fp32'",
+                "run.progress='off'",
+            ]
+        )
+        == 0
+    )
     assert "3 records per epoch; 1 rank(s) x 3 worker(s) read 1 each" in capsys.readouterr().out
     for rank in range(4):  # 3 records, 4 ranks: each rank reads one, records repeat
-        reader = RecordReader(d, split="balanced", multiple=8, rank=rank, world_size=4, decode_image=False,
-                              decode_masks=False)
+        reader = RecordReader(
+            d, split="balanced", multiple=8, rank=rank, world_size=4, decode_image=False, decode_masks=False
+        )
         assert reader.quota(4) == 1 and [r.key for r in reader] == [keys[rank % 3]]
 
 
@@ -208,8 +297,24 @@ def test_a_catalog_alone_means_all_of_it(tmp_path):
     keys = write_geometry_shards(d)
     build(d)
     out = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--catalog", str(d / "catalog.duckdb"), "--out", str(out),
-                 "run.max_steps=5", "data.batch_size=2", "run.trace=true", "run.progress='off'"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--catalog",
+                str(d / "catalog.duckdb"),
+                "--out",
+                str(out),
+                "run.max_steps=5",
+                "data.batch_size=2",
+                "run.trace=true",
+                "run.progress='off'",
+            ]
+        )
+        == 0
+    )
     seen = {k for line in (out / "trace-rank0.jsonl").read_text().splitlines() for k in json.loads(line)["keys"]}
     assert seen == set(keys) and (out / "selection.parquet").is_file()
 
@@ -239,8 +344,9 @@ def test_paper_recipe_on_the_tiny_model():
     assert small.model == load_config("tiny").model and small.data.resolution == 64
     for section in ("optim", "loss", "run"):
         assert getattr(small, section) == getattr(paper, section)
-    assert {k: v for k, v in vars(small.data).items() if k != "resolution"} == \
-        {k: v for k, v in vars(paper.data).items() if k != "resolution"}
+    assert {k: v for k, v in vars(small.data).items() if k != "resolution"} == {
+        k: v for k, v in vars(paper.data).items() if k != "resolution"
+    }
     with pytest.raises(ValueError, match="--model"):
         load_config("paper", model="sd3")
 
@@ -253,7 +359,22 @@ def test_a_record_that_breaks_sample_building_is_named_in_one_line(tmp_path, cap
     bg = tmp_path / "bg"
     bg.mkdir()
     (bg / "broken.jpg").write_bytes(b"not a jpeg")
-    assert main(["train", "--preset", "tiny", "--records", str(d), "--out", str(tmp_path / "run"), "run.max_steps=1",
-                 f"data.backgrounds='{bg}'", "data.num_workers=1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--records",
+                str(d),
+                "--out",
+                str(tmp_path / "run"),
+                "run.max_steps=1",
+                f"data.backgrounds='{bg}'",
+                "data.num_workers=1",
+            ]
+        )
+        == 2
+    )
     err = error_line(capsys.readouterr().err)
     assert f"record {keys[0]} (shard 00000.tar)" in err and "broken.jpg" in err

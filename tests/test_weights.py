@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from subjectdiff import weights
-from subjectdiff.weights import WeightsError, manifest_entry, resolve
 from subjectdiff.cli import main
+from subjectdiff.weights import WeightsError, manifest_entry, resolve
 
 MiB = 1 << 20
 
@@ -76,7 +76,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         payload = data[start:]
         if state.cut_after is not None:
-            payload, state.cut_after = payload[:state.cut_after], None
+            payload, state.cut_after = payload[: state.cut_after], None
             self.close_connection = True
         self.wfile.write(payload)
 
@@ -292,8 +292,12 @@ def local_models(tmp_path: Path) -> list[str]:
     gd_config.write_text('text_encoder_type = "bert-base-uncased"\n')
     clip = tmp_path / "open_clip_model.safetensors"  # the curate stage's weights, in place of the OpenAI tag's
     clip.write_bytes(b"not loaded here")
-    return [f'caption.model="{blip}"', f'ground.config_file="{gd_config}"', f'ground.text_encoder="{bert}"',
-            f'curate.pretrained="{clip}"']
+    return [
+        f'caption.model="{blip}"',
+        f'ground.config_file="{gd_config}"',
+        f'ground.text_encoder="{bert}"',
+        f'curate.pretrained="{clip}"',
+    ]
 
 
 def test_weights_command_prints_each_checkpoint_and_fails_in_one_line(server, cache, tmp_path, capsys):
@@ -301,8 +305,10 @@ def test_weights_command_prints_each_checkpoint_and_fails_in_one_line(server, ca
     sam = server.add("/sam_t.pth", blob(30_000, seed=9))
     argv = ["datagen", "weights", "--preset", "default", *local_models(tmp_path), f'ground.checkpoint="{gd}"']
     head = server.add("/aesthetic_t.pth", blob(10_000, seed=10))
-    assert main([*argv, f'segment.checkpoint="{sam}#sha256={sha256(blob(30_000, seed=9))}"',
-                 f'curate.aesthetic="{head}"']) == 0
+    assert (
+        main([*argv, f'segment.checkpoint="{sam}#sha256={sha256(blob(30_000, seed=9))}"', f'curate.aesthetic="{head}"'])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 7 and all(" -> " in line for line in lines)
     assert f"{gd} -> {weights.cache_path(gd)}" in lines

@@ -23,8 +23,12 @@ PREFIX = "step-"
 
 
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "step_gen": gen.get_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "step_gen": gen.get_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -44,8 +48,8 @@ def checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     d = Path(out_dir) / "checkpoints"
     if not d.is_dir():
         return []
-    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX) :].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX) :]))
 
 
 def resolve(out_dir: str | os.PathLike, resume: str) -> Path:
@@ -61,8 +65,14 @@ def resolve(out_dir: str | os.PathLike, resume: str) -> Path:
     return p
 
 
-def save(out_dir: str | os.PathLike, step: int, parts, ema: dict[str, torch.Tensor] | None,
-         state: dict[str, Any], keep_last: int) -> Path:
+def save(
+    out_dir: str | os.PathLike,
+    step: int,
+    parts,
+    ema: dict[str, torch.Tensor] | None,
+    state: dict[str, Any],
+    keep_last: int,
+) -> Path:
     """Write checkpoint `step` atomically (rank 0 only), then delete all but the newest keep_last."""
     from safetensors.torch import save_file
 
@@ -85,8 +95,9 @@ def save(out_dir: str | os.PathLike, step: int, parts, ema: dict[str, torch.Tens
     return final
 
 
-def load(path: Path, model: torch.nn.Module,
-         device: torch.device) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+def load(
+    path: Path, model: torch.nn.Module, device: torch.device
+) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Load the trainable weights into `model`; return (trainer state, EMA tensors or None)."""
     from safetensors.torch import load_file
 

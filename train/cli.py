@@ -1,4 +1,5 @@
-"""`subjectdiff train` / `python -m subjectdiff.train` / `torchrun --nproc_per_node=N -m subjectdiff.train`: the trainer's command line.
+"""`subjectdiff train` / `python -m subjectdiff.train` / `torchrun --nproc_per_node=N -m subjectdiff.train`: the
+trainer's command line.
 
     torchrun --nproc_per_node=8 -m subjectdiff.train --preset sd2-base data.shards=/data/shards run.out_dir=runs/a
     subjectdiff train --preset tiny --records out/ run.max_steps=20
@@ -56,36 +57,65 @@ class TrainParser(IntermixedParser):
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """The config: a preset, a TOML file over it, another model preset (train and preview alike)."""
-    p.add_argument("--preset", metavar="NAME", default=None,
-                   help="tiny, sd2-base or paper (default: the --config file's `preset`, else sd2-base)")
-    p.add_argument("--config", metavar="FILE.toml", default=None,
-                   help="TOML tables [model] [data] [optim] [loss] [run] over the preset (a preset name here is "
-                        "deprecated: --preset NAME)")
-    p.add_argument("--model", default=None, metavar="NAME",
-                   help="tiny or sd2-base: run the config on this model preset at its native resolution "
-                        "(`--preset paper --model tiny`: the paper's data, loss and schedule on a CPU)")
+    p.add_argument(
+        "--preset",
+        metavar="NAME",
+        default=None,
+        help="tiny, sd2-base or paper (default: the --config file's `preset`, else sd2-base)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        default=None,
+        help="TOML tables [model] [data] [optim] [loss] [run] over the preset (a preset name here is "
+        "deprecated: --preset NAME)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME",
+        help="tiny or sd2-base: run the config on this model preset at its native resolution "
+        "(`--preset paper --model tiny`: the paper's data, loss and schedule on a CPU)",
+    )
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """Which records: a record folder, a selection, or a catalog (and its predicates)."""
-    records = p.add_argument("--records", action="append", default=None, metavar="DIR",
-                             help="record (shard) folder, file or pattern, local or a URL (data.shards); repeatable")
+    records = p.add_argument(
+        "--records",
+        action="append",
+        default=None,
+        metavar="DIR",
+        help="record (shard) folder, file or pattern, local or a URL (data.shards); repeatable",
+    )
     renamed(p, "--shards", records)
     p.add_argument("--selection", default=None, metavar="FILE", help="a `catalog select` Parquet (data.selection)")
-    p.add_argument("--catalog", default=None, metavar="FILE.duckdb",
-                   help="the DuckDB catalog that selects the records: all of them, or those --where / --object-where "
-                        "select; its records are --records DIR when given, else the folder it was built from "
-                        "(data.catalog)")
+    p.add_argument(
+        "--catalog",
+        default=None,
+        metavar="FILE.duckdb",
+        help="the DuckDB catalog that selects the records: all of them, or those --where / --object-where "
+        "select; its records are --records DIR when given, else the folder it was built from "
+        "(data.catalog)",
+    )
     p.add_argument("--where", default=None, help="SQL predicate over the catalog's samples (data.where)")
-    p.add_argument("--object-where", default=None,
-                   help="SQL predicate over the catalog's objects: the subjects are chosen among the objects it "
-                        "keeps (data.object_where; 'reference' = the reference code's object rules)")
+    p.add_argument(
+        "--object-where",
+        default=None,
+        help="SQL predicate over the catalog's objects: the subjects are chosen among the objects it "
+        "keeps (data.object_where; 'reference' = the reference code's object rules)",
+    )
 
 
 def add_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="settings over the preset and --config, e.g. "
-                   "run.max_steps=20 data.batch_size=2 (values are TOML literals)")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="settings over the preset and --config, e.g. "
+        "run.max_steps=20 data.batch_size=2 (values are TOML literals)",
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -118,10 +148,14 @@ def train_parser(p: TrainParser) -> TrainParser:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train Subject-Diffusion on catalogued records (one process; torchrun for DDP); "
-                                     "`train preview`: what it would feed",
-                       usage="%(prog)s [preview] [options] [KEY=VALUE ...]", epilog=_EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "train",
+        help="train Subject-Diffusion on catalogued records (one process; torchrun for DDP); "
+        "`train preview`: what it would feed",
+        usage="%(prog)s [preview] [options] [KEY=VALUE ...]",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.__class__ = TrainParser  # subparsers are built as the top parser's class; this one dispatches `preview`
     train_parser(p)
 
@@ -147,8 +181,13 @@ def resolved_config(args: argparse.Namespace):
     if args.catalog and not is_catalog_file(args.catalog):
         deprecated(f"--catalog {args.catalog} (a shard folder)", "--catalog DIR/catalog.duckdb, or --records DIR")
     extra = []
-    flags = [("records", "data.shards"), ("selection", "data.selection"), ("catalog", "data.catalog"),
-             ("where", "data.where"), ("object_where", "data.object_where")]
+    flags = [
+        ("records", "data.shards"),
+        ("selection", "data.selection"),
+        ("catalog", "data.catalog"),
+        ("where", "data.where"),
+        ("object_where", "data.object_where"),
+    ]
     if not args.preview:
         flags.append(("out", "run.out_dir"))
     for flag, key in flags:
@@ -191,10 +230,12 @@ def run(args: argparse.Namespace) -> int:
         train_run(cfg, resume=args.resume)
         return 0
     except (ValueError, FileNotFoundError) as e:  # bad settings or data: the message says what to change
-        print(f"{name}: error: {e}" if "Original Traceback" not in str(e) else f"{name}: error: {one_line(e)}",
-              file=sys.stderr)
+        print(
+            f"{name}: error: {e}" if "Original Traceback" not in str(e) else f"{name}: error: {one_line(e)}",
+            file=sys.stderr,
+        )
         return 2
-    except Exception as e:  # noqa: BLE001 - one line by default; the traceback on request
+    except Exception as e:
         if os.environ.get("SUBJECTDIFF_TRACEBACK"):
             raise
         print(f"{name}: error: {one_line(e)} (set SUBJECTDIFF_TRACEBACK=1 for the traceback)", file=sys.stderr)
@@ -202,7 +243,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = TrainParser(prog="python -m subjectdiff.train", description="train Subject-Diffusion (torchrun for DDP)",
-                    usage="%(prog)s [preview] [options] [KEY=VALUE ...]", epilog=_EPILOG,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = TrainParser(
+        prog="python -m subjectdiff.train",
+        description="train Subject-Diffusion (torchrun for DDP)",
+        usage="%(prog)s [preview] [options] [KEY=VALUE ...]",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return run(train_parser(p).parse_args(argv))

@@ -9,10 +9,11 @@ Override values are TOML literals (numbers, booleans, quoted strings, [lists]); 
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from subjectdiff.model.config import NATIVE_RESOLUTION, ModelConfig
 from subjectdiff.model.config import PRESETS as MODEL_PRESETS
@@ -128,8 +129,10 @@ class DataConfig:
         if self.pick not in ("score", "random"):
             raise ValueError(f"data.pick must be 'score' (descending detection score) or 'random', got {self.pick!r}")
         if (self.where or self.object_where) and not self.catalog and not self.shards:
-            raise ValueError("--where / --object-where need --catalog FILE.duckdb, the catalog they query "
-                             "(data.catalog; or one folder in --records, whose catalog.duckdb they query)")
+            raise ValueError(
+                "--where / --object-where need --catalog FILE.duckdb, the catalog they query "
+                "(data.catalog; or one folder in --records, whose catalog.duckdb they query)"
+            )
         if self.crop not in CROPS:
             raise ValueError(f"data.crop must be one of {CROPS}, got {self.crop!r}")
         if self.no_subject not in NO_SUBJECT:
@@ -204,11 +207,15 @@ class LossConfig:
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"loss.{name} must be a probability, got {getattr(self, name)}")
         if sum(getattr(self, n) for n in DROPS) > 1 + 1e-9:
-            raise ValueError(f"loss.drop_*: the events are disjoint, their probabilities must sum to <= 1; got "
-                             f"{ {n: getattr(self, n) for n in DROPS} }")
+            raise ValueError(
+                f"loss.drop_*: the events are disjoint, their probabilities must sum to <= 1; got "
+                f"{ {n: getattr(self, n) for n in DROPS} }"
+            )
         if self.loc_masks not in ("soft", "binary") or self.loc_reduce not in ("sample", "subject"):
-            raise ValueError(f"loss.loc_masks must be 'soft' or 'binary' and loss.loc_reduce 'sample' or 'subject'; "
-                             f"got {self.loc_masks!r}, {self.loc_reduce!r}")
+            raise ValueError(
+                f"loss.loc_masks must be 'soft' or 'binary' and loss.loc_reduce 'sample' or 'subject'; "
+                f"got {self.loc_masks!r}, {self.loc_reduce!r}"
+            )
 
 
 @dataclass
@@ -268,8 +275,16 @@ def tiny() -> TrainConfig:
         model=model_tiny(),
         data=DataConfig(resolution=64, batch_size=2, num_workers=0),
         optim=OptimConfig(lr=1e-3, warmup_steps=2, ema_decay=0.9),
-        run=RunConfig(out_dir="runs/tiny", max_steps=10, precision="fp32", log_every=1, ckpt_every=5,
-                      val_every=0, val_samples=2, val_steps=4),
+        run=RunConfig(
+            out_dir="runs/tiny",
+            max_steps=10,
+            precision="fp32",
+            log_every=1,
+            ckpt_every=5,
+            val_every=0,
+            val_samples=2,
+            val_steps=4,
+        ),
     )
 
 
@@ -297,8 +312,7 @@ def paper() -> TrainConfig:
         model=model_sd2_base(),
         data=DataConfig(resolution=512, batch_size=8, num_workers=6, crop="short-side", no_subject="skip"),
         optim=OptimConfig(lr=3e-5, weight_decay=0.0, warmup_steps=1000, grad_clip=0.0),
-        loss=LossConfig(drop_text=0.05, drop_location=0.05, drop_text_location=0.05, drop_subjects=0.0,
-                        drop_all=0.0),
+        loss=LossConfig(drop_text=0.05, drop_location=0.05, drop_text_location=0.05, drop_subjects=0.0, drop_all=0.0),
         run=RunConfig(out_dir="runs/paper", precision="bf16", gradient_checkpointing=True),
     )
 
@@ -316,16 +330,22 @@ def with_model(cfg: TrainConfig, name: str) -> TrainConfig:
     return cfg
 
 
-def load_config(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), model: str | None = None,
-                *, config_file: str | None = None) -> TrainConfig:
+def load_config(
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    model: str | None = None,
+    *,
+    config_file: str | None = None,
+) -> TrainConfig:
     """A preset ("tiny", "sd2-base", "paper"; default: config_file's top-level `preset`, else "sd2-base"), on
     another model preset when `model` is given (with_model), then config_file's tables and `key=value` overrides,
     applied in order."""
     values: dict[str, Any] = {}
     if config_file is not None:
         if not Path(config_file).is_file():
-            raise FileNotFoundError(f"--config {config_file}: no such TOML file (presets are --preset NAME: "
-                                    f"{PRESETS.names()})")
+            raise FileNotFoundError(
+                f"--config {config_file}: no such TOML file (presets are --preset NAME: {PRESETS.names()})"
+            )
         values = tomllib.loads(Path(config_file).read_text())
     named = values.pop("preset", "sd2-base")
     cfg = PRESETS[preset or named]()

@@ -8,7 +8,8 @@ A sample, all fixed shapes (N = model.max_subjects subject slots, R = data.resol
     masks: (N, R/8, R/8) float32 object masks (within their boxes) in the crop, area-averaged, for the
         localization loss.
     crop: (3,) long, (x0, y0, side) of the crop in the record's pixels.
-    prompt: the prompt text; input_ids: (77,) long, its tokens: the caption with ", the {label} is {placeholder}" per subject.
+    prompt: the prompt text; input_ids: (77,) long, its tokens: the caption with ", the {label} is {placeholder}"
+        per subject.
     placeholder_pos: (N,) long (-1 = none). loc_pos: (N, K) long token positions of each subject's map, -1 pad.
     key: the record key. part, taken, skipped: the reader part (DataLoader worker) it came from, the records
         that part has consumed with it, and the records skipped since its previous sample ({reason: count} as
@@ -43,14 +44,19 @@ import torch.distributed as dist
 from PIL import Image
 
 from subjectdiff.catalogs import catalog
-from subjectdiff.catalogs.reader import BadRecord, DecodedRecord, RecordReader
 from subjectdiff.catalogs.boxes import xyxy_norm_to_crop_norm, xyxy_norm_to_pixel_rect, xyxy_pixels_union_rect
+from subjectdiff.catalogs.reader import BadRecord, DecodedRecord, RecordReader
 from subjectdiff.catalogs.schema import white_fraction
 from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, load_selection, select
 from subjectdiff.catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
 from subjectdiff.model.prompts import SubjectPrompt, subject_prompt, tokenize
-from subjectdiff.model.subject_image import (SubjectAugment, background_files, background_photo, fill_holes,
-                                             subject_image)
+from subjectdiff.model.subject_image import (
+    SubjectAugment,
+    background_files,
+    background_photo,
+    fill_holes,
+    subject_image,
+)
 from subjectdiff.train.config import DataConfig, TrainConfig
 
 MAX_LOC_TOKENS = 8
@@ -73,8 +79,15 @@ class NoSubject(NamedTuple):
 
 
 BAD_RECORD = "bad record"  # the skip code of a record the reader refuses (data.on_bad_record="skip")
-SKIP_CODES = ("no objects", "no eligible object", "near-white image", "object rules", "cut by the crop",
-              "prompt too long", BAD_RECORD)
+SKIP_CODES = (
+    "no objects",
+    "no eligible object",
+    "near-white image",
+    "object rules",
+    "cut by the crop",
+    "prompt too long",
+    BAD_RECORD,
+)
 
 
 def box_rect(rec: DecodedRecord, i: int) -> tuple[int, int, int, int]:
@@ -139,14 +152,26 @@ def object_fault(rec: DecodedRecord, i: int, cfg: DataConfig) -> str | None:
         lambda: _outside("data.box_area", o.area, cfg.box_area),
         lambda: _outside("data.box_aspect", o.aspect, cfg.box_aspect),
         lambda: None if o.score > cfg.min_score else f"data.min_score: score {o.score:.3g} <= {cfg.min_score:g}",
-        lambda: None if not cfg.single_word_label or " " not in label.strip()
-        else f"data.single_word_label: label {label!r} has several words",
-        lambda: None if not cfg.label_in_caption or label_named(rec, i)
-        else f"data.label_in_caption: neither label {label!r} nor its phrase is in the caption",
-        lambda: None if o.mask_fill >= cfg.min_mask_fill
-        else f"data.min_mask_fill: mask fills {o.mask_fill:.3g} of its box < {cfg.min_mask_fill:g}",
-        lambda: None if not cfg.mask_within_box or o.mask_area <= o.area
-        else "data.mask_within_box: the mask has more pixels than its box",
+        lambda: (
+            None
+            if not cfg.single_word_label or " " not in label.strip()
+            else f"data.single_word_label: label {label!r} has several words"
+        ),
+        lambda: (
+            None
+            if not cfg.label_in_caption or label_named(rec, i)
+            else f"data.label_in_caption: neither label {label!r} nor its phrase is in the caption"
+        ),
+        lambda: (
+            None
+            if o.mask_fill >= cfg.min_mask_fill
+            else f"data.min_mask_fill: mask fills {o.mask_fill:.3g} of its box < {cfg.min_mask_fill:g}"
+        ),
+        lambda: (
+            None
+            if not cfg.mask_within_box or o.mask_area <= o.area
+            else "data.mask_within_box: the mask has more pixels than its box"
+        ),
         lambda: _segments_fault(rec, i, cfg),
     )
     return next((f for f in (check() for check in faults) if f), None)
@@ -171,8 +196,9 @@ def contained(a: np.ndarray, b: np.ndarray, ratio: float) -> bool:
     return w * h / smaller > ratio
 
 
-def candidates(rec: DecodedRecord, cfg: DataConfig, rng: np.random.Generator,
-               allowed: Sequence[int] | None = None) -> list[int]:
+def candidates(
+    rec: DecodedRecord, cfg: DataConfig, rng: np.random.Generator, allowed: Sequence[int] | None = None
+) -> list[int]:
     """The record's objects (among `allowed`, the selection's eligible objects, when given) in the order
     subjects are chosen: descending detection score (cfg.pick "score", ties in record order) or random."""
     order = [i for i in (range(len(rec.labels)) if allowed is None else allowed) if 0 <= i < len(rec.labels)]
@@ -191,8 +217,9 @@ def too_white(rec: DecodedRecord, cfg: DataConfig) -> float | None:
     return wf if wf > cfg.max_white else None
 
 
-def choose_subjects(rec: DecodedRecord, n: int, cfg: DataConfig, rng: np.random.Generator,
-                    allowed: Sequence[int] | None = None) -> list[int]:
+def choose_subjects(
+    rec: DecodedRecord, n: int, cfg: DataConfig, rng: np.random.Generator, allowed: Sequence[int] | None = None
+) -> list[int]:
     """Up to n object indices: the candidates in order, each kept when it passes `object_ok` and no chosen box
     contains it. An image with more than cfg.max_white near-white pixels gets none (the reference skips it)."""
     if too_white(rec, cfg) is not None:
@@ -214,14 +241,18 @@ def no_subject(rec: DecodedRecord, cfg: DataConfig, allowed: Sequence[int] | Non
         return NoSubject("no objects", "the record has no objects")
     wf = too_white(rec, cfg)
     if wf is not None:
-        return NoSubject("near-white image", f"near-white image: {wf:.0%} of its pixels above 0.9 > data.max_white "
-                                             f"{cfg.max_white:g}")
+        return NoSubject(
+            "near-white image", f"near-white image: {wf:.0%} of its pixels above 0.9 > data.max_white {cfg.max_white:g}"
+        )
     order = candidates(rec, cfg, np.random.default_rng(0), allowed)
     if not order:
         return NoSubject("no eligible object", "none of its objects is eligible in the selection (--object-where)")
     i = order[0]
-    return NoSubject("object rules", f"no object passes the object rules; the best candidate, object {i} "
-                                     f"({rec.labels[i]!r}): {object_fault(rec, i, cfg)}")
+    return NoSubject(
+        "object rules",
+        f"no object passes the object rules; the best candidate, object {i} "
+        f"({rec.labels[i]!r}): {object_fault(rec, i, cfg)}",
+    )
 
 
 def crop_box_ok(box: np.ndarray, cfg: DataConfig) -> bool:
@@ -247,8 +278,9 @@ def _crop_offset(u0: int, u1: int, extent: int, side: int, rng: np.random.Genera
     return int(rng.integers(lo, hi + 1))
 
 
-def square_crop(w: int, h: int, boxes_px: np.ndarray, rng: np.random.Generator, policy: str = "short-side"
-                ) -> tuple[int, int, int]:
+def square_crop(
+    w: int, h: int, boxes_px: np.ndarray, rng: np.random.Generator, policy: str = "short-side"
+) -> tuple[int, int, int]:
     """(x0, y0, side) of a random square crop, always inside the image (never padded). boxes_px: (K, 4) xyxy
     pixels, the chosen subjects in pick order. The crop contains the union of as many of them, in order, as fit
     in the image's short side (all of them unless their union is wider or taller than it); when not even the
@@ -305,8 +337,9 @@ def augmentation(cfg: DataConfig) -> SubjectAugment | None:
     return SubjectAugment(cfg.flip_p, cfg.rotate_deg, cfg.perspective, cfg.perspective_p, cfg.background_area)
 
 
-def subjects_in_crop(rec: DecodedRecord, chosen: list[int], crop: tuple[int, int, int], cfg: DataConfig
-                     ) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
+def subjects_in_crop(
+    rec: DecodedRecord, chosen: list[int], crop: tuple[int, int, int], cfg: DataConfig
+) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
     """The chosen objects that stay subjects in the crop (x0, y0, side), with their boxes in the crop and their
     boxed masks: an object stays when part of its boxed mask lies in the crop and, with the object rules, its
     clipped box passes the reference's post-crop rule (crop_box_ok)."""
@@ -314,7 +347,7 @@ def subjects_in_crop(rec: DecodedRecord, chosen: list[int], crop: tuple[int, int
     kept, boxes, masks = [], [], []
     for i in chosen:
         box, mask = crop_box(rec.boxes[i], rec, x0, y0, side), boxed_mask(rec, i)
-        if not (box[2] > box[0] and box[3] > box[1] and mask[y0: y0 + side, x0: x0 + side].any()):
+        if not (box[2] > box[0] and box[3] > box[1] and mask[y0 : y0 + side, x0 : x0 + side].any()):
             continue
         if cfg.object_rules and not crop_box_ok(box, cfg):
             continue
@@ -324,8 +357,13 @@ def subjects_in_crop(rec: DecodedRecord, chosen: list[int], crop: tuple[int, int
     return kept, boxes, masks
 
 
-def make_sample(rec: DecodedRecord, cfg: TrainConfig, subject_size: int, rng: np.random.Generator,
-                allowed: Sequence[int] | None = None) -> dict[str, Any] | NoSubject:
+def make_sample(
+    rec: DecodedRecord,
+    cfg: TrainConfig,
+    subject_size: int,
+    rng: np.random.Generator,
+    allowed: Sequence[int] | None = None,
+) -> dict[str, Any] | NoSubject:
     """One training sample from one record (see the module docstring for the fields), or NoSubject when the
     record yields no subject and cfg.data.no_subject is "skip". allowed: the selection's eligible objects of
     this record (None: all)."""
@@ -345,8 +383,9 @@ def make_sample(rec: DecodedRecord, cfg: TrainConfig, subject_size: int, rng: np
             return no_subject(rec, d, allowed)
         if truncated:
             return NoSubject("prompt too long", "the caption fills the 77-token context: no subject clause fits")
-        return NoSubject("cut by the crop", "the crop leaves no chosen subject in view (data.min_crop_box_area, "
-                                            "data.crop_aspect)")
+        return NoSubject(
+            "cut by the crop", "the crop leaves no chosen subject in view (data.min_crop_box_area, data.crop_aspect)"
+        )
     x0, y0, side = crop
     image = Image.fromarray(rec.image).crop((x0, y0, x0 + side, y0 + side))
     image = image.resize((r, r), Image.BICUBIC, reducing_gap=2.0)
@@ -371,12 +410,13 @@ def make_sample(rec: DecodedRecord, cfg: TrainConfig, subject_size: int, rng: np
         mask = filled_mask(masks[j]) if d.fill_holes else masks[j]
         bg = background_photo(files[int(rng.integers(len(files)))], subject_size, rng) if files else None
         fill = WHITE if d.background == "white" else tuple(int(c) for c in rng.integers(0, 256, 3))
-        out["subjects"][j] = subject_image(rec.image, mask, subject_size, augment=aug, rng=rng, background=bg,
-                                           fill=fill).transpose(2, 0, 1)
+        out["subjects"][j] = subject_image(
+            rec.image, mask, subject_size, augment=aug, rng=rng, background=bg, fill=fill
+        ).transpose(2, 0, 1)
         out["boxes"][j] = boxes[j]
         out["present"][j] = True
         out["objects"][j] = i
-        m = Image.fromarray(mask[y0: y0 + side, x0: x0 + side].astype(np.uint8) * 255)
+        m = Image.fromarray(mask[y0 : y0 + side, x0 : x0 + side].astype(np.uint8) * 255)
         out["masks"][j] = np.asarray(m.resize((r // 8, r // 8), Image.BOX), np.float32) / 255
         out["placeholder_pos"][j] = sp.placeholder_pos[j]
         pos = loc_positions(rec, i, sp, j, d.loc_tokens)
@@ -395,8 +435,9 @@ class TrainSamples(torch.utils.data.IterableDataset):
     data.no_subject="skip", and the reader's bad records under data.on_bad_record="skip", yield nothing; the next
     sample carries their count (module docstring)."""
 
-    def __init__(self, reader: RecordReader, cfg: TrainConfig, subject_size: int,
-                 eligible: dict[str, list[int]] | None = None):
+    def __init__(
+        self, reader: RecordReader, cfg: TrainConfig, subject_size: int, eligible: dict[str, list[int]] | None = None
+    ):
         self.reader, self.cfg, self.subject_size, self.eligible = reader, cfg, subject_size, eligible
         self.epoch = 0
         clip_tokenizer()  # load the BPE once here: forked DataLoader workers inherit it instead of reloading
@@ -415,7 +456,7 @@ class TrainSamples(torch.utils.data.IterableDataset):
         rng = sample_rng(self.cfg.run.seed, self.epoch, rec.key)
         try:
             return make_sample(rec, self.cfg, self.subject_size, rng, allowed)
-        except Exception as e:  # noqa: BLE001 - any failure becomes one line naming the record
+        except Exception as e:
             raise SampleError(f"record {rec.key} (shard {rec.shard or '?'}): {type(e).__name__}: {e}") from e
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -462,14 +503,18 @@ def run_selection(cfg: DataConfig, out_dir: str, resume: bool) -> str | None:
     path = os.path.join(out_dir, SELECTION_FILE)
     if resume:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume with a catalog selection: {path}, the selection this run started "
-                                    "with, is missing; restore it (or pass it as --selection) to continue the run")
+            raise FileNotFoundError(
+                f"--resume with a catalog selection: {path}, the selection this run started "
+                "with, is missing; restore it (or pass it as --selection) to continue the run"
+            )
         saved = json.loads(pq.read_schema(path).metadata[b"subjectdiff.selection"])
         for name in ("where", "object_where"):
             if saved.get(name) != getattr(cfg, name):
-                raise ValueError(f"data.{name} is {getattr(cfg, name)!r}, but the run started with "
-                                 f"{saved.get(name)!r} ({path}): a resumed run keeps its selection; start a new run "
-                                 "(another --out) for a new one")
+                raise ValueError(
+                    f"data.{name} is {getattr(cfg, name)!r}, but the run started with "
+                    f"{saved.get(name)!r} ({path}): a resumed run keeps its selection; start a new run "
+                    "(another --out) for a new one"
+                )
         return path
     root, catalog_file = catalog_source(cfg)
     if not catalog.catalog_path(root, catalog_file).exists():  # a bucket's catalog is a local file: made on first use
@@ -477,8 +522,9 @@ def run_selection(cfg: DataConfig, out_dir: str, resume: bool) -> str | None:
             print(f"data: {bad.line()}", file=sys.stderr, flush=True)
     objects = REFERENCE_OBJECT_WHERE if cfg.object_where == "reference" else cfg.object_where
     if select(root, cfg.where, path, catalog=catalog_file, object_where=objects) == 0:
-        raise ValueError(f"--where {cfg.where!r} / --object-where {cfg.object_where!r} select no record of the "
-                         f"catalog of {root}")
+        raise ValueError(
+            f"--where {cfg.where!r} / --object-where {cfg.object_where!r} select no record of the catalog of {root}"
+        )
     return path
 
 
@@ -493,8 +539,9 @@ def catalog_source(cfg: DataConfig) -> tuple[str, str | None]:
     return (cfg.shards[0] if cfg.shards else catalog.catalog_root(cfg.catalog)), cfg.catalog
 
 
-def shared_selection(cfg: DataConfig, out_dir: str, rank: int, world: int, resume: bool
-                     ) -> tuple[dict[str, set[str]] | None, dict[str, list[int]] | None]:
+def shared_selection(
+    cfg: DataConfig, out_dir: str, rank: int, world: int, resume: bool
+) -> tuple[dict[str, set[str]] | None, dict[str, list[int]] | None]:
     """The run's selection on every rank: ({shard path: keys}, {key: eligible object indices} or None). Rank 0
     resolves and reads it (run_selection) and broadcasts it through torch.distributed, so no other rank reads
     rank 0's files (nodes need no shared filesystem for it). A failure on rank 0 reaches the other ranks instead
@@ -517,16 +564,27 @@ def shared_selection(cfg: DataConfig, out_dir: str, rank: int, world: int, resum
     return box[0]
 
 
-def make_reader(cfg: DataConfig, selection: dict[str, set[str]] | None, rank: int, world: int,
-                seed: int) -> RecordReader:
+def make_reader(
+    cfg: DataConfig, selection: dict[str, set[str]] | None, rank: int, world: int, seed: int
+) -> RecordReader:
     """The balanced reader of this rank: every rank and worker reads as many records per epoch."""
     shards = list(cfg.shards) if cfg.shards and not cfg.queries_catalog else None
     if shards is None and selection is None:
-        raise ValueError("no training data: give --records DIR, --selection FILE, or --catalog FILE.duckdb (all "
-                         "its records, or those --where / --object-where select)")
+        raise ValueError(
+            "no training data: give --records DIR, --selection FILE, or --catalog FILE.duckdb (all "
+            "its records, or those --where / --object-where select)"
+        )
     on_error = "yield" if cfg.on_bad_record == "skip" else "raise"  # "yield": TrainSamples counts them
-    return RecordReader(shards, selection=selection, split="balanced", multiple=cfg.batch_size, rank=rank,
-                        world_size=world, shuffle_seed=seed, on_error=on_error)
+    return RecordReader(
+        shards,
+        selection=selection,
+        split="balanced",
+        multiple=cfg.batch_size,
+        rank=rank,
+        world_size=world,
+        shuffle_seed=seed,
+        on_error=on_error,
+    )
 
 
 def loader_workers(num_workers: int, records: int, world: int) -> int:
@@ -541,15 +599,24 @@ def epoch_plan(reader: RecordReader, world: int, workers: int, batch: int) -> st
     """One line: how the epoch's records split over ranks and workers, and what the split drops or repeats."""
     total, parts = reader.epoch_size(), world * max(workers, 1)
     each = reader.quota(parts)
-    line = (f"data: {total} records per epoch; {world} rank(s) x {max(workers, 1)} worker(s) read {each} each "
-            f"({-(-each // batch)} batches of up to {batch} per worker)")
+    line = (
+        f"data: {total} records per epoch; {world} rank(s) x {max(workers, 1)} worker(s) read {each} each "
+        f"({-(-each // batch)} batches of up to {batch} per worker)"
+    )
     if total < parts:
-        return line + f"; fewer records than ranks x workers: records repeat within the epoch"
+        return line + "; fewer records than ranks x workers: records repeat within the epoch"
     return line + f", {total - each * parts} dropped per epoch so that every rank runs alike"
 
 
-def batch_stream(cfg: TrainConfig, selection: dict[str, set[str]] | None, eligible: dict[str, list[int]] | None,
-                 rank: int, world: int, subject_size: int, log: Callable[[str], None] | None = None) -> BatchStream:
+def batch_stream(
+    cfg: TrainConfig,
+    selection: dict[str, set[str]] | None,
+    eligible: dict[str, list[int]] | None,
+    rank: int,
+    world: int,
+    subject_size: int,
+    log: Callable[[str], None] | None = None,
+) -> BatchStream:
     """This rank's infinite batches (the trainer's and `train preview`'s): the balanced reader, the samples, and
     the DataLoader workers the epoch can feed. log (rank 0): where the epoch plan and skipped records go."""
     reader = make_reader(cfg.data, selection, rank, world, cfg.run.seed)
@@ -578,35 +645,49 @@ class BatchStream:
     the batches the interrupted stream would have. `skipped` counts the skipped records by reason.
     """
 
-    def __init__(self, dataset: TrainSamples, batch_size: int, num_workers: int,
-                 log: Callable[[str], None] | None = None):
+    def __init__(
+        self, dataset: TrainSamples, batch_size: int, num_workers: int, log: Callable[[str], None] | None = None
+    ):
         self.dataset, self.batch_size, self.num_workers, self.log = dataset, batch_size, num_workers, log
         self.parts = max(num_workers, 1)
         self.epoch, self.batches, self.samples, self.next_part = 0, 0, [0] * self.parts, 0
         self.skipped: Counter[str] = Counter()
 
     def state(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batches": self.batches, "samples": list(self.samples),
-                "next_part": self.next_part}
+        return {
+            "epoch": self.epoch,
+            "batches": self.batches,
+            "samples": list(self.samples),
+            "next_part": self.next_part,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue from a `state()`. One without per-part counts (older checkpoints) continues where replaying
         its batches would: the parts' counts follow from the round robin of full batches."""
         b = state["batches"]
-        samples = state["samples"] if "samples" in state else [
-            self.batch_size * len(range(p, b, self.parts)) for p in range(self.parts)]
+        samples = (
+            state["samples"]
+            if "samples" in state
+            else [self.batch_size * len(range(p, b, self.parts)) for p in range(self.parts)]
+        )
         if len(samples) != self.parts:
-            raise ValueError(f"the data position is for {len(samples)} DataLoader workers per rank, this run has "
-                             f"{self.parts} (data.num_workers): the records split differently")
+            raise ValueError(
+                f"the data position is for {len(samples)} DataLoader workers per rank, this run has "
+                f"{self.parts} (data.num_workers): the records split differently"
+            )
         self.epoch, self.batches, self.samples = state["epoch"], b, list(samples)
         self.next_part = state.get("next_part", b % self.parts)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
             self.dataset.set_epoch(self.epoch, self.samples, self.next_part)
-            loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.batch_size,
-                                                 num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                                                 persistent_workers=False)
+            loader = torch.utils.data.DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                pin_memory=torch.cuda.is_available(),
+                persistent_workers=False,
+            )
             skipped: Counter[str] = Counter()
             for batch in loader:
                 part = int(batch.pop("part")[0])
@@ -636,11 +717,15 @@ class BatchStream:
                 example = f"e.g. record {rec.key} (shard {rec.shard or '?'}): {s.detail}"
                 break
         if bad is not None and example == "this rank read no record":
-            return (f"epoch {self.epoch} gave this rank no sample: every record it read is bad and "
-                    f"data.on_bad_record is 'skip'; e.g. {bad}")
-        return (f"epoch {self.epoch} gave this rank no sample: every record it read has no subject and "
-                f"data.no_subject is 'skip'{' (or is bad)' if bad else ''}; {example}. Select records with subjects "
-                "(e.g. --object-where reference) or set data.no_subject=text to train them text-only")
+            return (
+                f"epoch {self.epoch} gave this rank no sample: every record it read is bad and "
+                f"data.on_bad_record is 'skip'; e.g. {bad}"
+            )
+        return (
+            f"epoch {self.epoch} gave this rank no sample: every record it read has no subject and "
+            f"data.no_subject is 'skip'{' (or is bad)' if bad else ''}; {example}. Select records with subjects "
+            "(e.g. --object-where reference) or set data.no_subject=text to train them text-only"
+        )
 
 
 def skipped_line(counts: Counter[str]) -> str:

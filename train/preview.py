@@ -36,7 +36,8 @@ from subjectdiff.train.data import batch_stream, shared_selection, skipped_line
 
 SHOW = 256  # displayed side of the target crop, pixels
 
-CSS = """
+CSS = (
+    """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #222; background: #fafafa; }
 h1 { font-size: 1.3rem; } .meta, .settings { color: #666; font-size: 12px; }
 article.sample { display: flex; gap: 1rem; align-items: flex-start; background: #fff; border: 1px solid #ddd;
@@ -46,10 +47,16 @@ img { image-rendering: auto; border: 1px solid #ccc; }
 .text { flex: 1; min-width: 18rem; } .prompt { font-family: ui-monospace, monospace; word-break: break-word; }
 .tok { padding: 0 1px; border-radius: 3px; } .ph { font-weight: bold; color: #fff; }
 .loc { text-decoration: underline 2px; } .none { color: #999; font-style: italic; }
-""" + "\n".join(f".s{j}.ph {{ background: rgb{c}; }} .s{j}.loc {{ text-decoration-color: rgb{c}; }} "
-                f".s{j} .swatch {{ background: rgb{c}; }}" for j, c in enumerate(PALETTE)) + """
+"""
+    + "\n".join(
+        f".s{j}.ph {{ background: rgb{c}; }} .s{j}.loc {{ text-decoration-color: rgb{c}; }} "
+        f".s{j} .swatch {{ background: rgb{c}; }}"
+        for j, c in enumerate(PALETTE)
+    )
+    + """
 .swatch { display: inline-block; width: .8em; height: .8em; border-radius: 2px; vertical-align: middle; }
 """
+)
 
 
 def png_uri(image: Image.Image) -> str:
@@ -63,10 +70,17 @@ def target_image(image: np.ndarray, boxes: np.ndarray, masks: np.ndarray, presen
     SHOW px with each present subject j's mask tinted and its box outlined in object_color(j) (catalogs.report.draw)."""
     shown = np.asarray(Image.fromarray(image.transpose(1, 2, 0)).convert("RGB").resize((SHOW, SHOW), Image.BICUBIC))
     keep = np.flatnonzero(present)
-    cover = [np.asarray(Image.fromarray((masks[j] * 255).astype(np.uint8)).resize((SHOW, SHOW), Image.BILINEAR),
-                        np.float32) / 255.0 for j in keep]  # (SHOW, SHOW) coverage, edges blend partially
-    drawn = overlay(shown, np.stack(cover) if cover else np.zeros((0, SHOW, SHOW), np.float32),
-                    np.asarray(boxes, np.float32)[keep].reshape(-1, 4), [object_color(int(j)) for j in keep])
+    cover = [
+        np.asarray(Image.fromarray((masks[j] * 255).astype(np.uint8)).resize((SHOW, SHOW), Image.BILINEAR), np.float32)
+        / 255.0
+        for j in keep
+    ]  # (SHOW, SHOW) coverage, edges blend partially
+    drawn = overlay(
+        shown,
+        np.stack(cover) if cover else np.zeros((0, SHOW, SHOW), np.float32),
+        np.asarray(boxes, np.float32)[keep].reshape(-1, 4),
+        [object_color(int(j)) for j in keep],
+    )
     return Image.fromarray(drawn)
 
 
@@ -96,7 +110,8 @@ def row(batch: dict[str, Any], i: int, epoch: int, labels: list[str]) -> dict[st
     present = batch["present"][i].numpy()
     keep = np.flatnonzero(present)
     return {
-        "key": batch["key"][i], "epoch": epoch,
+        "key": batch["key"][i],
+        "epoch": epoch,
         "objects": [int(o) for o in batch["objects"][i].numpy()[keep]],
         "labels": [labels[j] for j in keep],
         "boxes": [[round(float(v), 6) for v in b] for b in batch["boxes"][i].numpy()[keep]],
@@ -110,22 +125,29 @@ def card(batch: dict[str, Any], i: int, r: dict[str, Any]) -> str:
     """One sample's <article>."""
     present = batch["present"][i].numpy()
     target = target_image(batch["image"][i].numpy(), batch["boxes"][i].numpy(), batch["masks"][i].numpy(), present)
-    figs = [f'<figure class="target"><img src="{png_uri(target)}" width="{SHOW}" height="{SHOW}" '
-            f'alt="target crop"><figcaption>target crop, boxes and masks</figcaption></figure>']
+    figs = [
+        f'<figure class="target"><img src="{png_uri(target)}" width="{SHOW}" height="{SHOW}" '
+        f'alt="target crop"><figcaption>target crop, boxes and masks</figcaption></figure>'
+    ]
     for j in np.flatnonzero(present):
         sub = Image.fromarray(batch["subjects"][i, j].numpy().transpose(1, 2, 0))
         side = max(sub.width, 128)
-        figs.append(f'<figure class="subject s{j}"><img src="{png_uri(sub)}" width="{side}" height="{side}" '
-                    f'alt="subject {j}"><figcaption><span class="swatch"></span> subject {j}: '
-                    f'{html.escape(r["labels"][len(figs) - 1])} (object {r["objects"][len(figs) - 1]})'
-                    '</figcaption></figure>')
+        figs.append(
+            f'<figure class="subject s{j}"><img src="{png_uri(sub)}" width="{side}" height="{side}" '
+            f'alt="subject {j}"><figcaption><span class="swatch"></span> subject {j}: '
+            f"{html.escape(r['labels'][len(figs) - 1])} (object {r['objects'][len(figs) - 1]})"
+            "</figcaption></figure>"
+        )
     if len(figs) == 1:
         figs.append('<p class="none">no subject: this record trains without subjects</p>')
-    prompt = prompt_html(batch["input_ids"][i].numpy(), batch["placeholder_pos"][i].numpy(),
-                         batch["loc_pos"][i].numpy())
-    meta = f'key {html.escape(r["key"])} · epoch {r["epoch"]} · boxes {html.escape(json.dumps(r["boxes"]))}'
-    return (f'<article class="sample" data-key="{html.escape(r["key"])}">{"".join(figs)}'
-            f'<div class="text"><p class="prompt">{prompt}</p><p class="meta">{meta}</p></div></article>')
+    prompt = prompt_html(
+        batch["input_ids"][i].numpy(), batch["placeholder_pos"][i].numpy(), batch["loc_pos"][i].numpy()
+    )
+    meta = f"key {html.escape(r['key'])} · epoch {r['epoch']} · boxes {html.escape(json.dumps(r['boxes']))}"
+    return (
+        f'<article class="sample" data-key="{html.escape(r["key"])}">{"".join(figs)}'
+        f'<div class="text"><p class="prompt">{prompt}</p><p class="meta">{meta}</p></div></article>'
+    )
 
 
 def write_preview(cfg: TrainConfig, n: int, out: str | Path) -> Path:
@@ -152,18 +174,22 @@ def write_preview(cfg: TrainConfig, n: int, out: str | Path) -> Path:
     with open(out / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     d = cfg.data
-    settings = (f"resolution {d.resolution} · subject images {size} px · crop {d.crop} · pick {d.pick} · "
-                f"without a subject: {d.no_subject} · bad records: {d.on_bad_record} · object rules {'on' if d.object_rules else 'off'} · augmentation {'on' if d.augment else 'off'} · backgrounds "
-                f"{html.escape(d.backgrounds or 'none')} · loc tokens {', '.join(d.loc_tokens)} · where "
-                f"{html.escape(d.where or '-')} · object where {html.escape(d.object_where or '-')}")
+    settings = (
+        f"resolution {d.resolution} · subject images {size} px · crop {d.crop} · pick {d.pick} · "
+        f"without a subject: {d.no_subject} · bad records: {d.on_bad_record} · "
+        f"object rules {'on' if d.object_rules else 'off'} · augmentation {'on' if d.augment else 'off'} · backgrounds "
+        f"{html.escape(d.backgrounds or 'none')} · loc tokens {', '.join(d.loc_tokens)} · where "
+        f"{html.escape(d.where or '-')} · object where {html.escape(d.object_where or '-')}"
+    )
     page = out / "index.html"
     page.write_text(
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
-        "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
         "style-src 'unsafe-inline'\"><title>train preview</title>"
         f"<style>{CSS}</style></head><body><h1>What the trainer feeds: {len(rows)} samples</h1>"
         f'<p class="settings">{settings}</p>'
         + "".join(f'<p class="meta">{html.escape(note)}</p>' for note in notes)
-        + f'{"".join(cards)}</body></html>', encoding="utf-8")
+        + f"{''.join(cards)}</body></html>",
+        encoding="utf-8",
+    )
     return page
-

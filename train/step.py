@@ -24,8 +24,9 @@ def empty_ids(device: torch.device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_inputs(parts: Parts, batch: dict[str, Any], device: torch.device, grad: bool = False,
-                  gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def encode_inputs(
+    parts: Parts, batch: dict[str, Any], device: torch.device, grad: bool = False, gen: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
     """Frozen encoders: image -> latents (B, 4, h, w); subjects -> cls (B, N, Dc), tokens (B, N, T, Dv).
     gen: latents drawn from the VAE posterior with this generator (the reference's `latent_dist.sample()`);
     None: the posterior mean. grad=True runs the image encoder under autograd (the reference code's way;
@@ -54,8 +55,9 @@ def drop_events(b: int, cfg: LossConfig, gen: torch.Generator, device: torch.dev
 
 
 @torch.no_grad()
-def condition(batch: dict[str, Any], enc: dict[str, torch.Tensor], cfg: LossConfig, gen: torch.Generator,
-              device: torch.device) -> dict[str, torch.Tensor]:
+def condition(
+    batch: dict[str, Any], enc: dict[str, torch.Tensor], cfg: LossConfig, gen: torch.Generator, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Model inputs with classifier-free-guidance dropout (drop_events): text -> the empty prompt without
     placeholders (so no CLS fusion either), location -> zeros, subjects -> the grounding net's learned null
     features (subject_mask 0)."""
@@ -67,17 +69,28 @@ def condition(batch: dict[str, Any], enc: dict[str, torch.Tensor], cfg: LossConf
     h, w = enc["latents"].shape[-2:]
     loc_present = present & ~drop["text"][:, None]  # a dropped prompt has no subject tokens to localize
     return {
-        "input_ids": ids, "placeholder_pos": ph, "subject_cls": enc["cls"], "subject_tokens": enc["tokens"],
-        "boxes": boxes, "subject_mask": (present & ~drop["subjects"][:, None]).float(),
+        "input_ids": ids,
+        "placeholder_pos": ph,
+        "subject_cls": enc["cls"],
+        "subject_tokens": enc["tokens"],
+        "boxes": boxes,
+        "subject_mask": (present & ~drop["subjects"][:, None]).float(),
         "location": location_map(boxes, present & ~drop["location"][:, None], h, w),
         "loc_token_weights": token_weights(batch["loc_pos"].to(device), ids.shape[1]) * loc_present[..., None],
         "loc_present": loc_present,
     }
 
 
-def training_step(model: torch.nn.Module, parts: Parts, batch: dict[str, Any], cfg: LossConfig,
-                  gen: torch.Generator, device: torch.device, autocast: contextlib.AbstractContextManager,
-                  reference: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+def training_step(
+    model: torch.nn.Module,
+    parts: Parts,
+    batch: dict[str, Any],
+    cfg: LossConfig,
+    gen: torch.Generator,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+    reference: bool = False,
+) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss of one micro-batch (call .backward() on it). `model` is the SubjectDiffusion, DDP-wrapped or not."""
     enc = encode_inputs(parts, batch, device, grad=reference, gen=gen if cfg.vae_sample else None)
     latents = enc["latents"]
@@ -90,14 +103,25 @@ def training_step(model: torch.nn.Module, parts: Parts, batch: dict[str, Any], c
     c = condition(batch, enc, cfg, gen, device)
     weights = c["loc_token_weights"] if cfg.loc_weight > 0 else None
     with autocast:
-        eps, maps = model(noisy, t, c["input_ids"], c["placeholder_pos"], c["subject_cls"], c["subject_tokens"],
-                          c["boxes"], c["subject_mask"], c["location"], weights)
+        eps, maps = model(
+            noisy,
+            t,
+            c["input_ids"],
+            c["placeholder_pos"],
+            c["subject_cls"],
+            c["subject_tokens"],
+            c["boxes"],
+            c["subject_mask"],
+            c["location"],
+            weights,
+        )
     mse = F.mse_loss(eps.float(), target.float())
     masks = batch["masks"].to(device)
     if weights is None:
         loc = mse * 0
     else:
-        loc = localization_loss(maps, masks, c["loc_present"], normalize=cfg.loc_normalize,
-                                masks_mode=cfg.loc_masks, reduce=cfg.loc_reduce)
+        loc = localization_loss(
+            maps, masks, c["loc_present"], normalize=cfg.loc_normalize, masks_mode=cfg.loc_masks, reduce=cfg.loc_reduce
+        )
     loss = mse + cfg.loc_weight * loc
     return loss, {"loss": loss.detach().item(), "mse": mse.detach().item(), "loc": float(loc.detach())}

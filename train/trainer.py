@@ -146,8 +146,10 @@ def decay_groups(named: dict[str, torch.nn.Parameter]) -> tuple[list[str], list[
 def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig):
     o = cfg.optim
     decay, no_decay = decay_groups(named)
-    groups = [{"params": [named[n] for n in decay], "weight_decay": o.weight_decay},
-              {"params": [named[n] for n in no_decay], "weight_decay": 0.0}]
+    groups = [
+        {"params": [named[n] for n in decay], "weight_decay": o.weight_decay},
+        {"params": [named[n] for n in no_decay], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
     warm = max(o.warmup_steps, 1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
@@ -161,8 +163,10 @@ def split_one_group(state: dict[str, Any], named: dict[str, torch.nn.Parameter])
     decay, no_decay = decay_groups(named)
     opt, group = state["optimizer"], state["optimizer"]["param_groups"][0]
     opt["state"] = {j: opt["state"][order[n]] for j, n in enumerate(decay + no_decay) if order[n] in opt["state"]}
-    opt["param_groups"] = [{**group, "params": list(range(len(decay)))},
-                           {**group, "weight_decay": 0.0, "params": list(range(len(decay), len(named)))}]
+    opt["param_groups"] = [
+        {**group, "params": list(range(len(decay)))},
+        {**group, "weight_decay": 0.0, "params": list(range(len(decay), len(named)))},
+    ]
     for key in ("base_lrs", "_last_lr"):
         state["scheduler"][key] = state["scheduler"][key] * 2
 
@@ -241,16 +245,22 @@ class Trainer:
         cfg, batches, logs = self.cfg, iter(self.stream), {}
         # The run's pace since this process started training: ETA to run.max_steps, checkpoints and validation
         # included (they take wall time too).
-        pace = Progress(cfg.run.max_steps, None, done=self.step, bar=show_bar(self.d.main, cfg.run.progress),
-                        unit="step")
+        pace = Progress(
+            cfg.run.max_steps, None, done=self.step, bar=show_bar(self.d.main, cfg.run.progress), unit="step"
+        )
         while self.step < cfg.run.max_steps:
             t0 = time.perf_counter()
             logs = self.train_step(batches)
             self.step += 1
             samples = logs.pop("samples")
             pace.update(1, items=samples)
-            logs.update(lr=self.sched.get_last_lr()[0], samples_per_s=samples / (time.perf_counter() - t0),
-                        steps_per_s=pace.rate(), avg_samples_per_s=pace.item_rate(), eta_s=pace.eta())
+            logs.update(
+                lr=self.sched.get_last_lr()[0],
+                samples_per_s=samples / (time.perf_counter() - t0),
+                steps_per_s=pace.rate(),
+                avg_samples_per_s=pace.item_rate(),
+                eta_s=pace.eta(),
+            )
             if "skip" in (cfg.data.no_subject, cfg.data.on_bad_record):  # this rank's skipped records, since start
                 logs["records_skipped"] = float(sum(self.stream.skipped.values()))
             if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
@@ -273,8 +283,9 @@ class Trainer:
                 self.val_batch = {k: v[: self.cfg.run.val_samples] for k, v in batch.items()}
             sync = micro == accum - 1 or self.d.world == 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                loss, terms = training_step(self.ddp, self.parts, batch, self.cfg.loss, self.gen, self.d.device,
-                                            self.autocast())
+                loss, terms = training_step(
+                    self.ddp, self.parts, batch, self.cfg.loss, self.gen, self.d.device, self.autocast()
+                )
                 self.scaler.scale(loss / accum).backward()
             samples += len(batch["key"])
             totals = {k: totals.get(k, 0.0) + v / accum for k, v in terms.items()}
@@ -301,11 +312,20 @@ class Trainer:
         data = gather(self.stream.state(), self.d)
         rngs = gather(checkpoint.rng_state(self.gen), self.d)
         if self.d.main:
-            state = {"step": self.step, "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                     "scaler": self.scaler.state_dict(), "data": data, "rng": rngs, "world": self.d.world,
-                     "config": self.cfg.to_dict(), "ema_updates": self.ema.updates if self.ema else 0}
-            path = checkpoint.save(self.out, self.step, self.parts, self.ema.shadow if self.ema else None, state,
-                                   self.cfg.run.keep_last)
+            state = {
+                "step": self.step,
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "data": data,
+                "rng": rngs,
+                "world": self.d.world,
+                "config": self.cfg.to_dict(),
+                "ema_updates": self.ema.updates if self.ema else 0,
+            }
+            path = checkpoint.save(
+                self.out, self.step, self.parts, self.ema.shadow if self.ema else None, state, self.cfg.run.keep_last
+            )
             print(f"saved {path}", flush=True)
         if self.d.world > 1:
             dist.barrier()
@@ -334,9 +354,12 @@ class Trainer:
         if self.d.main and why is not None:
             print(f"warning: {path}: {why}; the data restart at the saved epoch of rank 0", file=sys.stderr)
         elif self.d.main and "samples" not in state["data"][0]:
-            print(f"warning: {path} predates per-worker data positions: the data continue where replaying its "
-                  "batches would (without decoding them), but it was written under the previous records split, so "
-                  "the rest of this epoch may repeat or miss some records", file=sys.stderr)
+            print(
+                f"warning: {path} predates per-worker data positions: the data continue where replaying its "
+                "batches would (without decoding them), but it was written under the previous records split, so "
+                "the rest of this epoch may repeat or miss some records",
+                file=sys.stderr,
+            )
         if self.d.main:
             print(f"resumed from {path} at step {self.step}", flush=True)
 

@@ -42,8 +42,12 @@ def validation_grid(trainer, path: Path) -> Path:
     model = trainer.model
     was_training = model.training
     model.eval()
-    s = SamplingConfig(steps=cfg.val_steps, guidance=cfg.val_guidance, subject_guidance=cfg.val_subject_guidance,
-                       scheduler=cfg.val_scheduler)
+    s = SamplingConfig(
+        steps=cfg.val_steps,
+        guidance=cfg.val_guidance,
+        subject_guidance=cfg.val_subject_guidance,
+        scheduler=cfg.val_scheduler,
+    )
     gen = sample(trainer.parts, batch, trainer.d.device, s, seed=cfg.seed)
     model.train(was_training)
     r = gen.shape[-1]

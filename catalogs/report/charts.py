@@ -31,8 +31,10 @@ def _num(v: float) -> str:
 
 
 def _svg(body: list[str], label: str, height: int = _PH) -> str:
-    return (f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{_PW}" height="{height}" '
-            f'viewBox="0 0 {_PW} {height}" role="img" aria-label="{esc(label)}">{"".join(body)}</svg>')
+    return (
+        f'<svg class="plot" xmlns="http://www.w3.org/2000/svg" width="{_PW}" height="{height}" '
+        f'viewBox="0 0 {_PW} {height}" role="img" aria-label="{esc(label)}">{"".join(body)}</svg>'
+    )
 
 
 def _y_axis(vmax: float, ylabel: str) -> tuple[list[str], float]:
@@ -43,27 +45,36 @@ def _y_axis(vmax: float, ylabel: str) -> tuple[list[str], float]:
     out = []
     for k in range(int(round(top / step)) + 1):
         y = _MT + ih - ih * k * step / top
-        out.append(f'<line class="gridline" x1="{_ML}" x2="{_PW - _MR}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                   f'<text x="{_ML - 6}" y="{y + 4:.1f}" text-anchor="end">{_num(k * step)}</text>')
-    out.append(f'<text x="14" y="{_MT + ih / 2:.1f}" text-anchor="middle" transform="rotate(-90 14 '
-               f'{_MT + ih / 2:.1f})">{esc(ylabel)}</text>')
+        out.append(
+            f'<line class="gridline" x1="{_ML}" x2="{_PW - _MR}" y1="{y:.1f}" y2="{y:.1f}"/>'
+            f'<text x="{_ML - 6}" y="{y + 4:.1f}" text-anchor="end">{_num(k * step)}</text>'
+        )
+    out.append(
+        f'<text x="14" y="{_MT + ih / 2:.1f}" text-anchor="middle" transform="rotate(-90 14 '
+        f'{_MT + ih / 2:.1f})">{esc(ylabel)}</text>'
+    )
     return out, top
 
 
-def svg_columns(counts: list[float], ticks: list[tuple[float, str]], *, xlabel: str, ylabel: str,
-                tips: list[str]) -> str:
+def svg_columns(
+    counts: list[float], ticks: list[tuple[float, str]], *, xlabel: str, ylabel: str, tips: list[str]
+) -> str:
     """Vertical bars, one per count, evenly spaced. ticks: (position in bar units from 0 to len, text)."""
     body, top = _y_axis(max(counts, default=0), ylabel)
     iw, ih = _PW - _ML - _MR, _PH - _MT - _MB
     bw = iw / max(1, len(counts))
     for i, (c, tip) in enumerate(zip(counts, tips)):
         bh = ih * c / top
-        body.append(f'<rect class="bar" x="{_ML + i * bw + 0.5:.1f}" y="{_MT + ih - bh:.1f}" '
-                    f'width="{max(bw - 1, 0.5):.1f}" height="{bh:.1f}"><title>{esc(tip)}</title></rect>')
+        body.append(
+            f'<rect class="bar" x="{_ML + i * bw + 0.5:.1f}" y="{_MT + ih - bh:.1f}" '
+            f'width="{max(bw - 1, 0.5):.1f}" height="{bh:.1f}"><title>{esc(tip)}</title></rect>'
+        )
     for pos, text in ticks:
         body.append(f'<text x="{_ML + pos * bw:.1f}" y="{_MT + ih + 16}" text-anchor="middle">{esc(text)}</text>')
-    body.append(f'<line class="axis" x1="{_ML}" x2="{_PW - _MR}" y1="{_MT + ih}" y2="{_MT + ih}"/>'
-                f'<text x="{_ML + iw / 2:.1f}" y="{_PH - 6}" text-anchor="middle">{esc(xlabel)}</text>')
+    body.append(
+        f'<line class="axis" x1="{_ML}" x2="{_PW - _MR}" y1="{_MT + ih}" y2="{_MT + ih}"/>'
+        f'<text x="{_ML + iw / 2:.1f}" y="{_PH - 6}" text-anchor="middle">{esc(xlabel)}</text>'
+    )
     return _svg(body, f"{ylabel} by {xlabel}")
 
 
@@ -100,17 +111,20 @@ def svg_lines(xs: list[float], series: dict[str, list[float]], *, xlabel: str, y
     body, top = _y_axis(max((max(ys, default=0) for ys in series.values()), default=0), ylabel)
     iw, ih = _PW - _ML - _MR, _PH - _MT - _MB
     xmax = max(xs, default=0) or 1.0
-    px = lambda x: _ML + iw * x / xmax  # noqa: E731
-    py = lambda y: _MT + ih - ih * y / top  # noqa: E731
+    px = lambda x: _ML + iw * x / xmax
+    py = lambda y: _MT + ih - ih * y / top
     for k, (name, ys) in enumerate(series.items()):
         pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
         # The legend sits in the bottom-left corner, under the axis, where no data can hide it.
-        body.append(f'<polyline class="line s{k}" points="{pts}"><title>{esc(name)}</title></polyline>'
-                    f'<text class="legend s{k}" x="{4 + 80 * k}" y="{_PH - 6}">■ {esc(name)}</text>')
+        body.append(
+            f'<polyline class="line s{k}" points="{pts}"><title>{esc(name)}</title></polyline>'
+            f'<text class="legend s{k}" x="{4 + 80 * k}" y="{_PH - 6}">■ {esc(name)}</text>'
+        )
     step = _tick_step(xmax)
     for k in range(int(xmax / step) + 1):
         body.append(f'<text x="{px(k * step):.1f}" y="{_MT + ih + 16}" text-anchor="middle">{_num(k * step)}</text>')
-    body.append(f'<line class="axis" x1="{_ML}" x2="{_PW - _MR}" y1="{_MT + ih}" y2="{_MT + ih}"/>'
-                f'<text x="{_ML + iw / 2:.1f}" y="{_PH - 6}" text-anchor="middle">{esc(xlabel)}</text>')
+    body.append(
+        f'<line class="axis" x1="{_ML}" x2="{_PW - _MR}" y1="{_MT + ih}" y2="{_MT + ih}"/>'
+        f'<text x="{_ML + iw / 2:.1f}" y="{_PH - 6}" text-anchor="middle">{esc(xlabel)}</text>'
+    )
     return _svg(body, f"{ylabel} over {xlabel}")
-

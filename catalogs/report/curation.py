@@ -32,7 +32,12 @@ from subjectdiff.catalogs.report.draw import object_color, overlay
 from subjectdiff.catalogs.report.sql import Scope, query
 from subjectdiff.catalogs.report.text import esc
 from subjectdiff.catalogs.report.thumbnails import (
-    image_member, jpeg_bytes, mask_coverage, missing, read_records, thumbnail,
+    image_member,
+    jpeg_bytes,
+    mask_coverage,
+    missing,
+    read_records,
+    thumbnail,
 )
 from subjectdiff.catalogs.schema import ObjectAnn
 from subjectdiff.catalogs.storage import Folder
@@ -73,8 +78,11 @@ class CurationData:
 
 def _histogram(con: duckdb.DuckDBPyConnection, relation: str, col: str, title: str, counted: str) -> str | None:
     """A histogram figure of COL over its [min, max] in BINS bins, or None when COL has no value."""
-    (lo, hi, n, qs), = query(con, f"SELECT min({col}), max({col}), count({col}), quantile_cont({col}, [0.1, 0.5, 0.9]) "
-                                  f"FROM {relation} WHERE {col} IS NOT NULL AND NOT isnan({col})")
+    ((lo, hi, n, qs),) = query(
+        con,
+        f"SELECT min({col}), max({col}), count({col}), quantile_cont({col}, [0.1, 0.5, 0.9]) "
+        f"FROM {relation} WHERE {col} IS NOT NULL AND NOT isnan({col})",
+    )
     if not n:
         return None
     lo, hi = float(lo), float(hi)
@@ -83,18 +91,29 @@ def _histogram(con: duckdb.DuckDBPyConnection, relation: str, col: str, title: s
     scale = BINS / (hi - lo)
     counts = [0] * BINS
     # Clamped here rather than in SQL (distributions.py's _fine_counts: least() over the float costs more than the scan)
-    for b, c in query(con, f"SELECT floor(({col} - ({lo!r})) * {scale!r})::BIGINT b, count(*) FROM {relation} "
-                           f"WHERE {col} IS NOT NULL AND NOT isnan({col}) GROUP BY b"):
+    for b, c in query(
+        con,
+        f"SELECT floor(({col} - ({lo!r})) * {scale!r})::BIGINT b, count(*) FROM {relation} "
+        f"WHERE {col} IS NOT NULL AND NOT isnan({col}) GROUP BY b",
+    ):
         counts[min(max(int(b), 0), BINS - 1)] += c
     note = f"n {n:,} · p10 {qs[0]:.3f} · median {qs[1]:.3f} · p90 {qs[2]:.3f}"
     svg = svg_histogram(counts, lo, hi, xlabel=col, ylabel=counted)
-    return (f'<figure class="chart" id="hist-{esc(col)}"><figcaption>{esc(title)}</figcaption>{svg}'
-            f'<p class="note">{esc(note)}</p></figure>')
+    return (
+        f'<figure class="chart" id="hist-{esc(col)}"><figcaption>{esc(title)}</figcaption>{svg}'
+        f'<p class="note">{esc(note)}</p></figure>'
+    )
 
 
-def gather(con: duckdb.DuckDBPyConnection, where: str | None, *,
-           max_distance: int = duplicates.DEFAULT_MAX_DISTANCE, n_groups: int = DUP_GROUPS,
-           n_members: int = DUP_MEMBERS, n_weak: int = WEAK_OBJECTS) -> CurationData:
+def gather(
+    con: duckdb.DuckDBPyConnection,
+    where: str | None,
+    *,
+    max_distance: int = duplicates.DEFAULT_MAX_DISTANCE,
+    n_groups: int = DUP_GROUPS,
+    n_members: int = DUP_MEMBERS,
+    n_weak: int = WEAK_OBJECTS,
+) -> CurationData:
     """Everything but the thumbnails (module docstring), from the catalog connection CON."""
     scope = Scope.of(where)
     data = CurationData()
@@ -102,7 +121,7 @@ def gather(con: duckdb.DuckDBPyConnection, where: str | None, *,
         fig = _histogram(con, getattr(scope, table), col, title, counted)
         if fig is not None:
             data.figures.append(fig)
-    (n_phash, n_sha), = query(con, f"SELECT count(phash), count(sha256) FROM {scope.samples}")
+    ((n_phash, n_sha),) = query(con, f"SELECT count(phash), count(sha256) FROM {scope.samples}")
     data.has_phash = bool(n_phash or n_sha)
     data.measured = bool(data.figures) or data.has_phash
     if data.has_phash:
@@ -115,9 +134,12 @@ def gather(con: duckdb.DuckDBPyConnection, where: str | None, *,
         data.n_groups = len(by_group)
         top = sorted(by_group, key=lambda g: (-len(by_group[g]), g))[:n_groups]
         data.groups = [(g, kinds[g], len(by_group[g]), by_group[g][:n_members]) for g in top]
-    data.weak = query(con, f'SELECT key, shard, "index", label, label_score, label_rank, score FROM {scope.objects} '
-                           f'WHERE label_score IS NOT NULL AND NOT isnan(label_score) '
-                           f'ORDER BY label_score, key, shard, "index" LIMIT {int(n_weak)}')
+    data.weak = query(
+        con,
+        f'SELECT key, shard, "index", label, label_score, label_rank, score FROM {scope.objects} '
+        f"WHERE label_score IS NOT NULL AND NOT isnan(label_score) "
+        f'ORDER BY label_score, key, shard, "index" LIMIT {int(n_weak)}',
+    )
     data.paths = dict(query(con, "SELECT name, path FROM shards"))
     return data
 
@@ -148,15 +170,21 @@ def _duplicate_html(data: CurationData, members: dict, errors: dict, max_distanc
                 img = ""
             role = "kept" if i == 0 else f"distance {distance if distance is not None else '?'}"
             body = img if err is None else f'<p class="error">{esc(err)}</p>'
-            figs.append(f'<figure class="dup{" first" if i == 0 else ""}">{body}<figcaption><b>{esc(role)}</b> · '
-                        f'<code>{esc(key)}</code><br><span class="src" title="{esc(source)}">{esc(source)}</span> '
-                        f'<span class="shard">shard {esc(shard)}</span></figcaption></figure>')
+            figs.append(
+                f'<figure class="dup{" first" if i == 0 else ""}">{body}<figcaption><b>{esc(role)}</b> · '
+                f'<code>{esc(key)}</code><br><span class="src" title="{esc(source)}">{esc(source)}</span> '
+                f'<span class="shard">shard {esc(shard)}</span></figcaption></figure>'
+            )
         more = f'<p class="note">and {size - len(shown)} more</p>' if size > len(shown) else ""
-        rows.append(f'<div class="group" id="group-{gid}"><h3>group {gid} · {esc(kind)} · {size} samples</h3>'
-                    f'<div class="members">{"".join(figs)}</div>{more}</div>')
-    note = (f'<p class="note">{data.n_groups:,} groups (same bytes, or phash within {max_distance} bits); the '
-            f'{len(data.groups)} largest, members in plan order: the first is the one <code>catalog select '
-            '--dedup near</code> keeps</p>')
+        rows.append(
+            f'<div class="group" id="group-{gid}"><h3>group {gid} · {esc(kind)} · {size} samples</h3>'
+            f'<div class="members">{"".join(figs)}</div>{more}</div>'
+        )
+    note = (
+        f'<p class="note">{data.n_groups:,} groups (same bytes, or phash within {max_distance} bits); the '
+        f"{len(data.groups)} largest, members in plan order: the first is the one <code>catalog select "
+        "--dedup near</code> keeps</p>"
+    )
     return note + "".join(rows)
 
 
@@ -175,10 +203,9 @@ def _weak_html(data: CurationData, members: dict, errors: dict) -> str:
                 labels = list(dict.fromkeys(x.label for x in objects))
                 thumb = thumbnail(raw, meta["width"], meta["height"], WEAK_THUMB)
                 size = (thumb.shape[1], thumb.shape[0])
-                drawn = overlay(thumb, mask_coverage(o.mask, size)[None], np.asarray([o.box], np.float32),
-                                [WEAK_COLOR])
+                drawn = overlay(thumb, mask_coverage(o.mask, size)[None], np.asarray([o.box], np.float32), [WEAK_COLOR])
                 img = _img_tag(drawn, f"object {index} of {key}")
-            except Exception as e:  # noqa: BLE001 - shown on the card
+            except Exception as e:
                 err = f"cannot render: {type(e).__name__}: {e}"
         others = [lb for lb in labels if lb != label]
         rank_text = "?" if rank is None else f"{rank} of {max(len(labels), 1)}"
@@ -188,23 +215,29 @@ def _weak_html(data: CurationData, members: dict, errors: dict) -> str:
             f'<span class="num">{score:.3f}</span></p><p class="meta">own label ranks {esc(rank_text)} · '
             f'detection {det:.3f} · object {index}</p><p class="meta">other labels: '
             f'{esc(", ".join(others)) if others else "none"}</p><p class="meta"><code>{esc(key)}</code> · shard '
-            f'{esc(shard)}</p></article>')
-    return ('<p class="note">the objects whose masked crop matches "a photo of a {label}" least: likely false '
-            'detections (<code>objects.label_score</code>, lowest first)</p>'
-            f'<div class="weakgrid">{"".join(cards)}</div>')
+            f"{esc(shard)}</p></article>"
+        )
+    return (
+        '<p class="note">the objects whose masked crop matches "a photo of a {label}" least: likely false '
+        "detections (<code>objects.label_score</code>, lowest first)</p>"
+        f'<div class="weakgrid">{"".join(cards)}</div>'
+    )
 
 
-def curation_html(root: Folder, data: CurationData, *,
-                  max_distance: int = duplicates.DEFAULT_MAX_DISTANCE) -> str:
+def curation_html(root: Folder, data: CurationData, *, max_distance: int = duplicates.DEFAULT_MAX_DISTANCE) -> str:
     """The section's HTML: reads the shown records' members from their tars."""
     if not data.measured:
-        return ('<p class="note" id="no-curation">no curation signals: the shards were made without the curate '
-                'stage (or before it existed)</p>')
+        return (
+            '<p class="note" id="no-curation">no curation signals: the shards were made without the curate '
+            "stage (or before it existed)</p>"
+        )
     wanted = [(k, s) for _, _, _, shown in data.groups for k, s, _, _ in shown] + [(r[0], r[1]) for r in data.weak]
     members, errors = read_records(root, wanted, data.paths)
     charts = f'<div class="charts">{"".join(data.figures)}</div>' if data.figures else ""
-    return (f'{charts}<h3 id="duplicates">Duplicates</h3>{_duplicate_html(data, members, errors, max_distance)}'
-            f'<h3 id="low-label-scores">Lowest label scores</h3>{_weak_html(data, members, errors)}')
+    return (
+        f'{charts}<h3 id="duplicates">Duplicates</h3>{_duplicate_html(data, members, errors, max_distance)}'
+        f'<h3 id="low-label-scores">Lowest label scores</h3>{_weak_html(data, members, errors)}'
+    )
 
 
 __all__ = ["CurationData", "curation_html", "gather"]

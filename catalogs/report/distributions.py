@@ -24,8 +24,11 @@ def _fine_counts(con: duckdb.DuckDBPyConnection, scope: Scope, col: str) -> np.n
     One GROUP BY on an integer bin: clamping and pooling happen here, since SQL least/greatest over
     the float expression costs ten times the scan at millions of rows.
     """
-    rows = query(con, f"SELECT floor({col} * {_FINE})::BIGINT b, count(*) FROM {scope.objects} "
-                      f"WHERE {col} IS NOT NULL AND NOT isnan({col}) GROUP BY b")
+    rows = query(
+        con,
+        f"SELECT floor({col} * {_FINE})::BIGINT b, count(*) FROM {scope.objects} "
+        f"WHERE {col} IS NOT NULL AND NOT isnan({col}) GROUP BY b",
+    )
     counts = np.zeros(_FINE, np.int64)
     for b, n in rows:
         counts[min(max(b, 0), _FINE - 1)] += n
@@ -50,26 +53,38 @@ def _histogram_figure(con: duckdb.DuckDBPyConnection, scope: Scope, col: str, ti
 
 def distributions_html(con: duckdb.DuckDBPyConnection, where: str | None) -> str:
     scope = Scope.of(where)
-    labels = query(con, f"SELECT label, count(*) n, count(*) OVER () FROM {scope.objects} GROUP BY label "
-                        f"ORDER BY n DESC, label LIMIT {TOP_LABELS}")
+    labels = query(
+        con,
+        f"SELECT label, count(*) n, count(*) OVER () FROM {scope.objects} GROUP BY label "
+        f"ORDER BY n DESC, label LIMIT {TOP_LABELS}",
+    )
     n_labels = labels[0][2] if labels else 0
-    per_image = dict(query(con, f"SELECT least(n_objects, {MAX_OBJECTS_BAR}), count(*) FROM {scope.samples} "
-                                "GROUP BY 1"))
+    per_image = dict(
+        query(con, f"SELECT least(n_objects, {MAX_OBJECTS_BAR}), count(*) FROM {scope.samples} GROUP BY 1")
+    )
     top = max(per_image, default=0)
     counts = [float(per_image.get(i, 0)) for i in range(top + 1)]
     names = [f"{i}" if i < MAX_OBJECTS_BAR else f"≥{MAX_OBJECTS_BAR}" for i in range(top + 1)]
     every = max(1, math.ceil(len(names) / 16))
-    objects_plot = svg_columns(counts, [(i + 0.5, s) for i, s in enumerate(names) if i % every == 0],
-                               xlabel="objects per image", ylabel="images",
-                               tips=[f"{s} objects: {int(c):,} images" for s, c in zip(names, counts)])
+    objects_plot = svg_columns(
+        counts,
+        [(i + 0.5, s) for i, s in enumerate(names) if i % every == 0],
+        xlabel="objects per image",
+        ylabel="images",
+        tips=[f"{s} objects: {int(c):,} images" for s, c in zip(names, counts)],
+    )
     figures = [
-        (f"Label frequency (top {len(labels)} of {n_labels:,} labels)",
-         svg_hbars([(lb, n) for lb, n, _ in labels], label="label frequency"), ""),
+        (
+            f"Label frequency (top {len(labels)} of {n_labels:,} labels)",
+            svg_hbars([(lb, n) for lb, n, _ in labels], label="label frequency"),
+            "",
+        ),
         ("Objects per image", objects_plot, f"{int(sum(counts)):,} images"),
         _histogram_figure(con, scope, "score", "Detection score", "score"),
         _histogram_figure(con, scope, "area", "Box area (fraction of the image)", "box area"),
         _histogram_figure(con, scope, "mask_score", "Mask score (SAM's predicted IoU)", "mask score"),
     ]
-    return "".join(f'<figure class="chart"><figcaption>{esc(t)}</figcaption>{svg}<p class="note">{esc(note)}</p>'
-                   f"</figure>" for t, svg, note in figures)
-
+    return "".join(
+        f'<figure class="chart"><figcaption>{esc(t)}</figcaption>{svg}<p class="note">{esc(note)}</p></figure>'
+        for t, svg, note in figures
+    )

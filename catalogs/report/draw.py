@@ -14,10 +14,26 @@ from subjectdiff.catalogs.boxes import xyxy_norm_to_pixel_rect
 
 # 20 distinct colors (Trubetskoy's list, black for its white), object i of a record gets PALETTE[i % 20].
 PALETTE = [
-    (230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
-    (255, 225, 25), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128),
-    (128, 128, 128), (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+    (220, 190, 255),
+    (170, 110, 40),
+    (255, 225, 25),
+    (128, 0, 0),
+    (170, 255, 195),
+    (128, 128, 0),
+    (255, 215, 180),
+    (0, 0, 128),
+    (128, 128, 128),
+    (0, 0, 0),
 ]
 
 
@@ -28,7 +44,7 @@ def object_color(i: int) -> tuple[int, int, int]:
 
 def hex_color(c: tuple[int, int, int]) -> str:
     """(r, g, b) -> "#rrggbb" for CSS and SVG."""
-    return "#%02x%02x%02x" % c
+    return f"#{c[0]:02x}{c[1]:02x}{c[2]:02x}"
 
 
 def ink(c: tuple[int, int, int]) -> str:
@@ -51,14 +67,16 @@ def overlay(
     image: (H, W, 3) uint8 RGB. masks: (N, H, W), bool, or float coverage in [0, 1] (a downscaled mask's
     edge pixels then blend partially); None draws boxes only. boxes: (N, 4) xyxy normalized to [0, 1].
     colors: N RGB triples. Masks are blended in object order with opacity `alpha`; boxes are drawn on top,
-    `thickness` pixels inside the box's pixel extent (catalogs.boxes.xyxy_norm_to_pixel_rect). labels: N texts written in each box's
-    top-left corner in its color, or None. Returns a new (H, W, 3) uint8 array.
+    `thickness` pixels inside the box's pixel extent (catalogs.boxes.xyxy_norm_to_pixel_rect). labels: N texts
+    written in each box's top-left corner in its color, or None. Returns a new (H, W, 3) uint8 array.
     """
     h, w = image.shape[:2]
     n_masks = len(boxes) if masks is None else len(masks)
     if n_masks != len(boxes) or len(colors) < len(boxes) or (labels is not None and len(labels) != len(boxes)):
-        raise ValueError(f"overlay: {n_masks} masks, {len(boxes)} boxes, {len(colors)} colors"
-                         + ("" if labels is None else f", {len(labels)} labels"))
+        raise ValueError(
+            f"overlay: {n_masks} masks, {len(boxes)} boxes, {len(colors)} colors"
+            + ("" if labels is None else f", {len(labels)} labels")
+        )
     out = image.copy() if masks is None else _tint(image, masks, colors, alpha)
     pixel_boxes = [xyxy_norm_to_pixel_rect([float(v) for v in box], w, h) for box in boxes]
     for (x0, y0, x1, y1), c in zip(pixel_boxes, colors):
@@ -84,8 +102,12 @@ def _tint(image: np.ndarray, masks: np.ndarray, colors: list[tuple[int, int, int
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _write_labels(image: np.ndarray, pixel_boxes: list[tuple[int, int, int, int]],
-                  colors: list[tuple[int, int, int]], labels: list[str]) -> np.ndarray:
+def _write_labels(
+    image: np.ndarray,
+    pixel_boxes: list[tuple[int, int, int, int]],
+    colors: list[tuple[int, int, int]],
+    labels: list[str],
+) -> np.ndarray:
     """Each label in PIL's default font just inside its box's top-left corner: (H, W, 3) uint8."""
     pil = Image.fromarray(image)
     draw = ImageDraw.Draw(pil)

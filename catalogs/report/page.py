@@ -94,8 +94,10 @@ class Summary:
 def _header_html(s: Summary) -> str:
     processed = s.n_samples + s.n_failed
     stats = [
-        ("shards", f"{s.n_shards:,}"), ("samples", f"{s.n_samples:,}"),
-        ("failed", f"{s.n_failed:,} ({100 * s.n_failed / max(processed, 1):.1f}%)"), ("objects", f"{s.n_objects:,}"),
+        ("shards", f"{s.n_shards:,}"),
+        ("samples", f"{s.n_samples:,}"),
+        ("failed", f"{s.n_failed:,} ({100 * s.n_failed / max(processed, 1):.1f}%)"),
+        ("objects", f"{s.n_objects:,}"),
     ]
     if s.where is not None:
         stats.append(("selected", f"{s.n_selected:,}"))
@@ -104,15 +106,23 @@ def _header_html(s: Summary) -> str:
     where = f" · where <code>{esc(s.where)}</code>" if s.where is not None else ""
     return (
         f"<header><h1>subjectdiff dataset report</h1><div><code>{esc(s.root)}</code>{where} · catalog built "
-        f"{esc(s.built_at)}</div><div class=\"summary\">{cells}</div><div>reproduce: <code>{esc(s.command)}</code>"
+        f'{esc(s.built_at)}</div><div class="summary">{cells}</div><div>reproduce: <code>{esc(s.command)}</code>'
         '</div><nav><a href="#records">records</a><a href="#distributions">distributions</a>'
         '<a href="#curation">curation</a><a href="#run">run</a>'
         '<a href="#failures">failures</a><a href="#manifest">manifest</a></nav></header>'
     )
 
 
-def page_html(summary: Summary, cards: list[Card], distributions: str, run: str, failures: str,
-              manifest: str, seconds: float, curation: str = "") -> str:
+def page_html(
+    summary: Summary,
+    cards: list[Card],
+    distributions: str,
+    run: str,
+    failures: str,
+    manifest: str,
+    seconds: float,
+    curation: str = "",
+) -> str:
     scope = " (the selection)" if summary.where is not None else ""
     empty = "no records match" if summary.n_selected == 0 else "no records sampled (--sample 0)"
     grid = "".join(card_html(c) for c in cards) or f'<p class="note">{empty}</p>'
@@ -140,8 +150,15 @@ def _command(root: str, out: Path, where: str | None, sample: int, seed: int) ->
     return shlex.join(parts)
 
 
-def build_report(root: str | os.PathLike, out: str | os.PathLike, *, where: str | None = None,
-                 sample: int = DEFAULT_SAMPLE, seed: int = 0, catalog: str | os.PathLike | None = None) -> Path:
+def build_report(
+    root: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    where: str | None = None,
+    sample: int = DEFAULT_SAMPLE,
+    seed: int = 0,
+    catalog: str | os.PathLike | None = None,
+) -> Path:
     """Write the HTML report of ROOT's catalog to OUT (see the package docstring) and return OUT.
 
     where: SQL predicate over `samples` (object conditions through a subquery on `objects`), or None
@@ -157,8 +174,10 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, *, where: str 
         where = None
     with open_catalog(root, catalog=catalog) as con:
         n_shards, n_samples, n_failed, n_objects = query(
-            con, "SELECT (SELECT count(*) FROM shards), (SELECT count(*) FROM samples), "
-                 "(SELECT count(*) FROM failures), (SELECT count(*) FROM objects)")[0]
+            con,
+            "SELECT (SELECT count(*) FROM shards), (SELECT count(*) FROM samples), "
+            "(SELECT count(*) FROM failures), (SELECT count(*) FROM objects)",
+        )[0]
         n_selected = check_where(con, where) if where is not None else n_samples
         built = dict(query(con, "SELECT name, value FROM catalog_info")).get("built_at", "?")
         sampled = sample_keys(con, where, sample, seed)
@@ -170,10 +189,20 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, *, where: str 
         failures = failures_html(con, seed, n_samples + n_failed)
     cards = load_cards(folder, sampled)
     curation_section = curation_html(folder, gathered)
-    summary = Summary(root, built, n_shards, n_samples, n_failed, n_objects, where, n_selected,
-                      len(cards), seed, _command(root, out, where, sample, seed))
-    text = page_html(summary, cards, distributions, run, failures, manifest, time.monotonic() - t0,
-                     curation_section)
+    summary = Summary(
+        root,
+        built,
+        n_shards,
+        n_samples,
+        n_failed,
+        n_objects,
+        where,
+        n_selected,
+        len(cards),
+        seed,
+        _command(root, out, where, sample, seed),
+    )
+    text = page_html(summary, cards, distributions, run, failures, manifest, time.monotonic() - t0, curation_section)
     _write_atomic(out, text)
     return out
 

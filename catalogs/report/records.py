@@ -12,7 +12,13 @@ import numpy as np
 from subjectdiff.catalogs.report.draw import hex_color, ink, object_color, overlay
 from subjectdiff.catalogs.report.text import esc
 from subjectdiff.catalogs.report.thumbnails import (
-    Members, image_member, jpeg_bytes, mask_coverage, missing, read_records, thumbnail,
+    Members,
+    image_member,
+    jpeg_bytes,
+    mask_coverage,
+    missing,
+    read_records,
+    thumbnail,
 )
 from subjectdiff.catalogs.schema import ObjectAnn
 from subjectdiff.catalogs.storage import Folder
@@ -20,8 +26,9 @@ from subjectdiff.catalogs.storage import Folder
 THUMB_SIDE = 384  # longest side of a record's thumbnail, pixels
 
 
-def caption_html(caption: str, spans: list[list[int]], colors: list[tuple[int, int, int]],
-                 labels: list[str] | None = None) -> str:
+def caption_html(
+    caption: str, spans: list[list[int]], colors: list[tuple[int, int, int]], labels: list[str] | None = None
+) -> str:
     """The escaped caption with each object's span [start, end) highlighted in its color, followed by the
     object's number. Spans may overlap or coincide (two instances of one phrase): the text takes the first
     covering object's color and every object's number follows the span's end."""
@@ -35,15 +42,16 @@ def caption_html(caption: str, spans: list[list[int]], colors: list[tuple[int, i
         if cover:
             c = colors[cover[0]]
             title = ", ".join(f"{i + 1} {labels[i]}" for i in cover) if labels else ""
-            parts.append(f'<mark style="background:rgba({c[0]},{c[1]},{c[2]},.35);border-color:{hex_color(c)}"'
-                         f' title="{esc(title)}">{text}</mark>')
+            parts.append(
+                f'<mark style="background:rgba({c[0]},{c[1]},{c[2]},.35);border-color:{hex_color(c)}"'
+                f' title="{esc(title)}">{text}</mark>'
+            )
         else:
             parts.append(text)
         for i, (s, e) in enumerate(spans):
             if e == b and s < e:
                 parts.append(f'<sup style="background:{hex_color(colors[i])};color:{ink(colors[i])}">{i + 1}</sup>')
     return "".join(parts)
-
 
 
 @dataclass
@@ -71,9 +79,17 @@ def render_card(key: str, shard: str, members: Members, *, max_side: int = THUMB
     masks = np.stack([mask_coverage(o.mask, size) for o in objects]) if objects else np.zeros((0, *img.shape[:2]))
     boxes = np.asarray([o.box for o in objects], dtype=np.float32).reshape(-1, 4)
     drawn = overlay(img, masks, boxes, [object_color(i) for i in range(len(objects))])
-    return Card(key=key, shard=shard, source=meta.get("source", ""), caption=meta.get("caption", ""),
-                width=meta["width"], height=meta["height"], thumb=jpeg_bytes(drawn), thumb_size=size,
-                objects=objects)
+    return Card(
+        key=key,
+        shard=shard,
+        source=meta.get("source", ""),
+        caption=meta.get("caption", ""),
+        width=meta["width"],
+        height=meta["height"],
+        thumb=jpeg_bytes(drawn),
+        thumb_size=size,
+        objects=objects,
+    )
 
 
 def load_cards(root: Folder, sampled: list[tuple[str, str, str | None]], *, max_side: int = THUMB_SIDE) -> list[Card]:
@@ -97,15 +113,19 @@ def load_cards(root: Folder, sampled: list[tuple[str, str, str | None]], *, max_
 def card_html(card: Card) -> str:
     """One record's <article>: the overlaid thumbnail with its tags, the caption, the objects table."""
     if card.error:
-        return (f'<article class="card broken"><p class="meta"><code>{esc(card.key)}</code> · shard '
-                f'{esc(card.shard)}</p><p class="error">{esc(card.error)}</p></article>')
+        return (
+            f'<article class="card broken"><p class="meta"><code>{esc(card.key)}</code> · shard '
+            f'{esc(card.shard)}</p><p class="error">{esc(card.error)}</p></article>'
+        )
     colors = [object_color(i) for i in range(len(card.objects))]
     tags = []
     for i, (o, c) in enumerate(zip(card.objects, colors)):
         x0, y0 = min(max(o.box[0], 0.0), 0.97), min(max(o.box[1], 0.0), 0.97)
         cls = "tag above" if y0 > 0.08 else "tag"
-        tags.append(f'<span class="{cls}" style="left:{100 * x0:.1f}%;top:{100 * y0:.1f}%;background:{hex_color(c)};'
-                    f'color:{ink(c)}">{i + 1} {esc(o.label)} {o.score:.2f}</span>')
+        tags.append(
+            f'<span class="{cls}" style="left:{100 * x0:.1f}%;top:{100 * y0:.1f}%;background:{hex_color(c)};'
+            f'color:{ink(c)}">{i + 1} {esc(o.label)} {o.score:.2f}</span>'
+        )
     rows = "".join(
         f'<tr><td style="color:{hex_color(c)}">■ {i + 1}</td><td>{esc(o.label)}</td><td>{esc(o.phrase)}</td>'
         f"<td>{o.score:.3f}</td><td>{o.mask_score:.3f}</td><td>{o.area:.3f}</td></tr>"
@@ -124,4 +144,3 @@ def card_html(card: Card) -> str:
         f"<details><summary>objects</summary><table><tr><th>#</th><th>label</th><th>phrase</th><th>score</th>"
         f"<th>mask</th><th>area</th></tr>{rows}</table></details></article>"
     )
-

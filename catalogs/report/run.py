@@ -54,8 +54,11 @@ def _duration(seconds: float) -> str:
 
 
 def run_html(con: duckdb.DuckDBPyConnection, manifest_times: tuple[float, float] | None) -> str:
-    rows = query(con, "SELECT start_time, end_time, n_ok, n_failed, duration FROM shards "
-                      "WHERE start_time IS NOT NULL AND end_time IS NOT NULL")
+    rows = query(
+        con,
+        "SELECT start_time, end_time, n_ok, n_failed, duration FROM shards "
+        "WHERE start_time IS NOT NULL AND end_time IS NOT NULL",
+    )
     if not rows:
         return '<p class="note">no shard timings in the catalog</p>'
     xs, total, ok = throughput([r[:4] for r in rows])
@@ -72,8 +75,12 @@ def run_html(con: duckdb.DuckDBPyConnection, manifest_times: tuple[float, float]
         a, b = manifest_times
         lines.append(f"run (manifest): {utc(a)} to {utc(b)} ({_duration(b - a)})")
     unit, per = ("seconds", 1 / 60) if t1 - t0 < 180 else ("minutes", 1.0) if t1 - t0 < 3 * 3600 else ("hours", 60.0)
-    plot = svg_lines([x / per for x in xs], {"processed": total, "ok": ok},
-                     xlabel=f"{unit} since the first shard started", ylabel="samples / min")
+    plot = svg_lines(
+        [x / per for x in xs],
+        {"processed": total, "ok": ok},
+        xlabel=f"{unit} since the first shard started",
+        ylabel="samples / min",
+    )
     items = "".join(f"<li>{esc(t)}</li>" for t in lines)
     return f'<figure class="chart"><figcaption>Throughput over the run</figcaption>{plot}</figure><ul>{items}</ul>'
 
@@ -86,7 +93,7 @@ def failures_html(con: duckdb.DuckDBPyConnection, seed: int, n_processed: int) -
     peak = max(by_stage.values())
     stage_rows = "".join(
         f'<tr><td>{esc(s)}</td><td class="num">{by_stage[s]:,}</td><td class="num">'
-        f"{100 * by_stage[s] / max(n_processed, 1):.2f}%</td><td><span class=\"hbar\" "
+        f'{100 * by_stage[s] / max(n_processed, 1):.2f}%</td><td><span class="hbar" '
         f'style="width:{200 * by_stage[s] / peak:.0f}px"></span></td></tr>'
         for s in order
     )
@@ -100,8 +107,11 @@ def failures_html(con: duckdb.DuckDBPyConnection, seed: int, n_processed: int) -
     n_reasons = query(con, "SELECT count(*) FROM (SELECT DISTINCT stage, reason FROM failures)")[0][0]
     reason_rows = "".join(
         f'<tr><td>{esc(stage)}</td><td class="reason">{esc(reason)}</td><td class="num">{n:,}</td><td><ul>'
-        + "".join(f'<li><code>{esc(x["key"])}</code> <span class="src">{esc(x["source"])}</span> '
-                  f'<span class="shard">shard {esc(x["shard"])}</span></li>' for x in examples)
+        + "".join(
+            f'<li><code>{esc(x["key"])}</code> <span class="src">{esc(x["source"])}</span> '
+            f'<span class="shard">shard {esc(x["shard"])}</span></li>'
+            for x in examples
+        )
         + "</ul></td></tr>"
         for stage, reason, n, examples in reasons[:MAX_REASONS]
     )
@@ -120,8 +130,9 @@ def failures_html(con: duckdb.DuckDBPyConnection, seed: int, n_processed: int) -
 def find_manifests(root: Folder, shard_paths: list[str]) -> list[str]:
     """ROOT/manifest.json, then manifest.json of the folders holding shards (a catalog over several runs):
     their paths or URLs."""
-    dirs = [root.url] + sorted({p.rsplit("/", 1)[0] if not is_local(p) else os.path.dirname(p)
-                                for p in shard_paths if p})
+    dirs = [root.url] + sorted(
+        {p.rsplit("/", 1)[0] if not is_local(p) else os.path.dirname(p) for p in shard_paths if p}
+    )
     seen, out = set(), []
     for d in dirs:
         folder = Folder(d)
@@ -189,7 +200,7 @@ def manifest_html(paths: list[str], root: Folder) -> tuple[str, tuple[float, flo
         return '<p class="note" id="no-manifest">no manifest (no manifest.json next to the shards)</p>', None
     parts, times = [], None
     for p in paths:
-        name = os.path.relpath(p, root.url) if root.local else p[len(root.url) + 1:] if p.startswith(root.url) else p
+        name = os.path.relpath(p, root.url) if root.local else p[len(root.url) + 1 :] if p.startswith(root.url) else p
         try:
             with open_url(p, "rb") as f:
                 manifest = json.loads(f.read().decode("utf-8"))
@@ -199,4 +210,3 @@ def manifest_html(paths: list[str], root: Folder) -> tuple[str, tuple[float, flo
         times = times or manifest_times(manifest)
         parts.append(f'<h3>{esc(name)}</h3><div class="manifest">{_json_html(manifest)}</div>')
     return "".join(parts), times
-

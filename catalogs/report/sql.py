@@ -31,8 +31,10 @@ class Scope:
         if where is None:
             return cls()
         keys = f"(SELECT key, shard FROM samples WHERE ({where}))"
-        return cls(f"(SELECT * FROM samples WHERE ({where}))",
-                   f"(SELECT o.* FROM objects o SEMI JOIN {keys} s ON o.key = s.key AND o.shard = s.shard)")
+        return cls(
+            f"(SELECT * FROM samples WHERE ({where}))",
+            f"(SELECT o.* FROM objects o SEMI JOIN {keys} s ON o.key = s.key AND o.shard = s.shard)",
+        )
 
 
 def check_where(con: duckdb.DuckDBPyConnection, where: str) -> int:

@@ -53,8 +53,9 @@ def shard_tar(root: Folder, shard: str, path: str | None) -> str:
     return root.join(f"{shard}.tar")
 
 
-def read_records(root: Folder, wanted: list[tuple[str, str]],
-                 paths: dict[str, str | None]) -> tuple[dict[tuple[str, str], Members], dict[str, str]]:
+def read_records(
+    root: Folder, wanted: list[tuple[str, str]], paths: dict[str, str | None]
+) -> tuple[dict[tuple[str, str], Members], dict[str, str]]:
     """({(shard, key): members}, {shard: error}) for the wanted (key, shard) records; paths: shard -> tar path.
 
     A lost or damaged shard does not fail the report: its records' cards and thumbnails say why instead.

@@ -45,10 +45,17 @@ class AestheticMLP(torch.nn.Module):
         act = [torch.nn.ReLU()] if relu else []
         L = torch.nn.Linear
         self.layers = torch.nn.Sequential(
-            L(in_features, 1024), *act, torch.nn.Dropout(0.2),
-            L(1024, 128), *act, torch.nn.Dropout(0.2),
-            L(128, 64), *act, torch.nn.Dropout(0.1),
-            L(64, 16), *act,
+            L(in_features, 1024),
+            *act,
+            torch.nn.Dropout(0.2),
+            L(1024, 128),
+            *act,
+            torch.nn.Dropout(0.2),
+            L(128, 64),
+            *act,
+            torch.nn.Dropout(0.1),
+            L(64, 16),
+            *act,
             L(16, 1),
         )
 

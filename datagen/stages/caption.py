@@ -18,8 +18,7 @@ from subjectdiff.weights import Checkpoint, cache_dir, is_hub_id, resolve
 
 def load_captioner(cfg: CaptionConfig, device: torch.device, dtype: torch.dtype):
     """(model, processor) from a hub id or a `save_pretrained` folder, the same call for both."""
-    from transformers import (AutoProcessor, Blip2ForConditionalGeneration, BlipForConditionalGeneration,
-                              BlipProcessor)
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration, BlipForConditionalGeneration, BlipProcessor
 
     where = cfg.model if is_hub_id(cfg.model) else str(resolve(cfg.model))
     kw = {"cache_dir": str(cache_dir() / "hf")}
@@ -65,8 +64,9 @@ class Captioner:
 
     def generate_kwargs(self) -> dict:
         c = self.cfg
-        kw = dict(max_new_tokens=c.max_new_tokens, min_new_tokens=c.min_new_tokens, num_beams=c.num_beams,
-                  do_sample=False)
+        kw = dict(
+            max_new_tokens=c.max_new_tokens, min_new_tokens=c.min_new_tokens, num_beams=c.num_beams, do_sample=False
+        )
         if c.repetition_penalty != 1.0:
             kw["repetition_penalty"] = c.repetition_penalty
         if c.no_repeat_ngram_size:
@@ -81,8 +81,9 @@ class Captioner:
             text = [self.cfg.prompt] * len(batch) if self.cfg.prompt else None
             # Items are always (H, W, 3). Without input_data_format the processor guesses the layout from the
             # first image, reads a (1, W, 3) or (3, W, 3) image as channels-first and fails the whole batch.
-            inputs = self.processor(images=list(batch), text=text, return_tensors="pt",
-                                    input_data_format="channels_last").to(self.device)
+            inputs = self.processor(
+                images=list(batch), text=text, return_tensors="pt", input_data_format="channels_last"
+            ).to(self.device)
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
             ids = self.model.generate(**inputs, **self.generate_kwargs())
             out += [clean_caption(t) for t in self.processor.batch_decode(ids, skip_special_tokens=True)]

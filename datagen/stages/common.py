@@ -60,8 +60,14 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
 
 
-def decode_item(source: str, image_bytes: bytes, *, alt_text: str | None = None, key: str | None = None,
-                cfg: DecodeConfig | None = None) -> Item:
+def decode_item(
+    source: str,
+    image_bytes: bytes,
+    *,
+    alt_text: str | None = None,
+    key: str | None = None,
+    cfg: DecodeConfig | None = None,
+) -> Item:
     """Encoded image bytes -> an item with `image` ((H, W, 3) uint8 RGB, upright), or one failed at 'decode'.
 
     Decoding follows CFG (None: DecodeConfig's defaults) through catalogs.images.decode: EXIF orientation,
@@ -78,8 +84,9 @@ def decode_item(source: str, image_bytes: bytes, *, alt_text: str | None = None,
         return fail(item, "decode", "empty image bytes")
     try:
         with images.no_pil_pixel_limit():
-            d = images.decode(image_bytes, exif_transpose=cfg.exif_transpose, background=cfg.background,
-                              max_pixels=cfg.max_pixels)
+            d = images.decode(
+                image_bytes, exif_transpose=cfg.exif_transpose, background=cfg.background, max_pixels=cfg.max_pixels
+            )
     except images.TooLarge as e:
         return fail(item, "decode", str(e))
     except Exception as e:  # PIL raises many types for broken files; all mean "undecodable"
@@ -88,8 +95,12 @@ def decode_item(source: str, image_bytes: bytes, *, alt_text: str | None = None,
         return fail(item, "decode", f"undecodable image: {type(e).__name__}: {msg}")
     fmt = _CONTAINER_FORMATS.get(d.format, d.format)
     if fmt not in _PASSTHROUGH_FORMATS and not cfg.convert_formats:
-        return fail(item, "decode", f"{fmt or 'unknown'} encoding: records store only "
-                    f"{sorted(set(_PASSTHROUGH_FORMATS.values()))} and decode.convert_formats is off")
+        return fail(
+            item,
+            "decode",
+            f"{fmt or 'unknown'} encoding: records store only "
+            f"{sorted(set(_PASSTHROUGH_FORMATS.values()))} and decode.convert_formats is off",
+        )
     image = np.asarray(d.pixels.convert("RGB"))
     if image.ndim != 3 or image.shape[0] < 1 or image.shape[1] < 1:
         return fail(item, "decode", f"image has shape {image.shape}, expected (H, W, 3)")

@@ -87,18 +87,23 @@ def aesthetic_head_from_state_dict(state: dict) -> torch.nn.Module:
     elif keys and all(k.startswith("layers.") for k in keys):
         linear = tuple(sorted({int(k.split(".")[1]) for k in keys}))
         if linear not in _MLP_LAYOUTS:
-            raise ValueError(f"an MLP aesthetic head with Linear layers at {list(linear)}: neither of the "
-                             f"improved-aesthetic-predictor layouts ({[list(k) for k in _MLP_LAYOUTS]})")
+            raise ValueError(
+                f"an MLP aesthetic head with Linear layers at {list(linear)}: neither of the "
+                f"improved-aesthetic-predictor layouts ({[list(k) for k in _MLP_LAYOUTS]})"
+            )
         head = AestheticMLP(state[f"layers.{linear[0]}.weight"].shape[1], relu=_MLP_LAYOUTS[linear])
     else:
-        raise ValueError("not a LAION aesthetic head: expected a Linear state dict (weight, bias) or "
-                         f"improved-aesthetic-predictor's MLP (layers.0.weight, ...), got keys {sorted(keys)[:6]}")
+        raise ValueError(
+            "not a LAION aesthetic head: expected a Linear state dict (weight, bias) or "
+            f"improved-aesthetic-predictor's MLP (layers.0.weight, ...), got keys {sorted(keys)[:6]}"
+        )
     head.load_state_dict(state)
     return head.eval().requires_grad_(False)
 
 
 def load_aesthetic_head(spec: str) -> torch.nn.Module:
-    """An aesthetic head from a path, URL or hf:// spec (subjectdiff.weights.resolve; cached, hashed in the manifest)."""
+    """An aesthetic head from a path, URL or hf:// spec (subjectdiff.weights.resolve; cached, hashed in the
+    manifest)."""
     path = resolve(spec)
     return aesthetic_head_from_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
@@ -146,8 +151,10 @@ def clip_checkpoint_specs(cfg: CurateConfig) -> list[str]:
         return [cfg.pretrained]
     hub = tag.get("hf_hub", "")
     if not hub:
-        raise WeightsError(f"open_clip tag {cfg.pretrained!r} of {cfg.model} has no Hugging Face file "
-                           f"(only {tag.get('url')}); download it and set curate.pretrained to its path")
+        raise WeightsError(
+            f"open_clip tag {cfg.pretrained!r} of {cfg.model} has no Hugging Face file "
+            f"(only {tag.get('url')}); download it and set curate.pretrained to its path"
+        )
     repo, filename = posixpath.split(hub)  # open_clip's convention: "org/repo/" names no file
     if filename:
         return [f"hf://{repo}/{filename}"]
@@ -199,9 +206,13 @@ def checkpoints(cfg: CurateConfig, download: bool = False) -> list[Checkpoint]:
 def describe(cfg: CurateConfig, entries: dict[str, dict]) -> dict:
     """The run manifest's `models.curate`: the open_clip model (a name, or its config file with hash), its
     weights (the file a tag stands for, with hash; "random" without) and the aesthetic head (None without)."""
-    return {"model": entries.get("curate.model", cfg.model), "pretrained": cfg.pretrained,
-            "label_prompt": cfg.label_prompt, "weights": entries.get("curate.pretrained", "random"),
-            "aesthetic": entries.get("curate.aesthetic")}
+    return {
+        "model": entries.get("curate.model", cfg.model),
+        "pretrained": cfg.pretrained,
+        "label_prompt": cfg.label_prompt,
+        "weights": entries.get("curate.pretrained", "random"),
+        "aesthetic": entries.get("curate.aesthetic"),
+    }
 
 
 def load_clip(cfg: CurateConfig, device: torch.device, dtype: torch.dtype):
@@ -222,8 +233,13 @@ def load_clip(cfg: CurateConfig, device: torch.device, dtype: torch.dtype):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random weights (benchmarks) are the same in every actor
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=found[1] if found else None, precision=_PRECISION[dtype], device=device,
-            force_quick_gelu=quick_gelu, **pp)
+            name,
+            pretrained=found[1] if found else None,
+            precision=_PRECISION[dtype],
+            device=device,
+            force_quick_gelu=quick_gelu,
+            **pp,
+        )
     return model.eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(name)
 
 
@@ -241,7 +257,7 @@ def masked_crop(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     out = np.empty((side, side, 3), np.uint8)
     out[:] = neutral
     oy, ox = (side - (y1 - y0)) // 2, (side - (x1 - x0)) // 2
-    out[oy:oy + y1 - y0, ox:ox + x1 - x0] = sub
+    out[oy : oy + y1 - y0, ox : ox + x1 - x0] = sub
     return out
 
 
@@ -268,8 +284,9 @@ class Curator:
             self.model, self.preprocess, self.tokenizer = load_clip(cfg, self.device, self.dtype)
         else:
             self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
-            self.preprocess = preprocess or image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg),
-                                                               is_train=False)
+            self.preprocess = preprocess or image_transform_v2(
+                PreprocessCfg(**model.visual.preprocess_cfg), is_train=False
+            )
             self.tokenizer = tokenizer or open_clip.get_tokenizer(model_name(cfg))
         if aesthetic_head is None and cfg.aesthetic:
             aesthetic_head = load_aesthetic_head(cfg.aesthetic)
@@ -316,8 +333,10 @@ class Curator:
         if self.aesthetic_head is None:
             return [None] * len(feats)
         if len(feats) and feats.shape[1] != head_in_features(self.aesthetic_head):
-            raise ValueError(f"the aesthetic head takes {head_in_features(self.aesthetic_head)}-d embeddings, the "
-                             f"CLIP model gives {feats.shape[1]}-d (LAION's heads are for ViT-L-14, 768-d)")
+            raise ValueError(
+                f"the aesthetic head takes {head_in_features(self.aesthetic_head)}-d embeddings, the "
+                f"CLIP model gives {feats.shape[1]}-d (LAION's heads are for ViT-L-14, 768-d)"
+            )
         scores = self.aesthetic_head(torch.from_numpy(feats).to(self.device)).float().cpu().numpy()
         return [float(s) for s in scores[:, 0]]
 
@@ -344,14 +363,15 @@ class Curator:
         item that still raises keeps its hashes with every other signal None (logged)."""
         try:
             return self._curate(items)
-        except Exception as e:  # noqa: BLE001 - per-item problems become unmeasured signals below
+        except Exception as e:
             idx = live(items)
-            log.warning("curate raised on a batch of %d (%s: %s); redoing it one item at a time",
-                        len(idx), type(e).__name__, e)
+            log.warning(
+                "curate raised on a batch of %d (%s: %s); redoing it one item at a time", len(idx), type(e).__name__, e
+            )
             for i in idx:
                 try:
                     self._curate([items[i]])
-                except Exception as e1:  # noqa: BLE001
+                except Exception as e1:
                     self._unmeasured(items[i], e1)
             return items
 
@@ -360,7 +380,7 @@ class Curator:
         it["sha256"] = hashlib.sha256(it["image_bytes"]).hexdigest()
         try:
             it["phash"] = phash_int64(it["image"])
-        except Exception:  # noqa: BLE001 - a pixel array imagehash cannot take: no hash either
+        except Exception:
             it["phash"] = None
         for k in ("clip_embedding", "clip_score", "alt_clip_score", "aesthetic"):
             it[k] = None
@@ -393,8 +413,11 @@ class Curator:
         if not crops:
             return
         crop_feats = self.encode_images(crops)
-        labels_of = {i: [items[i]["nouns"][d["noun"]]["label"] for d in items[i]["detections"]] for i in idx
-                     if items[i].get("detections")}
+        labels_of = {
+            i: [items[i]["nouns"][d["noun"]]["label"] for d in items[i]["detections"]]
+            for i in idx
+            if items[i].get("detections")
+        }
         prompts = self.label_embeddings([lb for ls in labels_of.values() for lb in ls])
         for (i, j), f in zip(owners, crop_feats):
             distinct = list(dict.fromkeys(labels_of[i]))

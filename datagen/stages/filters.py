@@ -69,6 +69,7 @@ class ImageFilter:
                 counts: dict[int, int] = {}
                 for det in items[i]["detections"]:
                     counts[det["noun"]] = counts.get(det["noun"], 0) + 1
-                items[i]["caption"], items[i]["nouns"] = with_count_words(items[i]["caption"], items[i]["nouns"],
-                                                                          counts)
+                items[i]["caption"], items[i]["nouns"] = with_count_words(
+                    items[i]["caption"], items[i]["nouns"], counts
+                )
         return items

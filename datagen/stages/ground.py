@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torchvision.ops import nms
 
-from subjectdiff.datagen.config import GroundConfig
 from subjectdiff.catalogs.boxes import cxcywh_norm_to_xyxy_norm
+from subjectdiff.datagen.config import GroundConfig
 from subjectdiff.datagen.stages.architectures import build_groundingdino
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
 from subjectdiff.weights import Checkpoint, WeightsError, resolve
@@ -162,8 +162,9 @@ def positive_map(tokenizer, prompt: str, spans: list[tuple[int, int]], max_len: 
     return pm
 
 
-def select_detections(probs: torch.Tensor, boxes_cxcywh: torch.Tensor, posmap: torch.Tensor,
-                      cfg: GroundConfig) -> list[dict]:
+def select_detections(
+    probs: torch.Tensor, boxes_cxcywh: torch.Tensor, posmap: torch.Tensor, cfg: GroundConfig
+) -> list[dict]:
     """One image's queries -> detections.
 
     probs: (Q, 256) sigmoid token probabilities; boxes_cxcywh: (Q, 4) normalized; posmap: (N, 256) bool.

@@ -70,8 +70,12 @@ def _compound_start(head) -> int:
         prev = doc[start - 1]
         if _modifies(prev, head):
             start -= 1
-        elif prev.text == "-" and start > 1 and not (prev.whitespace_ or doc[start - 2].whitespace_) \
-                and _modifies(doc[start - 2], head):
+        elif (
+            prev.text == "-"
+            and start > 1
+            and not (prev.whitespace_ or doc[start - 2].whitespace_)
+            and _modifies(doc[start - 2], head)
+        ):
             start -= 2  # spaCy splits "t-shirt" into t, -, shirt
         else:
             break
@@ -99,8 +103,12 @@ class NounExtractor:
     def _usable(self, head, words) -> bool:
         """head is a noun GroundingDINO can box; `words` its compound (head included). The stop list drops a
         compound only when every word is on it: "stock photo" goes, "traffic light" stays."""
-        return (head.pos_ in self.pos and len(head.text) >= self.cfg.min_chars and head.is_alpha
-                and not all(self._stop(w) for w in words if w.is_alpha))
+        return (
+            head.pos_ in self.pos
+            and len(head.text) >= self.cfg.min_chars
+            and head.is_alpha
+            and not all(self._stop(w) for w in words if w.is_alpha)
+        )
 
     def _candidates(self, doc):
         """(label, key, start, end) in caption order: nouns with their compound modifiers, or noun chunks
@@ -205,6 +213,6 @@ def with_count_words(caption: str, nouns: list[dict], counts: dict[int, int]) ->
         s0, s1 = noun["span"]
         d = sum(delta for at, delta in shifts if at <= s0)
         span = [s0 + d, s1 + d]
-        assert new[span[0]:span[1]] == noun["phrase"], (new, span, noun["phrase"])
+        assert new[span[0] : span[1]] == noun["phrase"], (new, span, noun["phrase"])
         moved.append({**noun, "span": span, "tokens": clip_token_positions(new, span)})
     return new, moved

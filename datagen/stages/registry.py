@@ -11,9 +11,10 @@ stage registered only in the driver's process runs on every worker too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
-from typing import Any, Callable
+from typing import Any
 
 from subjectdiff.catalogs.schema import is_failure_stage
 
@@ -66,8 +67,10 @@ class Stage:
         value = cfg.extra.get(self.section)
         if value is None or isinstance(value, dict):
             if self.config is None:
-                raise ValueError(f"stage {self.name}: section {self.section!r} is no DatagenConfig field; "
-                                 "give its Stage a config class")
+                raise ValueError(
+                    f"stage {self.name}: section {self.section!r} is no DatagenConfig field; "
+                    "give its Stage a config class"
+                )
             return self.config(**(value or {}))
         return value
 
@@ -88,17 +91,44 @@ RESERVED = ("read", "decode", "write", "fused")  # failure stages and a pool nam
 
 # In chain order.
 STAGES: list[Stage] = [
-    Stage("caption", "caption", _S + "caption:Captioner", num_gpus=0.2,
-          checkpoints=_S + "caption:checkpoints", describe=_S + "caption:describe"),
+    Stage(
+        "caption",
+        "caption",
+        _S + "caption:Captioner",
+        num_gpus=0.2,
+        checkpoints=_S + "caption:checkpoints",
+        describe=_S + "caption:describe",
+    ),
     Stage("nouns", "nouns", _S + "nouns:NounExtractor", needs="caption", describe=_S + "nouns:describe"),
-    Stage("ground", "ground", _S + "ground:Grounder", num_gpus=0.2, needs="nouns",
-          checkpoints=_S + "ground:checkpoints", describe=_S + "ground:describe"),
+    Stage(
+        "ground",
+        "ground",
+        _S + "ground:Grounder",
+        num_gpus=0.2,
+        needs="nouns",
+        checkpoints=_S + "ground:checkpoints",
+        describe=_S + "ground:describe",
+    ),
     Stage("filter", "filters", _S + "filters:ImageFilter", model=False, needs="detections"),
-    Stage("segment", "segment", _S + "segment:Segmenter", num_gpus=0.5, needs="detections",
-          checkpoints=_S + "segment:checkpoints", describe=_S + "segment:describe"),
+    Stage(
+        "segment",
+        "segment",
+        _S + "segment:Segmenter",
+        num_gpus=0.5,
+        needs="detections",
+        checkpoints=_S + "segment:checkpoints",
+        describe=_S + "segment:describe",
+    ),
     # ViT-L-14 forwards per image and per subject cost a fraction of SAM ViT-H's at 1024 px
-    Stage("curate", "curate", _S + "curate:Curator", num_gpus=0.1, needs="masks",
-          checkpoints=_S + "curate:checkpoints", describe=_S + "curate:describe"),
+    Stage(
+        "curate",
+        "curate",
+        _S + "curate:Curator",
+        num_gpus=0.1,
+        needs="masks",
+        checkpoints=_S + "curate:checkpoints",
+        describe=_S + "curate:describe",
+    ),
 ]
 
 

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 
 from subjectdiff.catalogs import masks as mask_codec
-from subjectdiff.datagen.config import SegmentConfig
 from subjectdiff.catalogs.boxes import xyxy_norm_to_xyxy_pixels
+from subjectdiff.datagen.config import SegmentConfig
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
-from subjectdiff.weights import Checkpoint
 from subjectdiff.sam import SAM_ARCHS, arch_from_state_dict, build_sam  # noqa: F401  (re-exported)
 from subjectdiff.sam import load_sam as load_sam_file
+from subjectdiff.weights import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,23 @@ class Segmenter:
         return out
 
     @torch.inference_mode()
-    def decode(self, features: torch.Tensor, input_size: tuple, original_size: tuple,
-               boxes_xyxy_norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def decode(
+        self, features: torch.Tensor, input_size: tuple, original_size: tuple, boxes_xyxy_norm: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """All boxes of one image in one predict_torch call -> ((N, H, W) bool masks, (N,) predicted IoU)."""
         p = self.predictor
         p.features, p.input_size, p.original_size, p.is_image_set = features[None], input_size, original_size, True
         h, w = original_size
-        boxes = torch.as_tensor(xyxy_norm_to_xyxy_pixels(boxes_xyxy_norm, w, h), dtype=torch.float32,
-                                device=self.device)
+        boxes = torch.as_tensor(
+            xyxy_norm_to_xyxy_pixels(boxes_xyxy_norm, w, h), dtype=torch.float32, device=self.device
+        )
         with self._autocast():
-            masks, iou, _ = p.predict_torch(None, None, boxes=self.transform.apply_boxes_torch(boxes, original_size),
-                                            multimask_output=self.cfg.multimask)
+            masks, iou, _ = p.predict_torch(
+                None,
+                None,
+                boxes=self.transform.apply_boxes_torch(boxes, original_size),
+                multimask_output=self.cfg.multimask,
+            )
         best = iou.float().argmax(1)  # (N,): index 0 when multimask is off
         rows = torch.arange(len(best), device=best.device)
         masks, iou = masks[rows, best], iou.float()[rows, best]

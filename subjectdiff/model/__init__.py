@@ -17,7 +17,6 @@ from subjectdiff.model.config import PRESETS, TRAINABLE_GROUPS, ModelConfig, sd2
 from subjectdiff.model.location import location_map
 from subjectdiff.model.prompts import SubjectPrompt, subject_prompt, tokenize
 from subjectdiff.model.sampling import SamplingConfig, guide, sample_latents, three_branches
-from subjectdiff.model.subject_image import SubjectAugment, subject_image
 from subjectdiff.model.subject_diffusion import (
     Parts,
     SubjectDiffusion,
@@ -26,10 +25,30 @@ from subjectdiff.model.subject_diffusion import (
     load_pretrained,
     read_export_config,
 )
+from subjectdiff.model.subject_image import SubjectAugment, subject_image
 
 __all__ = [
-    "ModelConfig", "PRESETS", "TRAINABLE_GROUPS", "tiny", "sd2_base", "build", "load_pretrained",
-    "read_export_config", "Parts", "SubjectDiffusion", "SubjectImageEncoder", "SubjectPrompt", "subject_prompt",
-    "tokenize", "localization_loss", "token_weights", "location_map", "subject_image", "SubjectAugment",
-    "SamplingConfig", "guide", "sample_latents", "three_branches",
+    "ModelConfig",
+    "PRESETS",
+    "TRAINABLE_GROUPS",
+    "tiny",
+    "sd2_base",
+    "build",
+    "load_pretrained",
+    "read_export_config",
+    "Parts",
+    "SubjectDiffusion",
+    "SubjectImageEncoder",
+    "SubjectPrompt",
+    "subject_prompt",
+    "tokenize",
+    "localization_loss",
+    "token_weights",
+    "location_map",
+    "subject_image",
+    "SubjectAugment",
+    "SamplingConfig",
+    "guide",
+    "sample_latents",
+    "three_branches",
 ]

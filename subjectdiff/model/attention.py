@@ -91,9 +91,15 @@ def layer_masks(masks: torch.Tensor, hw: int, mode: str = "soft") -> torch.Tenso
     return m.flatten(2)
 
 
-def localization_loss(maps: list[torch.Tensor], masks: torch.Tensor, present: torch.Tensor,
-                      normalize: bool = False, masks_mode: str = "soft", reduce: str = "sample",
-                      eps: float = 1e-5) -> torch.Tensor:
+def localization_loss(
+    maps: list[torch.Tensor],
+    masks: torch.Tensor,
+    present: torch.Tensor,
+    normalize: bool = False,
+    masks_mode: str = "soft",
+    reduce: str = "sample",
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """The attention-map localization loss (paper, Method: cross-attention map control), in the reference code's
     balanced form (FastComposer's BalancedL1Loss): per subject and layer,
 
@@ -110,8 +116,9 @@ def localization_loss(maps: list[torch.Tensor], masks: torch.Tensor, present: to
     normalize: rescale each map to max 1 first (FastComposer's option; off in the reference).
     """
     if masks_mode not in LOC_MASKS or reduce not in LOC_REDUCE:
-        raise ValueError(f"localization loss: masks_mode in {LOC_MASKS}, reduce in {LOC_REDUCE}; got "
-                         f"{masks_mode!r}, {reduce!r}")
+        raise ValueError(
+            f"localization loss: masks_mode in {LOC_MASKS}, reduce in {LOC_REDUCE}; got {masks_mode!r}, {reduce!r}"
+        )
     present = present.float()
     if not maps:
         return masks.new_zeros((), dtype=torch.float32)

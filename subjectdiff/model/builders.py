@@ -24,39 +24,81 @@ from subjectdiff.model.config import ModelConfig
 from subjectdiff.weights import DIFFUSERS_FILES, cache_dir, resolve, resolve_folder
 
 TINY_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+    sample_size=8,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=16,
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=16,
 )
 TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8, sample_size=64,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
     block_out_channels=(8, 16, 16, 16),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
 )
 TINY_TEXT = dict(
-    vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    max_position_embeddings=77, hidden_act="gelu", projection_dim=32, bos_token_id=49406, eos_token_id=49407,
+    vocab_size=49408,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=32,
+    bos_token_id=49406,
+    eos_token_id=49407,
     pad_token_id=0,
 )
 SD2_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    use_linear_projection=True,
 )
 SD2_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    layers_per_block=2,
+    sample_size=512,
     block_out_channels=(128, 256, 512, 512),
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
 )
 SD2_TEXT = dict(
-    vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-    max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
+    vocab_size=49408,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    max_position_embeddings=77,
+    hidden_act="gelu",
+    projection_dim=512,
 )
 SD2_SCHEDULER = dict(
-    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-    clip_sample=False, steps_offset=1, prediction_type="epsilon",
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+    prediction_type="epsilon",
 )
 ARCH_CONFIGS = {"tiny": (TINY_UNET, TINY_VAE, TINY_TEXT), "sd2-base": (SD2_UNET, SD2_VAE, SD2_TEXT)}
 OPEN_CLIP_CONFIGS = Path(__file__).parent / "configs"

@@ -81,7 +81,7 @@ class ModelConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """A stored config (export, checkpoint). Fields it predates take their LEGACY_DEFAULTS."""
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
@@ -93,8 +93,13 @@ class ModelConfig:
 def tiny() -> ModelConfig:
     """Random tiny UNet, VAE (64 px -> 8x8 latents), CLIP text model and open_clip ViT; builds offline."""
     return ModelConfig(
-        arch="tiny", base=None, image_encoder="subjectdiff-tiny-vit", image_encoder_weights=None,
-        grounding_hidden=32, text_mlp_hidden=32, loc_layers=("down_blocks.0.", "mid_block.", "up_blocks.1."),
+        arch="tiny",
+        base=None,
+        image_encoder="subjectdiff-tiny-vit",
+        image_encoder_weights=None,
+        grounding_hidden=32,
+        text_mlp_hidden=32,
+        loc_layers=("down_blocks.0.", "mid_block.", "up_blocks.1."),
     )
 
 

@@ -30,8 +30,9 @@ def mlp(d_in: int, d_hidden: int, d_out: int, form: str = "reference") -> nn.Seq
     """The MLP of the grounding and text networks: "reference" LayerNorm-Linear-GELU-Linear, or "silu3"."""
     if form == "reference":
         return nn.Sequential(nn.LayerNorm(d_in), nn.Linear(d_in, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_out))
-    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.SiLU(), nn.Linear(d_hidden, d_hidden), nn.SiLU(),
-                         nn.Linear(d_hidden, d_out))
+    return nn.Sequential(
+        nn.Linear(d_in, d_hidden), nn.SiLU(), nn.Linear(d_hidden, d_hidden), nn.SiLU(), nn.Linear(d_hidden, d_out)
+    )
 
 
 class GroundingNet(nn.Module):
@@ -43,8 +44,17 @@ class GroundingNet(nn.Module):
     It replaces diffusers' `unet.position_net`, so the UNet calls it with the `gligen` cross-attention kwargs.
     """
 
-    def __init__(self, token_dim: int, out_dim: int, hidden: int, fourier_freqs: int = 8, n_tokens: int = 256,
-                 form: str = "reference", null_features: str = "per-token", fourier_order: str = "gligen"):
+    def __init__(
+        self,
+        token_dim: int,
+        out_dim: int,
+        hidden: int,
+        fourier_freqs: int = 8,
+        n_tokens: int = 256,
+        form: str = "reference",
+        null_features: str = "per-token",
+        fourier_order: str = "gligen",
+    ):
         super().__init__()
         self.fourier_freqs, self.fourier_order = fourier_freqs, fourier_order
         pos_dim = 8 * fourier_freqs

@@ -31,8 +31,10 @@ class SubjectPrompt:
 
 def check_placeholder(placeholder: str) -> None:
     if len(clip_tokenizer().encode(placeholder)) != 1:
-        raise ValueError(f"placeholder {placeholder!r} must be one CLIP BPE token, a word such as 'sks' "
-                         "(punctuation like '*' merges with the comma that follows it)")
+        raise ValueError(
+            f"placeholder {placeholder!r} must be one CLIP BPE token, a word such as 'sks' "
+            "(punctuation like '*' merges with the comma that follows it)"
+        )
 
 
 def subject_prompt(caption: str, labels: list[str], placeholder: str = "sks") -> SubjectPrompt:

@@ -4,7 +4,7 @@ users run) and the trainer's validation grid (train/validate.py) both sample thr
 With e(text, subjects) the UNet's noise prediction, "null" text = the empty prompt, null subjects = the
 grounding net's learned null features (subject_mask 0) and no location (location channel all zeros):
 
-    e_u = e(null, null)        e_s = e(null, subjects + location)        e_f = e(prompt + subject words, subjects + location)
+    e_u = e(null, null)     e_s = e(null, subjects + location)     e_f = e(prompt + subject words, subjects + location)
     eps = e_u + subject_guidance * (e_s - e_u) + guidance * (e_f - e_s)                        (order "subject-first")
 
 the reference code's order (`test.py`: the batch is [text + subjects, subjects only, unconditional], scales 7.5 and
@@ -29,8 +29,10 @@ from subjectdiff.model.location import location_map
 
 ORDERS = ("subject-first", "text-first")
 # Settings Stable Diffusion's own scheduler configs carry (PLMS = PNDM without Runge-Kutta warm-up steps).
-SCHEDULER_DEFAULTS = {"PNDMScheduler": {"skip_prk_steps": True, "set_alpha_to_one": False},
-                      "DDIMScheduler": {"set_alpha_to_one": False}}
+SCHEDULER_DEFAULTS = {
+    "PNDMScheduler": {"skip_prk_steps": True, "set_alpha_to_one": False},
+    "DDIMScheduler": {"set_alpha_to_one": False},
+}
 
 
 def scheduler_class(name: str):
@@ -39,8 +41,10 @@ def scheduler_class(name: str):
 
     cls = getattr(diffusers, name, None)
     if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin):
-        raise ValueError(f"unknown diffusers scheduler {name!r} (e.g. PNDMScheduler, DDIMScheduler, "
-                         "DPMSolverMultistepScheduler, EulerDiscreteScheduler)")
+        raise ValueError(
+            f"unknown diffusers scheduler {name!r} (e.g. PNDMScheduler, DDIMScheduler, "
+            "DPMSolverMultistepScheduler, EulerDiscreteScheduler)"
+        )
     return cls
 
 
@@ -75,16 +79,25 @@ class SamplingConfig:
 
 
 def guide(eps: torch.Tensor, s: SamplingConfig) -> torch.Tensor:
-    """eps: (3B, 4, h, w) = [full, middle, unconditional] -> (B, 4, h, w), the three-branch guidance (module docstring)."""
+    """eps: (3B, 4, h, w) = [full, middle, unconditional] -> (B, 4, h, w), the three-branch guidance (module
+    docstring)."""
     full, mid, uncond = eps.chunk(3)
     if s.order == "subject-first":
         return uncond + s.subject_guidance * (mid - uncond) + s.guidance * (full - mid)
     return uncond + s.guidance * (mid - uncond) + s.subject_guidance * (full - mid)
 
 
-def three_branches(text_full: torch.Tensor, null_text: torch.Tensor, tokens: torch.Tensor, boxes: torch.Tensor,
-                   present: torch.Tensor, h: int, w: int, order: str = "subject-first",
-                   text_plain: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def three_branches(
+    text_full: torch.Tensor,
+    null_text: torch.Tensor,
+    tokens: torch.Tensor,
+    boxes: torch.Tensor,
+    present: torch.Tensor,
+    h: int,
+    w: int,
+    order: str = "subject-first",
+    text_plain: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
     """UNet inputs of the branches [full, middle, unconditional], each of batch B: (3B, ...).
 
     text_full: (B, L, D) prompt + subject words; null_text: (B, L, D) the empty prompt; tokens: (B, N, T, Dv);
@@ -100,15 +113,23 @@ def three_branches(text_full: torch.Tensor, null_text: torch.Tensor, tokens: tor
         mid = (text_plain, none, torch.zeros_like(loc))
     return {
         "text": torch.cat([text_full, mid[0], null_text]),
-        "subject_tokens": torch.cat([tokens.to(dtype)] * 3), "boxes": torch.cat([boxes.to(dtype)] * 3),
+        "subject_tokens": torch.cat([tokens.to(dtype)] * 3),
+        "boxes": torch.cat([boxes.to(dtype)] * 3),
         "subject_mask": torch.cat([mask, mid[1], none]),
         "location": torch.cat([loc, mid[2], torch.zeros_like(loc)]),
     }
 
 
 @torch.no_grad()
-def sample_latents(model, noise_schedule: dict[str, Any], branches: dict[str, torch.Tensor], noise: torch.Tensor,
-                   s: SamplingConfig, generators: list[torch.Generator] | None = None, progress=None) -> torch.Tensor:
+def sample_latents(
+    model,
+    noise_schedule: dict[str, Any],
+    branches: dict[str, torch.Tensor],
+    noise: torch.Tensor,
+    s: SamplingConfig,
+    generators: list[torch.Generator] | None = None,
+    progress=None,
+) -> torch.Tensor:
     """Denoise `noise` (B, 4, h, w) with three-branch guidance -> latents (B, 4, h, w).
 
     model: a SubjectDiffusion (its `denoise`); noise_schedule: the model's training scheduler config (the

@@ -76,10 +76,19 @@ def widen_unet(base: nn.Module, cfg: ModelConfig, token_dim: int, n_tokens: int 
     with builders.seeded(cfg.seed + 4):
         for block in [m for m in unet.modules() if hasattr(m, "fuser")]:
             f = block.fuser
-            block.fuser = GatedSelfAttentionDense(f.linear.out_features, f.linear.in_features, f.attn.heads,
-                                                  f.attn.inner_dim // f.attn.heads)
-        unet.position_net = GroundingNet(token_dim, unet.config.cross_attention_dim, cfg.grounding_hidden,
-                                         cfg.fourier_freqs, n_tokens, cfg.mlp, cfg.null_features, cfg.fourier_order)
+            block.fuser = GatedSelfAttentionDense(
+                f.linear.out_features, f.linear.in_features, f.attn.heads, f.attn.inner_dim // f.attn.heads
+            )
+        unet.position_net = GroundingNet(
+            token_dim,
+            unet.config.cross_attention_dim,
+            cfg.grounding_hidden,
+            cfg.fourier_freqs,
+            n_tokens,
+            cfg.mlp,
+            cfg.null_features,
+            cfg.fourier_order,
+        )
         old = base.conv_in
         unet.conv_in = nn.Conv2d(old.in_channels + 1, old.out_channels, old.kernel_size, old.stride, old.padding)
     state = {k: v for k, v in base.state_dict().items() if not k.startswith("conv_in.")}
@@ -164,8 +173,12 @@ class SubjectDiffusion(nn.Module):
         self.text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     # -- conditioning -------------------------------------------------------------------------------
-    def encode_text(self, input_ids: torch.Tensor, placeholder_pos: torch.Tensor | None = None,
-                    subject_cls: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_text(
+        self,
+        input_ids: torch.Tensor,
+        placeholder_pos: torch.Tensor | None = None,
+        subject_cls: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids: (B, L); placeholder_pos: (B, N) (-1 = none); subject_cls: (B, N, Dc) -> (B, L, D).
 
         The placeholder tokens' input embeddings are replaced by text_mlp(subject_cls)
@@ -186,9 +199,16 @@ class SubjectDiffusion(nn.Module):
         out = tm.encoder(inputs_embeds=hidden, causal_attention_mask=causal).last_hidden_state
         return tm.final_layer_norm(out)
 
-    def denoise(self, latents: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
-                subject_tokens: torch.Tensor, boxes: torch.Tensor, subject_mask: torch.Tensor,
-                location: torch.Tensor) -> torch.Tensor:
+    def denoise(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        text: torch.Tensor,
+        subject_tokens: torch.Tensor,
+        boxes: torch.Tensor,
+        subject_mask: torch.Tensor,
+        location: torch.Tensor,
+    ) -> torch.Tensor:
         """The denoising UNet given all conditions (shapes in the module docstring) -> eps (B, 4, h, w)."""
         if not self.store.recording:
             self.store.arm(None)  # called directly (inference): no attention capture, plain SDPA
@@ -199,12 +219,25 @@ class SubjectDiffusion(nn.Module):
     def null_subjects(self, batch: int, n_tokens: int, token_dim: int, device=None, dtype=None):
         """(subject_tokens, boxes, subject_mask) meaning "no subject": the grounding net uses its null features."""
         n = self.config.max_subjects
-        return (torch.zeros(batch, n, n_tokens, token_dim, device=device, dtype=dtype),
-                torch.zeros(batch, n, 4, device=device, dtype=dtype),
-                torch.zeros(batch, n, device=device, dtype=dtype))
+        return (
+            torch.zeros(batch, n, n_tokens, token_dim, device=device, dtype=dtype),
+            torch.zeros(batch, n, 4, device=device, dtype=dtype),
+            torch.zeros(batch, n, device=device, dtype=dtype),
+        )
 
-    def forward(self, latents, timesteps, input_ids, placeholder_pos, subject_cls, subject_tokens, boxes,
-                subject_mask, location, loc_token_weights: torch.Tensor | None = None):
+    def forward(
+        self,
+        latents,
+        timesteps,
+        input_ids,
+        placeholder_pos,
+        subject_cls,
+        subject_tokens,
+        boxes,
+        subject_mask,
+        location,
+        loc_token_weights: torch.Tensor | None = None,
+    ):
         """Training entry (what DDP wraps): encode_text + denoise. loc_token_weights (B, N, L) turns on the
         capture of subject-token attention maps. Returns (eps, maps: list of (B, N, HW))."""
         self.store.arm(loc_token_weights)
@@ -241,7 +274,7 @@ class Parts:
     scheduler: Any
     config: ModelConfig
 
-    def to(self, device, frozen_dtype: torch.dtype | None = None) -> "Parts":
+    def to(self, device, frozen_dtype: torch.dtype | None = None) -> Parts:
         self.model.to(device)
         for frozen in (self.vae, self.image_encoder):
             frozen.to(device)

@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from subjectdiff.catalogs import images
+from subjectdiff.catalogs.images import IMAGE_SUFFIXES
+
 WHITE = (255, 255, 255)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 @dataclass
@@ -80,8 +82,9 @@ def perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.linalg.solve(a, src.reshape(-1).astype(float))
 
 
-def paste_on_background(crop: np.ndarray, mask: np.ndarray, background: np.ndarray, area: float,
-                        rng: np.random.Generator) -> Image.Image:
+def paste_on_background(
+    crop: np.ndarray, mask: np.ndarray, background: np.ndarray, area: float, rng: np.random.Generator
+) -> Image.Image:
     """crop (h, w, 3) uint8 and its mask (h, w) bool -> the background (S, S, 3) with the crop scaled to `area`
     of it (aspect kept, each side at most S) at a uniform random position, blended through the resized mask."""
     size = background.shape[0]
@@ -96,8 +99,9 @@ def paste_on_background(crop: np.ndarray, mask: np.ndarray, background: np.ndarr
     return out
 
 
-def augment_image(pil: Image.Image, aug: SubjectAugment, rng: np.random.Generator,
-                  fill: tuple[int, int, int] = WHITE) -> Image.Image:
+def augment_image(
+    pil: Image.Image, aug: SubjectAugment, rng: np.random.Generator, fill: tuple[int, int, int] = WHITE
+) -> Image.Image:
     """Flip, rotation and perspective warp of a square image (torchvision's RandomHorizontalFlip,
     RandomRotation, RandomPerspective, in the reference's order); uncovered corners get `fill`."""
     size = pil.width
@@ -114,9 +118,16 @@ def augment_image(pil: Image.Image, aug: SubjectAugment, rng: np.random.Generato
     return pil
 
 
-def subject_image(image: np.ndarray, mask: np.ndarray, size: int, *, augment: SubjectAugment | None = None,
-                  rng: np.random.Generator | None = None, background: np.ndarray | None = None,
-                  fill: tuple[int, int, int] = WHITE) -> np.ndarray:
+def subject_image(
+    image: np.ndarray,
+    mask: np.ndarray,
+    size: int,
+    *,
+    augment: SubjectAugment | None = None,
+    rng: np.random.Generator | None = None,
+    background: np.ndarray | None = None,
+    fill: tuple[int, int, int] = WHITE,
+) -> np.ndarray:
     """image (H, W, 3) uint8 RGB, mask (H, W) bool -> (size, size, 3) uint8: the subject image (module
     docstring). background: (size, size, 3) uint8 photo to paste the subject on (needs augment and rng), or None
     for the cut-out on `fill`. Without augment and background this is exactly the inference cut-out."""
@@ -150,13 +161,14 @@ def background_files(folder: str) -> tuple[str, ...]:
         raise FileNotFoundError(f"data.backgrounds: {folder} is not a folder of background photos")
     files = tuple(sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES))
     if not files:
-        raise FileNotFoundError(f"data.backgrounds: no .jpg/.png/.webp photos in {folder}")
+        raise FileNotFoundError(f"data.backgrounds: no photos ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return files
 
 
 def background_photo(path: str | os.PathLike, size: int, rng: np.random.Generator) -> np.ndarray:
     """A background photo as the reference prepares it (Resize(size) + RandomCrop(size)): shorter side resized
     to `size`, a random size x size crop. -> (size, size, 3) uint8. JPEGs decode at a reduced scale (draft)."""
+    images.register_plugins()  # HEIC backgrounds open like datagen's inputs
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG: decode at the smallest scale still >= size (no-op for others)
         im = im.convert("RGB")
