@@ -1,24 +1,41 @@
 """Settings over typed dataclass configs: TOML tables and `key=value` overrides, one mechanism for every command.
 
-    cfg = apply(preset(), tomllib.load(f))                      # nested tables onto nested dataclasses
+    cfg = apply(preset(), read_toml("datagen.toml"))           # nested tables onto nested dataclasses
     cfg = apply(cfg, parse_override("ground.box_threshold=0.3"))  # one dotted key, a TOML literal value
 
 Values are checked against the dataclass field types (and coerced where that loses nothing: an int for a
 float, a list for a tuple, "none" for an optional field); each dataclass then runs its own validation in
 `__post_init__`. An unknown key or a wrong type is a ValueError that names the key and what is known.
 A field typed `dict[str, SomeDataclass]` (e.g. datagen's per-stage pools) takes a table of tables.
+
+    text = to_toml(cfg.to_dict())       # a resolved config as a file `--config` reads back (`--print-config`)
+    values = read_toml("run.toml")      # what `--config FILE` reads (tomllib; tomli on Python 3.10)
+
+TOML has no null: an unset option (None) is written as the string "none", which `apply` reads back as None for
+an optional field, as it does for `data.catalog=none` on the command line. So a written config reads back to the
+same resolved config whatever preset it is laid over.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any
 
-import tomllib
+import tomli_w
 
-__all__ = ["apply", "parse_override", "merge_dicts"]
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library (pyproject's conditional dependency)
+    import tomli as tomllib
+
+__all__ = ["apply", "parse_override", "merge_dicts", "read_toml", "to_toml", "UNSET", "TOMLDecodeError"]
+
+UNSET = "none"  # how an unset option (None) is written in TOML, which has no null
+TOMLDecodeError = tomllib.TOMLDecodeError
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -91,3 +108,26 @@ def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML settings file as nested dicts (its tables), for `apply`."""
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def _tomlable(value: Any) -> Any:
+    if value is None:
+        return UNSET
+    if isinstance(value, dict):
+        return {str(k): _tomlable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tomlable(v) for v in value]
+    return value
+
+
+def to_toml(values: dict[str, Any], header: str = "") -> str:
+    """Nested settings (a config's `to_dict()`) as TOML that `read_toml` + `apply` read back to the same config:
+    tuples as arrays, None as UNSET. HEADER: comment lines put first (each gets its '# ')."""
+    comments = "".join(f"# {line}\n" if line else "#\n" for line in header.splitlines())
+    return comments + tomli_w.dumps(_tomlable(values))

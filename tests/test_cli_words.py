@@ -14,6 +14,7 @@ import pytest
 
 from subjectdiff.catalogs.catalog import build, catalog_root
 from subjectdiff.cli import build_parser, main
+from subjectdiff.overrides import tomllib  # tomli on Python 3.10
 from subjectdiff.presets import Presets, UnknownPreset
 from tests.geometry import write_geometry_shards
 
@@ -125,7 +126,7 @@ def test_datagen_run_output_reaches_the_command(tmp_path, capsys):
 def test_old_config_words_resolve_with_one_notice(flags, notice, capsys):
     assert main(["train", *flags, "--print-config", "run.max_steps=7"]) == 0
     out, err = capsys.readouterr()
-    cfg = json.loads(out)
+    cfg = tomllib.loads(out)
     assert cfg["run"]["max_steps"] == 7 and len(notices(err)) == 1 and notice in err
     if "tiny" in flags:
         assert cfg["model"]["arch"] == "tiny"
@@ -137,11 +138,11 @@ def test_config_file_and_preset_together(tmp_path, capsys):
     f = tmp_path / "run.toml"
     f.write_text('preset = "paper"\n[optim]\nlr = 2\n')
     assert main(["train", "--config", str(f), "--print-config"]) == 0
-    paper = json.loads(capsys.readouterr().out)
+    paper = tomllib.loads(capsys.readouterr().out)
     assert paper["optim"]["lr"] == 2.0 and paper["data"]["no_subject"] == "skip"  # the file's preset
     assert main(["train", "--preset", "tiny", "--config", str(f), "--print-config"]) == 0
     out, err = capsys.readouterr()
-    assert json.loads(out)["model"]["arch"] == "tiny" and not notices(err)  # --preset over the file's
+    assert tomllib.loads(out)["model"]["arch"] == "tiny" and not notices(err)  # --preset over the file's
     assert main(["train", "--preset", "no-such"]) == 2
     assert "unknown training preset 'no-such'; presets: tiny, sd2-base, paper" in capsys.readouterr().err
 

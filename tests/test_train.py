@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from subjectdiff.overrides import tomllib  # tomli on Python 3.10
 from subjectdiff.photo_records import write_photo_shards
 from subjectdiff.train.cli import main
 from subjectdiff.train.config import load_config
@@ -583,7 +584,7 @@ def test_subjectdiff_train_subcommand(capsys):
     from subjectdiff.cli import main as subjectdiff_main
 
     assert subjectdiff_main(["train", "--preset", "tiny", "--print-config", "--out", "runs/t", "run.max_steps=7"]) == 0
-    cfg = json.loads(capsys.readouterr().out)
+    cfg = tomllib.loads(capsys.readouterr().out)  # TOML, what --config reads
     assert cfg["run"]["max_steps"] == 7 and cfg["run"]["out_dir"] == "runs/t" and cfg["model"]["arch"] == "tiny"
     assert subjectdiff_main(["train", "--config", "no-such-preset"]) == 2
 

@@ -108,7 +108,11 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_overrides(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help='print the resolved config as TOML (what --config reads; unset options as "none") and exit',
+    )
     p.add_argument(
         "overrides",
         nargs="*",
@@ -209,14 +213,15 @@ def one_line(e: BaseException) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     import os
 
     name = f"subjectdiff train{' preview' if args.preview else ''}"
     try:
         cfg = resolved_config(args)
         if args.print_config:
-            print(json.dumps(cfg.to_dict(), indent=2))
+            from subjectdiff.train.config import config_toml
+
+            print(config_toml(cfg), end="")
             return 0
         if args.preview:
             if args.sample < 1:

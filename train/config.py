@@ -3,7 +3,10 @@
     cfg = load_config("tiny", ["run.max_steps=20", "data.shards=['out/']"])
     cfg = load_config(config_file="my_run.toml")   # TOML tables [model] [data] [optim] [loss] [run];
                                                    # `preset = "..."` at the top starts from a preset
+    text = config_toml(cfg)                        # the resolved config as TOML (RUN/config.toml, --print-config)
 Override values are TOML literals (numbers, booleans, quoted strings, [lists]); anything else is a string.
+config_toml writes every setting, an unset one (None) as "none" (subjectdiff.overrides), so
+`load_config(config_file=...)` reads it back to the same config over any preset.
 """
 
 from __future__ import annotations
@@ -13,19 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from subjectdiff.model.config import NATIVE_RESOLUTION, ModelConfig
 from subjectdiff.model.config import PRESETS as MODEL_PRESETS
 from subjectdiff.model.config import sd2_base as model_sd2_base
 from subjectdiff.model.config import tiny as model_tiny
-from subjectdiff.overrides import apply, merge_dicts, parse_override
+from subjectdiff.overrides import apply, merge_dicts, parse_override, read_toml, to_toml
 from subjectdiff.presets import Presets
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 CROPS = ("short-side", "zoom")
 NO_SUBJECT = ("skip", "text")
 ON_BAD_RECORD = ("raise", "skip")
+# diffusers.optimization.get_scheduler's names (SchedulerType) that need no step rules
+LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
 @dataclass
@@ -156,11 +159,20 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW (lr, weight_decay, betas, eps), with the learning rate scheduled by diffusers'
+    `optimization.get_scheduler`: lr_scheduler names the schedule (LR_SCHEDULERS; "constant_with_warmup", the
+    paper's: linear from 0 over warmup_steps, then lr), over run.max_steps for the decaying ones;
+    lr_num_cycles: cosine_with_restarts' cycles; lr_power: polynomial's power. The scheduler's step count is
+    saved in checkpoints, so a resumed run continues its schedule."""
+
     lr: float = 1e-5
     weight_decay: float = 1e-2
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    lr_scheduler: str = "constant_with_warmup"
     warmup_steps: int = 1000
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
     grad_clip: float = 1.0
     grad_accum: int = 1
     ema_decay: float = 0.9999  # 0 disables the EMA
@@ -168,6 +180,10 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"optim.lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.grad_accum < 1:
             raise ValueError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
         if not 0 <= self.ema_decay < 1:
@@ -226,6 +242,8 @@ class RunConfig:
     val_*: the validation grid, sampled as users sample (infer's three-branch sampler): steps, text and subject
         guidance, scheduler. progress: a progress bar with steps/s, samples/s and the ETA on rank 0 ("auto":
         when stderr is a terminal; the log lines carry the same numbers), "on" or "off".
+    tensorboard: TensorBoard event files in out_dir/tb (the log.jsonl scalars and the validation grids) beside
+        log.jsonl, which is always written; when tensorboard cannot be imported the run says so in one line.
     trace: write each micro-batch's record keys and a final parameter digest per rank (tests, audits).
     """
 
@@ -246,6 +264,7 @@ class RunConfig:
     val_subject_guidance: float = 1.5
     val_scheduler: str = "PNDMScheduler"
     progress: str = "auto"
+    tensorboard: bool = True
     trace: bool = False
 
     def __post_init__(self) -> None:
@@ -346,7 +365,7 @@ def load_config(
             raise FileNotFoundError(
                 f"--config {config_file}: no such TOML file (presets are --preset NAME: {PRESETS.names()})"
             )
-        values = tomllib.loads(Path(config_file).read_text())
+        values = read_toml(config_file)
     named = values.pop("preset", "sd2-base")
     cfg = PRESETS[preset or named]()
     if model is not None:
@@ -354,6 +373,15 @@ def load_config(
     for o in overrides:
         values = merge_dicts(values, parse_override(o))
     return apply(cfg, values)
+
+
+def config_toml(cfg: TrainConfig) -> str:
+    """The resolved config as TOML (every setting; an unset one as "none"), which `--config` reads back to CFG."""
+    header = (
+        "the resolved training config: `subjectdiff train --config THIS_FILE` runs it again\n"
+        'unset options are "none" (TOML has no null)'
+    )
+    return to_toml(cfg.to_dict(), header)
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:

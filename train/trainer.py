@@ -21,12 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from PIL import Image
 
 from subjectdiff.model import Parts, build
 from subjectdiff.progress import Progress, duration
 from subjectdiff.train import checkpoint
-from subjectdiff.train.config import TrainConfig
+from subjectdiff.train.config import TrainConfig, config_toml
 from subjectdiff.train.data import BatchStream, batch_stream, shared_selection
 from subjectdiff.train.step import training_step
 from subjectdiff.train.validate import validation_grid
@@ -95,20 +97,35 @@ class EMA:
         self.model.optimization_step = updates
 
 
-class Logger:
-    """Console + JSONL (+ TensorBoard when installed) on rank 0."""
+TB_MISSING = (
+    "tensorboard is not installed: metrics go to log.jsonl only (pip install tensorboard==2.21.0; "
+    "run.tensorboard=false turns this off)"
+)
 
-    def __init__(self, out_dir: Path, main: bool):
+
+def summary_writer(log_dir: Path, enabled: bool):
+    """A TensorBoard SummaryWriter on LOG_DIR, or None when switched off (run.tensorboard) or not importable
+    (then with TB_MISSING on stderr, once per run)."""
+    if not enabled:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only runs that write events
+    except ImportError:
+        print(TB_MISSING, file=sys.stderr, flush=True)
+        return None
+    return SummaryWriter(str(log_dir))
+
+
+class Logger:
+    """On rank 0: the console, out_dir/log.jsonl (one row per logged step) and, with run.tensorboard, the same
+    scalars under train/ and the validation grids under val/ in out_dir/tb."""
+
+    def __init__(self, out_dir: Path, main: bool, tensorboard: bool = True):
         self.main, self.tb = main, None
         if not main:
             return
         self.file = open(out_dir / "log.jsonl", "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(out_dir / "tb"))
-        except ImportError:
-            pass
+        self.tb = summary_writer(out_dir / "tb", tensorboard)
 
     def close(self) -> None:
         if self.main:
@@ -126,6 +143,13 @@ class Logger:
         if self.tb is not None:
             for k, v in values.items():
                 self.tb.add_scalar(f"train/{k}", v, step)
+            self.tb.flush()
+
+    def image(self, tag: str, path: Path, step: int) -> None:
+        """An image file (a validation grid) into TensorBoard as TAG at STEP."""
+        if self.main and self.tb is not None:
+            self.tb.add_image(tag, np.asarray(Image.open(path).convert("RGB")), step, dataformats="HWC")
+            self.tb.flush()
 
 
 def show_bar(main: bool, mode: str) -> bool:
@@ -151,8 +175,14 @@ def make_optimizer(named: dict[str, torch.nn.Parameter], cfg: TrainConfig):
         {"params": [named[n] for n in no_decay], "weight_decay": 0.0},
     ]
     opt = torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
-    warm = max(o.warmup_steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    sched = get_scheduler(
+        o.lr_scheduler,
+        opt,
+        num_warmup_steps=o.warmup_steps,
+        num_training_steps=cfg.run.max_steps,
+        num_cycles=o.lr_num_cycles,
+        power=o.lr_power,
+    )
     return opt, sched
 
 
@@ -216,7 +246,9 @@ class Trainer:
         self.step, self.val_batch = 0, None
         ckpt = checkpoint.resolve(self.out, resume) if resume else None
         self.stream = make_stream(cfg, self.parts, self.d, self.out, resume=ckpt is not None)
-        self.logger = Logger(self.out, self.d.main)
+        self.logger = Logger(self.out, self.d.main, cfg.run.tensorboard)
+        if self.d.main:  # each start (a resumed one too) records the config it runs with
+            (self.out / "config.toml").write_text(config_toml(cfg))
         if ckpt is not None:
             self.restore(ckpt)
 
@@ -255,7 +287,6 @@ class Trainer:
             samples = logs.pop("samples")
             pace.update(1, items=samples)
             logs.update(
-                lr=self.sched.get_last_lr()[0],
                 samples_per_s=samples / (time.perf_counter() - t0),
                 steps_per_s=pace.rate(),
                 avg_samples_per_s=pace.item_rate(),
@@ -293,7 +324,7 @@ class Trainer:
         if self.cfg.optim.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(list(self.named.values()), self.cfg.optim.grad_clip)
             totals["grad_norm"] = float(norm)
-        scale = self.scaler.get_scale()
+        scale, lr = self.scaler.get_scale(), self.opt.param_groups[0]["lr"]  # the rate this step applies
         self.scaler.step(self.opt)
         self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
@@ -301,7 +332,7 @@ class Trainer:
             self.sched.step()
             if self.ema is not None:
                 self.ema.update()
-        return {**totals, "samples": samples * self.d.world}
+        return {**totals, "lr": lr, "samples": samples * self.d.world}
 
     def trace(self, batch: dict[str, Any]) -> None:
         if self.cfg.run.trace:
@@ -368,6 +399,7 @@ class Trainer:
             with self.ema_weights():
                 path = validation_grid(self, self.out / "samples" / f"step-{self.step:07d}.png")
             self.train_mode()
+            self.logger.image("val/grid", path, self.step)
             print(f"wrote {path}", flush=True)
         if self.d.world > 1:
             dist.barrier()
