@@ -88,12 +88,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="settings over the preset and --config, e.g. ground.box_threshold=0.3 "
         "pipeline.pools.segment.concurrency=4 (values are TOML literals)",
     )
+    add_print_config(r)
     r.set_defaults(func=_run)
 
     w = dsub.add_parser("weights", help="download a preset's checkpoints into the cache ($SUBJECTDIFF_CACHE)")
     w.add_argument("--preset", default="default", choices=PRESETS)
     w.add_argument("--config", metavar="FILE.toml")
     w.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="as for `datagen run`")
+    add_print_config(w)
     w.set_defaults(func=_weights)
 
     d = sub.add_parser("demo", help="the whole pipeline offline on the bundled sample images (tiny models)")
@@ -103,18 +105,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.set_defaults(func=_demo)
 
 
+def add_print_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help='print the resolved config as TOML (what --config reads; unset options as "none") and exit',
+    )
+
+
+def _print_config(args: argparse.Namespace) -> int:
+    try:
+        print(_config(args).to_toml(), end="")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _config(args: argparse.Namespace):
     from subjectdiff.datagen.job import load_config
 
     cfg = load_config(args.preset, args.config, getattr(args, "overrides", ()))
-    if args.batch_size:
+    if getattr(args, "batch_size", None):
         from subjectdiff.datagen.stages import registry
 
         cfg.pipeline.batch_size = args.batch_size
         for stage in registry.STAGES:  # each stage whose settings batch its model
             if hasattr(stage.settings(cfg.stages), "batch_size"):
                 stage.settings(cfg.stages).batch_size = args.batch_size
-    if args.shard_size:
+    if getattr(args, "shard_size", None):
         cfg.pipeline.shard_size = args.shard_size
     return cfg
 
@@ -126,6 +145,8 @@ def _run(args: argparse.Namespace) -> int:
     from subjectdiff.datagen.run import run
     from subjectdiff.datagen.sources import SourceError
 
+    if args.print_config:
+        return _print_config(args)
     try:
         cfg = _config(args)
         summary = run(
@@ -202,6 +223,8 @@ def _weights(args: argparse.Namespace) -> int:
     from subjectdiff.datagen.job import load_config
     from subjectdiff.datagen.stages import registry
 
+    if args.print_config:
+        return _print_config(args)
     try:
         st = load_config(args.preset, args.config, args.overrides).stages
     except (ValueError, FileNotFoundError) as e:

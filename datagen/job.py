@@ -7,12 +7,12 @@ cfg.pipeline  # PipelineConfig: shard size, blocks, pools of actors per stage (t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from subjectdiff.datagen import config as stage_config
 from subjectdiff.datagen.stages import registry
-from subjectdiff.overrides import apply, merge_dicts, parse_override, read_toml
+from subjectdiff.overrides import apply, merge_dicts, parse_override, read_toml, to_toml
 
 
 def active_stages(stages: stage_config.DatagenConfig) -> tuple[str, ...]:
@@ -112,6 +112,15 @@ class JobConfig:
     def stage_pools(self) -> dict[str, PoolConfig]:
         """The actor pools this job starts (PipelineConfig.stage_pools over its active stages)."""
         return self.pipeline.stage_pools(active_stages(self.stages))
+
+    def to_toml(self) -> str:
+        """The job's settings as the TOML `--config` reads (the stage tables, `[pipeline]`), every one written
+        (an unset one as "none", subjectdiff.overrides): `load_config(config_file=...)` gives this job again."""
+        header = (
+            "the resolved datagen config: `subjectdiff datagen run --config THIS_FILE` runs with it\n"
+            'unset options are "none" (TOML has no null)'
+        )
+        return to_toml({**asdict(self.stages), "pipeline": asdict(self.pipeline)}, header)
 
 
 def preset(name: str) -> JobConfig:

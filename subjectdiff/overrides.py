@@ -32,10 +32,9 @@ if sys.version_info >= (3, 11):
 else:  # the same parser, before it joined the standard library (pyproject's conditional dependency)
     import tomli as tomllib
 
-__all__ = ["apply", "parse_override", "merge_dicts", "read_toml", "to_toml", "UNSET", "TOMLDecodeError"]
+__all__ = ["apply", "parse_override", "merge_dicts", "read_toml", "to_toml", "UNSET"]
 
 UNSET = "none"  # how an unset option (None) is written in TOML, which has no null
-TOMLDecodeError = tomllib.TOMLDecodeError
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:

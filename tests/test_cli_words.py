@@ -218,3 +218,31 @@ def test_presets_have_one_registry():
     with pytest.raises(UnknownPreset):
         metrics.PRESETS["x"]
     assert train_config.PRESETS["sd2-base"] is train_config.sd2_base and "sd2_base" in train_config.PRESETS
+
+
+@pytest.mark.parametrize(
+    "command, settings",
+    [
+        (["train"], ["--preset", "tiny", "run.max_steps=7"]),
+        (["datagen", "weights"], ["--preset", "paper", "ground.box_threshold=0.3"]),
+        (["datagen", "run", "--input", "in/", "--out", "out/"], ["--batch-size", "3", "curate.pretrained=none"]),
+    ],
+)
+def test_print_config_is_the_toml_config_reads_back(command, settings, tmp_path, capsys):
+    """One behaviour across commands: --print-config prints the resolved config as TOML, and --config of that
+    file resolves to the same config (printed the same), unset options included."""
+    from subjectdiff.datagen.job import load_config as datagen_config
+
+    assert main([*command, *settings, "--print-config"]) == 0
+    text = capsys.readouterr().out
+    values = tomllib.loads(text)
+    assert "none" in text  # an unset option (TOML has no null)
+    f = tmp_path / "printed.toml"
+    f.write_text(text)
+    assert main([*command, "--config", str(f), "--print-config"]) == 0
+    assert capsys.readouterr().out == text
+    if command[0] == "datagen":
+        cfg = datagen_config("default", str(f))  # laid over another preset: still the printed settings
+        assert cfg.to_toml() == text and (cfg.stages.curate.pretrained is None) == ("run" in command)
+        assert values["ground"]["box_threshold"] == (0.3 if "weights" in command else 0.25)
+        assert values["pipeline"]["batch_size"] == (3 if "run" in command else cfg.pipeline.batch_size)
