@@ -321,6 +321,9 @@ def test_torchrun_two_ranks_disjoint_and_in_sync(shards, tmp_path):
     d1 = json.loads((out / "digest-rank1.json").read_text())
     assert d0 == d1  # trainable parameters identical on both ranks
     assert (out / "checkpoints" / "step-0000002" / "model.safetensors").exists()
+    # only rank 0 logs: one TensorBoard event file, one log.jsonl row per step
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1
+    assert len((out / "log.jsonl").read_text().splitlines()) == 2 and (out / "config.toml").is_file()
 
 
 def test_resume_with_where_reuses_the_run_selection(shards, tmp_path, capsys):

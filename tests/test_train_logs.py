@@ -192,11 +192,12 @@ def test_missing_tensorboard_says_so_in_one_line(records, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "subjectdiff.train", "--preset", "tiny", "--records", str(records)]
-    cmd += ["--out", str(out), "run.max_steps=2", "run.ckpt_every=100", "run.progress='off'"]
+    cmd += ["--out", str(out), "run.max_steps=1", "run.ckpt_every=100", "run.progress='off'"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stderr.count(TB_MISSING) == 1 and TB_MISSING.count("\n") == 0
-    assert len(log_rows(out)) == 2 and not (out / "tb").exists()
+    notices = [line for line in done.stderr.splitlines() if TB_MISSING in line]
+    assert len(notices) == 1 and notices[0].startswith("warning: tensorboard cannot be imported"), done.stderr
+    assert len(log_rows(out)) == 1 and not (out / "tb").exists()
     check = "import torch.utils.tensorboard"
     blocked = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
     assert blocked.returncode != 0  # the simulation does block it

@@ -97,9 +97,9 @@ class EMA:
         self.model.optimization_step = updates
 
 
+# the notice's advice, after what failed
 TB_MISSING = (
-    "tensorboard is not installed: metrics go to log.jsonl only (pip install tensorboard==2.21.0; "
-    "run.tensorboard=false turns this off)"
+    "metrics go to log.jsonl only (pip install tensorboard==2.21.0; run.tensorboard=false turns TensorBoard off)"
 )
 
 
@@ -110,8 +110,9 @@ def summary_writer(log_dir: Path, enabled: bool):
         return None
     try:
         from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only runs that write events
-    except ImportError:
-        print(TB_MISSING, file=sys.stderr, flush=True)
+    except ImportError as e:  # not installed, or broken (its error says which)
+        why = " ".join(str(e).split())
+        print(f"warning: tensorboard cannot be imported ({why}): {TB_MISSING}", file=sys.stderr, flush=True)
         return None
     return SummaryWriter(str(log_dir))
 
