@@ -8,6 +8,7 @@ from pathlib import Path
 
 from subjectdiff.cli_words import renamed, required_out
 from subjectdiff.datagen.config import PRESETS
+from subjectdiff.errors import is_user_error
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 
@@ -121,13 +122,12 @@ def _config(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     """Exit status: 0 when every shard is complete; 1 when shards are left incomplete or the storage failed
-    (rerun the same command to resume); 2 for a bad input, output or setting."""
-    from subjectdiff.catalogs.storage import StorageError
+    (rerun the same command to resume); 2 for a bad input, output or setting, 130/143 interrupted
+    (subjectdiff/errors.py)."""
     from subjectdiff.datagen.run import run
-    from subjectdiff.datagen.sources import SourceError
 
+    cfg = _config(args)
     try:
-        cfg = _config(args)
         summary = run(
             args.input,
             args.out,
@@ -139,17 +139,9 @@ def _run(args: argparse.Namespace) -> int:
             retry_failures=args.retry_failures,
             catalog_file=args.catalog,
         )
-    except (SourceError, ValueError, FileNotFoundError) as e:
-        print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
-        return 2
-    except StorageError as e:
-        if e.__cause__ is None:  # a setting (an unknown URL scheme, bad storage options), not an outage
-            print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
-            return 2
-        return _storage_failed(e)
     except Exception as e:
-        if not _is_storage_error(e):
-            raise  # a bug: its traceback is what a report needs
+        if is_user_error(e) or not _is_storage_error(e):
+            raise  # a setting's one line (errors.run_command), or a bug's traceback
         return _storage_failed(e)
     print(summary.line())
     if summary.incomplete:
@@ -202,11 +194,7 @@ def _weights(args: argparse.Namespace) -> int:
     from subjectdiff.datagen.job import load_config
     from subjectdiff.datagen.stages import registry
 
-    try:
-        st = load_config(args.preset, args.config, args.overrides).stages
-    except (ValueError, FileNotFoundError) as e:
-        print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
-        return 2
+    st = load_config(args.preset, args.config, args.overrides).stages
     try:
         for stage in registry.active(st):
             for ck in stage.checkpoint_list(st, download=True):

@@ -10,11 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import tomllib
-
 from subjectdiff.datagen import config as stage_config
 from subjectdiff.datagen.stages import registry
-from subjectdiff.overrides import apply, merge_dicts, parse_override
+from subjectdiff.overrides import apply, merge_dicts, parse_override, read_toml
 
 
 def active_stages(stages: stage_config.DatagenConfig) -> tuple[str, ...]:
@@ -151,8 +149,7 @@ def load_config(
     cfg = preset(preset_name)
     values: dict[str, Any] = {}
     if config_file:
-        with open(config_file, "rb") as f:
-            values = tomllib.load(f)
+        values = read_toml(config_file)
     for o in overrides:
         values = merge_dicts(values, parse_override(o))
     pipe = values.pop("pipeline", {})

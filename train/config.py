@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from subjectdiff.model.config import NATIVE_RESOLUTION, ModelConfig
 from subjectdiff.model.config import PRESETS as MODEL_PRESETS
 from subjectdiff.model.config import sd2_base as model_sd2_base
 from subjectdiff.model.config import tiny as model_tiny
-from subjectdiff.overrides import apply, merge_dicts, parse_override
+from subjectdiff.overrides import apply, merge_dicts, parse_override, read_toml
 from subjectdiff.presets import Presets
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -342,11 +339,7 @@ def load_config(
     applied in order."""
     values: dict[str, Any] = {}
     if config_file is not None:
-        if not Path(config_file).is_file():
-            raise FileNotFoundError(
-                f"--config {config_file}: no such TOML file (presets are --preset NAME: {PRESETS.names()})"
-            )
-        values = tomllib.loads(Path(config_file).read_text())
+        values = read_toml(config_file, hint=f" (presets are --preset NAME: {PRESETS.names()})")
     named = values.pop("preset", "sd2-base")
     cfg = PRESETS[preset or named]()
     if model is not None:
