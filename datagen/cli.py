@@ -8,6 +8,7 @@ from pathlib import Path
 
 from subjectdiff.cli_words import renamed, required_out
 from subjectdiff.datagen.config import PRESETS
+from subjectdiff.datagen.progress import notice
 from subjectdiff.errors import is_user_error
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
@@ -124,9 +125,10 @@ def _run(args: argparse.Namespace) -> int:
     """Exit status: 0 when every shard is complete; 1 when shards are left incomplete or the storage failed
     (rerun the same command to resume); 2 for a bad input, output or setting, 130/143 interrupted
     (subjectdiff/errors.py)."""
+    cfg = _config(args)
+    notice(f"{args.input} -> {args.out} (preset {args.preset}): loading the pipeline's code")
     from subjectdiff.datagen.run import run
 
-    cfg = _config(args)
     try:
         summary = run(
             args.input,
