@@ -634,8 +634,9 @@ def batch_stream(
     return BatchStream(samples, cfg.data.batch_size, workers, log)
 
 
-class NoBatchError(RuntimeError):
-    """An epoch gave this rank no batch: every record it read was skipped (the message says why, in one line)."""
+class NoBatchError(ValueError):
+    """An epoch gave this rank no batch: every record it read was skipped (the message says why, in one line, and
+    which records or setting to change: a user error, exit 2)."""
 
 
 class BatchStream:
