@@ -8,7 +8,6 @@ from pathlib import Path
 
 from subjectdiff.cli_words import renamed, required_out
 from subjectdiff.datagen.config import PRESETS
-from subjectdiff.datagen.progress import notice
 from subjectdiff.errors import is_user_error
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
@@ -126,7 +125,6 @@ def _run(args: argparse.Namespace) -> int:
     (rerun the same command to resume); 2 for a bad input, output or setting, 130/143 interrupted
     (subjectdiff/errors.py)."""
     cfg = _config(args)
-    notice(f"{args.input} -> {args.out} (preset {args.preset}): loading the pipeline's code")
     from subjectdiff.datagen.run import run
 
     try:

@@ -222,6 +222,7 @@ def accounted(out: Path) -> list[str]:
     return sorted(rows.to_pylist())
 
 
+@pytest.mark.slow  # two datagen runs in subprocesses, each starting Ray and loading the tiny models
 def test_sigterm_marks_a_datagen_run_interrupted_and_a_rerun_completes_it_exactly(tmp_path):
     src = tmp_path / "photos"
     src.mkdir()
