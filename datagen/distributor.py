@@ -143,9 +143,7 @@ class Distributor:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        for pool in self.pools.values():
-            if pool is not self.last:
-                pool.poll_nodes()  # for locality only
+        self._poll_stage_nodes()
         for i in self.last.poll_nodes():
             node = self.local_node or self.last.nodes[i]
             if self.local_node:  # only this node surely sees the folder: there, or nowhere
@@ -167,6 +165,13 @@ class Distributor:
             self.committers.append(actor)
             self.committer_nodes.append(node)
             self.open_per_committer.append(0)
+
+    def _poll_stage_nodes(self) -> None:
+        """Learn which actors of the stages before the last have started (for locality, and their `ready`
+        notice)."""
+        for pool in self.pools.values():
+            if pool is not self.last:
+                pool.poll_nodes()
 
     # --------------------------------------------------------------------------------------------- shards
 
@@ -286,6 +291,8 @@ class Distributor:
             return
         ray.wait(refs, num_returns=1, timeout=1.0, fetch_local=False)
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        # an actor starts (node_id) before it maps a block: its `ready` notice comes before that block's progress
+        self._poll_stage_nodes()
         for ref in ready:
             if ref not in self.waits:
                 for pool in self.pools.values():
