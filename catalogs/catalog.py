@@ -194,7 +194,7 @@ def _connect(
             return duckdb.connect(str(path), read_only=read_only, config=config)
         except duckdb.IOException as e:
             if "lock" not in str(e).lower() or time.monotonic() > deadline:
-                raise CatalogError(f"cannot open {path}: {_one_line(e)}") from None
+                raise CatalogError(f"cannot open {path}: {one_line(e)}") from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
@@ -247,9 +247,13 @@ def _bad_names(con: duckdb.DuckDBPyConnection) -> list[str]:
     return [r[0] for r in con.execute("SELECT name FROM bad_shards ORDER BY name").fetchall()]
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+def one_line(e: BaseException) -> str:
+    """An error's message as one line: its lines joined with '; ', DuckDB's hints ("Did you mean ...",
+    "Candidate bindings: ...") kept whole, its echo of the query (`LINE 1: ...` and the caret under it) left out;
+    an empty message is the error's type."""
+    lines = [line.strip() for line in str(e).strip().splitlines()]
+    lines = [line for line in lines if line and not line.startswith("LINE ") and set(line) != {"^"}]
+    return "; ".join(lines) if lines else type(e).__name__
 
 
 @dataclass(frozen=True)
@@ -295,7 +299,7 @@ def build(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, 
         found = scan_shards(root)
     except (OSError, CatalogError) as e:
         kept = f"; the catalog at {path} is kept as it was" if path.exists() else ""
-        raise CatalogError(f"cannot list {root}: {_one_line(e)}{kept}") from None
+        raise CatalogError(f"cannot list {root}: {one_line(e)}{kept}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
     con = _connect(path, read_only=False, timeout=timeout)
     had_catalog = _version(con) is not None  # under the write lock: what a concurrent first build made counts
@@ -306,7 +310,7 @@ def build(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, 
         if not had_catalog:
             _remove_catalog(path)
         outcome = f"the catalog at {path} is kept as it was" if had_catalog else "no catalog was made"
-        raise CatalogError(f"catalog build of {folder.url} failed, {outcome}: {_one_line(e)}") from e
+        raise CatalogError(f"catalog build of {folder.url} failed, {outcome}: {one_line(e)}") from e
     except BaseException:  # interrupted: the transaction is rolled back all the same
         con.close()
         if not had_catalog:
@@ -469,7 +473,7 @@ def _read_shard(folder: Folder, sid: str, shard: ShardListing) -> tuple[dict, pa
 
 
 def _detail(e: BaseException) -> str:
-    return f"{type(e).__name__}: {_one_line(e)}"[:300]
+    return f"{type(e).__name__}: {one_line(e)}"[:300]
 
 
 def _read_bytes(folder: Folder, name: str, url: str) -> bytes:
@@ -647,7 +651,7 @@ def check_read_only(sql: str) -> None:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as e:
-        raise CatalogError(f"invalid SQL: {_one_line(e)}") from None
+        raise CatalogError(f"invalid SQL: {one_line(e)}") from None
     if len(statements) != 1:
         raise CatalogError(f"expected one SQL statement, got {len(statements)}")
     kind = statements[0].type.name
@@ -664,7 +668,7 @@ def query(
         try:
             return con.sql(sql, params=params).to_arrow_table()
         except duckdb.Error as e:
-            raise CatalogError(_one_line(e)) from None
+            raise CatalogError(one_line(e)) from None
 
 
 def stats(

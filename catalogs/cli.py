@@ -1,9 +1,10 @@
 """`subjectdiff catalog build|query|stats|select|duplicates|report`: the catalog from the command line.
 
-Every failure a user can cause (a missing catalog, bad SQL, a write statement) prints one line on
-stderr and exits non-zero; no traceback. Exit status: 0 done; 1 `build` loaded every good shard but some are bad
-(one `bad shard NAME: FILE: REASON (DETAIL)` line each on stderr; the `bad_shards` table); 2 an error (one line),
-after which a catalog is as it was and a first build left none.
+Every failure a user can cause (a missing catalog, bad SQL, a write statement) is a CatalogError: one line on
+stderr (DuckDB's "Did you mean" hints kept), no traceback (subjectdiff/errors.py). Exit status: 0 done; 1
+`build` loaded every good shard but some are bad (one `bad shard NAME: FILE: REASON (DETAIL)` line each on
+stderr; the `bad_shards` table); 2 an error (one line), after which a catalog is as it was and a first build
+left none.
 """
 
 from __future__ import annotations
@@ -14,10 +15,9 @@ import json
 import sys
 from typing import Any
 
-from subjectdiff.catalogs.catalog import CatalogError
+from subjectdiff.catalogs.catalog import CatalogError, one_line
 
 EXIT_BAD_SHARDS = 1  # `catalog build`: the catalog holds every good shard; the bad ones are in bad_shards
-EXIT_ERROR = 2  # nothing done: the one-line error says why
 _DIR_HELP = "the shard folder: a local path or a URL (s3://bucket/out)"
 _CATALOG_HELP = (
     "the DuckDB file (default: DIR/catalog.duckdb for a local DIR, a file under $SUBJECTDIFF_CACHE/catalogs for a URL)"
@@ -42,20 +42,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "loaded, some bad; 2 an error (the catalog is as it was; a first build leaves none).",
     )
     _add_dir(b)
-    b.set_defaults(func=_guard(_build))
+    b.set_defaults(func=_build)
 
     q = csub.add_parser("query", help="run one read-only SQL statement and print the result")
     _add_dir(q)
     q.add_argument("sql")
     q.add_argument("--format", choices=["table", "csv", "json", "jsonl"], default="table")
     q.add_argument("--max-rows", type=int, default=40, help="rows shown in table format (default 40)")
-    q.set_defaults(func=_guard(_query))
+    q.set_defaults(func=_query)
 
     s = csub.add_parser("stats", help="counts, labels, score/area and curation-score distributions, failures")
     _add_dir(s)
     s.add_argument("--top", type=int, default=20, help="labels to list (default 20)")
     s.add_argument("--format", choices=["text", "json"], default="text")
-    s.set_defaults(func=_guard(_stats))
+    s.set_defaults(func=_stats)
 
     sel = csub.add_parser("select", help="write the keys and shards matching a predicate to Parquet")
     _add_dir(sel)
@@ -95,7 +95,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="--exclude-near: phash bits within which a sample counts as a held-out image (default 8)",
     )
     sel.add_argument("--out", required=True, help="output .parquet file")
-    sel.set_defaults(func=_guard(_select))
+    sel.set_defaults(func=_select)
 
     d = csub.add_parser("duplicates", help="groups of exact (sha256) and near (phash) duplicates -> Parquet")
     _add_dir(d)
@@ -113,7 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--memory-limit", metavar="SIZE", help="DuckDB's memory limit (e.g. 4GB); beyond it joins spill")
     d.add_argument("--temp-directory", metavar="DIR", help="where DuckDB spills")
     d.add_argument("--out", required=True, help="output .parquet file (one row per sample in a group)")
-    d.set_defaults(func=_guard(_duplicates))
+    d.set_defaults(func=_duplicates)
 
     r = csub.add_parser("report", help="write a self-contained HTML report: sampled records, plots, failures, manifest")
     _add_dir(r)
@@ -121,18 +121,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--sample", type=int, default=24, help="records shown (default 24)")
     r.add_argument("--seed", type=int, default=0, help="which records are sampled (default 0)")
     r.add_argument("--out", required=True, help="output .html file")
-    r.set_defaults(func=_guard(_report))
-
-
-def _guard(fn):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except CatalogError as e:
-            print(f"subjectdiff catalog: error: {e}", file=sys.stderr)
-            return EXIT_ERROR
-
-    return run
+    r.set_defaults(func=_report)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -282,7 +271,7 @@ def _duplicates(args: argparse.Namespace) -> int:
             temp_directory=args.temp_directory,
         )
     except (ValueError, duckdb.Error) as e:
-        raise CatalogError(str(e).strip().splitlines()[0]) from None
+        raise CatalogError(one_line(e)) from None
     kinds: dict[int, str] = dict(zip(groups["group_id"].to_pylist(), groups["kind"].to_pylist()))
     n_exact = sum(k == "exact" for k in kinds.values())
     print(

@@ -41,7 +41,7 @@ from webdataset.utils import pytorch_worker_info
 from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.catalogs.schema import RECORD_IMAGE_FORMATS, ObjectAnn, Record, RecordError, validate
 from subjectdiff.catalogs.selection import load_selection
-from subjectdiff.catalogs.storage import Folder, RetryingReader, is_local, open_url
+from subjectdiff.catalogs.storage import Folder, RetryingReader, is_local, local_path, open_url
 from subjectdiff.catalogs.writer import complete_shards, shard_files
 
 
@@ -146,7 +146,11 @@ def resolve_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> lis
             if not names:
                 raise FileNotFoundError(f"no complete shards (NAME.tar with NAME_stats.json) in {s}")
             return [shard_files(s, n)["tar"] for n in names]
-        return list(braceexpand.braceexpand(s))
+        urls = list(braceexpand.braceexpand(s))
+        missing = [u for u in urls if is_local(u) and not os.path.exists(local_path(u))]
+        if missing:  # here, not as the first shard's missing sidecar or tar
+            raise FileNotFoundError(f"{missing[0]}: no such record folder or shard")
+        return urls
     out: list[str] = []
     for item in spec:
         out.extend(resolve_shards(item))

@@ -33,7 +33,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from subjectdiff.catalogs import duplicates
-from subjectdiff.catalogs.catalog import PLAN_ORDER, CatalogError, catalog_path, check_read_only, open_catalog
+from subjectdiff.catalogs.catalog import (
+    PLAN_ORDER,
+    CatalogError,
+    catalog_path,
+    check_read_only,
+    one_line,
+    open_catalog,
+)
 from subjectdiff.catalogs.hashing import held_out_hashes
 from subjectdiff.catalogs.storage import Folder, is_local, local_path, open_url
 
@@ -84,7 +91,7 @@ def select(
         held = held_out_hashes(_held_out_catalog(exclude_near)) if exclude_near is not None else None
         groups = pq.read_table(dups) if dups is not None else None
     except (OSError, ValueError, duckdb.Error) as e:
-        raise CatalogError(str(e).strip().splitlines()[0]) from None
+        raise CatalogError(one_line(e)) from None
     if groups is not None and not set(duplicates.DUPS_SCHEMA.names) <= set(groups.schema.names):
         raise CatalogError(f"--dups {dups}: not a `catalog duplicates` file (columns {groups.schema.names})")
     with open_catalog(root, catalog=catalog) as con:
@@ -97,7 +104,7 @@ def select(
                 dropped["duplicates"] = _drop_duplicates(con, dedup, max_distance, groups)
             table = con.sql("SELECT * FROM _selected ORDER BY shard, key").to_arrow_table()
         except duckdb.Error as e:
-            raise CatalogError(str(e).strip().splitlines()[0]) from None
+            raise CatalogError(one_line(e)) from None
         except ValueError as e:  # catalogs.duplicates: no hashes to compare
             raise CatalogError(str(e)) from None
     info = {
@@ -223,5 +230,5 @@ def _read(path: str | os.PathLike, read):
             f"selection {os.fspath(path)}: no such file (`subjectdiff catalog select` writes one)"
         ) from None
     except (OSError, pa.ArrowException) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = one_line(e)
         raise ValueError(f"selection {os.fspath(path)}: not a readable selection Parquet file ({first})") from None

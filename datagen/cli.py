@@ -8,6 +8,7 @@ from pathlib import Path
 
 from subjectdiff.cli_words import renamed, required_out
 from subjectdiff.datagen.config import PRESETS
+from subjectdiff.errors import is_user_error
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent / "sample_images"
 
@@ -114,11 +115,7 @@ def add_print_config(p: argparse.ArgumentParser) -> None:
 
 
 def _print_config(args: argparse.Namespace) -> int:
-    try:
-        print(_config(args).to_toml(), end="")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
-        return 2
+    print(_config(args).to_toml(), end="")  # a bad setting: one line, exit 2 (subjectdiff/errors.py)
     return 0
 
 
@@ -140,15 +137,14 @@ def _config(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace) -> int:
     """Exit status: 0 when every shard is complete; 1 when shards are left incomplete or the storage failed
-    (rerun the same command to resume); 2 for a bad input, output or setting."""
-    from subjectdiff.catalogs.storage import StorageError
+    (rerun the same command to resume); 2 for a bad input, output or setting, 130/143 interrupted
+    (subjectdiff/errors.py)."""
+    cfg = _config(args)
     from subjectdiff.datagen.run import run
-    from subjectdiff.datagen.sources import SourceError
 
     if args.print_config:
         return _print_config(args)
     try:
-        cfg = _config(args)
         summary = run(
             args.input,
             args.out,
@@ -160,17 +156,9 @@ def _run(args: argparse.Namespace) -> int:
             retry_failures=args.retry_failures,
             catalog_file=args.catalog,
         )
-    except (SourceError, ValueError, FileNotFoundError) as e:
-        print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
-        return 2
-    except StorageError as e:
-        if e.__cause__ is None:  # a setting (an unknown URL scheme, bad storage options), not an outage
-            print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
-            return 2
-        return _storage_failed(e)
     except Exception as e:
-        if not _is_storage_error(e):
-            raise  # a bug: its traceback is what a report needs
+        if is_user_error(e) or not _is_storage_error(e):
+            raise  # a setting's one line (errors.run_command), or a bug's traceback
         return _storage_failed(e)
     print(summary.line())
     if summary.incomplete:
@@ -225,11 +213,7 @@ def _weights(args: argparse.Namespace) -> int:
 
     if args.print_config:
         return _print_config(args)
-    try:
-        st = load_config(args.preset, args.config, args.overrides).stages
-    except (ValueError, FileNotFoundError) as e:
-        print(f"subjectdiff datagen: error: {e}", file=sys.stderr)
-        return 2
+    st = load_config(args.preset, args.config, args.overrides).stages
     try:
         for stage in registry.active(st):
             for ck in stage.checkpoint_list(st, download=True):

@@ -39,6 +39,7 @@ from subjectdiff.datagen.assemble import embedding_meta
 from subjectdiff.datagen.committer import ShardCommitter
 from subjectdiff.datagen.decode import read_and_decode
 from subjectdiff.datagen.job import JobConfig
+from subjectdiff.datagen.progress import notice
 from subjectdiff.datagen.ray_setup import worker_options
 from subjectdiff.datagen.stage_pool import StagePool, contract_error, reason, task_block
 from subjectdiff.datagen.stages import registry
@@ -114,6 +115,10 @@ class Distributor:
             )
             for name, pool in pools.items()
         }
+        notice(
+            "starting the stage actors, each loads its model: "
+            + ", ".join(f"{name} x{pool.concurrency}" for name, pool in pools.items())
+        )
         self.chain = ["fused"] if self.p.fuse else list(entries)
         self.tasks = {name: s for name, s in entries.items() if not s.model}  # a CPU task per block each
         self.last = list(self.pools.values())[-1]
@@ -128,6 +133,7 @@ class Distributor:
         self._refresher: threading.Thread | None = None
         self._last_refresh = time.monotonic()
         self._fresh = False
+        self._submitted = False  # has a block been submitted yet (the start-up notices end there)
 
     # ---------------------------------------------------------------------------------------- committers
 
@@ -137,9 +143,7 @@ class Distributor:
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        for pool in self.pools.values():
-            if pool is not self.last:
-                pool.poll_nodes()  # for locality only
+        self._poll_stage_nodes()
         for i in self.last.poll_nodes():
             node = self.local_node or self.last.nodes[i]
             if self.local_node:  # only this node surely sees the folder: there, or nowhere
@@ -161,6 +165,13 @@ class Distributor:
             self.committers.append(actor)
             self.committer_nodes.append(node)
             self.open_per_committer.append(0)
+
+    def _poll_stage_nodes(self) -> None:
+        """Learn which actors of the stages before the last have started (for locality, and their `ready`
+        notice)."""
+        for pool in self.pools.values():
+            if pool is not self.last:
+                pool.poll_nodes()
 
     # --------------------------------------------------------------------------------------------- shards
 
@@ -190,6 +201,9 @@ class Distributor:
             else:
                 ref = self.pools[stage].submit(ref, node)
         done = self.committers[task.committer].append.remote(task.name, task.attempt, part, ref, task.opened)
+        if not self._submitted:
+            self._submitted = True
+            notice("the first blocks are in the stages; the progress line starts when the first is written")
         self.waits[done] = ("append", task, part)
         self.in_flight += 1
 
@@ -236,11 +250,10 @@ class Distributor:
             self._add_committers()
             if not self.committers and not noticed and time.monotonic() - t_start > WAIT_NOTICE_S:
                 noticed = True
-                print(
-                    f"[datagen] waiting for the {self.last.name} actors to start (resources: "
-                    f"{self.stage_pool_configs[self.last.name]}); an autoscaler adds nodes for them",
-                    file=sys.stderr,
-                    flush=True,
+                waiting = [f"{p.name} {p.ready()}" for p in self.pools.values() if p.nodes.count(None)]
+                notice(
+                    f"still waiting for stage actors ({', '.join(waiting)} ready): loading their models, or "
+                    "waiting for the resources of pipeline.pools (on a cluster an autoscaler adds nodes for them)"
                 )
             capacity = len(self.committers) * self.p.shards_per_writer
             while len(active) < capacity and (retry or not exhausted):
@@ -278,6 +291,8 @@ class Distributor:
             return
         ray.wait(refs, num_returns=1, timeout=1.0, fetch_local=False)
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        # an actor starts (node_id) before it maps a block: its `ready` notice comes before that block's progress
+        self._poll_stage_nodes()
         for ref in ready:
             if ref not in self.waits:
                 for pool in self.pools.values():

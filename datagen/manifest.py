@@ -21,6 +21,7 @@ from subjectdiff.datagen.job import JobConfig
 from subjectdiff.datagen.progress import RunSummary
 from subjectdiff.datagen.stage_pool import reason
 from subjectdiff.datagen.stages import registry
+from subjectdiff.errors import signal_name
 
 MANIFEST = "manifest.json"
 
@@ -135,9 +136,13 @@ class Manifest:
         self._write()
 
     def abort(self, e: BaseException) -> None:
-        """The run stopped on an error (or was interrupted): say so, and why, instead of 'running'."""
-        status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-        self.run.update(end=time.time(), status=status, error=reason(e) if isinstance(e, Exception) else status)
+        """The run stopped on an error, or was interrupted (SIGINT, SIGTERM: subjectdiff.errors.Interrupted): say
+        so, and why, instead of 'running'."""
+        if isinstance(e, KeyboardInterrupt):
+            status, error = "interrupted", f"interrupted by {signal_name(e)}"
+        else:
+            status, error = "failed", reason(e) if isinstance(e, Exception) else f"{type(e).__name__}: {e}"
+        self.run.update(end=time.time(), status=status, error=error)
         try:
             self._write()
         except Exception as w:

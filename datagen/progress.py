@@ -1,11 +1,17 @@
-"""What a datagen run tells its user at the end: its summary. (The progress line every few seconds is
-subjectdiff.progress.Progress, the trainer's too.)"""
+"""What a datagen run tells its user: what it is doing while it starts (`notice`), and at the end its summary.
+(The progress line every few seconds is subjectdiff.progress.Progress, the trainer's too.)"""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 SHOWN_INCOMPLETE = 20  # incomplete shards listed one per line at the end of a run; the rest are counted
+
+
+def notice(text: str) -> None:
+    """One `[datagen] ...` line on stderr, now: what the run does (start-up steps, clean-ups, retries)."""
+    print(f"[datagen] {text}", file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -16,9 +16,11 @@ import logging
 import os
 import socket
 import sys
+import time
 
 from subjectdiff.catalogs.storage import storage_env
 from subjectdiff.datagen.job import PipelineConfig
+from subjectdiff.datagen.progress import notice
 
 # Loggers whose start-up messages are not for the user (their full logs stay in the Ray session folder):
 # token-authentication notices, the "Started a local Ray instance" line.
@@ -65,17 +67,25 @@ def connect(address: str | None, cfg: PipelineConfig, stages: tuple[str, ...] | 
         logging.getLogger(name).setLevel(logging.ERROR)
     if ray.is_initialized():
         return len(ray.nodes()) > 1
+    t0 = time.monotonic()
     address = address or os.environ.get("RAY_ADDRESS") or existing_cluster()
     if address:
+        notice(f"joining the Ray cluster at {address}")
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
-        return True
-    # Ray's CPUs are scheduling slots, not cores: on a small machine, offer enough for every actor.
-    slots = max(os.cpu_count() or 1, int(cpu_slots(cfg, stages) + 0.999))
-    # "local": a new Ray even where a stopped cluster left its address file behind (ray.init() would try it)
-    ray.init(
-        address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+    else:
+        # Ray's CPUs are scheduling slots, not cores: on a small machine, offer enough for every actor.
+        slots = max(os.cpu_count() or 1, int(cpu_slots(cfg, stages) + 0.999))
+        notice(f"starting Ray on this machine ({slots} CPU slots)")
+        # "local": a new Ray even where a stopped cluster left its address file behind (ray.init() would try it)
+        ray.init(
+            address="local", num_cpus=slots, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
+        )
+    res, nodes = ray.cluster_resources(), sum(n["Alive"] for n in ray.nodes())
+    notice(
+        f"Ray ready in {time.monotonic() - t0:.1f} s: {nodes} node(s), {res.get('CPU', 0):g} CPU(s), "
+        f"{res.get('GPU', 0):g} GPU(s)"
     )
-    return False
+    return bool(address)
 
 
 def worker_options() -> dict:

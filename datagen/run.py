@@ -36,7 +36,8 @@ from subjectdiff.datagen import plan, ray_setup, retry, sources
 from subjectdiff.datagen.distributor import Distributor, Outcome, local_output_node
 from subjectdiff.datagen.job import JobConfig, active_stages
 from subjectdiff.datagen.manifest import Manifest
-from subjectdiff.datagen.progress import RunSummary, describe_skipped
+from subjectdiff.datagen.progress import RunSummary, describe_skipped, notice
+from subjectdiff.errors import interrupts
 from subjectdiff.progress import Progress
 
 
@@ -61,11 +62,7 @@ def _clean_partial(folder: Folder, shards: list[str], listing: dict[str, Entry])
     run deletes nothing, rather than one request per name a shard could have."""
     doomed = partial_files(listing, shards)
     if doomed:
-        print(
-            f"[datagen] removing {len(doomed)} file(s) left by an earlier attempt at {len(shards)} incomplete shard(s)",
-            file=sys.stderr,
-            flush=True,
-        )
+        notice(f"removing {len(doomed)} file(s) left by an earlier attempt at {len(shards)} incomplete shard(s)")
         folder.remove(doomed)
 
 
@@ -96,40 +93,42 @@ def run(
     # A bad SRC (or column name) is one clear error before Ray starts (planning lists shards on Ray).
     sources.detect(src, image_column=image_column, caption_column=caption_column)
     joined = ray_setup.connect(ray_address, cfg.pipeline, active_stages(cfg.stages))
-    counts = plan.make_or_reuse(
-        src,
-        out,
-        cfg.pipeline.shard_size,
-        plan.stages_fingerprint(cfg.stages),
-        map_urls=_ray_map,
-        columns={"image_column": image_column, "caption_column": caption_column},
-    )
-    listing = folder.listing()  # the run's one listing: what is complete, what to clean up
-    done_before = set(complete_shards(folder.url, listing)) & set(counts)
-    skipped = plan.skipped_files(out)
-    if skipped:  # never silently: files of the input folder that are not images are no input
-        print(
-            f"[datagen] {src}: skipped {sum(skipped.values())} file(s) that are no images: {describe_skipped(skipped)}",
-            file=sys.stderr,
-            flush=True,
+    with interrupts():  # after ray.init, whose SIGTERM handler would end the run as a plain exit
+        notice("planning: listing the input" if not folder.exists(plan.PLAN_FILE) else "reading the earlier plan")
+        counts = plan.make_or_reuse(
+            src,
+            out,
+            cfg.pipeline.shard_size,
+            plan.stages_fingerprint(cfg.stages),
+            map_urls=_ray_map,
+            columns={"image_column": image_column, "caption_column": caption_column},
         )
-    manifest = Manifest(out, src, cfg, command or sys.argv, catalog_file, skipped_files=skipped)
-    try:
-        ray_setup.resolve_gpus(cfg.pipeline, joined, active_stages(cfg.stages))
-        todo = [s for s in counts if s not in done_before]
-        _clean_partial(folder, todo, listing)
-        redo = retry.redo(out, done_before, len(todo), catalog_file) if retry_failures else {}
-        if retry_failures:
-            manifest.run["retried"] = sum(len(v) for v in redo.values())
-        summary = _run_shards(
-            folder, cfg, counts, done_before, todo, redo, t0, progress_every, stage_factory, catalog_file
+        listing = folder.listing()  # the run's one listing: what is complete, what to clean up
+        done_before = set(complete_shards(folder.url, listing)) & set(counts)
+        notice(
+            f"{sum(counts.values())} input(s) in {len(counts)} shard(s): {len(done_before)} complete, "
+            f"{len(counts) - len(done_before)} to do"
         )
-    except BaseException as e:
-        manifest.abort(e)
-        raise
-    summary.skipped_files = skipped
-    manifest.finish(summary)
-    return summary
+        skipped = plan.skipped_files(out)
+        if skipped:  # never silently: files of the input folder that are not images are no input
+            notice(f"{src}: skipped {sum(skipped.values())} file(s) that are no images: {describe_skipped(skipped)}")
+        manifest = Manifest(out, src, cfg, command or sys.argv, catalog_file, skipped_files=skipped)
+        try:
+            ray_setup.resolve_gpus(cfg.pipeline, joined, active_stages(cfg.stages))
+            todo = [s for s in counts if s not in done_before]
+            _clean_partial(folder, todo, listing)
+            redo = retry.redo(out, done_before, len(todo), catalog_file) if retry_failures else {}
+            if retry_failures:
+                manifest.run["retried"] = sum(len(v) for v in redo.values())
+            summary = _run_shards(
+                folder, cfg, counts, done_before, todo, redo, t0, progress_every, stage_factory, catalog_file
+            )
+        except BaseException as e:  # an interrupt too: the manifest says `interrupted`, not `running`
+            manifest.abort(e)
+            raise
+        summary.skipped_files = skipped
+        manifest.finish(summary)
+        return summary
 
 
 def _run_shards(

@@ -16,10 +16,12 @@ lost with its node is recreated elsewhere, and its calls in flight are retried t
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from subjectdiff.datagen import config as stage_config
 from subjectdiff.datagen.job import PoolConfig
+from subjectdiff.datagen.progress import notice
 from subjectdiff.datagen.ray_setup import worker_options
 from subjectdiff.datagen.stages import registry
 from subjectdiff.datagen.stages.registry import Stage
@@ -150,6 +152,7 @@ class StagePool:
             **worker_options(),
         )
         self.actors = [cls.remote(name, cfg, factory, chain) for _ in range(pool.concurrency)]
+        self.started = time.monotonic()
         self.load = [0] * len(self.actors)
         self.nodes: list[str | None] = [None] * len(self.actors)
         self._node_refs = {a.node_id.remote(): i for i, a in enumerate(self.actors)}
@@ -170,7 +173,13 @@ class StagePool:
                 new.append(i)
             except Exception as e:
                 log.warning("stage %s actor %d did not start: %s", self.name, i, reason(e))
+        if new and not self._node_refs:  # node_id runs after the constructor: the models are loaded
+            notice(f"{self.name}: {self.ready()} actor(s) ready in {time.monotonic() - self.started:.1f} s")
         return new
+
+    def ready(self) -> str:
+        """'2/2': the actors started (their model loaded) of all."""
+        return f"{sum(n is not None for n in self.nodes)}/{len(self.actors)}"
 
     def submit(self, block_ref, node: str | None = None):
         """Hand a block (a ref to its items) to the least loaded actor; returns the ref of its output."""

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 from subjectdiff.cli_words import renamed
+from subjectdiff.errors import UsageError
 
 
 def floats(text: str, n: int, what: str) -> tuple[float, ...]:
@@ -28,14 +28,27 @@ def floats(text: str, n: int, what: str) -> tuple[float, ...]:
     except ValueError:
         values = ()
     if len(values) != n:
-        raise ValueError(f"{what} {text!r}: expected {n} comma-separated numbers")
+        raise UsageError(f"{what} {text!r}: expected {n} comma-separated numbers")
     return values
 
 
 def split_subject(spec: str) -> tuple[str, tuple[float, ...] | None]:
-    """'dog.jpg:0.1,0.2,0.6,0.9' -> ('dog.jpg', box); 'dog.jpg' -> ('dog.jpg', None)."""
-    m = re.match(r"^(.*):([-+0-9.eE]+(?:,[-+0-9.eE]+){3})$", spec)
-    return (m.group(1), floats(m.group(2), 4, "box")) if m else (spec, None)
+    """'dog.jpg:0.1,0.2,0.6,0.9' -> ('dog.jpg', box); 'dog.jpg' -> ('dog.jpg', None). A spec whose part after
+    its last ':' is no path (no '/') and that names no file is IMAGE:BOX: a malformed box is said to be one,
+    not taken for a file name."""
+    path, sep, box = spec.rpartition(":")
+    if not sep or "/" in box or "\\" in box or Path(spec).is_file():
+        return spec, None
+    try:
+        values = tuple(float(v) for v in box.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 4:  # the numbers' range is Subject's check
+        raise UsageError(
+            f"--subject {spec}: malformed box {box!r}; expected IMAGE:x0,y0,x1,y1, four comma-separated numbers "
+            "(where the subject goes, xyxy normalized to [0, 1])"
+        )
+    return path, values
 
 
 def label_from(path: str) -> str:
@@ -63,7 +76,7 @@ def subjects_from(args: argparse.Namespace) -> list:
     for (path, box), label, mask, region, point in zip(specs, labels, masks, regions, points):
         for f in (path, mask):
             if f is not None and not Path(f).is_file():
-                raise FileNotFoundError(f"no such file: {f}")
+                raise FileNotFoundError(f"{'--subject' if f == path else '--mask'} {f}: no such file")
         out.append(
             Subject(
                 path,
@@ -124,7 +137,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--boxes", action="store_true", help="also write the images with their boxes drawn")
     g.add_argument("--out", required=True)
-    g.set_defaults(func=_guard(_generate, "generate"))
+    g.set_defaults(func=_generate)
 
     e = sub.add_parser("eval", help="evaluate a model (DreamBench: DINO, CLIP-I, CLIP-T)")
     esub = e.add_subparsers(dest="eval_command", metavar="BENCHMARK", required=True)
@@ -148,18 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--dino-model", default=None, help="timm model name (preset's: vit_small_patch16_224.dino)")
     d.add_argument("--dino-weights", default=None, help="'timm', a file (dino_deitsmall16_pretrain.pth), or 'none'")
     d.add_argument("--no-images", action="store_true", help="score without keeping the generated images")
-    d.set_defaults(func=_guard(_dreambench, "eval dreambench"))
-
-
-def _guard(fn, name: str):
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"subjectdiff {name}: error: {e}", file=sys.stderr)
-            return 2
-
-    return run
+    d.set_defaults(func=_dreambench, command_name="subjectdiff eval dreambench")
 
 
 def _pipeline(args: argparse.Namespace):
@@ -207,9 +209,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _dreambench(args: argparse.Namespace) -> int:
     from subjectdiff.infer import metrics
-    from subjectdiff.infer.dreambench import DreamBenchConfig, evaluate, read_bench
+    from subjectdiff.infer.dreambench import DreamBenchConfig, cases, evaluate, read_bench
 
-    read_bench(args.data)  # fail on a bad folder before loading any model
     mcfg = metrics.PRESETS[args.preset]()
     for flag, name in (
         ("clip_model", "clip_model"),
@@ -228,6 +229,7 @@ def _dreambench(args: argparse.Namespace) -> int:
         pairs=args.pairs,
         save_images=not args.no_images,
     )
+    cases(read_bench(args.data), cfg)  # a bad folder or subject fails here, before any model loads
     pipe, sampling = _pipeline(args)
     mcfg.device = str(pipe.device)
     summary = evaluate(

@@ -72,7 +72,8 @@ class Bench:
 
 
 def read_bench(data_dir: str | Path) -> Bench:
-    """Parse DIR/prompts_and_classes.txt (or DIR/dataset/...) and check the subject folders exist."""
+    """Parse DIR/prompts_and_classes.txt (or DIR/dataset/...). The subject folders are checked by `cases`, for
+    the subjects a run evaluates only."""
     root = Path(data_dir)
     if not (root / "prompts_and_classes.txt").is_file() and (root / "dataset" / "prompts_and_classes.txt").is_file():
         root = root / "dataset"
@@ -93,11 +94,10 @@ def read_bench(data_dir: str | Path) -> Bench:
             classes[name.strip()] = cls.strip()
         elif section in lists and (m := re.match(r"""^['"](.*)['"]\.format""", line)):
             lists[section].append(m.group(1))
-    missing = [s for s in classes if not (root / s).is_dir()]
-    if not classes or not lists["object"] or not lists["live"] or missing:
+    if not classes or not lists["object"] or not lists["live"]:
         raise ValueError(
             f"{spec}: {len(classes)} classes, {len(lists['object'])} object and {len(lists['live'])} "
-            f"live prompts; subject folders missing: {missing[:5]}"
+            "live prompts; expected DreamBench's subject list and both prompt lists"
         )
     return Bench(root, classes, lists["object"], lists["live"])
 
@@ -127,9 +127,15 @@ def cases(bench: Bench, cfg: DreamBenchConfig) -> list[tuple[str, ...]]:
     unknown = [s for s in subjects if s not in bench.classes]
     if unknown:
         raise ValueError(f"unknown DreamBench subject(s) {unknown}; known: {sorted(bench.classes)}")
-    if cfg.pairs is None:
-        return [(s,) for s in subjects]
-    return choose_pairs(bench, subjects, cfg.pairs, cfg.seed)
+    todo = [(s,) for s in subjects] if cfg.pairs is None else choose_pairs(bench, subjects, cfg.pairs, cfg.seed)
+    used = list(dict.fromkeys(s for case in todo for s in case))
+    missing = [s for s in used if not (bench.root / s).is_dir()]
+    if missing:  # only the subjects evaluated need their folder (--subjects a,b: a/ and b/)
+        raise FileNotFoundError(
+            f"{bench.root}: no folder for DreamBench subject(s) {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''} (--subjects NAME,... evaluates only those named)"
+        )
+    return todo
 
 
 def case_prompts(bench: Bench, case: tuple[str, ...], max_prompts: int | None) -> list[str]:

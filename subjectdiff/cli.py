@@ -3,6 +3,9 @@
 Each app package exposes `cli.register(subparsers)`, which adds its subcommands and sets `func`
 (args -> exit code) on each; apps are imported only when listed here, so `subjectdiff catalog ...`
 never pays for importing torch models.
+
+How every command ends (a user error's one line and exit 2, `--debug`, interrupts' 130/143) is
+subjectdiff/errors.py's `run_command`, here for every subcommand at once.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+
+from subjectdiff.errors import DEBUG_ENV, run_command, without_debug
 
 # (module that registers them, the top-level subcommands it adds). A missing module is not offered.
 APPS = [
@@ -28,6 +33,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from subjectdiff import __version__
 
     parser.add_argument("--version", action="version", version=f"subjectdiff {__version__}")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of a user error too, not only its one line; anywhere on the line (or {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = argv[0] if argv else None
     if wanted not in {c for _, commands in APPS for c in commands}:
@@ -48,12 +58,20 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    argv, debug = without_debug(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
+    args.debug = debug
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    return run_command(args.func, args, command_name(args))
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """'subjectdiff catalog', 'subjectdiff eval dreambench': the words an error line starts with (an app names a
+    subcommand its own way with `set_defaults(command_name=...)`)."""
+    return getattr(args, "command_name", None) or f"subjectdiff {args.command}"
 
 
 if __name__ == "__main__":

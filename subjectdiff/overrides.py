@@ -2,6 +2,7 @@
 
     cfg = apply(preset(), read_toml("datagen.toml"))           # nested tables onto nested dataclasses
     cfg = apply(cfg, parse_override("ground.box_threshold=0.3"))  # one dotted key, a TOML literal value
+    values = read_toml("my.toml")                                 # a --config file; errors name it
 
 Values are checked against the dataclass field types (and coerced where that loses nothing: an int for a
 float, a list for a tuple, "none" for an optional field); each dataclass then runs its own validation in
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from subjectdiff.errors import UsageError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -83,10 +86,23 @@ def apply(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
     return type(obj)(**kwargs)
 
 
+def read_toml(path: str | Path, flag: str = "--config", hint: str = "") -> dict[str, Any]:
+    """The tables of the TOML file PATH, given as FLAG; a missing file or bad TOML is one error naming both (HINT
+    after a missing file's message)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such TOML file{hint}")
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{flag} {path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{flag} {path}: not valid TOML: not UTF-8 text") from None
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """'data.batch_size=8' -> {'data': {'batch_size': 8}}; values are TOML literals, else plain strings."""
     if "=" not in text:
-        raise ValueError(f"override {text!r} is not KEY=VALUE (e.g. run.max_steps=100)")
+        raise UsageError(f"override {text!r} is not KEY=VALUE (e.g. run.max_steps=100)")
     key, raw = text.split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -107,12 +123,6 @@ def merge_dicts(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     for k, v in b.items():
         out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-def read_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML settings file as nested dicts (its tables), for `apply`."""
-    with open(path, "rb") as f:
-        return tomllib.load(f)
 
 
 def _tomlable(value: Any) -> Any:

@@ -42,7 +42,7 @@ class Progress:
         self.unit, self.rate_unit, self.item_unit, self.label = unit, rate_unit, item_unit, label
         self.ok, self.failed, self.items = done, 0, 0
         self.t0 = time.monotonic()
-        self.last = 0.0
+        self.last = -math.inf  # the first update shows its line at once
         self.shown = -1
         self._current: dict[str, list[int]] = {}  # shard -> [ok, failed] of its current attempt
         self._counted: dict[str, list[int]] = {}  # shard -> [ok, failed] counted in the totals

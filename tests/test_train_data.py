@@ -115,7 +115,7 @@ def test_records_without_a_subject_train_text_only_or_are_skipped(tmp_path, caps
                 "run.progress='off'",
             ]
         )
-        == 1
+        == 2
     )
     err = error_line(capsys.readouterr().err)
     assert "no subject" in err and "record " in err and "(shard 00000.tar)" in err

@@ -18,6 +18,7 @@ import argparse
 import sys
 
 from subjectdiff.cli_words import deprecated, renamed
+from subjectdiff.errors import UsageError, run_command, without_debug
 
 _PREVIEW_HELP = "write what the trainer would feed for N samples (HTML contact sheet + samples.jsonl); no model"
 _EPILOG = f"""commands:
@@ -140,7 +141,7 @@ def add_preview_arguments(p: argparse.ArgumentParser) -> None:
     renamed(p, "--n", sample)
     p.add_argument("--out", required=True, metavar="DIR", help="the folder of the page")
     add_overrides(p)
-    p.set_defaults(func=run, preview=True)
+    p.set_defaults(func=run, preview=True, command_name="subjectdiff train preview")
 
 
 def train_parser(p: TrainParser) -> TrainParser:
@@ -181,7 +182,7 @@ def resolved_config(args: argparse.Namespace):
     from subjectdiff.train.config import load_config
 
     if "preview" in args.overrides:
-        raise ValueError("`preview` is a subcommand: put it first, `subjectdiff train preview [options]`")
+        raise UsageError("`preview` is a subcommand: put it first, `subjectdiff train preview [options]`")
     if args.catalog and not is_catalog_file(args.catalog):
         deprecated(f"--catalog {args.catalog} (a shard folder)", "--catalog DIR/catalog.duckdb, or --records DIR")
     extra = []
@@ -202,49 +203,26 @@ def resolved_config(args: argparse.Namespace):
     return load_config(preset, [*args.overrides, *extra], model=args.model, config_file=config_file)
 
 
-def one_line(e: BaseException) -> str:
-    """An error as one line: its message's first line, or for an error re-raised from a DataLoader worker (whose
-    message holds the worker's traceback) the traceback's last line, the original error."""
-    text = str(e).strip()
-    if "Original Traceback" in text:
-        return text.splitlines()[-1].strip()
-    first = text.splitlines()[0] if text else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
 def run(args: argparse.Namespace) -> int:
-    import os
+    """Train, preview or print the config. Errors end the command as subjectdiff/errors.py says (a bad setting or
+    record: one line, exit 2)."""
+    cfg = resolved_config(args)
+    if args.print_config:
+        from subjectdiff.train.config import config_toml
 
-    name = f"subjectdiff train{' preview' if args.preview else ''}"
-    try:
-        cfg = resolved_config(args)
-        if args.print_config:
-            from subjectdiff.train.config import config_toml
-
-            print(config_toml(cfg), end="")
-            return 0
-        if args.preview:
-            if args.sample < 1:
-                raise ValueError("train preview needs --sample N >= 1")
-            from subjectdiff.train.preview import write_preview
-
-            print(f"preview -> {write_preview(cfg, args.sample, args.out)}")
-            return 0
-        from subjectdiff.train.trainer import run as train_run
-
-        train_run(cfg, resume=args.resume)
+        print(config_toml(cfg), end="")
         return 0
-    except (ValueError, FileNotFoundError) as e:  # bad settings or data: the message says what to change
-        print(
-            f"{name}: error: {e}" if "Original Traceback" not in str(e) else f"{name}: error: {one_line(e)}",
-            file=sys.stderr,
-        )
-        return 2
-    except Exception as e:
-        if os.environ.get("SUBJECTDIFF_TRACEBACK"):
-            raise
-        print(f"{name}: error: {one_line(e)} (set SUBJECTDIFF_TRACEBACK=1 for the traceback)", file=sys.stderr)
-        return 1
+    if args.preview:
+        if args.sample < 1:
+            raise UsageError("train preview needs --sample N >= 1")
+        from subjectdiff.train.preview import write_preview
+
+        print(f"preview -> {write_preview(cfg, args.sample, args.out)}")
+        return 0
+    from subjectdiff.train.trainer import run as train_run
+
+    train_run(cfg, resume=args.resume)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,4 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    return run(train_parser(p).parse_args(argv))
+    argv, debug = without_debug(sys.argv[1:] if argv is None else list(argv))
+    args = train_parser(p).parse_args(argv)
+    args.debug = debug
+    return run_command(run, args, getattr(args, "command_name", "subjectdiff train"))

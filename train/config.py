@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from subjectdiff.model.config import NATIVE_RESOLUTION, ModelConfig
@@ -361,11 +360,7 @@ def load_config(
     applied in order."""
     values: dict[str, Any] = {}
     if config_file is not None:
-        if not Path(config_file).is_file():
-            raise FileNotFoundError(
-                f"--config {config_file}: no such TOML file (presets are --preset NAME: {PRESETS.names()})"
-            )
-        values = read_toml(config_file)
+        values = read_toml(config_file, hint=f" (presets are --preset NAME: {PRESETS.names()})")
     named = values.pop("preset", "sd2-base")
     cfg = PRESETS[preset or named]()
     if model is not None:

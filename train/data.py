@@ -575,16 +575,21 @@ def make_reader(
             "its records, or those --where / --object-where select)"
         )
     on_error = "yield" if cfg.on_bad_record == "skip" else "raise"  # "yield": TrainSamples counts them
-    return RecordReader(
-        shards,
-        selection=selection,
-        split="balanced",
-        multiple=cfg.batch_size,
-        rank=rank,
-        world_size=world,
-        shuffle_seed=seed,
-        on_error=on_error,
-    )
+    try:
+        return RecordReader(
+            shards,
+            selection=selection,
+            split="balanced",
+            multiple=cfg.batch_size,
+            rank=rank,
+            world_size=world,
+            shuffle_seed=seed,
+            on_error=on_error,
+        )
+    except FileNotFoundError as e:
+        if shards is None:
+            raise
+        raise FileNotFoundError(f"--records (data.shards) {e}") from None
 
 
 def loader_workers(num_workers: int, records: int, world: int) -> int:
@@ -629,8 +634,9 @@ def batch_stream(
     return BatchStream(samples, cfg.data.batch_size, workers, log)
 
 
-class NoBatchError(RuntimeError):
-    """An epoch gave this rank no batch: every record it read was skipped (the message says why, in one line)."""
+class NoBatchError(ValueError):
+    """An epoch gave this rank no batch: every record it read was skipped (the message says why, in one line, and
+    which records or setting to change: a user error, exit 2)."""
 
 
 class BatchStream:

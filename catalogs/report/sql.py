@@ -7,7 +7,7 @@ from typing import Any
 
 import duckdb
 
-from subjectdiff.catalogs.catalog import CatalogError, check_read_only
+from subjectdiff.catalogs.catalog import CatalogError, check_read_only, one_line
 
 
 def query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[tuple]:
@@ -16,7 +16,7 @@ def query(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = N
     try:
         return con.execute(sql, params or []).fetchall()
     except duckdb.Error as e:
-        raise CatalogError(f"report query failed: {str(e).strip().splitlines()[0]}") from None
+        raise CatalogError(f"report query failed: {one_line(e)}") from None
 
 
 @dataclass
@@ -44,7 +44,7 @@ def check_where(con: duckdb.DuckDBPyConnection, where: str) -> int:
         check_read_only(sql)
         return con.execute(sql).fetchone()[0]
     except (duckdb.Error, CatalogError) as e:
-        raise CatalogError(f"invalid --where predicate {where!r}: {str(e).strip().splitlines()[0]}") from None
+        raise CatalogError(f"invalid --where predicate {where!r}: {one_line(e)}") from None
 
 
 def sample_keys(con: duckdb.DuckDBPyConnection, where: str | None, n: int, seed: int) -> list[tuple[str, str, str]]:
