@@ -227,6 +227,8 @@ class RunConfig:
         guidance, scheduler. progress: a progress bar with steps/s, samples/s and the ETA on rank 0 ("auto":
         when stderr is a terminal; the log lines carry the same numbers), "on" or "off".
     trace: write each micro-batch's record keys and a final parameter digest per rank (tests, audits).
+    export_diffusers: the final export (out_dir/export, EMA weights) also as a diffusers folder, out_dir/diffusers,
+        which `SubjectDiffusionPipeline.from_pretrained` loads (every weight, frozen parts included: SD 2's size).
     """
 
     out_dir: str = "runs/subjectdiff"
@@ -247,6 +249,7 @@ class RunConfig:
     val_scheduler: str = "PNDMScheduler"
     progress: str = "auto"
     trace: bool = False
+    export_diffusers: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

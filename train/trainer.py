@@ -24,6 +24,7 @@ import torch.distributed as dist
 from diffusers.training_utils import EMAModel
 
 from subjectdiff.model import Parts, build
+from subjectdiff.model.pipeline import save_diffusers
 from subjectdiff.progress import Progress, duration
 from subjectdiff.train import checkpoint
 from subjectdiff.train.config import TrainConfig
@@ -396,6 +397,8 @@ class Trainer:
         if self.d.main:
             with self.ema_weights():
                 self.parts.save_pretrained(self.out / "export")
+                if self.cfg.run.export_diffusers:
+                    save_diffusers(self.parts, self.out / "diffusers")
         self.logger.close()
         if self.d.world > 1:
             dist.barrier()
