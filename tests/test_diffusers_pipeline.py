@@ -159,3 +159,26 @@ def test_export_refuses_a_folder_with_files(export, tmp_path, capsys):
     (tmp_path / "old.txt").write_text("x")
     assert main(["export", "--model", str(export), "--out", str(tmp_path)]) == 2
     assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_training_writes_the_diffusers_folder_of_its_export(tmp_path):
+    """run.export_diffusers=true: the run's final export (EMA weights) is also a diffusers folder."""
+    from safetensors.torch import load_file
+
+    from subjectdiff import SubjectDiffusionPipeline
+    from subjectdiff.photo_records import write_photo_shards
+
+    shards, run = tmp_path / "shards", tmp_path / "run"
+    write_photo_shards(shards, n_shards=1, per_shard=2)
+    argv = ["train", "--preset", "tiny", "--records", str(shards), "--out", str(run), "run.max_steps=2"]
+    assert main([*argv, "optim.lr=1e-2", "optim.ema_decay=0.5", "run.export_diffusers=true"]) == 0
+    pipe = SubjectDiffusionPipeline.from_pretrained(run / "diffusers")
+    ours = load_file(run / "export" / "model.safetensors")
+    state = {
+        **{f"text_mlp.{k}": v for k, v in pipe.text_mlp.state_dict().items()},
+        **{f"unet.{k}": v for k, v in pipe.unet.state_dict().items()},
+        **{f"text_encoder.{k}": v for k, v in pipe.text_encoder.state_dict().items()},
+    }
+    assert any(k.startswith("unet.position_net.") for k in ours)  # the grounding net: unet.position_net here too
+    for k, v in ours.items():
+        assert torch.equal(state[k], v), k

@@ -321,7 +321,9 @@ class SubjectDiffusionPipeline(DiffusionPipeline):
             batch_size=num_images_per_prompt,
         )
         c = self.encode_condition(prompt, self.cutouts(subject_images, subject_masks), labels, list(boxes))
-        latents = self.sample(c, list(gens), s, progress=self.progress_bar(total=s.steps))
+        self.scheduler.set_timesteps(s.steps)  # its number of timesteps (PNDM's PLMS: steps + 1) sizes the bar
+        with self.progress_bar(total=len(self.scheduler.timesteps)) as bar:
+            latents = self.sample(c, list(gens), s, progress=bar)
         if output_type == "latent":
             images = latents
         else:

@@ -161,21 +161,24 @@ def encode_text(
 
     The placeholder tokens' input embeddings are replaced by text_mlp(subject_cls)
     (paper, Method: text-image fusion). The one text path of training, `generate` and the diffusers pipeline.
+    The text encoder runs through its own forward (the replacement is a hook on its token embedding), so that
+    diffusers' model offload, which hooks each component's forward, moves it.
     """
-    from transformers.modeling_attn_mask_utils import _create_4d_causal_attention_mask
+    if subject_cls is None:
+        return text_encoder(input_ids).last_hidden_state
+    words = text_mlp(subject_cls.to(text_encoder.dtype))  # (B, N, D)
 
-    tm = text_encoder.text_model
-    emb = tm.embeddings.token_embedding(input_ids)
-    if subject_cls is not None:
-        words = text_mlp(subject_cls.to(emb.dtype))  # (B, N, D)
+    def replace(module, args, emb):  # (B, L, D) token embeddings -> the placeholders' replaced
         valid = (placeholder_pos >= 0).to(emb.dtype)
         onehot = F.one_hot(placeholder_pos.clamp(min=0), input_ids.shape[1]).to(emb.dtype) * valid[..., None]
         keep = 1 - onehot.sum(1).clamp(max=1)  # (B, L)
-        emb = emb * keep[..., None] + torch.einsum("bnl,bnd->bld", onehot, words)
-    hidden = tm.embeddings(inputs_embeds=emb)
-    causal = _create_4d_causal_attention_mask(input_ids.shape, hidden.dtype, device=hidden.device)
-    out = tm.encoder(inputs_embeds=hidden, causal_attention_mask=causal).last_hidden_state
-    return tm.final_layer_norm(out)
+        return emb * keep[..., None] + torch.einsum("bnl,bnd->bld", onehot, words.to(emb.device, emb.dtype))
+
+    hook = text_encoder.text_model.embeddings.token_embedding.register_forward_hook(replace)
+    try:
+        return text_encoder(input_ids).last_hidden_state
+    finally:
+        hook.remove()
 
 
 def denoise(
