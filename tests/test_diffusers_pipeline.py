@@ -182,3 +182,16 @@ def test_training_writes_the_diffusers_folder_of_its_export(tmp_path):
     assert any(k.startswith("unet.position_net.") for k in ours)  # the grounding net: unet.position_net here too
     for k, v in ours.items():
         assert torch.equal(state[k], v), k
+
+
+def test_the_folders_tokenizer_gives_the_models_token_ids(diffusers_dir):
+    """tokenizer/ (transformers' CLIPTokenizer, for tools that read a Stable Diffusion folder) holds the model's
+    vocabulary: it gives the ids the pipeline encodes (open_clip's BPE, which places the placeholders)."""
+    from transformers import CLIPTokenizer
+
+    from subjectdiff.model import subject_prompt, tokenize
+
+    tok = CLIPTokenizer.from_pretrained(diffusers_dir, subfolder="tokenizer")
+    texts = ["", subject_prompt("a cat on a rug", ["cat", "tea pot"]).prompt, "Two DOGS & a tea-pot's lid, 42 " * 9]
+    for text in texts:
+        assert tok(text, padding="max_length", max_length=77, truncation=True).input_ids == tokenize(text), text
