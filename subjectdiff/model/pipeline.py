@@ -165,7 +165,7 @@ class SubjectDiffusionPipeline(DiffusionPipeline):
         unet, grounding = self.unet, self.unet.position_net
         dim = unet.config.cross_attention_dim
         positive = dim if isinstance(dim, int) else dim[0]
-        with builders.seeded(0):
+        with builders.seeded(0):  # its random init (zeroed next) leaves the caller's RNG as it was
             zero = GLIGENTextBoundingboxProjection(positive_len=positive, out_dim=dim, feature_type="text-only")
         with torch.no_grad():
             for p in zero.parameters():
