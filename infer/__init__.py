@@ -5,7 +5,7 @@
     outputs.save                 PNG + JSON per image, optional box overlay
     metrics.Scorer               DINO, CLIP-I, CLIP-T (DreamBooth's definitions)
     dreambench.evaluate          the DreamBench protocol -> CSVs + summary
-    cli.register                 `subjectdiff generate`, `subjectdiff eval dreambench`
+    cli.register                 `subjectdiff generate`, `subjectdiff eval dreambench`, `subjectdiff export`
 
 Imports the model package only (never train/ or datagen/); torch loads when a command runs.
 """

@@ -5,6 +5,9 @@
         --num-images 4 --seed 0 --out out/
     subjectdiff eval dreambench --model runs/a/export --data dreambooth/dataset --out eval/ --sam sam_vit_h.pth \\
         --preset dreambooth
+    subjectdiff export --model runs/a --format diffusers --out runs/a/diffusers   # SubjectDiffusionPipeline's folder
+
+--model takes either export (ours, or a diffusers folder), a trainer checkpoint or a run folder.
 
 Boxes after IMAGE: are where the subject goes in the generated image (xyxy normalized to [0, 1]); --region and
 --point are SAM prompts in the SUBJECT image (normalized); --mask gives the subject's mask instead of SAM. These
@@ -90,8 +93,13 @@ def subjects_from(args: argparse.Namespace) -> list:
     return out
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="an export folder, a trainer checkpoint (step-N/) or a run folder")
+def add_source_args(p: argparse.ArgumentParser) -> None:
+    """Which model: --model, --weights, --base (generate, eval and export alike)."""
+    p.add_argument(
+        "--model",
+        required=True,
+        help="an export folder (ours or a diffusers folder), a trainer checkpoint (step-N/) or a run folder",
+    )
     p.add_argument(
         "--weights",
         choices=["auto", "ema", "raw"],
@@ -99,6 +107,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="checkpoint weights (default: EMA when present)",
     )
     p.add_argument("--base", default=None, help="override the model's base (a local Stable Diffusion 2 folder)")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    add_source_args(p)
     p.add_argument(
         "--sam",
         default=None,
@@ -163,6 +175,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--no-images", action="store_true", help="score without keeping the generated images")
     d.set_defaults(func=_dreambench, command_name="subjectdiff eval dreambench")
 
+    x = sub.add_parser("export", help="write a model as a diffusers folder (SubjectDiffusionPipeline) or as ours")
+    add_source_args(x)
+    x.add_argument(
+        "--format",
+        choices=["diffusers", "subjectdiff"],
+        default="diffusers",
+        help="diffusers: a folder SubjectDiffusionPipeline.from_pretrained loads (default); subjectdiff: ours",
+    )
+    x.add_argument("--out", required=True, help="a new or empty folder")
+    x.set_defaults(func=_export, command_name="subjectdiff export")
+
 
 def _pipeline(args: argparse.Namespace):
     import torch
@@ -204,6 +227,22 @@ def _generate(args: argparse.Namespace) -> int:
         gens = pipe.generate(args.prompt, subjects, args.num_images, seed=args.seed, sampling=sampling, progress=bar)
     for p in save(gens, args.out, boxes=args.boxes):
         print(p)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from subjectdiff.infer.pipeline import load_parts
+    from subjectdiff.model.pipeline import save_diffusers
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out}: not an empty folder; give a new one")
+    parts, _ = load_parts(args.model, args.weights, **({"base": args.base} if args.base else {}))
+    if args.format == "diffusers":
+        save_diffusers(parts, out)
+    else:
+        parts.save_pretrained(out)
+    print(out)
     return 0
 
 

@@ -6,6 +6,8 @@
 
 Guidance: three branches (the reference code's order, cf. InstructPix2Pix), sampled by the model library's one
 sampler, `subjectdiff.model.sampling` (its docstring has the formulas), which the trainer's validation uses too.
+Encoding, sampling and decoding are `subjectdiff.model.pipeline.SubjectDiffusionPipeline`'s: the diffusers pipeline
+gives the same image as `subjectdiff generate` for the same seed.
 
 Conventions: layout boxes are xyxy normalized to [0, 1] in the generated image; the location channel is 1 on the
 latent cells whose centres lie in any box (`subjectdiff.model.location_map`, the trainer's too). Seeds are per
@@ -26,8 +28,10 @@ import torch
 from PIL import Image
 
 from subjectdiff.infer.subjects import Prepared, Subject, SubjectCutter
-from subjectdiff.model import Parts, load_pretrained, subject_prompt, tokenize
+from subjectdiff.model import Parts, load_pretrained
+from subjectdiff.model import pipeline as model_pipeline
 from subjectdiff.model.location import location_map  # noqa: F401  (re-exported: the one location channel)
+from subjectdiff.model.pipeline import SubjectDiffusionPipeline, is_diffusers_export
 from subjectdiff.model.sampling import ORDERS, SamplingConfig, guide, sample_latents, three_branches  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -61,16 +65,21 @@ def default_layout(n: int) -> list[tuple[float, float, float, float]]:
 
 
 def resolve_model(path: str | os.PathLike, weights: str = "auto") -> tuple[Path, str]:
-    """A run folder, a trainer checkpoint (step-N/) or an export -> (folder with config.json, which weights).
+    """A run folder, a trainer checkpoint (step-N/) or an export -> (the model's folder, which weights).
 
     A run folder gives its `export/` (EMA weights, written at the end of training; returned as "export") or, with
     weights="raw" or without an export, its newest checkpoint. In a checkpoint, "auto" takes ema.safetensors when
-    present. An export folder holds one set of weights ("raw")."""
+    present. An export folder holds one set of weights ("raw"); a diffusers export (model_index.json, `subjectdiff
+    export --format diffusers`) too ("diffusers")."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: no such model folder (an export, a trainer checkpoint or a run folder)")
+    if is_diffusers_export(p):
+        if weights == "ema":
+            raise FileNotFoundError(f"{p}: weights='ema' but a diffusers export holds one set of weights")
+        return p, "diffusers"
     if not (p / "config.json").is_file():
         steps = (
             sorted(
@@ -91,11 +100,15 @@ def resolve_model(path: str | os.PathLike, weights: str = "auto") -> tuple[Path,
 
 
 def load_parts(path: str | os.PathLike, weights: str = "auto", **overrides: Any) -> tuple[Parts, dict[str, Any]]:
-    """Parts from an export / checkpoint / run folder (see resolve_model), and a description for the outputs."""
+    """Parts from an export (ours or diffusers') / checkpoint / run folder (see resolve_model), and a description
+    for the outputs."""
     from safetensors.torch import load_file
 
     folder, which = resolve_model(path, weights)
-    parts = load_pretrained(folder, **overrides)
+    if which == "diffusers":  # complete: every weight is in the folder, the base is not read (overrides unused)
+        parts = model_pipeline.load_parts(folder)
+    else:
+        parts = load_pretrained(folder, **overrides)
     if which == "ema":
         ema = load_file(str(folder / "ema.safetensors"))
         unknown = set(ema) - set(parts.model.state_dict())
@@ -111,23 +124,16 @@ def load_parts(path: str | os.PathLike, weights: str = "auto", **overrides: Any)
 
 
 @dataclass
-class Condition:
-    """The conditioning of one prompt with its subjects, batch 1 (N = model.max_subjects slots).
-    text_full: (1, L, D) prompt + subject words; text_plain: (1, L, D) the prompt alone; tokens: (1, N, T, Dv);
-    boxes: (1, N, 4) xyxy normalized; present: (1, N) bool."""
+class Condition(model_pipeline.Condition):
+    """The model pipeline's Condition (text, subject tokens, boxes; batch 1) and the cut-outs it came from."""
 
-    prompt: str
-    full_prompt: str
-    prepared: list[Prepared]
-    boxes: torch.Tensor
-    present: torch.Tensor
-    text_full: torch.Tensor
-    text_plain: torch.Tensor
-    tokens: torch.Tensor
+    prepared: list[Prepared] = field(default_factory=list)
 
 
 class Pipeline:
-    """Subject-Diffusion sampling around built `Parts` (frozen parts and model in eval mode, no gradients)."""
+    """`subjectdiff generate` around built `Parts`: SAM cut-outs, the default layout and the outputs' records here;
+    encoding, sampling and decoding are `SubjectDiffusionPipeline`'s (the model library's one generation path),
+    so the diffusers pipeline and this command give the same image for the same seed."""
 
     def __init__(
         self,
@@ -141,19 +147,18 @@ class Pipeline:
         self.dtype = dtype or (torch.float16 if self.device.type == "cuda" else torch.float32)
         self.parts = parts.to(self.device, frozen_dtype=self.dtype)
         self.model = parts.model.to(dtype=self.dtype).eval().requires_grad_(False)
-        self.model.store.arm(None)  # plain SDPA in the capture layers (a trainer may have left them armed)
+        self.sd = SubjectDiffusionPipeline.from_parts(parts)  # shares the modules; disarms attention capture
+        self.sd.set_progress_bar_config(disable=True)  # the command's own bar counts every batch's steps
         self.model_info = model_info or {"id": "<in-memory>", "weights": "raw", "base": parts.config.base}
-        enc = parts.image_encoder
-        self.cutter = SubjectCutter(sam, size=enc.image_size, device=str(self.device))
-        self.vae_factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-        self.native = parts.model.unet.config.sample_size * self.vae_factor
-        self._null_text = None
+        self.cutter = SubjectCutter(sam, size=parts.image_encoder.image_size, device=str(self.device))
+        self.native = self.sd.native_resolution
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, weights: str = "auto", device: str = "cpu", dtype=None, sam=None, **overrides: Any
     ) -> Pipeline:
-        """From an export, a trainer checkpoint (raw or EMA weights) or a run folder (`resolve_model`)."""
+        """From an export (ours or diffusers'), a trainer checkpoint (raw or EMA weights) or a run folder
+        (`resolve_model`)."""
         parts, info = load_parts(path, weights, **overrides)
         return cls(parts, info, device, dtype, sam)
 
@@ -161,81 +166,32 @@ class Pipeline:
     @torch.no_grad()
     def encode_prompt(self, prompt: str, subjects: list[Subject]) -> Condition:
         """Cut the subjects out, encode them and the prompt (with ", the {label} is sks" per subject)."""
-        cfg, n = self.model.config, self.model.config.max_subjects
+        n = self.model.config.max_subjects
         if len(subjects) > n:
             raise ValueError(f"{len(subjects)} subjects given; this model has {n} subject slots")
         prepared = [self.cutter(s) for s in subjects]
         layout = default_layout(len(subjects)) if subjects else []
-        boxes = torch.zeros(1, n, 4)
-        for j, s in enumerate(subjects):
-            boxes[0, j] = torch.tensor(s.box if s.box is not None else layout[j])
-        sp = subject_prompt(prompt, [s.label for s in subjects], cfg.placeholder)
-        ph = torch.full((1, n), -1, dtype=torch.long)
-        ph[0, : len(subjects)] = torch.tensor(sp.placeholder_pos, dtype=torch.long)
-        if (ph[0, : len(subjects)] < 0).any():
-            log.warning("prompt too long: some subject words fell past CLIP's 77 tokens; those subjects are dropped")
-        enc = self.parts.image_encoder
-        images = torch.full((n, 3, enc.image_size, enc.image_size), 1.0)
-        for j, p in enumerate(prepared):
-            images[j] = torch.from_numpy(p.cutout.copy()).permute(2, 0, 1).float() / 255
-        cls, tokens = enc(images.to(self.device, self.dtype))
-        ids = torch.tensor([tokenize(sp.prompt)], device=self.device)
-        text_full = self.model.encode_text(ids, ph.to(self.device), cls[None].to(self.dtype))
-        text_plain = self.model.encode_text(torch.tensor([tokenize(prompt)], device=self.device))
-        return Condition(
-            prompt,
-            sp.prompt,
-            prepared,
-            boxes.to(self.device),
-            (ph >= 0).to(self.device),
-            text_full,
-            text_plain,
-            tokens[None].to(self.dtype),
-        )
+        boxes = [s.box if s.box is not None else layout[j] for j, s in enumerate(subjects)]
+        c = self.sd.encode_condition(prompt, [p.cutout for p in prepared], [s.label for s in subjects], boxes)
+        return Condition(**vars(c), prepared=prepared)
 
     def null_text(self) -> torch.Tensor:
         """(1, L, D): the empty prompt, the text condition dropped in training."""
-        if self._null_text is None:
-            ids = torch.tensor([tokenize("")], device=self.device)
-            with torch.no_grad():
-                self._null_text = self.model.encode_text(ids)
-        return self._null_text
-
-    def branches(self, c: Condition, b: int, h: int, w: int, order: str) -> dict[str, torch.Tensor]:
-        """UNet inputs of the three branches [full, middle, unconditional], each repeated b times: (3b, ...)."""
-        rep = lambda x: x.expand(b, *x.shape[1:])
-        return three_branches(
-            rep(c.text_full),
-            rep(self.null_text()),
-            rep(c.tokens),
-            rep(c.boxes),
-            rep(c.present),
-            h,
-            w,
-            order,
-            text_plain=rep(c.text_plain),
-        )
+        return self.sd.encode_condition("", [], [], []).null_text
 
     # -- sampling -----------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, c: Condition, seeds: list[int], s: SamplingConfig, progress=None) -> list[Image.Image]:
-        """Images for one condition, one per seed (one UNet batch of 3 x len(seeds)); progress: a tqdm bar
-        advanced once per denoising step, or None."""
-        res = s.resolution or self.native
-        h = w = res // self.vae_factor
+        """Images for one condition, one per seed (one UNet batch of 3 x len(seeds)): image i starts from the noise
+        of a CPU generator seeded with seeds[i]. progress: a tqdm bar advanced once per denoising step, or None."""
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-        x = torch.cat([torch.randn((1, 4, h, w), generator=g) for g in gens]).to(self.device)
-        cond = self.branches(c, len(seeds), h, w, s.order)
-        x = sample_latents(self.model, self.parts.scheduler.config, cond, x, s, gens, progress)
+        x = self.sd.sample(c, gens, s, s.make_scheduler(self.parts.scheduler.config), progress)
         return self.decode(x)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
         """(B, 4, h, w) scaled latents -> B RGB images."""
-        vae = self.parts.vae
-        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
-        arr = ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        return [Image.fromarray(a) for a in arr]
+        return [Image.fromarray(a) for a in self.sd.decode(latents)]
 
     def generate(
         self,

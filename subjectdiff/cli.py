@@ -21,7 +21,7 @@ APPS = [
     ("subjectdiff.catalogs.cli", ("catalog",)),
     ("subjectdiff.datagen.cli", ("datagen", "demo")),
     ("subjectdiff.train.cli", ("train",)),
-    ("subjectdiff.infer.cli", ("generate", "eval")),
+    ("subjectdiff.infer.cli", ("generate", "eval", "export")),
 ]
 
 

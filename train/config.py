@@ -244,6 +244,8 @@ class RunConfig:
     tensorboard: TensorBoard event files in out_dir/tb (the log.jsonl scalars and the validation grids) beside
         log.jsonl, which is always written; when tensorboard cannot be imported the run says so in one line.
     trace: write each micro-batch's record keys and a final parameter digest per rank (tests, audits).
+    export_diffusers: the final export (out_dir/export, EMA weights) also as a diffusers folder, out_dir/diffusers,
+        which `SubjectDiffusionPipeline.from_pretrained` loads (every weight, frozen parts included: SD 2's size).
     """
 
     out_dir: str = "runs/subjectdiff"
@@ -265,6 +267,7 @@ class RunConfig:
     progress: str = "auto"
     tensorboard: bool = True
     trace: bool = False
+    export_diffusers: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -26,6 +26,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 
 from subjectdiff.model import Parts, build
+from subjectdiff.model.pipeline import save_diffusers
 from subjectdiff.progress import Progress, duration
 from subjectdiff.train import checkpoint
 from subjectdiff.train.config import TrainConfig, config_toml
@@ -429,6 +430,8 @@ class Trainer:
         if self.d.main:
             with self.ema_weights():
                 self.parts.save_pretrained(self.out / "export")
+                if self.cfg.run.export_diffusers:
+                    save_diffusers(self.parts, self.out / "diffusers")
         self.logger.close()
         if self.d.world > 1:
             dist.barrier()

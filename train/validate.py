@@ -29,7 +29,7 @@ def sample(parts, batch, device, s: SamplingConfig, seed: int = 0) -> torch.Tens
     cond = three_branches(text, null_text, enc["tokens"], boxes, present, h, w, s.order)
     gens = [torch.Generator().manual_seed(seed + i) for i in range(b)]
     noise = torch.cat([torch.randn((1, 4, h, w), generator=g) for g in gens]).to(device)
-    x = sample_latents(model, parts.scheduler.config, cond, noise, s, gens)
+    x = sample_latents(model, s.make_scheduler(parts.scheduler.config), cond, noise, s, gens)
     vae = parts.vae
     images = vae.decode((x / vae.config.scaling_factor).to(vae.dtype)).sample.float()
     return (images / 2 + 0.5).clamp(0, 1)

@@ -10,6 +10,8 @@ Public API:
     location_map                             the location channel: the union of the boxes (model.location)
     subject_image, SubjectAugment            photo + mask -> the image encoder's input (model.subject_image)
     SamplingConfig, sample_latents, ...      the three-branch sampler (model.sampling)
+    SubjectDiffusionPipeline, save_diffusers the model as a diffusers pipeline, its export (model.pipeline;
+                                             imported on first use: diffusers' pipelines are slow to import)
 """
 
 from subjectdiff.model.attention import localization_loss, token_weights
@@ -51,4 +53,15 @@ __all__ = [
     "guide",
     "sample_latents",
     "three_branches",
+    "SubjectDiffusionPipeline",
+    "save_diffusers",
 ]
+
+
+def __getattr__(name: str):
+    if name in ("SubjectDiffusionPipeline", "save_diffusers"):
+        # Lazily: diffusers' pipeline machinery costs seconds to import, and training never needs it.
+        from subjectdiff.model import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'subjectdiff.model' has no attribute {name!r}")

@@ -152,8 +152,9 @@ def noise_scheduler(cfg: ModelConfig):
     return DDPMScheduler(**SD2_SCHEDULER)
 
 
-def open_clip_visual(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
-    """open_clip's vision tower (returning (pooled, tokens)) and its preprocess config (mean, std, size)."""
+def open_clip_visual(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """open_clip's vision tower (returning (pooled, tokens)), its preprocess config (mean, std, size) and the
+    architecture it was built from (embed_dim, vision_cfg, quick_gelu: what rebuilds it without the registry)."""
     import open_clip
 
     if cfg.image_encoder not in open_clip.list_models():
@@ -161,10 +162,16 @@ def open_clip_visual(cfg: ModelConfig) -> tuple[nn.Module, dict[str, Any]]:
     with seeded(cfg.seed + 3):
         model = create_open_clip(cfg.image_encoder, cfg.image_encoder_weights)
     pre = open_clip.get_model_preprocess_cfg(model)
+    arch = open_clip.get_model_config(cfg.image_encoder)
+    spec = {
+        "embed_dim": arch["embed_dim"],
+        "vision_cfg": arch["vision_cfg"],
+        "quick_gelu": bool(arch.get("quick_gelu", False)),
+    }
     visual = model.visual
     visual.output_tokens = True  # (pooled, tokens); calling the whole CLIP model would then fail (STACK.md)
     del model
-    return visual, pre
+    return visual, pre, spec
 
 
 def create_open_clip(name: str, weights: str | None, *, transforms: bool = False, **kwargs):

@@ -8,6 +8,8 @@ the reference trained with did not, so the tokens' scale differs between version
 from __future__ import annotations
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 
@@ -35,15 +37,17 @@ def mlp(d_in: int, d_hidden: int, d_out: int, form: str = "reference") -> nn.Seq
     )
 
 
-class GroundingNet(nn.Module):
+class GroundingNet(ModelMixin, ConfigMixin):
     """Dense subject condition (paper, Method: dense image control): each subject's open_clip patch tokens,
     each concatenated with the Fourier embedding of the subject's box, through an MLP, give the grounding
     tokens that the gated self-attention adapters attend to. Absent (or CFG-dropped) subjects use learned
     null features: per token ([T, Dv] and [T, P], the reference's) or one shared vector each.
 
     It replaces diffusers' `unet.position_net`, so the UNet calls it with the `gligen` cross-attention kwargs.
+    A diffusers model (ModelMixin + ConfigMixin): the `grounding` component of `SubjectDiffusionPipeline`.
     """
 
+    @register_to_config
     def __init__(
         self,
         token_dim: int,
@@ -74,10 +78,12 @@ class GroundingNet(nn.Module):
         return self.mlp(torch.cat([tokens, pos], dim=-1)).reshape(b, n * t, -1)
 
 
-class TextMLP(nn.Module):
+class TextMLP(ModelMixin, ConfigMixin):
     """Text-side condition (paper, Method: fusion of text and image semantics): the subject image's CLS
-    embedding -> a word embedding that replaces the placeholder token's embedding at the text encoder's input."""
+    embedding -> a word embedding that replaces the placeholder token's embedding at the text encoder's input.
+    A diffusers model: the `text_mlp` component of `SubjectDiffusionPipeline`."""
 
+    @register_to_config
     def __init__(self, cls_dim: int, word_dim: int, hidden: int, form: str = "reference"):
         super().__init__()
         self.mlp = mlp(cls_dim, hidden, word_dim, form)

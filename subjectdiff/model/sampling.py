@@ -1,5 +1,6 @@
-"""The one sampler: three-branch classifier-free guidance over a diffusers scheduler. `infer.Pipeline` (what
-users run) and the trainer's validation grid (train/validate.py) both sample through `sample_latents`.
+"""The one sampler: three-branch classifier-free guidance over a diffusers scheduler. `SubjectDiffusionPipeline`
+(model/pipeline.py; `infer.Pipeline`, what `subjectdiff generate` runs, samples through it) and the trainer's
+validation grid (train/validate.py) both sample through `sample_latents`.
 
 With e(text, subjects) the UNet's noise prediction, "null" text = the empty prompt, null subjects = the
 grounding net's learned null features (subject_mask 0) and no location (location channel all zeros):
@@ -123,29 +124,29 @@ def three_branches(
 @torch.no_grad()
 def sample_latents(
     model,
-    noise_schedule: dict[str, Any],
+    scheduler,
     branches: dict[str, torch.Tensor],
     noise: torch.Tensor,
     s: SamplingConfig,
     generators: list[torch.Generator] | None = None,
     progress=None,
 ) -> torch.Tensor:
-    """Denoise `noise` (B, 4, h, w) with three-branch guidance -> latents (B, 4, h, w).
+    """Denoise `noise` (B, 4, h, w) with three-branch guidance -> latents (B, 4, h, w). The one sampling loop:
+    `subjectdiff generate`, `SubjectDiffusionPipeline.__call__` and the trainer's validation grid run it.
 
-    model: a SubjectDiffusion (its `denoise`); noise_schedule: the model's training scheduler config (the
-    sampler is built from it, `SamplingConfig.make_scheduler`); branches: `three_branches(...)` for this batch;
-    generators: per-image generators for stochastic schedulers (eta > 0, ancestral); progress: a tqdm bar
-    advanced once per step, or None."""
-    sched = s.make_scheduler(noise_schedule)
-    sched.set_timesteps(s.steps, device=noise.device)
-    x = noise * sched.init_noise_sigma
-    params = inspect.signature(sched.step).parameters
+    model: anything with `denoise(latents, t, **branches)` (a SubjectDiffusion, a SubjectDiffusionPipeline);
+    scheduler: a diffusers scheduler (`SamplingConfig.make_scheduler`, or the pipeline's), set to s.steps here;
+    branches: `three_branches(...)` for this batch; generators: per-image generators for stochastic schedulers
+    (eta > 0, ancestral); progress: a tqdm bar advanced once per step, or None."""
+    scheduler.set_timesteps(s.steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    params = inspect.signature(scheduler.step).parameters
     extra = {k: v for k, v in (("eta", s.eta), ("generator", generators)) if k in params and v is not None}
     b, dtype = noise.shape[0], branches["text"].dtype
-    for t in sched.timesteps:
-        x_in = sched.scale_model_input(x, t).to(dtype)
+    for t in scheduler.timesteps:
+        x_in = scheduler.scale_model_input(x, t).to(dtype)
         eps = model.denoise(torch.cat([x_in] * 3), t.expand(3 * b), **branches).float()
-        x = sched.step(guide(eps, s), t, x, **extra).prev_sample
+        x = scheduler.step(guide(eps, s), t, x, **extra).prev_sample
         if progress is not None:
             progress.update(1)
     return x

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from subjectdiff.model import builders
@@ -103,17 +105,37 @@ def widen_unet(base: nn.Module, cfg: ModelConfig, token_dim: int, n_tokens: int 
     return unet
 
 
-class SubjectImageEncoder(nn.Module):
+class SubjectImageEncoder(ModelMixin, ConfigMixin):
     """Frozen open_clip vision tower. images: (B, 3, S, S) float RGB in [0, 1] at S = image_size (any other size
-    is resized) -> (cls (B, Dc), tokens (B, T, Dv)): the projected pooled embedding and the patch tokens."""
+    is resized) -> (cls (B, Dc), tokens (B, T, Dv)): the projected pooled embedding and the patch tokens.
 
-    def __init__(self, visual: nn.Module, preprocess: dict[str, Any]):
+    A diffusers model (the `image_encoder` component of `SubjectDiffusionPipeline`): its config is the open_clip
+    vision tower's (embed_dim, vision_cfg, quick_gelu) and preprocessing, so a saved encoder rebuilds without
+    open_clip's model registry. `visual`: an already built tower (`build`), else one is built from the config."""
+
+    ignore_for_config = ["visual"]
+
+    @register_to_config
+    def __init__(
+        self,
+        embed_dim: int,
+        vision_cfg: dict[str, Any],
+        quick_gelu: bool = False,
+        image_mean: tuple[float, ...] = (0.48145466, 0.4578275, 0.40821073),
+        image_std: tuple[float, ...] = (0.26862954, 0.26130258, 0.27577711),
+        image_size: int = 224,
+        visual: nn.Module | None = None,
+    ):
         super().__init__()
+        if visual is None:
+            from open_clip.model import _build_vision_tower
+
+            visual = _build_vision_tower(embed_dim, dict(vision_cfg), quick_gelu)
+            visual.output_tokens = True  # (pooled, tokens), as builders.open_clip_visual sets it
         self.visual = visual
-        size = preprocess.get("size", 224)
-        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        self.register_buffer("mean", torch.tensor(preprocess["mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(preprocess["std"]).view(1, 3, 1, 1), persistent=False)
+        self.image_size = int(image_size)
+        self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
         self.cls_dim = int(visual.output_dim)
         self.token_dim = int(visual.conv1.out_channels)
         self.n_tokens = (self.image_size // visual.patch_size[0]) ** 2
@@ -126,6 +148,54 @@ class SubjectImageEncoder(nn.Module):
         x = ((images - self.mean) / self.std).to(dtype)
         cls, tokens = self.visual(x)
         return cls, tokens
+
+
+def encode_text(
+    text_encoder: nn.Module,
+    text_mlp: nn.Module,
+    input_ids: torch.Tensor,
+    placeholder_pos: torch.Tensor | None = None,
+    subject_cls: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """input_ids: (B, L); placeholder_pos: (B, N) (-1 = none); subject_cls: (B, N, Dc) -> (B, L, D).
+
+    The placeholder tokens' input embeddings are replaced by text_mlp(subject_cls)
+    (paper, Method: text-image fusion). The one text path of training, `generate` and the diffusers pipeline.
+    The text encoder runs through its own forward (the replacement is a hook on its token embedding), so that
+    diffusers' model offload, which hooks each component's forward, moves it.
+    """
+    if subject_cls is None:
+        return text_encoder(input_ids).last_hidden_state
+    words = text_mlp(subject_cls.to(text_encoder.dtype))  # (B, N, D)
+
+    def replace(module, args, emb):  # (B, L, D) token embeddings -> the placeholders' replaced
+        valid = (placeholder_pos >= 0).to(emb.dtype)
+        onehot = F.one_hot(placeholder_pos.clamp(min=0), input_ids.shape[1]).to(emb.dtype) * valid[..., None]
+        keep = 1 - onehot.sum(1).clamp(max=1)  # (B, L)
+        return emb * keep[..., None] + torch.einsum("bnl,bnd->bld", onehot, words.to(emb.device, emb.dtype))
+
+    hook = text_encoder.text_model.embeddings.token_embedding.register_forward_hook(replace)
+    try:
+        return text_encoder(input_ids).last_hidden_state
+    finally:
+        hook.remove()
+
+
+def denoise(
+    unet: nn.Module,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    text: torch.Tensor,
+    subject_tokens: torch.Tensor,
+    boxes: torch.Tensor,
+    subject_mask: torch.Tensor,
+    location: torch.Tensor,
+) -> torch.Tensor:
+    """The widened UNet (its `position_net` the grounding net) given all conditions (module docstring) -> eps
+    (B, 4, h, w): the location channel joins the latents, the subjects go through the `gligen` kwargs."""
+    x = torch.cat([latents, location.to(latents.dtype)], dim=1)
+    gligen = {"tokens": subject_tokens, "boxes": boxes, "mask": subject_mask}
+    return unet(x, timesteps, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
 
 
 class SubjectDiffusion(nn.Module):
@@ -179,25 +249,9 @@ class SubjectDiffusion(nn.Module):
         placeholder_pos: torch.Tensor | None = None,
         subject_cls: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids: (B, L); placeholder_pos: (B, N) (-1 = none); subject_cls: (B, N, Dc) -> (B, L, D).
-
-        The placeholder tokens' input embeddings are replaced by text_mlp(subject_cls)
-        (paper, Method: text-image fusion).
-        """
-        tm = self.text_encoder.text_model
-        emb = tm.embeddings.token_embedding(input_ids)
-        if subject_cls is not None:
-            words = self.text_mlp(subject_cls.to(emb.dtype))  # (B, N, D)
-            valid = (placeholder_pos >= 0).to(emb.dtype)
-            onehot = F.one_hot(placeholder_pos.clamp(min=0), input_ids.shape[1]).to(emb.dtype) * valid[..., None]
-            keep = 1 - onehot.sum(1).clamp(max=1)  # (B, L)
-            emb = emb * keep[..., None] + torch.einsum("bnl,bnd->bld", onehot, words)
-        from transformers.modeling_attn_mask_utils import _create_4d_causal_attention_mask
-
-        hidden = tm.embeddings(inputs_embeds=emb)
-        causal = _create_4d_causal_attention_mask(input_ids.shape, hidden.dtype, device=hidden.device)
-        out = tm.encoder(inputs_embeds=hidden, causal_attention_mask=causal).last_hidden_state
-        return tm.final_layer_norm(out)
+        """input_ids: (B, L); placeholder_pos: (B, N) (-1 = none); subject_cls: (B, N, Dc) -> (B, L, D)
+        (`encode_text`)."""
+        return encode_text(self.text_encoder, self.text_mlp, input_ids, placeholder_pos, subject_cls)
 
     def denoise(
         self,
@@ -212,9 +266,7 @@ class SubjectDiffusion(nn.Module):
         """The denoising UNet given all conditions (shapes in the module docstring) -> eps (B, 4, h, w)."""
         if not self.store.recording:
             self.store.arm(None)  # called directly (inference): no attention capture, plain SDPA
-        x = torch.cat([latents, location.to(latents.dtype)], dim=1)
-        gligen = {"tokens": subject_tokens, "boxes": boxes, "mask": subject_mask}
-        return self.unet(x, timesteps, encoder_hidden_states=text, cross_attention_kwargs={"gligen": gligen}).sample
+        return denoise(self.unet, latents, timesteps, text, subject_tokens, boxes, subject_mask, location)
 
     def null_subjects(self, batch: int, n_tokens: int, token_dim: int, device=None, dtype=None):
         """(subject_tokens, boxes, subject_mask) meaning "no subject": the grounding net uses its null features."""
@@ -304,8 +356,15 @@ class Parts:
 
 def build(cfg: ModelConfig) -> Parts:
     """Build every part from the config: weights from cfg.base / cfg.image_encoder_weights, or seeded random."""
-    visual, pre = builders.open_clip_visual(cfg)
-    image_encoder = SubjectImageEncoder(visual, pre)
+    visual, pre, spec = builders.open_clip_visual(cfg)
+    size = pre.get("size", 224)
+    image_encoder = SubjectImageEncoder(
+        **spec,
+        image_mean=tuple(pre["mean"]),
+        image_std=tuple(pre["std"]),
+        image_size=int(size[0] if isinstance(size, (tuple, list)) else size),
+        visual=visual,
+    )
     text_encoder = builders.text_encoder(cfg)
     unet = widen_unet(builders.base_unet(cfg), cfg, image_encoder.token_dim, image_encoder.n_tokens)
     with builders.seeded(cfg.seed + 5):
