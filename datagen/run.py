@@ -166,8 +166,8 @@ def _run_shards(
     print(built.summary(), file=sys.stderr)
     listing = folder.listing()
     complete = set(complete_shards(folder.url, listing))
-    if complete:  # README.md, for Hugging Face datasets: the rows the catalog holds (catalogs/card.py)
-        card.write_card(folder.url, listing=listing, exclude=[b.name for b in built.bad] + built.incomplete)
+    if complete:
+        _write_card(folder, listing, [b.name for b in built.bad] + built.incomplete)
     ok, failed = sum(v[0] for v in outcome.done.values()), sum(v[1] for v in outcome.done.values())
     return RunSummary(
         len(counts),
@@ -179,6 +179,17 @@ def _run_shards(
         [s for s in counts if s not in complete],
         outcome.why,
     )
+
+
+def _write_card(folder: Folder, listing: dict[str, Entry], exclude: list[str]) -> None:
+    """OUT/README.md, with which Hugging Face datasets loads the rows the catalog holds (catalogs/card.py). The
+    records are complete without it: a storage failure here is a warning, and the next run writes it again."""
+    try:
+        card.write_card(folder.url, listing=listing, exclude=exclude)
+    except OSError as e:
+        print(
+            f"[datagen] warning: the dataset card {folder.join(card.CARD_FILE)} was not written: {e}", file=sys.stderr
+        )
 
 
 __all__ = ["run", "KINDS"]
