@@ -14,13 +14,13 @@ features (never inferred from a first file, where a column such as alt_text may 
 
 The samples and failures configs read the same files, each its rows (the Parquet builder's `filters`) and
 its columns (`columns`), which a `datasets` release whose Parquet builder takes `filters` reads (4.x and 5.x;
-not 2.x, which would return every row of the samples sidecars in both). The rows are the
-complete shards' rows, as the catalog's: the configs name the sidecars by glob (`*.samples.parquet`) when
+not 2.x, which would return every row of the samples sidecars in both). The rows are the complete shards'
+rows, as the catalog's: the configs name the sidecars by glob (`*.samples.parquet`) when
 every shard with sidecars in DIR is complete, written with the current names, and none is left out
 (`exclude`: a catalog build's bad or incomplete shards), otherwise by their file names. The card describes the
 folder when it is written: a datagen run writes it after its catalog build (none when no shard is complete),
-subjectdiff.photo_records.write_photo_shards after its shards, and `subjectdiff catalog card DIR` on demand
-(a folder written before the card existed).
+subjectdiff.photo_records.write_photo_shards after its shards, and `subjectdiff catalog build DIR --card` on
+demand (a folder written before the card existed).
 """
 
 from __future__ import annotations
