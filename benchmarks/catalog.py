@@ -97,7 +97,7 @@ def write_synthetic(out: Path, n_objects: int, per_shard: int, objs_per_sample: 
             },
             OBJECT_SCHEMA,
         )
-        pq.write_table(samples, out / f"{name}.parquet")
+        pq.write_table(samples, out / f"{name}.samples.parquet")
         pq.write_table(objects, out / f"{name}.objects.parquet")
         (out / f"{name}.tar").write_bytes(b"")
         stats = {

@@ -56,7 +56,7 @@ from subjectdiff.catalogs.writer import (
     SAMPLE_SCHEMA,
     complete_names,
     encoded_white_fraction,
-    shard_names,
+    listed_names,
 )
 
 CATALOG_FILE = "catalog.duckdb"
@@ -258,9 +258,11 @@ def one_line(e: BaseException) -> str:
 
 @dataclass(frozen=True)
 class ShardListing:
-    """A complete shard as a listing shows it: its files' URLs and sizes, and a fingerprint of the four files
-    (size and ETag or mtime) that changes when any of them is rewritten."""
+    """A complete shard as a listing shows it: its files' names (relative to the root; a shard written before
+    issue #19 has its legacy samples name, catalogs.writer.listed_names), URLs and sizes, and a fingerprint
+    of the four files (size and ETag or mtime) that changes when any of them is rewritten."""
 
+    names: dict[str, str]
     urls: dict[str, str]
     sizes: dict[str, int]
     fingerprint: str
@@ -273,8 +275,9 @@ def scan_shards(root: str | os.PathLike) -> dict[str, ShardListing]:
     entries = folder.listing()
     found = {}
     for sid in complete_names(entries):
-        names = shard_names(sid)
+        names = listed_names(sid, entries)
         found[sid] = ShardListing(
+            names=names,
             urls={k: folder.join(n) for k, n in names.items()},
             sizes={k: entries[n].size for k, n in names.items()},
             fingerprint="|".join(f"{entries[names[k]].size}:{entries[names[k]].version}" for k in KINDS),
@@ -459,7 +462,7 @@ def _read_shard(folder: Folder, sid: str, shard: ShardListing) -> tuple[dict, pa
     """(stats, samples, objects) of one shard, the sidecars conformed to the writer's schema (`shard` set to its
     id, the columns an older sidecar lacks added as NULLs) and the samples' `idx` their row number; None when its
     stats record file sizes other than the listing's. Raises ShardError naming the file that cannot be loaded."""
-    names = shard_names(sid)
+    names = shard.names
     st = _read_stats(folder, names["stats"], shard.urls["stats"])
     recorded = st.get("files") or {}
     if any(recorded.get(k, shard.sizes[k]) != shard.sizes[k] for k in ("tar", "samples", "objects")):

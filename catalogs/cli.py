@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "loaded, some bad; 2 an error (the catalog is as it was; a first build leaves none).",
     )
     _add_dir(b)
+    b.add_argument(
+        "--card",
+        action="store_true",
+        help="also write DIR/README.md, the dataset card with which `datasets.load_dataset(DIR)` reads the "
+        "catalogued samples, objects and failures (a datagen run writes it itself)",
+    )
     b.set_defaults(func=_build)
 
     q = csub.add_parser("query", help="run one read-only SQL statement and print the result")
@@ -131,6 +137,11 @@ def _build(args: argparse.Namespace) -> int:
     for bad in report.bad:
         print(bad.line(), file=sys.stderr)
     print(report.summary())
+    if args.card:
+        from subjectdiff.catalogs.card import CARD_FILE, write_card
+
+        write_card(args.dir, exclude=[b.name for b in report.bad] + report.incomplete)
+        print(f"dataset card: {args.dir.rstrip('/')}/{CARD_FILE}")
     return EXIT_BAD_SHARDS if report.bad else 0
 
 

@@ -42,7 +42,7 @@ from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.catalogs.schema import RECORD_IMAGE_FORMATS, ObjectAnn, Record, RecordError, validate
 from subjectdiff.catalogs.selection import load_selection
 from subjectdiff.catalogs.storage import Folder, RetryingReader, is_local, local_path, open_url
-from subjectdiff.catalogs.writer import complete_shards, shard_files
+from subjectdiff.catalogs.writer import SAMPLES_SUFFIX, complete_shards, shard_files
 
 
 @dataclass
@@ -107,7 +107,8 @@ def shard_counts(
     urls: Iterable[str], selection: Mapping[str, set[str]] | None, wanted: set[str] | None
 ) -> dict[str, int]:
     """How many records each shard gives a reader with this selection / key filter: counted from the selection,
-    else from the shard's sidecars beside its tar (NAME_stats.json; NAME.parquet when a key filter applies),
+    else from the shard's sidecars beside its tar (NAME_stats.json; NAME.samples.parquet, or a shard written
+    before issue #19 its NAME.parquet, when a key filter applies),
     read in parallel (each is one request on an object store)."""
     urls = list(urls)
     if selection is not None:
@@ -119,12 +120,12 @@ def shard_counts(
 
     def count(u: str) -> int:
         stem = u[: -len(".tar")] if u.endswith(".tar") else u
-        sidecar = f"{stem}_stats.json" if wanted is None else f"{stem}.parquet"
+        sidecar = f"{stem}_stats.json" if wanted is None else f"{stem}{SAMPLES_SUFFIX}"
         try:
-            with open_url(sidecar) as f:
-                if wanted is None:
+            if wanted is None:
+                with open_url(sidecar) as f:
                     return int(json.load(f)["successes"])
-                t = pq.read_table(f, columns=["key", "status"]).to_pydict()
+            t = _sample_status(stem)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{u}: a balanced split needs each shard's record count, from {sidecar} (written "
@@ -134,6 +135,17 @@ def shard_counts(
 
     with ThreadPoolExecutor(16 if any(not is_local(u) for u in urls) else 2) as pool:
         return dict(zip(urls, pool.map(count, urls)))
+
+
+def _sample_status(stem: str) -> dict[str, list]:
+    """{key, status} of the samples sidecar beside the tar STEM.tar: STEM.samples.parquet, else (a shard
+    written before issue #19) STEM.parquet; FileNotFoundError when neither is there."""
+    try:
+        f = open_url(f"{stem}{SAMPLES_SUFFIX}")
+    except FileNotFoundError:
+        f = open_url(f"{stem}.parquet")
+    with f:
+        return pq.read_table(f, columns=["key", "status"]).to_pydict()
 
 
 def resolve_shards(spec: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:

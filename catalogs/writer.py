@@ -3,7 +3,7 @@ folder or any fsspec URL (catalogs/storage.py).
 
 A shard named NAME in DIR is these files:
     NAME.tar              the records (KEY.jpg|png|webp + KEY.json)
-    NAME.parquet          one row per sample, ok and failed (status, stage, reason), as img2dataset does
+    NAME.samples.parquet  one row per sample, ok and failed (status, stage, reason), as img2dataset does
     NAME.objects.parquet  one row per object of the ok samples
     NAME.clip.parquet     only when the records carry image embeddings (datagen's curate stage): one row per ok
                           sample with one, in record order (catalogs/embeddings.py)
@@ -19,6 +19,12 @@ file whose recorded sizes disagree with the files beside it (a stale upload) cou
 embedding sidecar is optional: a shard without one (a run without the curate stage) is complete.
 `complete_shards` says which shards of a listing are complete, `partial_files` what an interrupted attempt left
 of the others (a run removes it before redoing them whole).
+
+Each kind of file has its own suffix, so a glob names one kind (`*.samples.parquet`, `*.objects.parquet`,
+`*.clip.parquet`) and never mixes schemas. Shards written before issue #19 name their samples sidecar
+`NAME.parquet` (`LEGACY_NAMES`): they stay complete and readable (`listed_names` says which name a shard
+uses), and a retry that rewrites such a shard removes the old name. Every sidecar is written with its fixed
+schema (SAMPLE_SCHEMA, OBJECT_SCHEMA), so a nullable column is typed even in a shard where it is all null.
 
 Records may arrive in parts (`part=`, a block index): each part is spooled to its own file and the tar is
 assembled in part order on close, so blocks that finish out of order still give the plan-ordered, byte-stable
@@ -117,14 +123,36 @@ OBJECT_SCHEMA = pa.schema(
 )
 
 
+SAMPLES_SUFFIX = ".samples.parquet"
+OBJECTS_SUFFIX = ".objects.parquet"
+
+
 def shard_names(name: str) -> dict[str, str]:
-    """The file names of shard NAME's required files, by kind (tar, samples, objects, stats)."""
+    """The file names of shard NAME's required files, by kind (tar, samples, objects, stats), as this writer
+    names them."""
     return {
         "tar": f"{name}.tar",
-        "samples": f"{name}.parquet",
-        "objects": f"{name}.objects.parquet",
+        "samples": f"{name}{SAMPLES_SUFFIX}",
+        "objects": f"{name}{OBJECTS_SUFFIX}",
         "stats": f"{name}_stats.json",
     }
+
+
+def legacy_names(name: str) -> dict[str, str]:
+    """The names shard NAME's files had before issue #19, by kind, where they differ from shard_names: the
+    samples sidecar was `NAME.parquet`, which `*.parquet` globbed together with the other sidecars."""
+    return {"samples": f"{name}.parquet"}
+
+
+def listed_names(name: str, have) -> dict[str, str] | None:
+    """The file names of shard NAME's required files as the listing HAVE (names, or a mapping keyed by name)
+    holds them: shard_names, or for a shard written before issue #19 its legacy samples name; None when one
+    is missing (the shard is not complete)."""
+    names = shard_names(name)
+    for kind, old in legacy_names(name).items():
+        if names[kind] not in have and old in have:
+            names[kind] = old
+    return names if all(n in have for n in names.values()) else None
 
 
 def optional_names(name: str) -> dict[str, str]:
@@ -139,10 +167,11 @@ def shard_files(directory: str | os.PathLike, name: str) -> dict[str, str]:
 
 
 def complete_names(names) -> list[str]:
-    """The shards complete in a listing of file NAMES (relative, POSIX): those with all four files. Sorted."""
+    """The shards complete in a listing of file NAMES (relative, POSIX): those with all four files (under
+    their names or the legacy ones, `listed_names`). Sorted."""
     have = set(names)
     stems = [n[: -len("_stats.json")] for n in have if n.endswith("_stats.json")]
-    return sorted(s for s in stems if all(f in have for f in shard_names(s).values()))
+    return sorted(s for s in stems if listed_names(s, have) is not None)
 
 
 def complete_shards(directory: str | os.PathLike, listing=None) -> list[str]:
@@ -155,8 +184,9 @@ _PART = re.compile(r"(.+)\.part\d+" + re.escape(TMP_SUFFIX))  # a local writer's
 
 
 def shard_of(name: str) -> str | None:
-    """The shard a top-level file NAME belongs to: one of its files (shard_names, optional_names), such a
-    file's temporary name, or a local writer's spooled part (`<shard>.part<n>.tmp`); None for any other."""
+    """The shard a top-level file NAME belongs to: one of its files (shard_names, optional_names, legacy_names),
+    such a file's temporary name, or a local writer's spooled part (`<shard>.part<n>.tmp`); None for any
+    other."""
     if "/" in name:
         return None
     part = _PART.fullmatch(name)
@@ -164,7 +194,8 @@ def shard_of(name: str) -> str | None:
         return part.group(1)
     stem = name.removesuffix(TMP_SUFFIX)
     shard = stem.split(".", 1)[0].split("_", 1)[0]
-    return shard if stem in (*shard_names(shard).values(), *optional_names(shard).values()) else None
+    names = (shard_names(shard), optional_names(shard), legacy_names(shard))
+    return shard if any(stem in n.values() for n in names) else None
 
 
 def partial_files(listing, shards) -> list[str]:
@@ -489,8 +520,10 @@ class ShardWriter:
             files = {k: self.tmp[k].stat().st_size for k in kinds}
             stats = {**self.stats.to_json(), "files": files, **self.extra_stats}
             self.tmp["stats"].write_text(json.dumps(stats, indent=2, sort_keys=True))
-            if self.replace:  # the stats first (the shard turns incomplete), and a sidecar the new one lacks
-                self.folder.remove([self.names["stats"]] + ([] if emb else [self.names["embeddings"]]))
+            if self.replace:  # the stats first (the shard turns incomplete), then a sidecar the new one lacks and
+                # the legacy names, which would otherwise stand beside the new files
+                lacks = [] if emb else [self.names["embeddings"]]
+                self.folder.remove([self.names["stats"], *lacks, *legacy_names(self.name).values()])
             for kind in kinds + ["stats"]:
                 if self.folder.local:
                     _fsync(self.tmp[kind])

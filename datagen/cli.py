@@ -249,7 +249,8 @@ def _demo(args: argparse.Namespace) -> int:
     from subjectdiff.catalogs.report import build_report
 
     report = build_report(out, out / "report.html")
-    print(f"shards, sidecars, stats:  {out}/*.tar, *.parquet, *_stats.json")
+    print(f"shards, sidecars, stats:  {out}/*.tar, *.samples.parquet, *.objects.parquet, *_stats.json")
+    print(f"Hugging Face datasets:    load_dataset({str(out)!r})   ({out}/README.md: samples, objects, failures)")
     print(f"visual report:            {report}   (open it in a browser)")
     print(f"catalog (DuckDB):         {out}/catalog.duckdb   (subjectdiff catalog stats {args.out})")
     print(f"run manifest:             {out}/manifest.json")

@@ -29,7 +29,7 @@ from subjectdiff.catalogs.embeddings import read_embeddings
 from subjectdiff.catalogs.schema import Failure
 from subjectdiff.catalogs.storage import Folder, open_url
 from subjectdiff.catalogs.tars import member_index
-from subjectdiff.catalogs.writer import ShardWriter, optional_names, shard_names
+from subjectdiff.catalogs.writer import ShardWriter, legacy_names, optional_names, shard_names
 from subjectdiff.datagen.assemble import to_record
 
 Item = dict[str, Any]
@@ -187,6 +187,8 @@ def carry_over(w: ShardWriter, out: str, shard: str, order: list[str], replace: 
     before anything of the new shard is published."""
     folder = Folder(out)
     names = shard_names(shard)
+    if not folder.exists(names["samples"]):  # a shard written before issue #19 (catalogs/writer.py)
+        names.update(legacy_names(shard))
     with folder.open(names["samples"]) as f:
         samples = pq.read_table(f).to_pylist()
     with folder.open(names["objects"]) as f:

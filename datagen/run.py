@@ -12,6 +12,7 @@ How a record travels (one module per role):
     datagen/committer.py    a writer beside each last-stage actor: spools its shards' records to local disk
                             and publishes each finished shard to OUT (a folder or a bucket), stats last
     datagen/manifest.py     OUT/manifest.json: config, models and hashes, versions, every run of OUT
+    catalogs/card.py        OUT/README.md, written after the run's catalog build: `load_dataset(OUT)`
 
 OUT is a local folder or any fsspec URL (s3://bucket/prefix): shards, sidecars, the plan and the manifest
 live there; the DuckDB catalog is local (catalogs.catalog.catalog_path, or `catalog=`).
@@ -29,7 +30,7 @@ import os
 import sys
 import time
 
-from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs import card, catalog
 from subjectdiff.catalogs.storage import Entry, Folder
 from subjectdiff.catalogs.writer import KINDS, complete_shards, partial_files
 from subjectdiff.datagen import plan, ray_setup, retry, sources
@@ -160,8 +161,12 @@ def _run_shards(
         )
         outcome = dist.run(shards)
     prog.update(0, 0, force=True)
-    print(catalog.build(folder.url, catalog=catalog_file).summary(), file=sys.stderr)
-    complete = set(complete_shards(folder.url))
+    built = catalog.build(folder.url, catalog=catalog_file)
+    print(built.summary(), file=sys.stderr)
+    listing = folder.listing()
+    complete = set(complete_shards(folder.url, listing))
+    if complete:
+        _write_card(folder, listing, [b.name for b in built.bad] + built.incomplete)
     ok, failed = sum(v[0] for v in outcome.done.values()), sum(v[1] for v in outcome.done.values())
     return RunSummary(
         len(counts),
@@ -173,6 +178,17 @@ def _run_shards(
         [s for s in counts if s not in complete],
         outcome.why,
     )
+
+
+def _write_card(folder: Folder, listing: dict[str, Entry], exclude: list[str]) -> None:
+    """OUT/README.md, with which Hugging Face datasets loads the rows the catalog holds (catalogs/card.py). The
+    records are complete without it: a storage failure here is a warning, and the next run writes it again."""
+    try:
+        card.write_card(folder.url, listing=listing, exclude=exclude)
+    except OSError as e:
+        print(
+            f"[datagen] warning: the dataset card {folder.join(card.CARD_FILE)} was not written: {e}", file=sys.stderr
+        )
 
 
 __all__ = ["run", "KINDS"]

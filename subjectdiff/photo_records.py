@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from subjectdiff.catalogs.card import write_card
 from subjectdiff.catalogs.schema import Failure, Record, make_key, object_from_arrays
 from subjectdiff.catalogs.tokens import clip_token_positions
 from subjectdiff.catalogs.writer import ShardWriter
@@ -124,7 +125,8 @@ def write_photo_shards(
     out_dir: str | os.PathLike, n_shards: int = 2, per_shard: int = 5, failures_per_shard: int = 1
 ) -> list[str]:
     """Write n_shards shards of per_shard records cycling over PHOTOS (distinct sources, hence keys),
-    plus failures_per_shard failed samples each. Returns the keys of the ok records."""
+    plus failures_per_shard failed samples each, and the folder's dataset card (catalogs/card.py). Returns the
+    keys of the ok records."""
     names = list(PHOTOS)
     keys = []
     cache: dict[str, Record] = {}
@@ -150,6 +152,7 @@ def write_photo_shards(
             for j in range(failures_per_shard):
                 src = f"broken://{s}/{j}"
                 w.fail(Failure(key=make_key(src), source=src, stage="decode", reason="cannot identify image file"))
+    write_card(out_dir)  # a complete shard set, as a datagen run leaves one: `datasets.load_dataset(out_dir)` reads it
     return keys
 
 

@@ -1,10 +1,15 @@
-"""Helpers shared by the tests that run datagen's pipeline: the tiny preset sized for a test, and comparing
-records and manifests read back from two runs."""
+"""Helpers shared by the tests that run datagen's pipeline: the tiny preset sized for a test, comparing
+records and manifests read back from two runs, and reading a run's output with Hugging Face `datasets`."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
+from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs.writer import OBJECT_SCHEMA, SAMPLE_SCHEMA
 from subjectdiff.datagen.job import JobConfig, preset
 
 
@@ -33,3 +38,39 @@ def assert_close(a, b, path="", atol=1e-5):
             assert_close(x, y, f"{path}[{i}]", atol)
     else:
         assert a == b, f"{path}: {str(a)[:80]} != {str(b)[:80]}"
+
+
+def datasets():
+    """The `datasets` module, or the test skips; offline (the tests read local folders only)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    return pytest.importorskip("datasets")
+
+
+def load(out: Path, config: str | None, cache: Path) -> list[dict]:
+    """load_dataset(OUT[, CONFIG])["train"] as rows, cached under CACHE (never the user's cache)."""
+    args = (str(out),) if config is None else (str(out), config)
+    return datasets().load_dataset(*args, cache_dir=str(cache))["train"].to_list()
+
+
+def catalog_rows(out: Path, table: str, columns: list[str]) -> list[dict]:
+    cols = ", ".join(f'"{c}"' for c in columns)
+    return catalog.query(out, f"SELECT {cols} FROM {table}").to_pylist()
+
+
+def by_key(rows: list[dict], *extra: str) -> list[dict]:
+    return sorted(rows, key=lambda r: (r["key"], *(r[e] for e in extra)))
+
+
+def assert_loads_the_catalog(out: Path, cache: Path) -> None:
+    """The three configs give the catalog's samples, objects and failures: the same rows, column for column."""
+    samples = load(out, None, cache)
+    assert samples and samples[0].keys() == {f.name for f in SAMPLE_SCHEMA} - {"status", "stage", "reason"}
+    assert by_key(samples) == by_key(catalog_rows(out, "samples", list(samples[0])))
+    objects = load(out, "objects", cache)
+    assert objects and list(objects[0]) == OBJECT_SCHEMA.names
+    assert by_key(objects, "index") == by_key(catalog_rows(out, "objects", OBJECT_SCHEMA.names), "index")
+    failures = load(out, "failures", cache)
+    cols = ["key", "shard", "source", "stage", "reason"]
+    assert by_key(failures) == by_key(catalog_rows(out, "failures", cols))
+    assert len(failures) == catalog.query(out, "SELECT count(*) n FROM failures").column("n")[0].as_py()

@@ -73,28 +73,28 @@ def root(request, tmp_path) -> str:
 
 def damage(root: str, remote: bool) -> dict[str, tuple[str, str]]:
     """Spoil shards 00001-00005 of ROOT (00006 too on a bucket) one way each: {shard: (its bad file, reason)}."""
-    samples = pq.read_table(io.BytesIO(get(root, "00001.parquet")))
-    put(root, "00001.parquet", sidecar_bytes(samples.drop_columns(["width"])))  # a sidecar of another schema
-    samples = pq.read_table(io.BytesIO(get(root, "00002.parquet")))
+    samples = pq.read_table(io.BytesIO(get(root, "00001.samples.parquet")))
+    put(root, "00001.samples.parquet", sidecar_bytes(samples.drop_columns(["width"])))  # a sidecar of another schema
+    samples = pq.read_table(io.BytesIO(get(root, "00002.samples.parquet")))
     wide = samples.set_column(samples.schema.get_field_index("width"), "width", pa.array(["wide"] * samples.num_rows))
-    put(root, "00002.parquet", sidecar_bytes(wide))  # a column of another type
+    put(root, "00002.samples.parquet", sidecar_bytes(wide))  # a column of another type
     for sid in ("00001", "00002"):
-        set_recorded_size(root, sid, "samples", f"{sid}.parquet")
+        set_recorded_size(root, sid, "samples", f"{sid}.samples.parquet")
     put(root, "00003_stats.json", b'{"successes": 2, "files": ')  # cut short
     size = len(get(root, "00004.objects.parquet"))
     put(root, "00004.objects.parquet", b"\x00" * size)  # corrupt bytes, the recorded size
     st = json.loads(get(root, "00005_stats.json"))
     put(root, "00005_stats.json", json.dumps({**st, "successes": st["successes"] + 1}).encode())
     bad = {
-        "00001": ("00001.parquet", "wrong schema"),
-        "00002": ("00002.parquet", "wrong schema"),
+        "00001": ("00001.samples.parquet", "wrong schema"),
+        "00002": ("00002.samples.parquet", "wrong schema"),
         "00003": ("00003_stats.json", "not JSON"),
         "00004": ("00004.objects.parquet", "not Parquet"),
         "00005": ("00005_stats.json", "counts disagree"),
     }
     if remote:  # a sidecar the listing shows but a GET refuses: archived by a lifecycle rule
-        put(root, "00006.parquet", get(root, "00006.parquet"), StorageClass="GLACIER")
-        bad["00006"] = ("00006.parquet", "read failed")
+        put(root, "00006.samples.parquet", get(root, "00006.samples.parquet"), StorageClass="GLACIER")
+        bad["00006"] = ("00006.samples.parquet", "read failed")
     return bad
 
 

@@ -46,7 +46,7 @@ def planted(tmp_path_factory) -> tuple[Path, dict[str, Record]]:
 
 def test_shards_store_the_signals_and_the_embeddings_in_record_order(planted):
     out, recs = planted
-    rows = pq.read_table(out / "00000.parquet").to_pylist()
+    rows = pq.read_table(out / "00000.samples.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["ok", "ok", "failed", "ok"]
     ok = [r for r in rows if r["status"] == "ok"]
     assert [r["sha256"] for r in ok] == [recs[r["source"]].sha256 for r in ok]
@@ -79,13 +79,13 @@ def test_shards_store_the_signals_and_the_embeddings_in_record_order(planted):
 def test_same_records_give_the_same_bytes_and_a_shard_without_embeddings_is_complete(planted, tmp_path):
     out, _ = planted
     write_planted(tmp_path)
-    for name in ("00000.tar", "00000.parquet", "00000.objects.parquet", "00000.clip.parquet"):
+    for name in ("00000.tar", "00000.samples.parquet", "00000.objects.parquet", "00000.clip.parquet"):
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
     plain = tmp_path / "plain"
     with ShardWriter(plain, "00000") as w:
         w.write(photo_record("hubble_deep_field")[0])
     assert complete_shards(plain) == ["00000"] and not (plain / "00000.clip.parquet").exists()
-    row = pq.read_table(plain / "00000.parquet").to_pylist()[0]
+    row = pq.read_table(plain / "00000.samples.parquet").to_pylist()[0]
     assert row["sha256"] is None and row["clip_score"] is None
 
 
@@ -128,7 +128,7 @@ def test_a_retried_shard_carries_the_kept_records_embeddings_over(tmp_path):
     assert got_keys == order  # the redone record in its plan position
     assert np.array_equal(vectors[:2], before[1])  # kept records' embeddings, unchanged
     assert np.array_equal(vectors[2], recs[2].clip_embedding.astype(np.float16))
-    assert pq.read_table(out / "00000.parquet").column("sha256").to_pylist() == [r.sha256 for r in recs]
+    assert pq.read_table(out / "00000.samples.parquet").column("sha256").to_pylist() == [r.sha256 for r in recs]
 
 
 def test_a_retry_of_a_shard_written_before_the_curation_columns_keeps_it_loadable(tmp_path):
@@ -145,13 +145,16 @@ def test_a_retry_of_a_shard_written_before_the_curation_columns_keeps_it_loadabl
     carry_over(w, str(out), "00000", [r.key for r in recs], {recs[1].key})
     w.write(recs[1], part=1)
     w.close()
-    rows = pq.read_table(out / "00000.parquet").to_pylist()
+    rows = pq.read_table(out / "00000.samples.parquet").to_pylist()
     assert [r["key"] for r in rows] == [r.key for r in recs] and rows[0]["sha256"] is None
+    assert not (out / "00000.parquet").exists()  # the rewritten shard has the current names only
 
 
 def _drop_new_columns(out: Path, shard: str) -> None:
-    """Rewrite a shard's sidecars as the writer before the curation columns wrote them (and fix its stats)."""
+    """Rewrite a shard's sidecars as the writer before the curation columns wrote them, under the names it gave
+    them (the samples sidecar was NAME.parquet before issue #19), and fix its stats."""
     new = {"sha256", "phash", "clip_score", "alt_clip_score", "aesthetic", "label_score", "label_rank"}
+    (out / f"{shard}.samples.parquet").rename(out / f"{shard}.parquet")
     for name in (f"{shard}.parquet", f"{shard}.objects.parquet"):
         t = pq.read_table(out / name)
         pq.write_table(t.select([c for c in t.column_names if c not in new]), out / name)

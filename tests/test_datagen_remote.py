@@ -147,8 +147,10 @@ def test_a_bucket_in_and_a_bucket_out_account_for_every_input(bucket_photos, str
     # The catalog is a local file built from the bucket's sidecars; the shards, plan and manifest are in the bucket.
     assert catalog.catalog_path(out).is_file() and not str(catalog.catalog_path(out)).startswith("s3:")
     names = listing(out)
-    assert {"_plan.parquet", "_plan.json", "manifest.json"} <= set(names)
+    assert {"_plan.parquet", "_plan.json", "manifest.json", "README.md"} <= set(names)  # README.md: the dataset card
     assert not [n for n in names if n.endswith(".tmp")]  # nothing half-written is left in the bucket
+    kinds = {n.split(".", 1)[1] for n in names if n.startswith("00000.")}  # one suffix per kind of file
+    assert kinds == {"tar", "samples.parquet", "objects.parquet", "clip.parquet"}
     recs = records(out)
     assert len(recs) == summary.ok
     fs, _ = storage.filesystem(out)

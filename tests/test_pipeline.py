@@ -21,7 +21,7 @@ from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.datagen.run import run
 from subjectdiff.datagen.sources import SourceError, detect
-from tests.pipelines import assert_close, tiny_cfg
+from tests.pipelines import assert_close, assert_loads_the_catalog, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "datagen" / "sample_images"
@@ -89,6 +89,14 @@ def test_every_input_is_accounted_for_exactly_once(photo_dir, reference_run):
     assert manifest["preset"] == "tiny" and manifest["runs"][-1]["status"] == "complete"
     assert manifest["counts"]["samples"] == summary.ok and manifest["versions"]["torch"]
     assert manifest["models"]["segment"]["sha256"]
+
+
+def test_load_dataset_reads_what_the_run_catalogued(reference_run, tmp_path):
+    """The run leaves a dataset card: `datasets.load_dataset(OUT)` gives its samples, and the objects and
+    failures configs the rest, row for row the catalog's (skipped where `datasets` is not installed)."""
+    out, summary = reference_run
+    assert (out / "README.md").is_file() and summary.failed > 0
+    assert_loads_the_catalog(out, tmp_path / "cache")
 
 
 def test_batch_size_does_not_change_records(photo_dir, reference_run, tmp_path):

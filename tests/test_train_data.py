@@ -208,7 +208,7 @@ def test_near_white_fraction_is_a_catalog_column(tmp_path):
     clean = query(d, "SELECT key FROM samples WHERE white_fraction <= 0.1").column("key").to_pylist()
     assert sorted(clean) == sorted(keys[:3])
     # a shard written before the column existed: its sidecar lacks it, the build computes it from the tar
-    sidecar = d / "00000.parquet"
+    sidecar = d / "00000.samples.parquet"
     table = pq.read_table(sidecar)
     pq.write_table(table.drop_columns(["white_fraction"]), sidecar)
     stats = json.loads((d / "00000_stats.json").read_text())
