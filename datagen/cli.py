@@ -139,11 +139,11 @@ def _run(args: argparse.Namespace) -> int:
     """Exit status: 0 when every shard is complete; 1 when shards are left incomplete or the storage failed
     (rerun the same command to resume); 2 for a bad input, output or setting, 130/143 interrupted
     (subjectdiff/errors.py)."""
+    if args.print_config:
+        return _print_config(args)
     cfg = _config(args)
     from subjectdiff.datagen.run import run
 
-    if args.print_config:
-        return _print_config(args)
     try:
         summary = run(
             args.input,
