@@ -42,7 +42,13 @@ CARD_FILE = "README.md"
 # The catalog's samples and failures columns that the samples sidecar holds (the catalog adds `idx`).
 SAMPLE_COLUMNS = [f.name for f in SAMPLE_SCHEMA if f.name not in ("status", "stage", "reason")]
 FAILURE_COLUMNS = ["key", "shard", "source", "stage", "reason"]
-_DTYPES = {pa.string(): "string", pa.int32(): "int32", pa.int64(): "int64", pa.float32(): "float32"}
+_DTYPES = {
+    pa.string(): "string",
+    pa.int32(): "int32",
+    pa.int64(): "int64",
+    pa.float32(): "float32",
+    pa.float64(): "float64",
+}
 
 
 def features(schema: pa.Schema, columns: list[str]) -> list[dict]:

@@ -9,11 +9,12 @@ unchanged ones, only those are read, shards that disappeared are dropped, and bu
 
 Tables (see docs/records.md for every column):
     samples(key, shard, idx, caption, alt_text, width, height, n_objects, source, image_ext, image_bytes, ...,
-            sha256, phash, clip_score, alt_clip_score, aesthetic, white_fraction)
+            sha256, phash, clip_score, alt_clip_score, aesthetic, white_fraction,
+            video, video_shot, video_frame, video_time)
     objects(key, shard, index, label, phrase, span_start, span_end, tokens, score, x0, y0, x1, y1,
             area, aspect, mask_area, mask_fill, containment, mask_score, label_score, label_rank)
     shards(name, path, n_ok, n_failed, n_objects, bytes, start_time, end_time, duration, fingerprint)
-    failures(key, shard, idx, source, stage, reason)
+    failures(key, shard, idx, source, stage, reason, video, video_frame)
     bad_shards(name, file, reason, detail, seen_at)
 
 `idx` is a sample's position in its shard's samples sidecar (ok and failed samples counted together), which is
@@ -60,14 +61,16 @@ from subjectdiff.catalogs.writer import (
 )
 
 CATALOG_FILE = "catalog.duckdb"
-CATALOG_VERSION = 3  # 2: samples/failures.idx and the curation columns; 3: samples.white_fraction
+# 2: samples/failures.idx and the curation columns; 3: samples.white_fraction; 4: the video columns
+CATALOG_VERSION = 4
 PLAN_ORDER = "shard, idx"  # the order datagen planned the samples in (module docstring)
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS samples (
     key VARCHAR, shard VARCHAR, idx INTEGER, caption VARCHAR, alt_text VARCHAR, width INTEGER, height INTEGER,
     n_objects INTEGER, source VARCHAR, image_ext VARCHAR, image_bytes BIGINT, schema_version INTEGER,
-    sha256 VARCHAR, phash BIGINT, clip_score REAL, alt_clip_score REAL, aesthetic REAL, white_fraction REAL);
+    sha256 VARCHAR, phash BIGINT, clip_score REAL, alt_clip_score REAL, aesthetic REAL, white_fraction REAL,
+    video VARCHAR, video_shot INTEGER, video_frame BIGINT, video_time DOUBLE);
 CREATE TABLE IF NOT EXISTS objects (
     key VARCHAR, shard VARCHAR, "index" INTEGER, label VARCHAR, phrase VARCHAR,
     span_start INTEGER, span_end INTEGER, tokens INTEGER[], score REAL,
@@ -77,7 +80,8 @@ CREATE TABLE IF NOT EXISTS shards (
     name VARCHAR PRIMARY KEY, path VARCHAR, n_ok INTEGER, n_failed INTEGER, n_objects INTEGER,
     bytes BIGINT, start_time DOUBLE, end_time DOUBLE, duration DOUBLE, fingerprint VARCHAR);
 CREATE TABLE IF NOT EXISTS failures (
-    key VARCHAR, shard VARCHAR, idx INTEGER, source VARCHAR, stage VARCHAR, reason VARCHAR);
+    key VARCHAR, shard VARCHAR, idx INTEGER, source VARCHAR, stage VARCHAR, reason VARCHAR,
+    video VARCHAR, video_frame BIGINT);
 CREATE TABLE IF NOT EXISTS bad_shards (
     name VARCHAR PRIMARY KEY, file VARCHAR, reason VARCHAR, detail VARCHAR, seen_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS catalog_info (name VARCHAR PRIMARY KEY, value VARCHAR);
@@ -416,8 +420,12 @@ _SAMPLE_COLUMNS = [
     "alt_clip_score",
     "aesthetic",
     "white_fraction",
+    "video",
+    "video_shot",
+    "video_frame",
+    "video_time",
 ]
-_FAILURE_COLUMNS = ["key", "shard", "idx", "source", "stage", "reason"]
+_FAILURE_COLUMNS = ["key", "shard", "idx", "source", "stage", "reason", "video", "video_frame"]
 _OBJECT_COLUMNS = [
     "key",
     "shard",
@@ -453,6 +461,10 @@ _ADDED_COLUMNS = {
     "white_fraction",
     "label_score",
     "label_rank",
+    "video",
+    "video_shot",
+    "video_frame",
+    "video_time",
 }
 _STATS_INTS = ("count", "successes", "failed", "objects", "bytes")
 _STATS_FLOATS = ("start_time", "end_time", "duration")

@@ -12,6 +12,10 @@ Curation signals (version 2, from datagen's curate stage; None where a run did n
 sha256, phash, clip_score, alt_clip_score, aesthetic, and the image embedding (`clip_embedding`, which goes to
 the shard's embedding sidecar, not into the JSON); per object label_score and label_rank.
 
+video (version 4): a record made from a frame of a video says which (`VideoFrame`: the source video, the shot
+index, the frame index, the time in seconds); None for a photo. Cross-image pairs (catalogs/pairs.py) pair objects
+of different frames of one video.
+
 Coordinate conventions:
     box: [x0, y0, x1, y1], xyxy, normalized to [0, 1] by image width and height.
     span: [start, end) character offsets into the caption.
@@ -32,7 +36,8 @@ import numpy as np
 from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.catalogs.boxes import xyxy_intersection_area, xyxy_norm_to_pixel_rect
 
-SCHEMA_VERSION = 3  # 2: the curation signals (records of version 1 have none of them); 3: white_fraction
+# 2: the curation signals (records of version 1 have none of them); 3: white_fraction; 4: `video` (frames of videos)
+SCHEMA_VERSION = 4
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -123,6 +128,28 @@ class ObjectAnn:
 
 
 @dataclass
+class VideoFrame:
+    """Where a record's image came from in a video.
+
+    source: the video (path, URL or `shard.tar#member`, as the plan named it); shot: 0-based index of the shot
+    (scene) the frame lies in; frame: 0-based index of the frame in the video's stream; time: its presentation
+    time in seconds from the start.
+    """
+
+    source: str
+    shot: int
+    frame: int
+    time: float
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any] | None) -> VideoFrame | None:
+        return None if d is None else cls(str(d["source"]), int(d["shot"]), int(d["frame"]), float(d["time"]))
+
+
+@dataclass
 class Record:
     """One source image and its grounded objects. `image` holds the encoded bytes (never re-encoded).
 
@@ -149,6 +176,7 @@ class Record:
     aesthetic: float | None = None
     clip_embedding: np.ndarray | None = field(default=None, repr=False)
     white_fraction: float | None = None  # filled by the writer from the pixels when None
+    video: VideoFrame | None = None  # the video frame this image is, None for a photo
 
     def meta_json(self) -> dict[str, Any]:
         return {
@@ -165,6 +193,7 @@ class Record:
             "alt_clip_score": self.alt_clip_score,
             "aesthetic": self.aesthetic,
             "white_fraction": self.white_fraction,
+            "video": None if self.video is None else self.video.to_json(),
             "objects": [o.to_json() for o in self.objects],
             "extra": self.extra,
         }
@@ -178,6 +207,7 @@ class Failure:
     source: str
     stage: str
     reason: str
+    video: VideoFrame | None = None  # the frame that failed, when the input was a video
 
     def __post_init__(self) -> None:
         if not is_failure_stage(self.stage):
@@ -225,6 +255,8 @@ def validate(record: Record) -> None:
     if record.width <= 0 or record.height <= 0:
         raise RecordError(f"{k}: width and height must be positive, got {record.width}x{record.height}")
     _validate_curation(record)
+    if record.video is not None:
+        validate_video(record.video, k)
     for i, o in enumerate(record.objects):
         where = f"{k}: objects[{i}] ({o.label!r})"
         if len(o.box) != 4 or not all(0.0 <= v <= 1.0 for v in o.box):
@@ -244,6 +276,20 @@ def validate(record: Record) -> None:
                 f"{where}: mask must be COCO RLE {{'size': [{record.height}, {record.width}], 'counts': str}}, "
                 f"got size {size}"
             )
+
+
+def validate_video(v: VideoFrame, key: str) -> None:
+    """A VideoFrame names its video and has a shot and frame index >= 0 and a finite time >= 0."""
+    if not isinstance(v, VideoFrame):
+        raise RecordError(f"{key}: video must be a VideoFrame, got {type(v).__name__}")
+    if not (isinstance(v.source, str) and v.source):
+        raise RecordError(f"{key}: video.source must name the video, got {v.source!r}")
+    for name in ("shot", "frame"):
+        value = getattr(v, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise RecordError(f"{key}: video.{name} must be an integer >= 0, got {value!r}")
+    if not (_finite_or_none(v.time) and v.time is not None and v.time >= 0):
+        raise RecordError(f"{key}: video.time must be a finite number of seconds >= 0, got {v.time!r}")
 
 
 def _finite_or_none(v: Any) -> bool:

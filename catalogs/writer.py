@@ -57,6 +57,7 @@ from subjectdiff.catalogs.schema import (
     Failure,
     Record,
     RecordError,
+    VideoFrame,
     compute_quality,
     validate,
     white_fraction,
@@ -93,6 +94,11 @@ SAMPLE_SCHEMA = pa.schema(
         ("aesthetic", pa.float32()),
         # near-white pixels / pixels (schema version 3), null for failed samples
         ("white_fraction", pa.float32()),
+        # the video frame the sample is (schema version 4; catalogs.schema.VideoFrame), null for photos
+        ("video", pa.string()),
+        ("video_shot", pa.int32()),
+        ("video_frame", pa.int64()),
+        ("video_time", pa.float64()),
     ]
 )
 
@@ -372,6 +378,7 @@ class ShardWriter:
                 "alt_clip_score": record.alt_clip_score,
                 "aesthetic": record.aesthetic,
                 "white_fraction": record.white_fraction,
+                **_video_columns(record.video),
             }
         )
         if emb is not None:
@@ -440,6 +447,7 @@ class ShardWriter:
                 "image_ext": None,
                 "image_bytes": None,
                 "schema_version": SCHEMA_VERSION,
+                **_video_columns(failure.video),
             }
         )
 
@@ -553,6 +561,13 @@ class ShardWriter:
     def _drop_spool(self) -> None:
         if self._own_spool:
             shutil.rmtree(self._spool, ignore_errors=True)
+
+
+def _video_columns(video: VideoFrame | None) -> dict[str, Any]:
+    """The samples sidecar's video columns of a record or failure (all null for a photo)."""
+    if video is None:
+        return {"video": None, "video_shot": None, "video_frame": None, "video_time": None}
+    return {"video": video.source, "video_shot": video.shot, "video_frame": video.frame, "video_time": video.time}
 
 
 def encoded_white_fraction(data: bytes) -> float:
