@@ -12,6 +12,16 @@ features (never inferred from a first file, where a column such as alt_text may 
     objects            the objects sidecars, every row, OBJECT_SCHEMA's columns
     failures           the samples sidecars, rows with status "failed", FAILURE_COLUMNS
 
+The images stay in the tars, which `datasets` reads with its `webdataset` builder. A folder has one builder, so
+the card cannot hold a config for them beside the Parquet ones; left to itself the builder infers its columns
+from the first shard's first records, and fails on a later record with a field null there (alt_text) or an
+image format it has not seen. `record_features()` declares them instead:
+
+    records = load_dataset("webdataset", data_files=f"{OUT}/*.tar", features=record_features())["train"]
+
+gives __key__, __url__, one image column per stored format (jpg, png, webp; null where a record has another)
+and `json`, KEY.json as RECORD_JSON declares it (every field but the free-form `extra`).
+
 The samples and failures configs read the same files, each its rows (the Parquet builder's `filters`) and
 its columns (`columns`), which a `datasets` release whose Parquet builder takes `filters` reads (4.x and 5.x;
 not 2.x, which would return every row of the samples sidecars in both). The rows are the complete shards'
@@ -64,6 +74,69 @@ def features(schema: pa.Schema, columns: list[str]) -> list[dict]:
     return out
 
 
+def _value(dtype: str) -> dict:
+    return {"dtype": dtype}
+
+
+def _list(item: dict | list) -> dict:
+    """A list feature of ITEM: a {"dtype"} value, or a struct given as a list of named fields."""
+    return {"list": item if isinstance(item, list) else item["dtype"]}
+
+
+def _fields(**kinds: dict) -> list[dict]:
+    return [{"name": name, **kind} for name, kind in kinds.items()]
+
+
+_S, _I32, _I64, _F32, _F64 = (_value(t) for t in ("string", "int32", "int64", "float32", "float64"))
+# KEY.json (catalogs.schema.Record.meta_json) as features; `extra` is free-form, so it is left out.
+RECORD_JSON = _fields(
+    schema_version=_I32,
+    key=_S,
+    caption=_S,
+    alt_text=_S,
+    width=_I32,
+    height=_I32,
+    source=_S,
+    sha256=_S,
+    phash=_I64,
+    clip_score=_F32,
+    alt_clip_score=_F32,
+    aesthetic=_F32,
+    white_fraction=_F32,
+    video={"struct": _fields(source=_S, shot=_I32, frame=_I64, time=_F64)},
+    objects=_list(
+        _fields(
+            label=_S,
+            phrase=_S,
+            span=_list(_I32),
+            tokens=_list(_I32),
+            box=_list(_F32),
+            score=_F32,
+            mask={"struct": _fields(size=_list(_I32), counts=_S)},
+            mask_score=_F32,
+            area=_F32,
+            aspect=_F32,
+            mask_area=_F32,
+            mask_fill=_F32,
+            containment=_F32,
+            label_score=_F32,
+            label_rank=_I32,
+        )
+    ),
+)
+RECORD_FEATURES = _fields(
+    __key__=_S, __url__=_S, jpg=_value("image"), png=_value("image"), webp=_value("image"), json={"struct": RECORD_JSON}
+)
+
+
+def record_features():
+    """The `datasets.Features` of a shard folder's tars for the `webdataset` builder (module docstring)."""
+    # Imported here: `datasets` is an optional dependency of the product, needed only by whoever calls this.
+    import datasets
+
+    return datasets.Features._from_yaml_list(RECORD_FEATURES)
+
+
 def configs(samples: list[str] | str, objects: list[str] | str) -> list[dict]:
     """The three configs over these sidecar files (or globs), relative to the folder: samples (default),
     objects, failures, each {config_name, data_files, columns, filters, features}."""
@@ -108,6 +181,23 @@ def sidecar_files(listing, exclude=()) -> tuple[list[str] | str, list[str] | str
     return samples, objects
 
 
+def _feature_lines(fields: list[dict], indent: str) -> list[str]:
+    """FIELDS as the card's YAML declares features: `- name` then dtype, list (of a dtype or of fields) or
+    struct, nested with the indentation `datasets` reads."""
+    lines = []
+    for f in fields:
+        lines.append(f"{indent}- name: {f['name']}")
+        for kind in ("dtype", "sequence", "list", "struct"):
+            if kind not in f:
+                continue
+            if isinstance(f[kind], list):
+                lines.append(f"{indent}  {kind}:")
+                lines.extend(_feature_lines(f[kind], indent + "  "))
+            else:
+                lines.append(f"{indent}  {kind}: {f[kind]}")
+    return lines
+
+
 def card_text(samples: list[str] | str, objects: list[str] | str) -> str:
     """README.md: the YAML header (configs, dataset_info) and a few lines saying what the folder holds."""
     header = ["configs:"]
@@ -124,15 +214,13 @@ def card_text(samples: list[str] | str, objects: list[str] | str) -> str:
         else:
             header.append("    path:")
             header.extend(f"    - {_quote(f)}" for f in files)
-        header.append(f"  columns: [{', '.join(c['columns'])}]")
+        if "columns" in c:
+            header.append(f"  columns: [{', '.join(c['columns'])}]")
         if "filters" in c:
             header.append("  filters: [" + ", ".join("[" + ", ".join(map(_quote, f)) + "]" for f in c["filters"]) + "]")
         info.append(f"- config_name: {c['config_name']}")
         info.append("  features:")
-        for f in c["features"]:
-            kind = "sequence" if "sequence" in f else "dtype"
-            info.append(f"  - name: {f['name']}")
-            info.append(f"    {kind}: {f[kind]}")
+        info.extend(_feature_lines(c["features"], "  "))
     body = (
         "# subjectdiff records\n\n"
         "Webdataset shards (`NNNNN.tar`: `KEY.jpg|png|webp` + `KEY.json`) written by subjectdiff, with Parquet\n"
@@ -144,6 +232,9 @@ def card_text(samples: list[str] | str, objects: list[str] | str) -> str:
         'samples = load_dataset(OUT)["train"]               # the ok samples\n'
         'objects = load_dataset(OUT, "objects")["train"]    # one row per object\n'
         'failures = load_dataset(OUT, "failures")["train"]  # the samples that failed, with stage and reason\n'
+        "\n# the images and their annotations (KEY.json), from the tars\n"
+        "from subjectdiff.catalogs.card import record_features\n\n"
+        'records = load_dataset("webdataset", data_files=f"{OUT}/*.tar", features=record_features())["train"]\n'
         "```\n\n"
         "`subjectdiff catalog build OUT` indexes the same rows in DuckDB; docs/records.md describes every column.\n"
     )

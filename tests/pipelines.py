@@ -41,10 +41,12 @@ def assert_close(a, b, path="", atol=1e-5):
 
 
 def datasets():
-    """The `datasets` module, or the test skips; offline (the tests read local folders only)."""
+    """The `datasets` module (pinned in the test extra), offline: the tests read local folders only."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    return pytest.importorskip("datasets")
+    import datasets as hf  # a function-level import: setting the offline variables first is the point
+
+    return hf
 
 
 def load(out: Path, config: str | None, cache: Path) -> list[dict]:

@@ -2,8 +2,7 @@
 the dataset card (catalogs/card.py) and sidecars of fixed schemas with one suffix per kind; shards written before
 the card and the names still index and read; Parquet that `datasets` writes is a datagen input.
 
-The tests that call `datasets` skip where it is not installed (no release resolves with the pinned stack:
-pyproject's test extra says why)."""
+`datasets` is pinned in the test extra (5.0.1: pyproject says why that release)."""
 
 from __future__ import annotations
 
@@ -18,9 +17,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from subjectdiff.catalogs import catalog
-from subjectdiff.catalogs.card import CARD_FILE, sidecar_files, write_card
+from subjectdiff.catalogs.card import CARD_FILE, record_features, sidecar_files, write_card
 from subjectdiff.catalogs.reader import RecordReader
-from subjectdiff.catalogs.schema import Failure
+from subjectdiff.catalogs.schema import Failure, VideoFrame
 from subjectdiff.catalogs.writer import OBJECT_SCHEMA, SAMPLE_SCHEMA, ShardWriter, complete_shards
 from subjectdiff.cli import main
 from subjectdiff.datagen.sources import write_plan
@@ -69,6 +68,34 @@ def test_a_first_shard_whose_alt_text_is_all_null_loads(tmp_path):
     assert_loads_the_catalog(out, tmp_path / "cache")
     alt = {r["source"]: r["alt_text"] for r in load(out, None, tmp_path / "cache")}
     assert alt == {"a/1": None, "b/1": "a rocket on its launch pad"}
+
+
+def test_the_tars_load_with_declared_features_whatever_the_first_shard_holds(tmp_path):
+    """Was: `load_dataset("webdataset", data_files=...)` inferred the JSON's types and the image columns from the
+    first shard, and failed on a later record whose alt_text is set (null there) or whose image is a JPEG (PNGs
+    there). record_features() declares them: every record loads, with its image and annotations."""
+    out = tmp_path / "out"
+    with ShardWriter(out, "00000") as w:
+        first, _ = photo_record("astronaut", source="a/1", fmt="PNG")
+        w.write(first)
+    with ShardWriter(out, "00001") as w:
+        later = record_with_alt_text("rocket", "b/1", "a rocket on its launch pad")
+        later.video = VideoFrame("clips/launch.mp4", shot=2, frame=48, time=1.6)
+        w.write(later)
+    catalog.build(out)
+    rows = datasets().load_dataset(
+        "webdataset", data_files=str(out / "*.tar"), features=record_features(), cache_dir=str(tmp_path / "cache")
+    )["train"]
+    by_source = {r["json"]["source"]: r for r in rows}
+    assert len(rows) == catalog.query(out, "select count(*) as n from samples")["n"][0].as_py() == 2
+    png, jpg = by_source["a/1"], by_source["b/1"]
+    assert png["jpg"] is None and png["png"].size == (first.width, first.height)
+    assert jpg["png"] is None and jpg["jpg"].size == (later.width, later.height)
+    assert png["json"]["alt_text"] is None and jpg["json"]["alt_text"] == "a rocket on its launch pad"
+    assert png["json"]["video"] is None and jpg["json"]["video"] == later.video.to_json()
+    objects = jpg["json"]["objects"]
+    assert [o["label"] for o in objects] == [o.label for o in later.objects]
+    assert objects[0]["mask"]["size"] == [later.height, later.width] and len(objects[0]["box"]) == 4
 
 
 def to_old_layout(out: Path) -> None:
