@@ -138,6 +138,32 @@ def test_every_module_is_offloaded_with_model_cpu_offload(diffusers_dir):
     assert modules == set(cls.model_cpu_offload_seq.split("->")) | set(cls._exclude_from_cpu_offload)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="enable_model_cpu_offload needs a CUDA device (diffusers)")
+def test_model_cpu_offload_gives_the_images_of_the_pipeline_on_the_gpu(diffusers_dir, subject):
+    """On a GPU machine: with enable_model_cpu_offload() the pipeline gives the images it gives when moved to
+    the GPU whole, and its modules wait on the CPU between calls."""
+    from subjectdiff import SubjectDiffusionPipeline
+
+    def run(pipe) -> np.ndarray:
+        return pipe(
+            "a cat on a rug",
+            [Image.open(subject["image"])],
+            boxes=[BOX],
+            labels=["cat"],
+            subject_masks=[Image.open(subject["mask"])],
+            num_inference_steps=2,
+            generator=torch.Generator("cuda").manual_seed(7),
+            output_type="np",
+        ).images
+
+    whole = run(SubjectDiffusionPipeline.from_pretrained(diffusers_dir).to("cuda"))
+    offloaded = SubjectDiffusionPipeline.from_pretrained(diffusers_dir)
+    offloaded.enable_model_cpu_offload()
+    got = run(offloaded)
+    assert np.abs(got - whole).max() < 1e-3
+    assert offloaded.unet.device.type == "cpu" and offloaded.vae.device.type == "cpu"
+
+
 def test_eval_dreambench_takes_the_diffusers_folder(diffusers_dir, tmp_path):
     data = tmp_path / "dataset"
     (data / "cat").mkdir(parents=True)
