@@ -183,6 +183,14 @@ def catalog_root(path: str | os.PathLike) -> str:
     return root
 
 
+def env_settings() -> dict[str, str]:
+    """DuckDB options every catalog connection takes from the environment: SUBJECTDIFF_DUCKDB_MEMORY_LIMIT
+    (DuckDB's memory_limit, e.g. "6GB"; DuckDB's own default is 80 % of the machine's memory) and
+    SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY (where it spills what does not fit). A command's own flags override them."""
+    names = {"memory_limit": "SUBJECTDIFF_DUCKDB_MEMORY_LIMIT", "temp_directory": "SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY"}
+    return {option: os.environ[var] for option, var in names.items() if os.environ.get(var)}
+
+
 def _connect(
     path: Path, *, read_only: bool, timeout: float = 60.0, settings: dict[str, str] | None = None
 ) -> duckdb.DuckDBPyConnection:
@@ -190,6 +198,7 @@ def _connect(
     settings: DuckDB options fixed at connect time (memory_limit, temp_directory: a read-only connection
     cannot change its temp_directory later)."""
     config = {"enable_external_access": False} if read_only else {}
+    config.update(env_settings())
     config.update(settings or {})
     deadline = time.monotonic() + timeout
     delay = 0.05
