@@ -60,6 +60,11 @@ OBJECT_STORE = 768 * 2**20  # per node
 
 # Stand-in cost per image, seconds, one batch at a time per actor (see "Stand-in costs" in the docstring).
 COSTS = {"caption": 0.30, "nouns": 0.06, "ground": 0.45, "segment": 0.60}
+# --ceiling: stand-ins that cost nothing, so that what is measured is the driver; small actors' shares, so that
+# 16 actors per stage fit the 8 stand-in GPUs
+CEILING_COSTS = dict.fromkeys(COSTS, 0.0)
+CEILING_GPU_SHARE = 0.05
+CEILING_SIZE = (128, 96)  # small inputs: decode is not the driver's cost
 
 # ------------------------------------------------------------------------------------------- stand-ins
 
@@ -467,6 +472,8 @@ def drive(spec: dict) -> dict:
         from subjectdiff.datagen.pipeline import PoolConfig, Progress, preset, run
 
     n = spec["actors"]
+    ceiling = spec.get("ceiling", False)
+    share = CEILING_GPU_SHARE if ceiling else GPU_SHARE
     cfg = preset("tiny")
     p = cfg.pipeline
     p.shard_size, p.batch_size = spec["shard_size"], spec["batch_size"]
@@ -474,9 +481,9 @@ def drive(spec: dict) -> dict:
     p.catalog_refresh_s = 30.0  # PipelineConfig's default (tiny's 5 s is for tests)
     for stage in ("caption", "nouns", "ground", "segment"):
         if new:
-            p.pools[stage] = PoolConfig(concurrency=n, num_gpus=0.0, num_cpus=0.0, resources={"fake_gpu": GPU_SHARE})
+            p.pools[stage] = PoolConfig(concurrency=n, num_gpus=0.0, num_cpus=0.0, resources={"fake_gpu": share})
         else:  # the old PoolConfig has no custom resources: the nodes' GPUs are the stand-in there
-            p.pools[stage] = PoolConfig(concurrency=n, num_gpus=GPU_SHARE, num_cpus=0.0)
+            p.pools[stage] = PoolConfig(concurrency=n, num_gpus=share, num_cpus=0.0)
     for key, value in spec.get("pipeline_overrides", {}).items():
         setattr(p, key, value)
     if new:
@@ -503,13 +510,21 @@ def drive(spec: dict) -> dict:
     t_cluster = time.monotonic() - t_start
 
     timeline: list[tuple[float, int]] = []
+    cpu_line: list[tuple[int, float]] = []  # (samples done, the driver's CPU seconds) at each count update
     orig = Progress.update
 
-    def update(self, ok, failed, force=False):
-        orig(self, ok, failed, force)
+    def update(self, ok, failed, *args, **kwargs):
+        orig(self, ok, failed, *args, **kwargs)
         timeline.append((time.monotonic(), self.ok + self.failed))
+        if ceiling:
+            cpu_line.append((self.ok + self.failed, driver_cpu_s()))
 
     Progress.update = update
+    if ceiling:
+        factory = make_factory(spec["costs"], spec["table"])
+        result = driver_ceiling(spec, cfg, run, factory, cpu_line, t_cluster)
+        cluster.shutdown()
+        return result
     sampler = Sampler(cluster, spec["extra_pids"])
     sampler.samples.append(sampler.sample())
     rss_before = sampler.samples[-1]["driver_rss"]
@@ -561,6 +576,76 @@ def drive(spec: dict) -> dict:
     ray.shutdown()
     cluster.shutdown()
     return result
+
+
+def driver_cpu_s() -> float:
+    """CPU seconds (user + system) of this process so far, every thread: Ray's core worker threads included."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def vm_kib(field: str) -> int:
+    """A /proc/self/status memory figure (VmRSS, VmHWM) of this process, KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def driver_ceiling(spec: dict, cfg, run, factory, cpu_line: list, t_cluster: float) -> dict:
+    """The driver's own cost (the --ceiling runs): its CPU seconds per image in the steady part of the run
+    (between 20 % and 80 % of the samples counted: dispatch and counting, what grows with the images) and over
+    the whole run (with the fixed costs: plan, pools, manifest, the catalog build and card at the end), and its
+    resident memory before and at the peak. No sampler thread runs in this process: every CPU second counted
+    is the driver's. The stand-ins cost nothing."""
+    import ray
+
+    rss0 = vm_kib("VmRSS")
+    cpu0, t0 = driver_cpu_s(), time.monotonic()
+    summary = run(spec["src"], spec["out"], cfg, stage_factory=factory, progress_every=30.0)
+    cpu1, t1 = driver_cpu_s(), time.monotonic()
+    total = spec["images"]
+    assert summary.ok + summary.failed == total and not summary.incomplete, summary
+    lo = next((d, c) for d, c in cpu_line if d >= 0.2 * total)
+    hi = next((d, c) for d, c in cpu_line if d >= 0.8 * total)
+    result = {
+        **{k: v for k, v in spec.items() if k not in ("table", "extra_pids")},
+        "ok": summary.ok,
+        "failed": summary.failed,
+        "wall_s": t1 - t0,
+        "cluster_start_s": t_cluster,
+        "rate": total / (t1 - t0),
+        "driver_cpu_s": cpu1 - cpu0,
+        "driver_cpu_ms_per_image": 1e3 * (hi[1] - lo[1]) / max(hi[0] - lo[0], 1),
+        "driver_cpu_ms_per_image_whole_run": 1e3 * (cpu1 - cpu0) / total,
+        "driver_rss_before": rss0 * 1024,
+        "driver_rss_peak": vm_kib("VmHWM") * 1024,
+        "blocks_in_flight": cfg.pipeline.blocks_in_flight,
+        "load_avg": os.getloadavg(),
+    }
+    ray.shutdown()
+    return result
+
+
+def ceiling_table(results: list[dict]) -> str:
+    """One row per --ceiling run."""
+    out = [
+        "| actors per stage | images | shard | block | blocks in flight | driver CPU, ms per image (20-80 %) "
+        "| one core's ceiling, images/s | driver CPU, ms per image, whole run | images/s of the run (2 cores, "
+        "everything) | driver RSS GiB: start -> peak |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ms = r["driver_cpu_ms_per_image"]
+        out.append(
+            f"| {r['actors']} | {r['images']} | {r['shard_size']} | {r['batch_size']} "
+            f"| {r['blocks_in_flight'] or 'auto'} | {ms:.2f} | {1e3 / ms:,.0f} "
+            f"| {r['driver_cpu_ms_per_image_whole_run']:.2f} | {r['rate']:.1f} "
+            f"| {gib(r['driver_rss_before'])} -> {gib(r['driver_rss_peak'])} |"
+        )
+    return "\n".join(out)
 
 
 # ------------------------------------------------------------------------------------------ the report
@@ -653,14 +738,21 @@ def main() -> None:
         help="aimed length of each run at the ideal rate (images = seconds x ideal)",
     )
     ap.add_argument("--min-images", type=int, default=192)
-    ap.add_argument("--shard-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--shard-size", default="64", help="samples per shard (--ceiling: a comma-separated list)")
+    ap.add_argument("--batch-size", default="8", help="samples per block (--ceiling: one per --shard-size)")
     ap.add_argument("--writer-cpus", type=float, default=0.25)
     ap.add_argument("--pipelines", default="new,baseline")
     ap.add_argument("--no-second-size", action="store_true", help="skip the driver-memory run at twice the images")
     ap.add_argument("--override", action="append", default=[], help="PipelineConfig KEY=VALUE for the new pipeline")
     ap.add_argument("--json", default="", help="write every result here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument(
+        "--ceiling",
+        action="store_true",
+        help="the driver's ceiling: stand-ins that cost nothing, --ceiling-images small images per run, the "
+        "driver's CPU ms per image at each --actors (default 1,4,16) and each --shard-size/--batch-size pair",
+    )
+    ap.add_argument("--ceiling-images", type=int, default=1024)
     ap.add_argument("--role", default="main", help=argparse.SUPPRESS)
     ap.add_argument("--spec", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -691,7 +783,102 @@ def main() -> None:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def small_inputs(d: Path, n: int) -> list[Path]:
+    """N distinct small JPEGs (CEILING_SIZE) cut from real photos: the --ceiling runs' inputs."""
+    import numpy as np
+    from PIL import Image
+
+    d.mkdir(parents=True, exist_ok=True)
+    ims = photos()
+    names = sorted(ims)
+    w, h = CEILING_SIZE
+    out = []
+    for i in range(n):
+        a = ims[names[i % len(names)]]
+        y, x = (i * 7919) % max(1, a.shape[0] - h), (i * 104729) % max(1, a.shape[1] - w)
+        p = d / f"{i:05d}.jpg"
+        Image.fromarray(np.ascontiguousarray(a[y : y + h, x : x + w])).save(p, quality=90)
+        out.append(p)
+    return out
+
+
+def ceiling_runs(args, root: Path, moto: subprocess.Popen) -> None:
+    """The --ceiling benchmark: one run per (actors, shard size, batch size), and at the middle actor count a
+    run with twice the images (the driver's memory must not grow with them)."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.mkdir("bench")
+    actors = [int(a) for a in (args.actors if args.actors != "1,2,4,8" else "1,4,16").split(",")]
+    shapes = list(zip(map(int, str(args.shard_size).split(",")), map(int, str(args.batch_size).split(","))))
+    n = args.ceiling_images
+    runs = [(a, n, sh, b) for sh, b in shapes for a in actors]
+    runs.append((actors[len(actors) // 2], 2 * n, *shapes[-1]))
+    paths = small_inputs(root / "inputs" / "all", 2 * n)
+    table_ = nouns_table()
+    results = []
+    for i, (a, images, shard, batch) in enumerate(runs):
+        src = root / "inputs" / f"n{images}"
+        if not src.exists():
+            src.mkdir(parents=True)
+            for p in paths[:images]:
+                os.link(p, src / p.name)
+        spec = {
+            "pipeline": "new",
+            "ceiling": True,
+            "actors": a,
+            "images": images,
+            "src": str(src),
+            "costs": CEILING_COSTS,
+            "table": table_,
+            "shard_size": shard,
+            "batch_size": batch,
+            "writer_cpus": args.writer_cpus,
+            "out": f"s3://bench/ceiling{i}",
+            "spool": str(root / "spool"),
+            "extra_pids": [moto.pid],
+            "result": str(root / f"result{i}.json"),
+            "pipeline_overrides": dict(_kv(o) for o in args.override),
+        }
+        results.append(drive_in_child(spec, root, i, f"ceiling: {a} actors, {images} images, shard {shard}"))
+        r = results[-1]
+        print(f"[bench]   driver {r['driver_cpu_ms_per_image']:.2f} ms CPU per image", file=sys.stderr, flush=True)
+    import ray
+
+    print(
+        f"# the driver's ceiling: datagen with stand-ins that cost nothing on a {WORKER_NODES + 1}-node Ray cluster "
+        f"({platform.machine()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
+        f"ray {ray.__version__}; {CEILING_SIZE[0]}x{CEILING_SIZE[1]} JPEGs, to s3:// on moto)\n"
+    )
+    print(ceiling_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ceiling": results}, indent=1))
+
+
+def drive_in_child(spec: dict, root: Path, i: int, what: str) -> dict:
+    """Run `drive(spec)` in a fresh process (a fresh cluster) and return its result."""
+    spec_path = root / f"spec{i}.json"
+    spec_path.write_text(json.dumps(spec))
+    env = dict(os.environ, RAY_TMPDIR=str(root / f"r{i}"))
+    env.pop("RAY_ADDRESS", None)
+    print(f"[bench] run {i + 1}: {what}", file=sys.stderr, flush=True)
+    with (root / f"run{i}.log").open("w") as log:
+        proc = subprocess.run(
+            [sys.executable, __file__, "--role", "drive", "--spec", str(spec_path)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(root),
+        )
+    if proc.returncode != 0:
+        print((root / f"run{i}.log").read_text()[-6000:], file=sys.stderr)
+        raise SystemExit(f"run {i} failed ({proc.returncode})")
+    return json.loads(Path(spec["result"]).read_text())
+
+
 def _main(args, root: Path, moto: subprocess.Popen) -> None:
+    if args.ceiling:
+        return ceiling_runs(args, root, moto)
     import fsspec
 
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -704,6 +891,7 @@ def _main(args, root: Path, moto: subprocess.Popen) -> None:
     actors = [int(a) for a in args.actors.split(",")]
     pipelines = args.pipelines.split(",")
     cap = max(COSTS.values())
+    args.shard_size, args.batch_size = int(args.shard_size), int(args.batch_size)
     sizes = {a: max(args.min_images, int(args.seconds * a / cap) // args.shard_size * args.shard_size) for a in actors}
     runs = [(a, sizes[a], pl) for a in actors for pl in pipelines]
     if not args.no_second_size:
