@@ -21,6 +21,7 @@ from PIL import Image
 from subjectdiff.catalogs.catalog import build
 from subjectdiff.catalogs.pairs import PAIR_SCHEMA
 from subjectdiff.catalogs.schema import Record, make_key, object_from_arrays
+from subjectdiff.catalogs.storage import open_url
 from subjectdiff.catalogs.tokens import clip_token_positions
 from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.photo_records import ellipse_mask
@@ -80,10 +81,8 @@ def coloured_record(r: int) -> Record:
     )
 
 
-@pytest.fixture(scope="module")
-def records(tmp_path_factory) -> tuple[Path, list[str]]:
-    """2 shards x 3 coloured records, with a catalog; returns (folder, keys in record order)."""
-    d = tmp_path_factory.mktemp("colours")
+def write_records(d: Path | str) -> list[str]:
+    """2 shards x 3 coloured records in D (a folder or a bucket's URL); returns the keys in record order."""
     keys = []
     for s in range(2):
         with ShardWriter(d, f"{s:05d}") as w:
@@ -91,11 +90,19 @@ def records(tmp_path_factory) -> tuple[Path, list[str]]:
                 rec = coloured_record(r)
                 w.write(rec)
                 keys.append(rec.key)
+    return keys
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory) -> tuple[Path, list[str]]:
+    """2 shards x 3 coloured records, with a catalog; returns (folder, keys in record order)."""
+    d = tmp_path_factory.mktemp("colours")
+    keys = write_records(d)
     build(d)
     return d, keys
 
 
-def write_pairs(path: Path, rows: list[tuple[str, int, str, int]], schema: pa.Schema = PAIR_SCHEMA) -> Path:
+def write_pairs(path: Path | str, rows: list[tuple[str, int, str, int]], schema: pa.Schema = PAIR_SCHEMA) -> Path:
     """pairs.parquet with these (ref_key, ref_index, target_key, target_index) rows, the other columns filled."""
     n = len(rows)
     cols = {
@@ -110,7 +117,9 @@ def write_pairs(path: Path, rows: list[tuple[str, int, str, int]], schema: pa.Sc
         "change": [0.5] * n,
         "phash_distance": [20] * n,
     }
-    pq.write_table(pa.table({f.name: cols[f.name] for f in schema}, schema=schema), path)
+    table = pa.table({f.name: cols[f.name] for f in schema}, schema=schema)
+    with open_url(path, "wb") as f:  # a local path or a bucket's URL
+        pq.write_table(table, f)
     return path
 
 
@@ -124,7 +133,7 @@ def both_ways(keys: list[str]) -> list[tuple[str, int, str, int]]:
     return rows
 
 
-def cfg_for(d: Path, out: Path, *overrides: str):
+def cfg_for(d: Path | str, out: Path, *overrides: str):
     return load_config(
         "tiny",
         [f"data.shards=['{d}']", f"run.out_dir='{out}'", "data.augment=false", "data.object_rules=true", *overrides],
@@ -169,6 +178,19 @@ def test_pair_samples_take_the_subject_from_the_reference_and_the_target_from_th
         label = "ball" if t_obj == 0 else "box"
         assert f"the {label} is" in s["prompt"] and json.loads(s["labels"]) == [label]
     assert seen == set(rows)
+
+
+def test_pairs_and_records_in_a_bucket(bucket, tmp_path):
+    url = f"{bucket}/records"
+    keys = write_records(url)
+    rows = [(keys[0], 0, keys[4], 1), (keys[4], 1, keys[0], 0)]
+    pairs = write_pairs(f"{bucket}/pairs.parquet", rows)
+    cfg = cfg_for(url, tmp_path, f"data.pairs='{pairs}'", "data.pair_ratio=1.0", "model.max_subjects=1")
+    got = list(samples_of(cfg))
+    assert sorted((json.loads(s["ref_keys"])[0], s["key"]) for s in got) == sorted((r[0], r[2]) for r in rows)
+    for s in got:
+        ref = json.loads(s["ref_keys"])[0]
+        assert dominant(s["subjects"][0]) == colour(keys.index(ref), int(s["ref_objects"][0]))
 
 
 def test_pairs_outside_the_selection_are_dropped_and_counted_once(records, tmp_path):

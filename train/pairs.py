@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from subjectdiff.catalogs.pairs import PAIR_SCHEMA
 from subjectdiff.catalogs.reader import DecodedRecord, decode_record
 from subjectdiff.catalogs.schema import RECORD_IMAGE_FORMATS
-from subjectdiff.catalogs.storage import is_local, open_url
+from subjectdiff.catalogs.storage import filesystem, is_local, open_url, retrying
 from subjectdiff.catalogs.tars import member_index
 from subjectdiff.errors import UsageError
 
@@ -78,13 +78,15 @@ class RecordLocations:
         return len(self.keys)
 
     def read(self, r: int) -> DecodedRecord:
-        """Record r, decoded (catalogs.reader.decode_record: BadRecordError for one that breaks the contract)."""
+        """Record r, decoded (catalogs.reader.decode_record: BadRecordError for one that breaks the contract).
+        One ranged read (one GET on an object store, retried when the connection drops) spans its JSON and image
+        members, which the shard writer puts side by side."""
         url, ext = self.urls[int(self.url[r])], RECORD_IMAGE_FORMATS[int(self.ext[r])]
-        with open_url(url) as f:
-            f.seek(int(self.json_at[r]))
-            meta = f.read(int(self.json_size[r]))
-            f.seek(int(self.image_at[r]))
-            image = f.read(int(self.image_size[r]))
+        spans = ((int(self.json_at[r]), int(self.json_size[r])), (int(self.image_at[r]), int(self.image_size[r])))
+        lo, hi = min(a for a, _ in spans), max(a + n for a, n in spans)
+        fs, path = filesystem(url)
+        blob = retrying(lambda: fs.cat_file(path, start=lo, end=hi), f"reading record {self.keys[r]} of {url}")
+        meta, image = (blob[a - lo : a - lo + n] for a, n in spans)
         return decode_record({"__key__": str(self.keys[r]), "__url__": url, "json": meta, ext: image})
 
 
@@ -175,7 +177,7 @@ class PairIndex:
         check_pairs_schema(path)
         with open_url(path) as f:
             t = pq.read_table(f, columns=list(INDEX_COLUMNS))
-        wanted = set(pc.unique(pa.chunked_array(t["ref_key"].chunks + t["target_key"].chunks)).to_pylist())
+        wanted = set(pc.unique(pa.chunked_array(t["ref_key"].chunks + t["target_key"].chunks, pa.string())).to_pylist())
         wanted.discard(None)
         records = locate(urls, selection, wanted)
         known = pa.array(records.keys.tolist(), pa.string())
@@ -183,8 +185,7 @@ class PairIndex:
         tgt = pc.index_in(t["target_key"], value_set=known).to_numpy(zero_copy_only=False)
         ref_obj = t["ref_index"].to_numpy(zero_copy_only=False)
         tgt_obj = t["target_index"].to_numpy(zero_copy_only=False)
-        ok = ~(np.isnan(ref) | np.isnan(tgt)) if ref.dtype.kind == "f" else np.ones(len(ref), bool)
-        ok &= ~pd_null(ref_obj) & ~pd_null(tgt_obj)
+        ok = ~(nulls(ref) | nulls(tgt) | nulls(ref_obj) | nulls(tgt_obj))  # a key not located: not in the selection
         order = np.argsort(tgt[ok], kind="stable")
         tgt_rec = tgt[ok][order].astype(np.int32)
         return cls(
@@ -199,7 +200,7 @@ class PairIndex:
         )
 
 
-def pd_null(a: np.ndarray) -> np.ndarray:
+def nulls(a: np.ndarray) -> np.ndarray:
     """(n,) bool: the nulls of an integer column read to numpy (pyarrow gives floats with NaN when it has some)."""
     return np.isnan(a) if a.dtype.kind == "f" else np.zeros(len(a), bool)
 
@@ -262,5 +263,5 @@ def _cached_order(seed: int, epoch: int, cycle: int, pairs: int) -> np.ndarray:
     if key not in _ORDER:
         _ORDER.clear()
         rng = np.random.default_rng(int(_unit("pair-order", seed, epoch, cycle) * 2**63))
-        _ORDER[key] = rng.permutation(pairs).astype(np.int64)
+        _ORDER[key] = rng.permutation(pairs).astype(np.int32)  # 4 bytes a pair: P < 2**31
     return _ORDER[key]

@@ -210,6 +210,8 @@ def write_preview(cfg: TrainConfig, n: int, out: str | Path) -> Path:
         f"{html.escape(d.backgrounds or 'none')} · loc tokens {', '.join(d.loc_tokens)} · where "
         f"{html.escape(d.where or '-')} · object where {html.escape(d.object_where or '-')}"
     )
+    if d.pairs:
+        settings += f" · pairs {html.escape(d.pairs)} ({d.pair_fraction:g} of the slots)"
     page = out / "index.html"
     page.write_text(
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
