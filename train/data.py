@@ -882,13 +882,11 @@ class BatchStream:
         self.skipped: Counter[str] = Counter()
 
     def state(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "batches": self.batches,
-            "samples": list(self.samples),
-            "pairs": list(self.pairs),
-            "next_part": self.next_part,
-        }
+        """The position (class docstring); "pairs" only in a stream with pairs (a run without is as it was)."""
+        state = {"epoch": self.epoch, "batches": self.batches, "samples": list(self.samples)}
+        if self.dataset.pairs is not None:
+            state["pairs"] = list(self.pairs)
+        return {**state, "next_part": self.next_part}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue from a `state()`. One without per-part counts (older checkpoints) continues where replaying
