@@ -257,6 +257,21 @@ def test_the_mixed_stream_is_well_formed_for_any_ratio_pairs_and_seed(ratio, pai
         assert sum(map(len, ranges)) == len(set().union(*ranges)) == q * readers
 
 
+def test_ranks_take_disjoint_pairs(records, tmp_path):
+    """Two ranks, pairs only: each rank's epoch is its own range of the epoch's pair order, none shared."""
+    d, keys = records
+    pairs = write_pairs(tmp_path / "pairs.parquet", both_ways(keys))  # 24 pairs: 12 per rank
+    cfg = cfg_for(d, tmp_path, f"data.pairs='{pairs}'", "data.pair_ratio=1.0", "model.max_subjects=1")
+    per_rank = []
+    for rank in (0, 1):
+        reader = make_reader(cfg.data, None, rank, 2, cfg.run.seed)
+        got = list(TrainSamples(reader, cfg, 32, None, pair_index(cfg.data, reader, None, None)))
+        per_rank.append({(json.loads(s["ref_keys"])[0], int(s["ref_objects"][0]), s["key"]) for s in got})
+        assert len(got) == len(per_rank[-1]) == 12
+    assert not per_rank[0] & per_rank[1]
+    assert per_rank[0] | per_rank[1] == {(a, i, b) for a, i, b, _ in both_ways(keys)}
+
+
 def test_two_subject_samples_take_each_subject_from_its_own_pair(records, tmp_path):
     d, keys = records
     record_of = {k: r for r, k in enumerate(keys)}

@@ -502,8 +502,13 @@ def make_pair_sample(
     fault = pair_fault(target, subjects[0], d)
     if fault is not None:
         return NoSubject("pair object rules", fault)
-    usable = [s for s in subjects[1:] if pair_fault(target, s, d) is None]
-    chosen = [subjects[0], *usable][: cfg.model.max_subjects]
+    chosen = [subjects[0]]
+    for s in subjects[1:]:  # as choose_subjects: within the rules, not contained in a chosen subject's box
+        if len(chosen) == cfg.model.max_subjects or pair_fault(target, s, d) is not None:
+            continue
+        boxes = [target.boxes[c.target_obj] for c in chosen]
+        if not (d.object_rules and any(contained(b, target.boxes[s.target_obj], d.max_containment) for b in boxes)):
+            chosen.append(s)
     by_target = {s.target_obj: s for s in chosen}
     wh = np.array([target.width, target.height] * 2, np.float32)
     crop = square_crop(target.width, target.height, target.boxes[list(by_target)] * wh, rng, d.crop)
