@@ -5,6 +5,7 @@ or a target crop can be traced to the record and object it came from."""
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import math
@@ -20,6 +21,7 @@ from PIL import Image
 
 from subjectdiff.catalogs.catalog import build
 from subjectdiff.catalogs.pairs import PAIR_SCHEMA
+from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.catalogs.schema import Record, make_key, object_from_arrays
 from subjectdiff.catalogs.storage import open_url
 from subjectdiff.catalogs.tokens import clip_token_positions
@@ -198,8 +200,6 @@ def test_pairs_outside_the_selection_are_dropped_and_counted_once(records, tmp_p
     rows = [(keys[0], 0, keys[1], 0), ("not-a-key", 0, keys[1], 0), (keys[2], 0, keys[5], 1)]
     pairs = write_pairs(tmp_path / "pairs.parquet", rows)
     cfg = cfg_for(d, tmp_path, f"data.pairs='{pairs}'")
-    from subjectdiff.catalogs.reader import RecordReader
-
     shard0 = RecordReader(d).urls[0]
     selection = {shard0: set(keys[:3])}  # keys[5] (shard 1) left out
     notes: list[str] = []
@@ -365,13 +365,7 @@ def test_preview_shows_reference_to_target(records, tmp_path):
     assert page.count('class="arrow"') == len(paired)
     for r in paired:
         assert all(ref[0] != r["key"] for ref in r["refs"])  # the subjects came from the other records
-        assert f'data-ref="{html_escape(r["refs"][0][0])}"' in page
-
-
-def html_escape(text: str) -> str:
-    import html
-
-    return html.escape(text)
+        assert f'data-ref="{html.escape(r["refs"][0][0])}"' in page
 
 
 @pytest.mark.parametrize(
