@@ -5,6 +5,7 @@ trainer's command line.
     subjectdiff train --preset tiny --records out/ run.max_steps=20
     subjectdiff train --config my.toml --catalog out/catalog.duckdb --where "n_objects >= 2" --object-where reference
     subjectdiff train preview --preset paper --records out/ --sample 16 --out preview/   # what the trainer would feed
+    subjectdiff train --preset tiny --records out/ --pairs out/pairs.parquet data.pair_ratio=0.3   # cross-image pairs
     subjectdiff train --preset paper --model tiny --catalog out/catalog.duckdb run.max_steps=20  # the paper, tiny
 
 Overrides are KEY=VALUE over the TrainConfig tables (model., data., optim., loss., run.), anywhere among the
@@ -106,6 +107,14 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
         help="SQL predicate over the catalog's objects: the subjects are chosen among the objects it "
         "keeps (data.object_where; 'reference' = the reference code's object rules)",
     )
+    p.add_argument(
+        "--pairs",
+        default=None,
+        metavar="FILE",
+        help="a pairs.parquet (`catalog pairs`; a path or URL): pair samples take the subject image from the "
+        "reference object and the target from the other image, data.pair_ratio of the samples (default 0.5) "
+        "(data.pairs)",
+    )
 
 
 def add_overrides(p: argparse.ArgumentParser) -> None:
@@ -192,6 +201,7 @@ def resolved_config(args: argparse.Namespace):
         ("catalog", "data.catalog"),
         ("where", "data.where"),
         ("object_where", "data.object_where"),
+        ("pairs", "data.pairs"),
     ]
     if not args.preview:
         flags.append(("out", "run.out_dir"))

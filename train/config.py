@@ -26,6 +26,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 CROPS = ("short-side", "zoom")
 NO_SUBJECT = ("skip", "text")
 ON_BAD_RECORD = ("raise", "skip")
+DEFAULT_PAIR_RATIO = 0.5  # data.pair_ratio when --pairs is given and the ratio is not
 # diffusers.optimization.get_scheduler's names (SchedulerType) that need no step rules
 LR_SCHEDULERS = ("constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -78,6 +79,11 @@ class DataConfig:
         has fewer records than ranks x workers). Each epoch is cut to ranks x workers equal ranges, a multiple of
         batch_size each when there are records enough, so that all ranks run alike; a worker's last batch may
         be partial, and with fewer records than ranks x workers records repeat.
+    Cross-image pairs (docs/training.md, "Training on pairs"): pairs: a pairs.parquet (catalogs.pairs.PAIR_SCHEMA;
+        a path or URL, --pairs) whose pair samples take the subject image from the reference object and the
+        target image, box, mask, prompt and localization tokens from the target object. pair_ratio: the fraction
+        of a worker's sample slots that are pair samples, mixed deterministically (seeded) with single-image
+        samples; unset: 0.5 with pairs, 0 without (without pairs it must be 0: training is exactly as before).
     """
 
     shards: tuple[str, ...] = ()
@@ -117,6 +123,8 @@ class DataConfig:
     on_bad_record: str = "raise"
     batch_size: int = 4
     num_workers: int = 2
+    pairs: str | None = None
+    pair_ratio: float | None = None
 
     def __post_init__(self) -> None:
         self.shards = (self.shards,) if isinstance(self.shards, str) else tuple(self.shards)
@@ -149,6 +157,19 @@ class DataConfig:
             raise ValueError(f"data.background_area must be in (0, 1], got {self.background_area}")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.pair_ratio is not None and not 0 <= self.pair_ratio <= 1:
+            raise ValueError(f"data.pair_ratio must be in [0, 1], got {self.pair_ratio}")
+        if not self.pairs and self.pair_ratio:
+            raise ValueError(
+                f"data.pair_ratio {self.pair_ratio} needs a pairs file: --pairs pairs.parquet (data.pairs)"
+            )
+
+    @property
+    def pair_fraction(self) -> float:
+        """The fraction of sample slots that are pair samples: data.pair_ratio, else 0.5 with pairs, 0 without."""
+        if self.pair_ratio is not None:
+            return float(self.pair_ratio)
+        return DEFAULT_PAIR_RATIO if self.pairs else 0.0
 
     @property
     def queries_catalog(self) -> bool:

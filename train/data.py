@@ -11,9 +11,14 @@ A sample, all fixed shapes (N = model.max_subjects subject slots, R = data.resol
     prompt: the prompt text; input_ids: (77,) long, its tokens: the caption with ", the {label} is {placeholder}"
         per subject.
     placeholder_pos: (N,) long (-1 = none). loc_pos: (N, K) long token positions of each subject's map, -1 pad.
-    key: the record key. part, taken, skipped: the reader part (DataLoader worker) it came from, the records
-        that part has consumed with it, and the records skipped since its previous sample ({reason: count} as
-        JSON; a part's last sample also carries those skipped after it); BatchStream keeps and drops them.
+    key: the record key (a pair sample's: its target record). part, taken, paired, skipped: the reader part
+        (DataLoader worker) it came from, the records and the pairs (train --pairs) that part has consumed with
+        it, and the records skipped since its previous sample ({reason: count} as JSON; a part's last sample
+        also carries those skipped after it); BatchStream keeps and drops them.
+    With --pairs (train/pairs.py) the samples also carry pair (bool), ref_keys (JSON: each subject image's
+        record) and ref_objects (N,) long (its object there, -1 = empty slot). A pair sample (make_pair_sample)
+        is its target record's crop, boxes, masks, prompt and tokens with each subject image cut from its
+        reference object, seeded by (seed, epoch, pair row, slot).
 Every random choice of a sample comes from a generator seeded by (seed, epoch, key): the same record gives the
 same sample whatever the rank, worker or position, which makes resuming exact.
 
@@ -45,7 +50,7 @@ from PIL import Image
 
 from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.boxes import xyxy_norm_to_crop_norm, xyxy_norm_to_pixel_rect, xyxy_pixels_union_rect
-from subjectdiff.catalogs.reader import BadRecord, DecodedRecord, RecordReader
+from subjectdiff.catalogs.reader import BadRecord, BadRecordError, DecodedRecord, RecordReader
 from subjectdiff.catalogs.schema import white_fraction
 from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, load_selection, select
 from subjectdiff.catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
@@ -58,6 +63,7 @@ from subjectdiff.model.subject_image import (
     subject_image,
 )
 from subjectdiff.train.config import DataConfig, TrainConfig
+from subjectdiff.train.pairs import PairIndex, PairMixer
 
 MAX_LOC_TOKENS = 8
 SHOW_BAD = 3  # bad records named on stderr in a row of skipped ones (data.on_bad_record="skip")
@@ -86,6 +92,8 @@ SKIP_CODES = (
     "object rules",
     "cut by the crop",
     "prompt too long",
+    "pair object rules",
+    "pair cut by the crop",
     BAD_RECORD,
 )
 
@@ -367,17 +375,12 @@ def make_sample(
     """One training sample from one record (see the module docstring for the fields), or NoSubject when the
     record yields no subject and cfg.data.no_subject is "skip". allowed: the selection's eligible objects of
     this record (None: all)."""
-    n, r, d = cfg.model.max_subjects, cfg.data.resolution, cfg.data
-    chosen = choose_subjects(rec, n, d, rng, allowed)
+    d = cfg.data
+    chosen = choose_subjects(rec, cfg.model.max_subjects, d, rng, allowed)
     wh = np.array([rec.width, rec.height] * 2, np.float32)
     crop = square_crop(rec.width, rec.height, rec.boxes[chosen] * wh, rng, d.crop)
     kept, boxes, masks = subjects_in_crop(rec, chosen, crop, d)
-    sp = subject_prompt(rec.caption, [rec.labels[i] for i in kept], cfg.model.placeholder)
-    fit = sum(p >= 0 for p in sp.placeholder_pos)  # clauses past the 77 tokens (the last ones) are no subjects
-    truncated = fit < len(kept)
-    if truncated:
-        kept, boxes, masks = kept[:fit], boxes[:fit], masks[:fit]
-        sp = subject_prompt(rec.caption, [rec.labels[i] for i in kept], cfg.model.placeholder)
+    kept, boxes, masks, sp, truncated = fitting_prompt(rec, kept, boxes, masks, cfg.model.placeholder)
     if not kept and d.no_subject == "skip":
         if not chosen:
             return no_subject(rec, d, allowed)
@@ -386,6 +389,45 @@ def make_sample(
         return NoSubject(
             "cut by the crop", "the crop leaves no chosen subject in view (data.min_crop_box_area, data.crop_aspect)"
         )
+    return sample_fields(rec, crop, kept, boxes, masks, sp, cfg, subject_size, rng)
+
+
+def fitting_prompt(
+    rec: DecodedRecord, kept: list[int], boxes: list[np.ndarray], masks: list[np.ndarray], placeholder: str
+) -> tuple[list[int], list[np.ndarray], list[np.ndarray], SubjectPrompt, bool]:
+    """(kept, boxes, masks, prompt, truncated): the subjects whose clauses fit the 77-token context (the last
+    clauses are the ones cut) and the prompt of the caption with their clauses."""
+    sp = subject_prompt(rec.caption, [rec.labels[i] for i in kept], placeholder)
+    fit = sum(p >= 0 for p in sp.placeholder_pos)  # clauses past the 77 tokens (the last ones) are no subjects
+    truncated = fit < len(kept)
+    if truncated:
+        kept, boxes, masks = kept[:fit], boxes[:fit], masks[:fit]
+        sp = subject_prompt(rec.caption, [rec.labels[i] for i in kept], placeholder)
+    return kept, boxes, masks, sp, truncated
+
+
+def subject_mask(rec: DecodedRecord, i: int, cfg: DataConfig) -> np.ndarray:
+    """(H, W) bool: object i as a subject, its mask within its box, holes filled with data.fill_holes."""
+    mask = boxed_mask(rec, i)
+    return filled_mask(mask) if cfg.fill_holes else mask
+
+
+def sample_fields(
+    rec: DecodedRecord,
+    crop: tuple[int, int, int],
+    kept: list[int],
+    boxes: list[np.ndarray],
+    masks: list[np.ndarray],
+    sp: SubjectPrompt,
+    cfg: TrainConfig,
+    subject_size: int,
+    rng: np.random.Generator,
+    refs: Sequence[tuple[DecodedRecord, int]] | None = None,
+) -> dict[str, Any]:
+    """The sample (module docstring) of record rec's crop (x0, y0, side) with subjects `kept` (their boxes in the
+    crop and boxed masks, subjects_in_crop) and prompt sp. refs: per subject, the (record, object) whose pixels
+    make its subject image (a pair's reference object); None: the subject's own pixels in rec."""
+    n, r, d = cfg.model.max_subjects, cfg.data.resolution, cfg.data
     x0, y0, side = crop
     image = Image.fromarray(rec.image).crop((x0, y0, x0 + side, y0 + side))
     image = image.resize((r, r), Image.BICUBIC, reducing_gap=2.0)
@@ -410,8 +452,9 @@ def make_sample(
         mask = filled_mask(masks[j]) if d.fill_holes else masks[j]
         bg = background_photo(files[int(rng.integers(len(files)))], subject_size, rng) if files else None
         fill = WHITE if d.background == "white" else tuple(int(c) for c in rng.integers(0, 256, 3))
+        source, source_mask = (rec.image, mask) if refs is None else (refs[j][0].image, subject_mask(*refs[j], d))
         out["subjects"][j] = subject_image(
-            rec.image, mask, subject_size, augment=aug, rng=rng, background=bg, fill=fill
+            source, source_mask, subject_size, augment=aug, rng=rng, background=bg, fill=fill
         ).transpose(2, 0, 1)
         out["boxes"][j] = boxes[j]
         out["present"][j] = True
@@ -424,6 +467,75 @@ def make_sample(
     return out
 
 
+class PairSubject(NamedTuple):
+    """One subject of a pair sample: its reference (record, object) and its object in the target record."""
+
+    ref: DecodedRecord
+    ref_obj: int
+    target_obj: int
+
+
+def pair_fault(target: DecodedRecord, s: PairSubject, cfg: DataConfig) -> str | None:
+    """Why subject s cannot be one (an object position past its record's objects, or the object rules that a
+    single-image subject obeys, object_fault, on either object); None when it can."""
+    for name, rec, i in (("reference", s.ref, s.ref_obj), ("target", target, s.target_obj)):
+        if not 0 <= i < len(rec.labels):
+            return f"{name} record {rec.key} has no object {i} ({len(rec.labels)} objects)"
+        fault = object_fault(rec, i, cfg)
+        if fault is not None:
+            return f"{name} object {i} of {rec.key} ({rec.labels[i]!r}): {fault}"
+    return None
+
+
+def make_pair_sample(
+    target: DecodedRecord,
+    subjects: Sequence[PairSubject],
+    cfg: TrainConfig,
+    subject_size: int,
+    rng: np.random.Generator,
+) -> dict[str, Any] | NoSubject:
+    """A pair sample: the target record's crop, boxes, masks, prompt and localization tokens, each subject image
+    from its reference object (sample_fields' refs). subjects[0] is the pair's own; the others (other pairs with
+    the same target record, other target objects) fill the remaining slots when they pass the rules. NoSubject
+    (codes "pair ...") when the pair's own subject fails the rules, is cut by the crop or its clause does not fit."""
+    d = cfg.data
+    fault = pair_fault(target, subjects[0], d)
+    if fault is not None:
+        return NoSubject("pair object rules", fault)
+    chosen = [subjects[0]]
+    for s in subjects[1:]:  # as choose_subjects: within the rules, not contained in a chosen subject's box
+        if len(chosen) == cfg.model.max_subjects or pair_fault(target, s, d) is not None:
+            continue
+        boxes = [target.boxes[c.target_obj] for c in chosen]
+        if not (d.object_rules and any(contained(b, target.boxes[s.target_obj], d.max_containment) for b in boxes)):
+            chosen.append(s)
+    by_target = {s.target_obj: s for s in chosen}
+    wh = np.array([target.width, target.height] * 2, np.float32)
+    crop = square_crop(target.width, target.height, target.boxes[list(by_target)] * wh, rng, d.crop)
+    kept, boxes, masks = subjects_in_crop(target, list(by_target), crop, d)
+    kept, boxes, masks, sp, _ = fitting_prompt(target, kept, boxes, masks, cfg.model.placeholder)
+    if subjects[0].target_obj not in kept:
+        return NoSubject("pair cut by the crop", "the crop or the 77-token context leaves the pair's target object out")
+    refs = [(by_target[i].ref, by_target[i].ref_obj) for i in kept]
+    out = sample_fields(target, crop, kept, boxes, masks, sp, cfg, subject_size, rng, refs)
+    out["ref_keys"] = json.dumps([ref.key for ref, _ in refs])
+    out["ref_objects"] = np.full(cfg.model.max_subjects, -1, np.int64)
+    out["ref_objects"][: len(refs)] = [i for _, i in refs]
+    out["pair"] = True
+    return out
+
+
+def as_single(sample: dict[str, Any]) -> dict[str, Any]:
+    """A single-image sample with the pair fields a mixed batch collates (its subjects are their own references)."""
+    n = int(sample["present"].sum())
+    return {
+        **sample,
+        "ref_keys": json.dumps([sample["key"]] * n),
+        "ref_objects": sample["objects"].copy(),
+        "pair": False,
+    }
+
+
 class SampleError(ValueError):
     """A record the trainer cannot turn into a sample; the message is one line naming the record and shard."""
 
@@ -433,20 +545,35 @@ class TrainSamples(torch.utils.data.IterableDataset):
     eligible: {record key: object indices} from a selection made with an object predicate; a record's
     subjects are chosen among its eligible objects only (None: among all). Records without a subject under
     data.no_subject="skip", and the reader's bad records under data.on_bad_record="skip", yield nothing; the next
-    sample carries their count (module docstring)."""
+    sample carries their count (module docstring).
+    pairs: the indexed pairs file (train/pairs.py); with data.pair_fraction > 0 a worker's slots mix its records
+    with pair samples (PairMixer): each slot consumes one record or one pair, and a sample carries how many of
+    each its worker part has consumed ("taken", "paired"), so a resumed stream starts at the same slot. Samples
+    of a stream with pairs also carry "pair", "ref_keys" (JSON) and "ref_objects" (N,): where each subject
+    image comes from."""
 
     def __init__(
-        self, reader: RecordReader, cfg: TrainConfig, subject_size: int, eligible: dict[str, list[int]] | None = None
+        self,
+        reader: RecordReader,
+        cfg: TrainConfig,
+        subject_size: int,
+        eligible: dict[str, list[int]] | None = None,
+        pairs: PairIndex | None = None,
     ):
         self.reader, self.cfg, self.subject_size, self.eligible = reader, cfg, subject_size, eligible
-        self.epoch = 0
+        self.epoch, self.pair_skip = 0, ()
+        self.pairs = pairs
+        self.mixer = PairMixer(cfg.data.pair_fraction, cfg.run.seed) if pairs is not None else None
         clip_tokenizer()  # load the BPE once here: forked DataLoader workers inherit it instead of reloading
         if cfg.data.backgrounds and cfg.data.augment:
             background_files(cfg.data.backgrounds)  # list the folder once, before the workers fork
 
-    def set_epoch(self, epoch: int, skip: Sequence[int] = (), first_worker: int = 0) -> None:
-        """Epoch `epoch`; skip and first_worker go to RecordReader.set_epoch (a resumed position)."""
-        self.epoch = epoch
+    def set_epoch(
+        self, epoch: int, skip: Sequence[int] = (), first_worker: int = 0, pair_skip: Sequence[int] = ()
+    ) -> None:
+        """Epoch `epoch`; skip and first_worker go to RecordReader.set_epoch (a resumed position), pair_skip: the
+        pairs each worker part has consumed in it."""
+        self.epoch, self.pair_skip = epoch, tuple(pair_skip)
         self.reader.set_epoch(epoch, skip, first_worker)
 
     def sample(self, rec: DecodedRecord) -> dict[str, Any] | NoSubject:
@@ -455,28 +582,106 @@ class TrainSamples(torch.utils.data.IterableDataset):
         allowed = None if self.eligible is None else self.eligible.get(rec.key, [])
         rng = sample_rng(self.cfg.run.seed, self.epoch, rec.key)
         try:
-            return make_sample(rec, self.cfg, self.subject_size, rng, allowed)
+            sample = make_sample(rec, self.cfg, self.subject_size, rng, allowed)
         except Exception as e:
             raise SampleError(f"record {rec.key} (shard {rec.shard or '?'}): {type(e).__name__}: {e}") from e
+        return sample if self.pairs is None or isinstance(sample, NoSubject) else as_single(sample)
+
+    def pair_sample(self, p: int, k: int) -> dict[str, Any] | NoSubject:
+        """The sample of valid pair p, the part's k-th pair slot of the epoch: its target record with, besides
+        the pair's own subject, the other pairs of the same target record (one per target object, in a seeded
+        order). A record that breaks the contract raises BadRecordError; anything else SampleError naming the pair."""
+        ix = self.pairs
+        rng = sample_rng(self.cfg.run.seed, self.epoch, f"pair/{p}/{k}")
+        group = ix.same_target(p)
+        rows = [p, *(int(q) for q in group[rng.permutation(len(group))] if q != p)]
+        cache: dict[int, DecodedRecord] = {}
+
+        def record(r: int) -> DecodedRecord:
+            if r not in cache:
+                cache[r] = ix.records.read(r)
+            return cache[r]
+
+        target, seen, subjects = record(int(ix.tgt_rec[p])), set(), []
+        for q in rows:
+            t = int(ix.tgt_obj[q])
+            if t in seen or len(subjects) == self.cfg.model.max_subjects + 1:  # one spare: a subject may fail
+                continue
+            seen.add(t)
+            subjects.append(PairSubject(record(int(ix.ref_rec[q])), int(ix.ref_obj[q]), t))
+        try:
+            return make_pair_sample(target, subjects, self.cfg, self.subject_size, rng)
+        except Exception as e:
+            ref = subjects[0].ref
+            raise SampleError(
+                f"pair {ref.key}[{subjects[0].ref_obj}] -> {target.key}[{subjects[0].target_obj}] "
+                f"({ix.path}): {type(e).__name__}: {e}"
+            ) from e
+
+    def slots(self, taken: int, paired: int) -> Iterator[tuple[str, Any]]:
+        """This worker part's slots of the epoch past (taken records, paired pairs): ("record", a record or
+        BadRecord) or ("pair", (valid pair row, k)). Without pairs: its records, as always."""
+        records = iter(self.reader)
+        if self.mixer is None or self.mixer.ratio == 0:
+            yield from (("record", rec) for rec in records)
+            return
+        reader, readers = self.reader.reader_index()
+        phase, n = self.mixer.phase(self.epoch, reader), self.pairs.rows
+        quota = self.mixer.quota(n, readers)
+        j, k = taken + paired, paired
+        while True:
+            if self.mixer.is_pair(j, phase):
+                if self.mixer.ratio == 1 and k >= quota:  # pairs only: a part's epoch is its range of pairs
+                    return
+                yield "pair", (self.mixer.pair_row(k, self.epoch, reader, readers, n), k)
+                k += 1
+            else:
+                rec = next(records, None)
+                if rec is None:
+                    return
+                yield "record", rec
+            j += 1
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         part, _ = self.reader.worker_part()
         taken = self.reader.skip[part] if self.reader.skip else 0
+        paired = self.pair_skip[part] if self.pair_skip else 0
         skipped: Counter[str] = Counter()
         held = None  # the latest sample, held until the next: the records skipped after a part's last are its to count
-        for rec in self.reader:
-            taken += 1  # a skipped record is consumed too: a resumed run starts after it
-            sample = self._sample_or_skip(rec, skipped)
+        for kind, item in self.slots(taken, paired):
+            if kind == "pair":
+                paired += 1  # a skipped pair is consumed too
+                sample = self._pair_or_skip(*item, skipped)
+            else:
+                taken += 1  # a skipped record is consumed too: a resumed run starts after it
+                sample = self._sample_or_skip(item, skipped)
             if sample is None:
                 continue
             if held is not None:
                 yield held
-            held = {**sample, "part": part, "taken": taken, "skipped": json.dumps(skipped)}
+            held = {**sample, "part": part, "taken": taken, "paired": paired, "skipped": json.dumps(skipped)}
             skipped = Counter()
         if held is not None:
             if skipped:
-                held.update(taken=taken, skipped=json.dumps(Counter(json.loads(held["skipped"])) + skipped))
+                counts = Counter(json.loads(held["skipped"])) + skipped
+                held.update(taken=taken, paired=paired, skipped=json.dumps(counts))
             yield held
+
+    def _pair_or_skip(self, p: int, k: int, skipped: Counter[str]) -> dict[str, Any] | None:
+        """Pair p's sample, or None with it counted in `skipped` (a bad record under data.on_bad_record="skip")."""
+        try:
+            sample = self.pair_sample(p, k)
+        except BadRecordError as e:
+            if self.cfg.data.on_bad_record != "skip":
+                raise
+            skipped[BAD_RECORD] += 1
+            if skipped[BAD_RECORD] <= SHOW_BAD:
+                print(f"data: skipped bad {e} (a record of --pairs)", file=sys.stderr, flush=True)
+            return None
+        if isinstance(sample, NoSubject):
+            skipped[sample.code] += 1
+            return None
+        return sample
 
     def _sample_or_skip(self, rec: DecodedRecord | BadRecord, skipped: Counter[str]) -> dict[str, Any] | None:
         """rec's sample, or None with rec counted in `skipped` by reason (a bad record: the first few named on
@@ -630,8 +835,28 @@ def batch_stream(
     workers = loader_workers(cfg.data.num_workers, reader.epoch_size(), world)
     if log is not None:
         log(epoch_plan(reader, world, workers, cfg.data.batch_size))
-    samples = TrainSamples(reader, cfg, subject_size, eligible)
+    pairs = pair_index(cfg.data, reader, selection, log)
+    samples = TrainSamples(reader, cfg, subject_size, eligible, pairs)
     return BatchStream(samples, cfg.data.batch_size, workers, log)
+
+
+def pair_index(
+    cfg: DataConfig, reader: RecordReader, selection: dict[str, set[str]] | None, log: Callable[[str], None] | None
+) -> PairIndex | None:
+    """The indexed pairs file of data.pairs over the reader's records (None without pairs); log (rank 0) says
+    once how many pairs the selection drops. A pairs file with no pair left is a one-line error."""
+    if not cfg.pairs:
+        return None
+    index = PairIndex.build(cfg.pairs, reader.urls, selection)
+    if log is not None and index.dropped:
+        log(index.dropped_line())
+    if index.rows == 0 and cfg.pair_fraction > 0:
+        raise ValueError(
+            f"--pairs {cfg.pairs}: none of its {index.total} pairs has both records in the selection or the shards"
+        )
+    if log is not None:
+        log(f"data: {index.rows} pairs over {len(index.records)} records; {cfg.pair_fraction:g} of the slots are pairs")
+    return index
 
 
 class NoBatchError(ValueError):
@@ -645,10 +870,11 @@ class BatchStream:
     The balanced reader gives every DataLoader worker of every rank a range of the same number of records per
     epoch; each worker batches the samples of its range (the last batch may be partial, and records without a
     subject under data.no_subject="skip" give none), and the DataLoader takes the workers' batches round robin,
-    passing over a worker once its range is done. The position is (epoch, batches taken, records consumed from
-    each worker's part, the part whose batch is due next). A resumed stream has each part skip its consumed
-    records inside the reader (no decoding) and starts the round robin at the part due next: it yields exactly
-    the batches the interrupted stream would have. `skipped` counts the skipped records by reason.
+    passing over a worker once its range is done. The position is (epoch, batches taken, records and pairs
+    consumed from each worker's part, the part whose batch is due next). A resumed stream has each part skip its
+    consumed records inside the reader (no decoding) and start its pair slots after its consumed pairs, and starts
+    the round robin at the part due next: it yields exactly the batches the interrupted stream would have.
+    `skipped` counts the skipped records by reason.
     """
 
     def __init__(
@@ -657,15 +883,15 @@ class BatchStream:
         self.dataset, self.batch_size, self.num_workers, self.log = dataset, batch_size, num_workers, log
         self.parts = max(num_workers, 1)
         self.epoch, self.batches, self.samples, self.next_part = 0, 0, [0] * self.parts, 0
+        self.pairs = [0] * self.parts  # the pairs each part has consumed this epoch (a stream with pairs)
         self.skipped: Counter[str] = Counter()
 
     def state(self) -> dict[str, Any]:
-        return {
-            "epoch": self.epoch,
-            "batches": self.batches,
-            "samples": list(self.samples),
-            "next_part": self.next_part,
-        }
+        """The position (class docstring); "pairs" only in a stream with pairs (a run without is as it was)."""
+        state = {"epoch": self.epoch, "batches": self.batches, "samples": list(self.samples)}
+        if self.dataset.pairs is not None:
+            state["pairs"] = list(self.pairs)
+        return {**state, "next_part": self.next_part}
 
     def load_state(self, state: dict[str, Any]) -> None:
         """Continue from a `state()`. One without per-part counts (older checkpoints) continues where replaying
@@ -682,11 +908,12 @@ class BatchStream:
                 f"{self.parts} (data.num_workers): the records split differently"
             )
         self.epoch, self.batches, self.samples = state["epoch"], b, list(samples)
+        self.pairs = list(state.get("pairs", [0] * self.parts))  # a position saved before pairs: none consumed
         self.next_part = state.get("next_part", b % self.parts)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
-            self.dataset.set_epoch(self.epoch, self.samples, self.next_part)
+            self.dataset.set_epoch(self.epoch, self.samples, self.next_part, self.pairs)
             loader = torch.utils.data.DataLoader(
                 self.dataset,
                 batch_size=self.batch_size,
@@ -698,6 +925,7 @@ class BatchStream:
             for batch in loader:
                 part = int(batch.pop("part")[0])
                 self.samples[part] = int(batch.pop("taken").max())
+                self.pairs[part] = int(batch.pop("paired").max())
                 for counts in batch.pop("skipped"):
                     skipped.update(json.loads(counts))
                     self.skipped.update(json.loads(counts))
@@ -709,6 +937,7 @@ class BatchStream:
             if skipped and self.log is not None:
                 self.log(f"data: epoch {self.epoch}: {skipped_line(skipped)}")
             self.epoch, self.batches, self.samples, self.next_part = self.epoch + 1, 0, [0] * self.parts, 0
+            self.pairs = [0] * self.parts
 
     def _why_no_batch(self) -> str:
         """Why an epoch gave no batch, with a record of this rank as the example (read here, in-process)."""

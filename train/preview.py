@@ -10,9 +10,11 @@ of a one-process run (rank 0 of 1, the config's DataLoader workers and batch siz
 `TrainSamples` and `BatchStream` the trainer iterates. Writes
     DIR/index.html     one self-contained page: per sample the target crop with its boxes and masks, each subject
                        image after augmentation, the prompt with each subject's placeholder and localization
-                       tokens marked;
+                       tokens marked; with --pairs, a pair sample shows reference -> target: each subject image
+                       (cut from its reference record, named) before the target crop with its boxes and masks;
     DIR/samples.jsonl  one row per sample: key, epoch, objects (the chosen objects' indices in the record), labels,
-                       boxes (xyxy in [0, 1] of the crop), prompt, placeholder_pos, loc_pos;
+                       boxes (xyxy in [0, 1] of the crop), prompt, placeholder_pos, loc_pos; with --pairs also
+                       pair (a pair sample) and refs ([reference key, reference object] per subject);
     DIR/selection.parquet  when data.where / data.object_where select the records.
 """
 
@@ -47,6 +49,7 @@ img { image-rendering: auto; border: 1px solid #ccc; }
 .text { flex: 1; min-width: 18rem; } .prompt { font-family: ui-monospace, monospace; word-break: break-word; }
 .tok { padding: 0 1px; border-radius: 3px; } .ph { font-weight: bold; color: #fff; }
 .loc { text-decoration: underline 2px; } .none { color: #999; font-style: italic; }
+.arrow { font-size: 2rem; color: #888; margin: 4rem .2rem 0; }
 """
     + "\n".join(
         f".s{j}.ph {{ background: rgb{c}; }} .s{j}.loc {{ text-decoration-color: rgb{c}; }} "
@@ -118,7 +121,18 @@ def row(batch: dict[str, Any], i: int, epoch: int, labels: list[str]) -> dict[st
         "prompt": batch["prompt"][i],
         "placeholder_pos": [int(p) for p in batch["placeholder_pos"][i].numpy()[keep]],
         "loc_pos": [[int(p) for p in r if p >= 0] for r in batch["loc_pos"][i].numpy()[keep]],
+        **pair_fields(batch, i, keep),
     }
+
+
+def pair_fields(batch: dict[str, Any], i: int, keep: np.ndarray) -> dict[str, Any]:
+    """samples.jsonl's pair fields (a stream with --pairs): pair (a pair sample), refs: [ref key, ref object]
+    per subject, where its subject image comes from."""
+    if "pair" not in batch:
+        return {}
+    refs = json.loads(batch["ref_keys"][i])
+    objs = batch["ref_objects"][i].numpy()[keep]
+    return {"pair": bool(batch["pair"][i]), "refs": [[k, int(o)] for k, o in zip(refs, objs)]}
 
 
 def card(batch: dict[str, Any], i: int, r: dict[str, Any]) -> str:
@@ -129,23 +143,38 @@ def card(batch: dict[str, Any], i: int, r: dict[str, Any]) -> str:
         f'<figure class="target"><img src="{png_uri(target)}" width="{SHOW}" height="{SHOW}" '
         f'alt="target crop"><figcaption>target crop, boxes and masks</figcaption></figure>'
     ]
+    subjects = []
     for j in np.flatnonzero(present):
         sub = Image.fromarray(batch["subjects"][i, j].numpy().transpose(1, 2, 0))
         side = max(sub.width, 128)
-        figs.append(
+        n = len(subjects)
+        source = ""
+        if r.get("pair"):
+            ref_key, ref_obj = r["refs"][n]
+            source = f"<br>reference: record {html.escape(ref_key)}, object {ref_obj}"
+        subjects.append(
             f'<figure class="subject s{j}"><img src="{png_uri(sub)}" width="{side}" height="{side}" '
             f'alt="subject {j}"><figcaption><span class="swatch"></span> subject {j}: '
-            f"{html.escape(r['labels'][len(figs) - 1])} (object {r['objects'][len(figs) - 1]})"
+            f"{html.escape(r['labels'][n])} (object {r['objects'][n]}){source}"
             "</figcaption></figure>"
         )
-    if len(figs) == 1:
+    if r.get("pair"):  # reference -> target: the subject images (the reference crops) first, the target after
+        figs = [*subjects, '<p class="arrow" title="reference → target">→</p>', figs[0]]
+    else:
+        figs += subjects
+    if not subjects:
         figs.append('<p class="none">no subject: this record trains without subjects</p>')
     prompt = prompt_html(
         batch["input_ids"][i].numpy(), batch["placeholder_pos"][i].numpy(), batch["loc_pos"][i].numpy()
     )
     meta = f"key {html.escape(r['key'])} · epoch {r['epoch']} · boxes {html.escape(json.dumps(r['boxes']))}"
+    kind, attrs = "sample", f'data-key="{html.escape(r["key"])}"'
+    if r.get("pair"):
+        refs = ", ".join(html.escape(f"{k}[{o}]") for k, o in r["refs"])
+        meta = f"pair sample, reference → target: {refs} → {html.escape(r['key'])} · " + meta
+        kind, attrs = "sample pair", attrs + f' data-ref="{html.escape(r["refs"][0][0])}"'
     return (
-        f'<article class="sample" data-key="{html.escape(r["key"])}">{"".join(figs)}'
+        f'<article class="{kind}" {attrs}>{"".join(figs)}'
         f'<div class="text"><p class="prompt">{prompt}</p><p class="meta">{meta}</p></div></article>'
     )
 
@@ -181,6 +210,8 @@ def write_preview(cfg: TrainConfig, n: int, out: str | Path) -> Path:
         f"{html.escape(d.backgrounds or 'none')} · loc tokens {', '.join(d.loc_tokens)} · where "
         f"{html.escape(d.where or '-')} · object where {html.escape(d.object_where or '-')}"
     )
+    if d.pairs:
+        settings += f" · pairs {html.escape(d.pairs)} ({d.pair_fraction:g} of the slots)"
     page = out / "index.html"
     page.write_text(
         "<!doctype html><html lang=en><head><meta charset=utf-8>"
