@@ -326,6 +326,29 @@ def test_torchrun_two_ranks_disjoint_and_in_sync(shards, tmp_path):
     assert len((out / "log.jsonl").read_text().splitlines()) == 2 and (out / "config.toml").is_file()
 
 
+@pytest.mark.slow
+def test_torchrun_with_a_bad_where_stops_every_rank_in_one_line(shards, tmp_path):
+    """Was: rank 0 said what was wrong in one line, and rank 1 printed a traceback for it. Now every rank stops
+    with one line (exit 2), rank 0's naming the column, the other's pointing at rank 0. (torchrun's launcher
+    still prints its own traceback, of torch.distributed frames only, when a rank fails.)"""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    cmd += ["-m", "subjectdiff.train", "--preset", "tiny", "--catalog", str(shards[0] / "catalog.duckdb")]
+    cmd += ["--where", "n_objectz >= 2", "--out", str(tmp_path / "ddp"), "run.max_steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    said = r.stdout + r.stderr
+    ours = [ln for ln in said.splitlines() if ln.strip().startswith('File "') and "torch/distributed" not in ln]
+    assert r.returncode != 0 and not [ln for ln in ours if "<frozen" not in ln], said[-3000:]
+    errors = [ln for ln in said.splitlines() if ln.startswith("subjectdiff train: error:")]
+    assert len(errors) == 2 and "n_objectz" in errors[0] + errors[1], said[-3000:]
+    assert any("rank 1: stopping, rank 0 could not resolve the run's selection" in e for e in errors)
+
+
 def test_resume_with_where_reuses_the_run_selection(shards, tmp_path, capsys):
     """A resumed --where run reads the selection saved with the run: it does not query the catalog again (here
     gone), and a different --where is refused instead of pointing the saved data position into other records."""

@@ -54,6 +54,7 @@ from subjectdiff.catalogs.reader import BadRecord, BadRecordError, DecodedRecord
 from subjectdiff.catalogs.schema import white_fraction
 from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, load_selection, select
 from subjectdiff.catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
+from subjectdiff.errors import UsageError
 from subjectdiff.model.prompts import SubjectPrompt, subject_prompt, tokenize
 from subjectdiff.model.subject_image import (
     SubjectAugment,
@@ -764,8 +765,8 @@ def shared_selection(
             raise
     if world > 1:
         dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], str):
-        raise RuntimeError(f"rank 0 could not resolve the run's selection: {box[0]}")
+    if isinstance(box[0], str):  # rank 0 shows the error (one line, or its traceback for a bug); the others stop
+        raise UsageError(f"rank {rank}: stopping, rank 0 could not resolve the run's selection ({box[0]})")
     return box[0]
 
 
