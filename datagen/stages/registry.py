@@ -129,6 +129,16 @@ STAGES: list[Stage] = [
         checkpoints=_S + "curate:checkpoints",
         describe=_S + "curate:describe",
     ),
+    # DINOv2-base on 224 px object crops: a fraction of curate's ViT-L-14
+    Stage(
+        "identity",
+        "identity",
+        _S + "identity:Identifier",
+        num_gpus=0.1,
+        needs="masks",
+        checkpoints=_S + "identity:checkpoints",
+        describe=_S + "identity:describe",
+    ),
 ]
 
 
