@@ -400,7 +400,7 @@ class DatagenConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
-    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)  # runs before curate (registry.py)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     name: str = "default"
     # The settings of stages registered beside these (datagen/stages/registry.py), by section: a dict of
