@@ -19,6 +19,7 @@ from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.catalogs.schema import RecordError, validate
 from subjectdiff.catalogs.storage import Folder
 from subjectdiff.catalogs.writer import ShardWriter, complete_shards, partial_files
+from subjectdiff.datagen.assemble import identity_meta
 from subjectdiff.datagen.committer import carry_over
 from subjectdiff.datagen.config import IdentityConfig
 from subjectdiff.datagen.job import preset
@@ -165,15 +166,19 @@ def test_a_record_needs_one_identity_row_per_object():
 # ------------------------------------------------------------------------------------------- read_folder
 
 
-def test_read_folder_local_and_s3(tmp_path, bucket):
-    """Every complete shard's rows with their shard id, an incomplete shard's left out, locally and on S3."""
-    keys = write_photo_shards(tmp_path, n_shards=2, per_shard=2, identity=colour_identity, identity_meta=META)
+def test_read_folder_local_and_s3(tmp_path, bucket, identifier, one_thread):
+    """Every complete shard's rows with their shard id (the stage's embeddings of photo records), an incomplete
+    shard's left out, locally and on S3."""
+    meta = identity_meta(identifier.cfg)
+    keys = write_photo_shards(tmp_path, n_shards=2, per_shard=2, identity=identifier.embed_objects, identity_meta=meta)
     write_photo_shards(tmp_path / "plain", n_shards=1, per_shard=2)  # a subfolder without identities: no rows
-    table, emb, meta = read_folder(tmp_path)
+    table, emb, read_meta = read_folder(tmp_path)
+    assert read_meta == {**meta, "dim": TINY_DINOV2["hidden_size"], "normalized": True}
     assert table.column_names == ["key", "index", "label", "shard"]
     assert list(dict.fromkeys(table["key"].to_pylist())) == keys
     assert sorted(set(table["shard"].to_pylist())) == ["00000", "00001"]
-    assert emb.shape == (table.num_rows, 3) and emb.dtype == np.float16 and meta["model"] == "colour"
+    assert emb.shape == (table.num_rows, TINY_DINOV2["hidden_size"]) and emb.dtype == np.float16
+    assert meta["model"] == identifier.cfg.model and len(meta["sha256"]) == 64
 
     remote = Folder(bucket)
     for p in sorted(tmp_path.glob("0000*")):

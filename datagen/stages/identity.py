@@ -144,6 +144,17 @@ class Identifier:
             out.append(F.normalize(feats.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
+    def embed_objects(self, image: np.ndarray, masks: list[np.ndarray], boxes: list) -> np.ndarray:
+        """One image's objects outside the pipeline: image (H, W, 3) uint8, masks [(H, W) bool], boxes [xyxy
+        normalized] -> (n_objects, D) float16, as the stage gives them (photo_records.write_photo_shards'
+        `identity`)."""
+        item = {
+            "image": image,
+            "masks": [mask_codec.encode(m) for m in masks],
+            "detections": [{"box": b} for b in boxes],
+        }
+        return self._identify([item], [0])[0]["identity_embeddings"]
+
     def __call__(self, items: list[Item]) -> list[Item]:
         """Every live item's embeddings. The stage never fails a sample: when a batch raises (a GPU out of memory
         on a crowded batch, a model error) it is redone one item at a time, and an item that still raises keeps
