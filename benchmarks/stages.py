@@ -4,6 +4,7 @@
     python benchmarks/stages.py --size full --images 2      # real architectures, random weights:
                                                             # BLIP-large, GroundingDINO SwinT-OGC + BERT-base, SAM ViT-H
     python benchmarks/stages.py --size full --images 16 --device cuda --dtype bfloat16   # on a GPU
+    python benchmarks/stages.py --size full --images 64 --device cuda --stages identity  # DINOv2-base alone
 
 At full size the models are `datagen.config.full_random()`'s: built once into the cache (about 5.5 GB),
 then loaded by the stages from the official checkpoint formats, the way real checkpoints load.
@@ -12,6 +13,8 @@ Each stage gets fixed inputs (scikit-image photos; fixed captions, nouns and box
 does not depend on what a random upstream model wrote. "batched" is one call with every image
 (batch_size = --images); "single" is one call per image. Each is timed after one warm-up call.
 GroundingDINO runs with resize="square" so all images share one forward (keep_ratio groups by shape).
+The identity stage embeds the masked crops of three objects per image (ellipses in BOXES); at full size it is
+dinov2-base's architecture at random weights, built in memory (no file), in float16 on a GPU as the stage runs.
 Appends a markdown table to --out (default benchmarks/results/stages.md).
 """
 
@@ -32,8 +35,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.datagen import config
 from subjectdiff.datagen.stages.common import decode_item
+from subjectdiff.photo_records import ellipse_mask
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "coins", "immunohistochemistry")
 CAPTIONS = {
@@ -94,6 +99,55 @@ def time_stage(stage, make_inputs, n: int, batch_attr_owner, repeats: int) -> tu
     return n / best_b, n / best_s
 
 
+STAGES = ("caption", "nouns", "ground", "segment", "identity")
+
+
+def build(args, wanted: list[str]) -> dict:
+    """The stages to time, by name, on args.device in args.dtype (the preset's without one).
+
+    full: the real architectures with random weights, saved in the official formats and loaded by the stages
+    as real checkpoints are (datagen.tiny.full_random_models; built into the cache once, about 5.5 GB), except
+    identity's dinov2-base, built in memory (so `--stages identity` writes nothing)."""
+    from subjectdiff.datagen.stages.caption import Captioner
+    from subjectdiff.datagen.stages.ground import Grounder
+    from subjectdiff.datagen.stages.identity import Identifier
+    from subjectdiff.datagen.stages.nouns import NounExtractor
+    from subjectdiff.datagen.stages.segment import Segmenter
+
+    files = {"caption", "ground", "segment"} & set(wanted)
+    cfg = config.tiny() if args.size == "tiny" else config.full_random() if files else config.default()
+    cfg.ground = replace(cfg.ground, resize="square")
+    for c in (cfg.caption, cfg.ground, cfg.segment, cfg.identity):
+        c.device = args.device
+        c.dtype = args.dtype or c.dtype
+    make = {
+        "caption": lambda: Captioner(cfg.caption),
+        "nouns": lambda: NounExtractor(cfg.nouns),
+        "ground": lambda: Grounder(cfg.ground),
+        "segment": lambda: Segmenter(cfg.segment),
+        "identity": lambda: (
+            Identifier(cfg.identity) if args.size == "tiny" else Identifier(cfg.identity, *dinov2_base())
+        ),
+    }
+    built = {name: make[name]() for name in wanted}
+    if "caption" in built:  # fixed-length captions so batched and single generate the same number of tokens
+        built["caption"].cfg.min_new_tokens = built["caption"].cfg.max_new_tokens = 20
+    return built
+
+
+def dinov2_base():
+    """(model, processor): facebook/dinov2-base's architecture at seeded random weights and its preprocessing."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    from subjectdiff.datagen.tiny import DINOV2_BASE, IMAGENET_MEAN, IMAGENET_STD
+
+    torch.manual_seed(0)
+    side = {"height": 224, "width": 224}
+    return Dinov2Model(Dinov2Config(**DINOV2_BASE)), BitImageProcessor(
+        crop_size=side, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
+    )
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
@@ -108,30 +162,19 @@ def main(argv=None) -> None:
         "ground and segment autocast on CUDA only, and the table says what each ran in",
     )
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "stages.md"))
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"which of {','.join(STAGES)} to time")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
-    from subjectdiff.datagen.stages.caption import Captioner
-    from subjectdiff.datagen.stages.ground import Grounder
-    from subjectdiff.datagen.stages.nouns import NounExtractor
-    from subjectdiff.datagen.stages.segment import Segmenter
-
+    asked = set(args.stages.split(",")) | ({"nouns"} if "ground" in args.stages.split(",") else set())
+    wanted = [s for s in STAGES if s in asked]  # ground's input is the nouns stage's output
     n = args.images
     t0 = time.perf_counter()
-    # full: the real architectures with random weights, saved in the official formats and loaded by the
-    # stages as real checkpoints are (datagen.tiny.full_random_models; built into the cache once)
-    cfg = config.tiny() if args.size == "tiny" else config.full_random()
-    cfg.ground = replace(cfg.ground, resize="square")
-    for c in (cfg.caption, cfg.ground, cfg.segment):
-        c.device = args.device
-        c.dtype = args.dtype or c.dtype
-    cap, gd, seg = Captioner(cfg.caption), Grounder(cfg.ground), Segmenter(cfg.segment)
-    # fixed-length captions so batched and single generate the same number of tokens
-    cap.cfg.min_new_tokens = cap.cfg.max_new_tokens = 20
-    nouns = NounExtractor(cfg.nouns)
+    built = build(args, wanted)
     build_s = time.perf_counter() - t0
 
     base = items_for(n)
-    noun_items = nouns([dict(it) for it in base])
+    nouns = built.get("nouns")
+    noun_items = nouns([dict(it) for it in base]) if nouns else [dict(it, nouns=[]) for it in base]
 
     def with_nouns():
         return [dict(it) for it in noun_items]
@@ -142,35 +185,47 @@ def main(argv=None) -> None:
             it["detections"] = [{"box": b, "score": 0.9, "noun": 0} for b in BOXES]
         return out
 
+    def with_masks():
+        out = with_boxes()
+        for it in out:
+            h, w = it["image"].shape[:2]
+            it["masks"] = [mask_codec.encode(ellipse_mask(h, w, b)) for b in BOXES]
+        return out
+
+    inputs = {
+        "caption": lambda: [dict(it) for it in base],
+        "nouns": lambda: [dict(it) for it in base],
+        "ground": with_nouns,
+        "segment": with_boxes,
+        "identity": with_masks,
+    }
     rows = []
-    for name, stage, make, owner in [
-        ("caption", cap, lambda: [dict(it) for it in base], cap.cfg),
-        ("nouns", nouns, lambda: [dict(it) for it in base], argparse.Namespace()),
-        ("ground", gd, with_nouns, gd.cfg),
-        ("segment", seg, with_boxes, seg.cfg),
-    ]:
-        b, s = time_stage(stage, make, n, owner, args.repeats)
+    for name in wanted:
+        stage = built[name]
+        owner = getattr(stage, "cfg", argparse.Namespace())
+        b, s = time_stage(stage, inputs[name], n, owner, args.repeats)
         rows.append((name, b, s))
         print(f"{name:8s} batched {b:8.3g} img/s   single {s:8.3g} img/s   x{b / s:.2f}", flush=True)
 
-    device = gd.device
+    device = next((st.device for st in built.values() if hasattr(st, "device")), None)
     dev_name = (
         torch.cuda.get_device_name(device)
-        if device.type == "cuda"
+        if device is not None and device.type == "cuda"
         else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     )
     # what each stage runs in, not what was asked: ground and segment autocast on CUDA only (fp32 on CPU)
-    dtype = {k: str(v.dtype).replace("torch.", "") for k, v in (("caption", cap), ("ground", gd), ("segment", seg))}
+    dtype = {k: str(v.dtype).replace("torch.", "") for k, v in built.items() if hasattr(v, "dtype")}
+    cap, gd = built.get("caption"), built.get("ground")
     lines = [
         f"\n## datagen stages, size={args.size}, {n} images, {dev_name}\n",
         f"- command: `python benchmarks/stages.py --size {args.size} --images {n} --device {args.device} "
-        f"--repeats {args.repeats}{f' --dtype {args.dtype}' if args.dtype else ''}` "
+        f"--repeats {args.repeats}{f' --dtype {args.dtype}' if args.dtype else ''} --stages {','.join(wanted)}` "
         f"(best of {args.repeats} alternating runs per mode)",
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
         f"load average at the end {os.getloadavg()[0]:.1f} (the CPU is shared); "
         f"torch threads {torch.get_num_threads()}; model build {build_s:.0f} s",
-        f"- dtypes run in: {dtype}; captions fixed at 20 new tokens, num_beams={cap.cfg.num_beams}; "
-        f"GroundingDINO {gd.cfg.short_side}px square; SAM {len(BOXES)} boxes/image",
+        f"- dtypes run in: {dtype}; captions fixed at 20 new tokens, num_beams={cap.cfg.num_beams if cap else '-'}; "
+        f"GroundingDINO {gd.cfg.short_side if gd else '-'}px square; SAM and identity {len(BOXES)} objects/image",
         "",
         "| stage | batched img/s | one-at-a-time img/s | batched s/img | speed-up |",
         "|---|---|---|---|---|",

@@ -177,6 +177,9 @@ class Record:
     clip_embedding: np.ndarray | None = field(default=None, repr=False)
     white_fraction: float | None = None  # filled by the writer from the pixels when None
     video: VideoFrame | None = None  # the video frame this image is, None for a photo
+    # (n_objects, D) L2-normalized instance-identity embeddings, row i for objects[i] (datagen's identity stage),
+    # written to the shard's identity sidecar (catalogs/identity.py), not the JSON; None when not measured
+    identity_embeddings: np.ndarray | None = field(default=None, repr=False)
 
     def meta_json(self) -> dict[str, Any]:
         return {
@@ -328,6 +331,20 @@ def _validate_curation(record: Record) -> None:
             raise RecordError(
                 f"{k}: clip_embedding must be a non-empty (D,) array of finite floats, got "
                 f"shape {arr.shape} dtype {arr.dtype}"
+            )
+    ids = record.identity_embeddings
+    if ids is not None:
+        arr = np.asarray(ids)
+        if (
+            arr.ndim != 2
+            or arr.shape[0] != len(record.objects)
+            or arr.shape[1] == 0
+            or arr.dtype.kind != "f"
+            or not np.isfinite(arr).all()
+        ):
+            raise RecordError(
+                f"{k}: identity_embeddings must be an (n_objects={len(record.objects)}, D) array of finite floats, "
+                f"one row per object, got shape {arr.shape} dtype {arr.dtype}"
             )
 
 

@@ -7,6 +7,8 @@ A shard named NAME in DIR is these files:
     NAME.objects.parquet  one row per object of the ok samples
     NAME.clip.parquet     only when the records carry image embeddings (datagen's curate stage): one row per ok
                           sample with one, in record order (catalogs/embeddings.py)
+    NAME.identity.parquet only when the records carry identity embeddings (datagen's identity stage): one row per
+                          object of each ok sample with them, in record and object order (catalogs/identity.py)
     NAME_stats.json       counts, failure reasons, timings, the sizes of the files above, and who wrote the
                           shard: written last, it marks the shard complete
 
@@ -16,7 +18,8 @@ machine), then each file is published in turn, tar, samples, objects, embeddings
 locally, uploaded as one object remotely (object stores have no rename, but an upload is atomic). A shard
 without its stats file is incomplete, and readers, the catalog and resumed runs ignore or redo it; a stats
 file whose recorded sizes disagree with the files beside it (a stale upload) counts as incomplete too. The
-embedding sidecar is optional: a shard without one (a run without the curate stage) is complete.
+embedding and identity sidecars are optional: a shard without one (a run without the curate or identity stage) is
+complete.
 `complete_shards` says which shards of a listing are complete, `partial_files` what an interrupted attempt left
 of the others (a run removes it before redoing them whole).
 
@@ -52,6 +55,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from subjectdiff.catalogs import embeddings as emb_sidecar
+from subjectdiff.catalogs import identity as id_sidecar
 from subjectdiff.catalogs.schema import (
     SCHEMA_VERSION,
     Failure,
@@ -66,7 +70,7 @@ from subjectdiff.catalogs.storage import Folder
 
 TMP_SUFFIX = ".tmp"
 KINDS = ("tar", "samples", "objects", "stats")  # a shard's required files, in the order they are published
-OPTIONAL_KINDS = ("embeddings",)  # published after objects and before stats, when the shard has them
+OPTIONAL_KINDS = ("embeddings", "identity")  # published after objects and before stats, when the shard has them
 _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 
@@ -163,7 +167,7 @@ def listed_names(name: str, have) -> dict[str, str] | None:
 
 def optional_names(name: str) -> dict[str, str]:
     """The file names of the files shard NAME may have besides the required ones (OPTIONAL_KINDS)."""
-    return {"embeddings": f"{name}{emb_sidecar.SUFFIX}"}
+    return {"embeddings": f"{name}{emb_sidecar.SUFFIX}", "identity": f"{name}{id_sidecar.SUFFIX}"}
 
 
 def shard_files(directory: str | os.PathLike, name: str) -> dict[str, str]:
@@ -256,6 +260,8 @@ class ShardWriter:
     files are published, so that a crash in between leaves an incomplete shard, never a mix of versions.
     embedding_meta: what the embedding sidecar's metadata says of its model ({"model", "pretrained"}); the
     sidecar is written only when some record carries `clip_embedding`.
+    identity_meta: what the identity sidecar's metadata says of its model ({"model", "sha256", ...}); the sidecar
+    is written only when some record carries `identity_embeddings`.
     """
 
     def __init__(
@@ -267,6 +273,7 @@ class ShardWriter:
         spool: str | os.PathLike | None = None,
         replace: bool = False,
         embedding_meta: dict[str, Any] | None = None,
+        identity_meta: dict[str, Any] | None = None,
     ):
         if "/" in name or name.startswith("."):
             raise ValueError(f"shard name {name!r} must be a plain file stem")
@@ -292,6 +299,10 @@ class ShardWriter:
         self._embeddings: dict[int, list[tuple[str, np.ndarray]]] = {}  # part -> (key, (D,) float16)
         self._dim: int | None = None
         self.embedding_meta = embedding_meta or {}
+        # part -> (key, object index, label, (D,) float16) rows of the identity sidecar
+        self._identity: dict[int, list[tuple[str, int, str, np.ndarray]]] = {}
+        self._identity_dim: int | None = None
+        self.identity_meta = identity_meta or {}
         self._closed = False
         self.replace = replace
 
@@ -346,6 +357,7 @@ class ShardWriter:
         docstring)."""
         validate(record)
         emb = self._embedding(record.key, record.clip_embedding)
+        ids = self._identity_rows(record.key, [o.label for o in record.objects], record.identity_embeddings)
         self._claim(record.key)
         compute_quality(record.objects, record.width, record.height)
         if record.white_fraction is None:  # datagen fills it from the pixels it decoded; others pay a decode here
@@ -383,6 +395,8 @@ class ShardWriter:
         )
         if emb is not None:
             self._embeddings.setdefault(part, []).append((record.key, emb))
+        if ids:
+            self._identity.setdefault(part, []).extend(ids)
         rows = self._objects.setdefault(part, [])
         for i, o in enumerate(record.objects):
             rows.append(
@@ -425,6 +439,23 @@ class ShardWriter:
             )
         return e
 
+    def _identity_rows(self, key: str, labels: list[str], e) -> list[tuple[str, int, str, np.ndarray]]:
+        """A record's identity-sidecar rows, (key, object index, label, (D,) float16) per object, checked against
+        the shard's dimension; [] when it has no identity embeddings."""
+        if e is None or not labels:
+            return []
+        e = np.asarray(e, np.float16)
+        if e.shape[0] != len(labels):
+            raise RecordError(f"{key}: {e.shape[0]} identity embeddings for {len(labels)} objects")
+        if self._identity_dim is None:
+            self._identity_dim = e.shape[1]
+        elif e.shape[1] != self._identity_dim:
+            raise RecordError(
+                f"{key}: identity_embeddings have {e.shape[1]} dimensions, the shard's others "
+                f"{self._identity_dim} (one model per shard)"
+            )
+        return [(key, i, lb, e[i]) for i, lb in enumerate(labels)]
+
     def fail(self, failure: Failure, part: int = 0) -> None:
         """Record a sample that dropped out at `failure.stage`; it appears in the catalog's failures."""
         self._claim(failure.key)
@@ -458,12 +489,24 @@ class ShardWriter:
         samples: list[dict[str, Any]],
         objects: list[dict[str, Any]],
         embeddings: dict[str, np.ndarray] | None = None,
+        identity: dict[str, np.ndarray] | None = None,
     ) -> None:
         """Carry samples of an existing shard over unchanged (a retry that keeps them): MEMBERS are their raw
         tar members (512-byte header, data, padding) as the old tar holds them, SAMPLES and OBJECTS their
         sidecar rows (rows of an older sidecar without the newer columns get nulls there), EMBEDDINGS their
-        rows of the embedding sidecar by key, when it had them. Stats are counted from the rows."""
+        rows of the embedding sidecar by key, when it had them, IDENTITY their (n_objects, D) identity embeddings by
+        key, when it had them. Stats are counted from the rows."""
         embeddings = embeddings or {}
+        identity = identity or {}
+        labels: dict[str, list[str]] = {}
+        for o in sorted(objects, key=lambda o: o["index"]):
+            labels.setdefault(o["key"], []).append(o["label"])
+        ids = [
+            row
+            for r in samples
+            if r["status"] == "ok" and r["key"] in identity
+            for row in self._identity_rows(r["key"], labels.get(r["key"], []), identity[r["key"]])
+        ]
         kept = [
             (r["key"], self._embedding(r["key"], embeddings[r["key"]]))
             for r in samples
@@ -487,6 +530,8 @@ class ShardWriter:
         self._objects.setdefault(part, []).extend({**r, "shard": self.name} for r in objects)
         if kept:
             self._embeddings.setdefault(part, []).extend(kept)
+        if ids:
+            self._identity.setdefault(part, []).extend(ids)
 
     def _rows(self, by_part: dict[int, list[dict[str, Any]]]) -> list[dict[str, Any]]:
         return [r for p in sorted(by_part) for r in by_part[p]]
@@ -524,13 +569,17 @@ class ShardWriter:
                     self.tmp["embeddings"], [k for k, _ in emb], np.stack([e for _, e in emb]), meta=self.embedding_meta
                 )
                 kinds.append("embeddings")
+            ids = self._rows(self._identity)
+            if ids:
+                self._write_identity(ids)
+                kinds.append("identity")
             self.stats.end_time = time.time()
             files = {k: self.tmp[k].stat().st_size for k in kinds}
             stats = {**self.stats.to_json(), "files": files, **self.extra_stats}
             self.tmp["stats"].write_text(json.dumps(stats, indent=2, sort_keys=True))
             if self.replace:  # the stats first (the shard turns incomplete), then a sidecar the new one lacks and
                 # the legacy names, which would otherwise stand beside the new files
-                lacks = [] if emb else [self.names["embeddings"]]
+                lacks = [self.names[k] for k, rows in (("embeddings", emb), ("identity", ids)) if not rows]
                 self.folder.remove([self.names["stats"], *lacks, *legacy_names(self.name).values()])
             for kind in kinds + ["stats"]:
                 if self.folder.local:
@@ -544,6 +593,12 @@ class ShardWriter:
         self._closed = True
         self._drop_spool()
         return self.stats
+
+    def _write_identity(self, rows: list[tuple[str, int, str, np.ndarray]]) -> None:
+        keys, index, labels, vectors = zip(*rows)
+        id_sidecar.write_identity(
+            self.tmp["identity"], list(keys), list(index), list(labels), np.stack(vectors), meta=self.identity_meta
+        )
 
     def abort(self) -> None:
         """Drop everything spooled so far; nothing of this shard is published. (A failure while publishing can

@@ -23,6 +23,7 @@ from subjectdiff.catalogs.schema import (
     validate,
     white_fraction,
 )
+from subjectdiff.weights import Checkpoint
 
 Item = dict[str, Any]
 
@@ -61,6 +62,17 @@ def embedding_meta(cfg) -> dict[str, Any]:
     return {"model": model, "pretrained": cfg.pretrained}
 
 
+def identity_meta(cfg) -> dict[str, Any]:
+    """What a shard's identity sidecar says of the model that made its embeddings, from an IdentityConfig:
+    {"model": its spec, "sha256" (a file or folder's; "" for a hub id, whose "revision" is its cached snapshot's
+    commit), "pooling": "cls", "margin"}; {} when the stage is off. Never downloads (the run manifest's entry)."""
+    if not cfg.enabled:
+        return {}
+    entry = Checkpoint("identity.model", cfg.model).entry()
+    meta = {"model": cfg.model, "sha256": entry.get("sha256", ""), "pooling": "cls", "margin": cfg.margin}
+    return {**meta, **({"revision": entry["revision"]} if entry.get("revision") else {})}
+
+
 def to_record(item: Item) -> Record | Failure:
     """A Record for a finished item; a Failure for a failed one, or one that breaks the contract."""
     if item.get("failure"):
@@ -89,6 +101,7 @@ def to_record(item: Item) -> Record | Failure:
             alt_clip_score=item.get("alt_clip_score"),
             aesthetic=item.get("aesthetic"),
             clip_embedding=item.get("clip_embedding"),
+            identity_embeddings=item.get("identity_embeddings"),
             white_fraction=white_fraction(item["image"]),
         )
         validate(record)

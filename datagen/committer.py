@@ -23,9 +23,11 @@ import time
 import uuid
 from typing import Any
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from subjectdiff.catalogs.embeddings import read_embeddings
+from subjectdiff.catalogs.identity import read_identity
 from subjectdiff.catalogs.schema import Failure
 from subjectdiff.catalogs.storage import Folder, open_url
 from subjectdiff.catalogs.tars import member_index
@@ -41,7 +43,8 @@ class ShardNotOpen(RuntimeError):
 
 class ShardCommitter:
     """Assembles and publishes shards of OUT. spool_dir: where remote shards are assembled on this node.
-    embedding_meta: the model the records' embeddings come from, for the shards' embedding sidecars."""
+    embedding_meta: the model the records' embeddings come from, for the shards' embedding sidecars;
+    identity_meta: the same for their identity sidecars."""
 
     def __init__(
         self,
@@ -49,11 +52,13 @@ class ShardCommitter:
         spool_dir: str = "",
         extra_stats: dict[str, Any] | None = None,
         embedding_meta: dict[str, Any] | None = None,
+        identity_meta: dict[str, Any] | None = None,
     ):
         import ray
 
         self.out = out
         self.embedding_meta = embedding_meta
+        self.identity_meta = identity_meta
         self.node = ray.get_runtime_context().get_node_id()
         self.extra = {
             **(extra_stats or {}),
@@ -84,6 +89,7 @@ class ShardCommitter:
             spool=self.spool,
             replace=merge is not None,
             embedding_meta=self.embedding_meta,
+            identity_meta=self.identity_meta,
         )
         positions = None
         if merge is not None:
@@ -194,6 +200,7 @@ def carry_over(w: ShardWriter, out: str, shard: str, order: list[str], replace: 
     with folder.open(names["objects"]) as f:
         objects = pq.read_table(f).to_pylist()
     vectors = _embeddings(folder, shard)
+    identities = _identities(folder, shard)
     pos = {k: i for i, k in enumerate(order)}
     rows = {r["key"]: r for r in samples if r["key"] not in replace}
     objs: dict[str, list[dict]] = {}
@@ -212,14 +219,14 @@ def carry_over(w: ShardWriter, out: str, shard: str, order: list[str], replace: 
             key = name.rsplit("/", 1)[-1].split(".", 1)[0]
             if key != current:
                 if current in rows:
-                    w.copy(pos[current], members, [rows[current]], objs.get(current, []), vectors)
+                    w.copy(pos[current], members, [rows[current]], objs.get(current, []), vectors, identities)
                     copied.add(current)
                 current, members = key, []
             if key in rows:
                 f.seek(offset - 512)  # ShardWriter's members are plain ustar: the header is the 512 bytes before
                 members.append(f.read(512 + -(-size // 512) * 512))
         if current in rows:
-            w.copy(pos[current], members, [rows[current]], objs.get(current, []), vectors)
+            w.copy(pos[current], members, [rows[current]], objs.get(current, []), vectors, identities)
             copied.add(current)
     missing = set(rows) - copied
     if missing:
@@ -238,6 +245,19 @@ def _embeddings(folder: Folder, shard: str) -> dict[str, Any]:
     with folder.open(name) as f:
         keys, vectors, _ = read_embeddings(f)
     return dict(zip(keys, vectors))
+
+
+def _identities(folder: Folder, shard: str) -> dict[str, Any]:
+    """{key: (n_objects, D) float16 identity embeddings} from the shard's identity sidecar; {} when it has none."""
+    name = optional_names(shard)["identity"]
+    if not folder.exists(name):
+        return {}
+    with folder.open(name) as f:
+        table, vectors, _ = read_identity(f)
+    rows: dict[str, list] = {}
+    for key, v in zip(table["key"].to_pylist(), vectors):  # rows are in object order within a record
+        rows.setdefault(key, []).append(v)
+    return {k: np.stack(v) for k, v in rows.items()}
 
 
 def _remove_stale_spools(base: str) -> None:

@@ -362,6 +362,33 @@ class CurateConfig:
         _check_device(self.device, self.dtype, "curate")
 
 
+@dataclass
+class IdentityConfig:
+    """Identifier (datagen/stages/identity.py): an instance-identity embedding of each object, from its masked
+    crop (the subject on the model's mean colour, outside the mask, as a square with `margin` of the box's
+    longer side on each side, resized to the model's input size), for cross-image pairs of the same subject.
+
+    model: a transformers DINOv2 (`Dinov2Model`) as a hub id ("facebook/dinov2-base", D = 768), a
+    `save_pretrained` folder (the tiny preset's) or a URL / hf:// spec of one (subjectdiff/weights.py); its
+    preprocessor config gives the input size, mean and std (ImageNet's and 224 px without one).
+    margin: the fill added around the box, a fraction of its longer side. batch_size: crops per forward.
+    dtype "auto": float16 on a GPU (DINOv2 was trained in it; a 1e-3 cosine change), float32 on CPU.
+    """
+
+    enabled: bool = True
+    model: str = "facebook/dinov2-base"
+    margin: float = 0.1
+    batch_size: int = 64
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "identity.batch_size must be >= 1")
+        _check(0 <= self.margin <= 1, f"identity.margin {self.margin} must be within [0, 1]")
+        _check(bool(self.model), "identity.model: name a DINOv2 hub id or a save_pretrained folder")
+        _check_device(self.device, self.dtype, "identity")
+
+
 _WARNED_CAPS: set[tuple[int, int]] = set()
 
 
@@ -373,6 +400,7 @@ class DatagenConfig:
     segment: SegmentConfig = field(default_factory=SegmentConfig)
     filters: FilterConfig = field(default_factory=FilterConfig)
     curate: CurateConfig = field(default_factory=CurateConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)  # runs before curate (registry.py)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
     name: str = "default"
     # The settings of stages registered beside these (datagen/stages/registry.py), by section: a dict of
@@ -448,6 +476,10 @@ def tiny(models=None) -> DatagenConfig:
         )
         if getattr(models, "clip_config", None)
         else CurateConfig(enabled=False),
+        # likewise a set without the identity stage's tiny DINOv2
+        identity=IdentityConfig(model=str(models.dinov2), batch_size=8, device="cpu")
+        if getattr(models, "dinov2", None)
+        else IdentityConfig(enabled=False),
     )
 
 
@@ -474,6 +506,10 @@ def full_random(models=None) -> DatagenConfig:
     # ViT-L-14 at random weights, built in memory from open_clip's config (no 1.7 GB file to write); no aesthetic
     # head (the default's), so the aesthetic column stays NULL as it does without one.
     cfg.curate.pretrained, cfg.curate.quick_gelu = None, True  # QuickGELU, as the default's OpenAI tag runs
+    if getattr(models, "dinov2", None):  # dinov2-base at random weights, a save_pretrained folder
+        cfg.identity.model = str(models.dinov2)
+    else:
+        cfg.identity.enabled = False
     return cfg
 
 

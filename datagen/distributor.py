@@ -35,7 +35,7 @@ from typing import Any
 
 from subjectdiff.catalogs import catalog
 from subjectdiff.catalogs.storage import Folder, transient
-from subjectdiff.datagen.assemble import embedding_meta
+from subjectdiff.datagen.assemble import embedding_meta, identity_meta
 from subjectdiff.datagen.committer import ShardCommitter
 from subjectdiff.datagen.decode import read_and_decode
 from subjectdiff.datagen.job import JobConfig
@@ -160,7 +160,13 @@ class Distributor:
                     scheduling_strategy=strategy,
                     **worker_options(),
                 )
-                .remote(self.out, self.p.spool_dir, self.extra, embedding_meta(self.cfg.stages.curate))
+                .remote(
+                    self.out,
+                    self.p.spool_dir,
+                    self.extra,
+                    embedding_meta(self.cfg.stages.curate),
+                    identity_meta(self.cfg.stages.identity),
+                )
             )
             self.committers.append(actor)
             self.committer_nodes.append(node)

@@ -125,7 +125,7 @@ class JobConfig:
 
 def preset(name: str) -> JobConfig:
     """`default`: the paper's models on GPUs (fractional GPUs so the four GPU stages share one: each registry
-    entry's `num_gpus`, caption 0.2, ground 0.2, segment 0.5, curate 0.1);
+    entry's `num_gpus`, caption 0.2, ground 0.2, segment 0.5, curate 0.05, identity 0.05);
     `tiny`: tiny random models on CPU, small shards, light actors (tests and the offline demo);
     `paper`: `default` with the data recipe of the authors' data_process.py (docs/datagen.md);
     `full-random`: `default`'s pipeline with its architectures at random weights (benchmarks; the models

@@ -11,6 +11,7 @@ checkpoints through one code path:
                     open_clip_pytorch_model.bin open_clip fetches for a pretrained tag
     aesthetic head  a state dict in improved-aesthetic-predictor's MLP layout (`layers.0.weight` ...), over the
                     tiny CLIP's embedding width instead of ViT-L-14's 768
+    DINOv2          a `save_pretrained` folder (Dinov2Model + BitImageProcessor) like facebook/dinov2-base
 
 All weights come from a fixed seed. The tokenizers' vocabulary is real English words (VOCAB below), so
 captions and grounding prompts tokenize without [UNK]. Three things are tuned so random models exercise
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -443,6 +445,65 @@ def save_tiny_aesthetic_head(
     return path
 
 
+# -------------------------------------------------------------------------------------------------- DINOv2
+
+# A DINOv2 ViT small enough for milliseconds on CPU (facebook/dinov2-base is hidden 768, 12 layers, 12 heads,
+# patch 14, at 224 px): 16 patches of 8 px in its 32 px input.
+TINY_DINOV2 = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "mlp_ratio": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+# facebook/dinov2-base's architecture (its config.json; image_size 518 sizes the position table, which the
+# model interpolates to the processor's 224 px crops).
+DINOV2_BASE = {
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "mlp_ratio": 4,
+    "image_size": 518,
+    "patch_size": 14,
+}
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]  # DINOv2's preprocessor_config.json
+
+
+def save_tiny_dinov2(folder: str | os.PathLike, arch: dict = TINY_DINOV2, side: int = 32, seed: int = SEED) -> Path:
+    """A random `Dinov2Model` of ARCH (TINY_DINOV2, or DINOV2_BASE for full-size benchmarks) and a
+    BitImageProcessor with DINOv2's ImageNet mean and std and SIDE px crops (the hub's is 224), in a
+    `save_pretrained` folder like facebook/dinov2-base's."""
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    model = Dinov2Model(Dinov2Config(**arch))
+    model.eval().save_pretrained(folder)
+    BitImageProcessor(
+        size={"shortest_edge": side},
+        crop_size={"height": side, "width": side},
+        image_mean=IMAGENET_MEAN,
+        image_std=IMAGENET_STD,
+    ).save_pretrained(folder)
+    return folder
+
+
+def _with_dinov2(models: TinyModels, folder: Path, arch: dict, side: int, seed: int) -> TinyModels:
+    """MODELS with their DINOv2 folder, written first when FOLDER has none. Outside the set's version (a set
+    written before the identity stage keeps its other files), and written to a temporary folder renamed into
+    place, so concurrent first uses (test processes sharing a cache) never read half a folder."""
+    if not (folder / "config.json").exists():
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        save_tiny_dinov2(tmp, arch, side, seed)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process renamed its identical copy first
+            shutil.rmtree(tmp, ignore_errors=True)
+    models.dinov2 = folder
+    return models
+
+
 # --------------------------------------------------------------------------------------------- all four
 
 
@@ -458,6 +519,8 @@ class TinyModels:
     clip_config: Path | None = None
     clip_checkpoint: Path | None = None
     aesthetic_head: Path | None = None
+    # The identity stage's DINOv2 folder; built beside a set on first use (`_with_dinov2`), not part of its version.
+    dinov2: Path | None = None
 
     def to_json(self) -> dict[str, str]:
         return {k: str(v) for k, v in self.__dict__.items() if v is not None}
@@ -497,7 +560,9 @@ def tiny_models(root: str | os.PathLike, seed: int = SEED) -> TinyModels:
             aesthetic_head=head,
         )
 
-    return _built_once(root / "tiny.json", TINY_VERSION, seed, build)
+    return _with_dinov2(
+        _built_once(root / "tiny.json", TINY_VERSION, seed, build), root / "dinov2", TINY_DINOV2, 32, seed
+    )
 
 
 # ------------------------------------------------------------------- full-size architectures, random weights
@@ -568,4 +633,5 @@ def full_random_models(root: str | os.PathLike, seed: int = SEED) -> TinyModels:
         torch.save(build_sam(SAM_ARCHS["vit_h"]).state_dict(), sam)
         return TinyModels(blip=blip, gdino_config=cfg, gdino_checkpoint=ckpt, sam_checkpoint=sam)
 
-    return _built_once(root / "full.json", FULL_RANDOM_VERSION, seed, build)
+    models = _built_once(root / "full.json", FULL_RANDOM_VERSION, seed, build)
+    return _with_dinov2(models, root / "dinov2-base", DINOV2_BASE, 224, seed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -121,22 +122,37 @@ def photo_record(name: str, *, source: str | None = None, fmt: str = "JPEG") -> 
     return rec, masks
 
 
+# (photo (H, W, 3) uint8, masks [(H, W) bool], boxes [xyxy normalized]) -> (n_objects, D) identity embeddings
+IdentityFn = Callable[[np.ndarray, list[np.ndarray], list[list[float]]], np.ndarray]
+
+
 def write_photo_shards(
-    out_dir: str | os.PathLike, n_shards: int = 2, per_shard: int = 5, failures_per_shard: int = 1
+    out_dir: str | os.PathLike,
+    n_shards: int = 2,
+    per_shard: int = 5,
+    failures_per_shard: int = 1,
+    identity: IdentityFn | None = None,
+    identity_meta: dict | None = None,
 ) -> list[str]:
     """Write n_shards shards of per_shard records cycling over PHOTOS (distinct sources, hence keys),
     plus failures_per_shard failed samples each, and the folder's dataset card (catalogs/card.py). Returns the
-    keys of the ok records."""
+    keys of the ok records.
+
+    identity: a function giving each photo's objects their identity embeddings (datagen's identity stage, say);
+    then every shard gets its identity sidecar (catalogs/identity.py), with IDENTITY_META as its metadata."""
     names = list(PHOTOS)
     keys = []
     cache: dict[str, Record] = {}
     for s in range(n_shards):
-        with ShardWriter(out_dir, f"{s:05d}") as w:
+        with ShardWriter(out_dir, f"{s:05d}", identity_meta=identity_meta) as w:
             for i in range(per_shard):
                 n = s * per_shard + i
                 name = names[n % len(names)]
                 if name not in cache:
-                    cache[name] = photo_record(name)[0]
+                    cache[name], masks = photo_record(name)
+                    if identity is not None:
+                        boxes = [list(o.box) for o in cache[name].objects]
+                        cache[name].identity_embeddings = np.asarray(identity(photo(name), masks, boxes))
                 base = cache[name]
                 source = f"skimage://{name}/{n}"
                 rec = Record(

@@ -18,7 +18,7 @@ def tiny_cfg(shard_size: int = 3, batch_size: int = 8) -> JobConfig:
     cfg = preset("tiny")
     cfg.pipeline.shard_size = shard_size
     cfg.pipeline.batch_size = batch_size
-    for stage in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment, cfg.stages.curate):
+    for stage in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment, cfg.stages.curate, cfg.stages.identity):
         stage.batch_size = batch_size
     return cfg
 

@@ -318,14 +318,14 @@ def test_curate_off_starts_no_pool_and_keeps_the_fingerprint_of_the_other_settin
 
     STAGES, MODEL_STAGES = registry.names(), registry.names(model=True)
     job = preset("default")
-    assert STAGES[-2:] == ("segment", "curate") and list(job.stage_pools()) == list(MODEL_STAGES)
+    assert STAGES[-3:] == ("segment", "identity", "curate") and list(job.stage_pools()) == list(MODEL_STAGES)
     assert sum(p.num_gpus for p in job.stage_pools().values()) == pytest.approx(1.0)  # one GPU holds them all
     on = stages_fingerprint(job.stages)
     job.stages.curate.enabled = False
-    assert active_stages(job.stages) == ("caption", "nouns", "ground", "filter", "segment")
+    assert active_stages(job.stages) == ("caption", "nouns", "ground", "filter", "segment", "identity")
     assert "curate" not in job.stage_pools()
     job.pipeline.fuse = True
-    assert job.stage_pools()["fused"].num_gpus == pytest.approx(0.9)  # the pools of the stages that run
+    assert job.stage_pools()["fused"].num_gpus == pytest.approx(0.95)  # the pools of the stages that run
     off = stages_fingerprint(job.stages)
     job.stages.curate.model = "ViT-B-32"  # a setting of a stage that does not run shapes no record
     assert stages_fingerprint(job.stages) == off != on

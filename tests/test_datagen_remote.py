@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from subjectdiff.catalogs import catalog, storage
+from subjectdiff.catalogs.identity_folder import read_folder
 from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.datagen.run import run
 from tests.pipelines import assert_close, tiny_cfg
@@ -304,6 +305,8 @@ def test_retry_failures_redoes_only_what_may_pass_now(s3_server, cache, tmp_path
     kept_records = records(out)
     kept_vectors = embeddings(out)
     assert set(kept_vectors) == set(kept_records)  # the curate stage's sidecar: one row per record
+    kept_ids = identities(out)  # the identity stage's: one row per object
+    assert {k for k, _ in kept_ids} == set(kept_records)
     for p, photo in zip(late, photos[3:5]):
         p.write_bytes(photo.read_bytes())
 
@@ -317,6 +320,8 @@ def test_retry_failures_redoes_only_what_may_pass_now(s3_server, cache, tmp_path
     assert {k: v for k, v in got.items() if k in kept_records} == kept_records  # untouched, byte for byte
     vectors = embeddings(out)  # the retried shard keeps its records' embeddings, and has the new ones'
     assert set(vectors) == set(got) and all((vectors[k] == v).all() for k, v in kept_vectors.items())
+    ids = identities(out)  # and its objects' identities, in the sidecar a retry rewrites too
+    assert {k for k, _ in ids} == set(got) and all((ids[k] == v).all() for k, v in kept_ids.items())
     n = len(after["samples"]) + len(after["failures"])
     assert n == 6 and not {s["key"] for s in after["samples"]} & {f["key"] for f in after["failures"]}
     manifest = json.loads(storage.Folder(out).read_text("manifest.json"))
@@ -324,6 +329,12 @@ def test_retry_failures_redoes_only_what_may_pass_now(s3_server, cache, tmp_path
     # Nothing left to retry: a second --retry-failures changes nothing.
     third = run(str(lst), out, tiny(shard_size=4), retry_failures=True, progress_every=60)
     assert third.ok == third.failed == 0 and tables(out) == after
+
+
+def identities(out: str) -> dict:
+    """{(key, object index): (D,) float16} of every complete shard's identity sidecar."""
+    table, vectors, _ = read_folder(out)
+    return {(r["key"], r["index"]): v for r, v in zip(table.to_pylist(), vectors)}
 
 
 def _free_port() -> int:

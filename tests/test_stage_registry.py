@@ -64,7 +64,16 @@ def test_a_registered_stage_joins_the_chain_the_fingerprint_and_the_settings(bri
     from subjectdiff.datagen.plan import stages_fingerprint
 
     cfg = load_config("default", overrides=["extra.brightness.min_mean=12"])
-    assert active_stages(cfg.stages) == ("caption", "brightness", "nouns", "ground", "filter", "segment", "curate")
+    assert active_stages(cfg.stages) == (
+        "caption",
+        "brightness",
+        "nouns",
+        "ground",
+        "filter",
+        "segment",
+        "identity",
+        "curate",
+    )
     assert "brightness" not in cfg.stage_pools()  # no model: a CPU task per block, no actor pool
     assert brightness_stage.settings(cfg.stages) == BrightnessConfig(min_mean=12)
     other = load_config("default", overrides=["extra.brightness.min_mean=30"])

@@ -284,8 +284,8 @@ def test_bucket_copy_resumes_from_its_part(bucket, cache):
 
 def local_models(tmp_path: Path) -> list[str]:
     """Overrides that keep `datagen weights --preset default` offline except for the two checkpoints."""
-    blip, bert = tmp_path / "blip", tmp_path / "bert"
-    for folder in (blip, bert):
+    blip, bert, dinov2 = tmp_path / "blip", tmp_path / "bert", tmp_path / "dinov2"
+    for folder in (blip, bert, dinov2):
         folder.mkdir()
         (folder / "config.json").write_text("{}")
     gd_config = tmp_path / "gdino_config.py"
@@ -297,6 +297,7 @@ def local_models(tmp_path: Path) -> list[str]:
         f'ground.config_file="{gd_config}"',
         f'ground.text_encoder="{bert}"',
         f'curate.pretrained="{clip}"',
+        f'identity.model="{dinov2}"',
     ]
 
 
@@ -310,7 +311,7 @@ def test_weights_command_prints_each_checkpoint_and_fails_in_one_line(server, ca
         == 0
     )
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 7 and all(" -> " in line for line in lines)
+    assert len(lines) == 8 and all(" -> " in line for line in lines)
     assert f"{gd} -> {weights.cache_path(gd)}" in lines
     assert f"{head} -> {weights.cache_path(head)}" in lines  # the curate stage's aesthetic head, fetched too
 

@@ -243,17 +243,21 @@ def load_clip(cfg: CurateConfig, device: torch.device, dtype: torch.dtype):
     return model.eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(name)
 
 
-def masked_crop(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
-    """image (H, W, 3) uint8 RGB, mask (H, W) bool -> (S, S, 3) uint8, S = the longer side of the mask's
-    bounding box: the box, pixels outside the mask NEUTRAL_RGB, centred on a NEUTRAL_RGB square. None when
-    the mask is empty."""
+def masked_crop(
+    image: np.ndarray, mask: np.ndarray, fill: tuple[int, int, int] = NEUTRAL_RGB, margin: float = 0.0
+) -> np.ndarray | None:
+    """image (H, W, 3) uint8 RGB, mask (H, W) bool -> (S, S, 3) uint8, S = the longer side L of the mask's
+    bounding box plus 2 * round(margin * L): the box, pixels outside the mask FILL (default NEUTRAL_RGB), centred
+    on a FILL square. None when the mask is empty. (The curate stage's crop, margin 0; the identity stage's,
+    with its model's mean colour and a margin.)"""
     ys, xs = np.nonzero(mask)
     if not len(ys):
         return None
     x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-    neutral = np.array(NEUTRAL_RGB, np.uint8)
+    neutral = np.array(fill, np.uint8)
     sub = np.where(mask[y0:y1, x0:x1, None], image[y0:y1, x0:x1], neutral)
-    side = max(x1 - x0, y1 - y0)
+    longest = max(x1 - x0, y1 - y0)
+    side = longest + 2 * round(margin * longest)
     out = np.empty((side, side, 3), np.uint8)
     out[:] = neutral
     oy, ox = (side - (y1 - y0)) // 2, (side - (x1 - x0)) // 2

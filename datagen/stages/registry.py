@@ -119,12 +119,24 @@ STAGES: list[Stage] = [
         checkpoints=_S + "segment:checkpoints",
         describe=_S + "segment:describe",
     ),
-    # ViT-L-14 forwards per image and per subject cost a fraction of SAM ViT-H's at 1024 px
+    # DINOv2-base (86 M parameters) on 224 px object crops. Before curate (neither needs the other's output), so
+    # curate stays the last stage, whose actors the shard writers sit beside.
+    Stage(
+        "identity",
+        "identity",
+        _S + "identity:Identifier",
+        num_gpus=0.05,
+        needs="masks",
+        checkpoints=_S + "identity:checkpoints",
+        describe=_S + "identity:describe",
+    ),
+    # ViT-L-14 forwards per image and per subject cost a fraction of SAM ViT-H's at 1024 px; with identity's, the
+    # shares sum to 1, so one actor of each stage fits on one GPU
     Stage(
         "curate",
         "curate",
         _S + "curate:Curator",
-        num_gpus=0.1,
+        num_gpus=0.05,
         needs="masks",
         checkpoints=_S + "curate:checkpoints",
         describe=_S + "curate:describe",
