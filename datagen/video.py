@@ -177,7 +177,8 @@ def scan(container, stream, threshold: float, min_shot_s: float) -> Scan:
             n = len(s.pts)
             s.pts.append(frame.pts)
             s.keys.append(bool(frame.key_frame))
-            small = frame.to_ndarray(width=width, height=height, format="bgr24")
+            # swscale's fast bilinear: a third of the scan's time with its default bicubic, and cuts are coarse
+            small = frame.reformat(width, height, "bgr24", interpolation="FAST_BILINEAR").to_ndarray()
             cuts += [tc.frame_num for tc in detector.process_frame(FrameTimecode(n, fps=fps), small)]
     except (av.FFmpegError, ValueError, OSError) as e:
         s.broke = f"decoding broke ({_ffmpeg_words(e)})"

@@ -233,6 +233,7 @@ def mixed(tmp_path_factory):
     return src, out, made, cut, summary
 
 
+@pytest.mark.slow  # the module's datagen run on Ray with the tiny models: about 90 s on a shared 2-core machine
 def test_a_folder_of_photos_and_videos_accounts_for_every_frame(mixed):
     src, out, made, _, summary = mixed
     assert summary.incomplete == []
@@ -254,6 +255,7 @@ def test_a_folder_of_photos_and_videos_accounts_for_every_frame(mixed):
         assert r.meta["objects"] and r.meta["caption"]
 
 
+@pytest.mark.slow  # the same run as above (module-scoped)
 def test_a_truncated_video_is_a_partial_video_and_a_non_video_a_failed_one(mixed):
     src, out, _, cut, _ = mixed
     v = _videos(out)
@@ -291,6 +293,7 @@ def raising_on_two(name, cfg):
     return RaisingOnVideo(name, cfg, "two.mkv")
 
 
+@pytest.mark.slow  # two datagen runs on Ray with the tiny models: about 160 s on a shared 2-core machine
 def test_retry_failures_redoes_a_video_whole(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
