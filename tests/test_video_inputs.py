@@ -340,3 +340,44 @@ def test_a_killed_run_of_videos_resumes_to_exact_accounting(tmp_path):
     _assert_accounted(out, made, VideoConfig())
     runs = json.loads((out / "manifest.json").read_text())["runs"]
     assert [r["status"] for r in runs] == ["running", "complete"]
+
+
+def test_video_settings_load_from_overrides_check_their_values_and_count_in_the_fingerprint():
+    from subjectdiff.datagen.job import load_config
+    from subjectdiff.datagen.plan import stages_fingerprint
+
+    base = load_config("default")
+    assert base.stages.video == VideoConfig(frames_per_shot=3, min_gap_s=1.0, max_frames=64)
+    two = load_config("default", overrides=["video.frames_per_shot=2", "video.max_frames=8"])
+    assert (two.stages.video.frames_per_shot, two.stages.video.max_frames) == (2, 8)
+    assert stages_fingerprint(two.stages) != stages_fingerprint(base.stages)
+    with pytest.raises(ValueError, match="video.max_frames = 0 must be >= 1"):
+        load_config("default", overrides=["video.max_frames=0"])
+
+
+def test_a_video_in_a_bucket_is_planned_and_decoded_from_its_bytes(tmp_path):
+    """A URL folder (fsspec's memory filesystem standing in for a bucket): the video is planned as one and its
+    decode task reads it whole, then samples it as a local one."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from subjectdiff.datagen.decode import read_and_decode
+
+    made = write_photo_video(tmp_path / "clip.webm", ["coffee", "rocket"], fps=FPS, codec="libvpx-vp9")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket-videos/a/clip.webm", (tmp_path / "clip.webm").read_bytes())
+    fs.pipe("/bucket-videos/a/photo.jpg", (SAMPLES / "coffee.jpg").read_bytes())
+    try:
+        sources.write_plan("memory://bucket-videos/", tmp_path / "plan.parquet", 10)
+        rows = pq.read_table(tmp_path / "plan.parquet").to_pydict()
+        assert [(r.rsplit("/", 1)[-1], m) for r, m in zip(rows["source"], rows["media"])] == [
+            ("clip.webm", "video"),
+            ("photo.jpg", None),
+        ]
+        items = read_and_decode(rows)
+    finally:
+        fs.rm("/bucket-videos", recursive=True)
+    video = "memory://bucket-videos/a/clip.webm"
+    assert [(i["video"]["shot"], i["video"]["frame"]) for i in items[:-1]] == _expected(made, VideoConfig())
+    assert all(i["source"] == frame_source(video, i["video"]["frame"]) and not i.get("failure") for i in items[:-1])
+    assert items[-1]["source"].endswith("photo.jpg") and "video" not in items[-1]
