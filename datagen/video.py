@@ -197,7 +197,7 @@ def _cut_short(container, stream, s: Scan) -> str | None:
     container without one, Matroska) ending more than a second before the container's duration."""
     n = len(s.pts)
     if stream.frames and n < stream.frames:
-        return f"the video ends early ({n} of its {stream.frames} frames decode)"
+        return "the video ends early (fewer frames decode than its header counts)"
     if not stream.frames and container.duration and n:
         total = container.duration / 1_000_000
         last = s.time(n - 1) + 1 / s.fps
@@ -241,12 +241,13 @@ def grab(container, stream, s: Scan, wanted: list[int]):
 
 
 def _grab_forward(container, stream, wanted: list[int]):
+    """grab for a stream whose frames cannot be named by pts: one decode from the start, counting frames."""
     import av
 
-    container.seek(0)
     todo = iter(wanted)
     nxt = next(todo, None)
     try:
+        container.seek(0)
         for n, frame in enumerate(container.decode(stream)):
             if nxt is None:
                 return
