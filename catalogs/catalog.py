@@ -14,7 +14,8 @@ Tables (see docs/records.md for every column):
     objects(key, shard, index, label, phrase, span_start, span_end, tokens, score, x0, y0, x1, y1,
             area, aspect, mask_area, mask_fill, containment, mask_score, label_score, label_rank)
     shards(name, path, n_ok, n_failed, n_objects, bytes, start_time, end_time, duration, fingerprint)
-    failures(key, shard, idx, source, stage, reason, video, video_frame)
+    failures(key, shard, idx, source, stage, reason, video, video_frame, video_shot)
+    videos (a view: one row per video input) (video, shard, frames, frames_ok, frames_failed, shots, status, reason)
     bad_shards(name, file, reason, detail, seen_at)
 
 `idx` is a sample's position in its shard's samples sidecar (ok and failed samples counted together), which is
@@ -61,8 +62,9 @@ from subjectdiff.catalogs.writer import (
 )
 
 CATALOG_FILE = "catalog.duckdb"
-# 2: samples/failures.idx and the curation columns; 3: samples.white_fraction; 4: the video columns
-CATALOG_VERSION = 4
+# 2: samples/failures.idx and the curation columns; 3: samples.white_fraction; 4: the video columns;
+# 5: failures.video_shot and the videos view
+CATALOG_VERSION = 5
 PLAN_ORDER = "shard, idx"  # the order datagen planned the samples in (module docstring)
 
 _DDL = """
@@ -81,11 +83,29 @@ CREATE TABLE IF NOT EXISTS shards (
     bytes BIGINT, start_time DOUBLE, end_time DOUBLE, duration DOUBLE, fingerprint VARCHAR);
 CREATE TABLE IF NOT EXISTS failures (
     key VARCHAR, shard VARCHAR, idx INTEGER, source VARCHAR, stage VARCHAR, reason VARCHAR,
-    video VARCHAR, video_frame BIGINT);
+    video VARCHAR, video_frame BIGINT, video_shot INTEGER);
 CREATE TABLE IF NOT EXISTS bad_shards (
     name VARCHAR PRIMARY KEY, file VARCHAR, reason VARCHAR, detail VARCHAR, seen_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS catalog_info (name VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE OR REPLACE VIEW videos AS
+WITH rows AS (
+    SELECT video, shard, video_shot, video_frame, source <> video AS is_frame, true AS ok, NULL AS reason
+    FROM samples WHERE video IS NOT NULL
+    UNION ALL
+    SELECT video, shard, video_shot, video_frame, source <> video, false, CASE WHEN source = video THEN reason END
+    FROM failures WHERE video IS NOT NULL)
+SELECT video, any_value(shard) AS shard,
+    count(*) FILTER (WHERE is_frame) AS frames,
+    count(*) FILTER (WHERE is_frame AND ok) AS frames_ok,
+    count(*) FILTER (WHERE is_frame AND NOT ok) AS frames_failed,
+    coalesce(max(video_shot) FILTER (WHERE is_frame OR video_frame > 0) + 1, 0) AS shots,
+    CASE WHEN count(reason) = 0 THEN 'ok' WHEN count(*) FILTER (WHERE is_frame) > 0 THEN 'partial' ELSE 'failed' END
+        AS status,
+    any_value(reason) AS reason
+FROM rows GROUP BY video;
 """
+# videos: a frame row's source is `VIDEO#frame=N`; the one row whose source is the video itself is the video's own
+# failure (it did not open, or broke at video_frame: datagen/video.py), whose shot is the last one found.
 _TABLES = ("samples", "objects", "shards", "failures", "bad_shards", "catalog_info")
 
 # Statement types a read-only query may contain.
@@ -434,7 +454,7 @@ _SAMPLE_COLUMNS = [
     "video_frame",
     "video_time",
 ]
-_FAILURE_COLUMNS = ["key", "shard", "idx", "source", "stage", "reason", "video", "video_frame"]
+_FAILURE_COLUMNS = ["key", "shard", "idx", "source", "stage", "reason", "video", "video_frame", "video_shot"]
 _OBJECT_COLUMNS = [
     "key",
     "shard",

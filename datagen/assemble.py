@@ -17,6 +17,7 @@ from subjectdiff.catalogs.schema import (
     ObjectAnn,
     Record,
     RecordError,
+    VideoFrame,
     compute_quality,
     image_extension,
     make_key,
@@ -29,7 +30,14 @@ Item = dict[str, Any]
 
 
 def _failure(item: Item, stage: str, reason: str) -> Failure:
-    return Failure(key=item.get("key") or make_key(item["source"]), source=item["source"], stage=stage, reason=reason)
+    key = item.get("key") or make_key(item["source"])
+    return Failure(key=key, source=item["source"], stage=stage, reason=reason, video=video_frame(item))
+
+
+def video_frame(item: Item) -> VideoFrame | None:
+    """The VideoFrame of an item made from a video (datagen/video.py's `video` dict), None for a photo."""
+    v = item.get("video")
+    return None if v is None else VideoFrame(str(v["source"]), int(v["shot"]), int(v["frame"]), float(v["time"]))
 
 
 def objects_of(item: Item) -> list[ObjectAnn]:
@@ -103,6 +111,7 @@ def to_record(item: Item) -> Record | Failure:
             clip_embedding=item.get("clip_embedding"),
             identity_embeddings=item.get("identity_embeddings"),
             white_fraction=white_fraction(item["image"]),
+            video=video_frame(item),
         )
         validate(record)
     except (RecordError, KeyError, ValueError) as e:

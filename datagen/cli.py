@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="SRC",
         help="image folder, webdataset shards (.tar / brace pattern / fsspec URL), img2dataset "
         "folder, or a .parquet/.csv list of image paths, URLs or image bytes (Hugging Face "
-        "datasets Parquet, hf:// URLs)",
+        "datasets Parquet, hf:// URLs); videos (.mp4 .mov .webm .mkv) are taken beside images",
     )
     r.add_argument(
         "--image-column",

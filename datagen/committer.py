@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from subjectdiff.catalogs.embeddings import read_embeddings
 from subjectdiff.catalogs.identity import read_identity
-from subjectdiff.catalogs.schema import Failure
+from subjectdiff.catalogs.schema import Failure, make_key
 from subjectdiff.catalogs.storage import Folder, open_url
 from subjectdiff.catalogs.tars import member_index
 from subjectdiff.catalogs.writer import ShardWriter, legacy_names, optional_names, shard_names
@@ -128,7 +128,8 @@ class ShardCommitter:
             for item in items:
                 if item["key"] in w:  # a block delivered twice: written once
                     continue
-                if _write(w, item, part if positions is None else positions[item["key"]]):
+                # a video's frames take its plan position (unit_key: datagen/video.py)
+                if _write(w, item, part if positions is None else positions[item.get("unit_key", item["key"])]):
                     ok += 1
                 else:
                     failed += 1
@@ -201,8 +202,9 @@ def carry_over(w: ShardWriter, out: str, shard: str, order: list[str], replace: 
         objects = pq.read_table(f).to_pylist()
     vectors = _embeddings(folder, shard)
     identities = _identities(folder, shard)
-    pos = {k: i for i, k in enumerate(order)}
-    rows = {r["key"]: r for r in samples if r["key"] not in replace}
+    plan_pos = {k: i for i, k in enumerate(order)}
+    rows = {r["key"]: r for r in samples if _unit_key(r) not in replace}
+    pos = {**plan_pos, **{k: plan_pos[_unit_key(r)] for k, r in rows.items()}}
     objs: dict[str, list[dict]] = {}
     for o in objects:
         if o["key"] in rows:
@@ -235,6 +237,11 @@ def carry_over(w: ShardWriter, out: str, shard: str, order: list[str], replace: 
             f"(e.g. {sorted(missing)[0]}); the shard is damaged: delete its _stats.json to redo it"
         )
     return pos
+
+
+def _unit_key(row: dict) -> str:
+    """The plan key of a samples-sidecar row: its video's for a frame of a video (datagen/video.py), else its own."""
+    return make_key(row["video"]) if row.get("video") else row["key"]
 
 
 def _embeddings(folder: Folder, shard: str) -> dict[str, Any]:

@@ -389,6 +389,30 @@ class IdentityConfig:
         _check_device(self.device, self.dtype, "identity")
 
 
+@dataclass
+class VideoConfig:
+    """How a video input becomes frame records (datagen/video.py, docs/datagen.md#videos).
+
+    Shots are found by PySceneDetect's content detector on downscaled frames: a cut where the HSV content score
+    between two frames reaches `shot_threshold` (PySceneDetect's default 27), shots shorter than `min_shot_s`
+    seconds merged into the next. frames_per_shot: frames sampled per shot, spread over it; min_gap_s: the least
+    time between two frames sampled from one shot (a short shot gives fewer); max_frames: the most per video
+    (then the longer shots keep theirs: every shot gets one first while the budget allows).
+    """
+
+    frames_per_shot: int = 3
+    min_gap_s: float = 1.0
+    max_frames: int = 64
+    shot_threshold: float = 27.0
+    min_shot_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(self.frames_per_shot >= 1, f"video.frames_per_shot = {self.frames_per_shot} must be >= 1")
+        _check(self.max_frames >= 1, f"video.max_frames = {self.max_frames} must be >= 1")
+        _check(self.min_gap_s >= 0 and self.min_shot_s >= 0, "video.min_gap_s and video.min_shot_s must be >= 0")
+        _check(self.shot_threshold > 0, f"video.shot_threshold = {self.shot_threshold} must be > 0")
+
+
 _WARNED_CAPS: set[tuple[int, int]] = set()
 
 
@@ -402,6 +426,7 @@ class DatagenConfig:
     curate: CurateConfig = field(default_factory=CurateConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)  # runs before curate (registry.py)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    video: VideoConfig = field(default_factory=VideoConfig)
     name: str = "default"
     # The settings of stages registered beside these (datagen/stages/registry.py), by section: a dict of
     # values (a TOML table, `extra.SECTION.KEY=VALUE`) or the stage's settings object.

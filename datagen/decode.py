@@ -10,13 +10,15 @@ size/aspect filter here, before any model sees it.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from subjectdiff.catalogs.storage import describe
 from subjectdiff.datagen import units
-from subjectdiff.datagen.config import DecodeConfig, FilterConfig
+from subjectdiff.datagen.config import DecodeConfig, FilterConfig, VideoConfig
 from subjectdiff.datagen.stages.common import decode_item, fail, failed
 from subjectdiff.datagen.stages.filters import prefilter
+from subjectdiff.datagen.video import video_items
 
 Item = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -36,17 +38,25 @@ def read_failure(e: OSError) -> str:
 
 
 def read_and_decode(
-    rows: dict[str, list], filters: FilterConfig | None = None, decode: DecodeConfig | None = None
+    rows: dict[str, list],
+    filters: FilterConfig | None = None,
+    decode: DecodeConfig | None = None,
+    video: VideoConfig | None = None,
 ) -> list[Item]:
-    """Plan rows (columns of datagen.sources.PLAN_SCHEMA, as lists) -> one item per row, in order, decoded as
-    DECODE says (None: its defaults)."""
+    """Plan rows (columns of datagen.sources.PLAN_SCHEMA, as lists) -> one item per image row, and a video row's
+    items (datagen/video.py: its sampled frames, and its failure), in order, decoded as DECODE says (None: its
+    defaults); VIDEO: how frames are sampled (None: its defaults)."""
     items = []
     columns = rows.get("column") or [None] * len(rows["key"])
+    media = rows.get("media") or [None] * len(rows["key"])  # a plan made before videos has no media column
     for i, key in enumerate(rows["key"]):
         source, alt = rows["source"][i], _text(rows["alt_text"][i])
         err = rows["error"][i]
         if err:
             item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read", err)
+        elif media[i] == "video":
+            items += _prefiltered(_video(rows, i, alt, video, decode), filters)
+            continue
         else:
             try:
                 extra = [columns[i]] if columns[i] else []
@@ -56,7 +66,31 @@ def read_and_decode(
                 item = fail(
                     {"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read", read_failure(e)
                 )
-        if filters is not None and not failed(item):
-            item = prefilter(item, filters)
-        items.append(item)
+        items += _prefiltered([item], filters)
     return items
+
+
+def _prefiltered(items: list[Item], filters: FilterConfig | None) -> list[Item]:
+    return items if filters is None else [it if failed(it) else prefilter(it, filters) for it in items]
+
+
+def _video(rows: dict[str, list], i: int, alt: str | None, cfg: VideoConfig | None, decode) -> list[Item]:
+    """The items of the video in row I: a whole local file is decoded in place (never read into memory); a
+    remote one, a tar member or a Parquet cell is read first (retried as any unit is)."""
+    key, source, path = rows["key"][i], rows["source"][i], rows["path"][i]
+    offset, size = int(rows["offset"][i]), int(rows["size"][i])
+    column = (rows.get("column") or [None] * len(rows["key"]))[i]
+    if offset < 0 and not column and units.is_local(path) and os.path.isfile(_local(path)):
+        return video_items(source, key, _local(path), alt, cfg, decode)
+    try:
+        data = units.read_unit(path, offset, size, *([column] if column else []))
+    except OSError as e:
+        item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read", read_failure(e))
+        item["video"] = {"source": source, "shot": 0, "frame": 0, "time": 0.0}
+        item["unit_key"] = key
+        return [item]
+    return video_items(source, key, data, alt, cfg, decode)
+
+
+def _local(path: str) -> str:
+    return path.removeprefix("file://").removeprefix("local://")

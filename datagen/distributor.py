@@ -182,8 +182,9 @@ class Distributor:
     # --------------------------------------------------------------------------------------------- shards
 
     def _task(self, name: str, rows: dict[str, list], attempt: int, merge=None) -> ShardTask:
-        n, b = len(rows["key"]), self.p.batch_size
-        return ShardTask(name, rows, attempt, [(i, min(i + b, n)) for i in range(0, n, b)], merge=merge)
+        return ShardTask(
+            name, rows, attempt, blocks(rows.get("media"), len(rows["key"]), self.p.batch_size), merge=merge
+        )
 
     def _open(self, task: ShardTask) -> None:
         c = min(range(len(self.committers)), key=lambda i: (self.open_per_committer[i], i))
@@ -200,7 +201,7 @@ class Distributor:
         a, b = task.parts[part]
         rows = {k: v[a:b] for k, v in task.rows.items()}
         node = self.committer_nodes[task.committer]
-        ref = self._decode.remote(rows, self.cfg.stages.filters, self.cfg.stages.decode)
+        ref = self._decode.remote(rows, self.cfg.stages.filters, self.cfg.stages.decode, self.cfg.stages.video)
         for stage in self.chain:
             if stage in self.tasks:
                 ref = self._stage_task.remote(ref, self.tasks[stage], self.cfg.stages, self.factory)
@@ -360,8 +361,20 @@ class Distributor:
             self._refresher.join()
 
 
-def _decode_block(rows: dict[str, list], filters, decode) -> list[dict]:
-    return read_and_decode(rows, filters, decode)
+def _decode_block(rows: dict[str, list], filters, decode, video=None) -> list[dict]:
+    return read_and_decode(rows, filters, decode, video)
+
+
+def blocks(media: list[str | None] | None, n: int, batch_size: int) -> list[tuple[int, int]]:
+    """The row ranges of a shard's blocks: BATCH_SIZE rows each, except that a video (MEDIA "video") is a block of
+    its own, so a block holds at most batch_size photos or one video's frames (video.max_frames)."""
+    out: list[tuple[int, int]] = []
+    start = 0
+    for i in range(n):
+        if media is not None and media[i] == "video":
+            out += [(a, min(a + batch_size, i)) for a in range(start, i, batch_size)] + [(i, i + 1)]
+            start = i + 1
+    return out + [(a, min(a + batch_size, n)) for a in range(start, n, batch_size)]
 
 
 def local_output_node(out: str) -> str | None:

@@ -45,6 +45,8 @@ def stages_fingerprint(cfg: stage_config.DatagenConfig) -> str:
         return list(x) if isinstance(x, tuple) else x
 
     settings = {"decode": asdict(cfg.decode), **{s.section: asdict(s.settings(cfg)) for s in registry.active(cfg)}}
+    if cfg.video != stage_config.VideoConfig():  # counted when set: plans made before videos keep their fingerprint
+        settings["video"] = asdict(cfg.video)
     blob = json.dumps(strip(settings), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 
 from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs.schema import make_key
 from subjectdiff.catalogs.storage import is_local
 from subjectdiff.datagen import plan
 
@@ -40,11 +41,12 @@ def retry_keys(out: str, shards: set[str], catalog_file=None) -> dict[str, set[s
     """{shard: keys to redo} among the failures the catalog of OUT holds for SHARDS (planning errors are
     removed later, from the plan)."""
     catalog.build(out, catalog=catalog_file)
-    rows = catalog.query(out, "SELECT shard, key, stage, reason, source FROM failures", catalog=catalog_file)
+    rows = catalog.query(out, "SELECT shard, key, stage, reason, source, video FROM failures", catalog=catalog_file)
     found: dict[str, set[str]] = {}
     for r in rows.to_pylist():
-        if r["shard"] in shards and retryable(r["stage"], r["reason"] or "", r["source"] or ""):
-            found.setdefault(r["shard"], set()).add(r["key"])
+        if r["shard"] in shards and retryable(r["stage"], r["reason"] or "", r["video"] or r["source"] or ""):
+            # a frame of a video is redone with its whole video, the plan's unit (datagen/video.py)
+            found.setdefault(r["shard"], set()).add(make_key(r["video"]) if r["video"] else r["key"])
     return found
 
 

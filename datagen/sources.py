@@ -64,8 +64,10 @@ from subjectdiff.catalogs.images import IMAGE_SUFFIXES
 from subjectdiff.catalogs.schema import make_key
 from subjectdiff.catalogs.storage import describe, detail
 from subjectdiff.datagen.units import is_url as _is_url
+from subjectdiff.datagen.video import VIDEO_SUFFIXES, is_video
 
 _TAR_IMAGE_EXTS = tuple(s[1:] for s in IMAGE_SUFFIXES)  # preference order in a sample
+_TAR_VIDEO_EXTS = tuple(s[1:] for s in VIDEO_SUFFIXES)  # a sample without an image member may hold a video
 _PATH_COLUMNS = ("path", "url", "image_path", "filepath", "image")
 _TEXT_COLUMNS = ("caption", "text", "alt_text")
 _LIST_BATCH = 10_000
@@ -82,6 +84,7 @@ PLAN_SCHEMA = pa.schema(
         ("alt_text", pa.string()),
         ("error", pa.string()),  # set when the unit could not even be listed (bad tar member, failed download)
         ("column", pa.string()),  # set: `path` is a Parquet, `offset` a row index, the image is in this column
+        ("media", pa.string()),  # "video": the unit is a video (datagen/video.py); null: an image
     ]
 )
 # The units as listed, before de-duplication: `seq` is the listing order.
@@ -101,6 +104,7 @@ class Unit:
     alt_text: str | None = None
     error: str | None = None
     column: str | None = None  # see PLAN_SCHEMA
+    media: str | None = None  # "video" for a video (datagen/video.py), None for an image
 
 
 def _url_fs(src: str):
@@ -138,7 +142,7 @@ def _takes(name: str, skipped: Counter | None) -> bool:
     """Whether a folder source takes the file NAME (a visible file with an image extension); one it does not
     take is counted in SKIPPED by `skip_kind`."""
     name = posixpath.basename(name)
-    if name.lower().endswith(IMAGE_SUFFIXES) and not name.startswith("."):
+    if name.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES) and not name.startswith("."):
         return True
     if skipped is not None:
         skipped[skip_kind(name)] += 1
@@ -218,7 +222,7 @@ def iter_units(
     kind = _kind(src)
     if kind == "folder":
         if _is_url(src):
-            yield from (Unit(source=u, path=u) for u in _find(src) if _takes(u, skipped))
+            yield from (_file_unit(u) for u in _find(src) if _takes(u, skipped))
         else:
             yield from _folder_units(src, skipped)
     elif kind == "shards":
@@ -234,8 +238,12 @@ def _folder_units(root: str, skipped: Counter | None = None) -> Iterator[Unit]:
         dirnames.sort()  # deterministic walk order
         for name in sorted(filenames):
             if _takes(name, skipped):
-                p = os.path.join(dirpath, name)
-                yield Unit(source=p, path=p)
+                yield _file_unit(os.path.join(dirpath, name))
+
+
+def _file_unit(p: str) -> Unit:
+    """The unit of a whole file (a folder's, or a list's path): a video when its extension says so."""
+    return Unit(source=p, path=p, media="video" if is_video(p) else None)
 
 
 def list_tar(url: str) -> list[Unit]:
@@ -278,7 +286,7 @@ def _tar_units(url: str) -> list[Unit]:
     units = []
     for key, g in groups.items():
         meta_url = _json_url(texts.get((key, "json")))
-        ext = next((e for e in _TAR_IMAGE_EXTS if e in g), None)
+        ext = next((e for e in _TAR_IMAGE_EXTS + _TAR_VIDEO_EXTS if e in g), None)
         if ext is None:
             units.append(
                 Unit(
@@ -293,7 +301,12 @@ def _tar_units(url: str) -> list[Unit]:
         alt = txt.decode("utf-8", "replace").strip() if txt else None
         units.append(
             Unit(
-                source=meta_url or f"{url}#{m.name}", path=url, offset=m.offset_data, size=m.size, alt_text=alt or None
+                source=meta_url or f"{url}#{m.name}",
+                path=url,
+                offset=m.offset_data,
+                size=m.size,
+                alt_text=alt or None,
+                media="video" if ext in _TAR_VIDEO_EXTS else None,
             )
         )
     if rest is not None:
@@ -544,7 +557,7 @@ def _list_units(src: str, image_column: str | None = None, caption_column: str |
                         p = str(p)
                         if not _is_url(p) and not os.path.isabs(p):
                             p = join(base, p)  # relative paths are relative to the list file
-                        yield Unit(source=p, path=p, alt_text=t)
+                        yield Unit(source=p, path=p, alt_text=t, media="video" if is_video(p) else None)
                     row += 1
         except (pa.ArrowInvalid, OSError) as e:
             raise SourceError(f"input list {src!r} cannot be read after row index {row}: {detail(e)}") from e
@@ -593,7 +606,18 @@ def write_plan(
             for seq, u in enumerate(units):
                 for n, v in zip(
                     names,
-                    (seq, make_key(u.source), u.source, u.path, u.offset, u.size, u.alt_text, u.error, u.column),
+                    (
+                        seq,
+                        make_key(u.source),
+                        u.source,
+                        u.path,
+                        u.offset,
+                        u.size,
+                        u.alt_text,
+                        u.error,
+                        u.column,
+                        u.media,
+                    ),
                     strict=True,
                 ):
                     cols[n].append(v)

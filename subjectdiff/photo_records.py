@@ -172,6 +172,55 @@ def write_photo_shards(
     return keys
 
 
+def write_photo_video(
+    path: str | os.PathLike,
+    names: list[str],
+    *,
+    frames_per_shot: int = 18,
+    fps: int = 12,
+    size: tuple[int, int] = (128, 96),
+    codec: str = "libx264",
+    faststart: bool = True,
+) -> list[tuple[int, int]]:
+    """A video of the photos NAMES, one shot each with hard cuts between them: within a shot the camera pans across
+    and zooms into the photo (its objects move and grow). Returns the shots as [start, end) frame ranges.
+
+    size: (W, H), even. codec: "libx264" (H.264) or "mpeg4"; the container follows PATH's suffix (.mp4, .mkv,
+    .mov). faststart: an MP4's index (moov atom) written first, so a copy cut short still plays up to the cut.
+    """
+    import av  # function-level: only video tests and benchmarks make videos
+
+    w, h = size
+    shots = []
+    mp4 = str(path).lower().endswith((".mp4", ".mov"))
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart and mp4 else {}) as c:
+        stream = c.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        for name in names:
+            shots.append((len(shots) and shots[-1][1], (len(shots) and shots[-1][1]) + frames_per_shot))
+            img = Image.fromarray(photo(name))
+            for i in range(frames_per_shot):
+                t = i / max(1, frames_per_shot - 1)
+                crop = _pan_zoom(img.size, 1.0 - 0.25 * t, t, w / h)
+                pixels = np.asarray(img.crop(crop).resize((w, h), Image.BILINEAR).convert("RGB"))
+                for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                    c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+    return shots
+
+
+def _pan_zoom(size: tuple[int, int], zoom: float, t: float, aspect: float) -> tuple[int, int, int, int]:
+    """The crop box (x0, y0, x1, y1) of an image of SIZE: ZOOM of its width (1: all), at ASPECT (w / h), moved from
+    left to right as T goes from 0 to 1."""
+    W, H = size
+    cw = min(W * zoom, H * zoom * aspect)
+    ch = cw / aspect
+    x0 = (W - cw) * (0.4 + 0.2 * t)
+    y0 = (H - ch) / 2
+    return round(x0), round(y0), round(x0 + cw), round(y0 + ch)
+
+
 if __name__ == "__main__":
     import sys
 

@@ -71,7 +71,8 @@ class Progress:
     def eta(self) -> float:
         """Seconds left to the total at the current rate; inf while nothing has moved."""
         rate = self.rate()
-        return (self.total - self.done) / rate if rate > 0 else math.inf
+        # max: a datagen run of videos makes more records than it planned inputs (a few frames per video)
+        return max(0, self.total - self.done) / rate if rate > 0 else math.inf
 
     def update(self, ok: int, failed: int = 0, force: bool = False, shard: str | None = None, items: int = 0) -> None:
         """OK and FAILED units more (of SHARD's current attempt, when given) and ITEMS more; then the line (every

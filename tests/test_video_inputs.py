@@ -1,0 +1,385 @@
+"""Videos as datagen inputs (issue #20): shots found where they were cut, a few frames per shot, each frame a record
+(or a failure) of its own, exact accounting per video and per frame, broken videos failing with a reason, resume
+and --retry-failures per video.
+
+The videos are made here with PyAV from scikit-image's photos (subjectdiff.photo_records.write_photo_video): one
+shot per photo, hard cuts between them, a pan and a zoom within each shot."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs.reader import RecordReader
+from subjectdiff.catalogs.schema import make_key
+from subjectdiff.datagen import sources
+from subjectdiff.datagen.config import VideoConfig
+from subjectdiff.datagen.run import run
+from subjectdiff.datagen.video import frame_source, grab, open_video, sample_frames, scan, video_items
+from subjectdiff.photo_records import write_photo_video
+from tests.pipelines import tiny_cfg
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "datagen" / "sample_images"
+FPS = 12
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+@st.composite
+def shot_lists(draw):
+    lengths = draw(st.lists(st.integers(0, 400), min_size=0, max_size=30))
+    start, shots = draw(st.integers(0, 50)), []
+    for n in lengths:
+        shots.append((start, start + n))
+        start += n
+    return shots
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shots=shot_lists(),
+    fps=st.floats(1.0, 120.0),
+    per_shot=st.integers(1, 6),
+    min_gap_s=st.floats(0.0, 5.0),
+    max_frames=st.integers(1, 80),
+)
+def test_sampled_frames_lie_in_their_shots_spaced_and_within_budget(shots, fps, per_shot, min_gap_s, max_frames):
+    picks = sample_frames(shots, fps, per_shot, min_gap_s, max_frames)
+    frames = [f for _, f in picks]
+    assert frames == sorted(frames) and len(set(frames)) == len(frames)
+    assert len(picks) <= max_frames
+    for shot, f in picks:
+        assert shots[shot][0] <= f < shots[shot][1]
+    for shot in {s for s, _ in picks}:
+        mine = [f for s, f in picks if s == shot]
+        assert len(mine) <= per_shot
+        assert all((b - a) / fps >= min_gap_s - 1e-9 for a, b in zip(mine, mine[1:]))
+    live = [i for i, (a, b) in enumerate(shots) if b > a]
+    if len(live) <= max_frames:
+        assert {s for s, _ in picks} == set(live)  # every shot of nonzero length has a frame
+    else:
+        assert len(picks) == max_frames and live[-1] in {s for s, _ in picks}  # so max shot + 1 counts the shots
+
+
+def test_a_long_shot_gets_its_frames_spread_over_it():
+    assert sample_frames([(0, 120)], 12.0, 3, 1.0, 64) == [(0, 20), (0, 59), (0, 99)]
+    assert sample_frames([(0, 120), (120, 126)], 12.0, 3, 1.0, 64) == [(0, 20), (0, 59), (0, 99), (1, 122)]
+
+
+# --------------------------------------------------------------------------------------------- one video
+
+
+def _shot_of(shots: list[tuple[int, int]], frame: int) -> int:
+    return next(i for i, (a, b) in enumerate(shots) if a <= frame < b)
+
+
+def test_shots_are_found_where_they_were_cut_and_seeking_gives_the_same_frames(tmp_path):
+    path = tmp_path / "clip.mp4"
+    made = write_photo_video(path, ["astronaut", "chelsea", "coffee", "rocket", "astronaut"], fps=FPS)
+    container, stream = open_video(str(path))
+    with container:
+        s = scan(container, stream, 27.0, 0.5)
+        assert s.shots == made and s.broke is None and s.seekable()
+        wanted = [3, 17, 18, 40, 41, 89]  # across key frames and cuts, and the last frame
+        sought = dict(grab(container, stream, s, wanted))
+        s.pts = [None] * len(s.pts)  # a stream whose frames carry no pts: decoded forward, counting
+        forward = dict(grab(container, stream, s, wanted))
+    with open_video(str(path))[0] as c2:  # the same frames decoded front to back
+        every = [f.to_ndarray(format="rgb24") for f in c2.decode(video=0)]
+    assert len(every) == made[-1][1]
+    for n in wanted:
+        assert (sought[n] == every[n]).all() and (forward[n] == every[n]).all(), n
+
+
+def test_a_video_gives_one_item_per_sampled_frame_with_its_place_in_the_video(tmp_path):
+    path = tmp_path / "clip.mkv"
+    made = write_photo_video(path, ["coffee", "chelsea", "rocket"], fps=FPS, codec="mpeg4")
+    cfg = VideoConfig(frames_per_shot=2, min_gap_s=0.5)
+    items = video_items(str(path), "unitkey", str(path), "alt", cfg)
+    assert [(i["video"]["shot"], i["video"]["frame"]) for i in items] == sample_frames(made, FPS, 2, 0.5, 64)
+    for it in items:
+        n = it["video"]["frame"]
+        assert it["source"] == frame_source(str(path), n) and it["key"] == make_key(f"{path}#frame={n}")
+        assert it["image"].shape == (96, 128, 3) and it["image_format"] == "jpeg" and not it.get("failure")
+        assert it["video"]["time"] == pytest.approx(
+            n / FPS, abs=1e-3
+        )  # Matroska times are in ms and it["unit_key"] == "unitkey"
+
+
+def test_a_truncated_video_keeps_its_frames_before_the_break_and_fails_with_a_reason(tmp_path):
+    path = tmp_path / "clip.mp4"
+    made = write_photo_video(path, ["astronaut", "chelsea", "coffee"], fps=FPS)
+    data = path.read_bytes()
+    items = video_items("cut.mp4", "k", data[: len(data) * 6 // 10])
+    *frames, broke = items
+    assert broke["failure"]["stage"] == "decode" and "truncated or corrupt" in broke["failure"]["reason"]
+    assert broke["key"] == "k" and broke["source"] == "cut.mp4"
+    assert frames and not any(f.get("failure") for f in frames)
+    assert all(f["video"]["frame"] < broke["video"]["frame"] < made[-1][1] for f in frames)
+    assert all(f["video"]["shot"] == _shot_of(made, f["video"]["frame"]) for f in frames)
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"this is a text file, not a video\n", "not a video"),
+        (b"", "the file is empty"),
+    ],
+)
+def test_a_file_with_a_video_suffix_that_is_no_video_is_one_failure_saying_so(data, words):
+    (item,) = video_items("notes.webm", "k", data)
+    assert item["failure"]["stage"] == "decode" and words in item["failure"]["reason"]
+    assert item["key"] == "k" and item["video"] == {"source": "notes.webm", "shot": 0, "frame": 0, "time": 0.0}
+
+
+# --------------------------------------------------------------------------------------- where videos come
+
+
+def test_videos_are_planned_from_folders_tars_and_lists(tmp_path):
+    clip = tmp_path / "in" / "clip.MOV"
+    clip.parent.mkdir()
+    write_photo_video(clip, ["coffee"], frames_per_shot=4, fps=FPS)
+    (tmp_path / "in" / "a.jpg").write_bytes((SAMPLES / "chelsea.jpg").read_bytes())
+    folder = list(sources.iter_units(str(tmp_path / "in")))
+    assert [(Path(u.source).name, u.media) for u in folder] == [("a.jpg", None), ("clip.MOV", "video")]
+    tar = tmp_path / "shard.tar"
+    with tarfile.open(tar, "w") as tf:
+        for name, data in (("s0.webm", clip.read_bytes()), ("s0.txt", b"a cup"), ("s1.jpg", b"jpeg")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    units = sources.list_tar(str(tar))
+    assert [(u.source.rsplit("#", 1)[-1], u.media, u.alt_text) for u in units] == [
+        ("s0.webm", "video", "a cup"),
+        ("s1.jpg", None, None),
+    ]
+    lst = tmp_path / "list.csv"
+    lst.write_text("path\nin/clip.MOV\nin/a.jpg\n")
+    assert [u.media for u in sources.iter_units(str(lst))] == ["video", None]
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _videos(out: Path) -> dict[str, dict]:
+    rows = catalog.query(out, "SELECT * FROM videos").to_pylist()
+    return {Path(r["video"]).name: r for r in rows}
+
+
+def _frames(out: Path) -> list[dict]:
+    """Every frame row of the catalog, sample or failure, with where it went."""
+    return catalog.query(
+        out,
+        "SELECT key, source, video, video_shot, video_frame, 'ok' AS status FROM samples WHERE video IS NOT NULL "
+        "UNION ALL SELECT key, source, video, video_shot, video_frame, 'failed' FROM failures WHERE video IS NOT NULL",
+    ).to_pylist()
+
+
+def _expected(made: list[tuple[int, int]], cfg: VideoConfig) -> list[tuple[int, int]]:
+    return sample_frames(made, FPS, cfg.frames_per_shot, cfg.min_gap_s, cfg.max_frames)
+
+
+def _assert_accounted(out: Path, videos: dict[Path, list[tuple[int, int]]], cfg: VideoConfig) -> None:
+    """Each sampled frame of each (healthy) video once, in samples or failures, keyed by its frame; the videos view
+    counts them."""
+    rows = _frames(out)
+    keys = [r["key"] for r in rows]
+    assert len(keys) == len(set(keys))
+    view = _videos(out)
+    for path, made in videos.items():
+        mine = sorted((r["video_shot"], r["video_frame"]) for r in rows if r["video"] == str(path))
+        assert mine == _expected(made, cfg), path.name  # the shots found are the shots made
+        for r in rows:
+            if r["video"] == str(path):
+                assert r["key"] == make_key(f"{path}#frame={r['video_frame']}")
+        v = view[path.name]
+        ok = sum(r["status"] == "ok" for r in rows if r["video"] == str(path))
+        assert (v["frames"], v["frames_ok"], v["frames_failed"]) == (len(mine), ok, len(mine) - ok)
+        assert (v["shots"], v["status"], v["reason"]) == (len(made), "ok", None)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """A folder of two photos, two videos (an H.264 MP4, an MPEG-4 Matroska in a subfolder), a truncated MP4 and
+    a text file named .mov; run once with the tiny preset."""
+    src = tmp_path_factory.mktemp("mixed")
+    for name in ("astronaut.jpg", "coins.jpg"):
+        (src / name).write_bytes((SAMPLES / name).read_bytes())
+    (src / "clips").mkdir()
+    made = {
+        src / "four.mp4": write_photo_video(src / "four.mp4", ["astronaut", "chelsea", "coffee", "rocket"], fps=FPS),
+        src / "clips" / "two.mkv": write_photo_video(
+            src / "clips" / "two.mkv", ["coffee", "astronaut"], fps=FPS, codec="mpeg4"
+        ),
+    }
+    cut = write_photo_video(src / "cut.mp4", ["rocket", "chelsea", "coffee"], fps=FPS)
+    data = (src / "cut.mp4").read_bytes()
+    (src / "cut.mp4").write_bytes(data[: len(data) * 6 // 10])
+    (src / "notes.mov").write_text("minutes of the meeting, not a video\n")
+    out = tmp_path_factory.mktemp("out")
+    summary = run(str(src), out, tiny_cfg(shard_size=2, batch_size=8), progress_every=60)
+    return src, out, made, cut, summary
+
+
+@pytest.mark.slow  # the module's datagen run on Ray with the tiny models: about 90 s on a shared 2-core machine
+def test_a_folder_of_photos_and_videos_accounts_for_every_frame(mixed):
+    src, out, made, _, summary = mixed
+    assert summary.incomplete == []
+    _assert_accounted(out, made, VideoConfig())
+    photos = catalog.query(
+        out, "SELECT source FROM samples WHERE video IS NULL UNION ALL SELECT source FROM failures WHERE video IS NULL"
+    )
+    assert sorted(photos.column("source").to_pylist()) == [str(src / "astronaut.jpg"), str(src / "coins.jpg")]
+    n = catalog.query(out, "SELECT (SELECT count(*) FROM samples) + (SELECT count(*) FROM failures) AS n")
+    assert summary.ok + summary.failed == n.column("n")[0].as_py()
+    # the frames are records like any photo's, and say where in their video they come from
+    frames = [r for r in RecordReader(out, decode_masks=False) if r.meta.get("video")]
+    assert frames and all(r.image.shape == (96, 128, 3) for r in frames)
+    for r in frames:
+        v = r.meta["video"]
+        assert r.meta["source"] == f"{v['source']}#frame={v['frame']}" and v["time"] == pytest.approx(
+            v["frame"] / FPS, abs=1e-3
+        )
+        assert r.meta["objects"] and r.meta["caption"]
+
+
+@pytest.mark.slow  # the same run as above (module-scoped)
+def test_a_truncated_video_is_a_partial_video_and_a_non_video_a_failed_one(mixed):
+    src, out, _, cut, _ = mixed
+    v = _videos(out)
+    broken = v["cut.mp4"]
+    assert broken["status"] == "partial" and "truncated or corrupt" in broken["reason"] and broken["frames"] >= 1
+    (row,) = catalog.query(
+        out, f"SELECT stage, video_frame, video_shot FROM failures WHERE source = '{src / 'cut.mp4'}'"
+    ).to_pylist()
+    assert row["stage"] == "decode" and 0 < row["video_frame"] < cut[-1][1]
+    frames = [r for r in _frames(out) if r["video"] == str(src / "cut.mp4") and r["source"] != r["video"]]
+    assert len(frames) == broken["frames"]
+    assert all(
+        r["video_frame"] < row["video_frame"] and r["video_shot"] == _shot_of(cut, r["video_frame"]) for r in frames
+    )
+    assert broken["shots"] == row["video_shot"] + 1
+    fake = v["notes.mov"]
+    assert (fake["status"], fake["frames"], fake["shots"]) == ("failed", 0, 0) and "not a video" in fake["reason"]
+
+
+class RaisingOnVideo:
+    """The real stage, except that ground raises on any block holding a frame of one video."""
+
+    def __init__(self, name, cfg, video: str):
+        from subjectdiff.datagen.stage_pool import build_stage
+
+        self.inner, self.name, self.video = build_stage(name, cfg), name, video
+
+    def __call__(self, items):
+        if self.name == "ground" and any(self.video in it["source"] for it in items):
+            raise RuntimeError("out of memory")
+        return self.inner(items)
+
+
+def raising_on_two(name, cfg):
+    return RaisingOnVideo(name, cfg, "two.mkv")
+
+
+@pytest.mark.slow  # two datagen runs on Ray with the tiny models: about 160 s on a shared 2-core machine
+def test_retry_failures_redoes_a_video_whole(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    made = {p: write_photo_video(p, names, fps=FPS) for p, names in ((src / "one.mp4", ["chelsea", "coffee"]),)}
+    made[src / "two.mkv"] = write_photo_video(src / "two.mkv", ["rocket", "astronaut"], fps=FPS, codec="mpeg4")
+    out = tmp_path / "out"
+    run(str(src), out, tiny_cfg(shard_size=2), stage_factory=raising_on_two, progress_every=60)
+    fails = catalog.query(out, "SELECT video, stage, reason FROM failures").to_pylist()
+    assert {(Path(f["video"]).name, f["stage"], f["reason"]) for f in fails} == {
+        ("two.mkv", "ground", "error: RuntimeError: out of memory")
+    }
+    kept = catalog.query(out, "SELECT key FROM samples WHERE video LIKE '%one.mp4'").column("key").to_pylist()
+    again = run(str(src), out, tiny_cfg(shard_size=2), retry_failures=True, progress_every=60)
+    assert again.incomplete == []
+    _assert_accounted(out, made, VideoConfig())
+    assert not catalog.query(out, "SELECT * FROM failures WHERE stage = 'ground'").num_rows
+    assert catalog.query(out, "SELECT key FROM samples WHERE video LIKE '%one.mp4'").column("key").to_pylist() == kept
+    assert json.loads((out / "manifest.json").read_text())["runs"][-1]["retried"] == 1  # one video
+
+
+@pytest.mark.slow  # two datagen runs in subprocesses, each starting Ray and loading the tiny models
+def test_a_killed_run_of_videos_resumes_to_exact_accounting(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    photos = ["astronaut", "chelsea", "coffee", "rocket"]
+    made = {src / f"{i}.mp4": write_photo_video(src / f"{i}.mp4", photos[i:] + photos[:i], fps=FPS) for i in range(4)}
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "subjectdiff", "datagen", "run", "--input", str(src), "--out", str(out)]
+    cmd += ["--preset", "tiny", "--shard-size", "1", "--batch-size", "4"]
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 900  # only catches a hang on a loaded machine
+        while not list(out.glob("*_stats.json")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be killed: " + log.read_text()[-2000:]
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        proc.wait()
+    assert 1 <= len(list(out.glob("*_stats.json"))) < 4
+    resumed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_accounted(out, made, VideoConfig())
+    runs = json.loads((out / "manifest.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["running", "complete"]
+
+
+def test_video_settings_load_from_overrides_check_their_values_and_count_in_the_fingerprint():
+    from subjectdiff.datagen.job import load_config
+    from subjectdiff.datagen.plan import stages_fingerprint
+
+    base = load_config("default")
+    assert base.stages.video == VideoConfig(frames_per_shot=3, min_gap_s=1.0, max_frames=64)
+    two = load_config("default", overrides=["video.frames_per_shot=2", "video.max_frames=8"])
+    assert (two.stages.video.frames_per_shot, two.stages.video.max_frames) == (2, 8)
+    assert stages_fingerprint(two.stages) != stages_fingerprint(base.stages)
+    with pytest.raises(ValueError, match="video.max_frames = 0 must be >= 1"):
+        load_config("default", overrides=["video.max_frames=0"])
+
+
+def test_a_video_in_a_bucket_is_planned_and_decoded_from_its_bytes(tmp_path):
+    """A URL folder (fsspec's memory filesystem standing in for a bucket): the video is planned as one and its
+    decode task reads it whole, then samples it as a local one."""
+    import fsspec
+    import pyarrow.parquet as pq
+
+    from subjectdiff.datagen.decode import read_and_decode
+
+    made = write_photo_video(tmp_path / "clip.webm", ["coffee", "rocket"], fps=FPS, codec="libvpx-vp9")
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/bucket-videos/a/clip.webm", (tmp_path / "clip.webm").read_bytes())
+    fs.pipe("/bucket-videos/a/photo.jpg", (SAMPLES / "coffee.jpg").read_bytes())
+    try:
+        sources.write_plan("memory://bucket-videos/", tmp_path / "plan.parquet", 10)
+        rows = pq.read_table(tmp_path / "plan.parquet").to_pydict()
+        assert [(r.rsplit("/", 1)[-1], m) for r, m in zip(rows["source"], rows["media"])] == [
+            ("clip.webm", "video"),
+            ("photo.jpg", None),
+        ]
+        items = read_and_decode(rows)
+    finally:
+        fs.rm("/bucket-videos", recursive=True)
+    video = "memory://bucket-videos/a/clip.webm"
+    assert [(i["video"]["shot"], i["video"]["frame"]) for i in items[:-1]] == _expected(made, VideoConfig())
+    assert all(i["source"] == frame_source(video, i["video"]["frame"]) and not i.get("failure") for i in items[:-1])
+    assert items[-1]["source"].endswith("photo.jpg") and "video" not in items[-1]
