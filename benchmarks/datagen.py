@@ -106,9 +106,11 @@ def one_at_a_time(paths: list[Path], out: Path, cfg) -> float:
     from subjectdiff.catalogs.writer import ShardSink
     from subjectdiff.datagen.assemble import to_record
     from subjectdiff.datagen.stage_pool import build_stage
+    from subjectdiff.datagen.stages import registry
     from subjectdiff.datagen.stages.common import decode_item
 
-    stages = [build_stage(n, cfg.stages) for n in ("caption", "nouns", "ground", "filter", "segment")]
+    # the chain the pipeline runs (curate too, and any registered stage), in its order
+    stages = [build_stage(s.name, cfg.stages) for s in registry.active(cfg.stages)]
     t0 = time.perf_counter()
     with ShardSink(out, max_count=cfg.pipeline.shard_size) as sink:
         for p in paths:
@@ -144,8 +146,11 @@ def main(argv=None) -> None:
     cfg = preset(args.preset)
     cfg.pipeline.batch_size = args.batch_size
     cfg.pipeline.shard_size = max(8, args.images // 4)
-    for st in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment):
-        st.batch_size = args.batch_size
+    from subjectdiff.datagen.stages import registry
+
+    for entry in registry.active(cfg.stages):  # every model stage's batch (caption, ground, segment, curate, ...)
+        if hasattr(entry.settings(cfg.stages), "batch_size"):
+            entry.settings(cfg.stages).batch_size = args.batch_size
 
     rows = []
     mem = MemorySampler()

@@ -9,9 +9,10 @@
 # The Python it runs, the first that works of:
 #   1. --python PY (or $PYTHON)
 #   2. .venv/bin/python, when it imports the project (`make install` made it)
-#   3. .venv-gpu: a venv over the machine's own python3 (--system-site-packages keeps its CUDA torch), with the
-#      project installed (--no-deps) and the project's dependencies but torch and torchvision installed from
-#      --wheels DIR (offline: pip --no-index) or else from the package index
+#   3. .venv-gpu: a venv that sees the packages of the machine's own python3 (BASE_PYTHON; a .pth file, which also
+#      works when that python3 is itself a venv, as on the device machines), so its CUDA torch stays; the project
+#      installed into it (--no-deps), then the project's dependencies but torch and torchvision, from --wheels DIR
+#      (offline: pip --no-index --no-deps, every wheel there) or else from the package index
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -46,15 +47,20 @@ if [ -z "$PY" ]; then
     PY=.venv/bin/python
   else
     VENV="${GPU_VENV:-.venv-gpu}"
+    BASE="${BASE_PYTHON:-python3}"
     if ! { [ -x "$VENV/bin/python" ] && imports_ok "$VENV/bin/python"; }; then
-      echo "[gpu.sh] setting up $VENV over $(command -v python3) (its torch stays)" >&2
-      python3 -m venv --system-site-packages "$VENV"
-      "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+      echo "[gpu.sh] setting up $VENV over $(command -v "$BASE") (its torch stays)" >&2
+      "$BASE" -m venv --without-pip "$VENV"
+      # the machine's packages after the venv's own: what the venv installs (transformers < 5, say) wins
+      "$BASE" -c 'import site; print("\n".join(site.getsitepackages()))' \
+        > "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_machine.pth"
+      pip=("$BASE" -m pip --python "$VENV/bin/python")
+      "${pip[@]}" install -q --no-deps --no-build-isolation -e .
       if [ -n "$WHEELS" ]; then
-        "$VENV/bin/python" -m pip install -q --no-index --no-deps "$WHEELS"/*.whl
+        "${pip[@]}" install -q --no-index --no-deps "$WHEELS"/*.whl
       else
         deps "$VENV/bin/python" > "$VENV/requirements.txt"
-        "$VENV/bin/python" -m pip install -q -r "$VENV/requirements.txt"
+        "${pip[@]}" install -q -r "$VENV/requirements.txt"
       fi
     fi
     PY="$VENV/bin/python"

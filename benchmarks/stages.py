@@ -4,6 +4,8 @@
     python benchmarks/stages.py --size full --images 2      # real architectures, random weights:
                                                             # BLIP-large, GroundingDINO SwinT-OGC + BERT-base, SAM ViT-H
     python benchmarks/stages.py --size full --images 16 --device cuda --dtype bfloat16   # on a GPU
+    python benchmarks/stages.py --stages curate,identity    # any registered model stages (--stages, by name)
+    python benchmarks/stages.py --sam-levers --size full --images 16 --device cuda    # SAM's speed levers
 
 At full size the models are `datagen.config.full_random()`'s: built once into the cache (about 5.5 GB),
 then loaded by the stages from the official checkpoint formats, the way real checkpoints load.
@@ -12,7 +14,13 @@ Each stage gets fixed inputs (scikit-image photos; fixed captions, nouns and box
 does not depend on what a random upstream model wrote. "batched" is one call with every image
 (batch_size = --images); "single" is one call per image. Each is timed after one warm-up call.
 GroundingDINO runs with resize="square" so all images share one forward (keep_ratio groups by shape).
-Appends a markdown table to --out (default benchmarks/results/stages.md).
+Each stage is built from its registry entry, timed and freed before the next, so on a GPU each mode's peak memory
+is its own stage's; a stage the registry lacks (identity, until it is registered) is a "not measured" row.
+
+--sam-levers: the segment stage's SAM with segment-anything-fast's levers turned on one after another (LEVERS:
+bf16 autocast, SDPA attention, torch.compile of the image encoder, every box of an image in one decoder call),
+images/s of each against the row before, and the masks' mean IoU against the first (fp32) row's.
+Appends a markdown table to --out (default benchmarks/results/stages.md); --json writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -339,7 +347,8 @@ def sam_levers(args) -> None:
     from subjectdiff.datagen.stages.segment import Segmenter
 
     cfg = (config.tiny() if args.size == "tiny" else config.full_random()).segment
-    cfg.device, cfg.dtype, cfg.batch_size = args.device, "float32", args.images
+    # at most 8 images per encoder forward: ViT-H's fp32 global attention holds (8 x 16 heads, 4096, 4096) maps
+    cfg.device, cfg.dtype, cfg.batch_size = args.device, "float32", min(args.images, 8)
     seg = Segmenter(cfg)  # weights in fp32; the bf16 lever is the stage's own autocast
     encoder = seg.sam.image_encoder
     images = [it["image"] for it in items_for(args.images)]
@@ -389,7 +398,7 @@ def sam_levers(args) -> None:
     lines = [
         f"\n## SAM speed levers, size={args.size}, {args.images} images x {len(BOXES)} boxes, {device_name()}\n",
         f"- command: `python benchmarks/stages.py {' '.join(sys.argv[1:])}`; best of {args.repeats} after a warm-up "
-        f"(which includes the compile, backend {args.compile_backend}); encoder batch {args.images}",
+        f"(which includes the compile, backend {args.compile_backend}); encoder batch {cfg.batch_size}",
         f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}",
         "",
         "| levers on | img/s | vs the row before (lever off) | vs fp32 | masks' mean IoU vs fp32 | peak GPU GiB |",
