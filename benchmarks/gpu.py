@@ -334,6 +334,14 @@ def kill_group(proc: subprocess.Popen) -> None:
             continue
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def last_error(log_path: str) -> str:
     """The last non-empty line of the log (the exception, usually), for the status line."""
     lines = [ln.strip() for ln in Path(log_path).read_text(errors="replace").splitlines() if ln.strip()]
@@ -397,8 +405,9 @@ def main(argv=None) -> int:
                 done.append({**entry, "status": "running", "seconds": None, "raw": None})
                 write_results(out, meta, done)
                 done.pop()
+                cpu0 = children_cpu_s()
                 status, raw, seconds = run_section(sec, timeout, log, Path(work), opts.dry_run)
-                entry.update(status=status, seconds=seconds, raw=raw)
+                entry.update(status=status, seconds=seconds, cpu_s=children_cpu_s() - cpu0, raw=raw)
                 if raw and sec.key in ROWS:
                     try:
                         entry["rows"] = ROWS[sec.key](raw)
