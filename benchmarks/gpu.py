@@ -310,7 +310,10 @@ def run_section(sec: Section, timeout: float, log, workdir: Path, dry_run: bool)
         rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         kill_group(proc)
-        return f"stopped at its time limit ({timeout:.0f} s): not measured", None, time.perf_counter() - t0
+        # the scripts that write their JSON after every row (stages.py) leave what they measured
+        partial = json.loads(raw_json.read_text()) if raw_json.exists() else None
+        what = "the rows measured before it are below" if partial else "not measured"
+        return f"stopped at its time limit ({timeout:.0f} s): {what}", partial, time.perf_counter() - t0
     seconds = time.perf_counter() - t0
     kill_group(proc)  # what it left running (Ray's processes) must not eat the next section's time
     if rc != 0:
@@ -376,13 +379,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes on the CPU: checks the script end to end")
     ap.add_argument("--out", default="gpu-results", help="folder of gpu-results.md, gpu-results.json, gpu.log")
-    ap.add_argument("--budget-s", type=float, default=None, help="seconds for all sections (default 660; dry 600)")
+    ap.add_argument("--budget-s", type=float, default=None, help="seconds for all sections (default 660; dry run 900)")
     ap.add_argument("--only", default=None, help="comma-separated section keys to run (default: all)")
     ap.add_argument("--pipeline-images", type=int, default=192, help="images of the end-to-end section")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="data-loader workers (default: cores)")
     argv = sys.argv[1:] if argv is None else argv
     opts = ap.parse_args(argv)
-    opts.budget_s = opts.budget_s or (600 if opts.dry_run else 660)
+    opts.budget_s = opts.budget_s or (900 if opts.dry_run else 660)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     todo = sections(opts)

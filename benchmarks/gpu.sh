@@ -67,7 +67,7 @@ if [ -z "$PY" ]; then
   fi
   pip=("$BASE" -m pip --python "$PY")
   if [ -n "$WHEELS" ]; then  # every time: several calls may each bring some of the wheels
-    "${pip[@]}" install -q --no-index --no-deps "$WHEELS"/*.whl
+    "${pip[@]}" install -q --no-index --no-deps --no-compile "$WHEELS"/*.whl
   elif [ -n "$fresh" ]; then
     deps "$PY" > "$VENV/requirements.txt"
     "${pip[@]}" install -q -r "$VENV/requirements.txt"

@@ -193,17 +193,25 @@ def device_name() -> str:
     return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
 
 
-def write_outputs(args, lines: list[str], payload: dict) -> None:
-    """Append LINES (Markdown) to --out and print them; PAYLOAD as JSON to --json when given."""
+def write_json(args, payload: dict) -> None:
+    """PAYLOAD to --json (when given), replaced whole: also after each row, so that a run stopped part-way (by
+    benchmarks/gpu.py's time limit) leaves the rows it measured."""
     import json
 
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(args.json)
+
+
+def write_outputs(args, lines: list[str], payload: dict) -> None:
+    """Append LINES (Markdown) to --out and print them; PAYLOAD as JSON to --json when given."""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(payload, indent=1))
+    write_json(args, payload)
 
 
 def main(argv=None) -> None:
@@ -253,6 +261,7 @@ def main(argv=None) -> None:
     for name in [s.strip() for s in args.stages.split(",") if s.strip()]:
         row = measure_stage(name, cfg, inputs, args)
         rows.append(row)
+        write_json(args, {"size": args.size, "images": n, "rows": rows, "partial": True})
         if "skipped" in row:
             print(f"{name:8s} skipped: {row['skipped']}", flush=True)
         else:
@@ -395,6 +404,7 @@ def sam_levers(args) -> None:
             }
         )
         print(f"{name}: {rows[-1]['img_s']:.3g} img/s, mIoU {rows[-1]['miou_vs_fp32']:.4f}", flush=True)
+        write_json(args, {"size": args.size, "images": args.images, "rows": rows, "partial": True})
     lines = [
         f"\n## SAM speed levers, size={args.size}, {args.images} images x {len(BOXES)} boxes, {device_name()}\n",
         f"- command: `python benchmarks/stages.py {' '.join(sys.argv[1:])}`; best of {args.repeats} after a warm-up "
