@@ -31,6 +31,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import signal
 import subprocess
 import sys
@@ -83,7 +84,7 @@ def sections(opts) -> list[Section]:
     return [
         Section(
             "models",
-            "model files (full-random: random weights in the official formats)",
+            "model files: " + ("the tiny preset's" if dry else "full-random (random weights in the official formats)"),
             ["-c", f"from subjectdiff.datagen import config; {models}"],
         ),
         Section(
@@ -148,7 +149,7 @@ def stages_rows(raw: dict) -> list[dict]:
         notes += f"{gib(r.get('peak_gib_single'))} one at a time"
         out.append(
             row(
-                f"{r['stage']}, {raw['images']} images per call",
+                f"{r['stage']}, batches of {raw['images']}",
                 r["batched"],
                 "img/s",
                 "one image at a time",
@@ -400,7 +401,7 @@ def main(argv=None) -> int:
             left = deadline - time.monotonic()
             share = SHARES[sec.key] / sum(SHARES[s.key] for s in todo[i:])
             timeout = left * share
-            entry = {"key": sec.key, "title": sec.title, "command": "python " + " ".join(sec.argv), "rows": []}
+            entry = {"key": sec.key, "title": sec.title, "command": "python " + shlex.join(sec.argv), "rows": []}
             entry["command"] = entry["command"].replace(str(ROOT) + "/", "")
             if timeout < MIN_SECTION_S:
                 entry.update(status=f"not run: no time left ({left:.0f} s of the budget)", seconds=0.0, raw=None)

@@ -81,6 +81,22 @@ def test_a_section_past_its_time_is_reported_and_the_rest_still_written(tmp_path
     assert md.count("not measured") == len(SECTIONS) - 1  # one row per section but the model files
 
 
+def test_a_section_stopped_at_its_limit_keeps_the_rows_it_wrote(tmp_path):
+    """A script that wrote a row, then hangs: stopped at the limit (its process group killed), its row kept."""
+    gpu = load_benchmark("gpu")
+    row = {"lever": "fp32", "img_s": 2.0, "miou_vs_fp32": 1.0, "peak_gib": None, "warmup_s": 0.1}
+    script = (
+        "import json, sys, time; p = sys.argv[sys.argv.index('--json') + 1]; "
+        f"open(p, 'w').write(json.dumps({{'rows': [{row!r}]}})); time.sleep(300)"
+    )
+    with open(tmp_path / "gpu.log", "w") as log:
+        status, raw, seconds = gpu.run_section(gpu.Section("sam", "SAM", ["-c", script]), 5, log, tmp_path, True)
+    assert status.startswith("stopped at its time limit") and "rows measured before it" in status
+    assert seconds < 60
+    [kept] = gpu.sam_rows(raw)
+    assert kept["value"] == 2.0 and kept["baseline_value"] == 2.0
+
+
 def test_sdpa_attention_computes_what_segment_anything_computes():
     """The SDPA lever swaps the attention kernel only: windowed and global blocks, relative positions on."""
     from segment_anything.modeling.image_encoder import ImageEncoderViT
