@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -355,11 +356,19 @@ def last_error(log_path: str) -> str:
 def machine_meta(opts, argv) -> dict:
     import torch
 
-    if torch.cuda.is_available() and not opts.dry_run:
-        gpu = torch.cuda.get_device_properties(0)
-        machine = f"{gpu.name} ({gpu.total_memory / 2**30:.0f} GiB), {os.cpu_count()} CPU cores"
+    machine = f"{os.cpu_count()} CPU cores ({platform.machine()})"
+    if not opts.dry_run:
+        # nvidia-smi, not torch: a CUDA context here would hold GPU memory through every section
+        smi = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"], capture_output=True, text=True
+            )
+            if shutil.which("nvidia-smi")
+            else None
+        )
+        machine = f"{smi.stdout.strip() if smi and smi.returncode == 0 else 'GPU unknown (no nvidia-smi)'}, {machine}"
     else:
-        machine = f"no GPU; CPU {platform.machine()}, {os.cpu_count()} cores"
+        machine = f"no GPU used (dry run); {machine}"
     commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     return {
         "command": "bash benchmarks/gpu.sh " + " ".join(argv),
