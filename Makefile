@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_OUT ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps demo lint test bench bench-catalog clean
+.PHONY: install system-deps demo lint test bench bench-catalog bench-gpu clean
 
 install: $(STAMP)
 
@@ -47,6 +47,13 @@ bench: bench-catalog
 	$(PY) benchmarks/datagen.py --images 48 --batch-size 8
 	$(PY) benchmarks/train.py --threads 1 --steps 15
 	$(PY) benchmarks/infer.py --threads 1 --repeats 3
+
+# The GPU figures (BENCHMARKS.md, "GPU figures"), on a GPU machine from a fresh checkout: benchmarks/gpu.sh picks
+# or sets up its Python itself (the machine's CUDA torch stays). GPU_ARGS="--dry-run" runs the tiny CPU check.
+GPU_OUT ?= gpu-results
+GPU_ARGS ?=
+bench-gpu:
+	bash benchmarks/gpu.sh --out $(GPU_OUT) $(GPU_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache

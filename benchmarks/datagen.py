@@ -106,9 +106,11 @@ def one_at_a_time(paths: list[Path], out: Path, cfg) -> float:
     from subjectdiff.catalogs.writer import ShardSink
     from subjectdiff.datagen.assemble import to_record
     from subjectdiff.datagen.stage_pool import build_stage
+    from subjectdiff.datagen.stages import registry
     from subjectdiff.datagen.stages.common import decode_item
 
-    stages = [build_stage(n, cfg.stages) for n in ("caption", "nouns", "ground", "filter", "segment")]
+    # the chain the pipeline runs (curate too, and any registered stage), in its order
+    stages = [build_stage(s.name, cfg.stages) for s in registry.active(cfg.stages)]
     t0 = time.perf_counter()
     with ShardSink(out, max_count=cfg.pipeline.shard_size) as sink:
         for p in paths:
@@ -120,13 +122,20 @@ def one_at_a_time(paths: list[Path], out: Path, cfg) -> float:
     return time.perf_counter() - t0
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="tiny", choices=["tiny", "default", "full-random"])
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--out", default="/tmp/subjectdiff_datagen_bench")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--pipelines",
+        default="pools,fuse",
+        help="which pipeline runs to time against the loop: pools (one actor pool per stage), fuse, or both",
+    )
+    ap.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    args = ap.parse_args(argv)
+    runs = [{"pools": False, "fuse": True}[k.strip()] for k in args.pipelines.split(",") if k.strip()]
 
     from subjectdiff.datagen.job import preset
     from subjectdiff.datagen.run import run
@@ -137,8 +146,11 @@ def main() -> None:
     cfg = preset(args.preset)
     cfg.pipeline.batch_size = args.batch_size
     cfg.pipeline.shard_size = max(8, args.images // 4)
-    for st in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment):
-        st.batch_size = args.batch_size
+    from subjectdiff.datagen.stages import registry
+
+    for entry in registry.active(cfg.stages):  # every model stage's batch (caption, ground, segment, curate, ...)
+        if hasattr(entry.settings(cfg.stages), "batch_size"):
+            entry.settings(cfg.stages).batch_size = args.batch_size
 
     rows = []
     mem = MemorySampler()
@@ -148,7 +160,7 @@ def main() -> None:
     mem.join()
     rows.append(("one image at a time (reference way), 1 process", t, mem.summary()))
 
-    for fuse in (False, True):
+    for fuse in runs:
         cfg.pipeline.fuse = fuse
         mem = MemorySampler()
         mem.start()
@@ -163,6 +175,18 @@ def main() -> None:
 
     import torch
 
+    if args.json:
+        import json
+
+        payload = {
+            "preset": args.preset,
+            "images": args.images,
+            "batch_size": args.batch_size,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "rows": [{"run": name, "seconds": t, "images_per_s": args.images / t, **m} for name, t, m in rows],
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(payload, indent=1))
     print(
         f"# datagen benchmark: {args.images} images, preset {args.preset} "
         f"({platform.machine()}, {os.cpu_count()} cores, "

@@ -115,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "infer.md"))
+    p.add_argument("--json", default=None, help="also write the results as JSON to this file")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     pipe, build_s = build_pipeline(args, device)
     res = args.resolution or pipe.native
-    rows = []
+    rows, measured = [], []
     for b in (int(x) for x in args.batches.split(",")):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -132,7 +133,21 @@ def main(argv: list[str] | None = None) -> int:
             f"{statistics.median(secs) / args.steps * 1000:.1f} | {peak} |"
         )
         print(rows[-1], flush=True)
+        measured.append(
+            {
+                "batch": b,
+                "s_per_image": statistics.median(secs),
+                "best_s_per_image": min(secs),
+                "peak_gib": None if peak == "-" else float(peak),
+            }
+        )
     write_section(args, argv, pipe, device, build_s, res, rows)
+    if args.json:
+        import json
+
+        info = {"model": pipe.model_info["id"], "resolution": res, "steps": args.steps, "dtype": str(pipe.dtype)}
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**info, "device": machine(device), "rows": measured}, indent=1))
     return 0
 
 

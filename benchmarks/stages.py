@@ -4,7 +4,8 @@
     python benchmarks/stages.py --size full --images 2      # real architectures, random weights:
                                                             # BLIP-large, GroundingDINO SwinT-OGC + BERT-base, SAM ViT-H
     python benchmarks/stages.py --size full --images 16 --device cuda --dtype bfloat16   # on a GPU
-    python benchmarks/stages.py --size full --images 64 --device cuda --stages identity  # DINOv2-base alone
+    python benchmarks/stages.py --stages curate,identity    # any registered model stages (--stages, by name)
+    python benchmarks/stages.py --sam-levers --size full --images 16 --device cuda    # SAM's speed levers
 
 At full size the models are `datagen.config.full_random()`'s: built once into the cache (about 5.5 GB),
 then loaded by the stages from the official checkpoint formats, the way real checkpoints load.
@@ -13,9 +14,13 @@ Each stage gets fixed inputs (scikit-image photos; fixed captions, nouns and box
 does not depend on what a random upstream model wrote. "batched" is one call with every image
 (batch_size = --images); "single" is one call per image. Each is timed after one warm-up call.
 GroundingDINO runs with resize="square" so all images share one forward (keep_ratio groups by shape).
-The identity stage embeds the masked crops of three objects per image (ellipses in BOXES); at full size it is
-dinov2-base's architecture at random weights, built in memory (no file), in float16 on a GPU as the stage runs.
-Appends a markdown table to --out (default benchmarks/results/stages.md).
+Each stage is built from its registry entry, timed and freed before the next, so on a GPU each mode's peak memory
+is its own stage's; a stage the registry lacks (identity, until it is registered) is a "not measured" row.
+
+--sam-levers: the segment stage's SAM with segment-anything-fast's levers turned on one after another (LEVERS:
+bf16 autocast, SDPA attention, torch.compile of the image encoder, every box of an image in one decoder call),
+images/s of each against the row before, and the masks' mean IoU against the first (fp32) row's.
+Appends a markdown table to --out (default benchmarks/results/stages.md); --json writes the rows as JSON.
 """
 
 from __future__ import annotations
@@ -35,10 +40,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.datagen import config
 from subjectdiff.datagen.stages.common import decode_item
-from subjectdiff.photo_records import ellipse_mask
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "camera", "hubble_deep_field", "coins", "immunohistochemistry")
 CAPTIONS = {
@@ -76,105 +79,44 @@ def items_for(n: int) -> list[dict]:
     return out
 
 
-def time_stage(stage, make_inputs, n: int, batch_attr_owner, repeats: int) -> tuple[float, float]:
-    """(images/s batched, images/s one at a time), after one warm-up call on one image.
+def time_stage(stage, make_inputs, n: int, batch_attr_owner, repeats: int) -> dict:
+    """images/s batched ("batched") and one at a time ("single"), after one warm-up call on one image; on CUDA
+    also each mode's peak GPU memory in GiB ("peak_gib_batched", "peak_gib_single": every model resident then).
 
     The two modes alternate `repeats` times and each keeps its best time: the CPU here is shared, and
     the best of several runs is the least disturbed one.
     """
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     stage(make_inputs()[:1])
-    best_b = best_s = float("inf")
+    best = {"batched": float("inf"), "single": float("inf")}
+    peak = {"batched": 0.0, "single": 0.0}
     for _ in range(repeats):
-        batch_attr_owner.batch_size = n
-        items = make_inputs()
-        t = time.perf_counter()
-        stage(items)
-        best_b = min(best_b, time.perf_counter() - t)
-        batch_attr_owner.batch_size = 1
-        items = make_inputs()
-        t = time.perf_counter()
-        for it in items:
-            stage([it])
-        best_s = min(best_s, time.perf_counter() - t)
-    return n / best_b, n / best_s
+        for mode, size in (("batched", n), ("single", 1)):
+            batch_attr_owner.batch_size = size
+            items = make_inputs()
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t = time.perf_counter()
+            for chunk in [items] if size == n else [[it] for it in items]:
+                stage(chunk)
+            if cuda:
+                torch.cuda.synchronize()
+                peak[mode] = max(peak[mode], torch.cuda.max_memory_allocated() / 2**30)
+            best[mode] = min(best[mode], time.perf_counter() - t)
+    out = {"batched": n / best["batched"], "single": n / best["single"]}
+    if cuda:
+        out.update(peak_gib_batched=peak["batched"], peak_gib_single=peak["single"])
+    return out
 
 
-STAGES = ("caption", "nouns", "ground", "segment", "identity")
+# The input each stage reads (its registry entry's `needs`) -> which fixed inputs it gets.
+INPUTS_FOR_NEED = {"image": "base", "caption": "base", "nouns": "with_nouns", "detections": "with_boxes"}
 
 
-def build(args, wanted: list[str]) -> dict:
-    """The stages to time, by name, on args.device in args.dtype (the preset's without one).
-
-    full: the real architectures with random weights, saved in the official formats and loaded by the stages
-    as real checkpoints are (datagen.tiny.full_random_models; built into the cache once, about 5.5 GB), except
-    identity's dinov2-base, built in memory (so `--stages identity` writes nothing)."""
-    from subjectdiff.datagen.stages.caption import Captioner
-    from subjectdiff.datagen.stages.ground import Grounder
-    from subjectdiff.datagen.stages.identity import Identifier
-    from subjectdiff.datagen.stages.nouns import NounExtractor
-    from subjectdiff.datagen.stages.segment import Segmenter
-
-    files = {"caption", "ground", "segment"} & set(wanted)
-    cfg = config.tiny() if args.size == "tiny" else config.full_random() if files else config.default()
-    cfg.ground = replace(cfg.ground, resize="square")
-    for c in (cfg.caption, cfg.ground, cfg.segment, cfg.identity):
-        c.device = args.device
-        c.dtype = args.dtype or c.dtype
-    make = {
-        "caption": lambda: Captioner(cfg.caption),
-        "nouns": lambda: NounExtractor(cfg.nouns),
-        "ground": lambda: Grounder(cfg.ground),
-        "segment": lambda: Segmenter(cfg.segment),
-        "identity": lambda: (
-            Identifier(cfg.identity) if args.size == "tiny" else Identifier(cfg.identity, *dinov2_base())
-        ),
-    }
-    built = {name: make[name]() for name in wanted}
-    if "caption" in built:  # fixed-length captions so batched and single generate the same number of tokens
-        built["caption"].cfg.min_new_tokens = built["caption"].cfg.max_new_tokens = 20
-    return built
-
-
-def dinov2_base():
-    """(model, processor): facebook/dinov2-base's architecture at seeded random weights and its preprocessing."""
-    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
-
-    from subjectdiff.datagen.tiny import DINOV2_BASE, IMAGENET_MEAN, IMAGENET_STD
-
-    torch.manual_seed(0)
-    side = {"height": 224, "width": 224}
-    return Dinov2Model(Dinov2Config(**DINOV2_BASE)), BitImageProcessor(
-        crop_size=side, image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD
-    )
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
-    ap.add_argument("--images", type=int, default=8)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating timed runs per mode; the best counts")
-    ap.add_argument(
-        "--dtype",
-        choices=["auto", "float32", "float16", "bfloat16"],
-        default=None,
-        help="dtype of all three model stages (default: the preset's: caption auto, others float32); "
-        "ground and segment autocast on CUDA only, and the table says what each ran in",
-    )
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "stages.md"))
-    ap.add_argument("--stages", default=",".join(STAGES), help=f"which of {','.join(STAGES)} to time")
-    args = ap.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    asked = set(args.stages.split(",")) | ({"nouns"} if "ground" in args.stages.split(",") else set())
-    wanted = [s for s in STAGES if s in asked]  # ground's input is the nouns stage's output
-    n = args.images
-    t0 = time.perf_counter()
-    built = build(args, wanted)
-    build_s = time.perf_counter() - t0
-
-    base = items_for(n)
-    nouns = built.get("nouns")
-    noun_items = nouns([dict(it) for it in base]) if nouns else [dict(it, nouns=[]) for it in base]
+def fixed_inputs(base: list[dict], noun_items: list[dict]) -> dict:
+    """{name: () -> fresh items}: the photos with captions ("base"), + nouns, + 3 boxes, + their box masks."""
+    from subjectdiff.catalogs import masks as mask_codec
 
     def with_nouns():
         return [dict(it) for it in noun_items]
@@ -189,51 +131,298 @@ def main(argv=None) -> None:
         out = with_boxes()
         for it in out:
             h, w = it["image"].shape[:2]
-            it["masks"] = [mask_codec.encode(ellipse_mask(h, w, b)) for b in BOXES]
+            it["masks"] = []
+            for x0, y0, x1, y1 in BOXES:
+                m = np.zeros((h, w), bool)
+                m[int(y0 * h) : int(y1 * h), int(x0 * w) : int(x1 * w)] = True
+                it["masks"].append(mask_codec.encode(m))
+            it["mask_scores"] = [0.9] * len(BOXES)
         return out
 
-    inputs = {
-        "caption": lambda: [dict(it) for it in base],
-        "nouns": lambda: [dict(it) for it in base],
-        "ground": with_nouns,
-        "segment": with_boxes,
-        "identity": with_masks,
+    return {
+        "base": lambda: [dict(it) for it in base],
+        "with_nouns": with_nouns,
+        "with_boxes": with_boxes,
+        "with_masks": with_masks,
     }
-    rows = []
-    for name in wanted:
-        stage = built[name]
-        owner = getattr(stage, "cfg", argparse.Namespace())
-        b, s = time_stage(stage, inputs[name], n, owner, args.repeats)
-        rows.append((name, b, s))
-        print(f"{name:8s} batched {b:8.3g} img/s   single {s:8.3g} img/s   x{b / s:.2f}", flush=True)
 
-    device = next((st.device for st in built.values() if hasattr(st, "device")), None)
-    dev_name = (
-        torch.cuda.get_device_name(device)
-        if device is not None and device.type == "cuda"
-        else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    )
-    # what each stage runs in, not what was asked: ground and segment autocast on CUDA only (fp32 on CPU)
-    dtype = {k: str(v.dtype).replace("torch.", "") for k, v in built.items() if hasattr(v, "dtype")}
-    cap, gd = built.get("caption"), built.get("ground")
-    lines = [
-        f"\n## datagen stages, size={args.size}, {n} images, {dev_name}\n",
-        f"- command: `python benchmarks/stages.py --size {args.size} --images {n} --device {args.device} "
-        f"--repeats {args.repeats}{f' --dtype {args.dtype}' if args.dtype else ''} --stages {','.join(wanted)}` "
-        f"(best of {args.repeats} alternating runs per mode)",
-        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
-        f"load average at the end {os.getloadavg()[0]:.1f} (the CPU is shared); "
-        f"torch threads {torch.get_num_threads()}; model build {build_s:.0f} s",
-        f"- dtypes run in: {dtype}; captions fixed at 20 new tokens, num_beams={cap.cfg.num_beams if cap else '-'}; "
-        f"GroundingDINO {gd.cfg.short_side if gd else '-'}px square; SAM and identity {len(BOXES)} objects/image",
-        "",
-        "| stage | batched img/s | one-at-a-time img/s | batched s/img | speed-up |",
-        "|---|---|---|---|---|",
-    ] + [f"| {name} | {b:.3g} | {s:.3g} | {1 / b:.3g} | {b / s:.2f}x |" for name, b, s in rows]
+
+def set_run_options(settings, device: str, dtype: str | None) -> None:
+    """--device and --dtype onto a stage's settings (those that have such fields)."""
+    if hasattr(settings, "device"):
+        settings.device = device
+    if dtype and hasattr(settings, "dtype"):
+        settings.dtype = dtype
+
+
+def measure_stage(name: str, cfg, inputs: dict, args) -> dict:
+    """One stage built from its registry entry (alone on the device, so its peak memory is its own), timed by
+    time_stage, freed. A stage the registry lacks, or that fails to build, is a row with `skipped` (the reason):
+    the identity stage is picked up here as soon as it is registered."""
+    import gc
+
+    from subjectdiff.datagen.stages import registry
+
+    if name not in registry.names():
+        return {"stage": name, "skipped": f"no {name} stage in the datagen registry"}
+    entry = registry.get(name)
+    settings = entry.settings(cfg)
+    set_run_options(settings, args.device, args.dtype)
+    if name == "caption":  # fixed-length captions so batched and single generate the same number of tokens
+        settings.min_new_tokens = settings.max_new_tokens = 20
+    t0 = time.perf_counter()
+    try:
+        stage = entry.build(cfg)
+    except Exception as e:  # a stage that cannot build here (a missing package, a file) is a row, not fatal
+        return {"stage": name, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+    build_s = time.perf_counter() - t0
+    owner = argparse.Namespace() if name == "nouns" else getattr(stage, "cfg", settings)
+    make = inputs[INPUTS_FOR_NEED.get(entry.needs, "with_masks")]
+    row = {"stage": name, **time_stage(stage, make, args.images, owner, args.repeats), "build_s": build_s}
+    row["dtype"] = str(getattr(stage, "dtype", "-")).replace("torch.", "")
+    del stage
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return row
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+
+
+def write_json(args, payload: dict) -> None:
+    """PAYLOAD to --json (when given), replaced whole: also after each row, so that a run stopped part-way (by
+    benchmarks/gpu.py's time limit) leaves the rows it measured."""
+    import json
+
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload, indent=1))
+        tmp.replace(args.json)
+
+
+def write_outputs(args, lines: list[str], payload: dict) -> None:
+    """Append LINES (Markdown) to --out and print them; PAYLOAD as JSON to --json when given."""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "a") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    write_json(args, payload)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=["tiny", "full"], default="tiny")
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating timed runs per mode; the best counts")
+    ap.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        default=None,
+        help="dtype of the model stages (default: the preset's: caption auto, others float32); "
+        "ground and segment autocast on CUDA only, and the table says what each ran in",
+    )
+    ap.add_argument(
+        "--stages",
+        default="caption,nouns,ground,segment",
+        help="registered stages to time, in order (curate, identity, ...: any model stage of the registry; "
+        "one the registry lacks is reported as skipped)",
+    )
+    ap.add_argument(
+        "--sam-levers",
+        action="store_true",
+        help="instead: SAM's speed levers (bf16, SDPA, torch.compile, batched prompts), each turned on in turn, "
+        "with the masks' IoU against fp32 (sam_levers)",
+    )
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --sam-levers")
+    ap.add_argument("--json", default=None, help="also write the results as JSON to this file")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "stages.md"))
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.sam_levers:
+        return sam_levers(args)
+    from subjectdiff.datagen.stages.nouns import NounExtractor
+
+    n = args.images
+    t0 = time.perf_counter()
+    # full: the real architectures with random weights, saved in the official formats and loaded by the
+    # stages as real checkpoints are (datagen.tiny.full_random_models; built into the cache once)
+    cfg = config.tiny() if args.size == "tiny" else config.full_random()
+    cfg.ground = replace(cfg.ground, resize="square")
+    cache_s = time.perf_counter() - t0
+    base = items_for(n)
+    inputs = fixed_inputs(base, NounExtractor(cfg.nouns)([dict(it) for it in base]))
+    rows = []
+    for name in [s.strip() for s in args.stages.split(",") if s.strip()]:
+        row = measure_stage(name, cfg, inputs, args)
+        rows.append(row)
+        write_json(args, {"size": args.size, "images": n, "rows": rows, "partial": True})
+        if "skipped" in row:
+            print(f"{name:8s} skipped: {row['skipped']}", flush=True)
+        else:
+            b, s = row["batched"], row["single"]
+            print(f"{name:8s} batched {b:8.3g} img/s   single {s:8.3g} img/s   x{b / s:.2f}", flush=True)
+
+    cuda = torch.cuda.is_available()
+    gd = cfg.ground
+    lines = [
+        f"\n## datagen stages, size={args.size}, {n} images, {device_name()}\n",
+        f"- command: `python benchmarks/stages.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
+        f"(best of {args.repeats} alternating runs per mode)",
+        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}; "
+        f"load average at the end {os.getloadavg()[0]:.1f} (the CPU is shared); "
+        f"torch threads {torch.get_num_threads()}; model files ready in {cache_s:.0f} s; each stage built, "
+        "timed and freed in turn",
+        f"- dtypes run in: { {r['stage']: r['dtype'] for r in rows if 'dtype' in r} }; captions fixed at 20 new "
+        f"tokens, num_beams={cfg.caption.num_beams}; GroundingDINO {gd.short_side}px square; "
+        f"SAM {len(BOXES)} boxes/image",
+        "",
+        "| stage | batched img/s | one-at-a-time img/s | batched s/img | speed-up |"
+        + (" peak GPU GiB batched | peak GPU GiB one at a time |" if cuda else ""),
+        "|---|---|---|---|---|" + ("---|---|" if cuda else ""),
+    ]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['stage']} | not measured: {r['skipped']} | | | |" + (" | |" if cuda else ""))
+            continue
+        b, s = r["batched"], r["single"]
+        peaks = f" {r['peak_gib_batched']:.2f} | {r['peak_gib_single']:.2f} |" if cuda else ""
+        lines.append(f"| {r['stage']} | {b:.3g} | {s:.3g} | {1 / b:.3g} | {b / s:.2f}x |{peaks}")
+    payload = {"size": args.size, "images": n, "device": device_name(), "torch": torch.__version__, "rows": rows}
+    write_outputs(args, lines, payload)
+
+
+# ----------------------------------------------------------------------------------------------- SAM levers
+
+# segment-anything-fast's levers (pytorch-labs, "Accelerating Generative AI" part 1), turned on one after another;
+# each row's "off" is the row before it. SDPA comes before compile so that one compile covers both.
+LEVERS = [
+    ("fp32, eager attention, no compile, one box per decoder call", {}),
+    ("+ bf16 autocast", {"bf16": True}),
+    ("+ SDPA attention (scaled_dot_product_attention, rel-pos bias as its mask)", {"sdpa": True}),
+    ("+ torch.compile of the image encoder", {"compile": True}),
+    ("+ batched prompts (every box of an image in one decoder call)", {"batched": True}),
+]
+
+
+def sdpa_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """segment_anything's image-encoder Attention.forward with F.scaled_dot_product_attention; the decomposed
+    relative-position terms (the same as add_decomposed_rel_pos adds) go in as its additive mask.
+    x: (B, H, W, C) -> (B, H, W, C)."""
+    from segment_anything.modeling.image_encoder import get_rel_pos
+
+    b, h, w, _ = x.shape
+    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)  # each (B * heads, H * W, head_dim)
+    bias = None
+    if self.use_rel_pos:
+        r_q = q.reshape(-1, h, w, q.shape[-1])
+        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, self.rel_pos_h))
+        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, self.rel_pos_w))
+        bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(-1, h * w, h * w).to(q.dtype)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return self.proj(out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
+
+
+def set_sdpa(encoder: torch.nn.Module, on: bool) -> None:
+    """Every Attention block of ENCODER (a SAM ImageEncoderViT) on sdpa_forward, or back on its own forward."""
+    import types
+
+    for block in encoder.blocks:
+        if on:
+            block.attn.forward = types.MethodType(sdpa_forward, block.attn)
+        else:
+            block.attn.__dict__.pop("forward", None)
+
+
+def mask_iou(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Mean IoU of corresponding masks: lists of (N, H, W) bool per image; two empty masks agree (1.0)."""
+    ious = []
+    for x, y in zip(a, b):
+        inter = (x & y).reshape(len(x), -1).sum(1)
+        union = (x | y).reshape(len(x), -1).sum(1)
+        ious += np.where(union == 0, 1.0, inter / np.maximum(union, 1)).tolist()
+    return float(np.mean(ious))
+
+
+def sam_levers(args) -> None:
+    """Images/s of the segment stage's SAM (encode + decode of 3 boxes per image) with each lever of LEVERS
+    turned on in turn, the masks' mean IoU against the first (fp32) row's, and peak GPU memory."""
+    from subjectdiff.datagen.stages.segment import Segmenter
+
+    cfg = (config.tiny() if args.size == "tiny" else config.full_random()).segment
+    # at most 8 images per encoder forward: ViT-H's fp32 global attention holds (8 x 16 heads, 4096, 4096) maps
+    cfg.device, cfg.dtype, cfg.batch_size = args.device, "float32", min(args.images, 8)
+    seg = Segmenter(cfg)  # weights in fp32; the bf16 lever is the stage's own autocast
+    encoder = seg.sam.image_encoder
+    images = [it["image"] for it in items_for(args.images)]
+    boxes = np.asarray(BOXES, dtype=np.float64)
+    cuda = seg.device.type == "cuda"
+
+    def run(batched: bool) -> list[np.ndarray]:
+        out = []
+        for feat, in_size, orig in seg.encode(images):
+            if batched:
+                out.append(seg.decode(feat, in_size, orig, boxes)[0])
+            else:
+                out.append(np.concatenate([seg.decode(feat, in_size, orig, boxes[j : j + 1])[0] for j in range(3)]))
+        return out
+
+    on: dict = {}
+    compiled = None
+    rows, reference = [], None
+    for name, lever in LEVERS:
+        on.update(lever)
+        seg.dtype = torch.bfloat16 if on.get("bf16") else torch.float32
+        set_sdpa(encoder, on.get("sdpa", False))
+        if on.get("compile") and compiled is None:
+            compiled = torch.compile(encoder, backend=args.compile_backend)
+        seg.sam.image_encoder = compiled if on.get("compile") else encoder
+        t0 = time.perf_counter()
+        masks = run(on.get("batched", False))  # warm-up (and the compile)
+        warm_s = time.perf_counter() - t0
+        reference = reference or masks
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        best = float("inf")
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            masks = run(on.get("batched", False))
+            best = min(best, time.perf_counter() - t0)
+        rows.append(
+            {
+                "lever": name,
+                "img_s": args.images / best,
+                "miou_vs_fp32": mask_iou(masks, reference),
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                "warmup_s": warm_s,
+            }
+        )
+        print(f"{name}: {rows[-1]['img_s']:.3g} img/s, mIoU {rows[-1]['miou_vs_fp32']:.4f}", flush=True)
+        write_json(args, {"size": args.size, "images": args.images, "rows": rows, "partial": True})
+    lines = [
+        f"\n## SAM speed levers, size={args.size}, {args.images} images x {len(BOXES)} boxes, {device_name()}\n",
+        f"- command: `python benchmarks/stages.py {' '.join(sys.argv[1:])}`; best of {args.repeats} after a warm-up "
+        f"(which includes the compile, backend {args.compile_backend}); encoder batch {cfg.batch_size}",
+        f"- date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}",
+        "",
+        "| levers on | img/s | vs the row before (lever off) | vs fp32 | masks' mean IoU vs fp32 | peak GPU GiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(rows):
+        prev = rows[max(i - 1, 0)]["img_s"]
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        lines.append(
+            f"| {r['lever']} | {r['img_s']:.3g} | {r['img_s'] / prev:.2f}x | {r['img_s'] / rows[0]['img_s']:.2f}x "
+            f"| {r['miou_vs_fp32']:.4f} | {peak} |"
+        )
+    payload = {"size": args.size, "images": args.images, "boxes": len(BOXES), "device": device_name(), "rows": rows}
+    write_outputs(args, lines, payload)
 
 
 if __name__ == "__main__":

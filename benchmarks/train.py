@@ -267,17 +267,19 @@ def loader_rate(cfg, subject_size: int, batches: int) -> float:
 class Variant:
     """One way of running the step (ours or the reference's), built once, timed in alternating rounds."""
 
-    def __init__(self, args, reference: bool, shards: Path, device: torch.device):
+    def __init__(self, args, reference: bool, shards: Path, device: torch.device, checkpointing: bool | None = None):
+        """checkpointing: gradient checkpointing of 'ours' (None: --checkpointing); never in the reference."""
         from subjectdiff.model import build
         from subjectdiff.train.trainer import frozen_dtype
 
+        checkpointing = args.checkpointing if checkpointing is None else checkpointing
         on_gpu = device.type == "cuda"
         sets = [
             f"data.shards=['{shards}']",
             f"data.batch_size={args.batch_size}",
             f"data.num_workers={args.workers}",
             f"run.precision={'fp16' if reference and on_gpu else args.precision}",
-            f"run.gradient_checkpointing={str(args.checkpointing and not reference).lower()}",
+            f"run.gradient_checkpointing={str(bool(checkpointing) and not reference).lower()}",
             *([] if args.weights else ["model.base=none", "model.image_encoder_weights=none"]),
         ]
         self.cfg, self.device, self.reference = load_config(args.preset, sets), device, reference
@@ -342,22 +344,29 @@ class Variant:
         }
 
 
+def variant_specs(args) -> list[tuple[bool, bool]]:
+    """(reference, checkpointing) of each variant measured: ours (with --checkpointing, or both ways with
+    --both-checkpointing), then the reference."""
+    ours = [False, True] if args.both_checkpointing else [args.checkpointing]
+    return [(False, c) for c in ours] + [(True, False)]
+
+
 def measure_variants(args, shards: Path, device: torch.device) -> list[dict]:
-    """Results of (ours, reference). On a GPU one variant at a time (built, timed, freed): peak memory must not
-    count the other's weights and optimizer state. On a CPU both at once, rounds alternating, so that load
-    changes on a shared machine hit both alike."""
+    """Results of variant_specs' variants, the reference last. On a GPU one variant at a time (built, timed,
+    freed): peak memory must not count the other's weights and optimizer state. On a CPU all at once, rounds
+    alternating, so that load changes on a shared machine hit them alike."""
     if device.type != "cuda":
-        variants = [Variant(args, reference, shards, device) for reference in (False, True)]
+        variants = [Variant(args, ref, shards, device, ckpt) for ref, ckpt in variant_specs(args)]
         for _ in range(args.rounds):
             for v in variants:
                 v.measure(args.steps)
         return [v.result() for v in variants]
     results = []
-    for reference in (False, True):
+    for reference, ckpt in variant_specs(args):
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        v = Variant(args, reference, shards, device)
+        v = Variant(args, reference, shards, device, ckpt)
         for _ in range(args.rounds):
             v.measure(args.steps)
         results.append(v.result())
@@ -372,6 +381,10 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--precision", default=None, help="fp32 / bf16 / fp16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in 'ours'")
+    p.add_argument(
+        "--both-checkpointing", action="store_true", help="measure 'ours' without and with gradient checkpointing"
+    )
+    p.add_argument("--json", default=None, help="also write the results as JSON to this file")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: the preset's)")
     p.add_argument(
         "--weights",
@@ -410,13 +423,40 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         write_photo_shards(Path(tmp), n_shards=4, per_shard=math.ceil(records_needed(args) / 4))
-        ours, ref = measure_variants(args, Path(tmp), device)
+        *ours_all, ref = measure_variants(args, Path(tmp), device)
+        ours = ours_all[0]
         ours["loader_samples_per_s"] = loader_rate(ours["cfg"], ours["subject_size"], args.loader_batches)
+    for extra in ours_all[1:]:
+        report(args, device, extra, ref, loader=False)
     report(args, device, ours, ref)
+    if args.json:
+        write_json(args, device, ours_all, ref)
     return 0
 
 
-def report(args, device, ours: dict, ref: dict) -> None:
+def write_json(args, device, ours_all: list[dict], ref: dict) -> None:
+    """The measured figures (benchmarks/gpu.py reads them): every 'ours' variant, the reference, the loader."""
+    import json
+
+    keep = ("step_samples_per_s", "peak_gib", "precision", "checkpointing")
+    payload = {
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "ours": [{k: r[k] for k in keep} for r in ours_all],
+        "reference": {k: ref[k] for k in keep},
+        "loader": {
+            "workers": args.workers,
+            "samples_per_s": ours_all[0]["loader_samples_per_s"],
+            "samples_per_s_per_worker": ours_all[0]["loader_samples_per_s"] / max(args.workers, 1),
+        },
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(payload, indent=1))
+
+
+def report(args, device, ours: dict, ref: dict, loader: bool = True) -> None:
     machine = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -437,10 +477,13 @@ def report(args, device, ours: dict, ref: dict) -> None:
         f"| {ours['step_samples_per_s']:.2f}{peak(ours)} |",
         f"| reference (image encoder under autograd, fp16 casts on GPU) | {ref['precision']} | {ref['checkpointing']} "
         f"| {ref['step_samples_per_s']:.2f}{peak(ref)} |",
-        "",
-        f"Data loader ({args.workers} workers, resolution of the preset): {ours['loader_samples_per_s']:.1f} samples/s "
-        f"vs. the step's {ours['step_samples_per_s']:.2f} samples/s.",
     ]
+    if loader:
+        lines += [
+            "",
+            f"Data loader ({args.workers} workers, resolution of the preset): "
+            f"{ours['loader_samples_per_s']:.1f} samples/s vs. the step's {ours['step_samples_per_s']:.2f} samples/s.",
+        ]
     text = "\n".join(lines) + "\n"
     print(text)
     out = Path(args.out)
