@@ -65,7 +65,8 @@ CATALOG_FILE = "catalog.duckdb"
 CATALOG_VERSION = 4
 PLAN_ORDER = "shard, idx"  # the order datagen planned the samples in (module docstring)
 
-_DDL = """
+_DDL = (
+    """
 CREATE TABLE IF NOT EXISTS samples (
     key VARCHAR, shard VARCHAR, idx INTEGER, caption VARCHAR, alt_text VARCHAR, width INTEGER, height INTEGER,
     n_objects INTEGER, source VARCHAR, image_ext VARCHAR, image_bytes BIGINT, schema_version INTEGER,
@@ -86,6 +87,14 @@ CREATE TABLE IF NOT EXISTS bad_shards (
     name VARCHAR PRIMARY KEY, file VARCHAR, reason VARCHAR, detail VARCHAR, seen_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS catalog_info (name VARCHAR PRIMARY KEY, value VARCHAR);
 """
+    + """
+CREATE TABLE IF NOT EXISTS pairs (
+    ref_key VARCHAR, ref_index INTEGER, target_key VARCHAR, target_index INTEGER, label VARCHAR, method VARCHAR,
+    similarity REAL, frame_gap BIGINT, change REAL, phash_distance INTEGER);
+"""
+)
+# `pairs` (catalogs/pairs.py) is not in _TABLES: no shard file holds it, so a rebuild from scratch keeps it
+# (`_drop` deletes the pairs of the shards it drops); `catalog pairs` replaces a method's rows (replace_pairs).
 _TABLES = ("samples", "objects", "shards", "failures", "bad_shards", "catalog_info")
 
 # Statement types a read-only query may contain.
@@ -378,6 +387,10 @@ def _drop(con: duckdb.DuckDBPyConnection, names: list[str]) -> None:
     if not names:
         return
     con.execute("CREATE TEMP TABLE gone AS SELECT unnest(?::VARCHAR[]) AS name", [names])
+    con.execute(
+        "DELETE FROM pairs WHERE ref_key IN (SELECT key FROM samples WHERE shard IN (SELECT name FROM gone)) "
+        "OR target_key IN (SELECT key FROM samples WHERE shard IN (SELECT name FROM gone))"
+    )
     for table in ("samples", "objects", "failures"):
         con.execute(f"DELETE FROM {table} WHERE shard IN (SELECT name FROM gone)")
     con.execute("DELETE FROM shards WHERE name IN (SELECT name FROM gone)")
@@ -742,8 +755,43 @@ def stats(
                     "WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING n > 1)"
                 )[0][0],
             },
+            "pairs": pair_counts(con),
             "failures_by_stage": rows("SELECT stage, count(*) AS n FROM failures GROUP BY 1 ORDER BY n DESC, stage"),
             "failures_by_reason": rows(
                 "SELECT stage, reason, count(*) AS n FROM failures GROUP BY 1, 2 ORDER BY n DESC, stage, reason"
             ),
         }
+
+
+def replace_pairs(
+    root: str | os.PathLike, pairs: pa.Table, method: str, *, catalog: str | os.PathLike | None = None
+) -> int:
+    """Load PAIRS (catalogs.pairs.PAIR_SCHEMA rows of one METHOD) into ROOT's catalog as the `pairs` table's rows
+    of that method, replacing the ones there, in one transaction. Returns the rows the table now holds."""
+    path = catalog_path(root, catalog)
+    with open_catalog(root, catalog=catalog):  # a catalog a build finished, or its one-line error
+        pass
+    con = _connect(path, read_only=False)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        con.execute(_DDL)  # a catalog built before the pairs table existed
+        con.execute("DELETE FROM pairs WHERE method = ?", [method])
+        con.register("new_pairs", pairs)
+        con.execute("INSERT INTO pairs SELECT * FROM new_pairs")
+        con.unregister("new_pairs")
+        con.execute("COMMIT")
+        return con.execute("SELECT count(*) FROM pairs").fetchall()[0][0]
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+
+
+def pair_counts(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
+    """[(method, pairs)] of the catalog's `pairs` table (each direction a row); [] before it exists."""
+    if not con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'pairs' AND table_schema = 'main'"
+    ).fetchall()[0][0]:
+        return []
+    return con.execute("SELECT method, count(*) FROM pairs GROUP BY 1 ORDER BY 1").fetchall()
