@@ -92,8 +92,9 @@ class PairConfig:
     """What makes two objects a pair (module docstring). Checked here: a bad value is a one-line error.
 
     min_sim: cosine of the identity embeddings; min_sim_across_shots: the same for video pairs in two shots
-    (a cut can show another instance of the label, so the bar is higher); min_phash: phash bits (of 64) the
-    two images differ in (video: enough pixels changed; retrieval: closer is a near duplicate, dropped);
+    (a cut can show another instance of the label, so the bar is higher; never below min_sim); min_phash:
+    phash bits (of 64) the two images differ in (video: enough pixels changed; retrieval: closer is a near
+    duplicate, dropped);
     min_change: the box change (box_change) that makes a video pair worth keeping when the phashes are close;
     max_gap: video pairs at most this many frames apart (None: any); k: retrieval neighbours kept per object;
     search_k: neighbours fetched before the same-source and near-duplicate filters (None: 3 k + 1); index:
@@ -219,7 +220,7 @@ def catalog_objects(root: str | os.PathLike, ident: pa.Table, *, catalog: str | 
     with open_catalog(root, catalog=catalog) as con:
         con.register("ident", rows)
         try:
-            table = con.execute(_OBJECTS_SQL).to_arrow_table()
+            table = con.sql(_OBJECTS_SQL).to_arrow_table()
         except duckdb.Error as e:
             raise CatalogError(one_line(e)) from None
         if table.num_rows == 0 and ident.num_rows:
@@ -303,11 +304,11 @@ def video_pairs(objects: pa.Table, emb: np.ndarray, cfg: PairConfig) -> dict[str
     con = duckdb.connect()
     try:
         con.register("obj", obj)
-        cand = con.execute(_VIDEO_SQL, {"max_gap": cfg.max_gap}).to_arrow_table()
+        cand = con.sql(_VIDEO_SQL, params={"max_gap": cfg.max_gap}).to_arrow_table()
         a, b = _col(cand, "a", np.int64), _col(cand, "b", np.int64)
         ei = _col(objects, "i", np.int64)
         sim = cosine(emb, ei[a], ei[b])
-        bar = np.where(_col(cand, "same_shot", bool), cfg.min_sim, cfg.min_sim_across_shots)
+        bar = np.where(_col(cand, "same_shot", bool), cfg.min_sim, max(cfg.min_sim, cfg.min_sim_across_shots))
         keep = sim >= bar
         keys = np.asarray(objects["key"].to_pylist(), object)
         kept = pa.table(
@@ -321,7 +322,7 @@ def video_pairs(objects: pa.Table, emb: np.ndarray, cfg: PairConfig) -> dict[str
             }
         )
         con.register("cand", kept)
-        best = con.execute(_MUTUAL_SQL + " ORDER BY a, b").to_arrow_table()
+        best = con.sql(_MUTUAL_SQL + " ORDER BY a, b").to_arrow_table()
     finally:
         con.close()
     a, b = _col(best, "a", np.int64), _col(best, "b", np.int64)
