@@ -347,7 +347,7 @@ def knn(emb: np.ndarray, fetch: int, cfg: PairConfig, threads: int = 1) -> tuple
     """The FETCH nearest rows of each row of EMB (n, D), itself included, by inner product: (I, S), both
     (n, min(fetch, n)), each row by decreasing similarity; I is -1 where an approximate index found fewer.
     Exact (numpy, blocks of rows) for `index = "exact"` or n <= brute_force_max; else faiss ("ivf":
-    IVF-Flat with 4 sqrt(n) lists trained on a seeded sample, `nprobe` lists searched; "hnsw": HNSW-Flat,
+    IVF-Flat with 2 sqrt(n) lists trained on a seeded sample, `nprobe` lists searched; "hnsw": HNSW-Flat,
     32 links, `ef_search`), on THREADS threads."""
     emb = np.ascontiguousarray(emb, np.float32)
     n, f = len(emb), min(fetch, len(emb))
@@ -387,10 +387,12 @@ def _faiss_index(emb: np.ndarray, cfg: PairConfig):
         index.add(emb)
         index.hnsw.efSearch = max(cfg.ef_search, cfg.fetch)
         return index
-    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))  # faiss wants >= 39 training points a list
+    # 2 sqrt(n) lists: training costs ~ nlist^2, a query nprobe n / nlist (benchmarks/pairs.py); faiss wants
+    # >= 39 training points a list
+    nlist = max(1, min(int(2 * math.sqrt(n)), n // 39))
     quantizer = faiss.IndexFlatIP(dim)
     index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    sample = np.random.default_rng(0).choice(n, min(n, 64 * nlist), replace=False)
+    sample = np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)
     index.cp.seed = 0
     index.train(emb[np.sort(sample)])
     index.add(emb)
@@ -486,6 +488,9 @@ def _ray_start(num_cpus: int | None) -> bool:
 
     if ray.is_initialized():
         return False
+    # start-up notices that are not for the user (token authentication, "Started a local Ray instance")
+    for name in ("ray._private.authentication.authentication_token_setup", "ray._private.worker", "ray.worker"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level=logging.WARNING)
     else:

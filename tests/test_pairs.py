@@ -201,9 +201,9 @@ def test_retrieval_pairs_find_the_same_object_in_other_photos(photos, tmp_path, 
         if ia == ib and sources[a[0]] != sources[b[0]] and (a[0], b[0]) not in near
     }
     precision, recall = precision_recall(table, truth_pairs)
-    # measured 1.0 and 0.82 (k = 3 of 3-5 true neighbours); thresholds leave margin
-    print("retrieval precision", precision, "recall", recall)
-    assert precision >= 0.9 and recall >= 0.7, (precision, recall)
+    # measured precision 1.0 and recall 1.0 (k = 3: each object has 3 views of its identity from other
+    # sources, 4 for the cat); the thresholds leave room for a few pairs
+    assert precision >= 0.9 and recall >= 0.85, (precision, recall)
     found = {(r["ref_key"], r["target_key"]) for r in rows}
     assert all((b, a) in found for a, b in found)  # both directions
     assert special["near"] not in found and special["same_source"] not in found
@@ -331,8 +331,7 @@ def test_video_pairs_join_one_object_across_frames(videos, tmp_path):
         if ta == tb and frames[a[0]] != frames[b[0]] and {a[0], b[0]} != set(still)
     }
     precision, recall = precision_recall(table, truth_pairs)
-    print("video precision", precision, "recall", recall)
-    assert precision >= 0.9 and recall >= 0.8, (precision, recall)  # measured 1.0 and 1.0
+    assert precision >= 0.9 and recall >= 0.85, (precision, recall)  # measured 1.0 and 0.97 (33 of 34)
     assert all(truth[(r["ref_key"], r["ref_index"])][0] == truth[(r["target_key"], r["target_index"])][0] for r in rows)
     found = {(r["ref_key"], r["ref_index"], r["target_key"], r["target_index"]) for r in rows}
     assert all((c, d, a, b) in found for a, b, c, d in found)  # both directions
@@ -416,3 +415,17 @@ def test_phash_distance_counts_differing_bits():
 def test_find_pairs_refuses_an_unknown_method(videos):
     with pytest.raises(ValueError, match="video, retrieval"):
         find_pairs(videos[0], "mirror")
+
+
+def test_the_report_shows_pairs_side_by_side(videos, tmp_path):
+    out = videos[0]
+    assert main(["catalog", "pairs", str(out), "--method", "video", "--out", str(tmp_path / "v.parquet")]) == 0
+    html = (catalog_report(out, tmp_path / "report.html")).read_text()
+    section = html[html.index('<section id="pairs">') : html.index('<section id="run">')]
+    assert "video: " in section and section.count('<article class="weak">') == 6
+    assert section.count("<img") == 12 and "similarity" in section and "frames apart" in section
+
+
+def catalog_report(root, dest):
+    assert main(["catalog", "report", str(root), "--sample", "2", "--out", str(dest)]) == 0
+    return dest
