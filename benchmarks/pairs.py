@@ -14,7 +14,9 @@ directions): what recall@k measures.
 Recall@k: for --queries objects sampled at random, the exact k nearest (numpy, float32, over the object's
 label, itself left out) against the k most similar targets the pairs give the object as reference (its own
 neighbours and the objects that had it as a neighbour: the pairs file's contents). Time: retrieval_edges from
-the float16 array to the sorted pairs, Ray's start included (Ray started here with --num-cpus CPUs). Peak
+the float16 array to the sorted pairs, Ray's start included (Ray started here with --num-cpus CPUs). CPU
+seconds: the user + system time of this process and its children over the same span (on two idle cores the wall time
+is about half of it when both are kept busy; on a machine shared with other work the wall time is longer). Peak
 memory: the largest sum of the RSS of this process and its children (Ray's workers, raylet and object
 store), sampled every 0.2 s, beside this process's own peak (ru_maxrss). The split: when each label's task
 finished.
@@ -63,10 +65,14 @@ def synthetic(n: int, labels: int, per_identity: int, dim: int, noise: float, se
 
 
 class PeakRSS:
-    """The largest RSS of this process plus its descendants, sampled every `every` seconds in a thread."""
+    """The largest RSS of this process plus its descendants, sampled every `every` seconds in a thread, and the
+    CPU seconds they used (each process's last sampled user + system time, this process's since the start)."""
 
     def __init__(self, every: float = 0.2):
         self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.cpu: dict[int, float] = {}
+        me = psutil.Process()
+        self.start_cpu = sum(me.cpu_times()[:2])
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
@@ -76,10 +82,14 @@ class PeakRSS:
             for p in [me, *me.children(recursive=True)]:
                 try:
                     total += p.memory_info().rss
+                    self.cpu[p.pid] = sum(p.cpu_times()[:2])
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, total)
             time.sleep(self.every)
+
+    def cpu_seconds(self) -> float:
+        return sum(self.cpu.values()) - self.start_cpu
 
     def __enter__(self):
         self.thread.start()
@@ -93,17 +103,18 @@ class PeakRSS:
 def recall_at_k(emb, labels, a, b, sim, k: int, queries: int, seed: int = 1) -> float:
     """Mean over sampled objects of |the k best pairs' targets & the exact k nearest of its label| / k."""
     rng = np.random.default_rng(seed)
-    qs = rng.choice(len(emb), queries, replace=False)
-    starts = np.searchsorted(a, qs)
-    ends = np.searchsorted(a, qs, side="right")
+    qs = np.sort(rng.choice(len(emb), queries, replace=False))
     hits = 0
-    for q, s, e in zip(qs, starts, ends):
-        same = np.flatnonzero(labels == labels[q])
-        sims = emb[same].astype(np.float32) @ emb[q].astype(np.float32)
-        sims[same == q] = -np.inf
-        exact = set(same[np.argpartition(-sims, k)[:k]].tolist())
-        got = b[s:e][np.argsort(-sim[s:e], kind="stable")[:k]]
-        hits += len(exact & set(got.tolist()))
+    for label in np.unique(labels[qs]):
+        same = np.flatnonzero(labels == label)
+        mine = qs[labels[qs] == label]
+        sims = emb[mine].astype(np.float32) @ emb[same].astype(np.float32).T  # (queries of the label, objects)
+        sims[np.arange(len(mine)), np.searchsorted(same, mine)] = -np.inf  # not itself
+        top = same[np.argpartition(-sims, k, axis=1)[:, :k]]
+        for q, exact in zip(mine, top):
+            s, e = np.searchsorted(a, q), np.searchsorted(a, q, side="right")
+            got = b[s:e][np.argsort(-sim[s:e], kind="stable")[:k]]
+            hits += len(set(exact.tolist()) & set(got.tolist()))
     return hits / (k * queries)
 
 
@@ -129,6 +140,7 @@ def run(args: argparse.Namespace, n: int) -> str:
     split = ", ".join(f"{t:.0f}s:{d // 1000}k" for t, d in finished)
     return (
         f"| {n:,} | {args.dim} | {args.labels} | {args.index} nprobe {args.nprobe} | {args.num_cpus} | {took:.1f} s "
+        f"({mem.cpu_seconds():.0f} CPU s) "
         f"| {recall:.3f} | {mem.peak / 2**30:.2f} GiB (driver {own:.2f} GiB) | {len(a):,} |\n"
         f"\n  labels finished (time since start: objects done): {split}; synthetic data {gen:.1f} s; {machine()}, "
         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
@@ -144,14 +156,15 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.6)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--index", default="ivf", choices=["ivf", "hnsw"])
-    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--nprobe", type=int, default=32)
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--brute-force-max", type=int, default=8192)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     head = (
-        "| objects | dim | labels | index | Ray CPUs | time | recall@10 | peak RSS (all processes) | pair rows |\n"
+        "| objects | dim | labels | index | Ray CPUs | time (CPU seconds, all processes) | recall@10 "
+        "| peak RSS (all processes) | pair rows |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
     print(head, end="", flush=True)
