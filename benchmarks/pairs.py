@@ -108,10 +108,13 @@ def recall_at_k(emb, labels, a, b, sim, k: int, queries: int, seed: int = 1) -> 
     for label in np.unique(labels[qs]):
         same = np.flatnonzero(labels == label)
         mine = qs[labels[qs] == label]
-        sims = emb[mine].astype(np.float32) @ emb[same].astype(np.float32).T  # (queries of the label, objects)
-        sims[np.arange(len(mine)), np.searchsorted(same, mine)] = -np.inf  # not itself
-        top = same[np.argpartition(-sims, k, axis=1)[:, :k]]
-        for q, exact in zip(mine, top):
+        pool = emb[same].astype(np.float32)
+        tops = []
+        for c in range(0, len(mine), 32):  # 32 queries at a time: (32, objects of the label) similarities
+            sims = emb[mine[c : c + 32]].astype(np.float32) @ pool.T
+            sims[np.arange(len(sims)), np.searchsorted(same, mine[c : c + 32])] = -np.inf  # not itself
+            tops.append(same[np.argpartition(-sims, k, axis=1)[:, :k]])
+        for q, exact in zip(mine, np.concatenate(tops)):
             s, e = np.searchsorted(a, q), np.searchsorted(a, q, side="right")
             got = b[s:e][np.argsort(-sim[s:e], kind="stable")[:k]]
             hits += len(set(exact.tolist()) & set(got.tolist()))
@@ -135,8 +138,8 @@ def run(args: argparse.Namespace, n: int) -> str:
             emb, labels, origin, phash, cfg, progress=lambda d, t, u: finished.append((time.monotonic() - t0, d))
         )
     took = time.monotonic() - t0
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB: the pairing's, before recall
     recall = recall_at_k(emb, labels, a, b, sim, args.k, args.queries)
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     split = ", ".join(f"{t:.0f}s:{d // 1000}k" for t, d in finished)
     return (
         f"| {n:,} | {args.dim} | {args.labels} | {args.index} nprobe {args.nprobe} | {args.num_cpus} | {took:.1f} s "
