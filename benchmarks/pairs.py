@@ -140,9 +140,10 @@ def run(args: argparse.Namespace, n: int) -> str:
     took = time.monotonic() - t0
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB: the pairing's, before recall
     recall = recall_at_k(emb, labels, a, b, sim, args.k, args.queries)
+    index = f"ivf nprobe {args.nprobe}" if args.index == "ivf" else "hnsw (32 links, efSearch 64)"
     split = ", ".join(f"{t:.0f}s:{d // 1000}k" for t, d in finished)
     return (
-        f"| {n:,} | {args.dim} | {args.labels} | {args.index} nprobe {args.nprobe} | {args.num_cpus} | {took:.1f} s "
+        f"| {n:,} | {args.dim} | {args.labels} | {index} | {args.num_cpus} | {took:.1f} s "
         f"({mem.cpu_seconds():.0f} CPU s) "
         f"| {recall:.3f} | {mem.peak / 2**30:.2f} GiB (driver {own:.2f} GiB) | {len(a):,} |\n"
         f"\n  labels finished (time since start: objects done): {split}; synthetic data {gen:.1f} s; {machine()}, "
