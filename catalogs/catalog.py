@@ -16,6 +16,8 @@ Tables (see docs/records.md for every column):
     shards(name, path, n_ok, n_failed, n_objects, bytes, start_time, end_time, duration, fingerprint)
     failures(key, shard, idx, source, stage, reason, video, video_frame)
     bad_shards(name, file, reason, detail, seen_at)
+    pairs(ref_key, ref_index, target_key, target_index, label, method, similarity, frame_gap, change,
+          phash_distance)   cross-image pairs (catalogs/pairs.py): loaded by `catalog pairs`, kept by builds
 
 `idx` is a sample's position in its shard's samples sidecar (ok and failed samples counted together), which is
 the plan order within the shard: plan order across a catalog is `ORDER BY shard, idx`. The curation columns
@@ -65,8 +67,7 @@ CATALOG_FILE = "catalog.duckdb"
 CATALOG_VERSION = 4
 PLAN_ORDER = "shard, idx"  # the order datagen planned the samples in (module docstring)
 
-_DDL = (
-    """
+_DDL = """
 CREATE TABLE IF NOT EXISTS samples (
     key VARCHAR, shard VARCHAR, idx INTEGER, caption VARCHAR, alt_text VARCHAR, width INTEGER, height INTEGER,
     n_objects INTEGER, source VARCHAR, image_ext VARCHAR, image_bytes BIGINT, schema_version INTEGER,
@@ -86,13 +87,10 @@ CREATE TABLE IF NOT EXISTS failures (
 CREATE TABLE IF NOT EXISTS bad_shards (
     name VARCHAR PRIMARY KEY, file VARCHAR, reason VARCHAR, detail VARCHAR, seen_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS catalog_info (name VARCHAR PRIMARY KEY, value VARCHAR);
-"""
-    + """
 CREATE TABLE IF NOT EXISTS pairs (
     ref_key VARCHAR, ref_index INTEGER, target_key VARCHAR, target_index INTEGER, label VARCHAR, method VARCHAR,
     similarity REAL, frame_gap BIGINT, change REAL, phash_distance INTEGER);
 """
-)
 # `pairs` (catalogs/pairs.py) is not in _TABLES: no shard file holds it, so a rebuild from scratch keeps it
 # (`_drop` deletes the pairs of the shards it drops); `catalog pairs` replaces a method's rows (replace_pairs).
 _TABLES = ("samples", "objects", "shards", "failures", "bad_shards", "catalog_info")
@@ -779,8 +777,9 @@ def replace_pairs(
         con.register("new_pairs", pairs)
         con.execute("INSERT INTO pairs SELECT * FROM new_pairs")
         con.unregister("new_pairs")
+        total = con.execute("SELECT count(*) FROM pairs").fetchall()[0][0]
         con.execute("COMMIT")
-        return con.execute("SELECT count(*) FROM pairs").fetchall()[0][0]
+        return total
     except BaseException:
         con.execute("ROLLBACK")
         raise
