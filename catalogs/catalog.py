@@ -17,6 +17,8 @@ Tables (see docs/records.md for every column):
     failures(key, shard, idx, source, stage, reason, video, video_frame, video_shot)
     videos (a view: one row per video input) (video, shard, frames, frames_ok, frames_failed, shots, status, reason)
     bad_shards(name, file, reason, detail, seen_at)
+    pairs(ref_key, ref_index, target_key, target_index, label, method, similarity, frame_gap, change,
+          phash_distance)   cross-image pairs (catalogs/pairs.py): loaded by `catalog pairs`, kept by builds
 
 `idx` is a sample's position in its shard's samples sidecar (ok and failed samples counted together), which is
 the plan order within the shard: plan order across a catalog is `ORDER BY shard, idx`. The curation columns
@@ -87,6 +89,9 @@ CREATE TABLE IF NOT EXISTS failures (
 CREATE TABLE IF NOT EXISTS bad_shards (
     name VARCHAR PRIMARY KEY, file VARCHAR, reason VARCHAR, detail VARCHAR, seen_at TIMESTAMP);
 CREATE TABLE IF NOT EXISTS catalog_info (name VARCHAR PRIMARY KEY, value VARCHAR);
+CREATE TABLE IF NOT EXISTS pairs (
+    ref_key VARCHAR, ref_index INTEGER, target_key VARCHAR, target_index INTEGER, label VARCHAR, method VARCHAR,
+    similarity REAL, frame_gap BIGINT, change REAL, phash_distance INTEGER);
 CREATE OR REPLACE VIEW videos AS
 WITH rows AS (
     SELECT video, shard, video_shot, video_frame, source <> video AS is_frame, true AS ok, NULL AS reason
@@ -106,6 +111,8 @@ FROM rows GROUP BY video;
 """
 # videos: a frame row's source is `VIDEO#frame=N`; the one row whose source is the video itself is the video's own
 # failure (it did not open, or broke at video_frame: datagen/video.py), whose shot is the last one found.
+# `pairs` (catalogs/pairs.py) is not in _TABLES: no shard file holds it, so a rebuild from scratch keeps it
+# (`_drop` deletes the pairs of the shards it drops); `catalog pairs` replaces a method's rows (replace_pairs).
 _TABLES = ("samples", "objects", "shards", "failures", "bad_shards", "catalog_info")
 
 # Statement types a read-only query may contain.
@@ -407,6 +414,10 @@ def _drop(con: duckdb.DuckDBPyConnection, names: list[str]) -> None:
     if not names:
         return
     con.execute("CREATE TEMP TABLE gone AS SELECT unnest(?::VARCHAR[]) AS name", [names])
+    con.execute(
+        "DELETE FROM pairs WHERE ref_key IN (SELECT key FROM samples WHERE shard IN (SELECT name FROM gone)) "
+        "OR target_key IN (SELECT key FROM samples WHERE shard IN (SELECT name FROM gone))"
+    )
     for table in ("samples", "objects", "failures"):
         con.execute(f"DELETE FROM {table} WHERE shard IN (SELECT name FROM gone)")
     con.execute("DELETE FROM shards WHERE name IN (SELECT name FROM gone)")
@@ -771,8 +782,44 @@ def stats(
                     "WHERE sha256 IS NOT NULL GROUP BY sha256 HAVING n > 1)"
                 )[0][0],
             },
+            "pairs": pair_counts(con),
             "failures_by_stage": rows("SELECT stage, count(*) AS n FROM failures GROUP BY 1 ORDER BY n DESC, stage"),
             "failures_by_reason": rows(
                 "SELECT stage, reason, count(*) AS n FROM failures GROUP BY 1, 2 ORDER BY n DESC, stage, reason"
             ),
         }
+
+
+def replace_pairs(
+    root: str | os.PathLike, pairs: pa.Table, method: str, *, catalog: str | os.PathLike | None = None
+) -> int:
+    """Load PAIRS (catalogs.pairs.PAIR_SCHEMA rows of one METHOD) into ROOT's catalog as the `pairs` table's rows
+    of that method, replacing the ones there, in one transaction. Returns the rows the table now holds."""
+    path = catalog_path(root, catalog)
+    with open_catalog(root, catalog=catalog):  # a catalog a build finished, or its one-line error
+        pass
+    con = _connect(path, read_only=False)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        con.execute(_DDL)  # a catalog built before the pairs table existed
+        con.execute("DELETE FROM pairs WHERE method = ?", [method])
+        con.register("new_pairs", pairs)
+        con.execute("INSERT INTO pairs SELECT * FROM new_pairs")
+        con.unregister("new_pairs")
+        total = con.execute("SELECT count(*) FROM pairs").fetchall()[0][0]
+        con.execute("COMMIT")
+        return total
+    except BaseException:
+        con.execute("ROLLBACK")
+        raise
+    finally:
+        con.close()
+
+
+def pair_counts(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:
+    """[(method, pairs)] of the catalog's `pairs` table (each direction a row); [] before it exists."""
+    if not con.execute(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'pairs' AND table_schema = 'main'"
+    ).fetchall()[0][0]:
+        return []
+    return con.execute("SELECT method, count(*) FROM pairs GROUP BY 1 ORDER BY 1").fetchall()

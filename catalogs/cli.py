@@ -121,6 +121,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--out", required=True, help="output .parquet file (one row per sample in a group)")
     d.set_defaults(func=_duplicates)
 
+    _add_pairs(csub)
+
     r = csub.add_parser("report", help="write a self-contained HTML report: sampled records, plots, failures, manifest")
     _add_dir(r)
     r.add_argument("--where", help="SQL predicate over `samples` narrowing the records and plots (as in select)")
@@ -128,6 +130,91 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--seed", type=int, default=0, help="which records are sampled (default 0)")
     r.add_argument("--out", required=True, help="output .html file")
     r.set_defaults(func=_report)
+
+
+def _add_pairs(csub: argparse._SubParsersAction) -> None:
+    from subjectdiff.catalogs.pairs import PairConfig
+
+    d = PairConfig()
+    p = csub.add_parser(
+        "pairs",
+        help="mine cross-image pairs of one subject (video frames or nearest neighbours) -> Parquet and the catalog",
+        description="Pair objects that show the same subject in two images, from the identity embeddings "
+        "(NNNNN.identity.parquet) and the catalog: video = the same label in two frames of one video, "
+        "retrieval = each object's nearest neighbours of its label from other sources. Writes --out and "
+        "replaces the method's rows of the catalog's `pairs` table.",
+    )
+    _add_dir(p)
+    p.add_argument("--method", choices=["video", "retrieval"], required=True)
+    p.add_argument("--out", required=True, help="output .parquet file (one row per directed pair)")
+    p.add_argument("--min-sim", type=float, default=d.min_sim, help=f"identity cosine (default {d.min_sim})")
+    p.add_argument(
+        "--min-sim-across-shots",
+        type=float,
+        default=d.min_sim_across_shots,
+        help=f"video: the cosine for two frames in different shots (default {d.min_sim_across_shots})",
+    )
+    p.add_argument(
+        "--min-phash",
+        type=int,
+        default=d.min_phash,
+        help="phash bits (of 64) the two images differ in: video keeps a pair at this distance or with "
+        f"--min-change, retrieval drops closer pairs as near duplicates (default {d.min_phash})",
+    )
+    p.add_argument(
+        "--min-change",
+        type=float,
+        default=d.min_change,
+        help=f"video: box shape change (0 = a pure move or zoom) that keeps a pair (default {d.min_change})",
+    )
+    p.add_argument("--max-gap", type=int, help="video: at most this many frames apart (default: any)")
+    p.add_argument("--k", type=int, default=d.k, help=f"retrieval: neighbours kept per object (default {d.k})")
+    p.add_argument(
+        "--search-k", type=int, help="retrieval: neighbours fetched before the source/duplicate filters (3k+1)"
+    )
+    p.add_argument("--index", choices=["ivf", "hnsw", "exact"], default=d.index, help="retrieval: the ANN index")
+    p.add_argument("--nprobe", type=int, default=d.nprobe, help=f"retrieval, ivf: lists searched (default {d.nprobe})")
+    p.add_argument("--num-cpus", type=int, help="retrieval: CPUs of the Ray started here (default: all)")
+    p.set_defaults(func=_pairs)
+
+
+def _pairs(args: argparse.Namespace) -> int:
+    import time
+
+    from subjectdiff.catalogs.catalog import replace_pairs
+    from subjectdiff.catalogs.pairs import PairConfig, find_pairs, write_pairs
+
+    cfg = PairConfig(
+        min_sim=args.min_sim,
+        min_sim_across_shots=args.min_sim_across_shots,
+        min_phash=args.min_phash,
+        min_change=args.min_change,
+        max_gap=args.max_gap,
+        k=args.k,
+        search_k=args.search_k,
+        index=args.index,
+        nprobe=args.nprobe,
+        num_cpus=args.num_cpus,
+    )
+    t0, shown = time.monotonic(), [-1e9]
+
+    def progress(done: int, total: int, unit: str) -> None:
+        # a line every 5 s, in subjectdiff/progress.py's form (that class lives on the floor, above catalogs/)
+        now = time.monotonic()
+        if now - shown[0] >= 5.0 or done == total:
+            shown[0] = now
+            rate = done / max(now - t0, 1e-9)
+            print(f"[pairs] {done}/{total} {unit} ({rate:.0f} {unit}/s)", file=sys.stderr, flush=True)
+
+    table = find_pairs(args.dir, args.method, cfg, catalog=args.catalog, progress=progress)
+    write_pairs(table, args.out)
+    total = replace_pairs(args.dir, table, args.method, catalog=args.catalog)
+    print(
+        f"{table.num_rows} {args.method} pair rows (both directions) -> {args.out}; the catalog's pairs table "
+        f"holds {total} ({time.monotonic() - t0:.1f} s)"
+    )
+    _warn_bad_shards(args)
+    return 0
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -230,6 +317,8 @@ def _stats(args: argparse.Namespace) -> int:
             print(f"  {name:<15} " + "  ".join(f"{k} {_cell(v)}" for k, v in q.items() if k != "n") + f"  (n {q['n']})")
     if cur["clip_score"]["n"]:
         print(f"  exact duplicates {cur['exact_duplicates']} (catalog duplicates finds near ones too)")
+    if st.get("pairs"):
+        print("\npairs (rows, both directions):  " + "  ".join(f"{m}:{n}" for m, n in st["pairs"]))
     print("\nfailures by reason:" + ("" if st["failures_by_reason"] else " none"))
     for stage, reason, n in st["failures_by_reason"]:
         print(f"  {stage:<8} {reason:<50} {n}")

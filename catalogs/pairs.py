@@ -15,11 +15,50 @@
 A pair (a, b) is stored in both directions, (a -> b) and (b -> a): either object can be the subject image
 (reference) of a training sample whose target is the other. Training (`train --pairs`) takes the subject image
 from the reference object and the target image, box, mask and localization tokens from the target object.
+
+Mining (`subjectdiff catalog pairs DIR --method video|retrieval --out pairs.parquet`; `find_pairs`)
+    Both methods read the identity sidecars of DIR's complete shards (`load_identity`) and the catalog (the
+    objects' boxes, the samples' video fields, source and phash), so `catalog build DIR` runs first.
+
+    video      two objects with the same label in two frames of one video (samples.video; frames differ),
+               cosine >= min_sim in one shot (>= min_sim_across_shots across a cut), each the other's best
+               match in the other frame, and different enough to teach something: phash distance >= min_phash
+               or change >= min_change. DuckDB makes the candidates (same video, label, another frame), numpy
+               the dot products.
+    retrieval  each object's k nearest objects of its label by cosine (faiss IVF-Flat or HNSW-Flat over inner
+               products, exact numpy search for small labels), keeping those >= min_sim from another source
+               (samples.source, or the video for frames) and not near duplicates (phash distance >= min_phash).
+               Labels are independent partitions: the large ones run as Ray tasks, the small ones in the
+               calling process. Each neighbour edge is stored in both directions.
+
+    `change` is `box_change` of the two boxes in pixels: both moved to one centre and scaled to unit area,
+    1 - their IoU = 2 (1 - s) / (2 - s) with s = sqrt(min(r1, r2) / max(r1, r2)), r = width / height. A phash
+    the catalog lacks (sidecars written without the curate stage) is computed from the image.
+
+The catalog's `pairs` table holds the same columns; `catalog pairs` replaces that method's rows. A catalog build
+keeps them (they come from no shard file, so a rebuild cannot reload them), except the pairs of a shard the build
+drops or reloads, whose objects may have changed: run `catalog pairs` again after adding or changing shards.
 """
 
 from __future__ import annotations
 
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+
+from subjectdiff.catalogs import identity, images
+from subjectdiff.catalogs.catalog import CatalogError, one_line, open_catalog
+from subjectdiff.catalogs.hashing import phash_int64
+from subjectdiff.catalogs.report.thumbnails import image_member, missing, read_records
+from subjectdiff.catalogs.storage import Folder, is_local, local_path
+from subjectdiff.catalogs.writer import complete_names
 
 METHODS = ("video", "retrieval")
 
@@ -37,3 +76,532 @@ PAIR_SCHEMA = pa.schema(
         ("phash_distance", pa.int32()),
     ]
 )
+
+INDEXES = ("ivf", "hnsw", "exact")
+IDENTITY_HINT = (
+    "run datagen with the identity stage on, which writes NNNNN.identity.parquet beside each shard, then "
+    "`subjectdiff catalog build DIR`"
+)
+# (done, total, what) after each piece of work: the CLI shows it as a progress line (subjectdiff/progress.py
+# lives on the floor, above catalogs/, so the command hands the line in).
+ProgressFn = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class PairConfig:
+    """What makes two objects a pair (module docstring). Checked here: a bad value is a one-line error.
+
+    min_sim: cosine of the identity embeddings; min_sim_across_shots: the same for video pairs in two shots
+    (a cut can show another instance of the label, so the bar is higher; never below min_sim); min_phash:
+    phash bits (of 64) the two images differ in (video: enough pixels changed; retrieval: closer is a near
+    duplicate, dropped);
+    min_change: the box change (box_change) that makes a video pair worth keeping when the phashes are close;
+    max_gap: video pairs at most this many frames apart (None: any); k: retrieval neighbours kept per object;
+    search_k: neighbours fetched before the same-source and near-duplicate filters (None: 3 k + 1); index:
+    "ivf" (faiss IVF-Flat, inner product), "hnsw" (faiss HNSW-Flat) or "exact" (numpy); nprobe / ef_search:
+    the IVF lists / HNSW candidates a query visits; brute_force_max: a label with at most this many objects is
+    searched exactly in numpy, in this process (no Ray); num_cpus: Ray's CPUs when it is started here (None:
+    every core)."""
+
+    min_sim: float = 0.6
+    min_sim_across_shots: float = 0.75
+    min_phash: int = 8
+    min_change: float = 0.1
+    max_gap: int | None = None
+    k: int = 10
+    search_k: int | None = None
+    index: str = "ivf"
+    nprobe: int = 32
+    ef_search: int = 64
+    brute_force_max: int = 8192
+    num_cpus: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_sim", "min_sim_across_shots"):
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is {getattr(self, name)}: a cosine, in [-1, 1]")
+        if not 0 <= self.min_phash <= 64:
+            raise ValueError(f"min_phash is {self.min_phash}: phash bits, in [0, 64]")
+        if not 0.0 <= self.min_change <= 1.0:
+            raise ValueError(f"min_change is {self.min_change}: in [0, 1]")
+        if self.k < 1 or (self.search_k is not None and self.search_k < self.k):
+            raise ValueError(f"k is {self.k}, search_k {self.search_k}: need 1 <= k <= search_k")
+        if self.index not in INDEXES:
+            raise ValueError(f"index {self.index!r}: one of {', '.join(INDEXES)}")
+        if self.nprobe < 1 or self.ef_search < 1 or self.brute_force_max < 0:
+            raise ValueError("nprobe and ef_search must be >= 1, brute_force_max >= 0")
+
+    @property
+    def fetch(self) -> int:
+        return self.search_k if self.search_k is not None else 3 * self.k + 1
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def load_identity(root: str | os.PathLike) -> tuple[pa.Table, np.ndarray]:
+    """The identity sidecars of ROOT's complete shards (local or a URL), in shard order: (a table of key,
+    index, label: one row per object, (N, D) float16 L2-normalized embeddings). CatalogError when there is
+    none (naming the stage that writes them) or their dimensions differ."""
+    folder = Folder(root)
+    entries = folder.listing()
+    names = [s + identity.SUFFIX for s in complete_names(entries) if s + identity.SUFFIX in entries]
+    if not names:
+        raise CatalogError(f"no identity sidecars (NNNNN{identity.SUFFIX}) in {folder.url}: {IDENTITY_HINT}")
+
+    def read(name: str) -> tuple[pa.Table, np.ndarray, dict]:
+        try:
+            return identity.read_identity(pa.BufferReader(folder.read_bytes(name)))
+        except Exception as e:
+            raise CatalogError(f"cannot read {folder.join(name)}: {one_line(e)}") from None
+
+    with ThreadPoolExecutor(4 if folder.local else 16) as pool:
+        parts = list(pool.map(read, names))
+    dims = {e.shape[1] for _, e, _ in parts if len(e)}
+    if len(dims) > 1:
+        raise CatalogError(f"identity sidecars of {folder.url} mix embedding sizes {sorted(dims)}: one model only")
+    table = pa.concat_tables([t.cast(parts[0][0].schema) for t, _, _ in parts])
+    return table, np.concatenate([e for _, e, _ in parts]) if parts else np.zeros((0, 0), np.float16)
+
+
+# ------------------------------------------------------------------------------------------- measures
+
+
+def box_change(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """How much the shape of a box changed, ignoring where it is and how big it is: (N,) in [0, 1].
+
+    a, b: (N, 4) xyxy boxes in pixels (or in any units with the same scale on both axes). Each box is
+    moved to a common centre and scaled to unit area (w' = sqrt(w / h), h' = sqrt(h / w)); change is 1 - the
+    IoU of the two. With s = sqrt(min(r_a, r_b) / max(r_a, r_b)) for aspect ratios r = w / h, the
+    intersection is s and the union 2 - s, so change = 1 - s / (2 - s) = 2 (1 - s) / (2 - s). It is
+    symmetric, 0 exactly when the aspect ratios agree (a pure move or zoom of a box) and tends to 1 as one
+    box turns into a sliver of the other's shape. Degenerate boxes (a side <= 0) count as 1e-6 wide.
+    """
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    ra = np.maximum(a[:, 2] - a[:, 0], 1e-6) / np.maximum(a[:, 3] - a[:, 1], 1e-6)
+    rb = np.maximum(b[:, 2] - b[:, 0], 1e-6) / np.maximum(b[:, 3] - b[:, 1], 1e-6)
+    s = np.sqrt(np.minimum(ra, rb) / np.maximum(ra, rb))
+    return np.clip(2.0 * (1.0 - s) / (2.0 - s), 0.0, 1.0)
+
+
+def phash_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamming distances of int64 phashes (catalogs/hashing.py): (N,) int32 in [0, 64]."""
+    x = np.bitwise_xor(np.asarray(a, np.int64), np.asarray(b, np.int64)).view(np.uint64)
+    return np.bitwise_count(x).astype(np.int32)
+
+
+def cosine(emb: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+    """emb (N, D) L2-normalized; i, j (M,) row indices -> (M,) float32 dot products (chunked: float32 copies
+    of M rows at a time)."""
+    out = np.empty(len(i), np.float32)
+    for s in range(0, len(i), chunk):
+        a = emb[i[s : s + chunk]].astype(np.float32)
+        out[s : s + chunk] = np.einsum("nd,nd->n", a, emb[j[s : s + chunk]].astype(np.float32))
+    return out
+
+
+# --------------------------------------------------------------------------------- objects and phashes
+
+_OBJECTS_SQL = """
+SELECT id.i, id.key, id."index", id.label, s.shard, coalesce(s.video, s.source) AS origin, s.video,
+       s.video_shot AS shot, s.video_frame AS frame, s.phash, o.x0 * s.width AS x0, o.y0 * s.height AS y0,
+       o.x1 * s.width AS x1, o.y1 * s.height AS y1
+FROM ident id JOIN samples s ON s.key = id.key JOIN objects o ON o.key = id.key AND o."index" = id."index"
+ORDER BY id.i
+"""
+
+
+def catalog_objects(root: str | os.PathLike, ident: pa.Table, *, catalog: str | os.PathLike | None = None) -> pa.Table:
+    """The identity rows IDENT (key, index, label) joined with ROOT's catalog, one row per object the catalog
+    holds, in IDENT's order: i (the row of IDENT, hence of its embeddings), key, index, label, shard, origin
+    (the video, else the source: what "same source" means), video, shot, frame, phash (filled from the image
+    where the catalog has none), x0, y0, x1, y1 (the box in pixels)."""
+    rows = ident.append_column("i", pa.array(np.arange(ident.num_rows, dtype=np.int64)))
+    with open_catalog(root, catalog=catalog) as con:
+        con.register("ident", rows)
+        try:
+            table = con.sql(_OBJECTS_SQL).to_arrow_table()
+        except duckdb.Error as e:
+            raise CatalogError(one_line(e)) from None
+        if table.num_rows == 0 and ident.num_rows:
+            raise CatalogError(
+                f"none of the {ident.num_rows} objects of the identity sidecars is in the catalog of {root}: "
+                f"run `subjectdiff catalog build {root}` first"
+            )
+        missing = pc_is_null(table["phash"])
+        if missing.any():
+            keys = sorted(set(np.asarray(table["key"].to_pylist(), object)[missing]))
+            tars = dict(con.execute("SELECT name, path FROM shards").fetchall())
+            table = _fill_phash(Folder(root), table, keys, tars)
+    return table
+
+
+def pc_is_null(column: pa.ChunkedArray) -> np.ndarray:
+    return np.asarray(column.is_null().to_numpy(zero_copy_only=False), bool)
+
+
+def _fill_phash(root: Folder, table: pa.Table, keys: list[str], tars: dict[str, str]) -> pa.Table:
+    """TABLE with the phash of KEYS' images computed (catalogs.hashing.phash_int64 of the decoded image, as
+    the curate stage hashes) where the catalog has none; a record whose image cannot be read is an error."""
+    shard_of = dict(zip(table["key"].to_pylist(), table["shard"].to_pylist()))
+    wanted = [(k, shard_of[k]) for k in keys]
+    members, errors = read_records(root, wanted, tars)
+    hashes = {}
+    for key, shard in wanted:
+        why = missing(members, errors, key, shard)
+        if why is not None:
+            raise CatalogError(f"no phash for record {key} and its image cannot be read: {why}")
+        _, raw = image_member(members[(shard, key)])
+        with images.no_pil_pixel_limit():
+            hashes[key] = phash_int64(images.decode(raw).pixels)
+    filled = [h if h is not None else hashes[k] for k, h in zip(table["key"].to_pylist(), table["phash"].to_pylist())]
+    return table.set_column(table.schema.get_field_index("phash"), "phash", pa.array(filled, pa.int64()))
+
+
+def _col(table: pa.Table, name: str, dtype=None) -> np.ndarray:
+    return table[name].to_numpy(zero_copy_only=False) if dtype is None else table[name].to_numpy().astype(dtype)
+
+
+def _boxes(table: pa.Table) -> np.ndarray:
+    """(N, 4) float64 pixel xyxy boxes of the catalog_objects rows."""
+    return np.stack([table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in ("x0", "y0", "x1", "y1")], 1)
+
+
+# ------------------------------------------------------------------------------------------------ video
+
+_VIDEO_SQL = """
+SELECT a.r AS a, b.r AS b, (a.shot = b.shot) AS same_shot, b.frame - a.frame AS gap
+FROM obj a JOIN obj b ON a.video = b.video AND a.label = b.label AND a.frame < b.frame
+WHERE $max_gap IS NULL OR b.frame - a.frame <= $max_gap
+"""
+
+_MUTUAL_SQL = """
+SELECT * FROM cand
+QUALIFY row_number() OVER (PARTITION BY a, kb ORDER BY sim DESC, b) = 1
+    AND row_number() OVER (PARTITION BY b, ka ORDER BY sim DESC, a) = 1
+"""
+
+
+def video_pairs(objects: pa.Table, emb: np.ndarray, cfg: PairConfig) -> dict[str, np.ndarray]:
+    """Video pairs among OBJECTS (catalog_objects) with embeddings EMB (rows by objects.i): one direction
+    (a earlier than b), as arrays a, b (rows of OBJECTS), similarity, frame_gap, change, phash_distance.
+
+    Candidates (DuckDB): same video, same label, a later frame (within max_gap). Then the cosine; the
+    same-shot bar min_sim, the across-shots bar min_sim_across_shots; of the candidates left, the mutual best
+    match of each object in the other frame (two dogs in both frames pair dog with dog, not each with both);
+    last, the two appearances must differ: phash distance >= min_phash or box_change >= min_change."""
+    in_video = ~pc_is_null(objects["video"])
+    video, rows = objects.filter(pa.array(in_video)), np.flatnonzero(in_video)
+    obj = pa.table(
+        {
+            "r": rows,
+            "video": video["video"],
+            "label": video["label"],
+            "shot": video["shot"],
+            "frame": video["frame"],
+        }
+    )
+    con = duckdb.connect()
+    try:
+        con.register("obj", obj)
+        cand = con.sql(_VIDEO_SQL, params={"max_gap": cfg.max_gap}).to_arrow_table()
+        a, b = _col(cand, "a", np.int64), _col(cand, "b", np.int64)
+        ei = _col(objects, "i", np.int64)
+        sim = cosine(emb, ei[a], ei[b])
+        bar = np.where(_col(cand, "same_shot", bool), cfg.min_sim, max(cfg.min_sim, cfg.min_sim_across_shots))
+        keep = sim >= bar
+        keys = np.asarray(objects["key"].to_pylist(), object)
+        kept = pa.table(
+            {
+                "a": a[keep],
+                "b": b[keep],
+                "ka": keys[a[keep]].tolist(),
+                "kb": keys[b[keep]].tolist(),
+                "sim": sim[keep],
+                "gap": _col(cand, "gap", np.int64)[keep],
+            }
+        )
+        con.register("cand", kept)
+        best = con.sql(_MUTUAL_SQL + " ORDER BY a, b").to_arrow_table()
+    finally:
+        con.close()
+    a, b = _col(best, "a", np.int64), _col(best, "b", np.int64)
+    boxes, phash = _boxes(objects), _col(objects, "phash", np.int64)
+    change = box_change(boxes[a], boxes[b]).astype(np.float32)
+    dist = phash_distance(phash[a], phash[b])
+    differ = (dist >= cfg.min_phash) | (change >= cfg.min_change)
+    return {
+        "a": a[differ],
+        "b": b[differ],
+        "similarity": _col(best, "sim", np.float32)[differ],
+        "frame_gap": _col(best, "gap", np.int64)[differ],
+        "change": change[differ],
+        "phash_distance": dist[differ],
+    }
+
+
+# -------------------------------------------------------------------------------------------- retrieval
+
+
+def knn(emb: np.ndarray, fetch: int, cfg: PairConfig, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """The FETCH nearest rows of each row of EMB (n, D), itself included, by inner product: (I, S), both
+    (n, min(fetch, n)), each row by decreasing similarity; I is -1 where an approximate index found fewer.
+    Exact (numpy, blocks of rows) for `index = "exact"` or n <= brute_force_max; else faiss ("ivf":
+    IVF-Flat with 4 sqrt(n) lists trained on a seeded sample, `nprobe` lists searched; "hnsw": HNSW-Flat,
+    32 links, `ef_search`), on THREADS threads."""
+    emb = np.ascontiguousarray(emb, np.float32)
+    n, f = len(emb), min(fetch, len(emb))
+    if cfg.index == "exact" or n <= cfg.brute_force_max:
+        return _exact_knn(emb, f)
+    import faiss  # heavy, and only large partitions need it
+
+    faiss.omp_set_num_threads(threads)
+    index = _faiss_index(emb, cfg)
+    scores, ids = index.search(emb, f)
+    return ids.astype(np.int64, copy=False), scores.astype(np.float32, copy=False)
+
+
+def _exact_knn(emb: np.ndarray, f: int, block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    ids, scores = np.empty((len(emb), f), np.int64), np.empty((len(emb), f), np.float32)
+    for s in range(0, len(emb), block):
+        sims = emb[s : s + block] @ emb.T
+        top = (
+            np.argpartition(-sims, f - 1, axis=1)[:, :f]
+            if f < len(emb)
+            else np.tile(np.arange(len(emb)), (len(sims), 1))
+        )
+        top_s = np.take_along_axis(sims, top, 1)
+        order = np.lexsort((top, -top_s), axis=1)  # by similarity, ties by row: the same answer every run
+        ids[s : s + block] = np.take_along_axis(top, order, 1)
+        scores[s : s + block] = np.take_along_axis(top_s, order, 1)
+    return ids, scores
+
+
+def _faiss_index(emb: np.ndarray, cfg: PairConfig):
+    import faiss  # see knn
+
+    n, dim = emb.shape
+    if cfg.index == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 64
+        index.add(emb)
+        index.hnsw.efSearch = max(cfg.ef_search, cfg.fetch)
+        return index
+    # 4 sqrt(n) lists: training costs ~ nlist^2, a query nprobe n / nlist; at 100k objects, D = 32, nprobe 32
+    # this finds 0.96 of the exact 10 nearest (2 sqrt(n): 0.94) in 7 CPU s (benchmarks/pairs.py). faiss wants
+    # >= 39 training points a list.
+    nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    sample = np.random.default_rng(0).choice(n, min(n, 40 * nlist), replace=False)
+    index.cp.seed = 0
+    index.train(emb[np.sort(sample)])
+    index.add(emb)
+    index.nprobe = min(cfg.nprobe, nlist)
+    return index
+
+
+def partition_edges(
+    emb: np.ndarray, origin: np.ndarray, phash: np.ndarray, cfg: PairConfig, threads: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One label's retrieval pairs: emb (n, D), origin (n,) int codes (same code = same source or video),
+    phash (n,) int64 -> (a, b, similarity), rows of this partition, a's k nearest b (by similarity) with
+    similarity >= min_sim, another origin and phash distance >= min_phash. One direction."""
+    ids, sims = knn(emb, cfg.fetch, cfg, threads)
+    rows = np.repeat(np.arange(len(emb)), ids.shape[1]).reshape(ids.shape)
+    safe = np.maximum(ids, 0)
+    ok = (ids >= 0) & (sims >= cfg.min_sim) & (origin[safe] != origin[rows])
+    ok &= phash_distance(phash[safe], phash[rows]).reshape(ids.shape) >= cfg.min_phash
+    ok &= np.cumsum(ok, axis=1) <= cfg.k
+    return rows[ok], ids[ok], sims[ok]
+
+
+def _partition_task(emb, origin, phash, cfg, threads):
+    """partition_edges in a Ray worker (emb comes as float16 from the object store)."""
+    return partition_edges(np.asarray(emb, np.float32), origin, phash, cfg, threads)
+
+
+def retrieval_edges(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    origin: np.ndarray,
+    phash: np.ndarray,
+    cfg: PairConfig,
+    progress: ProgressFn | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Retrieval pairs over all objects: emb (N, D) L2-normalized, labels / origin (N,) int codes, phash (N,)
+    int64 -> (a, b, similarity) row indices, both directions, each pair once, sorted by (a, b).
+
+    Each label is an independent partition (pairs never cross labels): partitions of at most brute_force_max
+    objects are searched exactly here, the larger ones as Ray tasks (faiss), one CPU each, or all the CPUs
+    Ray offers split among them when there are fewer partitions than CPUs."""
+    order = np.argsort(labels, kind="stable")
+    cuts = np.flatnonzero(np.diff(labels[order])) + 1
+    parts = [p for p in np.split(order, cuts) if len(p) > 1]
+    small = [p for p in parts if len(p) <= cfg.brute_force_max or cfg.index == "exact"]
+    large = [p for p in parts if not (len(p) <= cfg.brute_force_max or cfg.index == "exact")]
+    total, done = len(labels), 0
+    found = []
+    for p in small:
+        a, b, s = partition_edges(emb[p].astype(np.float32), origin[p], phash[p], cfg)
+        found.append((p[a], p[b], s))
+        done += len(p)
+        if progress:
+            progress(done, total, "objects")
+    for p, (a, b, s) in _run_large(large, emb, origin, phash, cfg):
+        found.append((p[a], p[b], s))
+        done += len(p)
+        if progress:
+            progress(done, total, "objects")
+    return _both_directions(found, len(labels))
+
+
+def _run_large(parts, emb, origin, phash, cfg):
+    """(partition, partition_edges result) for each large partition, as its Ray task finishes."""
+    if not parts:
+        return
+    import ray  # heavy; only a label too large to search in this process needs it
+
+    started = _ray_start(cfg.num_cpus)
+    try:
+        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+        threads = max(1, cpus // len(parts))
+        task = ray.remote(num_cpus=min(threads, cpus))(_partition_task)
+        refs = {
+            task.remote(ray.put(np.ascontiguousarray(emb[p])), origin[p], phash[p], cfg, threads): i
+            for i, p in enumerate(parts)
+        }
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield parts[refs[ready[0]]], ray.get(ready[0])
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _ray_start(num_cpus: int | None) -> bool:
+    """Use the Ray this process runs, join RAY_ADDRESS's, or start one here with NUM_CPUS (None: every core);
+    True when started here (the caller shuts it down)."""
+    import logging
+
+    import ray  # see _run_large
+
+    if ray.is_initialized():
+        return False
+    # start-up notices that are not for the user (token authentication, "Started a local Ray instance")
+    for name in ("ray._private.authentication.authentication_token_setup", "ray._private.worker", "ray.worker"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False, logging_level=logging.WARNING)
+    else:
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level=logging.WARNING,
+        )
+    return True
+
+
+def _both_directions(found, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed edges -> each unordered pair in both directions once, sorted by (a, b)."""
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    a = np.concatenate([f[0] for f in found]).astype(np.int64)
+    b = np.concatenate([f[1] for f in found]).astype(np.int64)
+    s = np.concatenate([f[2] for f in found]).astype(np.float32)
+    code = np.concatenate([a * n + b, b * n + a])
+    code, first = np.unique(code, return_index=True)
+    return code // n, code % n, np.concatenate([s, s])[first]
+
+
+def retrieval_pairs(
+    objects: pa.Table, emb: np.ndarray, cfg: PairConfig, progress: ProgressFn | None = None
+) -> dict[str, np.ndarray]:
+    """Retrieval pairs among OBJECTS (catalog_objects), both directions: arrays a, b (rows of OBJECTS),
+    similarity, change, phash_distance (frame_gap null)."""
+    _, labels = np.unique(np.asarray(objects["label"].to_pylist(), object), return_inverse=True)
+    _, origin = np.unique(np.asarray(objects["origin"].to_pylist(), object), return_inverse=True)
+    phash = _col(objects, "phash", np.int64)
+    a, b, sim = retrieval_edges(emb[_col(objects, "i", np.int64)], labels, origin, phash, cfg, progress)
+    boxes = _boxes(objects)
+    return {
+        "a": a,
+        "b": b,
+        "similarity": sim,
+        "frame_gap": None,
+        "change": box_change(boxes[a], boxes[b]).astype(np.float32),
+        "phash_distance": phash_distance(phash[a], phash[b]),
+    }
+
+
+# ---------------------------------------------------------------------------------------- the pairs table
+
+
+def pairs_table(objects: pa.Table, found: dict[str, np.ndarray | None], method: str, *, both: bool) -> pa.Table:
+    """FOUND (video_pairs / retrieval_pairs arrays over OBJECTS' rows) -> a PAIR_SCHEMA table sorted by
+    (reference, target) in OBJECTS' order (shard order, then record and object order): the same rows in the
+    same order on every run. BOTH: add each pair's other direction (the video pairs come one way)."""
+    cols = {k: v for k, v in found.items() if v is not None}
+    if both:
+        cols = {k: np.concatenate([v, cols["b" if k == "a" else "a" if k == "b" else k]]) for k, v in cols.items()}
+    order = np.lexsort((cols["b"], cols["a"]))
+    cols = {k: v[order] for k, v in cols.items()}
+    a, b, n = cols["a"], cols["b"], len(order)
+    keys, index = objects["key"], objects["index"]
+    gap = cols.get("frame_gap")
+    arrays = [
+        keys.take(pa.array(a)),
+        index.take(pa.array(a)),
+        keys.take(pa.array(b)),
+        index.take(pa.array(b)),
+        objects["label"].take(pa.array(a)),
+        pa.array([method] * n, pa.string()),
+        pa.array(cols["similarity"], pa.float32()),
+        pa.nulls(n, pa.int64()) if gap is None else pa.array(gap, pa.int64()),
+        pa.array(cols["change"], pa.float32()),
+        pa.array(cols["phash_distance"], pa.int32()),
+    ]
+    arrays = [x.combine_chunks() if isinstance(x, pa.ChunkedArray) else x for x in arrays]
+    return pa.Table.from_arrays([x.cast(f.type) for x, f in zip(arrays, PAIR_SCHEMA)], schema=PAIR_SCHEMA)
+
+
+def find_pairs(
+    root: str | os.PathLike,
+    method: str,
+    cfg: PairConfig | None = None,
+    *,
+    catalog: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
+) -> pa.Table:
+    """Mine METHOD's pairs ("video" | "retrieval") among the objects of ROOT's identity sidecars that ROOT's
+    catalog holds: a PAIR_SCHEMA table, both directions, in a fixed order (pairs_table)."""
+    if method not in METHODS:
+        raise ValueError(f"pairs method {method!r}: one of {', '.join(METHODS)}")
+    cfg = cfg or PairConfig()
+    ident, emb = load_identity(root)
+    objects = catalog_objects(root, ident, catalog=catalog)
+    if method == "video":
+        if objects["video"].null_count == objects.num_rows:
+            raise CatalogError(
+                f"no object of {root} is in a video frame (samples.video is NULL): use --method retrieval"
+            )
+        return pairs_table(objects, video_pairs(objects, emb, cfg), method, both=True)
+    return pairs_table(objects, retrieval_pairs(objects, emb, cfg, progress), method, both=False)
+
+
+def write_pairs(table: pa.Table, out: str | os.PathLike) -> None:
+    """Write the pairs to OUT (a local .parquet path or a URL), whole: a reader never sees a part."""
+    if is_local(out):
+        path = local_path(out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+        return
+    url = os.fspath(out)
+    folder, name = Folder(url.rsplit("/", 1)[0]), url.rsplit("/", 1)[1]
+    with folder.open(name, "wb") as f:
+        pq.write_table(table, f)

@@ -11,6 +11,8 @@ The page shows
                    (distributions.py);
     curation       CLIP, aesthetic and label score histograms, the largest duplicate groups as thumbnails, the
                    objects with the lowest label score (curation.py);
+    pairs          the catalog's cross-image pairs by method, and a seeded sample of them: the reference and
+                   the target object side by side, each with its mask and box (pairs.py);
     run            throughput over the run (samples per minute, from the shards' start and end times);
     failures       counts by stage and by (stage, reason), with example keys and sources;
     manifest       DIR/manifest.json of the datagen run (model ids, thresholds, versions), rendered as is

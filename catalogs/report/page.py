@@ -13,6 +13,7 @@ from pathlib import Path
 from subjectdiff.catalogs.catalog import CatalogError, open_catalog
 from subjectdiff.catalogs.report.curation import curation_html, gather
 from subjectdiff.catalogs.report.distributions import distributions_html
+from subjectdiff.catalogs.report.pairs import gather_pairs, pairs_html
 from subjectdiff.catalogs.report.records import Card, card_html, load_cards
 from subjectdiff.catalogs.report.run import failures_html, find_manifests, manifest_html, run_html
 from subjectdiff.catalogs.report.sql import check_where, query, sample_keys
@@ -108,7 +109,7 @@ def _header_html(s: Summary) -> str:
         f"<header><h1>subjectdiff dataset report</h1><div><code>{esc(s.root)}</code>{where} · catalog built "
         f'{esc(s.built_at)}</div><div class="summary">{cells}</div><div>reproduce: <code>{esc(s.command)}</code>'
         '</div><nav><a href="#records">records</a><a href="#distributions">distributions</a>'
-        '<a href="#curation">curation</a><a href="#run">run</a>'
+        '<a href="#curation">curation</a><a href="#pairs">pairs</a><a href="#run">run</a>'
         '<a href="#failures">failures</a><a href="#manifest">manifest</a></nav></header>'
     )
 
@@ -122,6 +123,7 @@ def page_html(
     manifest: str,
     seconds: float,
     curation: str = "",
+    pairs: str = "",
 ) -> str:
     scope = " (the selection)" if summary.where is not None else ""
     empty = "no records match" if summary.n_selected == 0 else "no records sampled (--sample 0)"
@@ -134,6 +136,7 @@ def page_html(
         f'<section id="records"><h2>Records{scope}: {len(cards)} sampled</h2><div class="grid">{grid}</div></section>'
         f'<section id="distributions"><h2>Distributions{scope}</h2><div class="charts">{distributions}</div></section>'
         f'<section id="curation"><h2>Curation{scope}</h2>{curation}</section>'
+        f'<section id="pairs"><h2>Pairs</h2>{pairs}</section>'
         f'<section id="run"><h2>Run</h2>{run}</section>'
         f'<section id="failures"><h2>Failures</h2>{failures}</section>'
         f'<section id="manifest"><h2>Manifest</h2>{manifest}</section>'
@@ -185,6 +188,7 @@ def build_report(
         manifest, times = manifest_html(find_manifests(folder, shard_paths), folder)
         distributions = distributions_html(con, where)
         gathered = gather(con, where)
+        pair_counts, pair_rows = gather_pairs(con, seed)
         run = run_html(con, times)
         failures = failures_html(con, seed, n_samples + n_failed)
     cards = load_cards(folder, sampled)
@@ -202,7 +206,10 @@ def build_report(
         seed,
         _command(root, out, where, sample, seed),
     )
-    text = page_html(summary, cards, distributions, run, failures, manifest, time.monotonic() - t0, curation_section)
+    pairs_section = pairs_html(folder, pair_counts, pair_rows)
+    text = page_html(
+        summary, cards, distributions, run, failures, manifest, time.monotonic() - t0, curation_section, pairs_section
+    )
     _write_atomic(out, text)
     return out
 
