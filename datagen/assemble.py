@@ -73,11 +73,11 @@ def embedding_meta(cfg) -> dict[str, Any]:
 def identity_meta(cfg) -> dict[str, Any]:
     """What a shard's identity sidecar says of the model that made its embeddings, from an IdentityConfig:
     {"model": its spec, "sha256" (a file or folder's; "" for a hub id, whose "revision" is its cached snapshot's
-    commit), "pooling": "cls", "margin"}; {} when the stage is off. Never downloads (the run manifest's entry)."""
+    commit), "pooling", "margin"}; {} when the stage is off. Never downloads (the run manifest's entry)."""
     if not cfg.enabled:
         return {}
     entry = Checkpoint("identity.model", cfg.model).entry()
-    meta = {"model": cfg.model, "sha256": entry.get("sha256", ""), "pooling": "cls", "margin": cfg.margin}
+    meta = {"model": cfg.model, "sha256": entry.get("sha256", ""), "pooling": cfg.pooling, "margin": cfg.margin}
     return {**meta, **({"revision": entry["revision"]} if entry.get("revision") else {})}
 
 

@@ -362,6 +362,9 @@ class CurateConfig:
         _check_device(self.device, self.dtype, "curate")
 
 
+POOLINGS = ("cls", "mean", "cls+mean")  # IdentityConfig.pooling
+
+
 @dataclass
 class IdentityConfig:
     """Identifier (datagen/stages/identity.py): an instance-identity embedding of each object, from its masked
@@ -372,6 +375,10 @@ class IdentityConfig:
     `save_pretrained` folder (the tiny preset's) or a URL / hf:// spec of one (subjectdiff/weights.py); its
     preprocessor config gives the input size, mean and std (ImageNet's and 224 px without one).
     margin: the fill added around the box, a fraction of its longer side. batch_size: crops per forward.
+    pooling: what of the last hidden state is the embedding: "cls" (the CLS token after the final norm, DINOv2's
+    image-level feature, D = hidden size), "mean" (the mean patch token) or "cls+mean" (both, concatenated, as
+    DINOv2's linear probes read it; D = 2 x hidden size). The tiny preset uses "cls+mean": a random model's CLS
+    token barely depends on the image, its patch tokens do.
     dtype "auto": float16 on a GPU (DINOv2 was trained in it; a 1e-3 cosine change), float32 on CPU.
     """
 
@@ -381,9 +388,11 @@ class IdentityConfig:
     batch_size: int = 64
     device: str = "auto"
     dtype: str = "auto"
+    pooling: str = "cls"
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "identity.batch_size must be >= 1")
+        _check(self.pooling in POOLINGS, f"identity.pooling {self.pooling!r} must be one of {', '.join(POOLINGS)}")
         _check(0 <= self.margin <= 1, f"identity.margin {self.margin} must be within [0, 1]")
         _check(bool(self.model), "identity.model: name a DINOv2 hub id or a save_pretrained folder")
         _check_device(self.device, self.dtype, "identity")
@@ -502,7 +511,7 @@ def tiny(models=None) -> DatagenConfig:
         if getattr(models, "clip_config", None)
         else CurateConfig(enabled=False),
         # likewise a set without the identity stage's tiny DINOv2
-        identity=IdentityConfig(model=str(models.dinov2), batch_size=8, device="cpu")
+        identity=IdentityConfig(model=str(models.dinov2), batch_size=8, device="cpu", pooling="cls+mean")
         if getattr(models, "dinov2", None)
         else IdentityConfig(enabled=False),
     )

@@ -3,9 +3,11 @@ identities, the near-duplicate and same-source exclusions, the pairs file and ta
 
 The scenes: object patches of scikit-image's photos (IDENTITIES: a cat, an astronaut, a cup...), each placed in
 several images at other crops, scales, places and backgrounds; four identities share the label "subject", four
-"thing". The identity embeddings come from tests/identity_embedder.py (a tiny seeded DINOv2 with random weights).
-What that model gives on these scenes (measured): cosine 0.976-0.998 between two views of one identity, median
-0.65 and at most 0.979 between different identities; its 3 nearest neighbours are all the same identity.
+"thing". The identity embeddings come from tests/identity_embedder.py: the tiny preset's identity stage (a seeded
+DINOv2 with random weights, cls+mean pooling), as a datagen run embeds objects.
+What that model gives on these scenes (measured): cosine 0.960-1.0 between two views of one identity, median 0.79,
+90 % below 0.95 and at most 0.977 between different identities; MIN_SIM 0.96 sits between the two, and the
+methods' mutual-best and nearest-neighbour rules do the rest.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ IDENTITIES = {
     "saucer": ("thing", "coffee", [0.0, 0.0, 0.3, 0.5]),
 }
 VIEWS = 4
-MIN_SIM = 0.95  # between the tiny model's same-identity floor (0.976) and most other pairs (90 % below 0.944)
+MIN_SIM = 0.96  # the module docstring says why
 
 
 def patch(identity: str) -> np.ndarray:
@@ -201,8 +203,8 @@ def test_retrieval_pairs_find_the_same_object_in_other_photos(photos, tmp_path, 
         if ia == ib and sources[a[0]] != sources[b[0]] and (a[0], b[0]) not in near
     }
     precision, recall = precision_recall(table, truth_pairs)
-    # measured precision 1.0 and recall 1.0 (k = 3: each object has 3 views of its identity from other
-    # sources, 4 for the cat); the thresholds leave room for a few pairs
+    # measured with the tiny identity stage: precision 1.0, recall 0.96 (k = 3: each object has 3 views of its
+    # identity from other sources, 4 for the cat); the thresholds leave room for a few pairs
     assert precision >= 0.9 and recall >= 0.85, (precision, recall)
     found = {(r["ref_key"], r["target_key"]) for r in rows}
     assert all((b, a) in found for a, b in found)  # both directions
@@ -331,21 +333,26 @@ def test_video_pairs_join_one_object_across_frames(videos, tmp_path):
         if ta == tb and frames[a[0]] != frames[b[0]] and {a[0], b[0]} != set(still)
     }
     precision, recall = precision_recall(table, truth_pairs)
-    assert precision >= 0.9 and recall >= 0.85, (precision, recall)  # measured 1.0 and 0.97 (33 of 34)
+    # measured with the tiny identity stage: precision 1.0, recall 0.91 (31 of 34)
+    assert precision >= 0.9 and recall >= 0.85, (precision, recall)
     assert all(truth[(r["ref_key"], r["ref_index"])][0] == truth[(r["target_key"], r["target_index"])][0] for r in rows)
     found = {(r["ref_key"], r["ref_index"], r["target_key"], r["target_index"]) for r in rows}
     assert all((c, d, a, b) in found for a, b, c, d in found)  # both directions
     assert not any({r["ref_key"], r["target_key"]} == set(still) for r in rows)  # the still: no pair
     assert all(r["frame_gap"] == abs(frames[r["ref_key"]] - frames[r["target_key"]]) > 0 for r in rows)
-    # frames 4 and 5: the cat squashed in a nearly unchanged picture is kept for its change of shape
-    f4, f5 = make_key("a.mp4#frame=4"), make_key("a.mp4#frame=5")
-    squashed = [r for r in rows if (r["ref_key"], r["target_key"], r["ref_index"]) == (f4, f5, 0)]
-    assert len(squashed) == 1 and squashed[0]["change"] > 0.1
     # the cat of a pure move (frames 2 -> 3, square boxes both) did not change shape
     f2, f3 = make_key("a.mp4#frame=2"), make_key("a.mp4#frame=3")
     moved = [r for r in rows if (r["ref_key"], r["target_key"], r["ref_index"]) == (f2, f3, 0)]
     assert len(moved) == 1 and moved[0]["change"] == pytest.approx(0, abs=1e-6) and moved[0]["phash_distance"] >= 8
     assert catalog.stats(out)["pairs"] == [("video", table.num_rows)]
+    # frames 4 and 5: the cat squashed in a nearly unchanged picture (phash distance < 8) is kept for its change of
+    # shape; and however low the similarity floor, the still frame pairs with nothing
+    f4, f5 = make_key("a.mp4#frame=4"), make_key("a.mp4#frame=5")
+    squashed = [r for r in rows if (r["ref_key"], r["target_key"], r["ref_index"]) == (f4, f5, 0)]
+    assert len(squashed) == 1 and squashed[0]["change"] > 0.1 and squashed[0]["phash_distance"] < 8
+    loose = tmp_path / "loose.parquet"
+    assert main(["catalog", "pairs", str(out), "--method", "video", "--out", str(loose), "--min-sim", "0.5"]) == 0
+    assert not any({r["ref_key"], r["target_key"]} == set(still) for r in pq.read_table(loose).to_pylist())
 
 
 def test_pairs_errors_are_one_line(videos, photos, tmp_path, capsys):

@@ -198,8 +198,9 @@ def write_preview(cfg: TrainConfig, n: int, out: str | Path) -> Path:
             cards.append(card(batch, i, rows[-1]))
         if len(rows) == n:
             break
-    if stream.skipped:
+    if stream.skipped:  # on the page and on the console: a preview with fewer subjects than asked says why
         notes.append(f"on the way: {skipped_line(stream.skipped)}")
+        print(f"preview: {notes[-1]}", flush=True)
     with open(out / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     d = cfg.data

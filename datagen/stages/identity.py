@@ -17,9 +17,10 @@ model's input size, normalized with its mean and std. Cropping to the box makes 
 to the subject's position and scale in the image. An object whose mask is empty is embedded from its box crop
 (the box unmasked, the same square, margin and fill), so the sidecar keeps exactly one row per object.
 
-The embedding is `Dinov2Model`'s `pooler_output`: the CLS token of the last hidden state after the final layer
-norm (DINOv2's image-level feature), L2-normalized in float32 and stored as float16. Crops of all live items
-of a batch go through the model `batch_size` at a time, on the GPU when there is one, in float16 there.
+The embedding is, by `identity.pooling`, `Dinov2Model`'s `pooler_output` ("cls": the CLS token of the last hidden
+state after the final layer norm, DINOv2's image-level feature), the mean of its patch tokens ("mean"), or both
+concatenated ("cls+mean", twice the hidden size), L2-normalized in float32 and stored as float16. Crops of all
+live items of a batch go through the model `batch_size` at a time, on the GPU when there is one, in float16 there.
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from subjectdiff.weights import Checkpoint, cache_dir, is_hub_id, resolve
 
 log = logging.getLogger(__name__)
 
-POOLING = "cls"  # what the sidecar's metadata says the embedding is (module docstring)
 _IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225], 224)  # DINOv2's mean, std and crop, without a processor
 
 
@@ -51,7 +51,17 @@ def checkpoints(cfg: IdentityConfig, download: bool = False) -> list[Checkpoint]
 
 def describe(cfg: IdentityConfig, entries: dict[str, dict]) -> dict:
     """The run manifest's `models.identity`, from the manifest ENTRIES of its checkpoints."""
-    return {"pooling": POOLING, "margin": cfg.margin, **entries["identity.model"]}
+    return {"pooling": cfg.pooling, "margin": cfg.margin, **entries["identity.model"]}
+
+
+def pool(out, pooling: str) -> torch.Tensor:
+    """A Dinov2Model output -> (N, D) features by POOLING (IdentityConfig.pooling): the CLS token after the final
+    norm, the mean patch token, or both concatenated."""
+    cls = out.pooler_output
+    if pooling == "cls":
+        return cls
+    mean = out.last_hidden_state[:, 1:].mean(1)  # the patch tokens (DINOv2-base has no register tokens)
+    return mean if pooling == "mean" else torch.cat([cls, mean], -1)
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -126,7 +136,7 @@ class Identifier:
         else:
             self.model = model.to(self.device, self.dtype).eval().requires_grad_(False)
             mean, std, self.side = preprocessing(processor)
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = int(self.model.config.hidden_size) * (2 if cfg.pooling == "cls+mean" else 1)
         # the mean colour fills the background: it normalizes to 0, so what is not the subject says nothing
         self.fill = tuple(int(round(255 * m)) for m in mean)
         self.mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
@@ -134,13 +144,14 @@ class Identifier:
 
     @torch.inference_mode()
     def embed(self, crops: list[np.ndarray]) -> np.ndarray:
-        """(S, S, 3) uint8 crops -> (N, D) float32 L2-normalized CLS embeddings, batch_size crops per forward."""
+        """(S, S, 3) uint8 crops -> (N, D) float32 L2-normalized embeddings (pooled by identity.pooling),
+        batch_size crops per forward."""
         out = []
         for batch in chunks(crops, self.cfg.batch_size):
             resized = [np.asarray(Image.fromarray(c).resize((self.side, self.side), Image.BICUBIC)) for c in batch]
             x = torch.from_numpy(np.stack(resized)).to(self.device).permute(0, 3, 1, 2).float() / 255
             x = ((x - self.mean) / self.std).to(self.dtype)
-            feats = self.model(pixel_values=x).pooler_output
+            feats = pool(self.model(pixel_values=x), self.cfg.pooling)
             out.append(F.normalize(feats.float(), dim=-1).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.dim), np.float32)
 
