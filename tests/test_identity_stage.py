@@ -29,6 +29,9 @@ from subjectdiff.datagen.stages.identity import Identifier, box_mask, object_cro
 from subjectdiff.datagen.tiny import SAMPLE_IMAGES, TINY_DINOV2
 from subjectdiff.photo_records import photo, photo_record, write_photo_shards
 
+# the tiny preset pools "cls+mean": two hidden states concatenated
+TINY_DIM = 2 * TINY_DINOV2["hidden_size"]
+
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
@@ -64,9 +67,11 @@ def test_every_object_of_every_record_has_one_row_in_order(tiny_run, identifier,
         records = list(RecordReader(str(out / f"{shard}.tar"), decode_image=False, decode_masks=False))
         want = [(r.key, i, o["label"]) for r in records for i, o in enumerate(r.meta["objects"])]
         assert list(zip(*(table[c].to_pylist() for c in ("key", "index", "label")))) == want
-        assert emb.shape == (len(want), TINY_DINOV2["hidden_size"]) and emb.dtype == np.float16
+        assert emb.shape == (len(want), TINY_DIM) and emb.dtype == np.float16
         np.testing.assert_allclose(np.linalg.norm(emb.astype(np.float32), axis=1), 1.0, atol=2e-3)
-        assert meta["model"] == cfg.stages.identity.model and len(meta["sha256"]) == 64 and meta["pooling"] == "cls"
+        assert (
+            meta["model"] == cfg.stages.identity.model and len(meta["sha256"]) == 64 and meta["pooling"] == "cls+mean"
+        )
         stats = json.loads((out / f"{shard}_stats.json").read_text())
         assert stats["files"]["identity"] == (out / f"{shard}{SUFFIX}").stat().st_size
         at = 0
@@ -87,7 +92,7 @@ def test_the_manifest_lists_the_identity_model_with_its_hash(tiny_run):
     out, cfg = tiny_run
     manifest = json.loads((out / "manifest.json").read_text())
     model = manifest["models"]["identity"]
-    assert model["spec"] == cfg.stages.identity.model and model["pooling"] == "cls"
+    assert model["spec"] == cfg.stages.identity.model and model["pooling"] == "cls+mean"
     table, _, meta = read_folder(out)
     assert len(model["sha256"]) == 64 and model["sha256"] == meta["sha256"]  # the sidecars name the same file
 
@@ -173,11 +178,11 @@ def test_read_folder_local_and_s3(tmp_path, bucket, identifier, one_thread):
     keys = write_photo_shards(tmp_path, n_shards=2, per_shard=2, identity=identifier.embed_objects, identity_meta=meta)
     write_photo_shards(tmp_path / "plain", n_shards=1, per_shard=2)  # a subfolder without identities: no rows
     table, emb, read_meta = read_folder(tmp_path)
-    assert read_meta == {**meta, "dim": TINY_DINOV2["hidden_size"], "normalized": True}
+    assert read_meta == {**meta, "dim": TINY_DIM, "normalized": True}
     assert table.column_names == ["key", "index", "label", "shard"]
     assert list(dict.fromkeys(table["key"].to_pylist())) == keys
     assert sorted(set(table["shard"].to_pylist())) == ["00000", "00001"]
-    assert emb.shape == (table.num_rows, TINY_DINOV2["hidden_size"]) and emb.dtype == np.float16
+    assert emb.shape == (table.num_rows, TINY_DIM) and emb.dtype == np.float16
     assert meta["model"] == identifier.cfg.model and len(meta["sha256"]) == 64
 
     remote = Folder(bucket)
@@ -237,7 +242,7 @@ def test_an_object_with_an_empty_mask_is_embedded_from_its_box(identifier):
     empty = {"image": img, "masks": [mask_codec.encode(np.zeros((h, w), bool))], "detections": [{"box": box}]}
     boxed = {"image": img, "masks": [mask_codec.encode(box_mask(box, w, h))], "detections": [{"box": box}]}
     a, b = identifier([empty, boxed])
-    assert a["identity_embeddings"].shape == (1, TINY_DINOV2["hidden_size"])
+    assert a["identity_embeddings"].shape == (1, TINY_DIM)
     np.testing.assert_array_equal(a["identity_embeddings"], b["identity_embeddings"])
 
 
