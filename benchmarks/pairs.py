@@ -1,8 +1,10 @@
 """Pairs benchmark (issue #20): retrieval pairing (catalogs.pairs.retrieval_edges) over synthetic identity
-embeddings, against brute force on a sample.
+embeddings, against brute force on a sample; and, with --video, the video side (decode, shot detection and frame
+sampling, frames per second per core: benchmarks/video_decode.py, which it runs with the arguments that follow).
 
     python benchmarks/pairs.py --objects 1000000 --num-cpus 2
     python benchmarks/pairs.py --objects 10000000 --num-cpus 2 --dim 32
+    python benchmarks/pairs.py --video [--seconds 20 --size 640x360 --shots 10]
 
 Synthetic embeddings: --labels labels of equal size; within each, identities of ~--per-identity objects (a
 random unit centre each, dimension --dim, reduced from DINOv2's 768 to fit this machine), each object its
@@ -152,6 +154,11 @@ def run(args: argparse.Namespace, n: int) -> str:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--video"]:  # the video side is its own script (one core, its own table)
+        import subprocess
+
+        video = Path(__file__).with_name("video_decode.py")
+        raise SystemExit(subprocess.call([sys.executable, str(video), *sys.argv[2:]]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objects", type=int, nargs="+", default=[1_000_000])
     p.add_argument("--dim", type=int, default=32)
