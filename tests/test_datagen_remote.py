@@ -151,7 +151,7 @@ def test_a_bucket_in_and_a_bucket_out_account_for_every_input(bucket_photos, str
     assert {"_plan.parquet", "_plan.json", "manifest.json", "README.md"} <= set(names)  # README.md: the dataset card
     assert not [n for n in names if n.endswith(".tmp")]  # nothing half-written is left in the bucket
     kinds = {n.split(".", 1)[1] for n in names if n.startswith("00000.")}  # one suffix per kind of file
-    assert kinds == {"tar", "samples.parquet", "objects.parquet", "clip.parquet"}
+    assert kinds == {"tar", "samples.parquet", "objects.parquet", "clip.parquet", "identity.parquet"}
     recs = records(out)
     assert len(recs) == summary.ok
     fs, _ = storage.filesystem(out)
