@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from typing import Any
 
 from subjectdiff.catalogs.storage import describe
@@ -75,21 +76,34 @@ def _prefiltered(items: list[Item], filters: FilterConfig | None) -> list[Item]:
 
 
 def _video(rows: dict[str, list], i: int, alt: str | None, cfg: VideoConfig | None, decode) -> list[Item]:
-    """The items of the video in row I: a whole local file is decoded in place (never read into memory); a
-    remote one, a tar member or a Parquet cell is read first (retried as any unit is)."""
+    """The items of the video in row I, never holding the video in memory: a whole local file is decoded in
+    place; a remote one or a tar member is first copied, a chunk at a time, to a local temporary file (retried
+    as any unit is) and decoded from there; only a Parquet cell, already in memory with its row group, is
+    decoded from its bytes."""
     key, source, path = rows["key"][i], rows["source"][i], rows["path"][i]
     offset, size = int(rows["offset"][i]), int(rows["size"][i])
     column = (rows.get("column") or [None] * len(rows["key"]))[i]
     if offset < 0 and not column and units.is_local(path) and os.path.isfile(_local(path)):
         return video_items(source, key, _local(path), alt, cfg, decode)
+    spool = None
     try:
-        data = units.read_unit(path, offset, size, *([column] if column else []))
-    except OSError as e:
-        item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read", read_failure(e))
-        item["video"] = {"source": source, "shot": 0, "frame": 0, "time": 0.0}
-        item["unit_key"] = key
-        return [item]
-    return video_items(source, key, data, alt, cfg, decode)
+        try:
+            if column:
+                data = units.read_unit(path, offset, size, column)
+            else:
+                fd, spool = tempfile.mkstemp(prefix="subjectdiff-video-", suffix=os.path.splitext(source)[1][:8])
+                os.close(fd)
+                units.spool_unit(path, offset, size, spool)
+                data = spool
+        except OSError as e:
+            item = fail({"key": key, "source": source, "image_bytes": b"", "alt_text": alt}, "read", read_failure(e))
+            item["video"] = {"source": source, "shot": 0, "frame": 0, "time": 0.0}
+            item["unit_key"] = key
+            return [item]
+        return video_items(source, key, data, alt, cfg, decode)
+    finally:
+        if spool is not None:
+            os.unlink(spool)
 
 
 def _local(path: str) -> str:

@@ -72,6 +72,39 @@ def read_unit(path: str, offset: int, size: int, column: str | None = None) -> b
     )
 
 
+SPOOL_CHUNK = 8 << 20  # bytes copied at a time by spool_unit
+
+
+def spool_unit(path: str, offset: int, size: int, dest: str) -> None:
+    """Copy one unit (a whole file, offset -1; or `size` bytes at `offset` of a tar) to the local file DEST,
+    SPOOL_CHUNK bytes at a time: what read_unit reads, without holding it in memory (a long video). Retried
+    and failing as read_unit does."""
+    what = (
+        (f"cannot read {path}", "cannot read the video")
+        if offset < 0
+        else (
+            f"cannot read {path} at byte {offset}",
+            "cannot read the tar member",
+        )
+    )
+    _retry(lambda: _copy_range(path, offset, size, dest), what, is_local(path))
+
+
+def _copy_range(path: str, offset: int, size: int, dest: str) -> None:
+    left = size if offset >= 0 else -1
+    with storage.open_url(path, "rb") as f, open(dest, "wb") as out:
+        if offset >= 0:
+            f.seek(offset)
+        while left != 0:
+            chunk = f.read(SPOOL_CHUNK if left < 0 else min(SPOOL_CHUNK, left))
+            if not chunk:
+                break
+            out.write(chunk)
+            left -= len(chunk) if left > 0 else 0
+    if left > 0:
+        raise _ShortRead(f"{path}: the tar member at byte {offset} ends {left} bytes short of its {size}")
+
+
 class _ShortRead(OSError):
     """A tar member ended before its size (str: with the sizes; `reason`: without)."""
 

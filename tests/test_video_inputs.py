@@ -357,13 +357,28 @@ def test_video_settings_load_from_overrides_check_their_values_and_count_in_the_
         load_config("default", overrides=["video.max_frames=0"])
 
 
-def test_a_video_in_a_bucket_is_planned_and_decoded_from_its_bytes(tmp_path):
-    """A URL folder (fsspec's memory filesystem standing in for a bucket): the video is planned as one and its
-    decode task reads it whole, then samples it as a local one."""
+def test_a_video_in_a_bucket_is_planned_and_spooled_to_disk_never_read_whole(tmp_path, monkeypatch):
+    """A URL folder (fsspec's memory filesystem standing in for a bucket): the video is planned as one; its decode
+    task copies it to a local temporary file a chunk at a time (never reading it into memory: a two-hour video
+    would not fit) and samples it as a local one; the temporary file is gone afterwards."""
+    import tempfile
+
     import fsspec
     import pyarrow.parquet as pq
 
+    from subjectdiff.datagen import units as units_module
     from subjectdiff.datagen.decode import read_and_decode
+
+    whole_reads, real_read = [], units_module.read_unit
+
+    def read_unit(path, offset, size, *column):
+        whole_reads.append(path)
+        return real_read(path, offset, size, *column)
+
+    monkeypatch.setattr(units_module, "read_unit", read_unit)
+    monkeypatch.setattr(units_module, "SPOOL_CHUNK", 4096)  # many chunks for this small clip
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "spool"))
+    (tmp_path / "spool").mkdir()
 
     made = write_photo_video(tmp_path / "clip.webm", ["coffee", "rocket"], fps=FPS, codec="libvpx-vp9")
     fs = fsspec.filesystem("memory")
@@ -383,3 +398,20 @@ def test_a_video_in_a_bucket_is_planned_and_decoded_from_its_bytes(tmp_path):
     assert [(i["video"]["shot"], i["video"]["frame"]) for i in items[:-1]] == _expected(made, VideoConfig())
     assert all(i["source"] == frame_source(video, i["video"]["frame"]) and not i.get("failure") for i in items[:-1])
     assert items[-1]["source"].endswith("photo.jpg") and "video" not in items[-1]
+    assert not [p for p in whole_reads if p.endswith(".webm")] and not list((tmp_path / "spool").iterdir())
+
+
+def test_spooling_copies_a_tar_member_exactly_and_a_short_one_fails_with_a_reason(tmp_path, monkeypatch):
+    from subjectdiff.datagen import units as units_module
+
+    monkeypatch.setattr(units_module, "SPOOL_CHUNK", 1000)
+    data = bytes(range(256)) * 40  # 10240 bytes
+    tar = tmp_path / "shard.tar"
+    with tarfile.open(tar, "w") as tf:
+        info = tarfile.TarInfo("s0.mp4")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    units_module.spool_unit(str(tar), 512, len(data), str(tmp_path / "out.mp4"))
+    assert (tmp_path / "out.mp4").read_bytes() == data
+    with pytest.raises(units_module.UnitReadError, match="short"):
+        units_module.spool_unit(str(tar), 512, 10 * len(data), str(tmp_path / "short.mp4"))
