@@ -38,17 +38,29 @@ class Interrupted(KeyboardInterrupt):
         self.signum = int(signum)
 
 
+# The signal interrupts() last turned into Interrupted. Code that catches it and raises a plain
+# KeyboardInterrupt instead (Ray's ray.wait / ray.get, when the signal arrives while they block) loses its
+# signum; this still knows it.
+_received: int | None = None
+
+
+def _signum(e: KeyboardInterrupt) -> int:
+    return getattr(e, "signum", None) or _received or signal.SIGINT
+
+
 def exit_status(e: KeyboardInterrupt) -> int:
-    """130 for SIGINT (a plain KeyboardInterrupt too), 143 for SIGTERM."""
-    return 128 + getattr(e, "signum", signal.SIGINT)
+    """130 for SIGINT (a plain KeyboardInterrupt too, unless interrupts() saw a SIGTERM), 143 for SIGTERM."""
+    return 128 + _signum(e)
 
 
 def signal_name(e: KeyboardInterrupt) -> str:
-    """'SIGINT' (a plain KeyboardInterrupt too) or 'SIGTERM'."""
-    return signal.Signals(getattr(e, "signum", signal.SIGINT)).name
+    """'SIGINT' (a plain KeyboardInterrupt too, unless interrupts() saw a SIGTERM) or 'SIGTERM'."""
+    return signal.Signals(_signum(e)).name
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
+    global _received
+    _received = signum
     raise Interrupted(signum)
 
 
@@ -57,9 +69,11 @@ def interrupts() -> Iterator[None]:
     """Within it, SIGINT and SIGTERM raise Interrupted in the main thread (elsewhere it does nothing); the
     handlers before it are restored after. Enter it again after anything that installs its own (ray.init makes
     SIGTERM a plain sys.exit)."""
+    global _received
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    _received = None
     before = {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield

@@ -270,3 +270,23 @@ def test_sigterm_marks_a_datagen_run_interrupted_and_a_rerun_completes_it_exactl
     assert catalog.query(out, "SELECT count(*) AS n FROM failures").column("n")[0].as_py() == 1
     runs = json.loads((out / "manifest.json").read_text())["runs"]
     assert [r["status"] for r in runs] == ["interrupted", "complete"]
+
+
+def test_a_sigterm_rewrapped_as_a_plain_keyboardinterrupt_still_exits_143():
+    """Was: a SIGTERM that arrived while Ray's ray.wait blocked came back from it as a plain KeyboardInterrupt,
+    and the run said "interrupted (SIGINT)" and exited 130. interrupts() remembers the signal it saw."""
+    from subjectdiff.errors import exit_status, interrupts, signal_name
+
+    with pytest.raises(KeyboardInterrupt) as got:
+        with interrupts():
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)  # the handler raises here
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt from None  # what Ray does with it
+    assert type(got.value) is KeyboardInterrupt
+    assert exit_status(got.value) == 143 and signal_name(got.value) == "SIGTERM"
+    with pytest.raises(KeyboardInterrupt) as got:
+        with interrupts():  # a new command: what an earlier one saw is forgotten
+            raise KeyboardInterrupt
+    assert exit_status(got.value) == 130 and signal_name(got.value) == "SIGINT"

@@ -10,6 +10,7 @@ import shutil
 
 import numpy as np
 import pytest
+import ray
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,7 +45,10 @@ def tiny_run(tmp_path_factory):
     cfg = preset("tiny")
     cfg.pipeline.shard_size = 3
     out = tmp_path_factory.mktemp("out")
-    summary = run(str(src), out, cfg, progress_every=60)
+    try:
+        summary = run(str(src), out, cfg, progress_every=60)
+    finally:
+        ray.shutdown()  # the run's Ray, started in this process: later tests start their own
     assert summary.incomplete == [] and summary.ok > 0
     return out, cfg
 

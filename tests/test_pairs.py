@@ -264,6 +264,8 @@ def test_retrieval_over_ray_partitions_matches_the_exact_search():
     origin = np.arange(len(ident))
     phash = rng.integers(-(2**63), 2**63 - 1, len(ident), dtype=np.int64)
     exact = retrieval_edges(emb, labels, origin, phash, PairConfig(min_sim=0.5, k=5, index="exact"))
+    if ray.is_initialized():  # a Ray an earlier test's in-process datagen run left up: this test wants its own
+        ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         approx = retrieval_edges(emb, labels, origin, phash, PairConfig(min_sim=0.5, k=5, brute_force_max=100))
