@@ -45,7 +45,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import duckdb
@@ -56,9 +55,9 @@ import pyarrow.parquet as pq
 from subjectdiff.catalogs import identity, images
 from subjectdiff.catalogs.catalog import CatalogError, one_line, open_catalog
 from subjectdiff.catalogs.hashing import phash_int64
+from subjectdiff.catalogs.identity_folder import read_folder
 from subjectdiff.catalogs.report.thumbnails import image_member, missing, read_records
 from subjectdiff.catalogs.storage import Folder, is_local, local_path
-from subjectdiff.catalogs.writer import complete_names
 
 METHODS = ("video", "retrieval")
 
@@ -140,28 +139,18 @@ class PairConfig:
 
 
 def load_identity(root: str | os.PathLike) -> tuple[pa.Table, np.ndarray]:
-    """The identity sidecars of ROOT's complete shards (local or a URL), in shard order: (a table of key,
-    index, label: one row per object, (N, D) float16 L2-normalized embeddings). CatalogError when there is
-    none (naming the stage that writes them) or their dimensions differ."""
+    """The identity sidecars of ROOT's complete shards (local or a URL; catalogs.identity_folder.read_folder), in
+    shard order: (a table of key, index, label: one row per object, (N, D) float16 L2-normalized embeddings).
+    CatalogError when there is none (naming the stage that writes them), one does not read, or their models or
+    dimensions differ."""
     folder = Folder(root)
-    entries = folder.listing()
-    names = [s + identity.SUFFIX for s in complete_names(entries) if s + identity.SUFFIX in entries]
-    if not names:
+    try:
+        table, emb, _ = read_folder(root)
+    except Exception as e:
+        raise CatalogError(f"cannot read the identity sidecars of {folder.url}: {one_line(e)}") from None
+    if table.num_rows == 0:
         raise CatalogError(f"no identity sidecars (NNNNN{identity.SUFFIX}) in {folder.url}: {IDENTITY_HINT}")
-
-    def read(name: str) -> tuple[pa.Table, np.ndarray, dict]:
-        try:
-            return identity.read_identity(pa.BufferReader(folder.read_bytes(name)))
-        except Exception as e:
-            raise CatalogError(f"cannot read {folder.join(name)}: {one_line(e)}") from None
-
-    with ThreadPoolExecutor(4 if folder.local else 16) as pool:
-        parts = list(pool.map(read, names))
-    dims = {e.shape[1] for _, e, _ in parts if len(e)}
-    if len(dims) > 1:
-        raise CatalogError(f"identity sidecars of {folder.url} mix embedding sizes {sorted(dims)}: one model only")
-    table = pa.concat_tables([t.cast(parts[0][0].schema) for t, _, _ in parts])
-    return table, np.concatenate([e for _, e, _ in parts]) if parts else np.zeros((0, 0), np.float16)
+    return table.select(["key", "index", "label"]), emb
 
 
 # ------------------------------------------------------------------------------------------- measures
