@@ -855,12 +855,15 @@ def ceiling_runs(args, root: Path, moto: subprocess.Popen) -> None:
         Path(args.json).write_text(json.dumps({"ceiling": results}, indent=1))
 
 
-def drive_in_child(spec: dict, root: Path, i: int, what: str) -> dict:
-    """Run `drive(spec)` in a fresh process (a fresh cluster) and return its result."""
+def drive_in_child(spec: dict, root: Path, i: int, what: str, pythonpath: str | None = None) -> dict:
+    """Run `drive(spec)` in a fresh process (a fresh cluster; PYTHONPATH: another tree's code, the baseline's)
+    and return its result."""
     spec_path = root / f"spec{i}.json"
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ, RAY_TMPDIR=str(root / f"r{i}"))
     env.pop("RAY_ADDRESS", None)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
     print(f"[bench] run {i + 1}: {what}", file=sys.stderr, flush=True)
     with (root / f"run{i}.log").open("w") as log:
         proc = subprocess.run(
@@ -936,26 +939,9 @@ def _main(args, root: Path, moto: subprocess.Popen) -> None:
             "result": str(root / f"result{i}.json"),
             "pipeline_overrides": dict(_kv(o) for o in args.override) if pl == "new" else {},
         }
-        spec_path = root / f"spec{i}.json"
-        spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ, RAY_TMPDIR=str(root / f"r{i}"))
-        env.pop("RAY_ADDRESS", None)
-        if pl == "baseline":
-            env["PYTHONPATH"] = str(base)
-        print(f"[bench] run {i + 1}/{len(runs)}: {pl}, {a} actors per stage, {n} images", file=sys.stderr, flush=True)
         t = time.monotonic()
-        with (root / f"run{i}.log").open("w") as log:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--role", "drive", "--spec", str(spec_path)],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=str(root),
-            )
-        if proc.returncode != 0:
-            print((root / f"run{i}.log").read_text()[-6000:], file=sys.stderr)
-            raise SystemExit(f"run {i} failed ({proc.returncode})")
-        r = json.loads(Path(spec["result"]).read_text())
+        what = f"{pl}, {a} actors per stage, {n} images (of {len(runs)} runs)"
+        r = drive_in_child(spec, root, i, what, str(base) if pl == "baseline" else None)
         results.append(r)
         print(
             f"[bench]   {r['rate']:.2f} images/s (ideal {r['ideal']:.2f}), run CPU {r['cpu_cores_run']:.2f} cores, "
