@@ -57,9 +57,11 @@ if [ -z "$PY" ]; then
   if [ ! -x "$PY" ]; then
     echo "[gpu.sh] setting up $VENV over $(command -v "$BASE") (its torch stays)" >&2
     "$BASE" -m venv --without-pip "$VENV"
-    # the machine's packages after the venv's own: what the venv installs (transformers < 5, say) wins
+    # the machine's packages after the venv's own: what the venv installs (transformers < 5, say) wins. Added
+    # with site.addsitedir, so that the .pth files there (namespace packages, path hooks) work as in that Python
     SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    "$BASE" -c 'import site; print("\n".join(site.getsitepackages()))' > "$SITE/_machine.pth"
+    "$BASE" -c 'import site; print("import site; list(map(site.addsitedir, %r))" % site.getsitepackages())' \
+      > "$SITE/_machine.pth"
     # the project from this checkout without a build (nothing to fetch offline): subjectdiff's folder on the
     # path, and the repo root in its package path, so subjectdiff.datagen is datagen/ (pyproject's package-dir)
     printf '%s\nimport subjectdiff; subjectdiff.__path__.append(%s)\n' "$PWD" "'$PWD'" > "$SITE/_subjectdiff.pth"

@@ -51,6 +51,13 @@ CAPTIONS = {
     "rocket": "a rocket on a launchpad under the sky",
 }
 BOXES = [[0.1, 0.05, 0.9, 1.0], [0.55, 0.6, 0.95, 0.98], [0.0, 0.0, 0.35, 0.45]]
+# The nouns of CAPTIONS, for a machine without spaCy (the GPU machines carry wheels, and spaCy's do not fit).
+CAPTION_NOUNS = {
+    "astronaut": ("astronaut", "suit", "helmet", "flag"),
+    "chelsea": ("cat", "rug"),
+    "coffee": ("cup", "coffee", "saucer", "spoon"),
+    "rocket": ("rocket", "launchpad", "sky"),
+}
 
 
 def photo_item(i: int, **fields) -> dict:
@@ -76,6 +83,29 @@ def items_for(n: int) -> list[dict]:
         caps = list(CAPTIONS.values())
         it["caption"] = caps[i % len(caps)]
         out.append(it)
+    return out
+
+
+def noun_items(cfg, base: list[dict]) -> list[dict]:
+    """BASE with `nouns`, from the nouns stage; where spaCy (or its English pipeline) is not installed, from
+    CAPTION_NOUNS (the same entry format: label, phrase, span, CLIP tokens), so the model stages still run."""
+    from subjectdiff.datagen.stages.nouns import NounExtractor
+
+    try:
+        return NounExtractor(cfg.nouns)([dict(it) for it in base])
+    except (ImportError, OSError) as e:
+        print(f"nouns from CAPTION_NOUNS (no spaCy here: {type(e).__name__})", flush=True)
+    from subjectdiff.catalogs.tokens import clip_token_positions
+
+    words = {CAPTIONS[k]: v for k, v in CAPTION_NOUNS.items()}
+    out = []
+    for it in base:
+        caption, nouns = it["caption"], []
+        for w in words[caption]:
+            start = caption.index(w)
+            span = [start, start + len(w)]
+            nouns.append({"label": w, "phrase": w, "span": span, "tokens": clip_token_positions(caption, span)})
+        out.append({**it, "nouns": nouns})
     return out
 
 
@@ -246,8 +276,6 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     if args.sam_levers:
         return sam_levers(args)
-    from subjectdiff.datagen.stages.nouns import NounExtractor
-
     n = args.images
     t0 = time.perf_counter()
     # full: the real architectures with random weights, saved in the official formats and loaded by the
@@ -256,7 +284,7 @@ def main(argv=None) -> None:
     cfg.ground = replace(cfg.ground, resize="square")
     cache_s = time.perf_counter() - t0
     base = items_for(n)
-    inputs = fixed_inputs(base, NounExtractor(cfg.nouns)([dict(it) for it in base]))
+    inputs = fixed_inputs(base, noun_items(cfg, base))
     rows = []
     for name in [s.strip() for s in args.stages.split(",") if s.strip()]:
         row = measure_stage(name, cfg, inputs, args)
