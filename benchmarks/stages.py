@@ -73,7 +73,10 @@ def photo_item(i: int, **fields) -> dict:
     img = img if img.ndim == 3 else np.stack([img] * 3, -1)
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, "JPEG")
-    return decode_item(f"skimage/{name}/{i}.jpg", buf.getvalue(), **fields)
+    item = decode_item(f"skimage/{name}/{i}.jpg", buf.getvalue(), **fields)
+    if "image" not in item:  # a failed decode would make every stage skip the item (and look infinitely fast)
+        raise RuntimeError(f"the benchmark photo {name} did not decode: {item.get('failure')}")
+    return item
 
 
 def items_for(n: int) -> list[dict]:

@@ -89,6 +89,8 @@ def decode_item(
             )
     except images.TooLarge as e:
         return fail(item, "decode", str(e))
+    except ImportError:  # a missing package (pillow-heif) is this machine's fault, not the image's: stop the run
+        raise
     except Exception as e:  # PIL raises many types for broken files; all mean "undecodable"
         # Reasons are aggregated in the catalog: drop per-call details such as object addresses.
         msg = re.sub(r"\s*<[^>]* at 0x[0-9a-fA-F]+>", "", str(e)).strip()
