@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from subjectdiff.catalogs import images
 from subjectdiff.catalogs.boxes import xy_norm_to_xy_pixels, xyxy_norm_to_xyxy_pixels
-from subjectdiff.model.subject_image import fill_holes, fill_holes_pil, subject_image  # noqa: F401  (re-exported)
+from subjectdiff.model.subject_image import fill_holes, fill_holes_pil, mask_array, rgb_array, subject_image  # noqa: F401  (re-exported)
 from subjectdiff.sam import load_sam
 
 log = logging.getLogger(__name__)
@@ -34,25 +34,17 @@ def load_image(image: str | os.PathLike | Image.Image | np.ndarray) -> np.ndarra
     (catalogs.images.decode: upright by its EXIF orientation, HEIC/AVIF, 16-bit, alpha over white)."""
     if isinstance(image, (str, os.PathLike)):
         image = images.decode(Path(image).read_bytes()).pixels
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.stack([image] * 3, -1)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-        raise ValueError(f"subject image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-    return np.ascontiguousarray(image[..., :3])
+    return rgb_array(image)
 
 
 def load_mask(mask: str | os.PathLike | Image.Image | np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A path, PIL image or array (nonzero = subject) -> (H, W) bool, resized (nearest) to `shape` (H, W)."""
+    """A path, PIL image or array (nonzero = subject; subject_image.mask_array: an alpha channel is the mask)
+    -> (H, W) bool, resized (nearest) to `shape` (H, W). A file is turned upright by its EXIF orientation, as
+    the photo is (load_image)."""
     if isinstance(mask, (str, os.PathLike)):
-        mask = Image.open(mask)
-    if isinstance(mask, Image.Image):
-        mask = np.asarray(mask.convert("L"))
-    mask = np.asarray(mask)
-    if mask.ndim == 3:
-        mask = mask.max(-1)
+        with Image.open(mask) as im:
+            mask = ImageOps.exif_transpose(im)
+    mask = mask_array(mask)
     if mask.shape != tuple(shape):
         mask = np.asarray(Image.fromarray((mask > 0).astype(np.uint8) * 255).resize(shape[::-1], Image.NEAREST))
     return mask > 0

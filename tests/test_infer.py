@@ -519,3 +519,46 @@ def test_subject_and_reference_photos_decode_upright_as_datagen_decodes_them(tmp
     Image.fromarray(rgba, "RGBA").save(tmp_path / "cutout.png")
     assert load_image(tmp_path / "cutout.png").min() == 255
     assert np.asarray(to_pil(str(tmp_path / "cutout.png"))).min() == 255
+
+
+def test_subject_mask_files_read_upright_and_by_their_alpha(tmp_path):
+    """`generate --subject photo.jpg:mask.png`: a mask stored sideways with an EXIF orientation is turned upright
+    like its photo, and a transparent cut-out PNG given as the mask is the subject where it is opaque (its
+    colours are the subject's, so its grey levels would give a wrong mask)."""
+    from subjectdiff.infer.subjects import load_mask
+
+    upright = np.zeros((384, 512), bool)
+    upright[:100, :200] = True  # top-left block of the upright view
+    stored = Image.fromarray(np.rot90(upright, 1).astype(np.uint8) * 255)  # stored 90 degrees anticlockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewers rotate it 90 degrees clockwise: back to `upright`
+    stored.save(tmp_path / "mask.jpg", exif=exif.tobytes(), quality=100)
+    assert np.array_equal(load_mask(tmp_path / "mask.jpg", (384, 512)), upright)
+
+    cutout = np.zeros((64, 64, 4), np.uint8)
+    cutout[..., :3] = 30  # a dark subject: its grey level is near 0 everywhere
+    cutout[16:48, 8:40, 3] = 255  # opaque only here
+    Image.fromarray(cutout, "RGBA").save(tmp_path / "cutout.png")
+    expected = cutout[..., 3] > 0
+    assert np.array_equal(load_mask(tmp_path / "cutout.png", (64, 64)), expected)
+    assert np.array_equal(load_mask(cutout, (64, 64)), expected)
+
+
+def test_diffusers_pipeline_masks_read_as_generate_reads_them():
+    """SubjectDiffusionPipeline(subject_masks=...) takes bool masks and RGBA cut-outs as `generate` does: the same
+    subject image comes out of both for the same mask (one mask_array)."""
+    from subjectdiff.infer.subjects import load_mask
+    from subjectdiff.model.subject_image import mask_array, subject_image
+
+    img = photo("coffee")[:96, :128]
+    cutout = np.zeros((96, 128, 4), np.uint8)
+    cutout[..., :3] = 40
+    cutout[20:70, 30:90, 3] = 255
+    want = np.zeros((96, 128), bool)
+    want[20:70, 30:90] = True
+    for given in (want, want.astype(np.uint8) * 255, cutout, Image.fromarray(cutout, "RGBA")):
+        assert np.array_equal(mask_array(given), want)
+        assert np.array_equal(load_mask(given, (96, 128)), want)
+    assert np.array_equal(subject_image(img, mask_array(cutout), 32), subject_image(img, want, 32))
+    with pytest.raises(ValueError, match="subject mask"):
+        mask_array(np.zeros((4, 4, 2), np.uint8))

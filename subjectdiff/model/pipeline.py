@@ -43,7 +43,7 @@ from subjectdiff.model.config import ModelConfig
 from subjectdiff.model.prompts import subject_prompt, tokenize
 from subjectdiff.model.sampling import SamplingConfig, sample_latents, three_branches
 from subjectdiff.model.subject_diffusion import Parts, SubjectDiffusion, denoise, encode_text
-from subjectdiff.model.subject_image import subject_image
+from subjectdiff.model.subject_image import mask_array, rgb_array, subject_image
 
 log = logging.getLogger(__name__)
 DIFFUSERS_INDEX = "model_index.json"  # what marks a folder as a diffusers export
@@ -63,18 +63,6 @@ class Condition:
     text_plain: torch.Tensor
     null_text: torch.Tensor
     tokens: torch.Tensor
-
-
-def rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
-    """A PIL image or (H, W, 3|4) / (H, W) uint8 array -> (H, W, 3) uint8 RGB."""
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    image = np.asarray(image)
-    if image.ndim == 2:
-        image = np.stack([image] * 3, -1)
-    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
-        raise ValueError(f"subject image must be a PIL image or (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
-    return np.ascontiguousarray(image[..., :3])
 
 
 def is_diffusers_export(path: str | os.PathLike) -> bool:
@@ -264,15 +252,16 @@ class SubjectDiffusionPipeline(DiffusionPipeline):
         return ((images / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
     def cutouts(self, images: list, masks: list | None = None) -> list[np.ndarray]:
-        """Subject images (PIL or uint8 arrays) and optional masks (nonzero = subject; None = the whole image) ->
-        the image encoder's inputs: the mask's box, on white, padded square, resized (`subject_image`)."""
+        """Subject images (PIL or uint8 arrays) and optional masks (nonzero = subject, or the alpha of an RGBA
+        one; None = the whole image) -> the image encoder's inputs: the mask's box, on white, padded square,
+        resized (`subject_image`)."""
         masks = list(masks) if masks is not None else [None] * len(images)
         if len(masks) != len(images):
             raise ValueError(f"{len(images)} subject images and {len(masks)} masks: give one mask per image")
         out = []
         for image, mask in zip(images, masks):
             image = rgb_array(image)
-            m = np.ones(image.shape[:2], bool) if mask is None else np.asarray(rgb_array(mask)).max(-1) > 0
+            m = np.ones(image.shape[:2], bool) if mask is None else mask_array(mask)
             if m.shape != image.shape[:2]:
                 raise ValueError(f"a subject mask of {m.shape} for an image of {image.shape[:2]}")
             out.append(subject_image(image, m, self.image_encoder.image_size))

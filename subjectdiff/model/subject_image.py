@@ -30,6 +30,32 @@ from subjectdiff.catalogs.images import IMAGE_SUFFIXES
 WHITE = (255, 255, 255)
 
 
+def rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """A PIL image or (H, W, 3|4) / (H, W) uint8 array -> (H, W, 3) uint8 RGB (alpha dropped, grey repeated)."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    image = np.asarray(image)
+    if image.ndim == 2:
+        image = np.stack([image] * 3, -1)
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        raise ValueError(f"subject image must be a PIL image or (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+    return np.ascontiguousarray(image[..., :3])
+
+
+def mask_array(mask: Image.Image | np.ndarray) -> np.ndarray:
+    """A PIL image or array (nonzero = subject; bool or numbers; (H, W), (H, W, 3) or (H, W, 4)) -> (H, W) bool.
+    An image with an alpha channel (a cut-out PNG, an (H, W, 4) array) is a mask by its alpha: its colours are
+    the subject's, whose grey levels would make a wrong mask."""
+    if isinstance(mask, Image.Image):
+        mask = np.asarray(mask.getchannel("A") if "A" in mask.getbands() else mask.convert("L"))
+    mask = np.asarray(mask)
+    if mask.ndim == 3 and mask.shape[2] in (3, 4):
+        mask = mask[..., 3] if mask.shape[2] == 4 else mask.max(-1)
+    if mask.ndim != 2:
+        raise ValueError(f"a subject mask must be (H, W), (H, W, 3) or (H, W, 4), got {mask.shape}")
+    return mask > 0
+
+
 @dataclass
 class SubjectAugment:
     """flip_p: horizontal flip probability. rotate_deg: rotation uniform in [-rotate_deg, rotate_deg].
