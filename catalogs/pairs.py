@@ -204,6 +204,15 @@ def box_change(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.clip(2.0 * (1.0 - s) / (2.0 - s), 0.0, 1.0)
 
 
+def pair_change(boxes: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """box_change of boxes[a] and boxes[b] (boxes (N, 4), a, b (M,) rows) -> (M,) float32, CHUNK rows at a time:
+    two (M, 4) float64 gathers would be 64 bytes a pair."""
+    out = np.empty(len(a), np.float32)
+    for s in range(0, len(a), chunk):
+        out[s : s + chunk] = box_change(boxes[a[s : s + chunk]], boxes[b[s : s + chunk]])
+    return out
+
+
 def phash_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Hamming distances of int64 phashes (catalogs/hashing.py): (N,) int32 in [0, 64]."""
     x = np.bitwise_xor(np.asarray(a, np.int64), np.asarray(b, np.int64)).view(np.uint64)
@@ -489,7 +498,7 @@ def label_rows(
         "a": p[a],
         "b": p[b],
         "similarity": s,
-        "change": box_change(boxes[a], boxes[b]).astype(np.float32),
+        "change": pair_change(boxes, a, b),
         "phash_distance": phash_distance(phash[a], phash[b]),
     }
 
