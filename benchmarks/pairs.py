@@ -1,4 +1,5 @@
-"""Pairs benchmark (issue #20): retrieval pairing (catalogs.pairs.retrieval_edges) over synthetic identity
+"""Pairs benchmark (issue #20): retrieval pairing (catalogs.pairs.retrieval_parts, merge_parts, write_pairs: what
+`catalog pairs --method retrieval` runs after reading the catalog) over synthetic identity
 embeddings, against brute force on a sample; and, with --video, the video side (decode, shot detection and frame
 sampling, frames per second per core: benchmarks/video_decode.py, which it runs with the arguments that follow).
 
@@ -15,13 +16,15 @@ directions): what recall@k measures.
 
 Recall@k: for --queries objects sampled at random, the exact k nearest (numpy, float32, over the object's
 label, itself left out) against the k most similar targets the pairs give the object as reference (its own
-neighbours and the objects that had it as a neighbour: the pairs file's contents). Time: retrieval_edges from
-the float16 array to the sorted pairs, Ray's start included (Ray started here with --num-cpus CPUs). CPU
+neighbours and the objects that had it as a neighbour: the pairs file's contents). Time: from the float16 array
+to the pairs file written (each label's task writes its part, this process merges them into pairs.parquet in a
+temporary folder, keys "000000042" standing for the records'), Ray's start included (Ray started here with
+--num-cpus CPUs). CPU
 seconds: the user + system time of this process and its children over the same span (on two idle cores the wall time
 is about half of it when both are kept busy; on a machine shared with other work the wall time is longer). Peak
 memory: the largest sum of the RSS of this process and its children (Ray's workers, raylet and object
-store), sampled every 0.2 s, beside this process's own peak (ru_maxrss). The split: when each label's task
-finished.
+store), sampled every 0.2 s, beside this process's own peak (ru_maxrss: the driver, which holds the embeddings,
+the objects table and one merge batch, never the pairs). The split: when each label's task finished.
 
 Prints markdown lines; --out appends them to a file.
 """
@@ -34,6 +37,7 @@ import os
 import platform
 import resource
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -43,7 +47,12 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from subjectdiff.catalogs.pairs import PairConfig, retrieval_edges
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from subjectdiff.catalogs.pairs import PairConfig, merge_parts, pair_rows, retrieval_parts, write_pairs
+from subjectdiff.catalogs.storage import Folder
 
 
 def machine() -> str:
@@ -133,21 +142,39 @@ def run(args: argparse.Namespace, n: int) -> str:
         min_sim=-1.0, min_phash=0, k=args.k, search_k=args.k + 1, index=args.index, nprobe=args.nprobe,
         num_cpus=args.num_cpus, brute_force_max=args.brute_force_max,
     )  # fmt: skip
+    boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (n, 1))
+    objects = pa.table(
+        {
+            "key": pa.array([f"{i:09d}" for i in range(n)], pa.string()),
+            "index": pa.array(np.zeros(n, np.int32)),
+            "label": pa.array(labels.astype(str)),
+        }
+    )
     finished = []
-    t0 = time.monotonic()
-    with PeakRSS() as mem:
-        a, b, sim = retrieval_edges(
-            emb, labels, origin, phash, cfg, progress=lambda d, t, u: finished.append((time.monotonic() - t0, d))
-        )
-    took = time.monotonic() - t0
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB: the pairing's, before recall
+    with tempfile.TemporaryDirectory() as tmp:
+        out, staging = Path(tmp) / "pairs.parquet", Folder(Path(tmp) / "pairs.parquet.parts")
+        t0 = time.monotonic()
+        with PeakRSS() as mem:
+            parts = retrieval_parts(
+                emb, labels, origin, phash, boxes, cfg, staging,
+                progress=lambda d, t, u: finished.append((time.monotonic() - t0, d)),
+            )  # fmt: skip
+            rows = write_pairs((pair_rows(objects, t, "retrieval") for t in merge_parts(staging, parts, n)), out)
+        took = time.monotonic() - t0
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB: the pairing's, before recall
+        del objects
+        got = pq.read_table(out, columns=["ref_key", "target_key", "similarity"])
+    a = pc.cast(got["ref_key"], pa.int64()).to_numpy()
+    b = pc.cast(got["target_key"], pa.int64()).to_numpy()
+    sim = got["similarity"].to_numpy()
+    del got
     recall = recall_at_k(emb, labels, a, b, sim, args.k, args.queries)
     index = f"ivf nprobe {args.nprobe}" if args.index == "ivf" else "hnsw (32 links, efSearch 64)"
     split = ", ".join(f"{t:.0f}s:{d // 1000}k" for t, d in finished)
     return (
         f"| {n:,} | {args.dim} | {args.labels} | {index} | {args.num_cpus} | {took:.1f} s "
         f"({mem.cpu_seconds():.0f} CPU s) "
-        f"| {recall:.3f} | {mem.peak / 2**30:.2f} GiB (driver {own:.2f} GiB) | {len(a):,} |\n"
+        f"| {recall:.3f} | {mem.peak / 2**30:.2f} GiB (driver {own:.2f} GiB) | {rows:,} |\n"
         f"\n  labels finished (time since start: objects done): {split}; synthetic data {gen:.1f} s; {machine()}, "
         f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
     )

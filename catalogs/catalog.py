@@ -791,9 +791,14 @@ def stats(
 
 
 def replace_pairs(
-    root: str | os.PathLike, pairs: pa.Table, method: str, *, catalog: str | os.PathLike | None = None
+    root: str | os.PathLike,
+    pairs: pa.Table | pa.RecordBatchReader,
+    method: str,
+    *,
+    catalog: str | os.PathLike | None = None,
 ) -> int:
-    """Load PAIRS (catalogs.pairs.PAIR_SCHEMA rows of one METHOD) into ROOT's catalog as the `pairs` table's rows
+    """Load PAIRS (catalogs.pairs.PAIR_SCHEMA rows of one METHOD; a table, or a reader DuckDB streams) into ROOT's
+    catalog as the `pairs` table's rows
     of that method, replacing the ones there, in one transaction. Returns the rows the table now holds."""
     path = catalog_path(root, catalog)
     with open_catalog(root, catalog=catalog):  # a catalog a build finished, or its one-line error

@@ -181,8 +181,7 @@ def _add_pairs(csub: argparse._SubParsersAction) -> None:
 def _pairs(args: argparse.Namespace) -> int:
     import time
 
-    from subjectdiff.catalogs.catalog import replace_pairs
-    from subjectdiff.catalogs.pairs import PairConfig, find_pairs, write_pairs
+    from subjectdiff.catalogs.pairs import PairConfig, find_pairs, load_pairs
 
     cfg = PairConfig(
         min_sim=args.min_sim,
@@ -206,11 +205,10 @@ def _pairs(args: argparse.Namespace) -> int:
             rate = done / max(now - t0, 1e-9)
             print(f"[pairs] {done}/{total} {unit} ({rate:.0f} {unit}/s)", file=sys.stderr, flush=True)
 
-    table = find_pairs(args.dir, args.method, cfg, catalog=args.catalog, progress=progress)
-    write_pairs(table, args.out)
-    total = replace_pairs(args.dir, table, args.method, catalog=args.catalog)
+    rows = find_pairs(args.dir, args.method, args.out, cfg, catalog=args.catalog, progress=progress)
+    total = load_pairs(args.dir, args.out, args.method, catalog=args.catalog)
     print(
-        f"{table.num_rows} {args.method} pair rows (both directions) -> {args.out}; the catalog's pairs table "
+        f"{rows} {args.method} pair rows (both directions) -> {args.out}; the catalog's pairs table "
         f"holds {total} ({time.monotonic() - t0:.1f} s)"
     )
     _warn_bad_shards(args)

@@ -35,6 +35,14 @@ Mining (`subjectdiff catalog pairs DIR --method video|retrieval --out pairs.parq
     1 - their IoU = 2 (1 - s) / (2 - s) with s = sqrt(min(r1, r2) / max(r1, r2)), r = width / height. A phash
     the catalog lacks (sidecars written without the curate stage) is computed from the image.
 
+Memory: the pairs are never gathered in one process. Each label's Ray task (retrieval; the small labels, in
+batches, in the calling process) and each group of videos (video) writes its rows, both directions, sorted by
+(reference, target), as a part file (PART_SCHEMA: object rows, not keys) in a staging folder beside the output
+(OUT.parts/, local or a URL as OUT is; removed at the end); the calling process then merges the parts into
+OUT one range of reference objects at a time (`merge_parts`, ~ROWS_PER_BATCH rows in memory) and loads OUT into
+the catalog as a stream. On a Ray cluster, OUT must be a URL or on a filesystem every node shares: the tasks
+write the parts where they run.
+
 The catalog's `pairs` table holds the same columns; `catalog pairs` replaces that method's rows. A catalog build
 keeps them (they come from no shard file, so a rebuild cannot reload them), except the pairs of a shard the build
 drops or reloads, whose objects may have changed: run `catalog pairs` again after adding or changing shards.
@@ -44,7 +52,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import duckdb
@@ -53,11 +63,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from subjectdiff.catalogs import identity, images
-from subjectdiff.catalogs.catalog import CatalogError, one_line, open_catalog
+from subjectdiff.catalogs.catalog import CatalogError, one_line, open_catalog, replace_pairs
 from subjectdiff.catalogs.hashing import phash_int64
 from subjectdiff.catalogs.identity_folder import read_folder
 from subjectdiff.catalogs.report.thumbnails import image_member, missing, read_records
-from subjectdiff.catalogs.storage import Folder, is_local, local_path
+from subjectdiff.catalogs.storage import Folder, is_local, local_path, open_url
 
 METHODS = ("video", "retrieval")
 
@@ -75,6 +85,27 @@ PAIR_SCHEMA = pa.schema(
         ("phash_distance", pa.int32()),
     ]
 )
+
+# A staging part's rows: a, b are rows of the catalog_objects table (reference, target); merge_parts maps them to
+# keys only when it writes the pairs file, so a task needs no key strings.
+PART_SCHEMA = pa.schema(
+    [
+        ("a", pa.int64()),
+        ("b", pa.int64()),
+        ("similarity", pa.float32()),
+        ("frame_gap", pa.int64()),
+        ("change", pa.float32()),
+        ("phash_distance", pa.int32()),
+    ]
+)
+# Rows the merge holds at a time (about 30 bytes each, plus the two keys once mapped) and the pairs file's row
+# groups; a part's row groups are smaller, so a merge step reads little past its range.
+ROWS_PER_BATCH = 1 << 20
+PART_ROW_GROUP = 1 << 16
+# Small labels (and video groups) are written to one part per this many rows: a part per label would make
+# thousands of tiny files.
+ROWS_PER_PART = 1 << 22
+VIDEO_GROUP_OBJECTS = 1 << 18
 
 INDEXES = ("ivf", "hnsw", "exact")
 IDENTITY_HINT = (
@@ -171,6 +202,15 @@ def box_change(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     rb = np.maximum(b[:, 2] - b[:, 0], 1e-6) / np.maximum(b[:, 3] - b[:, 1], 1e-6)
     s = np.sqrt(np.minimum(ra, rb) / np.maximum(ra, rb))
     return np.clip(2.0 * (1.0 - s) / (2.0 - s), 0.0, 1.0)
+
+
+def pair_change(boxes: np.ndarray, a: np.ndarray, b: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:
+    """box_change of boxes[a] and boxes[b] (boxes (N, 4), a, b (M,) rows) -> (M,) float32, CHUNK rows at a time:
+    two (M, 4) float64 gathers would be 64 bytes a pair."""
+    out = np.empty(len(a), np.float32)
+    for s in range(0, len(a), chunk):
+        out[s : s + chunk] = box_change(boxes[a[s : s + chunk]], boxes[b[s : s + chunk]])
+    return out
 
 
 def phash_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -329,6 +369,48 @@ def video_pairs(objects: pa.Table, emb: np.ndarray, cfg: PairConfig) -> dict[str
     }
 
 
+def video_groups(objects: pa.Table, size: int | None = None) -> list[np.ndarray]:
+    """The rows of OBJECTS in a video frame, cut into groups of whole videos (in order of first appearance) of
+    about SIZE objects each (a video larger than SIZE is a group of its own): video pairs never cross videos."""
+    size = size or VIDEO_GROUP_OBJECTS
+    rows = np.flatnonzero(~pc_is_null(objects["video"]))
+    if not len(rows):
+        return []
+    _, first, code = np.unique(np.asarray(objects["video"].take(pa.array(rows)).to_pylist(), object),
+                               return_index=True, return_inverse=True)  # fmt: skip
+    rank = np.argsort(np.argsort(first))[code]  # videos numbered by first appearance
+    rows = rows[np.argsort(rank, kind="stable")]
+    counts = np.bincount(rank)
+    groups, start, acc = [], 0, 0
+    for c in counts:
+        acc += c
+        if acc >= size:
+            groups.append(np.sort(rows[start : start + acc]))
+            start, acc = start + acc, 0
+    if acc:
+        groups.append(np.sort(rows[start:]))
+    return groups
+
+
+def video_parts(
+    objects: pa.Table, emb: np.ndarray, cfg: PairConfig, staging: Folder, progress: ProgressFn | None = None
+) -> list[tuple[str, int]]:
+    """video_pairs over each group of videos (video_groups), both directions, written as parts of STAGING:
+    [(part name, rows)], rows of OBJECTS in a and b. This process holds one group's candidates at a time."""
+    written, done, groups = [], 0, video_groups(objects)
+    total = sum(len(g) for g in groups)
+    for g in groups:
+        found = video_pairs(objects.take(pa.array(g)), emb, cfg)
+        cols = {k: np.concatenate([v, found["b" if k == "a" else "a" if k == "b" else k]]) for k, v in found.items()}
+        cols["a"], cols["b"] = g[cols["a"]], g[cols["b"]]
+        name = f"videos-{len(written):06d}.parquet"
+        written.append((name, write_part(staging, name, cols)))
+        done += len(g)
+        if progress:
+            progress(done, total, "objects")
+    return written
+
+
 # -------------------------------------------------------------------------------------------- retrieval
 
 
@@ -405,48 +487,82 @@ def partition_edges(
     return rows[ok], ids[ok], sims[ok]
 
 
-def _partition_task(emb, origin, phash, cfg, threads):
-    """partition_edges in a Ray worker (emb comes as float16 from the object store)."""
-    return partition_edges(np.asarray(emb, np.float32), origin, phash, cfg, threads)
+def label_rows(
+    p: np.ndarray, edges: tuple[np.ndarray, np.ndarray, np.ndarray], phash: np.ndarray, boxes: np.ndarray
+) -> dict[str, np.ndarray]:
+    """One partition's directed edges (partition_edges over rows P (n,) ascending of the objects) -> PART_SCHEMA
+    columns, each pair in both directions once, sorted by (a, b) as object rows; phash (n,), boxes (n, 4) the
+    partition's."""
+    a, b, s = _both_directions([edges], len(p))
+    return {
+        "a": p[a],
+        "b": p[b],
+        "similarity": s,
+        "change": pair_change(boxes, a, b),
+        "phash_distance": phash_distance(phash[a], phash[b]),
+    }
 
 
-def retrieval_edges(
+def _label_task(p, emb, origin, phash, boxes, cfg, threads, staging, name):
+    """A large label in a Ray worker (emb comes as float16 from the object store): its rows written as the part
+    NAME of STAGING; returns its row count (all that comes back to the caller)."""
+    edges = partition_edges(np.asarray(emb, np.float32), origin, phash, cfg, threads)
+    return write_part(Folder(staging), name, label_rows(p, edges, phash, boxes))
+
+
+def retrieval_parts(
     emb: np.ndarray,
     labels: np.ndarray,
     origin: np.ndarray,
     phash: np.ndarray,
+    boxes: np.ndarray,
     cfg: PairConfig,
+    staging: Folder,
     progress: ProgressFn | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Retrieval pairs over all objects: emb (N, D) L2-normalized, labels / origin (N,) int codes, phash (N,)
-    int64 -> (a, b, similarity) row indices, both directions, each pair once, sorted by (a, b).
+) -> list[tuple[str, int]]:
+    """Retrieval pairs over all objects, written as parts of STAGING: emb (N, D) L2-normalized, labels / origin
+    (N,) int codes, phash (N,) int64, boxes (N, 4) pixel xyxy -> [(part name, rows)]; merge_parts reads them back
+    in (a, b) order.
 
-    Each label is an independent partition (pairs never cross labels): partitions of at most brute_force_max
-    objects are searched exactly here, the larger ones as Ray tasks (faiss), one CPU each, or all the CPUs
-    Ray offers split among them when there are fewer partitions than CPUs."""
+    Each label is an independent partition (pairs never cross labels, so each pair's two directions are in one
+    partition): partitions of at most brute_force_max objects are searched exactly here, in batches of labels
+    of about ROWS_PER_PART rows a part, the larger ones as Ray tasks (faiss), one CPU each, or all the CPUs Ray
+    offers split among them when there are fewer partitions than CPUs; a task writes its own part and returns its
+    row count, so no pair row passes through this process. A label is one partition however large (its
+    k-nearest search needs all of its objects): such a task holds its label's float32 embeddings, the index and
+    its (n, search_k) neighbours, about n (8 D + 12 search_k + 100 k) bytes."""
     order = np.argsort(labels, kind="stable")
     cuts = np.flatnonzero(np.diff(labels[order])) + 1
     parts = [p for p in np.split(order, cuts) if len(p) > 1]
     small = [p for p in parts if len(p) <= cfg.brute_force_max or cfg.index == "exact"]
     large = [p for p in parts if not (len(p) <= cfg.brute_force_max or cfg.index == "exact")]
-    total, done = len(labels), 0
-    found = []
+    total, done, written, batch = len(labels), 0, [], []
     for p in small:
-        a, b, s = partition_edges(emb[p].astype(np.float32), origin[p], phash[p], cfg)
-        found.append((p[a], p[b], s))
+        edges = partition_edges(emb[p].astype(np.float32), origin[p], phash[p], cfg)
+        batch.append(label_rows(p, edges, phash[p], boxes[p]))
+        if sum(len(c["a"]) for c in batch) >= ROWS_PER_PART:
+            written.append(_write_batch(staging, f"small-{len(written):06d}.parquet", batch))
+            batch = []
         done += len(p)
         if progress:
             progress(done, total, "objects")
-    for p, (a, b, s) in _run_large(large, emb, origin, phash, cfg):
-        found.append((p[a], p[b], s))
+    if batch:
+        written.append(_write_batch(staging, f"small-{len(written):06d}.parquet", batch))
+    for p, name, rows in _run_large(large, emb, origin, phash, boxes, cfg, staging):
+        written.append((name, rows))
         done += len(p)
         if progress:
             progress(done, total, "objects")
-    return _both_directions(found, len(labels))
+    return written
 
 
-def _run_large(parts, emb, origin, phash, cfg):
-    """(partition, partition_edges result) for each large partition, as its Ray task finishes."""
+def _write_batch(staging: Folder, name: str, batch: list[dict[str, np.ndarray]]) -> tuple[str, int]:
+    cols = {k: np.concatenate([c[k] for c in batch]) for k in batch[0]}
+    return name, write_part(staging, name, cols)
+
+
+def _run_large(parts, emb, origin, phash, boxes, cfg, staging: Folder):
+    """(partition, part name, rows) for each large partition, as its Ray task finishes."""
     if not parts:
         return
     import ray  # heavy; only a label too large to search in this process needs it
@@ -455,15 +571,17 @@ def _run_large(parts, emb, origin, phash, cfg):
     try:
         cpus = max(1, int(ray.available_resources().get("CPU", 1)))
         threads = max(1, cpus // len(parts))
-        task = ray.remote(num_cpus=min(threads, cpus))(_partition_task)
-        refs = {
-            task.remote(ray.put(np.ascontiguousarray(emb[p])), origin[p], phash[p], cfg, threads): i
-            for i, p in enumerate(parts)
-        }
+        task = ray.remote(num_cpus=min(threads, cpus))(_label_task)
+        refs = {}
+        for i, p in enumerate(parts):
+            name = f"label-{i:06d}.parquet"
+            e = ray.put(np.ascontiguousarray(emb[p]))
+            refs[task.remote(p, e, origin[p], phash[p], boxes[p], cfg, threads, staging.url, name)] = (i, name)
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            yield parts[refs[ready[0]]], ray.get(ready[0])
+            i, name = refs[ready[0]]
+            yield parts[i], name, ray.get(ready[0])
     finally:
         if started:
             ray.shutdown()
@@ -506,91 +624,212 @@ def _both_directions(found, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return code // n, code % n, np.concatenate([s, s])[first]
 
 
-def retrieval_pairs(
-    objects: pa.Table, emb: np.ndarray, cfg: PairConfig, progress: ProgressFn | None = None
-) -> dict[str, np.ndarray]:
-    """Retrieval pairs among OBJECTS (catalog_objects), both directions: arrays a, b (rows of OBJECTS),
-    similarity, change, phash_distance (frame_gap null)."""
+def retrieval_edges(
+    emb: np.ndarray,
+    labels: np.ndarray,
+    origin: np.ndarray,
+    phash: np.ndarray,
+    cfg: PairConfig,
+    progress: ProgressFn | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """retrieval_parts, gathered: (a, b, similarity) row indices, both directions, each pair once, sorted by
+    (a, b). For tests and small inputs only: it holds every pair in memory, which `find_pairs` never does."""
+    import tempfile
+
+    boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (len(labels), 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        staging = Folder(tmp)
+        parts = retrieval_parts(emb, labels, origin, phash, boxes, cfg, staging, progress)
+        got = list(merge_parts(staging, parts, len(labels)))
+    if not got:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    t = pa.concat_tables(got)
+    return _col(t, "a", np.int64), _col(t, "b", np.int64), _col(t, "similarity", np.float32)
+
+
+def objects_arrays(objects: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, origin) int codes, phash (N,) int64 and boxes (N, 4) of the catalog_objects rows."""
     _, labels = np.unique(np.asarray(objects["label"].to_pylist(), object), return_inverse=True)
     _, origin = np.unique(np.asarray(objects["origin"].to_pylist(), object), return_inverse=True)
-    phash = _col(objects, "phash", np.int64)
-    a, b, sim = retrieval_edges(emb[_col(objects, "i", np.int64)], labels, origin, phash, cfg, progress)
-    boxes = _boxes(objects)
-    return {
-        "a": a,
-        "b": b,
-        "similarity": sim,
-        "frame_gap": None,
-        "change": box_change(boxes[a], boxes[b]).astype(np.float32),
-        "phash_distance": phash_distance(phash[a], phash[b]),
-    }
+    return labels, origin, _col(objects, "phash", np.int64), _boxes(objects)
+
+
+# ------------------------------------------------------------------------------------------------ parts
+
+
+def write_part(staging: Folder, name: str, cols: dict[str, np.ndarray]) -> int:
+    """COLS (PART_SCHEMA's columns but frame_gap optional, unsorted) sorted by (a, b) into the part NAME of
+    STAGING; returns its rows."""
+    a, b = cols["a"], cols["b"]
+    da = np.diff(a)
+    if np.all((da > 0) | ((da == 0) & (np.diff(b) > 0))):  # a label's rows come sorted: no copy of them
+        order = slice(None)
+    else:
+        order = np.lexsort((b, a))
+    del da
+    n = len(a)
+    gap = cols.get("frame_gap")
+    arrays = [
+        pa.array(cols["a"][order], pa.int64()),
+        pa.array(cols["b"][order], pa.int64()),
+        pa.array(cols["similarity"][order], pa.float32()),
+        pa.nulls(n, pa.int64()) if gap is None else pa.array(gap[order], pa.int64()),
+        pa.array(cols["change"][order], pa.float32()),
+        pa.array(cols["phash_distance"][order], pa.int32()),
+    ]
+    staging.makedirs()
+    with staging.open(name, "wb") as f:
+        pq.write_table(pa.Table.from_arrays(arrays, schema=PART_SCHEMA), f, row_group_size=PART_ROW_GROUP)
+    return n
+
+
+class _Cursor:
+    """A part read in order, a row group at a time: `below(hi)` gives (and drops) its next rows with a < hi."""
+
+    def __init__(self, f):
+        self.batches = pq.ParquetFile(f).iter_batches(batch_size=PART_ROW_GROUP)
+        self.buf, self.done = PART_SCHEMA.empty_table(), False
+
+    def below(self, hi: int) -> pa.Table:
+        while not self.done and (self.buf.num_rows == 0 or self.buf["a"][-1].as_py() < hi):
+            nxt = next(self.batches, None)
+            if nxt is None:
+                self.done = True
+            else:
+                self.buf = pa.concat_tables([self.buf, pa.Table.from_batches([nxt], PART_SCHEMA)])
+        cut = int(np.searchsorted(self.buf["a"].to_numpy(), hi))
+        out, self.buf = self.buf.slice(0, cut), self.buf.slice(cut)
+        return out
+
+
+def merge_parts(
+    staging: Folder, parts: list[tuple[str, int]], n_objects: int, rows: int = ROWS_PER_BATCH
+) -> Iterator[pa.Table]:
+    """The parts' rows (PART_SCHEMA tables), sorted by (a, b) across all parts, about ROWS rows a table.
+
+    Each part is sorted by (a, b) and a (a, b) is in one part only (a pair's two directions lie in one label or
+    video), so the merge takes the rows with a in [lo, lo + step) from every part, sorts those, and moves on:
+    it holds one range's rows (step = N ROWS / total rows objects: ROWS rows when the references spread evenly)
+    plus a row group per part."""
+    total = sum(n for _, n in parts)
+    if total == 0:
+        return
+    step = max(1, math.ceil(n_objects * rows / total))
+    with ExitStack() as stack:
+        cursors = [_Cursor(stack.enter_context(staging.open(name, "rb"))) for name, n in parts if n]
+        for lo in range(0, n_objects, step):
+            got = pa.concat_tables([c.below(lo + step) for c in cursors])
+            if got.num_rows:
+                yield got.sort_by([("a", "ascending"), ("b", "ascending")])
+
+
+def remove_staging(staging: Folder, parts: list[tuple[str, int]]) -> None:
+    if staging.local:
+        shutil.rmtree(staging.path, ignore_errors=True)
+    else:
+        staging.remove([name for name, _ in parts])
 
 
 # ---------------------------------------------------------------------------------------- the pairs table
 
 
-def pairs_table(objects: pa.Table, found: dict[str, np.ndarray | None], method: str, *, both: bool) -> pa.Table:
-    """FOUND (video_pairs / retrieval_pairs arrays over OBJECTS' rows) -> a PAIR_SCHEMA table sorted by
-    (reference, target) in OBJECTS' order (shard order, then record and object order): the same rows in the
-    same order on every run. BOTH: add each pair's other direction (the video pairs come one way)."""
-    cols = {k: v for k, v in found.items() if v is not None}
-    if both:
-        cols = {k: np.concatenate([v, cols["b" if k == "a" else "a" if k == "b" else k]]) for k, v in cols.items()}
-    order = np.lexsort((cols["b"], cols["a"]))
-    cols = {k: v[order] for k, v in cols.items()}
-    a, b, n = cols["a"], cols["b"], len(order)
+def pair_rows(objects: pa.Table, part: pa.Table, method: str) -> pa.Table:
+    """PART (PART_SCHEMA rows, a and b rows of OBJECTS) -> the PAIR_SCHEMA rows, in PART's order."""
+    a, b = part["a"], part["b"]
     keys, index = objects["key"], objects["index"]
-    gap = cols.get("frame_gap")
     arrays = [
-        keys.take(pa.array(a)),
-        index.take(pa.array(a)),
-        keys.take(pa.array(b)),
-        index.take(pa.array(b)),
-        objects["label"].take(pa.array(a)),
-        pa.array([method] * n, pa.string()),
-        pa.array(cols["similarity"], pa.float32()),
-        pa.nulls(n, pa.int64()) if gap is None else pa.array(gap, pa.int64()),
-        pa.array(cols["change"], pa.float32()),
-        pa.array(cols["phash_distance"], pa.int32()),
+        keys.take(a),
+        index.take(a),
+        keys.take(b),
+        index.take(b),
+        objects["label"].take(a),
+        pa.array([method] * part.num_rows, pa.string()),
+        part["similarity"],
+        part["frame_gap"],
+        part["change"],
+        part["phash_distance"],
     ]
     arrays = [x.combine_chunks() if isinstance(x, pa.ChunkedArray) else x for x in arrays]
     return pa.Table.from_arrays([x.cast(f.type) for x, f in zip(arrays, PAIR_SCHEMA)], schema=PAIR_SCHEMA)
 
 
+def staging_folder(out: str | os.PathLike) -> Folder:
+    """OUT.parts beside the pairs file OUT (local or a URL): where the tasks write their parts."""
+    if is_local(out):
+        path = local_path(out)
+        return Folder(path.with_name(path.name + ".parts"))
+    return Folder(os.fspath(out).rstrip("/") + ".parts")
+
+
 def find_pairs(
     root: str | os.PathLike,
     method: str,
+    out: str | os.PathLike,
     cfg: PairConfig | None = None,
     *,
     catalog: str | os.PathLike | None = None,
     progress: ProgressFn | None = None,
-) -> pa.Table:
+) -> int:
     """Mine METHOD's pairs ("video" | "retrieval") among the objects of ROOT's identity sidecars that ROOT's
-    catalog holds: a PAIR_SCHEMA table, both directions, in a fixed order (pairs_table)."""
+    catalog holds into the pairs file OUT (PAIR_SCHEMA, both directions, sorted by (reference, target) in the
+    objects' order: shard order, then record and object order; the same rows in the same order on every run).
+    Returns its rows. The rows go through parts in OUT.parts (module docstring), never all in this process."""
     if method not in METHODS:
         raise ValueError(f"pairs method {method!r}: one of {', '.join(METHODS)}")
     cfg = cfg or PairConfig()
     ident, emb = load_identity(root)
     objects = catalog_objects(root, ident, catalog=catalog)
-    if method == "video":
-        if objects["video"].null_count == objects.num_rows:
-            raise CatalogError(
-                f"no object of {root} is in a video frame (samples.video is NULL): use --method retrieval"
-            )
-        return pairs_table(objects, video_pairs(objects, emb, cfg), method, both=True)
-    return pairs_table(objects, retrieval_pairs(objects, emb, cfg, progress), method, both=False)
+    if method == "video" and objects["video"].null_count == objects.num_rows:
+        raise CatalogError(f"no object of {root} is in a video frame (samples.video is NULL): use --method retrieval")
+    staging, parts = staging_folder(out), []
+    try:
+        if method == "video":
+            parts = video_parts(objects, emb, cfg, staging, progress)
+        else:
+            labels, origin, phash, boxes = objects_arrays(objects)
+            emb = emb[_col(objects, "i", np.int64)]
+            parts = retrieval_parts(emb, labels, origin, phash, boxes, cfg, staging, progress)
+        del emb
+        merged = merge_parts(staging, parts, objects.num_rows, ROWS_PER_BATCH)
+        batches = (pair_rows(objects, t, method) for t in merged)
+        return write_pairs(batches, out)
+    finally:
+        remove_staging(staging, parts)
 
 
-def write_pairs(table: pa.Table, out: str | os.PathLike) -> None:
-    """Write the pairs to OUT (a local .parquet path or a URL), whole: a reader never sees a part."""
+def write_pairs(batches: Iterator[pa.Table], out: str | os.PathLike) -> int:
+    """Write the PAIR_SCHEMA tables BATCHES to OUT (a local .parquet path or a URL), a row group each, whole: a
+    reader never sees a part (renamed into place locally; an object store shows an upload once it completes).
+    Returns the rows written."""
+    rows = 0
+
+    def write(f) -> None:
+        nonlocal rows
+        with pq.ParquetWriter(f, PAIR_SCHEMA) as w:
+            for t in batches:
+                w.write_table(t, row_group_size=max(t.num_rows, 1))
+                rows += t.num_rows
+
     if is_local(out):
         path = local_path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        pq.write_table(table, tmp)
+        write(tmp)
         os.replace(tmp, path)
-        return
+        return rows
     url = os.fspath(out)
     folder, name = Folder(url.rsplit("/", 1)[0]), url.rsplit("/", 1)[1]
     with folder.open(name, "wb") as f:
-        pq.write_table(table, f)
+        write(f)
+    return rows
+
+
+def load_pairs(
+    root: str | os.PathLike, out: str | os.PathLike, method: str, *, catalog: str | os.PathLike | None = None
+) -> int:
+    """The pairs file OUT (find_pairs) into ROOT's catalog as METHOD's rows of its `pairs` table (replace_pairs),
+    streamed a row group at a time. Returns the rows the table holds."""
+    with open_url(out) as f:
+        pf = pq.ParquetFile(f)
+        reader = pa.RecordBatchReader.from_batches(PAIR_SCHEMA, pf.iter_batches(batch_size=PART_ROW_GROUP))
+        return replace_pairs(root, reader, method, catalog=catalog)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from subjectdiff.catalogs import catalog
+from subjectdiff.catalogs import pairs as pairs_module
 from subjectdiff.catalogs.hashing import phash_int64
 from subjectdiff.catalogs.identity import write_identity
 from subjectdiff.catalogs.pairs import (
@@ -185,7 +186,7 @@ def precision_recall(table: pa.Table, truth_pairs: set) -> tuple[float, float]:
     return hits / max(len(found), 1), hits / max(len(truth_pairs), 1)
 
 
-def test_retrieval_pairs_find_the_same_object_in_other_photos(photos, tmp_path, capsys):
+def test_retrieval_pairs_find_the_same_object_in_other_photos(photos, tmp_path, capsys, monkeypatch):
     out, truth, sources, special = photos
     dest = tmp_path / "pairs.parquet"
     argv = ["catalog", "pairs", str(out), "--method", "retrieval", "--out", str(dest), "--k", "3"]
@@ -216,6 +217,13 @@ def test_retrieval_pairs_find_the_same_object_in_other_photos(photos, tmp_path, 
     again = tmp_path / "again.parquet"
     assert main([*argv[:-4], "--out", str(again), "--k", "3", "--min-sim", str(MIN_SIM)]) == 0
     assert pq.read_table(again).equals(table)
+    # and again with a part per few rows and a merge of a few rows at a time (how 10M objects run): the same file
+    monkeypatch.setattr(pairs_module, "ROWS_PER_PART", 5)
+    monkeypatch.setattr(pairs_module, "ROWS_PER_BATCH", 7)
+    pieces = tmp_path / "pieces.parquet"
+    assert main([*argv[:-4], "--out", str(pieces), "--k", "3", "--min-sim", str(MIN_SIM)]) == 0
+    assert pq.read_table(pieces).equals(table) and pq.ParquetFile(pieces).num_row_groups > 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again.parquet", "pairs.parquet", "pieces.parquet"]
     # the catalog's pairs table holds them, queryable; stats counts them by method
     got = catalog.query(out, "SELECT count(*) AS n, count(DISTINCT label) AS labels FROM pairs").to_pylist()[0]
     assert got == {"n": table.num_rows, "labels": 2}
@@ -321,7 +329,7 @@ def videos(tmp_path_factory):
     return out, truth, frames, still
 
 
-def test_video_pairs_join_one_object_across_frames(videos, tmp_path):
+def test_video_pairs_join_one_object_across_frames(videos, tmp_path, monkeypatch):
     out, truth, frames, still = videos
     dest = tmp_path / "video.parquet"
     assert main(["catalog", "pairs", str(out), "--method", "video", "--out", str(dest), "--min-sim", str(MIN_SIM)]) == 0
@@ -355,6 +363,15 @@ def test_video_pairs_join_one_object_across_frames(videos, tmp_path):
     loose = tmp_path / "loose.parquet"
     assert main(["catalog", "pairs", str(out), "--method", "video", "--out", str(loose), "--min-sim", "0.5"]) == 0
     assert not any({r["ref_key"], r["target_key"]} == set(still) for r in pq.read_table(loose).to_pylist())
+    # one video a group, merged a few rows at a time: the same file
+    monkeypatch.setattr(pairs_module, "VIDEO_GROUP_OBJECTS", 1)
+    monkeypatch.setattr(pairs_module, "ROWS_PER_BATCH", 5)
+    pieces = tmp_path / "pieces.parquet"
+    assert (
+        main(["catalog", "pairs", str(out), "--method", "video", "--out", str(pieces), "--min-sim", str(MIN_SIM)]) == 0
+    )
+    assert pq.read_table(pieces).equals(table) and pq.ParquetFile(pieces).num_row_groups > 1
+    assert not list(tmp_path.glob("*.parts"))
 
 
 def test_pairs_errors_are_one_line(videos, photos, tmp_path, capsys):
@@ -385,6 +402,20 @@ def test_load_identity_reads_a_bucket(videos, bucket):
     local_rows, local_emb = load_identity(out)
     rows, emb = load_identity(f"{bucket}/v")
     assert rows.equals(local_rows) and np.array_equal(emb, local_emb) and emb.dtype == np.float16
+
+
+def test_pairs_written_to_a_bucket_match_the_local_file(videos, bucket, tmp_path):
+    """--out a URL: the parts are staged beside it in the bucket, and gone afterwards."""
+    import s3fs
+
+    local = tmp_path / "v.parquet"
+    rows = find_pairs(videos[0], "video", local, PairConfig(min_sim=MIN_SIM))
+    assert rows == find_pairs(videos[0], "video", f"{bucket}/p/v.parquet", PairConfig(min_sim=MIN_SIM)) > 0
+    fs = s3fs.S3FileSystem()
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[1] for p in fs.find(f"{bucket}/p")] == ["v.parquet"]
+    with fs.open(f"{bucket}/p/v.parquet", "rb") as f:
+        assert pq.read_table(f).equals(pq.read_table(local))
 
 
 # ------------------------------------------------------------------------------------------- the measures
@@ -421,9 +452,9 @@ def test_phash_distance_counts_differing_bits():
     assert phash_distance(a, b).tolist() == [0, 64, 2, 64]
 
 
-def test_find_pairs_refuses_an_unknown_method(videos):
+def test_find_pairs_refuses_an_unknown_method(videos, tmp_path):
     with pytest.raises(ValueError, match="video, retrieval"):
-        find_pairs(videos[0], "mirror")
+        find_pairs(videos[0], "mirror", tmp_path / "p.parquet")
 
 
 def test_the_report_shows_pairs_side_by_side(videos, tmp_path):

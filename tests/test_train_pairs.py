@@ -29,7 +29,7 @@ from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.photo_records import ellipse_mask
 from subjectdiff.train.cli import main
 from subjectdiff.train.config import load_config
-from subjectdiff.train.data import BatchStream, TrainSamples, make_reader, pair_index
+from subjectdiff.train.data import BatchStream, TrainSamples, batch_stream, make_reader, pair_index, shared_selection
 from subjectdiff.train.pairs import PairMixer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -208,8 +208,38 @@ def test_pairs_outside_the_selection_are_dropped_and_counted_once(records, tmp_p
     assert index.rows == 1 and index.dropped == 2
     assert [n for n in notes if "dropped" in n] == [
         f"data: --pairs {pairs}: 2 of 3 pairs dropped (their reference or target record is not in the selection "
-        "or the shards)"
+        "or the shards, or its object is not eligible in it)"
     ]
+
+
+def test_object_where_keeps_only_pairs_of_eligible_objects(records, tmp_path):
+    """--object-where "score > 0.85" keeps each record's ball (score 0.9), not its box (0.8): a pair is usable only
+    when both its objects are balls, as a single-image sample's subject is always its ball."""
+    d, keys = records
+    balls = [(keys[0], 0, keys[1], 0), (keys[4], 0, keys[2], 0)]
+    boxes = [(keys[0], 1, keys[1], 1), (keys[2], 0, keys[3], 1), (keys[5], 1, keys[4], 0)]  # a box at either end
+    pairs = write_pairs(tmp_path / "pairs.parquet", balls + boxes)
+    cfg = cfg_for(
+        d, tmp_path, f"data.pairs='{pairs}'", "data.object_where='score > 0.85'", "data.pair_ratio=0.5",
+        "model.max_subjects=1",
+    )  # fmt: skip
+    selection, eligible = shared_selection(cfg.data, str(tmp_path / "run"), 0, 1, resume=False)
+    assert eligible == {k: [0] for k in keys}
+    notes: list[str] = []
+    stream = batch_stream(cfg, selection, eligible, 0, 1, 32, notes.append)
+    got = list(stream.dataset)
+    pair_samples = [
+        (json.loads(s["ref_keys"])[0], int(s["ref_objects"][0]), s["key"], int(s["objects"][0]))
+        for s in got
+        if s["pair"]
+    ]
+    assert pair_samples and set(pair_samples) == set(balls)
+    assert all(int(s["objects"][0]) == 0 for s in got)  # single-image samples: the ball too
+    assert any("3 of 5 pairs dropped" in n for n in notes)
+    # the same pairs without --object-where: every one of them usable
+    plain = cfg_for(d, tmp_path, f"data.pairs='{pairs}'")
+    reader = make_reader(plain.data, None, 0, 1, 0)
+    assert pair_index(plain.data, reader, None, None).rows == 5
 
 
 def test_the_mixer_gives_the_exact_ratio_of_pair_samples(records, tmp_path):

@@ -836,24 +836,30 @@ def batch_stream(
     workers = loader_workers(cfg.data.num_workers, reader.epoch_size(), world)
     if log is not None:
         log(epoch_plan(reader, world, workers, cfg.data.batch_size))
-    pairs = pair_index(cfg.data, reader, selection, log)
+    pairs = pair_index(cfg.data, reader, selection, log, eligible)
     samples = TrainSamples(reader, cfg, subject_size, eligible, pairs)
     return BatchStream(samples, cfg.data.batch_size, workers, log)
 
 
 def pair_index(
-    cfg: DataConfig, reader: RecordReader, selection: dict[str, set[str]] | None, log: Callable[[str], None] | None
+    cfg: DataConfig,
+    reader: RecordReader,
+    selection: dict[str, set[str]] | None,
+    log: Callable[[str], None] | None,
+    eligible: dict[str, list[int]] | None = None,
 ) -> PairIndex | None:
-    """The indexed pairs file of data.pairs over the reader's records (None without pairs); log (rank 0) says
-    once how many pairs the selection drops. A pairs file with no pair left is a one-line error."""
+    """The indexed pairs file of data.pairs over the reader's records (None without pairs), keeping the pairs whose
+    two objects are both eligible (eligible: the selection's objects that --object-where kept; None: all); log
+    (rank 0) says once how many pairs the selection drops. A pairs file with no pair left is a one-line error."""
     if not cfg.pairs:
         return None
-    index = PairIndex.build(cfg.pairs, reader.urls, selection)
+    index = PairIndex.build(cfg.pairs, reader.urls, selection, eligible)
     if log is not None and index.dropped:
         log(index.dropped_line())
     if index.rows == 0 and cfg.pair_fraction > 0:
         raise ValueError(
-            f"--pairs {cfg.pairs}: none of its {index.total} pairs has both records in the selection or the shards"
+            f"--pairs {cfg.pairs}: none of its {index.total} pairs has both records in the selection or the shards "
+            "(and both objects eligible)"
         )
     if log is not None:
         log(f"data: {index.rows} pairs over {len(index.records)} records; {cfg.pair_fraction:g} of the slots are pairs")

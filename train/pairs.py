@@ -1,8 +1,8 @@
 """Cross-image pairs for training (`train --pairs pairs.parquet`): the pairs table indexed once into numpy arrays,
 random access to the records the pairs name, and the seeded mixer of pair and single-image sample slots.
 
-    index = PairIndex.build("pairs.parquet", reader.urls, selection)   # once per rank, before the workers fork
-    index.rows                                   # P valid pairs (both records in the selection / shards)
+    index = PairIndex.build("pairs.parquet", reader.urls, selection, eligible)   # once per rank, before the fork
+    index.rows                  # P valid pairs (both records in the selection / shards, both objects eligible)
     rec = index.records.read(index.ref_rec[p])   # a DecodedRecord, read straight from its tar
     mixer = PairMixer(ratio=0.5, seed=0)
     mixer.is_pair(j, phase)                      # is slot j of a worker's epoch a pair sample?
@@ -141,7 +141,8 @@ class PairIndex:
 
     ref_rec, ref_obj, tgt_rec, tgt_obj: (P,) int32 (record ids into `records`, object positions in the record).
     starts: (R + 1,) int64: the pairs whose target is record r are rows starts[r]:starts[r + 1].
-    total: the pairs file's rows; dropped: total - P (a record not in the selection or the shards)."""
+    total: the pairs file's rows; dropped: total - P (a record not in the selection or the shards, or an object the
+    selection's object predicate (--object-where) left out)."""
 
     path: str
     records: RecordLocations
@@ -168,12 +169,21 @@ class PairIndex:
     def dropped_line(self) -> str:
         return (
             f"data: --pairs {self.path}: {self.dropped} of {self.total} pairs dropped (their reference or target "
-            "record is not in the selection or the shards)"
+            "record is not in the selection or the shards, or its object is not eligible in it)"
         )
 
     @classmethod
-    def build(cls, path: str, urls: list[str], selection: Mapping[str, set[str]] | None) -> PairIndex:
-        """Index PATH (PAIR_SCHEMA, else a one-line UsageError) over the records of `urls` (and `selection`)."""
+    def build(
+        cls,
+        path: str,
+        urls: list[str],
+        selection: Mapping[str, set[str]] | None,
+        eligible: Mapping[str, list[int]] | None = None,
+    ) -> PairIndex:
+        """Index PATH (PAIR_SCHEMA, else a one-line UsageError) over the records of `urls` (and `selection`).
+        eligible: {key: object indices} of a selection made with an object predicate (--object-where;
+        catalogs.selection.load_eligible_objects): a pair is kept only when both its objects are among them, as a
+        single-image sample takes its subjects only among them (None: every object)."""
         check_pairs_schema(path)
         with open_url(path) as f:
             t = pq.read_table(f, columns=list(INDEX_COLUMNS))
@@ -186,6 +196,10 @@ class PairIndex:
         ref_obj = t["ref_index"].to_numpy(zero_copy_only=False)
         tgt_obj = t["target_index"].to_numpy(zero_copy_only=False)
         ok = ~(nulls(ref) | nulls(tgt) | nulls(ref_obj) | nulls(tgt_obj))  # a key not located: not in the selection
+        if eligible is not None:
+            allowed = eligible_codes(records.keys, eligible)
+            ok[ok] = np.isin(object_code(ref[ok], ref_obj[ok]), allowed)
+            ok[ok] = np.isin(object_code(tgt[ok], tgt_obj[ok]), allowed)
         order = np.argsort(tgt[ok], kind="stable")
         tgt_rec = tgt[ok][order].astype(np.int32)
         return cls(
@@ -198,6 +212,21 @@ class PairIndex:
             starts=np.searchsorted(tgt_rec, np.arange(len(records) + 1)).astype(np.int64),
             total=t.num_rows,
         )
+
+
+def object_code(rec: np.ndarray, obj: np.ndarray) -> np.ndarray:
+    """(n,) int64 codes of (record id, object index) pairs: one integer each, for np.isin."""
+    return rec.astype(np.int64) * (1 << 16) + obj.astype(np.int64)  # a record holds far fewer than 65536 objects
+
+
+def eligible_codes(keys: np.ndarray, eligible: Mapping[str, list[int]]) -> np.ndarray:
+    """The object_codes of the eligible objects of the located records KEYS (R,): a record the selection does not
+    list has none."""
+    recs = [np.full(len(eligible.get(k, ())), r, np.int64) for r, k in enumerate(keys.tolist())]
+    objs = [np.asarray(eligible.get(k, ()), np.int64) for k in keys.tolist()]
+    if not recs:
+        return np.zeros(0, np.int64)
+    return object_code(np.concatenate(recs), np.concatenate(objs))
 
 
 def nulls(a: np.ndarray) -> np.ndarray:
