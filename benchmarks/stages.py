@@ -331,44 +331,15 @@ def main(argv=None) -> None:
 # ----------------------------------------------------------------------------------------------- SAM levers
 
 # segment-anything-fast's levers (pytorch-labs, "Accelerating Generative AI" part 1), turned on one after another;
-# each row's "off" is the row before it. SDPA comes before compile so that one compile covers both.
+# each row's "off" is the row before it. SDPA comes before compile so that one compile covers both. The attention
+# and compile levers are the segment stage's own settings (segment.attention, segment.compile; sam_attention.py).
 LEVERS = [
     ("fp32, eager attention, no compile, one box per decoder call", {}),
     ("+ bf16 autocast", {"bf16": True}),
-    ("+ SDPA attention (scaled_dot_product_attention, rel-pos bias as its mask)", {"sdpa": True}),
+    ("+ SDPA attention (maskless, rel-pos bias folded into q and k: flash-eligible)", {"sdpa": True}),
     ("+ torch.compile of the image encoder", {"compile": True}),
     ("+ batched prompts (every box of an image in one decoder call)", {"batched": True}),
 ]
-
-
-def sdpa_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """segment_anything's image-encoder Attention.forward with F.scaled_dot_product_attention; the decomposed
-    relative-position terms (the same as add_decomposed_rel_pos adds) go in as its additive mask.
-    x: (B, H, W, C) -> (B, H, W, C)."""
-    from segment_anything.modeling.image_encoder import get_rel_pos
-
-    b, h, w, _ = x.shape
-    qkv = self.qkv(x).reshape(b, h * w, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.reshape(3, b * self.num_heads, h * w, -1).unbind(0)  # each (B * heads, H * W, head_dim)
-    bias = None
-    if self.use_rel_pos:
-        r_q = q.reshape(-1, h, w, q.shape[-1])
-        rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, get_rel_pos(h, h, self.rel_pos_h))
-        rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, get_rel_pos(w, w, self.rel_pos_w))
-        bias = (rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).reshape(-1, h * w, h * w).to(q.dtype)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-    return self.proj(out.view(b, self.num_heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1))
-
-
-def set_sdpa(encoder: torch.nn.Module, on: bool) -> None:
-    """Every Attention block of ENCODER (a SAM ImageEncoderViT) on sdpa_forward, or back on its own forward."""
-    import types
-
-    for block in encoder.blocks:
-        if on:
-            block.attn.forward = types.MethodType(sdpa_forward, block.attn)
-        else:
-            block.attn.__dict__.pop("forward", None)
 
 
 def mask_iou(a: list[np.ndarray], b: list[np.ndarray]) -> float:
@@ -384,13 +355,14 @@ def mask_iou(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 def sam_levers(args) -> None:
     """Images/s of the segment stage's SAM (encode + decode of 3 boxes per image) with each lever of LEVERS
     turned on in turn, the masks' mean IoU against the first (fp32) row's, and peak GPU memory."""
+    from subjectdiff.datagen.stages.sam_attention import set_attention
     from subjectdiff.datagen.stages.segment import Segmenter
 
     cfg = (config.tiny() if args.size == "tiny" else config.full_random()).segment
     # at most 8 images per encoder forward: ViT-H's fp32 global attention holds (8 x 16 heads, 4096, 4096) maps
-    cfg.device, cfg.dtype, cfg.batch_size = args.device, "float32", min(args.images, 8)
+    cfg = replace(cfg, device=args.device, dtype="float32", batch_size=min(args.images, 8), attention="eager")
     seg = Segmenter(cfg)  # weights in fp32; the bf16 lever is the stage's own autocast
-    encoder = seg.sam.image_encoder
+    encoder = seg.encoder
     images = [it["image"] for it in items_for(args.images)]
     boxes = np.asarray(BOXES, dtype=np.float64)
     cuda = seg.device.type == "cuda"
@@ -410,10 +382,11 @@ def sam_levers(args) -> None:
     for name, lever in LEVERS:
         on.update(lever)
         seg.dtype = torch.bfloat16 if on.get("bf16") else torch.float32
-        set_sdpa(encoder, on.get("sdpa", False))
+        set_attention(encoder, "sdpa" if on.get("sdpa") else "eager")
         if on.get("compile") and compiled is None:
+            # what segment.compile does (Segmenter), with the backend a choice here
             compiled = torch.compile(encoder, backend=args.compile_backend)
-        seg.sam.image_encoder = compiled if on.get("compile") else encoder
+        seg.encoder = compiled if on.get("compile") else encoder
         t0 = time.perf_counter()
         masks = run(on.get("batched", False))  # warm-up (and the compile)
         warm_s = time.perf_counter() - t0

@@ -101,6 +101,7 @@ DEFAULT_STOP_NOUNS = (
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+SAM_ATTENTIONS = ("eager", "sdpa")  # segment.attention (datagen/stages/sam_attention.py)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -232,6 +233,13 @@ class SegmentConfig:
     model_type: "vit_h" | "vit_l" | "vit_b" as in segment-anything's registry, or "auto" to read the
     encoder size from the checkpoint's shapes (how the tiny checkpoint loads). batch_size: images per
     image-encoder forward (ViT-H at 1024 px takes ~4 GB of activations per image in fp16).
+
+    attention: the image encoder's attention. "sdpa" (default): one maskless `scaled_dot_product_attention` per
+    block, the relative-position bias folded into q and k (datagen/stages/sam_attention.py), so the flash kernel
+    is eligible and the (heads, 4096, 4096) scores of the global blocks are never materialised; its masks equal
+    eager's to float rounding (tests/test_sam_attention.py). "eager": segment-anything's own Attention.forward.
+    compile: torch.compile the image encoder (inductor; the first batch of each shape pays the compile, minutes
+    for ViT-H). The GPU speed of both levers is measured by benchmarks/gpu.sh (benchmarks/stages.py --sam-levers).
     """
 
     checkpoint: str = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"
@@ -240,6 +248,8 @@ class SegmentConfig:
     multimask: bool = False  # True: keep the best of SAM's 3 masks by predicted IoU
     device: str = "auto"
     dtype: str = "float32"
+    attention: str = "sdpa"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check(
@@ -247,6 +257,8 @@ class SegmentConfig:
             f"segment.model_type {self.model_type!r}: use vit_h, vit_l, vit_b or auto",
         )
         _check(self.batch_size >= 1, "segment.batch_size must be >= 1")
+        _check(self.attention in SAM_ATTENTIONS, f"segment.attention {self.attention!r}: use one of {SAM_ATTENTIONS}")
+        _check(isinstance(self.compile, bool), f"segment.compile {self.compile!r}: use true or false")
         _check_device(self.device, self.dtype, "segment")
 
 

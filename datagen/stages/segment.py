@@ -4,6 +4,8 @@ Adds `masks` (COCO RLE dicts, one per detection, same order) and `mask_scores` (
 Image encoding runs `batch_size` images per forward; all boxes of one image are decoded in one
 `SamPredictor.predict_torch` call. Boxes arrive normalized xyxy and cross to SAM's pixel xyxy through
 `xyxy_norm_to_xyxy_pixels`. An image whose masks are all empty fails at stage "segment".
+The image encoder runs on `cfg.attention` (sam_attention.py: "sdpa" folds the rel-pos bias into a maskless
+SDPA, "eager" is segment-anything's own) and, with `cfg.compile`, under torch.compile.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from subjectdiff.catalogs import masks as mask_codec
 from subjectdiff.catalogs.boxes import xyxy_norm_to_xyxy_pixels
 from subjectdiff.datagen.config import SegmentConfig
 from subjectdiff.datagen.stages.common import Item, chunks, fail, live, pick_device, pick_dtype
+from subjectdiff.datagen.stages.sam_attention import set_attention
 from subjectdiff.sam import SAM_ARCHS, arch_from_state_dict, build_sam  # noqa: F401  (re-exported)
 from subjectdiff.sam import load_sam as load_sam_file
 from subjectdiff.weights import Checkpoint
@@ -37,8 +40,14 @@ def checkpoints(cfg: SegmentConfig, download: bool = False) -> list[Checkpoint]:
 
 
 def describe(cfg: SegmentConfig, entries: dict[str, dict]) -> dict:
-    """The run manifest's `models.segment`, from the manifest ENTRIES of its checkpoints."""
-    return {"model_type": cfg.model_type, **entries["segment.checkpoint"]}
+    """The run manifest's `models.segment`, from the manifest ENTRIES of its checkpoints; the encoder's
+    attention and compile settings, since they change the masks by float rounding."""
+    return {
+        "model_type": cfg.model_type,
+        "attention": cfg.attention,
+        "compile": cfg.compile,
+        **entries["segment.checkpoint"],
+    }
 
 
 class Segmenter:
@@ -47,7 +56,8 @@ class Segmenter:
     stage = "segment"
 
     def __init__(self, cfg: SegmentConfig, sam: torch.nn.Module | None = None):
-        """sam: an already built model (benchmarks at full size with random weights); else cfg.checkpoint."""
+        """sam: an already built model (benchmarks at full size with random weights); else cfg.checkpoint.
+        Either way its encoder's attention blocks are set to cfg.attention."""
         from segment_anything import SamPredictor
         from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -57,6 +67,10 @@ class Segmenter:
         # cfg.dtype says.
         self.dtype = pick_dtype(cfg.dtype, self.device) if self.device.type == "cuda" else torch.float32
         self.sam = (sam if sam is not None else load_sam(cfg)).eval().to(self.device)
+        set_attention(self.sam.image_encoder, cfg.attention)
+        # the module encode() calls; the compiled wrapper shares the encoder's parameters, and sam keeps the
+        # plain one (SamPredictor, img_size)
+        self.encoder = torch.compile(self.sam.image_encoder) if cfg.compile else self.sam.image_encoder
         self.predictor = SamPredictor(self.sam)
         self.transform = ResizeLongestSide(self.sam.image_encoder.img_size)
 
@@ -74,7 +88,7 @@ class Segmenter:
                 sizes.append((tuple(x.shape[-2:]), tuple(im.shape[:2])))
                 xs.append(self.sam.preprocess(x[None].float())[0])  # normalize, pad to 1024 x 1024
             with self._autocast():
-                feats = self.sam.image_encoder(torch.stack(xs)).float()
+                feats = self.encoder(torch.stack(xs)).float()
             out += [(f, s[0], s[1]) for f, s in zip(feats, sizes)]
         return out
 
