@@ -323,7 +323,8 @@ class Distributor:
                 ok, failed = result
                 task.ok += ok
                 task.failed += failed
-                self.progress.update(ok, failed, shard=task.name)
+                a, b = task.parts[part]  # the block's plan rows: its inputs, a video with all its frames
+                self.progress.update(ok, failed, shard=task.name, units=b - a)
                 task.parts_done += 1
                 if task.parts_done == len(task.parts):
                     commit = self.committers[task.committer].commit.remote(task.name, task.attempt)

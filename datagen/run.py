@@ -147,7 +147,9 @@ def _run_shards(
     """The run loop, plain or retrying: the incomplete shards TODO whole, and in the complete shards of REDO
     ({shard: keys}, datagen/retry.py) those samples; then the catalog, and the summary of what was done."""
     shards = retry.merges(folder.url, set(todo), redo) if redo else plan.shard_rows(folder.url, set(todo))
-    prog = Progress(sum(len(v) for v in redo.values()) + sum(counts[s] for s in todo), every=progress_every)
+    # planned inputs (a video is one, done when all its frames are written), and the records they give beside them
+    planned = sum(len(v) for v in redo.values()) + sum(counts[s] for s in todo)
+    prog = Progress(planned, every=progress_every, unit="inputs", rate_unit="inputs/s", records="samples")
     outcome = Outcome()
     if todo or redo:
         dist = Distributor(

@@ -3,13 +3,16 @@
     read_video_items(row) -> items          what datagen/decode.py calls for a plan row whose `media` is "video"
       1. scan: decode every frame once, downscaled (SCAN_WIDTH wide), streamed through PySceneDetect's content
          detector; keeps only each frame's pts and key-frame flag (16 bytes a frame), never a picture
-      2. sample_frames: which frames of which shot (`video.frames_per_shot`, `min_gap_s`, `max_frames`)
+      2. sample_frames: which frames of which shot (`video.frames_per_shot`, `min_gap_s`, `max_frames`), the gap
+         in frames at the average rate, or in the frames' own times where the rate varies (Scan.vfr_times)
       3. grab: decode only the sampled frames at full size, seeking to the key frame before each one where the
          container has pts for every frame, else decoding forward
     Each sampled frame becomes an item keyed `make_key(f"{video}#frame={n}")` (its source is that string), carrying
     `video` = {source, shot, frame, time} (catalogs.schema.VideoFrame) and `unit_key`, the plan key of its video
     (what a retry redoes: the whole video, datagen/retry.py). Its pixels are stored as JPEG (FRAME_QUALITY): the
-    video's own frames are already lossy, and a PNG of a 1080p frame is ten times larger.
+    video's own frames are already lossy, and a PNG of a 1080p frame is ten times larger. A video with a display
+    rotation (a phone's portrait video) has its frames turned upright first, and `extra["decode"]` says so
+    (`rotate_90`: degrees counter-clockwise), as a photo's says `exif_transpose`.
 
 A video that cannot be opened, or whose decoding breaks partway (a truncated or corrupt file), gives one more
 item, failed at "decode", keyed by the video's plan key, its source the video itself, its VideoFrame the frame
@@ -52,7 +55,12 @@ def is_video(name: str) -> bool:
 
 
 def sample_frames(
-    shots: list[tuple[int, int]], fps: float, frames_per_shot: int, min_gap_s: float, max_frames: int
+    shots: list[tuple[int, int]],
+    fps: float,
+    frames_per_shot: int,
+    min_gap_s: float,
+    max_frames: int,
+    times: list[float] | None = None,
 ) -> list[tuple[int, int]]:
     """Which frames to keep: [(shot index, frame index)], sorted by frame.
 
@@ -62,10 +70,15 @@ def sample_frames(
     At most max_frames in all: each shot of nonzero length gets one first (the longest shots, when there are
     more shots than max_frames: shots spread evenly over the video, the last one always among them, so the
     largest shot index sampled + 1 is the number of shots), then the rest go, one at a time, to the shot with the
-    most frames per frame taken."""
+    most frames per frame taken.
+    times: each frame's presentation time in seconds, non-decreasing, covering every shot (a variable frame
+    rate video's: Scan.vfr_times); the gap is then min_gap_s of these times, not a count of frames."""
     gap = max(1, math.ceil(min_gap_s * fps - 1e-9))
     lengths = [max(0, e - s) for s, e in shots]
-    caps = [min(frames_per_shot, 1 + (n - 1) // gap) if n > 0 else 0 for n in lengths]
+    if times is None:
+        caps = [min(frames_per_shot, 1 + (n - 1) // gap) if n > 0 else 0 for n in lengths]
+    else:
+        caps = [min(frames_per_shot, len(_greedy(times, s, e, min_gap_s, frames_per_shot))) for s, e in shots]
     live = [i for i, n in enumerate(lengths) if n > 0]
     if len(live) > max_frames:  # spread over the video, the last shot always in (so its index counts the shots)
         live = [live[len(live) - 1 - round(j * (len(live) - 1) / max(1, max_frames - 1))] for j in range(max_frames)]
@@ -79,6 +92,8 @@ def sample_frames(
         budget -= 1
         if take[i] < caps[i]:
             heapq.heappush(heap, (-lengths[i] / take[i], i))
+    if times is not None:
+        return [(i, f) for i in sorted(take) for f in _spread_times(times, *shots[i], take[i], min_gap_s)]
     return [(i, f) for i in sorted(take) for f in _spread(shots[i][0], lengths[i], take[i], gap)]
 
 
@@ -91,6 +106,45 @@ def _spread(start: int, length: int, k: int, gap: int) -> list[int]:
     inset = min((span - (k - 1) * gap) // 2, length // (2 * k))
     step = (span - 2 * inset) / (k - 1)  # >= gap, so floor(i * step) steps by >= gap
     return [start + inset + math.floor(i * step) for i in range(k)]
+
+
+def _greedy(times: list[float], start: int, end: int, gap_s: float, k: int) -> list[int]:
+    """Up to K frames of [start, end): the first, then each the next frame at least GAP_S after the one before
+    (as many as the shot holds at that spacing: frames of one time count once)."""
+    picks = [start] if end > start and k > 0 else []
+    while 0 < len(picks) < k:
+        n = _next_frame(times, times[picks[-1]] + gap_s, picks[-1] + 1, end)
+        if n >= end:
+            break
+        picks.append(n)
+    return picks
+
+
+def _next_frame(times: list[float], at: float, lo: int, end: int) -> int:
+    """The first frame in [lo, end) whose time is at least AT (end: none)."""
+    return bisect.bisect_left(times, at - 1e-9, lo, end)
+
+
+def _spread_times(times: list[float], start: int, end: int, k: int, gap_s: float) -> list[int]:
+    """_spread in time: K frames of [start, end) at least GAP_S apart in TIMES (needs _greedy to find K): the
+    first frames at or after evenly spaced moments, inset from the cuts, each pushed later where the frame before
+    needs its gap; where uneven gaps leave no room for that, the earliest K (_greedy)."""
+    t0, t1 = times[start], times[end - 1]
+    if k == 1:
+        return [min(end - 1, _next_frame(times, (t0 + t1) / 2, start, end))]
+    inset = max(0.0, min((t1 - t0 - (k - 1) * gap_s) / 2, (t1 - t0) / (2 * k)))
+    step = (t1 - t0 - 2 * inset) / (k - 1)
+    picks: list[int] = []
+    for i in range(k):
+        at = t0 + inset + i * step
+        lo = start
+        if picks:
+            at, lo = max(at, times[picks[-1]] + gap_s), picks[-1] + 1
+        n = _next_frame(times, at, lo, end)
+        if n >= end:
+            return _greedy(times, start, end, gap_s, k)
+        picks.append(n)
+    return picks
 
 
 # ------------------------------------------------------------------------------------------------ decoding
@@ -107,7 +161,9 @@ class VideoError(Exception):
 @dataclass
 class Scan:
     """What the first pass learnt: each decoded frame's pts (None where the stream gives none) and key-frame flag,
-    the shots as [start, end) frame ranges, the frame rate, and why decoding stopped early (None: it did not)."""
+    the shots as [start, end) frame ranges, the (average) frame rate, the display rotation (degrees
+    counter-clockwise that turn a decoded frame upright: display_rotation), and why decoding stopped early (None:
+    it did not)."""
 
     pts: list[int | None] = field(default_factory=list)
     keys: list[bool] = field(default_factory=list)
@@ -115,6 +171,7 @@ class Scan:
     fps: float = 0.0
     time_base: float = 0.0
     start: int = 0
+    rotation: int = 0
     broke: str | None = None
 
     def time(self, n: int) -> float:
@@ -127,6 +184,19 @@ class Scan:
     def seekable(self) -> bool:
         """Every frame has its own pts: a seek lands on a frame we can name."""
         return all(p is not None for p in self.pts) and len(set(self.pts)) == len(self.pts)
+
+    def vfr_times(self) -> list[float] | None:
+        """Each frame's time, when the frame rate varies (a phone's video in low light): some frame lies more than
+        a quarter frame from where the average rate puts it. None when the frame count is the clock, or the
+        frames carry no increasing pts to tell."""
+        if not self.pts or not self.time_base or not self.seekable():
+            return None
+        t = [self.time(n) for n in range(len(self.pts))]
+        if any(b <= a for a, b in zip(t, t[1:])):
+            return None
+        if all(abs(x - t[0] - n / self.fps) <= 0.25 / self.fps for n, x in enumerate(t)):
+            return None
+        return t
 
 
 def _ffmpeg_words(e: BaseException) -> str:
@@ -174,6 +244,8 @@ def scan(container, stream, threshold: float, min_shot_s: float) -> Scan:
             if width is None:
                 width = min(SCAN_WIDTH, frame.width)
                 height = max(2, round(frame.height * width / frame.width / 2) * 2)
+                # only the stored frames are turned: the detector's frame differences do not depend on it
+                s.rotation = display_rotation(frame, stream)
             n = len(s.pts)
             s.pts.append(frame.pts)
             s.keys.append(bool(frame.key_frame))
@@ -190,6 +262,28 @@ def scan(container, stream, threshold: float, min_shot_s: float) -> Scan:
     bounds = [0] + sorted({c for c in cuts if 0 < c < n}) + [n]
     s.shots = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
     return s
+
+
+def display_rotation(frame, stream) -> int:
+    """Degrees counter-clockwise (0, 90, 180 or 270) that turn FRAME upright as players show it: the display
+    matrix (a phone's portrait video; FFmpeg passes the container's on to each decoded frame: PyAV's
+    VideoFrame.rotation, counter-clockwise), else the legacy `rotate` tag of the stream (degrees clockwise).
+    A mirroring in the matrix is not applied."""
+    deg = float(frame.rotation or 0)
+    if not deg:  # Matroska keeps tags upper-case: ROTATE
+        tag = next((v for k, v in stream.metadata.items() if k.lower() == "rotate"), None)
+        try:
+            deg = -float(tag or 0)
+        except ValueError:  # a tag that is no number: no rotation
+            deg = 0.0
+    return round(deg / 90) % 4 * 90
+
+
+def upright(pixels, rotation: int):
+    """(H, W, 3) PIXELS of a decoded frame turned ROTATION degrees counter-clockwise (display_rotation)."""
+    import numpy as np
+
+    return np.ascontiguousarray(np.rot90(pixels, rotation // 90)) if rotation else pixels
 
 
 def _cut_short(container, stream, s: Scan) -> str | None:
@@ -287,7 +381,7 @@ def video_items(
         return [_video_failure(video, unit_key, alt_text, e.reason, 0, 0, 0.0)]
     with container:
         s = scan(container, stream, cfg.shot_threshold, cfg.min_shot_s)
-        picks = sample_frames(s.shots, s.fps, cfg.frames_per_shot, cfg.min_gap_s, cfg.max_frames)
+        picks = sample_frames(s.shots, s.fps, cfg.frames_per_shot, cfg.min_gap_s, cfg.max_frames, times=s.vfr_times())
         shot_of = {n: shot for shot, n in picks}
         items = [
             _frame_item(video, unit_key, alt_text, s, shot_of[n], n, got, decode)
@@ -322,8 +416,10 @@ def _frame_item(
         )
     else:
         buf = io.BytesIO()
-        Image.fromarray(got).save(buf, "JPEG", quality=FRAME_QUALITY)
+        Image.fromarray(upright(got, s.rotation)).save(buf, "JPEG", quality=FRAME_QUALITY)
         item = decode_item(source, buf.getvalue(), alt_text=alt, key=make_key(source), cfg=decode)
+        if s.rotation and not item.get("failure"):  # said as a photo's EXIF transpose is (records.md extra.decode)
+            item.setdefault("extra", {}).setdefault("decode", []).insert(0, f"rotate_{s.rotation}")
     item["video"] = {"source": video, "shot": shot, "frame": n, "time": s.time(n)}
     item["unit_key"] = unit_key
     return item

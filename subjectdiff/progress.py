@@ -1,15 +1,16 @@
 """Progress reporting, one home for every app: work done against a total, its rate and ETA since this process
 started, and how they are shown.
 
-    prog = Progress(total, every=5.0)                       # a datagen run: a line on stderr every 5 s
-    prog.update(ok, failed, shard="00003")                  #   [datagen] 30/100 samples (25 ok, 5 failed) ...
+    prog = Progress(inputs, unit="inputs", rate_unit="inputs/s", records="samples")   # a datagen run
+    prog.update(ok, failed, shard="00003", units=3)         #   [datagen] 30/100 inputs, 34 samples (29 ok, ...
     pace = Progress(max_steps, None, done=step, bar=True, unit="step")  # the trainer: a tqdm bar on rank 0
     pace.update(1, items=samples); pace.rate(), pace.item_rate(), pace.eta()
 
-The count that moves is ok + failed (the trainer's steps are all "ok"). A piece of work that is redone (a datagen
-shard whose attempt was lost: `restart`) counts again from zero, but what it had counted stays counted until the
-new attempt passes it, so the number done never goes back. (The ok/failed split follows the attempt that got
-furthest.)
+The count that moves is of UNITS: ok + failed unless `update` says otherwise (the trainer's steps are all "ok"; a
+datagen run counts its planned inputs, and its records as ok and failed beside them: a video is one input of a few
+frames' records). A piece of work that is redone (a datagen shard whose attempt was lost: `restart`) counts again
+from zero, but what it had counted stays counted until the new attempt passes it, so the number done never goes
+back. (The ok/failed split follows the attempt that got furthest.)
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ class Progress:
     """TOTAL units of work, DONE of them before this process started. Shown as a line on STREAM (default stderr)
     at most every EVERY seconds (None: no lines; the rate named RATE_UNIT there), and/or as a tqdm bar (BAR) of
     UNIT. `items` is a second count that moves with the units (the trainer's samples per step), shown on the bar
-    as a rate of ITEM_UNIT."""
+    as a rate of ITEM_UNIT. RECORDS: the ok and failed counts are of something else than the units, shown as
+    "N RECORDS (ok, failed)" after them (None: they are the units)."""
 
     def __init__(
         self,
@@ -37,15 +39,17 @@ class Progress:
         rate_unit: str = "img/s",
         item_unit: str = "samples",
         label: str = "datagen",
+        records: str | None = None,
     ):
         self.total, self.every, self.stream, self.first = total, every, stream, done
         self.unit, self.rate_unit, self.item_unit, self.label = unit, rate_unit, item_unit, label
-        self.ok, self.failed, self.items = done, 0, 0
+        self.records = records
+        self.units, self.ok, self.failed, self.items = done, done, 0, 0
         self.t0 = time.monotonic()
         self.last = -math.inf  # the first update shows its line at once
         self.shown = -1
-        self._current: dict[str, list[int]] = {}  # shard -> [ok, failed] of its current attempt
-        self._counted: dict[str, list[int]] = {}  # shard -> [ok, failed] counted in the totals
+        self._current: dict[str, list[int]] = {}  # shard -> [units, ok, failed] of its current attempt
+        self._counted: dict[str, list[int]] = {}  # shard -> [units, ok, failed] counted in the totals
         self.bar = None
         if bar:
             from tqdm.auto import tqdm
@@ -54,7 +58,7 @@ class Progress:
 
     @property
     def done(self) -> int:
-        return self.ok + self.failed
+        return self.units
 
     def elapsed(self) -> float:
         """Seconds since this process started counting (never 0)."""
@@ -71,25 +75,32 @@ class Progress:
     def eta(self) -> float:
         """Seconds left to the total at the current rate; inf while nothing has moved."""
         rate = self.rate()
-        # max: a datagen run of videos makes more records than it planned inputs (a few frames per video)
         return max(0, self.total - self.done) / rate if rate > 0 else math.inf
 
-    def update(self, ok: int, failed: int = 0, force: bool = False, shard: str | None = None, items: int = 0) -> None:
-        """OK and FAILED units more (of SHARD's current attempt, when given) and ITEMS more; then the line (every
-        EVERY seconds, or now with FORCE) and the bar (with the item rate after it)."""
+    def update(
+        self,
+        ok: int,
+        failed: int = 0,
+        force: bool = False,
+        shard: str | None = None,
+        items: int = 0,
+        units: int | None = None,
+    ) -> None:
+        """OK and FAILED more, and UNITS more done (None: ok + failed), of SHARD's current attempt when given, and
+        ITEMS more; then the line (every EVERY seconds, or now with FORCE) and the bar (the item rate after it)."""
         before = self.done
         self.items += items
+        step = [ok + failed if units is None else units, ok, failed]
         if shard is None:
-            self.ok += ok
-            self.failed += failed
+            self.units, self.ok, self.failed = (a + b for a, b in zip((self.units, self.ok, self.failed), step))
         else:
-            cur = self._current.setdefault(shard, [0, 0])
-            cur[0] += ok
-            cur[1] += failed
-            counted = self._counted.setdefault(shard, [0, 0])
-            if sum(cur) >= sum(counted):
-                self.ok += cur[0] - counted[0]
-                self.failed += cur[1] - counted[1]
+            cur = self._current.setdefault(shard, [0, 0, 0])
+            cur[:] = [a + b for a, b in zip(cur, step)]
+            counted = self._counted.setdefault(shard, [0, 0, 0])
+            if cur[0] >= counted[0]:
+                self.units += cur[0] - counted[0]
+                self.ok += cur[1] - counted[1]
+                self.failed += cur[2] - counted[2]
                 counted[:] = cur
         if self.bar is not None:
             if self.items:
@@ -100,7 +111,7 @@ class Progress:
 
     def restart(self, shard: str) -> None:
         """SHARD is redone from its first unit."""
-        self._current[shard] = [0, 0]
+        self._current[shard] = [0, 0, 0]
 
     def echo(self, text: str) -> None:
         """A log line: above the bar when one is shown, else on stdout."""
@@ -118,12 +129,16 @@ class Progress:
         if (not force and now - self.last < self.every) or (force and self.done == self.shown):
             return
         self.shown, self.last = self.done, now
+        print(self.line(), file=self.stream or sys.stderr, flush=True)
+
+    def line(self) -> str:
+        """The progress line: `[datagen] 3/3 inputs, 7 samples (6 ok, 1 failed) 0.5 inputs/s, ETA 00:00:00`, or
+        without RECORDS `[datagen] 5/5 samples (5 ok, 0 failed) 2.1 img/s, ETA 00:00:00`."""
         eta = self.eta()
-        print(
-            f"[{self.label}] {self.done}/{self.total} {self.unit} ({self.ok} ok, {self.failed} failed) "
-            f"{self.rate():.3g} {self.rate_unit}, ETA {clock(eta) if eta != math.inf else '?'}",
-            file=self.stream or sys.stderr,
-            flush=True,
+        records = f", {self.ok + self.failed} {self.records}" if self.records else ""
+        return (
+            f"[{self.label}] {self.done}/{self.total} {self.unit}{records} ({self.ok} ok, {self.failed} failed) "
+            f"{self.rate():.3g} {self.rate_unit}, ETA {clock(eta) if eta != math.inf else '?'}"
         )
 
 

@@ -25,3 +25,21 @@ def test_the_trainers_pace_counts_from_its_resumed_step():
 def test_durations_read_as_before():
     assert clock(3 * 3600 + 4 * 60 + 5) == "03:04:05" and clock(2 * 86400 + 5) == "2d 00:00:05"
     assert duration(12) == "12s" and duration(185) == "3m05s" and duration(math.inf) == "?"
+
+
+def test_a_datagen_line_counts_planned_inputs_and_the_records_beside_them():
+    """2 photos and a video of 5 sampled frames: 3 inputs planned, 7 records; a redone shard never goes back."""
+    out = io.StringIO()
+    prog = Progress(3, 0.0, out, unit="inputs", rate_unit="inputs/s", records="samples")
+    prog.update(2, 0, shard="00000", units=2)  # the photos' block
+    prog.update(4, 1, shard="00001", units=1)  # the video's block: its 5 frames, written together
+    prog.restart("00001")  # the video's shard was lost before its commit, and is redone: nothing counted twice
+    prog.update(4, 1, shard="00001", units=1)
+    lines = out.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "[datagen] 2/3 inputs, 2 samples",
+        "[datagen] 3/3 inputs, 7 samples",
+        "[datagen] 3/3 inputs, 7 samples",
+    ]
+    assert lines[-1].startswith("[datagen] 3/3 inputs, 7 samples (6 ok, 1 failed) ") and " inputs/s, ETA " in lines[-1]
+    assert prog.eta() == 0

@@ -294,7 +294,7 @@ def test_a_fresh_run_on_a_bucket_deletes_nothing(faulty_run):
 def test_progress_never_goes_back_while_a_shard_is_redone(faulty_run):
     err = faulty_run["stderr"]
     assert "shard 00001: attempt 1 failed" in err  # the refused upload: the shard was redone
-    done = [int(m) for m in re.findall(r"^\[datagen\] (\d+)/\d+ samples", err, re.M)]
+    done = [int(m) for m in re.findall(r"^\[datagen\] (\d+)/\d+ inputs, \d+ samples", err, re.M)]
     assert done and done == sorted(done) and done[-1] == len(faulty_run["inputs"]), done
 
 
