@@ -77,7 +77,7 @@ def sections(opts) -> list[Section]:
         else ["--preset", "sd2-base", "--steps", "50", "--batches", "1,4", "--repeats", "2"]
     )
     pipeline = (
-        ["--preset", "tiny", "--images", "2", "--batch-size", "2", "--pipelines", "fuse"]
+        ["--preset", "tiny", "--images", "1", "--batch-size", "1", "--pipelines", "fuse"]  # one image: the path
         if dry
         else ["--preset", "full-random", "--images", str(opts.pipeline_images), "--batch-size", "16"]
         + ["--pipelines", "pools"]

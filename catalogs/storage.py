@@ -16,9 +16,10 @@ Errors: `transient(e)` says whether an error may pass on another try (a connecti
 mid-body, a timeout, throttling or a server error), by what the error is rather than where it was raised, so
 every reader and writer of the project retries the same things; `describe(e)` puts an error in stable words
 for a failure reason (no byte counts, addresses or request ids, so reasons group), `detail(e)` adds the
-error's own message for logs. A remote folder's operations are retried on transient errors (`RETRY_DELAYS`),
-on top of the client's own retries (botocore's `AWS_MAX_ATTEMPTS`, s3fs's `retries` storage option); an
-operation that still fails raises StorageError, one line naming the URL and the error.
+error's own message for logs. A remote folder's operations are retried on transient errors (`RETRY_DELAYS`,
+$SUBJECTDIFF_STORAGE_RETRY_DELAYS), on top of the client's own retries (botocore's `AWS_MAX_ATTEMPTS`, s3fs's
+`retries` storage option); an operation that still fails raises StorageError, one line naming the URL and the
+error.
 
 Publishing (`commit`) is where local folders and object stores differ. A local file is written under a
 temporary name in the same folder and renamed into place (atomic on POSIX). An object store has no rename,
@@ -47,9 +48,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 ENV_OPTIONS = "SUBJECTDIFF_STORAGE_OPTIONS"
 ENV_CACHE = "SUBJECTDIFF_CACHE"
+ENV_RETRY_DELAYS = "SUBJECTDIFF_STORAGE_RETRY_DELAYS"
 # Variables that configure storage clients: the AWS SDKs' and s3fs's (endpoint, region, keys, profile),
-# fsspec's own (FSSPEC_<PROTOCOL>_<OPTION>), and ours.
-STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_", ENV_OPTIONS)
+# fsspec's own (FSSPEC_<PROTOCOL>_<OPTION>), and ours (options, retry delays).
+STORAGE_ENV_PREFIXES = ("AWS_", "FSSPEC_", ENV_OPTIONS, ENV_RETRY_DELAYS)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,7 +64,24 @@ class StorageError(OSError):
 
 # ---------------------------------------------------------------------------------------------- errors
 
-RETRY_DELAYS = (0.5, 2.0, 8.0)  # seconds before the 2nd, 3rd and 4th attempt of a remote operation
+
+def _retry_delays(default: tuple[float, ...] = (0.5, 2.0, 8.0)) -> tuple[float, ...]:
+    """Seconds before the 2nd, 3rd, ... attempt of a remote operation: $SUBJECTDIFF_STORAGE_RETRY_DELAYS
+    ("0.5,2,8": one more attempt than delays), else DEFAULT. Read once, at import, in every process (the
+    driver, its subprocesses and Ray workers inherit it; `storage_env` hands it to other nodes)."""
+    text = os.environ.get(ENV_RETRY_DELAYS, "").strip()
+    if not text:
+        return default
+    try:
+        delays = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        delays = (-1.0,)
+    if any(not d >= 0 for d in delays):
+        raise ValueError(f"${ENV_RETRY_DELAYS}={text!r}: expected seconds >= 0 separated by commas, e.g. 0.5,2,8")
+    return delays
+
+
+RETRY_DELAYS = _retry_delays()
 
 # Errors that mean the request should not be repeated as it is: a missing object, a folder, no access.
 _PERMANENT = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError, StorageError)

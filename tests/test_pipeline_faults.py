@@ -39,7 +39,7 @@ def two_node_cluster():
     if ray.is_initialized():
         ray.shutdown()
     # The head has no CPUs for work: every stage actor and task lands on the worker node, which dies.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     worker = cluster.add_node(num_cpus=4)
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()

@@ -144,6 +144,24 @@ def test_errors_are_classified_by_what_they_are():
     assert storage.describe(transient[5]) == "HTTP 503: SlowDown"
 
 
+def test_retry_delays_are_a_setting(monkeypatch):
+    """$SUBJECTDIFF_STORAGE_RETRY_DELAYS: the delays, one more attempt than delays; a bad value is one line."""
+    assert storage._retry_delays() == storage.RETRY_DELAYS == (0.5, 2.0, 8.0)
+    monkeypatch.setenv(storage.ENV_RETRY_DELAYS, "0.1, 1,0")
+    assert storage._retry_delays() == (0.1, 1.0, 0.0)
+    assert storage.storage_env()[storage.ENV_RETRY_DELAYS] == "0.1, 1,0"  # handed to the run's Ray workers
+    for bad in ("fast", "1,-2", "1,,2"):
+        monkeypatch.setenv(storage.ENV_RETRY_DELAYS, bad)
+        with pytest.raises(ValueError, match=r"^\$SUBJECTDIFF_STORAGE_RETRY_DELAYS=.*expected seconds >= 0"):
+            storage._retry_delays()
+    # a process started with it (a datagen run, its Ray workers) retries with those delays
+    code = "from subjectdiff.catalogs import storage as s; "
+    code += "print(s.retrying.__defaults__, s.RetryingReader.__init__.__defaults__)"
+    env = {**os.environ, storage.ENV_RETRY_DELAYS: "0.1,1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == ["((0.1,", "1.0),)", "((0.1,", "1.0),)"]
+
+
 def test_the_training_reader_and_uploads_ride_out_transient_errors(fault_proxy, tmp_path, no_sleep):
     root = new_bucket()
     data = os.urandom(3 << 20)
@@ -331,7 +349,13 @@ def test_heavy_faults_end_in_one_line_per_shard_and_a_rerun_is_exact(fault_proxy
         "2",
         "pipeline.max_attempts=2",
     ]
-    env = {**os.environ, "SUBJECTDIFF_CACHE": str(tmp_path / "cache")}
+    # the same 4 attempts per operation, a few ms apart rather than 0.5, 2 and 8 s: each failed upload or
+    # listing of the three runs would otherwise wait 10.5 s (and each shard is tried twice)
+    env = {
+        **os.environ,
+        "SUBJECTDIFF_CACHE": str(tmp_path / "cache"),
+        storage.ENV_RETRY_DELAYS: "0.01,0.01,0.01",
+    }
 
     def datagen() -> subprocess.CompletedProcess:
         return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
