@@ -11,8 +11,9 @@
     `video` = {source, shot, frame, time} (catalogs.schema.VideoFrame) and `unit_key`, the plan key of its video
     (what a retry redoes: the whole video, datagen/retry.py). Its pixels are stored as JPEG (FRAME_QUALITY): the
     video's own frames are already lossy, and a PNG of a 1080p frame is ten times larger. A video with a display
-    rotation (a phone's portrait video) has its frames turned upright first, and `extra["decode"]` says so
-    (`rotate_90`: degrees counter-clockwise), as a photo's says `exif_transpose`.
+    rotation or mirror (a phone's portrait video, a selfie camera's) has its frames turned upright first, as
+    players show them, and `extra["decode"]` says so (`hflip`, then `rotate_90`: degrees counter-clockwise), as a
+    photo's says `exif_transpose`.
 
 A video that cannot be opened, or whose decoding breaks partway (a truncated or corrupt file), gives one more
 item, failed at "decode", keyed by the video's plan key, its source the video itself, its VideoFrame the frame
@@ -30,6 +31,7 @@ import io
 import math
 import posixpath
 import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,12 +160,25 @@ class VideoError(Exception):
         self.reason = reason
 
 
+@dataclass(frozen=True)
+class Orientation:
+    """What turns a decoded frame upright as players show it: a horizontal flip (MIRROR) first, then ROTATION
+    degrees counter-clockwise (0, 90, 180 or 270). The eight orientations of a picture each have one such form: a
+    vertical flip is a horizontal one then rotate_180."""
+
+    mirror: bool = False
+    rotation: int = 0
+
+    def words(self) -> list[str]:
+        """What extra.decode says of it, in the order applied: ["hflip", "rotate_90"]; [] for none."""
+        return ["hflip"] * self.mirror + [f"rotate_{self.rotation}"] * bool(self.rotation)
+
+
 @dataclass
 class Scan:
     """What the first pass learnt: each decoded frame's pts (None where the stream gives none) and key-frame flag,
-    the shots as [start, end) frame ranges, the (average) frame rate, the display rotation (degrees
-    counter-clockwise that turn a decoded frame upright: display_rotation), and why decoding stopped early (None:
-    it did not)."""
+    the shots as [start, end) frame ranges, the (average) frame rate, what turns a decoded frame upright
+    (display_orientation), and why decoding stopped early (None: it did not)."""
 
     pts: list[int | None] = field(default_factory=list)
     keys: list[bool] = field(default_factory=list)
@@ -171,7 +186,7 @@ class Scan:
     fps: float = 0.0
     time_base: float = 0.0
     start: int = 0
-    rotation: int = 0
+    orientation: Orientation = Orientation()
     broke: str | None = None
 
     def time(self, n: int) -> float:
@@ -245,7 +260,7 @@ def scan(container, stream, threshold: float, min_shot_s: float) -> Scan:
                 width = min(SCAN_WIDTH, frame.width)
                 height = max(2, round(frame.height * width / frame.width / 2) * 2)
                 # only the stored frames are turned: the detector's frame differences do not depend on it
-                s.rotation = display_rotation(frame, stream)
+                s.orientation = display_orientation(frame, stream)
             n = len(s.pts)
             s.pts.append(frame.pts)
             s.keys.append(bool(frame.key_frame))
@@ -264,26 +279,43 @@ def scan(container, stream, threshold: float, min_shot_s: float) -> Scan:
     return s
 
 
-def display_rotation(frame, stream) -> int:
-    """Degrees counter-clockwise (0, 90, 180 or 270) that turn FRAME upright as players show it: the display
-    matrix (a phone's portrait video; FFmpeg passes the container's on to each decoded frame: PyAV's
-    VideoFrame.rotation, counter-clockwise), else the legacy `rotate` tag of the stream (degrees clockwise).
-    A mirroring in the matrix is not applied."""
-    deg = float(frame.rotation or 0)
-    if not deg:  # Matroska keeps tags upper-case: ROTATE
-        tag = next((v for k, v in stream.metadata.items() if k.lower() == "rotate"), None)
-        try:
-            deg = -float(tag or 0)
-        except ValueError:  # a tag that is no number: no rotation
-            deg = 0.0
-    return round(deg / 90) % 4 * 90
+def display_orientation(frame, stream) -> Orientation:
+    """How players turn FRAME upright: by the display matrix (a phone's portrait video, a selfie camera's mirror)
+    that FFmpeg passes from the container to each decoded frame (PyAV shows it as frame side data; it reads no
+    stream's), else by the legacy `rotate` tag of the stream (degrees clockwise; no mirror).
+
+    The matrix's 2x2 part [[a, b], [c, d]] maps a stored pixel (x, y), y down, to where it is shown:
+    (x', y') = (a x + c y, b x + d y), as FFmpeg's autorotate reads it. A negative determinant is a mirror: taken as
+    a horizontal flip first (negating a and b), what is left is a rotation by atan2(b, a) clockwise."""
+    from av.sidedata.sidedata import Type
+
+    matrix = frame.side_data.get(Type.DISPLAYMATRIX)
+    if matrix is not None:
+        a, b, _, c, d, *_ = struct.unpack("=9i", bytes(matrix))  # 16.16 fixed point: only signs and ratios count
+        mirror = a * d - b * c < 0
+        if mirror:
+            a, b = -a, -b
+        return Orientation(mirror, _quarter_turns(-math.degrees(math.atan2(b, a))))
+    tag = next((v for k, v in stream.metadata.items() if k.lower() == "rotate"), None)  # Matroska: ROTATE
+    try:
+        return Orientation(False, _quarter_turns(-float(tag or 0)))
+    except ValueError:  # a tag that is no number: no rotation
+        return Orientation()
 
 
-def upright(pixels, rotation: int):
-    """(H, W, 3) PIXELS of a decoded frame turned ROTATION degrees counter-clockwise (display_rotation)."""
+def _quarter_turns(ccw: float) -> int:
+    """CCW degrees as the nearest of 0, 90, 180, 270 (a matrix's rotation is a multiple of 90 but for rounding)."""
+    return round(ccw / 90) % 4 * 90
+
+
+def upright(pixels, orientation: Orientation):
+    """(H, W, 3) PIXELS of a decoded frame turned upright by ORIENTATION (display_orientation): flipped left to
+    right, then turned (np.rot90 turns counter-clockwise)."""
     import numpy as np
 
-    return np.ascontiguousarray(np.rot90(pixels, rotation // 90)) if rotation else pixels
+    if orientation == Orientation():
+        return pixels
+    return np.ascontiguousarray(np.rot90(pixels[:, ::-1] if orientation.mirror else pixels, orientation.rotation // 90))
 
 
 def _cut_short(container, stream, s: Scan) -> str | None:
@@ -416,10 +448,10 @@ def _frame_item(
         )
     else:
         buf = io.BytesIO()
-        Image.fromarray(upright(got, s.rotation)).save(buf, "JPEG", quality=FRAME_QUALITY)
+        Image.fromarray(upright(got, s.orientation)).save(buf, "JPEG", quality=FRAME_QUALITY)
         item = decode_item(source, buf.getvalue(), alt_text=alt, key=make_key(source), cfg=decode)
-        if s.rotation and not item.get("failure"):  # said as a photo's EXIF transpose is (records.md extra.decode)
-            item.setdefault("extra", {}).setdefault("decode", []).insert(0, f"rotate_{s.rotation}")
+        if s.orientation.words() and not item.get("failure"):  # said as a photo's EXIF transpose is (records.md)
+            item.setdefault("extra", {}).setdefault("decode", [])[:0] = s.orientation.words()
     item["video"] = {"source": video, "shot": shot, "frame": n, "time": s.time(n)}
     item["unit_key"] = unit_key
     return item

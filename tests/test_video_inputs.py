@@ -148,8 +148,9 @@ def test_a_file_with_a_video_suffix_that_is_no_video_is_one_failure_saying_so(da
 
 def _write_clip(path: Path, frames: list, times: list[float] | None = None, **rotation) -> None:
     """A video of FRAMES ((H, W, 3) uint8) at FPS, or shown at TIMES (seconds: a variable frame rate, pts in ms);
-    rotation: display=DEG (the display matrix, degrees counter-clockwise) or tag=DEG (the legacy `rotate` tag,
-    degrees clockwise; Matroska keeps it as a tag)."""
+    rotation: display=DEG (the display matrix, degrees counter-clockwise; with hflip=True or vflip=True, a mirror
+    after the turn, as PyAV's set_display_rotation writes it) or tag=DEG (the legacy `rotate` tag, degrees
+    clockwise; Matroska keeps it as a tag)."""
     from fractions import Fraction
 
     import av
@@ -161,7 +162,8 @@ def _write_clip(path: Path, frames: list, times: list[float] | None = None, **ro
         if times is not None:
             stream.time_base = stream.codec_context.time_base = Fraction(1, 1000)
         if "display" in rotation:
-            stream.set_display_rotation(rotation["display"])
+            flips = {k: rotation[k] for k in ("hflip", "vflip") if k in rotation}
+            stream.set_display_rotation(rotation["display"], **flips)
         if "tag" in rotation:
             stream.metadata["rotate"] = str(rotation["tag"])
         for i, pixels in enumerate(frames):
@@ -195,6 +197,38 @@ def test_a_video_with_a_display_rotation_gives_upright_frames_and_says_so(tmp_pa
     flipped = np.abs(item["image"].astype(int) - upright[::-1, ::-1]).mean()  # the other upright-shaped guess
     assert err < 12 and flipped > 3 * err, (err, flipped)
     assert item["extra"]["decode"] == [f"rotate_{ccw}"]
+
+
+@pytest.mark.parametrize(
+    "mirror, words",
+    [
+        ({"display": 0, "hflip": True}, ["hflip"]),
+        ({"display": 0, "vflip": True}, ["hflip", "rotate_180"]),
+        ({"display": 90, "hflip": True}, ["hflip", "rotate_270"]),
+        ({"display": 180, "vflip": True}, ["hflip"]),
+        ({"display": 270, "hflip": True}, ["hflip", "rotate_90"]),
+    ],
+)
+def test_a_mirrored_video_gives_the_frames_players_show_and_says_so(tmp_path, mirror, words):
+    """A selfie camera's video: a display matrix that mirrors (a negative determinant), alone or after a turn. The
+    records hold what players show: the stored frame turned, then flipped."""
+    import numpy as np
+    from PIL import Image
+
+    from subjectdiff.photo_records import photo
+
+    shown = np.asarray(Image.fromarray(photo("chelsea")).resize((128, 96), Image.BILINEAR))
+    # what players show is flip(turn(stored)); so stored = turn back (flip (shown)), a flip being its own inverse
+    unflipped = shown[:, ::-1] if mirror.get("hflip") else shown[::-1]
+    stored = np.ascontiguousarray(np.rot90(unflipped, -mirror["display"] // 90))
+    path = tmp_path / "selfie.mp4"
+    _write_clip(path, [stored] * 6, **mirror)
+    (item,) = video_items(str(path), "k", str(path), cfg=VideoConfig(frames_per_shot=1))
+    assert not item.get("failure") and item["image"].shape == shown.shape
+    err = np.abs(item["image"].astype(int) - shown).mean()
+    unmirrored = np.abs(item["image"].astype(int) - unflipped).mean()  # the turn applied, the mirror not
+    assert err < 12 and unmirrored > 3 * err, (err, unmirrored)
+    assert item["extra"]["decode"] == words
 
 
 def test_a_video_without_rotation_says_nothing_of_it(tmp_path):
