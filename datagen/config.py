@@ -416,9 +416,10 @@ class VideoConfig:
 
     Shots are found by PySceneDetect's content detector on downscaled frames: a cut where the HSV content score
     between two frames reaches `shot_threshold` (PySceneDetect's default 27), shots shorter than `min_shot_s`
-    seconds merged into the next. frames_per_shot: frames sampled per shot, spread over it; min_gap_s: the least
-    time between two frames sampled from one shot (a short shot gives fewer); max_frames: the most per video
-    (then the longer shots keep theirs: every shot gets one first while the budget allows).
+    seconds (in the frames' own times where the rate varies) merged into the next. frames_per_shot: frames
+    sampled per shot, spread over it; min_gap_s: the least time between two frames sampled from one shot (a short
+    shot gives fewer); max_frames: the most per video (then the longer shots keep theirs: every shot gets one first
+    while the budget allows).
     """
 
     frames_per_shot: int = 3

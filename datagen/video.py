@@ -2,7 +2,8 @@
 
     read_video_items(row) -> items          what datagen/decode.py calls for a plan row whose `media` is "video"
       1. scan: decode every frame once, downscaled (SCAN_WIDTH wide), streamed through PySceneDetect's content
-         detector; keeps only each frame's pts and key-frame flag (16 bytes a frame), never a picture
+         detector; keeps only each frame's pts and key-frame flag (16 bytes a frame), never a picture; then shots
+         shorter than `video.min_shot_s` merged (merge_short_shots), timed as the sampling times them
       2. sample_frames: which frames of which shot (`video.frames_per_shot`, `min_gap_s`, `max_frames`), the gap
          in frames at the average rate, or in the frames' own times where the rate varies (Scan.vfr_times)
       3. grab: decode only the sampled frames at full size, seeking to the key frame before each one where the
@@ -251,7 +252,9 @@ def scan(container, stream, threshold: float, min_shot_s: float) -> Scan:
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 25.0
     s = Scan(fps=fps, time_base=float(stream.time_base or 0), start=stream.start_time or 0)
-    detector = ContentDetector(threshold=threshold, min_scene_len=max(1, round(min_shot_s * fps)))
+    # every frame over the threshold is a cut: the detector counts a shot's length in frames at one rate, so
+    # min_shot_s is held after the scan, in the frames' own times (merge_short_shots)
+    detector = ContentDetector(threshold=threshold, min_scene_len=0)
     cuts: list[int] = []
     width = height = None
     try:
@@ -274,9 +277,26 @@ def scan(container, stream, threshold: float, min_shot_s: float) -> Scan:
         cuts += [tc.frame_num for tc in detector.post_process(FrameTimecode(n - 1, fps=fps))]
     if s.broke is None:
         s.broke = _cut_short(container, stream, s)
-    bounds = [0] + sorted({c for c in cuts if 0 < c < n}) + [n]
-    s.shots = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    times = s.vfr_times() or [i / fps for i in range(n)]  # the clock sample_frames keeps min_gap_s by
+    s.shots = merge_short_shots(sorted({c for c in cuts if 0 < c < n}), times, min_shot_s, 1 / fps)
     return s
+
+
+def merge_short_shots(cuts: list[int], times: list[float], min_shot_s: float, last_s: float) -> list[tuple[int, int]]:
+    """The shots, as [start, end) frame ranges, of the len(TIMES) frames cut before each frame of CUTS (sorted, in
+    (0, len(times))), each at least MIN_SHOT_S long: a shorter one is merged into the next, the last into the one
+    before (one shot when the whole video is shorter). TIMES: each frame's time in seconds, non-decreasing; a shot
+    lasts from its first frame's time to the next shot's, the last one to its last frame's time + LAST_S."""
+    if not times:
+        return []
+    kept = [0]
+    for c in cuts:
+        if times[c] - times[kept[-1]] >= min_shot_s - 1e-9:
+            kept.append(c)
+    if len(kept) > 1 and times[-1] + last_s - times[kept[-1]] < min_shot_s - 1e-9:
+        kept.pop()
+    bounds = [*kept, len(times)]
+    return list(zip(bounds, bounds[1:]))
 
 
 def display_orientation(frame, stream) -> Orientation:

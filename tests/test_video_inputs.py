@@ -27,7 +27,15 @@ from subjectdiff.catalogs.schema import make_key
 from subjectdiff.datagen import sources
 from subjectdiff.datagen.config import VideoConfig
 from subjectdiff.datagen.run import run
-from subjectdiff.datagen.video import frame_source, grab, open_video, sample_frames, scan, video_items
+from subjectdiff.datagen.video import (
+    frame_source,
+    grab,
+    merge_short_shots,
+    open_video,
+    sample_frames,
+    scan,
+    video_items,
+)
 from subjectdiff.photo_records import write_photo_video
 from tests.pipelines import tiny_cfg
 
@@ -280,6 +288,57 @@ def test_frames_sampled_by_their_times_keep_the_gap_in_time(gaps, cuts, per_shot
         mine = [f for s, f in picks if s == shot]
         assert all(shots[shot][0] <= f < shots[shot][1] for f in mine) and len(mine) <= per_shot
         assert all(times[b] - times[a] >= min_gap_s - 1e-6 for a, b in zip(mine, mine[1:]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    gaps=st.lists(st.floats(0.001, 1.0), max_size=80),
+    cuts=st.lists(st.integers(1, 80), max_size=12),
+    min_shot_s=st.floats(0.0, 3.0),
+    last_s=st.floats(0.001, 0.1),
+)
+def test_short_shots_merge_until_every_shot_lasts_min_shot_s_in_time(gaps, cuts, min_shot_s, last_s):
+    times = [0.0]
+    for g in gaps:
+        times.append(times[-1] + g)
+    found = sorted({c for c in cuts if c < len(times)})
+    shots = merge_short_shots(found, times, min_shot_s, last_s)
+    assert shots[0][0] == 0 and shots[-1][1] == len(times) and all(a < b for a, b in shots)
+    assert all(b == c for (_, b), (c, _) in zip(shots, shots[1:]))  # the frames, in order, each in one shot
+    assert {a for a, _ in shots[1:]} <= set(found)  # no cut where the detector found none
+    ends = [times[b] if b < len(times) else times[-1] + last_s for _, b in shots]
+    if len(shots) > 1:
+        assert all(e - times[a] >= min_shot_s - 1e-6 for (a, _), e in zip(shots, ends))
+    kept = {a for a, _ in shots}
+    for c in found:  # a cut is dropped only where it would leave a shot too short
+        if c not in kept:
+            before = max(a for a in kept if a < c)
+            assert times[c] - times[before] < min_shot_s or times[-1] + last_s - times[c] < min_shot_s
+
+
+def test_min_shot_s_holds_in_time_where_the_frame_rate_varies(tmp_path):
+    """Four photos, hard cuts between them, at rates that vary 50-fold: a shot of 30 frames in 0.3 s is shorter
+    than video.min_shot_s = 0.5 and merges into the next; a shot of 4 frames over 2 s is a shot. (Counted in frames
+    at the average rate, about 11 a second here, it would be the other way round.)"""
+    import numpy as np
+    from PIL import Image
+
+    from subjectdiff.photo_records import photo
+
+    runs = [("astronaut", 10, 0.5), ("chelsea", 30, 0.01), ("coffee", 4, 0.5), ("rocket", 60, 0.04)]
+    frames, times = [], []
+    for name, count, step in runs:
+        still = np.asarray(Image.fromarray(photo(name)).resize((64, 48), Image.BILINEAR).convert("RGB"))
+        start = times[-1] + 0.04 if times else 0.0
+        frames += [still] * count
+        times += [start + i * step for i in range(count)]
+    path = tmp_path / "vfr.mkv"
+    _write_clip(path, frames, times)
+    container, stream = open_video(str(path))
+    with container:
+        s = scan(container, stream, 27.0, 0.5)
+    assert s.vfr_times() is not None and s.broke is None
+    assert s.shots == [(0, 10), (10, 44), (44, 104)]  # chelsea's 0.3 s joined coffee's shot
 
 
 # --------------------------------------------------------------------------------------- where videos come
