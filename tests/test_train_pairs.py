@@ -30,7 +30,7 @@ from subjectdiff.photo_records import ellipse_mask
 from subjectdiff.train.cli import main
 from subjectdiff.train.config import load_config
 from subjectdiff.train.data import BatchStream, TrainSamples, batch_stream, make_reader, pair_index, shared_selection
-from subjectdiff.train.pairs import PairMixer
+from subjectdiff.train.pairs import PairIndex, PairMixer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -300,6 +300,85 @@ def test_ranks_take_disjoint_pairs(records, tmp_path):
         assert len(got) == len(per_rank[-1]) == 12
     assert not per_rank[0] & per_rank[1]
     assert per_rank[0] | per_rank[1] == {(a, i, b) for a, i, b, _ in both_ways(keys)}
+
+
+INDEX_ARRAYS = ("ref_rec", "ref_obj", "tgt_rec", "tgt_obj", "starts")
+LOCATION_ARRAYS = ("keys", "url", "json_at", "json_size", "image_at", "image_size", "ext")
+
+
+def same_index(a: PairIndex, b: PairIndex) -> bool:
+    return (
+        (a.path, a.total, a.records.urls) == (b.path, b.total, b.records.urls)
+        and all(np.array_equal(getattr(a, f), getattr(b, f)) for f in INDEX_ARRAYS)
+        and all(np.array_equal(getattr(a.records, f), getattr(b.records, f)) for f in LOCATION_ARRAYS)
+    )
+
+
+def index_on_rank(rank: int, world: int, init: str, d: str, runs: dict[str, str], out: str) -> None:
+    """One of WORLD gloo ranks (torch.multiprocessing.spawn): batch_stream with each pairs file of RUNS ({name:
+    path}), counting the tar header walks of train/pairs.py; writes OUT/rank{RANK}.pkl: {name: (index or the error
+    in words, the shards whose headers it walked, the key of the first pair's reference record read with it)}."""
+    import pickle
+
+    import torch.distributed as dist
+
+    from subjectdiff.train import pairs as pairs_module
+
+    walked: list[str] = []
+    real = pairs_module.member_index
+
+    def counted(f, url):
+        walked.append(url)
+        yield from real(f, url)
+
+    pairs_module.member_index = counted
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    got = {}
+    try:
+        for name, pairs in runs.items():
+            walked.clear()
+            cfg = cfg_for(d, Path(out), f"data.pairs='{pairs}'")
+            try:
+                index = batch_stream(cfg, None, None, rank, world, 32).dataset.pairs
+                ref = index.records.read(int(index.ref_rec[0])).key  # the index works where it was received
+                got[name] = (index, list(walked), ref)
+            except Exception as e:
+                got[name] = (f"{type(e).__name__}: {e}", list(walked), None)
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out}/rank{rank}.pkl", "wb") as f:
+        pickle.dump(got, f)
+
+
+def test_under_two_ranks_rank_0_alone_locates_the_paired_records(records, tmp_path):
+    """Locating the paired records walks the tar headers of every shard holding one (a request each on an object
+    store): rank 0 does it once and sends the index; the other rank walks none and gets the very same index, the one
+    a single process builds. A pairs file rank 0 cannot index stops the other rank too, saying so."""
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    d, keys = records
+    good = write_pairs(tmp_path / "pairs.parquet", both_ways(keys))
+    bad = tmp_path / "bad.parquet"
+    schema = pa.schema([f for f in PAIR_SCHEMA if f.name != "target_index"])
+    pq.write_table(pa.table({f.name: pa.array([None], f.type) for f in schema}, schema=schema), bad)
+    runs = {"good": str(good), "bad": str(bad)}
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(index_on_rank, args=(2, init, str(d), runs, str(tmp_path)), nprocs=2, join=True)
+    (index0, walked0, ref0), (index1, walked1, ref1) = (
+        pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes())["good"] for r in (0, 1)
+    )
+    assert sorted(walked0) == sorted(RecordReader(d).urls) and walked1 == []
+    cfg = cfg_for(d, tmp_path, f"data.pairs='{good}'")
+    alone = pair_index(cfg.data, make_reader(cfg.data, None, 0, 1, 0), None, None)
+    assert same_index(index0, alone) and same_index(index1, alone) and alone.rows == len(both_ways(keys))
+    assert ref0 == ref1 == alone.records.keys[alone.ref_rec[0]]
+    (error0, _, _), (error1, walked1, _) = (
+        pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes())["bad"] for r in (0, 1)
+    )
+    assert error0.startswith("UsageError: --pairs") and "'target_index' is missing" in error0
+    assert error1.startswith(f"UsageError: rank 1: stopping, rank 0 could not index --pairs {bad}") and not walked1
 
 
 def test_two_subject_samples_take_each_subject_from_its_own_pair(records, tmp_path):

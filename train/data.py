@@ -40,7 +40,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -70,6 +70,7 @@ MAX_LOC_TOKENS = 8
 SHOW_BAD = 3  # bad records named on stderr in a row of skipped ones (data.on_bad_record="skip")
 WHITE = (255, 255, 255)
 SELECTION_FILE = "selection.parquet"
+T = TypeVar("T")
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
@@ -745,29 +746,46 @@ def catalog_source(cfg: DataConfig) -> tuple[str, str | None]:
     return (cfg.shards[0] if cfg.shards else catalog.catalog_root(cfg.catalog)), cfg.catalog
 
 
+class RankZeroFailed(NamedTuple):
+    """What rank 0 sends the other ranks in place of a result it could not make: its error, in one line."""
+
+    error: str
+
+
+def from_rank0(make: Callable[[], T], rank: int, world: int, what: str) -> T:
+    """MAKE()'s result on every rank, made once: rank 0 calls it and broadcasts the result through
+    torch.distributed (world > 1: the trainer's process group, NCCL or gloo), so the other ranks neither repeat its
+    reads nor read rank 0's files (nodes need no shared filesystem for it). A failure on rank 0 reaches the other
+    ranks instead of leaving them waiting: rank 0 raises it, the others stop with a one-line UsageError saying
+    rank 0 could not WHAT."""
+    box: list[Any] = [None]
+    if rank == 0:
+        try:
+            box[0] = make()
+        except Exception as e:
+            if world > 1:
+                dist.broadcast_object_list([RankZeroFailed(f"{type(e).__name__}: {e}")], src=0)
+            raise
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], RankZeroFailed):  # rank 0 shows the error (one line, or its traceback for a bug)
+        raise UsageError(f"rank {rank}: stopping, rank 0 could not {what} ({box[0].error})")
+    return box[0]
+
+
 def shared_selection(
     cfg: DataConfig, out_dir: str, rank: int, world: int, resume: bool
 ) -> tuple[dict[str, set[str]] | None, dict[str, list[int]] | None]:
     """The run's selection on every rank: ({shard path: keys}, {key: eligible object indices} or None). Rank 0
-    resolves and reads it (run_selection) and broadcasts it through torch.distributed, so no other rank reads
-    rank 0's files (nodes need no shared filesystem for it). A failure on rank 0 reaches the other ranks instead
-    of leaving them waiting."""
+    resolves and reads it (run_selection) and sends it to the others (from_rank0)."""
     if not (cfg.queries_catalog or cfg.selection):
         return None, None
-    box: list[Any] = [None]
-    if rank == 0:
-        try:
-            path = run_selection(cfg, out_dir, resume)
-            box[0] = (load_selection(path), load_eligible_objects(path))
-        except Exception as e:
-            if world > 1:
-                dist.broadcast_object_list([f"{type(e).__name__}: {e}"], src=0)
-            raise
-    if world > 1:
-        dist.broadcast_object_list(box, src=0)
-    if isinstance(box[0], str):  # rank 0 shows the error (one line, or its traceback for a bug); the others stop
-        raise UsageError(f"rank {rank}: stopping, rank 0 could not resolve the run's selection ({box[0]})")
-    return box[0]
+
+    def read() -> tuple[dict[str, set[str]], dict[str, list[int]] | None]:
+        path = run_selection(cfg, out_dir, resume)
+        return load_selection(path), load_eligible_objects(path)
+
+    return from_rank0(read, rank, world, "resolve the run's selection")
 
 
 def make_reader(
@@ -836,7 +854,14 @@ def batch_stream(
     workers = loader_workers(cfg.data.num_workers, reader.epoch_size(), world)
     if log is not None:
         log(epoch_plan(reader, world, workers, cfg.data.batch_size))
-    pairs = pair_index(cfg.data, reader, selection, log, eligible)
+    pairs = None
+    if cfg.data.pairs:  # rank 0 locates the paired records (a request per shard) and sends the index to the others
+        pairs = from_rank0(
+            lambda: pair_index(cfg.data, reader, selection, log, eligible),
+            rank,
+            world,
+            f"index --pairs {cfg.data.pairs}",
+        )
     samples = TrainSamples(reader, cfg, subject_size, eligible, pairs)
     return BatchStream(samples, cfg.data.batch_size, workers, log)
 
@@ -850,7 +875,8 @@ def pair_index(
 ) -> PairIndex | None:
     """The indexed pairs file of data.pairs over the reader's records (None without pairs), keeping the pairs whose
     two objects are both eligible (eligible: the selection's objects that --object-where kept; None: all); log
-    (rank 0) says once how many pairs the selection drops. A pairs file with no pair left is a one-line error."""
+    (rank 0) says once how many pairs the selection drops. A pairs file with no pair left is a one-line error.
+    batch_stream calls it on rank 0 alone and sends the index to the other ranks (from_rank0)."""
     if not cfg.pairs:
         return None
     index = PairIndex.build(cfg.pairs, reader.urls, selection, eligible)

@@ -1,7 +1,7 @@
 """Cross-image pairs for training (`train --pairs pairs.parquet`): the pairs table indexed once into numpy arrays,
 random access to the records the pairs name, and the seeded mixer of pair and single-image sample slots.
 
-    index = PairIndex.build("pairs.parquet", reader.urls, selection, eligible)   # once per rank, before the fork
+    index = PairIndex.build("pairs.parquet", reader.urls, selection, eligible)   # on rank 0, before the fork
     index.rows                  # P valid pairs (both records in the selection / shards, both objects eligible)
     rec = index.records.read(index.ref_rec[p])   # a DecodedRecord, read straight from its tar
     mixer = PairMixer(ratio=0.5, seed=0)
@@ -11,7 +11,8 @@ Memory (docs/training.md): the valid pairs are four int32 arrays, sorted by targ
 16 MB per million pairs) plus, per record a pair names, its tar location (url id, two offsets and sizes: 37 bytes)
 and key; a DataLoader worker adds its epoch's pair order (8 bytes a pair). Workers inherit the arrays when they
 fork (numpy arrays are not touched by reference counting, so their pages stay shared). The Parquet file is read
-once, four columns, on each rank.
+once, four columns, and the shards' tar headers walked once, on rank 0: the other ranks receive the index
+(train.data.batch_stream, through torch.distributed).
 """
 
 from __future__ import annotations
