@@ -28,17 +28,23 @@ catalog made by another CATALOG_VERSION is rebuilt from scratch by the next buil
 
 A bad shard (an unreadable or corrupt sidecar, one with a wrong schema, counts its stats file contradicts) does
 not stop a build: every good shard is loaded, and each bad one is a row of `bad_shards` naming its file and why,
-tried again by every build until it loads. A build is one transaction: one that fails or dies leaves the catalog
-as it was, and a first one leaves no catalog (`open_catalog` refuses a file no build finished).
+tried again by every build until it loads. A build is all or nothing: one that fails or dies leaves the catalog
+as it was, and a first one leaves no catalog (`open_catalog` refuses a file no build finished). A small refresh
+is one transaction in place; a first build, a rebuild or a refresh of more than IN_PLACE_SHARDS shards fills a
+copy (CATALOG.building) a chunk of shards per transaction and renames it over the catalog at the end, so its
+memory does not grow with the catalog and readers keep the old catalog meanwhile. Builds and `catalog pairs`
+take a writer lock (CATALOG.lock): one changes a catalog at a time.
 """
 
 from __future__ import annotations
 
 import datetime
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
 import tarfile
 import time
 from collections.abc import Iterator
@@ -331,8 +337,9 @@ def build(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, 
     Incremental: a shard is read only when it is new, its listing changed, or it was bad last time; unchanged
     shards cost nothing but the listing. A shard whose stats file records other file sizes than the listing
     shows (a stale or half-replaced upload) is left out, as incomplete. A bad shard is recorded in `bad_shards`
-    (report.bad) and the rest is loaded. One transaction: a build that fails raises CatalogError and changes
-    nothing (a first one leaves no catalog file)."""
+    (report.bad) and the rest is loaded. All or nothing: a build that fails raises CatalogError and changes
+    nothing (a first one leaves no catalog file). Builds of one catalog run one at a time (`timeout`: how long
+    one waits for another)."""
     t0 = time.monotonic()
     path = catalog_path(root, catalog)
     try:
@@ -344,69 +351,154 @@ def build(root: str | os.PathLike, *, catalog: str | os.PathLike | None = None, 
         kept = f"; the catalog at {path} is kept as it was" if path.exists() else ""
         raise CatalogError(f"cannot list {root}: {one_line(e)}{kept}") from None
     path.parent.mkdir(parents=True, exist_ok=True)
-    con = _connect(path, read_only=False, timeout=timeout)
-    had_catalog = _version(con) is not None  # under the write lock: what a concurrent first build made counts
-    try:
-        report = _update(con, folder, found)
-    except Exception as e:
-        con.close()
-        if not had_catalog:
-            _remove_catalog(path)
-        outcome = f"the catalog at {path} is kept as it was" if had_catalog else "no catalog was made"
-        raise CatalogError(f"catalog build of {folder.url} failed, {outcome}: {one_line(e)}") from e
-    except BaseException:  # interrupted: the transaction is rolled back all the same
-        con.close()
-        if not had_catalog:
-            _remove_catalog(path)
-        raise
-    con.close()
+    with writer_lock(path, timeout):
+        had_catalog = path.exists()  # under the lock: what a concurrent first build made counts
+        try:
+            report = _update(path, folder, found, timeout)
+        except Exception as e:
+            outcome = f"the catalog at {path} is kept as it was" if had_catalog else "no catalog was made"
+            raise CatalogError(f"catalog build of {folder.url} failed, {outcome}: {one_line(e)}") from e
     report.seconds = time.monotonic() - t0
     return report
 
 
+@contextmanager
+def writer_lock(path: Path, timeout: float) -> Iterator[None]:
+    """Hold PATH's writer lock (an flock on PATH.lock): builds and `catalog pairs` change a catalog one at a time.
+    DuckDB's own lock is not enough: a build that stages a copy (_update) lets readers, and so other writers, open
+    the catalog until it swaps the copy in."""
+    lock = open(path.with_name(path.name + ".lock"), "a")
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise CatalogError(f"cannot change {path}: another build or `catalog pairs` holds it") from None
+                time.sleep(0.2)
+        yield
+    finally:
+        lock.close()  # releases the flock
+
+
 def _remove_catalog(path: Path) -> None:
-    """Delete the file (and write-ahead log) of a first build that failed, so no empty catalog answers queries."""
+    """Delete a DuckDB file and its write-ahead log."""
     for p in (path, path.with_name(path.name + ".wal")):
         p.unlink(missing_ok=True)
 
 
-def _update(con: duckdb.DuckDBPyConnection, folder: Folder, found: dict[str, ShardListing]) -> BuildReport:
-    """Bring the catalog in line with the listing FOUND in one transaction: a catalog of another CATALOG_VERSION
-    (other columns) is emptied first and every shard loaded again; otherwise gone and changed shards are
-    dropped, and new, changed and formerly bad ones are read."""
+@dataclass
+class _Plan:
+    """What a build changes: fresh (a catalog of another CATALOG_VERSION, or none: every shard loaded again),
+    removed (catalogued shards gone or changed), todo (shards to read), was_bad (bad_shards of the last build)."""
+
+    fresh: bool
+    removed: list[str]
+    todo: list[str]
+    was_bad: set[str]
+
+    def nothing(self) -> bool:
+        return not (self.fresh or self.todo or self.removed or self.was_bad)
+
+
+def _plan(con: duckdb.DuckDBPyConnection | None, found: dict[str, ShardListing]) -> _Plan:
     prints = {sid: shard.fingerprint for sid, shard in found.items()}
-    con.execute("BEGIN TRANSACTION")
+    if con is None or _version(con) != str(CATALOG_VERSION):
+        return _Plan(True, [], sorted(found), set())
+    known = dict(con.execute("SELECT name, fingerprint FROM shards").fetchall())
+    was_bad = {r[0] for r in con.execute("SELECT name FROM bad_shards").fetchall()}
+    removed = sorted(s for s in known if prints.get(s) != known[s])
+    return _Plan(False, removed, sorted(s for s in found if known.get(s) != prints[s]), was_bad)
+
+
+# A build that reads more shards than this stages a copy of the catalog, commits it a chunk of shards at a time
+# and swaps it in: one transaction of all its rows would hold them in memory until the commit (DuckDB keeps a
+# transaction's appends in memory, beyond its memory_limit: 22 GB at 100M objects; benchmarks/catalog.py).
+IN_PLACE_SHARDS = 1024
+CHUNK_SHARDS = 256  # shards read and inserted together
+
+
+def _update(path: Path, folder: Folder, found: dict[str, ShardListing], timeout: float) -> BuildReport:
+    """Bring the catalog at PATH in line with the listing FOUND, all or nothing, under the writer lock: gone and
+    changed shards dropped, new, changed and formerly bad ones read (every shard when the catalog is fresh). A
+    small change is one transaction in place; a fresh catalog or a large change is made in a staged copy
+    (IN_PLACE_SHARDS)."""
+    con = _connect(path, read_only=False, timeout=timeout) if path.exists() else None
     try:
-        fresh = _version(con) != str(CATALOG_VERSION)
-        if fresh:
-            for table in _TABLES:
-                con.execute(f"DROP TABLE IF EXISTS {table}")
-        con.execute(_DDL)  # also adds tables a catalog of this version made before they existed
-        known = dict(con.execute("SELECT name, fingerprint FROM shards").fetchall())
-        was_bad = {r[0] for r in con.execute("SELECT name FROM bad_shards").fetchall()}
-        removed = sorted(s for s in known if prints.get(s) != known[s])
-        todo = sorted(s for s in found if known.get(s) != prints[s])
-        if not (fresh or todo or removed or was_bad):
-            con.execute("ROLLBACK")
+        plan = _plan(con, found)
+        if plan.nothing():
             return BuildReport([], [], len(found), 0.0, found=len(found))
-        _drop(con, removed)
-        loaded, bad, incomplete = [], [], []
-        for chunk in _chunks(todo, 256):
-            got = _load(con, folder, {s: found[s] for s in chunk})
-            loaded += got[0]
-            bad += got[1]
-            incomplete += got[2]
-        _record_bad(con, bad)
-        con.execute(
-            "INSERT OR REPLACE INTO catalog_info VALUES ('catalog_version', ?), ('built_at', ?), ('root', ?)",
-            [str(CATALOG_VERSION), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), folder.url],
-        )
-        con.execute("COMMIT")
+        if not plan.fresh and len(plan.todo) <= IN_PLACE_SHARDS:
+            con.execute("BEGIN TRANSACTION")
+            try:
+                report = _apply(con, folder, found, plan, commit_chunks=False)
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("CHECKPOINT")
+            return report
+        if con is not None:
+            con.execute("CHECKPOINT")  # the copy must hold everything: nothing left in the write-ahead log
+            con.close()
+            con = None
+        return _staged(path, folder, found, plan)
+    finally:
+        if con is not None:
+            con.close()
+
+
+def _staged(path: Path, folder: Folder, found: dict[str, ShardListing], plan: _Plan) -> BuildReport:
+    """_apply on a copy of the catalog at PATH (a new file when there is none), committing a chunk of shards at a
+    time, then the copy renamed over PATH: readers see the old catalog until then, and a build that fails or
+    dies leaves it as it was (the copy, PATH.building, is removed, or the next build removes it)."""
+    stage = path.with_name(path.name + ".building")
+    _remove_catalog(stage)  # what a build that died left (this one holds the writer lock)
+    if path.exists():
+        shutil.copyfile(path, stage)
+    con = _connect(stage, read_only=False)
+    try:
+        report = _apply(con, folder, found, plan, commit_chunks=True)
+        con.execute("CHECKPOINT")
     except BaseException:
-        con.execute("ROLLBACK")
+        con.close()
+        _remove_catalog(stage)
         raise
-    con.execute("CHECKPOINT")
-    return BuildReport(loaded, removed, len(found) - len(todo), 0.0, bad, incomplete, len(found))
+    con.close()
+    path.with_name(path.name + ".wal").unlink(missing_ok=True)  # checkpointed above: a stale one is a dead build's
+    os.replace(stage, path)
+    return report
+
+
+def _apply(
+    con: duckdb.DuckDBPyConnection, folder: Folder, found: dict[str, ShardListing], plan: _Plan, commit_chunks: bool
+) -> BuildReport:
+    """Make PLAN's changes on CON: drop the removed shards, read the todo ones CHUNK_SHARDS at a time (each chunk
+    its own transaction when COMMIT_CHUNKS), record the bad ones, then catalog_info, which makes the catalog one
+    `open_catalog` accepts (a file without it is one no build finished)."""
+    if plan.fresh:
+        for table in _TABLES:  # `pairs` is kept: no shard holds it
+            con.execute(f"DROP TABLE IF EXISTS {table}")
+    con.execute(_DDL)  # also adds tables a catalog of this version made before they existed
+    _drop(con, plan.removed)
+    loaded, bad, incomplete = [], [], []
+    for chunk in _chunks(plan.todo, CHUNK_SHARDS):
+        if commit_chunks:
+            con.execute("BEGIN TRANSACTION")
+        got = _load(con, folder, {s: found[s] for s in chunk})
+        if commit_chunks:
+            con.execute("COMMIT")
+        loaded += got[0]
+        bad += got[1]
+        incomplete += got[2]
+    _record_bad(con, bad)
+    con.execute(
+        "INSERT OR REPLACE INTO catalog_info VALUES ('catalog_version', ?), ('built_at', ?), ('root', ?)",
+        [str(CATALOG_VERSION), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), folder.url],
+    )
+    return BuildReport(loaded, plan.removed, len(found) - len(plan.todo), 0.0, bad, incomplete, len(found))
 
 
 def _drop(con: duckdb.DuckDBPyConnection, names: list[str]) -> None:
@@ -803,22 +895,23 @@ def replace_pairs(
     path = catalog_path(root, catalog)
     with open_catalog(root, catalog=catalog):  # a catalog a build finished, or its one-line error
         pass
-    con = _connect(path, read_only=False)
-    try:
-        con.execute("BEGIN TRANSACTION")
-        con.execute(_DDL)  # a catalog built before the pairs table existed
-        con.execute("DELETE FROM pairs WHERE method = ?", [method])
-        con.register("new_pairs", pairs)
-        con.execute("INSERT INTO pairs SELECT * FROM new_pairs")
-        con.unregister("new_pairs")
-        total = con.execute("SELECT count(*) FROM pairs").fetchall()[0][0]
-        con.execute("COMMIT")
-        return total
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.close()
+    with writer_lock(path, timeout=600.0):
+        con = _connect(path, read_only=False)
+        try:
+            con.execute("BEGIN TRANSACTION")
+            con.execute(_DDL)  # a catalog built before the pairs table existed
+            con.execute("DELETE FROM pairs WHERE method = ?", [method])
+            con.register("new_pairs", pairs)
+            con.execute("INSERT INTO pairs SELECT * FROM new_pairs")
+            con.unregister("new_pairs")
+            total = con.execute("SELECT count(*) FROM pairs").fetchall()[0][0]
+            con.execute("COMMIT")
+            return total
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+        finally:
+            con.close()
 
 
 def pair_counts(con: duckdb.DuckDBPyConnection) -> list[tuple[str, int]]:

@@ -205,6 +205,66 @@ def test_a_failed_refresh_keeps_the_previous_catalog_and_says_so(tmp_path):
     assert cli("catalog", "build", str(d), "--catalog", str(db)).returncode == 0 and count() == [2, 2, 1]
 
 
+def test_a_large_refresh_fills_a_copy_readers_keep_the_old_catalog_and_a_failure_changes_nothing(tmp_path, monkeypatch):
+    """A refresh of more shards than IN_PLACE_SHARDS (here 0: every refresh) commits a chunk of shards at a time
+    into CATALOG.building and swaps it in at the end, so its memory stays flat at 100M objects. Meanwhile readers
+    get the old catalog; one that fails midway leaves the catalog, its pairs, and no copy behind; one that ends is
+    row for row a fresh build, pairs kept."""
+    from subjectdiff.catalogs.pairs import PAIR_SCHEMA
+
+    d, db, later = tmp_path / "shards", tmp_path / "c.duckdb", tmp_path / "later"
+    write_photo_shards(d, n_shards=4, per_shard=2, failures_per_shard=1)
+    later.mkdir()
+    for f in d.glob("0000[23]*"):  # shards 2 and 3 come after the first build
+        f.rename(later / f.name)
+    catalog.build(d, catalog=db)
+    pair = {"ref_key": "a", "ref_index": 0, "target_key": "b", "target_index": 0, "label": "cat", "method": "video"}
+    catalog.replace_pairs(d, pa.Table.from_pylist([pair], schema=PAIR_SCHEMA), "video", catalog=db)
+    for f in later.iterdir():
+        f.rename(d / f.name)
+    monkeypatch.setattr(catalog, "IN_PLACE_SHARDS", 0)
+    monkeypatch.setattr(catalog, "CHUNK_SHARDS", 1)
+
+    def count(sql: str = "SELECT count(*) AS n FROM samples") -> int:
+        return catalog.query(d, sql, catalog=db).column(0)[0].as_py()
+
+    load, seen = catalog._load, []
+
+    def load_then_fail(con, folder, shards):
+        seen.append(count())  # a reader while the copy fills
+        got = load(con, folder, shards)
+        if len(seen) == 2:
+            raise RuntimeError("disk full")
+        return got
+
+    monkeypatch.setattr(catalog, "_load", load_then_fail)
+    with pytest.raises(catalog.CatalogError, match="kept as it was: disk full"):
+        catalog.build(d, catalog=db)
+    assert seen == [4, 4] and count() == 4 and count("SELECT count(*) FROM pairs") == 1
+    assert not db.with_name("c.duckdb.building").exists() and not db.with_name("c.duckdb.building.wal").exists()
+
+    monkeypatch.setattr(catalog, "_load", load)
+    report = catalog.build(d, catalog=db)
+    assert sorted(report.added) == ["00002", "00003"] and report.unchanged == 2
+    fresh = tmp_path / "fresh.duckdb"
+    catalog.build(d, catalog=fresh)
+    for table in ("samples", "objects", "failures"):
+        sql = f"SELECT * EXCLUDE (shard) FROM {table} ORDER BY ALL"
+        assert catalog.query(d, sql, catalog=db) == catalog.query(d, sql, catalog=fresh), table
+    assert count() == 8 and count("SELECT count(*) FROM pairs") == 1
+
+
+def test_one_writer_at_a_time(tmp_path):
+    """A build waits for the writer lock another build or `catalog pairs` holds, and says so when it gives up."""
+    d, db = tmp_path / "shards", tmp_path / "c.duckdb"
+    write_photo_shards(d, n_shards=1, per_shard=2)
+    with catalog.writer_lock(db, timeout=1):
+        with pytest.raises(catalog.CatalogError, match="another build or `catalog pairs` holds it"):
+            catalog.build(d, catalog=db, timeout=0.5)
+    assert not db.exists()
+    assert "1 shard(s) loaded" in catalog.build(d, catalog=db, timeout=0.5).summary()
+
+
 def test_an_empty_selection_says_so(tmp_path):
     d = tmp_path / "shards"
     write_photo_shards(d, n_shards=1, per_shard=2)
