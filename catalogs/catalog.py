@@ -10,10 +10,10 @@ unchanged ones, only those are read, shards that disappeared are dropped, and bu
 Tables (see docs/records.md for every column):
     samples(key, shard, idx, caption, alt_text, width, height, n_objects, source, image_ext, image_bytes, ...,
             sha256, phash, clip_score, alt_clip_score, aesthetic, white_fraction,
-            video, video_shot, video_frame, video_time)
+            video, video_shot, video_frame, video_time, sample_id)
     objects(key, shard, index, label, phrase, span_start, span_end, tokens, score, x0, y0, x1, y1,
-            area, aspect, mask_area, mask_fill, containment, mask_score, label_score, label_rank)
-    shards(name, path, n_ok, n_failed, n_objects, bytes, start_time, end_time, duration, fingerprint)
+            area, aspect, mask_area, mask_fill, containment, mask_score, label_score, label_rank, sample_id)
+    shards(name, path, n_ok, n_failed, n_objects, bytes, start_time, end_time, duration, fingerprint, number)
     failures(key, shard, idx, source, stage, reason, video, video_frame, video_shot)
     videos (a view: one row per video input) (video, shard, frames, frames_ok, frames_failed, shots, status, reason)
     bad_shards(name, file, reason, detail, seen_at)
@@ -21,10 +21,12 @@ Tables (see docs/records.md for every column):
           phash_distance)   cross-image pairs (catalogs/pairs.py): loaded by `catalog pairs`, kept by builds
 
 `idx` is a sample's position in its shard's samples sidecar (ok and failed samples counted together), which is
-the plan order within the shard: plan order across a catalog is `ORDER BY shard, idx`. The curation columns
-are NULL for sidecars written without them (before the curate stage existed, or with it off); white_fraction,
-which sidecars have since schema version 3, is computed from the shard's images when its sidecar lacks it. A
-catalog made by another CATALOG_VERSION is rebuilt from scratch by the next build.
+the plan order within the shard: plan order across a catalog is `ORDER BY shard, idx`. `sample_id` is one
+integer per sample, `shards.number` * 2^32 + idx (the number a build gives each shard it loads), on the sample
+and on each of its objects: join and group samples with their objects on it rather than on (key, shard). The
+curation columns are NULL for sidecars written without them (before the curate stage existed, or with it off);
+white_fraction, which sidecars have since schema version 3, is computed from the shard's images when its sidecar
+lacks it. A catalog made by another CATALOG_VERSION is rebuilt from scratch by the next build.
 
 A bad shard (an unreadable or corrupt sidecar, one with a wrong schema, counts its stats file contradicts) does
 not stop a build: every good shard is loaded, and each bad one is a row of `bad_shards` naming its file and why,
@@ -56,6 +58,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from subjectdiff.catalogs.schema import RECORD_IMAGE_FORMATS
@@ -71,8 +74,8 @@ from subjectdiff.catalogs.writer import (
 
 CATALOG_FILE = "catalog.duckdb"
 # 2: samples/failures.idx and the curation columns; 3: samples.white_fraction; 4: the video columns;
-# 5: failures.video_shot and the videos view
-CATALOG_VERSION = 5
+# 5: failures.video_shot and the videos view; 6: samples/objects.sample_id, shards.number
+CATALOG_VERSION = 6
 PLAN_ORDER = "shard, idx"  # the order datagen planned the samples in (module docstring)
 
 _DDL = """
@@ -80,15 +83,15 @@ CREATE TABLE IF NOT EXISTS samples (
     key VARCHAR, shard VARCHAR, idx INTEGER, caption VARCHAR, alt_text VARCHAR, width INTEGER, height INTEGER,
     n_objects INTEGER, source VARCHAR, image_ext VARCHAR, image_bytes BIGINT, schema_version INTEGER,
     sha256 VARCHAR, phash BIGINT, clip_score REAL, alt_clip_score REAL, aesthetic REAL, white_fraction REAL,
-    video VARCHAR, video_shot INTEGER, video_frame BIGINT, video_time DOUBLE);
+    video VARCHAR, video_shot INTEGER, video_frame BIGINT, video_time DOUBLE, sample_id BIGINT);
 CREATE TABLE IF NOT EXISTS objects (
     key VARCHAR, shard VARCHAR, "index" INTEGER, label VARCHAR, phrase VARCHAR,
     span_start INTEGER, span_end INTEGER, tokens INTEGER[], score REAL,
     x0 REAL, y0 REAL, x1 REAL, y1 REAL, area REAL, aspect REAL, mask_area REAL, mask_fill REAL,
-    containment REAL, mask_score REAL, label_score REAL, label_rank INTEGER);
+    containment REAL, mask_score REAL, label_score REAL, label_rank INTEGER, sample_id BIGINT);
 CREATE TABLE IF NOT EXISTS shards (
     name VARCHAR PRIMARY KEY, path VARCHAR, n_ok INTEGER, n_failed INTEGER, n_objects INTEGER,
-    bytes BIGINT, start_time DOUBLE, end_time DOUBLE, duration DOUBLE, fingerprint VARCHAR);
+    bytes BIGINT, start_time DOUBLE, end_time DOUBLE, duration DOUBLE, fingerprint VARCHAR, number INTEGER);
 CREATE TABLE IF NOT EXISTS failures (
     key VARCHAR, shard VARCHAR, idx INTEGER, source VARCHAR, stage VARCHAR, reason VARCHAR,
     video VARCHAR, video_frame BIGINT, video_shot INTEGER);
@@ -556,6 +559,7 @@ _SAMPLE_COLUMNS = [
     "video_shot",
     "video_frame",
     "video_time",
+    "sample_id",
 ]
 _FAILURE_COLUMNS = ["key", "shard", "idx", "source", "stage", "reason", "video", "video_frame", "video_shot"]
 _OBJECT_COLUMNS = [
@@ -580,6 +584,7 @@ _OBJECT_COLUMNS = [
     "mask_score",
     "label_score",
     "label_rank",
+    "sample_id",
 ]
 # The sidecars' types (catalogs.writer). Columns added to the contract after its first version: a sidecar written
 # before one existed gets it as NULLs. Any other column missing means the sidecar is not one of ours.
@@ -756,12 +761,14 @@ def _load(
     with ThreadPoolExecutor(workers) as pool:
         read = list(pool.map(lambda kv: (kv[0], _read_or_why(folder, *kv)), shards.items()))
     rows, samples, objects, loaded = [], [], [], []
+    number = con.execute("SELECT coalesce(max(number) + 1, 0) FROM shards").fetchone()[0]
     bad = [got for _, got in read if isinstance(got, BadShard)]
     incomplete = [sid for sid, got in read if got is None]
     for sid, got in read:
         if got is None or isinstance(got, BadShard):
             continue
         st, s, o = got
+        s, o = _with_sample_ids(s, o, number + len(loaded))
         loaded.append(sid)
         rows.append(
             (
@@ -775,13 +782,14 @@ def _load(
                 st.get("end_time"),
                 st.get("duration"),
                 shards[sid].fingerprint,
+                number + len(loaded) - 1,
             )
         )
         samples.append(s)
         objects.append(o)
     if not loaded:
         return [], bad, incomplete
-    con.executemany("INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    con.executemany("INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
     con.register("new_samples", pa.concat_tables(samples))
     con.register("new_objects", pa.concat_tables(objects))
     q = lambda cols: ", ".join(f'"{c}"' for c in cols)
@@ -791,6 +799,18 @@ def _load(
     con.unregister("new_samples")
     con.unregister("new_objects")
     return loaded, bad, incomplete
+
+
+def _with_sample_ids(samples: pa.Table, objects: pa.Table, number: int) -> tuple[pa.Table, pa.Table]:
+    """SAMPLES and OBJECTS of the shard numbered NUMBER with their `sample_id`: NUMBER * 2^32 + the sample's idx,
+    an object's that of the sample of its key. One integer per sample across the catalog: what joins and groups
+    samples with their objects at 100M objects in a third less time than (key, shard) (docs/records.md)."""
+    base = pa.scalar(number << 32, pa.int64())
+    idx = pc.index_in(objects.column("key"), value_set=samples.column("key")).cast(pa.int64())
+    return (
+        samples.append_column("sample_id", pc.add(samples.column("idx").cast(pa.int64()), base)),
+        objects.append_column("sample_id", pc.add(idx, base)),
+    )
 
 
 def check_read_only(sql: str) -> None:
