@@ -73,7 +73,7 @@ def select(
     """Write the keys, shard ids and shard paths of the samples matching WHERE to a Parquet file.
 
     WHERE is a SQL predicate over `samples` columns (None: every sample); object conditions go through a
-    subquery, e.g. "n_objects BETWEEN 2 AND 8 AND key IN (SELECT key FROM objects WHERE score > 0.5)".
+    subquery, e.g. "n_objects BETWEEN 2 AND 8 AND sample_id IN (SELECT sample_id FROM objects WHERE score > 0.5)".
     OBJECT_WHERE is a predicate over `objects` columns plus the sample's `caption`, `width`, `height` and
     `white_fraction`
     (e.g. REFERENCE_OBJECT_WHERE): each selected row then lists the sample's objects that satisfy it
