@@ -803,8 +803,8 @@ def _load(
 
 def _with_sample_ids(samples: pa.Table, objects: pa.Table, number: int) -> tuple[pa.Table, pa.Table]:
     """SAMPLES and OBJECTS of the shard numbered NUMBER with their `sample_id`: NUMBER * 2^32 + the sample's idx,
-    an object's that of the sample of its key. One integer per sample across the catalog: what joins and groups
-    samples with their objects at 100M objects in a third less time than (key, shard) (docs/records.md)."""
+    an object's that of the sample of its key. One integer per sample across the catalog: joining samples with
+    their objects on it took 2.3 s at 100M objects against 15.8 s on (key, shard) (BENCHMARKS.md)."""
     base = pa.scalar(number << 32, pa.int64())
     idx = pc.index_in(objects.column("key"), value_set=samples.column("key")).cast(pa.int64())
     return (
