@@ -11,7 +11,8 @@ sha256 and phash with 1 % planted exact and near duplicates, so `catalog duplica
 
 Every measured step runs in its own process (this script with --phase), so its peak resident memory (VmHWM:
 Python, Arrow and DuckDB together) is that step's alone. --memory-limit / --temp-directory reach DuckDB through
-SUBJECTDIFF_DUCKDB_MEMORY_LIMIT / SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY, as they would for a user. Each query runs
+SUBJECTDIFF_DUCKDB_MEMORY_LIMIT / SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY (--threads: SUBJECTDIFF_DUCKDB_THREADS), as they
+would for a user; --phases runs only the steps it names. Each query runs
 through `catalogs.catalog.query` (opening the read-only catalog each time, as the CLI does) and, side by side,
 DuckDB straight over the Parquet sidecars (no catalog); up to 2M objects also pandas over the same files loaded
 in memory. Prints Markdown; --json writes the raw figures.
@@ -320,6 +321,12 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true", help="keep the synthetic shards of an earlier run of the same size")
     ap.add_argument("--memory-limit", help="DuckDB's memory_limit for every step (e.g. 6GB)")
     ap.add_argument("--temp-directory", help="where DuckDB spills beyond the memory limit")
+    ap.add_argument("--threads", type=int, help="DuckDB's threads for every step (default: one a core)")
+    ap.add_argument(
+        "--phases",
+        help="only these steps, separated by ';' (e.g. 'query:count by label;select'), on the "
+        "catalog an earlier run built (with --reuse)",
+    )
     ap.add_argument("--json", help="also write the raw figures here")
     ap.add_argument("--phase", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -330,13 +337,21 @@ def main() -> None:
 
     n_shards, t_gen = prepare(out, args)
     env = dict(os.environ)
-    for var, value in (("MEMORY_LIMIT", args.memory_limit), ("TEMP_DIRECTORY", args.temp_directory)):
+    for var, value in (
+        ("MEMORY_LIMIT", args.memory_limit),
+        ("TEMP_DIRECTORY", args.temp_directory),
+        ("THREADS", args.threads),
+    ):
         if value:
-            env[f"SUBJECTDIFF_DUCKDB_{var}"] = value
+            env[f"SUBJECTDIFF_DUCKDB_{var}"] = str(value)
     phases = ["build", "refresh", *(f"query:{q}" for q in [*QUERIES, *BY_SAMPLE_ID]), *(f"duckdb:{q}" for q in QUERIES)]
     if args.objects <= PANDAS_MAX_OBJECTS:
         phases += [f"pandas:{q}" for q in QUERIES]
     phases += ["select", "select by sample_id", "select reference", "duplicates", "stats"]
+    if args.phases:
+        for p in args.phases.split(";"):
+            print(json.dumps({p: measure(p, out, env)}))
+        return
     res = {
         "objects": args.objects,
         "samples": args.objects // args.objects_per_sample,

@@ -222,8 +222,13 @@ def catalog_root(path: str | os.PathLike) -> str:
 def env_settings() -> dict[str, str]:
     """DuckDB options every catalog connection takes from the environment: SUBJECTDIFF_DUCKDB_MEMORY_LIMIT
     (DuckDB's memory_limit, e.g. "6GB"; DuckDB's own default is 80 % of the machine's memory) and
-    SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY (where it spills what does not fit). A command's own flags override them."""
-    names = {"memory_limit": "SUBJECTDIFF_DUCKDB_MEMORY_LIMIT", "temp_directory": "SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY"}
+    SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY (where it spills what does not fit) and SUBJECTDIFF_DUCKDB_THREADS (DuckDB's
+    threads; its default is one a core). A command's own flags override them."""
+    names = {
+        "memory_limit": "SUBJECTDIFF_DUCKDB_MEMORY_LIMIT",
+        "temp_directory": "SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY",
+        "threads": "SUBJECTDIFF_DUCKDB_THREADS",
+    }
     return {option: os.environ[var] for option, var in names.items() if os.environ.get(var)}
 
 

@@ -172,6 +172,22 @@ def test_catalog_build_is_incremental_and_idempotent(tmp_path):
     assert n == 0
 
 
+def test_duckdb_settings_from_the_environment_reach_every_catalog_connection(shards, tmp_path, monkeypatch):
+    """SUBJECTDIFF_DUCKDB_MEMORY_LIMIT / _TEMP_DIRECTORY / _THREADS are what a user sets for a catalog of 100M
+    objects (docs/records.md): every query sees them."""
+    out, _ = shards
+    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_MEMORY_LIMIT", "1GB")
+    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY", str(tmp_path / "spill"))
+    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_THREADS", "3")
+    got = catalog.query(
+        out,
+        "SELECT current_setting('memory_limit') AS m, current_setting('temp_directory') AS t, "
+        "current_setting('threads') AS n",
+    ).to_pylist()[0]
+    assert got["m"] == "953.6 MiB" and got["t"] == str(tmp_path / "spill"), got  # 1 GB = 10^9 bytes
+    assert int(got["n"]) == 3
+
+
 def test_bad_sql_and_writes_fail_with_one_line(shards):
     out, _ = shards
     for sql in (
