@@ -248,10 +248,16 @@ def test_a_large_refresh_fills_a_copy_readers_keep_the_old_catalog_and_a_failure
     assert sorted(report.added) == ["00002", "00003"] and report.unchanged == 2
     fresh = tmp_path / "fresh.duckdb"
     catalog.build(d, catalog=fresh)
-    for table in ("samples", "objects", "failures"):
-        sql = f"SELECT * EXCLUDE (shard) FROM {table} ORDER BY ALL"
+    for table, own in (("samples", "shard, sample_id"), ("objects", "shard, sample_id"), ("failures", "shard")):
+        sql = f"SELECT * EXCLUDE ({own}) FROM {table} ORDER BY ALL"  # sample_id: the order the builds loaded shards
         assert catalog.query(d, sql, catalog=db) == catalog.query(d, sql, catalog=fresh), table
     assert count() == 8 and count("SELECT count(*) FROM pairs") == 1
+    # sample_id joins each object to its own sample, one id a sample, across the shards of both builds
+    assert count("SELECT count(DISTINCT sample_id) FROM samples") == 8
+    assert count("SELECT count(*) FROM objects") == count(
+        "SELECT count(*) FROM objects o JOIN samples s "
+        "ON o.sample_id = s.sample_id AND o.key = s.key AND o.shard = s.shard"
+    )
 
 
 def test_one_writer_at_a_time(tmp_path):

@@ -94,8 +94,8 @@ def embeddings(out: str) -> dict:
 def tables(out: str, catalog_file=None) -> dict:
     q = lambda sql: catalog.query(out, sql, catalog=catalog_file).to_pylist()
     return {
-        "samples": q("SELECT * EXCLUDE (shard) FROM samples ORDER BY key"),
-        "objects": q("SELECT * EXCLUDE (shard) FROM objects ORDER BY key, index"),
+        "samples": q("SELECT * EXCLUDE (shard, sample_id) FROM samples ORDER BY key"),
+        "objects": q("SELECT * EXCLUDE (shard, sample_id) FROM objects ORDER BY key, index"),
         "failures": q("SELECT key, source, stage, reason FROM failures ORDER BY key"),
         "shards": q("SELECT name, n_ok, n_failed, n_objects, path FROM shards ORDER BY name"),
     }

@@ -51,8 +51,8 @@ def records(out: Path) -> dict[str, tuple[dict, bytes]]:
 
 def tables(out: Path) -> dict[str, list]:
     return {
-        "samples": catalog.query(out, "SELECT * FROM samples ORDER BY key").to_pylist(),
-        "objects": catalog.query(out, "SELECT * FROM objects ORDER BY key, index").to_pylist(),
+        "samples": catalog.query(out, "SELECT * EXCLUDE (sample_id) FROM samples ORDER BY key").to_pylist(),
+        "objects": catalog.query(out, "SELECT * EXCLUDE (sample_id) FROM objects ORDER BY key, index").to_pylist(),
         "failures": catalog.query(out, "SELECT * FROM failures ORDER BY key").to_pylist(),
         "shards": catalog.query(out, "SELECT name, n_ok, n_failed, n_objects FROM shards ORDER BY name").to_pylist(),
     }
