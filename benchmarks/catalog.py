@@ -344,14 +344,14 @@ def main() -> None:
     ):
         if value:
             env[f"SUBJECTDIFF_DUCKDB_{var}"] = str(value)
+    if args.phases:  # single steps on a catalog already built: no report, a JSON line each
+        for p in args.phases.split(";"):
+            print(json.dumps({p: measure(p, out, env)}))
+        return
     phases = ["build", "refresh", *(f"query:{q}" for q in [*QUERIES, *BY_SAMPLE_ID]), *(f"duckdb:{q}" for q in QUERIES)]
     if args.objects <= PANDAS_MAX_OBJECTS:
         phases += [f"pandas:{q}" for q in QUERIES]
     phases += ["select", "select by sample_id", "select reference", "duplicates", "stats"]
-    if args.phases:
-        for p in args.phases.split(";"):
-            print(json.dumps({p: measure(p, out, env)}))
-        return
     res = {
         "objects": args.objects,
         "samples": args.objects // args.objects_per_sample,
