@@ -13,7 +13,7 @@ Tables (see docs/records.md for every column):
             video, video_shot, video_frame, video_time, sample_id)
     objects(key, shard, index, label, phrase, span_start, span_end, tokens, score, x0, y0, x1, y1,
             area, aspect, mask_area, mask_fill, containment, mask_score, label_score, label_rank, sample_id)
-    shards(name, path, n_ok, n_failed, n_objects, bytes, start_time, end_time, duration, fingerprint, number)
+    shards(name, path, n_ok, n_failed, n_objects, bytes, start_time, end_time, duration, fingerprint, first_id)
     failures(key, shard, idx, source, stage, reason, video, video_frame, video_shot)
     videos (a view: one row per video input) (video, shard, frames, frames_ok, frames_failed, shots, status, reason)
     bad_shards(name, file, reason, detail, seen_at)
@@ -22,8 +22,10 @@ Tables (see docs/records.md for every column):
 
 `idx` is a sample's position in its shard's samples sidecar (ok and failed samples counted together), which is
 the plan order within the shard: plan order across a catalog is `ORDER BY shard, idx`. `sample_id` is one
-integer per sample, `shards.number` * 2^32 + idx (the number a build gives each shard it loads), on the sample
-and on each of its objects: join and group samples with their objects on it rather than on (key, shard). The
+integer per sample, `shards.first_id` + idx, on the sample and on each of its objects: join and group samples with
+their objects on it rather than on (key, shard). Builds number the samples densely from 0 in the order they load
+the shards (a shard takes the ids after the highest any earlier shard took), so every catalog connection lets
+DuckDB group by sample_id with a directly indexed table instead of hashing (`_per_sample_grouping`). The
 curation columns are NULL for sidecars written without them (before the curate stage existed, or with it off);
 white_fraction, which sidecars have since schema version 3, is computed from the shard's images when its sidecar
 lacks it. A catalog made by another CATALOG_VERSION is rebuilt from scratch by the next build.
@@ -74,8 +76,9 @@ from subjectdiff.catalogs.writer import (
 
 CATALOG_FILE = "catalog.duckdb"
 # 2: samples/failures.idx and the curation columns; 3: samples.white_fraction; 4: the video columns;
-# 5: failures.video_shot and the videos view; 6: samples/objects.sample_id, shards.number
-CATALOG_VERSION = 6
+# 5: failures.video_shot and the videos view; 6: samples/objects.sample_id, shards.number; 7: sample_id dense
+# from 0 (shards.first_id instead of shards.number)
+CATALOG_VERSION = 7
 PLAN_ORDER = "shard, idx"  # the order datagen planned the samples in (module docstring)
 
 _DDL = """
@@ -91,7 +94,7 @@ CREATE TABLE IF NOT EXISTS objects (
     containment REAL, mask_score REAL, label_score REAL, label_rank INTEGER, sample_id BIGINT);
 CREATE TABLE IF NOT EXISTS shards (
     name VARCHAR PRIMARY KEY, path VARCHAR, n_ok INTEGER, n_failed INTEGER, n_objects INTEGER,
-    bytes BIGINT, start_time DOUBLE, end_time DOUBLE, duration DOUBLE, fingerprint VARCHAR, number INTEGER);
+    bytes BIGINT, start_time DOUBLE, end_time DOUBLE, duration DOUBLE, fingerprint VARCHAR, first_id BIGINT);
 CREATE TABLE IF NOT EXISTS failures (
     key VARCHAR, shard VARCHAR, idx INTEGER, source VARCHAR, stage VARCHAR, reason VARCHAR,
     video VARCHAR, video_frame BIGINT, video_shot INTEGER);
@@ -245,12 +248,42 @@ def _connect(
     delay = 0.05
     while True:
         try:
-            return duckdb.connect(str(path), read_only=read_only, config=config)
+            con = duckdb.connect(str(path), read_only=read_only, config=config)
+            _per_sample_grouping(con)
+            return con
         except duckdb.IOException as e:
             if "lock" not in str(e).lower() or time.monotonic() > deadline:
                 raise CatalogError(f"cannot open {path}: {one_line(e)}") from None
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
+
+
+# DuckDB groups by integer columns with a directly indexed table instead of a hash table when their range fits in
+# perfect_ht_threshold bits (default 12). sample_id is dense, so raising the threshold to its range makes a
+# per-sample GROUP BY over every object an array update: 1.1 s against 5.8 s with hashing, over 100M objects on
+# two cores (BENCHMARKS.md). Each thread fills its own table of 2^bits entries of about this many bytes (a count's
+# state, measured): the threshold is raised only while those fit in a quarter of DuckDB's memory limit.
+_PERFECT_HT_BYTES = 16
+_PERFECT_HT_MAX_BITS = 32  # DuckDB's own bound
+
+
+def _per_sample_grouping(con: duckdb.DuckDBPyConnection) -> None:
+    """Let CON group by sample_id without hashing (above) when its tables fit; nothing for a file no build wrote."""
+    try:
+        row = con.execute("SELECT value FROM catalog_info WHERE name = 'next_sample_id'").fetchone()
+    except duckdb.CatalogException:  # a new file: no catalog_info yet
+        return
+    bits = max(int(row[0]) - 1, 1).bit_length() if row else 0
+    threads, limit = con.execute("SELECT current_setting('threads'), current_setting('memory_limit')").fetchone()
+    if 12 < bits <= _PERFECT_HT_MAX_BITS and int(threads) * _PERFECT_HT_BYTES << bits <= _bytes(limit) // 4:
+        con.execute(f"SET perfect_ht_threshold = {bits}")
+
+
+def _bytes(size: str) -> int:
+    """DuckDB's spelling of a size ("5.5 GiB", "512.0 MiB", "0 bytes") in bytes."""
+    number, _, unit = size.partition(" ")
+    scale = {"bytes": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30, "TiB": 1 << 40, "PiB": 1 << 50}
+    return int(float(number) * scale.get(unit, 1))
 
 
 @contextmanager
@@ -766,14 +799,13 @@ def _load(
     with ThreadPoolExecutor(workers) as pool:
         read = list(pool.map(lambda kv: (kv[0], _read_or_why(folder, *kv)), shards.items()))
     rows, samples, objects, loaded = [], [], [], []
-    number = con.execute("SELECT coalesce(max(number) + 1, 0) FROM shards").fetchone()[0]
+    first = _next_sample_id(con)
     bad = [got for _, got in read if isinstance(got, BadShard)]
     incomplete = [sid for sid, got in read if got is None]
     for sid, got in read:
         if got is None or isinstance(got, BadShard):
             continue
         st, s, o = got
-        s, o = _with_sample_ids(s, o, number + len(loaded))
         loaded.append(sid)
         rows.append(
             (
@@ -787,14 +819,17 @@ def _load(
                 st.get("end_time"),
                 st.get("duration"),
                 shards[sid].fingerprint,
-                number + len(loaded) - 1,
+                first,
             )
         )
+        s, o = _with_sample_ids(s, o, first)
         samples.append(s)
         objects.append(o)
+        first += s.num_rows  # idx counts ok and failed samples: the shard's ids are first_id .. first_id + rows - 1
     if not loaded:
         return [], bad, incomplete
     con.executemany("INSERT INTO shards VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    con.execute("INSERT OR REPLACE INTO catalog_info VALUES ('next_sample_id', ?)", [str(first)])
     con.register("new_samples", pa.concat_tables(samples))
     con.register("new_objects", pa.concat_tables(objects))
     q = lambda cols: ", ".join(f'"{c}"' for c in cols)
@@ -806,11 +841,18 @@ def _load(
     return loaded, bad, incomplete
 
 
-def _with_sample_ids(samples: pa.Table, objects: pa.Table, number: int) -> tuple[pa.Table, pa.Table]:
-    """SAMPLES and OBJECTS of the shard numbered NUMBER with their `sample_id`: NUMBER * 2^32 + the sample's idx,
-    an object's that of the sample of its key. One integer per sample across the catalog: joining samples with
-    their objects on it took 2.3 s at 100M objects against 15.8 s on (key, shard) (BENCHMARKS.md)."""
-    base = pa.scalar(number << 32, pa.int64())
+def _next_sample_id(con: duckdb.DuckDBPyConnection) -> int:
+    """The first sample_id no shard of the catalog has taken: ids are never reused, even those of a dropped shard,
+    so an id names one sample for the life of the catalog (until a rebuild from scratch)."""
+    row = con.execute("SELECT value FROM catalog_info WHERE name = 'next_sample_id'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _with_sample_ids(samples: pa.Table, objects: pa.Table, first: int) -> tuple[pa.Table, pa.Table]:
+    """SAMPLES and OBJECTS of one shard with their `sample_id`: FIRST + the sample's idx, an object's that of the
+    sample of its key. One integer per sample across the catalog: joining samples with their objects on it took
+    2.3 s at 100M objects against 15.8 s on (key, shard) (BENCHMARKS.md)."""
+    base = pa.scalar(first, pa.int64())
     idx = pc.index_in(objects.column("key"), value_set=samples.column("key")).cast(pa.int64())
     return (
         samples.append_column("sample_id", pc.add(samples.column("idx").cast(pa.int64()), base)),

@@ -19,6 +19,7 @@ from subjectdiff.catalogs.selection import load_selection
 from subjectdiff.catalogs.tokens import clip_token_positions, clip_tokenizer
 from subjectdiff.catalogs.writer import ShardWriter, complete_shards
 from subjectdiff.photo_records import PHOTOS, ellipse_mask, photo_record, write_photo_shards
+from tests.bench import load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,6 +187,46 @@ def test_duckdb_settings_from_the_environment_reach_every_catalog_connection(sha
     ).to_pylist()[0]
     assert got["m"] == "953.6 MiB" and got["t"] == str(tmp_path / "spill"), got  # 1 GB = 10^9 bytes
     assert int(got["n"]) == 3
+
+
+def test_sample_ids_are_dense_never_reused_and_grouped_without_hashing(tmp_path, monkeypatch):
+    """sample_id numbers a catalog's samples from 0, a shard's from where the shards loaded before it stopped
+    (`first_id` + idx; a failed sample keeps its idx's id unused); a shard loaded later never takes the ids of
+    one dropped. Because they are dense, every catalog connection lets DuckDB group by sample_id with a directly
+    indexed table (a per-sample GROUP BY over 100M objects: 1 s instead of 6), unless its threads' tables would
+    not fit in a quarter of the memory limit; the answer is the same either way."""
+    bench = load_benchmark("catalog")
+    bench.write_synthetic(tmp_path, 6000, per_shard=1500, per_sample=1)  # 4 shards of 1,500 (+15 failed)
+    catalog.build(tmp_path)
+    sql = lambda q: catalog.query(tmp_path, q).to_pylist()
+    shards_t = sql("SELECT name, first_id, n_ok + n_failed AS n FROM shards ORDER BY name")
+    assert [r["first_id"] for r in shards_t] == [0, 1515, 3030, 4545]
+    assert (
+        sql("SELECT count(*) AS n FROM samples JOIN shards ON shard = name WHERE sample_id != first_id + idx")[0]["n"]
+        == 0
+    )
+    assert sql("SELECT count(DISTINCT sample_id) AS n, max(sample_id) AS hi FROM samples")[0] == {"n": 6000, "hi": 6044}
+    group = "SELECT sample_id, count(*) AS n FROM objects WHERE score > 0.5 GROUP BY sample_id ORDER BY sample_id"
+    plan = lambda: " ".join(r["explain_value"] for r in sql("EXPLAIN " + group))
+    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_MEMORY_LIMIT", "20MB")
+    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_THREADS", "2")  # 2 x 16 B x 2^13 ids: 0.26 MB, under 5 MB
+    assert "Perfect Hash" in plan()
+    fast = sql(group)
+    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_THREADS", "64")  # 8.4 MB: over a quarter of the limit
+    assert "Perfect Hash" not in plan()
+    assert sql(group) == fast and len(fast) > 2000
+    monkeypatch.delenv("SUBJECTDIFF_DUCKDB_MEMORY_LIMIT")
+    monkeypatch.delenv("SUBJECTDIFF_DUCKDB_THREADS")
+    # The last shard dropped, a new one loaded: it takes ids after the dropped shard's, not its.
+    for p in tmp_path.glob("00003*"):
+        p.unlink()
+    (tmp_path / "extra").mkdir()
+    bench.write_synthetic(tmp_path / "extra", 100, per_shard=100, per_sample=1)
+    for p in (tmp_path / "extra").glob("00000*"):
+        p.rename(tmp_path / p.name.replace("00000", "00009"))
+    report = catalog.build(tmp_path)
+    assert (report.added, report.removed) == (["00009"], ["00003"])
+    assert sql("SELECT first_id FROM shards WHERE name = '00009'") == [{"first_id": 6060}]
 
 
 def test_bad_sql_and_writes_fail_with_one_line(shards):

@@ -4,7 +4,6 @@ tests/test_sam_attention.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,17 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.bench import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = ["models", "stages", "sam", "train", "infer", "pipeline"]
-
-
-def load_benchmark(name: str):
-    """benchmarks/NAME.py as a module (the folder is no package; benchmarks/datagen.py would shadow datagen)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 # Six subprocesses, each importing torch and the model packages, and one starting Ray: about 2 CPU-minutes.
