@@ -11,13 +11,17 @@ one `deprecated` line, from here, so every notice reads alike and goes away in o
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 REMOVED_IN = "0.3"  # the release that drops the deprecated words
 
 
 def deprecated(old: str, new: str) -> None:
-    """The one line a deprecated word prints on stderr."""
+    """The one line a deprecated word prints on stderr, from rank 0 alone under torchrun (every rank parses the
+    same command line: eight ranks would print it eight times)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     print(f"subjectdiff: {old} is deprecated; use {new} (it will be removed in {REMOVED_IN})", file=sys.stderr)
 
 

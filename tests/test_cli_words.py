@@ -134,6 +134,15 @@ def test_old_config_words_resolve_with_one_notice(flags, notice, capsys):
         assert cfg["data"]["catalog"] == "out/"
 
 
+@pytest.mark.parametrize("rank, printed", [("0", 1), ("1", 0), ("7", 0)])
+def test_under_torchrun_rank_0_alone_prints_the_notice(rank, printed, monkeypatch, capsys):
+    """torchrun runs the command once per rank: the old word works on every rank, its notice prints once."""
+    monkeypatch.setenv("RANK", rank)
+    assert main(["train", "--config", "tiny", "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    assert tomllib.loads(out)["model"]["arch"] == "tiny" and len(notices(err)) == printed
+
+
 def test_config_file_and_preset_together(tmp_path, capsys):
     f = tmp_path / "run.toml"
     f.write_text('preset = "paper"\n[optim]\nlr = 2\n')
