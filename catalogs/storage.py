@@ -7,8 +7,8 @@
 
 Credentials and endpoints are fsspec's and the SDKs' own: s3fs reads the standard AWS variables
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, profiles, instance roles), gcsfs Google's; nothing is configured
-here. `SUBJECTDIFF_STORAGE_OPTIONS` (a JSON object) adds fsspec storage options for every remote URL, for
-the rare setting that has no environment variable. `storage_env()` is the part of the environment that says
+here. `SUBJECTDIFF_STORAGE_OPTIONS` (a JSON object) adds fsspec storage options for every remote URL, or per
+protocol ({"s3": {...}, "https": {...}}), for the rare setting that has no environment variable. `storage_env()` is the part of the environment that says
 where and how to reach storage: a datagen run hands it to its Ray workers, so a worker on another node
 reaches the same endpoint with the same keys as the driver.
 
@@ -268,7 +268,11 @@ def local_path(spec: str | os.PathLike) -> Path:
     return Path(s)
 
 
-def storage_options() -> dict[str, Any]:
+def storage_options(protocol: str) -> dict[str, Any]:
+    """$SUBJECTDIFF_STORAGE_OPTIONS for PROTOCOL ("s3", "https", ...). The JSON object is either options for every
+    remote protocol ({"endpoint_url": "..."}) or options per protocol, keyed by fsspec's protocol names
+    ({"s3": {"endpoint_url": "..."}, "gs": {"project": "..."}}): a run that reads records from a bucket and
+    checkpoints over https must not hand the bucket's endpoint_url to https."""
     raw = os.environ.get(ENV_OPTIONS)
     if not raw:
         return {}
@@ -278,7 +282,15 @@ def storage_options() -> dict[str, Any]:
         raise StorageError(f"${ENV_OPTIONS} is not JSON: {e}") from None
     if not isinstance(opts, dict):
         raise StorageError(f"${ENV_OPTIONS} must be a JSON object, got {type(opts).__name__}")
-    return opts
+    if not _per_protocol(opts):
+        return opts
+    return dict(opts.get(protocol, {}))
+
+
+def _per_protocol(opts: dict[str, Any]) -> bool:
+    """Whether OPTS is keyed by protocol: every key one fsspec knows, every value an object."""
+    known = set(fsspec.available_protocols())
+    return bool(opts) and all(k in known and isinstance(v, dict) for k, v in opts.items())
 
 
 def storage_env() -> dict[str, str]:
@@ -287,13 +299,14 @@ def storage_env() -> dict[str, str]:
 
 
 def _url_options(url: str) -> dict[str, Any]:
-    """The storage options for URL: $SUBJECTDIFF_STORAGE_OPTIONS, given to the storage itself. In a chained URL
-    ("simplecache::s3://b/k") that is the last protocol, not the cache in front of it (which fsspec would
-    otherwise give them to)."""
-    opts = storage_options()
+    """The storage options for URL: $SUBJECTDIFF_STORAGE_OPTIONS for its protocol, given to the storage itself. In
+    a chained URL ("simplecache::s3://b/k") that is the last protocol, not the cache in front of it (which fsspec
+    would otherwise give them to)."""
+    protocol = url.rsplit("::", 1)[-1].split("://", 1)[0]
+    opts = storage_options(protocol)
     if "::" not in url or not opts:
         return opts
-    return {url.rsplit("::", 1)[1].split("://", 1)[0]: opts}
+    return {protocol: opts}
 
 
 def filesystem(url: str | os.PathLike):

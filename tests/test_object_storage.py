@@ -160,3 +160,28 @@ def test_catalog_cli_on_a_bucket(remote_shards, tmp_path):
     assert page.count('class="card"') == 4 and "cannot read shard" not in page
     own = tmp_path / "mine.duckdb"
     assert cli("build", url, "--catalog", str(own)).returncode == 0 and own.is_file()
+
+
+def test_storage_options_per_protocol_reach_only_their_protocol(bucket, s3_server, monkeypatch):
+    """SUBJECTDIFF_STORAGE_OPTIONS keyed by protocol: the bucket's endpoint (given nowhere else) reaches s3://
+    URLs, plain or chained behind a cache, and https:// gets its own options, not the bucket's endpoint_url."""
+    import s3fs
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    options = {"s3": {"endpoint_url": s3_server}, "https": {"headers": {"X-Project": "subjectdiff"}}}
+    monkeypatch.setenv("SUBJECTDIFF_STORAGE_OPTIONS", json.dumps(options))
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        with storage.open_url(f"{bucket}/a.txt", "wb") as f:
+            f.write(b"through the options")
+        with storage.open_url(f"simplecache::{bucket}/a.txt") as f:
+            assert f.read() == b"through the options"
+        fs, _ = storage.filesystem("https://models.example/sam.pth")
+        assert fs.kwargs == {"headers": {"X-Project": "subjectdiff"}}
+        assert storage.storage_options("gs") == {}
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()
+    # The flat form still reaches every protocol, as before.
+    monkeypatch.setenv("SUBJECTDIFF_STORAGE_OPTIONS", json.dumps({"endpoint_url": s3_server}))
+    assert storage.storage_options("s3") == storage.storage_options("gs") == {"endpoint_url": s3_server}
