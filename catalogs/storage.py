@@ -8,9 +8,9 @@
 Credentials and endpoints are fsspec's and the SDKs' own: s3fs reads the standard AWS variables
 (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, profiles, instance roles), gcsfs Google's; nothing is configured
 here. `SUBJECTDIFF_STORAGE_OPTIONS` (a JSON object) adds fsspec storage options for every remote URL, or per
-protocol ({"s3": {...}, "https": {...}}), for the rare setting that has no environment variable. `storage_env()` is the part of the environment that says
-where and how to reach storage: a datagen run hands it to its Ray workers, so a worker on another node
-reaches the same endpoint with the same keys as the driver.
+protocol ({"s3": {...}, "https": {...}}), for the rare setting that has no environment variable.
+`storage_env()` is the part of the environment that says where and how to reach storage: a datagen run hands it
+to its Ray workers, so a worker on another node reaches the same endpoint with the same keys as the driver.
 
 Errors: `transient(e)` says whether an error may pass on another try (a connection reset, a response cut
 mid-body, a timeout, throttling or a server error), by what the error is rather than where it was raised, so

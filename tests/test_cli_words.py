@@ -89,6 +89,8 @@ def test_no_command_shows_an_old_word_and_every_output_is_out():
             "tiny",
         ),
         (["train", "--shards", "a", "--shards", "b"], "--shards", "records", ["a", "b"]),
+        (["train", "--model", "tiny"], "--model", "arch", "tiny"),
+        (["train", "preview", "--model", "tiny", "--out", "o"], "--model", "arch", "tiny"),
         (["train", "preview", "--shards", "a", "--out", "o"], "--shards", "records", ["a"]),
         (["train", "preview", "--n", "3", "--out", "o"], "--n", "sample", 3),
     ],
@@ -96,7 +98,7 @@ def test_no_command_shows_an_old_word_and_every_output_is_out():
 def test_an_old_flag_works_as_the_new_one_with_one_notice(argv, old, attr, want, capsys):
     args = build_parser(argv).parse_args(argv)
     assert getattr(args, attr) == want
-    new = {"out": "--out", "preset": "--preset", "records": "--records", "sample": "--sample"}[attr]
+    new = {"out": "--out", "preset": "--preset", "records": "--records", "sample": "--sample", "arch": "--arch"}[attr]
     assert notices(capsys.readouterr().err) == [
         f"subjectdiff: {old} is deprecated; use {new} (it will be removed in 0.3)"
     ]

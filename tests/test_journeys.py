@@ -164,7 +164,7 @@ def test_demo_then_reference_selection_then_train(demo, reference, tmp_path):
 
 
 def test_demo_then_the_paper_recipe_on_the_tiny_model(demo, reference, tmp_path):
-    """demo -> train --preset paper --model tiny (the paper's rules skip records without a subject) and
+    """demo -> train --preset paper --arch tiny (the paper's rules skip records without a subject) and
     train preview --config paper: they run when the records have subjects, else stop with one line naming a
     record and the rule it fails."""
     run, page = tmp_path / "run", tmp_path / "preview"
@@ -172,7 +172,7 @@ def test_demo_then_the_paper_recipe_on_the_tiny_model(demo, reference, tmp_path)
         "train",
         "--preset",
         "paper",
-        "--model",
+        "--arch",
         "tiny",
         "--catalog",
         str(demo / "catalog.duckdb"),

@@ -45,10 +45,10 @@ PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 def configs() -> dict[str, object]:
     """The presets on the tiny model, and the options that change what a sample is."""
-    out = {"tiny": load_config("tiny"), "paper": load_config("paper", model="tiny")}
+    out = {"tiny": load_config("tiny"), "paper": load_config("paper", arch="tiny")}
     out["rules_off"] = load_config("tiny", ["data.object_rules=false"])
     out["zoom_random"] = load_config("tiny", ["data.crop='zoom'", "data.pick='random'", "data.no_subject='skip'"])
-    out["one_slot"] = load_config("paper", ["model.max_subjects=1", "data.augment=false"], model="tiny")
+    out["one_slot"] = load_config("paper", ["model.max_subjects=1", "data.augment=false"], arch="tiny")
     return out
 
 
@@ -225,7 +225,7 @@ def test_reference_selection_on_real_photo_geometry(geometry_shards):
     "argv",
     [
         ["--preset", "tiny"],
-        ["--preset", "paper", "--model", "tiny", "data.num_workers=2", "run.precision='fp32'"],
+        ["--preset", "paper", "--arch", "tiny", "data.num_workers=2", "run.precision='fp32'"],
         ["--preset", "tiny", "--object-where", "reference", "data.num_workers=2", "data.batch_size=3"],
     ],
     ids=["tiny", "paper-tiny", "reference"],

@@ -1,6 +1,6 @@
 """From records to batches, the defects users met (issue #16), each as the behaviour that holds now: records without
 a subject, crops that never pad, plural labels, the near-white column, masks outside their boxes, small
-selections, a catalog given alone, the EMA's warm-up, `--model tiny`, one-line errors, and an exact resume when
+selections, a catalog given alone, the EMA's warm-up, `--arch tiny`, one-line errors, and an exact resume when
 records are skipped. Tiny model, CPU, offline."""
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def test_records_without_a_subject_train_text_only_or_are_skipped(tmp_path, caps
     batch. Now the tiny preset trains such records text-only on a short-side crop, and the paper preset skips
     them; when every record is skipped the run stops with one line naming a record and why."""
     records = no_subject_records()
-    tiny, paper = load_config("tiny"), load_config("paper", model="tiny")
+    tiny, paper = load_config("tiny"), load_config("paper", arch="tiny")
     for r in records:
         rec = decoded(r)
         s = make_sample(rec, tiny, 32, sample_rng(0, 0, rec.key))
@@ -104,7 +104,7 @@ def test_records_without_a_subject_train_text_only_or_are_skipped(tmp_path, caps
                 "train",
                 "--preset",
                 "paper",
-                "--model",
+                "--arch",
                 "tiny",
                 "--records",
                 str(d),
@@ -128,7 +128,7 @@ def test_skipped_records_are_counted_and_a_resume_is_exact(tmp_path):
     records are counted by reason."""
     d = tmp_path / "geometry"
     write_geometry_shards(d)
-    cfg = load_config("paper", [f"data.shards=['{d}']", "data.num_workers=2", "data.batch_size=2"], model="tiny")
+    cfg = load_config("paper", [f"data.shards=['{d}']", "data.num_workers=2", "data.batch_size=2"], arch="tiny")
 
     def stream(state=None) -> BatchStream:
         s = BatchStream(TrainSamples(make_reader(cfg.data, None, 0, 1, 0), cfg, 32), 2, 2)
@@ -164,7 +164,7 @@ def test_crops_stay_inside_the_image(tmp_path):
     clipped or dropped by the post-crop rule."""
     rec = decoded(geometry_cases()["apart"])  # 200 x 90, a rocket and a cat 130 px apart
     for preset, model in (("tiny", None), ("paper", "tiny")):
-        cfg = load_config(preset, ["data.resolution=88"], model=model)
+        cfg = load_config(preset, ["data.resolution=88"], arch=model)
         for epoch in range(8):
             s = make_sample(rec, cfg, 32, sample_rng(0, epoch, rec.key))
             x0, y0, side = s["crop"]
@@ -269,7 +269,7 @@ def test_small_selections_preview_and_train_with_the_paper_preset(tmp_path, caps
                 "train",
                 "--preset",
                 "paper",
-                "--model",
+                "--arch",
                 "tiny",
                 "--records",
                 str(d),
@@ -339,16 +339,16 @@ def test_ema_warms_up_instead_of_keeping_the_initial_weights():
 
 
 def test_paper_recipe_on_the_tiny_model():
-    """`--preset paper --model tiny`: every setting of the paper preset, on the tiny model at its 64 px."""
-    paper, small = load_config("paper"), load_config("paper", model="tiny")
+    """`--preset paper --arch tiny`: every setting of the paper preset, on the tiny model at its 64 px."""
+    paper, small = load_config("paper"), load_config("paper", arch="tiny")
     assert small.model == load_config("tiny").model and small.data.resolution == 64
     for section in ("optim", "loss", "run"):
         assert getattr(small, section) == getattr(paper, section)
     assert {k: v for k, v in vars(small.data).items() if k != "resolution"} == {
         k: v for k, v in vars(paper.data).items() if k != "resolution"
     }
-    with pytest.raises(ValueError, match="--model"):
-        load_config("paper", model="sd3")
+    with pytest.raises(ValueError, match="--arch"):
+        load_config("paper", arch="sd3")
 
 
 def test_a_record_that_breaks_sample_building_is_named_in_one_line(tmp_path, capsys):

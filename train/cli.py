@@ -6,7 +6,7 @@ trainer's command line.
     subjectdiff train --config my.toml --catalog out/catalog.duckdb --where "n_objects >= 2" --object-where reference
     subjectdiff train preview --preset paper --records out/ --sample 16 --out preview/   # what the trainer would feed
     subjectdiff train --preset tiny --records out/ --pairs out/pairs.parquet data.pair_ratio=0.3   # cross-image pairs
-    subjectdiff train --preset paper --model tiny --catalog out/catalog.duckdb run.max_steps=20  # the paper, tiny
+    subjectdiff train --preset paper --arch tiny --catalog out/catalog.duckdb run.max_steps=20  # the paper, tiny
 
 Overrides are KEY=VALUE over the TrainConfig tables (model., data., optim., loss., run.), anywhere among the
 options. `preview` is a subcommand: the first word after `train` (TrainParser). torch is imported only when the
@@ -72,13 +72,14 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
         help="TOML tables [model] [data] [optim] [loss] [run] over the preset (a preset name here is "
         "deprecated: --preset NAME)",
     )
-    p.add_argument(
-        "--model",
+    arch = p.add_argument(
+        "--arch",
         default=None,
         metavar="NAME",
-        help="tiny or sd2-base: run the config on this model preset at its native resolution "
-        "(`--preset paper --model tiny`: the paper's data, loss and schedule on a CPU)",
+        help="tiny or sd2-base: run the config on this model architecture preset at its native resolution "
+        "(`--preset paper --arch tiny`: the paper's data, loss and schedule on a CPU)",
     )
+    renamed(p, "--model", arch)  # --model is a trained model everywhere else (generate, eval, export)
 
 
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -210,7 +211,7 @@ def resolved_config(args: argparse.Namespace):
         if value is not None:
             extra.append(f"{key}={json.dumps(value)}")
     preset, config_file = preset_and_file(args)
-    return load_config(preset, [*args.overrides, *extra], model=args.model, config_file=config_file)
+    return load_config(preset, [*args.overrides, *extra], arch=args.arch, config_file=config_file)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -362,11 +362,11 @@ def paper() -> TrainConfig:
 PRESETS = Presets("training", tiny, sd2_base, paper, aliases={"sd2_base": "sd2-base"})  # the alias: until 0.3
 
 
-def with_model(cfg: TrainConfig, name: str) -> TrainConfig:
-    """cfg on another model preset ("tiny", "sd2-base") at that model's native resolution, everything else as
-    cfg has it: `--preset paper --model tiny` runs the paper's data, loss and schedule on a CPU in seconds."""
+def with_arch(cfg: TrainConfig, name: str) -> TrainConfig:
+    """cfg on another model architecture preset ("tiny", "sd2-base") at that model's native resolution, everything
+    else as cfg has it: `--preset paper --arch tiny` runs the paper's data, loss and schedule on a CPU in seconds."""
     if name not in MODEL_PRESETS:
-        raise ValueError(f"--model {name!r}: unknown model preset; presets: {MODEL_PRESETS.names()}")
+        raise ValueError(f"--arch {name!r}: unknown model preset; presets: {MODEL_PRESETS.names()}")
     cfg.model = MODEL_PRESETS[name]()
     cfg.data.resolution = NATIVE_RESOLUTION[cfg.model.arch]
     return cfg
@@ -375,20 +375,20 @@ def with_model(cfg: TrainConfig, name: str) -> TrainConfig:
 def load_config(
     preset: str | None = None,
     overrides: list[str] | tuple[str, ...] = (),
-    model: str | None = None,
+    arch: str | None = None,
     *,
     config_file: str | None = None,
 ) -> TrainConfig:
     """A preset ("tiny", "sd2-base", "paper"; default: config_file's top-level `preset`, else "sd2-base"), on
-    another model preset when `model` is given (with_model), then config_file's tables and `key=value` overrides,
-    applied in order."""
+    another model architecture preset when `arch` is given (with_arch), then config_file's tables and `key=value`
+    overrides, applied in order."""
     values: dict[str, Any] = {}
     if config_file is not None:
         values = read_toml(config_file, hint=f" (presets are --preset NAME: {PRESETS.names()})")
     named = values.pop("preset", "sd2-base")
     cfg = PRESETS[preset or named]()
-    if model is not None:
-        cfg = with_model(cfg, model)
+    if arch is not None:
+        cfg = with_arch(cfg, arch)
     for o in overrides:
         values = merge_dicts(values, parse_override(o))
     return apply(cfg, values)
