@@ -225,12 +225,14 @@ def catalog_root(path: str | os.PathLike) -> str:
 def env_settings() -> dict[str, str]:
     """DuckDB options every catalog connection takes from the environment: SUBJECTDIFF_DUCKDB_MEMORY_LIMIT
     (DuckDB's memory_limit, e.g. "6GB"; DuckDB's own default is 80 % of the machine's memory) and
-    SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY (where it spills what does not fit) and SUBJECTDIFF_DUCKDB_THREADS (DuckDB's
-    threads; its default is one a core). A command's own flags override them."""
+    SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY (where it spills what does not fit), SUBJECTDIFF_DUCKDB_THREADS (DuckDB's
+    threads; its default is one a core) and SUBJECTDIFF_DUCKDB_PERFECT_HT_THRESHOLD (instead of the catalog's own
+    choice, `_per_sample_grouping`; 12, DuckDB's default, turns it off). A command's own flags override them."""
     names = {
         "memory_limit": "SUBJECTDIFF_DUCKDB_MEMORY_LIMIT",
         "temp_directory": "SUBJECTDIFF_DUCKDB_TEMP_DIRECTORY",
         "threads": "SUBJECTDIFF_DUCKDB_THREADS",
+        "perfect_ht_threshold": "SUBJECTDIFF_DUCKDB_PERFECT_HT_THRESHOLD",
     }
     return {option: os.environ[var] for option, var in names.items() if os.environ.get(var)}
 
@@ -260,15 +262,20 @@ def _connect(
 
 # DuckDB groups by integer columns with a directly indexed table instead of a hash table when their range fits in
 # perfect_ht_threshold bits (default 12). sample_id is dense, so raising the threshold to its range makes a
-# per-sample GROUP BY over every object an array update: 1.1 s against 5.8 s with hashing, over 100M objects on
-# two cores (BENCHMARKS.md). Each thread fills its own table of 2^bits entries of about this many bytes (a count's
-# state, measured): the threshold is raised only while those fit in a quarter of DuckDB's memory limit.
-_PERFECT_HT_BYTES = 16
+# per-sample GROUP BY over every object an array update (several times faster over 100M objects: BENCHMARKS.md).
+# The table has a slot for every id in each thread, whether or not a row reaches it: about 13 bytes for a count's
+# state, about 36 for `list(x ORDER BY y)`'s (measured at 2^25 ids), so a query that keeps few samples pays for all
+# of them. The threshold is raised only while each thread's table at _PERFECT_HT_BYTES a slot fits in a quarter
+# of DuckDB's memory limit together; `catalog select --object-where` turns it off for its query.
+_PERFECT_HT_BYTES = 48
 _PERFECT_HT_MAX_BITS = 32  # DuckDB's own bound
 
 
 def _per_sample_grouping(con: duckdb.DuckDBPyConnection) -> None:
-    """Let CON group by sample_id without hashing (above) when its tables fit; nothing for a file no build wrote."""
+    """Let CON group by sample_id without hashing (above) when its tables fit; nothing for a file no build wrote
+    or when the user set the threshold (SUBJECTDIFF_DUCKDB_PERFECT_HT_THRESHOLD)."""
+    if "perfect_ht_threshold" in env_settings():
+        return
     try:
         row = con.execute("SELECT value FROM catalog_info WHERE name = 'next_sample_id'").fetchone()
     except duckdb.CatalogException:  # a new file: no catalog_info yet

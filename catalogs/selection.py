@@ -96,6 +96,10 @@ def select(
         raise CatalogError(f"--dups {dups}: not a `catalog duplicates` file (columns {groups.schema.names})")
     with open_catalog(root, catalog=catalog) as con:
         try:
+            if object_where:
+                # Few samples keep objects, each with a list's state: a directly indexed table of every sample_id
+                # (catalog._per_sample_grouping) would hold a state for each and double the memory at 100M.
+                con.execute("RESET perfect_ht_threshold")
             con.execute(f"CREATE TEMP TABLE _selected AS {sql}")
             dropped = {}
             if held is not None:

@@ -209,12 +209,16 @@ def test_sample_ids_are_dense_never_reused_and_grouped_without_hashing(tmp_path,
     group = "SELECT sample_id, count(*) AS n FROM objects WHERE score > 0.5 GROUP BY sample_id ORDER BY sample_id"
     plan = lambda: " ".join(r["explain_value"] for r in sql("EXPLAIN " + group))
     monkeypatch.setenv("SUBJECTDIFF_DUCKDB_MEMORY_LIMIT", "20MB")
-    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_THREADS", "2")  # 2 x 16 B x 2^13 ids: 0.26 MB, under 5 MB
+    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_THREADS", "2")  # 2 x 48 B x 2^13 ids: 0.8 MB, under 5 MB
     assert "Perfect Hash" in plan()
     fast = sql(group)
-    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_THREADS", "64")  # 8.4 MB: over a quarter of the limit
+    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_THREADS", "16")  # 6.3 MB: over a quarter of the limit
     assert "Perfect Hash" not in plan()
     assert sql(group) == fast and len(fast) > 2000
+    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_THREADS", "2")
+    monkeypatch.setenv("SUBJECTDIFF_DUCKDB_PERFECT_HT_THRESHOLD", "12")  # the user's choice wins: DuckDB's default
+    assert "Perfect Hash" not in plan()
+    monkeypatch.delenv("SUBJECTDIFF_DUCKDB_PERFECT_HT_THRESHOLD")
     monkeypatch.delenv("SUBJECTDIFF_DUCKDB_MEMORY_LIMIT")
     monkeypatch.delenv("SUBJECTDIFF_DUCKDB_THREADS")
     # The last shard dropped, a new one loaded: it takes ids after the dropped shard's, not its.
