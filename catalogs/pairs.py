@@ -656,9 +656,10 @@ def map_shards(
     staging_folder = Folder(staging)
     staging_folder.makedirs()
     with staging_folder.open(name, "wb") as f, pq.ParquetWriter(f, out.schema) as w:
-        cuts = np.flatnonzero(np.diff(bucket[order])) + 1
-        for s, e in zip([0, *cuts], [*cuts, len(order)]):
-            w.write_table(out.slice(s, e - s))
+        ends = [0, *(np.flatnonzero(np.diff(bucket[order])) + 1), len(order)]
+        for s, e in zip(ends, ends[1:]):
+            if e > s:  # a row group of no rows would have no statistics
+                w.write_table(out.slice(s, e - s))
     return name, len(order)
 
 
