@@ -576,6 +576,28 @@ def test_pairs_written_to_a_bucket_match_the_local_file(videos, bucket, tmp_path
         assert pq.read_table(f).equals(pq.read_table(local))
 
 
+def test_retrieval_from_a_bucket_into_a_bucket_matches_the_local_file(photos, bucket, tmp_path):
+    """The shards in a bucket, --out a URL: the map files and parts are staged beside it in the bucket, and gone
+    afterwards; the file is the one a local run writes."""
+    import s3fs
+
+    out = photos[0]
+    fs = s3fs.S3FileSystem()
+    for f in sorted(out.iterdir()):
+        if f.is_file() and f.suffix != ".duckdb":
+            fs.put_file(str(f), f"{bucket}/r/{f.name}")
+    cat = tmp_path / "r.duckdb"
+    assert main(["catalog", "build", f"{bucket}/r", "--catalog", str(cat)]) == 0
+    cfg = PairConfig(min_sim=MIN_SIM, k=3)
+    local = tmp_path / "r.parquet"
+    rows = find_pairs(out, "retrieval", local, cfg)
+    assert rows == find_pairs(f"{bucket}/r", "retrieval", f"{bucket}/p/r.parquet", cfg, catalog=cat) > 0
+    fs.invalidate_cache()
+    assert [p.rsplit("/", 1)[1] for p in fs.find(f"{bucket}/p")] == ["r.parquet"]
+    with fs.open(f"{bucket}/p/r.parquet", "rb") as f:
+        assert pq.read_table(f).equals(pq.read_table(local))
+
+
 # ------------------------------------------------------------------------------------------- the measures
 
 
