@@ -17,31 +17,50 @@ A pair (a, b) is stored in both directions, (a -> b) and (b -> a): either object
 from the reference object and the target image, box, mask and localization tokens from the target object.
 
 Mining (`subjectdiff catalog pairs DIR --method video|retrieval --out pairs.parquet`; `find_pairs`)
-    Both methods read the identity sidecars of DIR's complete shards (`load_identity`) and the catalog (the
-    objects' boxes, the samples' video fields, source and phash), so `catalog build DIR` runs first.
+    Both methods read the identity sidecars of DIR's complete shards and the catalog (the objects' boxes, the
+    samples' video fields, source and phash), so `catalog build DIR` runs first. The objects are numbered in
+    shard order, then record and object order (a shard's first row: the identity rows of the shards before it);
+    the pairs file is sorted by that numbering.
 
     video      two objects with the same label in two frames of one video (samples.video; frames differ),
                cosine >= min_sim in one shot (>= min_sim_across_shots across a cut), each the other's best
                match in the other frame, and different enough to teach something: phash distance >= min_phash
                or change >= min_change. DuckDB makes the candidates (same video, label, another frame), numpy
-               the dot products.
+               the dot products. The calling process holds every object (`load_identity`, `catalog_objects`).
     retrieval  each object's k nearest objects of its label by cosine (faiss IVF-Flat or HNSW-Flat over inner
                products, exact numpy search for small labels), keeping those >= min_sim from another source
                (samples.source, or the video for frames) and not near duplicates (phash distance >= min_phash).
-               Labels are independent partitions: the large ones run as Ray tasks, the small ones in the
-               calling process. Each neighbour edge is stored in both directions.
+               Each neighbour edge is stored in both directions. Labels are independent partitions, so the
+               embeddings are shuffled by label (below) and the calling process holds none of them.
 
     `change` is `box_change` of the two boxes in pixels: both moved to one centre and scaled to unit area,
     1 - their IoU = 2 (1 - s) / (2 - s) with s = sqrt(min(r1, r2) / max(r1, r2)), r = width / height. A phash
     the catalog lacks (sidecars written without the curate stage) is computed from the image.
 
-Memory: the pairs are never gathered in one process. Each label's Ray task (retrieval; the small labels, in
-batches, in the calling process) and each group of videos (video) writes its rows, both directions, sorted by
-(reference, target), as a part file (PART_SCHEMA: object rows, not keys) in a staging folder beside the output
-(OUT.parts/, local or a URL as OUT is; removed at the end); the calling process then merges the parts into
-OUT one range of reference objects at a time (`merge_parts`, ~ROWS_PER_BATCH rows in memory) and loads OUT into
-the catalog as a stream. On a Ray cluster, OUT must be a URL or on a filesystem every node shares: the tasks
-write the parts where they run.
+The retrieval shuffle (issue #21: 100M objects, or 10M of DINOv2's 768 dimensions, ~19 GB of embeddings)
+    plan     (calling process, `plan_retrieval`) the sidecars' row counts from their Parquet footers (hence each
+             shard's first row) and each label's object count from the catalog (SQL over the objects of the
+             shards with a sidecar); a label searched by faiss (> brute_force_max objects) is a bucket alone,
+             the small ones are packed into buckets of about BUCKET_OBJECTS; the shards are cut into groups of
+             about MAP_OBJECTS rows.
+    map      (a task a group, `map_shards`) the group's sidecars joined with its catalog rows (which the calling
+             process reads per group, _MAP_SQL: origin as a 63-bit hash, since pairing only compares origins)
+             -> one map file in the staging folder: row, key, index, label, origin, phash, box, embedding, a
+             bucket's rows in row groups of their own.
+    reduce   (a task a bucket, `reduce_bucket`) the bucket's row groups of every map file -> each label's
+             search (partition_edges, label_rows) -> one part.
+    Map and reduce run as Ray tasks (one CPU; a faiss label the CPUs split among the faiss labels) when there
+    are more than LOCAL_OBJECTS objects, else the same functions in the calling process, a task at a time. The
+    calling process holds the labels, the shard list, one group's catalog rows and one merge batch: nothing
+    that grows with the objects but the shard list and its labels.
+
+Memory: the pairs are never gathered in one process either. Each reduce task (retrieval) and each group of videos
+(video) writes its rows, both directions, sorted by (reference, target), as a part file (PART_SCHEMA: the
+objects' rows and keys) in a staging folder beside the output (OUT.parts/, local or a URL as OUT is; removed at
+the end, the map files after the reduce); the calling process then merges the parts into OUT one range of
+reference objects at a time (`merge_parts`, ~ROWS_PER_BATCH rows in memory) and loads OUT into the catalog as a
+stream. On a Ray cluster, OUT and DIR must be URLs or on a filesystem every node shares: the tasks read the
+sidecars and write the map files and parts where they run.
 
 The catalog's `pairs` table holds the same columns; `catalog pairs` replaces that method's rows. A catalog build
 keeps them (they come from no shard file, so a rebuild cannot reload them), except the pairs of a shard the build
@@ -120,8 +139,8 @@ class PairConfig:
     search_k: neighbours fetched before the same-source and near-duplicate filters (None: 3 k + 1); index:
     "ivf" (faiss IVF-Flat, inner product), "hnsw" (faiss HNSW-Flat) or "exact" (numpy); nprobe / ef_search:
     the IVF lists / HNSW candidates a query visits; brute_force_max: a label with at most this many objects is
-    searched exactly in numpy, in this process (no Ray); num_cpus: Ray's CPUs when it is started here (None:
-    every core)."""
+    searched exactly in numpy, in a bucket of small labels (module docstring); num_cpus: Ray's CPUs when it is
+    started here, or the threads of a faiss label searched in this process (None: every core)."""
 
     min_sim: float = 0.6
     min_sim_across_shots: float = 0.75
