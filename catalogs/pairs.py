@@ -756,9 +756,10 @@ def retrieval_parts(
                 if progress:
                     progress(done, plan.rows, "objects read")
         parts, done, total = [], 0, sum(n for n, _ in plan.buckets)
+        objects = {_bucket_name(b): n for b, (n, _) in enumerate(plan.buckets)}
         for name, rows in run.run(reduce_bucket, _reduce_jobs(plan, maps, cfg, run.cpus, staging)):
             parts.append((name, rows))
-            done += plan.buckets[int(name[len("bucket-") : -len(".parquet")])][0]
+            done += objects[name]
             if progress:
                 progress(done, total, "objects")
         return parts
@@ -788,7 +789,11 @@ def _reduce_jobs(plan: Plan, maps: list[str], cfg: PairConfig, cpus: int, stagin
     large = sum(lg for _, lg in plan.buckets)
     for b, (_, lg) in enumerate(plan.buckets):
         threads = max(1, cpus // large) if lg else 1
-        yield min(threads, cpus), (staging.url, maps, b, cfg, threads, f"bucket-{b:06d}.parquet")
+        yield min(threads, cpus), (staging.url, maps, b, cfg, threads, _bucket_name(b))
+
+
+def _bucket_name(bucket: int) -> str:
+    return f"bucket-{bucket:06d}.parquet"
 
 
 class _Local:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import tempfile
+import weakref
 from pathlib import Path
 from unittest import mock
 
@@ -348,9 +349,9 @@ def test_the_shuffle_gives_the_rows_of_the_in_memory_search(tmp_path, monkeypatc
 
 
 def test_the_caller_holds_a_shard_or_a_bucket_of_embeddings_never_all(tmp_path, monkeypatch):
-    """In this process (a small input: no Ray), the retrieval path never reads every embedding at once: no
-    load_identity or read_folder, and no embedding array larger than a map task's shards or a bucket's labels.
-    A gather of all the objects' embeddings (what made 10M x 768 dimensions impossible) fails this test."""
+    """In this process (a small input: no Ray), the retrieval path never holds every embedding: no load_identity or
+    read_folder, and never more embeddings alive at once than a map task's shards or a bucket's labels. A gather
+    of the objects' embeddings (what made 10M x 768 dimensions impossible), whole or shard by shard, fails."""
     write_layout(tmp_path, [[0] * 6 + [1] * 6, [0] * 6 + [2] * 6, [1] * 6 + [2] * 6, [0] * 4 + [3] * 8])
     n = len(load_identity(tmp_path)[1])
 
@@ -359,11 +360,13 @@ def test_the_caller_holds_a_shard_or_a_bucket_of_embeddings_never_all(tmp_path, 
 
     monkeypatch.setattr(pairs_module, "load_identity", refuse)
     monkeypatch.setattr(pairs_module, "read_folder", refuse)
-    largest, embedding_array = [0], pairs_module.identity.embedding_array
+    live, largest, embedding_array = [0], [0], pairs_module.identity.embedding_array
 
-    def recorded(column):
+    def recorded(column):  # every embedding read goes through here: count the rows alive at once
         emb = embedding_array(column)
-        largest[0] = max(largest[0], len(emb))
+        live[0] += len(emb)
+        largest[0] = max(largest[0], live[0])
+        weakref.finalize(emb, lambda n=len(emb): live.__setitem__(0, live[0] - n))
         return emb
 
     monkeypatch.setattr(pairs_module.identity, "embedding_array", recorded)
