@@ -837,11 +837,23 @@ class _Ray:
         for cpus, args in jobs:
             if len(pending) >= 2 * self.cpus:
                 ready, pending = ray.wait(pending, num_returns=1)
-                yield ray.get(ready[0])
+                yield self._get(ready[0])
             pending.append(task.options(num_cpus=cpus).remote(*args))
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(ready[0])
+            yield self._get(ready[0])
+
+    @staticmethod
+    def _get(ref):
+        """A task's result; its CatalogError raised as itself (one line for the command), not in Ray's wrapper."""
+        import ray
+
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, CatalogError):
+                raise e.cause from None
+            raise
 
     def close(self) -> None:
         import ray

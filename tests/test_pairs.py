@@ -376,6 +376,17 @@ def test_the_caller_holds_a_shard_or_a_bucket_of_embeddings_never_all(tmp_path, 
     assert 0 < largest[0] <= 16 < n
 
 
+def test_a_sidecar_label_the_catalog_lacks_is_a_one_line_error(tmp_path):
+    """The plan buckets the catalog's labels: an identity sidecar newer than the catalog, with a label none of its
+    objects has, asks for a catalog build instead of pairing it nowhere."""
+    write_layout(tmp_path, [[0, 0, 1, 1]])
+    table = pq.read_table(tmp_path / "00000.identity.parquet")
+    labels = pa.array(["label0", "label0", "label9", "label1", "label0"])
+    pq.write_table(table.set_column(2, "label", labels), tmp_path / "00000.identity.parquet")
+    with pytest.raises(CatalogError, match="'label9' of the identity sidecars .* catalog build"):
+        find_pairs(tmp_path, "retrieval", tmp_path / "p.parquet")
+
+
 def test_retrieval_over_ray_matches_the_in_memory_search_and_the_exact_one(tmp_path, monkeypatch):
     """More objects than LOCAL_OBJECTS: map and reduce run as Ray tasks (here with LOCAL_OBJECTS lowered), the
     labels larger than brute_force_max searched by faiss. The caller reads no embedding at all (the reading
