@@ -714,9 +714,10 @@ def reduce_bucket(staging: str, maps: list[str], bucket: int, cfg: PairConfig, t
 
 
 def _bucket_rows(folder: Folder, maps: list[str], bucket: int) -> pa.Table:
-    """The rows of BUCKET in the map files MAPS: the row groups whose bucket statistics say so."""
+    """The rows of BUCKET in the map files MAPS, in row order: the row groups whose bucket statistics say so, of
+    the maps in name order (map-GGGGGG: group, hence shard, order; the tasks finish in any order)."""
     pieces = []
-    for m in maps:
+    for m in sorted(maps):
         with folder.open(m) as f:
             pf = pq.ParquetFile(f)
             md = pf.metadata
@@ -750,7 +751,8 @@ def retrieval_parts(
     try:
         with open_catalog(root, catalog=catalog) as con:
             done = 0
-            for name, rows in run.run(map_shards, _map_jobs(con, Folder(root), plan, run.put(plan.bucket_of), staging)):
+            jobs = _map_jobs(con, Folder(root), plan, run.put(plan.bucket_of), staging)
+            for name, rows in run.run(map_shards, jobs):
                 maps.append(name)
                 done += rows
                 if progress:
