@@ -327,13 +327,14 @@ def in_memory_retrieval(root, cfg: PairConfig) -> pa.Table:
 
 
 def test_the_shuffle_gives_the_rows_of_the_in_memory_search(tmp_path, monkeypatch):
-    """Three shards, labels of 40 (faiss: brute_force_max 12), 9, 6, 3, 2 and 1 objects, phashes missing:
+    """Three shards, labels of 100 (faiss, 2 lists: brute_force_max 12), 9, 6, 3, 2 and 1 objects, phashes missing:
     the pairs file holds exactly the rows, in the same order, that the search over every embedding in memory
-    gives, however the shards are grouped into map tasks and the labels into buckets."""
-    sizes = {0: 40, 1: 9, 2: 6, 3: 3, 4: 2, 5: 1}
+    gives, however the shards are grouped into map tasks and the labels into buckets, and in whatever order the
+    tasks finish."""
+    sizes = {0: 100, 1: 9, 2: 6, 3: 3, 4: 2, 5: 1}
     labels = np.random.default_rng(3).permutation([label for label, n in sizes.items() for _ in range(n)])
-    write_layout(tmp_path, [labels[:20].tolist(), labels[20:22].tolist(), labels[22:].tolist()])
-    cfg = PairConfig(min_sim=0.5, k=3, brute_force_max=12)
+    write_layout(tmp_path, [labels[:50].tolist(), labels[50:52].tolist(), labels[52:].tolist()])
+    cfg = PairConfig(min_sim=0.5, k=3, brute_force_max=12, nprobe=1)  # approximate: 1 of label0's 2 lists
     want = in_memory_retrieval(tmp_path, cfg)
     assert want.num_rows > 100 and len(set(want["label"].to_pylist())) >= 3
     got = tmp_path / "pairs.parquet"
@@ -345,6 +346,10 @@ def test_the_shuffle_gives_the_rows_of_the_in_memory_search(tmp_path, monkeypatc
         again = tmp_path / f"pairs-{map_objects}.parquet"
         assert find_pairs(tmp_path, "retrieval", again, cfg) == want.num_rows
         assert pq.read_table(again).equals(want)
+    # tasks finishing in any order (as Ray's do): here the last first
+    monkeypatch.setattr(pairs_module._Local, "run", lambda self, fn, jobs: (fn(*args) for _, args in list(jobs)[::-1]))
+    assert find_pairs(tmp_path, "retrieval", tmp_path / "reversed.parquet", cfg) == want.num_rows
+    assert pq.read_table(tmp_path / "reversed.parquet").equals(want)
     assert not list(tmp_path.glob("*.parts"))
 
 
