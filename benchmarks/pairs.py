@@ -202,20 +202,20 @@ def phase(args: argparse.Namespace) -> None:
         min_sim=-1.0, min_phash=0, k=args.k, search_k=args.k + 1, index=args.index, nprobe=args.nprobe,
         num_cpus=args.num_cpus, brute_force_max=args.brute_force_max,
     )  # fmt: skip
-    finished, t0 = [], time.monotonic()
+    finished, t0, me = [], time.monotonic(), psutil.Process()
+
+    def progress(done: int, total: int, unit: str) -> None:  # and the caller's RSS then (GiB)
+        finished.append((time.monotonic() - t0, done, unit, me.memory_info().rss / 2**30))
+
     with PeakRSS() as mem:
-        rows = find(
-            args.root,
-            "retrieval",
-            args.dest,
-            cfg,
-            progress=lambda d, t, u: finished.append((time.monotonic() - t0, d, u)),
-        )
+        rows = find(args.root, "retrieval", args.dest, cfg, progress=progress)
     took = time.monotonic() - t0
-    split = ", ".join(f"{t:.0f}s:{d // 1000}k {u}" for t, d, u in finished[:: max(1, len(finished) // 12)])
+    step = max(1, len(finished) // 12)
+    split = ", ".join(f"{t:.0f}s:{d // 1000}k {u} ({r:.2f})" for t, d, u, r in finished[::step])
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    before_merge = max((r for *_, r in finished), default=0.0)
     print(json.dumps({"took": took, "cpu": mem.cpu_seconds(), "own": own, "peak": mem.peak / 2**30, "rows": rows,
-                      "split": split}))  # fmt: skip
+                      "split": split, "before_merge": before_merge}))  # fmt: skip
 
 
 def run(args: argparse.Namespace, n: int) -> str:
@@ -238,7 +238,8 @@ def run(args: argparse.Namespace, n: int) -> str:
         lines += (
             f"| {n:,} | {args.dim} | {args.labels} | {index} | {args.num_cpus} | {path} | {got['took']:.1f} s "
             f"({got['cpu']:.0f} CPU s) | {got['own']:.2f} GiB | {got['peak']:.2f} GiB | {got['rows']:,} |\n"
-            f"\n  {path}: progress (time since start: objects done) {got['split']}\n\n"
+            f"\n  {path}: progress (time since start: objects done (the caller's RSS then, GiB)) {got['split']}; "
+            f"the caller's largest RSS at a progress line (before the merge) {got['before_merge']:.2f} GiB\n\n"
         )
     table = {p: pq.read_table(f, columns=["ref_key", "target_key", "similarity"]) for p, f in files.items()}
     same = (
