@@ -531,7 +531,7 @@ def _both_directions(found, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def _partitions(labels: np.ndarray) -> list[np.ndarray]:
-    """The positions (ascending) of each label of LABELS (n,) that has two objects or more, in label order."""
+    """The positions (ascending) of each label code of LABELS (n,) that has two objects or more, by code."""
     order = np.argsort(labels, kind="stable")
     cuts = np.flatnonzero(np.diff(labels[order])) + 1
     return [p for p in np.split(order, cuts) if len(p) > 1]
@@ -684,14 +684,20 @@ def map_shards(
 
 def _bucket_column(labels: pa.ChunkedArray, bucket_of: dict[str, int], shards: list[str]) -> np.ndarray:
     """(n,) int64 buckets of the labels; CatalogError for a label the catalog does not know."""
-    names, code = np.unique(np.asarray(labels.to_pylist(), object), return_inverse=True)
-    unknown = [str(x) for x in names if x not in bucket_of]
+    names, code = _label_codes(labels)
+    unknown = [x for x in names if x not in bucket_of]
     if unknown:
         raise CatalogError(
             f"label {unknown[0]!r} of the identity sidecars of shards {shards[0]}..{shards[-1]} is in no object of "
             "the catalog: run `subjectdiff catalog build` again"
         )
-    return np.asarray([bucket_of[x] for x in names], np.int64)[code].reshape(-1)
+    return np.asarray([bucket_of[x] for x in names], np.int64)[code]
+
+
+def _label_codes(labels: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
+    """(the distinct labels, (n,) int codes into them), in Arrow: no Python string per object."""
+    encoded = labels.combine_chunks().dictionary_encode()
+    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 def reduce_bucket(staging: str, maps: list[str], bucket: int, cfg: PairConfig, threads: int, name: str):
@@ -704,9 +710,9 @@ def reduce_bucket(staging: str, maps: list[str], bucket: int, cfg: PairConfig, t
     if t.num_rows:
         rows, emb, origin = _col(t, "row", np.int64), identity.embedding_array(t["embedding"]), _col(t, "origin")
         phash, boxes, ids = _col(t, "phash", np.int64), _boxes(t), t.select(["key", "index", "label"])
-        _, labels = np.unique(np.asarray(t["label"].to_pylist(), object), return_inverse=True)
+        _, labels = _label_codes(t["label"])
         del t
-        for p in _partitions(labels.reshape(-1)):
+        for p in _partitions(labels):
             edges = partition_edges(emb[p].astype(np.float32), origin[p], phash[p], cfg, threads)
             found.append(part_table(label_rows(rows[p], edges, phash[p], boxes[p], ids.take(pa.array(p)))))
     table = pa.concat_tables(found) if found else PART_SCHEMA.empty_table()
