@@ -109,10 +109,11 @@ PAIR_SCHEMA = pa.schema(
 # object order), which the merge sorts by; the pairs file's columns but `method` follow, so the merge writes the
 # pairs file from the parts alone (this process holds no table of the objects).
 PART_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), *(f for f in PAIR_SCHEMA if f.name != "method")])
-# Rows the merge holds at a time (about 30 bytes each, plus the two keys once mapped) and the pairs file's row
-# groups; a part's row groups are smaller, so a merge step reads little past its range.
+# Rows the merge holds at a time (about 80 bytes each with their keys) and the pairs file's row groups; a part's
+# row groups are smaller: the merge holds one of each part (a few hundred parts at 100M objects), and a step
+# reads little past its range.
 ROWS_PER_BATCH = 1 << 20
-PART_ROW_GROUP = 1 << 16
+PART_ROW_GROUP = 1 << 14
 # Video groups of about this many objects are a part each (retrieval's buckets: BUCKET_OBJECTS).
 VIDEO_GROUP_OBJECTS = 1 << 18
 
@@ -944,7 +945,10 @@ class _Cursor:
     """A part read in order, a row group at a time: `below(hi)` gives (and drops) its next rows with a < hi."""
 
     def __init__(self, f):
-        self.batches = pq.ParquetFile(f).iter_batches(batch_size=PART_ROW_GROUP)
+        # read_row_group, not iter_batches: iter_batches reads ahead, ~40 MB a part (measured, pyarrow 26), which
+        # hundreds of parts multiply
+        pf = pq.ParquetFile(f)
+        self.batches = (pf.read_row_group(i) for i in range(pf.num_row_groups))
         self.buf, self.done = PART_SCHEMA.empty_table(), False
 
     def below(self, hi: int) -> pa.Table:
@@ -953,7 +957,7 @@ class _Cursor:
             if nxt is None:
                 self.done = True
             else:
-                self.buf = pa.concat_tables([self.buf, pa.Table.from_batches([nxt], PART_SCHEMA)])
+                self.buf = pa.concat_tables([self.buf, nxt.cast(PART_SCHEMA)])
         cut = int(np.searchsorted(self.buf["a"].to_numpy(), hi))
         out, self.buf = self.buf.slice(0, cut), self.buf.slice(cut)
         return out
