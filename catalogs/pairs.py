@@ -567,7 +567,8 @@ class Plan:
 
 
 _LABELS_SQL = """
-SELECT label, count(*) AS n FROM objects WHERE list_contains($shards, shard) GROUP BY label ORDER BY label
+SELECT label, count(*) AS n FROM objects WHERE shard IN (SELECT unnest($shards::VARCHAR[])) GROUP BY label
+ORDER BY label
 """
 
 
@@ -636,7 +637,7 @@ _MAP_SQL = """
 SELECT s.key, o."index", s.shard, (hash(coalesce(s.video, s.source)) >> 1)::BIGINT AS origin, s.phash,
        o.x0 * s.width AS x0, o.y0 * s.height AS y0, o.x1 * s.width AS x1, o.y1 * s.height AS y1
 FROM samples s JOIN objects o ON o.sample_id = s.sample_id
-WHERE s.shard BETWEEN $lo AND $hi AND o.shard BETWEEN $lo AND $hi AND list_contains($shards, s.shard)
+WHERE s.shard BETWEEN $lo AND $hi AND o.shard BETWEEN $lo AND $hi AND s.shard IN (SELECT unnest($shards::VARCHAR[]))
 """
 
 
