@@ -1,10 +1,10 @@
-"""Pairs benchmark (issue #20): retrieval pairing (catalogs.pairs.retrieval_parts, merge_parts, write_pairs: what
-`catalog pairs --method retrieval` runs after reading the catalog) over synthetic identity
-embeddings, against brute force on a sample; and, with --video, the video side (decode, shot detection and frame
+"""Pairs benchmark (issues #20, #21): `find_pairs(ROOT, "retrieval", ...)` from files (identity sidecars and the
+catalog in, pairs.parquet out) over synthetic identity embeddings, today's path against the one before the shuffle,
+with recall against brute force on a sample; and, with --video, the video side (decode, shot detection and frame
 sampling, frames per second per core: benchmarks/video_decode.py, which it runs with the arguments that follow).
 
-    python benchmarks/pairs.py --objects 1000000 --num-cpus 2
-    python benchmarks/pairs.py --objects 10000000 --num-cpus 2 --dim 32
+    python benchmarks/pairs.py --objects 1000000 --num-cpus 2 [--path old new] [--root DIR --reuse]
+    python benchmarks/pairs.py --objects 10000000 --labels 100 --num-cpus 2 --path new
     python benchmarks/pairs.py --video [--seconds 20 --size 640x360 --shots 10]
 
 Synthetic embeddings: --labels labels of equal size; within each, identities of ~--per-identity objects (a
@@ -14,17 +14,26 @@ stored float16 as the identity sidecar stores them. Every object has its own sou
 min_sim / min_phash are off, so the pairs are exactly each object's --k nearest neighbours of its label (both
 directions): what recall@k measures.
 
-Recall@k: for --queries objects sampled at random, the exact k nearest (numpy, float32, over the object's
-label, itself left out) against the k most similar targets the pairs give the object as reference (its own
-neighbours and the objects that had it as a neighbour: the pairs file's contents). Time: from the float16 array
-to the pairs file written (each label's task writes its part, this process merges them into pairs.parquet in a
-temporary folder, keys "000000042" standing for the records'), Ray's start included (Ray started here with
---num-cpus CPUs). CPU
-seconds: the user + system time of this process and its children over the same span (on two idle cores the wall time
-is about half of it when both are kept busy; on a machine shared with other work the wall time is longer). Peak
-memory: the largest sum of the RSS of this process and its children (Ray's workers, raylet and object
-store), sampled every 0.2 s, beside this process's own peak (ru_maxrss: the driver, which holds the embeddings,
-the objects table and one merge batch, never the pairs). The split: when each label's task finished.
+Files: synthetic shards in --root (default a temporary folder, removed; --reuse keeps a --root that has its catalog
+and reuses it): samples and objects sidecars with the writer's schemas (as benchmarks/catalog.py writes them: one
+object a sample, key "000000042" for object 42, --shard-objects objects a shard, empty tars), identity sidecars of
+the embeddings, then `catalog build`.
+
+Paths (--path, each run in its own process, so its peak memory is its own): `new` is catalogs.pairs as it is
+(plan from footers and the catalog; map and reduce tasks; merge: the caller holds no embedding); `old` is
+catalogs/pairs.py of commit OLD_COMMIT (fa56b56, before the shuffle: the caller reads every embedding and the
+whole objects table), loaded from git into a temporary module that Ray's workers import too. Both start Ray here
+with --num-cpus CPUs (more than LOCAL_OBJECTS objects, or labels of more than --brute-force-max).
+
+Time: find_pairs, from the files to the pairs file written (not the load into the catalog, the same for both),
+Ray's start included. CPU seconds: the user + system time of that process and its children (Ray's workers,
+raylet and object store) over the same span (on two idle cores the wall time is about half of it when both are
+kept busy; on a machine shared with other work the wall time is longer). Peak memory: the caller's own
+(ru_maxrss), and the largest sum of the RSS of it and its children, sampled every 0.2 s. Recall@k: for --queries
+objects sampled at random, the exact k nearest (numpy, float32, over the object's label, itself left out) against
+the k most similar targets the pairs give the object as reference (its own neighbours and the objects that had it
+as a neighbour: the pairs file's contents), of the last --path's file; with both paths, whether their pairs files
+are equal. The progress line: when the map tasks (objects read) and the reduce tasks (objects) finished.
 
 Prints markdown lines; --out appends them to a file.
 """
@@ -33,9 +42,12 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import resource
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -51,8 +63,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from subjectdiff.catalogs.pairs import PairConfig, merge_parts, pair_rows, retrieval_parts, write_pairs
-from subjectdiff.catalogs.storage import Folder
+from benchmarks.catalog import with_schema
+from subjectdiff.catalogs.identity import write_identity
+from subjectdiff.catalogs.pairs import PairConfig, find_pairs
+from subjectdiff.catalogs.writer import OBJECT_SCHEMA, SAMPLE_SCHEMA
+
+OLD_COMMIT = "fa56b56"  # catalogs/pairs.py before the shuffle (issue #21): the --files baseline
 
 
 def machine() -> str:
@@ -132,58 +148,118 @@ def recall_at_k(emb, labels, a, b, sim, k: int, queries: int, seed: int = 1) -> 
     return hits / (k * queries)
 
 
-def run(args: argparse.Namespace, n: int) -> str:
-    t0 = time.monotonic()
-    emb, labels, _ = synthetic(n, args.labels, args.per_identity, args.dim, args.noise)
-    gen = time.monotonic() - t0
-    origin = np.arange(n)
-    phash = np.random.default_rng(2).integers(-(2**63), 2**63 - 1, n, dtype=np.int64)
-    cfg = PairConfig(
+def write_shards(root: Path, emb: np.ndarray, labels: np.ndarray, per_shard: int, seed: int = 2) -> int:
+    """Shards of synthetic sidecars in ROOT, one object a sample (key "000000042" = object 42, its own source, a
+    random phash): samples, objects and identity sidecars, stats, an empty tar. Returns the number of shards."""
+    rng, n = np.random.default_rng(seed), len(emb)
+    for s, lo in enumerate(range(0, n, per_shard)):
+        name, hi = f"{s:05d}", min(n, lo + per_shard)
+        m, keys = hi - lo, [f"{i:09d}" for i in range(lo, hi)]
+        label = [f"label{x:04d}" for x in labels[lo:hi]]
+        samples = {
+            "key": keys, "shard": [name] * m, "status": ["ok"] * m, "source": [f"s3://b/{k}.jpg" for k in keys],
+            "caption": label, "width": [512] * m, "height": [384] * m, "n_objects": [1] * m,
+            "image_ext": ["jpg"] * m, "image_bytes": [50_000] * m, "schema_version": [4] * m,
+            "phash": rng.integers(-(2**63), 2**63 - 1, m, dtype=np.int64), "white_fraction": np.zeros(m, np.float32),
+        }  # fmt: skip
+        x0, y0 = rng.uniform(0, 0.5, (2, m)).astype(np.float32)
+        x1, y1 = (x0 + rng.uniform(0.1, 0.5, m)).astype(np.float32), (y0 + rng.uniform(0.1, 0.5, m)).astype(np.float32)
+        objects = {
+            "key": keys, "shard": [name] * m, "index": np.zeros(m, np.int32), "label": label, "phrase": label,
+            "span_start": np.zeros(m, np.int32), "span_end": np.full(m, 8, np.int32), "tokens": [[5]] * m,
+            "score": np.full(m, 0.9, np.float32), "x0": x0, "y0": y0, "x1": x1, "y1": y1,
+        }  # fmt: skip
+        pq.write_table(with_schema(samples, SAMPLE_SCHEMA), root / f"{name}.samples.parquet")
+        pq.write_table(with_schema(objects, OBJECT_SCHEMA), root / f"{name}.objects.parquet")
+        write_identity(root / f"{name}.identity.parquet", keys, [0] * m, label, emb[lo:hi], {"model": "synthetic"})
+        (root / f"{name}.tar").write_bytes(b"")
+        stats = {"shard": name, "successes": m, "failed": 0, "objects": m, "bytes": 0}
+        (root / f"{name}_stats.json").write_text(
+            json.dumps({**stats, "start_time": 0.0, "end_time": 1.0, "duration": 1.0})
+        )
+    return s + 1
+
+
+def old_find_pairs():
+    """find_pairs and PairConfig of catalogs/pairs.py at OLD_COMMIT, from git, as the module `old_pairs` in a
+    temporary folder on PYTHONPATH (Ray's workers, started later by this process, import it from there)."""
+    repo = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "-C", str(repo), "show", f"{OLD_COMMIT}:catalogs/pairs.py"], check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    folder = Path(tempfile.mkdtemp(prefix="old_pairs"))
+    (folder / "old_pairs.py").write_text(src)
+    sys.path.insert(0, str(folder))
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(folder), str(repo), os.environ.get("PYTHONPATH", "")])
+    import old_pairs
+
+    return old_pairs.find_pairs, old_pairs.PairConfig
+
+
+def phase(args: argparse.Namespace) -> None:
+    """One path's find_pairs over --root into --dest, in this process alone: prints its figures as JSON."""
+    find, config = old_find_pairs() if args.phase == "old" else (find_pairs, PairConfig)
+    cfg = config(
         min_sim=-1.0, min_phash=0, k=args.k, search_k=args.k + 1, index=args.index, nprobe=args.nprobe,
         num_cpus=args.num_cpus, brute_force_max=args.brute_force_max,
     )  # fmt: skip
-    boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (n, 1))
-    objects = pa.table(
-        {
-            "key": pa.array([f"{i:09d}" for i in range(n)], pa.string()),
-            "index": pa.array(np.zeros(n, np.int32)),
-            "label": pa.array(labels.astype(str)),
-        }
-    )
-    finished = []
-    with tempfile.TemporaryDirectory() as tmp:
-        out, staging = Path(tmp) / "pairs.parquet", Folder(Path(tmp) / "pairs.parquet.parts")
-        t0 = time.monotonic()
-        with PeakRSS() as mem:
-            parts = retrieval_parts(
-                emb, labels, origin, phash, boxes, cfg, staging,
-                progress=lambda d, t, u: finished.append((time.monotonic() - t0, d)),
-            )  # fmt: skip
-            rows = write_pairs((pair_rows(objects, t, "retrieval") for t in merge_parts(staging, parts, n)), out)
-        took = time.monotonic() - t0
-        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB: the pairing's, before recall
-        del objects
-        got = pq.read_table(out, columns=["ref_key", "target_key", "similarity"])
-    a = pc.cast(got["ref_key"], pa.int64()).to_numpy()
-    b = pc.cast(got["target_key"], pa.int64()).to_numpy()
-    sim = got["similarity"].to_numpy()
-    del got
-    recall = recall_at_k(emb, labels, a, b, sim, args.k, args.queries)
+    finished, t0, me = [], time.monotonic(), psutil.Process()
+
+    def progress(done: int, total: int, unit: str) -> None:  # and the caller's RSS then (GiB)
+        finished.append((time.monotonic() - t0, done, unit, me.memory_info().rss / 2**30))
+
+    with PeakRSS() as mem:
+        rows = find(args.root, "retrieval", args.dest, cfg, progress=progress)
+    took = time.monotonic() - t0
+    step = max(1, len(finished) // 12)
+    split = ", ".join(f"{t:.0f}s:{d // 1000}k {u} ({r:.2f})" for t, d, u, r in finished[::step])
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    before_merge = max((r for *_, r in finished), default=0.0)
+    print(json.dumps({"took": took, "cpu": mem.cpu_seconds(), "own": own, "peak": mem.peak / 2**30, "rows": rows,
+                      "split": split, "before_merge": before_merge}))  # fmt: skip
+
+
+def run(args: argparse.Namespace, n: int) -> str:
+    root = args.root or Path(tempfile.mkdtemp(prefix="pairs_bench"))
+    t0 = time.monotonic()
+    emb, labels, _ = synthetic(n, args.labels, args.per_identity, args.dim, args.noise)
+    if not (args.reuse and (root / "catalog.duckdb").exists()):
+        root.mkdir(parents=True, exist_ok=True)
+        write_shards(root, emb, labels, args.shard_objects)
+        subprocess.run([sys.executable, "-m", "subjectdiff", "catalog", "build", str(root)], check=True)
+    prepare = time.monotonic() - t0
     index = f"ivf nprobe {args.nprobe}" if args.index == "ivf" else "hnsw (32 links, efSearch 64)"
-    split = ", ".join(f"{t:.0f}s:{d // 1000}k" for t, d in finished)
-    return (
-        f"| {n:,} | {args.dim} | {args.labels} | {index} | {args.num_cpus} | {took:.1f} s "
-        f"({mem.cpu_seconds():.0f} CPU s) "
-        f"| {recall:.3f} | {mem.peak / 2**30:.2f} GiB (driver {own:.2f} GiB) | {rows:,} |\n"
-        f"\n  labels finished (time since start: objects done): {split}; synthetic data {gen:.1f} s; {machine()}, "
-        f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
+    lines, files = "", {}
+    for path in args.path:
+        files[path] = root / f"pairs-{path}.parquet"
+        argv = [sys.executable, __file__, "--phase", path, "--root", str(root), "--dest", str(files[path])]
+        for flag in ("k", "index", "nprobe", "num_cpus", "brute_force_max"):
+            argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        got = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        lines += (
+            f"| {n:,} | {args.dim} | {args.labels} | {index} | {args.num_cpus} | {path} | {got['took']:.1f} s "
+            f"({got['cpu']:.0f} CPU s) | {got['own']:.2f} GiB | {got['peak']:.2f} GiB | {got['rows']:,} |\n"
+            f"\n  {path}: progress (time since start: objects done (the caller's RSS then, GiB)) {got['split']}; "
+            f"the caller's largest RSS at a progress line (before the merge) {got['before_merge']:.2f} GiB\n\n"
+        )
+    table = {p: pq.read_table(f, columns=["ref_key", "target_key", "similarity"]) for p, f in files.items()}
+    same = (
+        ""
+        if len(files) < 2
+        else f"old and new pairs files equal: {pq.read_table(files['old']).equals(pq.read_table(files['new']))}; "
+    )
+    got = table[args.path[-1]]
+    a, b = pc.cast(got["ref_key"], pa.int64()).to_numpy(), pc.cast(got["target_key"], pa.int64()).to_numpy()
+    recall = recall_at_k(emb, labels, a, b, got["similarity"].to_numpy(), args.k, args.queries)
+    if args.root is None:
+        shutil.rmtree(root, ignore_errors=True)
+    return lines + (
+        f"  {same}recall@{args.k} ({args.path[-1]}) {recall:.3f}; synthetic shards and catalog {prepare:.1f} s; "
+        f"{machine()}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
     )
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--video"]:  # the video side is its own script (one core, its own table)
-        import subprocess
-
         video = Path(__file__).with_name("video_decode.py")
         raise SystemExit(subprocess.call([sys.executable, str(video), *sys.argv[2:]]))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -198,12 +274,20 @@ def main() -> None:
     p.add_argument("--num-cpus", type=int, default=2)
     p.add_argument("--brute-force-max", type=int, default=8192)
     p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--path", nargs="+", default=["old", "new"], choices=["old", "new"])
+    p.add_argument("--shard-objects", type=int, default=10_000)
+    p.add_argument("--root", type=Path, help="the synthetic shards' folder (default: a temporary one, removed)")
+    p.add_argument("--reuse", action="store_true", help="keep --root's shards and catalog when it has them")
     p.add_argument("--out", type=Path)
+    p.add_argument("--phase", choices=["old", "new"], help=argparse.SUPPRESS)  # one path, in its own process
+    p.add_argument("--dest", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.phase:
+        return phase(args)
     head = (
-        "| objects | dim | labels | index | Ray CPUs | time (CPU seconds, all processes) | recall@10 "
-        "| peak RSS (all processes) | pair rows |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| objects | dim | labels | index | Ray CPUs | path | time (CPU seconds, all processes) "
+        "| peak RSS, caller | peak RSS, all processes | pair rows |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     print(head, end="", flush=True)
     lines = head

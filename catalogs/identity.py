@@ -51,8 +51,12 @@ def identity_table(
             f"{len(labels)} labels, embeddings {emb.shape}"
         )
     dim = emb.shape[1] if len(emb) else int((meta or {}).get("dim", 0))
-    values = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float16()), dim)
-    arrays = [pa.array(keys, pa.string()), pa.array(indices, pa.int32()), pa.array(labels, pa.string()), values]
+    arrays = [
+        pa.array(keys, pa.string()),
+        pa.array(indices, pa.int32()),
+        pa.array(labels, pa.string()),
+        embedding_column(emb, dim),
+    ]
     return pa.Table.from_arrays(arrays, schema=identity_schema(dim, meta))
 
 
@@ -67,11 +71,29 @@ def write_identity(
     pq.write_table(identity_table(keys, indices, labels, embeddings, meta), path)
 
 
+def embedding_column(emb: np.ndarray, dim: int | None = None) -> pa.FixedSizeListArray:
+    """(N, D) embeddings -> the `embedding` column (fixed_size_list<halffloat>[D]); DIM when N is 0."""
+    emb = np.ascontiguousarray(np.asarray(emb, np.float16))
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float16()), dim or emb.shape[1])
+
+
+def embedding_array(column: pa.ChunkedArray | pa.FixedSizeListArray) -> np.ndarray:
+    """The `embedding` column (of a sidecar, or of any table that carries it) -> (N, D) float16."""
+    dim = column.type.list_size
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float16, copy=False)
+
+
 def read_identity(source) -> tuple[pa.Table, np.ndarray, dict]:
     """A sidecar (a path, a file object, or an already-read pa.Table) -> (its key/index/label columns as a table,
     the (N, D) float16 embeddings, the metadata)."""
     table = source if isinstance(source, pa.Table) else pq.read_table(source)
-    dim = table.schema.field("embedding").type.list_size
-    values = table["embedding"].combine_chunks().values.to_numpy(zero_copy_only=False)
     meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-    return table.select(["key", "index", "label"]), values.reshape(-1, dim).astype(np.float16, copy=False), meta
+    return table.select(["key", "index", "label"]), embedding_array(table["embedding"]), meta
+
+
+def read_footer(source) -> tuple[int, dict]:
+    """A sidecar's (rows, metadata) from its Parquet footer alone: no embedding is read."""
+    md = pq.read_metadata(source)
+    return md.num_rows, json.loads((md.metadata or {}).get(META_KEY, b"{}"))

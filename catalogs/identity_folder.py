@@ -1,4 +1,5 @@
-"""Every identity embedding of a shard folder at once: what cross-image pairing (catalogs/pairs.py) reads.
+"""The identity sidecars of a shard folder: every embedding at once (`read_folder`: video pairing, tests), or only
+the footers' row counts (`read_footers`: retrieval pairing plans its shuffle from them, catalogs/pairs.py).
 
 The one format lives in catalogs/identity.py; this module only walks a folder's complete shards (the writer's
 `complete_names`, which the identity module cannot import: the writer imports it) and stacks their sidecars.
@@ -7,11 +8,12 @@ The one format lives in catalogs/identity.py; this module only walks a folder's 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 
-from subjectdiff.catalogs.identity import SUFFIX, read_identity
+from subjectdiff.catalogs.identity import SUFFIX, read_footer, read_identity
 from subjectdiff.catalogs.storage import Folder
 from subjectdiff.catalogs.writer import complete_names
 
@@ -31,12 +33,9 @@ def read_folder(root: str | os.PathLike) -> tuple[pa.Table, np.ndarray, dict]:
     when two shards' embeddings come from different models or dimensions (their cosines would mean nothing).
     """
     folder = Folder(root)
-    listing = folder.listing()
     tables, arrays, meta = [], [], {}
-    for sid in complete_names(listing):
+    for sid in sidecar_shards(folder):
         name = sid + SUFFIX
-        if name not in listing:
-            continue
         with folder.open(name) as f:
             table, emb, m = read_identity(f)
         _check_same_model(meta, m, folder.join(name))
@@ -48,6 +47,32 @@ def read_folder(root: str | os.PathLike) -> tuple[pa.Table, np.ndarray, dict]:
         empty = empty.append_column("label", pa.array([], pa.string()))
         return empty.append_column("shard", pa.array([], pa.string())), np.zeros((0, 0), np.float16), {}
     return pa.concat_tables(tables), np.concatenate(arrays), meta
+
+
+def sidecar_shards(folder: Folder) -> list[str]:
+    """The complete shards below FOLDER that have an identity sidecar, in shard order (one listing)."""
+    listing = folder.listing()
+    return [sid for sid in complete_names(listing) if sid + SUFFIX in listing]
+
+
+def read_footers(root: str | os.PathLike, threads: int = 32) -> list[tuple[str, int]]:
+    """(shard, identity rows) of each complete shard below ROOT with a sidecar, in shard order, as `read_folder`
+    walks them, from the sidecars' footers alone (THREADS at a time: one small read each). ValueError when two
+    shards' embeddings come from different models or dimensions."""
+    folder = Folder(root)
+    shards = sidecar_shards(folder)
+
+    def footer(sid: str) -> tuple[int, dict]:
+        with folder.open(sid + SUFFIX) as f:
+            return read_footer(f)
+
+    with ThreadPoolExecutor(threads) as pool:
+        footers = list(pool.map(footer, shards))
+    meta: dict = {}
+    for sid, (_, m) in zip(shards, footers):
+        _check_same_model(meta, m, folder.join(sid + SUFFIX))
+        meta = meta or m
+    return [(sid, rows) for sid, (rows, _) in zip(shards, footers)]
 
 
 def _check_same_model(first: dict, meta: dict, url: str) -> None:

@@ -17,31 +17,50 @@ A pair (a, b) is stored in both directions, (a -> b) and (b -> a): either object
 from the reference object and the target image, box, mask and localization tokens from the target object.
 
 Mining (`subjectdiff catalog pairs DIR --method video|retrieval --out pairs.parquet`; `find_pairs`)
-    Both methods read the identity sidecars of DIR's complete shards (`load_identity`) and the catalog (the
-    objects' boxes, the samples' video fields, source and phash), so `catalog build DIR` runs first.
+    Both methods read the identity sidecars of DIR's complete shards and the catalog (the objects' boxes, the
+    samples' video fields, source and phash), so `catalog build DIR` runs first. The objects are numbered in
+    shard order, then record and object order (a shard's first row: the identity rows of the shards before it);
+    the pairs file is sorted by that numbering.
 
     video      two objects with the same label in two frames of one video (samples.video; frames differ),
                cosine >= min_sim in one shot (>= min_sim_across_shots across a cut), each the other's best
                match in the other frame, and different enough to teach something: phash distance >= min_phash
                or change >= min_change. DuckDB makes the candidates (same video, label, another frame), numpy
-               the dot products.
+               the dot products. The calling process holds every object (`load_identity`, `catalog_objects`).
     retrieval  each object's k nearest objects of its label by cosine (faiss IVF-Flat or HNSW-Flat over inner
                products, exact numpy search for small labels), keeping those >= min_sim from another source
                (samples.source, or the video for frames) and not near duplicates (phash distance >= min_phash).
-               Labels are independent partitions: the large ones run as Ray tasks, the small ones in the
-               calling process. Each neighbour edge is stored in both directions.
+               Each neighbour edge is stored in both directions. Labels are independent partitions, so the
+               embeddings are shuffled by label (below) and the calling process holds none of them.
 
     `change` is `box_change` of the two boxes in pixels: both moved to one centre and scaled to unit area,
     1 - their IoU = 2 (1 - s) / (2 - s) with s = sqrt(min(r1, r2) / max(r1, r2)), r = width / height. A phash
     the catalog lacks (sidecars written without the curate stage) is computed from the image.
 
-Memory: the pairs are never gathered in one process. Each label's Ray task (retrieval; the small labels, in
-batches, in the calling process) and each group of videos (video) writes its rows, both directions, sorted by
-(reference, target), as a part file (PART_SCHEMA: object rows, not keys) in a staging folder beside the output
-(OUT.parts/, local or a URL as OUT is; removed at the end); the calling process then merges the parts into
-OUT one range of reference objects at a time (`merge_parts`, ~ROWS_PER_BATCH rows in memory) and loads OUT into
-the catalog as a stream. On a Ray cluster, OUT must be a URL or on a filesystem every node shares: the tasks
-write the parts where they run.
+The retrieval shuffle (issue #21: 100M objects, or 10M of DINOv2's 768 dimensions, ~19 GB of embeddings)
+    plan     (calling process, `plan_retrieval`) the sidecars' row counts from their Parquet footers (hence each
+             shard's first row) and each label's object count from the catalog (SQL over the objects of the
+             shards with a sidecar); a label searched by faiss (> brute_force_max objects) is a bucket alone,
+             the small ones are packed into buckets of about BUCKET_OBJECTS; the shards are cut into groups of
+             about MAP_OBJECTS rows.
+    map      (a task a group, `map_shards`) the group's sidecars joined with its catalog rows (which the calling
+             process reads per group, _MAP_SQL: origin as a 63-bit hash, since pairing only compares origins)
+             -> one map file in the staging folder: row, key, index, label, origin, phash, box, embedding, a
+             bucket's rows in row groups of their own.
+    reduce   (a task a bucket, `reduce_bucket`) the bucket's row groups of every map file -> each label's
+             search (partition_edges, label_rows) -> one part.
+    Map and reduce run as Ray tasks (one CPU; a faiss label the CPUs split among the faiss labels) when there
+    are more than LOCAL_OBJECTS objects, else the same functions in the calling process, a task at a time. The
+    calling process holds the labels, the shard list, one group's catalog rows and one merge batch: nothing
+    that grows with the objects but the shard list and its labels.
+
+Memory: the pairs are never gathered in one process either. Each reduce task (retrieval) and each group of videos
+(video) writes its rows, both directions, sorted by (reference, target), as a part file (PART_SCHEMA: the
+objects' rows and keys) in a staging folder beside the output (OUT.parts/, local or a URL as OUT is; removed at
+the end, the map files after the reduce); the calling process then merges the parts into OUT one range of
+reference objects at a time (`merge_parts`, ~ROWS_PER_BATCH rows in memory) and loads OUT into the catalog as a
+stream. On a Ray cluster, OUT and DIR must be URLs or on a filesystem every node shares: the tasks read the
+sidecars and write the map files and parts where they run.
 
 The catalog's `pairs` table holds the same columns; `catalog pairs` replaces that method's rows. A catalog build
 keeps them (they come from no shard file, so a rebuild cannot reload them), except the pairs of a shard the build
@@ -65,7 +84,7 @@ import pyarrow.parquet as pq
 from subjectdiff.catalogs import identity, images
 from subjectdiff.catalogs.catalog import CatalogError, one_line, open_catalog, replace_pairs
 from subjectdiff.catalogs.hashing import phash_int64
-from subjectdiff.catalogs.identity_folder import read_folder
+from subjectdiff.catalogs.identity_folder import read_folder, read_footers
 from subjectdiff.catalogs.report.thumbnails import image_member, missing, read_records
 from subjectdiff.catalogs.storage import Folder, is_local, local_path, open_url
 
@@ -86,25 +105,16 @@ PAIR_SCHEMA = pa.schema(
     ]
 )
 
-# A staging part's rows: a, b are rows of the catalog_objects table (reference, target); merge_parts maps them to
-# keys only when it writes the pairs file, so a task needs no key strings.
-PART_SCHEMA = pa.schema(
-    [
-        ("a", pa.int64()),
-        ("b", pa.int64()),
-        ("similarity", pa.float32()),
-        ("frame_gap", pa.int64()),
-        ("change", pa.float32()),
-        ("phash_distance", pa.int32()),
-    ]
-)
-# Rows the merge holds at a time (about 30 bytes each, plus the two keys once mapped) and the pairs file's row
-# groups; a part's row groups are smaller, so a merge step reads little past its range.
+# A staging part's rows: a, b (reference, target) are the objects' rows in find_pairs' numbering (shard, record,
+# object order), which the merge sorts by; the pairs file's columns but `method` follow, so the merge writes the
+# pairs file from the parts alone (this process holds no table of the objects).
+PART_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), *(f for f in PAIR_SCHEMA if f.name != "method")])
+# Rows the merge holds at a time (about 80 bytes each with their keys) and the pairs file's row groups; a part's
+# row groups are smaller: the merge holds one of each part (a few hundred parts at 100M objects), and a step
+# reads little past its range.
 ROWS_PER_BATCH = 1 << 20
-PART_ROW_GROUP = 1 << 16
-# Small labels (and video groups) are written to one part per this many rows: a part per label would make
-# thousands of tiny files.
-ROWS_PER_PART = 1 << 22
+PART_ROW_GROUP = 1 << 14
+# Video groups of about this many objects are a part each (retrieval's buckets: BUCKET_OBJECTS).
 VIDEO_GROUP_OBJECTS = 1 << 18
 
 INDEXES = ("ivf", "hnsw", "exact")
@@ -130,8 +140,8 @@ class PairConfig:
     search_k: neighbours fetched before the same-source and near-duplicate filters (None: 3 k + 1); index:
     "ivf" (faiss IVF-Flat, inner product), "hnsw" (faiss HNSW-Flat) or "exact" (numpy); nprobe / ef_search:
     the IVF lists / HNSW candidates a query visits; brute_force_max: a label with at most this many objects is
-    searched exactly in numpy, in this process (no Ray); num_cpus: Ray's CPUs when it is started here (None:
-    every core)."""
+    searched exactly in numpy, in a bucket of small labels (module docstring); num_cpus: Ray's CPUs when it is
+    started here, or the threads of a faiss label searched in this process (None: every core)."""
 
     min_sim: float = 0.6
     min_sim_across_shots: float = 0.75
@@ -403,8 +413,9 @@ def video_parts(
         found = video_pairs(objects.take(pa.array(g)), emb, cfg)
         cols = {k: np.concatenate([v, found["b" if k == "a" else "a" if k == "b" else k]]) for k, v in found.items()}
         cols["a"], cols["b"] = g[cols["a"]], g[cols["b"]]
+        cols = _keyed(cols, objects.select(["key", "index", "label"]), cols["a"], cols["b"])
         name = f"videos-{len(written):06d}.parquet"
-        written.append((name, write_part(staging, name, cols)))
+        written.append((name, write_part(staging, name, part_table(cols))))
         done += len(g)
         if progress:
             progress(done, total, "objects")
@@ -488,102 +499,376 @@ def partition_edges(
 
 
 def label_rows(
-    p: np.ndarray, edges: tuple[np.ndarray, np.ndarray, np.ndarray], phash: np.ndarray, boxes: np.ndarray
-) -> dict[str, np.ndarray]:
-    """One partition's directed edges (partition_edges over rows P (n,) ascending of the objects) -> PART_SCHEMA
-    columns, each pair in both directions once, sorted by (a, b) as object rows; phash (n,), boxes (n, 4) the
-    partition's."""
-    a, b, s = _both_directions([edges], len(p))
-    return {
-        "a": p[a],
-        "b": p[b],
+    rows: np.ndarray,
+    edges: tuple[np.ndarray, np.ndarray, np.ndarray],
+    phash: np.ndarray,
+    boxes: np.ndarray,
+    ids: pa.Table,
+) -> dict:
+    """One partition's directed edges (partition_edges over its n objects) -> PART_SCHEMA columns, each pair in
+    both directions once, sorted by (a, b): rows (n,) ascending, the objects' rows (find_pairs' numbering); phash
+    (n,), boxes (n, 4) and ids (n rows: key, index, label) the partition's."""
+    a, b, s = _both_directions([edges], len(rows))
+    cols = {
+        "a": rows[a],
+        "b": rows[b],
         "similarity": s,
         "change": pair_change(boxes, a, b),
         "phash_distance": phash_distance(phash[a], phash[b]),
     }
+    return _keyed(cols, ids, a, b)
 
 
-def _label_task(p, emb, origin, phash, boxes, cfg, threads, staging, name):
-    """A large label in a Ray worker (emb comes as float16 from the object store): its rows written as the part
-    NAME of STAGING; returns its row count (all that comes back to the caller)."""
-    edges = partition_edges(np.asarray(emb, np.float32), origin, phash, cfg, threads)
-    return write_part(Folder(staging), name, label_rows(p, edges, phash, boxes))
+def _both_directions(found, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed edges -> each unordered pair in both directions once, sorted by (a, b)."""
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    a = np.concatenate([f[0] for f in found]).astype(np.int64)
+    b = np.concatenate([f[1] for f in found]).astype(np.int64)
+    s = np.concatenate([f[2] for f in found]).astype(np.float32)
+    code = np.concatenate([a * n + b, b * n + a])
+    code, first = np.unique(code, return_index=True)
+    return code // n, code % n, np.concatenate([s, s])[first]
+
+
+def _partitions(labels: np.ndarray) -> list[np.ndarray]:
+    """The positions (ascending) of each label code of LABELS (n,) that has two objects or more, by code."""
+    order = np.argsort(labels, kind="stable")
+    cuts = np.flatnonzero(np.diff(labels[order])) + 1
+    return [p for p in np.split(order, cuts) if len(p) > 1]
+
+
+# ----------------------------------------------------------------------- retrieval: plan, map, reduce
+
+# A map task reads shards of about MAP_OBJECTS identity rows; a bucket packs small labels up to about
+# BUCKET_OBJECTS objects (a large label is a bucket alone). Up to LOCAL_OBJECTS identity rows in all, map and
+# reduce run in this process: no Ray to start for a small catalog.
+MAP_OBJECTS = 1 << 18
+BUCKET_OBJECTS = 1 << 18
+LOCAL_OBJECTS = 1 << 18
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The retrieval shuffle, planned by the calling process from the sidecars' footers and the catalog.
+
+    shards (S,): the complete shards with an identity sidecar, in shard order; first (S,): each shard's first
+    row in the objects' numbering (the identity rows of the shards before it; then record and object order, as
+    the sidecar lists them); rows: the identity rows in all; bucket_of: label -> bucket (-1 for a label of one
+    object: no pair); buckets (B,): (objects of its labels in the catalog, large: searched by faiss);
+    groups: the shards (positions in SHARDS) of each map task, consecutive."""
+
+    shards: list[str]
+    first: list[int]
+    rows: int
+    bucket_of: dict[str, int]
+    buckets: list[tuple[int, bool]]
+    groups: list[list[int]]
+
+
+_LABELS_SQL = """
+SELECT label, count(*) AS n FROM objects WHERE shard IN (SELECT unnest($shards::VARCHAR[])) GROUP BY label
+ORDER BY label
+"""
+
+
+def plan_retrieval(root: str | os.PathLike, cfg: PairConfig, *, catalog: str | os.PathLike | None = None) -> Plan:
+    """ROOT's retrieval Plan: the sidecars' row counts from their footers (no embedding read), the labels'
+    object counts from the catalog (its objects of the shards with a sidecar: an upper bound of the identity
+    rows each label has, which is all the packing needs). CatalogError when there is no sidecar or the catalog
+    holds none of their shards' objects."""
+    folder = Folder(root)
+    try:
+        footers = read_footers(root)
+    except Exception as e:
+        raise CatalogError(f"cannot read the identity sidecars of {folder.url}: {one_line(e)}") from None
+    sizes = [n for _, n in footers]
+    if sum(sizes) == 0:
+        raise CatalogError(f"no identity sidecars (NNNNN{identity.SUFFIX}) in {folder.url}: {IDENTITY_HINT}")
+    shards = [s for s, _ in footers]
+    with open_catalog(root, catalog=catalog) as con:
+        counts = con.sql(_LABELS_SQL, params={"shards": shards}).fetchall()
+    if not counts:
+        raise CatalogError(
+            f"none of the {sum(sizes)} objects of the identity sidecars is in the catalog of {root}: "
+            f"run `subjectdiff catalog build {root}` first"
+        )
+    bucket_of, buckets = _buckets(counts, cfg)
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).tolist()
+    return Plan(shards, first, sum(sizes), bucket_of, buckets, _groups(sizes, MAP_OBJECTS))
+
+
+def _buckets(counts: list[tuple[str, int]], cfg: PairConfig) -> tuple[dict[str, int], list[tuple[int, bool]]]:
+    """(label, objects) in label order -> (label -> bucket, buckets (objects, large)). A label searched by faiss
+    (more than brute_force_max objects) or of BUCKET_OBJECTS or more is a bucket alone; the others are packed in
+    order into buckets of at most BUCKET_OBJECTS; a label of one object goes to none (-1)."""
+    bucket_of, buckets, packing = {}, [], -1
+    for label, n in counts:
+        large = n > cfg.brute_force_max and cfg.index != "exact"
+        if n < 2:
+            bucket_of[label] = -1
+        elif large or n >= BUCKET_OBJECTS:
+            bucket_of[label] = len(buckets)
+            buckets.append((n, large))
+        else:
+            if packing < 0 or buckets[packing][0] + n > BUCKET_OBJECTS:
+                packing = len(buckets)
+                buckets.append((0, False))
+            bucket_of[label] = packing
+            buckets[packing] = (buckets[packing][0] + n, False)
+    return bucket_of, buckets
+
+
+def _groups(sizes: list[int], size: int) -> list[list[int]]:
+    """Consecutive positions of SIZES (rows per shard) cut into groups of about SIZE rows (a shard at least)."""
+    groups, cur, acc = [], [], 0
+    for i, n in enumerate(sizes):
+        cur.append(i)
+        acc += n
+        if acc >= size:
+            groups.append(cur)
+            cur, acc = [], 0
+    return groups + [cur] if cur else groups
+
+
+# The catalog's side of a map task's objects: what catalog_objects gives but that origin is a hash (pairing only
+# asks whether two origins are equal) and the join is the shards'.
+_MAP_SQL = """
+SELECT s.key, o."index", s.shard, (hash(coalesce(s.video, s.source)) >> 1)::BIGINT AS origin, s.phash,
+       o.x0 * s.width AS x0, o.y0 * s.height AS y0, o.x1 * s.width AS x1, o.y1 * s.height AS y1
+FROM samples s JOIN objects o ON o.sample_id = s.sample_id
+WHERE s.shard BETWEEN $lo AND $hi AND o.shard BETWEEN $lo AND $hi AND s.shard IN (SELECT unnest($shards::VARCHAR[]))
+"""
+
+
+def map_shards(
+    root: str,
+    shards: list[str],
+    first: list[int],
+    objects: pa.Table,
+    tars: dict[str, str],
+    bucket_of: dict[str, int],
+    staging: str,
+    name: str,
+) -> tuple[str, int]:
+    """Map: the identity sidecars of SHARDS (first: each one's first row) joined with OBJECTS (their catalog rows,
+    _MAP_SQL; a phash the catalog lacks computed from the image, as catalog_objects does) -> the map file NAME of
+    STAGING: columns bucket, row, key, index, label, origin, phash, x0, y0, x1, y1, embedding, in bucket then row
+    order, a bucket's rows in row groups of their own (reduce_bucket finds them by the row groups' statistics).
+    Returns (NAME, rows)."""
+    folder, tables, arrays = Folder(root), [], []
+    for sid, start in zip(shards, first):
+        with folder.open(sid + identity.SUFFIX) as f:
+            ident, emb, _ = identity.read_identity(f)
+        tables.append(ident.append_column("row", pa.array(np.arange(start, start + len(emb), dtype=np.int64))))
+        arrays.append(emb)
+    ident, emb = pa.concat_tables(tables), np.concatenate(arrays)
+    ident = ident.append_column("pos", pa.array(np.arange(len(emb), dtype=np.int64)))
+    table = ident.join(objects, keys=["key", "index"], join_type="inner").sort_by("pos")
+    missing = pc_is_null(table["phash"])
+    if missing.any():
+        table = _fill_phash(folder, table, sorted(set(np.asarray(table["key"].to_pylist(), object)[missing])), tars)
+    bucket = _bucket_column(table["label"], bucket_of, shards)
+    order = np.argsort(bucket, kind="stable")[np.count_nonzero(bucket < 0) :]  # rows stay in order in a bucket
+    out = table.select(["row", "key", "index", "label", "origin", "phash", "x0", "y0", "x1", "y1"]).take(order)
+    out = out.add_column(0, "bucket", pa.array(bucket[order], pa.int32()))
+    emb = emb[_col(table, "pos", np.int64)[order]]
+    out = out.append_column("embedding", identity.embedding_column(emb, emb.shape[1]))
+    staging_folder = Folder(staging)
+    staging_folder.makedirs()
+    with staging_folder.open(name, "wb") as f, pq.ParquetWriter(f, out.schema) as w:
+        ends = [0, *(np.flatnonzero(np.diff(bucket[order])) + 1), len(order)]
+        for s, e in zip(ends, ends[1:]):
+            if e > s:  # a row group of no rows would have no statistics
+                w.write_table(out.slice(s, e - s))
+    return name, len(order)
+
+
+def _bucket_column(labels: pa.ChunkedArray, bucket_of: dict[str, int], shards: list[str]) -> np.ndarray:
+    """(n,) int64 buckets of the labels; CatalogError for a label the catalog does not know."""
+    names, code = _label_codes(labels)
+    unknown = [x for x in names if x not in bucket_of]
+    if unknown:
+        raise CatalogError(
+            f"label {unknown[0]!r} of the identity sidecars of shards {shards[0]}..{shards[-1]} is in no object of "
+            "the catalog: run `subjectdiff catalog build` again"
+        )
+    return np.asarray([bucket_of[x] for x in names], np.int64)[code]
+
+
+def _label_codes(labels: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
+    """(the distinct labels, (n,) int codes into them), in Arrow: no Python string per object."""
+    encoded = labels.combine_chunks().dictionary_encode()
+    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def reduce_bucket(staging: str, maps: list[str], bucket: int, cfg: PairConfig, threads: int, name: str):
+    """Reduce: BUCKET's rows of the map files MAPS (in row order: the maps are in shard order) -> each label's
+    pairs (partition_edges, label_rows), all as the part NAME of STAGING. Returns (NAME, rows). Holds the
+    bucket's objects and embeddings, and one label's search at a time."""
+    folder = Folder(staging)
+    t = _bucket_rows(folder, maps, bucket)
+    found = []
+    if t.num_rows:
+        rows, emb, origin = _col(t, "row", np.int64), identity.embedding_array(t["embedding"]), _col(t, "origin")
+        phash, boxes, ids = _col(t, "phash", np.int64), _boxes(t), t.select(["key", "index", "label"])
+        _, labels = _label_codes(t["label"])
+        del t
+        for p in _partitions(labels):
+            edges = partition_edges(emb[p].astype(np.float32), origin[p], phash[p], cfg, threads)
+            found.append(part_table(label_rows(rows[p], edges, phash[p], boxes[p], ids.take(pa.array(p)))))
+    table = pa.concat_tables(found) if found else PART_SCHEMA.empty_table()
+    return name, write_part(folder, name, table)
+
+
+def _bucket_rows(folder: Folder, maps: list[str], bucket: int) -> pa.Table:
+    """The rows of BUCKET in the map files MAPS, in row order: the row groups whose bucket statistics say so, of
+    the maps in name order (map-GGGGGG: group, hence shard, order; the tasks finish in any order)."""
+    pieces = []
+    for m in sorted(maps):
+        with folder.open(m) as f:
+            pf = pq.ParquetFile(f)
+            md = pf.metadata
+            mine = [i for i in range(md.num_row_groups) if md.row_group(i).column(0).statistics.min == bucket]
+            if mine:
+                pieces.append(pf.read_row_groups(mine))
+    return pa.concat_tables(pieces) if pieces else pa.table({"row": pa.array([], pa.int64())})
 
 
 def retrieval_parts(
-    emb: np.ndarray,
-    labels: np.ndarray,
-    origin: np.ndarray,
-    phash: np.ndarray,
-    boxes: np.ndarray,
+    root: str | os.PathLike,
+    plan: Plan,
     cfg: PairConfig,
     staging: Folder,
     progress: ProgressFn | None = None,
+    *,
+    catalog: str | os.PathLike | None = None,
 ) -> list[tuple[str, int]]:
-    """Retrieval pairs over all objects, written as parts of STAGING: emb (N, D) L2-normalized, labels / origin
-    (N,) int codes, phash (N,) int64, boxes (N, 4) pixel xyxy -> [(part name, rows)]; merge_parts reads them back
-    in (a, b) order.
+    """Retrieval pairs over PLAN's objects, written as parts of STAGING: [(part name, rows)], merge_parts reads
+    them back in (a, b) order. Map (map_shards, a task per group of shards) then reduce (reduce_bucket, a task a
+    bucket), as Ray tasks when the objects are more than LOCAL_OBJECTS, else in this process; the map files go
+    through STAGING and are deleted after the reduce. This process holds the plan and one group's catalog rows.
 
-    Each label is an independent partition (pairs never cross labels, so each pair's two directions are in one
-    partition): partitions of at most brute_force_max objects are searched exactly here, in batches of labels
-    of about ROWS_PER_PART rows a part, the larger ones as Ray tasks (faiss), one CPU each, or all the CPUs Ray
-    offers split among them when there are fewer partitions than CPUs; a task writes its own part and returns its
-    row count, so no pair row passes through this process. A label is one partition however large (its
-    k-nearest search needs all of its objects): such a task holds its label's float32 embeddings, the index and
-    its (n, search_k) neighbours, about n (8 D + 12 search_k + 100 k) bytes."""
-    order = np.argsort(labels, kind="stable")
-    cuts = np.flatnonzero(np.diff(labels[order])) + 1
-    parts = [p for p in np.split(order, cuts) if len(p) > 1]
-    small = [p for p in parts if len(p) <= cfg.brute_force_max or cfg.index == "exact"]
-    large = [p for p in parts if not (len(p) <= cfg.brute_force_max or cfg.index == "exact")]
-    total, done, written, batch = len(labels), 0, [], []
-    for p in small:
-        edges = partition_edges(emb[p].astype(np.float32), origin[p], phash[p], cfg)
-        batch.append(label_rows(p, edges, phash[p], boxes[p]))
-        if sum(len(c["a"]) for c in batch) >= ROWS_PER_PART:
-            written.append(_write_batch(staging, f"small-{len(written):06d}.parquet", batch))
-            batch = []
-        done += len(p)
-        if progress:
-            progress(done, total, "objects")
-    if batch:
-        written.append(_write_batch(staging, f"small-{len(written):06d}.parquet", batch))
-    for p, name, rows in _run_large(large, emb, origin, phash, boxes, cfg, staging):
-        written.append((name, rows))
-        done += len(p)
-        if progress:
-            progress(done, total, "objects")
-    return written
-
-
-def _write_batch(staging: Folder, name: str, batch: list[dict[str, np.ndarray]]) -> tuple[str, int]:
-    cols = {k: np.concatenate([c[k] for c in batch]) for k in batch[0]}
-    return name, write_part(staging, name, cols)
-
-
-def _run_large(parts, emb, origin, phash, boxes, cfg, staging: Folder):
-    """(partition, part name, rows) for each large partition, as its Ray task finishes."""
-    if not parts:
-        return
-    import ray  # heavy; only a label too large to search in this process needs it
-
-    started = _ray_start(cfg.num_cpus)
+    Labels are independent partitions (pairs never cross labels, so each pair's two directions are in one
+    partition). A large label's task (faiss) takes all the CPUs Ray offers split among the large labels, the
+    other tasks one; a label is one partition however large (its k-nearest search needs all of its objects):
+    such a task holds its label's embeddings (float16 and float32), the index and its (n, search_k) neighbours,
+    about n (10 D + 12 search_k + 100 k) bytes."""
+    run = _Ray(cfg.num_cpus) if plan.rows > LOCAL_OBJECTS else _Local(cfg.num_cpus)
+    maps: list[str] = []
     try:
-        cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-        threads = max(1, cpus // len(parts))
-        task = ray.remote(num_cpus=min(threads, cpus))(_label_task)
-        refs = {}
-        for i, p in enumerate(parts):
-            name = f"label-{i:06d}.parquet"
-            e = ray.put(np.ascontiguousarray(emb[p]))
-            refs[task.remote(p, e, origin[p], phash[p], boxes[p], cfg, threads, staging.url, name)] = (i, name)
-        pending = list(refs)
+        with open_catalog(root, catalog=catalog) as con:
+            done = 0
+            jobs = _map_jobs(con, Folder(root), plan, run.put(plan.bucket_of), staging)
+            for name, rows in run.run(map_shards, jobs):
+                maps.append(name)
+                done += rows
+                if progress:
+                    progress(done, plan.rows, "objects read")
+        parts, done, total = [], 0, sum(n for n, _ in plan.buckets)
+        objects = {_bucket_name(b): n for b, (n, _) in enumerate(plan.buckets)}
+        for name, rows in run.run(reduce_bucket, _reduce_jobs(plan, maps, cfg, run.cpus, staging)):
+            parts.append((name, rows))
+            done += objects[name]
+            if progress:
+                progress(done, total, "objects")
+        return parts
+    finally:
+        staging.remove(maps)
+        run.close()
+
+
+def _map_jobs(con, root: Folder, plan: Plan, bucket_of, staging: Folder):
+    """(CPUs, map_shards' arguments) of each group of shards: its catalog rows are read here as it is handed out."""
+    tars = dict(con.execute("SELECT name, path FROM shards").fetchall())
+    for g, members in enumerate(plan.groups):
+        shards = [plan.shards[i] for i in members]
+        params = {"lo": shards[0], "hi": shards[-1], "shards": shards}
+        try:
+            objects = con.sql(_MAP_SQL, params=params).to_arrow_table()
+        except duckdb.Error as e:
+            raise CatalogError(one_line(e)) from None
+        first = [plan.first[i] for i in members]
+        args = (root.url, shards, first, objects, {s: tars.get(s) for s in shards}, bucket_of, staging.url)
+        yield 1, (*args, f"map-{g:06d}.parquet")
+
+
+def _reduce_jobs(plan: Plan, maps: list[str], cfg: PairConfig, cpus: int, staging: Folder):
+    """(CPUs, reduce_bucket's arguments) of each bucket: a large label's faiss search gets the CPUs split among the
+    large labels (all of them when there is one), a bucket of small labels one."""
+    large = sum(lg for _, lg in plan.buckets)
+    for b, (_, lg) in enumerate(plan.buckets):
+        threads = max(1, cpus // large) if lg else 1
+        yield min(threads, cpus), (staging.url, maps, b, cfg, threads, _bucket_name(b))
+
+
+def _bucket_name(bucket: int) -> str:
+    return f"bucket-{bucket:06d}.parquet"
+
+
+class _Local:
+    """Map and reduce in this process, a task at a time (small inputs: no Ray to start)."""
+
+    def __init__(self, num_cpus: int | None):
+        self.cpus = num_cpus or os.cpu_count() or 1
+
+    def put(self, value):
+        return value
+
+    def run(self, fn, jobs) -> Iterator:
+        for _, args in jobs:
+            yield fn(*args)
+
+    def close(self) -> None:
+        pass
+
+
+class _Ray:
+    """Map and reduce as Ray tasks (a Ray started here with NUM_CPUS, or the one this process runs or
+    RAY_ADDRESS names: _ray_start), each with the CPUs its job asks; at most two per CPU in flight, so the
+    arguments this process makes (a map group's catalog rows) are made as tasks finish, not all at once."""
+
+    def __init__(self, num_cpus: int | None):
+        import ray  # heavy; only a large input needs it
+
+        self.started = _ray_start(num_cpus)
+        self.cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+
+    def put(self, value):
+        import ray
+
+        return ray.put(value)
+
+    def run(self, fn, jobs) -> Iterator:
+        """fn(*args) of each (CPUs, args) of JOBS, results as the tasks finish."""
+        import ray
+
+        task, pending = ray.remote(fn), []
+        for cpus, args in jobs:
+            if len(pending) >= 2 * self.cpus:
+                ready, pending = ray.wait(pending, num_returns=1)
+                yield self._get(ready[0])
+            pending.append(task.options(num_cpus=cpus).remote(*args))
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
-            i, name = refs[ready[0]]
-            yield parts[i], name, ray.get(ready[0])
-    finally:
-        if started:
+            yield self._get(ready[0])
+
+    @staticmethod
+    def _get(ref):
+        """A task's result; its CatalogError raised as itself (one line for the command), not in Ray's wrapper."""
+        import ray
+
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, CatalogError):
+                raise e.cause from None
+            raise
+
+    def close(self) -> None:
+        import ray
+
+        if self.started:
             ray.shutdown()
 
 
@@ -592,7 +877,7 @@ def _ray_start(num_cpus: int | None) -> bool:
     True when started here (the caller shuts it down)."""
     import logging
 
-    import ray  # see _run_large
+    import ray  # see _Ray
 
     if ray.is_initialized():
         return False
@@ -612,82 +897,59 @@ def _ray_start(num_cpus: int | None) -> bool:
     return True
 
 
-def _both_directions(found, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Directed edges -> each unordered pair in both directions once, sorted by (a, b)."""
-    if not found:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    a = np.concatenate([f[0] for f in found]).astype(np.int64)
-    b = np.concatenate([f[1] for f in found]).astype(np.int64)
-    s = np.concatenate([f[2] for f in found]).astype(np.float32)
-    code = np.concatenate([a * n + b, b * n + a])
-    code, first = np.unique(code, return_index=True)
-    return code // n, code % n, np.concatenate([s, s])[first]
-
-
-def retrieval_edges(
-    emb: np.ndarray,
-    labels: np.ndarray,
-    origin: np.ndarray,
-    phash: np.ndarray,
-    cfg: PairConfig,
-    progress: ProgressFn | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """retrieval_parts, gathered: (a, b, similarity) row indices, both directions, each pair once, sorted by
-    (a, b). For tests and small inputs only: it holds every pair in memory, which `find_pairs` never does."""
-    import tempfile
-
-    boxes = np.tile(np.array([0.0, 0.0, 1.0, 1.0]), (len(labels), 1))
-    with tempfile.TemporaryDirectory() as tmp:
-        staging = Folder(tmp)
-        parts = retrieval_parts(emb, labels, origin, phash, boxes, cfg, staging, progress)
-        got = list(merge_parts(staging, parts, len(labels)))
-    if not got:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    t = pa.concat_tables(got)
-    return _col(t, "a", np.int64), _col(t, "b", np.int64), _col(t, "similarity", np.float32)
-
-
-def objects_arrays(objects: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, origin) int codes, phash (N,) int64 and boxes (N, 4) of the catalog_objects rows."""
-    _, labels = np.unique(np.asarray(objects["label"].to_pylist(), object), return_inverse=True)
-    _, origin = np.unique(np.asarray(objects["origin"].to_pylist(), object), return_inverse=True)
-    return labels, origin, _col(objects, "phash", np.int64), _boxes(objects)
-
-
 # ------------------------------------------------------------------------------------------------ parts
 
 
-def write_part(staging: Folder, name: str, cols: dict[str, np.ndarray]) -> int:
-    """COLS (PART_SCHEMA's columns but frame_gap optional, unsorted) sorted by (a, b) into the part NAME of
-    STAGING; returns its rows."""
-    a, b = cols["a"], cols["b"]
+def part_table(cols: dict) -> pa.Table:
+    """COLS (PART_SCHEMA's columns, numpy or Arrow; frame_gap may be left out: null) -> a PART_SCHEMA table."""
+    n = len(cols["a"])
+    arrays = []
+    for f in PART_SCHEMA:
+        x = cols.get(f.name)
+        if x is None:
+            arrays.append(pa.nulls(n, f.type))
+        elif isinstance(x, (pa.Array, pa.ChunkedArray)):
+            arrays.append(x.cast(f.type))
+        else:
+            arrays.append(pa.array(x, f.type))
+    return pa.Table.from_arrays(arrays, schema=PART_SCHEMA)
+
+
+def _keyed(cols: dict, ids: pa.Table, a: np.ndarray, b: np.ndarray) -> dict:
+    """COLS with the keys of their two objects: rows A (reference) and B (target) of IDS (key, index, label)."""
+    a, b = pa.array(a, pa.int64()), pa.array(b, pa.int64())
+    keys, index = ids["key"], ids["index"]
+    return {
+        **cols,
+        "ref_key": keys.take(a),
+        "ref_index": index.take(a),
+        "target_key": keys.take(b),
+        "target_index": index.take(b),
+        "label": ids["label"].take(a),
+    }
+
+
+def write_part(staging: Folder, name: str, table: pa.Table) -> int:
+    """TABLE (PART_SCHEMA) sorted by (a, b) into the part NAME of STAGING; returns its rows."""
+    a, b = _col(table, "a", np.int64), _col(table, "b", np.int64)
     da = np.diff(a)
-    if np.all((da > 0) | ((da == 0) & (np.diff(b) > 0))):  # a label's rows come sorted: no copy of them
-        order = slice(None)
-    else:
-        order = np.lexsort((b, a))
-    del da
-    n = len(a)
-    gap = cols.get("frame_gap")
-    arrays = [
-        pa.array(cols["a"][order], pa.int64()),
-        pa.array(cols["b"][order], pa.int64()),
-        pa.array(cols["similarity"][order], pa.float32()),
-        pa.nulls(n, pa.int64()) if gap is None else pa.array(gap[order], pa.int64()),
-        pa.array(cols["change"][order], pa.float32()),
-        pa.array(cols["phash_distance"][order], pa.int32()),
-    ]
+    if not np.all((da > 0) | ((da == 0) & (np.diff(b) > 0))):  # one label's rows come sorted: no copy of them
+        table = table.take(pa.array(np.lexsort((b, a))))
+    del a, b, da
     staging.makedirs()
     with staging.open(name, "wb") as f:
-        pq.write_table(pa.Table.from_arrays(arrays, schema=PART_SCHEMA), f, row_group_size=PART_ROW_GROUP)
-    return n
+        pq.write_table(table, f, row_group_size=PART_ROW_GROUP)
+    return table.num_rows
 
 
 class _Cursor:
     """A part read in order, a row group at a time: `below(hi)` gives (and drops) its next rows with a < hi."""
 
     def __init__(self, f):
-        self.batches = pq.ParquetFile(f).iter_batches(batch_size=PART_ROW_GROUP)
+        # read_row_group, not iter_batches: iter_batches reads ahead, ~40 MB a part (measured, pyarrow 26), which
+        # hundreds of parts multiply
+        pf = pq.ParquetFile(f)
+        self.batches = (pf.read_row_group(i) for i in range(pf.num_row_groups))
         self.buf, self.done = PART_SCHEMA.empty_table(), False
 
     def below(self, hi: int) -> pa.Table:
@@ -696,7 +958,7 @@ class _Cursor:
             if nxt is None:
                 self.done = True
             else:
-                self.buf = pa.concat_tables([self.buf, pa.Table.from_batches([nxt], PART_SCHEMA)])
+                self.buf = pa.concat_tables([self.buf, nxt.cast(PART_SCHEMA)])
         cut = int(np.searchsorted(self.buf["a"].to_numpy(), hi))
         out, self.buf = self.buf.slice(0, cut), self.buf.slice(cut)
         return out
@@ -733,24 +995,11 @@ def remove_staging(staging: Folder, parts: list[tuple[str, int]]) -> None:
 # ---------------------------------------------------------------------------------------- the pairs table
 
 
-def pair_rows(objects: pa.Table, part: pa.Table, method: str) -> pa.Table:
-    """PART (PART_SCHEMA rows, a and b rows of OBJECTS) -> the PAIR_SCHEMA rows, in PART's order."""
-    a, b = part["a"], part["b"]
-    keys, index = objects["key"], objects["index"]
-    arrays = [
-        keys.take(a),
-        index.take(a),
-        keys.take(b),
-        index.take(b),
-        objects["label"].take(a),
-        pa.array([method] * part.num_rows, pa.string()),
-        part["similarity"],
-        part["frame_gap"],
-        part["change"],
-        part["phash_distance"],
-    ]
-    arrays = [x.combine_chunks() if isinstance(x, pa.ChunkedArray) else x for x in arrays]
-    return pa.Table.from_arrays([x.cast(f.type) for x, f in zip(arrays, PAIR_SCHEMA)], schema=PAIR_SCHEMA)
+def pair_rows(part: pa.Table, method: str) -> pa.Table:
+    """PART (PART_SCHEMA rows) -> the PAIR_SCHEMA rows of METHOD, in PART's order."""
+    method_column = pa.array([method] * part.num_rows, pa.string())
+    arrays = [method_column if f.name == "method" else part[f.name] for f in PAIR_SCHEMA]
+    return pa.Table.from_arrays(arrays, schema=PAIR_SCHEMA)
 
 
 def staging_folder(out: str | os.PathLike) -> Folder:
@@ -777,24 +1026,27 @@ def find_pairs(
     if method not in METHODS:
         raise ValueError(f"pairs method {method!r}: one of {', '.join(METHODS)}")
     cfg = cfg or PairConfig()
-    ident, emb = load_identity(root)
-    objects = catalog_objects(root, ident, catalog=catalog)
-    if method == "video" and objects["video"].null_count == objects.num_rows:
-        raise CatalogError(f"no object of {root} is in a video frame (samples.video is NULL): use --method retrieval")
     staging, parts = staging_folder(out), []
     try:
         if method == "video":
-            parts = video_parts(objects, emb, cfg, staging, progress)
+            parts, n = _video_parts(root, cfg, staging, progress, catalog)
         else:
-            labels, origin, phash, boxes = objects_arrays(objects)
-            emb = emb[_col(objects, "i", np.int64)]
-            parts = retrieval_parts(emb, labels, origin, phash, boxes, cfg, staging, progress)
-        del emb
-        merged = merge_parts(staging, parts, objects.num_rows, ROWS_PER_BATCH)
-        batches = (pair_rows(objects, t, method) for t in merged)
-        return write_pairs(batches, out)
+            plan = plan_retrieval(root, cfg, catalog=catalog)
+            parts, n = retrieval_parts(root, plan, cfg, staging, progress, catalog=catalog), plan.rows
+        merged = merge_parts(staging, parts, n, ROWS_PER_BATCH)
+        return write_pairs((pair_rows(t, method) for t in merged), out)
     finally:
         remove_staging(staging, parts)
+
+
+def _video_parts(root, cfg: PairConfig, staging: Folder, progress, catalog) -> tuple[list[tuple[str, int]], int]:
+    """video_parts over every object of ROOT's identity sidecars and catalog, held in this process (a video
+    catalog's objects): (parts, objects)."""
+    ident, emb = load_identity(root)
+    objects = catalog_objects(root, ident, catalog=catalog)
+    if objects["video"].null_count == objects.num_rows:
+        raise CatalogError(f"no object of {root} is in a video frame (samples.video is NULL): use --method retrieval")
+    return video_parts(objects, emb, cfg, staging, progress), objects.num_rows
 
 
 def write_pairs(batches: Iterator[pa.Table], out: str | os.PathLike) -> int:
