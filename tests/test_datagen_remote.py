@@ -28,8 +28,12 @@ SAMPLES = REPO / "datagen" / "sample_images"
 pytestmark = pytest.mark.slow
 
 
-def tiny(shard_size: int = 3, batch_size: int = 4):
-    return tiny_cfg(shard_size, batch_size)
+def tiny(shard_size: int = 3, batch_size: int = 4, fuse: bool = False):
+    """tiny_cfg; FUSE: one actor runs every model stage (one worker process loads the models, not six), for
+    runs whose test is about storage or resuming, not the stage pools (the records are the same)."""
+    cfg = tiny_cfg(shard_size, batch_size)
+    cfg.pipeline.fuse = fuse
+    return cfg
 
 
 def new_bucket() -> str:
@@ -182,6 +186,7 @@ def test_killed_driver_then_same_command_gives_the_straight_result(bucket_photos
         "3",
         "--batch-size",
         "4",
+        "pipeline.fuse=true",  # the same records (tests/test_pipeline.py), with one actor's start-up, not six
     ]
     env = dict(os.environ)
     proc = subprocess.Popen(
@@ -262,8 +267,10 @@ def test_a_job_on_a_three_node_cluster_writes_from_several_nodes(bucket_photos, 
 
     env.pop("RAY_ADDRESS")
     again = f"{root}/found"
+    # one photo through one actor that runs every model stage: this job only has to find the cluster
+    light = ["pipeline.fuse=true", "pipeline.pools.curate.concurrency=1"]
     r = subprocess.run(
-        base[:6] + [f"{src}/sub"] + base[7:] + ["--out", again],
+        base[:6] + [f"{src}/sub"] + base[7:] + light + ["--out", again],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -289,7 +296,7 @@ def test_retry_failures_redoes_only_what_may_pass_now(s3_server, cache, tmp_path
     lst = tmp_path / "list.csv"
     lst.write_text("path\n" + "".join(f"{p}\n" for p in sorted(src.iterdir())) + "".join(f"{p}\n" for p in late))
     out = f"{new_bucket()}/retry"
-    first = run(str(lst), out, tiny(shard_size=4), progress_every=60)
+    first = run(str(lst), out, tiny(shard_size=4, fuse=True), progress_every=60)
     assert first.failed == 3 and first.ok == 3
     before = tables(out)
     assert sorted((f["source"].rsplit("/", 1)[-1], f["stage"]) for f in before["failures"]) == [
@@ -305,7 +312,7 @@ def test_retry_failures_redoes_only_what_may_pass_now(s3_server, cache, tmp_path
     for p, photo in zip(late, photos[3:5]):
         p.write_bytes(photo.read_bytes())
 
-    again = run(str(lst), out, tiny(shard_size=4), retry_failures=True, progress_every=60)
+    again = run(str(lst), out, tiny(shard_size=4, fuse=True), retry_failures=True, progress_every=60)
     assert again.incomplete == [] and again.ok == 2 and again.failed == 0
     after = tables(out)
     assert [f["source"].rsplit("/", 1)[-1] for f in after["failures"]] == ["broken.jpg"]
@@ -322,7 +329,7 @@ def test_retry_failures_redoes_only_what_may_pass_now(s3_server, cache, tmp_path
     manifest = json.loads(storage.Folder(out).read_text("manifest.json"))
     assert manifest["runs"][-1]["retried"] == 2 and manifest["counts"]["failures"] == 1
     # Nothing left to retry: a second --retry-failures changes nothing.
-    third = run(str(lst), out, tiny(shard_size=4), retry_failures=True, progress_every=60)
+    third = run(str(lst), out, tiny(shard_size=4, fuse=True), retry_failures=True, progress_every=60)
     assert third.ok == third.failed == 0 and tables(out) == after
 
 

@@ -106,13 +106,6 @@ def test_batch_size_does_not_change_records(photo_dir, reference_run, tmp_path):
     assert_close(tables(tmp_path), tables(out8))
 
 
-def test_fused_stages_give_the_same_records(photo_dir, reference_run, tmp_path):
-    cfg = tiny_cfg(batch_size=8)
-    cfg.pipeline.fuse = True  # one actor runs every model stage
-    run(str(photo_dir), tmp_path, cfg)
-    assert_close(records(tmp_path), records(reference_run[0]))
-
-
 def test_rerun_of_a_complete_output_changes_nothing(photo_dir, reference_run):
     out, _ = reference_run
     before = tables(out)
@@ -123,7 +116,9 @@ def test_rerun_of_a_complete_output_changes_nothing(photo_dir, reference_run):
         run(str(photo_dir), out, tiny_cfg(shard_size=2))
 
 
-def test_killed_driver_then_same_command_gives_the_uninterrupted_result(photo_dir, reference_run, tmp_path):
+def test_killed_fused_driver_then_same_command_gives_the_uninterrupted_result(photo_dir, reference_run, tmp_path):
+    """A run with fused stages (one actor runs every model stage: one worker process loads the models, not six),
+    killed after its first shard, then the same command: the records and tables of the unfused reference run."""
     out = tmp_path / "out"
     cmd = [
         sys.executable,
@@ -141,6 +136,7 @@ def test_killed_driver_then_same_command_gives_the_uninterrupted_result(photo_di
         "3",
         "--batch-size",
         "8",
+        "pipeline.fuse=true",
     ]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240

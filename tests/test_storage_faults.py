@@ -263,11 +263,13 @@ def faulty_run(s3_server, tmp_path_factory):
         if ray.is_initialized():
             ray.shutdown()
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        cfg = tiny_cfg(shard_size=2, batch_size=1)
+        cfg.pipeline.fuse = True  # one actor loads every model, not six: what is tested is storage, not the pools
         recorder.start()
         err = io.StringIO()
         try:
             with contextlib.redirect_stderr(err):
-                summary = run(src, out, tiny_cfg(shard_size=2, batch_size=1), progress_every=0)
+                summary = run(src, out, cfg, progress_every=0)
             seen = recorder()
         finally:
             recorder.stop()
@@ -348,6 +350,9 @@ def test_heavy_faults_end_in_one_line_per_shard_and_a_rerun_is_exact(fault_proxy
         "--batch-size",
         "2",
         "pipeline.max_attempts=2",
+        # one actor runs every model stage: each of the two runs that get as far as the stages starts one
+        # worker process and loads the models once, instead of six (what is tested is storage, not the pools)
+        "pipeline.fuse=true",
     ]
     # the same 4 attempts per operation, a few ms apart rather than 0.5, 2 and 8 s: each failed upload or
     # listing of the three runs would otherwise wait 10.5 s (and each shard is tried twice)
