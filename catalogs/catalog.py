@@ -277,10 +277,9 @@ def _per_sample_grouping(con: duckdb.DuckDBPyConnection) -> None:
     if "perfect_ht_threshold" in env_settings():
         return
     try:
-        row = con.execute("SELECT value FROM catalog_info WHERE name = 'next_sample_id'").fetchone()
+        bits = max(_next_sample_id(con) - 1, 1).bit_length()
     except duckdb.CatalogException:  # a new file: no catalog_info yet
         return
-    bits = max(int(row[0]) - 1, 1).bit_length() if row else 0
     threads, limit = con.execute("SELECT current_setting('threads'), current_setting('memory_limit')").fetchone()
     if 12 < bits <= _PERFECT_HT_MAX_BITS and int(threads) * _PERFECT_HT_BYTES << bits <= _bytes(limit) // 4:
         con.execute(f"SET perfect_ht_threshold = {bits}")
