@@ -21,9 +21,10 @@ the embeddings, then `catalog build`.
 
 Paths (--path, each run in its own process, so its peak memory is its own): `new` is catalogs.pairs as it is
 (plan from footers and the catalog; map and reduce tasks; merge: the caller holds no embedding); `old` is
-catalogs/pairs.py of commit OLD_COMMIT (fa56b56, before the shuffle: the caller reads every embedding and the
-whole objects table), loaded from git into a temporary module that Ray's workers import too. Both start Ray here
-with --num-cpus CPUs (more than LOCAL_OBJECTS objects, or labels of more than --brute-force-max).
+catalogs/pairs.py of --old-commit (default OLD_COMMIT, fa56b56, before the shuffle: the caller reads every
+embedding and the whole objects table; or, say, the commit before a change to the shuffle), loaded from git
+into a temporary module that Ray's workers import too. Both start Ray here with --num-cpus CPUs (more than
+LOCAL_OBJECTS objects, or labels of more than --brute-force-max).
 
 Time: find_pairs, from the files to the pairs file written (not the load into the catalog, the same for both),
 Ray's start included. CPU seconds: the user + system time of that process and its children (Ray's workers,
@@ -127,13 +128,13 @@ class PeakRSS:
         self.thread.join()
 
 
-def recall_at_k(emb, labels, a, b, sim, k: int, queries: int, seed: int = 1) -> float:
-    """Mean over sampled objects of |the k best pairs' targets & the exact k nearest of its label| / k."""
-    rng = np.random.default_rng(seed)
-    qs = np.sort(rng.choice(len(emb), queries, replace=False))
-    hits = 0
+def recall_at_k(emb, labels, qs, a, b, sim, k: int) -> float:
+    """Mean over the objects QS (sorted) of |the k best pairs' targets & the exact k nearest of its label| / k.
+    a, b, sim: the pairs whose reference is in QS, sorted by reference."""
+    hits, by_label = 0, np.argsort(labels, kind="stable")  # each label's objects, in order
+    bounds = np.searchsorted(labels[by_label], np.arange(labels.max() + 2))
     for label in np.unique(labels[qs]):
-        same = np.flatnonzero(labels == label)
+        same = by_label[bounds[label] : bounds[label + 1]]
         mine = qs[labels[qs] == label]
         pool = emb[same].astype(np.float32)
         tops = []
@@ -145,7 +146,24 @@ def recall_at_k(emb, labels, a, b, sim, k: int, queries: int, seed: int = 1) -> 
             s, e = np.searchsorted(a, q), np.searchsorted(a, q, side="right")
             got = b[s:e][np.argsort(-sim[s:e], kind="stable")[:k]]
             hits += len(set(exact.tolist()) & set(got.tolist()))
-    return hits / (k * queries)
+    return hits / (k * len(qs))
+
+
+def query_rows(path: Path, qs: np.ndarray) -> pa.Table:
+    """ref_key, target_key, similarity of the pairs file's rows whose reference is one of the objects QS, a
+    batch at a time (1.3 billion rows at 100M objects do not fit in memory)."""
+    want, kept = pa.array([f"{q:09d}" for q in qs]), []
+    for batch in pq.ParquetFile(path).iter_batches(1 << 20, columns=["ref_key", "target_key", "similarity"]):
+        kept.append(batch.filter(pc.is_in(batch["ref_key"], value_set=want)))
+    return pa.Table.from_batches(kept)
+
+
+def same_files(x: Path, y: Path) -> bool:
+    """Whether two pairs files hold the same rows in the same order, compared a batch at a time."""
+    fx, fy = pq.ParquetFile(x), pq.ParquetFile(y)
+    if fx.metadata.num_rows != fy.metadata.num_rows or fx.schema_arrow != fy.schema_arrow:
+        return False
+    return all(bx.equals(by) for bx, by in zip(fx.iter_batches(1 << 20), fy.iter_batches(1 << 20)))
 
 
 def write_shards(root: Path, emb: np.ndarray, labels: np.ndarray, per_shard: int, seed: int = 2) -> int:
@@ -180,11 +198,11 @@ def write_shards(root: Path, emb: np.ndarray, labels: np.ndarray, per_shard: int
     return s + 1
 
 
-def old_find_pairs():
-    """find_pairs and PairConfig of catalogs/pairs.py at OLD_COMMIT, from git, as the module `old_pairs` in a
+def old_find_pairs(commit: str = OLD_COMMIT):
+    """find_pairs and PairConfig of catalogs/pairs.py at COMMIT, from git, as the module `old_pairs` in a
     temporary folder on PYTHONPATH (Ray's workers, started later by this process, import it from there)."""
     repo = Path(__file__).resolve().parents[1]
-    src = subprocess.run(["git", "-C", str(repo), "show", f"{OLD_COMMIT}:catalogs/pairs.py"], check=True,
+    src = subprocess.run(["git", "-C", str(repo), "show", f"{commit}:catalogs/pairs.py"], check=True,
                          capture_output=True, text=True).stdout  # fmt: skip
     folder = Path(tempfile.mkdtemp(prefix="old_pairs"))
     (folder / "old_pairs.py").write_text(src)
@@ -197,7 +215,7 @@ def old_find_pairs():
 
 def phase(args: argparse.Namespace) -> None:
     """One path's find_pairs over --root into --dest, in this process alone: prints its figures as JSON."""
-    find, config = old_find_pairs() if args.phase == "old" else (find_pairs, PairConfig)
+    find, config = old_find_pairs(args.old_commit) if args.phase == "old" else (find_pairs, PairConfig)
     cfg = config(
         min_sim=-1.0, min_phash=0, k=args.k, search_k=args.k + 1, index=args.index, nprobe=args.nprobe,
         num_cpus=args.num_cpus, brute_force_max=args.brute_force_max,
@@ -221,7 +239,7 @@ def phase(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, n: int) -> str:
     root = args.root or Path(tempfile.mkdtemp(prefix="pairs_bench"))
     t0 = time.monotonic()
-    emb, labels, _ = synthetic(n, args.labels, args.per_identity, args.dim, args.noise)
+    emb, labels = synthetic(n, args.labels, args.per_identity, args.dim, args.noise)[:2]  # not the identities
     if not (args.reuse and (root / "catalog.duckdb").exists()):
         root.mkdir(parents=True, exist_ok=True)
         write_shards(root, emb, labels, args.shard_objects)
@@ -232,7 +250,7 @@ def run(args: argparse.Namespace, n: int) -> str:
     for path in args.path:
         files[path] = root / f"pairs-{path}.parquet"
         argv = [sys.executable, __file__, "--phase", path, "--root", str(root), "--dest", str(files[path])]
-        for flag in ("k", "index", "nprobe", "num_cpus", "brute_force_max"):
+        for flag in ("k", "index", "nprobe", "num_cpus", "brute_force_max", "old_commit"):
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         got = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         lines += (
@@ -241,15 +259,11 @@ def run(args: argparse.Namespace, n: int) -> str:
             f"\n  {path}: progress (time since start: objects done (the caller's RSS then, GiB)) {got['split']}; "
             f"the caller's largest RSS at a progress line (before the merge) {got['before_merge']:.2f} GiB\n\n"
         )
-    table = {p: pq.read_table(f, columns=["ref_key", "target_key", "similarity"]) for p, f in files.items()}
-    same = (
-        ""
-        if len(files) < 2
-        else f"old and new pairs files equal: {pq.read_table(files['old']).equals(pq.read_table(files['new']))}; "
-    )
-    got = table[args.path[-1]]
+    same = "" if len(files) < 2 else f"old and new pairs files equal: {same_files(files['old'], files['new'])}; "
+    qs = np.sort(np.random.default_rng(1).choice(n, args.queries, replace=False))
+    got = query_rows(files[args.path[-1]], qs)
     a, b = pc.cast(got["ref_key"], pa.int64()).to_numpy(), pc.cast(got["target_key"], pa.int64()).to_numpy()
-    recall = recall_at_k(emb, labels, a, b, got["similarity"].to_numpy(), args.k, args.queries)
+    recall = recall_at_k(emb, labels, qs, a, b, got["similarity"].to_numpy(), args.k)
     if args.root is None:
         shutil.rmtree(root, ignore_errors=True)
     return lines + (
@@ -275,6 +289,7 @@ def main() -> None:
     p.add_argument("--brute-force-max", type=int, default=8192)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--path", nargs="+", default=["old", "new"], choices=["old", "new"])
+    p.add_argument("--old-commit", default=OLD_COMMIT, help="the `old` path's commit (default: before the shuffle)")
     p.add_argument("--shard-objects", type=int, default=10_000)
     p.add_argument("--root", type=Path, help="the synthetic shards' folder (default: a temporary one, removed)")
     p.add_argument("--reuse", action="store_true", help="keep --root's shards and catalog when it has them")

@@ -40,19 +40,19 @@ Mining (`subjectdiff catalog pairs DIR --method video|retrieval --out pairs.parq
 The retrieval shuffle (issue #21: 100M objects, or 10M of DINOv2's 768 dimensions, ~19 GB of embeddings)
     plan     (calling process, `plan_retrieval`) the sidecars' row counts from their Parquet footers (hence each
              shard's first row) and each label's object count from the catalog (SQL over the objects of the
-             shards with a sidecar); a label searched by faiss (> brute_force_max objects) is a bucket alone,
-             the small ones are packed into buckets of about BUCKET_OBJECTS; the shards are cut into groups of
-             about MAP_OBJECTS rows.
+             shards with a sidecar); the labels are packed in order into about REDUCE_TASKS buckets of at most
+             BUCKET_OBJECTS objects (a larger label is a bucket alone); the shards are cut into groups of about
+             MAP_OBJECTS rows.
     map      (a task a group, `map_shards`) the group's sidecars joined with its catalog rows (which the calling
              process reads per group, _MAP_SQL: origin as a 63-bit hash, since pairing only compares origins)
              -> one map file in the staging folder: row, key, index, label, origin, phash, box, embedding, a
              bucket's rows in row groups of their own.
     reduce   (a task a bucket, `reduce_bucket`) the bucket's row groups of every map file -> each label's
              search (partition_edges, label_rows) -> one part.
-    Map and reduce run as Ray tasks (one CPU; a faiss label the CPUs split among the faiss labels) when there
-    are more than LOCAL_OBJECTS objects, else the same functions in the calling process, a task at a time. The
-    calling process holds the labels, the shard list, one group's catalog rows and one merge batch: nothing
-    that grows with the objects but the shard list and its labels.
+    Map and reduce run as Ray tasks (one CPU; a bucket with a faiss label the CPUs split among such buckets)
+    when there are more than LOCAL_OBJECTS objects, else the same functions in the calling process, a task at a
+    time. The calling process holds the labels, the shard list, one group's catalog rows and one merge batch:
+    nothing that grows with the objects but the shard list and its labels.
 
 Memory: the pairs are never gathered in one process either. Each reduce task (retrieval) and each group of videos
 (video) writes its rows, both directions, sorted by (reference, target), as a part file (PART_SCHEMA: the
@@ -540,11 +540,15 @@ def _partitions(labels: np.ndarray) -> list[np.ndarray]:
 
 # ----------------------------------------------------------------------- retrieval: plan, map, reduce
 
-# A map task reads shards of about MAP_OBJECTS identity rows; a bucket packs small labels up to about
-# BUCKET_OBJECTS objects (a large label is a bucket alone). Up to LOCAL_OBJECTS identity rows in all, map and
-# reduce run in this process: no Ray to start for a small catalog.
+# A map task reads shards of about MAP_OBJECTS identity rows. A bucket, a reduce task's input, packs labels in
+# order up to its size: the objects over REDUCE_TASKS (so a small catalog still spreads over the CPUs), at most
+# BUCKET_OBJECTS (a task holds its bucket's rows: ~(2 D + 100) bytes an object); a label of more is a bucket
+# alone. Every reduce task opens every map file (its footer: ~10 ms), so the buckets must not be many more than
+# needed: at 100M objects, labels of 100,000 objects each a bucket would be 1,000 x 382 footers (~1.6 CPU hours).
+# Up to LOCAL_OBJECTS identity rows in all, map and reduce run in this process: no Ray to start.
 MAP_OBJECTS = 1 << 18
-BUCKET_OBJECTS = 1 << 18
+BUCKET_OBJECTS = 1 << 20
+REDUCE_TASKS = 64
 LOCAL_OBJECTS = 1 << 18
 
 
@@ -555,7 +559,7 @@ class Plan:
     shards (S,): the complete shards with an identity sidecar, in shard order; first (S,): each shard's first
     row in the objects' numbering (the identity rows of the shards before it; then record and object order, as
     the sidecar lists them); rows: the identity rows in all; bucket_of: label -> bucket (-1 for a label of one
-    object: no pair); buckets (B,): (objects of its labels in the catalog, large: searched by faiss);
+    object: no pair); buckets (B,): (objects of its labels in the catalog, large: one of them searched by faiss);
     groups: the shards (positions in SHARDS) of each map task, consecutive."""
 
     shards: list[str]
@@ -599,24 +603,31 @@ def plan_retrieval(root: str | os.PathLike, cfg: PairConfig, *, catalog: str | o
 
 
 def _buckets(counts: list[tuple[str, int]], cfg: PairConfig) -> tuple[dict[str, int], list[tuple[int, bool]]]:
-    """(label, objects) in label order -> (label -> bucket, buckets (objects, large)). A label searched by faiss
-    (more than brute_force_max objects) or of BUCKET_OBJECTS or more is a bucket alone; the others are packed in
-    order into buckets of at most BUCKET_OBJECTS; a label of one object goes to none (-1)."""
+    """(label, objects) in label order -> (label -> bucket, buckets (objects, has a large label: one searched
+    by faiss, more than brute_force_max objects)). Labels are packed in order into buckets of at most
+    bucket_size(all objects); a label of that size or more is a bucket alone; a label of one object goes to
+    none (-1). Any two buckets in a row hold more than the size: fewer than 2 objects / size + 1 buckets."""
     bucket_of, buckets, packing = {}, [], -1
+    size = bucket_size(sum(n for _, n in counts))
     for label, n in counts:
         large = n > cfg.brute_force_max and cfg.index != "exact"
         if n < 2:
             bucket_of[label] = -1
-        elif large or n >= BUCKET_OBJECTS:
-            bucket_of[label] = len(buckets)
+        elif n >= size:
+            bucket_of[label], packing = len(buckets), -1  # the labels after it start a bucket: buckets in label order
             buckets.append((n, large))
         else:
-            if packing < 0 or buckets[packing][0] + n > BUCKET_OBJECTS:
+            if packing < 0 or buckets[packing][0] + n > size:
                 packing = len(buckets)
                 buckets.append((0, False))
             bucket_of[label] = packing
-            buckets[packing] = (buckets[packing][0] + n, False)
+            buckets[packing] = (buckets[packing][0] + n, buckets[packing][1] or large)
     return bucket_of, buckets
+
+
+def bucket_size(objects: int) -> int:
+    """A bucket's objects for OBJECTS in all: about REDUCE_TASKS buckets, none above BUCKET_OBJECTS."""
+    return max(1, min(BUCKET_OBJECTS, -(-objects // REDUCE_TASKS)))
 
 
 def _groups(sizes: list[int], size: int) -> list[list[int]]:
@@ -750,7 +761,7 @@ def retrieval_parts(
     through STAGING and are deleted after the reduce. This process holds the plan and one group's catalog rows.
 
     Labels are independent partitions (pairs never cross labels, so each pair's two directions are in one
-    partition). A large label's task (faiss) takes all the CPUs Ray offers split among the large labels, the
+    partition). A bucket with a large label (faiss) takes all the CPUs Ray offers split among such buckets, the
     other tasks one; a label is one partition however large (its k-nearest search needs all of its objects):
     such a task holds its label's embeddings (float16 and float32), the index and its (n, search_k) neighbours,
     about n (10 D + 12 search_k + 100 k) bytes."""
@@ -794,8 +805,8 @@ def _map_jobs(con, root: Folder, plan: Plan, bucket_of, staging: Folder):
 
 
 def _reduce_jobs(plan: Plan, maps: list[str], cfg: PairConfig, cpus: int, staging: Folder):
-    """(CPUs, reduce_bucket's arguments) of each bucket: a large label's faiss search gets the CPUs split among the
-    large labels (all of them when there is one), a bucket of small labels one."""
+    """(CPUs, reduce_bucket's arguments) of each bucket: a bucket with a large label (faiss) gets the CPUs split
+    among such buckets (all of them when there is one), a bucket of small labels one."""
     large = sum(lg for _, lg in plan.buckets)
     for b, (_, lg) in enumerate(plan.buckets):
         threads = max(1, cpus // large) if lg else 1

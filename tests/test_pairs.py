@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -432,15 +432,19 @@ layouts = st.lists(st.lists(st.integers(0, 4), max_size=12), min_size=1, max_siz
 
 
 @settings(max_examples=12, deadline=None)
-@given(layouts, st.integers(1, 3), st.sampled_from([4, 8192]), st.integers(1, 20), st.integers(1, 20))
-def test_retrieval_pairs_are_well_formed_for_any_layout(shards, per_record, brute_force_max, map_objects, bucket):
-    """Any shards, labels, map groups and buckets: each pair both ways, sorted by reference then target in the
-    objects' order, no object paired with itself or across labels, every key an object of the catalog; and the
-    rows of the in-memory search."""
+@given(
+    layouts, st.integers(1, 3), st.sampled_from([4, 8192]), st.integers(1, 20), st.integers(1, 20), st.integers(1, 64)
+)
+def test_retrieval_pairs_are_well_formed_for_any_layout(
+    shards, per_record, brute_force_max, map_objects, bucket, tasks
+):
+    """Any shards, labels, map groups and buckets (one label or several, faiss ones among them): each pair both
+    ways, sorted by reference then target in the objects' order, no object paired with itself or across labels,
+    every key an object of the catalog; and the rows of the in-memory search."""
     cfg = PairConfig(min_sim=0.3, k=3, min_phash=0, brute_force_max=brute_force_max)
     with (
         tempfile.TemporaryDirectory() as tmp,
-        mock.patch.multiple(pairs_module, MAP_OBJECTS=map_objects, BUCKET_OBJECTS=bucket),
+        mock.patch.multiple(pairs_module, MAP_OBJECTS=map_objects, BUCKET_OBJECTS=bucket, REDUCE_TASKS=tasks),
     ):
         root = Path(tmp)
         write_layout(root, shards, per_record=per_record)
@@ -460,6 +464,37 @@ def test_retrieval_pairs_are_well_formed_for_any_layout(shards, per_record, brut
     assert [(order[a], order[b]) for a, b in pairs] == sorted((order[a], order[b]) for a, b in pairs)
     assert all(a != b and a in label and b in label and label[a] == label[b] == r["label"] for (a, b), r in
                zip(pairs, rows))  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 5000), max_size=300),
+    st.sampled_from([1, 64, 1 << 20]),
+    st.sampled_from([4, 8192]),
+    st.sampled_from(["ivf", "exact"]),
+)
+@example([3] * 300, 1 << 20, 8192, "ivf")  # many small labels: packed, not a bucket each
+def test_buckets_hold_every_label_once_and_stay_about_reduce_tasks(sizes, cap, brute_force_max, index):
+    """The reduce tasks' buckets: every label of two objects or more in one bucket, labels in order; a bucket
+    over its size is one label; a bucket is `large` when a label of it is searched by faiss; and about
+    REDUCE_TASKS of them (greedy packing: at most twice the objects over the size, plus one), since each reduce
+    task opens every map file."""
+    cfg = PairConfig(brute_force_max=brute_force_max, index=index)
+    counts = [(f"label{i:04d}", n) for i, n in enumerate(sizes)]
+    with mock.patch.object(pairs_module, "BUCKET_OBJECTS", cap):
+        bucket_of, buckets = pairs_module._buckets(counts, cfg)
+        size = pairs_module.bucket_size(sum(sizes))
+    members: dict[int, list[int]] = {}
+    for label, n in counts:
+        assert (bucket_of[label] == -1) == (n < 2)
+        if n >= 2:
+            members.setdefault(bucket_of[label], []).append(n)
+    placed = [bucket_of[label] for label, n in counts if n >= 2]
+    assert placed == sorted(placed) and sorted(members) == list(range(len(buckets)))
+    for b, (objects, large) in enumerate(buckets):
+        assert objects == sum(members[b]) and (objects <= size or len(members[b]) == 1)
+        assert large == (index != "exact" and any(n > brute_force_max for n in members[b]))
+    assert size <= cap and len(buckets) <= 2 * max(pairs_module.REDUCE_TASKS, -(-sum(sizes) // cap)) + 1
 
 
 # ------------------------------------------------------------------------------------------------ video
