@@ -44,6 +44,7 @@ def tiny_run(tmp_path_factory):
         shutil.copy(p, src / p.name)
     cfg = preset("tiny")
     cfg.pipeline.shard_size = 3
+    cfg.pipeline.fuse = True  # the stages in one actor: what this module tests is the identity sidecar, not the pools
     out = tmp_path_factory.mktemp("out")
     try:
         summary = run(str(src), out, cfg, progress_every=60)
