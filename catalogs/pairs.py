@@ -86,7 +86,7 @@ from subjectdiff.catalogs.catalog import CatalogError, one_line, open_catalog, r
 from subjectdiff.catalogs.hashing import phash_int64
 from subjectdiff.catalogs.identity_folder import read_folder, read_footers
 from subjectdiff.catalogs.report.thumbnails import image_member, missing, read_records
-from subjectdiff.catalogs.storage import Folder, is_local, local_path, open_url
+from subjectdiff.catalogs.storage import Folder, is_local, local_path, open_url, row_group_batches
 
 METHODS = ("video", "retrieval")
 
@@ -1095,5 +1095,5 @@ def load_pairs(
     streamed a row group at a time. Returns the rows the table holds."""
     with open_url(out) as f:
         pf = pq.ParquetFile(f)
-        reader = pa.RecordBatchReader.from_batches(PAIR_SCHEMA, pf.iter_batches(batch_size=PART_ROW_GROUP))
+        reader = pa.RecordBatchReader.from_batches(PAIR_SCHEMA, row_group_batches(pf, PART_ROW_GROUP))
         return replace_pairs(root, reader, method, catalog=catalog)

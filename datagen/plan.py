@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 import pyarrow.parquet as pq
 
-from subjectdiff.catalogs.storage import Folder
+from subjectdiff.catalogs.storage import Folder, row_group_batches
 from subjectdiff.datagen import config as stage_config
 from subjectdiff.datagen import sources
 from subjectdiff.datagen.stages import registry
@@ -113,16 +113,15 @@ def shard_rows(out: str | os.PathLike, todo: set[str], batch_rows: int = 10_000)
     with folder.open(PLAN_FILE) as f:
         pf = pq.ParquetFile(f)
         cur, rows = None, None
-        for i in range(pf.num_row_groups):
-            for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[i]):
-                d = batch.to_pydict()
-                for j, shard in enumerate(d["shard"]):
-                    if shard != cur:
-                        if cur in todo:
-                            yield cur, rows
-                        cur, rows = shard, {k: [] for k in d}
-                    if shard in todo:
-                        for k, v in d.items():
-                            rows[k].append(v[j])
+        for batch in row_group_batches(pf, batch_rows):
+            d = batch.to_pydict()
+            for j, shard in enumerate(d["shard"]):
+                if shard != cur:
+                    if cur in todo:
+                        yield cur, rows
+                    cur, rows = shard, {k: [] for k in d}
+                if shard in todo:
+                    for k, v in d.items():
+                        rows[k].append(v[j])
         if cur in todo:
             yield cur, rows

@@ -363,13 +363,6 @@ def _file_size(f) -> int:
         f.seek(pos)
 
 
-def _parquet_batches(pf: pq.ParquetFile, columns: list[str] | None, batch_size: int) -> Iterator[pa.RecordBatch]:
-    """PF's batches, one row group at a time: over a whole file, pyarrow 26's iter_batches keeps memory for all
-    it has read (~400 MB over a 12M-row plan here; cf. apache/arrow#39808); per row group it stays flat."""
-    for i in range(pf.num_row_groups):
-        yield from pf.iter_batches(batch_size=batch_size, row_groups=[i], columns=columns)
-
-
 def _img2dataset_failures(url: str) -> list[Unit]:
     """The rows of the img2dataset Parquet beside a NNNNN.tar whose status is not "success"."""
     if not url.lower().endswith(".tar"):
@@ -389,7 +382,7 @@ def _img2dataset_failures(url: str) -> list[Unit]:
             if "url" not in names or "status" not in names:
                 return []  # not img2dataset's Parquet
             cols = [c for c in ("key", "url", "status", "error_message") if c in names]
-            for batch in _parquet_batches(pf, cols, _LIST_BATCH):
+            for batch in storage.row_group_batches(pf, _LIST_BATCH, cols):
                 d = batch.to_pydict()
                 for i, status in enumerate(d["status"]):
                     if status == "success":
@@ -524,7 +517,7 @@ def _list_batches(f, src: str, cols: _ListColumns) -> Iterator[pa.RecordBatch]:
             convert_options=pacsv.ConvertOptions(include_columns=wanted, column_types={c: pa.string() for c in wanted}),
         )
     else:
-        yield from _parquet_batches(pq.ParquetFile(f), wanted, _LIST_BATCH)
+        yield from storage.row_group_batches(pq.ParquetFile(f), _LIST_BATCH, wanted)
 
 
 def _list_units(src: str, image_column: str | None = None, caption_column: str | None = None) -> Iterator[Unit]:
@@ -654,7 +647,7 @@ def _write_kept(raw: Path, out: Path, dups: Iterator[np.ndarray], shard_size: in
     pending = np.empty(0, np.int64)
     more, n = True, 0
     with pq.ParquetWriter(out, PLAN_SCHEMA) as w:
-        for batch in _parquet_batches(pq.ParquetFile(raw), None, chunk):
+        for batch in storage.row_group_batches(pq.ParquetFile(raw), chunk):
             seq = batch.column("seq").to_numpy()
             if not len(seq):
                 continue

@@ -17,8 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
+from subjectdiff.catalogs import storage
 from subjectdiff.datagen import units
 from subjectdiff.datagen.sources import PLAN_SCHEMA, SourceError, detect, list_tar, write_plan
 from subjectdiff.datagen.units import UnitReadError, read_unit
@@ -732,3 +735,23 @@ def test_a_hugging_face_parquet_through_datagen_run_accounts_for_every_row(tmp_p
     assert by_row[mpo_row]["stage"] not in ("read", "decode")  # the phone photo is not lost for its container
     oks = [(i, r) for i, r in by_row.items() if r["stage"] is None]
     assert oks and all(r["alt_text"] == texts[i] and r["image_ext"] == "jpg" for i, r in oks)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 300),
+    group=st.integers(1, 64),
+    batch=st.integers(1, 100),
+    columns=st.sampled_from([None, ["key"], ["value", "key"]]),
+)
+def test_row_group_batches_give_every_row_once_in_order(tmp_path_factory, rows, group, batch, columns):
+    """storage.row_group_batches (the plan's, the lists' and the pairs file's reader): for any file, its rows in
+    file order, batches of at most BATCH rows, the columns asked for."""
+    path = tmp_path_factory.mktemp("rg") / "t.parquet"
+    table = pa.table({"key": [f"{i:06d}" for i in range(rows)], "value": list(range(rows))})
+    pq.write_table(table, path, row_group_size=group)
+    batches = list(storage.row_group_batches(pq.ParquetFile(path), batch, columns))
+    assert all(b.num_rows <= batch for b in batches)
+    want = table if columns is None else table.select(columns)
+    got = pa.Table.from_batches(batches, schema=want.schema)
+    assert got.equals(want)
