@@ -5,6 +5,7 @@ sampling, frames per second per core: benchmarks/video_decode.py, which it runs 
 
     python benchmarks/pairs.py --objects 1000000 --num-cpus 2 [--path old new] [--root DIR --reuse]
     python benchmarks/pairs.py --objects 10000000 --labels 100 --num-cpus 2 --path new
+    python benchmarks/pairs.py --objects 1048576 --labels 10 --reduce-tasks 1 --path old new --old-commit REV
     python benchmarks/pairs.py --video [--seconds 20 --size 640x360 --shots 10]
 
 Synthetic embeddings: --labels labels of equal size; within each, identities of ~--per-identity objects (a
@@ -23,7 +24,9 @@ Paths (--path, each run in its own process, so its peak memory is its own): `new
 (plan from footers and the catalog; map and reduce tasks; merge: the caller holds no embedding); `old` is
 catalogs/pairs.py of --old-commit (default OLD_COMMIT, fa56b56, before the shuffle: the caller reads every
 embedding and the whole objects table; or, say, the commit before a change to the shuffle), loaded from git
-into a temporary module that Ray's workers import too. Both start Ray here with --num-cpus CPUs (more than
+into a temporary module that Ray's workers import too. --reduce-tasks sets REDUCE_TASKS of both: with 1, a run of
+2^20 objects has the reduce task of a 100M run (a bucket of 2^20 objects), so the two paths' task memory compares
+in minutes. Both start Ray here with --num-cpus CPUs (more than
 LOCAL_OBJECTS objects, or labels of more than --brute-force-max).
 
 Time: find_pairs, from the files to the pairs file written (not the load into the catalog, the same for both),
@@ -94,11 +97,12 @@ def synthetic(n: int, labels: int, per_identity: int, dim: int, noise: float, se
 
 
 class PeakRSS:
-    """The largest RSS of this process plus its descendants, sampled every `every` seconds in a thread, and the
-    CPU seconds they used (each process's last sampled user + system time, this process's since the start)."""
+    """The largest RSS of this process plus its descendants, sampled every `every` seconds in a thread, the
+    largest RSS of one descendant (`worker`: a map or reduce task's process), and the CPU seconds they used (each
+    process's last sampled user + system time, this process's since the start)."""
 
     def __init__(self, every: float = 0.2):
-        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self.every, self.peak, self.worker, self._stop = every, 0, 0, threading.Event()
         self.cpu: dict[int, float] = {}
         me = psutil.Process()
         self.start_cpu = sum(me.cpu_times()[:2])
@@ -110,7 +114,9 @@ class PeakRSS:
             total = 0
             for p in [me, *me.children(recursive=True)]:
                 try:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
+                    total += rss
+                    self.worker = max(self.worker, rss) if p is not me else self.worker
                     self.cpu[p.pid] = sum(p.cpu_times()[:2])
                 except psutil.Error:
                     pass
@@ -217,6 +223,8 @@ def old_find_pairs(commit: str = OLD_COMMIT):
 def phase(args: argparse.Namespace) -> None:
     """One path's find_pairs over --root into --dest, in this process alone: prints its figures as JSON."""
     find, config = old_find_pairs(args.old_commit) if args.phase == "old" else (find_pairs, PairConfig)
+    if args.reduce_tasks:  # fewer buckets: a small run's reduce tasks as large as at 100M objects
+        sys.modules[find.__module__].REDUCE_TASKS = args.reduce_tasks
     cfg = config(
         min_sim=-1.0, min_phash=0, k=args.k, search_k=args.k + 1, index=args.index, nprobe=args.nprobe,
         num_cpus=args.num_cpus, brute_force_max=args.brute_force_max,
@@ -234,7 +242,7 @@ def phase(args: argparse.Namespace) -> None:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     before_merge = max((r for *_, r in finished), default=0.0)
     print(json.dumps({"took": took, "cpu": mem.cpu_seconds(), "own": own, "peak": mem.peak / 2**30, "rows": rows,
-                      "split": split, "before_merge": before_merge}))  # fmt: skip
+                      "split": split, "before_merge": before_merge, "worker": mem.worker / 2**30}))  # fmt: skip
 
 
 def run(args: argparse.Namespace, n: int) -> str:
@@ -252,14 +260,15 @@ def run(args: argparse.Namespace, n: int) -> str:
     for path in args.path:
         files[path] = root / f"pairs-{path}.parquet"
         argv = [sys.executable, __file__, "--phase", path, "--root", str(root), "--dest", str(files[path])]
-        for flag in ("k", "index", "nprobe", "num_cpus", "brute_force_max", "old_commit"):
+        for flag in ("k", "index", "nprobe", "num_cpus", "brute_force_max", "old_commit", "reduce_tasks"):
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         got = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         lines += (
             f"| {n:,} | {args.dim} | {args.labels} | {index} | {args.num_cpus} | {path} | {got['took']:.1f} s "
             f"({got['cpu']:.0f} CPU s) | {got['own']:.2f} GiB | {got['peak']:.2f} GiB | {got['rows']:,} |\n"
             f"\n  {path}: progress (time since start: objects done (the caller's RSS then, GiB)) {got['split']}; "
-            f"the caller's largest RSS at a progress line (before the merge) {got['before_merge']:.2f} GiB\n\n"
+            f"the caller's largest RSS at a progress line (before the merge) {got['before_merge']:.2f} GiB; "
+            f"the largest RSS of one other process (a task's worker) {got['worker']:.2f} GiB\n\n"
         )
     same = "" if len(files) < 2 else f"old and new pairs files equal: {same_files(files['old'], files['new'])}; "
     qs = np.sort(np.random.default_rng(1).choice(n, args.queries, replace=False))
@@ -294,6 +303,9 @@ def main() -> None:
     p.add_argument("--path", nargs="+", default=["old", "new"], choices=["old", "new"])
     p.add_argument("--old-commit", default=OLD_COMMIT, help="the `old` path's commit (default: before the shuffle)")
     p.add_argument("--shard-objects", type=int, default=10_000)
+    p.add_argument(
+        "--reduce-tasks", type=int, default=0, help="catalogs.pairs.REDUCE_TASKS for both paths (default: theirs)"
+    )
     p.add_argument("--root", type=Path, help="the synthetic shards' folder (default: a temporary one, removed)")
     p.add_argument("--reuse", action="store_true", help="keep --root's shards and catalog when it has them")
     p.add_argument("--out", type=Path)

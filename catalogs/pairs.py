@@ -415,7 +415,7 @@ def video_parts(
         cols["a"], cols["b"] = g[cols["a"]], g[cols["b"]]
         cols = _keyed(cols, objects.select(["key", "index", "label"]), cols["a"], cols["b"])
         name = f"videos-{len(written):06d}.parquet"
-        written.append((name, write_part(staging, name, part_table(cols))))
+        written.append((name, write_part(staging, name, [sorted_part(part_table(cols))])))
         done += len(g)
         if progress:
             progress(done, total, "objects")
@@ -729,8 +729,7 @@ def reduce_bucket(staging: str, maps: list[str], bucket: int, cfg: PairConfig, t
         for p in _partitions(labels):
             edges = partition_edges(emb[p].astype(np.float32), origin[p], phash[p], cfg, threads)
             found.append(part_table(label_rows(rows[p], edges, phash[p], boxes[p], ids.take(pa.array(p)))))
-    table = pa.concat_tables(found) if found else PART_SCHEMA.empty_table()
-    return name, write_part(folder, name, table)
+    return name, write_part(folder, name, found)  # each label's rows sorted by (a, b) (label_rows)
 
 
 def _bucket_rows(folder: Folder, maps: list[str], bucket: int) -> pa.Table:
@@ -941,17 +940,41 @@ def _keyed(cols: dict, ids: pa.Table, a: np.ndarray, b: np.ndarray) -> dict:
     }
 
 
-def write_part(staging: Folder, name: str, table: pa.Table) -> int:
-    """TABLE (PART_SCHEMA) sorted by (a, b) into the part NAME of STAGING; returns its rows."""
+def sorted_part(table: pa.Table) -> pa.Table:
+    """TABLE (PART_SCHEMA) sorted by (a, b); TABLE itself when it already is."""
     a, b = _col(table, "a", np.int64), _col(table, "b", np.int64)
     da = np.diff(a)
-    if not np.all((da > 0) | ((da == 0) & (np.diff(b) > 0))):  # one label's rows come sorted: no copy of them
-        table = table.take(pa.array(np.lexsort((b, a))))
-    del a, b, da
+    if np.all((da > 0) | ((da == 0) & (np.diff(b) > 0))):
+        return table
+    return table.take(pa.array(np.lexsort((b, a))))
+
+
+def write_part(staging: Folder, name: str, tables: list[pa.Table]) -> int:
+    """TABLES (PART_SCHEMA, each sorted by (a, b)) merged into the part NAME of STAGING, sorted by (a, b); returns
+    its rows. Merged a range of a at a time (_merged over slices): no second copy of the rows, which a reduce task
+    would otherwise hold beside its bucket's pairs (1.3 GB for a bucket of 2^20 objects at k = 10)."""
+    total = sum(t.num_rows for t in tables)
     staging.makedirs()
-    with staging.open(name, "wb") as f:
-        pq.write_table(table, f, row_group_size=PART_ROW_GROUP)
-    return table.num_rows
+    with staging.open(name, "wb") as f, pq.ParquetWriter(f, PART_SCHEMA) as w:
+        if total:
+            tables = [t for t in tables if t.num_rows]
+            lo = min(_col(t, "a", np.int64)[0] for t in tables)
+            hi = max(_col(t, "a", np.int64)[-1] for t in tables) + 1
+            for batch in _merged([_Slices(t) for t in tables], int(lo), int(hi), total, 4 * PART_ROW_GROUP):
+                w.write_table(batch.cast(PART_SCHEMA), row_group_size=PART_ROW_GROUP)
+    return total
+
+
+class _Slices:
+    """A PART_SCHEMA table sorted by (a, b), read in order: `below(hi)` gives its next rows with a < hi (a slice)."""
+
+    def __init__(self, table: pa.Table):
+        self.table, self.a, self.pos = table, _col(table, "a", np.int64), 0
+
+    def below(self, hi: int) -> pa.Table:
+        cut = int(np.searchsorted(self.a, hi))
+        out, self.pos = self.table.slice(self.pos, cut - self.pos), cut
+        return out
 
 
 class _Cursor:
@@ -988,13 +1011,19 @@ def merge_parts(
     total = sum(n for _, n in parts)
     if total == 0:
         return
-    step = max(1, math.ceil(n_objects * rows / total))
     with ExitStack() as stack:
         cursors = [_Cursor(stack.enter_context(staging.open(name, "rb"))) for name, n in parts if n]
-        for lo in range(0, n_objects, step):
-            got = pa.concat_tables([c.below(lo + step) for c in cursors])
-            if got.num_rows:
-                yield got.sort_by([("a", "ascending"), ("b", "ascending")])
+        yield from _merged(cursors, 0, n_objects, total, rows)
+
+
+def _merged(cursors: list, lo: int, hi: int, total: int, rows: int) -> Iterator[pa.Table]:
+    """The rows of CURSORS (_Cursor or _Slices: each sorted by (a, b), TOTAL rows in all, a in [LO, HI)) sorted by
+    (a, b) across them, a range of a at a time: about ROWS rows a table when the a spread evenly."""
+    step = max(1, math.ceil((hi - lo) * rows / total))
+    for start in range(lo, hi, step):
+        got = pa.concat_tables([c.below(start + step) for c in cursors])
+        if got.num_rows:
+            yield got.sort_by([("a", "ascending"), ("b", "ascending")])
 
 
 def remove_staging(staging: Folder, parts: list[tuple[str, int]]) -> None:
