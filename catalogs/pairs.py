@@ -542,8 +542,8 @@ def _partitions(labels: np.ndarray) -> list[np.ndarray]:
 
 # A map task reads shards of about MAP_OBJECTS identity rows. A bucket, a reduce task's input, packs labels in
 # order up to its size: the objects over REDUCE_TASKS (so a small catalog still spreads over the CPUs), at most
-# BUCKET_OBJECTS (a task holds its bucket's rows, ~(2 D + 100) bytes an object, and its pairs until it writes
-# them: 3.3 GB at D = 32, k = 10); a label of more is a bucket alone. Every reduce task reads every map file's
+# BUCKET_OBJECTS (a task holds its bucket's rows, ~(2 D + 100) bytes an object, and its pairs, once, until it
+# writes them: 1.9 GB at D = 32, k = 10); a label of more is a bucket alone. Every reduce task reads every map file's
 # footer, so the buckets must not be many more than needed: at 100M objects in labels of 100,000, a bucket per
 # label made 1,000 x 358 reads of 21 ms (2.1 CPU hours; 100 buckets of 7 ms reads: 256 CPU s; BENCHMARKS.md).
 # Up to LOCAL_OBJECTS identity rows in all, map and reduce run in this process: no Ray to start.
