@@ -44,6 +44,10 @@ class Interrupted(KeyboardInterrupt):
 _received: int | None = None
 
 
+# (name, debug) of the command run_command runs now: say_now prints as it would.
+_command: tuple[str, bool] | None = None
+
+
 def _signum(e: KeyboardInterrupt) -> int:
     return getattr(e, "signum", None) or _received or signal.SIGINT
 
@@ -113,11 +117,24 @@ def debugging() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
+def say_now(e: BaseException) -> None:
+    """Print user error E's one line now rather than when it reaches run_command, and mark it said (run_command
+    does not print it again). For a process that others may end first: torchrun stops every rank once one
+    exits, so rank 0 says why it failed before it tells the other ranks to stop. A bug (its traceback),
+    --debug, or no run_command: nothing now."""
+    if _command is None or _command[1] or not is_user_error(e):
+        return
+    print(f"{_command[0]}: error: {one_line(e)}", file=sys.stderr, flush=True)
+    e.said = True  # type: ignore[attr-defined]
+
+
 def run_command(func: Callable[[Any], int | None], args: Any, name: str) -> int:
     """FUNC(ARGS) as a command named NAME: its exit status, or 2 after one line for a user error, or 130/143
     after one line for an interrupt; a bug's traceback stays. `args.debug` (or SUBJECTDIFF_DEBUG=1): every
     error's traceback."""
+    global _command
     debug = bool(getattr(args, "debug", False)) or debugging()
+    before, _command = _command, (name, debug)
     try:
         with interrupts():
             return int(func(args) or 0)
@@ -127,5 +144,8 @@ def run_command(func: Callable[[Any], int | None], args: Any, name: str) -> int:
     except Exception as e:
         if debug or not is_user_error(e):
             raise
-        print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        if not getattr(e, "said", False):
+            print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    finally:
+        _command = before

@@ -17,7 +17,7 @@ import pytest
 
 from subjectdiff.catalogs import catalog
 from subjectdiff.cli import main
-from subjectdiff.errors import run_command
+from subjectdiff.errors import UsageError, run_command, say_now
 from subjectdiff.infer.dreambench import DreamBenchConfig, cases, read_bench
 from subjectdiff.photo_records import write_photo_shards
 from subjectdiff.train.config import RunConfig
@@ -201,6 +201,26 @@ def test_dreambench_needs_only_the_named_subjects_folders(two_subjects, tmp_path
     for subjects in (["--subjects", "cat,dog"], []):  # all subjects: dog's folder is missing
         assert main([*argv, *subjects]) == 2
         assert error(capsys) == missing
+
+
+def test_an_error_said_before_a_rank_stops_is_said_once(capsys):
+    """Rank 0 of a torchrun job says its error before telling the other ranks to stop (torchrun ends it once one
+    of them exits): the line is on stderr before the error leaves the code, and run_command does not repeat it."""
+
+    def command(args) -> int:
+        try:
+            raise UsageError("no column n_objectz")
+        except UsageError as e:
+            say_now(e)
+            print("the other ranks told", file=sys.stderr)
+            raise
+
+    assert run_command(command, None, "subjectdiff train") == 2
+    said = capsys.readouterr().err.splitlines()
+    assert said == ["subjectdiff train: error: no column n_objectz", "the other ranks told"]
+    with pytest.raises(UsageError):  # --debug: nothing said early, the traceback instead
+        run_command(command, type("Args", (), {"debug": True})(), "subjectdiff train")
+    assert capsys.readouterr().err.splitlines() == ["the other ranks told"]
 
 
 # --------------------------------------------------------------------------------------------------- signals

@@ -54,7 +54,7 @@ from subjectdiff.catalogs.reader import BadRecord, BadRecordError, DecodedRecord
 from subjectdiff.catalogs.schema import white_fraction
 from subjectdiff.catalogs.selection import REFERENCE_OBJECT_WHERE, load_eligible_objects, load_selection, select
 from subjectdiff.catalogs.tokens import CONTEXT_LENGTH, clip_tokenizer
-from subjectdiff.errors import UsageError
+from subjectdiff.errors import UsageError, say_now
 from subjectdiff.model.prompts import SubjectPrompt, subject_prompt, tokenize
 from subjectdiff.model.subject_image import (
     SubjectAugment,
@@ -763,7 +763,8 @@ def from_rank0(make: Callable[[], T], rank: int, world: int, what: str) -> T:
         try:
             box[0] = make()
         except Exception as e:
-            if world > 1:
+            if world > 1:  # said before the others hear it: the first rank to exit ends the rest (torchrun)
+                say_now(e)
                 dist.broadcast_object_list([RankZeroFailed(f"{type(e).__name__}: {e}")], src=0)
             raise
     if world > 1:
