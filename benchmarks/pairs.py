@@ -32,12 +32,14 @@ LOCAL_OBJECTS objects, or labels of more than --brute-force-max).
 Time: find_pairs, from the files to the pairs file written (not the load into the catalog, the same for both),
 Ray's start included. CPU seconds: the user + system time of that process and its children (Ray's workers,
 raylet and object store) over the same span (on two idle cores the wall time is about half of it when both are
-kept busy; on a machine shared with other work the wall time is longer). Peak memory: the caller's own
-(ru_maxrss), and the largest sum of the RSS of it and its children, sampled every 0.2 s. Recall@k: for --queries
-objects sampled at random, the exact k nearest (numpy, float32, over the object's label, itself left out) against
-the k most similar targets the pairs give the object as reference (its own neighbours and the objects that had it
-as a neighbour: the pairs file's contents), of the last --path's file; with both paths, whether their pairs files
-are equal. The progress line: when the map tasks (objects read) and the reduce tasks (objects) finished.
+kept busy; on a machine shared with other work the wall time is longer). Peak memory: the caller's own (VmHWM,
+not ru_maxrss: a process spawned by vfork + exec starts its ru_maxrss at its parent's peak, here the synthetic
+data's 9 GB at 100M objects), and the largest sum of the RSS of it and its children, sampled every 0.2 s. Recall@k:
+for --queries objects sampled at random, the exact k nearest (numpy, float32, over the object's label, itself left
+out) against the k most similar targets the pairs give the object as reference (its own neighbours and the objects
+that had it as a neighbour: the pairs file's contents), of the last --path's file; with both paths, whether their
+pairs files are equal. The progress line: when the map tasks (objects read) and the reduce tasks (objects)
+finished.
 
 Prints markdown lines; --out appends them to a file.
 """
@@ -94,6 +96,17 @@ def synthetic(n: int, labels: int, per_identity: int, dim: int, noise: float, se
         block = block + noise / np.sqrt(dim) * rng.standard_normal(block.shape, dtype=np.float32)
         emb[s : s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return emb, label.astype(np.int64), ident
+
+
+def own_peak_gib() -> float:
+    """This process's peak resident set, GiB: VmHWM, which exec resets (ru_maxrss keeps the parent's peak across
+    Python's vfork + exec, so it is no figure of a phase process); ru_maxrss where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 2**20
 
 
 class PeakRSS:
@@ -239,7 +252,7 @@ def phase(args: argparse.Namespace) -> None:
     took = time.monotonic() - t0
     step = max(1, len(finished) // 12)
     split = ", ".join(f"{t:.0f}s:{d // 1000}k {u} ({r:.2f})" for t, d, u, r in finished[::step])
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    own = own_peak_gib()
     before_merge = max((r for *_, r in finished), default=0.0)
     print(json.dumps({"took": took, "cpu": mem.cpu_seconds(), "own": own, "peak": mem.peak / 2**30, "rows": rows,
                       "split": split, "before_merge": before_merge, "worker": mem.worker / 2**30}))  # fmt: skip
