@@ -23,6 +23,22 @@ def tiny_cfg(shard_size: int = 3, batch_size: int = 8) -> JobConfig:
     return cfg
 
 
+def fresh_cache(folder: Path) -> Path:
+    """FOLDER as a new, empty $SUBJECTDIFF_CACHE (its own catalogs of remote outputs) whose `tiny` models are
+    those of the default cache, linked: building them is about 40 s on a 2-core machine, and they are the same
+    files wherever they are built (fixed seed). Built there first, through their real path, when they are not
+    (a run records its models' paths). Call it before pointing $SUBJECTDIFF_CACHE at FOLDER."""
+    from subjectdiff.datagen.tiny import tiny_models
+    from subjectdiff.weights import cache_dir
+
+    shared = (cache_dir() / "tiny").resolve()
+    tiny_models(shared)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tiny").symlink_to(shared, target_is_directory=True)
+    return folder
+
+
 def assert_close(a, b, path="", atol=1e-5):
     """Equal structure, strings, ints and bytes; floats within atol. Batched and one-at-a-time model calls
     differ in the last bits of float32 (a batch of 8 takes other matmul kernels than a batch of 1)."""

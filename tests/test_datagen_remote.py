@@ -20,7 +20,7 @@ from subjectdiff.catalogs import catalog, storage
 from subjectdiff.catalogs.identity_folder import read_folder
 from subjectdiff.catalogs.reader import RecordReader
 from subjectdiff.datagen.run import run
-from tests.pipelines import assert_close, tiny_cfg
+from tests.pipelines import assert_close, fresh_cache, tiny_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "datagen" / "sample_images"
@@ -109,8 +109,9 @@ def tables(out: str, catalog_file=None) -> dict:
 def cache(tmp_path_factory):
     """One cache for the module: its catalogs of the bucket's outputs (and the tiny models' paths recorded in
     records, so runs compared with each other must share it)."""
+    fresh = fresh_cache(tmp_path_factory.mktemp("cache"))  # the tiny models linked, not built again
     saved = os.environ.get("SUBJECTDIFF_CACHE")
-    os.environ["SUBJECTDIFF_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    os.environ["SUBJECTDIFF_CACHE"] = str(fresh)
     yield os.environ["SUBJECTDIFF_CACHE"]
     if saved is None:
         os.environ.pop("SUBJECTDIFF_CACHE")
@@ -122,7 +123,9 @@ def cache(tmp_path_factory):
 def straight_run(bucket_photos, cache):
     """The reference run, on a Ray started before the storage settings were in the environment, as on a
     cluster whose nodes were started without them: the run hands the driver's to its workers, which
-    otherwise could not reach the bucket."""
+    otherwise could not reach the bucket. Fused: what is tested is storage and resuming, not the stage pools
+    (the three-node job runs them unfused against the bucket; tests/test_pipeline.py checks that fused and
+    unfused runs give the same records)."""
     import ray
 
     if ray.is_initialized():
@@ -135,7 +138,7 @@ def straight_run(bucket_photos, cache):
     root, src, _ = bucket_photos
     out = f"{root}/records"
     try:
-        summary = run(src, out, tiny(), progress_every=60)
+        summary = run(src, out, tiny(fuse=True), progress_every=60)
     finally:
         ray.shutdown()
     return out, summary
@@ -235,7 +238,16 @@ def test_a_job_on_a_three_node_cluster_writes_from_several_nodes(bucket_photos, 
     workers. Then a second job
     with neither RAY_ADDRESS nor --ray-address finds the cluster running on this machine and joins it."""
     cluster, nodes = three_node_cluster
-    root, src, inputs = bucket_photos
+    root, photos, _ = bucket_photos
+    # Four of the inputs, copied to a folder of their own: four shards of one for the two writers (the PNG in
+    # its subfolder, two photos, a truncated one), at half the cost of all eight through seven actors.
+    src = f"{root}/four"
+    fs, _ = storage.filesystem(root)
+    inputs = []
+    for name in ("sub/astronaut.png", "chelsea.jpg", "coffee.jpg", "truncated.jpg"):
+        fs.copy(f"{photos}/{name}".removeprefix("s3://"), f"{src}/{name}".removeprefix("s3://"))
+        inputs.append(f"{src}/{name}")
+    inputs.sort()
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     base = [
         sys.executable,

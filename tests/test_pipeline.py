@@ -100,8 +100,13 @@ def test_load_dataset_reads_what_the_run_catalogued(reference_run, tmp_path):
 
 
 def test_batch_size_does_not_change_records(photo_dir, reference_run, tmp_path):
+    """Blocks and model batches of 1 against the reference run's 8 (shards of 3: batches of up to 3 photos).
+    The run of 1s is fused (one actor runs every model stage, each at batch size 1: one worker process loads
+    the models, not six): the records must then match across both settings."""
     out8, _ = reference_run
-    run(str(photo_dir), tmp_path, tiny_cfg(batch_size=1))
+    cfg = tiny_cfg(batch_size=1)
+    cfg.pipeline.fuse = True
+    run(str(photo_dir), tmp_path, cfg)
     assert_close(records(tmp_path), records(out8))  # same keys, captions, nouns, tokens, masks; boxes to 1e-5
     assert_close(tables(tmp_path), tables(out8))
 

@@ -246,11 +246,11 @@ def faulty_run(s3_server, tmp_path_factory):
 
     from subjectdiff.datagen.run import run
     from tests.faults import FaultProxy, MotoRecorder, through
-    from tests.pipelines import tiny_cfg
+    from tests.pipelines import fresh_cache, tiny_cfg
 
     proxy = FaultProxy(s3_server)
     recorder = MotoRecorder(s3_server)
-    with through(proxy), own_cache(tmp_path_factory.mktemp("cache")):
+    with through(proxy), own_cache(fresh_cache(tmp_path_factory.mktemp("cache"))):
         root = new_bucket()
         src, out = f"{root}/photos", f"{root}/records"
         inputs = [f"{src}/{p.name}" for p in PHOTOS[:4]]  # astronaut, chelsea | coffee, coins: two shards
@@ -326,6 +326,8 @@ def test_heavy_faults_end_in_one_line_per_shard_and_a_rerun_is_exact(fault_proxy
     stats upload fails (each shard is left without its stats file, so incomplete): one line per shard and
     a summary, exit status 1, no traceback. Once the storage is healthy, the same command completes, deleting
     only what the failed attempts left, and every input is a sample or a failure, once."""
+    from tests.pipelines import fresh_cache
+
     src = tmp_path / "in"
     src.mkdir()
     for p in PHOTOS[:3]:
@@ -358,7 +360,7 @@ def test_heavy_faults_end_in_one_line_per_shard_and_a_rerun_is_exact(fault_proxy
     # listing of the three runs would otherwise wait 10.5 s (and each shard is tried twice)
     env = {
         **os.environ,
-        "SUBJECTDIFF_CACHE": str(tmp_path / "cache"),
+        "SUBJECTDIFF_CACHE": str(fresh_cache(tmp_path / "cache")),  # the tiny models linked, not built again
         storage.ENV_RETRY_DELAYS: "0.01,0.01,0.01",
     }
 
