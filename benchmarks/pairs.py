@@ -6,6 +6,7 @@ sampling, frames per second per core: benchmarks/video_decode.py, which it runs 
     python benchmarks/pairs.py --objects 1000000 --num-cpus 2 [--path old new] [--root DIR --reuse]
     python benchmarks/pairs.py --objects 10000000 --labels 100 --num-cpus 2 --path new
     python benchmarks/pairs.py --objects 1048576 --labels 10 --reduce-tasks 1 --path old new --old-commit REV
+    python benchmarks/pairs.py --method video --objects 1000000 --frames 20 --old-commit REV
     python benchmarks/pairs.py --video [--seconds 20 --size 640x360 --shots 10]
 
 Synthetic embeddings: --labels labels of equal size; within each, identities of ~--per-identity objects (a
@@ -19,6 +20,10 @@ Files: synthetic shards in --root (default a temporary folder, removed; --reuse 
 and reuses it): samples and objects sidecars with the writer's schemas (as benchmarks/catalog.py writes them: one
 object a sample, key "000000042" for object 42, --shard-objects objects a shard, empty tars), identity sidecars of
 the embeddings, then `catalog build`.
+
+--method video: `find_pairs(ROOT, "video", ...)` over the same embeddings as frames of videos (--frames objects a
+video, one object a frame, a video's objects of one label), so every two frames of a video pair; no recall, the
+old and new files compared instead (with --old-commit the commit before video pairs were shuffled).
 
 Paths (--path, each run in its own process, so its peak memory is its own): `new` is catalogs.pairs as it is
 (plan from footers and the catalog; map and reduce tasks; merge: the caller holds no embedding); `old` is
@@ -186,9 +191,13 @@ def same_files(x: Path, y: Path) -> bool:
     return all(bx.equals(by) for bx, by in zip(row_group_batches(fx, 1 << 20), row_group_batches(fy, 1 << 20)))
 
 
-def write_shards(root: Path, emb: np.ndarray, labels: np.ndarray, per_shard: int, seed: int = 2) -> int:
+def write_shards(
+    root: Path, emb: np.ndarray, labels: np.ndarray, per_shard: int, seed: int = 2, frames: int = 0
+) -> int:
     """Shards of synthetic sidecars in ROOT, one object a sample (key "000000042" = object 42, its own source, a
-    random phash): samples, objects and identity sidecars, stats, an empty tar. Returns the number of shards."""
+    random phash): samples, objects and identity sidecars, stats, an empty tar. FRAMES > 0: the samples are the
+    frames of videos of FRAMES frames (object i: frame i % FRAMES of video i // FRAMES, one shot). Returns the
+    number of shards."""
     rng, n = np.random.default_rng(seed), len(emb)
     for s, lo in enumerate(range(0, n, per_shard)):
         name, hi = f"{s:05d}", min(n, lo + per_shard)
@@ -200,6 +209,10 @@ def write_shards(root: Path, emb: np.ndarray, labels: np.ndarray, per_shard: int
             "image_ext": ["jpg"] * m, "image_bytes": [50_000] * m, "schema_version": [4] * m,
             "phash": rng.integers(-(2**63), 2**63 - 1, m, dtype=np.int64), "white_fraction": np.zeros(m, np.float32),
         }  # fmt: skip
+        if frames:
+            i = np.arange(lo, hi)
+            samples.update(video=[f"v{v:08d}.mp4" for v in i // frames], video_shot=np.zeros(m, np.int32),
+                           video_frame=i % frames, video_time=(i % frames) / 25.0)  # fmt: skip
         x0, y0 = rng.uniform(0, 0.5, (2, m)).astype(np.float32)
         x1, y1 = (x0 + rng.uniform(0.1, 0.5, m)).astype(np.float32), (y0 + rng.uniform(0.1, 0.5, m)).astype(np.float32)
         objects = {
@@ -248,7 +261,7 @@ def phase(args: argparse.Namespace) -> None:
         finished.append((time.monotonic() - t0, done, unit, me.memory_info().rss / 2**30))
 
     with PeakRSS() as mem:
-        rows = find(args.root, "retrieval", args.dest, cfg, progress=progress)
+        rows = find(args.root, args.method, args.dest, cfg, progress=progress)
     took = time.monotonic() - t0
     step = max(1, len(finished) // 12)
     split = ", ".join(f"{t:.0f}s:{d // 1000}k {u} ({r:.2f})" for t, d, u, r in finished[::step])
@@ -264,7 +277,9 @@ def run(args: argparse.Namespace, n: int) -> str:
     if not (args.reuse and (root / "catalog.duckdb").exists()):
         root.mkdir(parents=True, exist_ok=True)
         emb, labels = synthetic(n, args.labels, args.per_identity, args.dim, args.noise)[:2]  # not the identities
-        write_shards(root, emb, labels, args.shard_objects)
+        if args.method == "video":  # a video's frames share its first object's label: each pairs with the others
+            labels = labels[np.arange(n) // args.frames * args.frames]
+        write_shards(root, emb, labels, args.shard_objects, frames=args.frames if args.method == "video" else 0)
         del emb, labels  # not held beside the paths (6.4 GB at 100M objects): made again, seeded, for the recall
         subprocess.run([sys.executable, "-m", "subjectdiff", "catalog", "build", str(root)], check=True)
     prepare = time.monotonic() - t0
@@ -273,7 +288,7 @@ def run(args: argparse.Namespace, n: int) -> str:
     for path in args.path:
         files[path] = root / f"pairs-{path}.parquet"
         argv = [sys.executable, __file__, "--phase", path, "--root", str(root), "--dest", str(files[path])]
-        for flag in ("k", "index", "nprobe", "num_cpus", "brute_force_max", "old_commit", "reduce_tasks"):
+        for flag in ("k", "index", "nprobe", "num_cpus", "brute_force_max", "old_commit", "reduce_tasks", "method"):
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         got = json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
         lines += (
@@ -284,6 +299,13 @@ def run(args: argparse.Namespace, n: int) -> str:
             f"the largest RSS of one other process (a task's worker) {got['worker']:.2f} GiB\n\n"
         )
     same = "" if len(files) < 2 else f"old and new pairs files equal: {same_files(files['old'], files['new'])}; "
+    if args.method == "video":  # every two frames of a video pair (min_sim -1): no neighbours to recall
+        if args.root is None:
+            shutil.rmtree(root, ignore_errors=True)
+        when = f"{machine()}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        return (
+            lines + f"  {same}video pairs, {args.frames} frames a video; shards and catalog {prepare:.1f} s; {when}\n"
+        )
     qs = np.sort(np.random.default_rng(1).choice(n, args.queries, replace=False))
     got = query_rows(files[args.path[-1]], qs)
     emb, labels = synthetic(n, args.labels, args.per_identity, args.dim, args.noise)[:2]
@@ -316,6 +338,8 @@ def main() -> None:
     p.add_argument("--path", nargs="+", default=["old", "new"], choices=["old", "new"])
     p.add_argument("--old-commit", default=OLD_COMMIT, help="the `old` path's commit (default: before the shuffle)")
     p.add_argument("--shard-objects", type=int, default=10_000)
+    p.add_argument("--method", default="retrieval", choices=["retrieval", "video"])
+    p.add_argument("--frames", type=int, default=20, help="--method video: frames (objects) a video")
     p.add_argument(
         "--reduce-tasks", type=int, default=0, help="catalogs.pairs.REDUCE_TASKS for both paths (default: theirs)"
     )

@@ -26,7 +26,8 @@ Mining (`subjectdiff catalog pairs DIR --method video|retrieval --out pairs.parq
                cosine >= min_sim in one shot (>= min_sim_across_shots across a cut), each the other's best
                match in the other frame, and different enough to teach something: phash distance >= min_phash
                or change >= min_change. DuckDB makes the candidates (same video, label, another frame), numpy
-               the dot products. The calling process holds every object (`load_identity`, `catalog_objects`).
+               the dot products. Videos are independent partitions: shuffled by video (below), whole videos
+               packed into buckets of up to VIDEO_GROUP_OBJECTS objects.
     retrieval  each object's k nearest objects of its label by cosine (faiss IVF-Flat or HNSW-Flat over inner
                products, exact numpy search for small labels), keeping those >= min_sim from another source
                (samples.source, or the video for frames) and not near duplicates (phash distance >= min_phash).
@@ -37,30 +38,30 @@ Mining (`subjectdiff catalog pairs DIR --method video|retrieval --out pairs.parq
     1 - their IoU = 2 (1 - s) / (2 - s) with s = sqrt(min(r1, r2) / max(r1, r2)), r = width / height. A phash
     the catalog lacks (sidecars written without the curate stage) is computed from the image.
 
-The retrieval shuffle (issue #21: 100M objects, or 10M of DINOv2's 768 dimensions, ~19 GB of embeddings)
-    plan     (calling process, `plan_retrieval`) the sidecars' row counts from their Parquet footers (hence each
-             shard's first row) and each label's object count from the catalog (SQL over the objects of the
-             shards with a sidecar); the labels are packed in order into about REDUCE_TASKS buckets of at most
-             BUCKET_OBJECTS objects (a larger label is a bucket alone); the shards are cut into groups of about
-             MAP_OBJECTS rows.
+The shuffle (issue #21: 100M objects, or 10M of DINOv2's 768 dimensions, ~19 GB of embeddings), by label for
+retrieval and by video for video pairs (`by`, a "partition" below)
+    plan     (calling process, `plan_pairs`) the sidecars' row counts from their Parquet footers (hence each
+             shard's first row) and each partition's object count from the catalog (SQL over the objects of the
+             shards with a sidecar); the partitions are packed in order into about REDUCE_TASKS buckets of at
+             most BUCKET_OBJECTS objects (VIDEO_GROUP_OBJECTS for videos; a larger one is a bucket alone); the
+             shards are cut into groups of about MAP_OBJECTS rows.
     map      (a task a group, `map_shards`) the group's sidecars joined with its catalog rows (which the calling
              process reads per group, _MAP_SQL: origin as a 63-bit hash, since pairing only compares origins)
-             -> one map file in the staging folder: row, key, index, label, origin, phash, box, embedding, a
-             bucket's rows in row groups of their own.
+             -> one map file in the staging folder: row, key, index, label, origin, phash, box (and video,
+             shot, frame for video pairs), embedding, a bucket's rows in row groups of their own.
     reduce   (a task a bucket, `reduce_bucket`) the bucket's row groups of every map file -> each label's
-             search (partition_edges, label_rows) -> one part.
+             search (partition_edges, label_rows), or the bucket's video pairs (video_part) -> one part.
     Map and reduce run as Ray tasks (one CPU; a bucket with a faiss label the CPUs split among such buckets)
     when there are more than LOCAL_OBJECTS objects, else the same functions in the calling process, a task at a
-    time. The calling process holds the labels, the shard list, one group's catalog rows and one merge batch:
-    nothing that grows with the objects but the shard list and its labels.
+    time. The calling process holds the labels (or videos), the shard list, one group's catalog rows and one
+    merge batch: nothing that grows with the objects but the shard list and its labels or videos.
 
-Memory: the pairs are never gathered in one process either. Each reduce task (retrieval) and each group of videos
-(video) writes its rows, both directions, sorted by (reference, target), as a part file (PART_SCHEMA: the
-objects' rows and keys) in a staging folder beside the output (OUT.parts/, local or a URL as OUT is; removed at
-the end, the map files after the reduce); the calling process then merges the parts into OUT one range of
-reference objects at a time (`merge_parts`, ~ROWS_PER_BATCH rows in memory) and loads OUT into the catalog as a
-stream. On a Ray cluster, OUT and DIR must be URLs or on a filesystem every node shares: the tasks read the
-sidecars and write the map files and parts where they run.
+Memory: the pairs are never gathered in one process either. Each reduce task writes its rows, both directions, sorted
+by (reference, target), as a part file (PART_SCHEMA: the objects' rows and keys) in a staging folder beside the output
+(OUT.parts/, local or a URL as OUT is; removed at the end, the map files after the reduce); the calling process then
+merges the parts into OUT one range of reference objects at a time (`merge_parts`, ~ROWS_PER_BATCH rows in memory) and
+loads OUT into the catalog as a stream. On a Ray cluster, OUT and DIR must be URLs or on a filesystem every node
+shares: the tasks read the sidecars and write the map files and parts where they run.
 
 The catalog's `pairs` table holds the same columns; `catalog pairs` replaces that method's rows. A catalog build
 keeps them (they come from no shard file, so a rebuild cannot reload them), except the pairs of a shard the build
@@ -115,6 +116,8 @@ PART_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), *(f for f in PAIR
 ROWS_PER_BATCH = 1 << 20
 PART_ROW_GROUP = 1 << 14
 # Video groups of about this many objects are a part each (retrieval's buckets: BUCKET_OBJECTS).
+# A video bucket (a reduce task of the video method) packs whole videos up to this many objects: its candidate
+# pairs (every two objects of a label in two frames of one video) are held at once.
 VIDEO_GROUP_OBJECTS = 1 << 18
 
 INDEXES = ("ivf", "hnsw", "exact")
@@ -180,10 +183,10 @@ class PairConfig:
 
 
 def load_identity(root: str | os.PathLike) -> tuple[pa.Table, np.ndarray]:
-    """The identity sidecars of ROOT's complete shards (local or a URL; catalogs.identity_folder.read_folder), in
-    shard order: (a table of key, index, label: one row per object, (N, D) float16 L2-normalized embeddings).
-    CatalogError when there is none (naming the stage that writes them), one does not read, or their models or
-    dimensions differ."""
+    """The identity sidecars of ROOT's complete shards (local or a URL; catalogs.identity_folder.read_folder), in shard
+    order, all in memory (find_pairs reads them a map task's shards at a time instead): (a table of key, index, label:
+    one row per object, (N, D) float16 L2-normalized embeddings). CatalogError when there is none (naming the stage that
+    writes them), one does not read, or their models or dimensions differ."""
     folder = Folder(root)
     try:
         table, emb, _ = read_folder(root)
@@ -252,7 +255,8 @@ ORDER BY id.i
 
 def catalog_objects(root: str | os.PathLike, ident: pa.Table, *, catalog: str | os.PathLike | None = None) -> pa.Table:
     """The identity rows IDENT (key, index, label) joined with ROOT's catalog, one row per object the catalog
-    holds, in IDENT's order: i (the row of IDENT, hence of its embeddings), key, index, label, shard, origin
+    holds, in IDENT's order, all in memory (a small catalog's view, and the tests' reference for the shuffle,
+    which find_pairs uses instead): i (the row of IDENT, hence of its embeddings), key, index, label, shard, origin
     (the video, else the source: what "same source" means), video, shot, frame, phash (filled from the image
     where the catalog has none), x0, y0, x1, y1 (the box in pixels)."""
     rows = ident.append_column("i", pa.array(np.arange(ident.num_rows, dtype=np.int64)))
@@ -379,47 +383,17 @@ def video_pairs(objects: pa.Table, emb: np.ndarray, cfg: PairConfig) -> dict[str
     }
 
 
-def video_groups(objects: pa.Table, size: int | None = None) -> list[np.ndarray]:
-    """The rows of OBJECTS in a video frame, cut into groups of whole videos (in order of first appearance) of
-    about SIZE objects each (a video larger than SIZE is a group of its own): video pairs never cross videos."""
-    size = size or VIDEO_GROUP_OBJECTS
-    rows = np.flatnonzero(~pc_is_null(objects["video"]))
-    if not len(rows):
-        return []
-    _, first, code = np.unique(np.asarray(objects["video"].take(pa.array(rows)).to_pylist(), object),
-                               return_index=True, return_inverse=True)  # fmt: skip
-    rank = np.argsort(np.argsort(first))[code]  # videos numbered by first appearance
-    rows = rows[np.argsort(rank, kind="stable")]
-    counts = np.bincount(rank)
-    groups, start, acc = [], 0, 0
-    for c in counts:
-        acc += c
-        if acc >= size:
-            groups.append(np.sort(rows[start : start + acc]))
-            start, acc = start + acc, 0
-    if acc:
-        groups.append(np.sort(rows[start:]))
-    return groups
-
-
-def video_parts(
-    objects: pa.Table, emb: np.ndarray, cfg: PairConfig, staging: Folder, progress: ProgressFn | None = None
-) -> list[tuple[str, int]]:
-    """video_pairs over each group of videos (video_groups), both directions, written as parts of STAGING:
-    [(part name, rows)], rows of OBJECTS in a and b. This process holds one group's candidates at a time."""
-    written, done, groups = [], 0, video_groups(objects)
-    total = sum(len(g) for g in groups)
-    for g in groups:
-        found = video_pairs(objects.take(pa.array(g)), emb, cfg)
-        cols = {k: np.concatenate([v, found["b" if k == "a" else "a" if k == "b" else k]]) for k, v in found.items()}
-        cols["a"], cols["b"] = g[cols["a"]], g[cols["b"]]
-        cols = _keyed(cols, objects.select(["key", "index", "label"]), cols["a"], cols["b"])
-        name = f"videos-{len(written):06d}.parquet"
-        written.append((name, write_part(staging, name, [sorted_part(part_table(cols))])))
-        done += len(g)
-        if progress:
-            progress(done, total, "objects")
-    return written
+def video_part(table: pa.Table, emb: np.ndarray, rows: np.ndarray, cfg: PairConfig) -> pa.Table:
+    """One bucket's video pairs (video_pairs over whole videos: TABLE, a map file's rows with their video, shot
+    and frame; EMB (n, D) its embeddings; ROWS (n,) their rows in find_pairs' numbering) -> a PART_SCHEMA table,
+    both directions, sorted by (a, b)."""
+    objects = table.append_column("i", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    found = video_pairs(objects, emb, cfg)
+    swap = {"a": "b", "b": "a"}
+    cols = {k: np.concatenate([v, found[swap.get(k, k)]]) for k, v in found.items()}
+    cols = _keyed(cols, objects.select(["key", "index", "label"]), cols["a"], cols["b"])
+    cols["a"], cols["b"] = rows[cols["a"]], rows[cols["b"]]
+    return sorted_part(part_table(cols))
 
 
 # -------------------------------------------------------------------------------------------- retrieval
@@ -538,15 +512,16 @@ def _partitions(labels: np.ndarray) -> list[np.ndarray]:
     return [p for p in np.split(order, cuts) if len(p) > 1]
 
 
-# ----------------------------------------------------------------------- retrieval: plan, map, reduce
+# ------------------------------------------------------------------------- the shuffle: plan, map, reduce
 
-# A map task reads shards of about MAP_OBJECTS identity rows. A bucket, a reduce task's input, packs labels in
-# order up to its size: the objects over REDUCE_TASKS (so a small catalog still spreads over the CPUs), at most
-# BUCKET_OBJECTS (a task holds its bucket's rows, ~(2 D + 100) bytes an object, and its pairs, once, until it
-# writes them: 1.9 GB at D = 32, k = 10); a label of more is a bucket alone. Every reduce task reads every map file's
-# footer, so the buckets must not be many more than needed: at 100M objects in labels of 100,000, a bucket per
-# label made 1,000 x 358 reads of 21 ms (2.1 CPU hours; 100 buckets of 7 ms reads: 256 CPU s; BENCHMARKS.md).
-# Up to LOCAL_OBJECTS identity rows in all, map and reduce run in this process: no Ray to start.
+# A map task reads shards of about MAP_OBJECTS identity rows. A bucket, a reduce task's input, packs labels
+# (retrieval) or whole videos (video, up to VIDEO_GROUP_OBJECTS objects) in order up to its size: the objects over
+# REDUCE_TASKS (so a small catalog still spreads over the CPUs), at most BUCKET_OBJECTS (a task holds its bucket's
+# rows, ~(2 D + 100) bytes an object, and its pairs, once, until it writes them: 1.9 GB at D = 32, k = 10); a label of
+# more is a bucket alone. Every reduce task reads every map file's footer, so the buckets must not be many more than
+# needed: at 100M objects in labels of 100,000, a bucket per label made 1,000 x 358 reads of 21 ms (2.1 CPU hours; 100
+# buckets of 7 ms reads: 256 CPU s; BENCHMARKS.md). Up to LOCAL_OBJECTS identity rows in all, map and reduce run in
+# this process: no Ray to start.
 MAP_OBJECTS = 1 << 18
 BUCKET_OBJECTS = 1 << 20
 REDUCE_TASKS = 64
@@ -555,14 +530,17 @@ LOCAL_OBJECTS = 1 << 18
 
 @dataclass(frozen=True)
 class Plan:
-    """The retrieval shuffle, planned by the calling process from the sidecars' footers and the catalog.
+    """The shuffle, planned by the calling process from the sidecars' footers and the catalog.
 
+    by: the partition, "label" (retrieval: pairs never cross labels) or "video" (video: never cross videos);
     shards (S,): the complete shards with an identity sidecar, in shard order; first (S,): each shard's first
     row in the objects' numbering (the identity rows of the shards before it; then record and object order, as
-    the sidecar lists them); rows: the identity rows in all; bucket_of: label -> bucket (-1 for a label of one
-    object: no pair); buckets (B,): (objects of its labels in the catalog, large: one of them searched by faiss);
-    groups: the shards (positions in SHARDS) of each map task, consecutive."""
+    the sidecar lists them); rows: the identity rows in all; bucket_of: label or video -> bucket (-1 for one of
+    one object: no pair; an object in no video has no bucket either); buckets (B,): (objects of its partitions
+    in the catalog, large: a label of them searched by faiss); groups: the shards (positions in SHARDS) of each
+    map task, consecutive."""
 
+    by: str
     shards: list[str]
     first: list[int]
     rows: int
@@ -576,12 +554,19 @@ SELECT label, count(*) AS n FROM objects WHERE shard IN (SELECT unnest($shards::
 ORDER BY label
 """
 
+_VIDEOS_SQL = """
+SELECT s.video, count(*) AS n FROM samples s JOIN objects o ON o.sample_id = s.sample_id
+WHERE s.video IS NOT NULL AND s.shard IN (SELECT unnest($shards::VARCHAR[])) GROUP BY s.video ORDER BY s.video
+"""
 
-def plan_retrieval(root: str | os.PathLike, cfg: PairConfig, *, catalog: str | os.PathLike | None = None) -> Plan:
-    """ROOT's retrieval Plan: the sidecars' row counts from their footers (no embedding read), the labels'
-    object counts from the catalog (its objects of the shards with a sidecar: an upper bound of the identity
-    rows each label has, which is all the packing needs). CatalogError when there is no sidecar or the catalog
-    holds none of their shards' objects."""
+
+def plan_pairs(
+    root: str | os.PathLike, method: str, cfg: PairConfig, *, catalog: str | os.PathLike | None = None
+) -> Plan:
+    """ROOT's Plan for METHOD: the sidecars' row counts from their footers (no embedding read), the object
+    counts of each label (retrieval) or video (video) from the catalog (its objects of the shards with a
+    sidecar: an upper bound of the identity rows each has, which is all the packing needs). CatalogError when
+    there is no sidecar, the catalog holds none of their shards' objects, or (video) none is in a video frame."""
     folder = Folder(root)
     try:
         footers = read_footers(root)
@@ -591,27 +576,40 @@ def plan_retrieval(root: str | os.PathLike, cfg: PairConfig, *, catalog: str | o
     if sum(sizes) == 0:
         raise CatalogError(f"no identity sidecars (NNNNN{identity.SUFFIX}) in {folder.url}: {IDENTITY_HINT}")
     shards = [s for s, _ in footers]
+    by = "video" if method == "video" else "label"
     with open_catalog(root, catalog=catalog) as con:
         counts = con.sql(_LABELS_SQL, params={"shards": shards}).fetchall()
+        if counts and by == "video":
+            counts = con.sql(_VIDEOS_SQL, params={"shards": shards}).fetchall()
+            if not counts:
+                raise CatalogError(
+                    f"no object of {root} is in a video frame (samples.video is NULL): use --method retrieval"
+                )
     if not counts:
         raise CatalogError(
             f"none of the {sum(sizes)} objects of the identity sidecars is in the catalog of {root}: "
             f"run `subjectdiff catalog build {root}` first"
         )
-    bucket_of, buckets = _buckets(counts, cfg)
+    if by == "video":
+        bucket_of, buckets = _buckets(counts, cfg, cap=VIDEO_GROUP_OBJECTS, searched=False)
+    else:
+        bucket_of, buckets = _buckets(counts, cfg)
     first = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).tolist()
-    return Plan(shards, first, sum(sizes), bucket_of, buckets, _groups(sizes, MAP_OBJECTS))
+    return Plan(by, shards, first, sum(sizes), bucket_of, buckets, _groups(sizes, MAP_OBJECTS))
 
 
-def _buckets(counts: list[tuple[str, int]], cfg: PairConfig) -> tuple[dict[str, int], list[tuple[int, bool]]]:
-    """(label, objects) in label order -> (label -> bucket, buckets (objects, has a large label: one searched
-    by faiss, more than brute_force_max objects)). Labels are packed in order into buckets of at most
-    bucket_size(all objects); a label of that size or more is a bucket alone; a label of one object goes to
-    none (-1). Any two buckets in a row hold more than the size: fewer than 2 objects / size + 1 buckets."""
+def _buckets(
+    counts: list[tuple[str, int]], cfg: PairConfig, cap: int | None = None, searched: bool = True
+) -> tuple[dict[str, int], list[tuple[int, bool]]]:
+    """(partition, objects) in order -> (partition -> bucket, buckets (objects, has a large label: one searched
+    by faiss, more than brute_force_max objects; never when not SEARCHED, as videos are not)). Partitions are
+    packed in order into buckets of at most bucket_size(all objects, CAP); one of that size or more is a bucket
+    alone; one of one object goes to none (-1). Any two buckets in a row hold more than the size: fewer than
+    2 objects / size + 1 buckets."""
     bucket_of, buckets, packing = {}, [], -1
-    size = bucket_size(sum(n for _, n in counts))
+    size = bucket_size(sum(n for _, n in counts), cap)
     for label, n in counts:
-        large = n > cfg.brute_force_max and cfg.index != "exact"
+        large = searched and n > cfg.brute_force_max and cfg.index != "exact"
         if n < 2:
             bucket_of[label] = -1
         elif n >= size:
@@ -626,9 +624,9 @@ def _buckets(counts: list[tuple[str, int]], cfg: PairConfig) -> tuple[dict[str, 
     return bucket_of, buckets
 
 
-def bucket_size(objects: int) -> int:
-    """A bucket's objects for OBJECTS in all: about REDUCE_TASKS buckets, none above BUCKET_OBJECTS."""
-    return max(1, min(BUCKET_OBJECTS, -(-objects // REDUCE_TASKS)))
+def bucket_size(objects: int, cap: int | None = None) -> int:
+    """A bucket's objects for OBJECTS in all: about REDUCE_TASKS buckets, none above CAP (BUCKET_OBJECTS)."""
+    return max(1, min(BUCKET_OBJECTS if cap is None else cap, -(-objects // REDUCE_TASKS)))
 
 
 def _groups(sizes: list[int], size: int) -> list[list[int]]:
@@ -647,7 +645,8 @@ def _groups(sizes: list[int], size: int) -> list[list[int]]:
 # asks whether two origins are equal) and the join is the shards'.
 _MAP_SQL = """
 SELECT s.key, o."index", s.shard, (hash(coalesce(s.video, s.source)) >> 1)::BIGINT AS origin, s.phash,
-       o.x0 * s.width AS x0, o.y0 * s.height AS y0, o.x1 * s.width AS x1, o.y1 * s.height AS y1
+       o.x0 * s.width AS x0, o.y0 * s.height AS y0, o.x1 * s.width AS x1, o.y1 * s.height AS y1,
+       s.video, s.video_shot AS shot, s.video_frame AS frame
 FROM samples s JOIN objects o ON o.sample_id = s.sample_id
 WHERE s.shard BETWEEN $lo AND $hi AND o.shard BETWEEN $lo AND $hi AND s.shard IN (SELECT unnest($shards::VARCHAR[]))
 """
@@ -662,12 +661,13 @@ def map_shards(
     bucket_of: dict[str, int],
     staging: str,
     name: str,
+    by: str = "label",
 ) -> tuple[str, int]:
     """Map: the identity sidecars of SHARDS (first: each one's first row) joined with OBJECTS (their catalog rows,
     _MAP_SQL; a phash the catalog lacks computed from the image, as catalog_objects does) -> the map file NAME of
-    STAGING: columns bucket, row, key, index, label, origin, phash, x0, y0, x1, y1, embedding, in bucket then row
-    order, a bucket's rows in row groups of their own (reduce_bucket finds them by the row groups' statistics).
-    Returns (NAME, rows)."""
+    STAGING: columns bucket (BUCKET_OF the object's label or video: BY), row, key, index, label, origin, phash,
+    x0, y0, x1, y1 (by video: and video, shot, frame), embedding, in bucket then row order, a bucket's rows in
+    row groups of their own (reduce_bucket finds them by the row groups' statistics). Returns (NAME, rows)."""
     folder, tables, arrays = Folder(root), [], []
     for sid, start in zip(shards, first):
         with folder.open(sid + identity.SUFFIX) as f:
@@ -680,9 +680,10 @@ def map_shards(
     missing = pc_is_null(table["phash"])
     if missing.any():
         table = _fill_phash(folder, table, sorted(set(np.asarray(table["key"].to_pylist(), object)[missing])), tars)
-    bucket = _bucket_column(table["label"], bucket_of, shards)
+    bucket = _bucket_column(table[by], bucket_of, shards, by)
     order = np.argsort(bucket, kind="stable")[np.count_nonzero(bucket < 0) :]  # rows stay in order in a bucket
-    out = table.select(["row", "key", "index", "label", "origin", "phash", "x0", "y0", "x1", "y1"]).take(order)
+    columns = ["row", "key", "index", "label", "origin", "phash", "x0", "y0", "x1", "y1"]
+    out = table.select(columns + (["video", "shot", "frame"] if by == "video" else [])).take(order)
     out = out.add_column(0, "bucket", pa.array(bucket[order], pa.int32()))
     emb = emb[_col(table, "pos", np.int64)[order]]
     out = out.append_column("embedding", identity.embedding_column(emb, emb.shape[1]))
@@ -696,32 +697,38 @@ def map_shards(
     return name, len(order)
 
 
-def _bucket_column(labels: pa.ChunkedArray, bucket_of: dict[str, int], shards: list[str]) -> np.ndarray:
-    """(n,) int64 buckets of the labels; CatalogError for a label the catalog does not know."""
-    names, code = _label_codes(labels)
+def _bucket_column(values: pa.ChunkedArray, bucket_of: dict[str, int], shards: list[str], by: str) -> np.ndarray:
+    """(n,) int64 buckets of VALUES (the objects' labels or videos: BY; -1 for a null, an object in no video);
+    CatalogError for a label or video the catalog does not know."""
+    names, code = _label_codes(values)
     unknown = [x for x in names if x not in bucket_of]
     if unknown:
         raise CatalogError(
-            f"label {unknown[0]!r} of the identity sidecars of shards {shards[0]}..{shards[-1]} is in no object of "
+            f"{by} {unknown[0]!r} of the identity sidecars of shards {shards[0]}..{shards[-1]} is in no object of "
             "the catalog: run `subjectdiff catalog build` again"
         )
-    return np.asarray([bucket_of[x] for x in names], np.int64)[code]
+    return np.asarray([bucket_of[x] for x in names] + [-1], np.int64)[code]
 
 
 def _label_codes(labels: pa.ChunkedArray) -> tuple[list[str], np.ndarray]:
-    """(the distinct labels, (n,) int codes into them), in Arrow: no Python string per object."""
+    """(the distinct labels, (n,) int codes into them; -1 for a null), in Arrow: no Python string per object."""
     encoded = labels.combine_chunks().dictionary_encode()
-    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    return encoded.dictionary.to_pylist(), encoded.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def reduce_bucket(staging: str, maps: list[str], bucket: int, cfg: PairConfig, threads: int, name: str):
+def reduce_bucket(
+    staging: str, maps: list[str], bucket: int, cfg: PairConfig, threads: int, name: str, by: str = "label"
+):
     """Reduce: BUCKET's rows of the map files MAPS (in row order: the maps are in shard order) -> each label's
-    pairs (partition_edges, label_rows), all as the part NAME of STAGING. Returns (NAME, rows). Holds the
-    bucket's objects and embeddings, and one label's search at a time."""
+    pairs (partition_edges, label_rows), or its videos' pairs (BY "video": video_part), all as the part NAME of
+    STAGING. Returns (NAME, rows). Holds the bucket's objects and embeddings, and one label's search at a time."""
     folder = Folder(staging)
     t = _bucket_rows(folder, maps, bucket)
     found = []
-    if t.num_rows:
+    if t.num_rows and by == "video":
+        emb, rows = identity.embedding_array(t["embedding"]), _col(t, "row", np.int64)
+        found.append(video_part(t.drop_columns(["embedding"]), emb, rows, cfg))
+    elif t.num_rows:
         rows, emb, origin = _col(t, "row", np.int64), identity.embedding_array(t["embedding"]), _col(t, "origin")
         phash, boxes, ids = _col(t, "phash", np.int64), _boxes(t), t.select(["key", "index", "label"])
         _, labels = _label_codes(t["label"])
@@ -746,7 +753,7 @@ def _bucket_rows(folder: Folder, maps: list[str], bucket: int) -> pa.Table:
     return pa.concat_tables(pieces) if pieces else pa.table({"row": pa.array([], pa.int64())})
 
 
-def retrieval_parts(
+def shuffle_parts(
     root: str | os.PathLike,
     plan: Plan,
     cfg: PairConfig,
@@ -755,16 +762,17 @@ def retrieval_parts(
     *,
     catalog: str | os.PathLike | None = None,
 ) -> list[tuple[str, int]]:
-    """Retrieval pairs over PLAN's objects, written as parts of STAGING: [(part name, rows)], merge_parts reads
-    them back in (a, b) order. Map (map_shards, a task per group of shards) then reduce (reduce_bucket, a task a
-    bucket), as Ray tasks when the objects are more than LOCAL_OBJECTS, else in this process; the map files go
-    through STAGING and are deleted after the reduce. This process holds the plan and one group's catalog rows.
+    """Pairs over PLAN's objects (retrieval, or video when plan.by is "video"), written as parts of STAGING: [(part
+    name, rows)], merge_parts reads them back in (a, b) order. Map (map_shards, a task per group of shards) then reduce
+    (reduce_bucket, a task a bucket), as Ray tasks when the objects are more than LOCAL_OBJECTS, else in this process;
+    the map files go through STAGING and are deleted after the reduce. This process holds the plan and one group's
+    catalog rows.
 
-    Labels are independent partitions (pairs never cross labels, so each pair's two directions are in one
-    partition). A bucket with a large label (faiss) takes all the CPUs Ray offers split among such buckets, the
-    other tasks one; a label is one partition however large (its k-nearest search needs all of its objects):
-    such a task holds its label's embeddings (float16 and float32), the index and its (n, search_k) neighbours,
-    about n (10 D + 12 search_k + 100 k) bytes."""
+    Labels (videos) are independent partitions (pairs never cross them, so each pair's two directions are in one
+    partition). A bucket with a large label (faiss) takes all the CPUs Ray offers split among such buckets, the other
+    tasks one; a label is one partition however large (its k-nearest search needs all of its objects): such a task holds
+    its label's embeddings (float16 and float32), the index and its (n, search_k) neighbours, about n (10 D + 12
+    search_k + 100 k) bytes."""
     run = _Ray(cfg.num_cpus) if plan.rows > LOCAL_OBJECTS else _Local(cfg.num_cpus)
     maps: list[str] = []
     try:
@@ -801,7 +809,7 @@ def _map_jobs(con, root: Folder, plan: Plan, bucket_of, staging: Folder):
             raise CatalogError(one_line(e)) from None
         first = [plan.first[i] for i in members]
         args = (root.url, shards, first, objects, {s: tars.get(s) for s in shards}, bucket_of, staging.url)
-        yield 1, (*args, f"map-{g:06d}.parquet")
+        yield 1, (*args, f"map-{g:06d}.parquet", plan.by)
 
 
 def _reduce_jobs(plan: Plan, maps: list[str], cfg: PairConfig, cpus: int, staging: Folder):
@@ -810,7 +818,7 @@ def _reduce_jobs(plan: Plan, maps: list[str], cfg: PairConfig, cpus: int, stagin
     large = sum(lg for _, lg in plan.buckets)
     for b, (_, lg) in enumerate(plan.buckets):
         threads = max(1, cpus // large) if lg else 1
-        yield min(threads, cpus), (staging.url, maps, b, cfg, threads, _bucket_name(b))
+        yield min(threads, cpus), (staging.url, maps, b, cfg, threads, _bucket_name(b), plan.by)
 
 
 def _bucket_name(bucket: int) -> str:
@@ -1069,25 +1077,12 @@ def find_pairs(
     cfg = cfg or PairConfig()
     staging, parts = staging_folder(out), []
     try:
-        if method == "video":
-            parts, n = _video_parts(root, cfg, staging, progress, catalog)
-        else:
-            plan = plan_retrieval(root, cfg, catalog=catalog)
-            parts, n = retrieval_parts(root, plan, cfg, staging, progress, catalog=catalog), plan.rows
-        merged = merge_parts(staging, parts, n, ROWS_PER_BATCH)
+        plan = plan_pairs(root, method, cfg, catalog=catalog)
+        parts = shuffle_parts(root, plan, cfg, staging, progress, catalog=catalog)
+        merged = merge_parts(staging, parts, plan.rows, ROWS_PER_BATCH)
         return write_pairs((pair_rows(t, method) for t in merged), out)
     finally:
         remove_staging(staging, parts)
-
-
-def _video_parts(root, cfg: PairConfig, staging: Folder, progress, catalog) -> tuple[list[tuple[str, int]], int]:
-    """video_parts over every object of ROOT's identity sidecars and catalog, held in this process (a video
-    catalog's objects): (parts, objects)."""
-    ident, emb = load_identity(root)
-    objects = catalog_objects(root, ident, catalog=catalog)
-    if objects["video"].null_count == objects.num_rows:
-        raise CatalogError(f"no object of {root} is in a video frame (samples.video is NULL): use --method retrieval")
-    return video_parts(objects, emb, cfg, staging, progress), objects.num_rows
 
 
 def write_pairs(batches: Iterator[pa.Table], out: str | os.PathLike) -> int:

@@ -43,6 +43,7 @@ from subjectdiff.catalogs.pairs import (
     part_table,
     partition_edges,
     phash_distance,
+    video_part,
 )
 from subjectdiff.catalogs.schema import Record, VideoFrame, make_key, object_from_arrays
 from subjectdiff.catalogs.writer import ShardWriter
@@ -575,7 +576,8 @@ def test_video_pairs_join_one_object_across_frames(videos, tmp_path, monkeypatch
     loose = tmp_path / "loose.parquet"
     assert main(["catalog", "pairs", str(out), "--method", "video", "--out", str(loose), "--min-sim", "0.5"]) == 0
     assert not any({r["ref_key"], r["target_key"]} == set(still) for r in pq.read_table(loose).to_pylist())
-    # one video a group, merged a few rows at a time: the same file
+    # a shard a map task, one video a bucket, merged a few rows at a time: the same file
+    monkeypatch.setattr(pairs_module, "MAP_OBJECTS", 1)
     monkeypatch.setattr(pairs_module, "VIDEO_GROUP_OBJECTS", 1)
     monkeypatch.setattr(pairs_module, "ROWS_PER_BATCH", 5)
     pieces = tmp_path / "pieces.parquet"
@@ -583,6 +585,50 @@ def test_video_pairs_join_one_object_across_frames(videos, tmp_path, monkeypatch
         main(["catalog", "pairs", str(out), "--method", "video", "--out", str(pieces), "--min-sim", str(MIN_SIM)]) == 0
     )
     assert pq.read_table(pieces).equals(table) and pq.ParquetFile(pieces).num_row_groups > 1
+    assert not list(tmp_path.glob("*.parts"))
+
+
+def in_memory_video(root, cfg: PairConfig) -> pa.Table:
+    """The video pairs file's rows as find_pairs mined them before the shuffle: every object and embedding in this
+    process (load_identity, catalog_objects), all videos searched at once."""
+    ident, emb = load_identity(root)
+    objects = catalog_objects(root, ident)
+    rows = objects["i"].to_numpy()
+    return pair_rows(video_part(objects.drop_columns(["i"]), emb[rows], rows, cfg), "video")
+
+
+def test_the_video_shuffle_gives_the_rows_of_the_in_memory_search(videos, photos, tmp_path, monkeypatch):
+    """Video pairs go through the shuffle by video: the two video shards (video "a" in both) and a shard of
+    photos (no video: in no bucket) give exactly the rows, in the same order, of video_pairs over every object
+    in memory, however the shards are grouped into map tasks and the videos into buckets, in whatever order the
+    tasks finish; and the caller never reads every embedding (load_identity and read_folder refuse)."""
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for f in sorted(videos[0].glob("0000[01]*")):
+        shutil.copy(f, mixed / f.name)
+    for f in sorted(photos[0].glob("00000*")):  # the photos' first shard, as shard 00002
+        shutil.copy(f, mixed / f.name.replace("00000", "00002"))
+    assert main(["catalog", "build", str(mixed)]) == 0
+    cfg = PairConfig(min_sim=MIN_SIM)
+    want = in_memory_video(mixed, cfg)
+    assert want.num_rows >= 20 and want.equals(in_memory_video(videos[0], cfg))  # the photos pair with nothing
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the video path read every embedding at once")
+
+    monkeypatch.setattr(pairs_module, "load_identity", refuse)
+    monkeypatch.setattr(pairs_module, "read_folder", refuse)
+    for map_objects, group_objects in ((1 << 18, 1 << 18), (1, 1), (1, 40), (40, 1)):
+        monkeypatch.setattr(pairs_module, "MAP_OBJECTS", map_objects)
+        monkeypatch.setattr(pairs_module, "VIDEO_GROUP_OBJECTS", group_objects)
+        got = tmp_path / f"pairs-{map_objects}-{group_objects}.parquet"
+        assert find_pairs(mixed, "video", got, cfg) == want.num_rows
+        assert pq.read_table(got).equals(want), (map_objects, group_objects)
+    monkeypatch.setattr(pairs_module._Local, "run", lambda self, fn, jobs: (fn(*args) for _, args in list(jobs)[::-1]))
+    assert find_pairs(mixed, "video", tmp_path / "reversed.parquet", cfg) == want.num_rows
+    assert pq.read_table(tmp_path / "reversed.parquet").equals(want)
     assert not list(tmp_path.glob("*.parts"))
 
 
