@@ -115,7 +115,6 @@ PART_SCHEMA = pa.schema([("a", pa.int64()), ("b", pa.int64()), *(f for f in PAIR
 # reads little past its range.
 ROWS_PER_BATCH = 1 << 20
 PART_ROW_GROUP = 1 << 14
-# Video groups of about this many objects are a part each (retrieval's buckets: BUCKET_OBJECTS).
 # A video bucket (a reduce task of the video method) packs whole videos up to this many objects: its candidate
 # pairs (every two objects of a label in two frames of one video) are held at once.
 VIDEO_GROUP_OBJECTS = 1 << 18
