@@ -47,6 +47,7 @@ def curated_run(tmp_path_factory):
         (src / name).write_bytes(data)
     cfg = preset("tiny")
     cfg.pipeline.shard_size = 5
+    cfg.pipeline.fuse = True  # one actor loads the models (the signals, not the pools, are tested here)
     out = tmp_path_factory.mktemp("out")
     summary = run(str(src), out, cfg, progress_every=60)
     assert summary.incomplete == [] and summary.failed == 0, "every planted photo must become a record"
