@@ -710,6 +710,7 @@ def test_a_hugging_face_parquet_through_datagen_run_accounts_for_every_row(tmp_p
     cfg.pipeline.shard_size = cfg.pipeline.batch_size = 4
     for stage in (cfg.stages.caption, cfg.stages.ground, cfg.stages.segment):
         stage.batch_size = 4
+    cfg.pipeline.fuse = True  # one actor loads the models: the source is tested here, not the pools
     out = tmp_path / "out"
     summary = run(src, out, cfg, image_column="Image", caption_column="TEXT", progress_every=60)
 
