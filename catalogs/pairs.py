@@ -85,7 +85,7 @@ import pyarrow.parquet as pq
 from subjectdiff.catalogs import identity, images
 from subjectdiff.catalogs.catalog import CatalogError, one_line, open_catalog, replace_pairs
 from subjectdiff.catalogs.hashing import phash_int64
-from subjectdiff.catalogs.identity_folder import read_folder, read_footers
+from subjectdiff.catalogs.identity_folder import read_footers
 from subjectdiff.catalogs.report.thumbnails import image_member, missing, read_records
 from subjectdiff.catalogs.storage import Folder, is_local, local_path, open_url, row_group_batches
 
@@ -178,24 +178,6 @@ class PairConfig:
         return self.search_k if self.search_k is not None else 3 * self.k + 1
 
 
-# ---------------------------------------------------------------------------------------------- reading
-
-
-def load_identity(root: str | os.PathLike) -> tuple[pa.Table, np.ndarray]:
-    """The identity sidecars of ROOT's complete shards (local or a URL; catalogs.identity_folder.read_folder), in shard
-    order, all in memory (find_pairs reads them a map task's shards at a time instead): (a table of key, index, label:
-    one row per object, (N, D) float16 L2-normalized embeddings). CatalogError when there is none (naming the stage that
-    writes them), one does not read, or their models or dimensions differ."""
-    folder = Folder(root)
-    try:
-        table, emb, _ = read_folder(root)
-    except Exception as e:
-        raise CatalogError(f"cannot read the identity sidecars of {folder.url}: {one_line(e)}") from None
-    if table.num_rows == 0:
-        raise CatalogError(f"no identity sidecars (NNNNN{identity.SUFFIX}) in {folder.url}: {IDENTITY_HINT}")
-    return table.select(["key", "index", "label"]), emb
-
-
 # ------------------------------------------------------------------------------------------- measures
 
 
@@ -243,40 +225,6 @@ def cosine(emb: np.ndarray, i: np.ndarray, j: np.ndarray, chunk: int = 1 << 18) 
 
 # --------------------------------------------------------------------------------- objects and phashes
 
-_OBJECTS_SQL = """
-SELECT id.i, id.key, id."index", id.label, s.shard, coalesce(s.video, s.source) AS origin, s.video,
-       s.video_shot AS shot, s.video_frame AS frame, s.phash, o.x0 * s.width AS x0, o.y0 * s.height AS y0,
-       o.x1 * s.width AS x1, o.y1 * s.height AS y1
-FROM ident id JOIN samples s ON s.key = id.key JOIN objects o ON o.key = id.key AND o."index" = id."index"
-ORDER BY id.i
-"""
-
-
-def catalog_objects(root: str | os.PathLike, ident: pa.Table, *, catalog: str | os.PathLike | None = None) -> pa.Table:
-    """The identity rows IDENT (key, index, label) joined with ROOT's catalog, one row per object the catalog
-    holds, in IDENT's order, all in memory (a small catalog's view, and the tests' reference for the shuffle,
-    which find_pairs uses instead): i (the row of IDENT, hence of its embeddings), key, index, label, shard, origin
-    (the video, else the source: what "same source" means), video, shot, frame, phash (filled from the image
-    where the catalog has none), x0, y0, x1, y1 (the box in pixels)."""
-    rows = ident.append_column("i", pa.array(np.arange(ident.num_rows, dtype=np.int64)))
-    with open_catalog(root, catalog=catalog) as con:
-        con.register("ident", rows)
-        try:
-            table = con.sql(_OBJECTS_SQL).to_arrow_table()
-        except duckdb.Error as e:
-            raise CatalogError(one_line(e)) from None
-        if table.num_rows == 0 and ident.num_rows:
-            raise CatalogError(
-                f"none of the {ident.num_rows} objects of the identity sidecars is in the catalog of {root}: "
-                f"run `subjectdiff catalog build {root}` first"
-            )
-        missing = pc_is_null(table["phash"])
-        if missing.any():
-            keys = sorted(set(np.asarray(table["key"].to_pylist(), object)[missing]))
-            tars = dict(con.execute("SELECT name, path FROM shards").fetchall())
-            table = _fill_phash(Folder(root), table, keys, tars)
-    return table
-
 
 def pc_is_null(column: pa.ChunkedArray) -> np.ndarray:
     return np.asarray(column.is_null().to_numpy(zero_copy_only=False), bool)
@@ -305,7 +253,7 @@ def _col(table: pa.Table, name: str, dtype=None) -> np.ndarray:
 
 
 def _boxes(table: pa.Table) -> np.ndarray:
-    """(N, 4) float64 pixel xyxy boxes of the catalog_objects rows."""
+    """(N, 4) float64 pixel xyxy boxes of TABLE's rows (its x0, y0, x1, y1 columns)."""
     return np.stack([table[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in ("x0", "y0", "x1", "y1")], 1)
 
 
@@ -325,7 +273,8 @@ QUALIFY row_number() OVER (PARTITION BY a, kb ORDER BY sim DESC, b) = 1
 
 
 def video_pairs(objects: pa.Table, emb: np.ndarray, cfg: PairConfig) -> dict[str, np.ndarray]:
-    """Video pairs among OBJECTS (catalog_objects) with embeddings EMB (rows by objects.i): one direction
+    """Video pairs among OBJECTS (a bucket's rows: key, label, video, shot, frame, phash, x0, y0, x1, y1 in
+    pixels, i) with embeddings EMB (rows by objects.i): one direction
     (a earlier than b), as arrays a, b (rows of OBJECTS), similarity, frame_gap, change, phash_distance.
 
     Candidates (DuckDB): same video, same label, a later frame (within max_gap). Then the cosine; the
@@ -640,8 +589,8 @@ def _groups(sizes: list[int], size: int) -> list[list[int]]:
     return groups + [cur] if cur else groups
 
 
-# The catalog's side of a map task's objects: what catalog_objects gives but that origin is a hash (pairing only
-# asks whether two origins are equal) and the join is the shards'.
+# The catalog's side of a map task's objects: origin (the video, else the source: what "same source" means) as a
+# hash (pairing only asks whether two origins are equal), phash, the box in pixels, the video frame.
 _MAP_SQL = """
 SELECT s.key, o."index", s.shard, (hash(coalesce(s.video, s.source)) >> 1)::BIGINT AS origin, s.phash,
        o.x0 * s.width AS x0, o.y0 * s.height AS y0, o.x1 * s.width AS x1, o.y1 * s.height AS y1,
@@ -663,7 +612,7 @@ def map_shards(
     by: str = "label",
 ) -> tuple[str, int]:
     """Map: the identity sidecars of SHARDS (first: each one's first row) joined with OBJECTS (their catalog rows,
-    _MAP_SQL; a phash the catalog lacks computed from the image, as catalog_objects does) -> the map file NAME of
+    _MAP_SQL; a phash the catalog lacks computed from the image, _fill_phash) -> the map file NAME of
     STAGING: columns bucket (BUCKET_OF the object's label or video: BY), row, key, index, label, origin, phash,
     x0, y0, x1, y1 (by video: and video, shot, frame), embedding, in bucket then row order, a bucket's rows in
     row groups of their own (reduce_bucket finds them by the row groups' statistics). Returns (NAME, rows)."""

@@ -31,14 +31,13 @@ from subjectdiff.catalogs import pairs as pairs_module
 from subjectdiff.catalogs.catalog import CatalogError
 from subjectdiff.catalogs.hashing import phash_int64
 from subjectdiff.catalogs.identity import write_identity
+from subjectdiff.catalogs.identity_folder import read_folder
 from subjectdiff.catalogs.pairs import (
     PAIR_SCHEMA,
     PairConfig,
     box_change,
-    catalog_objects,
     find_pairs,
     label_rows,
-    load_identity,
     pair_rows,
     part_table,
     partition_edges,
@@ -46,6 +45,7 @@ from subjectdiff.catalogs.pairs import (
     video_part,
 )
 from subjectdiff.catalogs.schema import Record, VideoFrame, make_key, object_from_arrays
+from subjectdiff.catalogs.storage import Folder
 from subjectdiff.catalogs.writer import ShardWriter
 from subjectdiff.cli import main
 from tests.identity_embedder import embed_objects
@@ -306,6 +306,34 @@ def write_layout(out: Path, shards: list[list[int]], *, per_record: int = 2, dim
     assert main(["catalog", "build", str(out)]) == 0
 
 
+def load_identity(root) -> tuple[pa.Table, np.ndarray]:
+    """Every identity row (key, index, label) and embedding of ROOT's sidecars, in memory: the in-memory
+    reference's input (find_pairs reads them a map task's shards at a time)."""
+    table, emb, _ = read_folder(root)
+    return table.select(["key", "index", "label"]), emb
+
+
+OBJECTS_SQL = """
+SELECT id.i, id.key, id."index", id.label, s.shard, coalesce(s.video, s.source) AS origin, s.video,
+       s.video_shot AS shot, s.video_frame AS frame, s.phash, o.x0 * s.width AS x0, o.y0 * s.height AS y0,
+       o.x1 * s.width AS x1, o.y1 * s.height AS y1
+FROM ident id JOIN samples s ON s.key = id.key JOIN objects o ON o.key = id.key AND o."index" = id."index"
+ORDER BY id.i
+"""
+
+
+def catalog_objects(root, ident: pa.Table) -> pa.Table:
+    """IDENT's objects joined with ROOT's catalog, in IDENT's order, all in memory: i (the row of IDENT), key,
+    index, label, shard, origin, video, shot, frame, phash (computed from the image where the catalog has none,
+    as the map tasks do) and the box in pixels."""
+    with catalog.open_catalog(root) as con:
+        con.register("ident", ident.append_column("i", pa.array(np.arange(ident.num_rows, dtype=np.int64))))
+        table = con.sql(OBJECTS_SQL).to_arrow_table()
+        tars = dict(con.execute("SELECT name, path FROM shards").fetchall())
+    keys = sorted({k for k, h in zip(table["key"].to_pylist(), table["phash"].to_pylist()) if h is None})
+    return pairs_module._fill_phash(Folder(root), table, keys, tars) if keys else table
+
+
 def in_memory_retrieval(root, cfg: PairConfig) -> pa.Table:
     """The retrieval pairs file's rows as find_pairs mined them before the shuffle (issue #21): every embedding
     and the whole objects table in this process, each label one partition, in the objects' order."""
@@ -354,21 +382,12 @@ def test_the_shuffle_gives_the_rows_of_the_in_memory_search(tmp_path, monkeypatc
     assert not list(tmp_path.glob("*.parts"))
 
 
-def test_the_caller_holds_a_shard_or_a_bucket_of_embeddings_never_all(tmp_path, monkeypatch):
-    """In this process (a small input: no Ray), the retrieval path never holds every embedding: no load_identity or
-    read_folder, and never more embeddings alive at once than a map task's shards or a bucket's labels. A gather
-    of the objects' embeddings (what made 10M x 768 dimensions impossible), whole or shard by shard, fails."""
-    write_layout(tmp_path, [[0] * 6 + [1] * 6, [0] * 6 + [2] * 6, [1] * 6 + [2] * 6, [0] * 4 + [3] * 8])
-    n = len(load_identity(tmp_path)[1])
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the retrieval path read every embedding at once")
-
-    monkeypatch.setattr(pairs_module, "load_identity", refuse)
-    monkeypatch.setattr(pairs_module, "read_folder", refuse)
+def most_embeddings_alive(monkeypatch) -> list[int]:
+    """[the most embedding rows alive at once in this process], kept up to date from here on: every embedding
+    read (identity sidecars, map files) goes through identity.embedding_array."""
     live, largest, embedding_array = [0], [0], pairs_module.identity.embedding_array
 
-    def recorded(column):  # every embedding read goes through here: count the rows alive at once
+    def recorded(column):
         emb = embedding_array(column)
         live[0] += len(emb)
         largest[0] = max(largest[0], live[0])
@@ -376,6 +395,17 @@ def test_the_caller_holds_a_shard_or_a_bucket_of_embeddings_never_all(tmp_path, 
         return emb
 
     monkeypatch.setattr(pairs_module.identity, "embedding_array", recorded)
+    return largest
+
+
+def test_the_caller_holds_a_shard_or_a_bucket_of_embeddings_never_all(tmp_path, monkeypatch):
+    """In this process (a small input: no Ray), the retrieval path never holds every embedding: never more
+    embeddings alive at once than a map task's shards or a bucket's labels. A gather
+    of the objects' embeddings (what made 10M x 768 dimensions impossible), whole or shard by shard, fails."""
+    write_layout(tmp_path, [[0] * 6 + [1] * 6, [0] * 6 + [2] * 6, [1] * 6 + [2] * 6, [0] * 4 + [3] * 8])
+    n = len(load_identity(tmp_path)[1])
+
+    largest = most_embeddings_alive(monkeypatch)
     monkeypatch.setattr(pairs_module, "MAP_OBJECTS", 1)  # a shard a map task: 12 or 13 objects
     monkeypatch.setattr(pairs_module, "BUCKET_OBJECTS", 1)  # a label a bucket: at most 16 objects
     assert find_pairs(tmp_path, "retrieval", tmp_path / "p.parquet", PairConfig(min_sim=0.5, k=3)) > 0
@@ -590,7 +620,7 @@ def test_video_pairs_join_one_object_across_frames(videos, tmp_path, monkeypatch
 
 def in_memory_video(root, cfg: PairConfig) -> pa.Table:
     """The video pairs file's rows as find_pairs mined them before the shuffle: every object and embedding in this
-    process (load_identity, catalog_objects), all videos searched at once."""
+    process, all videos searched at once."""
     ident, emb = load_identity(root)
     objects = catalog_objects(root, ident)
     rows = objects["i"].to_numpy()
@@ -601,7 +631,8 @@ def test_the_video_shuffle_gives_the_rows_of_the_in_memory_search(videos, photos
     """Video pairs go through the shuffle by video: the two video shards (video "a" in both) and a shard of
     photos (no video: in no bucket) give exactly the rows, in the same order, of video_pairs over every object
     in memory, however the shards are grouped into map tasks and the videos into buckets, in whatever order the
-    tasks finish; and the caller never reads every embedding (load_identity and read_folder refuse)."""
+    tasks finish; a shard a map task and a video a bucket, never more embeddings alive than a shard's or a
+    video's."""
     import shutil
 
     mixed = tmp_path / "mixed"
@@ -615,17 +646,18 @@ def test_the_video_shuffle_gives_the_rows_of_the_in_memory_search(videos, photos
     want = in_memory_video(mixed, cfg)
     assert want.num_rows >= 20 and want.equals(in_memory_video(videos[0], cfg))  # the photos pair with nothing
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("the video path read every embedding at once")
-
-    monkeypatch.setattr(pairs_module, "load_identity", refuse)
-    monkeypatch.setattr(pairs_module, "read_folder", refuse)
-    for map_objects, group_objects in ((1 << 18, 1 << 18), (1, 1), (1, 40), (40, 1)):
+    for map_objects, group_objects in ((1 << 18, 1 << 18), (1, 40), (40, 1), (1, 1)):
         monkeypatch.setattr(pairs_module, "MAP_OBJECTS", map_objects)
         monkeypatch.setattr(pairs_module, "VIDEO_GROUP_OBJECTS", group_objects)
         got = tmp_path / f"pairs-{map_objects}-{group_objects}.parquet"
         assert find_pairs(mixed, "video", got, cfg) == want.num_rows
         assert pq.read_table(got).equals(want), (map_objects, group_objects)
+    largest = most_embeddings_alive(monkeypatch)  # (1, 1): a shard a map task, a video a bucket
+    assert find_pairs(mixed, "video", tmp_path / "small.parquet", cfg) == want.num_rows
+    sidecars = [pq.read_metadata(f).num_rows for f in mixed.glob("*.identity.parquet")]
+    per_video = "SELECT count(*) AS n FROM objects JOIN samples s USING (sample_id) WHERE video NOT NULL GROUP BY video"
+    video = catalog.query(mixed, f"SELECT max(n) AS n FROM ({per_video})").column("n")[0].as_py()
+    assert 0 < largest[0] <= max(*sidecars, video) < sum(sidecars)
     monkeypatch.setattr(pairs_module._Local, "run", lambda self, fn, jobs: (fn(*args) for _, args in list(jobs)[::-1]))
     assert find_pairs(mixed, "video", tmp_path / "reversed.parquet", cfg) == want.num_rows
     assert pq.read_table(tmp_path / "reversed.parquet").equals(want)
@@ -649,7 +681,7 @@ def test_pairs_errors_are_one_line(videos, photos, tmp_path, capsys):
     assert "min_sim" in error(["catalog", "pairs", str(videos[0]), "--method", "video", "--min-sim", "2", *out])
 
 
-def test_load_identity_reads_a_bucket(videos, bucket):
+def test_identity_sidecars_read_the_same_from_a_bucket(videos, bucket):
     import s3fs
 
     out = videos[0]
