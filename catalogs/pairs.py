@@ -538,10 +538,8 @@ def plan_pairs(
             f"none of the {sum(sizes)} objects of the identity sidecars is in the catalog of {root}: "
             f"run `subjectdiff catalog build {root}` first"
         )
-    if by == "video":
-        bucket_of, buckets = _buckets(counts, cfg, cap=VIDEO_GROUP_OBJECTS, searched=False)
-    else:
-        bucket_of, buckets = _buckets(counts, cfg)
+    video = by == "video"  # whole videos, up to VIDEO_GROUP_OBJECTS a bucket; none searched by faiss
+    bucket_of, buckets = _buckets(counts, cfg, cap=VIDEO_GROUP_OBJECTS if video else None, searched=not video)
     first = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64).tolist()
     return Plan(by, shards, first, sum(sizes), bucket_of, buckets, _groups(sizes, MAP_OBJECTS))
 
