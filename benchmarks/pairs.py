@@ -56,7 +56,6 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -74,7 +73,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from benchmarks.catalog import with_schema
+from benchmarks.catalog import peak_rss_mib, with_schema
 from subjectdiff.catalogs.identity import write_identity
 from subjectdiff.catalogs.pairs import PairConfig, find_pairs
 from subjectdiff.catalogs.storage import row_group_batches
@@ -101,17 +100,6 @@ def synthetic(n: int, labels: int, per_identity: int, dim: int, noise: float, se
         block = block + noise / np.sqrt(dim) * rng.standard_normal(block.shape, dtype=np.float32)
         emb[s : s + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
     return emb, label.astype(np.int64), ident
-
-
-def own_peak_gib() -> float:
-    """This process's peak resident set, GiB: VmHWM, which exec resets (ru_maxrss keeps the parent's peak across
-    Python's vfork + exec, so it is no figure of a phase process); ru_maxrss where /proc is not there."""
-    try:
-        with open("/proc/self/status") as f:
-            kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kib / 2**20
 
 
 class PeakRSS:
@@ -265,7 +253,7 @@ def phase(args: argparse.Namespace) -> None:
     took = time.monotonic() - t0
     step = max(1, len(finished) // 12)
     split = ", ".join(f"{t:.0f}s:{d // 1000}k {u} ({r:.2f})" for t, d, u, r in finished[::step])
-    own = own_peak_gib()
+    own = peak_rss_mib() / 1024  # VmHWM: see the module docstring
     before_merge = max((r for *_, r in finished), default=0.0)
     print(json.dumps({"took": took, "cpu": mem.cpu_seconds(), "own": own, "peak": mem.peak / 2**30, "rows": rows,
                       "split": split, "before_merge": before_merge, "worker": mem.worker / 2**30}))  # fmt: skip
@@ -300,23 +288,25 @@ def run(args: argparse.Namespace, n: int) -> str:
         )
     same = "" if len(files) < 2 else f"old and new pairs files equal: {same_files(files['old'], files['new'])}; "
     if args.method == "video":  # every two frames of a video pair (min_sim -1): no neighbours to recall
-        if args.root is None:
-            shutil.rmtree(root, ignore_errors=True)
-        when = f"{machine()}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
-        return (
-            lines + f"  {same}video pairs, {args.frames} frames a video; shards and catalog {prepare:.1f} s; {when}\n"
-        )
-    qs = np.sort(np.random.default_rng(1).choice(n, args.queries, replace=False))
-    got = query_rows(files[args.path[-1]], qs)
-    emb, labels = synthetic(n, args.labels, args.per_identity, args.dim, args.noise)[:2]
-    a, b = pc.cast(got["ref_key"], pa.int64()).to_numpy(), pc.cast(got["target_key"], pa.int64()).to_numpy()
-    recall = recall_at_k(emb, labels, qs, a, b, got["similarity"].to_numpy(), args.k)
+        measured = f"video pairs, {args.frames} frames a video"
+    else:
+        measured = f"recall@{args.k} ({args.path[-1]}) {recall(args, n, files[args.path[-1]]):.3f}"
     if args.root is None:
         shutil.rmtree(root, ignore_errors=True)
     return lines + (
-        f"  {same}recall@{args.k} ({args.path[-1]}) {recall:.3f}; synthetic shards and catalog {prepare:.1f} s; "
+        f"  {same}{measured}; synthetic shards and catalog {prepare:.1f} s; "
         f"{machine()}, {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
     )
+
+
+def recall(args: argparse.Namespace, n: int, path: Path) -> float:
+    """Recall@k of the pairs file PATH for --queries objects (the module docstring), against the synthetic
+    embeddings, made again (seeded)."""
+    qs = np.sort(np.random.default_rng(1).choice(n, args.queries, replace=False))
+    got = query_rows(path, qs)
+    emb, labels = synthetic(n, args.labels, args.per_identity, args.dim, args.noise)[:2]
+    a, b = pc.cast(got["ref_key"], pa.int64()).to_numpy(), pc.cast(got["target_key"], pa.int64()).to_numpy()
+    return recall_at_k(emb, labels, qs, a, b, got["similarity"].to_numpy(), args.k)
 
 
 def main() -> None:
